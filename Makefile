@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv and installs the
+# pinned requirements when missing (Python 3.11; numpy is held at 1.26 by `-c requirements.txt`).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install gpu clean-venv bench
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"scaled-ql needs Python 3.11 (found {sys.version.split()[0]}); set PYTHON=/path/to/python3.11"'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade "pip<27"
+	$(VENV)/bin/python -m pip install -q -r requirements.txt -c requirements.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scaled-ql demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+# Optional GPU path: the CUDA 12 build of the same pinned JAX (TensorFlow stays CPU-only).
+gpu: $(STAMP)
+	$(VENV)/bin/python -m pip install -q -c requirements.txt "jax[cuda12]==0.4.34"
+
+clean-venv:
+	rm -rf $(VENV)

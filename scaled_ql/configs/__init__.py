@@ -1,0 +1,150 @@
+"""Named experiment configs: the paper's settings and CPU-sized ones.
+
+    from scaled_ql import configs
+    cfg = configs.get_config('atari40_suboptimal_resnet101')
+    configs.list_configs()
+
+Names are `{games}_{data}_{network}` for the paper's settings (Appendix B, Table B.1), optionally
+followed by a baseline/ablation variant suffix (see `VARIANTS`), e.g.
+`atari6_suboptimal_resnet50_no_feature_norm`. CPU configs: `cpu_small` (the `make demo` default),
+`cpu_tiny` (tests), with the same variant suffixes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from scaled_ql import games as games_lib
+from scaled_ql.configs.base import (AgentConfig, DataConfig, EvalConfig, ExperimentConfig,
+                                    NetworkConfig, TrainConfig)
+
+__all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'NetworkConfig',
+           'TrainConfig', 'get_config', 'list_configs', 'UnknownConfigError', 'NETWORKS',
+           'VARIANTS']
+
+
+class UnknownConfigError(ValueError):
+  pass
+
+
+# Networks of Figure 6 / Appendix B.1 (ResNets with GroupNorm + spatial embedding) and the IMPALA
+# family (Espeholt et al. 2018; Lee et al. 2022 scale its width).
+NETWORKS: dict[str, NetworkConfig] = {
+    'resnet18': NetworkConfig(resnet_stage_sizes=(2, 2, 2, 2), resnet_block='basic'),
+    'resnet34': NetworkConfig(resnet_stage_sizes=(3, 4, 6, 3), resnet_block='basic'),
+    'resnet50': NetworkConfig(resnet_stage_sizes=(3, 4, 6, 3), resnet_block='bottleneck'),
+    'resnet101': NetworkConfig(resnet_stage_sizes=(3, 4, 23, 3), resnet_block='bottleneck'),
+    'resnet152': NetworkConfig(resnet_stage_sizes=(3, 8, 36, 3), resnet_block='bottleneck'),
+    'impala_w1': NetworkConfig(encoder='impala', impala_width=1),
+    'impala_w2': NetworkConfig(encoder='impala', impala_width=2),
+    'impala_w4': NetworkConfig(encoder='impala', impala_width=4),
+    # CPU-sized networks of the same design: a strided 4x4/4 stem, narrow stages, smaller trunk.
+    'resnet_cpu_small': NetworkConfig(
+        resnet_stage_sizes=(1, 1, 1), resnet_block='basic', resnet_width=32, stem='strided',
+        trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
+    'resnet_cpu_tiny': NetworkConfig(
+        resnet_stage_sizes=(1, 1), resnet_block='basic', resnet_width=8, stem='strided',
+        spatial_embedding_features=2, trunk_first_dim=32, trunk_hidden_dims=(16, 16, 16)),
+}
+
+# Baselines and ablations of the paper, as changes to a config (Section 5.3, Appendix A).
+VARIANTS: dict[str, Callable[[ExperimentConfig], ExperimentConfig]] = {
+    'bc': lambda c: c.replace(agent=dict(loss='bc', cql_alpha=0.0)),
+    'bcq': lambda c: c.replace(agent=dict(loss='bcq', cql_alpha=0.0)),
+    'no_cql': lambda c: c.replace(agent=dict(cql_alpha=0.0)),
+    'mse': lambda c: c.replace(agent=dict(loss='mse', cql_alpha=0.1)),
+    'no_feature_norm': lambda c: c.replace(network=dict(feature_norm=False)),
+    'mean_pool': lambda c: c.replace(network=dict(spatial_embedding=False)),
+}
+
+_GAME_SETS = {
+    'atari40': games_lib.TRAINING_GAMES_40,
+    'atari6': games_lib.ABLATION_GAMES_6,
+}
+_DATA = {'suboptimal': 'suboptimal', 'nearoptimal': 'near_optimal'}
+_PAPER_NETWORKS = ('resnet34', 'resnet50', 'resnet101', 'resnet152', 'impala_w1', 'impala_w2',
+                   'impala_w4')
+
+CPU_SMALL_GAMES = ('Breakout', 'Boxing', 'Freeway', 'Pong')
+
+
+def _paper_config(game_set: str, data: str, network: str) -> ExperimentConfig:
+  return ExperimentConfig(
+      name=f'{game_set}_{data}_{network}',
+      games=_GAME_SETS[game_set],
+      network=NETWORKS[network],
+      agent=AgentConfig(),
+      data=DataConfig(data_dir='gs://rl_unplugged/tensorflow_datasets', selection=_DATA[data],
+                      shuffle_buffer_per_game=100_000, min_fill_per_game=10_000,
+                      num_inserters=4, prefetch_batches=4),
+      eval=EvalConfig(num_evaluators=4, num_envs=8),
+      train=TrainConfig(num_steps=10_000_000, log_every_steps=1000,
+                        checkpoint_every_steps=20_000, publish_every_steps=1000),
+  )
+
+
+def _cpu_small() -> ExperimentConfig:
+  return ExperimentConfig(
+      name='cpu_small',
+      games=CPU_SMALL_GAMES,
+      network=NETWORKS['resnet_cpu_small'],
+      # Batch 4 games x 16 = 64 on 2 cores; the learning rate stays the paper's 2e-4.
+      agent=AgentConfig(games_per_batch=16, transitions_per_game=4, target_update_period=500),
+      data=DataConfig(data_dir='data/generated', shuffle_buffer_per_game=20_000,
+                      min_fill_per_game=1_000),
+      eval=EvalConfig(steps_per_game=2_000, num_envs=4, num_evaluators=1,
+                      eval_every_seconds=30.0),
+      train=TrainConfig(num_steps=5_000, log_every_steps=100, checkpoint_every_steps=1_000,
+                        publish_every_steps=100),
+  )
+
+
+def _cpu_tiny() -> ExperimentConfig:
+  return ExperimentConfig(
+      name='cpu_tiny',
+      games=('Breakout', 'Pong'),
+      network=NETWORKS['resnet_cpu_tiny'],
+      agent=AgentConfig(games_per_batch=2, transitions_per_game=4, target_update_period=10),
+      data=DataConfig(data_dir='data/tiny', shuffle_buffer_per_game=500, min_fill_per_game=20,
+                      prefetch_batches=1),
+      eval=EvalConfig(steps_per_game=100, num_envs=2, num_evaluators=1,
+                      eval_every_seconds=1.0, max_episode_frames=2_000),
+      train=TrainConfig(num_steps=20, log_every_steps=5, checkpoint_every_steps=10,
+                        publish_every_steps=5),
+  )
+
+
+def _base_configs() -> dict[str, Callable[[], ExperimentConfig]]:
+  out: dict[str, Callable[[], ExperimentConfig]] = {}
+  for game_set in _GAME_SETS:
+    for data in _DATA:
+      for network in _PAPER_NETWORKS:
+        out[f'{game_set}_{data}_{network}'] = (
+            lambda g=game_set, d=data, n=network: _paper_config(g, d, n))
+  out['cpu_small'] = _cpu_small
+  out['cpu_tiny'] = _cpu_tiny
+  return out
+
+
+_BASE = _base_configs()
+
+
+def list_configs(with_variants: bool = False) -> list[str]:
+  names = sorted(_BASE)
+  if with_variants:
+    names += sorted(f'{n}_{v}' for n in _BASE for v in VARIANTS)
+  return names
+
+
+def get_config(name: str) -> ExperimentConfig:
+  """Returns the named config; raises `UnknownConfigError` listing the valid names."""
+  if name in _BASE:
+    return _BASE[name]()
+  for variant, apply in VARIANTS.items():
+    suffix = '_' + variant
+    if name.endswith(suffix) and name[:-len(suffix)] in _BASE:
+      cfg = apply(_BASE[name[:-len(suffix)]]())
+      return dataclasses.replace(cfg, name=name)
+  raise UnknownConfigError(
+      f'unknown config {name!r}. Valid configs: {", ".join(list_configs())}; each may take a '
+      f'variant suffix: {", ".join("_" + v for v in VARIANTS)}')

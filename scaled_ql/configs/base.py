@@ -1,0 +1,155 @@
+"""Every hyperparameter of a run, as plain frozen dataclasses (Dopamine's habit: nothing buried).
+
+A run is fully described by one `ExperimentConfig`; `scaled_ql.configs.get_config(name)` returns the
+named settings of the paper (e.g. `atari40_suboptimal_resnet101`) or a CPU-sized one, and every run
+writes the resolved config as JSON into its workdir. Paper references: Appendix B and Table B.1 of
+Kumar et al., "Offline Q-Learning on Diverse Multi-Task Data Both Scales and Generalizes" (2023).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+  """The Q-network (Section 4, Figure 3, Appendix B.1)."""
+  # Encoder family: 'resnet' (ResNet v1 with GroupNorm) or 'impala' (Espeholt et al. 2018).
+  encoder: str = 'resnet'
+  # ResNet: number of residual blocks per stage and block type. ResNet-34 = (3,4,6,3) 'basic';
+  # ResNet-50/101/152 = (3,4,6,3)/(3,4,23,3)/(3,8,36,3) 'bottleneck' (He et al. 2016).
+  resnet_stage_sizes: tuple[int, ...] = (3, 4, 23, 3)
+  resnet_block: str = 'bottleneck'  # 'basic' | 'bottleneck'
+  resnet_width: int = 64  # channels of the first stage; doubled at every later stage
+  # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (He et al.); 'strided': a cheap 4x4/4 patchify conv
+  # for CPU-sized configs (small-channel convs at 84x84 are what is slow on XLA:CPU).
+  stem: str = 'imagenet'
+  group_norm_groups: int = 4  # Appendix B.1 / the Kumar-lab reference code: 4 groups
+  # IMPALA-CNN: channels of its three stages, scaled by `impala_width` (Lee et al. 2022 use 4/8/16
+  # wide variants in the scaling plot, Figure 6).
+  impala_channels: tuple[int, ...] = (16, 32, 32)
+  impala_width: int = 1
+  # Learned spatial embedding (Section 4, Appendix A.3) instead of global mean pooling.
+  spatial_embedding: bool = True
+  spatial_embedding_features: int = 8
+  # Feed-forward trunk: Dense(2048) + LayerNorm, then three Dense(1024) + ReLU (Appendix B.1).
+  trunk_first_dim: int = 2048
+  trunk_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)
+  # Feature normalization: divide the representation by its L2 norm (Section 4, Table 2).
+  feature_norm: bool = True
+  # Compute dtype for convolutions and matmuls ('float32' | 'bfloat16'); params stay float32.
+  compute_dtype: str = 'float32'
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+  """The loss and optimizer (Eq. 1, Appendix B.2/B.3, Table B.1)."""
+  # 'c51' (Scaled QL), 'mse' (MSE TD ablation, Table 1), 'bc' (behaviour cloning baseline),
+  # 'bcq' (discrete BCQ, Appendix A.2).
+  loss: str = 'c51'
+  cql_alpha: float = 0.05  # 0.05 for C51, 0.1 for MSE (Table B.1); 0 = no pessimism (A.4)
+  num_atoms: int = 51
+  v_min: float = -20.0  # support [-20, 20] (Appendix B.2)
+  v_max: float = 20.0
+  discount: float = 0.99
+  n_step: int = 3
+  reward_clip: float = 1.0  # rewards clipped to [-1, 1] for training (Table B.1)
+  learning_rate: float = 2e-4  # 5e-5 scaled x4 for batch 512 (Appendix B.3)
+  adam_eps: float = 3.125e-4  # Dopamine's Atari Adam epsilon (0.01 / 32)
+  max_grad_norm: Optional[float] = None  # the paper clips nothing
+  target_update_period: int = 2000  # gradient steps (Appendix B.3)
+  # Stratified batches: `games_per_batch` game indices with replacement, then
+  # `transitions_per_game` transitions from each (Appendix B.3): 128 x 4 = 512.
+  games_per_batch: int = 128
+  transitions_per_game: int = 4
+  bcq_tau: float = 0.3  # discrete BCQ action filter threshold (Appendix A.2)
+
+  @property
+  def batch_size(self) -> int:
+    return self.games_per_batch * self.transitions_per_game
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the offline data comes from and how it is fed to the learner (Section 3)."""
+  data_dir: str = 'data/generated'  # TFDS data dir: a local path or gs://rl_unplugged/tensorflow_datasets
+  builder: str = 'rlu_atari_checkpoints_ordered'
+  run: int = 1  # DQN-Replay run (1..5)
+  # 'suboptimal' (checkpoints 00..09 = first 20%), 'near_optimal' (all), 'uniform:P' (P% of
+  # episodes spread over all checkpoints; P=1 for fine-tuning), or 'checkpoints:A-B'.
+  selection: str = 'suboptimal'
+  # Reverb: one table per game, each a shuffle buffer of this many transitions.
+  shuffle_buffer_per_game: int = 20_000
+  min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts
+  num_inserters: int = 1
+  prefetch_batches: int = 2
+  strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Online ALE evaluation (Appendix B.3, Table B.1)."""
+  epsilon: float = 0.001
+  sticky_action_prob: float = 0.0  # no sticky actions at evaluation (Lee et al. 2022 protocol)
+  max_episode_frames: int = 108_000
+  steps_per_game: int = 125_000  # agent steps averaged over (Castro et al. 2018); small on CPU
+  num_envs: int = 4  # environments batched through the network per evaluator
+  num_evaluators: int = 1
+  eval_every_seconds: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  num_steps: int = 10_000_000  # gradient steps (Appendix B.3: 10M for ResNet-101)
+  log_every_steps: int = 100
+  checkpoint_every_steps: int = 5_000
+  publish_every_steps: int = 100  # how often the learner pushes params to the variable server
+  variable_server_shards: int = 1
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  name: str
+  games: tuple[str, ...]
+  network: NetworkConfig = NetworkConfig()
+  agent: AgentConfig = AgentConfig()
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+  train: TrainConfig = TrainConfig()
+
+  def replace(self, **kwargs: Any) -> 'ExperimentConfig':
+    """`cfg.replace(agent=dict(cql_alpha=0.0), name=...)`: nested dicts update sub-configs."""
+    updates = {}
+    for key, value in kwargs.items():
+      if isinstance(value, dict):
+        value = dataclasses.replace(getattr(self, key), **value)
+      updates[key] = value
+    return dataclasses.replace(self, **updates)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ExperimentConfig':
+    def build(klass, values):
+      kwargs = {}
+      for f in dataclasses.fields(klass):
+        if f.name not in values:
+          continue
+        v = values[f.name]
+        if isinstance(v, list):
+          v = tuple(v)
+        kwargs[f.name] = v
+      return klass(**kwargs)
+    return cls(
+        name=d['name'], games=tuple(d['games']),
+        network=build(NetworkConfig, d.get('network', {})),
+        agent=build(AgentConfig, d.get('agent', {})),
+        data=build(DataConfig, d.get('data', {})),
+        eval=build(EvalConfig, d.get('eval', {})),
+        train=build(TrainConfig, d.get('train', {})))
