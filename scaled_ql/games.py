@@ -83,3 +83,19 @@ def rom_id(game: str) -> str:
 
 def num_checkpoints(game: str) -> int:
   return 49 if game in GAMES_WITH_49_CHECKPOINTS else 50
+
+
+def action_counts(games: Sequence[str]) -> tuple[int, ...]:
+  """Minimal-action-set size of each game, in the order given."""
+  return tuple(num_actions(g) for g in check_games(games))
+
+
+def action_mask(games: Sequence[str], max_actions: int | None = None):
+  """bool numpy array [len(games), max_actions]: True where the action index is valid for the game.
+
+  `max_actions` defaults to the largest action set among `games`; padded entries are False.
+  """
+  import numpy as np  # local import keeps this module dependency-free at import time
+  counts = action_counts(games)
+  width = max(counts) if max_actions is None else max_actions
+  return np.arange(width)[None, :] < np.asarray(counts)[:, None]
