@@ -1,0 +1,43 @@
+"""Named configs: the paper's settings, CPU sizes, variants, JSON round trip, bad names."""
+import pytest
+
+from scaled_ql import configs
+
+
+def test_paper_setting_matches_table_b1():
+  cfg = configs.get_config('atari40_suboptimal_resnet101')
+  assert len(cfg.games) == 40
+  a = cfg.agent
+  assert (a.loss, a.cql_alpha, a.num_atoms, a.v_min, a.v_max) == ('c51', 0.05, 51, -20.0, 20.0)
+  assert (a.n_step, a.discount, a.learning_rate, a.target_update_period) == (3, 0.99, 2e-4, 2000)
+  assert (a.games_per_batch, a.transitions_per_game, a.batch_size) == (128, 4, 512)
+  assert cfg.network.resnet_stage_sizes == (3, 4, 23, 3)
+  assert cfg.data.selection == 'suboptimal'
+  assert cfg.eval.epsilon == 0.001 and cfg.eval.sticky_action_prob == 0.0
+  assert configs.get_config('atari40_nearoptimal_resnet50').data.selection == 'near_optimal'
+
+
+@pytest.mark.parametrize('variant,check', [
+    ('mse', lambda c: c.agent.loss == 'mse' and c.agent.cql_alpha == 0.1),
+    ('no_cql', lambda c: c.agent.cql_alpha == 0.0 and c.agent.loss == 'c51'),
+    ('bc', lambda c: c.agent.loss == 'bc'),
+    ('bcq', lambda c: c.agent.loss == 'bcq'),
+    ('no_feature_norm', lambda c: not c.network.feature_norm),
+    ('mean_pool', lambda c: not c.network.spatial_embedding),
+])
+def test_variants(variant, check):
+  cfg = configs.get_config(f'cpu_small_{variant}')
+  assert check(cfg)
+  assert cfg.name == f'cpu_small_{variant}'
+
+
+def test_json_round_trip():
+  for name in ['cpu_tiny', 'atari6_suboptimal_resnet34_mean_pool']:
+    cfg = configs.get_config(name)
+    import json
+    assert configs.ExperimentConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_unknown_config_lists_valid_names():
+  with pytest.raises(configs.UnknownConfigError, match='atari40_suboptimal_resnet101.*cpu_small'):
+    configs.get_config('cpu_smal')
