@@ -1,6 +1,99 @@
-"""Sub-commands of this area (see scaled_ql/cli.py)."""
+"""`scaled-ql learn`: the offline learner alone (no Ray, no evaluators), see scaled_ql/cli.py.
+
+It feeds the Learner stratified batches from a Reverb server: an existing one (`--reverb
+HOST:PORT`) or, by default, a local server plus inserter processes that stream the config's
+RLDS data into it. Checkpoints go to WORKDIR/checkpoints, metrics to stdout, WORKDIR/learner.jsonl
+and TensorBoard (WORKDIR/tb). Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit 0.
+Evaluate afterwards with `scaled-ql eval --checkpoint WORKDIR`.
+"""
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class LearnError(ValueError):
+  """Bad input for `scaled-ql learn`; the message names the flag at fault."""
 
 
 def register(subparsers) -> None:
-  del subparsers  # no commands yet
+  p = subparsers.add_parser(
+      'learn', help='run the offline learner alone on a Reverb-fed data stream (no Ray)',
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--config', required=True, help='config name, e.g. cpu_small or '
+                 'atari6_suboptimal_resnet50_mse (see scaled_ql/configs)')
+  p.add_argument('--workdir', required=True, help='checkpoints, config.json, metrics')
+  p.add_argument('--data-dir', default=None, help="TFDS data dir (default: the config's)")
+  p.add_argument('--steps', type=int, default=None, help="gradient steps (default: the config's)")
+  p.add_argument('--reverb', default=None, metavar='HOST:PORT',
+                 help='sample from this running Reverb server instead of starting one locally')
+  p.add_argument('--no-resume', action='store_true',
+                 help='refuse to start if WORKDIR already holds checkpoints (default: resume)')
+  p.set_defaults(handler=_learn)
+
+
+def resolve(args: argparse.Namespace):
+  """The run's config with the flags applied; raises LearnError before anything expensive."""
+  from scaled_ql import configs
+  from scaled_ql.agents import builder, checkpointing
+  try:
+    cfg = configs.get_config(args.config)
+  except configs.UnknownConfigError as e:
+    raise LearnError(f'--config: {e}') from e
+  if args.steps is not None:
+    if args.steps < 1:
+      raise LearnError(f'--steps must be >= 1, got {args.steps}')
+    cfg = cfg.replace(train=dict(num_steps=args.steps))
+  if args.data_dir is not None:
+    cfg = cfg.replace(data=dict(data_dir=args.data_dir))
+  try:
+    builder.check_agent_config(cfg)
+  except ValueError as e:
+    raise LearnError(f'--config {cfg.name}: {e}') from e
+  data_dir = cfg.data.data_dir
+  if args.reverb is None and '://' not in data_dir and not os.path.isdir(data_dir):
+    raise LearnError(f'--data-dir {data_dir!r} does not exist (generate one with `scaled-ql data '
+                     f'generate --games {",".join(cfg.games)} --out {data_dir}`)')
+  ckpts = checkpointing.checkpoint_dir(args.workdir)
+  if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
+    raise LearnError(f'--no-resume: {ckpts} already holds checkpoints')
+  return cfg
+
+
+def _learn(args: argparse.Namespace) -> int:
+  try:
+    cfg = resolve(args)
+  except LearnError as e:
+    print(f'scaled-ql learn: {e}', file=sys.stderr)
+    return 2
+  # Wiring only (like launch): the agents library itself never imports the data layer.
+  from scaled_ql.agents.learner import Learner, NonFiniteLossError
+  from scaled_ql.datasets import reverb_tables
+  server, inserters, batches, learner = None, [], None, None
+  try:
+    address = args.reverb
+    if address is None:
+      server = reverb_tables.start_server_process(cfg)
+      address = server.address
+      inserters = reverb_tables.start_inserter_processes(address, cfg)
+      print(f'reverb server at {address}, {len(inserters)} inserter(s)', flush=True)
+    batches = reverb_tables.stratified_batches(address, cfg.games, cfg, seed=cfg.train.seed)
+    learner = Learner(cfg, batches, args.workdir)
+    if learner.restore():
+      print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
+    steps = learner.run()
+    print(f'learner stopped at step {steps}; checkpoints in {args.workdir}/checkpoints',
+          flush=True)
+    return 0
+  except NonFiniteLossError as e:
+    print(f'scaled-ql learn: {e}', file=sys.stderr)
+    return 1
+  finally:
+    if learner is not None:
+      learner.close()
+    if batches is not None:
+      batches.close()
+    reverb_tables.stop_processes(inserters)
+    if server is not None:
+      server.stop()

@@ -25,6 +25,7 @@ class NetworkConfig:
   # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (He et al.); 'strided': a cheap 4x4/4 patchify conv
   # for CPU-sized configs (small-channel convs at 84x84 are what is slow on XLA:CPU).
   stem: str = 'imagenet'
+  stem_patch: int = 4  # kernel size = stride of the 'strided' stem (84 -> 84 // stem_patch)
   group_norm_groups: int = 4  # Appendix B.1 / the Kumar-lab reference code: 4 groups
   # IMPALA-CNN: channels of its three stages, scaled by `impala_width` (Lee et al. 2022 use 4/8/16
   # wide variants in the scaling plot, Figure 6).

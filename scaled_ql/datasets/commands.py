@@ -1,6 +1,154 @@
-"""Sub-commands of this area (see scaled_ql/cli.py)."""
+"""`scaled-ql data generate | inspect | convert-dopamine` (see docs/notes/data.md)."""
 from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+
+def _games(text: str) -> list[str]:
+  return [g.strip() for g in text.split(',') if g.strip()]
+
+
+def _user_errors(fn):
+  """Bad input (unknown game, missing data, existing output) -> one clear line and exit code 2."""
+  @functools.wraps(fn)
+  def wrapper(args):
+    try:
+      return fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+      print(f'scaled-ql data {args.data_command}: error: {e}', file=sys.stderr)
+      return 2
+  return wrapper
 
 
 def register(subparsers) -> None:
-  del subparsers  # no commands yet
+  data = subparsers.add_parser('data', help='offline datasets: generate, inspect, convert')
+  sub = data.add_subparsers(dest='data_command', metavar='DATA_COMMAND', required=True)
+
+  gen = sub.add_parser(
+      'generate', help='play the emulator with scripted policies of rising quality and write an '
+      'rlu_atari_checkpoints_ordered TFDS dataset')
+  gen.add_argument('--games', type=_games, required=True, help='comma-separated, e.g. Pong,Breakout')
+  gen.add_argument('--out', required=True, help='TFDS data dir to write into')
+  gen.add_argument('--run', type=int, default=1, help='config {Game}_run_{run} (1..5)')
+  gen.add_argument('--checkpoints', type=int, default=10, help='number of checkpoint_XX splits')
+  budget = gen.add_mutually_exclusive_group()
+  budget.add_argument('--steps-per-checkpoint', type=int, default=None,
+                      help='agent steps per split (default 5000)')
+  budget.add_argument('--episodes-per-checkpoint', type=int, default=None,
+                      help='whole episodes per split instead of a step budget')
+  gen.add_argument('--max-episode-frames', type=int, default=108_000,
+                   help='emulator frames per episode before truncation (108K = DQN-Replay)')
+  gen.add_argument('--seed', type=int, default=0)
+  exists = gen.add_mutually_exclusive_group()
+  exists.add_argument('--overwrite', action='store_true', help='replace games already generated')
+  exists.add_argument('--skip-existing', action='store_true', help='keep games already generated')
+  gen.add_argument('--no-progress', action='store_true')
+  gen.set_defaults(handler=_user_errors(_generate))
+
+  ins = sub.add_parser('inspect', help='episodes, steps and mean return per game and split')
+  ins.add_argument('--data-dir', required=True, help='TFDS data dir (local or gs://)')
+  ins.add_argument('--games', type=_games, default=None, help='default: every game present')
+  ins.add_argument('--run', type=int, default=1)
+  ins.add_argument('--builder', default='rlu_atari_checkpoints_ordered',
+                   choices=('rlu_atari_checkpoints_ordered', 'rlu_atari'))
+  ins.add_argument('--max-episodes-per-split', type=int, default=None,
+                   help='stop counting a split after this many episodes (for big real data)')
+  ins.set_defaults(handler=_user_errors(_inspect))
+
+  conv = sub.add_parser(
+      'convert-dopamine', help='convert DQN-Replay (Dopamine replay_logs) files into the '
+      'rlu_atari_checkpoints_ordered TFDS layout')
+  conv.add_argument('--dopamine-dir', required=True,
+                    help='root holding {Game}/{run}/replay_logs/$store$_*_ckpt.N.gz')
+  conv.add_argument('--games', type=_games, required=True)
+  conv.add_argument('--run', type=int, default=1)
+  conv.add_argument('--out', required=True, help='TFDS data dir to write into')
+  conv.add_argument('--checkpoints', default=None,
+                    help='A-B: only these replay checkpoints (default: all found)')
+  conv.add_argument('--overwrite', action='store_true')
+  conv.set_defaults(handler=_user_errors(_convert_dopamine))
+
+
+def _generate(args: argparse.Namespace) -> int:
+  import logging
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  from scaled_ql import games as games_lib
+  games_lib.check_games(args.games)  # before importing TF
+  from scaled_ql.datasets import generate
+  steps = args.steps_per_checkpoint
+  if steps is None and args.episodes_per_checkpoint is None:
+    steps = 5_000
+  if_exists = 'overwrite' if args.overwrite else ('skip' if args.skip_existing else 'error')
+  dirs = generate.generate(args.games, args.out, run=args.run, num_checkpoints=args.checkpoints,
+                           steps_per_checkpoint=steps, seed=args.seed,
+                           episodes_per_checkpoint=args.episodes_per_checkpoint,
+                           max_episode_frames=args.max_episode_frames, if_exists=if_exists,
+                           progress=not args.no_progress)
+  for game, path in dirs.items():
+    print(f'{game}: {path}')
+  return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+  import json
+  import os
+  import re
+
+  from scaled_ql import games as games_lib
+  if args.games:
+    games_lib.check_games(args.games)
+  from scaled_ql.datasets import rlds_reader, tfds_layout
+  games = args.games
+  if not games:
+    configs = rlds_reader.list_configs(args.data_dir, args.builder)
+    games = sorted({m.group(1) for c in configs
+                    if (m := re.fullmatch(rf'(\w+)_run_{args.run}', c))})
+    if not games:
+      raise rlds_reader.DatasetNotFoundError(
+          f'no {args.builder} configs for run {args.run} in {args.data_dir}; present: '
+          f'{configs or "none"}')
+  for game in games:
+    summary = rlds_reader.summarize(args.data_dir, game, args.run, args.builder,
+                                    args.max_episodes_per_split)
+    b = rlds_reader.load_builder(args.data_dir, game, args.run, args.builder)
+    info_path = os.path.join(os.fspath(b.data_path), tfds_layout.GENERATION_INFO_FILE)
+    gen = {}
+    if os.path.exists(info_path):
+      with open(info_path) as f:
+        gen = json.load(f)
+    print(f'{game} run {args.run} ({b.data_path})' +
+          (f'  generated, policy: {gen["policy"]}' if gen else ''))
+    header = f'  {"split":<14}{"episodes":>9}{"steps":>10}{"mean return":>13}'
+    if gen:
+      header += f'{"epsilon":>9}{"raw score":>11}'
+    print(header)
+    total = rlds_reader.SplitSummary(-1)
+    for c, s in summary.items():
+      line = f'  {tfds_layout.split_name(c):<14}{s.episodes:>9}{s.steps:>10}{s.mean_return:>13.2f}'
+      split_gen = gen.get('splits', {}).get(tfds_layout.split_name(c))
+      if split_gen:
+        raw = split_gen['raw_returns']
+        line += f'{split_gen["epsilon"]:>9.2f}{sum(raw) / max(len(raw), 1):>11.2f}'
+      print(line)
+      total.episodes += s.episodes
+      total.steps += s.steps
+      total.return_sum += s.return_sum
+    print(f'  {"all":<14}{total.episodes:>9}{total.steps:>10}{total.mean_return:>13.2f}')
+  return 0
+
+
+def _convert_dopamine(args: argparse.Namespace) -> int:
+  import logging
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  from scaled_ql.datasets import dopamine_convert
+  checkpoints = None
+  if args.checkpoints:
+    a, _, b = args.checkpoints.partition('-')
+    checkpoints = (int(a), int(b or a))
+  for game in args.games:
+    path = dopamine_convert.convert(args.dopamine_dir, game, args.run, args.out,
+                                    checkpoints=checkpoints, overwrite=args.overwrite)
+    print(f'{game}: {path}')
+  return 0

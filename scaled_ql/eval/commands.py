@@ -1,6 +1,156 @@
-"""Sub-commands of this area (see scaled_ql/cli.py)."""
+"""Sub-commands of this area (see scaled_ql/cli.py):
+
+  scaled-ql eval --checkpoint DIR --games Pong,Breakout --steps N [--out CSV] [--epsilon E]
+  scaled-ql report aggregate SCORES.csv [--out DIR] [--reps N] [--seed S]
+  scaled-ql report run WORKDIR [--out DIR]
+"""
 from __future__ import annotations
+
+import argparse
+import sys
 
 
 def register(subparsers) -> None:
-  del subparsers  # no commands yet
+  p = subparsers.add_parser(
+      'eval', help='evaluate a checkpoint on the ALE (paper protocol: no sticky actions, '
+      'epsilon 0.001, 108K-frame episodes)',
+      description='Loads the latest checkpoint of a learner workdir (or its checkpoints/ folder), '
+      'plays each game for --steps agent steps and prints raw and human-normalized scores.')
+  p.add_argument('--checkpoint', required=True, help='learner workdir or its checkpoints/ folder')
+  p.add_argument('--games', default=None,
+                 help='comma-separated games (default: all games of the checkpoint\'s config)')
+  p.add_argument('--steps', type=int, default=None,
+                 help='agent steps per game (default: the config\'s eval.steps_per_game; '
+                 'paper: 125000)')
+  p.add_argument('--epsilon', type=float, default=None,
+                 help='epsilon-greedy epsilon (default: the config\'s eval.epsilon, paper 0.001)')
+  p.add_argument('--num-envs', type=int, default=None,
+                 help='environments per game stepped together (default: eval.num_envs)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', default=None, help='CSV to append one row per game to')
+  p.add_argument('--jsonl', default=None,
+                 help='also append evaluation-log records (schema: scaled_ql/eval/report.py)')
+  p.set_defaults(handler=_eval)
+
+  r = subparsers.add_parser('report', help='aggregate scores (rliable) and plot learning curves')
+  rsub = r.add_subparsers(dest='report_command', metavar='{aggregate,run}', required=True)
+  a = rsub.add_parser(
+      'aggregate', help='IQM/median/mean/optimality gap with bootstrap CIs + performance profile',
+      description='Reads a CSV with columns method, game, score and optionally seed (several '
+      'seeds of a method = several runs), prints human-normalized aggregates with 95%% '
+      'stratified-bootstrap CIs, and writes aggregate.md, aggregate.csv and '
+      'performance_profile.png. SCORES may be paper:c1 or paper:c2 (the paper\'s Tables C.1/C.2).')
+  a.add_argument('scores', metavar='SCORES.csv')
+  a.add_argument('--out', default=None, help='output folder (default: ./<csv name>_aggregate)')
+  a.add_argument('--reps', type=int, default=2000, help='bootstrap replications (default 2000)')
+  a.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  a.add_argument('--tau-max', type=float, default=4.0,
+                 help='largest normalized score of the performance profile (default 4 = 400%%)')
+  a.add_argument('--methods', default=None,
+                 help='comma-separated methods to keep (default: all in the file)')
+  a.add_argument('--task-bootstrap', choices=('auto', 'yes', 'no'), default='auto',
+                 help='also resample games (auto: when a method has a single run)')
+  a.set_defaults(handler=_aggregate)
+
+  w = rsub.add_parser(
+      'run', help='learning curves + Markdown summary from WORKDIR/eval/*.jsonl',
+      description='Plots the human-normalized score of every game and the IQM/median/mean over '
+      'games against the learner step, from the evaluator logs of a run.')
+  w.add_argument('workdir', metavar='WORKDIR')
+  w.add_argument('--out', default=None, help='output folder (default: WORKDIR/report)')
+  w.set_defaults(handler=_run_report)
+
+
+def _fail(msg: str) -> int:
+  print(f'error: {msg}', file=sys.stderr)
+  return 2
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+  from scaled_ql.eval import metrics, report
+  if args.reps < 1:
+    return _fail(f'--reps must be >= 1, got {args.reps}')
+  tb = {'auto': None, 'yes': True, 'no': False}[args.task_bootstrap]
+  try:
+    text, paths = report.aggregate_report(args.scores, args.out, reps=args.reps, seed=args.seed,
+                                          tau_max=args.tau_max, task_bootstrap=tb,
+                                          methods=_split(args.methods))
+  except (metrics.ScoresFileError, ValueError) as e:
+    return _fail(str(e))
+  print(text)
+  for p in paths.values():
+    print(f'wrote {p}')
+  return 0
+
+
+def _split(text):
+  return None if text is None else [t.strip() for t in text.split(',') if t.strip()]
+
+
+def _run_report(args: argparse.Namespace) -> int:
+  from scaled_ql.eval import report
+  try:
+    paths = report.run_report(args.workdir, args.out)
+  except report.EvalLogError as e:
+    return _fail(str(e))
+  with open(paths['summary_md']) as f:
+    print(f.read())
+  for p in paths.values():
+    print(f'wrote {p}')
+  return 0
+
+
+def parse_games(text: str | None, available: tuple[str, ...], where: str) -> tuple[str, ...]:
+  """--games value -> games, each of which must be one of `available` (else a clear error)."""
+  from scaled_ql import games as games_lib
+  if text is None:
+    return available
+  games = tuple(g.strip() for g in text.split(',') if g.strip())
+  games_lib.check_games(games, '--games')
+  missing = [g for g in games if g not in available]
+  if missing:
+    raise ValueError(f'--games: {missing} not in {where}; its games are: {", ".join(available)}')
+  return games
+
+
+def _eval(args: argparse.Namespace) -> int:
+  import os
+
+  from scaled_ql import games as games_lib
+  if args.steps is not None and args.steps < 1:
+    return _fail(f'--steps must be >= 1, got {args.steps}')
+  if args.num_envs is not None and args.num_envs < 1:
+    return _fail(f'--num-envs must be >= 1, got {args.num_envs}')
+  if args.epsilon is not None and not 0.0 <= args.epsilon <= 1.0:
+    return _fail(f'--epsilon must be in [0, 1], got {args.epsilon}')
+  if args.games is not None:  # names checked before the (slow) checkpoint load
+    try:
+      games_lib.check_games([g.strip() for g in args.games.split(',') if g.strip()], '--games')
+    except games_lib.UnknownGameError as e:
+      return _fail(str(e))
+  from scaled_ql.agents import actors, checkpointing
+  from scaled_ql.eval import evaluator
+  try:
+    cfg, params, step = checkpointing.load_params(args.checkpoint, step=args.step)
+  except FileNotFoundError as e:
+    return _fail(str(e))
+  try:
+    games = parse_games(args.games, cfg.games, f'the checkpoint {args.checkpoint} '
+                        f'(config {cfg.name!r})')
+  except ValueError as e:
+    return _fail(str(e))
+  epsilon = cfg.eval.epsilon if args.epsilon is None else args.epsilon
+  policy = actors.make_policy(cfg, epsilon)
+  print(f'evaluating {cfg.name} step {step} on {", ".join(games)}: '
+        f'{args.steps or cfg.eval.steps_per_game} steps/game, epsilon {epsilon}, sticky actions '
+        f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')
+  results = evaluator.evaluate(
+      policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
+      num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
+      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl)
+  print(evaluator.results_table(results))
+  for p in (args.out, args.jsonl):
+    if p:
+      print(f'wrote {os.path.abspath(p)}')
+  return 0

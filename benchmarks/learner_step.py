@@ -1,0 +1,141 @@
+"""Throughput of the learner's jitted update (`scaled_ql.agents.learner.update`) vs. the machine.
+
+    .venv/bin/python benchmarks/learner_step.py                       # cpu_tiny, cpu_small
+    .venv/bin/python benchmarks/learner_step.py --configs cpu_small,atari6_suboptimal_resnet34 \
+        --batch 8 --seconds 20
+    .venv/bin/python benchmarks/learner_step.py --bf16                # bfloat16 compute
+
+For each config: steps/s and samples/s of the whole update (forward of online + target network,
+backward, Adam, target copy) on random uint8 batches already on the device(s); FLOPs per step
+from XLA's cost analysis of the compiled update; achieved FLOP/s and its fraction of the
+machine's fp32 (or bf16) matmul peak, measured here with a large jnp.dot. Uses every local device
+(the batch is split over them like the Learner does); on a GPU machine that is the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scaled_ql import games as games_lib
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.configs import get_config
+from scaled_ql.types import Transition
+
+
+def matmul_peak(dtype, size: int, seconds: float) -> float:
+  """Best FLOP/s of a [size, size] @ [size, size] product (2 size^3 FLOPs)."""
+  x = jnp.ones((size, size), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(x, x).block_until_ready()
+  best, end = float('inf'), time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    t = time.perf_counter()
+    f(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * size ** 3 / best
+
+
+def random_batch(cfg, batch_size: int, seed: int = 0) -> Transition:
+  rng = np.random.default_rng(seed)
+  counts = np.asarray(games_lib.action_counts(cfg.games))
+  game_id = rng.integers(0, len(cfg.games), batch_size).astype(np.int32)
+  return Transition(
+      observation=rng.integers(0, 256, (batch_size, 84, 84, 4), dtype=np.uint8),
+      action=(rng.integers(0, 1000, batch_size) % counts[game_id]).astype(np.int32),
+      reward=rng.normal(size=batch_size).astype(np.float32),
+      discount=np.full(batch_size, 0.99 ** 3, np.float32),
+      next_observation=rng.integers(0, 256, (batch_size, 84, 84, 4), dtype=np.uint8),
+      game_id=game_id)
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan')))
+
+
+def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float) -> dict:
+  cfg = get_config(name)
+  if batch is not None:
+    per_game = max(1, batch // cfg.agent.games_per_batch)
+    cfg = cfg.replace(agent=dict(games_per_batch=batch // per_game, transitions_per_game=per_game))
+  if bf16:
+    cfg = cfg.replace(network=dict(compute_dtype='bfloat16'))
+  b = cfg.agent.batch_size
+  devices = jax.local_devices()
+  mesh = Mesh(np.asarray(devices), ('batch',))
+  state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
+                         NamedSharding(mesh, PartitionSpec()))
+  data = jax.device_put(random_batch(cfg, b), NamedSharding(mesh, PartitionSpec('batch')))
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  t = time.perf_counter()
+  compiled = learner_lib.update.lower(state, data, cfg=cfg).compile()
+  compile_s = time.perf_counter() - t
+  flops = flops_of(compiled)
+  state, metrics = compiled(state, data)  # warm-up
+  jax.block_until_ready(metrics)
+  steps, t0 = 0, time.perf_counter()
+  while True:
+    state, metrics = compiled(state, data)
+    steps += 1
+    if steps % 5 == 0 or seconds <= 0:
+      jax.block_until_ready(metrics)
+      if time.perf_counter() - t0 >= seconds:
+        break
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - t0
+  steps_per_s = steps / elapsed
+  achieved = flops * steps_per_s
+  return dict(config=cfg.name, batch=b, dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
+              compile_s=compile_s, steps=steps, steps_per_s=steps_per_s,
+              samples_per_s=steps_per_s * b, gflops_per_step=flops / 1e9,
+              achieved_gflops=achieved / 1e9, peak_gflops=peak / 1e9,
+              fraction_of_peak=achieved / peak, loss=float(metrics['loss']))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--configs', default='cpu_tiny,cpu_small',
+                 help='comma-separated config names (e.g. atari6_suboptimal_resnet34)')
+  p.add_argument('--batch', type=int, default=None,
+                 help="override the batch size (default: the config's)")
+  p.add_argument('--bf16', action='store_true', help='bfloat16 compute (params stay fp32)')
+  p.add_argument('--seconds', type=float, default=10.0, help='timed seconds per config')
+  p.add_argument('--peak-size', type=int, default=None,
+                 help='matmul size for the peak (default 2048 on CPU, 8192 on GPU)')
+  p.add_argument('--json', default=None, help='append one JSON line per config to this file')
+  args = p.parse_args(argv)
+
+  platform = jax.devices()[0].platform
+  dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  size = args.peak_size or (8192 if platform == 'gpu' else 2048)
+  peak = matmul_peak(dtype, size, seconds=3.0) * len(jax.local_devices())
+  print(f'devices: {len(jax.local_devices())} x {jax.devices()[0].device_kind} ({platform}); '
+        f'{jnp.dtype(dtype).name} matmul peak {peak / 1e9:.1f} GFLOP/s '
+        f'([{size},{size}] @ [{size},{size}]); cpus {os.cpu_count()}; '
+        f'load average {os.getloadavg()[0]:.1f}', flush=True)
+  for name in args.configs.split(','):
+    row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak)
+    print(f"{row['config']:<40} B={row['batch']:<4} {row['dtype']:<8} "
+          f"{row['params_m']:7.2f}M params | {row['steps_per_s']:8.2f} steps/s | "
+          f"{row['samples_per_s']:9.1f} samples/s | {row['gflops_per_step']:8.2f} GFLOP/step | "
+          f"{row['achieved_gflops']:8.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of peak "
+          f"| compile {row['compile_s']:.1f}s", flush=True)
+    if args.json:
+      with open(args.json, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(dict(row, device=jax.devices()[0].device_kind)) + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

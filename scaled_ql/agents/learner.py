@@ -1,0 +1,323 @@
+"""The offline learner: Scaled QL's gradient step (Eq. 1) behind Acme's Learner seam.
+
+    learner = Learner(cfg, iterator_of_transitions, workdir)
+    learner.restore()                 # resume from the latest checkpoint, if any
+    metrics = learner.step()          # one gradient step on one batch
+    params, = learner.get_variables() # what actors and evaluators use
+
+Read in order: `TrainState` (everything a step changes), `init_state`, `batch_loss` (vmaps the
+per-transition losses of `losses.py` over a batch), `update` (the module-level jitted step: grad,
+Adam, periodic target copy; benchmarkable alone, see benchmarks/learner_step.py), `Learner`
+(data-parallel placement, NaN checks, metrics, checkpoints, SIGTERM/SIGINT handling).
+
+Data parallelism: the batch is split over all local devices along a 1-D `('batch',)` mesh and the
+train state is replicated; XLA inserts the gradient all-reduce. The result equals the 1-device
+result up to float reassociation (tests/test_learner.py checks 1 vs 4 CPU devices).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scaled_ql import loggers as loggers_lib
+from scaled_ql.agents import builder, checkpointing, losses
+from scaled_ql.configs.base import ExperimentConfig
+from scaled_ql.types import Transition
+
+
+class TrainState(NamedTuple):
+  params: Any  # online Q-network (policy network for 'bc')
+  behaviour_params: Any  # discrete BCQ's behaviour model; an empty dict otherwise
+  target_params: Any  # copy of `params`, refreshed every agent.target_update_period steps
+  opt_state: Any  # Adam state of (params, behaviour_params)
+  rng: jax.Array  # PRNG key, split once per step (kept so that a resumed run is bit-identical)
+  step: jax.Array  # int32 number of gradient steps taken
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term or the gradient norm became NaN/inf; the run stops, the last checkpoint stays."""
+
+
+class StopTraining(SystemExit):
+  """Raised by `Learner.step` after a SIGTERM/SIGINT, once the state is checkpointed (exit 0)."""
+
+  def __init__(self, message: str):
+    super().__init__(0)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
+  nets = builder.agent_networks(cfg)
+  init_rng, bcq_rng, rng = jax.random.split(rng, 3)
+  params = nets.q.init(init_rng, *builder.dummy_inputs())
+  behaviour_params = nets.behaviour.init(bcq_rng, *builder.dummy_inputs()) if nets.behaviour else {}
+  opt_state = builder.make_optimizer(cfg.agent).init((params, behaviour_params))
+  return TrainState(params=params, behaviour_params=behaviour_params,
+                    target_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=opt_state,
+                    rng=rng, step=jnp.zeros((), jnp.int32))
+
+
+def batch_loss(trainable: tuple[Any, Any], target_params: Any, batch: Transition,
+               cfg: ExperimentConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean over the batch of the per-transition loss of `cfg.agent.loss`; returns (loss, terms)."""
+  params, behaviour_params = trainable
+  nets = builder.agent_networks(cfg)
+  agent = cfg.agent
+  valid = jnp.asarray(nets.action_mask)[batch.game_id]  # bool [B, A_max]
+  atoms = jnp.asarray(nets.atoms)
+  logits = nets.q.apply(params, batch.observation, batch.game_id).logits  # [B, A, K]
+
+  if agent.loss == 'bc':
+    terms = jax.vmap(losses.bc_loss)(logits[..., 0], batch.action, valid)
+  else:
+    target_logits = nets.q.apply(target_params, batch.next_observation, batch.game_id).logits
+    if agent.loss == 'mse':
+      terms = jax.vmap(losses.mse_cql_loss, in_axes=(0, 0, 0, 0, 0, 0, None))(
+          logits[..., 0], batch.action, batch.reward, batch.discount, target_logits[..., 0], valid,
+          agent.cql_alpha)
+    else:  # 'c51' or 'bcq'
+      bootstrap_valid = valid
+      if agent.loss == 'bcq':
+        # Appendix A.2: the backup maximises only over actions the behaviour model finds likely
+        # at s'; the model itself is trained by NLL on the dataset actions at s.
+        behaviour_next = nets.behaviour.apply(
+            jax.lax.stop_gradient(behaviour_params), batch.next_observation, batch.game_id)
+        bootstrap_valid = jax.vmap(losses.bcq_action_filter, in_axes=(0, 0, None))(
+            behaviour_next.logits[..., 0], valid, agent.bcq_tau)
+      terms = jax.vmap(losses.c51_cql_loss, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))(
+          logits, batch.action, batch.reward, batch.discount, target_logits, valid,
+          bootstrap_valid, atoms, agent.cql_alpha)
+      if agent.loss == 'bcq':
+        behaviour_logits = nets.behaviour.apply(behaviour_params, batch.observation,
+                                                batch.game_id).logits[..., 0]
+        nll = jax.vmap(losses.bc_loss)(behaviour_logits, batch.action, valid)
+        terms['loss'] = terms['loss'] + nll['loss']
+        terms['behaviour_nll'] = nll['loss']
+        terms['behaviour_accuracy'] = nll['bc_accuracy']
+        terms['bcq_allowed_actions'] = jnp.sum(bootstrap_valid, axis=-1).astype(jnp.float32)
+  means = {k: jnp.mean(v) for k, v in terms.items()}
+  return means['loss'], means
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
+def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One gradient step. Placement (data parallelism) follows the shardings of the inputs."""
+  optimizer = builder.make_optimizer(cfg.agent)
+  trainable = (state.params, state.behaviour_params)
+  grads, metrics = jax.grad(batch_loss, has_aux=True)(trainable, state.target_params, batch, cfg)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  params, behaviour_params = optax.apply_updates(trainable, updates)
+  step = state.step + 1
+  refresh = (step % cfg.agent.target_update_period) == 0
+  target_params = jax.tree_util.tree_map(lambda o, t: jnp.where(refresh, o, t), params,
+                                         state.target_params)
+  rng, _ = jax.random.split(state.rng)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  new_state = TrainState(params=params, behaviour_params=behaviour_params,
+                         target_params=target_params, opt_state=opt_state, rng=rng, step=step)
+  return new_state, metrics
+
+
+def check_batch(batch: Transition, cfg: ExperimentConfig, batch_size: int) -> None:
+  """Raises ValueError naming the field of a malformed batch (host-side, cheap)."""
+  if not isinstance(batch, Transition):
+    raise TypeError(f'the data iterator must yield scaled_ql.types.Transition, got {type(batch)}')
+  expected = dict(observation=((batch_size, 84, 84, 4), np.uint8), action=((batch_size,), np.int32),
+                  reward=((batch_size,), np.float32), discount=((batch_size,), np.float32),
+                  next_observation=((batch_size, 84, 84, 4), np.uint8),
+                  game_id=((batch_size,), np.int32))
+  for name, (shape, dtype) in expected.items():
+    value = getattr(batch, name)
+    if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
+      raise ValueError(f'batch.{name}: expected {np.dtype(dtype).name}{list(shape)}, got '
+                       f'{np.dtype(value.dtype).name}{list(value.shape)}')
+  game_id, action = np.asarray(batch.game_id), np.asarray(batch.action)
+  if game_id.min() < 0 or game_id.max() >= len(cfg.games):
+    raise ValueError(f'batch.game_id out of range [0, {len(cfg.games)}) for games {cfg.games}')
+  counts = np.asarray(builder.agent_networks(cfg).action_mask.sum(axis=1))
+  bad = (action < 0) | (action >= counts[game_id])
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f'batch.action {int(action[i])} is not a valid action of '
+                     f'{cfg.games[game_id[i]]} (minimal action set of {counts[game_id[i]]})')
+
+
+class Learner:
+  """Acme-style learner: `step()`, `get_variables(names)`, `save()`, `restore()`, `steps`."""
+
+  def __init__(self, cfg: ExperimentConfig, iterator: Iterator[Transition],
+               workdir: Optional[str] = None, *, logger: Optional[loggers_lib.Logger] = None,
+               handle_signals: bool = True, devices: Optional[Sequence[jax.Device]] = None):
+    builder.check_agent_config(cfg)
+    self._cfg = cfg
+    self._iterator = iterator
+    self._workdir = workdir
+    devices = list(devices or jax.local_devices())
+    batch_size = cfg.agent.batch_size
+    if batch_size % len(devices):
+      raise ValueError(f'batch size {batch_size} (agent.games_per_batch x '
+                       f'agent.transitions_per_game) is not divisible by the {len(devices)} '
+                       f'local devices the batch is split over')
+    self._batch_size = batch_size
+    mesh = Mesh(np.asarray(devices), ('batch',))
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+    self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
+    self._state = jax.device_put(init_state(cfg, jax.random.PRNGKey(cfg.train.seed)),
+                                 self._replicated)
+    self._steps = 0
+    self._checked_first_batch = False
+    self._logger = logger or loggers_lib.make_logger('learner', workdir)
+    self._window: dict[str, float] = {}
+    self._window_count = 0
+    self._window_start = time.perf_counter()
+    self._compiled = False
+    self._stop_signal: Optional[int] = None
+    self._previous_handlers: dict[int, Any] = {}
+    self._manager = None
+    if workdir is not None:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+        f.write(cfg.to_json())
+      self._manager = checkpointing.make_manager(workdir)
+      if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+  # ----------------------------------------------------------------------------------------
+  @property
+  def steps(self) -> int:
+    return self._steps
+
+  @property
+  def state(self) -> TrainState:
+    return self._state
+
+  def step(self) -> dict[str, float]:
+    batch = next(self._iterator)
+    check_batch(batch, self._cfg, self._batch_size)
+    batch = jax.device_put(Transition(*map(np.asarray, batch)), self._batch_sharding)
+    new_state, metrics = update(self._state, batch, cfg=self._cfg)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step = self._steps + 1
+    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if bad:
+      last = self._manager.latest_step() if self._manager else None
+      kept = (f'the last good checkpoint (step {last}) is kept in {self._workdir}'
+              if last is not None else 'no checkpoint was written yet')
+      raise NonFiniteLossError(
+          f'non-finite {", ".join(f"{k}={metrics[k]}" for k in bad)} at learner step {step} '
+          f'(config {self._cfg.name}); {kept}')
+    self._state, self._steps = new_state, step
+    self._log(metrics)
+    if self._manager is not None and step % self._cfg.train.checkpoint_every_steps == 0:
+      self.save()
+    if self._stop_signal is not None:
+      name = signal.Signals(self._stop_signal).name
+      if self._manager is not None:
+        self.save()
+      raise StopTraining(f'{name} received: stopped after step {step}'
+                         + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
+    return metrics
+
+  def run(self, num_steps: Optional[int] = None) -> int:
+    """Steps until `num_steps` (default cfg.train.num_steps) in total, then saves; returns steps.
+
+    A SIGTERM/SIGINT ends the loop early after a checkpoint (no exception escapes)."""
+    num_steps = self._cfg.train.num_steps if num_steps is None else num_steps
+    try:
+      while self._steps < num_steps:
+        self.step()
+    except StopTraining as stop:
+      print(stop.message, flush=True)
+      return self._steps
+    if self._manager is not None and self._manager.latest_step() != self._steps:
+      self.save()
+    return self._steps
+
+  def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
+    """Host copies. 'params': what `actors.make_policy` takes (for 'bcq' {'q', 'behaviour'});
+    also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
+    s = self._state
+    table = dict(params=lambda: builder.policy_params(self._cfg, s.params, s.behaviour_params),
+                 target_params=lambda: s.target_params,
+                 behaviour_params=lambda: s.behaviour_params,
+                 opt_state=lambda: s.opt_state, step=lambda: s.step)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+      raise KeyError(f'unknown variable(s) {unknown}; available: {sorted(table)}')
+    return [jax.device_get(table[n]()) for n in names]
+
+  def save(self) -> None:
+    if self._manager is None:
+      raise ValueError('Learner.save: this learner has no workdir')
+    checkpointing.save(self._manager, self._state, self._cfg)
+
+  def restore(self) -> bool:
+    """Loads the latest checkpoint of the workdir, if any; returns whether one was loaded."""
+    if self._manager is None:
+      raise ValueError('Learner.restore: this learner has no workdir')
+    restored = checkpointing.restore(self._manager, self._state, self._cfg)
+    if restored is None:
+      return False
+    self._state = restored
+    self._steps = int(restored.step)
+    return True
+
+  def close(self) -> None:
+    for sig, handler in self._previous_handlers.items():
+      signal.signal(sig, handler)
+    self._previous_handlers.clear()
+    if self._manager is not None:
+      self._manager.close()
+    self._logger.close()
+
+  # ----------------------------------------------------------------------------------------
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if self._stop_signal is not None:  # a second signal: stop waiting for the step boundary
+      previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+      self.close()
+      if callable(previous):
+        previous(signum, None)
+      else:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+      return
+    self._stop_signal = signum
+
+  def _log(self, metrics: dict[str, float]) -> None:
+    if not self._compiled:  # the first step compiles: keep it out of the averages and steps/s
+      self._compiled = True
+      self._window_start = time.perf_counter()
+      if self._steps % self._cfg.train.log_every_steps:
+        return
+    else:
+      for k, v in metrics.items():
+        self._window[k] = self._window.get(k, 0.0) + v
+      self._window_count += 1
+    if self._steps % self._cfg.train.log_every_steps:
+      return
+    if self._window_count == 0:  # logging right at the first step: report it alone
+      self._logger.write(self._steps, metrics)
+      return
+    elapsed = time.perf_counter() - self._window_start
+    out = {k: v / self._window_count for k, v in self._window.items()}
+    out['steps_per_s'] = self._window_count / max(elapsed, 1e-9)
+    out['samples_per_s'] = out['steps_per_s'] * self._batch_size
+    self._logger.write(self._steps, out)
+    self._window, self._window_count = {}, 0
+    self._window_start = time.perf_counter()

@@ -1,0 +1,258 @@
+"""Local DQN-Replay-like data: play the real emulator and write an `rlu_atari_checkpoints_ordered`
+TFDS dataset that `tfds.builder(...)` and `rlds_reader` cannot tell from RL Unplugged's.
+
+    from scaled_ql.datasets import generate
+    generate.generate(['Pong', 'Breakout'], 'data/generated', run=1, num_checkpoints=10,
+                      steps_per_checkpoint=5_000, seed=0)
+
+Each "checkpoint" split is played by an epsilon-greedy scripted policy (`policies.py`) with epsilon
+falling linearly from 1.0 (checkpoint_00) to 0.1 (the last), with sticky actions 0.25 as in
+DQN-Replay, so early splits (the `suboptimal` selection) are worse than the whole (`near_optimal`).
+
+The dataset is written by the registered TFDS builder itself (same name, config `{Game}_run_{r}`,
+version, feature spec, split names, file naming and dataset_info.json); only its split generators
+are replaced by our episodes. Per step we store, as the real data does, the newest single 84x84x1
+frame and the clipped reward; `episode_return` is the sum of clipped rewards. How each split was
+made (policy, epsilon, raw returns) goes into `generation_info.json` beside dataset_info.json.
+
+Episodes follow RLDS (and the TFDS conversion of DQN-Replay, `atari_utils.atari_example_to_rlds`):
+step t holds o_t, a_t, r_t = clip(reward of a_t), discount_t (0 if a_t ended the game, else 1);
+one extra last step holds the final observation o_T with action 0, reward 0, is_last=True,
+is_terminal=True and discount 0 on game over; on truncation (episode frame cap, or the split's step
+budget running out) is_terminal=False and discount 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from scaled_ql import games as games_lib
+from scaled_ql.datasets import policies
+from scaled_ql.datasets import tfds_layout
+from scaled_ql.envs.atari import MAX_EPISODE_FRAMES, AtariEnv
+
+log = logging.getLogger(__name__)
+
+STICKY_ACTION_PROB = 0.25  # DQN-Replay (Agarwal et al. 2020) logged with sticky actions
+
+
+@dataclasses.dataclass
+class SplitStats:
+  """What made one split and what it holds (written to generation_info.json)."""
+  checkpoint_id: int
+  epsilon: float
+  policy: str
+  env_seed: int
+  steps: int = 0  # agent steps (actions) stored
+  episodes: int = 0
+  terminated_episodes: int = 0  # ended by game over (the rest were truncated)
+  raw_returns: list = dataclasses.field(default_factory=list)  # unclipped, per episode
+  clipped_returns: list = dataclasses.field(default_factory=list)
+
+
+def _episode_example(frames, actions, rewards, terminal: bool, checkpoint_id: int,
+                     episode_id: int) -> dict:
+  """One RLDS episode in the rlu_atari feature layout from T actions and T+1 frames."""
+  num_actions = len(actions)
+  assert len(frames) == num_actions + 1, (len(frames), num_actions)
+  clipped = np.clip(np.asarray(rewards, np.float32), -1.0, 1.0)
+  reward = np.concatenate([clipped, [0.0]]).astype(np.float32)
+  discount = np.ones(num_actions + 1, np.float32)
+  if terminal:
+    discount[-2:] = 0.0  # the step into the terminal state, and the terminal state itself
+  is_first = np.zeros(num_actions + 1, bool)
+  is_first[0] = True
+  is_last = np.zeros(num_actions + 1, bool)
+  is_last[-1] = True
+  is_terminal = np.zeros(num_actions + 1, bool)
+  is_terminal[-1] = terminal
+  return {
+      'checkpoint_id': np.int64(checkpoint_id),
+      'episode_id': np.int64(episode_id),
+      'episode_return': np.float32(clipped.sum()),
+      'steps': {
+          'observation': np.stack(frames)[..., None],
+          'action': np.concatenate([np.asarray(actions, np.int64), [0]]).astype(np.int64),
+          'reward': reward,
+          'discount': discount,
+          'is_first': is_first,
+          'is_last': is_last,
+          'is_terminal': is_terminal,
+      },
+  }
+
+
+def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[int],
+               episodes_per_checkpoint: Optional[int], max_episode_frames: int,
+               on_step=None) -> Iterator[tuple[int, dict]]:
+  """Yields (key, episode) of one split; fills `stats`. Exactly one budget must be given."""
+  if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
+    raise ValueError('give exactly one of steps_per_checkpoint / episodes_per_checkpoint')
+  env = AtariEnv(game, sticky_action_prob=STICKY_ACTION_PROB,
+                 max_episode_frames=max_episode_frames, seed=stats.env_seed)
+  policy = policies.EpsilonGreedyHeuristic(env, stats.epsilon,
+                                           np.random.default_rng(stats.env_seed))
+  while True:
+    if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
+      return
+    if episodes_per_checkpoint is not None and stats.episodes >= episodes_per_checkpoint:
+      return
+    ts = env.reset()
+    frames, actions, rewards = [ts.observation[..., -1]], [], []
+    while True:
+      a = policy()
+      ts = env.step(a)
+      frames.append(ts.observation[..., -1])
+      actions.append(a)
+      rewards.append(float(ts.reward))
+      stats.steps += 1
+      if on_step is not None:
+        on_step()
+      if ts.last():
+        break
+      if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
+        break  # the split's budget ends the episode (a truncation, as at real split boundaries)
+    terminal = bool(ts.last() and ts.discount == 0.0)
+    episode_id = stats.episodes
+    stats.episodes += 1
+    stats.terminated_episodes += int(terminal)
+    stats.raw_returns.append(float(np.sum(rewards)))
+    stats.clipped_returns.append(float(np.clip(rewards, -1, 1).sum()))
+    # The ordered builder's own key: checkpoint_id * 1e10 + episode_id.
+    key = int(stats.checkpoint_id * 10_000_000_000 + episode_id)
+    yield key, _episode_example(frames, actions, rewards, terminal, stats.checkpoint_id,
+                                episode_id)
+
+
+def _builder_for(game: str, run: int, data_dir: str):
+  """The registered `rlu_atari_checkpoints_ordered` builder, with our episodes as its splits.
+
+  A subclass that keeps the registered name, module, version, configs, features and file layout;
+  it replaces only the split generators and sets `url_infos = None` (nothing is downloaded; the
+  class-level lookup would need `importlib_resources`, not in the pinned set).
+  """
+  import tensorflow_datasets as tfds
+  base = tfds.builder_cls(tfds_layout.ORDERED_BUILDER)
+
+  class GeneratedRluAtariCheckpointsOrdered(base, skip_registration=True):
+    name = base.name
+    url_infos = None
+    split_generators_fn = None
+
+    def get_splits(self):
+      return self.split_generators_fn()
+
+  GeneratedRluAtariCheckpointsOrdered.__module__ = base.__module__
+  return GeneratedRluAtariCheckpointsOrdered(
+      config=tfds_layout.config_name(game, run), data_dir=data_dir)
+
+
+def _env_seed(seed: int, run: int, game: str, checkpoint: int) -> int:
+  ss = np.random.SeedSequence([int(seed), int(run), games_lib.ALL_GAMES.index(game), checkpoint])
+  return int(ss.generate_state(1)[0] % (2**31 - 1))
+
+
+def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: int = 10,
+             steps_per_checkpoint: Optional[int] = 5_000, seed: int = 0, *,
+             episodes_per_checkpoint: Optional[int] = None,
+             max_episode_frames: int = MAX_EPISODE_FRAMES, epsilon_start: float = 1.0,
+             epsilon_end: float = 0.1, if_exists: str = 'error',
+             progress: bool = True) -> dict[str, str]:
+  """Writes `rlu_atari_checkpoints_ordered/{Game}_run_{run}` for each game into `out_dir`.
+
+  Budget per split: `steps_per_checkpoint` agent steps, or (if given, and steps_per_checkpoint is
+  None) `episodes_per_checkpoint` whole episodes. `if_exists`: 'error' | 'skip' | 'overwrite' for
+  games already generated. Returns {game: dataset version directory}.
+  """
+  games = games_lib.check_games(games)
+  run = tfds_layout.check_run(run)
+  if episodes_per_checkpoint is not None:
+    steps_per_checkpoint = None
+  if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
+    raise ValueError('give exactly one of steps_per_checkpoint / episodes_per_checkpoint')
+  budget = steps_per_checkpoint if steps_per_checkpoint is not None else episodes_per_checkpoint
+  if budget < 1:
+    raise ValueError(f'the per-checkpoint budget must be >= 1, got {budget}')
+  if not 1 <= num_checkpoints <= 50:
+    raise ValueError(f'num_checkpoints must be in 1..50 (like DQN-Replay), got {num_checkpoints}')
+  if if_exists not in ('error', 'skip', 'overwrite'):
+    raise ValueError(f"if_exists must be 'error', 'skip' or 'overwrite', got {if_exists!r}")
+  epsilons = policies.epsilon_schedule(num_checkpoints, epsilon_start, epsilon_end)
+
+  import tensorflow_datasets as tfds  # heavy: import only when generating
+  import tqdm
+  tfds.disable_progress_bar()
+
+  os.makedirs(out_dir, exist_ok=True)
+  total = (steps_per_checkpoint * num_checkpoints * len(games)
+           if steps_per_checkpoint is not None else None)
+  bar = tqdm.tqdm(total=total, unit='step', desc='generate', disable=not progress,
+                  dynamic_ncols=True)
+  out: dict[str, str] = {}
+  try:
+    for game in games:
+      builder = _builder_for(game, run, out_dir)
+      version_dir = os.fspath(builder.data_path)
+      if os.path.exists(version_dir):
+        if if_exists == 'skip':
+          log.info('%s: %s exists, skipped', game, version_dir)
+          out[game] = version_dir
+          continue
+        if if_exists == 'error':
+          raise FileExistsError(
+              f'{game}: {version_dir} already exists; pass --overwrite (if_exists="overwrite") '
+              f'or --skip-existing (if_exists="skip")')
+        shutil.rmtree(version_dir)
+      split_stats = [
+          SplitStats(checkpoint_id=k, epsilon=epsilons[k], policy=policies.heuristic_name(game),
+                     env_seed=_env_seed(seed, run, game, k))
+          for k in range(num_checkpoints)]
+      bar.set_postfix_str(game)
+
+      def get_splits(split_stats=split_stats, game=game):
+        return {
+            tfds_layout.split_name(s.checkpoint_id): play_split(
+                game, s, steps_per_checkpoint=steps_per_checkpoint,
+                episodes_per_checkpoint=episodes_per_checkpoint,
+                max_episode_frames=max_episode_frames, on_step=lambda: bar.update(1))
+            for s in split_stats}
+
+      # The registered builder writes the files and metadata; we only supply its episodes.
+      builder.split_generators_fn = get_splits
+      start = time.time()
+      with tempfile.TemporaryDirectory() as download_dir:
+        builder.download_and_prepare(download_dir=download_dir)
+      seconds = time.time() - start
+      info = {
+          'generator': 'scaled_ql.datasets.generate',
+          'game': game, 'run': run, 'seed': seed,
+          'sticky_action_prob': STICKY_ACTION_PROB,
+          'max_episode_frames': max_episode_frames,
+          'steps_per_checkpoint': steps_per_checkpoint,
+          'episodes_per_checkpoint': episodes_per_checkpoint,
+          'policy': policies.heuristic_name(game),
+          'policy_note': ('epsilon-greedy over the heuristic' if game in policies.HEURISTICS
+                          else 'no heuristic for this game: uniform random at every epsilon'),
+          'reward_note': 'steps.reward and episode_return are clipped to [-1, 1] (as DQN-Replay); '
+                         'raw_returns are the unclipped game scores',
+          'seconds': round(seconds, 1),
+          'steps_per_second': round(sum(s.steps for s in split_stats) / max(seconds, 1e-9), 1),
+          'splits': {tfds_layout.split_name(s.checkpoint_id): dataclasses.asdict(s)
+                     for s in split_stats},
+      }
+      with open(os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE), 'w') as f:
+        json.dump(info, f, indent=1)
+      out[game] = version_dir
+      log.info('%s: %d steps in %.1fs -> %s', game, sum(s.steps for s in split_stats), seconds,
+               version_dir)
+  finally:
+    bar.close()
+  return out

@@ -1,0 +1,499 @@
+"""Reverb replay for offline multi-game training: one table per game, stratified sampling.
+
+Server: one table per game (`table_name(game)`), uniform sampler, FIFO remover,
+max_size = `cfg.data.shuffle_buffer_per_game`, rate limiter `MinSize(min_fill_per_game)`: each
+table is a shuffle buffer over a stream of transitions; sampling starts once it holds
+min_fill_per_game items and inserts are never blocked (FIFO eviction makes room).
+
+Storage: inserters append ONE record per RLDS step (a single 84x84 frame, action, reward,
+terminal, valid; see `transitions.py` for the record stream and its padding) with the trajectory
+writer, and create an item over the last `n + 4` records for every transition. Items only
+reference the chunks that hold the records, so each frame is stored once (compressed) however many
+items (up to n+4) use it.
+
+Learner side: `stratified_batches(address, games, cfg)` draws `games_per_batch` game indices with
+replacement and `transitions_per_game` transitions from each drawn game's table (Appendix B.3),
+converts windows to `Transition`s with the same `windows_to_transitions` as the numpy reference,
+and prefetches `prefetch_batches` batches in a background thread.
+
+Processes: `start_server_process(cfg)` runs the server in a subprocess (`python -m
+scaled_ql.datasets.reverb_tables serve ...`) reachable at `localhost:PORT` over gRPC;
+`start_inserter_processes(address, cfg)` streams the RLDS data into it from
+`cfg.data.num_inserters` subprocesses. `serve(cfg, port)` and `run_inserter(...)` are the bodies
+a Ray actor can run instead.
+
+Reconnect: a server that goes away and comes back at the same address starts with empty tables.
+Reverb's own clients retry UNAVAILABLE: the sampling datasets and the trajectory writer simply
+block and carry on once the server answers again (tested: `test_server_in_another_process_and_
+reconnect`, ~4 s after the new server is up); sampling blocks until the inserters have refilled
+each table to min_fill. Errors that do surface are handled as a fallback: `StratifiedBatches`
+rebuilds its datasets after gRPC errors (waits up to `reconnect_timeout_s` for the server), and
+`run_inserter` reconnects with a new client and writer and moves on to the next episode (the
+partial one is dropped). Batches already prefetched from the old server are still delivered.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from scaled_ql.configs.base import ExperimentConfig
+from scaled_ql.datasets import transitions as tr
+from scaled_ql.types import Transition
+
+log = logging.getLogger(__name__)
+
+# Steps per compressed chunk of every column. Longer chunks compress better (zstd + delta over
+# consecutive frames); a chunk lives while any item references it, so with FIFO eviction a table
+# holds at most ~2 chunks more than its items need. Measured in benchmarks/data_pipeline.py.
+CHUNK_LENGTH = 32
+FLUSH_EVERY_ITEMS = 256  # bound the writer's in-flight items (the client's memory)
+
+
+def table_name(game: str) -> str:
+  return f'transitions_{game}'
+
+
+def _check_games(games: Sequence[str], cfg: ExperimentConfig) -> None:
+  unknown = [g for g in games if g not in cfg.games]
+  if unknown:
+    raise ValueError(f'games {unknown} are not in config {cfg.name!r} games {list(cfg.games)}')
+  if not games:
+    raise ValueError('no games given')
+
+
+def _record_specs(n_step: int):
+  import tensorflow as tf
+  width = tr.window_length(n_step)
+  dtypes = tr.record_dtypes()
+  shapes = tr.StepRecords(frame=(width,) + tr.FRAME_SHAPE, action=(width,), reward=(width,),
+                          terminal=(width,), valid=(width,))
+  return {f: tf.TensorSpec(getattr(shapes, f), tf.as_dtype(getattr(dtypes, f)), name=f)
+          for f in tr.StepRecords._fields}
+
+
+# ----------------------------------------------------------------------------------------- server
+
+def make_tables(cfg: ExperimentConfig) -> list:
+  import reverb
+  data = cfg.data
+  if data.min_fill_per_game < 1 or data.min_fill_per_game > data.shuffle_buffer_per_game:
+    raise ValueError(f'min_fill_per_game={data.min_fill_per_game} must be in '
+                     f'[1, shuffle_buffer_per_game={data.shuffle_buffer_per_game}]')
+  signature = _record_specs(cfg.agent.n_step)
+  return [reverb.Table(name=table_name(game), sampler=reverb.selectors.Uniform(),
+                       remover=reverb.selectors.Fifo(), max_size=data.shuffle_buffer_per_game,
+                       rate_limiter=reverb.rate_limiters.MinSize(data.min_fill_per_game),
+                       signature=signature)
+          for game in cfg.games]
+
+
+def make_server(cfg: ExperimentConfig, port: Optional[int] = None):
+  """An in-process `reverb.Server` with one table per game of `cfg.games`."""
+  import reverb
+  return reverb.Server(tables=make_tables(cfg), port=port)
+
+
+def serve(cfg: ExperimentConfig, port: int) -> None:
+  """Runs the server until SIGTERM/SIGINT (the body of the server process or a Ray actor)."""
+  server = make_server(cfg, port)
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  print(f'reverb server ready on port {server.port}', flush=True)
+  stop.wait()
+  server.stop()
+
+
+def wait_for_server(address: str, timeout_s: float = 60.0, proc=None) -> dict:
+  """Polls `address` until it answers `server_info`; returns the table infos."""
+  import reverb
+  deadline = time.monotonic() + timeout_s
+  client = reverb.Client(address)
+  while True:
+    if proc is not None and proc.poll() is not None:
+      raise RuntimeError(f'reverb server process exited with code {proc.returncode} before '
+                         f'answering at {address}')
+    try:
+      return client.server_info(timeout=2)
+    except Exception as e:  # the server is not up yet: gRPC unavailable / deadline
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'no reverb server answered at {address} within {timeout_s}s') from e
+      time.sleep(0.2)
+
+
+def _python_module_cmd(*args: str) -> list[str]:
+  return [sys.executable, '-m', 'scaled_ql.datasets.reverb_tables', *args]
+
+
+class ServerProcess:
+  """A Reverb server in a subprocess; `address` is 'localhost:PORT'. Use as a context manager."""
+
+  def __init__(self, cfg: ExperimentConfig, port: Optional[int] = None,
+               timeout_s: float = 60.0):
+    import portpicker
+    self.port = port or portpicker.pick_unused_port()
+    self.address = f'localhost:{self.port}'
+    self.proc = subprocess.Popen(
+        _python_module_cmd('serve', '--port', str(self.port), '--config_json', cfg.to_json()),
+        stdout=subprocess.DEVNULL)
+    try:
+      wait_for_server(self.address, timeout_s, self.proc)
+    except BaseException:
+      self.stop()
+      raise
+
+  @property
+  def pid(self) -> int:
+    return self.proc.pid
+
+  def stop(self, timeout_s: float = 10.0) -> None:
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(timeout_s)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+  def __enter__(self) -> 'ServerProcess':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+
+def start_server_process(cfg: ExperimentConfig, port: Optional[int] = None,
+                         timeout_s: float = 60.0) -> ServerProcess:
+  return ServerProcess(cfg, port, timeout_s)
+
+
+# -------------------------------------------------------------------------------------- inserting
+
+def make_writer(client, n_step: int):
+  """A trajectory writer whose columns are chunked CHUNK_LENGTH steps at a time."""
+  width = tr.window_length(n_step)
+  keep_alive = max(width, CHUNK_LENGTH)
+  writer = client.trajectory_writer(num_keep_alive_refs=keep_alive)
+  for field in tr.StepRecords._fields:
+    writer.configure((field,), num_keep_alive_refs=keep_alive,
+                     max_chunk_length=CHUNK_LENGTH)
+  return writer
+
+
+def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int) -> int:
+  """Appends one episode's records (padding included) and one item per transition.
+
+  Returns the number of items (transitions) created.
+  """
+  width = tr.window_length(n_step)
+  items = 0
+  for record, window_ends in tr.padded_step_records(steps, n_step):
+    writer.append(record._asdict())
+    if window_ends:
+      writer.create_item(table=table, priority=1.0,
+                         trajectory={f: writer.history[f][-width:] for f in record._fields})
+      items += 1
+      if items % FLUSH_EVERY_ITEMS == 0:
+        writer.flush(block_until_num_items=FLUSH_EVERY_ITEMS)
+  writer.end_episode()
+  return items
+
+
+EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]
+
+
+def rlds_episode_source(cfg: ExperimentConfig, **reader_kwargs) -> EpisodeSource:
+  """game -> stream of episodes (each a stream of step dicts) read by `rlds_reader.episodes`."""
+  def source(game: str):
+    from scaled_ql.datasets import rlds_reader
+    dataset = rlds_reader.episodes(cfg.data.data_dir, game, cfg.data.run, cfg.data.selection,
+                                   **reader_kwargs)
+    for episode in dataset:
+      yield _episode_steps(episode['steps'])
+  return source
+
+
+def _episode_steps(steps_dataset, block: int = 256) -> Iterator[dict]:
+  for batch in steps_dataset.batch(block).as_numpy_iterator():
+    yield from tr.split_steps(batch)
+
+
+def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str],
+                 source: EpisodeSource, *, max_episodes_per_game: Optional[int] = None,
+                 repeat: bool = True, stop: Optional[threading.Event] = None,
+                 reconnect_timeout_s: float = 600.0) -> int:
+  """Streams episodes of `games` round-robin into their tables; returns items written.
+
+  Each pass reads every game's episodes in turn (one episode per game per round). With
+  `repeat` the data is streamed again when a game's episodes run out (an offline dataset
+  streamed through shuffle buffers, epoch after epoch); `max_episodes_per_game` caps the total.
+  """
+  import reverb
+  _check_games(games, cfg)
+  stop = stop or threading.Event()
+  n_step = cfg.agent.n_step
+  client = reverb.Client(server_address)
+  writer = make_writer(client, n_step)
+  streams = {g: iter(source(g)) for g in games}
+  written = {g: 0 for g in games}
+  total_items = 0
+  active = list(games)
+  while active and not stop.is_set():
+    for game in list(active):
+      if stop.is_set():
+        break
+      if max_episodes_per_game is not None and written[game] >= max_episodes_per_game:
+        active.remove(game)
+        continue
+      try:
+        episode = next(streams[game])
+      except StopIteration:
+        if not repeat or written[game] == 0:
+          if written[game] == 0:
+            log.warning('no episodes for game %s', game)
+          active.remove(game)
+          continue
+        streams[game] = iter(source(game))
+        episode = next(streams[game])
+      try:
+        total_items += write_episode(writer, table_name(game), episode, n_step)
+      except (reverb.errors.ReverbError, RuntimeError) as e:
+        # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
+        # episode's partial items are lost with the old server.
+        log.warning('inserter lost %s (%s); reconnecting', server_address, e)
+        wait_for_server(server_address, reconnect_timeout_s)
+        client = reverb.Client(server_address)
+        writer = make_writer(client, n_step)
+        continue
+      written[game] += 1
+  writer.close()
+  return total_items
+
+
+def start_inserter_processes(server_address: str, cfg: ExperimentConfig,
+                             games: Optional[Sequence[str]] = None,
+                             max_episodes_per_game: Optional[int] = None,
+                             repeat: bool = True) -> list[subprocess.Popen]:
+  """`cfg.data.num_inserters` subprocesses; worker i streams games[i::num_inserters]."""
+  games = tuple(games or cfg.games)
+  _check_games(games, cfg)
+  workers = max(1, min(cfg.data.num_inserters, len(games)))
+  procs = []
+  for i in range(workers):
+    args = ['insert', '--address', server_address, '--config_json', cfg.to_json(),
+            '--games', ','.join(games[i::workers])]
+    if max_episodes_per_game is not None:
+      args += ['--max_episodes_per_game', str(max_episodes_per_game)]
+    if not repeat:
+      args += ['--no_repeat']
+    procs.append(subprocess.Popen(_python_module_cmd(*args)))
+  return procs
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  for p in procs:
+    try:
+      p.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+def table_sizes(server_address: str, games: Sequence[str], timeout_s: int = 10) -> dict:
+  import reverb
+  info = reverb.Client(server_address).server_info(timeout=timeout_s)
+  return {g: info[table_name(g)].current_size for g in games}
+
+
+def samples_served(server_address: str, games: Sequence[str], timeout_s: int = 10) -> dict:
+  """game -> number of samples its table has served (rate limiter stats)."""
+  import reverb
+  info = reverb.Client(server_address).server_info(timeout=timeout_s)
+  return {g: info[table_name(g)].rate_limiter_info.sample_stats.completed for g in games}
+
+
+def stratified_dataset(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
+                       seed: int = 0):
+  """tf.data of window batches: (StepRecords dict [B, n+4, ...], game_id int32 [B]).
+
+  B = games_per_batch * transitions_per_game; game draws are uniform with replacement, then each
+  draw takes `transitions_per_game` consecutive samples of that game's table.
+  """
+  import reverb
+  import tensorflow as tf
+  _check_games(games, cfg)
+  agent = cfg.agent
+  specs = _record_specs(agent.n_step)
+  per_game = agent.transitions_per_game
+  # In-flight samples per table: about two batches' worth of this game's expected share.
+  in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / len(games))))
+  datasets = []
+  for game in games:
+    game_id = tf.constant(cfg.games.index(game), tf.int32)
+    ds = reverb.TrajectoryDataset(
+        server_address=server_address, table=table_name(game),
+        dtypes={k: s.dtype for k, s in specs.items()},
+        shapes={k: s.shape for k, s in specs.items()},
+        max_in_flight_samples_per_worker=in_flight, num_workers_per_iterator=1)
+    ds = ds.map(lambda sample, g=game_id: (sample.data, g)).batch(per_game)
+    datasets.append(ds)
+  choice = tf.data.Dataset.random(seed=seed).map(
+      lambda x: tf.cast(tf.math.floormod(x, len(games)), tf.int64))
+  ds = tf.data.Dataset.choose_from_datasets(datasets, choice)
+  ds = ds.batch(agent.games_per_batch)
+  merge = lambda x: tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+  ds = ds.map(lambda data, gid: (tf.nest.map_structure(merge, data), merge(gid)))
+  return ds.prefetch(max(1, cfg.data.prefetch_batches))
+
+
+def _is_connection_error(e: BaseException) -> bool:
+  import tensorflow as tf
+  return isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                        tf.errors.InternalError, tf.errors.CancelledError,
+                        tf.errors.AbortedError))
+
+
+class StratifiedBatches:
+  """Iterator[Transition] over the tables of `games`, prefetched in a background thread.
+
+  Call `close()` (or use as a context manager) to stop the thread.
+  """
+
+  def __init__(self, server_address: str, games: Sequence[str], cfg: ExperimentConfig,
+               seed: int = 0, reconnect_timeout_s: float = 600.0):
+    _check_games(games, cfg)
+    self._address = server_address
+    self._games = tuple(games)
+    self._cfg = cfg
+    self._seed = seed
+    self._reconnect_timeout_s = reconnect_timeout_s
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.data.prefetch_batches))
+    self._stop = threading.Event()
+    self.reconnects = 0
+    self._thread = threading.Thread(target=self._run, daemon=True, name='stratified_batches')
+    self._thread.start()
+
+  def _windows(self) -> Iterator:
+    attempt = 0
+    while not self._stop.is_set():
+      # A fresh seed per (re)connection keeps game draws independent after a reconnect.
+      dataset = stratified_dataset(self._address, self._games, self._cfg,
+                                   seed=self._seed + 1000 * attempt)
+      try:
+        for item in dataset.as_numpy_iterator():
+          yield item
+      except Exception as e:  # noqa: BLE001 -- only connection errors are retried
+        if not _is_connection_error(e):
+          raise
+        log.warning('stratified_batches lost %s (%s); reconnecting', self._address,
+                    type(e).__name__)
+        wait_for_server(self._address, self._reconnect_timeout_s)
+        self.reconnects += 1
+        attempt += 1
+        continue
+      return
+
+  def _run(self) -> None:
+    agent = self._cfg.agent
+    try:
+      for data, game_id in self._windows():
+        windows = tr.StepRecords(**data)
+        batch = tr.windows_to_transitions(windows, game_id, discount=agent.discount,
+                                          reward_clip=agent.reward_clip)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(batch, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set():
+          return
+    except BaseException as e:  # surfaced to the consumer by __next__
+      self._put_final(e)
+      return
+    self._put_final(StopIteration())
+
+  def _put_final(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self) -> 'StratifiedBatches':
+    return self
+
+  def __next__(self) -> Transition:
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._put_final(item)  # later calls see it too
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+  def __enter__(self) -> 'StratifiedBatches':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def stratified_batches(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
+                       seed: int = 0) -> StratifiedBatches:
+  """The learner's Iterator[Transition]: stratified multi-game batches (Appendix B.3)."""
+  return StratifiedBatches(server_address, games, cfg, seed)
+
+
+# ------------------------------------------------------------------------------- subprocess entry
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m scaled_ql.datasets.reverb_tables')
+  sub = parser.add_subparsers(dest='cmd', required=True)
+  p = sub.add_parser('serve')
+  p.add_argument('--port', type=int, required=True)
+  p.add_argument('--config_json', required=True)
+  p = sub.add_parser('insert')
+  p.add_argument('--address', required=True)
+  p.add_argument('--config_json', required=True)
+  p.add_argument('--games', required=True, help='comma-separated')
+  p.add_argument('--max_episodes_per_game', type=int, default=None)
+  p.add_argument('--no_repeat', action='store_true')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  cfg = ExperimentConfig.from_dict(json.loads(args.config_json))
+  if args.cmd == 'serve':
+    serve(cfg, args.port)
+    return 0
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  items = run_inserter(args.address, cfg, args.games.split(','), rlds_episode_source(cfg),
+                       max_episodes_per_game=args.max_episodes_per_game,
+                       repeat=not args.no_repeat, stop=stop)
+  log.info('inserter done: %d items', items)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(_main())

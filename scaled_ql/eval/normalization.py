@@ -1,0 +1,120 @@
+"""Random and human reference scores of the 46 RL Unplugged Atari games, and human normalization.
+
+    human_normalized(game, score) = (score - RANDOM_SCORES[game]) / (HUMAN_SCORES[game] - RANDOM_SCORES[game])
+
+so 0 is a uniformly random policy and 1 a professional human tester (Mnih et al. 2015). The paper
+reports it in percent; this module returns fractions (x100 is the caller's formatting).
+
+Sources (every value is named in `SOURCES`):
+- 44 games: the Atari-57 random/human table of Badia et al. 2020 (Agent57, appendix), which
+  collects the human-tester scores of Mnih et al. 2015 / van Hasselt et al. 2016 and random-agent
+  scores with 30 no-op starts. These are also the numbers of DQN Zoo's `atari_data.py`, with one
+  difference: DQN Zoo keeps Mnih et al. 2015's random Video Pinball score 16256.9, Badia et al.
+  2020 list 0.0; both reproduce the paper's aggregates within 0.3 points (16256.9 gives DT (200M)
+  30.50% IQM on Table C.1, 0.0 gives 30.66%; the paper says 30.6%), and we keep Badia et al.'s
+  table whole (it is also the one whose human column, 17667.9, the paper's Table C.1 prints).
+- Carnival and Pooyan are not Atari-57 games. Their human scores, 3800.0 and 4000.0, are the
+  'Human' column of the paper's Table C.1/C.2, which it takes from Lee et al. 2022 (Multi-Game
+  Decision Transformers). No published random score for them is used by the paper; a random
+  score of 0.0 for both reproduces every aggregate the paper states (Table C.1: Scaled QL IQM
+  77.92% vs 77.8%, DT (200M) IQM 30.66% vs 30.6%; Table C.2: Scaled QL IQM 114.19% vs 114.1%,
+  median 98.92% vs 98.9%, DT (200M) IQM 111.94% vs 111.8%, median 78.25% vs 78.2%), whereas the
+  random-agent scores of Machado et al. 2018 (Carnival 700.8, Pooyan 371.2) give DT (200M) 29.45%
+  IQM on Table C.1 and 77.49% median on Table C.2, 1.2 and 0.7 points off. See docs/notes/eval.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import numpy as np
+
+from scaled_ql import games as games_lib
+
+_BADIA = 'Badia et al. 2020 (Agent57) Atari-57 table (human: Mnih et al. 2015 testers)'
+_LEE = ('human: Lee et al. 2022 (Multi-Game DT), as printed in Table C.1 of Kumar et al. 2023; '
+        'random: 0.0, the value that reproduces Kumar et al. 2023\'s aggregates (docs/notes/eval.md)')
+
+# game: (random, human)
+_REFERENCE: dict[str, tuple[float, float]] = {
+    'Alien': (227.8, 7127.7),
+    'Amidar': (5.8, 1719.5),
+    'Assault': (222.4, 742.0),
+    'Asterix': (210.0, 8503.3),
+    'Atlantis': (12850.0, 29028.1),
+    'BankHeist': (14.2, 753.1),
+    'BattleZone': (2360.0, 37187.5),
+    'BeamRider': (363.9, 16926.5),
+    'Boxing': (0.1, 12.1),
+    'Breakout': (1.7, 30.5),
+    'Carnival': (0.0, 3800.0),
+    'Centipede': (2090.9, 12017.0),
+    'ChopperCommand': (811.0, 7387.8),
+    'CrazyClimber': (10780.5, 35829.4),
+    'DemonAttack': (152.1, 1971.0),
+    'DoubleDunk': (-18.6, -16.4),
+    'Enduro': (0.0, 860.5),
+    'FishingDerby': (-91.7, -38.7),
+    'Freeway': (0.0, 29.6),
+    'Frostbite': (65.2, 4334.7),
+    'Gopher': (257.6, 2412.5),
+    'Gravitar': (173.0, 3351.4),
+    'Hero': (1027.0, 30826.4),
+    'IceHockey': (-11.2, 0.9),
+    'Jamesbond': (29.0, 302.8),
+    'Kangaroo': (52.0, 3035.0),
+    'Krull': (1598.0, 2665.5),
+    'KungFuMaster': (258.5, 22736.3),
+    'MsPacman': (307.3, 6951.6),
+    'NameThisGame': (2292.3, 8049.0),
+    'Phoenix': (761.4, 7242.6),
+    'Pong': (-20.7, 14.6),
+    'Pooyan': (0.0, 4000.0),
+    'Qbert': (163.9, 13455.0),
+    'Riverraid': (1338.5, 17118.0),
+    'RoadRunner': (11.5, 7845.0),
+    'Robotank': (2.2, 11.9),
+    'Seaquest': (68.4, 42054.7),
+    'SpaceInvaders': (148.0, 1668.7),
+    'StarGunner': (664.0, 10250.0),
+    'TimePilot': (3568.0, 5229.2),
+    'UpNDown': (533.4, 11693.2),
+    'VideoPinball': (0.0, 17667.9),
+    'WizardOfWor': (563.5, 4756.5),
+    'YarsRevenge': (3092.9, 54576.9),
+    'Zaxxon': (32.5, 9173.3),
+}
+
+RANDOM_SCORES: dict[str, float] = {g: r for g, (r, _) in _REFERENCE.items()}
+HUMAN_SCORES: dict[str, float] = {g: h for g, (_, h) in _REFERENCE.items()}
+SOURCES: dict[str, str] = {g: (_LEE if g in ('Carnival', 'Pooyan') else _BADIA)
+                           for g in _REFERENCE}
+
+ArrayLike = Union[float, np.ndarray]
+
+
+def human_normalized(game: str, score: ArrayLike) -> ArrayLike:
+  """(score - random) / (human - random) for `game`: a float for a float, an array for an array.
+
+  Raises `scaled_ql.games.UnknownGameError` naming the game (and listing the valid ones) when the
+  game is not one of the 46 RL Unplugged games.
+  """
+  games_lib.check_games([game], 'game')
+  random, human = _REFERENCE[game]
+  if isinstance(score, (int, float, np.floating, np.integer)):
+    if not math.isfinite(float(score)):
+      raise ValueError(f'{game}: score {score!r} is not finite')
+    return (float(score) - random) / (human - random)
+  score = np.asarray(score, dtype=np.float64)
+  if not np.all(np.isfinite(score)):
+    raise ValueError(f'{game}: non-finite scores {score[~np.isfinite(score)][:5]}')
+  return (score - random) / (human - random)
+
+
+def raw_score(game: str, normalized: ArrayLike) -> ArrayLike:
+  """The inverse of `human_normalized`."""
+  games_lib.check_games([game], 'game')
+  random, human = _REFERENCE[game]
+  if isinstance(normalized, (int, float, np.floating, np.integer)):
+    return random + float(normalized) * (human - random)
+  return random + np.asarray(normalized, np.float64) * (human - random)

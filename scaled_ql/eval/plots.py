@@ -1,0 +1,61 @@
+"""PNG figures: performance profiles (rliable) and learning curves. Headless (matplotlib 'Agg')."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg', force=True)  # files only; never needs a display
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def performance_profile_png(path: str, profiles: Mapping[str, np.ndarray],
+                            cis: Mapping[str, np.ndarray], taus: np.ndarray,
+                            title: str = '') -> str:
+  """Fraction of runs x games with human-normalized score > tau, one line (+95% CI band) each."""
+  from rliable import plot_utils
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  plot_utils.plot_performance_profiles(
+      dict(profiles), np.asarray(taus), performance_profile_cis=dict(cis), ax=ax,
+      xlabel=r'Human-normalized score ($\tau$)', ylabel=r'Fraction of runs with score $> \tau$')
+  ax.axvline(1.0, color='grey', linestyle=':', linewidth=1)
+  ax.legend(loc='upper right', fontsize='small')
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  _save(fig, path)
+  return path
+
+
+def learning_curves_png(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                        ylabel: str, title: str = '', percent: bool = True) -> str:
+  """One line per name: curves[name] = (learner steps, values); values are fractions of human."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  scale = 100.0 if percent else 1.0
+  for name, (steps, values) in curves.items():
+    ax.plot(np.asarray(steps), np.asarray(values, np.float64) * scale, marker='o', markersize=3,
+            label=name)
+  ax.set_xlabel('learner step (param_version)')
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if len(curves) > 1:
+    ax.legend(loc='best', fontsize='small', ncol=1 + len(curves) // 12)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  _save(fig, path)
+  return path
+
+
+def _save(fig, path: str) -> None:
+  plt = _pyplot()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,269 @@
+"""A sharded variable server on Ray (Acme's VariableSource / VariableClient, without Launchpad).
+
+The learner publishes its param tree with a version (its step) to S shard actors; every shard holds
+a part of the leaves, chosen by greedy bin packing by size (`split_by_size`) so that the bytes each
+shard serves are balanced. A `VariableClient` fetches all shards concurrently and reassembles the
+tree. Consistency: each shard keeps the last `history` versions it received, and the learner's
+publishes reach every shard in order (Ray runs one caller's calls to one actor in submission
+order), so a client that sees different newest versions on two shards asks the shards that are
+ahead for the oldest of them: a client never assembles leaves of two versions.
+
+    server = VariableServer.create(num_shards=4)
+    publisher = server.publisher()
+    publisher.publish(params, version=step)        # never blocks on shards or clients
+    client = VariableClient(server, update_period=10)
+    client.update()                                # every 10th call starts a fetch; never blocks
+    params, version = client.params, client.version
+
+Pure parts (`split_by_size`, `ShardLayout`) are plain functions tested without Ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+import ray
+
+# A shard keeps this many newest versions so a client that raced a publish can still assemble the
+# version every shard has.
+DEFAULT_HISTORY = 3
+
+
+def split_by_size(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
+  """Greedy bin packing: leaf indices per shard, largest leaf first into the lightest shard.
+
+  Deterministic (ties broken by leaf index then shard index). Every shard's list is sorted.
+  The heaviest shard holds at most (total / S + largest leaf) bytes.
+  """
+  if num_shards < 1:
+    raise ValueError(f'num_shards must be >= 1, got {num_shards}')
+  loads = [0] * num_shards
+  shards: list[list[int]] = [[] for _ in range(num_shards)]
+  for index in sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i)):
+    target = min(range(num_shards), key=lambda s: (loads[s], s))
+    shards[target].append(index)
+    loads[target] += int(sizes[index])
+  return [sorted(s) for s in shards]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+  """How a param tree is split: its structure and the leaf indices each shard holds."""
+  treedef: Any
+  shard_leaves: tuple[tuple[int, ...], ...]
+
+  @classmethod
+  def for_tree(cls, tree: Any, num_shards: int) -> 'ShardLayout':
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sizes = [np.asarray(leaf).nbytes for leaf in leaves]
+    return cls(treedef, tuple(tuple(s) for s in split_by_size(sizes, num_shards)))
+
+  @property
+  def num_shards(self) -> int:
+    return len(self.shard_leaves)
+
+  def split(self, tree: Any) -> list[list[np.ndarray]]:
+    """The host (numpy) leaves of `tree` for every shard."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if treedef != self.treedef:
+      raise ValueError(f'param tree structure changed: {treedef} vs the layout\'s {self.treedef}')
+    leaves = jax.device_get(leaves)
+    return [[np.asarray(leaves[i]) for i in indices] for indices in self.shard_leaves]
+
+  def join(self, shard_values: Sequence[Sequence[np.ndarray]]) -> Any:
+    """Reassembles a tree from every shard's leaves (the inverse of `split`)."""
+    if len(shard_values) != self.num_shards:
+      raise ValueError(f'expected {self.num_shards} shards, got {len(shard_values)}')
+    leaves: list[Any] = [None] * self.treedef.num_leaves
+    for indices, values in zip(self.shard_leaves, shard_values):
+      if len(indices) != len(values):
+        raise ValueError(f'shard holds {len(values)} leaves, layout says {len(indices)}')
+      for i, v in zip(indices, values):
+        leaves[i] = v
+    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+class VariableShard:
+  """One shard: the newest `history` versions of its part of the leaves (a Ray actor class)."""
+
+  def __init__(self, history: int = DEFAULT_HISTORY):
+    if history < 1:
+      raise ValueError(f'history must be >= 1, got {history}')
+    self._history = history
+    self._versions: dict[int, list[np.ndarray]] = {}
+    self._layout: Optional[ShardLayout] = None
+
+  def set(self, version: int, layout: ShardLayout, leaves: list[np.ndarray]) -> int:
+    if self._versions and version <= max(self._versions):
+      return max(self._versions)  # stale or repeated publish (e.g. a restarted learner)
+    self._layout = layout
+    self._versions[int(version)] = leaves
+    for old in sorted(self._versions)[:-self._history]:
+      del self._versions[old]
+    return int(version)
+
+  def latest_version(self) -> int:
+    """The newest version held, -1 when none."""
+    return max(self._versions) if self._versions else -1
+
+  def get(self, version: Optional[int] = None, newer_than: int = -1):
+    """(version, layout, leaves) of `version` (newest if None); leaves None when the chosen
+    version is not newer than `newer_than`; version -1 when nothing/that version isn't held."""
+    if not self._versions:
+      return -1, None, None
+    if version is None:
+      version = max(self._versions)
+    if version not in self._versions:
+      return -1, None, None
+    if version <= newer_than:
+      return version, None, None
+    return version, self._layout, self._versions[version]
+
+
+@dataclasses.dataclass
+class VariableServer:
+  """Handles of the shard actors; picklable, so nodes receive it as an argument."""
+  shards: list
+
+  @classmethod
+  def create(cls, num_shards: int, history: int = DEFAULT_HISTORY, name_prefix: str = '',
+             max_restarts: int = -1) -> 'VariableServer':
+    if num_shards < 1:
+      raise ValueError(f'TrainConfig.variable_server_shards must be >= 1, got {num_shards}')
+    actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(VariableShard)
+    shards = []
+    for i in range(num_shards):
+      options = {'name': f'{name_prefix}variable_shard_{i}'} if name_prefix else {}
+      shards.append(actor.options(**options).remote(history))
+    return cls(shards)
+
+  @property
+  def num_shards(self) -> int:
+    return len(self.shards)
+
+  def publisher(self, max_in_flight: int = 1) -> 'VariablePublisher':
+    return VariablePublisher(self, max_in_flight)
+
+  def latest_versions(self) -> list[int]:
+    return ray.get([s.latest_version.remote() for s in self.shards])
+
+  def kill(self) -> None:
+    for shard in self.shards:
+      ray.kill(shard)
+
+
+class VariablePublisher:
+  """The learner's side: fire-and-forget publishes that never wait on shards or clients.
+
+  At most `max_in_flight` publishes are outstanding; a publish asked for while that many are still
+  in flight is skipped (the next one carries newer params anyway), so a slow shard can never make
+  the learner's memory or loop grow.
+  """
+
+  def __init__(self, server: VariableServer, max_in_flight: int = 1):
+    self._server = server
+    self._max_in_flight = max_in_flight
+    self._layout: Optional[ShardLayout] = None
+    self._in_flight: list = []
+    self.published = 0
+    self.skipped = 0
+    self.last_version = -1
+
+  def publish(self, params: Any, version: int) -> bool:
+    """Sends `params` tagged `version`; returns False when skipped because shards lag behind."""
+    if self._in_flight:
+      _, self._in_flight = ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=0)
+    if len(self._in_flight) >= self._max_in_flight * self._server.num_shards:
+      self.skipped += 1
+      return False
+    if self._layout is None:
+      self._layout = ShardLayout.for_tree(params, self._server.num_shards)
+    parts = self._layout.split(params)
+    for shard, leaves in zip(self._server.shards, parts):
+      # ray.put once here; the shard receives the stored object without another copy by the caller.
+      self._in_flight.append(shard.set.remote(int(version), self._layout, ray.put(leaves)))
+    self.published += 1
+    self.last_version = int(version)
+    return True
+
+  def flush(self, timeout: Optional[float] = None) -> None:
+    """Waits for the publishes in flight (used only at shutdown and in tests)."""
+    if self._in_flight:
+      ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=timeout)
+      self._in_flight = []
+
+
+class VariableClient:
+  """Acme's VariableClient over a sharded server: holds params and the version they are.
+
+  `update()` counts calls and starts a fetch on every `update_period`-th one, without blocking;
+  later calls install the result once every shard answered. `update_and_wait()` fetches now.
+  `params` is None and `version` -1 until the first fetch completed.
+  """
+
+  def __init__(self, server: VariableServer, update_period: int = 1):
+    if update_period < 1:
+      raise ValueError(f'update_period must be >= 1, got {update_period}')
+    self._server = server
+    self._update_period = update_period
+    self._calls = 0
+    self._pending: Optional[list] = None
+    self.params: Any = None
+    self.version = -1
+    self.fetches = 0
+
+  def update(self) -> bool:
+    """Non-blocking; returns True when newer params were installed by this call."""
+    self._calls += 1
+    if self._pending is not None:
+      ready, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+      if len(ready) < len(self._pending):
+        return False
+      return self._finish(ray.get(self._pending))
+    if self._calls >= self._update_period:
+      self._calls = 0
+      self._pending = [s.get.remote(None, self.version) for s in self._server.shards]
+    return False
+
+  def update_and_wait(self, timeout: Optional[float] = None) -> bool:
+    """Blocks until the newest consistent params are installed; True when they changed."""
+    changed = False
+    if self._pending is not None:  # a fetch started by update(): install it, then ask again
+      changed = self._finish(ray.get(self._pending, timeout=timeout))
+    self._pending = [s.get.remote(None, self.version) for s in self._server.shards]
+    return self._finish(ray.get(self._pending, timeout=timeout)) or changed
+
+  def wait_for_version(self, min_version: int = 0, timeout: float = 60.0,
+                       poll_s: float = 0.2) -> int:
+    """Blocks until params of at least `min_version` are held (raises TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      self.update_and_wait(timeout=max(0.1, deadline - time.monotonic()))
+      if self.version >= min_version:
+        return self.version
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'no params of version >= {min_version} after {timeout:.0f}s '
+                           f'(held: {self.version})')
+      time.sleep(poll_s)
+
+  def _finish(self, answers: list) -> bool:
+    self._pending = None
+    versions = [v for v, _, _ in answers]
+    if min(versions) <= self.version:
+      return False  # some shard has nothing newer than what we hold (or nothing at all)
+    target = min(versions)
+    # Shards that are ahead: ask them for `target`, which they still hold (history) unless
+    # several publishes raced this fetch; then start over next time.
+    for i, (v, _, _) in enumerate(answers):
+      if v != target:
+        answers[i] = ray.get(self._server.shards[i].get.remote(target, self.version))
+    if any(v != target or leaves is None for v, _, leaves in answers):
+      return False
+    layout = answers[0][1]
+    self.params = layout.join([leaves for _, _, leaves in answers])
+    self.version = target
+    self.fetches += 1
+    return True

@@ -1,0 +1,116 @@
+"""Metric loggers shared by every area (Acme's `Logger` seam): stdout, JSONL and TensorBoard.
+
+    logger = loggers.make_logger('learner', workdir)   # stdout + workdir/learner.jsonl + TB
+    logger.write(step, {'loss': 0.5, 'steps_per_s': 12.0})
+    logger.close()
+
+Values must be numbers (Python or 0-d numpy/JAX scalars); anything else raises `TypeError`
+naming the key, so a bad metric is caught where it is produced.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional, Protocol, Sequence, TextIO
+
+
+class Logger(Protocol):
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+  def close(self) -> None: ...
+
+
+def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """{key: float}; raises TypeError naming a key whose value is not a scalar number."""
+  out = {}
+  for key, value in metrics.items():
+    try:
+      out[key] = float(value)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f'metric {key!r} is not a scalar number: {value!r}') from e
+  return out
+
+
+def _format(value: float) -> str:
+  if value == 0 or not math.isfinite(value):
+    return str(value)
+  if abs(value) >= 1e5 or abs(value) < 1e-3:
+    return f'{value:.3e}'
+  return f'{value:.4g}'
+
+
+class StdoutLogger:
+  """One line per write: `[label] step 100 | loss 0.52 | q_data 1.3`."""
+
+  def __init__(self, label: str, stream: Optional[TextIO] = None):
+    self._label, self._stream = label, stream
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    values = to_scalars(metrics)
+    parts = [f'[{self._label}] step {step}'] + [f'{k} {_format(v)}' for k, v in values.items()]
+    print(' | '.join(parts), file=self._stream or sys.stdout, flush=True)
+
+  def close(self) -> None:
+    pass
+
+
+class JsonlLogger:
+  """Appends `{"step": .., "time": .., **metrics}` lines to `path` (non-finite values as strings)."""
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.path = path
+    self._file = open(path, 'a', encoding='utf-8')
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    values = {k: (v if math.isfinite(v) else str(v)) for k, v in to_scalars(metrics).items()}
+    self._file.write(json.dumps({'step': int(step), 'time': time.time(), **values}) + '\n')
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class TensorBoardLogger:
+  """Scalars under `<label>/<key>` in a tensorboardX event file in `logdir`."""
+
+  def __init__(self, logdir: str, label: str):
+    from tensorboardX import SummaryWriter  # import here: only runs that log to TB pay for it
+    self._writer = SummaryWriter(logdir=logdir)
+    self._label = label
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    for key, value in to_scalars(metrics).items():
+      self._writer.add_scalar(f'{self._label}/{key}', value, global_step=int(step))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class MultiLogger:
+  def __init__(self, loggers: Sequence[Logger]):
+    self._loggers = list(loggers)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    for logger in self._loggers:
+      logger.write(step, metrics)
+
+  def close(self) -> None:
+    for logger in self._loggers:
+      logger.close()
+
+
+def make_logger(label: str, workdir: Optional[str] = None, stdout: bool = True,
+                tensorboard: bool = True) -> Logger:
+  """stdout (if `stdout`) + `workdir/<label>.jsonl` + TensorBoard in `workdir/tb` (if workdir)."""
+  loggers: list[Logger] = []
+  if stdout:
+    loggers.append(StdoutLogger(label))
+  if workdir is not None:
+    loggers.append(JsonlLogger(os.path.join(workdir, f'{label}.jsonl')))
+    if tensorboard:
+      loggers.append(TensorBoardLogger(os.path.join(workdir, 'tb'), label))
+  return MultiLogger(loggers)

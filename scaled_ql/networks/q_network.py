@@ -1,0 +1,351 @@
+"""The multi-game Q-network of Scaled QL (Section 4, Figure 3, Appendix B.1), in one file.
+
+    observation uint8 [B,84,84,4] -> /255 -> encoder (ResNet v1 + GroupNorm, or IMPALA-CNN)
+      -> learned spatial embedding (or global mean pooling)            [B, C*F]   } module 'encoder'
+      -> Dense(2048) + LayerNorm -> 3 x (Dense(1024) + ReLU)           [B, D]     } module 'trunk'
+      -> feature normalization x / ||x||_2 (gradients flow through)    [B, D]
+      -> one linear head per game, |A_g| x num_atoms logits, padded    [B, A_max, num_atoms]
+                                                                                  } module 'heads'
+
+The top-level modules are named 'encoder', 'trunk' and 'heads' so that parameters can be split by
+their first path component (`encoder_param_filter`, `param_counts`).
+
+Mixed precision (`compute_dtype='bfloat16'`): parameters are created and stored in float32, cast to
+bfloat16 when read by convolutions, matmuls and the spatial embedding; GroupNorm/LayerNorm
+statistics, feature normalization and the returned logits/features are float32.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaled_ql import games as games_lib
+from scaled_ql.configs.base import NetworkConfig
+
+ENCODER = 'encoder'
+TRUNK = 'trunk'
+HEADS = 'heads'
+_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class QNetworkOutput(NamedTuple):
+  logits: jax.Array  # f32 [B, A_max, num_atoms]; entries a >= num_actions(game) are 0 (masked)
+  features: jax.Array  # f32 [B, D]: the (normalized, if feature_norm) input of the heads
+
+
+def check_network_config(net_cfg: NetworkConfig) -> None:
+  """Raises ValueError naming the offending NetworkConfig field, before any tracing."""
+  def bad(field, value, valid):
+    raise ValueError(f'NetworkConfig.{field}={value!r} is invalid; expected {valid}')
+  if net_cfg.encoder not in ('resnet', 'impala'):
+    bad('encoder', net_cfg.encoder, "'resnet' or 'impala'")
+  if net_cfg.resnet_block not in ('basic', 'bottleneck'):
+    bad('resnet_block', net_cfg.resnet_block, "'basic' or 'bottleneck'")
+  if net_cfg.stem not in ('imagenet', 'strided'):
+    bad('stem', net_cfg.stem, "'imagenet' or 'strided'")
+  if net_cfg.compute_dtype not in _COMPUTE_DTYPES:
+    bad('compute_dtype', net_cfg.compute_dtype, f'one of {sorted(_COMPUTE_DTYPES)}')
+  if not net_cfg.resnet_stage_sizes or min(net_cfg.resnet_stage_sizes) < 1:
+    bad('resnet_stage_sizes', net_cfg.resnet_stage_sizes, 'a non-empty tuple of ints >= 1')
+  if not net_cfg.impala_channels or net_cfg.impala_width < 1:
+    bad('impala_channels/impala_width', (net_cfg.impala_channels, net_cfg.impala_width),
+        'non-empty channels and width >= 1')
+  if net_cfg.group_norm_groups < 1 or net_cfg.resnet_width % net_cfg.group_norm_groups:
+    bad('group_norm_groups', net_cfg.group_norm_groups,
+        f'a divisor of resnet_width={net_cfg.resnet_width}')
+  if not 1 <= net_cfg.stem_patch <= 84:
+    bad('stem_patch', net_cfg.stem_patch, 'an int in 1..84')
+  if net_cfg.spatial_embedding_features < 1:
+    bad('spatial_embedding_features', net_cfg.spatial_embedding_features, 'an int >= 1')
+  if net_cfg.trunk_first_dim < 1 or min(net_cfg.trunk_hidden_dims, default=1) < 1:
+    bad('trunk_first_dim/trunk_hidden_dims',
+        (net_cfg.trunk_first_dim, net_cfg.trunk_hidden_dims), 'positive sizes')
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization layers: statistics always in float32, output in the input's (compute) dtype.
+
+class GroupNorm(hk.Module):
+  """GroupNorm over (H, W, channels-of-group) for NHWC inputs (Wu & He 2018)."""
+
+  def __init__(self, groups: int, scale_init: float = 1.0, eps: float = 1e-5, name=None):
+    super().__init__(name=name)
+    self.groups, self.scale_init, self.eps = groups, scale_init, eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    if c % self.groups:
+      raise ValueError(f'GroupNorm: {c} channels are not divisible by {self.groups} groups')
+    scale = hk.get_parameter('scale', [c], jnp.float32, hk.initializers.Constant(self.scale_init))
+    offset = hk.get_parameter('offset', [c], jnp.float32, jnp.zeros)
+    y = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+    mean = jnp.mean(y, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((y - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+    return (y * scale + offset).astype(x.dtype)
+
+
+class LayerNorm(hk.Module):
+  """LayerNorm over the last axis, float32 statistics."""
+
+  def __init__(self, eps: float = 1e-5, name=None):
+    super().__init__(name=name)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = hk.get_parameter('scale', [c], jnp.float32, jnp.ones)
+    offset = hk.get_parameter('offset', [c], jnp.float32, jnp.zeros)
+    y = x.astype(jnp.float32)
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+    y = (y - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale + offset).astype(x.dtype)
+
+
+def _conv(channels: int, kernel: int, stride: int = 1, padding: str = 'SAME', name=None,
+          with_bias: bool = False) -> hk.Conv2D:
+  # He-normal init (fan_in) for convolutions followed by ReLU.
+  return hk.Conv2D(channels, kernel, stride=stride, padding=padding, with_bias=with_bias,
+                   w_init=hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal'),
+                   name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet v1 with GroupNorm (He et al. 2016; GroupNorm instead of BatchNorm, Appendix B.1).
+
+class BasicBlock(hk.Module):
+  """3x3 -> GN -> ReLU -> 3x3 -> GN, + shortcut (1x1 conv + GN when the shape changes), ReLU."""
+
+  def __init__(self, channels: int, stride: int, groups: int, name=None):
+    super().__init__(name=name)
+    self.channels, self.stride, self.groups = channels, stride, groups
+
+  def __call__(self, x):
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      shortcut = _conv(self.channels, 1, self.stride, name='shortcut_conv')(x)
+      shortcut = GroupNorm(self.groups, name='shortcut_norm')(shortcut)
+    y = _conv(self.channels, 3, self.stride, name='conv_0')(x)
+    y = jax.nn.relu(GroupNorm(self.groups, name='norm_0')(y))
+    y = _conv(self.channels, 3, name='conv_1')(y)
+    # Zero-initialised last scale: every block starts as the identity (Goyal et al. 2017), which
+    # keeps the 100+-layer variants trainable from the first step.
+    y = GroupNorm(self.groups, scale_init=0.0, name='norm_1')(y)
+    return jax.nn.relu(y + shortcut)
+
+
+class BottleneckBlock(hk.Module):
+  """1x1 -> 3x3 (strided, as in 'ResNet v1.5') -> 1x1 x4, GroupNorm after each, + shortcut."""
+
+  def __init__(self, channels: int, stride: int, groups: int, name=None):
+    super().__init__(name=name)
+    self.channels, self.stride, self.groups = channels, stride, groups
+
+  def __call__(self, x):
+    out_channels = 4 * self.channels
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != out_channels:
+      shortcut = _conv(out_channels, 1, self.stride, name='shortcut_conv')(x)
+      shortcut = GroupNorm(self.groups, name='shortcut_norm')(shortcut)
+    y = _conv(self.channels, 1, name='conv_0')(x)
+    y = jax.nn.relu(GroupNorm(self.groups, name='norm_0')(y))
+    y = _conv(self.channels, 3, self.stride, name='conv_1')(y)
+    y = jax.nn.relu(GroupNorm(self.groups, name='norm_1')(y))
+    y = _conv(out_channels, 1, name='conv_2')(y)
+    y = GroupNorm(self.groups, scale_init=0.0, name='norm_2')(y)
+    return jax.nn.relu(y + shortcut)
+
+
+def resnet_torso(x: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
+  """[B,84,84,4] in [0,1] -> final feature map [B,H,W,C]. Call inside the 'encoder' module."""
+  groups, width = net_cfg.group_norm_groups, net_cfg.resnet_width
+  if net_cfg.stem == 'imagenet':  # 84 -> 42 -> 21
+    x = _conv(width, 7, 2, name='stem_conv')(x)
+    x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
+    x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
+  else:  # 'strided': a PxP/P patchify conv (P = stem_patch), e.g. 84 -> 21 for P=4; cheap on CPU.
+    p = net_cfg.stem_patch
+    x = _conv(width, p, p, padding='VALID', name='stem_conv')(x)
+    x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
+  block_cls = BasicBlock if net_cfg.resnet_block == 'basic' else BottleneckBlock
+  for stage, num_blocks in enumerate(net_cfg.resnet_stage_sizes):
+    for i in range(num_blocks):
+      stride = 2 if (stage > 0 and i == 0) else 1
+      x = block_cls(width * 2 ** stage, stride, groups, name=f'stage_{stage}_block_{i}')(x)
+  return x
+
+
+# ----------------------------------------------------------------------------------------------
+# IMPALA-CNN (Espeholt et al. 2018): per stage conv3x3 -> maxpool 3x3/2 -> 2 residual blocks.
+
+def impala_torso(x: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
+  """[B,84,84,4] -> [B,11,11,C]. No normalization inside, as in the original IMPALA-CNN."""
+  for stage, base in enumerate(net_cfg.impala_channels):
+    channels = base * net_cfg.impala_width
+    x = hk.Conv2D(channels, 3, name=f'stage_{stage}_conv')(x)
+    x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
+    for i in range(2):
+      y = hk.Conv2D(channels, 3, name=f'stage_{stage}_block_{i}_conv_0')(jax.nn.relu(x))
+      y = hk.Conv2D(channels, 3, name=f'stage_{stage}_block_{i}_conv_1')(jax.nn.relu(y))
+      x = x + y
+  return jax.nn.relu(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder = torso + spatial aggregation; trunk; feature norm; per-game heads.
+
+def spatial_embedding(x: jax.Array, num_features: int) -> jax.Array:
+  """Learned spatial embedding (Appendix B.1): [B,H,W,C] x kernel [H,W,C,F] -> [B, C*F].
+
+  Each channel's map is multiplied point-wise by F learned [H, W] maps and summed over H and W.
+  """
+  _, h, w, c = x.shape
+  kernel = hk.get_parameter('kernel', [h, w, c, num_features], jnp.float32,
+                            hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(h * w)))
+  y = jnp.einsum('bhwc,hwcf->bcf', x, kernel.astype(x.dtype))
+  return y.reshape(x.shape[0], c * num_features)
+
+
+class Encoder(hk.Module):
+  """Conv torso + spatial embedding / mean pooling. Everything `encoder_param_filter` selects."""
+
+  def __init__(self, net_cfg: NetworkConfig, name: str = ENCODER):
+    super().__init__(name=name)
+    self.net_cfg = net_cfg
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    torso = resnet_torso if self.net_cfg.encoder == 'resnet' else impala_torso
+    x = torso(x, self.net_cfg)
+    if self.net_cfg.spatial_embedding:
+      with hk.experimental.name_scope('spatial_embedding'):
+        return spatial_embedding(x, self.net_cfg.spatial_embedding_features)
+    return jnp.mean(x, axis=(1, 2))  # global mean pooling (ablation)
+
+
+class Trunk(hk.Module):
+  """Dense(trunk_first_dim) + LayerNorm, then Dense(d) + ReLU for d in trunk_hidden_dims.
+
+  Appendix B.1 applies LayerNorm after the first layer and names no activation there; we follow
+  it literally (the next layer is linear on the normalized vector).
+  """
+
+  def __init__(self, net_cfg: NetworkConfig, name: str = TRUNK):
+    super().__init__(name=name)
+    self.net_cfg = net_cfg
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = hk.Linear(self.net_cfg.trunk_first_dim, name='linear_0')(x)
+    x = LayerNorm(name='layer_norm')(x)
+    for i, dim in enumerate(self.net_cfg.trunk_hidden_dims):
+      x = jax.nn.relu(hk.Linear(dim, name=f'linear_{i + 1}')(x))
+    return x
+
+
+def _head_gather_table(counts: Sequence[int], num_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index of (game, action, atom) in the concatenated head outputs, and the valid-action mask."""
+  a_max = max(counts)
+  offsets = np.concatenate([[0], np.cumsum(np.asarray(counts) * num_atoms)[:-1]])
+  action = np.arange(a_max)[None, :, None]
+  atom = np.arange(num_atoms)[None, None, :]
+  valid = np.arange(a_max)[None, :] < np.asarray(counts)[:, None]  # [G, A_max]
+  index = offsets[:, None, None] + action * num_atoms + atom  # [G, A_max, K]
+  index = np.where(valid[:, :, None], index, 0).astype(np.int32)
+  return index.reshape(len(counts), a_max * num_atoms), valid
+
+
+class MultiGameHeads(hk.Module):
+  """One linear head per game: params `heads/<Game>/{w [D, |A_g|*K], b [|A_g|*K]}`.
+
+  The per-game weights are concatenated into one [D, sum_g |A_g|*K] matrix, so all heads are one
+  large matmul; each example then gathers its own game's columns. This costs G x the FLOPs of a
+  single head (2*D*sum_g|A_g|*K per example), small next to the encoder (see docs/notes/
+  networks.md), and avoids a per-example weight gather ([B, D, A_max*K] floats). Padded
+  actions have no parameters; their logits are 0 (finite) and the losses mask them.
+  """
+
+  def __init__(self, games: Sequence[str], num_atoms: int, name: str = HEADS):
+    super().__init__(name=name)
+    self.games, self.num_atoms = tuple(games), num_atoms
+    self.counts = games_lib.action_counts(self.games)
+
+  def __call__(self, features: jax.Array, game_id: jax.Array) -> jax.Array:
+    d, k = features.shape[-1], self.num_atoms
+    ws, bs = [], []
+    for game, count in zip(self.games, self.counts):
+      with hk.experimental.name_scope(game):
+        ws.append(hk.get_parameter('w', [d, count * k], jnp.float32,
+                                   hk.initializers.TruncatedNormal(1.0 / np.sqrt(d))))
+        bs.append(hk.get_parameter('b', [count * k], jnp.float32, jnp.zeros))
+    w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
+    b = jnp.concatenate(bs, axis=0) if len(bs) > 1 else bs[0]
+    all_logits = features @ w.astype(features.dtype) + b.astype(features.dtype)  # [B, T]
+    index, valid = _head_gather_table(self.counts, k)
+    a_max = valid.shape[1]
+    logits = jnp.take_along_axis(all_logits, jnp.asarray(index)[game_id], axis=1)
+    logits = logits.reshape(-1, a_max, k).astype(jnp.float32)
+    return jnp.where(jnp.asarray(valid)[game_id][:, :, None], logits, 0.0)
+
+
+def _mixed_precision(compute_dtype):
+  """Haiku creator/getter: params created in float32, read as `compute_dtype` (norms excepted)."""
+  def creator(next_creator, shape, dtype, init, context):
+    del context
+    return next_creator(shape, jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype, init)
+
+  def getter(next_getter, value, context):
+    value = next_getter(value)
+    if 'norm' in context.module_name.rsplit('/', 1)[-1]:
+      return value  # GroupNorm/LayerNorm apply their affine in float32
+    return value.astype(compute_dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+  return creator, getter
+
+
+def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int,
+                      observation: jax.Array, game_id: jax.Array) -> QNetworkOutput:
+  """The forward pass (call inside hk.transform)."""
+  compute_dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
+  creator, getter = _mixed_precision(compute_dtype)
+  with hk.custom_creator(creator), hk.custom_getter(getter):
+    x = observation.astype(compute_dtype) / 255.0
+    x = Encoder(net_cfg)(x)
+    x = Trunk(net_cfg)(x).astype(jnp.float32)
+    if net_cfg.feature_norm:
+      # DR3-motivated feature normalization (Section 4): unit L2 norm, gradients flow through.
+      x = x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
+    logits = MultiGameHeads(games, num_atoms)(x.astype(compute_dtype), game_id)
+  return QNetworkOutput(logits=logits, features=x)
+
+
+def make_q_network(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int) -> hk.Transformed:
+  """The Q-network as `hk.Transformed`: `init(rng, observation, game_id)` and
+  `apply(params, observation uint8 [B,84,84,4], game_id int32 [B]) -> QNetworkOutput` with
+  logits f32 [B, A_max, num_atoms] (A_max = max action count over `games`) and features f32 [B, D].
+  `apply` takes no rng (the network is deterministic).
+  """
+  games = games_lib.check_games(games, 'games')
+  check_network_config(net_cfg)
+  if num_atoms < 1:
+    raise ValueError(f'num_atoms={num_atoms} must be >= 1')
+
+  def forward(observation, game_id):
+    if observation.ndim != 4 or observation.shape[1:] != (84, 84, 4):
+      raise ValueError(f'observation must be [B,84,84,4], got {observation.shape}')
+    if observation.dtype != jnp.uint8:
+      raise ValueError(f'observation must be uint8, got {observation.dtype}')
+    if game_id.shape != observation.shape[:1] or not jnp.issubdtype(game_id.dtype, jnp.integer):
+      raise ValueError(f'game_id must be int [B={observation.shape[0]}], got '
+                       f'{game_id.dtype}{list(game_id.shape)}')
+    return q_network_forward(net_cfg, games, num_atoms, observation, game_id)
+
+  return hk.without_apply_rng(hk.transform(forward))
+
+
+def encoder_param_filter(module_name: str, name: str, value) -> bool:
+  """True for the conv encoder's params, incl. the spatial embedding (for `hk.data_structures`)."""
+  del name, value
+  return module_name.split('/', 1)[0] == ENCODER

@@ -1,0 +1,143 @@
+"""The local generator: real emulator episodes written in the real RL Unplugged TFDS layout."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import TINY_CHECKPOINTS, TINY_GAMES, TINY_STEPS_PER_CHECKPOINT
+from scaled_ql.datasets import generate, policies, tfds_layout
+from scaled_ql.envs import AtariEnv
+
+
+def _version_dir(data_dir, game):
+  return os.path.join(data_dir, 'rlu_atari_checkpoints_ordered', f'{game}_run_1', '1.1.0')
+
+
+def test_layout_is_the_registered_builders(tiny_dataset_dir):
+  registered = tfds.builder_cls('rlu_atari_checkpoints_ordered')
+  for game in TINY_GAMES:
+    d = _version_dir(tiny_dataset_dir, game)
+    names = sorted(os.listdir(d))
+    assert names == sorted(
+        ['dataset_info.json', 'features.json', 'generation_info.json'] +
+        [f'rlu_atari_checkpoints_ordered-checkpoint_{k:02d}.tfrecord-00000-of-00001'
+         for k in range(TINY_CHECKPOINTS)])
+    with open(os.path.join(d, 'dataset_info.json')) as f:
+      info = json.load(f)
+    assert info['name'] == 'rlu_atari_checkpoints_ordered'
+    assert info['configName'] == f'{game}_run_1'
+    assert info['version'] == str(registered.VERSION) == '1.1.0'
+    assert info['moduleName'] == registered.__module__
+    assert info['disableShuffling'] is True
+    b = tfds.builder('rlu_atari_checkpoints_ordered', config=f'{game}_run_1',
+                     data_dir=tiny_dataset_dir)
+    assert sorted(b.info.splits.keys()) == ['checkpoint_00', 'checkpoint_01']
+    # Same feature spec as the registered RL Unplugged builder (atari_utils.features_dict()).
+    from tensorflow_datasets.rl_unplugged import atari_utils
+    assert b.info.features.to_json() == atari_utils.features_dict().to_json()
+
+
+def test_episodes_replay_exactly_in_the_emulator(tiny_dataset_dir):
+  """Stored frames are the env's newest frames: replaying the stored actions reproduces them."""
+  b = tfds.builder('rlu_atari_checkpoints_ordered', config='Breakout_run_1',
+                   data_dir=tiny_dataset_dir)
+  with open(os.path.join(_version_dir(tiny_dataset_dir, 'Breakout'), 'generation_info.json')) as f:
+    gen = json.load(f)
+  split_info = gen['splits']['checkpoint_01']
+  episodes = list(tfds.as_numpy(b.as_dataset(split='checkpoint_01')))
+  assert len(episodes) == split_info['episodes'] >= 2
+  total_actions = 0
+  env = AtariEnv('Breakout', sticky_action_prob=0.25, seed=split_info['env_seed'],
+                 max_episode_frames=gen['max_episode_frames'])
+  for i, ep in enumerate(episodes):
+    steps = {k: np.stack([s[k] for s in ep['steps']]) for k in ep['steps'].element_spec}
+    n = len(steps['action']) - 1  # the last step holds only the final observation
+    total_actions += n
+    assert ep['checkpoint_id'] == 1 and ep['episode_id'] == i
+    assert steps['is_first'].tolist() == [True] + [False] * n
+    assert steps['is_last'].tolist() == [False] * n + [True]
+    assert not steps['is_terminal'][:-1].any()
+    assert np.all(np.abs(steps['reward']) <= 1.0)
+    assert ep['episode_return'] == pytest.approx(steps['reward'].sum())
+    if steps['is_terminal'][-1]:
+      assert steps['discount'][-2:].tolist() == [0.0, 0.0] and (steps['discount'][:-2] == 1).all()
+    else:
+      assert (steps['discount'] == 1).all()
+    ts = env.reset()
+    np.testing.assert_array_equal(ts.observation[..., -1], steps['observation'][0, ..., 0])
+    for t in range(n):
+      ts = env.step(steps['action'][t])
+      np.testing.assert_array_equal(ts.observation[..., -1], steps['observation'][t + 1, ..., 0])
+      assert np.clip(ts.reward, -1, 1) == steps['reward'][t]
+    assert bool(ts.last() and ts.discount == 0) == bool(steps['is_terminal'][-1])
+  assert total_actions == split_info['steps'] == TINY_STEPS_PER_CHECKPOINT
+
+
+def test_generation_info_records_policy_and_epsilon(tiny_dataset_dir):
+  with open(os.path.join(_version_dir(tiny_dataset_dir, 'Pong'), 'generation_info.json')) as f:
+    gen = json.load(f)
+  assert gen['policy'] == 'scaled_ql.datasets.policies.pong'
+  assert gen['sticky_action_prob'] == 0.25
+  eps = [gen['splits'][f'checkpoint_{k:02d}']['epsilon'] for k in range(TINY_CHECKPOINTS)]
+  assert eps == [1.0, 0.1]
+  assert all(gen['splits'][s]['steps'] == TINY_STEPS_PER_CHECKPOINT for s in gen['splits'])
+
+
+def test_game_without_heuristic_and_episode_budget(tmp_path):
+  out = generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=None,
+                          episodes_per_checkpoint=2, max_episode_frames=200, progress=False)
+  with open(os.path.join(out['Alien'], 'generation_info.json')) as f:
+    gen = json.load(f)
+  assert gen['policy'] == policies.NO_HEURISTIC == 'none (uniform random)'
+  assert 'uniform random' in gen['policy_note']
+  assert gen['splits']['checkpoint_00']['episodes'] == 2
+  assert gen['splits']['checkpoint_00']['steps'] == 100  # 2 truncated episodes of 50 steps
+  with pytest.raises(FileExistsError, match='Alien.*already exists.*--overwrite'):
+    generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=10,
+                      progress=False)
+  assert generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=10,
+                           if_exists='skip', progress=False) == out
+
+
+def test_bad_generate_arguments_fail_fast(tmp_path):
+  with pytest.raises(ValueError, match='Pongg'):
+    generate.generate(['Pongg'], str(tmp_path))
+  with pytest.raises(ValueError, match='run must be in 1..5'):
+    generate.generate(['Pong'], str(tmp_path), run=7)
+  with pytest.raises(ValueError, match='num_checkpoints'):
+    generate.generate(['Pong'], str(tmp_path), num_checkpoints=0)
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_cli_generate_bad_game_is_a_clear_error(tmp_path, capsys):
+  from scaled_ql import cli
+  rc = cli.main(['data', 'generate', '--games', 'Pong,Pongg', '--out', str(tmp_path)])
+  assert rc == 2
+  assert 'Pongg' in capsys.readouterr().err
+
+
+def test_cli_inspect(tiny_dataset_dir, capsys):
+  from scaled_ql import cli
+  assert cli.main(['data', 'inspect', '--data-dir', tiny_dataset_dir]) == 0
+  out = capsys.readouterr().out
+  assert 'Breakout run 1' in out and 'Pong run 1' in out and 'checkpoint_01' in out
+  assert cli.main(['data', 'inspect', '--data-dir', tiny_dataset_dir, '--games', 'Boxing']) == 2
+  assert 'configs present' in capsys.readouterr().err
+
+
+def test_heuristic_beats_random_on_freeway():
+  def score(epsilon):
+    env = AtariEnv('Freeway', sticky_action_prob=0.25, seed=0)
+    policy = policies.EpsilonGreedyHeuristic(env, epsilon, np.random.default_rng(0))
+    env.reset()
+    return sum(env.step(policy()).reward for _ in range(400))
+  assert score(0.1) >= 2 > score(1.0)
+
+
+def test_epsilon_schedule():
+  assert policies.epsilon_schedule(10)[0] == 1.0
+  assert policies.epsilon_schedule(10)[-1] == pytest.approx(0.1)
+  assert np.all(np.diff(policies.epsilon_schedule(10)) < 0)
+  assert policies.epsilon_schedule(1) == [0.1]

@@ -1,0 +1,244 @@
+"""Tests of the learner, checkpoints, policies and loggers (cpu_tiny, random uint8 batches)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from scaled_ql import games as games_lib
+from scaled_ql import loggers
+from scaled_ql.agents import actors, checkpointing
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.configs import get_config
+from scaled_ql.types import Transition
+
+CFG = get_config('cpu_tiny')  # games Breakout (4 actions), Pong (6 actions); batch 8
+
+
+def random_batch(cfg, seed, reward=None):
+  rng = np.random.default_rng(seed)
+  b = cfg.agent.batch_size
+  counts = np.asarray(games_lib.action_counts(cfg.games))
+  game_id = rng.integers(0, len(cfg.games), b).astype(np.int32)
+  return Transition(
+      observation=rng.integers(0, 256, (b, 84, 84, 4), dtype=np.uint8),
+      action=(rng.integers(0, 1000, b) % counts[game_id]).astype(np.int32),
+      reward=(rng.normal(size=b) if reward is None else np.full(b, reward)).astype(np.float32),
+      discount=np.where(rng.random(b) < 0.2, 0.0, 0.99 ** 3).astype(np.float32),
+      next_observation=rng.integers(0, 256, (b, 84, 84, 4), dtype=np.uint8),
+      game_id=game_id)
+
+
+def batches(cfg, start=0):
+  i = start
+  while True:
+    yield random_batch(cfg, i)
+    i += 1
+
+
+def tree_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def make(cfg=CFG, it=None, workdir=None, **kw):
+  kw.setdefault('logger', loggers.MultiLogger([]))
+  kw.setdefault('devices', jax.local_devices()[:1])
+  return learner_lib.Learner(cfg, it if it is not None else batches(cfg), workdir, **kw)
+
+
+@pytest.mark.parametrize('variant', ['', '_mse', '_bc', '_bcq'])
+def test_loss_falls_on_a_fixed_batch(variant):
+  # A larger step size than the paper's so that 40 steps show it; the C51 cross-entropy cannot go
+  # below the entropy of its (near-uniform, random-target) target, hence the absolute margin.
+  cfg = get_config('cpu_tiny' + variant).replace(
+      agent=dict(target_update_period=1000, learning_rate=3e-3))
+  batch = random_batch(cfg, 0)
+  learner = make(cfg, iter(lambda: batch, None))
+  metrics = [learner.step() for _ in range(41)]
+  assert learner.steps == 41
+  assert all(np.isfinite(v) for m in metrics for v in m.values())
+  loss = [m['loss'] for m in metrics]
+  assert loss[40] < loss[20] < loss[0] - 0.05, loss
+  if variant == '_bcq':
+    assert metrics[40]['behaviour_nll'] < metrics[0]['behaviour_nll']
+    params, = learner.get_variables()
+    assert set(params) == {'q', 'behaviour'}
+  learner.close()
+
+
+def test_target_network_copied_every_period():
+  cfg = CFG  # target_update_period=10
+  learner = make(cfg)
+  init_target, = learner.get_variables(['target_params'])
+  for _ in range(9):
+    learner.step()
+  target, params = learner.get_variables(['target_params', 'params'])
+  assert tree_equal(target, init_target) and not tree_equal(target, params)
+  learner.step()
+  target, params = learner.get_variables(['target_params', 'params'])
+  assert tree_equal(target, params)
+  learner.close()
+
+
+def test_checkpoint_round_trip_is_exact_and_deterministic(tmp_path):
+  workdir = str(tmp_path / 'run')
+  a = make(workdir=workdir)
+  for _ in range(3):
+    a.step()
+  a.save()
+  a.step()
+  after_a = a.get_variables(['params', 'target_params', 'opt_state', 'step'])
+  a.close()
+  assert json.load(open(os.path.join(workdir, 'config.json')))['name'] == CFG.name
+
+  b = make(it=batches(CFG, start=3), workdir=workdir)
+  assert b.restore() and b.steps == 3
+  b.step()
+  assert tree_equal(after_a, b.get_variables(['params', 'target_params', 'opt_state', 'step']))
+  b.close()
+
+  c = make()  # same seed, same data, never stopped
+  for _ in range(4):
+    c.step()
+  assert tree_equal(after_a[0], c.get_variables()[0])
+  c.close()
+
+  cfg, params, step = checkpointing.load_params(os.path.join(workdir, 'checkpoints'))
+  assert cfg == CFG and step == 3
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(after_a[0])
+
+
+def test_restore_refuses_a_different_network(tmp_path):
+  workdir = str(tmp_path / 'run')
+  a = make(workdir=workdir)
+  a.step()
+  a.save()
+  a.close()
+  other = CFG.replace(agent=dict(cql_alpha=0.0))
+  b = make(other, workdir=workdir)
+  with pytest.raises(ValueError, match="different 'agent' config"):
+    b.restore()
+  b.close()
+
+
+def test_nan_loss_raises_naming_the_step_and_keeps_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  data = [random_batch(CFG, 0), random_batch(CFG, 1), random_batch(CFG, 2, reward=np.nan)]
+  learner = make(it=iter(data), workdir=workdir)
+  learner.step()
+  learner.step()
+  learner.save()
+  with pytest.raises(learner_lib.NonFiniteLossError, match=r'td_loss=nan.*step 3.*step 2'):
+    learner.step()
+  learner.close()
+  _, params, step = checkpointing.load_params(workdir)
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_sigterm_saves_at_step_boundary_then_stops(tmp_path):
+  workdir = str(tmp_path / 'run')
+  learner = make(workdir=workdir)
+  learner.step()
+  os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets a flag
+  with pytest.raises(learner_lib.StopTraining, match='SIGTERM.*step 2') as stop:
+    learner.step()
+  assert stop.value.code == 0
+  learner.close()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert checkpointing.load_params(workdir)[2] == 2
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match='agent.loss'):
+    make(CFG.replace(agent=dict(loss='dqn')))
+  learner = make()
+  bad = random_batch(CFG, 0)._replace(action=np.full(8, 5, np.int32),
+                                      game_id=np.zeros(8, np.int32))
+  with pytest.raises(ValueError, match='not a valid action of Breakout'):
+    learner_lib.check_batch(bad, CFG, 8)
+  with pytest.raises(ValueError, match='batch.observation'):
+    learner_lib.check_batch(bad._replace(observation=bad.observation.astype(np.float32)), CFG, 8)
+  learner.close()
+  with pytest.raises(ValueError, match='not divisible'):
+    make(CFG.replace(agent=dict(games_per_batch=1, transitions_per_game=3)),
+         devices=jax.local_devices()[:1] * 2)
+
+
+def test_policy_never_picks_invalid_actions():
+  learner = make()
+  params, = learner.get_variables()
+  learner.close()
+  # Make every valid Breakout action's distribution sit on the lowest atom (Q ~ v_min), so a
+  # padded action (logits 0 -> Q = mean of the support = 0) would win an unmasked argmax.
+  heads = dict(params['heads/Breakout'])
+  bias = np.full(heads['b'].shape, -50.0, np.float32).reshape(4, 51)
+  bias[:, 0] = 50.0
+  heads['b'] = bias.reshape(-1)
+  params = {**params, 'heads/Breakout': heads}
+  obs = np.random.default_rng(0).integers(0, 256, (16, 84, 84, 4), dtype=np.uint8)
+  game_id = np.zeros(16, np.int32)
+  for epsilon in (0.0, 1.0):
+    policy = actors.make_policy(CFG, epsilon)
+    for seed in range(3):
+      actions = np.asarray(policy(params, jax.random.PRNGKey(seed), obs, game_id))
+      assert actions.dtype == np.int32 and actions.shape == (16,)
+      assert (actions < 4).all() and (actions >= 0).all(), actions
+  uniform = np.asarray(actors.make_policy(CFG, 1.0)(
+      params, jax.random.PRNGKey(0), np.repeat(obs, 8, axis=0), np.ones(128, np.int32)))
+  assert set(uniform.tolist()) == set(range(6))  # epsilon=1: all of Pong's 6 actions appear
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests_dir!r})
+    from test_learner import CFG, batches, make
+    assert len(jax.local_devices()) == 4, jax.local_devices()
+    learner = make(devices=jax.local_devices())
+    for _ in range(3):
+      learner.step()
+    state = learner.state
+    assert state.params['trunk/linear_0']['w'].sharding.is_fully_replicated
+    params, = learner.get_variables()
+    np.savez({out!r}, *jax.tree_util.tree_leaves(params))
+''')
+
+
+def test_one_and_four_devices_agree(tmp_path):
+  out = str(tmp_path / 'four.npz')
+  script = _MULTI_DEVICE_SCRIPT.format(tests_dir=os.path.dirname(__file__), out=out)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  learner = make()
+  for _ in range(3):
+    learner.step()
+  one = jax.tree_util.tree_leaves(learner.get_variables()[0])
+  learner.close()
+  four = np.load(out)
+  four = [four[f'arr_{i}'] for i in range(len(four.files))]
+  assert len(one) == len(four)
+  for x, y in zip(one, four):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_loggers_write_jsonl_and_tensorboard(tmp_path):
+  logger = loggers.make_logger('learner', str(tmp_path), stdout=True)
+  logger.write(5, {'loss': np.float32(0.5), 'q': 1})
+  logger.write(10, {'loss': float('nan')})
+  with pytest.raises(TypeError, match="'bad'"):
+    logger.write(11, {'bad': 'x'})
+  logger.close()
+  lines = [json.loads(l) for l in open(tmp_path / 'learner.jsonl')]
+  assert lines[0]['step'] == 5 and lines[0]['loss'] == 0.5 and lines[1]['loss'] == 'nan'
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))

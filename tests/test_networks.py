@@ -1,0 +1,309 @@
+"""The Q-network: shapes, feature norm, switches, per-game heads, bf16, param split, FLOPs, CLI.
+
+Real networks at cpu_tiny size; the paper-sized ResNet-101 only through `jax.eval_shape`.
+"""
+import dataclasses
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scaled_ql import configs
+from scaled_ql import games as games_lib
+from scaled_ql.networks import (QNetworkOutput, encoder_param_filter, flops_breakdown,
+                                flops_per_example, make_q_network, param_counts)
+
+CFG = configs.get_config('cpu_tiny')
+GAMES = CFG.games  # ('Breakout', 'Pong'): 4 and 6 actions
+NET_CFG = CFG.network
+K = CFG.agent.num_atoms
+B = 6
+
+
+def _inputs(batch=B, seed=0):
+  rng = np.random.default_rng(seed)
+  obs = jnp.asarray(rng.integers(0, 256, (batch, 84, 84, 4), dtype=np.uint8))
+  game_id = jnp.asarray(np.arange(batch) % len(GAMES), jnp.int32)
+  return obs, game_id
+
+
+def _init(net_cfg=NET_CFG, games=GAMES, num_atoms=K, seed=0):
+  net = make_q_network(net_cfg, games, num_atoms)
+  obs, game_id = _inputs()
+  return net, net.init(jax.random.PRNGKey(seed), obs, game_id)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return _init()
+
+
+def _randomize(params, seed=1, scale=0.3):
+  """Non-trivial params: the zero-initialised GroupNorm scales etc. get random values."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_output_shapes_and_dtypes(tiny):
+  net, params = tiny
+  obs, game_id = _inputs()
+  out = jax.jit(net.apply)(params, obs, game_id)
+  assert isinstance(out, QNetworkOutput)
+  a_max = max(games_lib.action_counts(GAMES))
+  chex.assert_shape(out.logits, (B, a_max, K))
+  chex.assert_shape(out.features, (B, NET_CFG.trunk_hidden_dims[-1]))
+  chex.assert_type([out.logits, out.features], [jnp.float32, jnp.float32])
+  chex.assert_tree_all_finite(out)
+  for leaf in jax.tree_util.tree_leaves(params):
+    assert leaf.dtype == jnp.float32
+
+
+def test_scalar_head_num_atoms_1():
+  net, params = _init(num_atoms=1)
+  obs, game_id = _inputs()
+  out = net.apply(params, obs, game_id)
+  chex.assert_shape(out.logits, (B, 6, 1))
+
+
+def test_features_unit_norm_and_gradients_flow_through_normalization(tiny):
+  net, params = tiny
+  params = _randomize(params)
+  obs, game_id = _inputs()
+  out = net.apply(params, obs, game_id)
+  np.testing.assert_allclose(jnp.linalg.norm(out.features, axis=-1), 1.0, rtol=1e-5)
+
+  # A loss on the logits reaches the trunk and the encoder through the normalized features.
+  w = jax.random.normal(jax.random.PRNGKey(2), out.logits.shape)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(w * net.apply(p, obs, game_id).logits)))(params)
+  for module in ('trunk/linear_3', 'trunk/linear_0', 'encoder/stem_conv',
+                 'encoder/spatial_embedding'):
+    g = jax.tree_util.tree_leaves(grads[module])
+    assert max(float(jnp.abs(x).max()) for x in g) > 1e-6, module
+
+  # Gradients are taken *through* the norm: the norm of the features is constant (=1), so its
+  # gradient w.r.t. every parameter vanishes (a stop_gradient on the divisor would break this).
+  grads_norm, grads_sum = jax.jit(lambda p: (
+      jax.grad(lambda q: jnp.sum(jnp.square(net.apply(q, obs, game_id).features)))(p),
+      jax.grad(lambda q: jnp.sum(net.apply(q, obs, game_id).features))(p)))(params)
+  top = grads_norm['trunk/linear_3']['w']
+  assert float(jnp.abs(top).max()) < 1e-4 * float(jnp.abs(grads_sum['trunk/linear_3']['w']).max())
+
+
+def test_no_feature_norm_switch(tiny):
+  _, params = tiny
+  params = _randomize(params)
+  net = make_q_network(dataclasses.replace(NET_CFG, feature_norm=False), GAMES, K)
+  obs, game_id = _inputs()
+  out = net.apply(params, obs, game_id)  # same parameters: the switch adds none
+  norms = jnp.linalg.norm(out.features, axis=-1)
+  assert float(jnp.abs(norms - 1.0).max()) > 1e-2
+  # Without normalization the heads see the raw trunk output: logits = features @ w + b.
+  w, b = params['heads/Breakout']['w'], params['heads/Breakout']['b']
+  expected = (out.features[0] @ w + b).reshape(4, K)
+  np.testing.assert_allclose(out.logits[0, :4], expected, rtol=1e-4, atol=1e-5)
+  # With normalization the features are the same direction, rescaled.
+  normed = make_q_network(NET_CFG, GAMES, K).apply(params, obs, game_id)
+  np.testing.assert_allclose(normed.features, out.features / norms[:, None], rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_mean_pool_switch():
+  net_cfg = dataclasses.replace(NET_CFG, spatial_embedding=False)
+  net, params = _init(net_cfg)
+  assert 'encoder/spatial_embedding' not in params
+  channels = NET_CFG.resnet_width * 2 ** (len(NET_CFG.resnet_stage_sizes) - 1)
+  assert params['trunk/linear_0']['w'].shape[0] == channels  # pooled: C, not C * F
+  _, params_se = _init()
+  assert params_se['encoder/spatial_embedding']['kernel'].shape == (
+      11, 11, channels, NET_CFG.spatial_embedding_features)
+  assert params_se['trunk/linear_0']['w'].shape[0] == channels * NET_CFG.spatial_embedding_features
+  out = net.apply(params, *_inputs())
+  chex.assert_shape(out.logits, (B, 6, K))
+
+
+def test_spatial_embedding_is_position_sensitive():
+  """The spatial embedding weighs each position; global mean pooling ignores positions."""
+  from scaled_ql.networks import q_network
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 4))
+  x_flipped = x[:, ::-1, ::-1, :]
+  se = hk.without_apply_rng(hk.transform(lambda v: q_network.spatial_embedding(v, 3)))
+  p = se.init(jax.random.PRNGKey(1), x)
+  (kernel,) = jax.tree_util.tree_leaves(p)
+  assert kernel.shape == (5, 5, 4, 3)
+  y, y_flipped = se.apply(p, x), se.apply(p, x_flipped)
+  chex.assert_shape(y, (2, 12))
+  assert float(jnp.abs(y - y_flipped).max()) > 1e-3
+  # Per channel c and feature f: sum_hw x[h,w,c] * kernel[h,w,c,f], flattened as c*F + f.
+  np.testing.assert_allclose(y[1, 2 * 3 + 1], jnp.sum(x[1, :, :, 2] * kernel[:, :, 2, 1]),
+                             rtol=1e-5)
+  # Global mean pooling (the ablation) cannot tell the two apart.
+  np.testing.assert_allclose(jnp.mean(x, axis=(1, 2)), jnp.mean(x_flipped, axis=(1, 2)),
+                             rtol=1e-5)
+
+
+def test_head_of_a_game_depends_only_on_its_own_head_params(tiny):
+  net, params = tiny
+  params = _randomize(params)
+  obs, game_id = _inputs()  # alternating Breakout (0), Pong (1)
+  out = net.apply(params, obs, game_id)
+  # Padded actions (Breakout has 4 of Pong's 6): finite zeros.
+  assert bool(jnp.all(out.logits[game_id == 0][:, 4:] == 0.0))
+  assert bool(jnp.all(out.logits[game_id == 1][:, 4:] != 0.0))
+
+  breakout = game_id == 0
+  grads = jax.jit(jax.grad(
+      lambda p: jnp.sum(net.apply(p, obs, game_id).logits[breakout])))(params)
+  assert float(jnp.abs(grads['heads/Pong']['w']).max()) == 0.0
+  assert float(jnp.abs(grads['heads/Pong']['b']).max()) == 0.0
+  assert float(jnp.abs(grads['heads/Breakout']['w']).max()) > 0.0
+
+  # Changing Pong's head changes Pong's logits only.
+  changed = dict(params)
+  changed['heads/Pong'] = jax.tree_util.tree_map(lambda x: x + 1.0, params['heads/Pong'])
+  out2 = net.apply(changed, obs, game_id)
+  np.testing.assert_array_equal(out2.logits[breakout], out.logits[breakout])
+  assert float(jnp.abs(out2.logits[~breakout] - out.logits[~breakout]).max()) > 0.1
+  # Head params are sized by each game's own action set: padded actions have no params.
+  assert params['heads/Breakout']['w'].shape == (NET_CFG.trunk_hidden_dims[-1], 4 * K)
+  assert params['heads/Pong']['b'].shape == (6 * K,)
+
+
+def test_heads_match_a_per_example_reference(tiny):
+  net, params = tiny
+  params = _randomize(params)
+  obs, game_id = _inputs()
+  out = net.apply(params, obs, game_id)
+  for i, g in enumerate(np.asarray(game_id)):
+    head = params[f'heads/{GAMES[g]}']
+    n = games_lib.num_actions(GAMES[g])
+    expected = (out.features[i] @ head['w'] + head['b']).reshape(n, K)
+    np.testing.assert_allclose(out.logits[i, :n], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_path(tiny):
+  _, params = tiny
+  params = _randomize(params, scale=0.1)
+  obs, game_id = _inputs()
+  bf16_cfg = dataclasses.replace(NET_CFG, compute_dtype='bfloat16')
+  net16 = make_q_network(bf16_cfg, GAMES, K)
+  # Same parameter tree, created in float32.
+  params16 = net16.init(jax.random.PRNGKey(0), obs, game_id)
+  chex.assert_trees_all_equal_shapes_and_dtypes(params16, params)
+  out16 = jax.jit(net16.apply)(params, obs, game_id)
+  out32 = jax.jit(make_q_network(NET_CFG, GAMES, K).apply)(params, obs, game_id)
+  chex.assert_type([out16.logits, out16.features], [jnp.float32, jnp.float32])
+  np.testing.assert_allclose(out16.features, out32.features, atol=0.05)
+  np.testing.assert_allclose(out16.logits, out32.logits, atol=0.1)
+  assert float(jnp.abs(out16.logits - out32.logits).max()) > 0.0  # it did run in bf16
+  # Convolutions and matmuls run in bfloat16.
+  jaxpr = str(jax.make_jaxpr(net16.apply)(params, obs, game_id))
+  assert 'conv_general_dilated' in jaxpr
+  conv_lines = [l for l in jaxpr.splitlines() if 'conv_general_dilated' in l]
+  assert all('bf16' in l.split('=')[0] for l in conv_lines)
+  dot_lines = [l for l in jaxpr.splitlines() if 'dot_general' in l]
+  assert dot_lines and all('bf16' in l.split('=')[0] for l in dot_lines)
+  # Gradients come back in float32.
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(net16.apply(p, obs, game_id).logits)))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_param_split_sums_to_total(tiny):
+  _, params = tiny
+  counts = param_counts(params)
+  assert set(counts) == {'encoder', 'trunk', 'heads', 'total'}
+  assert counts['total'] == hk.data_structures.tree_size(params)
+  assert counts['encoder'] + counts['trunk'] + counts['heads'] == counts['total']
+  d = NET_CFG.trunk_hidden_dims[-1]
+  assert counts['heads'] == (d + 1) * (4 + 6) * K
+
+
+def test_encoder_param_filter_picks_exactly_the_encoder(tiny):
+  _, params = tiny
+  encoder, rest = hk.data_structures.partition(encoder_param_filter, params)
+  assert 'encoder/spatial_embedding' in encoder
+  assert 'encoder/stem_conv' in encoder
+  assert all(m.startswith('encoder/') for m in encoder)
+  assert all(m.startswith(('trunk/', 'heads/')) for m in rest)
+  assert hk.data_structures.tree_size(encoder) == param_counts(params)['encoder']
+
+
+def test_resnet101_40_games_shapes_only():
+  """Paper-sized network through `jax.eval_shape` only (nothing is allocated)."""
+  games = games_lib.TRAINING_GAMES_40
+  net = make_q_network(configs.NETWORKS['resnet101'], games, 51)
+  obs = jax.ShapeDtypeStruct((3, 84, 84, 4), jnp.uint8)
+  gid = jax.ShapeDtypeStruct((3,), jnp.int32)
+  params = jax.eval_shape(net.init, jax.random.PRNGKey(0), obs, gid)
+  out = jax.eval_shape(net.apply, params, obs, gid)
+  assert out.logits.shape == (3, 18, 51) and out.features.shape == (3, 1024)
+  assert params['encoder/spatial_embedding']['kernel'].shape == (3, 3, 2048, 8)
+  counts = param_counts(params)
+  # The paper's "about 80M" for ResNet-101 is encoder + trunk (the 40 heads add ~26M).
+  assert 79e6 < counts['encoder'] + counts['trunk'] < 81.5e6
+  assert counts['heads'] == (1024 + 1) * sum(games_lib.action_counts(games)) * 51
+
+
+@pytest.mark.parametrize('overrides,final_hw', [
+    (dict(stem='imagenet', resnet_block='bottleneck', resnet_width=4, resnet_stage_sizes=(1, 1)),
+     (11, 11)),
+    (dict(stem='imagenet', resnet_block='basic', resnet_width=4, resnet_stage_sizes=(1, 1, 1, 1)),
+     (3, 3)),
+    (dict(encoder='impala', impala_channels=(4, 8, 8)), (11, 11)),
+])
+def test_other_encoders_real_tiny(overrides, final_hw):
+  net_cfg = dataclasses.replace(NET_CFG, **overrides)
+  net, params = _init(net_cfg)
+  kernel = params['encoder/spatial_embedding']['kernel']
+  assert kernel.shape[:2] == final_hw
+  if overrides.get('resnet_block') == 'bottleneck':
+    assert kernel.shape[2] == 4 * 4 * 2  # bottleneck expansion 4 at the second stage
+  out = net.apply(params, *_inputs())
+  chex.assert_shape(out.logits, (B, 6, K))
+  chex.assert_tree_all_finite(out)
+
+
+def test_flops(tiny):
+  flops = flops_breakdown(NET_CFG, GAMES, K)
+  assert flops['total'] == pytest.approx(flops_per_example(NET_CFG, GAMES, K))
+  assert flops['encoder'] > flops['trunk'] > 0
+  d = NET_CFG.trunk_hidden_dims[-1]
+  assert flops['heads'] == 2 * d * 10 * K
+  # The stem alone: 21x21 outputs x 8 channels x (4*4*4) MACs x 2.
+  assert flops['encoder'] > 2 * 21 * 21 * 8 * 64
+  bigger = flops_per_example(dataclasses.replace(NET_CFG, resnet_width=16), GAMES, K)
+  assert bigger > 2 * flops['encoder']
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match='resnet_block'):
+    make_q_network(dataclasses.replace(NET_CFG, resnet_block='wide'), GAMES, K)
+  with pytest.raises(ValueError, match='compute_dtype'):
+    make_q_network(dataclasses.replace(NET_CFG, compute_dtype='float16'), GAMES, K)
+  with pytest.raises(games_lib.UnknownGameError, match='Pongg'):
+    make_q_network(NET_CFG, ('Pongg',), K)
+  net = make_q_network(NET_CFG, GAMES, K)
+  with pytest.raises(ValueError, match='uint8'):
+    net.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 4), jnp.float32),
+             jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match='84,84,4'):
+    net.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3), jnp.uint8),
+             jnp.zeros((2,), jnp.int32))
+
+
+def test_describe_cli(capsys):
+  from scaled_ql import cli
+  assert cli.main(['describe', '--config', 'cpu_tiny']) == 0
+  text = capsys.readouterr().out
+  assert 'encoder/stem_conv' in text and 'heads' in text and 'FLOPs' in text
+  assert 'float32[11, 11, 16, 2]' in text  # the spatial embedding kernel
+  assert 'total 20,126' in text
+  assert cli.main(['describe', '--config', 'cpu_tiny', '--games', '3']) == 0
+  assert '3 games' in capsys.readouterr().out
+  assert cli.main(['describe', '--config', 'no_such_config']) == 2
+  err = capsys.readouterr().err
+  assert 'no_such_config' in err and 'cpu_small' in err

@@ -1,0 +1,190 @@
+"""Reverb tables: the window path agrees with the numpy reference; stratified sampling; processes."""
+import threading
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from scaled_ql import configs
+from scaled_ql.datasets import reverb_tables as rt
+from scaled_ql.datasets import transitions as tr
+
+
+def tiny_cfg(games=('Breakout', 'Pong'), games_per_batch=2, transitions_per_game=4,
+             min_fill=4, max_size=1000, n_step=3):
+  cfg = configs.get_config('cpu_tiny')
+  return cfg.replace(games=tuple(games),
+                     agent=dict(games_per_batch=games_per_batch,
+                                transitions_per_game=transitions_per_game, n_step=n_step),
+                     data=dict(min_fill_per_game=min_fill, shuffle_buffer_per_game=max_size,
+                               prefetch_batches=2))
+
+
+def make_steps(num_steps, terminal, base, rng):
+  """Episode whose step i shows the frame value base + i (unique across the test's episodes)."""
+  obs = (base + np.arange(num_steps, dtype=np.int64)).astype(np.uint8)
+  obs = np.broadcast_to(obs[:, None, None, None], (num_steps, 84, 84, 1)).copy()
+  is_last = np.arange(num_steps) == num_steps - 1
+  return dict(observation=obs, action=rng.integers(0, 4, num_steps),
+              reward=rng.normal(0, 2, num_steps).astype(np.float32),
+              is_first=np.arange(num_steps) == 0, is_last=is_last,
+              is_terminal=is_last & terminal)
+
+
+def hand_made_episodes(games, rng, episodes_per_game=2, length=(6, 9)):
+  """game -> list of step dicts; frame values tell games and steps apart."""
+  out, base = {}, 1
+  for game in games:
+    out[game] = []
+    for e in range(episodes_per_game):
+      num = int(rng.integers(*length))
+      out[game].append(make_steps(num, terminal=(e % 2 == 0), base=base, rng=rng))
+      base += num
+  assert base < 256
+  return out
+
+
+def source_of(episodes):
+  return lambda game: (tr.split_steps(steps) for steps in episodes[game])
+
+
+def key(t):
+  """A transition's identity: its current frame value (unique per step) and next frame."""
+  return int(t[0][0, 0, 3]), int(t[4][0, 0, 3])
+
+
+def reference(cfg, episodes):
+  """{key: transition tuple} of the numpy reference over all episodes."""
+  ref = {}
+  for gid, game in enumerate(cfg.games):
+    for steps in episodes[game]:
+      out = tr.episode_transitions(steps, cfg.agent.n_step, cfg.agent.discount,
+                                   cfg.agent.reward_clip, game_id=gid)
+      for i in range(len(out.action)):
+        t = tuple(np.asarray(x)[i] for x in out)
+        assert key(t) not in ref
+        ref[key(t)] = t
+  return ref
+
+
+@pytest.fixture
+def server():
+  cfg = tiny_cfg()
+  srv = rt.make_server(cfg)
+  yield cfg, f'localhost:{srv.port}'
+  srv.stop()
+
+
+def test_window_path_agrees_with_numpy_reference(server):
+  cfg, address = server
+  rng = np.random.default_rng(0)
+  episodes = hand_made_episodes(cfg.games, rng)
+  items = rt.run_inserter(address, cfg, cfg.games, source_of(episodes), repeat=False)
+  ref = reference(cfg, episodes)
+  assert items == len(ref)
+  assert rt.table_sizes(address, cfg.games) == {
+      g: sum(len(s['action']) - 1 for s in episodes[g]) for g in cfg.games}
+  seen = set()
+  with rt.stratified_batches(address, cfg.games, cfg, seed=1) as batches:
+    for _ in range(150):
+      batch = next(batches)
+      assert batch.observation.shape == (8, 84, 84, 4)
+      for i in range(8):
+        t = tuple(np.asarray(x)[i] for x in batch)
+        want = ref[key(t)]
+        for got_field, want_field, name in zip(t, want, tr.Transition._fields):
+          np.testing.assert_allclose(got_field, want_field, rtol=1e-6, err_msg=name)
+        seen.add(key(t))
+  # ~1200 uniform draws over ~25 items: every transition, boundaries included, came back.
+  assert seen == set(ref)
+
+
+def test_stratified_proportions():
+  games = ('Breakout', 'Pong', 'Boxing')
+  cfg = tiny_cfg(games=games, games_per_batch=6, transitions_per_game=3, min_fill=3)
+  rng = np.random.default_rng(1)
+  episodes = hand_made_episodes(games, rng, episodes_per_game=1, length=(5, 6))
+  srv = rt.make_server(cfg)
+  address = f'localhost:{srv.port}'
+  try:
+    rt.run_inserter(address, cfg, games, source_of(episodes), repeat=False)
+    ref = reference(cfg, episodes)
+    num_batches = 300
+    group_counts = np.zeros(len(games))
+    item_counts = {k: 0 for k in ref}
+    with rt.stratified_batches(address, games, cfg, seed=7) as batches:
+      for _ in range(num_batches):
+        batch = next(batches)
+        gid = batch.game_id.reshape(6, 3)
+        # Each draw is transitions_per_game transitions of one game.
+        assert (gid == gid[:, :1]).all()
+        group_counts += np.bincount(gid[:, 0], minlength=len(games))
+        for i in range(18):
+          t = tuple(np.asarray(x)[i] for x in batch)
+          assert ref[key(t)][5] == t[5]  # the transition came from the drawn game's table
+          item_counts[key(t)] += 1
+    assert group_counts.sum() == num_batches * 6
+    # Games drawn uniformly with replacement: chi-square goodness of fit (false alarm 1e-4).
+    assert stats.chisquare(group_counts).pvalue > 1e-4, group_counts
+    # Within a game, uniform over its table's transitions.
+    for gid, game in enumerate(games):
+      counts = [c for k, c in item_counts.items() if ref[k][5] == gid]
+      assert stats.chisquare(counts).pvalue > 1e-4, (game, counts)
+  finally:
+    srv.stop()
+
+
+def test_bad_input_errors():
+  cfg = tiny_cfg()
+  with pytest.raises(ValueError, match='Boxing'):
+    rt.stratified_batches('localhost:1', ['Boxing'], cfg)
+  with pytest.raises(ValueError, match='min_fill_per_game'):
+    rt.make_tables(cfg.replace(data=dict(min_fill_per_game=10_000)))
+
+
+class _InProcessServer:
+  def __init__(self, cfg):
+    self.server = rt.make_server(cfg)
+    self.port = self.server.port
+    self.address = f'localhost:{self.port}'
+
+  def stop(self):
+    self.server.stop()
+
+
+def test_reconnect_after_server_restart():
+  cfg = tiny_cfg()
+  rng = np.random.default_rng(2)
+  episodes = hand_made_episodes(cfg.games, rng)
+  ref = reference(cfg, episodes)
+  stop = threading.Event()
+  # First server in this process (saves a process start); it comes back as a subprocess.
+  server = _InProcessServer(cfg)
+  inserter = None
+  try:
+    # Inserter streams forever (repeat) from a thread; the learner side samples over gRPC.
+    inserter = threading.Thread(target=rt.run_inserter, daemon=True, args=(
+        server.address, cfg, cfg.games, source_of(episodes)),
+        kwargs=dict(stop=stop, reconnect_timeout_s=60))
+    inserter.start()
+    with rt.stratified_batches(server.address, cfg.games, cfg) as batches:
+      batch = next(batches)
+      assert all(key(tuple(np.asarray(x)[i] for x in batch)) in ref for i in range(8))
+      # The server dies and comes back at the same port, empty: both sides reconnect (Reverb's
+      # clients retry UNAVAILABLE), the inserter refills it and sampling resumes from it.
+      port = server.port
+      server.stop()
+      server = rt.start_server_process(cfg, port=port)
+      assert server.proc.poll() is None
+      for _ in range(300):  # batches prefetched from the old server drain first
+        batch = next(batches)
+        assert all(key(tuple(np.asarray(x)[i] for x in batch)) in ref for i in range(8))
+        if sum(rt.samples_served(server.address, cfg.games).values()) >= 16:
+          break
+      assert sum(rt.samples_served(server.address, cfg.games).values()) >= 16
+  finally:
+    stop.set()
+    if inserter is not None:  # it finishes its episode, then stops (before the server goes)
+      inserter.join(timeout=20)
+      assert not inserter.is_alive()
+    server.stop()

@@ -1,0 +1,150 @@
+"""Variable server: shard split/reassembly, version consistency, non-blocking client (real Ray)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from scaled_ql.launch import variable_server as vs
+
+
+def _tree(version: int, sizes=(1000, 10, 300, 5, 700, 64)):
+  """A haiku-like nested param dict whose every value equals `version`."""
+  return {f'layer_{i}': {'w': np.full((n,), version, np.float32),
+                         'b': np.full((2,), version, np.float32)} for i, n in enumerate(sizes)}
+
+
+def _versions_in(tree) -> set:
+  import jax
+  return {float(v) for leaf in jax.tree_util.tree_leaves(tree) for v in np.unique(leaf)}
+
+
+@pytest.mark.parametrize('num_shards', [1, 2, 3, 5])
+def test_split_by_size_is_a_balanced_partition(num_shards):
+  sizes = [1000, 10, 300, 5, 700, 64, 64, 2]
+  shards = vs.split_by_size(sizes, num_shards)
+  assert len(shards) == num_shards
+  assert sorted(i for s in shards for i in s) == list(range(len(sizes)))  # a partition
+  loads = [sum(sizes[i] for i in s) for s in shards]
+  assert max(loads) <= sum(sizes) / num_shards + max(sizes)
+  if num_shards == 2:  # 1000+64+10 | 700+300+64+5+2
+    assert shards == [[0, 1, 5], [2, 3, 4, 6, 7]] and loads == [1074, 1071]
+
+
+def test_split_by_size_rejects_no_shards():
+  with pytest.raises(ValueError, match='num_shards'):
+    vs.split_by_size([1, 2], 0)
+
+
+@pytest.mark.parametrize('num_shards', [1, 4])
+def test_layout_split_join_roundtrip(num_shards):
+  tree = _tree(3)
+  tree['layer_2']['w'] = np.arange(300, dtype=np.float32)
+  layout = vs.ShardLayout.for_tree(tree, num_shards)
+  parts = layout.split(tree)
+  assert len(parts) == num_shards
+  back = layout.join(parts)
+  assert set(back) == set(tree)
+  for k in tree:
+    for n in tree[k]:
+      np.testing.assert_array_equal(back[k][n], tree[k][n])
+  with pytest.raises(ValueError, match='structure'):
+    layout.split({'other': np.zeros(3)})
+
+
+@pytest.fixture(scope='module')
+def ray_session():
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+           configure_logging=False)
+  yield
+  ray.shutdown()
+
+
+def test_publish_and_fetch_across_shards(ray_session):
+  server = vs.VariableServer.create(num_shards=3)
+  publisher = server.publisher()
+  client = vs.VariableClient(server, update_period=1)
+  assert client.update_and_wait() is False and client.version == -1 and client.params is None
+  assert publisher.publish(_tree(7), version=7)
+  publisher.flush()
+  assert server.latest_versions() == [7, 7, 7]
+  assert client.update_and_wait() is True
+  assert client.version == 7 and _versions_in(client.params) == {7.0}
+  assert set(client.params) == set(_tree(0))
+  assert client.update_and_wait() is False  # nothing newer: no leaves are shipped again
+  server.kill()
+
+
+def test_client_never_mixes_versions(ray_session):
+  """Shards deliberately at different versions: the client assembles the common one."""
+  server = vs.VariableServer.create(num_shards=2)
+  layout = vs.ShardLayout.for_tree(_tree(0), 2)
+  for version in (1, 2):
+    parts = layout.split(_tree(version))
+    ray.get([s.set.remote(version, layout, p) for s, p in zip(server.shards, parts)])
+  ray.get(server.shards[0].set.remote(3, layout, layout.split(_tree(3))[0]))  # shard 1 lags
+  client = vs.VariableClient(server)
+  assert client.update_and_wait()
+  assert client.version == 2 and _versions_in(client.params) == {2.0}
+  ray.get(server.shards[1].set.remote(3, layout, layout.split(_tree(3))[1]))
+  assert client.update_and_wait()
+  assert client.version == 3 and _versions_in(client.params) == {3.0}
+  server.kill()
+
+
+def test_concurrent_publishes_are_always_consistent(ray_session):
+  server = vs.VariableServer.create(num_shards=4, history=2)
+  publisher = server.publisher(max_in_flight=4)
+  client = vs.VariableClient(server, update_period=1)
+  seen = []
+  for version in range(1, 40):
+    publisher.publish(_tree(version), version)
+    if client.update():
+      assert _versions_in(client.params) == {float(client.version)}
+      seen.append(client.version)
+  publisher.flush()
+  client.update_and_wait()
+  assert client.version == publisher.last_version and _versions_in(client.params) == {
+      float(publisher.last_version)}
+  assert publisher.publish(_tree(40), 40)  # nothing in flight after flush: never skipped
+  publisher.flush()
+  client.update_and_wait()
+  assert client.version == 40 and _versions_in(client.params) == {40.0}
+  assert seen == sorted(seen)  # versions only move forward
+  server.kill()
+
+
+def test_client_update_period_and_non_blocking(ray_session):
+  server = vs.VariableServer.create(num_shards=1)
+  publisher = server.publisher()
+  publisher.publish(_tree(1), 1)
+  publisher.flush()
+  client = vs.VariableClient(server, update_period=3)
+  assert client.update() is False and client.update() is False  # period not yet passed: no ask
+  assert client._pending is None
+  client.update()  # third call starts the fetch
+  assert client._pending is not None
+  deadline = time.monotonic() + 10
+  while not client.update():
+    assert time.monotonic() < deadline
+  assert client.version == 1
+  server.kill()
+
+
+def test_stale_publish_is_ignored_and_publisher_skips_when_shards_lag(ray_session):
+  server = vs.VariableServer.create(num_shards=1)
+  publisher = server.publisher(max_in_flight=1)
+  assert publisher.publish(_tree(5), 5)
+  publisher.flush()
+  assert publisher.publish(_tree(3), 3)  # e.g. a learner restarted from an older checkpoint
+  publisher.flush()
+  assert server.latest_versions() == [5]
+  # A shard busy elsewhere: publishes beyond max_in_flight are skipped, never queued or waited on.
+  big = {'w': np.zeros((4_000_000,), np.float32)}
+  publisher = server.publisher(max_in_flight=1)
+  results = [publisher.publish(big, 10 + i) for i in range(20)]
+  assert results[0] and publisher.skipped > 0 and publisher.skipped + publisher.published == 20
+  publisher.flush()
+  server.kill()
