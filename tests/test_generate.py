@@ -141,3 +141,64 @@ def test_epsilon_schedule():
   assert policies.epsilon_schedule(10)[-1] == pytest.approx(0.1)
   assert np.all(np.diff(policies.epsilon_schedule(10)) < 0)
   assert policies.epsilon_schedule(1) == [0.1]
+
+
+def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):
+  import gzip
+  os.makedirs(d, exist_ok=True)
+  arrays = dict(observation=obs, action=action, reward=reward, terminal=terminal)
+  for k, v in arrays.items():
+    with gzip.open(os.path.join(d, f'$store$_{k}_ckpt.{ckpt}.gz'), 'wb') as f:
+      np.save(f, v)
+  if add_count is not None:
+    with gzip.open(os.path.join(d, f'add_count_ckpt.{ckpt}.gz'), 'wb') as f:
+      np.save(f, np.array(add_count))
+
+
+def test_convert_dopamine_replay_files(tmp_path):
+  """A tiny synthetic DQN-Replay set: Dopamine's zero padding, terminals, a wrapped buffer."""
+  from scaled_ql.datasets import dopamine_convert, rlds_reader
+  rng = np.random.default_rng(0)
+  d = str(tmp_path / 'dqn' / 'Pong' / '1' / 'replay_logs')
+
+  def frames(n):
+    return rng.integers(1, 255, size=(n, 84, 84), dtype=np.uint8)
+
+  pad = lambda n: (np.zeros((n, 84, 84), np.uint8), np.zeros(n, np.int32),
+                   np.zeros(n, np.float32), np.zeros(n, np.uint8))
+  # ckpt 0 (not wrapped): [3 pad] ep A (5 entries, terminal) [3 pad] ep B (4 entries, unfinished)
+  p_o, p_a, p_r, p_t = pad(3)
+  a_o, b_o = frames(5), frames(4)
+  obs = np.concatenate([p_o, a_o, p_o, b_o])
+  action = np.concatenate([p_a, [1, 2, 3, 4, 5], p_a, [5, 4, 3, 2]]).astype(np.int32)
+  reward = np.concatenate([p_r, [0, 1, 0, -1, 1], p_r, [0, 0, 1, 0]]).astype(np.float32)
+  terminal = np.concatenate([p_t, [0, 0, 0, 0, 1], p_t, [0, 0, 0, 0]]).astype(np.uint8)
+  _write_dopamine_ckpt(d, 0, obs, action, reward, terminal, add_count=len(action))
+  # ckpt 1: the same time-ordered content stored rotated by 4 in a wrapped circular buffer.
+  n = len(action)
+  roll = lambda v: np.roll(v, 4, axis=0)
+  _write_dopamine_ckpt(d, 1, roll(obs), roll(action), roll(reward), roll(terminal),
+                       add_count=3 * n + 4)
+
+  out = str(tmp_path / 'tfds')
+  dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)
+  for c in (0, 1):
+    eps = list(rlds_reader.episodes(out, 'Pong', 1, f'checkpoints:{c}-{c}', shuffle_files=False))
+    assert len(eps) == 2
+    a = {k: v.numpy() for k, v in next(iter(eps[0]['steps'].batch(100))).items()}
+    np.testing.assert_array_equal(a['observation'][:5, ..., 0], a_o)
+    assert a['action'].tolist() == [1, 2, 3, 4, 5, 0]
+    assert a['reward'].tolist() == [0, 1, 0, -1, 1, 0]
+    assert a['is_terminal'].tolist() == [False] * 5 + [True]
+    assert a['discount'].tolist() == [1, 1, 1, 1, 0, 0]
+    assert float(eps[0]['episode_return']) == 1.0
+    b = {k: v.numpy() for k, v in next(iter(eps[1]['steps'].batch(100))).items()}
+    np.testing.assert_array_equal(b['observation'][..., 0], b_o)  # truncated: 3 actions + final
+    assert b['action'].tolist() == [5, 4, 3, 0] and not b['is_terminal'].any()
+    assert b['is_last'].tolist() == [False, False, False, True]
+  with pytest.raises(FileNotFoundError, match=r'Pong run 2: no replay_logs.*runs present.*\'1\''):
+    dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 2, out)
+  with pytest.raises(FileNotFoundError, match=r'replay checkpoints \[2\] not found'):
+    dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out, checkpoints=(1, 2))
+  with pytest.raises(FileExistsError, match='already exists'):
+    dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)

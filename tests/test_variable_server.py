@@ -1,6 +1,7 @@
 """Variable server: shard split/reassembly, version consistency, non-blocking client (real Ray)."""
 from __future__ import annotations
 
+import pickle
 import time
 
 import numpy as np
@@ -81,14 +82,15 @@ def test_client_never_mixes_versions(ray_session):
   """Shards deliberately at different versions: the client assembles the common one."""
   server = vs.VariableServer.create(num_shards=2)
   layout = vs.ShardLayout.for_tree(_tree(0), 2)
+  blob = pickle.dumps(layout)
   for version in (1, 2):
     parts = layout.split(_tree(version))
-    ray.get([s.set.remote(version, layout, p) for s, p in zip(server.shards, parts)])
-  ray.get(server.shards[0].set.remote(3, layout, layout.split(_tree(3))[0]))  # shard 1 lags
+    ray.get([s.set.remote(version, blob, p) for s, p in zip(server.shards, parts)])
+  ray.get(server.shards[0].set.remote(3, blob, layout.split(_tree(3))[0]))  # shard 1 lags
   client = vs.VariableClient(server)
   assert client.update_and_wait()
   assert client.version == 2 and _versions_in(client.params) == {2.0}
-  ray.get(server.shards[1].set.remote(3, layout, layout.split(_tree(3))[1]))
+  ray.get(server.shards[1].set.remote(3, blob, layout.split(_tree(3))[1]))
   assert client.update_and_wait()
   assert client.version == 3 and _versions_in(client.params) == {3.0}
   server.kill()

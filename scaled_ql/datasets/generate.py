@@ -24,6 +24,7 @@ budget running out) is_terminal=False and discount 1.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import tempfile
 import time
 from typing import Iterator, Optional, Sequence
 
+import cv2
 import numpy as np
 
 from scaled_ql import games as games_lib
@@ -58,7 +60,16 @@ class SplitStats:
   clipped_returns: list = dataclasses.field(default_factory=list)
 
 
-def _episode_example(frames, actions, rewards, terminal: bool, checkpoint_id: int,
+def encode_png(frame: np.ndarray) -> bytes:
+  """A grey uint8 [84, 84] frame as PNG bytes (cv2: ~10x faster than TFDS's eager TF encoder;
+  lossless, so the decoded `observation` is the same)."""
+  ok, buf = cv2.imencode('.png', np.asarray(frame, np.uint8))
+  if not ok:
+    raise RuntimeError('cv2.imencode failed on a frame')
+  return buf.tobytes()
+
+
+def rlds_episode(frames, actions, rewards, terminal: bool, checkpoint_id: int,
                      episode_id: int) -> dict:
   """One RLDS episode in the rlu_atari feature layout from T actions and T+1 frames."""
   num_actions = len(actions)
@@ -79,7 +90,7 @@ def _episode_example(frames, actions, rewards, terminal: bool, checkpoint_id: in
       'episode_id': np.int64(episode_id),
       'episode_return': np.float32(clipped.sum()),
       'steps': {
-          'observation': np.stack(frames)[..., None],
+          'observation': [encode_png(f) for f in frames],
           'action': np.concatenate([np.asarray(actions, np.int64), [0]]).astype(np.int64),
           'reward': reward,
           'discount': discount,
@@ -92,8 +103,8 @@ def _episode_example(frames, actions, rewards, terminal: bool, checkpoint_id: in
 
 def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[int],
                episodes_per_checkpoint: Optional[int], max_episode_frames: int,
-               on_step=None) -> Iterator[tuple[int, dict]]:
-  """Yields (key, episode) of one split; fills `stats`. Exactly one budget must be given."""
+               on_step=None) -> Iterator[dict]:
+  """Yields the episodes of one split; fills `stats`. Exactly one budget must be given."""
   if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
     raise ValueError('give exactly one of steps_per_checkpoint / episodes_per_checkpoint')
   env = AtariEnv(game, sticky_action_prob=STICKY_ACTION_PROB,
@@ -126,23 +137,57 @@ def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[i
     stats.terminated_episodes += int(terminal)
     stats.raw_returns.append(float(np.sum(rewards)))
     stats.clipped_returns.append(float(np.clip(rewards, -1, 1).sum()))
-    # The ordered builder's own key: checkpoint_id * 1e10 + episode_id.
-    key = int(stats.checkpoint_id * 10_000_000_000 + episode_id)
-    yield key, _episode_example(frames, actions, rewards, terminal, stats.checkpoint_id,
-                                episode_id)
+    yield rlds_episode(frames, actions, rewards, terminal, stats.checkpoint_id, episode_id)
 
 
-def _builder_for(game: str, run: int, data_dir: str):
-  """The registered `rlu_atari_checkpoints_ordered` builder, with our episodes as its splits.
+def keyed(builder_name: str, episodes: Iterator[dict]) -> Iterator[tuple[object, dict]]:
+  """(key, episode) with the registered builders' own keys (`get_episode_id`)."""
+  for ep in episodes:
+    c, e = int(ep['checkpoint_id']), int(ep['episode_id'])
+    if builder_name == tfds_layout.ORDERED_BUILDER:
+      yield int(c * 10_000_000_000 + e), ep  # checkpoint_id * 1e10 + episode_id
+    else:
+      yield f'{c}_{e}', ep  # atari_utils.episode_id
+
+
+def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
+  """True if the dataset exists and is to be kept ('skip'); removes it for 'overwrite'."""
+  version_dir = os.fspath(tfds_builder.data_path)
+  if not os.path.exists(version_dir):
+    return False
+  if if_exists == 'skip':
+    log.info('%s: %s exists, skipped', game, version_dir)
+    return True
+  if if_exists == 'error':
+    raise FileExistsError(
+        f'{game}: {version_dir} already exists; pass --overwrite (if_exists="overwrite") '
+        f'or --skip-existing (if_exists="skip")')
+  shutil.rmtree(version_dir)
+  return False
+
+
+def write_splits(tfds_builder, get_splits) -> None:
+  """Has the registered builder write files and metadata for the splits `get_splits()` returns
+  ({split name: iterator of (key, episode)})."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  tfds_builder.split_generators_fn = get_splits
+  with tempfile.TemporaryDirectory() as download_dir:  # nothing is downloaded
+    tfds_builder.download_and_prepare(download_dir=download_dir)
+
+
+def builder_for(game: str, run: int, data_dir: str, builder_name: str):
+  """The registered `rlu_atari_checkpoints_ordered` (or `rlu_atari`) builder, with our episodes
+  as its splits.
 
   A subclass that keeps the registered name, module, version, configs, features and file layout;
   it replaces only the split generators and sets `url_infos = None` (nothing is downloaded; the
   class-level lookup would need `importlib_resources`, not in the pinned set).
   """
   import tensorflow_datasets as tfds
-  base = tfds.builder_cls(tfds_layout.ORDERED_BUILDER)
+  base = tfds.builder_cls(builder_name)
 
-  class GeneratedRluAtariCheckpointsOrdered(base, skip_registration=True):
+  class GeneratedRluAtari(base, skip_registration=True):
     name = base.name
     url_infos = None
     split_generators_fn = None
@@ -150,8 +195,8 @@ def _builder_for(game: str, run: int, data_dir: str):
     def get_splits(self):
       return self.split_generators_fn()
 
-  GeneratedRluAtariCheckpointsOrdered.__module__ = base.__module__
-  return GeneratedRluAtariCheckpointsOrdered(
+  GeneratedRluAtari.__module__ = base.__module__
+  return GeneratedRluAtari(
       config=tfds_layout.config_name(game, run), data_dir=data_dir)
 
 
@@ -164,9 +209,12 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
              steps_per_checkpoint: Optional[int] = 5_000, seed: int = 0, *,
              episodes_per_checkpoint: Optional[int] = None,
              max_episode_frames: int = MAX_EPISODE_FRAMES, epsilon_start: float = 1.0,
-             epsilon_end: float = 0.1, if_exists: str = 'error',
-             progress: bool = True) -> dict[str, str]:
+             epsilon_end: float = 0.1, if_exists: str = 'error', progress: bool = True,
+             builder: str = tfds_layout.ORDERED_BUILDER) -> dict[str, str]:
   """Writes `rlu_atari_checkpoints_ordered/{Game}_run_{run}` for each game into `out_dir`.
+
+  `builder='rlu_atari'` writes the unordered layout instead (one 'train' split holding every
+  checkpoint's episodes, identified by their checkpoint_id), e.g. to test that reader path.
 
   Budget per split: `steps_per_checkpoint` agent steps, or (if given, and steps_per_checkpoint is
   None) `episodes_per_checkpoint` whole episodes. `if_exists`: 'error' | 'skip' | 'overwrite' for
@@ -174,6 +222,7 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
   """
   games = games_lib.check_games(games)
   run = tfds_layout.check_run(run)
+  tfds_layout.check_builder(builder)
   if episodes_per_checkpoint is not None:
     steps_per_checkpoint = None
   if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
@@ -187,9 +236,7 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
     raise ValueError(f"if_exists must be 'error', 'skip' or 'overwrite', got {if_exists!r}")
   epsilons = policies.epsilon_schedule(num_checkpoints, epsilon_start, epsilon_end)
 
-  import tensorflow_datasets as tfds  # heavy: import only when generating
   import tqdm
-  tfds.disable_progress_bar()
 
   os.makedirs(out_dir, exist_ok=True)
   total = (steps_per_checkpoint * num_checkpoints * len(games)
@@ -199,18 +246,11 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
   out: dict[str, str] = {}
   try:
     for game in games:
-      builder = _builder_for(game, run, out_dir)
-      version_dir = os.fspath(builder.data_path)
-      if os.path.exists(version_dir):
-        if if_exists == 'skip':
-          log.info('%s: %s exists, skipped', game, version_dir)
-          out[game] = version_dir
-          continue
-        if if_exists == 'error':
-          raise FileExistsError(
-              f'{game}: {version_dir} already exists; pass --overwrite (if_exists="overwrite") '
-              f'or --skip-existing (if_exists="skip")')
-        shutil.rmtree(version_dir)
+      tfds_builder = builder_for(game, run, out_dir, builder)
+      version_dir = os.fspath(tfds_builder.data_path)
+      if handle_existing(tfds_builder, game, if_exists):
+        out[game] = version_dir
+        continue
       split_stats = [
           SplitStats(checkpoint_id=k, epsilon=epsilons[k], policy=policies.heuristic_name(game),
                      env_seed=_env_seed(seed, run, game, k))
@@ -218,21 +258,22 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
       bar.set_postfix_str(game)
 
       def get_splits(split_stats=split_stats, game=game):
-        return {
+        plays = {
             tfds_layout.split_name(s.checkpoint_id): play_split(
                 game, s, steps_per_checkpoint=steps_per_checkpoint,
                 episodes_per_checkpoint=episodes_per_checkpoint,
                 max_episode_frames=max_episode_frames, on_step=lambda: bar.update(1))
             for s in split_stats}
+        if builder == tfds_layout.ORDERED_BUILDER:
+          return {split: keyed(builder, eps) for split, eps in plays.items()}
+        return {'train': keyed(builder, itertools.chain(*plays.values()))}
 
-      # The registered builder writes the files and metadata; we only supply its episodes.
-      builder.split_generators_fn = get_splits
       start = time.time()
-      with tempfile.TemporaryDirectory() as download_dir:
-        builder.download_and_prepare(download_dir=download_dir)
+      write_splits(tfds_builder, get_splits)
       seconds = time.time() - start
       info = {
           'generator': 'scaled_ql.datasets.generate',
+          'builder': builder,
           'game': game, 'run': run, 'seed': seed,
           'sticky_action_prob': STICKY_ACTION_PROB,
           'max_episode_frames': max_episode_frames,

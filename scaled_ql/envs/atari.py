@@ -98,7 +98,8 @@ class AtariEnv(dm_env.Environment):
           f'{game}: ale-py minimal action set has {len(self._actions)} actions, '
           f'scaled_ql.games says {games_lib.num_actions(game)}')
     self._screens = np.zeros((2,) + SCREEN_SHAPE, np.uint8)
-    self._stack = np.zeros((OBSERVATION_SIZE, OBSERVATION_SIZE, STACK_SIZE), np.uint8)
+    self._zero_frame = np.zeros((OBSERVATION_SIZE, OBSERVATION_SIZE), np.uint8)
+    self._frames_stack = [self._zero_frame] * STACK_SIZE  # oldest first
     self._episode_frames = 0
     self._frames = 0  # all emulator frames since construction (for throughput figures)
     self._needs_reset = True
@@ -161,9 +162,8 @@ class AtariEnv(dm_env.Environment):
     # Dopamine: the first frame is the reset screen max-pooled with zeros.
     self._ale.getScreenGrayscale(self._screens[0])
     self._screens[1].fill(0)
-    self._stack.fill(0)
-    self._push(preprocess_frame(self._screens[0], self._screens[1]))
-    return dm_env.restart(self._stack.copy())
+    self._frames_stack = [self._zero_frame] * STACK_SIZE
+    return dm_env.restart(self._push(preprocess_frame(self._screens[0], self._screens[1])))
 
   def step(self, action) -> dm_env.TimeStep:
     if self._needs_reset:
@@ -184,8 +184,7 @@ class AtariEnv(dm_env.Environment):
       if t >= FRAME_SKIP - 2:
         self._ale.getScreenGrayscale(self._screens[t - (FRAME_SKIP - 2)])
     # On game over mid-skip Dopamine pools whatever the buffers hold; so do we (same data).
-    self._push(preprocess_frame(self._screens[0], self._screens[1]))
-    observation = self._stack.copy()
+    observation = self._push(preprocess_frame(self._screens[0], self._screens[1]))
     if game_over:
       self._needs_reset = True
       return dm_env.termination(np.float32(reward), observation)
@@ -198,7 +197,9 @@ class AtariEnv(dm_env.Environment):
     self._ale = None  # type: ignore[assignment]
 
   # ---- helpers ----------------------------------------------------------------------------------
-  def _push(self, frame: np.ndarray) -> None:
-    self._stack[..., :-1] = self._stack[..., 1:]
-    self._stack[..., -1] = frame
+  def _push(self, frame: np.ndarray) -> np.ndarray:
+    """Appends the newest frame; returns a fresh uint8 [84, 84, 4] stack (oldest first)."""
+    self._frames_stack.pop(0)
+    self._frames_stack.append(frame)  # cv2.resize returns a new array: safe to keep
+    return np.stack(self._frames_stack, axis=-1)
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import ray
@@ -31,7 +32,9 @@ RETRY_SECONDS = 1.0
 
 def _was_restarted() -> bool:
   try:
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # Ray's own property uses a deprecated API internally
+      return bool(ray.get_runtime_context().was_current_actor_reconstructed)
   except Exception:  # pylint: disable=broad-except  (not inside an actor: e.g. a unit test)
     return False
 
@@ -40,7 +43,7 @@ def _restarts() -> int:
   """How often this actor was restarted (0 outside Ray or on the first start)."""
   try:
     context = ray.get_runtime_context()
-    if not context.was_current_actor_reconstructed:
+    if not _was_restarted():
       return 0
     from ray._private import state  # no public API for the count
     return int(state.actors(actor_id=context.get_actor_id()).get('NumRestarts', 1))

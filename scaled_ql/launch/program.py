@@ -117,14 +117,31 @@ class NodeLost(RuntimeError):
   """A node that Ray will not restart any more."""
 
 
-def _status(handle, timeout: float = 10.0) -> Optional[dict]:
-  """A node's status; None while it is (re)starting; raises NodeLost when it is dead for good."""
-  try:
-    return ray.get(handle.status.remote(), timeout=timeout)
-  except ray.exceptions.ActorDiedError as e:  # dead with no restarts left
-    raise NodeLost(str(e).splitlines()[0]) from e
-  except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-    return None  # ActorUnavailableError: restarting
+class _Watcher:
+  """Non-blocking status polls: one `status()` call in flight per node; a node that is still
+  being built or restarting shows as None until it answers."""
+
+  def __init__(self):
+    self._pending: dict = {}
+    self._last: dict = {}
+
+  def status(self, handle, wait_s: float = 0.5) -> Optional[dict]:
+    """The node's newest status; raises NodeLost when it is dead with no restarts left."""
+    key = handle._actor_id.hex()  # pylint: disable=protected-access
+    if key not in self._pending:
+      self._pending[key] = handle.status.remote()
+    ref = self._pending[key]
+    ready, _ = ray.wait([ref], timeout=wait_s)
+    if not ready:
+      return self._last.get(key)
+    del self._pending[key]
+    try:
+      self._last[key] = ray.get(ref)
+    except ray.exceptions.ActorDiedError as e:  # dead with no restarts left
+      raise NodeLost(str(e).splitlines()[0]) from e
+    except ray.exceptions.RayActorError:  # ActorUnavailableError: restarting
+      self._last[key] = None
+    return self._last[key]
 
 
 def _crash_log(workdir: str, name: str) -> str:
@@ -150,18 +167,19 @@ class ProgramStatus:
     return scores
 
 
-def poll(program: Program) -> ProgramStatus:
-  learner = _status(program.learner)
-  replay = _status(program.replay)
+def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
+  watcher = watcher or _Watcher()
+  learner = watcher.status(program.learner)
+  replay = watcher.status(program.replay)
   evaluators = []
   for i, handle in enumerate(program.evaluators):
     try:
-      evaluators.append(_status(handle))
+      evaluators.append(watcher.status(handle))
     except NodeLost:
       evaluators.append(None)
       print(f'evaluator_{i} is lost for good:\n{_crash_log(program.workdir, f"evaluator_{i}")}',
             file=sys.stderr)
-  actors = [_status(h) for h in program.actors]
+  actors = [watcher.status(h) for h in program.actors]
   return ProgramStatus(learner, replay, evaluators, actors)
 
 
@@ -231,11 +249,12 @@ def run(program: Program, *, log: Callable[[str], None] = print,
   `final_eval_timeout_s`; None skips it). Returns the last status."""
   started = time.time()
   status = None
+  watcher = _Watcher()
   with _StopRequest() as stop:
     try:
       while True:
         try:
-          status = poll(program)
+          status = poll(program, watcher)
         except NodeLost as e:
           raise NodeLost(f'the learner/replay node is lost for good: {e}\n'
                          f'{_crash_log(program.workdir, "learner")}') from e
@@ -259,6 +278,8 @@ def shutdown(program: Program, log: Callable[[str], None] = print,
   params, then evaluators/actors, inserters, replay; finally every actor is killed so no process
   is left behind. Returns the last status seen (learner steps = the final step)."""
   final_step, status = None, None
+  watcher = _Watcher()
+  t0 = time.time()
   try:
     final_step = ray.get(program.learner.stop.remote(), timeout=300)
     log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
@@ -271,16 +292,17 @@ def shutdown(program: Program, log: Callable[[str], None] = print,
     deadline = time.time() + final_eval_timeout_s
     while time.time() < deadline:
       try:
-        status = poll(program)
+        status = poll(program, watcher)
       except NodeLost as e:
         log(f'final evaluation abandoned: {e}')
         break
       if all(s and s['evaluated_version'] >= final_step for s in status.evaluators):
         break
-      time.sleep(1.0)
+      time.sleep(0.5)
+    log(f'final evaluation done in {time.time() - t0:.0f}s')
   if status is None:
     try:
-      status = poll(program)
+      status = poll(program, watcher)
     except NodeLost:
       status = None
   if status is not None and status.learner is not None and final_step is not None:
@@ -290,6 +312,7 @@ def shutdown(program: Program, log: Callable[[str], None] = print,
     ray.get([h.stop.remote() for h in others], timeout=180)
   except Exception as e:  # pylint: disable=broad-except
     log(f'some nodes did not stop cleanly: {type(e).__name__}')
+  log(f'nodes stopped in {time.time() - t0:.0f}s')
   for handle in [program.learner] + others + [program.replay]:
     ray.kill(handle, no_restart=True)
   program.variables.kill()

@@ -20,10 +20,10 @@ Pure parts (`split_by_size`, `ShardLayout`) are plain functions tested without R
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 from typing import Any, Optional, Sequence
 
-import jax
 import numpy as np
 import ray
 
@@ -57,6 +57,7 @@ class ShardLayout:
 
   @classmethod
   def for_tree(cls, tree: Any, num_shards: int) -> 'ShardLayout':
+    import jax  # here, not at the top: shard processes never import JAX
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     sizes = [np.asarray(leaf).nbytes for leaf in leaves]
     return cls(treedef, tuple(tuple(s) for s in split_by_size(sizes, num_shards)))
@@ -67,6 +68,7 @@ class ShardLayout:
 
   def split(self, tree: Any) -> list[list[np.ndarray]]:
     """The host (numpy) leaves of `tree` for every shard."""
+    import jax
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if treedef != self.treedef:
       raise ValueError(f'param tree structure changed: {treedef} vs the layout\'s {self.treedef}')
@@ -75,6 +77,7 @@ class ShardLayout:
 
   def join(self, shard_values: Sequence[Sequence[np.ndarray]]) -> Any:
     """Reassembles a tree from every shard's leaves (the inverse of `split`)."""
+    import jax
     if len(shard_values) != self.num_shards:
       raise ValueError(f'expected {self.num_shards} shards, got {len(shard_values)}')
     leaves: list[Any] = [None] * self.treedef.num_leaves
@@ -94,9 +97,11 @@ class VariableShard:
       raise ValueError(f'history must be >= 1, got {history}')
     self._history = history
     self._versions: dict[int, list[np.ndarray]] = {}
-    self._layout: Optional[ShardLayout] = None
+    self._layout: Optional[bytes] = None
 
-  def set(self, version: int, layout: ShardLayout, leaves: list[np.ndarray]) -> int:
+  def set(self, version: int, layout: bytes, leaves: list[np.ndarray]) -> int:
+    """Stores `leaves` (this shard's part) of `version`; `layout` is the pickled ShardLayout
+    (kept as bytes: a shard process never needs JAX to unpickle a treedef)."""
     if self._versions and version <= max(self._versions):
       return max(self._versions)  # stale or repeated publish (e.g. a restarted learner)
     self._layout = layout
@@ -166,7 +171,7 @@ class VariablePublisher:
   def __init__(self, server: VariableServer, max_in_flight: int = 1):
     self._server = server
     self._max_in_flight = max_in_flight
-    self._layout: Optional[ShardLayout] = None
+    self._layout: Optional[bytes] = None
     self._in_flight: list = []
     self.published = 0
     self.skipped = 0
@@ -181,10 +186,11 @@ class VariablePublisher:
       return False
     if self._layout is None:
       self._layout = ShardLayout.for_tree(params, self._server.num_shards)
+      self._layout_bytes = pickle.dumps(self._layout)
     parts = self._layout.split(params)
     for shard, leaves in zip(self._server.shards, parts):
-      # ray.put once here; the shard receives the stored object without another copy by the caller.
-      self._in_flight.append(shard.set.remote(int(version), self._layout, ray.put(leaves)))
+      self._in_flight.append(
+          shard.set.remote(int(version), self._layout_bytes, ray.put(leaves)))
     self.published += 1
     self.last_version = int(version)
     return True
@@ -211,6 +217,8 @@ class VariableClient:
     self._update_period = update_period
     self._calls = 0
     self._pending: Optional[list] = None
+    self._layout: Optional[ShardLayout] = None
+    self._layout_bytes = b''
     self.params: Any = None
     self.version = -1
     self.fetches = 0
@@ -262,7 +270,10 @@ class VariableClient:
         answers[i] = ray.get(self._server.shards[i].get.remote(target, self.version))
     if any(v != target or leaves is None for v, _, leaves in answers):
       return False
-    layout = answers[0][1]
+    layout_bytes = answers[0][1]
+    if layout_bytes != self._layout_bytes:
+      self._layout, self._layout_bytes = pickle.loads(layout_bytes), layout_bytes
+    layout = self._layout
     self.params = layout.join([leaves for _, _, leaves in answers])
     self.version = target
     self.fetches += 1

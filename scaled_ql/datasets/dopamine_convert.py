@@ -1,0 +1,179 @@
+"""Convert the original DQN-Replay files (Dopamine replay buffers) into the RL Unplugged TFDS layout.
+
+    {dopamine_dir}/{Game}/{run}/replay_logs/$store$_{observation,action,reward,terminal}_ckpt.{N}.gz
+    (+ optional add_count_ckpt.{N}.gz)  ->  {out}/rlu_atari_checkpoints_ordered/{Game}_run_{run}/
+
+Each file is a gzipped `.npy` array of Dopamine's `OutOfGraphReplayBuffer._store` (Agarwal et al.
+2020): observation uint8 [C, 84, 84] (the newest frame of each step), action int32 [C], reward
+float32 [C] (already clipped by Dopamine's runner), terminal uint8 [C]. Entry i is
+(o_i, a_i, r_i, terminal_i): a_i was taken at o_i, earned r_i, and ended the game if terminal_i.
+
+Conversion, per replay checkpoint N -> split checkpoint_{N:02d}, checkpoint_id N:
+- a circular buffer is rotated to time order when `add_count_ckpt.N.gz` says it wrapped
+  (oldest entry at add_count % C);
+- the zero transitions Dopamine inserts before every episode (stack_size - 1 = 3 entries with an
+  all-zero frame, action 0, reward 0) are dropped;
+- the buffer is cut into episodes after every terminal entry. An episode ending in a terminal
+  entry becomes RLDS steps o_0..o_{T-1} plus a final step with is_terminal (its observation repeats
+  o_{T-1}: the terminal frame is never stored by Dopamine, and with discount 0 it is never used);
+  the unfinished tail becomes a truncated episode whose last stored entry is its final observation.
+Memory: one checkpoint's arrays at a time (~7 GB for a real 1M-entry buffer).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import re
+from typing import Iterator, Optional
+
+import numpy as np
+
+from scaled_ql import games as games_lib
+from scaled_ql.datasets import generate, tfds_layout
+
+log = logging.getLogger(__name__)
+
+STORE_KEYS = ('observation', 'action', 'reward', 'terminal')
+DOPAMINE_STACK = 4
+_CKPT_RE = re.compile(r'^\$store\$_observation_ckpt\.(\d+)\.gz$')
+
+
+def replay_dir(dopamine_dir: str, game: str, run: int) -> str:
+  return os.path.join(dopamine_dir, game, str(run), 'replay_logs')
+
+
+def find_checkpoints(dopamine_dir: str, game: str, run: int) -> list[int]:
+  """Replay checkpoint numbers with all four $store$ files present; clear error if none."""
+  import tensorflow as tf
+  d = replay_dir(dopamine_dir, game, run)
+  if not tf.io.gfile.isdir(d):
+    parent = os.path.join(dopamine_dir, game)
+    present = sorted(tf.io.gfile.listdir(parent)) if tf.io.gfile.isdir(parent) else []
+    raise FileNotFoundError(f'{game} run {run}: no replay_logs dir {d}; runs present for {game} '
+                            f'in {dopamine_dir}: {present or "none"}')
+  names = set(tf.io.gfile.listdir(d))
+  ckpts = sorted(int(m.group(1)) for n in names if (m := _CKPT_RE.match(n)))
+  complete = [c for c in ckpts if all(f'$store$_{k}_ckpt.{c}.gz' in names for k in STORE_KEYS)]
+  if not complete:
+    raise FileNotFoundError(f'{game} run {run}: no complete $store$_{{{",".join(STORE_KEYS)}}}'
+                            f'_ckpt.N.gz set in {d}')
+  return complete
+
+
+def _load(path: str) -> np.ndarray:
+  import tensorflow as tf
+  with tf.io.gfile.GFile(path, 'rb') as f, gzip.GzipFile(fileobj=f) as g:
+    return np.load(g, allow_pickle=False)
+
+
+def load_checkpoint(dopamine_dir: str, game: str, run: int, ckpt: int) -> dict[str, np.ndarray]:
+  """The four store arrays of one replay checkpoint, rotated into time order."""
+  d = replay_dir(dopamine_dir, game, run)
+  store = {k: _load(os.path.join(d, f'$store$_{k}_ckpt.{ckpt}.gz')) for k in STORE_KEYS}
+  n = len(store['action'])
+  if store['observation'].shape[1:] != (84, 84) or store['observation'].dtype != np.uint8:
+    raise ValueError(f'{d} ckpt {ckpt}: observation must be uint8 [N, 84, 84], got '
+                     f'{store["observation"].dtype} {store["observation"].shape}')
+  if any(len(v) != n for v in store.values()):
+    raise ValueError(f'{d} ckpt {ckpt}: store arrays differ in length: '
+                     f'{ {k: len(v) for k, v in store.items()} }')
+  add_count_path = os.path.join(d, f'add_count_ckpt.{ckpt}.gz')
+  import tensorflow as tf
+  if tf.io.gfile.exists(add_count_path):
+    add_count = int(_load(add_count_path))
+    if add_count > n:  # the circular buffer wrapped: oldest entry at add_count % n
+      shift = add_count % n
+      store = {k: np.roll(v, -shift, axis=0) for k, v in store.items()}
+    elif add_count < n:  # not yet full: only the first add_count entries are valid
+      store = {k: v[:add_count] for k, v in store.items()}
+  return store
+
+
+def split_episodes(store: dict[str, np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+  """Yields (entry indices, ends_in_terminal) per episode, Dopamine's zero padding dropped."""
+  obs, action, reward = store['observation'], store['action'], store['reward']
+  terminal = store['terminal'].astype(bool)
+  n = len(action)
+  start = 0
+  while start < n:
+    # Skip the zero transitions Dopamine adds before an episode.
+    skipped = 0
+    while (start < n and skipped < DOPAMINE_STACK - 1 and not terminal[start]
+           and action[start] == 0 and reward[start] == 0 and not obs[start].any()):
+      start += 1
+      skipped += 1
+    if start >= n:
+      return
+    ends = np.flatnonzero(terminal[start:])
+    if len(ends):
+      end = start + int(ends[0]) + 1
+      yield np.arange(start, end), True
+    else:
+      end = n
+      if end - start >= 2:  # a truncated episode needs an action and a final observation
+        yield np.arange(start, end), False
+    start = end
+
+
+def checkpoint_episodes(store: dict[str, np.ndarray], checkpoint_id: int,
+                        stats: dict) -> Iterator[dict]:
+  """RLDS episodes (rlu_atari feature layout) of one replay checkpoint."""
+  for episode_id, (idx, terminal) in enumerate(split_episodes(store)):
+    frames = list(store['observation'][idx])
+    actions = store['action'][idx]
+    rewards = store['reward'][idx]
+    if terminal:
+      frames.append(frames[-1])  # the terminal frame is not stored; discount 0 never reads it
+    else:
+      actions, rewards = actions[:-1], rewards[:-1]  # last entry = final observation only
+    stats['episodes'] += 1
+    stats['steps'] += len(actions)
+    yield generate.rlds_episode(frames, actions, rewards, terminal, checkpoint_id, episode_id)
+
+
+def convert(dopamine_dir: str, game: str, run: int, out_dir: str,
+            checkpoints: Optional[tuple[int, int]] = None, overwrite: bool = False) -> str:
+  """Writes rlu_atari_checkpoints_ordered/{game}_run_{run} from the DQN-Replay files; returns the
+  dataset version dir."""
+  games_lib.check_games([game], 'game')
+  run = tfds_layout.check_run(run)
+  found = find_checkpoints(dopamine_dir, game, run)
+  ckpts = found
+  if checkpoints is not None:
+    a, b = checkpoints
+    ckpts = [c for c in found if a <= c <= b]
+    missing = [c for c in range(a, b + 1) if c not in found]
+    if missing:
+      raise FileNotFoundError(f'{game} run {run}: replay checkpoints {missing} not found in '
+                              f'{replay_dir(dopamine_dir, game, run)}; found: {found}')
+  if max(ckpts) > 99:
+    raise ValueError(f'{game}: replay checkpoint {max(ckpts)} > 99 has no checkpoint_XX split')
+  builder = generate.builder_for(game, run, out_dir, tfds_layout.ORDERED_BUILDER)
+  version_dir = os.fspath(builder.data_path)
+  generate.handle_existing(builder, game, 'overwrite' if overwrite else 'error')
+  split_stats = {c: {'episodes': 0, 'steps': 0} for c in ckpts}
+
+  def one_split(c):
+    log.info('%s run %d: converting replay checkpoint %d', game, run, c)
+    store = load_checkpoint(dopamine_dir, game, run, c)
+    return generate.keyed(tfds_layout.ORDERED_BUILDER,
+                          checkpoint_episodes(store, c, split_stats[c]))
+
+  def lazy(c):  # load a checkpoint only when TFDS reaches its split
+    yield from one_split(c)
+
+  generate.write_splits(builder, lambda: {tfds_layout.split_name(c): lazy(c) for c in ckpts})
+  info = {
+      'generator': 'scaled_ql.datasets.dopamine_convert',
+      'builder': tfds_layout.ORDERED_BUILDER, 'game': game, 'run': run,
+      'source': replay_dir(dopamine_dir, game, run),
+      'policy': 'DQN (Dopamine) replay: the logging agent of DQN-Replay',
+      'reward_note': 'rewards as stored by Dopamine (clipped to [-1, 1])',
+      'splits': {tfds_layout.split_name(c): dict(checkpoint_id=c, **s)
+                 for c, s in split_stats.items()},
+  }
+  with open(os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE), 'w') as f:
+    json.dump(info, f, indent=1)
+  return version_dir

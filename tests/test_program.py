@@ -1,0 +1,194 @@
+"""The distributed program on a real Ray runtime, tiny sizes (cpu_tiny + the tiny_dataset_dir).
+
+- `scaled-ql train` as a subprocess: learner steps, evaluator reports at >= 2 param versions,
+  then SIGTERM -> final checkpoint, exit 0 and no process left behind.
+- In-process (one Ray session for the module): killing an evaluator (Ray restarts it and it
+  reports again), killing the learner (it resumes from its checkpoint step, not 0) and killing
+  the Reverb server (it comes back on its port; inserters and the learner reconnect) while the
+  program runs to its N steps.
+- Bad input is rejected before any process starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from scaled_ql import configs
+from scaled_ql.launch import commands, program
+
+SCALED_QL = [sys.executable, '-m', 'scaled_ql.cli']
+
+
+def _eval_rows(workdir):
+  rows = []
+  for name in sorted(os.listdir(os.path.join(workdir, 'eval'))):
+    with open(os.path.join(workdir, 'eval', name)) as f:
+      rows += [json.loads(line) for line in f if line.strip()]
+  return rows
+
+
+def _processes_with_env(tag: str) -> list[int]:
+  """pids of processes whose environment carries `tag` (everything the run started)."""
+  pids = []
+  for pid in os.listdir('/proc'):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        if tag.encode() in f.read():
+          pids.append(int(pid))
+    except OSError:
+      continue
+  return pids
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(poll)
+  raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
+
+
+def test_train_command_runs_evaluates_and_ends_cleanly_on_sigterm(tiny_dataset_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  tag = f'SCALED_QL_TEST_TAG={uuid.uuid4().hex}'
+  env = dict(os.environ, SCALED_QL_TEST_TAG=tag.split('=')[1])
+  log_path = tmp_path / 'train.log'
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(
+        SCALED_QL + ['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir,
+                     '--workdir', workdir, '--steps', '100000', '--evaluators', '1'],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+  try:
+    # Runs until the evaluator reported params of >= 2 versions and a checkpoint exists.
+    def progressed():
+      if proc.poll() is not None:
+        raise AssertionError(f'train exited early ({proc.returncode}):\n{log_path.read_text()}')
+      try:
+        versions = {r['param_version'] for r in _eval_rows(workdir)}
+        checkpoints = os.listdir(os.path.join(workdir, 'checkpoints'))
+      except FileNotFoundError:
+        return False
+      return len(versions) >= 2 and checkpoints
+    _wait_for(progressed, 240, 'evaluations of 2 param versions and a checkpoint')
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log_path.read_text()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  out = log_path.read_text()
+  assert 'SIGTERM' in out and 'learner stopped at step' in out
+  final_step = int(out.split('learner stopped at step ')[1].split(';')[0])
+  checkpoints = sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints'))
+                       if c.isdigit())
+  assert checkpoints[-1] == final_step > 0  # the SIGTERM checkpoint is the final step
+  rows = _eval_rows(workdir)
+  assert {r['game'] for r in rows} == {'Breakout', 'Pong'}
+  assert len({r['param_version'] for r in rows}) >= 2
+  assert all(r['evaluator'] == 'evaluator_0' for r in rows)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['data']['data_dir'] == tiny_dataset_dir
+  assert os.path.isdir(os.path.join(workdir, 'tb', 'evaluator_0'))
+  assert '| learner ' in out and 'steps/s' in out and 'replay Breakout=' in out  # progress
+  # Nothing the run started is still alive (Ray's GCS, raylet, workers, Reverb, ...).
+  _wait_for(lambda: not _processes_with_env(tag), 30, 'every process of the run to exit')
+
+
+def _train_handler(argv):
+  import argparse
+  parser = argparse.ArgumentParser()
+  commands.register(parser.add_subparsers())
+  args = parser.parse_args(['train'] + argv)
+  return args.handler(args)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--config', 'cpu_nope'], 'unknown config'),
+    (['--config', 'cpu_tiny', '--data-dir', '/nonexistent/data'], 'does not exist'),
+    (['--config', 'cpu_tiny', '--evaluators', '3'], '--evaluators'),
+    (['--config', 'cpu_tiny', '--steps', '0'], '--steps'),
+    (['--config', 'cpu_small'], "'Boxing'"),  # the tiny data dir lacks cpu_small's other games
+])
+def test_train_rejects_bad_input_before_starting_anything(argv, message, tiny_dataset_dir,
+                                                          tmp_path, capsys):
+  import ray
+  if '--data-dir' not in argv:
+    argv = argv + ['--data-dir', tiny_dataset_dir]
+  was_initialized = ray.is_initialized()
+  assert _train_handler(['--workdir', str(tmp_path / 'w')] + argv) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'w').exists()  # nothing written
+  assert ray.is_initialized() == was_initialized  # no Ray started
+
+
+def test_split_games_round_robin():
+  assert program.split_games(('A', 'B', 'C', 'D', 'E'), 2) == [('A', 'C', 'E'), ('B', 'D')]
+  with pytest.raises(ValueError, match='--evaluators'):
+    program.split_games(('A',), 2)
+
+
+@pytest.fixture(scope='module')
+def ray_session():
+  import ray
+  ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+           runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+  yield ray
+  ray.shutdown()
+
+
+def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset_dir, tmp_path):
+  ray = ray_session
+  num_steps = 80
+  cfg = commands.resolve_config('cpu_tiny', tiny_dataset_dir, steps=num_steps, evaluators=1)
+  assert cfg.train.checkpoint_every_steps == 10
+  workdir = str(tmp_path / 'faults')
+  commands.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
+  evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
+  replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
+  events = {}
+
+  def script(status: program.ProgramStatus) -> bool:
+    """Kills nodes as the run goes and ends once the learner is done after all of them."""
+    learner, evaluator = status.learner, status.evaluators[0]
+    if 'learner_killed' not in events and learner and learner['steps'] >= 15:
+      events['steps_before_kill'] = learner['steps']
+      ray.kill(prog.evaluators[0], no_restart=False)
+      ray.kill(prog.learner, no_restart=False)
+      events['learner_killed'] = time.time()
+    if ('learner_killed' in events and 'resumed' not in events and learner
+        and learner['restarted']):
+      events['resumed'] = learner['resumed_from_step']
+      ray.kill(prog.replay, no_restart=False)
+      events['replay_killed_at'] = learner['steps']
+    if evaluator and evaluator['restarted'] and evaluator['rounds'] >= 1:
+      assert evaluator['pid'] != evaluator_pid  # a new process
+      events['evaluator_back'] = evaluator['evaluated_version']
+    if status.replay and status.replay['restarted']:
+      assert status.replay['pid'] != replay_pid
+      events['replay_back'] = True
+    return bool(learner and learner['done'] and 'evaluator_back' in events)
+
+  status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=240,
+                       final_eval_timeout_s=60)
+  assert 'resumed' in events, events
+  # Resumed from the last checkpoint (every 10 steps) before the kill, not from 0.
+  assert 10 <= events['resumed'] <= events['steps_before_kill']
+  assert events['steps_before_kill'] - events['resumed'] < 10 + 5
+  assert status.learner['steps'] == num_steps
+  assert 'evaluator_back' in events, events
+  # The replay came back on the same port and the learner went on past the kill.
+  assert events.get('replay_back') and status.learner['steps'] > events['replay_killed_at']
+  rows = _eval_rows(workdir)
+  assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
+  assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed

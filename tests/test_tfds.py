@@ -1,0 +1,171 @@
+"""rlds_reader: real TFDS files (made by the generator), selections, sharding, bad input, corruption."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from scaled_ql.datasets import rlds_reader as rr
+
+
+def _ids(ds):
+  return [(int(e['checkpoint_id']), int(e['episode_id'])) for e in ds]
+
+
+def _all_ids(data_dir, game):
+  b = tfds.builder('rlu_atari_checkpoints_ordered', config=f'{game}_run_1', data_dir=data_dir)
+  out = []
+  for split in sorted(b.info.splits.keys()):
+    out += _ids(b.as_dataset(split=split))
+  return sorted(out)
+
+
+def test_round_trip_matches_tfds_as_dataset(tiny_dataset_dir):
+  expected = _all_ids(tiny_dataset_dir, 'Pong')
+  assert len(expected) >= 4
+  got = _ids(rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal'))
+  assert sorted(got) == expected
+  # Episodes carry the RLDS feature spec; steps decode to single frames.
+  ep = next(iter(rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', shuffle_files=False)))
+  b = tfds.builder('rlu_atari_checkpoints_ordered', config='Pong_run_1', data_dir=tiny_dataset_dir)
+  ref = next(iter(b.as_dataset(split='checkpoint_00')))
+  a = next(iter(ep['steps'].batch(1000)))
+  r = next(iter(ref['steps'].batch(1000)))
+  assert a['observation'].shape[1:] == (84, 84, 1) and a['observation'].dtype == tf.uint8
+  for k in r:
+    np.testing.assert_array_equal(a[k].numpy(), r[k].numpy())
+
+
+def test_selections_pick_the_right_splits(tiny_dataset_dir):
+  everything = _all_ids(tiny_dataset_dir, 'Breakout')
+  sub = _ids(rr.episodes(tiny_dataset_dir, 'Breakout', 1, 'suboptimal'))
+  assert sub and {c for c, _ in sub} == {0}  # first 20% of 2 splits -> checkpoint_00
+  assert sorted(sub) == [i for i in everything if i[0] == 0]
+  assert {c for c, _ in _ids(rr.episodes(tiny_dataset_dir, 'Breakout', 1, 'checkpoints:1-1'))} \
+      == {1}
+  half = _ids(rr.episodes(tiny_dataset_dir, 'Breakout', 1, 'uniform:50', seed=3))
+  for c in (0, 1):
+    n = sum(1 for i in everything if i[0] == c)
+    assert sum(1 for i in half if i[0] == c) in (n // 2, (n + 1) // 2)
+  assert set(half) <= set(everything)
+
+
+def test_selection_rules():
+  assert rr.selected_checkpoints(rr.parse_selection('suboptimal'), range(50)) == list(range(10))
+  assert rr.selected_checkpoints(rr.parse_selection('suboptimal'), range(49)) == list(range(10))
+  assert rr.selected_checkpoints(rr.parse_selection('suboptimal'), range(10)) == [0, 1]
+  assert rr.selected_checkpoints(rr.parse_selection('near_optimal'), range(50)) == list(range(50))
+  assert rr.selected_checkpoints(rr.parse_selection('checkpoints:3-5'), range(50)) == [3, 4, 5]
+  assert rr.parse_selection('uniform:1').fraction == 0.01
+  mask = rr.keep_mask(1000, 0.01, 0.37)
+  assert mask.sum() == 10 and np.all(np.diff(np.flatnonzero(mask)) == 100)  # evenly spaced
+  assert rr.keep_mask(7, 1.0, 0.5).all()
+  for bad in ('optimal', 'uniform:0', 'uniform:101', 'checkpoints:5-3', 'checkpoints:a-b'):
+    with pytest.raises(ValueError, match='valid selections'):
+      rr.parse_selection(bad)
+
+
+def test_sharding_is_disjoint_and_complete(tiny_dataset_dir):
+  everything = _all_ids(tiny_dataset_dir, 'Pong')
+  # 2 files, 2 shards: one file each; 3 shards: every worker reads all, keeps every 3rd episode.
+  for n in (2, 3):
+    parts = [_ids(rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', shard_index=i,
+                              num_shards=n)) for i in range(n)]
+    flat = [x for p in parts for x in p]
+    assert sorted(flat) == everything and len(set(flat)) == len(flat)
+    assert all(parts)
+  with pytest.raises(ValueError, match='shard_index'):
+    rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', shard_index=2, num_shards=2)
+
+
+def test_repeat_is_infinite_and_counts_epochs(tiny_dataset_dir):
+  stats = rr.ReadStats()
+  n = len(_all_ids(tiny_dataset_dir, 'Pong'))
+  got = _ids(rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', repeat=True,
+                         stats=stats).take(3 * n))
+  assert len(got) == 3 * n and stats.epochs >= 2
+  assert sorted(got[:n]) == sorted(got[n:2 * n])
+
+
+def test_bad_input_errors_name_the_problem(tiny_dataset_dir, tmp_path):
+  with pytest.raises(rr.DatasetNotFoundError, match='data dir .*nope does not exist'):
+    rr.episodes(str(tmp_path / 'nope'), 'Pong')
+  with pytest.raises(rr.DatasetNotFoundError, match=r'Boxing run 1.*configs present.*Breakout_run_1'):
+    rr.episodes(tiny_dataset_dir, 'Boxing')
+  with pytest.raises(rr.DatasetNotFoundError, match=r'Pong run 3.*Pong_run_1'):
+    rr.episodes(tiny_dataset_dir, 'Pong', run=3)
+  with pytest.raises(rr.DatasetNotFoundError, match=r'checkpoint_02.*available: checkpoint_00'):
+    rr.episodes(tiny_dataset_dir, 'Pong', selection='checkpoints:0-2')
+  with pytest.raises(ValueError, match='unknown game.*Pongg'):
+    rr.episodes(tiny_dataset_dir, 'Pongg')
+  with pytest.raises(ValueError, match='run must be in 1..5'):
+    rr.episodes(tiny_dataset_dir, 'Pong', run=0)
+  with pytest.raises(ValueError, match='unknown TFDS builder'):
+    rr.episodes(tiny_dataset_dir, 'Pong', builder='rlu_atari_v2')
+  with pytest.raises(rr.DatasetNotFoundError, match=r'rlu_atari does not exist.*datasets in'):
+    rr.episodes(tiny_dataset_dir, 'Pong', builder='rlu_atari')
+  empty = tmp_path / 'rlu_atari_checkpoints_ordered' / 'Pong_run_1'
+  empty.mkdir(parents=True)
+  with pytest.raises(rr.DatasetNotFoundError, match=r'no prepared version 1.1.0'):
+    rr.episodes(str(tmp_path), 'Pong')
+
+
+def _corrupted_copy(tiny_dataset_dir, tmp_path):
+  data = str(tmp_path / 'data')
+  shutil.copytree(tiny_dataset_dir, data)
+  d = os.path.join(data, 'rlu_atari_checkpoints_ordered', 'Breakout_run_1', '1.1.0')
+  bad = os.path.join(d, 'rlu_atari_checkpoints_ordered-checkpoint_00.tfrecord-00000-of-00001')
+  size = os.path.getsize(bad)
+  with open(bad, 'r+b') as f:
+    f.truncate(size // 2)  # the first episode survives (episodes are ~70 KB), the rest is cut
+  return data, bad
+
+
+def test_corrupt_shard_is_skipped_with_a_warning(tiny_dataset_dir, tmp_path, caplog):
+  data, bad = _corrupted_copy(tiny_dataset_dir, tmp_path)
+  everything = _all_ids(tiny_dataset_dir, 'Breakout')
+  stats = rr.ReadStats()
+  with caplog.at_level(logging.WARNING, logger='scaled_ql.datasets.rlds_reader'):
+    got = _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', stats=stats))
+  assert stats.corrupt_files == [bad] and stats.num_corrupt == 1
+  assert any(bad in r.getMessage() for r in caplog.records)
+  ckpt1 = [i for i in everything if i[0] == 1]
+  assert set(ckpt1) <= set(got)  # the intact file is read in full
+  assert len(got) < len(everything)
+
+
+def test_corrupt_shard_is_fatal_when_strict(tiny_dataset_dir, tmp_path):
+  data, bad = _corrupted_copy(tiny_dataset_dir, tmp_path)
+  with pytest.raises(Exception, match=r'corrupt or unreadable shard .*' + os.path.basename(bad)):
+    _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', strict=True))
+
+
+def test_summarize(tiny_dataset_dir):
+  summary = rr.summarize(tiny_dataset_dir, 'Breakout')
+  assert sorted(summary) == [0, 1]
+  b = tfds.builder('rlu_atari_checkpoints_ordered', config='Breakout_run_1',
+                   data_dir=tiny_dataset_dir)
+  for c, s in summary.items():
+    eps = list(tfds.as_numpy(b.as_dataset(split=f'checkpoint_{c:02d}')))
+    assert s.episodes == len(eps)
+    assert s.mean_return == pytest.approx(np.mean([e['episode_return'] for e in eps]))
+    assert s.steps == 300 + len(eps)  # actions + one final-observation step per episode
+
+
+def test_unordered_rlu_atari_builder_selects_by_checkpoint_id(tmp_path):
+  from scaled_ql.datasets import generate
+  out = generate.generate(['Pong'], str(tmp_path), num_checkpoints=3, steps_per_checkpoint=60,
+                          max_episode_frames=120, builder='rlu_atari', progress=False)
+  assert os.path.basename(out['Pong']) == '1.3.0'  # rlu_atari's registered version
+  b = tfds.builder('rlu_atari', config='Pong_run_1', data_dir=str(tmp_path))
+  assert list(b.info.splits.keys()) == ['train']
+  everything = sorted(_ids(b.as_dataset(split='train')))
+  assert {c for c, _ in everything} == {0, 1, 2} and len(everything) == 6
+  sub = _ids(rr.episodes(str(tmp_path), 'Pong', 1, 'checkpoints:1-2', builder='rlu_atari'))
+  assert sorted(sub) == [i for i in everything if i[0] >= 1]
+  # suboptimal: checkpoint_id < 10 of the real run's 50 checkpoints -> all 3 here.
+  assert sorted(_ids(rr.episodes(str(tmp_path), 'Pong', 1, 'suboptimal',
+                                 builder='rlu_atari'))) == everything
