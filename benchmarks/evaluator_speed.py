@@ -1,15 +1,17 @@
 """Evaluator throughput against the bare emulator (goal: ratio >= 0.7).
 
     .venv/bin/python benchmarks/evaluator_speed.py [--config cpu_small] [--games Pong,Breakout]
-        [--steps 4000] [--num-envs 1,4,8] [--cpus 0]
+        [--steps 4000] [--num-envs 4,16] [--env-groups 1,2] [--cpus 0] [--policy network,random]
 
 raw:       one `AtariEnv` (same DQN preprocessing: 4-frame skip, max-pool, 84x84 resize, stack)
-           stepped with uniformly random actions and no network: agent steps per second.
-evaluator: `scaled_ql.eval.evaluator.evaluate_game` with the config's network (params from init,
-           `actors.make_policy(cfg, 0.001)`), `num_envs` environments in lockstep, one jitted
-           policy call per step: agent steps per second (compile excluded, as in `evaluate`).
-ratio:     evaluator / raw, both measured in this process pinned to `--cpus` (default one core:
-           '0'), games alternated so that both see the same mix.
+           stepped with uniformly random numpy actions and no network, pinned to ONE core (the
+           first of --cpus): agent steps per second.
+evaluator: `scaled_ql.eval.evaluator.evaluate_game` (compile excluded, as in `evaluate`) with
+           policy 'network' = the config's Q-network, params from init, `actors.make_policy(cfg,
+           0.001)`; or 'random' = `evaluator.uniform_random_policy` (a jitted policy without a
+           network: the evaluator's own overhead). The process is pinned to --cpus (XLA sizes
+           its thread pool from them).
+ratio:     evaluator / raw; games alternated so that both see the same mix.
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ def main() -> None:
   parser.add_argument('--config', default='cpu_small')
   parser.add_argument('--games', default='Pong,Breakout')
   parser.add_argument('--steps', type=int, default=4000, help='agent steps per measurement')
-  parser.add_argument('--num-envs', default='1,4,8')
-  parser.add_argument('--cpus', default='0',
-                      help="comma-separated CPU ids to pin to ('' = no pinning)")
+  parser.add_argument('--num-envs', default='4,16')
+  parser.add_argument('--env-groups', default='1,2')
+  parser.add_argument('--policy', default='network,random')
+  parser.add_argument('--cpus', default='0', help='comma-separated CPU ids for the evaluator')
   args = parser.parse_args()
-  if args.cpus:
-    os.sched_setaffinity(0, {int(c) for c in args.cpus.split(',')})
+  cpus = [int(c) for c in args.cpus.split(',')]
+  os.sched_setaffinity(0, set(cpus))  # before JAX starts: XLA sizes its thread pool from it
 
   import jax
 
@@ -58,21 +61,32 @@ def main() -> None:
   nets = builder.agent_networks(cfg)
   params = nets.q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  policy = actors.make_policy(cfg, cfg.eval.epsilon)
+  policies = {'network': actors.make_policy(cfg, cfg.eval.epsilon),
+              'random': evaluator.uniform_random_policy(cfg.games)}
   print(f'config {cfg.name} ({n_params / 1e6:.2f}M params), games {games}, {args.steps} steps '
-        f'per measurement, cpus {sorted(os.sched_getaffinity(0))}, jax {jax.__version__} '
-        f'{jax.default_backend()}')
-  raw_steps_per_second(games[0], 200)  # warm the emulator/cv2 code paths
-  for num_envs in [int(n) for n in args.num_envs.split(',')]:
-    raws, evals = [], []
-    for game in games:
-      raws.append(raw_steps_per_second(game, args.steps))
-      r = evaluator.evaluate_game(policy, params, game, cfg.games.index(game), cfg.eval,
-                                  args.steps, num_envs)
-      evals.append(r.steps_per_second)
-    raw, ev = float(np.mean(raws)), float(np.mean(evals))
-    print(f'num_envs {num_envs:>3}: raw {raw:7.0f} steps/s  evaluator {ev:7.0f} steps/s  '
-          f'ratio {ev / raw:.2f}')
+        f'per measurement, evaluator cpus {cpus}, raw cpu {cpus[0]}, jax {jax.__version__} '
+        f'{jax.default_backend()}, load average {os.getloadavg()[0]:.1f}')
+
+  def raw(game):
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+      return raw_steps_per_second(game, args.steps)
+    finally:
+      os.sched_setaffinity(0, set(cpus))
+
+  raw(games[0])  # warm the emulator/cv2 code paths
+  for name in args.policy.split(','):
+    for num_envs in [int(n) for n in args.num_envs.split(',')]:
+      for groups in [int(n) for n in args.env_groups.split(',')]:
+        raws, evals = [], []
+        for game in games:
+          raws.append(raw(game))
+          r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
+                                      cfg.eval, args.steps, num_envs, env_groups=groups)
+          evals.append(r.steps_per_second)
+        raw_sps, ev = float(np.mean(raws)), float(np.mean(evals))
+        print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: raw {raw_sps:6.0f} '
+              f'steps/s  evaluator {ev:6.0f} steps/s  ratio {ev / raw_sps:.2f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -70,11 +70,28 @@ def test_budget_split_seeding_and_batching():
     return np.zeros(3, np.int32)
 
   results = evaluator.evaluate(policy, 'params', ['Pong'], EvalConfig(), model_games=GAMES,
-                               steps_per_game=10, num_envs=3)
+                               steps_per_game=10, num_envs=3, env_groups=1)
   assert results['Pong'].steps == 10  # budgets 4 + 3 + 3
   assert len(seen) == 1 + 4  # one untimed compile call, then one call per lockstep step
   assert all((g == GAMES.index('Pong')).all() for g, _ in seen)
   assert len({k.tobytes() for _, k in seen}) == len(seen)  # a fresh key every step
+
+
+def test_double_buffered_groups_play_the_same_episodes():
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def policy(params, rng, observation, game_id):  # deterministic: a function of the screen
+    del params, rng, game_id
+    return (jnp.sum(observation, axis=(1, 2, 3), dtype=jnp.int32) % 4).astype(jnp.int32)
+
+  runs = [evaluator.evaluate_game(policy, None, 'Breakout', 0, EvalConfig(), 600, 3,
+                                  env_groups=g) for g in (1, 2, 3)]
+  assert runs[0].episodes >= 1
+  for r in runs[1:]:
+    assert sorted(r.episode_returns) == sorted(runs[0].episode_returns)
+    assert (r.steps, r.score) == (600, runs[0].score)
 
 
 def test_argument_errors():
@@ -85,6 +102,9 @@ def test_argument_errors():
     evaluator.evaluate(pol, None, ['Pongg'], EvalConfig(), model_games=GAMES, steps_per_game=1)
   with pytest.raises(ValueError, match='steps_per_game must be >= 1'):
     evaluator.evaluate(pol, None, ['Pong'], EvalConfig(), model_games=GAMES, steps_per_game=0)
+  with pytest.raises(ValueError, match='env_groups must be >= 1'):
+    evaluator.evaluate(pol, None, ['Pong'], EvalConfig(env_groups=0), model_games=GAMES,
+                       steps_per_game=1)
 
 
 def test_logs_and_run_report(tmp_path, random_policy):
@@ -141,10 +161,12 @@ def test_bad_logs_are_named(tmp_path, capsys):
 
 
 def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
-  from test_learner import make  # the learner tests' cpu_tiny learner on random batches
+  from scaled_ql.agents.learner import Learner
   workdir = str(tmp_path / 'learner')
-  learner = make(workdir=workdir, handle_signals=False)
-  learner.save()  # the initial params, step 0 (no update compiled: keeps the test fast)
+  # cpu_tiny (Breakout, Pong); saved at step 0 with the initial params: no update is compiled
+  # (the iterator is never read), which keeps the test fast.
+  learner = Learner(get_config('cpu_tiny'), iter(()), workdir, handle_signals=False)
+  learner.save()
   out = str(tmp_path / 'eval.csv')
   rc = cli.main(['eval', '--checkpoint', workdir, '--games', 'Pong', '--steps', '6',
                  '--num-envs', '2', '--out', out])

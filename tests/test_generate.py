@@ -127,13 +127,21 @@ def test_cli_inspect(tiny_dataset_dir, capsys):
   assert 'configs present' in capsys.readouterr().err
 
 
-def test_heuristic_beats_random_on_freeway():
+@pytest.mark.parametrize('game,steps,margin', [('Freeway', 400, 2), ('Breakout', 400, 4),
+                                               ('Boxing', 600, 5), ('Pong', 900, 5)])
+def test_heuristics_beat_random(game, steps, margin):
   def score(epsilon):
-    env = AtariEnv('Freeway', sticky_action_prob=0.25, seed=0)
+    env = AtariEnv(game, sticky_action_prob=0.25, seed=0)
     policy = policies.EpsilonGreedyHeuristic(env, epsilon, np.random.default_rng(0))
     env.reset()
-    return sum(env.step(policy()).reward for _ in range(400))
-  assert score(0.1) >= 2 > score(1.0)
+    total = 0.0
+    for _ in range(steps):
+      ts = env.step(policy())
+      total += ts.reward
+      if ts.last():
+        break
+    return total
+  assert score(0.0) >= score(1.0) + margin
 
 
 def test_epsilon_schedule():

@@ -154,6 +154,9 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   workdir = str(tmp_path / 'faults')
   commands.prepare_workdir(cfg, workdir)
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
+  # A fine-tuning actor in a new environment (Breakout mode 12) feeding Breakout's table.
+  program.add_finetune_actors(prog, 'Breakout', mode=12, num_actors=1, epsilon=0.1,
+                              max_episode_frames=400)
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
   events = {}
@@ -189,6 +192,9 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert 'evaluator_back' in events, events
   # The replay came back on the same port and the learner went on past the kill.
   assert events.get('replay_back') and status.learner['steps'] > events['replay_killed_at']
+  actor = status.actors[0]
+  assert actor['episodes'] >= 1 and actor['items'] >= actor['env_steps'] > 0
+  assert actor['param_version'] >= 0
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed

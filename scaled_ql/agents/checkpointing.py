@@ -63,17 +63,18 @@ def _check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, where: str
                        f'{getattr(saved, field)} != {getattr(cfg, field)}')
 
 
-def restore(manager: ocp.CheckpointManager, like_state: Any, cfg: ExperimentConfig,
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: ExperimentConfig,
             step: Optional[int] = None) -> Optional[Any]:
-  """Restores the latest (or given) step into the structure/shardings of `like_state`."""
+  """Restores the latest (or given) step into `abstract_state` (a tree of ShapeDtypeStructs
+  with shardings); None if there is no checkpoint."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
   saved_cfg = ExperimentConfig.from_dict(
       manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   _check_compatible(saved_cfg, cfg, str(manager.directory))
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  out = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return out.state
 
 

@@ -70,6 +70,9 @@ def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
                     rng=rng, step=jnp.zeros((), jnp.int32))
 
 
+_init_state_jit = jax.jit(init_state, static_argnums=0)
+
+
 def batch_loss(trainable: tuple[Any, Any], target_params: Any, batch: Transition,
                cfg: ExperimentConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over the batch of the per-transition loss of `cfg.agent.loss`; returns (loss, terms)."""
@@ -176,10 +179,13 @@ class Learner:
     mesh = Mesh(np.asarray(devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
-    self._state = jax.device_put(init_state(cfg, jax.random.PRNGKey(cfg.train.seed)),
-                                 self._replicated)
+    self._state = jax.device_put(
+        _init_state_jit(cfg, jax.random.PRNGKey(cfg.train.seed)), self._replicated)
+    # Shapes, dtypes and shardings of the state: what a restore fills (even after a failure).
+    self._abstract_state = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
     self._steps = 0
-    self._checked_first_batch = False
+    self._failure: Optional[str] = None  # set by a non-finite step: the state is gone
     self._logger = logger or loggers_lib.make_logger('learner', workdir)
     self._window: dict[str, float] = {}
     self._window_count = 0
@@ -207,6 +213,7 @@ class Learner:
     return self._state
 
   def step(self) -> dict[str, float]:
+    self._check_alive()
     batch = next(self._iterator)
     check_batch(batch, self._cfg, self._batch_size)
     batch = jax.device_put(Transition(*map(np.asarray, batch)), self._batch_sharding)
@@ -218,9 +225,10 @@ class Learner:
       last = self._manager.latest_step() if self._manager else None
       kept = (f'the last good checkpoint (step {last}) is kept in {self._workdir}'
               if last is not None else 'no checkpoint was written yet')
-      raise NonFiniteLossError(
-          f'non-finite {", ".join(f"{k}={metrics[k]}" for k in bad)} at learner step {step} '
-          f'(config {self._cfg.name}); {kept}')
+      # The previous state was donated to `update`: this learner cannot continue or save.
+      self._failure = (f'non-finite {", ".join(f"{k}={metrics[k]}" for k in bad)} at learner '
+                       f'step {step} (config {self._cfg.name}); {kept}')
+      raise NonFiniteLossError(self._failure)
     self._state, self._steps = new_state, step
     self._log(metrics)
     if self._manager is not None and step % self._cfg.train.checkpoint_every_steps == 0:
@@ -236,7 +244,7 @@ class Learner:
   def run(self, num_steps: Optional[int] = None) -> int:
     """Steps until `num_steps` (default cfg.train.num_steps) in total, then saves; returns steps.
 
-    A SIGTERM/SIGINT ends the loop early after a checkpoint (no exception escapes)."""
+    A SIGTERM/SIGINT, or the end of the data, ends the loop early (with a checkpoint)."""
     num_steps = self._cfg.train.num_steps if num_steps is None else num_steps
     try:
       while self._steps < num_steps:
@@ -244,6 +252,8 @@ class Learner:
     except StopTraining as stop:
       print(stop.message, flush=True)
       return self._steps
+    except StopIteration:
+      print(f'the data iterator is exhausted after step {self._steps}', flush=True)
     if self._manager is not None and self._manager.latest_step() != self._steps:
       self.save()
     return self._steps
@@ -251,6 +261,7 @@ class Learner:
   def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
     """Host copies. 'params': what `actors.make_policy` takes (for 'bcq' {'q', 'behaviour'});
     also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
+    self._check_alive()
     s = self._state
     table = dict(params=lambda: builder.policy_params(self._cfg, s.params, s.behaviour_params),
                  target_params=lambda: s.target_params,
@@ -264,17 +275,19 @@ class Learner:
   def save(self) -> None:
     if self._manager is None:
       raise ValueError('Learner.save: this learner has no workdir')
+    self._check_alive()
     checkpointing.save(self._manager, self._state, self._cfg)
 
   def restore(self) -> bool:
     """Loads the latest checkpoint of the workdir, if any; returns whether one was loaded."""
     if self._manager is None:
       raise ValueError('Learner.restore: this learner has no workdir')
-    restored = checkpointing.restore(self._manager, self._state, self._cfg)
+    restored = checkpointing.restore(self._manager, self._abstract_state, self._cfg)
     if restored is None:
       return False
     self._state = restored
     self._steps = int(restored.step)
+    self._failure = None  # a learner stopped by a non-finite loss can resume from a good state
     return True
 
   def close(self) -> None:
@@ -286,6 +299,10 @@ class Learner:
     self._logger.close()
 
   # ----------------------------------------------------------------------------------------
+  def _check_alive(self) -> None:
+    if self._failure is not None:
+      raise NonFiniteLossError(f'this learner stopped earlier: {self._failure}')
+
   def _on_signal(self, signum, frame) -> None:
     del frame
     if self._stop_signal is not None:  # a second signal: stop waiting for the step boundary

@@ -96,6 +96,9 @@ class EvalConfig:
   max_episode_frames: int = 108_000
   steps_per_game: int = 125_000  # agent steps averaged over (Castro et al. 2018); small on CPU
   num_envs: int = 4  # environments batched through the network per evaluator
+  # The envs are split into this many groups: one group's emulators step while the network
+  # computes the next group's actions (JAX dispatches asynchronously). 1 = plain lockstep.
+  env_groups: int = 2
   num_evaluators: int = 1
   eval_every_seconds: float = 60.0
 

@@ -71,7 +71,8 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 def rlds_episode(frames, actions, rewards, terminal: bool, checkpoint_id: int,
                      episode_id: int) -> dict:
-  """One RLDS episode in the rlu_atari feature layout from T actions and T+1 frames."""
+  """One RLDS episode in the rlu_atari feature layout from T actions and T+1 frames (uint8 [84, 84]
+  arrays or their PNG bytes)."""
   num_actions = len(actions)
   assert len(frames) == num_actions + 1, (len(frames), num_actions)
   clipped = np.clip(np.asarray(rewards, np.float32), -1.0, 1.0)
@@ -90,7 +91,7 @@ def rlds_episode(frames, actions, rewards, terminal: bool, checkpoint_id: int,
       'episode_id': np.int64(episode_id),
       'episode_return': np.float32(clipped.sum()),
       'steps': {
-          'observation': [encode_png(f) for f in frames],
+          'observation': [f if isinstance(f, bytes) else encode_png(f) for f in frames],
           'action': np.concatenate([np.asarray(actions, np.int64), [0]]).astype(np.int64),
           'reward': reward,
           'discount': discount,
@@ -117,11 +118,12 @@ def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[i
     if episodes_per_checkpoint is not None and stats.episodes >= episodes_per_checkpoint:
       return
     ts = env.reset()
-    frames, actions, rewards = [ts.observation[..., -1]], [], []
+    # Frames are PNG-encoded as they come (~1-2 KB each instead of 7 KB: long episodes stay small).
+    frames, actions, rewards = [encode_png(ts.observation[..., -1])], [], []
     while True:
       a = policy()
       ts = env.step(a)
-      frames.append(ts.observation[..., -1])
+      frames.append(encode_png(ts.observation[..., -1]))
       actions.append(a)
       rewards.append(float(ts.reward))
       stats.steps += 1

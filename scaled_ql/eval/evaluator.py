@@ -6,8 +6,9 @@ Protocol (all from `EvalConfig`, whose defaults are the paper's):
 - episodes cut at 108K emulator frames (27K agent steps), game over as the terminal condition,
 - unclipped game score as the return,
 - `steps_per_game` agent steps per game (paper: 125K, as in Castro et al. 2018), run as `num_envs`
-  environments of the game stepped in lockstep, the network applied to all of them in one jitted
-  call per step. The budget is split evenly between the environments.
+  environments of the game, the network applied to a whole group of them in one jitted call per
+  step (`env_groups` groups, double-buffered: see `evaluate_game`). The budget is split evenly
+  between the environments.
 
 Score of a game = mean return of the episodes COMPLETED within the budget (episodes still running
 when the budget is spent are dropped, as Castro et al. 2018 count only finished episodes). If no
@@ -80,7 +81,7 @@ def uniform_random_policy(model_games: Sequence[str]) -> PolicyFn:
 
 
 def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: EvalConfig,
-                steps: int, num_envs: int) -> None:
+                steps: int, num_envs: int, env_groups: int) -> None:
   games_lib.check_games(games, 'games')
   not_in_model = [g for g in games if g not in model_games]
   if not_in_model:
@@ -90,38 +91,62 @@ def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: Eval
     raise ValueError(f'steps_per_game must be >= 1, got {steps}')
   if num_envs < 1:
     raise ValueError(f'num_envs must be >= 1, got {num_envs}')
+  if env_groups < 1:
+    raise ValueError(f'env_groups must be >= 1, got {env_groups}')
   if not 0.0 <= eval_cfg.sticky_action_prob <= 1.0:
     raise ValueError(f'sticky_action_prob must be in [0, 1], got {eval_cfg.sticky_action_prob}')
 
 
 def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
-                  eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0) -> GameResult:
-  """Runs `steps` agent steps of `game` over `num_envs` lockstep environments (see module doc)."""
+                  eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
+                  env_groups: Optional[int] = None) -> GameResult:
+  """Runs `steps` agent steps of `game` over `num_envs` environments (see the module docstring).
+
+  The environments form `env_groups` (default `eval_cfg.env_groups`, at most `num_envs`) groups,
+  each a batch of one
+  jitted policy call per step. JAX dispatches the call asynchronously, so while the network
+  computes one group's actions the emulators of the other groups step (double buffering on a
+  machine with a core to spare); with one group it is plain lockstep. Each group's observation
+  array is written only after its pending call has returned (the call may read it in place).
+  """
   import jax
+  groups_n = int(eval_cfg.env_groups if env_groups is None else env_groups)
+  if groups_n < 1:
+    raise ValueError(f'env_groups must be >= 1, got {groups_n}')
+  groups_n = min(groups_n, num_envs)  # at most one group per environment
   envs = [make_eval_env(game, eval_cfg, env_seed(seed, game, i)) for i in range(num_envs)]
   budgets = [steps // num_envs + (1 if i < steps % num_envs else 0) for i in range(num_envs)]
   horizon = max(budgets)
-  observation = np.stack([env.reset().observation for env in envs])  # uint8 [E, 84, 84, 4]
-  game_ids = np.full((num_envs,), game_id, np.int32)
-  # One key per step, made up front as numpy (no per-step device op for the split).
-  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), horizon + 1))
-  jax.block_until_ready(policy_fn(params, keys[-1], observation, game_ids))  # compile: untimed
+  groups = [list(idx) for idx in np.array_split(np.arange(num_envs), groups_n)]
+  observations = [np.stack([envs[i].reset().observation for i in g]) for g in groups]
+  game_ids = [np.full((len(g),), game_id, np.int32) for g in groups]
+  # One key per (step, group), made up front as numpy: no per-step device op for the split.
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), (horizon + 1) * groups_n))
+  keys = keys.reshape((horizon + 1, groups_n) + keys.shape[1:])
+  for k, g in enumerate(groups):  # compile every group shape before the clock starts
+    jax.block_until_ready(policy_fn(params, keys[-1, k], observations[k], game_ids[k]))
 
   running = np.zeros(num_envs, np.float64)
   completed: list[float] = []
   start = time.perf_counter()
+  pending = [policy_fn(params, keys[0, k], observations[k], game_ids[k])
+             for k in range(groups_n)]
   for t in range(horizon):
-    actions = np.asarray(policy_fn(params, keys[t], observation, game_ids))
-    for i, env in enumerate(envs):
-      if t >= budgets[i]:
-        continue
-      ts = env.step(actions[i])
-      running[i] += ts.reward
-      if ts.last():
-        completed.append(float(running[i]))
-        running[i] = 0.0
-        ts = env.reset()
-      observation[i] = ts.observation
+    for k, g in enumerate(groups):
+      actions = np.asarray(pending[k])  # waits for this group's call only
+      obs = observations[k]
+      for j, i in enumerate(g):
+        if t >= budgets[i]:
+          continue
+        ts = envs[i].step(actions[j])
+        running[i] += ts.reward
+        if ts.last():
+          completed.append(float(running[i]))
+          running[i] = 0.0
+          ts = envs[i].reset()
+        obs[j] = ts.observation
+      if t + 1 < horizon:
+        pending[k] = policy_fn(params, keys[t + 1, k], obs, game_ids[k])
   seconds = time.perf_counter() - start
   for env in envs:
     env.close()
@@ -138,7 +163,8 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
 
 def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: EvalConfig, *,
              model_games: Optional[Sequence[str]] = None, steps_per_game: Optional[int] = None,
-             num_envs: Optional[int] = None, seed: int = 0, param_version: int = -1,
+             num_envs: Optional[int] = None, env_groups: Optional[int] = None, seed: int = 0,
+             param_version: int = -1,
              evaluator: str = 'evaluator', epsilon: Optional[float] = None,
              jsonl_path: Optional[str] = None, csv_path: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None) -> dict[str, GameResult]:
@@ -146,7 +172,9 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
 
   model_games:    the games of the network (`cfg.games`); `game_id` = index into it. Default: games.
   steps_per_game: agent steps per game; default `eval_cfg.steps_per_game`.
-  num_envs:       lockstep environments per game; default `eval_cfg.num_envs`.
+  num_envs:       environments per game; default `eval_cfg.num_envs`.
+  env_groups:     double-buffered groups of them (see `evaluate_game`); default
+                  `eval_cfg.env_groups`.
   param_version:  learner step of `params`, written into every record (-1: unknown).
   jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each game,
                   so a long evaluation leaves partial results behind).
@@ -155,11 +183,12 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   model_games = tuple(games if model_games is None else model_games)
   steps = int(eval_cfg.steps_per_game if steps_per_game is None else steps_per_game)
   num_envs = int(eval_cfg.num_envs if num_envs is None else num_envs)
-  _check_args(games, model_games, eval_cfg, steps, num_envs)
+  env_groups = int(eval_cfg.env_groups if env_groups is None else env_groups)
+  _check_args(games, model_games, eval_cfg, steps, num_envs, env_groups)
   results: dict[str, GameResult] = {}
   for game in games:
     r = evaluate_game(policy_fn, params, game, model_games.index(game), eval_cfg, steps,
-                      num_envs, seed)
+                      num_envs, seed, env_groups)
     results[game] = r
     record = report.EvalRecord(
         game=game, score=r.score, normalized=r.normalized, param_version=int(param_version),

@@ -54,6 +54,32 @@ def learning_curves_png(path: str, curves: Mapping[str, tuple[Sequence[float], S
   return path
 
 
+def per_game_grid_png(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                      ylabel: str = 'human-normalized (%)', title: str = '',
+                      percent: bool = True) -> str:
+  """One small panel per game (readable for 40 games): curves[game] = (learner steps, values)."""
+  plt = _pyplot()
+  n = len(curves)
+  cols = min(n, 6)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows + 0.6), squeeze=False)
+  scale = 100.0 if percent else 1.0
+  for ax, (name, (steps, values)) in zip(axes.flat, curves.items()):
+    ax.plot(np.asarray(steps), np.asarray(values, np.float64) * scale, marker='o', markersize=2)
+    ax.set_title(name, fontsize='small')
+    ax.tick_params(labelsize='x-small')
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[n:]:
+    ax.axis('off')
+  fig.supxlabel('learner step (param_version)', fontsize='small')
+  fig.supylabel(ylabel, fontsize='small')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path)
+  return path
+
+
 def _save(fig, path: str) -> None:
   plt = _pyplot()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

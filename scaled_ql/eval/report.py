@@ -202,10 +202,9 @@ def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
   os.makedirs(out_dir, exist_ok=True)
   c = learning_curves(records)
   paths = {
-      'games_png': plots.learning_curves_png(
+      'games_png': plots.per_game_grid_png(
           os.path.join(out_dir, 'learning_curves_games.png'), c.per_game,
-          'human-normalized score (%)', title=f'{os.path.basename(os.path.abspath(workdir))}: '
-          'per game'),
+          title=f'{os.path.basename(os.path.abspath(workdir))}: human-normalized score per game'),
   }
   if c.versions:
     paths['aggregate_png'] = plots.learning_curves_png(

@@ -20,7 +20,6 @@ DEMO_WORKDIR = os.path.join('runs', 'demo')
 DEMO_CHECKPOINTS = 10
 DEMO_STEPS_PER_CHECKPOINT = 500
 DEMO_TRAIN_MINUTES = 6.0
-DEMO_EVAL_STEPS_PER_GAME = 2_000
 
 
 class LaunchError(ValueError):
@@ -67,6 +66,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help='Ray cluster to join: auto | ray://host:port (default: start Ray locally)')
   p.add_argument('--num-cpus', type=int, default=None,
                  help='local Ray only: logical CPUs (default: enough for every node)')
+  p.add_argument('--learner-gpus', type=float, default=0,
+                 help='GPUs the learner node asks Ray for (1 on a GPU cluster; default 0)')
   p.add_argument('--timeout-minutes', type=float, default=None,
                  help='stop (with a final checkpoint) after this much wall-clock time')
 
@@ -153,7 +154,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
 
 
 def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
-          timeout_s: Optional[float] = None, log=print):
+          timeout_s: Optional[float] = None, learner_gpus: float = 0, log=None):
   """Runs the program to the end and returns its last `ProgramStatus` (Ray stopped after, when
   it was started here)."""
   import ray
@@ -162,8 +163,10 @@ def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[i
   prepare_workdir(cfg, workdir)
   started_here = init_ray(address, num_cpus, cfg)
   try:
-    prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps)
-    return program.run(prog, log=log, timeout_s=timeout_s)
+    prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
+                         learner_gpus=learner_gpus)
+    return program.run(prog, log=log or (lambda line: print(line, flush=True)),
+                       timeout_s=timeout_s)
   finally:
     if started_here:
       ray.shutdown()
@@ -181,7 +184,7 @@ def _train(args) -> int:
   except LaunchError as e:
     return _fail(e)
   timeout = args.timeout_minutes * 60 if args.timeout_minutes else None
-  status = train(cfg, args.workdir, args.address, args.num_cpus, timeout)
+  status = train(cfg, args.workdir, args.address, args.num_cpus, timeout, args.learner_gpus)
   _print_scores(status)
   print(f'report: scaled-ql report run {args.workdir}')
   return 0
@@ -201,6 +204,7 @@ def _print_scores(status) -> None:
 
 def _demo(args) -> int:
   import numpy as np
+  from scaled_ql.eval import metrics
   try:
     cfg = resolve_config(DEMO_CONFIG, args.data_dir, args.steps, 1)
   except LaunchError as e:
@@ -209,23 +213,21 @@ def _demo(args) -> int:
   _ensure_demo_data(cfg)
   print(f'[demo] data ready in {time.time() - started:.0f}s; training {cfg.name} '
         f'({", ".join(cfg.games)}) for at most {args.minutes:g} minutes ...', flush=True)
-  train(cfg, args.workdir, timeout_s=args.minutes * 60)
-  print(f'[demo] final evaluation of the last checkpoint ({DEMO_EVAL_STEPS_PER_GAME} agent '
-        'steps per game) ...', flush=True)
-  from scaled_ql.agents import actors, checkpointing
-  from scaled_ql.eval import evaluator, metrics
-  ckpt_cfg, params, step = checkpointing.load_params(args.workdir)
-  results = evaluator.evaluate(
-      actors.make_policy(ckpt_cfg, ckpt_cfg.eval.epsilon), params, ckpt_cfg.games,
-      ckpt_cfg.eval, steps_per_game=DEMO_EVAL_STEPS_PER_GAME, param_version=step,
-      evaluator='demo_final', epsilon=ckpt_cfg.eval.epsilon,
-      jsonl_path=os.path.join(args.workdir, 'eval', 'demo_final.jsonl'))
-  print(f'\nScaled QL ({cfg.name}) after {step} learner steps, {time.time() - started:.0f}s total:')
-  print(evaluator.results_table(results))
-  norm = np.asarray([r.normalized for r in results.values()])
-  print(f'aggregate human-normalized: IQM {100 * metrics.iqm(norm[None]):.1f}%  median '
+  status = train(cfg, args.workdir, timeout_s=args.minutes * 60)
+  # The program ends with its evaluator evaluating the final params (the last checkpoint).
+  scores = status.latest_scores() if status else {}
+  if not scores:
+    print('[demo] no evaluation finished; see the logs above', file=sys.stderr)
+    return 1
+  steps = status.learner['steps'] if status.learner else '?'
+  print(f'\nScaled QL ({cfg.name}) after {steps} learner steps, {time.time() - started:.0f}s in '
+        f'all; human-normalized scores ({cfg.eval.steps_per_game} agent steps per game, '
+        f'epsilon {cfg.eval.epsilon}):')
+  _print_scores(status)
+  norm = np.asarray([r['normalized'] for r in scores.values()])
+  print(f'  aggregate: IQM {100 * metrics.iqm(norm[None]):.1f}%  median '
         f'{100 * np.median(norm):.1f}%  mean {100 * np.mean(norm):.1f}%')
-  print(f'report: scaled-ql report run {args.workdir}')
+  print(f'report: scaled-ql report run {args.workdir}  (learning curves + summary)')
   return 0
 
 

@@ -11,6 +11,7 @@ Heavy imports (JAX, TensorFlow, Reverb) happen inside the nodes, in their own pr
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -28,6 +29,9 @@ from scaled_ql.launch.variable_server import VariableClient, VariableServer
 # How long a node waits between tries to reach a restarting Reverb server / params that are not
 # yet published.
 RETRY_SECONDS = 1.0
+# Inserter throttle (see InserterNode): samples the learner draws per transition inserted once a
+# table is full, i.e. about how often each transition is sampled before FIFO eviction.
+SAMPLES_PER_INSERT = 4.0
 
 
 def _was_restarted() -> bool:
@@ -142,7 +146,14 @@ def _reverb_address(replay) -> str:
 class InserterNode(_LoopNode):
   """Streams RLDS episodes of its share of the games (games[index::num_inserters]) into their
   Reverb tables, epoch after epoch (`reverb_tables.run_inserter`, which reconnects when the server
-  comes back at its address)."""
+  comes back at its address).
+
+  Throttle: once a game's table (a shuffle buffer) is full, the next episode waits until the
+  learner has sampled SAMPLES_PER_INSERT times as many transitions from that table as were
+  inserted after it filled up, so each transition is sampled about SAMPLES_PER_INSERT times before
+  FIFO eviction, and an inserter never burns CPU re-inserting data nobody samples (on a small
+  machine that CPU is the learner's).
+  """
 
   def __init__(self, cfg: ExperimentConfig, replay, index: int, num_inserters: int,
                workdir: Optional[str] = None):
@@ -152,18 +163,46 @@ class InserterNode(_LoopNode):
     if not self._games:
       raise ValueError(f'inserter {index} of {num_inserters} has no games ({len(cfg.games)} '
                        'games): lower DataConfig.num_inserters')
-    self.items = 0
+    self.throttled_s = 0.0
     self._start(workdir)
 
   def _run_once(self) -> bool:
     from scaled_ql.datasets import reverb_tables
-    self.items += reverb_tables.run_inserter(
-        _reverb_address(self._replay), self._cfg, self._games,
-        reverb_tables.rlds_episode_source(self._cfg), repeat=True, stop=self._stop)
+    address = _reverb_address(self._replay)
+    reverb_tables.run_inserter(
+        address, self._cfg, self._games,
+        self._throttled(reverb_tables.rlds_episode_source(self._cfg), address),
+        repeat=True, stop=self._stop)
     return False
 
+  def _throttled(self, source, address: str):
+    import reverb
+    from scaled_ql.datasets import reverb_tables
+    client = reverb.Client(address)
+
+    def wait_for_samples(game: str) -> None:
+      started = time.monotonic()
+      while not self._stop.is_set():
+        try:
+          info = client.server_info(timeout=10)[reverb_tables.table_name(game)]
+        except Exception:  # pylint: disable=broad-except  (server restarting: the writer copes)
+          return
+        stats = info.rate_limiter_info
+        inserted_since_full = stats.insert_stats.completed - info.max_size
+        if (info.current_size < info.max_size
+            or stats.sample_stats.completed >= SAMPLES_PER_INSERT * inserted_since_full):
+          break
+        self._stop.wait(0.2)
+      self.throttled_s += time.monotonic() - started
+
+    def throttled_source(game: str):
+      for episode in source(game):
+        wait_for_samples(game)
+        yield episode
+    return throttled_source
+
   def status(self) -> dict:
-    return dict(self.base_status(), games=list(self._games))
+    return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s)
 
   def stop(self) -> None:
     self._stop_loop(timeout=30)
@@ -191,7 +230,7 @@ class LearnerNode(_LoopNode):
     self._publisher = variables.publisher()
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
-    self._rate_window: list[tuple[float, int]] = []
+    self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
     self._start(workdir)
 
   def _params(self):
@@ -205,11 +244,13 @@ class LearnerNode(_LoopNode):
     if steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps:
       self._publisher.publish(self._params(), steps)
     now = time.monotonic()
-    self._rate_window = [(t, s) for t, s in self._rate_window if now - t < 30.0] + [(now, steps)]
+    self._rate_window.append((now, steps))
+    while now - self._rate_window[0][0] > 30.0:
+      self._rate_window.popleft()
     return None
 
   def status(self) -> dict:
-    window = self._rate_window
+    window = list(self._rate_window)
     rate = ((window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
             if len(window) > 1 and window[-1][0] > window[0][0] else 0.0)
     metrics = {k: float(v) for k, v in self._metrics.items() if _is_number(v)}
@@ -332,6 +373,7 @@ class FinetuneActorNode(_LoopNode):
     self._client.wait_for_version(0, timeout=600)
     self._rng = jax.random.PRNGKey(seed)
     self._writer = None
+    self.items = 0
     self.episodes = 0
     self.env_steps = 0
     self.returns: list[float] = []
@@ -371,8 +413,8 @@ class FinetuneActorNode(_LoopNode):
       client = reverb.Client(_reverb_address(self._replay))
       self._writer = reverb_tables.make_writer(client, self._cfg.agent.n_step)
     try:
-      reverb_tables.write_episode(self._writer, reverb_tables.table_name(self._game), steps,
-                                  self._cfg.agent.n_step)
+      self.items += reverb_tables.write_episode(
+          self._writer, reverb_tables.table_name(self._game), steps, self._cfg.agent.n_step)
     except (reverb.errors.ReverbError, RuntimeError) as e:
       # The server went away: drop this episode, reconnect for the next one.
       print(f'[{self.name}] lost the Reverb server ({type(e).__name__}); reconnecting',
@@ -382,7 +424,7 @@ class FinetuneActorNode(_LoopNode):
   def status(self) -> dict:
     recent = self.returns[-10:]
     return dict(self.base_status(), game=self._game, episodes=self.episodes,
-                env_steps=self.env_steps, param_version=self._client.version,
+                env_steps=self.env_steps, items=self.items, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)
 
   def stop(self) -> None:

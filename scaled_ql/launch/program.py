@@ -83,16 +83,20 @@ def _actor(cls, kind: str, **options):
                     max_concurrency=4, **options)(cls)
 
 
-def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int) -> Program:
-  """Starts every node of the training program (the graph in the module docstring)."""
-  evaluator_games = split_games(cfg.games, num_evaluators)
+def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
+          learner_gpus: float = 0) -> Program:
+  """Starts every node of the training program (the graph in the module docstring).
+  `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node)."""
+  # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
+  evaluator_games = split_games(cfg.games, num_evaluators) if num_evaluators else []
   replay = _actor(nodes.ReverbNode, 'replay').remote(cfg, free_port())
   inserters = [
       _actor(nodes.InserterNode, 'inserter').remote(cfg, replay, i, cfg.data.num_inserters, workdir)
       for i in range(cfg.data.num_inserters)]
   variables = VariableServer.create(cfg.train.variable_server_shards,
                                     max_restarts=MAX_RESTARTS['variable_shard'])
-  learner = _actor(nodes.LearnerNode, 'learner').remote(cfg, replay, variables, workdir, num_steps)
+  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
+      cfg, replay, variables, workdir, num_steps)
   evaluators = [
       _actor(nodes.EvaluatorNode, 'evaluator').remote(cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
@@ -101,16 +105,20 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
 
 
 def add_finetune_actors(program: Program, game: str, mode: Optional[int], num_actors: int,
-                        epsilon: float) -> None:
+                        epsilon: float, max_episode_frames: int = 108_000) -> None:
   """Fine-tuning actors acting in `game` (+ `mode`) and feeding the replay's table of that game."""
   for i in range(num_actors):
     program.actors.append(_actor(nodes.FinetuneActorNode, 'actor').remote(
         program.cfg, game, mode, epsilon, program.variables, program.replay, i, program.workdir,
-        seed=program.cfg.train.seed))
+        seed=program.cfg.train.seed, max_episode_frames=max_episode_frames))
 
 
 # ---------------------------------------------------------------------------------------------
 # The driver: watch, print progress, end cleanly.
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)
 
 
 class NodeLost(RuntimeError):
@@ -239,7 +247,7 @@ def learner_done(status: ProgramStatus) -> bool:
   return bool(status.learner and status.learner['done'])
 
 
-def run(program: Program, *, log: Callable[[str], None] = print,
+def run(program: Program, *, log: Callable[[str], None] = _print,
         stop_when: Callable[[ProgramStatus], bool] = learner_done,
         timeout_s: Optional[float] = None, final_eval_timeout_s: Optional[float] = 600.0,
         status_every_s: float = STATUS_EVERY_SECONDS) -> ProgramStatus:
@@ -272,7 +280,7 @@ def run(program: Program, *, log: Callable[[str], None] = print,
   return final or status
 
 
-def shutdown(program: Program, log: Callable[[str], None] = print,
+def shutdown(program: Program, log: Callable[[str], None] = _print,
              final_eval_timeout_s: Optional[float] = None) -> Optional[ProgramStatus]:
   """Learner first (final checkpoint + publish), then (optionally) a last evaluation of the final
   params, then evaluators/actors, inserters, replay; finally every actor is killed so no process
