@@ -1,6 +1,9 @@
 """Throughput of the emulator path on one core: raw ALE frames/s vs AtariEnv agent steps/s, and
 the local generator's steps/s (emulator + policy + PNG encoding + TFDS writing).
 
+Rates are given per second of this process's CPU time (time.process_time) as well as wall time:
+on a shared, loaded machine the CPU-time rate is what one free core would do.
+
     taskset -c 0 .venv/bin/python benchmarks/bench_env_data.py [--game Pong] [--steps 5000]
 """
 import argparse
@@ -8,6 +11,20 @@ import tempfile
 import time
 
 import numpy as np
+
+
+class _Timer:
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall
+    self.cpu = time.process_time() - self.cpu
+
+
+def _rates(n, t):
+  return n / t.wall, n / t.cpu
 
 
 def raw_ale_frames_per_s(game: str, frames: int) -> float:
@@ -20,12 +37,12 @@ def raw_ale_frames_per_s(game: str, frames: int) -> float:
   actions = ale.getMinimalActionSet()
   rng = np.random.default_rng(0)
   choice = rng.integers(len(actions), size=frames // 4 + 1)
-  start = time.perf_counter()
-  for i in range(frames):
-    ale.act(actions[choice[i // 4]])
-    if ale.game_over():
-      ale.reset_game()
-  return frames / (time.perf_counter() - start)
+  with _Timer() as t:
+    for i in range(frames):
+      ale.act(actions[choice[i // 4]])
+      if ale.game_over():
+        ale.reset_game()
+  return _rates(frames, t)
 
 
 def env_steps_per_s(game: str, steps: int) -> float:
@@ -34,19 +51,22 @@ def env_steps_per_s(game: str, steps: int) -> float:
   rng = np.random.default_rng(0)
   choice = rng.integers(env.num_actions, size=steps)
   env.reset()
-  start = time.perf_counter()
-  for i in range(steps):
-    env.step(choice[i])
-  return steps / (time.perf_counter() - start)
+  with _Timer() as t:
+    for i in range(steps):
+      env.step(choice[i])
+  return _rates(steps, t)
 
 
 def generator_steps_per_s(game: str, steps: int) -> float:
   from scaled_ql.datasets import generate
   with tempfile.TemporaryDirectory() as d:
-    start = time.perf_counter()
-    generate.generate([game], d, num_checkpoints=2, steps_per_checkpoint=steps // 2,
-                      progress=False)
-    return steps / (time.perf_counter() - start)
+    generate.generate([game], d, num_checkpoints=1, steps_per_checkpoint=100,
+                      progress=False)  # warm-up: TF/TFDS imports and first-use costs
+  with tempfile.TemporaryDirectory() as d:
+    with _Timer() as t:
+      generate.generate([game], d, num_checkpoints=2, steps_per_checkpoint=steps // 2,
+                        progress=False)
+  return _rates(steps, t)
 
 
 def main():
@@ -54,11 +74,16 @@ def main():
   p.add_argument('--game', default='Pong')
   p.add_argument('--steps', type=int, default=5000)
   a = p.parse_args()
-  print(f'{a.game}: raw ALE          {raw_ale_frames_per_s(a.game, 4 * a.steps):8.0f} frames/s')
-  print(f'{a.game}: AtariEnv         {env_steps_per_s(a.game, a.steps):8.0f} agent steps/s '
-        f'(4 frames each)')
-  print(f'{a.game}: data generate    {generator_steps_per_s(a.game, a.steps):8.0f} agent steps/s '
-        f'(incl. policy, PNG, TFDS write, TF start-up excluded)')
+  import os
+  print(f'load average {os.getloadavg()[0]:.1f}; rates as wall / CPU-time')
+  w, c = raw_ale_frames_per_s(a.game, 4 * a.steps)
+  print(f'{a.game}: raw ALE        {w:8.0f} / {c:8.0f} frames/s')
+  w, c = env_steps_per_s(a.game, a.steps)
+  print(f'{a.game}: AtariEnv       {w:8.0f} / {c:8.0f} agent steps/s (x4 frames: '
+        f'{4 * w:.0f} / {4 * c:.0f} frames/s)')
+  w, c = generator_steps_per_s(a.game, a.steps)
+  print(f'{a.game}: data generate  {w:8.0f} / {c:8.0f} agent steps/s (policy, PNG, TFDS write; '
+        f'imports excluded)')
 
 
 if __name__ == '__main__':

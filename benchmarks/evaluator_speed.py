@@ -37,6 +37,19 @@ def raw_steps_per_second(game: str, steps: int, seed: int = 0) -> float:
   return steps / (time.perf_counter() - start)
 
 
+def policy_ms_per_observation(policy, params, batch: int, calls: int = 20) -> float:
+  """Wall time of one jitted policy call on a batch, per observation (network cost alone)."""
+  import jax
+  obs = np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 4), dtype=np.uint8)
+  game_id = np.zeros((batch,), np.int32)
+  key = np.asarray(jax.random.PRNGKey(0))
+  jax.block_until_ready(policy(params, key, obs, game_id))
+  start = time.perf_counter()
+  for _ in range(calls):
+    jax.block_until_ready(policy(params, key, obs, game_id))
+  return (time.perf_counter() - start) / calls / batch * 1e3
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='cpu_small')
@@ -75,6 +88,10 @@ def main() -> None:
       os.sched_setaffinity(0, set(cpus))
 
   raw(games[0])  # warm the emulator/cv2 code paths
+  for batch in sorted({int(n) // g for n in args.num_envs.split(',')
+                       for g in map(int, args.env_groups.split(',')) if int(n) // g}):
+    print(f'network alone: policy call at batch {batch:>2}: '
+          f'{policy_ms_per_observation(policies["network"], params, batch):.2f} ms/observation')
   for name in args.policy.split(','):
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:

@@ -106,6 +106,28 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
               load_average=os.getloadavg()[0], loss=float(metrics['loss']))
 
 
+def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> dict:
+  """Learner.step() (host batch checks, device_put, metrics fetch, NaN check) on host batches."""
+  from scaled_ql import loggers
+  cfg = get_config(name)
+  if batch is not None:
+    per_game = max(1, batch // cfg.agent.games_per_batch)
+    cfg = cfg.replace(agent=dict(games_per_batch=batch // per_game, transitions_per_game=per_game))
+  if bf16:
+    cfg = cfg.replace(network=dict(compute_dtype='bfloat16'))
+  host_batch = random_batch(cfg, cfg.agent.batch_size)
+  learner = learner_lib.Learner(cfg, iter(lambda: host_batch, None),
+                                logger=loggers.MultiLogger([]))
+  learner.step()  # compile
+  times, t0 = [], time.perf_counter()
+  while time.perf_counter() - t0 < seconds or len(times) < 3:
+    t = time.perf_counter()
+    learner.step()
+    times.append(time.perf_counter() - t)
+  learner.close()
+  return dict(steps_per_s=len(times) / sum(times), best_steps_per_s=1.0 / min(times))
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,20 +137,31 @@ def main(argv=None) -> int:
                  help="override the batch size (default: the config's)")
   p.add_argument('--bf16', action='store_true', help='bfloat16 compute (params stay fp32)')
   p.add_argument('--seconds', type=float, default=10.0, help='timed seconds per config')
-  p.add_argument('--peak-size', type=int, default=None,
-                 help='matmul size for the peak (default 2048 on CPU, 8192 on GPU)')
+  p.add_argument('--peak-sizes', default=None,
+                 help='comma-separated matmul sizes; the best FLOP/s over them is the peak '
+                 '(default 1024,2048,4096 on CPU, 8192 on GPU)')
+  p.add_argument('--peak-gflops', type=float, default=None,
+                 help='use this peak instead of measuring it (e.g. one measured on a quiet machine)')
   p.add_argument('--peak-seconds', type=float, default=10.0,
                  help='time spent measuring the matmul peak (its fastest run counts)')
+  p.add_argument('--learner', action='store_true',
+                 help='also time the whole Learner.step() on the same (host) batch')
   p.add_argument('--json', default=None, help='append one JSON line per config to this file')
   args = p.parse_args(argv)
 
   platform = jax.devices()[0].platform
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-  size = args.peak_size or (8192 if platform == 'gpu' else 2048)
-  peak = matmul_peak(dtype, size, seconds=args.peak_seconds) * len(jax.local_devices())
+  if args.peak_gflops:
+    peak, how = args.peak_gflops * 1e9, 'given'
+  else:
+    sizes = [int(x) for x in (args.peak_sizes or ('8192' if platform == 'gpu'
+                                                   else '1024,2048,4096')).split(',')]
+    peaks = {n: matmul_peak(dtype, n, seconds=args.peak_seconds / len(sizes)) for n in sizes}
+    best = max(peaks, key=peaks.get)
+    peak = peaks[best] * len(jax.local_devices())
+    how = f'best of {jnp.dtype(dtype).name} [n,n]@[n,n], n in {sizes}: n={best}'
   print(f'devices: {len(jax.local_devices())} x {jax.devices()[0].device_kind} ({platform}); '
-        f'{jnp.dtype(dtype).name} matmul peak {peak / 1e9:.1f} GFLOP/s '
-        f'([{size},{size}] @ [{size},{size}]); cpus {os.cpu_count()}; '
+        f'matmul peak {peak / 1e9:.1f} GFLOP/s ({how}); cpus {os.cpu_count()}; '
         f'load average {os.getloadavg()[0]:.1f}', flush=True)
   for name in args.configs.split(','):
     row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak)
@@ -139,6 +172,12 @@ def main(argv=None) -> int:
           f"| best step {row['best_steps_per_s']:.2f} steps/s = "
           f"{100 * row['best_fraction_of_peak']:5.1f}% | compile {row['compile_s']:.1f}s "
           f"| load {row['load_average']:.1f}", flush=True)
+    if args.learner:
+      lrow = bench_learner(name.strip(), args.batch, args.bf16, args.seconds)
+      row.update(learner_steps_per_s=lrow['steps_per_s'],
+                 learner_best_steps_per_s=lrow['best_steps_per_s'])
+      print(f"{'  Learner.step()':<40} {lrow['steps_per_s']:8.2f} steps/s | best step "
+            f"{lrow['best_steps_per_s']:.2f} steps/s", flush=True)
     if args.json:
       with open(args.json, 'a', encoding='utf-8') as f:
         f.write(json.dumps(dict(row, device=jax.devices()[0].device_kind)) + '\n')

@@ -81,7 +81,7 @@ def test_generation_info_records_policy_and_epsilon(tiny_dataset_dir):
   assert gen['policy'] == 'scaled_ql.datasets.policies.pong'
   assert gen['sticky_action_prob'] == 0.25
   eps = [gen['splits'][f'checkpoint_{k:02d}']['epsilon'] for k in range(TINY_CHECKPOINTS)]
-  assert eps == [1.0, 0.1]
+  assert eps == [1.0, 0.05]
   assert all(gen['splits'][s]['steps'] == TINY_STEPS_PER_CHECKPOINT for s in gen['splits'])
 
 
@@ -146,9 +146,11 @@ def test_heuristics_beat_random(game, steps, margin):
 
 def test_epsilon_schedule():
   assert policies.epsilon_schedule(10)[0] == 1.0
-  assert policies.epsilon_schedule(10)[-1] == pytest.approx(0.1)
+  assert policies.epsilon_schedule(10)[-1] == pytest.approx(0.05)
   assert np.all(np.diff(policies.epsilon_schedule(10)) < 0)
-  assert policies.epsilon_schedule(1) == [0.1]
+  assert policies.epsilon_schedule(1) == [0.05]
+  with pytest.raises(ValueError, match='end <= start'):
+    policies.epsilon_schedule(3, start=0.1, end=0.5)
 
 
 def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):

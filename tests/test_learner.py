@@ -258,3 +258,15 @@ def test_run_stops_at_the_end_of_the_data_with_a_checkpoint(tmp_path):
   assert learner.run(num_steps=100) == 3
   learner.close()
   assert checkpointing.load_params(workdir)[2] == 3
+
+
+def test_learn_command_rejects_bad_flags_before_starting_anything(tmp_path, capsys):
+  from scaled_ql import cli
+  assert cli.main(['learn', '--config', 'cpu_nope', '--workdir', str(tmp_path)]) == 2
+  assert '--config' in capsys.readouterr().err
+  assert cli.main(['learn', '--config', 'cpu_tiny', '--workdir', str(tmp_path),
+                   '--data-dir', str(tmp_path / 'missing')]) == 2
+  assert '--data-dir' in capsys.readouterr().err
+  assert cli.main(['learn', '--config', 'cpu_tiny', '--workdir', str(tmp_path),
+                   '--steps', '0']) == 2
+  assert '--steps' in capsys.readouterr().err

@@ -267,6 +267,21 @@ def test_other_encoders_real_tiny(overrides, final_hw):
   chex.assert_tree_all_finite(out)
 
 
+@pytest.mark.parametrize('patch', [4, 5, 12])
+def test_patchify_stem_equals_a_strided_valid_conv(patch):
+  from scaled_ql.networks import q_network
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 84, 84, 4))
+  mine = hk.without_apply_rng(hk.transform(lambda v: q_network.PatchifyConv(6, patch)(v)))
+  ref = hk.without_apply_rng(hk.transform(lambda v: hk.Conv2D(
+      6, patch, stride=patch, padding='VALID', with_bias=False)(v)))
+  p = mine.init(jax.random.PRNGKey(1), x)
+  (w,) = jax.tree_util.tree_leaves(p)
+  assert w.shape == (patch, patch, 4, 6)
+  y = mine.apply(p, x)
+  assert y.shape == (2, 84 // patch, 84 // patch, 6)
+  np.testing.assert_allclose(y, ref.apply({'conv2_d': {'w': w}}, x), rtol=1e-4, atol=1e-5)
+
+
 def test_flops(tiny):
   flops = flops_breakdown(NET_CFG, GAMES, K)
   assert flops['total'] == pytest.approx(flops_per_example(NET_CFG, GAMES, K))

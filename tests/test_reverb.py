@@ -142,24 +142,14 @@ def test_bad_input_errors():
     rt.make_tables(cfg.replace(data=dict(min_fill_per_game=10_000)))
 
 
-class _InProcessServer:
-  def __init__(self, cfg):
-    self.server = rt.make_server(cfg)
-    self.port = self.server.port
-    self.address = f'localhost:{self.port}'
-
-  def stop(self):
-    self.server.stop()
-
-
 def test_reconnect_after_server_restart():
   cfg = tiny_cfg()
   rng = np.random.default_rng(2)
   episodes = hand_made_episodes(cfg.games, rng)
   ref = reference(cfg, episodes)
   stop = threading.Event()
-  # First server in this process (saves a process start); it comes back as a subprocess.
-  server = _InProcessServer(cfg)
+  # A server in the same process would be read without gRPC: both servers are subprocesses.
+  server = rt.start_server_process(cfg)
   inserter = None
   try:
     # Inserter streams forever (repeat) from a thread; the learner side samples over gRPC.
@@ -188,3 +178,41 @@ def test_reconnect_after_server_restart():
       inserter.join(timeout=20)
       assert not inserter.is_alive()
     server.stop()
+
+
+def _transition_hash(t):
+  obs, action, reward, discount, next_obs, game_id = (np.asarray(x) for x in t)
+  return (obs.tobytes(), int(action), round(float(reward), 5), round(float(discount), 5),
+          next_obs.tobytes(), int(game_id))
+
+
+def test_end_to_end_tfds_server_and_inserters_in_other_processes(tiny_dataset_dir):
+  from scaled_ql.datasets import rlds_reader
+  cfg = configs.get_config('cpu_tiny')
+  cfg = cfg.replace(data=dict(data_dir=tiny_dataset_dir, selection='near_optimal',
+                              num_inserters=1))
+  # Reference: every transition of the same TFDS episodes, by the numpy path.
+  want = set()
+  for gid, game in enumerate(cfg.games):
+    for episode in rlds_reader.episodes_from_config(cfg.data, game):
+      steps = next(episode['steps'].batch(100_000).as_numpy_iterator())
+      out = tr.episode_transitions(steps, cfg.agent.n_step, cfg.agent.discount,
+                                   cfg.agent.reward_clip, game_id=gid)
+      want.update(_transition_hash(tuple(x[i] for x in out)) for i in range(len(out.action)))
+  assert len(want) > 2 * cfg.data.min_fill_per_game
+  with rt.start_server_process(cfg) as server:
+    inserters = rt.start_inserter_processes(server.address, cfg)
+    try:
+      assert len(inserters) == 1
+      with rt.stratified_batches(server.address, cfg.games, cfg) as batches:
+        for _ in range(20):
+          batch = next(batches)
+          assert batch.observation.shape == (cfg.agent.batch_size, 84, 84, 4)
+          assert batch.observation.dtype == np.uint8 and batch.game_id.dtype == np.int32
+          for i in range(cfg.agent.batch_size):
+            assert _transition_hash(tuple(x[i] for x in batch)) in want
+      sizes = rt.table_sizes(server.address, cfg.games)
+      assert all(s >= cfg.data.min_fill_per_game for s in sizes.values()), sizes
+      assert all(p.poll() is None for p in inserters)  # streaming epoch after epoch
+    finally:
+      rt.stop_processes(inserters)

@@ -77,6 +77,14 @@ def test_sharding_is_disjoint_and_complete(tiny_dataset_dir):
     flat = [x for p in parts for x in p]
     assert sorted(flat) == everything and len(set(flat)) == len(flat)
     assert all(parts)
+  # Also with repeat: every epoch is partitioned the same way across the 3 workers.
+  n = len(everything)
+  parts = [_ids(rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', shard_index=i,
+                            num_shards=3, repeat=True, seed=5).take(2 * len(p)))
+           for i, p in enumerate(parts)]
+  for epoch in range(2):
+    flat = [x for p in parts for x in p[epoch * len(p) // 2:(epoch + 1) * len(p) // 2]]
+    assert sorted(flat) == everything
   with pytest.raises(ValueError, match='shard_index'):
     rr.episodes(tiny_dataset_dir, 'Pong', 1, 'near_optimal', shard_index=2, num_shards=2)
 

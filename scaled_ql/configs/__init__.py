@@ -38,10 +38,13 @@ NETWORKS: dict[str, NetworkConfig] = {
     'impala_w1': NetworkConfig(encoder='impala', impala_width=1),
     'impala_w2': NetworkConfig(encoder='impala', impala_width=2),
     'impala_w4': NetworkConfig(encoder='impala', impala_width=4),
-    # CPU-sized networks of the same design: a strided 4x4/4 stem, narrow stages, smaller trunk.
+    # CPU-sized networks of the same design (GroupNorm ResNet + spatial embedding + trunk + feature
+    # norm + per-game heads). cpu_small: a 12x12/12 patchify stem (84 -> 7x7, the final map size
+    # of the Nature DQN) and one basic block at 96 channels; 3x3 convs with ~100 channels at
+    # 7x7 are what XLA:CPU runs efficiently (measurements in docs/notes/networks.md).
     'resnet_cpu_small': NetworkConfig(
-        resnet_stage_sizes=(1, 1, 1), resnet_block='basic', resnet_width=32, stem='strided',
-        trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
+        resnet_stage_sizes=(1,), resnet_block='basic', resnet_width=96, stem='strided',
+        stem_patch=12, trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
     'resnet_cpu_tiny': NetworkConfig(
         resnet_stage_sizes=(1, 1), resnet_block='basic', resnet_width=8, stem='strided',
         spatial_embedding_features=2, trunk_first_dim=32, trunk_hidden_dims=(16, 16, 16)),

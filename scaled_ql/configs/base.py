@@ -22,8 +22,8 @@ class NetworkConfig:
   resnet_stage_sizes: tuple[int, ...] = (3, 4, 23, 3)
   resnet_block: str = 'bottleneck'  # 'basic' | 'bottleneck'
   resnet_width: int = 64  # channels of the first stage; doubled at every later stage
-  # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (He et al.); 'strided': a cheap 4x4/4 patchify conv
-  # for CPU-sized configs (small-channel convs at 84x84 are what is slow on XLA:CPU).
+  # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (He et al.); 'strided': a cheap PxP/P patchify conv
+  # (P = stem_patch) for CPU-sized configs (small-channel convs at 84x84 are slow on XLA:CPU).
   stem: str = 'imagenet'
   stem_patch: int = 4  # kernel size = stride of the 'strided' stem (84 -> 84 // stem_patch)
   group_norm_groups: int = 4  # Appendix B.1 / the Kumar-lab reference code: 4 groups

@@ -6,7 +6,7 @@ TFDS dataset that `tfds.builder(...)` and `rlds_reader` cannot tell from RL Unpl
                       steps_per_checkpoint=5_000, seed=0)
 
 Each "checkpoint" split is played by an epsilon-greedy scripted policy (`policies.py`) with epsilon
-falling linearly from 1.0 (checkpoint_00) to 0.1 (the last), with sticky actions 0.25 as in
+falling geometrically from 1.0 (checkpoint_00) to 0.05 (the last), with sticky actions 0.25 as in
 DQN-Replay, so early splits (the `suboptimal` selection) are worse than the whole (`near_optimal`).
 
 The dataset is written by the registered TFDS builder itself (same name, config `{Game}_run_{r}`,
@@ -211,7 +211,7 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
              steps_per_checkpoint: Optional[int] = 5_000, seed: int = 0, *,
              episodes_per_checkpoint: Optional[int] = None,
              max_episode_frames: int = MAX_EPISODE_FRAMES, epsilon_start: float = 1.0,
-             epsilon_end: float = 0.1, if_exists: str = 'error', progress: bool = True,
+             epsilon_end: float = 0.05, if_exists: str = 'error', progress: bool = True,
              builder: str = tfds_layout.ORDERED_BUILDER) -> dict[str, str]:
   """Writes `rlu_atari_checkpoints_ordered/{Game}_run_{run}` for each game into `out_dir`.
 

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # consecutive frames); a chunk lives while any item references it, so with FIFO eviction a table
 # holds at most ~2 chunks more than its items need. Measured in benchmarks/data_pipeline.py.
 CHUNK_LENGTH = 32
-FLUSH_EVERY_ITEMS = 256  # bound the writer's in-flight items (the client's memory)
+# Every CHUNK_LENGTH items, wait until at most FLUSH_PENDING_ITEMS are unconfirmed: bounds the
+# writer's buffers (Reverb warns about large numbers of pending items).
 
 
 def table_name(game: str) -> str:
@@ -204,8 +205,8 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
       writer.create_item(table=table, priority=1.0,
                          trajectory={f: writer.history[f][-width:] for f in record._fields})
       items += 1
-      if items % FLUSH_EVERY_ITEMS == 0:
-        writer.flush(block_until_num_items=FLUSH_EVERY_ITEMS)
+      if items % CHUNK_LENGTH == 0:
+        writer.flush(block_until_num_items=CHUNK_LENGTH + width)
   writer.end_episode()
   return items
 
@@ -213,12 +214,16 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
 EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]
 
 
-def rlds_episode_source(cfg: ExperimentConfig, **reader_kwargs) -> EpisodeSource:
-  """game -> stream of episodes (each a stream of step dicts) read by `rlds_reader.episodes`."""
+def rlds_episode_source(cfg: ExperimentConfig, *, repeat: bool = True, seed: int = 0,
+                        **reader_kwargs) -> EpisodeSource:
+  """game -> stream of episodes (each a stream of step dicts) from `rlds_reader`.
+
+  With `repeat` the reader streams the selection epoch after epoch (reshuffling its file order).
+  """
   def source(game: str):
     from scaled_ql.datasets import rlds_reader
-    dataset = rlds_reader.episodes(cfg.data.data_dir, game, cfg.data.run, cfg.data.selection,
-                                   **reader_kwargs)
+    dataset = rlds_reader.episodes_from_config(cfg.data, game, repeat=repeat, seed=seed,
+                                               **reader_kwargs)
     for episode in dataset:
       yield _episode_steps(episode['steps'])
   return source
@@ -243,6 +248,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   _check_games(games, cfg)
   stop = stop or threading.Event()
   n_step = cfg.agent.n_step
+  wait_for_server(server_address, reconnect_timeout_s)
   client = reverb.Client(server_address)
   writer = make_writer(client, n_step)
   streams = {g: iter(source(g)) for g in games}
@@ -297,6 +303,7 @@ def start_inserter_processes(server_address: str, cfg: ExperimentConfig,
       args += ['--max_episodes_per_game', str(max_episodes_per_game)]
     if not repeat:
       args += ['--no_repeat']
+    args += ['--seed', str(cfg.train.seed * 1000 + i)]
     procs.append(subprocess.Popen(_python_module_cmd(*args)))
   return procs
 
@@ -478,6 +485,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument('--games', required=True, help='comma-separated')
   p.add_argument('--max_episodes_per_game', type=int, default=None)
   p.add_argument('--no_repeat', action='store_true')
+  p.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -485,12 +493,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   if args.cmd == 'serve':
     serve(cfg, args.port)
     return 0
-  stop = threading.Event()
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: stop.set())
-  items = run_inserter(args.address, cfg, args.games.split(','), rlds_episode_source(cfg),
+  # SIGTERM ends an inserter process at once (default action): nothing of it needs saving.
+  source = rlds_episode_source(cfg, repeat=not args.no_repeat, seed=args.seed)
+  items = run_inserter(args.address, cfg, args.games.split(','), source,
                        max_episodes_per_game=args.max_episodes_per_game,
-                       repeat=not args.no_repeat, stop=stop)
+                       repeat=not args.no_repeat)
   log.info('inserter done: %d items', items)
   return 0
 

@@ -312,7 +312,8 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
     while True:
       order = list(tasks)
       if shuffle_files:
-        np.random.default_rng([seed, shard_index, epoch]).shuffle(order)
+        # The same order in every worker: per-episode sharding relies on identical streams.
+        np.random.default_rng([seed, epoch]).shuffle(order)
       n = 0
       for record in _interleave(order, cycle_length, strict, stats, shard_index, num_shards,
                                 by_record):

@@ -130,6 +130,18 @@ def stack_records(records: Iterable[StepRecords]) -> StepRecords:
                        for f in StepRecords._fields))
 
 
+def _stack_frames(planes: list) -> np.ndarray:
+  """STACK uint8 planes [B, 84, 84] -> channel-last stack [B, 84, 84, STACK].
+
+  Assigning each plane into its channel slot is ~3.5x faster than
+  `np.ascontiguousarray(x.transpose(0, 2, 3, 1))` (benchmarks/data_pipeline.py notes).
+  """
+  out = np.empty(planes[0].shape + (len(planes),), np.uint8)
+  for c, plane in enumerate(planes):
+    out[..., c] = plane
+  return out
+
+
 def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: float,
                            reward_clip: float) -> Transition:
   """Batch of windows [B, n+STACK, ...] -> `Transition` batch [B, ...] (see module doc)."""
@@ -160,16 +172,19 @@ def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: floa
   terminated = np.asarray(windows.terminal, bool)[rows, STACK - 1 + steps_left]
   bootstrap = np.where(terminated, 0.0, np.float32(discount) ** steps_left.astype(np.float32))
 
-  # Padding frames are zeros by construction; masking makes that hold for any input.
-  frame = np.where(valid[:, :, None, None], frame, np.uint8(0))
-  observation = frame[:, :STACK].transpose(0, 2, 3, 1)
-  next_frames = frame[rows[:, None], steps_left[:, None] + np.arange(STACK)[None]]
+  # Padding records carry zero frames (`padding_record`), so the stacks need no masking.
+  observation = _stack_frames([frame[:, c] for c in range(STACK)])
+  if (steps_left == n).all():  # no episode end in the batch: plain slices
+    next_planes = [frame[:, n + c] for c in range(STACK)]
+  else:
+    next_planes = [frame[rows, steps_left + c] for c in range(STACK)]
+  next_observation = _stack_frames(next_planes)
   return Transition(
-      observation=np.ascontiguousarray(observation),
+      observation=observation,
       action=np.asarray(windows.action, np.int32)[:, STACK - 1],
       reward=reward.astype(np.float32),
       discount=bootstrap.astype(np.float32),
-      next_observation=np.ascontiguousarray(next_frames.transpose(0, 2, 3, 1)),
+      next_observation=next_observation,
       game_id=game_id.copy())
 
 

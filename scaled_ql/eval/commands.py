@@ -114,6 +114,25 @@ def parse_games(text: str | None, available: tuple[str, ...], where: str) -> tup
   return games
 
 
+def _workdir_config(checkpoint: str):
+  """The ExperimentConfig of WORKDIR/config.json beside a checkpoint, or None if there is none."""
+  import json
+  import os
+
+  from scaled_ql.configs.base import ExperimentConfig
+  path = os.path.abspath(checkpoint).rstrip('/')
+  dirs = [path] + ([os.path.dirname(path)] if os.path.basename(path) == 'checkpoints' else [])
+  for d in dirs:
+    f = os.path.join(d, 'config.json')
+    if os.path.isfile(f):
+      try:
+        with open(f, encoding='utf-8') as fh:
+          return ExperimentConfig.from_dict(json.load(fh))
+      except (ValueError, KeyError, TypeError):
+        return None  # unreadable: the checkpoint's own config is checked after loading
+  return None
+
+
 def _eval(args: argparse.Namespace) -> int:
   import os
 
@@ -128,6 +147,14 @@ def _eval(args: argparse.Namespace) -> int:
     try:
       games_lib.check_games([g.strip() for g in args.games.split(',') if g.strip()], '--games')
     except games_lib.UnknownGameError as e:
+      return _fail(str(e))
+  # The learner writes WORKDIR/config.json: check the games against it before loading params.
+  early = _workdir_config(args.checkpoint)
+  if early is not None:
+    try:
+      parse_games(args.games, early.games, f'the checkpoint {args.checkpoint} '
+                  f'(config {early.name!r})')
+    except ValueError as e:
       return _fail(str(e))
   from scaled_ql.agents import actors, checkpointing
   from scaled_ql.eval import evaluator
@@ -148,8 +175,9 @@ def _eval(args: argparse.Namespace) -> int:
   results = evaluator.evaluate(
       policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
       num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
-      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl)
-  print(evaluator.results_table(results))
+      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl,
+      log=lambda line: print(line, flush=True))  # one line per game as it finishes
+  print(evaluator.aggregate_line(results))
   for p in (args.out, args.jsonl):
     if p:
       print(f'wrote {os.path.abspath(p)}')

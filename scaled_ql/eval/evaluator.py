@@ -103,10 +103,9 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   """Runs `steps` agent steps of `game` over `num_envs` environments (see the module docstring).
 
   The environments form `env_groups` (default `eval_cfg.env_groups`, at most `num_envs`) groups,
-  each a batch of one
-  jitted policy call per step. JAX dispatches the call asynchronously, so while the network
-  computes one group's actions the emulators of the other groups step (double buffering on a
-  machine with a core to spare); with one group it is plain lockstep. Each group's observation
+  each the batch of one jitted policy call per step. JAX dispatches the call asynchronously, so
+  while the network computes one group's actions the emulators of the other groups step (double
+  buffering on a machine with a core to spare); with one group it is plain lockstep. Each group's observation
   array is written only after its pending call has returned (the call may read it in place).
   """
   import jax
@@ -211,9 +210,11 @@ def format_result(r: GameResult) -> str:
 
 def results_table(results: Mapping[str, GameResult]) -> str:
   """The per-game lines plus the IQM/median over the games evaluated."""
+  return '\n'.join([format_result(r) for r in results.values()] + [aggregate_line(results)])
+
+
+def aggregate_line(results: Mapping[str, GameResult]) -> str:
   from scaled_ql.eval import metrics
-  lines = [format_result(r) for r in results.values()]
   x = np.array([[r.normalized for r in results.values()]])
-  lines.append(f'{"aggregate":<16} IQM {metrics.iqm(x) * 100:.1f}%  median '
-               f'{float(np.median(x)) * 100:.1f}%  over {x.shape[1]} game(s)')
-  return '\n'.join(lines)
+  return (f'{"aggregate":<16} IQM {metrics.iqm(x) * 100:.1f}%  median '
+          f'{float(np.median(x)) * 100:.1f}%  over {x.shape[1]} game(s)')

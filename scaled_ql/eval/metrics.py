@@ -95,6 +95,10 @@ def load_scores_csv(path: str):
                           '(need method, game, score and optionally seed)')
   if df.empty:
     raise ScoresFileError(f'{path}: no rows')
+  for col in ('method', 'game'):
+    empty = df[df[col].isna()]
+    if len(empty):
+      raise ScoresFileError(f'{path}: row {empty.index[0] + 2}: empty {col}')
   if 'seed' not in df.columns:
     df['seed'] = 0
   df['score'] = pd.to_numeric(df['score'], errors='coerce')

@@ -90,16 +90,19 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
   evaluator_games = split_games(cfg.games, num_evaluators) if num_evaluators else []
   replay = _actor(nodes.ReverbNode, 'replay').remote(cfg, free_port())
-  inserters = [
-      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay, i, cfg.data.num_inserters, workdir)
-      for i in range(cfg.data.num_inserters)]
   variables = VariableServer.create(cfg.train.variable_server_shards,
                                     max_restarts=MAX_RESTARTS['variable_shard'])
-  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
-      cfg, replay, variables, workdir, num_steps)
   evaluators = [
       _actor(nodes.EvaluatorNode, 'evaluator').remote(cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
+  # Nodes that hold the replay's handle are made once it is up: Ray cannot restart an actor whose
+  # constructor got the handle of an actor still being created (ray-project/ray#53727).
+  ray.get(replay.ping.remote(), timeout=600)
+  inserters = [
+      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay, i, cfg.data.num_inserters, workdir)
+      for i in range(cfg.data.num_inserters)]
+  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
+      cfg, replay, variables, workdir, num_steps)
   return Program(cfg, workdir, replay, inserters, learner, variables, evaluators,
                  evaluator_games)
 

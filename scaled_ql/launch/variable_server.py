@@ -143,6 +143,9 @@ class VariableServer:
     for i in range(num_shards):
       options = {'name': f'{name_prefix}variable_shard_{i}'} if name_prefix else {}
       shards.append(actor.options(**options).remote(history))
+    # Up before anyone gets their handles (an actor built with the handle of one still being
+    # created cannot be restarted by Ray: ray-project/ray#53727). Shards start in well under 1 s.
+    ray.get([s.latest_version.remote() for s in shards])
     return cls(shards)
 
   @property

@@ -115,6 +115,31 @@ def _conv(channels: int, kernel: int, stride: int = 1, padding: str = 'SAME', na
                    name=name)
 
 
+class PatchifyConv(hk.Module):
+  """A PxP conv with stride P and VALID padding, computed as space-to-depth + one matmul.
+
+  Same parameter ('w' [P, P, C_in, C_out], no bias) and same result as `hk.Conv2D(C_out, P,
+  stride=P, padding='VALID', with_bias=False)`, but forward and backward are plain matmuls,
+  about 2x faster than XLA:CPU's strided convolution (benchmarks/network_step_throughput.py).
+  """
+
+  def __init__(self, channels: int, patch: int, name=None):
+    super().__init__(name=name)
+    self.channels, self.patch = channels, patch
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    p = self.patch
+    ho, wo = h // p, w // p
+    if ho < 1 or wo < 1:
+      raise ValueError(f'stem_patch={p} is larger than the {h}x{w} input')
+    kernel = hk.get_parameter(
+        'w', [p, p, c, self.channels], x.dtype,
+        hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal'))
+    x = x[:, :ho * p, :wo * p].reshape(b, ho, p, wo, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, ho, wo, p * p * c) @ kernel.reshape(p * p * c, self.channels)
+
+
 # ----------------------------------------------------------------------------------------------
 # ResNet v1 with GroupNorm (He et al. 2016; GroupNorm instead of BatchNorm, Appendix B.1).
 
@@ -168,9 +193,8 @@ def resnet_torso(x: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
     x = _conv(width, 7, 2, name='stem_conv')(x)
     x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-  else:  # 'strided': a PxP/P patchify conv (P = stem_patch), e.g. 84 -> 21 for P=4; cheap on CPU.
-    p = net_cfg.stem_patch
-    x = _conv(width, p, p, padding='VALID', name='stem_conv')(x)
+  else:  # 'strided': a PxP/P patchify conv (P = stem_patch), e.g. 84 -> 7 for P=12; cheap on CPU.
+    x = PatchifyConv(width, net_cfg.stem_patch, name='stem_conv')(x)
     x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
   block_cls = BasicBlock if net_cfg.resnet_block == 'basic' else BottleneckBlock
   for stage, num_blocks in enumerate(net_cfg.resnet_stage_sizes):
