@@ -1,5 +1,6 @@
 """Throughput of the emulator path on one core: raw ALE frames/s vs AtariEnv agent steps/s, and
-the local generator's steps/s (emulator + policy + PNG encoding + TFDS writing).
+the local generator's steps/s (emulator + policy + PNG encoding + TFDS writing), and reading the
+result back with rlds_reader (steps decoded per second).
 
 Rates are given per second of this process's CPU time (time.process_time) as well as wall time:
 on a shared, loaded machine the CPU-time rate is what one free core would do.
@@ -57,8 +58,9 @@ def env_steps_per_s(game: str, steps: int) -> float:
   return _rates(steps, t)
 
 
-def generator_steps_per_s(game: str, steps: int) -> float:
-  from scaled_ql.datasets import generate
+def generator_and_reader_steps_per_s(game: str, steps: int):
+  """(generator rates, reader rates): write `steps` steps, then read + decode them back."""
+  from scaled_ql.datasets import generate, rlds_reader
   with tempfile.TemporaryDirectory() as d:
     generate.generate([game], d, num_checkpoints=1, steps_per_checkpoint=100,
                       progress=False)  # warm-up: TF/TFDS imports and first-use costs
@@ -66,7 +68,12 @@ def generator_steps_per_s(game: str, steps: int) -> float:
     with _Timer() as t:
       generate.generate([game], d, num_checkpoints=2, steps_per_checkpoint=steps // 2,
                         progress=False)
-  return _rates(steps, t)
+    read = 0
+    with _Timer() as r:
+      for episode in rlds_reader.episodes(d, game, 1, 'near_optimal'):
+        for batch in episode['steps'].batch(256).as_numpy_iterator():
+          read += len(batch['action'])
+  return _rates(steps, t), _rates(read, r)
 
 
 def main():
@@ -81,9 +88,10 @@ def main():
   w, c = env_steps_per_s(a.game, a.steps)
   print(f'{a.game}: AtariEnv       {w:8.0f} / {c:8.0f} agent steps/s (x4 frames: '
         f'{4 * w:.0f} / {4 * c:.0f} frames/s)')
-  w, c = generator_steps_per_s(a.game, a.steps)
+  (w, c), (rw, rc) = generator_and_reader_steps_per_s(a.game, a.steps)
   print(f'{a.game}: data generate  {w:8.0f} / {c:8.0f} agent steps/s (policy, PNG, TFDS write; '
         f'imports excluded)')
+  print(f'{a.game}: rlds_reader    {rw:8.0f} / {rc:8.0f} steps/s (read + PNG decode, batched)')
 
 
 if __name__ == '__main__':

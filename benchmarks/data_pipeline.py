@@ -103,10 +103,11 @@ def storage_and_sampling(cfg, args) -> dict:
   return out
 
 
-def learner_ratio(cfg, address, steps) -> dict:
+def learner_ratio(cfg, address, steps, rounds=3) -> dict:
+  """Learner steps/s fed by the pipeline vs by one in-memory batch, in alternating rounds (the
+  shared machine's load drifts; alternating exposes both to the same drift)."""
   from scaled_ql.agents.learner import Learner
   cfg = cfg.replace(train=dict(log_every_steps=10**9))
-
   waited = [0.0]
 
   def timed(iterator):  # time the learner spends blocked on the data
@@ -116,24 +117,27 @@ def learner_ratio(cfg, address, steps) -> dict:
       waited[0] += time.perf_counter() - t
       yield batch
 
-  def steps_per_s(iterator):
-    learner = Learner(cfg, timed(iterator), workdir=None, handle_signals=False)
-    for _ in range(3):
-      learner.step()  # compile + warm up
-    waited[0] = 0.0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      learner.step()
-    wall = time.perf_counter() - t0
-    return steps / wall, waited[0] / wall
-
   with rt.stratified_batches(address, cfg.games, cfg, seed=2) as batches:
     fixed = next(batches)
-    piped, piped_wait = steps_per_s(batches)
-  in_memory, _ = steps_per_s(itertools.repeat(fixed))
-  return dict(steps=steps, learner_steps_per_s_pipeline=piped,
-              learner_steps_per_s_in_memory=in_memory, ratio=piped / in_memory,
-              fraction_of_time_waiting_for_data=piped_wait)
+    piped = Learner(cfg, timed(batches), workdir=None, handle_signals=False)
+    in_memory = Learner(cfg, itertools.repeat(fixed), workdir=None, handle_signals=False)
+    for learner in (piped, in_memory):
+      for _ in range(3):
+        learner.step()  # compile + warm up
+    waited[0] = 0.0
+    wall = {'pipeline': 0.0, 'in_memory': 0.0}
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+      for name, learner in (('pipeline', piped), ('in_memory', in_memory)):
+        t0 = time.perf_counter()
+        for _ in range(per_round):
+          learner.step()
+        wall[name] += time.perf_counter() - t0
+  n = per_round * rounds
+  return dict(steps_each=n, rounds=rounds, learner_steps_per_s_pipeline=n / wall['pipeline'],
+              learner_steps_per_s_in_memory=n / wall['in_memory'],
+              ratio=wall['in_memory'] / wall['pipeline'],
+              fraction_of_pipeline_time_waiting_for_data=waited[0] / wall['pipeline'])
 
 
 def memory_vs_dataset_size(cfg, args) -> dict:
@@ -174,6 +178,7 @@ def main(argv=None) -> int:
   p.add_argument('--selection', default='near_optimal')
   p.add_argument('--buffer_per_game', type=int, default=4000)
   p.add_argument('--num_inserters', type=int, default=2)
+  p.add_argument('--chunk_length', type=int, default=None, help='data.reverb_chunk_length')
   p.add_argument('--settle_s', type=float, default=5.0)
   p.add_argument('--sample_s', type=float, default=20.0)
   p.add_argument('--learner_steps', type=int, default=30)
@@ -191,7 +196,10 @@ def main(argv=None) -> int:
                               min_fill_per_game=min(cfg.data.min_fill_per_game,
                                                     args.buffer_per_game),
                               num_inserters=args.num_inserters))
+  if args.chunk_length:
+    cfg = cfg.replace(data=dict(reverb_chunk_length=args.chunk_length))
   results = dict(config=args.config, argv=sys.argv[1:], cpu_count=os.cpu_count(),
+                 chunk_length=cfg.data.reverb_chunk_length,
                  load_avg_1min=os.getloadavg()[0])
   results.update(storage_and_sampling(cfg, args))
   if not args.skip_memory:

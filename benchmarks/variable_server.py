@@ -25,7 +25,9 @@ def make_tree(num_params: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   tree, remaining, i = {}, int(num_params), 0
   while remaining > 0:
-    size = min(remaining, int(rng.choice([64, 512, 4096, 65_536, 589_824, 2_359_296])))
+    # Conv/dense kernel sizes of a ResNet, capped so that even a small tree has >= 8 big leaves.
+    size = min(remaining, max(64, num_params // 8),
+               int(rng.choice([64, 512, 4096, 65_536, 589_824, 2_359_296])))
     tree[f'block_{i}'] = {'w': rng.standard_normal(size).astype(np.float32),
                           'b': np.zeros((64,), np.float32)}
     remaining -= size + 64

@@ -87,7 +87,7 @@ def test_double_buffered_groups_play_the_same_episodes():
     return (jnp.sum(observation, axis=(1, 2, 3), dtype=jnp.int32) % 4).astype(jnp.int32)
 
   runs = [evaluator.evaluate_game(policy, None, 'Breakout', 0, EvalConfig(), 600, 3,
-                                  env_groups=g) for g in (1, 2, 3)]
+                                  env_groups=g) for g in (1, 3)]
   assert runs[0].episodes >= 1
   for r in runs[1:]:
     assert sorted(r.episode_returns) == sorted(runs[0].episode_returns)

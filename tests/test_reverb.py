@@ -216,3 +216,11 @@ def test_end_to_end_tfds_server_and_inserters_in_other_processes(tiny_dataset_di
       assert all(p.poll() is None for p in inserters)  # streaming epoch after epoch
     finally:
       rt.stop_processes(inserters)
+
+
+def test_inserter_rejects_a_game_without_episodes(server):
+  cfg, address = server
+  episodes = hand_made_episodes(cfg.games, np.random.default_rng(3), episodes_per_game=1)
+  episodes['Pong'] = []
+  with pytest.raises(ValueError, match='no episodes of game Pong'):
+    rt.run_inserter(address, cfg, cfg.games, source_of(episodes))

@@ -143,6 +143,12 @@ def test_corrupt_shard_is_skipped_with_a_warning(tiny_dataset_dir, tmp_path, cap
   ckpt1 = [i for i in everything if i[0] == 1]
   assert set(ckpt1) <= set(got)  # the intact file is read in full
   assert len(got) < len(everything)
+  # With repeat the corrupt file is warned about and counted once, and its good prefix re-read.
+  stats = rr.ReadStats()
+  n_per_epoch = len(got)
+  again = _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', repeat=True, stats=stats)
+               .take(3 * n_per_epoch))
+  assert len(again) == 3 * n_per_epoch and stats.corrupt_files == [bad]
 
 
 def test_corrupt_shard_is_fatal_when_strict(tiny_dataset_dir, tmp_path):
@@ -177,3 +183,8 @@ def test_unordered_rlu_atari_builder_selects_by_checkpoint_id(tmp_path):
   # suboptimal: checkpoint_id < 10 of the real run's 50 checkpoints -> all 3 here.
   assert sorted(_ids(rr.episodes(str(tmp_path), 'Pong', 1, 'suboptimal',
                                  builder='rlu_atari'))) == everything
+
+
+def test_summarize_first_episodes_only(tiny_dataset_dir):
+  summary = rr.summarize(tiny_dataset_dir, 'Pong', max_episodes_per_split=1)
+  assert sorted(summary) == [0, 1] and all(s.episodes == 1 for s in summary.values())

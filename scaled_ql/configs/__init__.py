@@ -38,6 +38,10 @@ NETWORKS: dict[str, NetworkConfig] = {
     'impala_w1': NetworkConfig(encoder='impala', impala_width=1),
     'impala_w2': NetworkConfig(encoder='impala', impala_width=2),
     'impala_w4': NetworkConfig(encoder='impala', impala_width=4),
+    # Section 5.1 quotes IMPALA "widths (4, 8, 16)" from Lee et al. (2022); width 4 = channels
+    # (64, 128, 128), the MT Impala-DQN of Appendix B.5. Sized here for `describe`/benchmarks.
+    'impala_w8': NetworkConfig(encoder='impala', impala_width=8),
+    'impala_w16': NetworkConfig(encoder='impala', impala_width=16),
     # CPU-sized networks of the same design (GroupNorm ResNet + spatial embedding + trunk + feature
     # norm + per-game heads). cpu_small: a 12x12/12 patchify stem (84 -> 7x7, the final map size
     # of the Nature DQN) and one basic block at 96 channels; 3x3 convs with ~100 channels at

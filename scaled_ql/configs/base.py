@@ -84,6 +84,9 @@ class DataConfig:
   shuffle_buffer_per_game: int = 20_000
   min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts
   num_inserters: int = 1
+  # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
+  # this many steps (longer: better compression, a little more memory held past FIFO eviction).
+  reverb_chunk_length: int = 32
   prefetch_batches: int = 2
   strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
 
@@ -97,8 +100,9 @@ class EvalConfig:
   steps_per_game: int = 125_000  # agent steps averaged over (Castro et al. 2018); small on CPU
   num_envs: int = 4  # environments batched through the network per evaluator
   # The envs are split into this many groups: one group's emulators step while the network
-  # computes the next group's actions (JAX dispatches asynchronously). 1 = plain lockstep.
-  env_groups: int = 2
+  # computes another group's actions (JAX dispatches asynchronously); pays off only with a spare
+  # core or an accelerator for the network. 1 = plain lockstep (docs/notes/eval.md).
+  env_groups: int = 1
   num_evaluators: int = 1
   eval_every_seconds: float = 60.0
 

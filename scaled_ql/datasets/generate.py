@@ -60,10 +60,15 @@ class SplitStats:
   clipped_returns: list = dataclasses.field(default_factory=list)
 
 
+# zlib level 6 (TF's encode_png default): ~320 bytes per frame vs ~410 at cv2's default level 1,
+# at about the same speed.
+_PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 6)
+
+
 def encode_png(frame: np.ndarray) -> bytes:
   """A grey uint8 [84, 84] frame as PNG bytes (cv2: ~10x faster than TFDS's eager TF encoder;
   lossless, so the decoded `observation` is the same)."""
-  ok, buf = cv2.imencode('.png', np.asarray(frame, np.uint8))
+  ok, buf = cv2.imencode('.png', np.asarray(frame, np.uint8), _PNG_PARAMS)
   if not ok:
     raise RuntimeError('cv2.imencode failed on a frame')
   return buf.tobytes()

@@ -53,12 +53,10 @@ from scaled_ql.types import Transition
 
 log = logging.getLogger(__name__)
 
-# Steps per compressed chunk of every column. Longer chunks compress better (zstd + delta over
-# consecutive frames); a chunk lives while any item references it, so with FIFO eviction a table
-# holds at most ~2 chunks more than its items need. Measured in benchmarks/data_pipeline.py.
-CHUNK_LENGTH = 32
-# Every CHUNK_LENGTH items, wait until at most FLUSH_PENDING_ITEMS are unconfirmed: bounds the
-# writer's buffers (Reverb warns about large numbers of pending items).
+# Every FLUSH_EVERY_ITEMS items, wait until at most chunk_length + n + 4 items are unconfirmed:
+# bounds the writer's buffers without forcing chunks to close early (items wait for their chunk;
+# Reverb warns about "alarmingly high" pending items when flushed every 32).
+FLUSH_EVERY_ITEMS = 8
 
 
 def table_name(game: str) -> str:
@@ -181,18 +179,25 @@ def start_server_process(cfg: ExperimentConfig, port: Optional[int] = None,
 
 # -------------------------------------------------------------------------------------- inserting
 
-def make_writer(client, n_step: int):
-  """A trajectory writer whose columns are chunked CHUNK_LENGTH steps at a time."""
+def make_writer(client, n_step: int, chunk_length: int):
+  """A trajectory writer whose columns are chunked `chunk_length` steps at a time.
+
+  Longer chunks compress better (consecutive frames in one compressed chunk); a chunk lives while
+  any item references it, so with FIFO eviction a table holds at most ~2 chunks more than its
+  items need (`cfg.data.reverb_chunk_length`, measured in benchmarks/data_pipeline.py).
+  """
+  if chunk_length < 1:
+    raise ValueError(f'data.reverb_chunk_length must be >= 1, got {chunk_length}')
   width = tr.window_length(n_step)
-  keep_alive = max(width, CHUNK_LENGTH)
+  keep_alive = max(width, chunk_length)
   writer = client.trajectory_writer(num_keep_alive_refs=keep_alive)
   for field in tr.StepRecords._fields:
-    writer.configure((field,), num_keep_alive_refs=keep_alive,
-                     max_chunk_length=CHUNK_LENGTH)
+    writer.configure((field,), num_keep_alive_refs=keep_alive, max_chunk_length=chunk_length)
   return writer
 
 
-def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int) -> int:
+def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
+                  chunk_length: int) -> int:
   """Appends one episode's records (padding included) and one item per transition.
 
   Returns the number of items (transitions) created.
@@ -205,8 +210,8 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
       writer.create_item(table=table, priority=1.0,
                          trajectory={f: writer.history[f][-width:] for f in record._fields})
       items += 1
-      if items % CHUNK_LENGTH == 0:
-        writer.flush(block_until_num_items=CHUNK_LENGTH + width)
+      if items % FLUSH_EVERY_ITEMS == 0:
+        writer.flush(block_until_num_items=chunk_length + width)
   writer.end_episode()
   return items
 
@@ -247,13 +252,13 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   import reverb
   _check_games(games, cfg)
   stop = stop or threading.Event()
-  n_step = cfg.agent.n_step
+  n_step, chunk_length = cfg.agent.n_step, cfg.data.reverb_chunk_length
   wait_for_server(server_address, reconnect_timeout_s)
   client = reverb.Client(server_address)
-  writer = make_writer(client, n_step)
+  writer = make_writer(client, n_step, chunk_length)
   streams = {g: iter(source(g)) for g in games}
   written = {g: 0 for g in games}
-  total_items = 0
+  total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
     for game in list(active):
@@ -265,22 +270,28 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       try:
         episode = next(streams[game])
       except StopIteration:
-        if not repeat or written[game] == 0:
-          if written[game] == 0:
-            log.warning('no episodes for game %s', game)
+        if written[game] == 0:  # its table would never fill: every sampler would block
+          raise ValueError(f'no episodes of game {game} in the data source (data_dir '
+                           f'{cfg.data.data_dir!r}, selection {cfg.data.selection!r})') from None
+        if not repeat:
           active.remove(game)
           continue
         streams[game] = iter(source(game))
         episode = next(streams[game])
       try:
-        total_items += write_episode(writer, table_name(game), episode, n_step)
+        total_items += write_episode(writer, table_name(game), episode, n_step, chunk_length)
+        failures = 0
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
-        # episode's partial items are lost with the old server.
+        # episode's partial items are lost with the old server. An error that persists across
+        # reconnections is not a lost server: raise it.
+        failures += 1
+        if failures > 3:
+          raise
         log.warning('inserter lost %s (%s); reconnecting', server_address, e)
         wait_for_server(server_address, reconnect_timeout_s)
         client = reverb.Client(server_address)
-        writer = make_writer(client, n_step)
+        writer = make_writer(client, n_step, chunk_length)
         continue
       written[game] += 1
   writer.close()
@@ -350,22 +361,33 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   per_game = agent.transitions_per_game
   # In-flight samples per table: about two batches' worth of this game's expected share.
   in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / len(games))))
+  no_autograph = tf.autograph.experimental.do_not_convert  # plain tensor code; no warnings
+
+  def with_game_id(game_id):
+    return no_autograph(lambda sample: (sample.data, game_id))
+
   datasets = []
   for game in games:
-    game_id = tf.constant(cfg.games.index(game), tf.int32)
     ds = reverb.TrajectoryDataset(
         server_address=server_address, table=table_name(game),
         dtypes={k: s.dtype for k, s in specs.items()},
         shapes={k: s.shape for k, s in specs.items()},
         max_in_flight_samples_per_worker=in_flight, num_workers_per_iterator=1)
-    ds = ds.map(lambda sample, g=game_id: (sample.data, g)).batch(per_game)
-    datasets.append(ds)
-  choice = tf.data.Dataset.random(seed=seed).map(
-      lambda x: tf.cast(tf.math.floormod(x, len(games)), tf.int64))
+    game_id = tf.constant(cfg.games.index(game), tf.int32)
+    datasets.append(ds.map(with_game_id(game_id)).batch(per_game))
+
+  @no_autograph
+  def to_game_index(x):
+    return tf.cast(tf.math.floormod(x, len(games)), tf.int64)
+
+  @no_autograph
+  def merge_draws(data, game_id):  # [games_per_batch, per_game, ...] -> [batch, ...]
+    merge = lambda x: tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+    return tf.nest.map_structure(merge, data), merge(game_id)
+
+  choice = tf.data.Dataset.random(seed=seed).map(to_game_index)
   ds = tf.data.Dataset.choose_from_datasets(datasets, choice)
-  ds = ds.batch(agent.games_per_batch)
-  merge = lambda x: tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
-  ds = ds.map(lambda data, gid: (tf.nest.map_structure(merge, data), merge(gid)))
+  ds = ds.batch(agent.games_per_batch).map(merge_draws)
   return ds.prefetch(max(1, cfg.data.prefetch_batches))
 
 

@@ -253,10 +253,13 @@ def _read_file(task: _FileTask, strict: bool, stats: ReadStats) -> Iterator[byte
     if strict:
       raise CorruptShardError(f'corrupt or unreadable shard {task.path} (after {i} episodes): '
                               f'{type(e).__name__}: {e}') from e
-    log.warning('skipping the rest of corrupt shard %s after %d episodes: %s: %s', task.path, i,
-                type(e).__name__, str(e).splitlines()[0] if str(e) else '')
     with stats._lock:
-      stats.corrupt_files.append(task.path)
+      first_time = task.path not in stats.corrupt_files
+      if first_time:  # with repeat, warn and count each corrupt file once
+        stats.corrupt_files.append(task.path)
+    if first_time:
+      log.warning('skipping the rest of corrupt shard %s after %d episodes: %s: %s', task.path,
+                  i, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
     return
   with stats._lock:
     stats.files_read += 1

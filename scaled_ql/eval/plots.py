@@ -1,4 +1,4 @@
-"""PNG figures: performance profiles (rliable) and learning curves. Headless (matplotlib 'Agg')."""
+"""PNG figures: performance profiles and learning curves. Headless (matplotlib 'Agg')."""
 from __future__ import annotations
 
 import os
@@ -17,14 +17,22 @@ def _pyplot():
 def performance_profile_png(path: str, profiles: Mapping[str, np.ndarray],
                             cis: Mapping[str, np.ndarray], taus: np.ndarray,
                             title: str = '') -> str:
-  """Fraction of runs x games with human-normalized score > tau, one line (+95% CI band) each."""
-  from rliable import plot_utils
+  """Fraction of runs x games with human-normalized score > tau, one line (+95% CI band) each.
+
+  Drawn like rliable's `plot_utils.plot_performance_profiles`, without its seaborn import.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 5))
-  plot_utils.plot_performance_profiles(
-      dict(profiles), np.asarray(taus), performance_profile_cis=dict(cis), ax=ax,
-      xlabel=r'Human-normalized score ($\tau$)', ylabel=r'Fraction of runs with score $> \tau$')
+  taus = np.asarray(taus)
+  for name, profile in profiles.items():
+    line, = ax.plot(taus, profile, linewidth=2, label=name)
+    lower, upper = cis[name]
+    ax.fill_between(taus, lower, upper, color=line.get_color(), alpha=0.15)
   ax.axvline(1.0, color='grey', linestyle=':', linewidth=1)
+  ax.set_xlabel(r'Human-normalized score ($\tau$)')
+  ax.set_ylabel(r'Fraction of runs with score $> \tau$')
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
   ax.legend(loc='upper right', fontsize='small')
   if title:
     ax.set_title(title)

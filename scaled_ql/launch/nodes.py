@@ -134,12 +134,15 @@ class ReverbNode:
     self._server.stop()
 
 
-def _reverb_address(replay) -> str:
-  """The replay node's current address, waiting while it restarts."""
+def _reverb_address(replay: str) -> str:
+  """The current address of the replay node named `replay`, waiting while it restarts.
+
+  Nodes get the replay's actor NAME, not its handle: Ray cannot always restart an actor whose
+  constructor arguments hold actor handles (ray-project/ray#53727)."""
   while True:
     try:
-      return ray.get(replay.address.remote(), timeout=60)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+      return ray.get(ray.get_actor(replay).address.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
       time.sleep(RETRY_SECONDS)
 
 
@@ -155,7 +158,7 @@ class InserterNode(_LoopNode):
   machine that CPU is the learner's).
   """
 
-  def __init__(self, cfg: ExperimentConfig, replay, index: int, num_inserters: int,
+  def __init__(self, cfg: ExperimentConfig, replay: str, index: int, num_inserters: int,
                workdir: Optional[str] = None):
     self.name = f'inserter_{index}'
     self._cfg, self._replay = cfg, replay
@@ -216,7 +219,7 @@ class LearnerNode(_LoopNode):
 
   name = 'learner'
 
-  def __init__(self, cfg: ExperimentConfig, replay, variables: VariableServer, workdir: str,
+  def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int):
     from scaled_ql.agents.learner import Learner
     from scaled_ql.datasets import reverb_tables
@@ -354,7 +357,7 @@ class FinetuneActorNode(_LoopNode):
   set come from the config)."""
 
   def __init__(self, cfg: ExperimentConfig, game: str, mode: Optional[int], epsilon: float,
-               variables: VariableServer, replay, index: int, workdir: Optional[str] = None,
+               variables: VariableServer, replay: str, index: int, workdir: Optional[str] = None,
                update_period: int = 100, seed: int = 0, max_episode_frames: int = 108_000):
     import jax
     import numpy as np

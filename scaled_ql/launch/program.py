@@ -23,13 +23,13 @@ iterator reconnect). Ctrl-C / SIGTERM: the learner checkpoints, then every actor
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Callable, Optional, Sequence
 
 import ray
@@ -50,6 +50,7 @@ class Program:
   cfg: ExperimentConfig
   workdir: str
   replay: ray.actor.ActorHandle
+  replay_name: str
   inserters: list
   learner: ray.actor.ActorHandle
   variables: VariableServer
@@ -89,21 +90,23 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node)."""
   # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
   evaluator_games = split_games(cfg.games, num_evaluators) if num_evaluators else []
-  replay = _actor(nodes.ReverbNode, 'replay').remote(cfg, free_port())
-  variables = VariableServer.create(cfg.train.variable_server_shards,
+  # Nodes find the replay and the variable shards by name (never by a handle in their
+  # arguments: Ray cannot always restart such actors, ray-project/ray#53727).
+  prefix = f'{cfg.name}_{uuid.uuid4().hex[:8]}_'
+  replay_name = prefix + 'replay'
+  replay = _actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, free_port())
+  variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
                                     max_restarts=MAX_RESTARTS['variable_shard'])
+  inserters = [
+      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay_name, i, cfg.data.num_inserters,
+                                                    workdir)
+      for i in range(cfg.data.num_inserters)]
+  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
+      cfg, replay_name, variables, workdir, num_steps)
   evaluators = [
       _actor(nodes.EvaluatorNode, 'evaluator').remote(cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
-  # Nodes that hold the replay's handle are made once it is up: Ray cannot restart an actor whose
-  # constructor got the handle of an actor still being created (ray-project/ray#53727).
-  ray.get(replay.ping.remote(), timeout=600)
-  inserters = [
-      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay, i, cfg.data.num_inserters, workdir)
-      for i in range(cfg.data.num_inserters)]
-  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
-      cfg, replay, variables, workdir, num_steps)
-  return Program(cfg, workdir, replay, inserters, learner, variables, evaluators,
+  return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
                  evaluator_games)
 
 
@@ -112,7 +115,8 @@ def add_finetune_actors(program: Program, game: str, mode: Optional[int], num_ac
   """Fine-tuning actors acting in `game` (+ `mode`) and feeding the replay's table of that game."""
   for i in range(num_actors):
     program.actors.append(_actor(nodes.FinetuneActorNode, 'actor').remote(
-        program.cfg, game, mode, epsilon, program.variables, program.replay, i, program.workdir,
+        program.cfg, game, mode, epsilon, program.variables, program.replay_name, i,
+        program.workdir,
         seed=program.cfg.train.seed, max_episode_frames=max_episode_frames))
 
 
@@ -198,11 +202,12 @@ def format_progress(status: ProgramStatus, started: float) -> str:
   parts = [f'{time.time() - started:6.0f}s']
   s = status.learner
   if s:
-    remaining = s['num_steps'] - s['steps']
-    eta = remaining / s['steps_per_s'] if s['steps_per_s'] > 0 else math.inf
-    parts.append(f"learner {s['steps']}/{s['num_steps']} {s['steps_per_s']:.1f} steps/s "
-                 f"ETA {eta:.0f}s" if eta < math.inf else
-                 f"learner {s['steps']}/{s['num_steps']} (waiting for data)")
+    head = f"learner {s['steps']}/{s['num_steps']}"
+    if s['steps_per_s'] > 0:
+      eta = (s['num_steps'] - s['steps']) / s['steps_per_s']
+      parts.append(f"{head} {s['steps_per_s']:.1f} steps/s ETA {eta:.0f}s")
+    else:
+      parts.append(f"{head} 0.0 steps/s" + (' (waiting for data)' if s['steps'] == 0 else ''))
     loss = s['metrics'].get('loss')
     if loss is not None:
       parts.append(f'loss {loss:.3f}')

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import uuid
 import time
 from typing import Any, Optional, Sequence
 
@@ -128,29 +129,43 @@ class VariableShard:
     return version, self._layout, self._versions[version]
 
 
-@dataclasses.dataclass
 class VariableServer:
-  """Handles of the shard actors; picklable, so nodes receive it as an argument."""
-  shards: list
+  """The shard actors, by name. Picklable: nodes receive it as an argument and look the shards up
+  by name (`ray.get_actor`), so no actor handle travels in a constructor's arguments (Ray cannot
+  always restart an actor whose arguments hold handles, ray-project/ray#53727)."""
+
+  def __init__(self, names: Sequence[str]):
+    self.names = list(names)
+    self._handles: Optional[list] = None
+
+  def __getstate__(self):
+    return {'names': self.names}
+
+  def __setstate__(self, state):
+    self.names, self._handles = state['names'], None
+
+  @property
+  def shards(self) -> list:
+    if self._handles is None:
+      self._handles = [ray.get_actor(name) for name in self.names]
+    return self._handles
 
   @classmethod
-  def create(cls, num_shards: int, history: int = DEFAULT_HISTORY, name_prefix: str = '',
-             max_restarts: int = -1) -> 'VariableServer':
+  def create(cls, num_shards: int, history: int = DEFAULT_HISTORY,
+             name_prefix: Optional[str] = None, max_restarts: int = -1) -> 'VariableServer':
     if num_shards < 1:
       raise ValueError(f'TrainConfig.variable_server_shards must be >= 1, got {num_shards}')
+    prefix = name_prefix if name_prefix is not None else f'vs_{uuid.uuid4().hex[:8]}_'
     actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(VariableShard)
-    shards = []
-    for i in range(num_shards):
-      options = {'name': f'{name_prefix}variable_shard_{i}'} if name_prefix else {}
-      shards.append(actor.options(**options).remote(history))
-    # Up before anyone gets their handles (an actor built with the handle of one still being
-    # created cannot be restarted by Ray: ray-project/ray#53727). Shards start in well under 1 s.
-    ray.get([s.latest_version.remote() for s in shards])
-    return cls(shards)
+    names = [f'{prefix}variable_shard_{i}' for i in range(num_shards)]
+    server = cls(names)
+    server._handles = [actor.options(name=name).remote(history) for name in names]
+    ray.get([s.latest_version.remote() for s in server.shards])  # up (they start in < 1 s)
+    return server
 
   @property
   def num_shards(self) -> int:
-    return len(self.shards)
+    return len(self.names)
 
   def publisher(self, max_in_flight: int = 1) -> 'VariablePublisher':
     return VariablePublisher(self, max_in_flight)
