@@ -56,6 +56,8 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
     raise ValueError(f'agent.target_update_period={a.target_update_period} must be >= 1')
   if a.batch_size < 1:
     raise ValueError(f'agent.games_per_batch x agent.transitions_per_game = {a.batch_size} < 1')
+  from scaled_ql.agents import transfer  # local: transfer imports the networks package
+  transfer.check_frozen_modules(a.frozen_modules)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,11 +75,17 @@ def agent_networks(cfg: ExperimentConfig) -> AgentNetworks:
 
 
 def make_optimizer(agent: AgentConfig) -> optax.GradientTransformation:
-  """Adam (Appendix B.3), optionally after global-norm clipping."""
+  """Adam (Appendix B.3), optionally after global-norm clipping; the params of
+  `agent.frozen_modules` get zero updates and no Adam state (transfer.frozen_labels)."""
   adam = optax.adam(agent.learning_rate, eps=agent.adam_eps)
-  if agent.max_grad_norm is None:
+  if agent.max_grad_norm is not None:
+    adam = optax.chain(optax.clip_by_global_norm(agent.max_grad_norm), adam)
+  if not agent.frozen_modules:
     return adam
-  return optax.chain(optax.clip_by_global_norm(agent.max_grad_norm), adam)
+  from scaled_ql.agents import transfer
+  return optax.multi_transform(
+      {transfer.TRAINABLE: adam, transfer.FROZEN: optax.set_to_zero()},
+      functools.partial(transfer.frozen_labels, frozen_modules=agent.frozen_modules))
 
 
 def dummy_inputs(batch_size: int = 1) -> tuple[jax.Array, jax.Array]:

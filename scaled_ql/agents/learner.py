@@ -125,9 +125,10 @@ def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
   updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
   params, behaviour_params = optax.apply_updates(trainable, updates)
   step = state.step + 1
+  # lax.cond, not jnp.where: between refreshes the (donated) target buffers pass through untouched
+  # instead of being read and rewritten every step.
   refresh = (step % cfg.agent.target_update_period) == 0
-  target_params = jax.tree_util.tree_map(lambda o, t: jnp.where(refresh, o, t), params,
-                                         state.target_params)
+  target_params = jax.lax.cond(refresh, lambda: params, lambda: state.target_params)
   rng, _ = jax.random.split(state.rng)
   metrics['grad_norm'] = optax.global_norm(grads)
   new_state = TrainState(params=params, behaviour_params=behaviour_params,
@@ -164,7 +165,10 @@ class Learner:
 
   def __init__(self, cfg: ExperimentConfig, iterator: Iterator[Transition],
                workdir: Optional[str] = None, *, logger: Optional[loggers_lib.Logger] = None,
-               handle_signals: bool = True, devices: Optional[Sequence[jax.Device]] = None):
+               handle_signals: bool = True, devices: Optional[Sequence[jax.Device]] = None,
+               initial_params: Any = None):
+    """`initial_params`: Q-network params to start from instead of a random init (online and
+    target network; e.g. `transfer.finetune_params`). A checkpoint found by `restore()` wins."""
     builder.check_agent_config(cfg)
     self._cfg = cfg
     self._iterator = iterator
@@ -179,8 +183,14 @@ class Learner:
     mesh = Mesh(np.asarray(devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
-    self._state = jax.device_put(
-        _init_state_jit(cfg, jax.random.PRNGKey(cfg.train.seed)), self._replicated)
+    state = _init_state_jit(cfg, jax.random.PRNGKey(cfg.train.seed))
+    if initial_params is not None:
+      from scaled_ql.agents import transfer
+      transfer.check_same_structure(initial_params, state.params, 'initial_params')
+      # Copies: the train state is donated to `update`, the caller's arrays must stay valid.
+      params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), initial_params)
+      state = state._replace(params=params, target_params=jax.tree_util.tree_map(jnp.copy, params))
+    self._state = jax.device_put(state, self._replicated)
     # Shapes, dtypes and shardings of the state: what a restore fills (even after a failure).
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)

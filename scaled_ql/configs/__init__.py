@@ -16,10 +16,10 @@ from typing import Callable
 
 from scaled_ql import games as games_lib
 from scaled_ql.configs.base import (AgentConfig, DataConfig, EvalConfig, ExperimentConfig,
-                                    NetworkConfig, TrainConfig)
+                                    FinetuneConfig, NetworkConfig, TrainConfig)
 
-__all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'NetworkConfig',
-           'TrainConfig', 'get_config', 'list_configs', 'UnknownConfigError', 'NETWORKS',
+__all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FinetuneConfig',
+           'NetworkConfig', 'TrainConfig', 'finetune_offline', 'finetune_online', 'get_config', 'list_configs', 'UnknownConfigError', 'NETWORKS',
            'VARIANTS']
 
 
@@ -49,9 +49,12 @@ NETWORKS: dict[str, NetworkConfig] = {
     'resnet_cpu_small': NetworkConfig(
         resnet_stage_sizes=(1,), resnet_block='basic', resnet_width=96, stem='strided',
         stem_patch=12, trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
+    # cpu_tiny (tests): the same 12x12/12 stem (7x7 -> 4x4 over two stages); 8-channel convs at
+    # 21x21 made its learner update ~8x slower and slower to compile.
     'resnet_cpu_tiny': NetworkConfig(
         resnet_stage_sizes=(1, 1), resnet_block='basic', resnet_width=8, stem='strided',
-        spatial_embedding_features=2, trunk_first_dim=32, trunk_hidden_dims=(16, 16, 16)),
+        stem_patch=12, spatial_embedding_features=2, trunk_first_dim=32,
+        trunk_hidden_dims=(16, 16, 16)),
 }
 
 # Baselines and ablations of the paper, as changes to a config (Section 5.3, Appendix A).
@@ -155,3 +158,72 @@ def get_config(name: str) -> ExperimentConfig:
   raise UnknownConfigError(
       f'unknown config {name!r}. Valid configs: {", ".join(list_configs())}; each may take a '
       f'variant suffix: {", ".join("_" + v for v in VARIANTS)}')
+
+
+# ------------------------------------------------------------------------------------ transfer
+# Section 5.2 / Appendix B.4. Both derive the fine-tuning run from the pre-training config `base`
+# (the checkpoint's, so that the encoder fits): same network, one game, batch 32.
+
+def finetune_offline(base: ExperimentConfig, game: str, *, pretrained: str | None,
+                     freeze_encoder: bool = False, data_dir: str | None = None,
+                     selection: str = 'uniform:1', num_steps: int = 300_000,
+                     learning_rate: float = 5e-5, cql_alpha: float = 0.05,
+                     batch_size: int = 32) -> ExperimentConfig:
+  """Offline fine-tuning to a new game (Appendix B.4): batch 32, lr 5e-5, alpha 0.05, 300k steps,
+  1% of the DQN-Replay data spread over the run ('uniform:1'); otherwise the pre-training
+  hyperparameters (loss, atoms, target update period, replay sizes). `pretrained=None`: the same
+  run from scratch."""
+  games_lib.check_games([game], 'fine-tuning game')
+  suffix = 'scratch' if pretrained is None else ('frozen' if freeze_encoder else 'pretrained')
+  return base.replace(
+      name=f'finetune_offline_{game}_{suffix}', games=(game,),
+      agent=dict(loss='c51', cql_alpha=cql_alpha, learning_rate=learning_rate,
+                 games_per_batch=1, transitions_per_game=batch_size,
+                 frozen_modules=('encoder',) if freeze_encoder else ()),
+      data=dict(selection=selection, num_inserters=1,
+                **({} if data_dir is None else dict(data_dir=data_dir))),
+      eval=dict(num_evaluators=1, game_mode=None),
+      train=dict(num_steps=num_steps),
+      finetune=FinetuneConfig(pretrained=pretrained))
+
+
+# Dopamine's C51 (dopamine/agents/rainbow/configs/c51.gin, Castro et al. 2018) with n-step 3
+# (Appendix B.4). Dopamine counts target_update_period in environment steps (8000 = 2000 gradient
+# steps at update_period 4); ours counts gradient steps.
+DOPAMINE_C51 = dict(batch_size=32, v_max=10.0, adam_eps=0.0003125, target_update_period=2000,
+                    replay_capacity=1_000_000, min_replay_history=20_000, update_period=4,
+                    epsilon_train=0.01, epsilon_decay_period=250_000)
+
+
+def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
+                    pretrained: str | None, num_steps: int = 750_000,
+                    learning_rate: float = 5e-5, freeze_encoder: bool = False,
+                    scale: float = 1.0) -> ExperimentConfig:
+  """Online C51 fine-tuning in a new game mode (Section 5.2, Appendix B.4).
+
+  `num_steps` gradient steps = 4x as many environment steps (the paper: 3M env steps = 750k).
+  `scale` < 1 shrinks the replay capacity, warm-up, epsilon decay and target update period for
+  CPU runs (documented in docs/notes/transfer.md); 1.0 is Dopamine's C51.
+  """
+  games_lib.check_games([game], 'fine-tuning game')
+  if not 0 < scale <= 1:
+    raise ValueError(f'scale={scale} must be in (0, 1]')
+  c = DOPAMINE_C51
+  sized = lambda n, low=1: max(low, int(round(n * scale)))
+  suffix = 'scratch' if pretrained is None else 'pretrained'
+  mode_name = 'default' if mode is None else f'm{mode}'
+  return base.replace(
+      name=f'finetune_online_{game}_{mode_name}_{suffix}', games=(game,),
+      agent=dict(loss='c51', cql_alpha=0.0, n_step=3, learning_rate=learning_rate,
+                 adam_eps=c['adam_eps'], v_min=-c['v_max'], v_max=c['v_max'],
+                 games_per_batch=1, transitions_per_game=c['batch_size'],
+                 target_update_period=sized(c['target_update_period']),
+                 frozen_modules=('encoder',) if freeze_encoder else ()),
+      data=dict(shuffle_buffer_per_game=sized(c['replay_capacity'], 100),
+                min_fill_per_game=sized(c['min_replay_history'], c['batch_size']),
+                num_inserters=1),
+      eval=dict(num_evaluators=1, game_mode=mode),
+      train=dict(num_steps=num_steps),
+      finetune=FinetuneConfig(pretrained=pretrained, update_period=c['update_period'],
+                              epsilon_end=c['epsilon_train'],
+                              epsilon_decay_steps=sized(c['epsilon_decay_period'])))

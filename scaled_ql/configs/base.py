@@ -65,6 +65,9 @@ class AgentConfig:
   games_per_batch: int = 128
   transitions_per_game: int = 4
   bcq_tau: float = 0.3  # discrete BCQ action filter threshold (Appendix A.2)
+  # Top-level network modules ('encoder', 'trunk', 'heads') whose params the optimizer leaves
+  # unchanged (transfer with a frozen encoder: `('encoder',)`; scaled_ql/agents/transfer.py).
+  frozen_modules: tuple[str, ...] = ()
 
   @property
   def batch_size(self) -> int:
@@ -85,8 +88,9 @@ class DataConfig:
   min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts
   num_inserters: int = 1
   # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
-  # this many steps (longer: better compression, a little more memory held past FIFO eviction).
-  reverb_chunk_length: int = 32
+  # this many steps. Longer: better compression, but a sample decompresses whole chunks (16 vs 32:
+  # 1.7x the sampling throughput for 5% more bytes; docs/notes/reverb.md).
+  reverb_chunk_length: int = 16
   prefetch_batches: int = 2
   strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
 
@@ -105,6 +109,9 @@ class EvalConfig:
   env_groups: int = 1
   num_evaluators: int = 1
   eval_every_seconds: float = 60.0
+  # ALE game mode of the evaluation environments (None: the ROM's default, as in DQN-Replay).
+  # Online fine-tuning to a new mode (Section 5.2) evaluates in that mode, e.g. Breakout 12.
+  game_mode: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,27 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Transfer (Section 5.2, Appendix B.4): the pretrained encoder and the online C51 loop.
+
+  The rest of a fine-tuning run is the ordinary config: `games` = the new game, `agent` (batch 32,
+  lr, alpha; `frozen_modules`), `data` (offline: selection 'uniform:1'; online: the replay
+  capacity = shuffle_buffer_per_game and the warm-up = min_fill_per_game), `eval.game_mode`.
+  Derived by `configs.finetune_offline` / `configs.finetune_online`.
+  """
+  # Learner workdir (or its checkpoints/) of the multi-game run whose encoder initializes this one;
+  # None = from scratch (the same network, randomly initialized).
+  pretrained: Optional[str] = None
+  # Online fine-tuning (Dopamine's C51 settings, Castro et al. 2018, with n-step 3).
+  num_actors: int = 1  # FinetuneActorNodes collecting experience in the new game/mode
+  update_period: int = 4  # environment steps (all actors together) per gradient step
+  epsilon_start: float = 1.0
+  epsilon_end: float = 0.01  # Dopamine's epsilon_train
+  epsilon_decay_steps: int = 250_000  # environment steps, after the replay warm-up
+  actor_sticky_action_prob: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   name: str
   games: tuple[str, ...]
@@ -126,6 +154,7 @@ class ExperimentConfig:
   data: DataConfig = DataConfig()
   eval: EvalConfig = EvalConfig()
   train: TrainConfig = TrainConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
   def replace(self, **kwargs: Any) -> 'ExperimentConfig':
     """`cfg.replace(agent=dict(cql_alpha=0.0), name=...)`: nested dicts update sub-configs."""
@@ -160,4 +189,5 @@ class ExperimentConfig:
         agent=build(AgentConfig, d.get('agent', {})),
         data=build(DataConfig, d.get('data', {})),
         eval=build(EvalConfig, d.get('eval', {})),
-        train=build(TrainConfig, d.get('train', {})))
+        train=build(TrainConfig, d.get('train', {})),
+        finetune=build(FinetuneConfig, d.get('finetune', {})))

@@ -58,7 +58,7 @@ class GameResult:
 
 def make_eval_env(game: str, eval_cfg: EvalConfig, seed: int) -> AtariEnv:
   """An `AtariEnv` with the evaluation protocol's settings (sticky actions, episode cap)."""
-  return AtariEnv(game, sticky_action_prob=eval_cfg.sticky_action_prob,
+  return AtariEnv(game, mode=eval_cfg.game_mode, sticky_action_prob=eval_cfg.sticky_action_prob,
                   max_episode_frames=eval_cfg.max_episode_frames, seed=seed)
 
 

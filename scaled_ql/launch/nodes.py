@@ -220,14 +220,16 @@ class LearnerNode(_LoopNode):
   name = 'learner'
 
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
-               num_steps: int):
+               num_steps: int, initial_params: Any = None):
     from scaled_ql.agents.learner import Learner
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address.
     self._iterator = reverb_tables.stratified_batches(
         _reverb_address(replay), cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
-    self._learner = Learner(cfg, self._iterator, workdir=workdir, handle_signals=False)
+    # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
+    self._learner = Learner(cfg, self._iterator, workdir=workdir, handle_signals=False,
+                            initial_params=initial_params)
     self._learner.restore()  # a restarted node resumes from the last checkpoint
     self.resumed_from_step = int(self._learner.steps)
     self._publisher = variables.publisher()
@@ -356,9 +358,16 @@ class FinetuneActorNode(_LoopNode):
   `stratified_batches` samples it. The game must be one of `cfg.games` (its game_id and action
   set come from the config)."""
 
-  def __init__(self, cfg: ExperimentConfig, game: str, mode: Optional[int], epsilon: float,
-               variables: VariableServer, replay: str, index: int, workdir: Optional[str] = None,
-               update_period: int = 100, seed: int = 0, max_episode_frames: int = 108_000):
+  def __init__(self, cfg: ExperimentConfig, game: str, mode: Optional[int],
+               epsilon: 'float | Callable[[int], float]', variables: VariableServer, replay: str,
+               index: int, workdir: Optional[str] = None, update_period: int = 100,
+               seed: int = 0, max_episode_frames: int = 108_000,
+               sticky_action_prob: float = 0.25,
+               max_env_steps: Optional[Callable[[int], int]] = None):
+    """`epsilon`: a constant, or a (picklable) schedule `epsilon(param_version) -> float` of the
+    learner step that produced the acting params (e.g. `finetune.LinearEpsilon`).
+    `max_env_steps(param_version)`: optional pacing (e.g. `finetune.ActorPacing`); a new episode
+    starts only while this actor's env steps are below it, so acting keeps pace with learning."""
     import jax
     import numpy as np
     from scaled_ql.agents.actors import make_policy
@@ -369,9 +378,15 @@ class FinetuneActorNode(_LoopNode):
     self._cfg, self._game, self._replay = cfg, game, replay
     self._game_id = np.asarray([cfg.games.index(game)], np.int32)
     seed = seed + 7919 * index + 104_729 * _restarts()
-    self._env = AtariEnv(game, mode=mode, sticky_action_prob=0.25, seed=seed,
+    self._env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
                          max_episode_frames=max_episode_frames)
-    self._policy = make_policy(cfg, epsilon)
+    # A schedule: the greedy policy plus exploration drawn here, per step.
+    self._epsilon = epsilon if callable(epsilon) else None
+    self._policy = make_policy(cfg, 0.0 if callable(epsilon) else epsilon)
+    self._explore_rng = np.random.default_rng(seed)
+    self._num_actions = self._env.num_actions
+    self._max_env_steps = max_env_steps
+    self.paced_s = 0.0
     self._client = VariableClient(variables, update_period=update_period)
     self._client.wait_for_version(0, timeout=600)
     self._rng = jax.random.PRNGKey(seed)
@@ -385,12 +400,23 @@ class FinetuneActorNode(_LoopNode):
   def _act(self, observation) -> int:
     import jax
     self._client.update()
+    if self._epsilon is not None:
+      if self._explore_rng.random() < self._epsilon(self._client.version):
+        return int(self._explore_rng.integers(self._num_actions))
     self._rng, key = jax.random.split(self._rng)
     return int(self._policy(self._client.params, key, observation[None], self._game_id)[0])
 
   def _run_once(self) -> None:
     # One episode as RLDS steps: step i holds observation i, the action taken there and the
     # reward that followed; the last step holds only the final observation.
+    if self._max_env_steps is not None:
+      started = time.monotonic()
+      while self.env_steps >= self._max_env_steps(self._client.version):
+        if self._stop.is_set():
+          return
+        self._client.update_and_wait(timeout=10)
+        self._stop.wait(0.1)
+      self.paced_s += time.monotonic() - started
     steps, episode_return = [], 0.0
     timestep = self._env.reset()
     while not timestep.last():
@@ -414,10 +440,12 @@ class FinetuneActorNode(_LoopNode):
     from scaled_ql.datasets import reverb_tables
     if self._writer is None:
       client = reverb.Client(_reverb_address(self._replay))
-      self._writer = reverb_tables.make_writer(client, self._cfg.agent.n_step)
+      self._writer = reverb_tables.make_writer(client, self._cfg.agent.n_step,
+                                               self._cfg.data.reverb_chunk_length)
     try:
       self.items += reverb_tables.write_episode(
-          self._writer, reverb_tables.table_name(self._game), steps, self._cfg.agent.n_step)
+          self._writer, reverb_tables.table_name(self._game), steps, self._cfg.agent.n_step,
+          self._cfg.data.reverb_chunk_length)
     except (reverb.errors.ReverbError, RuntimeError) as e:
       # The server went away: drop this episode, reconnect for the next one.
       print(f'[{self.name}] lost the Reverb server ({type(e).__name__}); reconnecting',
@@ -426,7 +454,9 @@ class FinetuneActorNode(_LoopNode):
 
   def status(self) -> dict:
     recent = self.returns[-10:]
-    return dict(self.base_status(), game=self._game, episodes=self.episodes,
+    epsilon = self._epsilon(self._client.version) if self._epsilon is not None else None
+    return dict(self.base_status(), game=self._game, episodes=self.episodes, epsilon=epsilon,
+                paced_s=self.paced_s,
                 env_steps=self.env_steps, items=self.items, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)
 

@@ -85,9 +85,10 @@ def _actor(cls, kind: str, **options):
 
 
 def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
-          learner_gpus: float = 0) -> Program:
+          learner_gpus: float = 0, initial_params=None) -> Program:
   """Starts every node of the training program (the graph in the module docstring).
-  `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node)."""
+  `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node).
+  `initial_params`: the learner's starting Q-network params (transfer), instead of a random init."""
   # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
   evaluator_games = split_games(cfg.games, num_evaluators) if num_evaluators else []
   # Nodes find the replay and the variable shards by name (never by a handle in their
@@ -102,7 +103,7 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
                                                     workdir)
       for i in range(cfg.data.num_inserters)]
   learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
-      cfg, replay_name, variables, workdir, num_steps)
+      cfg, replay_name, variables, workdir, num_steps, initial_params)
   evaluators = [
       _actor(nodes.EvaluatorNode, 'evaluator').remote(cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
@@ -111,13 +112,14 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
 
 
 def add_finetune_actors(program: Program, game: str, mode: Optional[int], num_actors: int,
-                        epsilon: float, max_episode_frames: int = 108_000) -> None:
-  """Fine-tuning actors acting in `game` (+ `mode`) and feeding the replay's table of that game."""
+                        epsilon, max_episode_frames: int = 108_000, **actor_kwargs) -> None:
+  """Fine-tuning actors acting in `game` (+ `mode`) and feeding the replay's table of that game.
+  `epsilon`: a constant or a schedule of the param version (see `nodes.FinetuneActorNode`)."""
   for i in range(num_actors):
     program.actors.append(_actor(nodes.FinetuneActorNode, 'actor').remote(
         program.cfg, game, mode, epsilon, program.variables, program.replay_name, i,
         program.workdir,
-        seed=program.cfg.train.seed, max_episode_frames=max_episode_frames))
+        seed=program.cfg.train.seed, max_episode_frames=max_episode_frames, **actor_kwargs))
 
 
 # ---------------------------------------------------------------------------------------------

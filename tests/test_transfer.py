@@ -1,0 +1,198 @@
+"""Transfer (issue 6): encoder loading, frozen/trained encoders, the mismatch error, the configs,
+and the online fine-tuning program end to end (real Ray, real emulator in mode 12, real Reverb).
+
+The "pretrained" checkpoint is a cpu_tiny learner (games Breakout, Freeway) after a few steps on
+random batches: what matters is that its params differ from a fresh init.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from scaled_ql import configs, loggers
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.agents import transfer
+from scaled_ql.launch import finetune
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_learner import batches  # noqa: E402  (random uint8 Transition batches of a config)
+
+PRETRAIN_CFG = configs.get_config('cpu_tiny').replace(name='cpu_tiny_pretrain',
+                                                      games=('Breakout', 'Freeway'))
+
+
+def _learner(cfg, workdir=None, **kw):
+  return learner_lib.Learner(cfg, batches(cfg), workdir, logger=loggers.MultiLogger([]),
+                             devices=jax.local_devices()[:1], handle_signals=False, **kw)
+
+
+def _modules(params, prefix):
+  return {k: v for k, v in params.items() if k.split('/', 1)[0] == prefix}
+
+
+def _equal(a, b) -> bool:
+  return (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+          and all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                       jax.tree_util.tree_leaves(b))))
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  learner = _learner(PRETRAIN_CFG, workdir)
+  for _ in range(3):
+    learner.step()
+  learner.save()
+  learner.close()
+  return workdir
+
+
+def _offline_cfg(pretrained, game='Pong', freeze=False, seed=1):
+  cfg = configs.finetune_offline(PRETRAIN_CFG, game, pretrained=pretrained, freeze_encoder=freeze)
+  # Tiny batch for the tests; a seed other than pre-training's so fresh != pretrained init.
+  return cfg.replace(agent=dict(transitions_per_game=4), train=dict(seed=seed))
+
+
+def test_loaded_encoder_equals_checkpoint_and_trunk_heads_are_fresh(pretrained):
+  _, ckpt, step = transfer.load_pretrained(pretrained)
+  assert step == 3
+  cfg = _offline_cfg(pretrained)
+  params = transfer.finetune_params(cfg)
+  fresh = transfer.finetune_params(cfg.replace(finetune=dict(pretrained=None)))
+  assert _equal(_modules(params, 'encoder'), _modules(ckpt, 'encoder'))
+  assert not _equal(_modules(fresh, 'encoder'), _modules(ckpt, 'encoder'))
+  # Trunk: the fine-tuning run's own random init, not the checkpoint's trained trunk.
+  assert _equal(_modules(params, 'trunk'), _modules(fresh, 'trunk'))
+  assert not any(np.array_equal(params[m]['w'], ckpt[m]['w'])
+                 for m in _modules(params, 'trunk') if 'w' in params[m])
+  # Heads: the new game's head only (Pong), freshly initialized.
+  assert sorted(_modules(params, 'heads')) == ['heads/Pong']
+  assert sorted(_modules(ckpt, 'heads')) == ['heads/Breakout', 'heads/Freeway']
+  assert _equal(_modules(params, 'heads'), _modules(fresh, 'heads'))
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_frozen_encoder_is_unchanged_and_a_trained_one_changes(pretrained, freeze):
+  cfg = _offline_cfg(pretrained, freeze=freeze)
+  initial = transfer.finetune_params(cfg)
+  learner = _learner(cfg, initial_params=initial)
+  start, = learner.get_variables()
+  assert _equal(start, initial)  # the learner starts from the given params
+  for _ in range(3):
+    learner.step()
+  after, = learner.get_variables()
+  learner.close()
+  assert _equal(_modules(after, 'encoder'), _modules(initial, 'encoder')) == freeze
+  assert not _equal(_modules(after, 'trunk'), _modules(initial, 'trunk'))
+  assert not _equal(_modules(after, 'heads'), _modules(initial, 'heads'))
+
+
+def test_frozen_labels_and_config_checks():
+  params = {'encoder/stem_conv': {'w': 1}, 'trunk/linear_0': {'w': 2, 'b': 3},
+            'heads/Pong': {'w': 4}}
+  labels = transfer.frozen_labels(({**params}, {}), ('encoder', 'heads'))
+  assert labels[0] == {'encoder/stem_conv': {'w': 'frozen'},
+                       'trunk/linear_0': {'w': 'trainable', 'b': 'trainable'},
+                       'heads/Pong': {'w': 'frozen'}}
+  with pytest.raises(ValueError, match=r"frozen_modules.*'torso'"):
+    learner_lib.builder.check_agent_config(
+        PRETRAIN_CFG.replace(agent=dict(frozen_modules=('torso',))))
+
+
+def test_encoder_mismatch_names_the_parameters_and_the_checkpoint(pretrained):
+  cfg = _offline_cfg(pretrained).replace(network=dict(resnet_width=16))
+  with pytest.raises(transfer.EncoderMismatchError) as e:
+    transfer.finetune_params(cfg)
+  message = str(e.value)
+  assert pretrained in message
+  assert 'encoder/stem_conv/w: checkpoint [16, 16, 4, 8] vs configured network [16, 16, 4, 16]' \
+      in message, message
+  # Mean pooling instead of the spatial embedding: a parameter the network does not have.
+  cfg = _offline_cfg(pretrained).replace(network=dict(spatial_embedding=False))
+  with pytest.raises(transfer.EncoderMismatchError, match='encoder/spatial_embedding/kernel: '
+                     'not in the configured network'):
+    transfer.finetune_params(cfg)
+  with pytest.raises(ValueError, match='initial_params do not fit'):
+    _learner(_offline_cfg(pretrained), initial_params={'encoder/stem_conv': {'w': np.zeros(3)}})
+
+
+def test_cli_rejects_a_mismatching_checkpoint_before_starting_anything(pretrained,
+                                                                        tiny_dataset_dir, tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'scaled_ql.cli', 'finetune', 'offline', '--pretrained', pretrained,
+       '--config', 'cpu_small', '--game', 'Pong', '--data-dir', tiny_dataset_dir,
+       '--workdir', str(tmp_path / 'ft')], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert f'the encoder of checkpoint {pretrained} does not match' in out.stderr
+  assert 'encoder/stem_conv/w' in out.stderr
+  assert not os.path.exists(tmp_path / 'ft')
+
+
+def test_finetune_configs_follow_appendix_b4(pretrained):
+  cfg = configs.finetune_offline(PRETRAIN_CFG, 'Alien', pretrained=pretrained,
+                                 freeze_encoder=True, data_dir='d')
+  assert cfg.games == ('Alien',) and cfg.agent.batch_size == 32
+  assert (cfg.agent.learning_rate, cfg.agent.cql_alpha, cfg.agent.loss) == (5e-5, 0.05, 'c51')
+  assert cfg.train.num_steps == 300_000 and cfg.data.selection == 'uniform:1'
+  assert cfg.agent.frozen_modules == ('encoder',) and cfg.finetune.pretrained == pretrained
+  assert cfg.network == PRETRAIN_CFG.network and cfg.data.data_dir == 'd'
+  on = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=None, learning_rate=1e-5)
+  assert (on.agent.cql_alpha, on.agent.n_step, on.agent.batch_size, on.agent.v_max) == (
+      0.0, 3, 32, 10.0)
+  assert on.eval.game_mode == 12 and on.finetune.pretrained is None
+  assert (on.data.shuffle_buffer_per_game, on.data.min_fill_per_game) == (1_000_000, 20_000)
+  assert (on.finetune.update_period, on.finetune.epsilon_end) == (4, 0.01)
+  assert on.agent.target_update_period == 2000 and on.finetune.epsilon_decay_steps == 250_000
+  # The config (with the new sub-config) round-trips through its JSON form.
+  assert configs.ExperimentConfig.from_dict(json.loads(on.to_json())) == on
+
+
+def test_epsilon_schedule_and_pacing():
+  cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=None)
+  eps = finetune.LinearEpsilon.from_config(cfg)
+  assert eps(0) == 1.0 and eps(250_000 // 4) == pytest.approx(0.01) and eps(10**7) == 0.01
+  assert eps(250_000 // 8) == pytest.approx(0.505)
+  # Learner: no step before the warm-up, then one per update_period transitions.
+  assert finetune.allowed_steps(19_999, cfg) == 0
+  assert finetune.allowed_steps(20_000, cfg) == 1 and finetune.allowed_steps(20_400, cfg) == 101
+  pace = finetune.ActorPacing(warmup=20_000, update_period=4, slack_learner_steps=10,
+                              num_actors=2)
+  assert pace(0) == (20_000 + 40) // 2 and pace(100) == (20_000 + 4 * 110) // 2
+  # Actors may always run ahead of what lets the learner take its next steps (no deadlock).
+  for version in (0, 7, 1000):
+    assert finetune.allowed_steps(2 * pace(version), cfg) > version + 1
+
+
+def test_online_finetuning_runs_end_to_end(pretrained, tmp_path):
+  """Real Ray + Reverb + emulator: actors play Breakout mode 12 into Reverb, the learner trains
+  from the pretrained encoder, the evaluator reports mode-12 scores."""
+  cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=pretrained,
+                                num_steps=12, scale=0.001)
+  cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
+                    eval=dict(steps_per_game=60, eval_every_seconds=1.0))
+  initial = transfer.finetune_params(cfg)
+  workdir = str(tmp_path / 'online')
+  status = finetune.run_online(cfg, workdir, initial, log=lambda line: None,
+                               timeout_s=240, final_eval_timeout_s=120)
+  assert status.learner['steps'] == 12
+  actor, = status.actors
+  assert actor['episodes'] >= 1 and actor['items'] >= 64 and actor['epsilon'] < 1.0
+  # Pacing: the learner took no more steps than the transitions allow (1 per 4 after warm-up).
+  assert finetune.allowed_steps(actor['items'], cfg) >= 12
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl'))]
+  assert {r['game'] for r in rows} == {'Breakout'} and max(r['param_version'] for r in rows) == 12
+  saved_cfg, params, step = transfer.load_pretrained(workdir)
+  assert step == 12 and saved_cfg.eval.game_mode == 12 and saved_cfg.finetune.pretrained
+  # Trained from the transferred encoder: moved away from it, but not a different init.
+  encoder_before = _modules(initial, 'encoder')
+  encoder_after = _modules(params, 'encoder')
+  assert not _equal(encoder_after, encoder_before)
+  drift = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(encoder_after), jax.tree_util.tree_leaves(encoder_before)))
+  assert drift < 0.05
