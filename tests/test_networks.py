@@ -120,7 +120,7 @@ def test_mean_pool_switch():
   assert params['trunk/linear_0']['w'].shape[0] == channels  # pooled: C, not C * F
   _, params_se = _init()
   assert params_se['encoder/spatial_embedding']['kernel'].shape == (
-      11, 11, channels, NET_CFG.spatial_embedding_features)
+      4, 4, channels, NET_CFG.spatial_embedding_features)  # 84 / 12 = 7 -> stride 2 -> 4
   assert params_se['trunk/linear_0']['w'].shape[0] == channels * NET_CFG.spatial_embedding_features
   out = net.apply(params, *_inputs())
   chex.assert_shape(out.logits, (B, 6, K))
@@ -288,8 +288,9 @@ def test_flops(tiny):
   assert flops['encoder'] > flops['trunk'] > 0
   d = NET_CFG.trunk_hidden_dims[-1]
   assert flops['heads'] == 2 * d * 10 * K
-  # The stem alone: 21x21 outputs x 8 channels x (4*4*4) MACs x 2.
-  assert flops['encoder'] > 2 * 21 * 21 * 8 * 64
+  # The stem alone: 7x7 outputs x 8 channels x (12*12*4) MACs x 2.
+  p = NET_CFG.stem_patch
+  assert flops['encoder'] > 2 * (84 // p) ** 2 * NET_CFG.resnet_width * p * p * 4
   bigger = flops_per_example(dataclasses.replace(NET_CFG, resnet_width=16), GAMES, K)
   assert bigger > 2 * flops['encoder']
 
@@ -315,8 +316,8 @@ def test_describe_cli(capsys):
   assert cli.main(['describe', '--config', 'cpu_tiny']) == 0
   text = capsys.readouterr().out
   assert 'encoder/stem_conv' in text and 'heads' in text and 'FLOPs' in text
-  assert 'float32[11, 11, 16, 2]' in text  # the spatial embedding kernel
-  assert 'total 20,126' in text
+  assert 'float32[4, 4, 16, 2]' in text  # the spatial embedding kernel: 84 / 12 = 7 -> 4
+  assert 'total 20,862' in text
   assert cli.main(['describe', '--config', 'cpu_tiny', '--games', '3']) == 0
   assert '3 games' in capsys.readouterr().out
   assert cli.main(['describe', '--config', 'no_such_config']) == 2

@@ -185,9 +185,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=240,
                        final_eval_timeout_s=60)
   assert 'resumed' in events, events
-  # Resumed from the last checkpoint (every 10 steps) before the kill, not from 0.
-  assert 10 <= events['resumed'] <= events['steps_before_kill']
-  assert events['steps_before_kill'] - events['resumed'] < 10 + 5
+  # Resumed from a checkpoint (every 10 steps), not from 0: at least the last one before the
+  # status seen just before the kill (the learner may have stepped on until the kill landed).
+  assert events['resumed'] % 10 == 0
+  assert events['resumed'] >= max(10, events['steps_before_kill'] // 10 * 10)
   assert status.learner['steps'] == num_steps
   assert 'evaluator_back' in events, events
   # The replay came back on the same port and the learner went on past the kill.

@@ -191,21 +191,23 @@ def test_end_to_end_tfds_server_and_inserters_in_other_processes(tiny_dataset_di
   cfg = configs.get_config('cpu_tiny')
   cfg = cfg.replace(data=dict(data_dir=tiny_dataset_dir, selection='near_optimal',
                               num_inserters=1))
-  # Reference: every transition of the same TFDS episodes, by the numpy path.
-  want = set()
-  for gid, game in enumerate(cfg.games):
-    for episode in rlds_reader.episodes_from_config(cfg.data, game):
-      steps = next(episode['steps'].batch(100_000).as_numpy_iterator())
-      out = tr.episode_transitions(steps, cfg.agent.n_step, cfg.agent.discount,
-                                   cfg.agent.reward_clip, game_id=gid)
-      want.update(_transition_hash(tuple(x[i] for x in out)) for i in range(len(out.action)))
-  assert len(want) > 2 * cfg.data.min_fill_per_game
   with rt.start_server_process(cfg) as server:
+    # The inserter process starts (imports, reader) while this process builds the reference.
     inserters = rt.start_inserter_processes(server.address, cfg)
     try:
       assert len(inserters) == 1
+      # Reference: every transition of the same TFDS episodes, by the numpy path.
+      want = set()
+      for gid, game in enumerate(cfg.games):
+        for episode in rlds_reader.episodes_from_config(cfg.data, game):
+          steps = next(episode['steps'].batch(100_000).as_numpy_iterator())
+          out = tr.episode_transitions(steps, cfg.agent.n_step, cfg.agent.discount,
+                                       cfg.agent.reward_clip, game_id=gid)
+          want.update(_transition_hash(tuple(x[i] for x in out))
+                      for i in range(len(out.action)))
+      assert len(want) > 2 * cfg.data.min_fill_per_game
       with rt.stratified_batches(server.address, cfg.games, cfg) as batches:
-        for _ in range(20):
+        for _ in range(6):
           batch = next(batches)
           assert batch.observation.shape == (cfg.agent.batch_size, 84, 84, 4)
           assert batch.observation.dtype == np.uint8 and batch.game_id.dtype == np.int32
@@ -218,9 +220,13 @@ def test_end_to_end_tfds_server_and_inserters_in_other_processes(tiny_dataset_di
       rt.stop_processes(inserters)
 
 
-def test_inserter_rejects_a_game_without_episodes(server):
+def test_closed_iterator_stops(server):
   cfg, address = server
-  episodes = hand_made_episodes(cfg.games, np.random.default_rng(3), episodes_per_game=1)
-  episodes['Pong'] = []
-  with pytest.raises(ValueError, match='no episodes of game Pong'):
-    rt.run_inserter(address, cfg, cfg.games, source_of(episodes))
+  rt.run_inserter(address, cfg, cfg.games,
+                  source_of(hand_made_episodes(cfg.games, np.random.default_rng(4))), repeat=False)
+  batches = rt.stratified_batches(address, cfg.games, cfg)
+  assert next(batches).action.shape == (8,)
+  batches.close()
+  with pytest.raises(StopIteration):
+    for _ in range(10):  # what was prefetched may still come out, then it ends
+      next(batches)

@@ -126,10 +126,10 @@ def finetune_params(cfg: ExperimentConfig, pretrained: Optional[str] = None,
   fresh init itself. `pretrained_params` skips re-reading an already loaded checkpoint."""
   from scaled_ql.agents import learner
   pretrained = cfg.finetune.pretrained if pretrained is None else pretrained
-  fresh = jax.device_get(
-      learner._init_state_jit(cfg, jax.random.PRNGKey(cfg.train.seed)).params)  # pylint: disable=protected-access
   if cfg.agent.loss == 'bcq':
     raise ValueError('fine-tuning supports the Q-network losses c51/mse, not bcq')
+  init = learner._init_state_jit  # pylint: disable=protected-access  (the Learner's own init)
+  fresh = jax.device_get(init(cfg, jax.random.PRNGKey(cfg.train.seed)).params)
   if pretrained is None:
     return fresh
   if pretrained_params is None:

@@ -19,8 +19,8 @@ from scaled_ql.configs.base import (AgentConfig, DataConfig, EvalConfig, Experim
                                     FinetuneConfig, NetworkConfig, TrainConfig)
 
 __all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FinetuneConfig',
-           'NetworkConfig', 'TrainConfig', 'finetune_offline', 'finetune_online', 'get_config', 'list_configs', 'UnknownConfigError', 'NETWORKS',
-           'VARIANTS']
+           'NetworkConfig', 'TrainConfig', 'finetune_offline', 'finetune_online', 'get_config',
+           'list_configs', 'UnknownConfigError', 'NETWORKS', 'VARIANTS']
 
 
 class UnknownConfigError(ValueError):
@@ -50,7 +50,7 @@ NETWORKS: dict[str, NetworkConfig] = {
         resnet_stage_sizes=(1,), resnet_block='basic', resnet_width=96, stem='strided',
         stem_patch=12, trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
     # cpu_tiny (tests): the same 12x12/12 stem (7x7 -> 4x4 over two stages); 8-channel convs at
-    # 21x21 made its learner update ~8x slower and slower to compile.
+    # 21x21 (stem_patch=4) made its learner update ~3x slower.
     'resnet_cpu_tiny': NetworkConfig(
         resnet_stage_sizes=(1, 1), resnet_block='basic', resnet_width=8, stem='strided',
         stem_patch=12, spatial_embedding_features=2, trunk_first_dim=32,
@@ -72,8 +72,9 @@ _GAME_SETS = {
     'atari6': games_lib.ABLATION_GAMES_6,
 }
 _DATA = {'suboptimal': 'suboptimal', 'nearoptimal': 'near_optimal'}
+# Figure 6 compares IMPALA-CNNs of widths 4, 8, 16 (Lee et al. 2022); w1/w2 are smaller extras.
 _PAPER_NETWORKS = ('resnet34', 'resnet50', 'resnet101', 'resnet152', 'impala_w1', 'impala_w2',
-                   'impala_w4')
+                   'impala_w4', 'impala_w8', 'impala_w16')
 
 CPU_SMALL_GAMES = ('Breakout', 'Boxing', 'Freeway', 'Pong')
 

@@ -470,7 +470,13 @@ class StratifiedBatches:
     return self
 
   def __next__(self) -> Transition:
-    item = self._queue.get()
+    while True:
+      try:
+        item = self._queue.get(timeout=0.1)
+        break
+      except queue.Empty:
+        if self._stop.is_set():
+          raise StopIteration from None  # closed
     if isinstance(item, BaseException):
       self._put_final(item)  # later calls see it too
       raise item
@@ -495,6 +501,20 @@ def stratified_batches(server_address: str, games: Sequence[str], cfg: Experimen
 
 # ------------------------------------------------------------------------------- subprocess entry
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+  """Ends this subprocess once the process that started it is gone (killed, crashed), so that a
+  dead learner/test never leaves servers or inserters behind."""
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(poll_s)
+      if os.getppid() != parent:
+        os._exit(0)
+
+  threading.Thread(target=watch, daemon=True, name='exit_with_parent').start()
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m scaled_ql.datasets.reverb_tables')
   sub = parser.add_subparsers(dest='cmd', required=True)
@@ -512,6 +532,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   logging.basicConfig(level=logging.INFO)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   cfg = ExperimentConfig.from_dict(json.loads(args.config_json))
+  _exit_with_parent()
   if args.cmd == 'serve':
     serve(cfg, args.port)
     return 0

@@ -284,6 +284,8 @@ def _register_finetune(subparsers) -> None:
                    help='fine-tune the transferred encoder or keep it frozen (default train)')
     q.add_argument('--steps', type=int, default=None, help='learner (gradient) steps')
     q.add_argument('--learning-rate', type=float, default=5e-5)
+    q.add_argument('--eval-steps', type=int, default=None,
+                   help='evaluation agent steps per round (default: the config\'s)')
     q.add_argument('--workdir', required=True)
     q.add_argument('--address', default=None)
     q.add_argument('--num-cpus', type=int, default=None)
@@ -318,6 +320,8 @@ def _finetune_base(args):
     raise LaunchError(f'--steps must be >= 1, got {args.steps}')
   if args.learning_rate <= 0:
     raise LaunchError(f'--learning-rate must be > 0, got {args.learning_rate}')
+  if args.eval_steps is not None and args.eval_steps < 1:
+    raise LaunchError(f'--eval-steps must be >= 1, got {args.eval_steps}')
   if args.pretrained is None and not (args.from_scratch and args.config):
     raise LaunchError('--pretrained is required (or --from-scratch with --config NAME)')
   if args.from_scratch and args.encoder == 'frozen':
@@ -368,6 +372,8 @@ def _finetune_offline(args) -> int:
         selection=args.selection, learning_rate=args.learning_rate, cql_alpha=args.cql_alpha,
         batch_size=args.batch_size,
         **({} if args.steps is None else dict(num_steps=args.steps)))
+    if args.eval_steps is not None:
+      cfg = cfg.replace(eval=dict(steps_per_game=args.eval_steps))
     check_data(cfg)
     initial_params = _finetune_params(cfg, args, pretrained_params)
   except LaunchError as e:
@@ -399,6 +405,8 @@ def _finetune_online(args) -> int:
     except ValueError as e:
       raise LaunchError(f'--mode/--scale: {e}') from e
     cfg = cfg.replace(finetune=dict(num_actors=args.actors))
+    if args.eval_steps is not None:
+      cfg = cfg.replace(eval=dict(steps_per_game=args.eval_steps))
     initial_params = _finetune_params(cfg, args, pretrained_params)
   except LaunchError as e:
     return _fail(e)

@@ -119,7 +119,8 @@ class FinetuneLearnerNode(nodes.LearnerNode):
     import reverb
     from scaled_ql.datasets import reverb_tables
     if self._gate_client is None:
-      self._gate_client = reverb.Client(nodes._reverb_address(self._replay_name))  # pylint: disable=protected-access
+      address = nodes._reverb_address(self._replay_name)  # pylint: disable=protected-access
+      self._gate_client = reverb.Client(address)
     info = self._gate_client.server_info(timeout=10)
     table = info[reverb_tables.table_name(self._cfg.games[0])]
     self._inserted = int(table.rate_limiter_info.insert_stats.completed)
@@ -158,13 +159,13 @@ def build_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None
   game = cfg.games[0]
   prefix = f'{cfg.name}_{uuid.uuid4().hex[:8]}_'
   replay_name = prefix + 'replay'
-  replay = program._actor(nodes.ReverbNode, 'replay', name=replay_name).remote(  # pylint: disable=protected-access
-      cfg, program.free_port())
+  actor = program._actor  # pylint: disable=protected-access  (the program's node options)
+  replay = actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, program.free_port())
   variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
                                     max_restarts=program.MAX_RESTARTS['variable_shard'])
-  learner = program._actor(FinetuneLearnerNode, 'learner', num_gpus=learner_gpus).remote(  # pylint: disable=protected-access
+  learner = actor(FinetuneLearnerNode, 'learner', num_gpus=learner_gpus).remote(
       cfg, replay_name, variables, workdir, cfg.train.num_steps, initial_params)
-  evaluator = program._actor(nodes.EvaluatorNode, 'evaluator').remote(  # pylint: disable=protected-access
+  evaluator = actor(nodes.EvaluatorNode, 'evaluator').remote(
       cfg, cfg.games, variables, workdir, 0)
   prog = program.Program(cfg, workdir, replay, replay_name, [], learner, variables, [evaluator],
                          [cfg.games])
@@ -188,7 +189,8 @@ def format_actors(status: program.ProgramStatus) -> str:
     if s:
       ret = s.get('mean_return')
       parts.append(f"{s['name']} env_steps {s['env_steps']} episodes {s['episodes']} eps "
-                   f"{s.get('epsilon') or 0:.2f}" + (f' return {ret:.1f}' if ret is not None else ''))
+                   f"{s.get('epsilon') or 0:.2f}"
+                   + (f' return {ret:.1f}' if ret is not None else ''))
   return ' | '.join(parts)
 
 

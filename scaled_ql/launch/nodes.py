@@ -106,16 +106,23 @@ class _LoopNode:
 
 
 class ReverbNode:
-  """The Reverb server (one table per game) on a fixed port, so a restarted server comes back at
-  the same address (on the same host) and clients reconnect to it."""
+  """The Reverb server (one table per game) on the port chosen when the program was built, so a
+  restarted server comes back at the same address and its clients reconnect by themselves
+  (gRPC binds with SO_REUSEPORT, so the port is free again at once). Should binding fail, a free
+  port is used and `address()` says which; clients then reconnect through a restart of their own
+  node (their reconnect timeout)."""
 
   name = 'replay'
 
   def __init__(self, cfg: ExperimentConfig, port: int):
     from scaled_ql.datasets import reverb_tables
     self._cfg = cfg
-    self._server = reverb_tables.make_server(cfg, port=port)
-    self._port = port
+    try:
+      self._server = reverb_tables.make_server(cfg, port=port)
+    except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
+      print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
+      self._server = reverb_tables.make_server(cfg, port=None)
+    self._port = self._server.port
     self._restarted = _was_restarted()
 
   def address(self) -> str:

@@ -64,14 +64,7 @@ def flops_breakdown(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int
   params = jax.eval_shape(net.init, jax.random.PRNGKey(0), obs, gid)
   total = _lowered_flops(net.apply, params, obs, gid) / batch_size
 
-  compute_dtype = q_network._COMPUTE_DTYPES[net_cfg.compute_dtype]  # pylint: disable=protected-access
-
-  def encoder_fn(x):
-    creator, getter = q_network._mixed_precision(compute_dtype)  # pylint: disable=protected-access
-    with hk.custom_creator(creator), hk.custom_getter(getter):
-      return q_network.Encoder(net_cfg)(x.astype(compute_dtype) / 255.0)
-
-  enc = hk.without_apply_rng(hk.transform(encoder_fn))
+  enc = hk.without_apply_rng(hk.transform(lambda x: q_network.encoder_forward(net_cfg, x)))
   enc_params = jax.eval_shape(enc.init, jax.random.PRNGKey(0), obs)
   encoder = _lowered_flops(enc.apply, enc_params, obs) / batch_size
   dim = (net_cfg.trunk_hidden_dims or (net_cfg.trunk_first_dim,))[-1]

@@ -329,6 +329,14 @@ def _mixed_precision(compute_dtype):
   return creator, getter
 
 
+def encoder_forward(net_cfg: NetworkConfig, observation: jax.Array) -> jax.Array:
+  """The encoder alone, [B,84,84,4] uint8 -> [B, C*F] (call inside hk.transform; for sizing)."""
+  compute_dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
+  creator, getter = _mixed_precision(compute_dtype)
+  with hk.custom_creator(creator), hk.custom_getter(getter):
+    return Encoder(net_cfg)(observation.astype(compute_dtype) / 255.0)
+
+
 def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int,
                       observation: jax.Array, game_id: jax.Array) -> QNetworkOutput:
   """The forward pass (call inside hk.transform)."""
