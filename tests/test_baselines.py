@@ -4,7 +4,10 @@ Every variant of Section 5.3 / Appendix A (BC, discrete BCQ, no CQL, MSE TD, no 
 normalization, global mean pooling) and an IMPALA-encoder network trains 3 steps and has its final
 params evaluated by the SAME program as Scaled QL: Reverb replay + inserters reading the generated
 TFDS files, the sharded Learner node, the variable server and an evaluator node playing the real
-emulator (one Ray session for the module, the programs run side by side). Each run is then checked
+emulator (one Ray session for the module, the programs run side by side). To keep the file short,
+there is one program run per loss and the network ablations ride along with them (BC + mean
+pooling, BCQ + IMPALA, MSE + no feature norm, no-CQL C51 with the default network). Each run is
+then checked
 for what makes it that baseline, from its own outputs (learner metrics, the checkpoint, the
 evaluator log), not from the config alone:
 - the loss the learner minimised (`loss == td + alpha * cql` with the variant's alpha; BC's
@@ -119,38 +122,31 @@ def test_baseline_trains_and_is_evaluated_by_the_real_program(runs, run):
   assert step == NUM_STEPS and saved_cfg == cfg
 
 
-def _loss_of(run):
-  """What the learner minimised, from the metrics of its last step."""
-  return run[2].learner['metrics']
-
-
-@pytest.mark.parametrize('run, alpha', [('scaled_ql', 0.05), ('no_cql', 0.0), ('mse', 0.1),
-                                        ('no_feature_norm', 0.05), ('mean_pool', 0.05),
-                                        ('impala', 0.05)])
+@pytest.mark.parametrize('run, alpha', [('no_cql', 0.0), ('mse_no_feature_norm', 0.1)])
 def test_td_plus_alpha_cql_with_the_variants_alpha(runs, run, alpha):
   cfg, _, status = runs[run]
   assert cfg.agent.cql_alpha == alpha
   m = status.learner['metrics']
-  assert m['cql_loss'] > 0  # logsumexp over >= 2 actions exceeds Q(s, a_data) unless degenerate
+  assert m['cql_loss'] > 0  # logsumexp over >= 2 actions exceeds Q(s, a_data)
   np.testing.assert_allclose(m['loss'], m['td_loss'] + alpha * m['cql_loss'], rtol=1e-5,
                              atol=1e-6)
 
 
 def test_bc_minimises_the_cross_entropy_of_the_logged_action(runs):
-  cfg, workdir, status = runs['bc']
+  cfg, workdir, status = runs['bc_mean_pool']
   m = status.learner['metrics']
   assert cfg.agent.loss == 'bc' and cfg.agent.cql_alpha == 0.0
   assert set(m) >= {'bc_loss', 'bc_accuracy'} and 'td_loss' not in m and 'cql_loss' not in m
   np.testing.assert_allclose(m['loss'], m['bc_loss'], rtol=1e-6)
-  # Initially near uniform over Breakout's 4 / Pong's 6 actions: log 4 <= NLL-ish <= log 6 + slack.
-  assert 0.5 < m['bc_loss'] < 3.0
+  # Near uniform after 3 steps over Breakout's 4 / Pong's 6 actions (log 4 = 1.39, log 6 = 1.79).
+  assert 1.0 < m['bc_loss'] < 2.5
   _, params, _ = _checkpoint(workdir)
   _, logits = _features_and_logits(cfg, params)
   assert logits.shape == (4, 6, 1)  # the same network with one output per action
 
 
 def test_bcq_trains_behaviour_model_of_the_same_architecture_and_filters_with_tau(runs):
-  cfg, workdir, status = runs['bcq']
+  cfg, workdir, status = runs['bcq_impala']
   m = status.learner['metrics']
   assert cfg.agent.loss == 'bcq' and cfg.agent.bcq_tau == 0.3 and cfg.agent.cql_alpha == 0.0
   # C51 TD (no CQL) + the behaviour model's NLL, in one step.
@@ -165,10 +161,12 @@ def test_bcq_trains_behaviour_model_of_the_same_architecture_and_filters_with_ta
   heads = [k for k in q_shapes if k.split('/')[0] == 'heads']
   assert heads and {k: v for k, v in q_shapes.items() if k not in heads} == {
       k: v for k, v in b_shapes.items() if k not in heads}
+  _, logits = _features_and_logits(cfg, params)
+  assert logits.shape == (4, 6, cfg.agent.num_atoms)
 
 
 def test_mse_has_one_value_per_action(runs):
-  cfg, workdir, _ = runs['mse']
+  cfg, workdir, _ = runs['mse_no_feature_norm']
   assert cfg.agent.loss == 'mse'
   _, params, _ = _checkpoint(workdir)
   _, logits = _features_and_logits(cfg, params)
@@ -176,8 +174,9 @@ def test_mse_has_one_value_per_action(runs):
 
 
 def test_feature_normalization_on_and_off(runs):
-  for run, unit in [('scaled_ql', True), ('no_feature_norm', False)]:
+  for run, unit in [('no_cql', True), ('mse_no_feature_norm', False)]:
     cfg, workdir, _ = runs[run]
+    assert cfg.network.feature_norm == unit
     _, params, _ = _checkpoint(workdir)
     features, _ = _features_and_logits(cfg, params)
     norms = np.linalg.norm(features, axis=-1)
@@ -186,15 +185,15 @@ def test_feature_normalization_on_and_off(runs):
 
 def _param_modules(workdir):
   _, params, _ = _checkpoint(workdir)
-  return set(params)
+  return set(params['q'] if 'q' in params else params)
 
 
 def test_mean_pool_has_no_spatial_embedding_and_impala_has_its_stages(runs):
-  base = _param_modules(runs['scaled_ql'][1])
+  base = _param_modules(runs['no_cql'][1])
   assert any('spatial_embedding' in k for k in base)
-  mean_pool = _param_modules(runs['mean_pool'][1])
+  mean_pool = _param_modules(runs['bc_mean_pool'][1])
   assert not any('spatial_embedding' in k for k in mean_pool)
-  assert mean_pool - base == set()  # nothing else is added
-  impala = _param_modules(runs['impala'][1])
+  assert mean_pool < base  # only the spatial embedding is gone
+  impala = _param_modules(runs['bcq_impala'][1])
   assert any('stage_2_block_1_conv_1' in k for k in impala), sorted(impala)
   assert any('spatial_embedding' in k for k in impala)
