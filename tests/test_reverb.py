@@ -230,3 +230,11 @@ def test_closed_iterator_stops(server):
   with pytest.raises(StopIteration):
     for _ in range(10):  # what was prefetched may still come out, then it ends
       next(batches)
+
+
+def test_inserter_rejects_a_game_without_episodes(server):
+  cfg, address = server
+  episodes = hand_made_episodes(cfg.games, np.random.default_rng(3), episodes_per_game=1)
+  episodes['Pong'] = []
+  with pytest.raises(ValueError, match='no episodes of game Pong'):
+    rt.run_inserter(address, cfg, cfg.games, source_of(episodes))

@@ -24,8 +24,8 @@ a Ray actor can run instead.
 
 Reconnect: a server that goes away and comes back at the same address starts with empty tables.
 Reverb's own clients retry UNAVAILABLE: the sampling datasets and the trajectory writer simply
-block and carry on once the server answers again (tested: `test_server_in_another_process_and_
-reconnect`, ~4 s after the new server is up); sampling blocks until the inserters have refilled
+block and carry on once the server answers again (tested: `test_reconnect_after_server_restart`,
+~4 s after the new server is up); sampling blocks until the inserters have refilled
 each table to min_fill. Errors that do surface are handled as a fallback: `StratifiedBatches`
 rebuilds its datasets after gRPC errors (waits up to `reconnect_timeout_s` for the server), and
 `run_inserter` reconnects with a new client and writer and moves on to the next episode (the

@@ -57,7 +57,8 @@ class GameResult:
 
 
 def make_eval_env(game: str, eval_cfg: EvalConfig, seed: int) -> AtariEnv:
-  """An `AtariEnv` with the evaluation protocol's settings (sticky actions, episode cap)."""
+  """An `AtariEnv` with the evaluation protocol's settings (sticky actions, episode cap, and the
+  game mode `eval_cfg.game_mode`: None = the ROM default; online fine-tuning sets a new mode)."""
   return AtariEnv(game, mode=eval_cfg.game_mode, sticky_action_prob=eval_cfg.sticky_action_prob,
                   max_episode_frames=eval_cfg.max_episode_frames, seed=seed)
 

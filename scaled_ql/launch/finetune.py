@@ -148,8 +148,10 @@ class FinetuneLearnerNode(nodes.LearnerNode):
 
 def allowed_steps(inserted: int, cfg: ExperimentConfig) -> int:
   """Gradient steps allowed once `inserted` transitions were collected (Dopamine's pacing)."""
-  return max(0, (inserted - cfg.data.min_fill_per_game) // cfg.finetune.update_period + 1) \
-      if inserted >= cfg.data.min_fill_per_game else 0
+  after_warmup = inserted - cfg.data.min_fill_per_game
+  if after_warmup < 0:
+    return 0
+  return after_warmup // cfg.finetune.update_period + 1
 
 
 def build_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None,

@@ -12,14 +12,13 @@ Heavy imports (JAX, TensorFlow, Reverb) happen inside the nodes, in their own pr
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 
@@ -471,9 +470,3 @@ class FinetuneActorNode(_LoopNode):
     self._stop_loop(timeout=30)
     if self._writer is not None:
       self._writer.close()
-
-
-def write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)

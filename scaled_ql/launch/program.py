@@ -126,6 +126,10 @@ def add_finetune_actors(program: Program, game: str, mode: Optional[int], num_ac
 # The driver: watch, print progress, end cleanly.
 
 
+def _node_name(handle) -> str:
+  return handle._ray_actor_creation_function_descriptor.class_name  # pylint: disable=protected-access
+
+
 def _print(line: str) -> None:
   print(line, flush=True)
 
@@ -326,11 +330,22 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   if status is not None and status.learner is not None and final_step is not None:
     status.learner['steps'] = final_step
   others = program.evaluators + program.actors + program.inserters
-  try:
-    ray.get([h.stop.remote() for h in others], timeout=180)
-  except Exception as e:  # pylint: disable=broad-except
-    log(f'some nodes did not stop cleanly: {type(e).__name__}')
-  log(f'nodes stopped in {time.time() - t0:.0f}s')
+  t1 = time.time()
+  pending = {h.stop.remote(): i for i, h in enumerate(others)}
+  slow = []
+  while pending:
+    ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, t1 + 180 - time.time()))
+    if not ready:
+      log(f'{len(pending)} node(s) did not stop within 180 s; killing them')
+      break
+    index = pending.pop(ready[0])
+    try:
+      ray.get(ready[0])
+    except Exception as e:  # pylint: disable=broad-except
+      log(f'node {index} did not stop cleanly: {type(e).__name__}')
+    if time.time() - t1 > 5:
+      slow.append(f'{_node_name(others[index])} {time.time() - t1:.0f}s')
+  log(f'nodes stopped in {time.time() - t0:.0f}s' + (f' (slow: {", ".join(slow)})' if slow else ''))
   for handle in [program.learner] + others + [program.replay]:
     ray.kill(handle, no_restart=True)
   program.variables.kill()

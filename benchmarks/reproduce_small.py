@@ -1,0 +1,371 @@
+"""A CPU-scale reproduction of the paper's claims (issue 7): Scaled QL vs its baselines/ablations.
+
+    # The short check (a few minutes): 2 games, 2 methods, 1 seed, few steps
+    .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_short \\
+        --games Breakout,Freeway --methods scaled_ql,bc --seeds 0 --steps 300 --eval-steps 1000
+    # The ~1 hour run on 2 cores (see docs/notes/baselines.md for the budget it used)
+    .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_small \\
+        --methods scaled_ql,bc,no_cql,mse,no_feature_norm,bcq --seeds 0,1,2 --steps 4000
+
+What it does, top to bottom:
+1. Data: the local generator (`scaled_ql.datasets.generate`, real emulator, scripted policies with
+   epsilon falling over the "checkpoints" of a DQN-Replay-like run) writes `--checkpoints` splits
+   of `--steps-per-checkpoint` agent steps per game into `--data-dir` (skipped when present).
+   Training reads the `suboptimal` selection: the first 20% of the checkpoints, as in the paper.
+2. Behaviour policy: the mean raw (unclipped) return of the episodes in those splits (from the
+   generator's `generation_info.json`; an episode cut by a split's step budget is left out unless
+   it is the split's only one), human-normalized.
+3. Every method x seed runs through the real program (`scaled_ql.launch.program`: Reverb replay +
+   inserters, the Learner node, the variable server, an evaluator node; one Ray session for the
+   whole benchmark, programs one after another) for `--steps` learner steps (or until
+   `--minutes-per-run`), and its evaluator evaluates the final params (`--eval-steps` agent steps
+   per game, epsilon 0.001, no sticky actions). The config is `cpu_small`'s with a smaller
+   network (`BENCH_NETWORK`, same design: strided stem, GroupNorm ResNet block, spatial embedding,
+   trunk, feature norm, per-game heads) plus the method's variant (`scaled_ql.configs.VARIANTS`).
+4. Aggregates with rliable (`scaled_ql.eval.metrics`): IQM / median / mean / optimality gap of
+   human-normalized scores with 95% stratified-bootstrap CIs over seeds, a performance profile
+   PNG, per-game raw scores, and a check of the paper's claims, written to OUT/results.md and
+   printed.
+
+A finished run leaves OUT/runs/<method>_seed<s>/result.json and is not run again (so an
+interrupted benchmark resumes); an unfinished one is started afresh.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from scaled_ql import configs
+from scaled_ql import games as games_lib
+
+# Method name -> variant suffix of scaled_ql.configs.VARIANTS ('' = Scaled QL itself).
+METHODS = {
+    'scaled_ql': ('Scaled QL', ''),
+    'bc': ('BC', 'bc'),
+    'bcq': ('BCQ (tau 0.3)', 'bcq'),
+    'no_cql': ('Scaled QL, no CQL', 'no_cql'),
+    'mse': ('Scaled QL, MSE TD', 'mse'),
+    'no_feature_norm': ('Scaled QL, no feature norm', 'no_feature_norm'),
+    'mean_pool': ('Scaled QL, mean pool', 'mean_pool'),
+}
+BEHAVIOUR = 'Behaviour policy (data)'
+DEFAULT_GAMES = configs.CPU_SMALL_GAMES  # the games the generator has heuristics for
+
+# A smaller sibling of `resnet_cpu_small` (same design: 12x12/12 patchify stem to 7x7, one basic
+# GroupNorm block, spatial embedding, LayerNorm trunk, feature norm, per-game heads): 32 channels
+# and a 256/128 trunk. Measured ~3x cpu_small's learner steps/s at batch 32 (notes).
+BENCH_NETWORK = dataclasses.replace(
+    configs.NETWORKS['resnet_cpu_small'], resnet_width=32, trunk_first_dim=256,
+    trunk_hidden_dims=(128, 128, 128))
+
+
+def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
+  """cpu_small + the method's variant, sized for this benchmark."""
+  from scaled_ql.datasets import rlds_reader
+  _, suffix = METHODS[method]
+  base = configs.get_config('cpu_small' + (f'_{suffix}' if suffix else ''))
+  return base.replace(
+      name=f'reproduce_{method}_seed{seed}', games=tuple(args.games), network=BENCH_NETWORK,
+      agent=dict(games_per_batch=args.batch_size // 4, transitions_per_game=4,
+                 target_update_period=args.target_update_period),
+      # The table holds the whole selected data (about 20% of the generated steps); a bigger one
+      # would make the inserter re-read the same episodes to fill it.
+      data=dict(data_dir=args.data_dir, selection='suboptimal',
+                shuffle_buffer_per_game=max(1_000, rlds_reader.num_suboptimal_checkpoints(
+                    args.checkpoints) * args.steps_per_checkpoint),
+                min_fill_per_game=min(1_000, args.steps_per_checkpoint)),
+      # Only the final params matter here: no periodic evaluation while the learner trains
+      # (the evaluator still plays the freshly initialized params once at the start).
+      eval=dict(steps_per_game=args.eval_steps, num_envs=args.eval_envs, num_evaluators=1,
+                eval_every_seconds=1e9),
+      train=dict(num_steps=args.steps, seed=seed, log_every_steps=100,
+                 checkpoint_every_steps=max(args.steps, 1), publish_every_steps=100))
+
+
+# ---------------------------------------------------------------------------------------- data
+def ensure_data(args) -> None:
+  from scaled_ql.datasets import generate
+  t0 = time.time()
+  generate.generate(args.games, args.data_dir, num_checkpoints=args.checkpoints,
+                    steps_per_checkpoint=args.steps_per_checkpoint, seed=0, if_exists='skip',
+                    progress=False)
+  print(f'[data] {args.data_dir}: {", ".join(args.games)} ready in {time.time() - t0:.0f}s',
+        flush=True)
+
+
+def behaviour_scores(args) -> dict[str, dict]:
+  """{game: {score, episodes, splits}}: mean raw return of the suboptimal splits' episodes."""
+  from scaled_ql.datasets import rlds_reader, tfds_layout
+  out = {}
+  for game in args.games:
+    path = os.path.join(args.data_dir, tfds_layout.ORDERED_BUILDER,
+                        tfds_layout.config_name(game, 1))
+    infos = [os.path.join(root, tfds_layout.GENERATION_INFO_FILE)
+             for root, _, files in os.walk(path) if tfds_layout.GENERATION_INFO_FILE in files]
+    if not infos:
+      raise FileNotFoundError(f'{path}: no {tfds_layout.GENERATION_INFO_FILE}; the behaviour '
+                              'score needs data written by scaled_ql.datasets.generate')
+    with open(infos[0]) as f:
+      info = json.load(f)
+    splits = info['splits']
+    chosen = rlds_reader.selected_checkpoints(rlds_reader.parse_selection('suboptimal'),
+                                              [s['checkpoint_id'] for s in splits.values()])
+    returns = []
+    for s in splits.values():
+      if s['checkpoint_id'] not in chosen:
+        continue
+      r = s['raw_returns']
+      # The split's step budget cuts its last episode (unless the budget ended it exactly).
+      cut = s['episodes'] > s['terminated_episodes'] and len(r) > 1
+      returns += r[:-1] if cut else r
+    out[game] = dict(score=float(np.mean(returns)), episodes=len(returns),
+                     splits=[tfds_layout.split_name(c) for c in chosen],
+                     epsilons=[round(s['epsilon'], 3) for s in splits.values()
+                               if s['checkpoint_id'] in chosen])
+  return out
+
+
+# ---------------------------------------------------------------------------------------- runs
+def run_one(method: str, seed: int, args) -> dict:
+  """Trains + evaluates one (method, seed) through the real program; returns its result."""
+  from scaled_ql.launch import commands, program
+  cfg = make_config(method, seed, args)
+  workdir = os.path.join(args.out, 'runs', f'{method}_seed{seed}')
+  result_path = os.path.join(workdir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      result = json.load(f)
+    print(f'[run] {method} seed {seed}: done before (step {result["steps"]})', flush=True)
+    return result
+  if os.path.isdir(workdir):
+    shutil.rmtree(workdir)  # an unfinished run starts afresh
+  commands.prepare_workdir(cfg, workdir)
+  t0 = time.time()
+  last = [0.0]
+
+  def log(line: str) -> None:
+    if time.time() - last[0] >= args.log_every_s:
+      last[0] = time.time()
+      print(f'[run] {method} seed {seed}: {line}', flush=True)
+
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=cfg.train.num_steps)
+  status = program.run(prog, log=log, timeout_s=args.minutes_per_run * 60,
+                       final_eval_timeout_s=600)
+  steps = int(status.learner['steps']) if status and status.learner else 0
+  scores = status.latest_scores() if status else {}
+  missing = [g for g in cfg.games if g not in scores or scores[g]['param_version'] != steps]
+  if missing:
+    raise RuntimeError(f'{method} seed {seed}: no final evaluation (step {steps}) of {missing}; '
+                       f'see {workdir}/logs and {workdir}/eval')
+  result = dict(method=method, seed=seed, steps=steps, seconds=round(time.time() - t0, 1),
+                scores={g: scores[g]['score'] for g in cfg.games},
+                normalized={g: scores[g]['normalized'] for g in cfg.games},
+                episodes={g: scores[g]['episodes'] for g in cfg.games},
+                metrics=status.learner.get('metrics', {}))
+  with open(result_path, 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'[run] {method} seed {seed}: {steps} steps in {result["seconds"]:.0f}s; '
+        + ' '.join(f'{g}={s:.1f}' for g, s in result['scores'].items()), flush=True)
+  return result
+
+
+# ------------------------------------------------------------------------------------- report
+CLAIMS = [
+    # (claim, method compared with Scaled QL)
+    ('Scaled QL beats BC (same network, same data)', 'bc'),
+    ('pessimism helps: Scaled QL beats alpha = 0', 'no_cql'),
+    ('C51 helps: Scaled QL beats MSE TD', 'mse'),
+    ('feature normalization helps', 'no_feature_norm'),
+    ('Scaled QL beats discrete BCQ', 'bcq'),
+    ('learned spatial embedding beats mean pooling', 'mean_pool'),
+]
+
+
+def _verdict(a, b) -> str:
+  """a, b: Estimates of Scaled QL and the other method's IQM."""
+  if a.point > b.point:
+    return 'holds (95% CIs disjoint)' if a.lower > b.upper else 'point estimate only (CIs overlap)'
+  return 'does NOT hold' + (' (CIs disjoint)' if a.upper < b.lower else ' (CIs overlap)')
+
+
+def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float) -> str:
+  from scaled_ql.eval import metrics, normalization, plots
+  games = tuple(args.games)
+  methods = [m for m in args.methods if any(r['method'] == m for r in results)]
+  label = {m: METHODS[m][0] for m in methods}
+  mats = {}
+  for m in methods:
+    rows = sorted((r for r in results if r['method'] == m), key=lambda r: r['seed'])
+    mats[label[m]] = np.array([[normalization.human_normalized(g, r['scores'][g]) for g in games]
+                               for r in rows])
+  table = metrics.aggregate(mats, reps=args.reps, seed=0, task_bootstrap=False
+                            if min(x.shape[0] for x in mats.values()) > 1 else True)
+  behaviour_norm = np.array([[normalization.human_normalized(g, behaviour[g]['score'])
+                              for g in games]])
+  # One "run" (the data): its CI resamples games.
+  behaviour_table = metrics.aggregate({BEHAVIOUR: behaviour_norm}, reps=args.reps, seed=0,
+                                      task_bootstrap=True)
+  taus = np.linspace(0.0, args.tau_max, 81)
+  profiles, cis = metrics.performance_profiles(
+      {**mats, BEHAVIOUR: behaviour_norm}, taus, reps=args.reps, seed=0, task_bootstrap=True)
+  png = plots.performance_profile_png(
+      os.path.join(args.out, 'performance_profile.png'), profiles, cis, taus,
+      title=f'{len(games)} games, {len(args.seeds)} seed(s), {args.steps} learner steps')
+  with open(os.path.join(args.out, 'scores.csv'), 'w', newline='') as f:
+    w = csv.writer(f, lineterminator='\n')
+    w.writerow(['method', 'game', 'score', 'seed', 'steps'])
+    for r in results:
+      for g in games:
+        w.writerow([label[r['method']], g, r['scores'][g], r['seed'], r['steps']])
+    for g in games:
+      w.writerow([BEHAVIOUR, g, behaviour[g]['score'], 0, 0])
+
+  iqm = {name: est['IQM'] for name, est in table.estimates.items()}
+  b_iqm = behaviour_table.estimates[BEHAVIOUR]['IQM']
+  lines = [f'# Scaled QL vs baselines at CPU scale ({len(games)} games, sub-optimal data)', '',
+           f'Command: `{" ".join([os.path.relpath(sys.executable)] + sys.argv)}`', '',
+           f'Wall time {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores '
+           f'({time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}). Data: '
+           f'{args.checkpoints} checkpoints x {args.steps_per_checkpoint} agent steps per game, '
+           f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}, behaviour '
+           f'epsilon {behaviour[games[0]]["epsilons"]}). Network `BENCH_NETWORK` '
+           f'({_num_params(make_config("scaled_ql", 0, args))} params), batch {args.batch_size}, '
+           f'{args.steps} learner steps (runs cut at {args.minutes_per_run:g} min), evaluation '
+           f'{args.eval_steps} agent steps per game x {args.eval_envs} env(s), epsilon 0.001.', '',
+           '## Human-normalized aggregates (%), 95% CIs', '',
+           metrics.markdown_table(table).rstrip(), '',
+           f'{BEHAVIOUR}: IQM {b_iqm.format()}, median '
+           f'{behaviour_table.estimates[BEHAVIOUR]["Median"].format()}, mean '
+           f'{behaviour_table.estimates[BEHAVIOUR]["Mean"].format()} (one data set; its CI '
+           'resamples games).', '',
+           '![performance profile](performance_profile.png)', '',
+           '## Mean raw score per game (mean over seeds; std in brackets)', '',
+           '| method | ' + ' | '.join(games) + ' | learner steps |',
+           '|---|' + '---|' * (len(games) + 1)]
+  for m in methods:
+    rows = [r for r in results if r['method'] == m]
+    cells = []
+    for g in games:
+      s = np.array([r['scores'][g] for r in rows])
+      cells.append(f'{s.mean():.1f} ({s.std():.1f})')
+    steps = sorted({r['steps'] for r in rows})
+    lines.append(f'| {label[m]} | ' + ' | '.join(cells) + f' | {",".join(map(str, steps))} |')
+  lines.append(f'| {BEHAVIOUR} | ' + ' | '.join(
+      f'{behaviour[g]["score"]:.1f} ({behaviour[g]["episodes"]} ep.)' for g in games) + ' | - |')
+  lines.append('| (random / human) | ' + ' | '.join(
+      f'{normalization.RANDOM_SCORES[g]:g} / {normalization.HUMAN_SCORES[g]:g}' for g in games)
+      + ' | |')
+  lines += ['', '## The paper\'s claims at this scale', '']
+  sq = iqm.get(METHODS['scaled_ql'][0])
+  if sq is not None:
+    ratio = (f'{sq.point / b_iqm.point:.2f}x' if b_iqm.point > 0 else
+             f'undefined (behaviour IQM {100 * b_iqm.point:.1f}% <= 0); difference '
+             f'{100 * (sq.point - b_iqm.point):+.1f} points')
+    holds = sq.point >= 1.5 * b_iqm.point if b_iqm.point > 0 else sq.point > b_iqm.point
+    lines.append(f'- Scaled QL >= 1.5x the behaviour policy\'s IQM: ratio {ratio} -> '
+                 f'{"holds" if holds else "does NOT hold"} (Scaled QL {sq.format()}, behaviour '
+                 f'{b_iqm.format()}).')
+    for claim, other in CLAIMS:
+      if other in methods:
+        o = iqm[METHODS[other][0]]
+        lines.append(f'- {claim}: {_verdict(sq, o)} (IQM {sq.format()} vs {o.format()}).')
+  lines += ['', f'Files: `scores.csv` (raw scores per method/game/seed), `{os.path.basename(png)}`,'
+            ' `runs/<method>_seed<s>/` (each run\'s workdir: config, checkpoint, eval log, '
+            'learner metrics, result.json).', '']
+  md = '\n'.join(lines)
+  with open(os.path.join(args.out, 'results.md'), 'w') as f:
+    f.write(md)
+  return md
+
+
+def _num_params(cfg) -> str:
+  import jax
+  from scaled_ql.agents import builder
+  nets = builder.agent_networks(cfg)
+  shapes = jax.eval_shape(lambda: nets.q.init(jax.random.PRNGKey(0), *builder.dummy_inputs()))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+  return f'{n / 1e6:.2f}M'
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--out', default='runs/reproduce_small', help='output folder')
+  p.add_argument('--data-dir', default='data/reproduce_small', help='TFDS data dir (generated '
+                 'there when missing)')
+  p.add_argument('--games', default=','.join(DEFAULT_GAMES))
+  p.add_argument('--methods', default='scaled_ql,bc,no_cql,mse,no_feature_norm',
+                 help=f'comma-separated, of {", ".join(METHODS)}')
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--steps', type=int, default=3000, help='learner steps per run')
+  p.add_argument('--minutes-per-run', type=float, default=10.0,
+                 help='hard cap per run; the final evaluation then uses the params reached')
+  p.add_argument('--batch-size', type=int, default=32, help='a multiple of 4')
+  p.add_argument('--target-update-period', type=int, default=500)
+  p.add_argument('--checkpoints', type=int, default=10, help='generated splits per game')
+  p.add_argument('--steps-per-checkpoint', type=int, default=5000)
+  p.add_argument('--eval-steps', type=int, default=3000, help='agent steps per game')
+  p.add_argument('--eval-envs', type=int, default=1)
+  p.add_argument('--reps', type=int, default=2000, help='bootstrap repetitions')
+  p.add_argument('--tau-max', type=float, default=1.5)
+  p.add_argument('--log-every-s', type=float, default=20.0)
+  args = p.parse_args(argv)
+  args.games = games_lib.check_games([g for g in args.games.split(',') if g], '--games')
+  args.methods = [m for m in args.methods.split(',') if m]
+  unknown = [m for m in args.methods if m not in METHODS]
+  if unknown:
+    p.error(f'--methods: unknown {unknown}; valid: {", ".join(METHODS)}')
+  try:
+    args.seeds = [int(s) for s in args.seeds.split(',') if s]
+  except ValueError:
+    p.error(f'--seeds must be comma-separated integers, got {args.seeds!r}')
+  if not args.seeds:
+    p.error('--seeds: give at least one seed')
+  for name in ('steps', 'eval_steps', 'eval_envs', 'checkpoints', 'steps_per_checkpoint',
+               'reps', 'target_update_period'):
+    if getattr(args, name) < 1:
+      p.error(f'--{name.replace("_", "-")} must be >= 1')
+  if args.batch_size < 4 or args.batch_size % 4:
+    p.error(f'--batch-size must be a positive multiple of 4, got {args.batch_size}')
+  if args.eval_steps % args.eval_envs:
+    p.error('--eval-steps must be a multiple of --eval-envs')
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  started = time.time()
+  os.makedirs(args.out, exist_ok=True)
+  for m in args.methods:  # every config is valid before anything runs
+    from scaled_ql.agents import builder
+    builder.check_agent_config(make_config(m, args.seeds[0], args))
+  ensure_data(args)
+  behaviour = behaviour_scores(args)
+  print('[behaviour] ' + ' '.join(f'{g}={b["score"]:.1f} ({b["episodes"]} ep.)'
+                                  for g, b in behaviour.items()), flush=True)
+  import ray
+  ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+           configure_logging=False, runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+  results = []
+  try:
+    for seed in args.seeds:  # seed-major: a cut-short benchmark still has every method
+      for method in args.methods:
+        results.append(run_one(method, seed, args))
+  finally:
+    ray.shutdown()
+  md = report(results, behaviour, args, time.time() - started)
+  print('\n' + md)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
