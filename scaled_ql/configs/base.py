@@ -87,6 +87,10 @@ class DataConfig:
   shuffle_buffer_per_game: int = 20_000
   min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts
   num_inserters: int = 1
+  # Inserter throttle: once a game's table is full, an inserter waits until the learner has sampled
+  # this many transitions per transition inserted since, so each is sampled ~this often before FIFO
+  # eviction and inserters never take CPU from the learner re-inserting data nobody samples.
+  samples_per_insert: float = 4.0
   # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
   # this many steps. Longer: better compression, but a sample decompresses whole chunks (16 vs 32:
   # 1.7x the sampling throughput for 5% more bytes; docs/notes/reverb.md).

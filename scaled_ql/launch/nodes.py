@@ -28,9 +28,6 @@ from scaled_ql.launch.variable_server import VariableClient, VariableServer
 # How long a node waits between tries to reach a restarting Reverb server / params that are not
 # yet published.
 RETRY_SECONDS = 1.0
-# Inserter throttle (see InserterNode): samples the learner draws per transition inserted once a
-# table is full, i.e. about how often each transition is sampled before FIFO eviction.
-SAMPLES_PER_INSERT = 4.0
 
 
 def _was_restarted() -> bool:
@@ -158,8 +155,8 @@ class InserterNode(_LoopNode):
   comes back at its address).
 
   Throttle: once a game's table (a shuffle buffer) is full, the next episode waits until the
-  learner has sampled SAMPLES_PER_INSERT times as many transitions from that table as were
-  inserted after it filled up, so each transition is sampled about SAMPLES_PER_INSERT times before
+  learner has sampled `DataConfig.samples_per_insert` times as many transitions from that table as were
+  inserted after it filled up, so each transition is sampled about that many times before
   FIFO eviction, and an inserter never burns CPU re-inserting data nobody samples (on a small
   machine that CPU is the learner's).
   """
@@ -199,7 +196,7 @@ class InserterNode(_LoopNode):
         stats = info.rate_limiter_info
         inserted_since_full = stats.insert_stats.completed - info.max_size
         if (info.current_size < info.max_size
-            or stats.sample_stats.completed >= SAMPLES_PER_INSERT * inserted_since_full):
+            or stats.sample_stats.completed >= self._cfg.data.samples_per_insert * inserted_since_full):
           break
         self._stop.wait(0.2)
       self.throttled_s += time.monotonic() - started
