@@ -75,7 +75,8 @@ def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
   return base.replace(
       name=f'reproduce_{method}_seed{seed}', games=tuple(args.games), network=BENCH_NETWORK,
       agent=dict(games_per_batch=args.batch_size // 4, transitions_per_game=4,
-                 target_update_period=args.target_update_period),
+                 target_update_period=args.target_update_period,
+                 learning_rate=args.learning_rate),
       # The table holds the whole selected data (about 20% of the generated steps); a bigger one
       # would make the inserter re-read the same episodes to fill it.
       data=dict(data_dir=args.data_dir, selection='suboptimal',
@@ -177,6 +178,18 @@ def run_one(method: str, seed: int, args) -> dict:
   return result
 
 
+def finished_runs(args) -> list[dict]:
+  """The result.json of every finished (method, seed) of args.methods x args.seeds in OUT."""
+  out = []
+  for seed in args.seeds:
+    for method in args.methods:
+      path = os.path.join(args.out, 'runs', f'{method}_seed{seed}', 'result.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          out.append(json.load(f))
+  return out
+
+
 # ------------------------------------------------------------------------------------- report
 CLAIMS = [
     # (claim, method compared with Scaled QL)
@@ -232,12 +245,15 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
   b_iqm = behaviour_table.estimates[BEHAVIOUR]['IQM']
   lines = [f'# Scaled QL vs baselines at CPU scale ({len(games)} games, sub-optimal data)', '',
            f'Command: `{" ".join([os.path.relpath(sys.executable)] + sys.argv)}`', '',
-           f'Wall time {wall_s / 60:.1f} min on {os.cpu_count()} CPU cores '
-           f'({time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}). Data: '
+           f'Wall time of this invocation {wall_s / 60:.1f} min; the {len(results)} runs took '
+           f'{sum(r["seconds"] for r in results) / 60:.1f} min in all (learner start to final '
+           f'evaluation) on {os.cpu_count()} CPU cores; report written '
+           f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Data: '
            f'{args.checkpoints} checkpoints x {args.steps_per_checkpoint} agent steps per game, '
            f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}, behaviour '
            f'epsilon {behaviour[games[0]]["epsilons"]}). Network `BENCH_NETWORK` '
            f'({_num_params(make_config("scaled_ql", 0, args))} params), batch {args.batch_size}, '
+           f'lr {args.learning_rate:g}, target update every {args.target_update_period} steps, '
            f'{args.steps} learner steps (runs cut at {args.minutes_per_run:g} min), evaluation '
            f'{args.eval_steps} agent steps per game x {args.eval_envs} env(s), epsilon 0.001.', '',
            '## Human-normalized aggregates (%), 95% CIs', '',
@@ -305,12 +321,16 @@ def parse_args(argv=None):
   p.add_argument('--games', default=','.join(DEFAULT_GAMES))
   p.add_argument('--methods', default='scaled_ql,bc,no_cql,mse,no_feature_norm',
                  help=f'comma-separated, of {", ".join(METHODS)}')
+  p.add_argument('--extra-methods', default='',
+                 help='methods run only after every seed of --methods (e.g. bcq if time allows)')
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--steps', type=int, default=3000, help='learner steps per run')
   p.add_argument('--minutes-per-run', type=float, default=10.0,
                  help='hard cap per run; the final evaluation then uses the params reached')
   p.add_argument('--batch-size', type=int, default=32, help='a multiple of 4')
   p.add_argument('--target-update-period', type=int, default=500)
+  p.add_argument('--learning-rate', type=float, default=2e-4,
+                 help='Adam learning rate (default: the paper\'s 2e-4 of Appendix B.3)')
   p.add_argument('--checkpoints', type=int, default=10, help='generated splits per game')
   p.add_argument('--steps-per-checkpoint', type=int, default=5000)
   p.add_argument('--eval-steps', type=int, default=3000, help='agent steps per game')
@@ -318,9 +338,14 @@ def parse_args(argv=None):
   p.add_argument('--reps', type=int, default=2000, help='bootstrap repetitions')
   p.add_argument('--tau-max', type=float, default=1.5)
   p.add_argument('--log-every-s', type=float, default=20.0)
+  p.add_argument('--report-only', action='store_true',
+                 help='run nothing: aggregate the runs already finished in OUT')
   args = p.parse_args(argv)
   args.games = games_lib.check_games([g for g in args.games.split(',') if g], '--games')
-  args.methods = [m for m in args.methods.split(',') if m]
+  args.core_methods = [m for m in args.methods.split(',') if m]
+  args.extra_methods = [m for m in args.extra_methods.split(',')
+                        if m and m not in args.core_methods]
+  args.methods = args.core_methods + args.extra_methods
   unknown = [m for m in args.methods if m not in METHODS]
   if unknown:
     p.error(f'--methods: unknown {unknown}; valid: {", ".join(METHODS)}')
@@ -334,6 +359,8 @@ def parse_args(argv=None):
                'reps', 'target_update_period'):
     if getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
+  if args.learning_rate <= 0:
+    p.error(f'--learning-rate must be > 0, got {args.learning_rate}')
   if args.batch_size < 4 or args.batch_size % 4:
     p.error(f'--batch-size must be a positive multiple of 4, got {args.batch_size}')
   if args.eval_steps % args.eval_envs:
@@ -352,16 +379,24 @@ def main(argv=None) -> int:
   behaviour = behaviour_scores(args)
   print('[behaviour] ' + ' '.join(f'{g}={b["score"]:.1f} ({b["episodes"]} ep.)'
                                   for g, b in behaviour.items()), flush=True)
-  import ray
-  ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-           configure_logging=False, runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
-  results = []
-  try:
-    for seed in args.seeds:  # seed-major: a cut-short benchmark still has every method
-      for method in args.methods:
-        results.append(run_one(method, seed, args))
-  finally:
-    ray.shutdown()
+  if args.report_only:
+    results = finished_runs(args)
+    if not results:
+      print(f'--report-only: no finished run in {args.out}/runs', file=sys.stderr)
+      return 1
+  else:
+    import ray
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             configure_logging=False, runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+    results = []
+    try:
+      # Seed-major: a cut-short benchmark still has every method; --extra-methods come last.
+      for method_list in (args.core_methods, args.extra_methods):
+        for seed in args.seeds:
+          for method in method_list:
+            results.append(run_one(method, seed, args))
+    finally:
+      ray.shutdown()
   md = report(results, behaviour, args, time.time() - started)
   print('\n' + md)
   return 0

@@ -153,14 +153,18 @@ def test_nan_loss_raises_naming_the_step_and_keeps_checkpoint(tmp_path):
 
 def test_sigterm_saves_at_step_boundary_then_stops(tmp_path):
   workdir = str(tmp_path / 'run')
+  # Whatever was installed before (SIG_DFL, or Ray's handler once another test module ran
+  # ray.init in this process) must be back after close().
+  previous_handler = signal.getsignal(signal.SIGTERM)
   learner = make(workdir=workdir)
+  assert signal.getsignal(signal.SIGTERM) is not previous_handler
   learner.step()
   os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets a flag
   with pytest.raises(learner_lib.StopTraining, match='SIGTERM.*step 2') as stop:
     learner.step()
   assert stop.value.code == 0
   learner.close()
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert signal.getsignal(signal.SIGTERM) is previous_handler
   assert checkpointing.load_params(workdir)[2] == 2
 
 

@@ -190,9 +190,19 @@ class InserterNode(_LoopNode):
       started = time.monotonic()
       while not self._stop.is_set():
         try:
-          info = client.server_info(timeout=10)[reverb_tables.table_name(game)]
+          infos = client.server_info(timeout=10)
+          info = infos[reverb_tables.table_name(game)]
+          # No throttling until every table of this inserter is full. Episodes go round-robin,
+          # one per game, so waiting on one game's full table stalls the others: with a table
+          # below min_fill the learner cannot sample at all (deadlock), and a game with short
+          # episodes would otherwise crawl to its size one episode per throttled round.
+          filling = any(infos[reverb_tables.table_name(g)].current_size
+                        < infos[reverb_tables.table_name(g)].max_size for g in self._games
+                        if reverb_tables.table_name(g) in infos)
         except Exception:  # pylint: disable=broad-except  (server restarting: the writer copes)
           return
+        if filling:
+          break
         stats = info.rate_limiter_info
         inserted_since_full = stats.insert_stats.completed - info.max_size
         if (info.current_size < info.max_size
