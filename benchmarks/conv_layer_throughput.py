@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/conv_layer_throughput.py
 
-Used to choose the CPU-sized network (docs/notes/networks.md). Rates are FLOPs per CPU-second of
+Used to choose the CPU-sized network (BUILD_NOTES.md, networks section). Rates are FLOPs per CPU-second of
 this process (all threads), best of short repetitions, next to the same measure for a 2048^3 f32
 matmul: robust to other load on a shared machine. fwd+bwd counts 3x the forward FLOPs.
 """

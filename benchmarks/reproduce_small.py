@@ -3,7 +3,7 @@
     # The short check (a few minutes): 2 games, 2 methods, 1 seed, few steps
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_short \\
         --games Breakout,Freeway --methods scaled_ql,bc --seeds 0 --steps 300 --eval-steps 1000
-    # The ~1 hour run on 2 cores (see docs/notes/baselines.md for the budget it used)
+    # The ~1 hour run on 2 cores (see BUILD_NOTES.md, baselines section for the budget it used)
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_small \\
         --methods scaled_ql,bc,no_cql,mse,no_feature_norm,bcq --seeds 0,1,2 --steps 4000
 

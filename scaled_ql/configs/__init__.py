@@ -45,7 +45,7 @@ NETWORKS: dict[str, NetworkConfig] = {
     # CPU-sized networks of the same design (GroupNorm ResNet + spatial embedding + trunk + feature
     # norm + per-game heads). cpu_small: a 12x12/12 patchify stem (84 -> 7x7, the final map size
     # of the Nature DQN) and one basic block at 96 channels; 3x3 convs with ~100 channels at
-    # 7x7 are what XLA:CPU runs efficiently (measurements in docs/notes/networks.md).
+    # 7x7 are what XLA:CPU runs efficiently (measurements in BUILD_NOTES.md, networks section).
     'resnet_cpu_small': NetworkConfig(
         resnet_stage_sizes=(1,), resnet_block='basic', resnet_width=96, stem='strided',
         stem_patch=12, trunk_first_dim=512, trunk_hidden_dims=(256, 256, 256)),
@@ -204,7 +204,7 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
 
   `num_steps` gradient steps = 4x as many environment steps (the paper: 3M env steps = 750k).
   `scale` < 1 shrinks the replay capacity, warm-up, epsilon decay and target update period for
-  CPU runs (documented in docs/notes/transfer.md); 1.0 is Dopamine's C51.
+  CPU runs (documented in BUILD_NOTES.md, transfer section); 1.0 is Dopamine's C51.
   """
   games_lib.check_games([game], 'fine-tuning game')
   if not 0 < scale <= 1:

@@ -93,7 +93,7 @@ class DataConfig:
   samples_per_insert: float = 4.0
   # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
   # this many steps. Longer: better compression, but a sample decompresses whole chunks (16 vs 32:
-  # 1.7x the sampling throughput for 5% more bytes; docs/notes/reverb.md).
+  # 1.7x the sampling throughput for 5% more bytes; BUILD_NOTES.md, reverb section).
   reverb_chunk_length: int = 16
   prefetch_batches: int = 2
   strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
@@ -109,7 +109,7 @@ class EvalConfig:
   num_envs: int = 4  # environments batched through the network per evaluator
   # The envs are split into this many groups: one group's emulators step while the network
   # computes another group's actions (JAX dispatches asynchronously); pays off only with a spare
-  # core or an accelerator for the network. 1 = plain lockstep (docs/notes/eval.md).
+  # core or an accelerator for the network. 1 = plain lockstep (BUILD_NOTES.md, eval section).
   env_groups: int = 1
   num_evaluators: int = 1
   eval_every_seconds: float = 60.0

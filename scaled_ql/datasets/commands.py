@@ -1,4 +1,4 @@
-"""`scaled-ql data generate | inspect | convert-dopamine` (see docs/notes/data.md)."""
+"""`scaled-ql data generate | inspect | convert-dopamine` (see BUILD_NOTES.md, data section)."""
 from __future__ import annotations
 
 import argparse

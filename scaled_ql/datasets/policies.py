@@ -12,7 +12,7 @@ as annotated by AtariARI, Anand et al. 2019) and pick actions by name from the m
 
 Every other game has NO heuristic: its policy is uniformly random at every epsilon (so its splits
 do not improve). This is recorded as `policy: 'none (uniform random)'` in the generation
-metadata and in `docs/notes/data.md`.
+metadata and in `BUILD_NOTES.md, data section`.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def epsilon_schedule(num_checkpoints: int, start: float = 1.0, end: float = 0.05
   Geometric rather than linear, like a DQN learning curve (fast early gains): with 10 splits
   1.0, 0.72, 0.51, 0.37, 0.26, 0.19, 0.14, 0.10, 0.07, 0.05. Boxing's heuristic, for one, only
   pays off below epsilon ~0.2; a linear 1.0 -> 0.1 schedule left its near_optimal data no
-  better than its suboptimal data (docs/notes/data.md).
+  better than its suboptimal data (BUILD_NOTES.md, data section).
   """
   if num_checkpoints < 1:
     raise ValueError(f'num_checkpoints must be >= 1, got {num_checkpoints}')

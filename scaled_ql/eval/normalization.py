@@ -20,7 +20,7 @@ Sources (every value is named in `SOURCES`):
   77.92% vs 77.8%, DT (200M) IQM 30.66% vs 30.6%; Table C.2: Scaled QL IQM 114.19% vs 114.1%,
   median 98.92% vs 98.9%, DT (200M) IQM 111.94% vs 111.8%, median 78.25% vs 78.2%), whereas the
   random-agent scores of Machado et al. 2018 (Carnival 700.8, Pooyan 371.2) give DT (200M) 29.45%
-  IQM on Table C.1 and 77.49% median on Table C.2, 1.2 and 0.7 points off. See docs/notes/eval.md.
+  IQM on Table C.1 and 77.49% median on Table C.2, 1.2 and 0.7 points off. See BUILD_NOTES.md, eval section.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from scaled_ql import games as games_lib
 
 _BADIA = 'Badia et al. 2020 (Agent57) Atari-57 table (human: Mnih et al. 2015 testers)'
 _LEE = ('human: Lee et al. 2022 (Multi-Game DT), as printed in Table C.1 of Kumar et al. 2023; '
-        'random: 0.0, the value that reproduces Kumar et al. 2023\'s aggregates (docs/notes/eval.md)')
+        'random: 0.0, the value that reproduces Kumar et al. 2023\'s aggregates (BUILD_NOTES.md, eval section)')
 
 # game: (random, human)
 _REFERENCE: dict[str, tuple[float, float]] = {

@@ -287,8 +287,8 @@ class MultiGameHeads(hk.Module):
 
   The per-game weights are concatenated into one [D, sum_g |A_g|*K] matrix, so all heads are one
   large matmul; each example then gathers its own game's columns. This costs G x the FLOPs of a
-  single head (2*D*sum_g|A_g|*K per example), small next to the encoder (see docs/notes/
-  networks.md), and avoids a per-example weight gather ([B, D, A_max*K] floats). Padded
+  single head (2*D*sum_g|A_g|*K per example), small next to the encoder (see BUILD_NOTES.md,
+  networks section), and avoids a per-example weight gather ([B, D, A_max*K] floats). Padded
   actions have no parameters; their logits are 0 (finite) and the losses mask them.
   """
 
