@@ -63,13 +63,19 @@ def flops_of(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float) -> dict:
+def bench_config(name: str, batch: int | None, bf16: bool):
+  """The named config, resized to `batch` (stratified games x transitions) and in bf16 if asked."""
   cfg = get_config(name)
   if batch is not None:
     per_game = max(1, batch // cfg.agent.games_per_batch)
     cfg = cfg.replace(agent=dict(games_per_batch=batch // per_game, transitions_per_game=per_game))
   if bf16:
     cfg = cfg.replace(network=dict(compute_dtype='bfloat16'))
+  return cfg
+
+
+def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float) -> dict:
+  cfg = bench_config(name, batch, bf16)
   b = cfg.agent.batch_size
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), ('batch',))
@@ -109,12 +115,7 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
 def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> dict:
   """Learner.step() (host batch checks, device_put, metrics fetch, NaN check) on host batches."""
   from scaled_ql import loggers
-  cfg = get_config(name)
-  if batch is not None:
-    per_game = max(1, batch // cfg.agent.games_per_batch)
-    cfg = cfg.replace(agent=dict(games_per_batch=batch // per_game, transitions_per_game=per_game))
-  if bf16:
-    cfg = cfg.replace(network=dict(compute_dtype='bfloat16'))
+  cfg = bench_config(name, batch, bf16)
   host_batch = random_batch(cfg, cfg.agent.batch_size)
   learner = learner_lib.Learner(cfg, iter(lambda: host_batch, None),
                                 logger=loggers.MultiLogger([]))
