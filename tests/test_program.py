@@ -180,7 +180,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
     if status.replay and status.replay['restarted']:
       assert status.replay['pid'] != replay_pid
       events['replay_back'] = True
-    return bool(learner and learner['done'] and 'evaluator_back' in events)
+    # Also wait to see the killed replay back: on a quiet machine the learner can finish its
+    # steps before the restarted replay node first answers a status poll.
+    replay_seen_back = 'replay_killed_at' not in events or 'replay_back' in events
+    return bool(learner and learner['done'] and 'evaluator_back' in events and replay_seen_back)
 
   status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=240,
                        final_eval_timeout_s=60)
