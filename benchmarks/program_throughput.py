@@ -45,10 +45,10 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
 
 def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int) -> dict:
   import ray
-  from scaled_ql.launch import commands, program
+  from scaled_ql.launch import program, run
   workdir = tempfile.mkdtemp(prefix='program_throughput_')
-  commands.prepare_workdir(cfg, workdir)
-  commands.init_ray(None, None, cfg)
+  run.prepare_workdir(cfg, workdir)
+  run.init_ray(None, None, cfg)
   marks = {}
 
   def measure(status):
@@ -84,11 +84,11 @@ def main() -> None:
   parser.add_argument('--evaluators', type=int, default=1)
   parser.add_argument('--eval-every-seconds', type=float, default=None)
   args = parser.parse_args()
-  from scaled_ql.launch import commands
-  cfg = commands.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators))
+  from scaled_ql.launch import run
+  cfg = run.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators))
   if args.eval_every_seconds is not None:
     cfg = cfg.replace(eval=dict(eval_every_seconds=args.eval_every_seconds))
-  commands.check_data(cfg)
+  run.check_data(cfg)
   print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cores {os.cpu_count()}', flush=True)
   alone = standalone_steps_per_s(cfg, args.seconds)
   print(f'standalone learner: {alone:.2f} steps/s', flush=True)

@@ -137,7 +137,7 @@ def behaviour_scores(args) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------- runs
 def run_one(method: str, seed: int, args) -> dict:
   """Trains + evaluates one (method, seed) through the real program; returns its result."""
-  from scaled_ql.launch import commands, program
+  from scaled_ql.launch import program, run
   cfg = make_config(method, seed, args)
   workdir = os.path.join(args.out, 'runs', f'{method}_seed{seed}')
   result_path = os.path.join(workdir, 'result.json')
@@ -148,7 +148,7 @@ def run_one(method: str, seed: int, args) -> dict:
     return result
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)  # an unfinished run starts afresh
-  commands.prepare_workdir(cfg, workdir)
+  run.prepare_workdir(cfg, workdir)
   t0 = time.time()
   last = [0.0]
 

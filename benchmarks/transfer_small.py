@@ -78,9 +78,9 @@ def main() -> int:
   # 1. data
   from scaled_ql import configs
   from scaled_ql.datasets import generate
-  from scaled_ql.launch import commands
+  from scaled_ql.launch import demo
   base = configs.get_config('cpu_small').replace(data=dict(data_dir=args.data_dir))
-  commands._ensure_demo_data(base)  # pylint: disable=protected-access
+  demo.ensure_demo_data(base)
   heldout_dir = os.path.join(args.out, 'heldout_data')
   generate.generate([HELDOUT_GAME], heldout_dir, run=1, num_checkpoints=10,
                     steps_per_checkpoint=args.heldout_steps, seed=1, if_exists='skip',

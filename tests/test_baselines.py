@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import commands, program
+from scaled_ql.launch import program
+from scaled_ql.launch import run as launch_run
 
 NUM_STEPS = 3
 # A CPU-tiny IMPALA-CNN (Espeholt et al. 2018 torso; channels scaled down like `impala_w1`'s
@@ -53,14 +54,14 @@ RUNS = {
 
 def _config(run: str, data_dir: str):
   name, network = RUNS[run]
-  cfg = commands.resolve_config(name, data_dir, steps=NUM_STEPS, evaluators=1)
+  cfg = launch_run.resolve_config(name, data_dir, steps=NUM_STEPS, evaluators=1)
   # Final evaluation only (no periodic rounds while the learner trains), a short one.
   return cfg.replace(name=f'cpu_tiny_{run}', network=network,
                      eval=dict(steps_per_game=60, eval_every_seconds=1e6))
 
 
 def _run_program(cfg, workdir: str) -> program.ProgramStatus:
-  commands.prepare_workdir(cfg, workdir)
+  launch_run.prepare_workdir(cfg, workdir)
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=NUM_STEPS)
   return program.run(prog, log=lambda line: None, timeout_s=400, final_eval_timeout_s=200)
 

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import commands, program
+from scaled_ql.launch import program, run
 
 SCALED_QL = [sys.executable, '-m', 'scaled_ql.cli']
 
@@ -105,11 +105,8 @@ def test_train_command_runs_evaluates_and_ends_cleanly_on_sigterm(tiny_dataset_d
 
 
 def _train_handler(argv):
-  import argparse
-  parser = argparse.ArgumentParser()
-  commands.register(parser.add_subparsers())
-  args = parser.parse_args(['train'] + argv)
-  return args.handler(args)
+  from scaled_ql import cli
+  return cli.main(['train'] + argv)
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -149,10 +146,10 @@ def ray_session():
 def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset_dir, tmp_path):
   ray = ray_session
   num_steps = 80
-  cfg = commands.resolve_config('cpu_tiny', tiny_dataset_dir, steps=num_steps, evaluators=1)
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=num_steps, evaluators=1)
   assert cfg.train.checkpoint_every_steps == 10
   workdir = str(tmp_path / 'faults')
-  commands.prepare_workdir(cfg, workdir)
+  run.prepare_workdir(cfg, workdir)
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
   # A fine-tuning actor in a new environment (Breakout mode 12) feeding Breakout's table.
   program.add_finetune_actors(prog, 'Breakout', mode=12, num_actors=1, epsilon=0.1,

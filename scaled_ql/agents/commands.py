@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 
-
-class LearnError(ValueError):
-  """Bad input for `scaled-ql learn`; the message names the flag at fault."""
+from scaled_ql.configs import ConfigError
+from scaled_ql.launch import run
 
 
 def register(subparsers) -> None:
@@ -33,39 +32,23 @@ def register(subparsers) -> None:
   p.set_defaults(handler=_learn)
 
 
-def resolve(args: argparse.Namespace):
-  """The run's config with the flags applied; raises LearnError before anything expensive."""
-  from scaled_ql import configs
-  from scaled_ql.agents import builder, checkpointing
-  try:
-    cfg = configs.get_config(args.config)
-  except configs.UnknownConfigError as e:
-    raise LearnError(f'--config: {e}') from e
-  if args.steps is not None:
-    if args.steps < 1:
-      raise LearnError(f'--steps must be >= 1, got {args.steps}')
-    cfg = cfg.replace(train=dict(num_steps=args.steps))
-  if args.data_dir is not None:
-    cfg = cfg.replace(data=dict(data_dir=args.data_dir))
-  try:
-    builder.check_agent_config(cfg)
-  except ValueError as e:
-    raise LearnError(f'--config {cfg.name}: {e}') from e
-  data_dir = cfg.data.data_dir
-  if args.reverb is None and '://' not in data_dir and not os.path.isdir(data_dir):
-    raise LearnError(f'--data-dir {data_dir!r} does not exist (generate one with `scaled-ql data '
-                     f'generate --games {",".join(cfg.games)} --out {data_dir}`)')
+def _resolve(args: argparse.Namespace):
+  """The run's config with the flags applied; raises ConfigError before anything expensive."""
+  from scaled_ql.agents import checkpointing
+  cfg = run.resolve_config(args.config, args.data_dir, args.steps)
+  if args.reverb is None:
+    run.check_data(cfg)
   ckpts = checkpointing.checkpoint_dir(args.workdir)
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
-    raise LearnError(f'--no-resume: {ckpts} already holds checkpoints')
+    raise ConfigError(f'--no-resume: {ckpts} already holds checkpoints')
   return cfg
 
 
 def _learn(args: argparse.Namespace) -> int:
   try:
-    cfg = resolve(args)
-  except LearnError as e:
-    print(f'scaled-ql learn: {e}', file=sys.stderr)
+    cfg = _resolve(args)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
     return 2
   # Wiring only (like launch): the agents library itself never imports the data layer.
   from scaled_ql.agents.learner import Learner, NonFiniteLossError

@@ -20,10 +20,16 @@ from scaled_ql.configs.base import (AgentConfig, DataConfig, EvalConfig, Experim
 
 __all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FinetuneConfig',
            'NetworkConfig', 'TrainConfig', 'finetune_offline', 'finetune_online', 'get_config',
-           'list_configs', 'UnknownConfigError', 'NETWORKS', 'VARIANTS']
+           'list_configs', 'ConfigError', 'UnknownConfigError', 'NETWORKS', 'VARIANTS']
 
 
-class UnknownConfigError(ValueError):
+class ConfigError(ValueError):
+  """Bad input for a run (a config name or field, a flag, the data dir or workdir), raised before
+  anything expensive starts; the message names the flag/file/game at fault. Every command that
+  takes a config reports it the same way (`error: ...`, exit 2)."""
+
+
+class UnknownConfigError(ConfigError):
   pass
 
 

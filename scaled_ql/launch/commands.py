@@ -1,29 +1,16 @@
-"""`scaled-ql train` (the distributed program on Ray) and `scaled-ql demo` (see scaled_ql/cli.py).
+"""`scaled-ql train` (the distributed program on Ray), `demo` and `finetune` (see scaled_ql/cli.py).
 
-Everything that can be checked without starting a process (config name, games, agent settings,
-data directory and the games' datasets in it, evaluator count) is checked first, so a bad run
-fails in a second with a message naming the flag at fault.
+Flags only: the library is `scaled_ql.launch.run` (resolve, check, train), `launch.demo` and
+`launch.finetune`. Bad input raises `configs.ConfigError` before anything starts (exit 2).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-from typing import Optional
 
-DEMO_CONFIG = 'cpu_small'
-DEMO_DATA_DIR = os.path.join('data', 'generated')
-DEMO_WORKDIR = os.path.join('runs', 'demo')
-# Local dataset for the demo: 10 "checkpoints" (the `suboptimal` selection reads 00..09) of
-# DEMO_STEPS_PER_CHECKPOINT agent steps per game, played by the generator's heuristic policies.
-DEMO_CHECKPOINTS = 10
-DEMO_STEPS_PER_CHECKPOINT = 500
-DEMO_TRAIN_MINUTES = 6.0
-
-
-class LaunchError(ValueError):
-  """Bad input for a launch command; the message names the flag/file/game at fault."""
+from scaled_ql.configs import ConfigError
+from scaled_ql.launch import demo
+from scaled_ql.launch.run import check_data, print_scores, resolve_config, train
 
 
 def register(subparsers) -> None:
@@ -37,9 +24,9 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
       'demo', help='generate a small local dataset, train cpu_small for a few minutes, print '
       'human-normalized scores')
-  p.add_argument('--workdir', default=DEMO_WORKDIR)
-  p.add_argument('--data-dir', default=DEMO_DATA_DIR)
-  p.add_argument('--minutes', type=float, default=DEMO_TRAIN_MINUTES,
+  p.add_argument('--workdir', default=demo.DEMO_WORKDIR)
+  p.add_argument('--data-dir', default=demo.DEMO_DATA_DIR)
+  p.add_argument('--minutes', type=float, default=demo.DEMO_TRAIN_MINUTES,
                  help='training time budget (default %(default)s)')
   p.add_argument('--steps', type=int, default=None,
                  help='learner steps (default: the config\'s; the time budget usually ends first)')
@@ -74,107 +61,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                  help='stop (with a final checkpoint) after this much wall-clock time')
 
 
-# --------------------------------------------------------------------------------- validation
-
-def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[int] = None,
-                   evaluators: Optional[int] = None):
-  """The run's ExperimentConfig with the command-line overrides; raises LaunchError."""
-  from scaled_ql import configs, games as games_lib
-  try:
-    cfg = configs.get_config(config)
-  except configs.UnknownConfigError as e:
-    raise LaunchError(f'--config: {e}') from e
-  overrides: dict = {}
-  if data_dir is not None:
-    overrides['data'] = dict(data_dir=data_dir)
-  if steps is not None:
-    if steps < 1:
-      raise LaunchError(f'--steps must be >= 1, got {steps}')
-    overrides['train'] = dict(num_steps=steps)
-  if evaluators is not None:
-    overrides['eval'] = dict(num_evaluators=evaluators)
-  cfg = cfg.replace(**overrides)
-  try:
-    games_lib.check_games(cfg.games, f'config {cfg.name!r} games')
-  except ValueError as e:
-    raise LaunchError(str(e)) from e
-  if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
-    raise LaunchError(f'--evaluators must be between 1 and the {len(cfg.games)} games of '
-                      f'{cfg.name!r}, got {cfg.eval.num_evaluators}')
-  if cfg.train.variable_server_shards < 1:
-    raise LaunchError(f'train.variable_server_shards must be >= 1, got '
-                      f'{cfg.train.variable_server_shards}')
-  if not 1 <= cfg.data.num_inserters <= len(cfg.games):
-    raise LaunchError(f'data.num_inserters must be between 1 and the {len(cfg.games)} games, got '
-                      f'{cfg.data.num_inserters}')
-  from scaled_ql.agents import builder  # the agent's own checks (loss, atoms, batch, ...)
-  try:
-    builder.check_agent_config(cfg)
-  except ValueError as e:
-    raise LaunchError(f'config {cfg.name!r}: {e}') from e
-  return cfg
-
-
-def check_data(cfg) -> None:
-  """The data dir exists and holds every game's dataset (local dirs; gs:// is checked lazily)."""
-  from scaled_ql.datasets import tfds_layout
-  data_dir = cfg.data.data_dir
-  if '://' in data_dir:
-    return
-  if not os.path.isdir(data_dir):
-    raise LaunchError(f'--data-dir {data_dir!r} does not exist (generate one with '
-                      f'`scaled-ql data generate --games {",".join(cfg.games)} --out {data_dir}`)')
-  root = os.path.join(data_dir, cfg.data.builder)
-  missing = [g for g in cfg.games
-             if not os.path.isdir(os.path.join(root, tfds_layout.config_name(g, cfg.data.run)))]
-  if missing:
-    have = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    raise LaunchError(f'--data-dir {data_dir!r} has no {cfg.data.builder} data for game(s) '
-                      f'{missing} (run {cfg.data.run}); it has: {have or "nothing"}')
-
-
-def prepare_workdir(cfg, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(cfg.to_json())
-
-
-# ------------------------------------------------------------------------------------ running
-
-def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
-  """Connects to `address` or starts a local Ray sized for the program; True if started here."""
-  import ray
-  from scaled_ql.launch import program
-  env = {'TF_CPP_MIN_LOG_LEVEL': '2'}
-  if address:
-    ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
-    return False
-  needed = program.required_cpus(cfg)
-  ray.init(num_cpus=max(num_cpus or 0, needed, os.cpu_count() or 1), include_dashboard=False,
-           runtime_env={'env_vars': env}, log_to_driver=True, configure_logging=False)
-  return True
-
-
-def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
-          timeout_s: Optional[float] = None, learner_gpus: float = 0, log=None,
-          initial_params=None):
-  """Runs the program to the end and returns its last `ProgramStatus` (Ray stopped after, when
-  it was started here). `initial_params`: the learner's start (offline fine-tuning)."""
-  import ray
-  from scaled_ql.launch import program
-  check_data(cfg)
-  prepare_workdir(cfg, workdir)
-  started_here = init_ray(address, num_cpus, cfg)
-  try:
-    prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
-                         learner_gpus=learner_gpus, initial_params=initial_params)
-    return program.run(prog, log=log or (lambda line: print(line, flush=True)),
-                       timeout_s=timeout_s)
-  finally:
-    if started_here:
-      ray.shutdown()
-
-
 def _fail(e: Exception) -> int:
   print(f'error: {e}', file=sys.stderr)
   return 2
@@ -184,71 +70,20 @@ def _train(args) -> int:
   try:
     cfg = resolve_config(args.config, args.data_dir, args.steps, args.evaluators)
     check_data(cfg)
-  except LaunchError as e:
+  except ConfigError as e:
     return _fail(e)
   timeout = args.timeout_minutes * 60 if args.timeout_minutes else None
   status = train(cfg, args.workdir, args.address, args.num_cpus, timeout, args.learner_gpus)
-  _print_scores(status)
+  print_scores(status)
   print(f'report: scaled-ql report run {args.workdir}')
   return 0
 
 
-def _print_scores(status) -> None:
-  if status is None:
-    return
-  scores = status.latest_scores()
-  if not scores:
-    print('no evaluation finished yet')
-    return
-  for game, r in sorted(scores.items()):
-    print(f"  {game:<16} score {r['score']:9.1f}  human-normalized {100 * r['normalized']:7.1f}%"
-          f"  (params of step {r['param_version']})")
-
-
 def _demo(args) -> int:
-  import numpy as np
-  from scaled_ql.eval import metrics
   try:
-    cfg = resolve_config(DEMO_CONFIG, args.data_dir, args.steps, 1)
-  except LaunchError as e:
+    return demo.demo(args.workdir, args.data_dir, args.minutes, args.steps)
+  except ConfigError as e:
     return _fail(e)
-  started = time.time()
-  _ensure_demo_data(cfg)
-  print(f'[demo] data ready in {time.time() - started:.0f}s; training {cfg.name} '
-        f'({", ".join(cfg.games)}) for at most {args.minutes:g} minutes ...', flush=True)
-  status = train(cfg, args.workdir, timeout_s=args.minutes * 60)
-  # The program ends with its evaluator evaluating the final params (the last checkpoint).
-  scores = status.latest_scores() if status else {}
-  if not scores:
-    print('[demo] no evaluation finished; see the logs above', file=sys.stderr)
-    return 1
-  steps = status.learner['steps'] if status.learner else '?'
-  print(f'\nScaled QL ({cfg.name}) after {steps} learner steps, {time.time() - started:.0f}s in '
-        f'all; human-normalized scores ({cfg.eval.steps_per_game} agent steps per game, '
-        f'epsilon {cfg.eval.epsilon}):')
-  _print_scores(status)
-  norm = np.asarray([r['normalized'] for r in scores.values()])
-  print(f'  aggregate: IQM {100 * metrics.iqm(norm[None]):.1f}%  median '
-        f'{100 * np.median(norm):.1f}%  mean {100 * np.mean(norm):.1f}%')
-  print(f'report: scaled-ql report run {args.workdir}  (learning curves + summary)')
-  return 0
-
-
-def _ensure_demo_data(cfg) -> None:
-  from scaled_ql.datasets import generate
-  try:
-    check_data(cfg)
-    return
-  except LaunchError:
-    pass
-  print(f'[demo] generating a local dataset for {", ".join(cfg.games)} into '
-        f'{cfg.data.data_dir} ({DEMO_CHECKPOINTS} checkpoints x {DEMO_STEPS_PER_CHECKPOINT} steps '
-        'per game) ...', flush=True)
-  generate.generate(cfg.games, cfg.data.data_dir, run=cfg.data.run,
-                    num_checkpoints=DEMO_CHECKPOINTS,
-                    steps_per_checkpoint=DEMO_STEPS_PER_CHECKPOINT, seed=cfg.train.seed,
-                    if_exists='skip')
-  check_data(cfg)
 
 
 # ------------------------------------------------------------------ finetune (transfer, issue 6)
@@ -310,34 +145,34 @@ def _register_finetune(subparsers) -> None:
 
 
 def _finetune_base(args):
-  """(base config, pretrained params or None) from --pretrained/--config; raises LaunchError."""
+  """(base config, pretrained params or None) from --pretrained/--config; raises ConfigError."""
   from scaled_ql import configs, games as games_lib
   try:
     games_lib.check_games([args.game], '--game')
   except ValueError as e:
-    raise LaunchError(str(e)) from e
+    raise ConfigError(str(e)) from e
   if args.steps is not None and args.steps < 1:
-    raise LaunchError(f'--steps must be >= 1, got {args.steps}')
+    raise ConfigError(f'--steps must be >= 1, got {args.steps}')
   if args.learning_rate <= 0:
-    raise LaunchError(f'--learning-rate must be > 0, got {args.learning_rate}')
+    raise ConfigError(f'--learning-rate must be > 0, got {args.learning_rate}')
   if args.eval_steps is not None and args.eval_steps < 1:
-    raise LaunchError(f'--eval-steps must be >= 1, got {args.eval_steps}')
+    raise ConfigError(f'--eval-steps must be >= 1, got {args.eval_steps}')
   if args.pretrained is None and not (args.from_scratch and args.config):
-    raise LaunchError('--pretrained is required (or --from-scratch with --config NAME)')
+    raise ConfigError('--pretrained is required (or --from-scratch with --config NAME)')
   if args.from_scratch and args.encoder == 'frozen':
-    raise LaunchError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
+    raise ConfigError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
   base = params = None
   if args.config is not None:
     try:
       base = configs.get_config(args.config)
     except configs.UnknownConfigError as e:
-      raise LaunchError(f'--config: {e}') from e
+      raise ConfigError(f'--config: {e}') from e
   if args.pretrained is not None:
     from scaled_ql.agents import transfer
     try:
       saved_cfg, params, step = transfer.load_pretrained(args.pretrained)
     except FileNotFoundError as e:
-      raise LaunchError(f'--pretrained: {e}') from e
+      raise ConfigError(f'--pretrained: {e}') from e
     print(f'[finetune] pretrained checkpoint {args.pretrained} step {step} ({saved_cfg.name}, '
           f'games {", ".join(saved_cfg.games)})', flush=True)
     if args.game in saved_cfg.games:
@@ -357,7 +192,7 @@ def _finetune_params(cfg, args, pretrained_params):
       return None  # from scratch: the learner's own random init
     return transfer.finetune_params(cfg, args.pretrained, pretrained_params)
   except ValueError as e:  # incl. transfer.EncoderMismatchError
-    raise LaunchError(str(e)) from e
+    raise ConfigError(str(e)) from e
 
 
 def _finetune_offline(args) -> int:
@@ -365,7 +200,7 @@ def _finetune_offline(args) -> int:
   try:
     base, pretrained_params = _finetune_base(args)
     if args.batch_size < 1:
-      raise LaunchError(f'--batch-size must be >= 1, got {args.batch_size}')
+      raise ConfigError(f'--batch-size must be >= 1, got {args.batch_size}')
     cfg = configs.finetune_offline(
         base, args.game, pretrained=None if args.from_scratch else args.pretrained,
         freeze_encoder=args.encoder == 'frozen', data_dir=args.data_dir,
@@ -376,7 +211,7 @@ def _finetune_offline(args) -> int:
       cfg = cfg.replace(eval=dict(steps_per_game=args.eval_steps))
     check_data(cfg)
     initial_params = _finetune_params(cfg, args, pretrained_params)
-  except LaunchError as e:
+  except ConfigError as e:
     return _fail(e)
   print(f'[finetune] offline {cfg.name}: {cfg.train.num_steps} steps, batch '
         f'{cfg.agent.batch_size}, lr {cfg.agent.learning_rate:g}, alpha {cfg.agent.cql_alpha:g}, '
@@ -384,7 +219,7 @@ def _finetune_offline(args) -> int:
   timeout = args.timeout_minutes * 60 if args.timeout_minutes else None
   status = train(cfg, args.workdir, args.address, args.num_cpus, timeout,
                  initial_params=initial_params)
-  _print_scores(status)
+  print_scores(status)
   print(f'report: scaled-ql report run {args.workdir}')
   return 0
 
@@ -395,7 +230,7 @@ def _finetune_online(args) -> int:
   try:
     base, pretrained_params = _finetune_base(args)
     if args.actors < 1:
-      raise LaunchError(f'--actors must be >= 1, got {args.actors}')
+      raise ConfigError(f'--actors must be >= 1, got {args.actors}')
     try:
       AtariEnv(args.game, mode=args.mode).close()  # the mode exists for this game
       cfg = configs.finetune_online(
@@ -403,12 +238,12 @@ def _finetune_online(args) -> int:
           learning_rate=args.learning_rate, freeze_encoder=args.encoder == 'frozen',
           scale=args.scale, **({} if args.steps is None else dict(num_steps=args.steps)))
     except ValueError as e:
-      raise LaunchError(f'--mode/--scale: {e}') from e
+      raise ConfigError(f'--mode/--scale: {e}') from e
     cfg = cfg.replace(finetune=dict(num_actors=args.actors))
     if args.eval_steps is not None:
       cfg = cfg.replace(eval=dict(steps_per_game=args.eval_steps))
     initial_params = _finetune_params(cfg, args, pretrained_params)
-  except LaunchError as e:
+  except ConfigError as e:
     return _fail(e)
   from scaled_ql.launch import finetune
   print(f'[finetune] online {cfg.name}: {cfg.train.num_steps} gradient steps (1 per '
@@ -418,7 +253,7 @@ def _finetune_online(args) -> int:
   timeout = args.timeout_minutes * 60 if args.timeout_minutes else None
   status = finetune.run_online(cfg, args.workdir, initial_params, address=args.address,
                                num_cpus=args.num_cpus, timeout_s=timeout)
-  _print_scores(status)
+  print_scores(status)
   if status is not None and status.actors:
     print('  actors: ' + finetune.format_actors(status))
   print(f'report: scaled-ql report run {args.workdir}')

@@ -202,11 +202,11 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
                final_eval_timeout_s: Optional[float] = 600.0) -> program.ProgramStatus:
   """Runs the online program until the learner's `train.num_steps` (or `timeout_s`), then a final
   evaluation; returns the last status (Ray stopped after, when it was started here)."""
-  from scaled_ql.launch import commands
+  from scaled_ql.launch import run
   log = log or (lambda line: print(line, flush=True))
   check_online_config(cfg)
-  commands.prepare_workdir(cfg, workdir)
-  started_here = commands.init_ray(address, max(num_cpus or 0, required_cpus(cfg)), cfg)
+  run.prepare_workdir(cfg, workdir)
+  started_here = run.init_ray(address, max(num_cpus or 0, required_cpus(cfg)), cfg)
   try:
     prog = build_online(cfg, workdir, initial_params)
     last_actor_log = [0.0]
