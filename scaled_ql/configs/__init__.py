@@ -85,6 +85,35 @@ _PAPER_NETWORKS = ('resnet34', 'resnet50', 'resnet101', 'resnet152', 'impala_w1'
 CPU_SMALL_GAMES = ('Breakout', 'Boxing', 'Freeway', 'Pong')
 
 
+# One training "iteration" of the paper: 62.5k gradient steps (Table B.1: "Training environment
+# steps per iteration 62.5k", "Update period every 1 environment steps"). Paper configs evaluate
+# once per iteration (EvalConfig.eval_every_steps), as the paper's learning curves do.
+ITERATION_STEPS = 62_500
+
+
+def paper_num_steps(game_set: str, data: str, variant: str | None = None) -> int:
+  """Gradient steps of the paper's experiment for a config (docs/paper_fidelity.md, item 1).
+
+  - atari40 (main results, Table 1, A.3, Table A.3): 10M steps ("We trained our ResNet 101 network
+    for 10M gradient steps", Appendix B.3) = 160 iterations.
+  - atari6 + near-optimal data (the six-game runs of Appendix A.4, Table A.2: no pessimism "on the
+    entire DQN-replay dataset", and their CQL arm): "100 epochs = 6.25M gradient steps".
+  - atari6 + bcq (Appendix A.2, Figure A.3): "after 100 epochs = 6.25M gradient steps", on either
+    data (the text does not name its data; the CQL numbers beside it match Table A.2's arm on the
+    entire data, so `atari6_nearoptimal_resnet{34,50}_bcq` is the paper's run).
+  - atari6 + sub-optimal data otherwise (Table 2, feature normalization, "initial 20% data"): half
+    as long, 50 iterations = 3.125M ("100 epochs (2x longer training compared to other ablations in
+    Table 2)", Table A.2 caption; "2x longer training than other ablations in Table 2", Fig. A.3).
+  """
+  if game_set == 'atari40':
+    return 10_000_000
+  if game_set == 'atari6':
+    if data == 'nearoptimal' or variant == 'bcq':
+      return 100 * ITERATION_STEPS
+    return 50 * ITERATION_STEPS
+  raise UnknownConfigError(f'unknown game set {game_set!r}; known: {sorted(_GAME_SETS)}')
+
+
 def _paper_config(game_set: str, data: str, network: str) -> ExperimentConfig:
   return ExperimentConfig(
       name=f'{game_set}_{data}_{network}',
@@ -94,8 +123,8 @@ def _paper_config(game_set: str, data: str, network: str) -> ExperimentConfig:
       data=DataConfig(data_dir='gs://rl_unplugged/tensorflow_datasets', selection=_DATA[data],
                       shuffle_buffer_per_game=100_000, min_fill_per_game=10_000,
                       num_inserters=4, prefetch_batches=4),
-      eval=EvalConfig(num_evaluators=4, num_envs=8),
-      train=TrainConfig(num_steps=10_000_000, log_every_steps=1000,
+      eval=EvalConfig(num_evaluators=4, num_envs=8, eval_every_steps=ITERATION_STEPS),
+      train=TrainConfig(num_steps=paper_num_steps(game_set, data), log_every_steps=1000,
                         checkpoint_every_steps=20_000, publish_every_steps=1000),
   )
 
@@ -160,7 +189,11 @@ def get_config(name: str) -> ExperimentConfig:
   for variant, apply in VARIANTS.items():
     suffix = '_' + variant
     if name.endswith(suffix) and name[:-len(suffix)] in _BASE:
-      cfg = apply(_BASE[name[:-len(suffix)]]())
+      base = name[:-len(suffix)]
+      cfg = apply(_BASE[base]())
+      game_set, data = base.split('_')[:2]
+      if game_set in _GAME_SETS:  # a paper config: its experiment's length (paper_num_steps)
+        cfg = cfg.replace(train=dict(num_steps=paper_num_steps(game_set, data, variant)))
       return dataclasses.replace(cfg, name=name)
   raise UnknownConfigError(
       f'unknown config {name!r}. Valid configs: {", ".join(list_configs())}; each may take a '
@@ -202,13 +235,26 @@ DOPAMINE_C51 = dict(batch_size=32, v_max=10.0, adam_eps=0.0003125, target_update
                     epsilon_train=0.01, epsilon_decay_period=250_000)
 
 
+# Online fine-tuning budget (Section 5.2): "We fine-tune all methods except single-game DQN for 3M
+# online frames" (Figure 8 caption); Figure A.1's axes are "Frames (in Millions)" 1..3, and its
+# caption puts the 50M-frame DQN at "16x more data than our methods" (50M / 16 = 3.1M frames).
+# Only Section 5.2's "50M steps, 16x more transitions" says steps; the ratio fits frames as well.
+# Default: 3M frames = 750k agent steps (frame skip 4) = 187.5k gradient steps (update period 4).
+# The other reading, 3M agent steps, is `online_frames=12_000_000` (750k gradient steps).
+ONLINE_FINETUNE_FRAMES = 3_000_000
+FRAME_SKIP = 4  # emulator frames per agent step (Table B.1)
+
+
 def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
-                    pretrained: str | None, num_steps: int = 750_000,
+                    pretrained: str | None, num_steps: int | None = None,
+                    online_frames: int = ONLINE_FINETUNE_FRAMES,
                     learning_rate: float = 5e-5, freeze_encoder: bool = False,
                     scale: float = 1.0) -> ExperimentConfig:
   """Online C51 fine-tuning in a new game mode (Section 5.2, Appendix B.4).
 
-  `num_steps` gradient steps = 4x as many environment steps (the paper: 3M env steps = 750k).
+  Length: `online_frames` emulator frames (default the paper's 3M; see ONLINE_FINETUNE_FRAMES for
+  the other reading, 12M) = online_frames / 4 agent steps = online_frames / 16 gradient steps at
+  Dopamine's update period 4; `num_steps` (gradient steps) overrides it.
   `scale` < 1 shrinks the replay capacity, warm-up, epsilon decay and target update period for
   CPU runs (documented in BUILD_NOTES.md, transfer section); 1.0 is Dopamine's C51.
   """
@@ -216,6 +262,11 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
   if not 0 < scale <= 1:
     raise ValueError(f'scale={scale} must be in (0, 1]')
   c = DOPAMINE_C51
+  if num_steps is None:
+    if online_frames < FRAME_SKIP * c['update_period']:
+      raise ConfigError(f'online_frames={online_frames} is less than one gradient step '
+                        f'({FRAME_SKIP * c["update_period"]} frames)')
+    num_steps = online_frames // (FRAME_SKIP * c['update_period'])
   sized = lambda n, low=1: max(low, int(round(n * scale)))
   suffix = 'scratch' if pretrained is None else 'pretrained'
   mode_name = 'default' if mode is None else f'm{mode}'

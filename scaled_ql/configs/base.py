@@ -112,6 +112,11 @@ class EvalConfig:
   # core or an accelerator for the network. 1 = plain lockstep (BUILD_NOTES.md, eval section).
   env_groups: int = 1
   num_evaluators: int = 1
+  # Cadence: with `eval_every_steps` set (paper configs: 62.5k, once per training iteration of
+  # Table B.1), an evaluator evaluates the params of every learner step that is a multiple of it
+  # (the learner publishes at those steps), so learning curves compare across machines; None: a
+  # wall-clock cadence, every `eval_every_seconds` (CPU configs).
+  eval_every_steps: Optional[int] = None
   eval_every_seconds: float = 60.0
   # ALE game mode of the evaluation environments (None: the ROM's default, as in DQN-Replay).
   # Online fine-tuning to a new mode (Section 5.2) evaluates in that mode, e.g. Breakout 12.

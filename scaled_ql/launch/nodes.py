@@ -259,7 +259,9 @@ class LearnerNode(_LoopNode):
       return False
     self._metrics = self._learner.step()
     steps = int(self._learner.steps)
-    if steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps:
+    eval_every = self._cfg.eval.eval_every_steps  # the evaluators' step cadence needs these
+    if (steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps
+        or (eval_every and steps % eval_every == 0)):
       self._publisher.publish(self._params(), steps)
     now = time.monotonic()
     self._rate_window.append((now, steps))
@@ -297,9 +299,20 @@ def _is_number(v: Any) -> bool:
     return False
 
 
+def eval_due(version: int, evaluated_version: int, every_steps: Optional[int],
+             woken: bool = False) -> bool:
+  """Whether an evaluator evaluates params `version` after `evaluated_version`: any newer params
+  on a time cadence (`every_steps` None) or after wake(); on a step cadence (paper configs) the
+  first params of each new multiple of `every_steps` (the learner publishes at those steps)."""
+  if version <= evaluated_version:
+    return False
+  return not every_steps or woken or version // every_steps > evaluated_version // every_steps
+
+
 class EvaluatorNode(_LoopNode):
-  """Evaluates the newest params on its own games on its own clock (every
-  `eval_every_seconds`, and only params newer than the last it evaluated); writes per-game rows
+  """Evaluates the newest params on its own games, once per `eval_every_steps` learner steps
+  (paper configs) or on its own clock (every `eval_every_seconds`), and only params newer than the
+  last it evaluated; writes per-game rows
   tagged with the param version to WORKDIR/eval/evaluator_<i>.jsonl and TensorBoard."""
 
   def __init__(self, cfg: ExperimentConfig, games: Sequence[str], variables: VariableServer,
@@ -314,13 +327,15 @@ class EvaluatorNode(_LoopNode):
     self._latest: dict[str, dict] = {}
     self._writer = None
     self._wake = threading.Event()
+    self._woken = False
     self._start(workdir)
 
   def _run_once(self) -> None:
     from scaled_ql.eval import evaluator
     started = time.monotonic()
     self._client.update_and_wait()
-    if self._client.version <= self._evaluated_version:
+    every = self._cfg.eval.eval_every_steps
+    if not eval_due(self._client.version, self._evaluated_version, every, self._woken):
       self._wake.wait(RETRY_SECONDS)
       self._wake.clear()
       return
@@ -336,12 +351,16 @@ class EvaluatorNode(_LoopNode):
                                episodes=r.episodes, steps_per_s=r.steps / max(r.seconds, 1e-9),
                                param_version=version) for game, r in results.items()}
     self._write_tensorboard(version)
+    if every:
+      return  # step cadence: the next round waits for the next multiple of eval_every_steps
     # Own clock: the next round starts eval_every_seconds after this one started (or on wake()).
     self._wake.wait(max(0.0, self._cfg.eval.eval_every_seconds - (time.monotonic() - started)))
     self._wake.clear()
 
   def wake(self) -> None:
-    """Start the next round now (e.g. to evaluate the final params at the end of training)."""
+    """Start the next round now (e.g. to evaluate the final params at the end of training);
+    from now on any newer params are due, whatever the step cadence."""
+    self._woken = True
     self._wake.set()
 
   def _write_tensorboard(self, version: int) -> None:
