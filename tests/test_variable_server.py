@@ -1,8 +1,10 @@
 """Variable server: shard split/reassembly, version consistency, non-blocking client (real Ray)."""
 from __future__ import annotations
 
+import os
 import pickle
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -53,6 +55,9 @@ def test_layout_split_join_roundtrip(num_shards):
       np.testing.assert_array_equal(back[k][n], tree[k][n])
   with pytest.raises(ValueError, match='structure'):
     layout.split({'other': np.zeros(3)})
+  assert vs.ShardLayout.from_json(layout.to_json()) == layout
+  with pytest.raises(TypeError, match='nested dicts'):
+    vs.ShardLayout.for_tree({'a': [np.zeros(2)]}, 1)
 
 
 @pytest.fixture(scope='module')
@@ -82,7 +87,7 @@ def test_client_never_mixes_versions(ray_session):
   """Shards deliberately at different versions: the client assembles the common one."""
   server = vs.VariableServer.create(num_shards=2)
   layout = vs.ShardLayout.for_tree(_tree(0), 2)
-  blob = pickle.dumps(layout)
+  blob = layout.to_json()
   for version in (1, 2):
     parts = layout.split(_tree(version))
     ray.get([s.set.remote(version, blob, p) for s, p in zip(server.shards, parts)])
@@ -97,8 +102,8 @@ def test_client_never_mixes_versions(ray_session):
 
 
 def test_concurrent_publishes_are_always_consistent(ray_session):
-  server = vs.VariableServer.create(num_shards=4, history=2)
-  publisher = server.publisher(max_in_flight=4)
+  server = vs.VariableServer.create(num_shards=4, history=3)
+  publisher = server.publisher(max_in_flight=2)
   client = vs.VariableClient(server, update_period=1)
   seen = []
   for version in range(1, 40):
@@ -149,4 +154,65 @@ def test_stale_publish_is_ignored_and_publisher_skips_when_shards_lag(ray_sessio
   results = [publisher.publish(big, 10 + i) for i in range(20)]
   assert results[0] and publisher.skipped > 0 and publisher.skipped + publisher.published == 20
   publisher.flush()
+  server.kill()
+
+
+class _RunsCode:
+  """Unpickling this writes a file: a stand-in for code smuggled into a shard."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, 'w'))
+
+
+def test_layout_bytes_from_a_shard_are_never_unpickled(ray_session, tmp_path):
+  """A shard that serves a pickle (e.g. written by someone who reached the cluster) makes the
+  client fail on bad JSON; the pickle's code never runs."""
+  server = vs.VariableServer.create(num_shards=1)
+  marker = str(tmp_path / 'code_ran')
+  evil = pickle.dumps(_RunsCode(marker))
+  ray.get(server.shards[0].set.remote(1, evil, [np.zeros(2, np.float32)]))
+  client = vs.VariableClient(server)
+  with pytest.raises(ValueError):  # json.JSONDecodeError / UnicodeDecodeError
+    client.update_and_wait()
+  assert not os.path.exists(marker) and client.version == -1
+  pickle.loads(evil)  # the payload is live: the test would catch an unpickling client
+  assert os.path.exists(marker)
+  server.kill()
+
+
+def test_in_flight_publishes_are_capped_per_shard(ray_session):
+  """One slow shard of 4: publishes are skipped while any shard has `max_in_flight` in flight,
+  so it never lags more than that many versions (it keeps `history`), and a client assembles
+  every version the slow shard reaches. (Capped over all shards, the slow one fell 4 behind.)"""
+
+  class SlowShard(vs.VariableShard):  # defined here: Ray ships it by value to the worker
+    def set(self, version, layout, leaves):
+      time.sleep(0.3)
+      return super().set(version, layout, leaves)
+
+  prefix = f'slow_{uuid.uuid4().hex[:8]}_'
+  names = [f'{prefix}{i}' for i in range(4)]
+  handles = [ray.remote(num_cpus=0)(SlowShard if i == 3 else vs.VariableShard).options(
+      name=name).remote(3) for i, name in enumerate(names)]  # (held: a dropped handle ends it)
+  server = vs.VariableServer(names, history=3)
+  assert server.latest_versions() == [-1] * 4 and len(handles) == 4  # all up
+  with pytest.raises(ValueError, match='history'):
+    server.publisher(max_in_flight=3)
+  publisher = server.publisher(max_in_flight=1)
+  client = vs.VariableClient(server)
+  deadline = time.monotonic() + 3.0
+  version = 0
+  while time.monotonic() < deadline:
+    version += 1
+    publisher.publish(_tree(version), version)
+    assert max(len(refs) for refs in publisher.in_flight()) <= 1
+    time.sleep(0.02)
+  assert publisher.skipped > publisher.published > 3  # the slow shard set the pace
+  publisher.flush(timeout=10)
+  assert client.update_and_wait(timeout=10)
+  assert client.version == publisher.last_version
+  assert _versions_in(client.params) == {float(client.version)}
   server.kill()

@@ -16,13 +16,18 @@ ahead for the oldest of them: a client never assembles leaves of two versions.
     params, version = client.params, client.version
 
 Pure parts (`split_by_size`, `ShardLayout`) are plain functions tested without Ray.
+
+Nothing here unpickles bytes: the layout travels as JSON and the leaves as numpy arrays in Ray's
+object store. (Ray's own transport deserializes with pickle between the cluster's processes; who
+may talk to the cluster at all is Ray's token authentication and the firewall, README "Security".)
 """
 from __future__ import annotations
 
 import dataclasses
-import pickle
-import uuid
+import json
 import time
+import uuid
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -50,44 +55,75 @@ def split_by_size(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
   return [sorted(s) for s in shards]
 
 
+def _flatten(tree: Any, prefix: tuple = ()) -> tuple[list[tuple[str, ...]], list[Any]]:
+  """(paths, leaves) of a nested mapping with string keys (Haiku params), keys sorted at every
+  level (the order of `jax.tree_util.tree_flatten` for dicts)."""
+  if isinstance(tree, Mapping):
+    paths, leaves = [], []
+    for key in sorted(tree):
+      if not isinstance(key, str):
+        raise TypeError(f'param tree keys must be strings, got {key!r} at {"/".join(prefix)}')
+      p, l = _flatten(tree[key], prefix + (key,))
+      paths += p
+      leaves += l
+    return paths, leaves
+  if isinstance(tree, (list, tuple)) or tree is None:
+    raise TypeError(f'the variable server ships nested dicts of arrays (Haiku params); found a '
+                    f'{type(tree).__name__} at {"/".join(prefix) or "the root"}')
+  return [prefix], [tree]
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardLayout:
-  """How a param tree is split: its structure and the leaf indices each shard holds."""
-  treedef: Any
+  """How a param tree is split: the path (keys) of every leaf and the leaf indices each shard
+  holds. Travels between processes as JSON (`to_json`/`from_json`), never pickled: a shard's
+  bytes cannot run code in the client that reads them."""
+  paths: tuple[tuple[str, ...], ...]
   shard_leaves: tuple[tuple[int, ...], ...]
 
   @classmethod
   def for_tree(cls, tree: Any, num_shards: int) -> 'ShardLayout':
-    import jax  # here, not at the top: shard processes never import JAX
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    paths, leaves = _flatten(tree)
     sizes = [np.asarray(leaf).nbytes for leaf in leaves]
-    return cls(treedef, tuple(tuple(s) for s in split_by_size(sizes, num_shards)))
+    return cls(tuple(paths), tuple(tuple(s) for s in split_by_size(sizes, num_shards)))
 
   @property
   def num_shards(self) -> int:
     return len(self.shard_leaves)
 
+  def to_json(self) -> bytes:
+    return json.dumps(dict(paths=[list(p) for p in self.paths],
+                           shard_leaves=[list(s) for s in self.shard_leaves])).encode()
+
+  @classmethod
+  def from_json(cls, data: bytes) -> 'ShardLayout':
+    d = json.loads(data)
+    return cls(tuple(tuple(str(k) for k in p) for p in d['paths']),
+               tuple(tuple(int(i) for i in s) for s in d['shard_leaves']))
+
   def split(self, tree: Any) -> list[list[np.ndarray]]:
     """The host (numpy) leaves of `tree` for every shard."""
-    import jax
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if treedef != self.treedef:
-      raise ValueError(f'param tree structure changed: {treedef} vs the layout\'s {self.treedef}')
-    leaves = jax.device_get(leaves)
+    paths, leaves = _flatten(tree)
+    if tuple(paths) != self.paths:
+      changed = sorted(set(paths) ^ set(self.paths))[:3]
+      raise ValueError(f'param tree structure changed (e.g. {changed}) vs the layout\'s '
+                       f'{len(self.paths)} leaves')
     return [[np.asarray(leaves[i]) for i in indices] for indices in self.shard_leaves]
 
-  def join(self, shard_values: Sequence[Sequence[np.ndarray]]) -> Any:
-    """Reassembles a tree from every shard's leaves (the inverse of `split`)."""
-    import jax
+  def join(self, shard_values: Sequence[Sequence[np.ndarray]]) -> dict:
+    """Reassembles the nested dict from every shard's leaves (the inverse of `split`)."""
     if len(shard_values) != self.num_shards:
       raise ValueError(f'expected {self.num_shards} shards, got {len(shard_values)}')
-    leaves: list[Any] = [None] * self.treedef.num_leaves
+    tree: dict = {}
     for indices, values in zip(self.shard_leaves, shard_values):
       if len(indices) != len(values):
         raise ValueError(f'shard holds {len(values)} leaves, layout says {len(indices)}')
-      for i, v in zip(indices, values):
-        leaves[i] = v
-    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+      for i, value in zip(indices, values):
+        node = tree
+        for key in self.paths[i][:-1]:
+          node = node.setdefault(key, {})
+        node[self.paths[i][-1]] = value
+    return tree
 
 
 class VariableShard:
@@ -101,8 +137,8 @@ class VariableShard:
     self._layout: Optional[bytes] = None
 
   def set(self, version: int, layout: bytes, leaves: list[np.ndarray]) -> int:
-    """Stores `leaves` (this shard's part) of `version`; `layout` is the pickled ShardLayout
-    (kept as bytes: a shard process never needs JAX to unpickle a treedef)."""
+    """Stores `leaves` (this shard's part) of `version`; `layout` is the ShardLayout as JSON
+    bytes (`ShardLayout.to_json`), passed on to clients as it is."""
     if self._versions and version <= max(self._versions):
       return max(self._versions)  # stale or repeated publish (e.g. a restarted learner)
     self._layout = layout
@@ -134,15 +170,16 @@ class VariableServer:
   by name (`ray.get_actor`), so no actor handle travels in a constructor's arguments (Ray cannot
   always restart an actor whose arguments hold handles, ray-project/ray#53727)."""
 
-  def __init__(self, names: Sequence[str]):
+  def __init__(self, names: Sequence[str], history: int = DEFAULT_HISTORY):
     self.names = list(names)
+    self.history = history  # versions each shard keeps
     self._handles: Optional[list] = None
 
   def __getstate__(self):
-    return {'names': self.names}
+    return {'names': self.names, 'history': self.history}
 
   def __setstate__(self, state):
-    self.names, self._handles = state['names'], None
+    self.names, self.history, self._handles = state['names'], state['history'], None
 
   @property
   def shards(self) -> list:
@@ -158,7 +195,7 @@ class VariableServer:
     prefix = name_prefix if name_prefix is not None else f'vs_{uuid.uuid4().hex[:8]}_'
     actor = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=-1)(VariableShard)
     names = [f'{prefix}variable_shard_{i}' for i in range(num_shards)]
-    server = cls(names)
+    server = cls(names, history)
     server._handles = [actor.options(name=name).remote(history) for name in names]
     ray.get([s.latest_version.remote() for s in server.shards])  # up (they start in < 1 s)
     return server
@@ -168,6 +205,11 @@ class VariableServer:
     return len(self.names)
 
   def publisher(self, max_in_flight: int = 1) -> 'VariablePublisher':
+    if not 1 <= max_in_flight < self.history:
+      # A shard that lags by max_in_flight versions must still hold the version the others
+      # hold, or clients could not assemble any version until it caught up.
+      raise ValueError(f'max_in_flight must be between 1 and history - 1 = {self.history - 1} '
+                       f'(the versions a shard keeps), got {max_in_flight}')
     return VariablePublisher(self, max_in_flight)
 
   def latest_versions(self) -> list[int]:
@@ -181,43 +223,50 @@ class VariableServer:
 class VariablePublisher:
   """The learner's side: fire-and-forget publishes that never wait on shards or clients.
 
-  At most `max_in_flight` publishes are outstanding; a publish asked for while that many are still
-  in flight is skipped (the next one carries newer params anyway), so a slow shard can never make
-  the learner's memory or loop grow.
+  At most `max_in_flight` publishes are outstanding PER SHARD; a publish asked for while any
+  shard still has that many in flight is skipped on every shard (the next one carries newer params
+  anyway), so a slow shard can never make the learner's memory or loop grow, and never falls more
+  than `max_in_flight` versions behind the others (< the `history` every shard keeps, so clients
+  always find a version that every shard holds).
   """
 
   def __init__(self, server: VariableServer, max_in_flight: int = 1):
     self._server = server
     self._max_in_flight = max_in_flight
     self._layout: Optional[bytes] = None
-    self._in_flight: list = []
+    self._in_flight: list[list] = [[] for _ in range(server.num_shards)]  # per shard
     self.published = 0
     self.skipped = 0
     self.last_version = -1
 
   def publish(self, params: Any, version: int) -> bool:
     """Sends `params` tagged `version`; returns False when skipped because shards lag behind."""
-    if self._in_flight:
-      _, self._in_flight = ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=0)
-    if len(self._in_flight) >= self._max_in_flight * self._server.num_shards:
+    if any(len(refs) >= self._max_in_flight for refs in self.in_flight()):
       self.skipped += 1
       return False
     if self._layout is None:
       self._layout = ShardLayout.for_tree(params, self._server.num_shards)
-      self._layout_bytes = pickle.dumps(self._layout)
+      self._layout_bytes = self._layout.to_json()
     parts = self._layout.split(params)
-    for shard, leaves in zip(self._server.shards, parts):
-      self._in_flight.append(
-          shard.set.remote(int(version), self._layout_bytes, ray.put(leaves)))
+    for shard, leaves, refs in zip(self._server.shards, parts, self._in_flight):
+      refs.append(shard.set.remote(int(version), self._layout_bytes, ray.put(leaves)))
     self.published += 1
     self.last_version = int(version)
     return True
 
+  def in_flight(self) -> list[list]:
+    """Every shard's publishes not yet stored (refs), after dropping those that are done."""
+    for i, refs in enumerate(self._in_flight):
+      if refs:
+        _, self._in_flight[i] = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return self._in_flight
+
   def flush(self, timeout: Optional[float] = None) -> None:
     """Waits for the publishes in flight (used only at shutdown and in tests)."""
-    if self._in_flight:
-      ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=timeout)
-      self._in_flight = []
+    refs = [r for shard_refs in self._in_flight for r in shard_refs]
+    if refs:
+      ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    self._in_flight = [[] for _ in self._in_flight]
 
 
 class VariableClient:
@@ -290,7 +339,7 @@ class VariableClient:
       return False
     layout_bytes = answers[0][1]
     if layout_bytes != self._layout_bytes:
-      self._layout, self._layout_bytes = pickle.loads(layout_bytes), layout_bytes
+      self._layout, self._layout_bytes = ShardLayout.from_json(layout_bytes), layout_bytes
     layout = self._layout
     self.params = layout.join([leaves for _, _, leaves in answers])
     self.version = target
