@@ -9,7 +9,7 @@ import pytest
 from scaled_ql import cli
 from scaled_ql.configs import get_config
 from scaled_ql.configs.base import EvalConfig
-from scaled_ql.eval import evaluator, report
+from scaled_ql.eval import evaluator, normalization, report
 
 GAMES = ('Breakout', 'Freeway', 'Enduro', 'Pong')
 
@@ -30,36 +30,76 @@ def test_eval_config_defaults_are_the_papers_protocol():
     assert (c.epsilon, c.sticky_action_prob, c.max_episode_frames) == (0.001, 0.0, 108_000)
 
 
-def test_eval_env_has_no_sticky_actions_and_is_cut_at_max_frames(random_policy):
-  env = evaluator.make_eval_env('Pong', EvalConfig(), seed=0)
-  assert env.sticky_action_prob == 0.0
-  # With a 200-frame cap, 120 steps of Pong (whose episodes take thousands of frames) are two
-  # complete 50-step episodes (truncated at 200 frames) plus 20 steps that are dropped.
-  cfg = EvalConfig(max_episode_frames=200)
-  env = evaluator.make_eval_env('Pong', cfg, seed=0)
-  ts, n = env.reset(), 0
+def noop_policy(params, rng, observation, game_id):
+  """A deterministic numpy policy (action 0 everywhere): episodes can be replayed independently."""
+  del params, rng, game_id
+  return np.zeros(observation.shape[0], np.int32)
+
+
+def play_noop_episode(game, cfg, seed):
+  """(length, return, truncated) of one NOOP episode, played here without the evaluator."""
+  env = evaluator.make_eval_env(game, cfg, seed)
+  ts, n, ret = env.reset(), 0, 0.0
   while not ts.last():
-    ts, n = env.step(0), n + 1
-  assert (n, env.episode_frames, ts.discount) == (50, 200, 1.0)  # truncation, not termination
-  r = evaluator.evaluate(random_policy, None, ['Pong'], cfg, model_games=GAMES,
-                         steps_per_game=120, num_envs=1)['Pong']
-  assert (r.episodes, r.steps, r.partial) == (2, 120, False)
-  assert r.score == pytest.approx(np.mean(r.episode_returns))
+    ts = env.step(0)
+    n, ret = n + 1, ret + float(ts.reward)
+  return n, ret, ts.discount > 0
+
+
+def test_budget_that_ends_mid_episode_plays_it_to_its_end():
+  # Pong with NOOP loses 21-0 in 764 agent steps: a budget of 30 steps ends mid-episode.
+  cfg = EvalConfig()
+  n, ret, cut = play_noop_episode('Pong', cfg, evaluator.env_seed(0, 'Pong', 0))
+  assert n > 30 and not cut
+  r = evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=30,
+                         num_envs=1)['Pong']
+  assert (r.episodes, r.truncated, r.steps, r.budget) == (1, 0, n, 30)  # finished, not dropped
+  assert r.score == ret == -21.0
+  assert r.normalized == pytest.approx((ret - (-20.7)) / (14.6 - (-20.7)))
+  # Three environments: each starts an episode (the budget of 10 is not spent at the start), and
+  # every one is played out: no environment's episode is cut by its share of the budget.
+  r3 = evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=10,
+                          num_envs=3)['Pong']
+  plays = [play_noop_episode('Pong', cfg, evaluator.env_seed(0, 'Pong', i)) for i in range(3)]
+  assert (r3.episodes, r3.truncated) == (3, 0)
+  assert r3.steps == sum(p[0] for p in plays)
+  assert sorted(r3.episode_returns) == sorted(p[1] for p in plays)
+
+
+def test_new_episodes_start_only_while_the_budget_lasts_and_frame_cap_episodes_count():
+  # Breakout with NOOP never launches the ball: every episode ends at the frame cap (400 frames =
+  # 100 agent steps). Such an episode is counted with its return at the cap (Dopamine's
+  # max_steps_per_episode), and says so in `truncated`.
+  cfg = EvalConfig(max_episode_frames=400)
+  env = evaluator.make_eval_env('Breakout', cfg, seed=0)
+  assert env.sticky_action_prob == 0.0
+  assert play_noop_episode('Breakout', cfg, 0) == (100, 0.0, True)  # truncation, not game over
+  # Budget 250 over 2 envs in lockstep: both episodes end at step 200 of the game (199, 200 < 250:
+  # both restart), the next ones at 399 and 400 (>= 250: no new episode). 4 episodes, 400 steps.
+  r = evaluator.evaluate(noop_policy, None, ['Breakout'], cfg, model_games=GAMES,
+                         steps_per_game=250, num_envs=2)['Breakout']
+  assert (r.episodes, r.truncated, r.steps, r.budget) == (4, 4, 400, 250)
+  assert r.episode_returns == (0.0,) * 4 and r.score == 0.0
+  assert r.normalized == pytest.approx(-1.7 / (30.5 - 1.7))  # random 1.7, human 30.5
+  # A budget of exactly one episode starts no second one.
+  r = evaluator.evaluate(noop_policy, None, ['Breakout'], cfg, model_games=GAMES,
+                         steps_per_game=100, num_envs=1)['Breakout']
+  assert (r.episodes, r.steps) == (1, 100)
 
 
 def test_uniform_random_policy_scores_about_zero(random_policy):
-  games = ('Breakout', 'Freeway', 'Enduro')
+  games = ('Breakout', 'Freeway')
   results = evaluator.evaluate(random_policy, None, games, EvalConfig(), model_games=GAMES,
                                steps_per_game=500, num_envs=2, seed=1)
   assert set(results) == set(games)
   for g, r in results.items():
-    assert r.steps == 500
+    assert r.steps >= 500 and r.episodes >= 2 and r.truncated == 0
     assert abs(r.normalized) < 0.15, (g, r)
-  assert results['Breakout'].episodes >= 1  # random Breakout episodes are ~200 steps
-  assert results['Freeway'].partial and results['Freeway'].episodes == 0  # 2048-step episodes
+  # Freeway's episodes last 2048 steps (a timer): the two started ones are played to the end.
+  assert (results['Freeway'].episodes, results['Freeway'].steps) == (2, 2 * 2048)
 
 
-def test_budget_split_seeding_and_batching():
+def test_seeding_and_batching():
   seen = []
 
   def policy(params, rng, observation, game_id):
@@ -69,12 +109,12 @@ def test_budget_split_seeding_and_batching():
     seen.append((np.asarray(game_id).copy(), np.asarray(rng).copy()))
     return np.zeros(3, np.int32)
 
-  results = evaluator.evaluate(policy, 'params', ['Pong'], EvalConfig(), model_games=GAMES,
-                               steps_per_game=10, num_envs=3, env_groups=1)
-  assert results['Pong'].steps == 10  # budgets 4 + 3 + 3
-  assert len(seen) == 1 + 4  # one untimed compile call, then one call per lockstep step
+  r = evaluator.evaluate(policy, 'params', ['Pong'], EvalConfig(max_episode_frames=200),
+                         model_games=GAMES, steps_per_game=10, num_envs=3, env_groups=1)['Pong']
+  assert (r.steps, r.episodes, r.truncated) == (150, 3, 3)  # 3 envs x one 50-step episode
+  assert len(seen) == 1 + 50  # one untimed compile call, then one call per lockstep step
   assert all((g == GAMES.index('Pong')).all() for g, _ in seen)
-  assert len({k.tobytes() for _, k in seen}) == len(seen)  # a fresh key every step
+  assert len({k.tobytes() for _, k in seen}) == len(seen)  # a fresh key every call
 
 
 def test_double_buffered_groups_play_the_same_episodes():
@@ -86,12 +126,34 @@ def test_double_buffered_groups_play_the_same_episodes():
     del params, rng, game_id
     return (jnp.sum(observation, axis=(1, 2, 3), dtype=jnp.int32) % 4).astype(jnp.int32)
 
-  runs = [evaluator.evaluate_game(policy, None, 'Breakout', 0, EvalConfig(), 600, 3,
-                                  env_groups=g) for g in (1, 3)]
-  assert runs[0].episodes >= 1
+  cfg = EvalConfig(max_episode_frames=1200)
+  runs = [evaluator.evaluate_game(policy, None, 'Breakout', 0, cfg, 600, 3, env_groups=g)
+          for g in (1, 3)]
+  assert runs[0].episodes >= 3
   for r in runs[1:]:
     assert sorted(r.episode_returns) == sorted(runs[0].episode_returns)
-    assert (r.steps, r.score) == (600, runs[0].score)
+    assert (r.steps, r.score) == (runs[0].steps, runs[0].score)
+
+
+def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates():
+  scored = evaluator.GameResult('Pong', -20.0, 0.02, episodes=2, truncated=0, steps=1600,
+                                budget=100, seconds=1.0, episode_returns=(-20.0, -20.0))
+  none = evaluator.GameResult('Freeway', None, None, episodes=0, truncated=0, steps=100,
+                              budget=100, seconds=1.0, episode_returns=())
+  line = evaluator.format_result(none)
+  assert 'no completed episode' in line and 'human-normalized' not in line
+  assert 'human-normalized' in evaluator.format_result(scored)
+  agg = evaluator.aggregate_line({'Pong': scored, 'Freeway': none})
+  assert 'IQM 2.0%' in agg and 'over 1 game(s)' in agg and 'left out (no completed episode): Freeway' in agg
+  # The evaluator node's `latest` rows (dicts) are read the same way.
+  assert evaluator.aggregate_line({'Freeway': {'normalized': None}}).endswith(
+      'none: no game has a completed episode; left out (no completed episode): Freeway')
+  assert evaluator.format_row('Freeway', dict(score=None, normalized=None, episodes=0,
+                                               param_version=7)).count('no completed episode') == 1
+  # TensorBoard gets scalars only for games with a score.
+  assert evaluator.tensorboard_scalars({'Pong': dict(score=-20.0, normalized=0.02),
+                                        'Freeway': dict(score=None, normalized=None)}) == [
+      ('eval/Pong/score', -20.0), ('eval/Pong/normalized', 0.02)]
 
 
 def test_argument_errors():
@@ -107,19 +169,23 @@ def test_argument_errors():
                        steps_per_game=1)
 
 
-def test_logs_and_run_report(tmp_path, random_policy):
+def test_logs_and_run_report(tmp_path):
   workdir = str(tmp_path / 'run')
   log = os.path.join(workdir, 'eval', 'evaluator_0.jsonl')
   out_csv = str(tmp_path / 'scores.csv')
+  cfg = EvalConfig(max_episode_frames=40)  # 10-step episodes: fast
   for version in (0, 10):
-    evaluator.evaluate(random_policy, None, ['Breakout', 'Pong'], EvalConfig(),
-                       model_games=GAMES, steps_per_game=8, num_envs=2, param_version=version,
+    evaluator.evaluate(noop_policy, None, ['Breakout', 'Pong'], cfg, model_games=GAMES,
+                       steps_per_game=8, num_envs=2, param_version=version,
                        evaluator='evaluator_0', epsilon=0.001, jsonl_path=log, csv_path=out_csv)
   lines = [json.loads(l) for l in open(log)]
   assert len(lines) == 4
-  for field in report.REQUIRED_FIELDS + ('steps', 'steps_per_second', 'partial', 'epsilon'):
+  for field in report.REQUIRED_FIELDS + ('steps', 'steps_per_second', 'partial', 'epsilon',
+                                         'truncated', 'budget'):
     assert field in lines[0], field
   assert [l['param_version'] for l in lines] == [0, 0, 10, 10]
+  assert [(l['episodes'], l['truncated'], l['steps'], l['budget']) for l in lines] == [
+      (2, 2, 20, 8)] * 4
   rows = list(csv.DictReader(open(out_csv)))
   assert len(rows) == 4 and rows[0]['game'] == 'Breakout' and rows[0]['evaluator'] == 'evaluator_0'
 
@@ -127,12 +193,12 @@ def test_logs_and_run_report(tmp_path, random_policy):
   for name in ('learning_curves_games.png', 'learning_curve_aggregate.png', 'summary.md'):
     assert os.path.getsize(os.path.join(workdir, 'report', name)) > 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
-  assert '| 10 |' in md and 'Breakout' in md
+  assert '| 10 |' in md and 'Breakout' in md and 'Torn log lines skipped: 0.' in md
 
 
-def record(game, version, normalized, evaluator_name='e0'):
+def record(game, version, normalized, evaluator_name='e0', episodes=1):
   return report.EvalRecord(game=game, score=0.0, normalized=normalized, param_version=version,
-                           evaluator=evaluator_name, episodes=1, time=0.0)
+                           evaluator=evaluator_name, episodes=episodes, time=0.0)
 
 
 def test_learning_curves_carry_each_games_latest_score_forward():
@@ -144,6 +210,76 @@ def test_learning_curves_carry_each_games_latest_score_forward():
   np.testing.assert_allclose(c.mean, [0.2, 0.45, 0.75])
 
 
+def old_partial_record(game, version, partial_return):
+  """A record as the evaluator wrote it before issue 10: a game with no completed episode had the
+  mean PARTIAL return as its `score`, flagged `partial`."""
+  return json.dumps(dict(game=game, score=partial_return,
+                         normalized=float(normalization.human_normalized(game, partial_return)),
+                         param_version=version, evaluator='e0', episodes=0, time=0.0, steps=500,
+                         steps_per_second=100.0, partial=True, epsilon=0.001))
+
+
+def test_records_without_a_completed_episode_are_text_and_left_out(tmp_path, capsys):
+  # Old logs stay readable; a partial return is not a score.
+  old = report.EvalRecord.from_dict(json.loads(old_partial_record('Freeway', 5, 7.0)))
+  assert (old.score, old.normalized, old.partial, old.has_score) == (None, None, True, False)
+  recs = [record('Pong', 0, 0.1), record('Breakout', 0, 0.3),
+          report.EvalRecord.from_dict(json.loads(old_partial_record('Pong', 10, 3.0))),
+          record('Breakout', 10, 0.5)]
+  c = report.learning_curves(recs)
+  assert c.per_game['Pong'] == ([0], [0.1])  # the partial record is no point of the curve
+  assert c.versions == [0, 10]
+  np.testing.assert_allclose(c.mean, [0.2, 0.3])  # Pong carries its last SCORE (0.1) forward
+  # A game that never completed an episode is left out of the aggregate and named.
+  recs.append(report.EvalRecord.from_dict(json.loads(old_partial_record('Freeway', 10, 9.0))))
+  c = report.learning_curves(recs)
+  assert c.aggregate_games == ('Breakout', 'Pong') and c.per_game['Freeway'] == ([], [])
+  os.makedirs(tmp_path / 'eval')
+  (tmp_path / 'eval' / 'e0.jsonl').write_text(
+      ''.join(r.to_json() + '\n' for r in recs[:2] + recs[3:4]) +
+      old_partial_record('Pong', 10, 3.0) + '\n' + old_partial_record('Freeway', 10, 9.0) + '\n')
+  assert cli.main(['report', 'run', str(tmp_path)]) == 0
+  md = open(tmp_path / 'report' / 'summary.md').read()
+  assert '| Freeway | 10 | no completed episode | no completed episode | 0 (0) |' in md
+  assert '| Pong | 10 | no completed episode | no completed episode | 0 (0) |' in md
+  assert 'Left out of the aggregate (no completed episode in any record): Freeway.' in md
+  # Version 10: Pong's last score (10%, version 0) carried forward, never its partial return.
+  assert 'Aggregate over 2 games' in md and '| 10 | 30.0 | 30.0 | 30.0 |' in md
+  assert 'Records with no completed episode (no score, left out of every curve and aggregate): 2' in md
+
+
+def test_torn_lines_anywhere_are_skipped_and_counted(tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / 'run'
+  log = str(workdir / 'eval' / 'evaluator_0.jsonl')
+  cfg = EvalConfig(max_episode_frames=40)
+  evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=4,
+                     num_envs=1, param_version=0, evaluator='evaluator_0', jsonl_path=log)
+  # An evaluator killed (SIGKILL) in the middle of writing a record ...
+  half = record('Pong', 5, 0.2, 'evaluator_0').to_json()[:40]
+  subprocess.run([sys.executable, '-c', f'import os, signal\nf = open({log!r}, "a")\n'
+                  f'f.write({half!r}); f.flush(); os.kill(os.getpid(), signal.SIGKILL)'])
+  assert not open(log).read().endswith('\n')
+  # ... then restarted, appending its next records: they start on a fresh line.
+  evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=4,
+                     num_envs=1, param_version=10, evaluator='evaluator_0', jsonl_path=log)
+  # A torn fragment with a whole record after it on the same line (an older writer appended
+  # without the fresh-line rule): the record is kept.
+  with open(log, 'a') as f:
+    f.write(half + record('Pong', 20, 0.4, 'evaluator_0').to_json() + '\n')
+  evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=4,
+                     num_envs=1, param_version=30, evaluator='evaluator_0', jsonl_path=log)
+  lines = open(log).read().splitlines()
+  assert len(lines) == 5 and lines[1] == half
+  logs = report.read_eval_logs(str(workdir))
+  assert [r.param_version for r in logs.records] == [0, 10, 20, 30]
+  assert [t.rsplit(':', 1)[1] for t in logs.torn] == ['2', '4']
+  assert cli.main(['report', 'run', str(workdir)]) == 0
+  md = open(workdir / 'report' / 'summary.md').read()
+  assert 'Torn log lines skipped: 2 (eval/evaluator_0.jsonl:2, eval/evaluator_0.jsonl:4).' in md
+
+
 def test_bad_logs_are_named(tmp_path, capsys):
   assert cli.main(['report', 'run', str(tmp_path)]) == 2
   assert 'no eval/ folder' in capsys.readouterr().err
@@ -153,10 +289,14 @@ def test_bad_logs_are_named(tmp_path, capsys):
   path.write_text(good + '\n{"game": "Pong"}\n')
   with pytest.raises(report.EvalLogError, match=r"e.jsonl:2: missing field\(s\) \['score'"):
     report.read_eval_logs(str(tmp_path))
-  path.write_text(good + '\n{"game": "Po')  # a last line cut short by a killed evaluator
-  assert len(report.read_eval_logs(str(tmp_path))) == 1
-  path.write_text('{"game": "Po\n' + good + '\n')
-  with pytest.raises(report.EvalLogError, match='e.jsonl:1: not JSON'):
+  path.write_text(good + '\n[1, 2]\n')
+  with pytest.raises(report.EvalLogError, match='e.jsonl:2: not a JSON object'):
+    report.read_eval_logs(str(tmp_path))
+  path.write_text(good.replace('"episodes": 1', '"episodes": "many"') + '\n')
+  with pytest.raises(report.EvalLogError, match='e.jsonl:1: bad field value'):
+    report.read_eval_logs(str(tmp_path))
+  path.write_text('{"game": "Po\n')
+  with pytest.raises(report.EvalLogError, match=r'hold no records \(1 torn line'):
     report.read_eval_logs(str(tmp_path))
 
 
@@ -174,7 +314,9 @@ def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
   text = capsys.readouterr().out
   assert 'Pong' in text and 'human-normalized' in text
   rows = list(csv.DictReader(open(out)))
-  assert [(r['game'], r['param_version'], r['steps']) for r in rows] == [('Pong', '0', '6')]
+  # cpu_tiny caps episodes at 2000 frames (500 steps): both started episodes are played out.
+  assert [(r['game'], r['param_version'], r['budget']) for r in rows] == [('Pong', '0', '6')]
+  assert int(rows[0]['episodes']) == 2 and 6 < int(rows[0]['steps']) <= 1000
   # Games the checkpoint's config does not have: a clear error listing its games.
   assert cli.main(['eval', '--checkpoint', workdir, '--games', 'Qbert', '--steps', '6']) == 2
   err = capsys.readouterr().err

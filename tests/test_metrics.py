@@ -160,3 +160,46 @@ def test_report_aggregate_on_the_paper_table_and_bad_input(tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(['report', 'aggregate', 'paper:c2', '--out', out, '--methods', 'Nope']) == 2
   assert "--methods ['Nope'] not in the file" in capsys.readouterr().err
+
+
+def test_rows_without_a_completed_episode_leave_their_game_out_for_every_method(tmp_path, capsys):
+  from scaled_ql.eval import report
+  rows = seeded_rows()
+  # An evaluation-log CSV (`scaled-ql eval --out`) with a `method` column added: a new record of a
+  # game with no completed episode has an empty score, an old one a partial return with `partial`.
+  log_csv = os.path.join(tmp_path, 'log.csv')
+  for m, g, s, seed in rows:
+    no_episode = (m, g, seed) == ('A', 'Qbert', 1)
+    old_partial = (m, g, seed) == ('B', 'Hero', 0)
+    report.append_csv(log_csv, [report.EvalRecord(
+        game=g, score=None if no_episode else s, normalized=None, param_version=0,
+        evaluator=f'{m}/{seed}', episodes=0 if no_episode or old_partial else 3, time=0.0,
+        partial=no_episode or old_partial)])
+  df = pd.read_csv(log_csv)
+  df.insert(0, 'method', [r[0] for r in rows])
+  df['seed'] = [r[3] for r in rows]
+  df.to_csv(log_csv, index=False)
+  assert df['score'].isna().sum() == 1  # the empty cell, never a number
+
+  loaded = metrics.load_scores_csv(log_csv)
+  assert metrics.left_out_games(loaded) == {'Hero': [('B', 0)], 'Qbert': [('A', 1)]}
+  mats, games = metrics.normalized_score_matrices(loaded)
+  assert games == ('Breakout', 'Pong', 'Seaquest')
+  kept = [r for r in rows if r[1] in games]
+  ref, _ = metrics.normalized_score_matrices(metrics.load_scores_csv(write(tmp_path, kept)))
+  for m in ('A', 'B'):
+    np.testing.assert_array_equal(mats[m], ref[m])
+
+  out = os.path.join(tmp_path, 'agg')
+  assert cli.main(['report', 'aggregate', log_csv, '--out', out, '--reps', str(REPS)]) == 0
+  note = ('Left out of every aggregate, for every method (no completed episode): '
+          'Hero (B seed 0); Qbert (A seed 1).')
+  assert note in capsys.readouterr().out
+  md = open(os.path.join(out, 'aggregate.md')).read()
+  assert note in md and 'over 3 games' in md
+
+  # Nothing left: a clear error naming the file.
+  none = write(tmp_path, [('A', 'Pong', '', 0, 0)], name='none.csv',
+               columns=('method', 'game', 'score', 'seed', 'episodes'))
+  with pytest.raises(metrics.ScoresFileError, match='none.csv: no row has a score'):
+    metrics.load_scores_csv(none)

@@ -5,17 +5,26 @@ Protocol (all from `EvalConfig`, whose defaults are the paper's):
 - epsilon-greedy with epsilon 0.001 (inside the policy: `actors.make_policy(cfg, cfg.eval.epsilon)`),
 - episodes cut at 108K emulator frames (27K agent steps), game over as the terminal condition,
 - unclipped game score as the return,
-- `steps_per_game` agent steps per game (paper: 125K, as in Castro et al. 2018), run as `num_envs`
-  environments of the game, the network applied to a whole group of them in one jitted call per
-  step (`env_groups` groups, double-buffered: see `evaluate_game`). The budget is split evenly
-  between the environments.
+- a budget of `steps_per_game` agent steps per game (paper: 125K, Castro et al. 2018), played by
+  `num_envs` environments of the game, the network applied to a whole group of them in one jitted
+  call per step (`env_groups` groups, double-buffered: see `evaluate_game`).
 
-Score of a game = mean return of the episodes COMPLETED within the budget (episodes still running
-when the budget is spent are dropped, as Castro et al. 2018 count only finished episodes). If no
-episode completed at all (tiny CPU budgets), the score is the mean partial return of the episodes in
-progress, flagged `partial=True` with `episodes=0`. Dropping unfinished episodes slightly favours
-short episodes. An episode lasts at most 27K steps, so with the paper's 125K steps and
-`num_envs <= 4` (31K+ steps each) every environment completes at least one episode.
+Score of a game = the mean return of COMPLETED episodes, counted as in Dopamine's
+`Runner._run_one_phase` (Castro et al. 2018): an environment starts a new episode only while the
+game's agent steps so far (all its environments together) are below the budget, and every episode
+that was started is played to its end. The episode in progress when the budget runs out is
+therefore finished, not dropped or cut, so no episode is ever truncated by the budget and the
+number of environments does not change which episodes count. With `num_envs=1` this is exactly
+Dopamine's loop. An episode ends at game over or at the `max_episode_frames` cap (108K frames =
+27K agent steps, Dopamine's `max_steps_per_episode`); an episode cut by the cap is counted with
+the return it has at the cap, as Dopamine counts it, and the result says how many were
+(`GameResult.truncated`). A game thus runs at least `steps_per_game` steps and at most
+`steps_per_game + num_envs * 27K` (each environment's last episode is finished).
+
+A game with no completed episode has no score: `score` and `normalized` are None, it is shown as
+"no completed episode" and left out of every aggregate (`aggregate_line`, `report`). The loop
+above always completes >= 1 episode, so today this comes from old logs (`report.EvalRecord`
+reads their `partial` records this way) and is handled wherever scores are shown.
 
     policy = actors.make_policy(cfg, cfg.eval.epsilon)
     results = evaluate(policy, params, ['Pong', 'Breakout'], cfg.eval, model_games=cfg.games,
@@ -40,15 +49,19 @@ from scaled_ql.eval import normalization, report
 PolicyFn = Callable[[Any, Any, np.ndarray, np.ndarray], Any]
 
 
+NO_EPISODE = report.NO_EPISODE  # how a game without a score is shown, everywhere
+
+
 @dataclasses.dataclass(frozen=True)
 class GameResult:
   game: str
-  score: float  # mean raw return of completed episodes (or partial returns, see `partial`)
-  normalized: float  # human-normalized score (fraction)
+  score: Optional[float]  # mean raw return of the completed episodes; None: none completed
+  normalized: Optional[float]  # human-normalized `score` (fraction); None: no score
   episodes: int  # completed episodes averaged in `score`
-  steps: int  # agent steps run
+  truncated: int  # of those, episodes that ended at the `max_episode_frames` cap (counted)
+  steps: int  # agent steps run: >= `budget`, the last episodes are played to their end
+  budget: int  # the step budget (`steps_per_game`)
   seconds: float  # wall-clock time of the game's loop (network + emulator)
-  partial: bool  # True: no episode completed, `score` is the mean partial return
   episode_returns: tuple[float, ...]  # returns of the completed episodes
 
   @property
@@ -98,67 +111,92 @@ def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: Eval
     raise ValueError(f'sticky_action_prob must be in [0, 1], got {eval_cfg.sticky_action_prob}')
 
 
+class _KeyStream:
+  """A fresh PRNG key per policy call, split in blocks as numpy (no device op per step)."""
+
+  def __init__(self, seed: int, block: int = 1024):
+    import jax
+    self._base, self._block, self._blocks = jax.random.PRNGKey(seed), block, 0
+    self._keys, self._next = None, block
+
+  def __call__(self):
+    if self._next == self._block:
+      import jax
+      self._keys = np.asarray(jax.random.split(jax.random.fold_in(self._base, self._blocks),
+                                               self._block))
+      self._blocks, self._next = self._blocks + 1, 0
+    self._next += 1
+    return self._keys[self._next - 1]
+
+
 def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
                   env_groups: Optional[int] = None) -> GameResult:
-  """Runs `steps` agent steps of `game` over `num_envs` environments (see the module docstring).
+  """Plays `game` for a budget of `steps` agent steps over `num_envs` environments and finishes
+  every episode started (the protocol of the module docstring).
 
-  The environments form `env_groups` (default `eval_cfg.env_groups`, at most `num_envs`) groups,
-  each the batch of one jitted policy call per step. JAX dispatches the call asynchronously, so
-  while the network computes one group's actions the emulators of the other groups step (double
-  buffering on a machine with a core to spare); with one group it is plain lockstep. Each group's observation
-  array is written only after its pending call has returned (the call may read it in place).
+  The environments (at most `steps` of them) form `env_groups` (default `eval_cfg.env_groups`, at
+  most one per environment) groups, each the batch of one jitted policy call per step. JAX
+  dispatches the call asynchronously, so while the network computes one group's actions the
+  emulators of the other groups step (double buffering on a machine with a core to spare); with
+  one group it is plain lockstep. Each group's observation array is written only after its
+  pending call has returned (the call may read it in place). An environment whose last episode
+  has ended idles (its slot stays in the batch, so the call keeps its compiled shape) until the
+  whole group has; then the group makes no more calls.
   """
   import jax
   groups_n = int(eval_cfg.env_groups if env_groups is None else env_groups)
   if groups_n < 1:
     raise ValueError(f'env_groups must be >= 1, got {groups_n}')
-  groups_n = min(groups_n, num_envs)  # at most one group per environment
+  num_envs = min(num_envs, steps)  # every environment plays at least one step of the budget
+  groups_n = min(groups_n, num_envs)
   envs = [make_eval_env(game, eval_cfg, env_seed(seed, game, i)) for i in range(num_envs)]
-  budgets = [steps // num_envs + (1 if i < steps % num_envs else 0) for i in range(num_envs)]
-  horizon = max(budgets)
   groups = [list(idx) for idx in np.array_split(np.arange(num_envs), groups_n)]
   observations = [np.stack([envs[i].reset().observation for i in g]) for g in groups]
   game_ids = [np.full((len(g),), game_id, np.int32) for g in groups]
-  # One key per (step, group), made up front as numpy: no per-step device op for the split.
-  keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), (horizon + 1) * groups_n))
-  keys = keys.reshape((horizon + 1, groups_n) + keys.shape[1:])
-  for k, g in enumerate(groups):  # compile every group shape before the clock starts
-    jax.block_until_ready(policy_fn(params, keys[-1, k], observations[k], game_ids[k]))
+  keys = _KeyStream(seed)
+  for k in range(groups_n):  # compile every group shape before the clock starts
+    jax.block_until_ready(policy_fn(params, keys(), observations[k], game_ids[k]))
 
-  running = np.zeros(num_envs, np.float64)
+  playing = np.ones(num_envs, bool)  # an episode is in progress
+  running = np.zeros(num_envs, np.float64)  # its return so far
   completed: list[float] = []
+  truncated = 0
+  steps_run = 0
   start = time.perf_counter()
-  pending = [policy_fn(params, keys[0, k], observations[k], game_ids[k])
-             for k in range(groups_n)]
-  for t in range(horizon):
+  pending = [policy_fn(params, keys(), observations[k], game_ids[k]) for k in range(groups_n)]
+  while any(p is not None for p in pending):
     for k, g in enumerate(groups):
+      if pending[k] is None:
+        continue
       actions = np.asarray(pending[k])  # waits for this group's call only
       obs = observations[k]
       for j, i in enumerate(g):
-        if t >= budgets[i]:
+        if not playing[i]:
           continue
         ts = envs[i].step(actions[j])
+        steps_run += 1
         running[i] += ts.reward
         if ts.last():
           completed.append(float(running[i]))
+          truncated += int(ts.discount > 0)  # the frame cap (truncation), not game over
           running[i] = 0.0
+          if steps_run >= steps:  # budget spent: start no new episode here
+            playing[i] = False
+            continue
           ts = envs[i].reset()
         obs[j] = ts.observation
-      if t + 1 < horizon:
-        pending[k] = policy_fn(params, keys[t + 1, k], obs, game_ids[k])
+      pending[k] = (policy_fn(params, keys(), obs, game_ids[k]) if playing[g].any() else None)
   seconds = time.perf_counter() - start
   for env in envs:
     env.close()
 
-  if completed:
-    score, partial = float(np.mean(completed)), False
-  else:
-    score, partial = float(np.mean(running)), True
+  score = float(np.mean(completed)) if completed else None
   return GameResult(game=game, score=score,
-                    normalized=float(normalization.human_normalized(game, score)),
-                    episodes=len(completed), steps=sum(budgets), seconds=seconds,
-                    partial=partial, episode_returns=tuple(completed))
+                    normalized=None if score is None else float(
+                        normalization.human_normalized(game, score)),
+                    episodes=len(completed), truncated=truncated, steps=steps_run, budget=steps,
+                    seconds=seconds, episode_returns=tuple(completed))
 
 
 def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: EvalConfig, *,
@@ -171,13 +209,13 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   """Evaluates `policy_fn(params, ...)` on each game in turn; returns {game: GameResult}.
 
   model_games:    the games of the network (`cfg.games`); `game_id` = index into it. Default: games.
-  steps_per_game: agent steps per game; default `eval_cfg.steps_per_game`.
+  steps_per_game: the step budget per game; default `eval_cfg.steps_per_game`.
   num_envs:       environments per game; default `eval_cfg.num_envs`.
   env_groups:     double-buffered groups of them (see `evaluate_game`); default
                   `eval_cfg.env_groups`.
   param_version:  learner step of `params`, written into every record (-1: unknown).
   jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each game,
-                  so a long evaluation leaves partial results behind).
+                  so a long evaluation leaves the finished games behind).
   epsilon:        only recorded (the policy applies it).
   """
   model_games = tuple(games if model_games is None else model_games)
@@ -193,7 +231,8 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
     record = report.EvalRecord(
         game=game, score=r.score, normalized=r.normalized, param_version=int(param_version),
         evaluator=evaluator, episodes=r.episodes, time=time.time(), steps=r.steps,
-        steps_per_second=r.steps_per_second, partial=r.partial, epsilon=epsilon)
+        steps_per_second=r.steps_per_second, partial=r.score is None, epsilon=epsilon,
+        truncated=r.truncated, budget=r.budget)
     if jsonl_path:
       report.append_records(jsonl_path, [record])
     if csv_path:
@@ -203,19 +242,54 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   return results
 
 
+def format_score(score: Optional[float], normalized: Optional[float]) -> str:
+  """'raw X  human-normalized Y%', or NO_EPISODE: a game without a score never shows a number."""
+  if score is None or normalized is None:
+    return f'{NO_EPISODE:<44}'
+  return f'raw {score:>10.1f}  human-normalized {normalized * 100:>7.1f}%'
+
+
 def format_result(r: GameResult) -> str:
-  note = ' (partial: no episode completed)' if r.partial else ''
-  return (f'{r.game:<16} raw {r.score:>10.1f}  human-normalized {r.normalized * 100:>7.1f}%  '
-          f'episodes {r.episodes:>3}  steps {r.steps}  {r.steps_per_second:.0f} steps/s{note}')
+  cut = f' ({r.truncated} cut at the frame cap)' if r.truncated else ''
+  return (f'{r.game:<16} {format_score(r.score, r.normalized)}  episodes {r.episodes:>3}{cut}  '
+          f'steps {r.steps} (budget {r.budget})  {r.steps_per_second:.0f} steps/s')
+
+
+def format_row(game: str, row: Mapping[str, Any]) -> str:
+  """One line of an evaluator node's `latest` row (score, normalized, episodes, param_version)."""
+  return (f'{game:<16} {format_score(row.get("score"), row.get("normalized"))}  '
+          f'episodes {row.get("episodes", "?")}  (params of step {row.get("param_version", "?")})')
+
+
+def tensorboard_scalars(latest: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float]]:
+  """(tag, value) of `eval/<game>/{score,normalized}` for the games WITH a score: a game with no
+  completed episode writes no scalar (a missing point, never a number)."""
+  return [(f'eval/{game}/{key}', float(row[key])) for game, row in latest.items()
+          if row.get('score') is not None for key in ('score', 'normalized')]
 
 
 def results_table(results: Mapping[str, GameResult]) -> str:
-  """The per-game lines plus the IQM/median over the games evaluated."""
+  """The per-game lines plus the IQM/median over the games with a score."""
   return '\n'.join([format_result(r) for r in results.values()] + [aggregate_line(results)])
 
 
-def aggregate_line(results: Mapping[str, GameResult]) -> str:
+def _normalized(row: Any) -> Optional[float]:
+  return row.get('normalized') if isinstance(row, Mapping) else row.normalized
+
+
+def aggregate_line(results: Mapping[str, Any]) -> str:
+  """IQM / median / mean of the human-normalized scores over the games that have one.
+
+  `results`: {game: GameResult} or {game: dict with 'normalized'} (the evaluator node's `latest`
+  rows). Games without a completed episode are left out and named, never counted as a number.
+  """
   from scaled_ql.eval import metrics
-  x = np.array([[r.normalized for r in results.values()]])
+  scored = {g: _normalized(r) for g, r in results.items() if _normalized(r) is not None}
+  left_out = [g for g in results if g not in scored]
+  note = f'; left out ({NO_EPISODE}): {", ".join(left_out)}' if left_out else ''
+  if not scored:
+    return f'{"aggregate":<16} none: no game has a completed episode{note}'
+  x = np.array([list(scored.values())])
   return (f'{"aggregate":<16} IQM {metrics.iqm(x) * 100:.1f}%  median '
-          f'{float(np.median(x)) * 100:.1f}%  over {x.shape[1]} game(s)')
+          f'{float(np.median(x)) * 100:.1f}%  mean {float(np.mean(x)) * 100:.1f}%  over '
+          f'{x.shape[1]} game(s){note}')

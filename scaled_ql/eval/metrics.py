@@ -78,7 +78,9 @@ def load_scores_csv(path: str):
   """Reads a CSV with columns method, game, score and optionally seed; returns a pandas DataFrame.
 
   Raises `ScoresFileError` naming the file for a missing file/column, an unknown game, a
-  non-numeric or non-finite score, or a (method, game, seed) given twice.
+  non-numeric or non-finite score, or a (method, game, seed) given twice. Rows with an `episodes`
+  column of 0 or a true `partial` column (evaluation logs: no completed episode) have no score:
+  they are dropped here and listed by `left_out_games`.
   """
   import pandas as pd
   path = resolve_scores_path(path)
@@ -101,8 +103,21 @@ def load_scores_csv(path: str):
       raise ScoresFileError(f'{path}: row {empty.index[0] + 2}: empty {col}')
   if 'seed' not in df.columns:
     df['seed'] = 0
+  # Rows of evaluation logs (`scaled-ql eval --out`) with no completed episode have no score
+  # (old logs: a partial return flagged `partial`): they are left out, and `left_out_games` names
+  # them, never aggregated as numbers.
+  no_episode = np.zeros(len(df), bool)
+  if 'episodes' in df.columns:
+    episodes = pd.to_numeric(df['episodes'], errors='coerce')
+    if episodes.isna().any():
+      raise ScoresFileError(f'{path}: row {int(np.flatnonzero(episodes.isna())[0]) + 2}: '
+                            'episodes is not a number')
+    no_episode |= (episodes == 0).to_numpy()
+  if 'partial' in df.columns:
+    no_episode |= df['partial'].astype(str).str.strip().str.lower().isin(
+        ('true', '1', 'yes')).to_numpy()
   df['score'] = pd.to_numeric(df['score'], errors='coerce')
-  bad = df[~np.isfinite(df['score'].to_numpy(dtype=np.float64))]
+  bad = df[~no_episode & ~np.isfinite(df['score'].to_numpy(dtype=np.float64))]
   if len(bad):
     first = bad.index[0]
     raise ScoresFileError(f'{path}: row {first + 2}: score is not a finite number '
@@ -117,18 +132,41 @@ def load_scores_csv(path: str):
     raise ScoresFileError(f'{path}: method {m!r} game {g!r} seed {s!r} appears '
                           f'{int(((df.method == m) & (df.game == g) & (df.seed == s)).sum())} '
                           'times (add a seed column to give several runs)')
+  dropped = df[no_episode]
+  df = df[~no_episode].copy()
   df.attrs['path'] = path
+  df.attrs['no_episode'] = [tuple(r) for r in dropped[['method', 'game', 'seed']].itertuples(
+      index=False)]
+  if df.empty:
+    raise ScoresFileError(f'{path}: no row has a score: all {len(dropped)} rows have no '
+                          'completed episode')
   return df
+
+
+def left_out_games(df) -> dict[str, list[tuple]]:
+  """{game: [(method, seed), ...]} of the rows without a completed episode: each such game is
+  left out of the aggregates of EVERY method, so all methods are still compared on the same
+  games."""
+  out: dict[str, list[tuple]] = {}
+  for method, game, seed in df.attrs.get('no_episode', []):
+    out.setdefault(game, []).append((method, seed))
+  return dict(sorted(out.items(), key=lambda kv: games_lib.ALL_GAMES.index(kv[0])))
 
 
 def normalized_score_matrices(df) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
   """{method: human-normalized float [runs, games]} with the games (sorted) shared by all methods.
 
-  Every method must cover the same games, and each game with the same seeds.
+  Every method must cover the same games, and each game with the same seeds. Games with a row
+  without a completed episode (`left_out_games`) are left out for every method.
   """
   path = df.attrs.get('path', 'scores')
   methods = list(dict.fromkeys(df['method']))  # first-appearance order
-  games = tuple(sorted(set(df['game']), key=games_lib.ALL_GAMES.index))
+  left_out = left_out_games(df)
+  games = tuple(sorted(set(df['game']) - set(left_out), key=games_lib.ALL_GAMES.index))
+  if not games:
+    raise ScoresFileError(f'{path}: no game is left to aggregate: every game has a row with no '
+                          f'completed episode ({", ".join(left_out)})')
+  df = df[df['game'].isin(games)]
   out: dict[str, np.ndarray] = {}
   for method in methods:
     rows = df[df['method'] == method]

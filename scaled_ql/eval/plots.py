@@ -65,15 +65,22 @@ def learning_curves_png(path: str, curves: Mapping[str, tuple[Sequence[float], S
 def per_game_grid_png(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                       ylabel: str = 'human-normalized (%)', title: str = '',
                       percent: bool = True) -> str:
-  """One small panel per game (readable for 40 games): curves[game] = (learner steps, values)."""
+  """One small panel per game (readable for 40 games): curves[game] = (learner steps, values);
+  a game with no point says 'no completed episode'."""
   plt = _pyplot()
   n = len(curves)
+  if n == 0:
+    raise ValueError('per_game_grid_png: no games to plot')
   cols = min(n, 6)
   rows = -(-n // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows + 0.6), squeeze=False)
   scale = 100.0 if percent else 1.0
   for ax, (name, (steps, values)) in zip(axes.flat, curves.items()):
-    ax.plot(np.asarray(steps), np.asarray(values, np.float64) * scale, marker='o', markersize=2)
+    if len(steps):
+      ax.plot(np.asarray(steps), np.asarray(values, np.float64) * scale, marker='o', markersize=2)
+    else:  # a game without any completed episode has no score to plot
+      ax.text(0.5, 0.5, 'no completed episode', ha='center', va='center', fontsize='small',
+              transform=ax.transAxes)
     ax.set_title(name, fontsize='small')
     ax.tick_params(labelsize='x-small')
     ax.grid(alpha=0.3)

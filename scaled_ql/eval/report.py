@@ -6,28 +6,41 @@ One JSON object per line and per (evaluation, game), written by `scaled_ql.eval.
 (the distributed evaluator node calls it with `jsonl_path=`). Fields (`EvalRecord`):
 
   game              str    RL Unplugged game name (`scaled_ql.games.ALL_GAMES`)
-  score             float  mean undiscounted, unclipped return of the completed episodes; if no
-                           episode completed within the step budget, the mean partial return of the
-                           episodes in progress (then `partial` is true and `episodes` is 0)
-  normalized        float  human-normalized `score` (fraction: 0 = random, 1 = human)
+  score             float  mean undiscounted, unclipped return of the completed episodes (protocol:
+                    |null  `scaled_ql/eval/evaluator.py`); null when no episode completed
+  normalized        float  human-normalized `score` (fraction: 0 = random, 1 = human); null with it
+                    |null
   param_version     int    learner step of the parameters evaluated (-1: unknown)
   evaluator         str    name of the evaluator that wrote the record
   episodes          int    number of completed episodes averaged in `score`
   time              float  unix time at which the record was written
   steps             int    agent steps (4 emulator frames each) run for this game
   steps_per_second  float  agent steps per wall-clock second, network included
-  partial           bool   see `score`
+  partial           bool   true when no episode completed (then there is no score)
   epsilon           float  epsilon of the epsilon-greedy policy (null if not given)
+  truncated         int    completed episodes that ended at the 108K-frame cap (counted in score)
+  budget            int    the step budget (`steps_per_game`); 0 = not recorded
 
 The first seven are required when reading; the rest are optional (older or hand-written logs).
+Old logs (before the protocol of issue 10) wrote, for a game with no completed episode, the mean
+PARTIAL return as `score` with `partial: true, episodes: 0`: such a number is not a score, and is
+read as no score (`score`/`normalized` None). A record with `episodes` 0 never has a score.
+
+Torn lines: a killed evaluator can leave its last line cut short, and a restarted one then appends
+after it. `append_records` starts every write on a fresh line; `read_eval_logs` skips a line that
+is not valid JSON anywhere in a file and counts it (`EvalLogs.torn`, shown by `report run`); if a
+whole record follows the torn fragment on the same line (written by an older version without the
+fresh-line rule), that record is kept.
 
 Learning curves (`run_report`): per game, the normalized score against `param_version` (records of
-the same game and version, e.g. from several evaluators, are averaged). The aggregate curve (IQM,
-median and mean over games) at version v uses, for each game, its latest record with
-`param_version <= v`; it starts at the first version by which every game of the logs has a record,
-so evaluators that split the games between them, or evaluate games at different versions, still
-give a well-defined curve (when one evaluator evaluates all games with one version, as `evaluate`
-does, the curve is exactly the per-version aggregate).
+the same game and version, e.g. from several evaluators, are averaged), from the records that HAVE
+a score: a record without a completed episode is shown as such and is never a point or part of an
+aggregate. The aggregate curve (IQM, median and mean over games) at version v uses, for each game,
+its latest scored record with `param_version <= v`; it starts at the first version by which every
+game has one, so evaluators that split the games between them, or evaluate games at different
+versions, still give a well-defined curve (when one evaluator evaluates all games with one
+version, as `evaluate` does, the curve is exactly the per-version aggregate). A game with no scored
+record at all is left out of the aggregate and named in the summary.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ import numpy as np
 
 from scaled_ql import games as games_lib
 
+NO_EPISODE = 'no completed episode'  # how a game without a score is shown, everywhere
 REQUIRED_FIELDS = ('game', 'score', 'normalized', 'param_version', 'evaluator', 'episodes', 'time')
 
 
@@ -56,16 +70,22 @@ class EvalLogError(ValueError):
 class EvalRecord:
   """One line of an evaluation log (see the module docstring)."""
   game: str
-  score: float
-  normalized: float
+  score: Optional[float]  # None: no completed episode
+  normalized: Optional[float]
   param_version: int
   evaluator: str
   episodes: int
   time: float
   steps: int = 0
   steps_per_second: float = 0.0
-  partial: bool = False
+  partial: bool = False  # no completed episode (old logs: `score` was a partial return)
   epsilon: Optional[float] = None
+  truncated: int = 0
+  budget: int = 0
+
+  @property
+  def has_score(self) -> bool:
+    return self.score is not None
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -78,27 +98,41 @@ class EvalRecord:
     known = {f.name for f in dataclasses.fields(cls)}
     try:
       rec = cls(**{k: v for k, v in d.items() if k in known})
+      no_score = int(rec.episodes) == 0 or bool(rec.partial)  # old logs: a partial return
       rec = dataclasses.replace(
-          rec, game=str(rec.game), score=float(rec.score), normalized=float(rec.normalized),
+          rec, game=str(rec.game), score=None if no_score else float(rec.score),
+          normalized=None if no_score else float(rec.normalized),
           param_version=int(rec.param_version), evaluator=str(rec.evaluator),
           episodes=int(rec.episodes), time=float(rec.time), steps=int(rec.steps),
-          steps_per_second=float(rec.steps_per_second), partial=bool(rec.partial),
-          epsilon=None if rec.epsilon is None else float(rec.epsilon))
+          steps_per_second=float(rec.steps_per_second), partial=no_score,
+          epsilon=None if rec.epsilon is None else float(rec.epsilon),
+          truncated=int(rec.truncated), budget=int(rec.budget))
     except (TypeError, ValueError) as e:
       raise EvalLogError(f'{where}: bad field value: {e}') from e
     if rec.game not in games_lib.GAME_INFO:
       raise EvalLogError(f'{where}: unknown game {rec.game!r}')
-    if not (math.isfinite(rec.score) and math.isfinite(rec.normalized)):
+    if rec.has_score and not (math.isfinite(rec.score) and math.isfinite(rec.normalized)):
       raise EvalLogError(f'{where}: non-finite score')
+    if rec.episodes < 0 or not 0 <= rec.truncated <= rec.episodes:
+      raise EvalLogError(f'{where}: bad episode counts (episodes {rec.episodes}, truncated '
+                         f'{rec.truncated})')
     return rec
 
 
 def append_records(path: str, records: Iterable[EvalRecord]) -> None:
-  """Appends records to a JSONL log (creating its folder), one line each, flushed."""
+  """Appends records to a JSONL log (creating its folder), one line each, in one write, flushed.
+
+  If the file does not end with a newline (a writer killed mid-line), the new records start on a
+  fresh line, so that the torn fragment stays alone on its line.
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'a') as f:
-    for r in records:
-      f.write(r.to_json() + '\n')
+  data = ''.join(r.to_json() + '\n' for r in records).encode()
+  with open(path, 'a+b') as f:
+    if f.seek(0, os.SEEK_END) > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        data = b'\n' + data
+    f.write(data)
     f.flush()
 
 
@@ -117,45 +151,73 @@ def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
       w.writerow(dataclasses.asdict(r))
 
 
-def read_eval_logs(workdir: str) -> list[EvalRecord]:
-  """All records of `WORKDIR/eval/*.jsonl`; raises `EvalLogError` naming the file:line at fault."""
+@dataclasses.dataclass(frozen=True)
+class EvalLogs:
+  records: list[EvalRecord]
+  torn: list[str]  # 'file:line' of every torn (not JSON) line skipped
+
+
+def _parse_line(line: str) -> tuple[Optional[object], bool]:
+  """(JSON value, torn). A torn line yields the whole record that follows its fragment on the
+  same line, if there is one (value None otherwise)."""
+  try:
+    return json.loads(line), False
+  except json.JSONDecodeError:
+    pass
+  decoder = json.JSONDecoder()
+  start = line.find('{', 1)
+  while start > 0:
+    try:
+      value, end = decoder.raw_decode(line, start)
+      if isinstance(value, dict) and not line[end:].strip():
+        return value, True
+    except json.JSONDecodeError:
+      pass
+    start = line.find('{', start + 1)
+  return None, True
+
+
+def read_eval_logs(workdir: str) -> EvalLogs:
+  """All records of `WORKDIR/eval/*.jsonl` and the torn lines skipped (see the module docstring);
+  raises `EvalLogError` naming the file:line of any other fault."""
   eval_dir = os.path.join(workdir, 'eval')
   if not os.path.isdir(eval_dir):
     raise EvalLogError(f'{workdir}: no eval/ folder (evaluator logs go to WORKDIR/eval/*.jsonl)')
   paths = sorted(glob.glob(os.path.join(eval_dir, '*.jsonl')))
   if not paths:
     raise EvalLogError(f'{eval_dir}: no *.jsonl evaluator logs')
-  records = []
+  records, torn = [], []
   for path in paths:
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:
       lines = f.read().splitlines()
-    last = max((i for i, l in enumerate(lines, 1) if l.strip()), default=0)
     for i, line in enumerate(lines, 1):
       line = line.strip()
       if not line:
         continue
-      try:
-        d = json.loads(line)
-      except json.JSONDecodeError as e:
-        # A line cut short by a killed evaluator is only tolerated as the file's last line.
-        if i == last:
-          print(f'warning: {path}:{i}: ignoring a truncated last line ({e.msg})', file=sys.stderr)
-          break
-        raise EvalLogError(f'{path}:{i}: not JSON: {e.msg}') from e
+      d, is_torn = _parse_line(line)
+      if is_torn:
+        torn.append(f'{path}:{i}')
+        print(f'warning: {path}:{i}: skipping a torn line (a write cut short by a killed '
+              f'evaluator){"; kept the record appended after it" if d is not None else ""}',
+              file=sys.stderr)
+        if d is None:
+          continue
       if not isinstance(d, dict):
         raise EvalLogError(f'{path}:{i}: not a JSON object')
       records.append(EvalRecord.from_dict(d, f'{path}:{i}'))
   if not records:
-    raise EvalLogError(f'{eval_dir}: the evaluator logs hold no records')
-  return records
+    raise EvalLogError(f'{eval_dir}: the evaluator logs hold no records' +
+                       (f' ({len(torn)} torn line(s))' if torn else ''))
+  return EvalLogs(records, torn)
 
 
 # ---- learning curves -----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Curves:
-  games: tuple[str, ...]
-  per_game: dict[str, tuple[list[int], list[float]]]  # game -> (versions, normalized)
+  games: tuple[str, ...]  # every game of the records
+  per_game: dict[str, tuple[list[int], list[float]]]  # game -> (versions, normalized); scored only
   raw_per_game: dict[str, tuple[list[int], list[float]]]  # game -> (versions, raw score)
+  aggregate_games: tuple[str, ...]  # games with >= 1 scored record: those of the aggregate
   versions: list[int]  # versions of the aggregate curve
   iqm: list[float]
   median: list[float]
@@ -163,23 +225,26 @@ class Curves:
 
 
 def learning_curves(records: Sequence[EvalRecord]) -> Curves:
-  """Per-game and aggregate (IQM/median/mean over games) curves; see the module docstring."""
+  """Per-game and aggregate (IQM/median/mean over games) curves of the records with a score; see
+  the module docstring."""
   from scaled_ql.eval import metrics
   games = tuple(sorted({r.game for r in records}, key=games_lib.ALL_GAMES.index))
   sums: dict[tuple[str, int], list[float]] = {}
   raws: dict[tuple[str, int], list[float]] = {}
   for r in records:
-    sums.setdefault((r.game, r.param_version), []).append(r.normalized)
-    raws.setdefault((r.game, r.param_version), []).append(r.score)
+    if r.has_score:
+      sums.setdefault((r.game, r.param_version), []).append(r.normalized)
+      raws.setdefault((r.game, r.param_version), []).append(r.score)
   per_game, raw_per_game = {}, {}
   for g in games:
     vs = sorted(v for (gg, v) in sums if gg == g)
     per_game[g] = (vs, [float(np.mean(sums[(g, v)])) for v in vs])
     raw_per_game[g] = (vs, [float(np.mean(raws[(g, v)])) for v in vs])
+  agg_games = tuple(g for g in games if per_game[g][0])
   versions, iqm, median, mean = [], [], [], []
-  for v in sorted({r.param_version for r in records}):
+  for v in sorted({r.param_version for r in records if r.has_score}):
     latest = []
-    for g in games:
+    for g in agg_games:
       vs, vals = per_game[g]
       k = int(np.searchsorted(vs, v, side='right')) - 1
       if k < 0:
@@ -191,16 +256,16 @@ def learning_curves(records: Sequence[EvalRecord]) -> Curves:
       iqm.append(metrics.iqm(x))
       median.append(float(np.median(x)))
       mean.append(float(np.mean(x)))
-  return Curves(games, per_game, raw_per_game, versions, iqm, median, mean)
+  return Curves(games, per_game, raw_per_game, agg_games, versions, iqm, median, mean)
 
 
 def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
   """Learning-curve PNGs and a Markdown summary of a run's evaluator logs; returns their paths."""
   from scaled_ql.eval import plots
-  records = read_eval_logs(workdir)
+  logs = read_eval_logs(workdir)
   out_dir = out_dir or os.path.join(workdir, 'report')
   os.makedirs(out_dir, exist_ok=True)
-  c = learning_curves(records)
+  c = learning_curves(logs.records)
   paths = {
       'games_png': plots.per_game_grid_png(
           os.path.join(out_dir, 'learning_curves_games.png'), c.per_game,
@@ -211,41 +276,56 @@ def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
         os.path.join(out_dir, 'learning_curve_aggregate.png'),
         {'IQM': (c.versions, c.iqm), 'median': (c.versions, c.median),
          'mean': (c.versions, c.mean)},
-        'human-normalized score (%)', title=f'aggregate over {len(c.games)} games')
-  md = _run_markdown(workdir, records, c, paths)
+        'human-normalized score (%)', title=f'aggregate over {len(c.aggregate_games)} games')
+  md = _run_markdown(workdir, logs, c, paths)
   paths['summary_md'] = os.path.join(out_dir, 'summary.md')
   with open(paths['summary_md'], 'w') as f:
     f.write(md)
   return paths
 
 
-def _run_markdown(workdir: str, records: Sequence[EvalRecord], c: Curves,
-                  paths: dict[str, str]) -> str:
+def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]) -> str:
+  records = logs.records
   evaluators = sorted({r.evaluator for r in records})
   first, last = min(r.time for r in records), max(r.time for r in records)
+  no_score = sum(not r.has_score for r in records)
   lines = [f'# Evaluation of {os.path.abspath(workdir)}', '',
            f'{len(records)} records from evaluator(s) {", ".join(evaluators)} between '
-           f'{_fmt_time(first)} and {_fmt_time(last)}; games: {", ".join(c.games)}.', '']
+           f'{_fmt_time(first)} and {_fmt_time(last)}; games: {", ".join(c.games)}.', '',
+           f'Records with {NO_EPISODE} (no score, left out of every curve and aggregate): '
+           f'{no_score}. Torn log lines skipped: {len(logs.torn)}' +
+           (f' ({", ".join(os.path.relpath(t, workdir) for t in logs.torn)})' if logs.torn
+            else '') + '.', '']
+  left_out = [g for g in c.games if g not in c.aggregate_games]
+  if left_out:
+    lines += [f'Left out of the aggregate ({NO_EPISODE} in any record): {", ".join(left_out)}.',
+              '']
   if c.versions:
-    lines += ['## Aggregate (human-normalized, %)', '',
+    lines += [f'## Aggregate over {len(c.aggregate_games)} games (human-normalized, %)', '',
               '| learner step | IQM | median | mean |', '|---|---|---|---|']
     lines += [f'| {v} | {i * 100:.1f} | {m * 100:.1f} | {a * 100:.1f} |'
               for v, i, m, a in zip(c.versions, c.iqm, c.median, c.mean)]
     lines += ['', f'![aggregate]({os.path.basename(paths["aggregate_png"])})', '']
   else:
-    lines += ['No learner step has a record for every game yet: no aggregate curve.', '']
-  lines += ['## Latest score per game', '',
-            '| game | learner step | raw score | human-normalized (%) | episodes |',
+    lines += ['No learner step has a score for every game yet: no aggregate curve.', '']
+  lines += ['## Latest evaluation per game', '',
+            '| game | learner step | raw score | human-normalized (%) | episodes (cut at cap) |',
             '|---|---|---|---|---|']
   for g in c.games:
-    v = c.per_game[g][0][-1]
+    v = max(r.param_version for r in records if r.game == g)
     recs = [r for r in records if r.game == g and r.param_version == v]
     eps = sum(r.episodes for r in recs)
-    partial = ' (partial)' if all(r.partial for r in recs) else ''
-    lines.append(f'| {g} | {v} | {c.raw_per_game[g][1][-1]:.1f} | '
-                 f'{c.per_game[g][1][-1] * 100:.1f} | {eps}{partial} |')
+    cut = sum(r.truncated for r in recs)
+    if any(r.has_score for r in recs):
+      vs, vals = c.per_game[g]
+      k = vs.index(v)
+      cells = f'{c.raw_per_game[g][1][k]:.1f} | {vals[k] * 100:.1f}'
+    else:
+      cells = f'{NO_EPISODE} | {NO_EPISODE}'
+    lines.append(f'| {g} | {v} | {cells} | {eps} ({cut}) |')
   lines += ['', f'![per game]({os.path.basename(paths["games_png"])})', '',
-            'Schema and curve definitions: `scaled_ql/eval/report.py`.', '']
+            'Schema and curve definitions: `scaled_ql/eval/report.py`; evaluation protocol: '
+            '`scaled_ql/eval/evaluator.py`.', '']
   return '\n'.join(lines)
 
 
@@ -259,22 +339,34 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
                      methods: Optional[Sequence[str]] = None) -> tuple[str, dict[str, str]]:
   """Aggregates a (method, game, score[, seed]) CSV: returns (text table, written file paths).
 
-  `methods` keeps only those methods (each must be in the file). Writes `aggregate.md` (Markdown table), `aggregate.csv` (method, metric, point, lower, upper in
-  percent) and `performance_profile.png` into `out_dir` (default `./<csv stem>_aggregate`).
+  `methods` keeps only those methods (each must be in the file). Writes `aggregate.md` (Markdown
+  table), `aggregate.csv` (method, metric, point, lower, upper in percent) and
+  `performance_profile.png` into `out_dir` (default `./<csv stem>_aggregate`). Rows without a
+  completed episode leave their game out for every method; the text and `aggregate.md` say which.
   """
   from scaled_ql.eval import metrics, plots
   if tau_max <= 0:
     raise ValueError(f'--tau-max must be > 0, got {tau_max}')
   df = metrics.load_scores_csv(scores_csv)
   path = df.attrs['path']
+  no_episode = df.attrs['no_episode']
   if methods:
-    unknown = [m for m in methods if m not in set(df['method'])]
+    in_file = list(dict.fromkeys(list(df['method']) + [r[0] for r in no_episode]))
+    unknown = [m for m in methods if m not in in_file]
     if unknown:
       raise metrics.ScoresFileError(f'{path}: --methods {unknown} not in the file; its methods: '
-                                    f'{list(dict.fromkeys(df["method"]))}')
+                                    f'{in_file}')
     df = df[df['method'].isin(methods)].copy()
-    df.attrs['path'] = path
+    df.attrs.update(path=path, no_episode=[r for r in no_episode if r[0] in methods])
+    if df.empty:
+      raise metrics.ScoresFileError(f'{path}: --methods {methods}: no row with a score')
   mats, games = metrics.normalized_score_matrices(df)
+  left_out = metrics.left_out_games(df)
+  note = ''
+  if left_out:
+    note = (f'Left out of every aggregate, for every method ({NO_EPISODE}): ' + '; '.join(
+        f'{g} ({", ".join(f"{m} seed {s}" for m, s in runs)})' for g, runs in left_out.items())
+        + '.\n')
   table = metrics.aggregate(mats, reps=reps, seed=seed, task_bootstrap=task_bootstrap)
   taus = np.linspace(0.0, tau_max, 81)
   profiles, cis = metrics.performance_profiles(mats, taus, reps=reps, seed=seed,
@@ -291,6 +383,7 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
   }
   with open(paths['markdown'], 'w') as f:
     f.write(f'# Aggregates of {path}\n\n' + metrics.markdown_table(table) +
+            (f'\n{note}' if note else '') +
             '\n![performance profile](performance_profile.png)\n')
   with open(paths['csv'], 'w', newline='') as f:
     w = csv.writer(f, lineterminator='\n')
@@ -299,4 +392,4 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
       for name, e in est.items():
         w.writerow([m, name, f'{e.point * 100:.3f}', f'{e.lower * 100:.3f}',
                     f'{e.upper * 100:.3f}'])
-  return metrics.format_table(table), paths
+  return metrics.format_table(table) + note, paths
