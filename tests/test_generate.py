@@ -1,4 +1,5 @@
 """The local generator: real emulator episodes written in the real RL Unplugged TFDS layout."""
+import dataclasses
 import json
 import os
 
@@ -48,13 +49,14 @@ def test_episodes_replay_exactly_in_the_emulator(tiny_dataset_dir):
   split_info = gen['splits']['checkpoint_01']
   episodes = list(tfds.as_numpy(b.as_dataset(split='checkpoint_01')))
   assert len(episodes) == split_info['episodes'] >= 2
-  total_actions = 0
+  total_actions, ends = 0, []
   env = AtariEnv('Breakout', sticky_action_prob=0.25, seed=split_info['env_seed'],
                  max_episode_frames=gen['max_episode_frames'])
   for i, ep in enumerate(episodes):
     steps = {k: np.stack([s[k] for s in ep['steps']]) for k in ep['steps'].element_spec}
     n = len(steps['action']) - 1  # the last step holds only the final observation
     total_actions += n
+    ends.append((bool(steps['is_terminal'][-1]), n))
     assert ep['checkpoint_id'] == 1 and ep['episode_id'] == i
     assert steps['is_first'].tolist() == [True] + [False] * n
     assert steps['is_last'].tolist() == [False] * n + [True]
@@ -72,7 +74,14 @@ def test_episodes_replay_exactly_in_the_emulator(tiny_dataset_dir):
       np.testing.assert_array_equal(ts.observation[..., -1], steps['observation'][t + 1, ..., 0])
       assert np.clip(ts.reward, -1, 1) == steps['reward'][t]
     assert bool(ts.last() and ts.discount == 0) == bool(steps['is_terminal'][-1])
-  assert total_actions == split_info['steps'] == TINY_STEPS_PER_CHECKPOINT
+  # Whole episodes: the budget is a minimum, the last episode is played to its end (game over or
+  # the frame cap), so a split holds at least the budget and less than one episode more.
+  assert total_actions == split_info['steps'] == sum(split_info['episode_steps'])
+  last = split_info['episode_steps'][-1]
+  assert TINY_STEPS_PER_CHECKPOINT <= total_actions < TINY_STEPS_PER_CHECKPOINT + last
+  max_steps = gen['max_episode_frames'] // 4
+  assert [n for _, n in ends] == split_info['episode_steps']
+  assert all(terminal or n == max_steps for terminal, n in ends)  # game over or the frame cap
 
 
 def test_generation_info_records_policy_and_epsilon(tiny_dataset_dir):
@@ -80,9 +89,14 @@ def test_generation_info_records_policy_and_epsilon(tiny_dataset_dir):
     gen = json.load(f)
   assert gen['policy'] == 'scaled_ql.datasets.policies.pong'
   assert gen['sticky_action_prob'] == 0.25
-  eps = [gen['splits'][f'checkpoint_{k:02d}']['epsilon'] for k in range(TINY_CHECKPOINTS)]
-  assert eps == [1.0, 0.05]
-  assert all(gen['splits'][s]['steps'] == TINY_STEPS_PER_CHECKPOINT for s in gen['splits'])
+  assert gen['skill_schedule'] == dataclasses.asdict(policies.SkillSchedule())
+  splits = [gen['splits'][f'checkpoint_{k:02d}'] for k in range(TINY_CHECKPOINTS)]
+  assert [s['expert_fraction'] for s in splits] == [0.3, 0.85]
+  for s in splits:
+    assert len(s['episode_epsilons']) == len(s['raw_returns']) == s['episodes'] >= 1
+    assert all(0.05 <= e <= 1.0 for e in s['episode_epsilons'])
+    assert s['epsilon'] == pytest.approx(np.mean(s['episode_epsilons']))
+    assert s['steps'] >= TINY_STEPS_PER_CHECKPOINT
 
 
 def test_game_without_heuristic_and_episode_budget(tmp_path):
@@ -144,13 +158,22 @@ def test_heuristics_beat_random(game, steps, margin):
   assert score(0.0) >= score(1.0) + margin
 
 
-def test_epsilon_schedule():
-  assert policies.epsilon_schedule(10)[0] == 1.0
-  assert policies.epsilon_schedule(10)[-1] == pytest.approx(0.05)
-  assert np.all(np.diff(policies.epsilon_schedule(10)) < 0)
-  assert policies.epsilon_schedule(1) == [0.05]
-  with pytest.raises(ValueError, match='end <= start'):
-    policies.epsilon_schedule(3, start=0.1, end=0.5)
+def test_skill_schedule_is_a_mixture_rising_across_checkpoints():
+  sched = policies.SkillSchedule()
+  assert sched.epsilon(0.0) == 1.0 and sched.epsilon(1.0) == pytest.approx(0.05)
+  rng = np.random.default_rng(0)
+  draws = [np.array([sched.sample_skill(rng, k, 10) for _ in range(4000)]) for k in range(10)]
+  means = [d.mean() for d in draws]
+  assert np.all(np.diff(means) > 0)  # quality rises across the splits
+  for k, d in enumerate(draws):
+    assert d.mean() == pytest.approx(sched.mean_skill(k, 10), abs=0.03)
+    # A mixture: late-policy episodes (skill 1) in every split, the share rising.
+    assert (d == 1.0).mean() == pytest.approx(sched.expert_fraction(k, 10), abs=0.03)
+  assert (draws[0] == 1.0).mean() > 0.2 and (draws[0] == 0.0).mean() == pytest.approx(0.7, abs=0.03)
+  with pytest.raises(ValueError, match='expert_start <= expert_end'):
+    policies.SkillSchedule(expert_start=0.9, expert_end=0.5)
+  with pytest.raises(ValueError, match='checkpoint 10'):
+    sched.sample_skill(rng, 10, 10)
 
 
 def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):

@@ -5,21 +5,27 @@ TFDS dataset that `tfds.builder(...)` and `rlds_reader` cannot tell from RL Unpl
     generate.generate(['Pong', 'Breakout'], 'data/generated', run=1, num_checkpoints=10,
                       steps_per_checkpoint=5_000, seed=0)
 
-Each "checkpoint" split is played by an epsilon-greedy scripted policy (`policies.py`) with epsilon
-falling geometrically from 1.0 (checkpoint_00) to 0.05 (the last), with sticky actions 0.25 as in
-DQN-Replay, so early splits (the `suboptimal` selection) are worse than the whole (`near_optimal`).
+Each "checkpoint" split is a mixture of policies of rising quality, as the checkpoints of a DQN
+run are: every episode draws a skill, hence an epsilon between 1.0 and 0.05, from
+`policies.SkillSchedule` (a share of "late policy" episodes that grows across the splits, the rest
+spread between random play and the late policy) and is played epsilon-greedily over the game's
+scripted heuristic (`policies.py`), with sticky actions 0.25 as in DQN-Replay. So the early splits
+(the `suboptimal` selection) are worse on average than the last ones, yet hold some good episodes.
+Episodes are always whole (game over, or the `max_episode_frames` cap): the episode under way when
+a split's step budget runs out is played to its end.
 
 The dataset is written by the registered TFDS builder itself (same name, config `{Game}_run_{r}`,
 version, feature spec, split names, file naming and dataset_info.json); only its split generators
 are replaced by our episodes. Per step we store, as the real data does, the newest single 84x84x1
 frame and the clipped reward; `episode_return` is the sum of clipped rewards. How each split was
-made (policy, epsilon, raw returns) goes into `generation_info.json` beside dataset_info.json.
+made (policy, per-episode epsilons, raw returns) and its behaviour scores per split and selection
+(`behaviour`) go into `generation_info.json` beside dataset_info.json.
 
 Episodes follow RLDS (and the TFDS conversion of DQN-Replay, `atari_utils.atari_example_to_rlds`):
 step t holds o_t, a_t, r_t = clip(reward of a_t), discount_t (0 if a_t ended the game, else 1);
 one extra last step holds the final observation o_T with action 0, reward 0, is_last=True,
-is_terminal=True and discount 0 on game over; on truncation (episode frame cap, or the split's step
-budget running out) is_terminal=False and discount 1.
+is_terminal=True and discount 0 on game over; on truncation by the episode frame cap
+is_terminal=False and discount 1.
 """
 from __future__ import annotations
 
@@ -48,16 +54,24 @@ STICKY_ACTION_PROB = 0.25  # DQN-Replay (Agarwal et al. 2020) logged with sticky
 
 @dataclasses.dataclass
 class SplitStats:
-  """What made one split and what it holds (written to generation_info.json)."""
+  """What made one split and what it holds (written to generation_info.json).
+
+  Every episode is whole: it ended by game over (`terminated`) or by the `max_episode_frames` cap,
+  never by the split's step budget, so every return below is a completed episode's score.
+  """
   checkpoint_id: int
-  epsilon: float
   policy: str
   env_seed: int
+  expert_fraction: float  # probability that an episode is played by the late policy (skill 1)
+  mean_skill: float  # expected per-episode skill (policies.SkillSchedule)
+  epsilon: float = float('nan')  # mean of the per-episode epsilons (filled as episodes are played)
   steps: int = 0  # agent steps (actions) stored
   episodes: int = 0
-  terminated_episodes: int = 0  # ended by game over (the rest were truncated)
-  raw_returns: list = dataclasses.field(default_factory=list)  # unclipped, per episode
+  terminated_episodes: int = 0  # ended by game over (the rest hit the frame cap)
+  raw_returns: list = dataclasses.field(default_factory=list)  # unclipped game score, per episode
   clipped_returns: list = dataclasses.field(default_factory=list)
+  episode_epsilons: list = dataclasses.field(default_factory=list)
+  episode_steps: list = dataclasses.field(default_factory=list)
 
 
 # zlib level 6 (TF's encode_png default): ~320 bytes per frame vs ~410 at cv2's default level 1,
@@ -107,21 +121,31 @@ def rlds_episode(frames, actions, rewards, terminal: bool, checkpoint_id: int,
   }
 
 
-def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[int],
+def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
+               skill: policies.SkillSchedule, steps_per_checkpoint: Optional[int],
                episodes_per_checkpoint: Optional[int], max_episode_frames: int,
                on_step=None) -> Iterator[dict]:
-  """Yields the episodes of one split; fills `stats`. Exactly one budget must be given."""
+  """Yields the whole episodes of one split; fills `stats`. Exactly one budget must be given.
+
+  A step budget is a minimum: episodes are started while fewer than `steps_per_checkpoint` steps
+  are stored, and the one under way when the budget is reached is played to its end (game over or
+  the frame cap), so no episode is cut and a split holds up to one episode more than its budget.
+  Each episode draws its own skill, hence epsilon, from `skill` (policies.SkillSchedule).
+  """
   if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
     raise ValueError('give exactly one of steps_per_checkpoint / episodes_per_checkpoint')
   env = AtariEnv(game, sticky_action_prob=STICKY_ACTION_PROB,
                  max_episode_frames=max_episode_frames, seed=stats.env_seed)
-  policy = policies.EpsilonGreedyHeuristic(env, stats.epsilon,
-                                           np.random.default_rng(stats.env_seed))
+  rng = np.random.default_rng(stats.env_seed)
+  skill_rng = np.random.default_rng([stats.env_seed, 1])
+  policy = policies.EpsilonGreedyHeuristic(env, 1.0, rng)
   while True:
     if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
       return
     if episodes_per_checkpoint is not None and stats.episodes >= episodes_per_checkpoint:
       return
+    epsilon = skill.epsilon(skill.sample_skill(skill_rng, stats.checkpoint_id, num_checkpoints))
+    policy.set_epsilon(epsilon)
     ts = env.reset()
     # Frames are PNG-encoded as they come (~1-2 KB each instead of 7 KB: long episodes stay small).
     frames, actions, rewards = [encode_png(ts.observation[..., -1])], [], []
@@ -131,20 +155,70 @@ def play_split(game: str, stats: SplitStats, *, steps_per_checkpoint: Optional[i
       frames.append(encode_png(ts.observation[..., -1]))
       actions.append(a)
       rewards.append(float(ts.reward))
-      stats.steps += 1
       if on_step is not None:
         on_step()
       if ts.last():
         break
-      if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
-        break  # the split's budget ends the episode (a truncation, as at real split boundaries)
-    terminal = bool(ts.last() and ts.discount == 0.0)
+    terminal = bool(ts.discount == 0.0)
     episode_id = stats.episodes
+    stats.steps += len(actions)
     stats.episodes += 1
     stats.terminated_episodes += int(terminal)
     stats.raw_returns.append(float(np.sum(rewards)))
     stats.clipped_returns.append(float(np.clip(rewards, -1, 1).sum()))
+    stats.episode_epsilons.append(round(epsilon, 4))
+    stats.episode_steps.append(len(actions))
+    stats.epsilon = float(np.mean(stats.episode_epsilons))
     yield rlds_episode(frames, actions, rewards, terminal, stats.checkpoint_id, episode_id)
+
+
+def behaviour(game: str, splits: dict) -> dict:
+  """Behaviour scores of a generated dataset from its generation_info `splits`.
+
+  Per split and per selection (`suboptimal`: the first 20% of the splits, as the reader selects;
+  `near_optimal`: all): the mean raw game score of the completed episodes, its human-normalized
+  value, the median and the episode count; `best_split` is the split with the highest mean score,
+  and `suboptimal.at_or_above_best_median` the fraction of the suboptimal episodes scoring at or
+  above the best split's median. Only completed episodes count: every episode this generator
+  writes is whole; data from the older generator, whose split budget cut the last episode, has
+  that episode left out (the last one of a split whose episodes did not all end by game over).
+  """
+  from scaled_ql.datasets import rlds_reader
+  from scaled_ql.eval import normalization
+
+  def completed(s: dict) -> list[float]:
+    r = list(s['raw_returns'])
+    if 'episode_steps' not in s and r and s['terminated_episodes'] < s['episodes']:
+      r = r[:-1]  # older generator: the step budget cut the last episode
+    return r
+
+  def summary(returns: list[float]) -> dict:
+    if not returns:
+      return dict(episodes=0, score=None, normalized=None, median=None)
+    score = float(np.mean(returns))
+    return dict(episodes=len(returns), score=round(score, 3),
+                normalized=round(float(normalization.human_normalized(game, score)), 4),
+                median=float(np.median(returns)))
+
+  by_ckpt = {int(s['checkpoint_id']): completed(s) for s in splits.values()}
+  per_split = {tfds_layout.split_name(c): summary(r) for c, r in sorted(by_ckpt.items())}
+  scored = [c for c, r in by_ckpt.items() if r]
+  best = max(scored, key=lambda c: np.mean(by_ckpt[c])) if scored else None
+  sub = rlds_reader.selected_checkpoints(rlds_reader.parse_selection('suboptimal'),
+                                         sorted(by_ckpt))
+  sub_returns = [x for c in sub for x in by_ckpt[c]]
+  selections = {
+      'suboptimal': dict(summary(sub_returns),
+                         splits=[tfds_layout.split_name(c) for c in sub]),
+      'near_optimal': dict(summary([x for c in sorted(by_ckpt) for x in by_ckpt[c]]),
+                           splits=[tfds_layout.split_name(c) for c in sorted(by_ckpt)]),
+  }
+  if best is not None:
+    best_median = float(np.median(by_ckpt[best]))
+    selections['best_split'] = dict(summary(by_ckpt[best]), splits=[tfds_layout.split_name(best)])
+    selections['suboptimal']['at_or_above_best_median'] = (
+        round(float(np.mean(np.asarray(sub_returns) >= best_median)), 4) if sub_returns else None)
+  return dict(splits=per_split, selections=selections)
 
 
 def keyed(builder_name: str, episodes: Iterator[dict]) -> Iterator[tuple[object, dict]]:
@@ -175,12 +249,26 @@ def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
 
 def write_splits(tfds_builder, get_splits) -> None:
   """Has the registered builder write files and metadata for the splits `get_splits()` returns
-  ({split name: iterator of (key, episode)})."""
+  ({split name: iterator of (key, episode)}).
+
+  TFDS's own chatter (an absl INFO line per split written, and two lines it prints to stdout:
+  "Downloading and preparing dataset ...", "... downloaded and prepared to ...") is silenced
+  unless this module's logger is at DEBUG (`scaled-ql data generate --verbose`); TFDS's warnings
+  and errors always show.
+  """
+  import contextlib
+  import io
+
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   tfds_builder.split_generators_fn = get_splits
-  with tempfile.TemporaryDirectory() as download_dir:  # nothing is downloaded
-    tfds_builder.download_and_prepare(download_dir=download_dir)
+  with contextlib.ExitStack() as quiet, tempfile.TemporaryDirectory() as download_dir:
+    if not log.isEnabledFor(logging.DEBUG):
+      absl_logger = logging.getLogger('absl')
+      quiet.callback(absl_logger.setLevel, absl_logger.level)
+      absl_logger.setLevel(logging.WARNING)
+      quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    tfds_builder.download_and_prepare(download_dir=download_dir)  # nothing is downloaded
 
 
 def builder_for(game: str, run: int, data_dir: str, builder_name: str):
@@ -215,8 +303,9 @@ def _env_seed(seed: int, run: int, game: str, checkpoint: int) -> int:
 def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: int = 10,
              steps_per_checkpoint: Optional[int] = 5_000, seed: int = 0, *,
              episodes_per_checkpoint: Optional[int] = None,
-             max_episode_frames: int = MAX_EPISODE_FRAMES, epsilon_start: float = 1.0,
-             epsilon_end: float = 0.05, if_exists: str = 'error', progress: bool = True,
+             max_episode_frames: int = MAX_EPISODE_FRAMES,
+             skill: policies.SkillSchedule = policies.SkillSchedule(),
+             if_exists: str = 'error', progress: bool = True,
              builder: str = tfds_layout.ORDERED_BUILDER) -> dict[str, str]:
   """Writes `rlu_atari_checkpoints_ordered/{Game}_run_{run}` for each game into `out_dir`.
 
@@ -241,8 +330,6 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
     raise ValueError(f'num_checkpoints must be in 1..50 (like DQN-Replay), got {num_checkpoints}')
   if if_exists not in ('error', 'skip', 'overwrite'):
     raise ValueError(f"if_exists must be 'error', 'skip' or 'overwrite', got {if_exists!r}")
-  epsilons = policies.epsilon_schedule(num_checkpoints, epsilon_start, epsilon_end)
-
   import tqdm
 
   os.makedirs(out_dir, exist_ok=True)
@@ -259,15 +346,18 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
         out[game] = version_dir
         continue
       split_stats = [
-          SplitStats(checkpoint_id=k, epsilon=epsilons[k], policy=policies.heuristic_name(game),
-                     env_seed=_env_seed(seed, run, game, k))
+          SplitStats(checkpoint_id=k, policy=policies.heuristic_name(game),
+                     env_seed=_env_seed(seed, run, game, k),
+                     expert_fraction=round(skill.expert_fraction(k, num_checkpoints), 4),
+                     mean_skill=round(skill.mean_skill(k, num_checkpoints), 4))
           for k in range(num_checkpoints)]
       bar.set_postfix_str(game)
 
       def get_splits(split_stats=split_stats, game=game):
         plays = {
             tfds_layout.split_name(s.checkpoint_id): play_split(
-                game, s, steps_per_checkpoint=steps_per_checkpoint,
+                game, s, num_checkpoints=num_checkpoints, skill=skill,
+                steps_per_checkpoint=steps_per_checkpoint,
                 episodes_per_checkpoint=episodes_per_checkpoint,
                 max_episode_frames=max_episode_frames, on_step=lambda: bar.update(1))
             for s in split_stats}
@@ -287,8 +377,12 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
           'steps_per_checkpoint': steps_per_checkpoint,
           'episodes_per_checkpoint': episodes_per_checkpoint,
           'policy': policies.heuristic_name(game),
-          'policy_note': ('epsilon-greedy over the heuristic' if game in policies.HEURISTICS
+          'policy_note': ('epsilon-greedy over the heuristic, one epsilon per episode drawn from '
+                          'the skill schedule' if game in policies.HEURISTICS
                           else 'no heuristic for this game: uniform random at every epsilon'),
+          'skill_schedule': dataclasses.asdict(skill),
+          'episodes_note': 'every episode is whole (game over or the max_episode_frames cap); '
+                           'a step budget is a minimum: the last episode is played to its end',
           'reward_note': 'steps.reward and episode_return are clipped to [-1, 1] (as DQN-Replay); '
                          'raw_returns are the unclipped game scores',
           'seconds': round(seconds, 1),
@@ -296,6 +390,7 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
           'splits': {tfds_layout.split_name(s.checkpoint_id): dataclasses.asdict(s)
                      for s in split_stats},
       }
+      info['behaviour'] = behaviour(game, info['splits'])
       with open(os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE), 'w') as f:
         json.dump(info, f, indent=1)
       out[game] = version_dir

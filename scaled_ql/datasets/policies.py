@@ -16,6 +16,7 @@ metadata and in `BUILD_NOTES.md, data section`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Optional
 
@@ -93,16 +94,24 @@ def heuristic_name(game: str) -> str:
 class EpsilonGreedyHeuristic:
   """With probability `epsilon` a uniform random action, else the game's heuristic.
 
-  Games without a heuristic act uniformly at random whatever `epsilon` is.
+  Games without a heuristic act uniformly at random whatever `epsilon` is. `epsilon` may be
+  changed between episodes (`set_epsilon`): the generator draws one per episode.
   """
 
   def __init__(self, env: AtariEnv, epsilon: float, rng: np.random.Generator):
-    if not 0.0 <= epsilon <= 1.0:
-      raise ValueError(f'epsilon must be in [0, 1], got {epsilon}')
     self._env = env
-    self._epsilon = float(epsilon)
     self._rng = rng
     self._heuristic: Optional[Heuristic] = HEURISTICS.get(env.game)
+    self.set_epsilon(epsilon)
+
+  @property
+  def epsilon(self) -> float:
+    return self._epsilon
+
+  def set_epsilon(self, epsilon: float) -> None:
+    if not 0.0 <= epsilon <= 1.0:
+      raise ValueError(f'epsilon must be in [0, 1], got {epsilon}')
+    self._epsilon = float(epsilon)
 
   def __call__(self) -> int:
     if self._heuristic is None or self._rng.random() < self._epsilon:
@@ -110,18 +119,55 @@ class EpsilonGreedyHeuristic:
     return int(self._heuristic(self._env))
 
 
-def epsilon_schedule(num_checkpoints: int, start: float = 1.0, end: float = 0.05) -> list[float]:
-  """Epsilon of each split: geometric from `start` (checkpoint 0) to `end` (the last one).
+@dataclasses.dataclass(frozen=True)
+class SkillSchedule:
+  """Per-episode behaviour quality of the generated "checkpoints" (a mixture, as in DQN-Replay).
 
-  Geometric rather than linear, like a DQN learning curve (fast early gains): with 10 splits
-  1.0, 0.72, 0.51, 0.37, 0.26, 0.19, 0.14, 0.10, 0.07, 0.05. Boxing's heuristic, for one, only
-  pays off below epsilon ~0.2; a linear 1.0 -> 0.1 schedule left its near_optimal data no
-  better than its suboptimal data (BUILD_NOTES.md, data section).
+  The first 20% of a DQN-Replay run is not one policy of one quality: over those checkpoints the
+  agent's episodes range from near-random to already good. We imitate that by drawing a *skill*
+  u in [0, 1] for every episode and playing it epsilon-greedily with
+
+      epsilon(u) = epsilon_max * (epsilon_min / epsilon_max) ** u     (u=0: 1.0, u=1: 0.05)
+
+  over the game's heuristic. At checkpoint k of K (progress p = k / (K - 1)):
+  - with probability `expert_start + (expert_end - expert_start) * p` the episode is played by
+    the "late" policy (u = 1: epsilon_min), the good episodes a return-aware learner can find;
+  - otherwise u ~ Uniform(0, p): from uniformly random play at checkpoint 0 to anything between
+    random and expert at the last checkpoint.
+  The mean skill rises with k through both terms. Defaults: the first 20% of 10 splits (the
+  `suboptimal` selection) hold ~30% late-policy episodes, the last split ~85%.
   """
-  if num_checkpoints < 1:
-    raise ValueError(f'num_checkpoints must be >= 1, got {num_checkpoints}')
-  if not 0.0 < end <= start <= 1.0:
-    raise ValueError(f'need 0 < end <= start <= 1, got start={start} end={end}')
-  if num_checkpoints == 1:
-    return [float(end)]
-  return [float(x) for x in np.geomspace(start, end, num_checkpoints)]
+  expert_start: float = 0.30
+  expert_end: float = 0.85
+  epsilon_max: float = 1.0
+  epsilon_min: float = 0.05
+
+  def __post_init__(self):
+    if not 0.0 <= self.expert_start <= self.expert_end <= 1.0:
+      raise ValueError(f'need 0 <= expert_start <= expert_end <= 1, got '
+                       f'{self.expert_start}, {self.expert_end}')
+    if not 0.0 < self.epsilon_min <= self.epsilon_max <= 1.0:
+      raise ValueError(f'need 0 < epsilon_min <= epsilon_max <= 1, got '
+                       f'{self.epsilon_min}, {self.epsilon_max}')
+
+  @staticmethod
+  def progress(checkpoint: int, num_checkpoints: int) -> float:
+    if num_checkpoints < 1 or not 0 <= checkpoint < num_checkpoints:
+      raise ValueError(f'checkpoint {checkpoint} not in [0, {num_checkpoints})')
+    return checkpoint / (num_checkpoints - 1) if num_checkpoints > 1 else 1.0
+
+  def expert_fraction(self, checkpoint: int, num_checkpoints: int) -> float:
+    p = self.progress(checkpoint, num_checkpoints)
+    return self.expert_start + (self.expert_end - self.expert_start) * p
+
+  def epsilon(self, skill: float) -> float:
+    return float(self.epsilon_max * (self.epsilon_min / self.epsilon_max) ** float(skill))
+
+  def sample_skill(self, rng: np.random.Generator, checkpoint: int, num_checkpoints: int) -> float:
+    if rng.random() < self.expert_fraction(checkpoint, num_checkpoints):
+      return 1.0
+    return float(rng.uniform(0.0, self.progress(checkpoint, num_checkpoints)))
+
+  def mean_skill(self, checkpoint: int, num_checkpoints: int) -> float:
+    q = self.expert_fraction(checkpoint, num_checkpoints)
+    return q + (1.0 - q) * self.progress(checkpoint, num_checkpoints) / 2.0

@@ -347,8 +347,10 @@ class EvaluatorNode(_LoopNode):
         jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'))
     self._evaluated_version = version
     self._rounds += 1
+    # score/normalized are None for a game with no completed episode (shown as text).
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
-                               episodes=r.episodes, steps_per_s=r.steps / max(r.seconds, 1e-9),
+                               episodes=r.episodes, truncated=r.truncated,
+                               steps_per_s=r.steps / max(r.seconds, 1e-9),
                                param_version=version) for game, r in results.items()}
     self._write_tensorboard(version)
     if every:
@@ -367,9 +369,10 @@ class EvaluatorNode(_LoopNode):
     if self._writer is None:
       from tensorboardX import SummaryWriter
       self._writer = SummaryWriter(os.path.join(self._workdir, 'tb', self.name))
-    for game, row in self._latest.items():
-      self._writer.add_scalar(f'eval/{game}/score', row['score'], version)
-      self._writer.add_scalar(f'eval/{game}/normalized', row['normalized'], version)
+    from scaled_ql.eval import evaluator
+    # Games with no completed episode write no scalar (never a number; eval/evaluator.py).
+    for tag, value in evaluator.tensorboard_scalars(self._latest):
+      self._writer.add_scalar(tag, value, version)
     self._writer.flush()
 
   def status(self) -> dict:
