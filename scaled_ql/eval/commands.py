@@ -170,7 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
   epsilon = cfg.eval.epsilon if args.epsilon is None else args.epsilon
   policy = actors.make_policy(cfg, epsilon)
   print(f'evaluating {cfg.name} step {step} on {", ".join(games)}: '
-        f'{args.steps or cfg.eval.steps_per_game} steps/game, epsilon {epsilon}, sticky actions '
+        f'a budget of {args.steps or cfg.eval.steps_per_game} steps/game (every episode started '
+        f'is played to its end), epsilon {epsilon}, sticky actions '
         f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')
   results = evaluator.evaluate(
       policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,

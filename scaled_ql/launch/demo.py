@@ -41,8 +41,7 @@ def ensure_demo_data(cfg) -> None:
 def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
          minutes: float = DEMO_TRAIN_MINUTES, steps: Optional[int] = None) -> int:
   """Runs the demo; returns the exit code (raises ConfigError on bad input)."""
-  import numpy as np
-  from scaled_ql.eval import metrics
+  from scaled_ql.eval import evaluator
   cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1)
   started = time.time()
   ensure_demo_data(cfg)
@@ -57,10 +56,10 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   learner_steps = status.learner['steps'] if status.learner else '?'
   print(f'\nScaled QL ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores '
-        f'({cfg.eval.steps_per_game} agent steps per game, epsilon {cfg.eval.epsilon}):')
+        f'(a budget of {cfg.eval.steps_per_game} agent steps per game, every episode started '
+        f'played to its end, epsilon {cfg.eval.epsilon}):')
   run.print_scores(status)
-  norm = np.asarray([r['normalized'] for r in scores.values()])
-  print(f'  aggregate: IQM {100 * metrics.iqm(norm[None]):.1f}%  median '
-        f'{100 * np.median(norm):.1f}%  mean {100 * np.mean(norm):.1f}%')
+  # Over the games with a completed episode only; the others are named, never counted.
+  print(f'  {evaluator.aggregate_line(scores)}')
   print(f'report: scaled-ql report run {workdir}  (learning curves + summary)')
   return 0

@@ -224,10 +224,14 @@ def format_progress(status: ProgramStatus, started: float) -> str:
     parts.append('replay ' + ','.join(f'{g[:8]}={n}' for g, n in sizes.items()))
   scores = status.latest_scores()
   if scores:
-    norm = [r['normalized'] for r in scores.values()]
+    # A game with no completed episode has no score (None): never a number, never in the mean.
+    norm = [r['normalized'] for r in scores.values() if r['normalized'] is not None]
     versions = sorted({r['param_version'] for r in scores.values()})
-    parts.append(f'eval@{versions[-1]} mean_norm {100 * sum(norm) / len(norm):.1f}% ' + ' '.join(
-        f"{g[:8]}={100 * r['normalized']:.0f}%" for g, r in sorted(scores.items())))
+    mean = f'{100 * sum(norm) / len(norm):.1f}%' if norm else 'none'
+    shown = {g: 'no-episode' if r['normalized'] is None else f"{100 * r['normalized']:.0f}%"
+             for g, r in scores.items()}
+    parts.append(f'eval@{versions[-1]} mean_norm {mean} ' + ' '.join(
+        f'{g[:8]}={shown[g]}' for g in sorted(shown)))
   return ' | '.join(parts)
 
 

@@ -119,6 +119,6 @@ def print_scores(status) -> None:
   if not scores:
     print('no evaluation finished yet')
     return
-  for game, r in sorted(scores.items()):
-    print(f"  {game:<16} score {r['score']:9.1f}  human-normalized {100 * r['normalized']:7.1f}%"
-          f"  (params of step {r['param_version']})")
+  from scaled_ql.eval import evaluator
+  for game, r in sorted(scores.items()):  # 'no completed episode' instead of a score
+    print(f'  {evaluator.format_row(game, r)}')
