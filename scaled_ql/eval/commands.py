@@ -20,8 +20,8 @@ def register(subparsers) -> None:
   p.add_argument('--games', default=None,
                  help='comma-separated games (default: all games of the checkpoint\'s config)')
   p.add_argument('--steps', type=int, default=None,
-                 help='agent steps per game (default: the config\'s eval.steps_per_game; '
-                 'paper: 125000)')
+                 help='agent-step budget per game; every episode started is played to its end '
+                 '(default: the config\'s eval.steps_per_game; paper: 125000)')
   p.add_argument('--epsilon', type=float, default=None,
                  help='epsilon-greedy epsilon (default: the config\'s eval.epsilon, paper 0.001)')
   p.add_argument('--num-envs', type=int, default=None,
