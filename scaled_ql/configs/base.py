@@ -111,6 +111,10 @@ class EvalConfig:
   # computes another group's actions (JAX dispatches asynchronously); pays off only with a spare
   # core or an accelerator for the network. 1 = plain lockstep (BUILD_NOTES.md, eval section).
   env_groups: int = 1
+  # GPUs each evaluator node asks Ray for (`train --evaluator-gpus`; fractions share one GPU
+  # between evaluators). > 0: the policy runs on that accelerator, batched over `num_envs`
+  # environments per call; 0: on the CPU (docs/evaluation.md, "Evaluator fleets").
+  gpus_per_evaluator: float = 0.0
   num_evaluators: int = 1
   # Cadence: with `eval_every_steps` set (paper configs: 62.5k, once per training iteration of
   # Table B.1), an evaluator evaluates the params of every learner step that is a multiple of it
