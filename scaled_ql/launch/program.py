@@ -104,8 +104,11 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
       for i in range(cfg.data.num_inserters)]
   learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
       cfg, replay_name, variables, workdir, num_steps, initial_params)
+  # eval.gpus_per_evaluator (train --evaluator-gpus) > 0: Ray gives each evaluator that share of
+  # a GPU and the evaluator runs its policy there (eval/evaluator.py policy_device).
   evaluators = [
-      _actor(nodes.EvaluatorNode, 'evaluator').remote(cfg, games, variables, workdir, i)
+      _actor(nodes.EvaluatorNode, 'evaluator', num_gpus=cfg.eval.gpus_per_evaluator).remote(
+          cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
   return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
                  evaluator_games)
