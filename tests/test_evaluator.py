@@ -99,22 +99,35 @@ def test_uniform_random_policy_scores_about_zero(random_policy):
   assert (results['Freeway'].episodes, results['Freeway'].steps) == (2, 2 * 2048)
 
 
-def test_seeding_and_batching():
+def test_seeding_batching_and_the_policy_device():
+  import jax
   seen = []
+  cpu = jax.devices('cpu')[0]
 
   def policy(params, rng, observation, game_id):
-    assert params == 'params'
+    # `evaluate` put the params on the policy's device (the CPU: gpus_per_evaluator = 0).
+    assert isinstance(params['w'], jax.Array) and params['w'].devices() == {cpu}
     assert observation.shape == (3, 84, 84, 4) and observation.dtype == np.uint8
     assert game_id.dtype == np.int32
     seen.append((np.asarray(game_id).copy(), np.asarray(rng).copy()))
     return np.zeros(3, np.int32)
 
-  r = evaluator.evaluate(policy, 'params', ['Pong'], EvalConfig(max_episode_frames=200),
+  params = {'w': np.ones(3, np.float32)}
+  r = evaluator.evaluate(policy, params, ['Pong'], EvalConfig(max_episode_frames=200),
                          model_games=GAMES, steps_per_game=10, num_envs=3, env_groups=1)['Pong']
   assert (r.steps, r.episodes, r.truncated) == (150, 3, 3)  # 3 envs x one 50-step episode
   assert len(seen) == 1 + 50  # one untimed compile call, then one call per lockstep step
   assert all((g == GAMES.index('Pong')).all() for g, _ in seen)
   assert len({k.tobytes() for _, k in seen}) == len(seen)  # a fresh key every call
+  # An accelerator the machine does not have: a clear error before any environment starts.
+  if not any(d.platform == 'gpu' for d in jax.devices()):
+    seen.clear()
+    with pytest.raises(ValueError, match=r'gpus_per_evaluator=0.5 \(--evaluator-gpus\) puts the '
+                       r'evaluator policy on a gpu, but JAX .* has no gpu device'):
+      evaluator.evaluate(policy, params, ['Pong'], EvalConfig(gpus_per_evaluator=0.5),
+                         model_games=GAMES, steps_per_game=10)
+    assert not seen
+  assert evaluator.policy_device(EvalConfig(gpus_per_evaluator=0.5), 'cpu') == cpu
 
 
 def test_double_buffered_groups_play_the_same_episodes():

@@ -129,9 +129,28 @@ class _KeyStream:
     return self._keys[self._next - 1]
 
 
+def policy_device(eval_cfg: EvalConfig, device: Optional[str] = None):
+  """The JAX device the policy runs on: `device` ('cpu' | 'gpu' | 'tpu') if given, else the
+  first GPU when `eval_cfg.gpus_per_evaluator` > 0 (an evaluator node given GPUs by Ray sees only
+  those), else the CPU. ValueError, before any work, when JAX has no such device."""
+  import jax
+  platform = device or ('gpu' if eval_cfg.gpus_per_evaluator > 0 else 'cpu')
+  if platform not in ('cpu', 'gpu', 'tpu'):
+    raise ValueError(f'policy device must be cpu, gpu or tpu, got {platform!r}')
+  try:
+    return jax.devices(platform)[0]
+  except RuntimeError as e:
+    why = (f'eval.gpus_per_evaluator={eval_cfg.gpus_per_evaluator} (--evaluator-gpus)'
+           if device is None else f'device={device!r}')
+    raise ValueError(
+        f'{why} puts the evaluator policy on a {platform}, but JAX {jax.__version__} has no '
+        f'{platform} device here (it has {[str(d) for d in jax.devices()]}); install the '
+        'accelerator build of JAX (`make gpu`) or evaluate on the CPU (--evaluator-gpus 0)') from e
+
+
 def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
-                  env_groups: Optional[int] = None) -> GameResult:
+                  env_groups: Optional[int] = None, device: Any = None) -> GameResult:
   """Plays `game` for a budget of `steps` agent steps over `num_envs` environments and finishes
   every episode started (the protocol of the module docstring).
 
@@ -143,8 +162,13 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   pending call has returned (the call may read it in place). An environment whose last episode
   has ended idles (its slot stays in the batch, so the call keeps its compiled shape) until the
   whole group has; then the group makes no more calls.
+
+  `device`: a JAX device to put `params` on; the jitted policy then runs there (observations are
+  copied to it per call). None: wherever `params` already are (JAX's default device for numpy).
   """
   import jax
+  if device is not None:
+    params = jax.device_put(params, device)
   groups_n = int(eval_cfg.env_groups if env_groups is None else env_groups)
   if groups_n < 1:
     raise ValueError(f'env_groups must be >= 1, got {groups_n}')
@@ -205,7 +229,8 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
              param_version: int = -1,
              evaluator: str = 'evaluator', epsilon: Optional[float] = None,
              jsonl_path: Optional[str] = None, csv_path: Optional[str] = None,
-             log: Optional[Callable[[str], None]] = None) -> dict[str, GameResult]:
+             log: Optional[Callable[[str], None]] = None,
+             device: Optional[str] = None) -> dict[str, GameResult]:
   """Evaluates `policy_fn(params, ...)` on each game in turn; returns {game: GameResult}.
 
   model_games:    the games of the network (`cfg.games`); `game_id` = index into it. Default: games.
@@ -217,16 +242,21 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each game,
                   so a long evaluation leaves the finished games behind).
   epsilon:        only recorded (the policy applies it).
+  device:         'cpu' | 'gpu' | 'tpu' for the policy; default from `eval_cfg.gpus_per_evaluator`
+                  (`policy_device`). The params are put there once, and every call runs there.
   """
   model_games = tuple(games if model_games is None else model_games)
   steps = int(eval_cfg.steps_per_game if steps_per_game is None else steps_per_game)
   num_envs = int(eval_cfg.num_envs if num_envs is None else num_envs)
   env_groups = int(eval_cfg.env_groups if env_groups is None else env_groups)
   _check_args(games, model_games, eval_cfg, steps, num_envs, env_groups)
+  import jax
+  target = policy_device(eval_cfg, device)
+  params = jax.device_put(params, target)
   results: dict[str, GameResult] = {}
   for game in games:
     r = evaluate_game(policy_fn, params, game, model_games.index(game), eval_cfg, steps,
-                      num_envs, seed, env_groups)
+                      num_envs, seed, env_groups, device=target)
     results[game] = r
     record = report.EvalRecord(
         game=game, score=r.score, normalized=r.normalized, param_version=int(param_version),
