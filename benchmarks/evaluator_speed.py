@@ -1,17 +1,25 @@
-"""Evaluator throughput against the bare emulator (goal: ratio >= 0.7).
+"""Evaluator throughput against the emulator + inference bound (issue 13: >= 0.9x the bound).
 
-    .venv/bin/python benchmarks/evaluator_speed.py [--config cpu_small] [--games Pong,Breakout]
-        [--steps 4000] [--num-envs 4,16] [--env-groups 1,2] [--cpus 0] [--policy network,random]
+    flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/evaluator_speed.py \
+        [--config cpu_small] [--games Pong,Breakout] [--steps 4000] [--num-envs 4,16]
+        [--env-groups 1] [--cpus 0] [--policy network,random] [--device cpu|gpu] [--repeats 2]
 
-raw:       one `AtariEnv` (same DQN preprocessing: 4-frame skip, max-pool, 84x84 resize, stack)
-           stepped with uniformly random numpy actions and no network, pinned to ONE core (the
-           first of --cpus): agent steps per second.
-evaluator: `scaled_ql.eval.evaluator.evaluate_game` (compile excluded, as in `evaluate`) with
-           policy 'network' = the config's Q-network, params from init, `actors.make_policy(cfg,
-           0.001)`; or 'random' = `evaluator.uniform_random_policy` (a jitted policy without a
-           network: the evaluator's own overhead). The process is pinned to --cpus (XLA sizes
-           its thread pool from them).
-ratio:     evaluator / raw; games alternated so that both see the same mix.
+Per (policy, num_envs, env_groups), each game measured in turn, alternating with the raw emulator:
+  raw:       one `AtariEnv` (the evaluation's preprocessing) stepped with random numpy actions and
+             no network, pinned to the first of --cpus: agent steps/s. Emulator cost = 1 / raw.
+  network:   the jitted policy alone at the evaluator's batch (num_envs / env_groups), on random
+             observations: seconds per observation (20 calls after a warm-up).
+  bound:     1 / (emulator s/step + network s/observation): the steps/s of a loop that does
+             nothing but step the emulators and call the network, serially on the same core(s).
+             It is the ceiling for a CPU evaluator; on an accelerator the network overlaps with
+             the emulators (env_groups 2) and the bound is the emulator alone.
+  evaluator: `evaluate_game` agent steps/s (compile excluded). Every episode started is played
+             to its end, so near the end the batch has idle slots; that cost is counted.
+  ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw.
+The load average (`uptime`) is printed with every line.
+
+--network-only: ms/observation and GFLOP/s of the policy at --batches, no emulator (e.g. the
+ResNet-101 estimate: --config atari40_suboptimal_resnet101 --network-only --batches 1,8).
 """
 from __future__ import annotations
 
@@ -20,6 +28,11 @@ import os
 import time
 
 import numpy as np
+
+
+def load() -> str:
+  one, five, _ = os.getloadavg()
+  return f'load {one:.2f}/{five:.2f}'
 
 
 def raw_steps_per_second(game: str, steps: int, seed: int = 0) -> float:
@@ -37,8 +50,8 @@ def raw_steps_per_second(game: str, steps: int, seed: int = 0) -> float:
   return steps / (time.perf_counter() - start)
 
 
-def policy_ms_per_observation(policy, params, batch: int, calls: int = 20) -> float:
-  """Wall time of one jitted policy call on a batch, per observation (network cost alone)."""
+def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20) -> float:
+  """Wall time of one jitted policy call on a batch, per observation (the network alone)."""
   import jax
   obs = np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 4), dtype=np.uint8)
   game_id = np.zeros((batch,), np.int32)
@@ -47,18 +60,23 @@ def policy_ms_per_observation(policy, params, batch: int, calls: int = 20) -> fl
   start = time.perf_counter()
   for _ in range(calls):
     jax.block_until_ready(policy(params, key, obs, game_id))
-  return (time.perf_counter() - start) / calls / batch * 1e3
+  return (time.perf_counter() - start) / calls / batch
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='cpu_small')
   parser.add_argument('--games', default='Pong,Breakout')
-  parser.add_argument('--steps', type=int, default=4000, help='agent steps per measurement')
+  parser.add_argument('--steps', type=int, default=4000, help='step budget per measurement')
   parser.add_argument('--num-envs', default='4,16')
-  parser.add_argument('--env-groups', default='1,2')
+  parser.add_argument('--env-groups', default='1')
   parser.add_argument('--policy', default='network,random')
   parser.add_argument('--cpus', default='0', help='comma-separated CPU ids for the evaluator')
+  parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'tpu'),
+                      help='where the policy runs (evaluator.policy_device)')
+  parser.add_argument('--repeats', type=int, default=1, help='measurements per game')
+  parser.add_argument('--network-only', action='store_true')
+  parser.add_argument('--batches', default='1,4,16')
   args = parser.parse_args()
   cpus = [int(c) for c in args.cpus.split(',')]
   os.sched_setaffinity(0, set(cpus))  # before JAX starts: XLA sizes its thread pool from it
@@ -68,17 +86,27 @@ def main() -> None:
   from scaled_ql.agents import actors, builder
   from scaled_ql.configs import get_config
   from scaled_ql.eval import evaluator
+  from scaled_ql.networks import analysis
 
   cfg = get_config(args.config)
+  device = evaluator.policy_device(cfg.eval, args.device)
   games = [g.strip() for g in args.games.split(',')]
   nets = builder.agent_networks(cfg)
-  params = nets.q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
+  params = jax.device_put(nets.q.init(jax.random.PRNGKey(0), *builder.dummy_inputs()), device)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  flops = analysis.flops_per_example(cfg.network, cfg.games, nets.atoms.shape[0])
   policies = {'network': actors.make_policy(cfg, cfg.eval.epsilon),
               'random': evaluator.uniform_random_policy(cfg.games)}
-  print(f'config {cfg.name} ({n_params / 1e6:.2f}M params), games {games}, {args.steps} steps '
-        f'per measurement, evaluator cpus {cpus}, raw cpu {cpus[0]}, jax {jax.__version__} '
-        f'{jax.default_backend()}, load average {os.getloadavg()[0]:.1f}')
+  print(f'config {cfg.name} ({n_params / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOP/obs), '
+        f'games {games}, budget {args.steps} steps, evaluator cpus {cpus}, raw cpu {cpus[0]}, '
+        f'policy on {device}, jax {jax.__version__}, {load()}', flush=True)
+
+  if args.network_only:
+    for batch in [int(b) for b in args.batches.split(',')]:
+      s = policy_seconds_per_observation(policies['network'], params, batch, calls=5)
+      print(f'network batch {batch:>4}: {s * 1e3:8.2f} ms/obs  {1 / s:8.1f} obs/s  '
+            f'{flops / s / 1e9:7.1f} GFLOP/s  {load()}', flush=True)
+    return
 
   def raw(game):
     os.sched_setaffinity(0, {cpus[0]})
@@ -88,22 +116,27 @@ def main() -> None:
       os.sched_setaffinity(0, set(cpus))
 
   raw(games[0])  # warm the emulator/cv2 code paths
-  for batch in sorted({int(n) // g for n in args.num_envs.split(',')
-                       for g in map(int, args.env_groups.split(',')) if int(n) // g}):
-    print(f'network alone: policy call at batch {batch:>2}: '
-          f'{policy_ms_per_observation(policies["network"], params, batch):.2f} ms/observation')
   for name in args.policy.split(','):
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:
-        raws, evals = [], []
-        for game in games:
-          raws.append(raw(game))
-          r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
-                                      cfg.eval, args.steps, num_envs, env_groups=groups)
-          evals.append(r.steps_per_second)
+        batch = -(-num_envs // groups)
+        net_s = (policy_seconds_per_observation(policies[name], params, batch)
+                 if name == 'network' else 0.0)
+        raws, evals, extra = [], [], []
+        for _ in range(args.repeats):
+          for game in games:
+            raws.append(raw(game))
+            r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
+                                        cfg.eval, args.steps, num_envs, env_groups=groups,
+                                        device=device)
+            evals.append(r.steps_per_second)
+            extra.append(r.steps / r.budget)
         raw_sps, ev = float(np.mean(raws)), float(np.mean(evals))
+        bound = 1.0 / (1.0 / raw_sps + net_s)
         print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: raw {raw_sps:6.0f} '
-              f'steps/s  evaluator {ev:6.0f} steps/s  ratio {ev / raw_sps:.2f}', flush=True)
+              f'steps/s  network {net_s * 1e3:5.2f} ms/obs  bound {bound:6.0f}  evaluator '
+              f'{ev:6.0f} steps/s  ratio/bound {ev / bound:.2f}  ratio/raw {ev / raw_sps:.2f}  '
+              f'(steps run / budget {np.mean(extra):.2f})  {load()}', flush=True)
 
 
 if __name__ == '__main__':
