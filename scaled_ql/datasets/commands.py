@@ -45,6 +45,8 @@ def register(subparsers) -> None:
   exists.add_argument('--overwrite', action='store_true', help='replace games already generated')
   exists.add_argument('--skip-existing', action='store_true', help='keep games already generated')
   gen.add_argument('--no-progress', action='store_true')
+  gen.add_argument('--verbose', action='store_true',
+                   help="debug logging, with TensorFlow Datasets' own lines (one per split)")
   gen.set_defaults(handler=_user_errors(_generate))
 
   ins = sub.add_parser('inspect', help='episodes, steps and mean return per game and split')
@@ -56,6 +58,26 @@ def register(subparsers) -> None:
   ins.add_argument('--max-episodes-per-split', type=int, default=None,
                    help='stop counting a split after this many episodes (for big real data)')
   ins.set_defaults(handler=_user_errors(_inspect))
+
+  dl = sub.add_parser(
+      'download', help='copy the RL Unplugged shards a data selection needs (resumable, verified)',
+      description='Copies only the rlu_atari_checkpoints_ordered shards that --selection needs '
+      '(suboptimal: the first 20%% of the splits) from the RL Unplugged bucket or a mirror into '
+      'a local TFDS data dir, showing bytes and ETA; an interrupted copy resumes; every file is '
+      'verified (size, TFRecord CRCs, record count). See README "Getting the data".')
+  dl.add_argument('--games', type=_games, required=True, help='comma-separated, e.g. Pong,Breakout')
+  dl.add_argument('--selection', default='suboptimal',
+                  help='suboptimal | near_optimal | uniform:P | checkpoints:A-B (default suboptimal)')
+  dl.add_argument('--out', required=True, help='local TFDS data dir to copy into')
+  dl.add_argument('--source', default=None,
+                  help='TFDS data dir to copy from: a mirror (a local path or any URL '
+                  'tf.io.gfile reads); default: the RL Unplugged bucket '
+                  'gs://rl_unplugged/tensorflow_datasets')
+  dl.add_argument('--run', type=int, default=1, help='config {Game}_run_{run} (1..5)')
+  dl.add_argument('--dry-run', action='store_true',
+                  help='print the files, sizes and free space needed; copy nothing')
+  dl.add_argument('--no-progress', action='store_true')
+  dl.set_defaults(handler=_user_errors(_download))
 
   conv = sub.add_parser(
       'convert-dopamine', help='convert DQN-Replay (Dopamine replay_logs) files into the '
@@ -74,6 +96,8 @@ def register(subparsers) -> None:
 def _generate(args: argparse.Namespace) -> int:
   import logging
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  if args.verbose:
+    logging.getLogger('scaled_ql').setLevel(logging.DEBUG)
   from scaled_ql import games as games_lib
   games_lib.check_games(args.games)  # before importing TF
   from scaled_ql.datasets import generate
@@ -136,6 +160,21 @@ def _inspect(args: argparse.Namespace) -> int:
       total.steps += s.steps
       total.return_sum += s.return_sum
     print(f'  {"all":<14}{total.episodes:>9}{total.steps:>10}{total.mean_return:>13.2f}')
+    absent = [tfds_layout.split_name(c) for c in rlds_reader.available_checkpoints(b)
+              if c not in summary] if args.builder == tfds_layout.ORDERED_BUILDER else []
+    if absent:
+      print(f'  not on disk (a partial download?): {len(absent)} splits, {", ".join(absent)}')
+  return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+  from scaled_ql.datasets import download
+  try:
+    download.download_selection(args.games, args.selection, args.out, args.source, args.run,
+                                dry_run=args.dry_run, progress=not args.no_progress)
+  except download.DownloadError as e:
+    print(f'scaled-ql data download: error: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -198,6 +198,14 @@ def available_checkpoints(builder) -> list[int]:
                 if s.startswith('checkpoint_'))
 
 
+def present_checkpoints(builder) -> list[int]:
+  """The checkpoint splits whose shard files all exist (a `data download` copy holds only the
+  splits its selection needs, under the source's complete dataset_info.json)."""
+  return [c for c in available_checkpoints(builder)
+          if all(tf.io.gfile.exists(os.fspath(p))
+                 for p in builder.info.splits[tfds_layout.split_name(c)].filepaths)]
+
+
 # ---- reading -----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _FileTask:
@@ -367,14 +375,21 @@ class SplitSummary:
 def summarize(data_dir: str, game: str, run: int = 1,
               builder: str = tfds_layout.ORDERED_BUILDER,
               max_episodes_per_split: Optional[int] = None) -> dict[int, SplitSummary]:
-  """Episodes, steps and mean episode_return per checkpoint for one game/run (reads the data)."""
+  """Episodes, steps and mean episode_return per checkpoint for one game/run (reads the data).
+
+  Ordered datasets: only the splits whose files are present (`present_checkpoints`).
+  """
   b = load_builder(data_dir, game, run, builder)
-  if max_episodes_per_split and b.name == tfds_layout.ORDERED_BUILDER:
-    # Read only the first episodes of each split (one small pipeline per split).
+  ordered = b.name == tfds_layout.ORDERED_BUILDER
+  present = present_checkpoints(b) if ordered else None
+  if ordered and (max_episodes_per_split or present != available_checkpoints(b)):
+    # One small pipeline per split (reading only its first episodes if asked).
     out = {}
-    for c in available_checkpoints(b):
+    for c in present:
       ds = episodes(data_dir, game, run, f'checkpoints:{c}-{c}', builder=builder,
-                    shuffle_files=False, cycle_length=1).take(max_episodes_per_split)
+                    shuffle_files=False, cycle_length=1)
+      if max_episodes_per_split:
+        ds = ds.take(max_episodes_per_split)
       out[c] = SplitSummary(c)
       _accumulate(ds, out)
     return out

@@ -18,6 +18,8 @@ UNORDERED_BUILDER = 'rlu_atari'
 BUILDERS = (ORDERED_BUILDER, UNORDERED_BUILDER)
 GENERATION_INFO_FILE = 'generation_info.json'
 NUM_RUNS = 5
+# The public RL Unplugged TFDS data dir (what `data download` copies from by default).
+PUBLIC_DATA_DIR = 'gs://rl_unplugged/tensorflow_datasets'
 
 _SPLIT_RE = re.compile(r'^checkpoint_(\d{2})$')
 

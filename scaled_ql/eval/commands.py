@@ -3,6 +3,7 @@
   scaled-ql eval --checkpoint DIR --games Pong,Breakout --steps N [--out CSV] [--epsilon E]
   scaled-ql report aggregate SCORES.csv [--out DIR] [--reps N] [--seed S]
   scaled-ql report run WORKDIR [--out DIR]
+  scaled-ql report compare RUN_OR_CSV ... [--table c1|c2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def register(subparsers) -> None:
   p.set_defaults(handler=_eval)
 
   r = subparsers.add_parser('report', help='aggregate scores (rliable) and plot learning curves')
-  rsub = r.add_subparsers(dest='report_command', metavar='{aggregate,run}', required=True)
+  rsub = r.add_subparsers(dest='report_command', metavar='{aggregate,run,compare}',
+                          required=True)
   a = rsub.add_parser(
       'aggregate', help='IQM/median/mean/optimality gap with bootstrap CIs + performance profile',
       description='Reads a CSV with columns method, game, score and optionally seed (several '
@@ -61,6 +63,25 @@ def register(subparsers) -> None:
   w.add_argument('--out', default=None, help='output folder (default: WORKDIR/report)')
   w.set_defaults(handler=_run_report)
 
+  c = rsub.add_parser(
+      'compare', help="runs or score CSVs side by side with the paper's Table C.1/C.2, with CIs",
+      description='Compares run workdirs (final evaluation per game from eval/*.jsonl), '
+      'evaluator CSVs (scaled-ql eval --out) and scores CSVs (method, game, score[, seed]) with '
+      "the paper's Table C.1 or C.2 rows for the same games: raw and human-normalized scores per "
+      'game, and IQM/median/mean/optimality gap with 95%% stratified-bootstrap CIs. Games '
+      'without a completed episode are left out and named.')
+  c.add_argument('inputs', nargs='+', metavar='RUN_OR_CSV')
+  c.add_argument('--table', choices=('c1', 'c2'), default=None,
+                 help='c1: Table C.1 (sub-optimal data), c2: Table C.2 (near-optimal data); '
+                 "default: from the runs' config.json data.selection")
+  c.add_argument('--out', default=None, help='also write compare.md and compare.csv here')
+  c.add_argument('--reps', type=int, default=2000, help='bootstrap replications (default 2000)')
+  c.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  c.add_argument('--dqn-reference', default=None, metavar='CSV',
+                 help='DQN-Replay reference scores (game, dqn_score, source) for DQN-normalized '
+                 'columns (default: scaled_ql/eval/data/dqn_replay_reference.csv, which has none)')
+  c.set_defaults(handler=_compare)
+
 
 def _fail(msg: str) -> int:
   print(f'error: {msg}', file=sys.stderr)
@@ -77,6 +98,19 @@ def _aggregate(args: argparse.Namespace) -> int:
                                           tau_max=args.tau_max, task_bootstrap=tb,
                                           methods=_split(args.methods))
   except (metrics.ScoresFileError, ValueError) as e:
+    return _fail(str(e))
+  print(text)
+  for p in paths.values():
+    print(f'wrote {p}')
+  return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+  from scaled_ql.eval import compare
+  try:
+    text, paths = compare.compare_report(args.inputs, args.table, args.out, reps=args.reps,
+                                         seed=args.seed, dqn_reference=args.dqn_reference)
+  except (ValueError, FileNotFoundError) as e:
     return _fail(str(e))
   print(text)
   for p in paths.values():

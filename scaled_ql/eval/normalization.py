@@ -21,11 +21,26 @@ Sources (every value is named in `SOURCES`):
   median 98.92% vs 98.9%, DT (200M) IQM 111.94% vs 111.8%, median 78.25% vs 78.2%), whereas the
   random-agent scores of Machado et al. 2018 (Carnival 700.8, Pooyan 371.2) give DT (200M) 29.45%
   IQM on Table C.1 and 77.49% median on Table C.2, 1.2 and 0.7 points off. See BUILD_NOTES.md, eval section.
+
+DQN-normalized scores (the paper's Figure 7, "following Lee et al. 2022"; Agarwal et al. 2020 define
+them for the DQN-Replay data) put 0 at the random score and 1 at the score of the DQN agent whose
+replay is the dataset. Agarwal et al. 2020 take the min and max of the two, as DQN scores below
+random on a few games:
+
+    dqn_normalized(game, score) = (score - min(random, dqn)) / (max(random, dqn) - min(random, dqn))
+
+The DQN reference scores live in `data/dqn_replay_reference.csv` (game, dqn_score, source), each with
+its source. None is filled in: no published per-game table (Agarwal et al. 2020's appendix, or the
+DQN scores Lee et al. 2022 normalize by) could be read for this build, and a value is never made up.
+`dqn_normalized` therefore needs `dqn_score=` or a reference CSV of the same columns
+(`load_dqn_reference`, `scaled-ql report compare --dqn-reference`), and says which game lacks one.
 """
 from __future__ import annotations
 
+import csv
 import math
-from typing import Union
+import os
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -118,3 +133,80 @@ def raw_score(game: str, normalized: ArrayLike) -> ArrayLike:
   if isinstance(normalized, (int, float, np.floating, np.integer)):
     return random + float(normalized) * (human - random)
   return random + np.asarray(normalized, np.float64) * (human - random)
+
+
+# ---- DQN normalization ------------------------------------------------------------------------------
+DQN_REFERENCE_CSV = os.path.join(os.path.dirname(__file__), 'data', 'dqn_replay_reference.csv')
+
+
+class MissingReferenceError(ValueError):
+  """No DQN reference score for a game (the message names the game and where to add one)."""
+
+
+def load_dqn_reference(path: str = DQN_REFERENCE_CSV) -> dict[str, tuple[Optional[float], str]]:
+  """{game: (DQN score or None when the table has none, source)} from a CSV with columns
+  game, dqn_score, source. Every score needs its source; errors name the file and row."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such DQN reference file (columns: game, dqn_score, '
+                            'source)')
+  with open(path, newline='', encoding='utf-8') as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in ('game', 'dqn_score', 'source') if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f'{path}: missing column(s) {missing}; need game, dqn_score, source')
+    out: dict[str, tuple[Optional[float], str]] = {}
+    for i, row in enumerate(reader, 2):
+      game, text, source = row['game'].strip(), (row['dqn_score'] or '').strip(), \
+          (row['source'] or '').strip()
+      if game not in _REFERENCE:
+        raise ValueError(f'{path}: row {i}: unknown game {game!r}')
+      if game in out:
+        raise ValueError(f'{path}: row {i}: {game} given twice')
+      value = None
+      if text:
+        try:
+          value = float(text)
+        except ValueError:
+          raise ValueError(f'{path}: row {i}: {game}: dqn_score {text!r} is not a number') from None
+        if not math.isfinite(value):
+          raise ValueError(f'{path}: row {i}: {game}: dqn_score {text!r} is not finite')
+        if not source:
+          raise ValueError(f'{path}: row {i}: {game}: a dqn_score needs its source')
+        if value == RANDOM_SCORES[game]:
+          raise ValueError(f'{path}: row {i}: {game}: dqn_score equals the random score '
+                           f'{value}; the normalization would divide by zero')
+      out[game] = (value, source)
+  return out
+
+
+def dqn_normalized(game: str, score: ArrayLike, dqn_score: Optional[float] = None,
+                   reference: Optional[Mapping[str, tuple[Optional[float], str]]] = None
+                   ) -> ArrayLike:
+  """(score - min(random, dqn)) / (max(random, dqn) - min(random, dqn)) for `game`.
+
+  The DQN score is `dqn_score` if given, else `reference[game]` (default: the shipped
+  `data/dqn_replay_reference.csv`). Raises MissingReferenceError naming the game when there is
+  none, UnknownGameError for an unknown game, ValueError for a non-finite score.
+  """
+  games_lib.check_games([game], 'game')
+  if dqn_score is None:
+    table = load_dqn_reference() if reference is None else reference
+    dqn_score, source = table.get(game, (None, 'not in the table'))
+    if dqn_score is None:
+      raise MissingReferenceError(
+          f'{game}: no DQN-Replay reference score ({source}); pass one with its source '
+          f'(a CSV like {DQN_REFERENCE_CSV}: game, dqn_score, source)')
+  dqn_score = float(dqn_score)
+  if not math.isfinite(dqn_score):
+    raise ValueError(f'{game}: DQN reference score {dqn_score!r} is not finite')
+  lo, hi = sorted((RANDOM_SCORES[game], dqn_score))
+  if hi == lo:
+    raise ValueError(f'{game}: DQN reference score equals the random score {lo}')
+  if isinstance(score, (int, float, np.floating, np.integer)):
+    if not math.isfinite(float(score)):
+      raise ValueError(f'{game}: score {score!r} is not finite')
+    return (float(score) - lo) / (hi - lo)
+  score = np.asarray(score, dtype=np.float64)
+  if not np.all(np.isfinite(score)):
+    raise ValueError(f'{game}: non-finite scores {score[~np.isfinite(score)][:5]}')
+  return (score - lo) / (hi - lo)
