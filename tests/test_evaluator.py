@@ -107,18 +107,22 @@ def test_seeding_batching_and_the_policy_device():
   def policy(params, rng, observation, game_id):
     # `evaluate` put the params on the policy's device (the CPU: gpus_per_evaluator = 0).
     assert isinstance(params['w'], jax.Array) and params['w'].devices() == {cpu}
-    assert observation.shape == (3, 84, 84, 4) and observation.dtype == np.uint8
-    assert game_id.dtype == np.int32
-    seen.append((np.asarray(game_id).copy(), np.asarray(rng).copy()))
-    return np.zeros(3, np.int32)
+    assert observation.shape[1:] == (84, 84, 4) and observation.dtype == np.uint8
+    assert game_id.dtype == np.int32 and game_id.shape == observation.shape[:1]
+    seen.append((observation.shape[0], np.asarray(game_id).copy(), np.asarray(rng).copy()))
+    return np.zeros(observation.shape[0], np.int32)
 
   params = {'w': np.ones(3, np.float32)}
+  # Pong capped at 200 frames = 50-step episodes, 4 envs in lockstep, budget 199: at step 50 the
+  # first two envs restart (197, 198 < 199), the last two stop (199, 200). The batch then shrinks
+  # from 4 to the 2 envs still playing.
   r = evaluator.evaluate(policy, params, ['Pong'], EvalConfig(max_episode_frames=200),
-                         model_games=GAMES, steps_per_game=10, num_envs=3, env_groups=1)['Pong']
-  assert (r.steps, r.episodes, r.truncated) == (150, 3, 3)  # 3 envs x one 50-step episode
-  assert len(seen) == 1 + 50  # one untimed compile call, then one call per lockstep step
-  assert all((g == GAMES.index('Pong')).all() for g, _ in seen)
-  assert len({k.tobytes() for _, k in seen}) == len(seen)  # a fresh key every call
+                         model_games=GAMES, steps_per_game=199, num_envs=4, env_groups=1)['Pong']
+  assert (r.steps, r.episodes, r.truncated) == (4 * 50 + 2 * 50, 6, 6)
+  # Untimed compiles of every shape the group can shrink to (4, 2, 1), then one call per step.
+  assert [b for b, _, _ in seen] == [1, 2, 4] + [4] * 50 + [2] * 50
+  assert all((g == GAMES.index('Pong')).all() for _, g, _ in seen)
+  assert len({k.tobytes() for _, _, k in seen}) == len(seen)  # a fresh key every call
   # An accelerator the machine does not have: a clear error before any environment starts.
   if not any(d.platform == 'gpu' for d in jax.devices()):
     seen.clear()

@@ -148,6 +148,17 @@ def policy_device(eval_cfg: EvalConfig, device: Optional[str] = None):
         'accelerator build of JAX (`make gpu`) or evaluate on the CPU (--evaluator-gpus 0)') from e
 
 
+def _bucket(live: int, size: int) -> int:
+  """The batch a group of `size` shrinks to with `live` environments playing: the next power of
+  two >= live (at most size)."""
+  return min(size, 1 << max(live - 1, 0).bit_length())
+
+
+def _buckets(size: int) -> set[int]:
+  """Every batch shape a group of `size` environments can have (see `evaluate_game`)."""
+  return {size} | {_bucket(n, size) for n in range(1, size // 2 + 1)}
+
+
 def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
                   env_groups: Optional[int] = None, device: Any = None) -> GameResult:
@@ -160,8 +171,9 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   emulators of the other groups step (double buffering on a machine with a core to spare); with
   one group it is plain lockstep. Each group's observation array is written only after its
   pending call has returned (the call may read it in place). An environment whose last episode
-  has ended idles (its slot stays in the batch, so the call keeps its compiled shape) until the
-  whole group has; then the group makes no more calls.
+  has ended idles in its slot; once at most half of a group plays, the group's batch shrinks to
+  the next power of two (a few compiled shapes, all compiled before the clock starts), and a
+  group with no episode left makes no more calls.
 
   `device`: a JAX device to put `params` on; the jitted policy then runs there (observations are
   copied to it per call). None: wherever `params` already are (JAX's default device for numpy).
@@ -177,10 +189,13 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   envs = [make_eval_env(game, eval_cfg, env_seed(seed, game, i)) for i in range(num_envs)]
   groups = [list(idx) for idx in np.array_split(np.arange(num_envs), groups_n)]
   observations = [np.stack([envs[i].reset().observation for i in g]) for g in groups]
-  game_ids = [np.full((len(g),), game_id, np.int32) for g in groups]
   keys = _KeyStream(seed)
-  for k in range(groups_n):  # compile every group shape before the clock starts
-    jax.block_until_ready(policy_fn(params, keys(), observations[k], game_ids[k]))
+  # Compile every batch shape a group can have (its size, then the smaller buckets it shrinks
+  # to, see below) before the clock starts; the jit cache keeps them for later calls.
+  for size in sorted({b for g in groups for b in _buckets(len(g))}):
+    jax.block_until_ready(policy_fn(params, keys(), np.zeros((size,) + observations[0].shape[1:],
+                                                              np.uint8),
+                                    np.full((size,), game_id, np.int32)))
 
   playing = np.ones(num_envs, bool)  # an episode is in progress
   running = np.zeros(num_envs, np.float64)  # its return so far
@@ -188,7 +203,8 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   truncated = 0
   steps_run = 0
   start = time.perf_counter()
-  pending = [policy_fn(params, keys(), observations[k], game_ids[k]) for k in range(groups_n)]
+  pending = [policy_fn(params, keys(), observations[k], np.full((len(g),), game_id, np.int32))
+             for k, g in enumerate(groups)]
   while any(p is not None for p in pending):
     for k, g in enumerate(groups):
       if pending[k] is None:
@@ -210,7 +226,19 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
             continue
           ts = envs[i].reset()
         obs[j] = ts.observation
-      pending[k] = (policy_fn(params, keys(), obs, game_ids[k]) if playing[g].any() else None)
+      live = [j for j, i in enumerate(g) if playing[i]]
+      if not live:
+        pending[k] = None
+        continue
+      if len(live) <= len(g) // 2:
+        # At the end, when at most half of a group still plays, the batch shrinks to the next
+        # power of two (padded with idle slots): a call costs about its batch on a CPU, and the
+        # last, longest episodes would otherwise carry every finished environment along.
+        size = _bucket(len(live), len(g))
+        keep = live + [j for j in range(len(g)) if not playing[g[j]]][:size - len(live)]
+        groups[k] = g = [g[j] for j in keep]
+        observations[k] = obs = obs[keep]
+      pending[k] = policy_fn(params, keys(), obs, np.full((len(g),), game_id, np.int32))
   seconds = time.perf_counter() - start
   for env in envs:
     env.close()
