@@ -187,7 +187,7 @@ def test_bad_input_is_named_before_any_copy(bucket, tmp_path, capsys):
            (['--games', 'Pong', '--selection', 'best'], "unknown data selection 'best'"),
            (['--games', 'Pong', '--selection', 'checkpoints:8-12'], 'checkpoint_10'),
            (['--games', 'Pong', '--run', '7'], 'run must be in 1..5'),
-           (['--games', 'Pong', '--source', str(tmp_path / 'nowhere')], 'does not exist')]
+           (['--games', 'Pong', '--source', str(tmp_path / 'nowhere')], 'no such directory')]
   for flags, message in cases:
     rc = cli.main(['data', 'download', '--out', out, '--source', bucket, '--no-progress'] + flags)
     err = capsys.readouterr().err

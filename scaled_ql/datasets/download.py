@@ -172,42 +172,59 @@ def plan_download(games: Sequence[str], selection: str, out: str,
   from scaled_ql.datasets import rlds_reader
   sel = rlds_reader.parse_selection(selection)
   out = os.path.abspath(out)
+  if not tf.io.gfile.isdir(source):
+    if _is_url(source):  # gfile cannot tell "unreachable" or "forbidden" from "absent"
+      raise FileNotFoundError(
+          f'--source {source}: cannot be read (no network, no access, or no longer served: the '
+          'original DQN-Replay bucket has answered 403 since 2025); copy from a mirror with '
+          '--source (README "Getting the data")')
+    raise FileNotFoundError(f'--source {source}: no such directory')
   plans = []
   for game in games:
-    b = rlds_reader.load_builder(source, game, run, tfds_layout.ORDERED_BUILDER)
-    src_dir = os.fspath(b.data_path)
-    rel = os.path.join(tfds_layout.ORDERED_BUILDER, tfds_layout.config_name(game, run),
-                       str(b.version))
-    dest_dir = os.path.join(out, rel)
-    available = rlds_reader.available_checkpoints(b)
-    if not available:
-      raise rlds_reader.DatasetNotFoundError(
-          f'{game}: {src_dir}/dataset_info.json lists no checkpoint_NN splits')
-    checkpoints = rlds_reader.selected_checkpoints(sel, available)
-    shards, shard_names = [], set()
-    for c in checkpoints:
-      split = tfds_layout.split_name(c)
-      info = b.info.splits[split]
-      for path, n in zip(info.filepaths, info.shard_lengths):
-        path = os.fspath(path)
-        name = os.path.basename(path)
-        shard_names.add(name)
-        shards.append(FileToCopy(game, split, path, os.path.join(dest_dir, name),
-                                 _source_size(tf, path, game, split), int(n)))
-    metadata = []
-    prefix = f'{tfds_layout.ORDERED_BUILDER}-'
-    for name in sorted(tf.io.gfile.listdir(src_dir)):
-      path = os.path.join(src_dir, name)
-      if name.endswith('/') or name in shard_names or tf.io.gfile.isdir(path):
-        continue
-      if name.startswith(prefix) and '.tfrecord-' in name:
-        continue  # a shard of a split the selection does not need
-      metadata.append(FileToCopy(game, None, path, os.path.join(dest_dir, name),
-                                 _source_size(tf, path, game, None)))
-    plans.append(GamePlan(game, src_dir, dest_dir,
-                          tuple(tfds_layout.split_name(c) for c in checkpoints), len(available),
-                          tuple(shards + metadata)))
+    try:
+      plans.append(_plan_game(tf, rlds_reader, sel, game, run, source, out))
+    except tf.errors.OpError as e:  # e.g. 403 from a bucket that is no longer served
+      raise FileNotFoundError(
+          f'{game}: cannot read the source {source}: {type(e).__name__}: {e.message} (if the '
+          'bucket is unavailable, copy from a mirror with --source; README "Getting the '
+          'data")') from e
   return Plan(source=source, out=out, run=run, selection=selection, games=tuple(plans))
+
+
+def _plan_game(tf, rlds_reader, sel, game: str, run: int, source: str, out: str) -> GamePlan:
+  b = rlds_reader.load_builder(source, game, run, tfds_layout.ORDERED_BUILDER)
+  src_dir = os.fspath(b.data_path)
+  rel = os.path.join(tfds_layout.ORDERED_BUILDER, tfds_layout.config_name(game, run),
+                     str(b.version))
+  dest_dir = os.path.join(out, rel)
+  available = rlds_reader.available_checkpoints(b)
+  if not available:
+    raise rlds_reader.DatasetNotFoundError(
+        f'{game}: {src_dir}/dataset_info.json lists no checkpoint_NN splits')
+  checkpoints = rlds_reader.selected_checkpoints(sel, available)
+  shards, shard_names = [], set()
+  for c in checkpoints:
+    split = tfds_layout.split_name(c)
+    info = b.info.splits[split]
+    for path, n in zip(info.filepaths, info.shard_lengths):
+      path = os.fspath(path)
+      name = os.path.basename(path)
+      shard_names.add(name)
+      shards.append(FileToCopy(game, split, path, os.path.join(dest_dir, name),
+                               _source_size(tf, path, game, split), int(n)))
+  metadata = []
+  prefix = f'{tfds_layout.ORDERED_BUILDER}-'
+  for name in sorted(tf.io.gfile.listdir(src_dir)):
+    path = os.path.join(src_dir, name)
+    if name.endswith('/') or name in shard_names or tf.io.gfile.isdir(path):
+      continue
+    if name.startswith(prefix) and '.tfrecord-' in name:
+      continue  # a shard of a split the selection does not need
+    metadata.append(FileToCopy(game, None, path, os.path.join(dest_dir, name),
+                               _source_size(tf, path, game, None)))
+  return GamePlan(game, src_dir, dest_dir,
+                  tuple(tfds_layout.split_name(c) for c in checkpoints), len(available),
+                  tuple(shards + metadata))
 
 
 def _source_size(tf, path: str, game: str, split: Optional[str]) -> int:
