@@ -82,7 +82,8 @@ def test_dry_run_prints_sizes_and_copies_nothing(bucket, tmp_path, capsys):
   names = [s for s in _shards(bucket, 'Pong') if '-checkpoint_03.' in s or '-checkpoint_04.' in s]
   meta = [f for f in os.listdir(src) if '.tfrecord-' not in f]
   assert plan.total_bytes == sum(os.path.getsize(os.path.join(src, f)) for f in names + meta)
-  assert f'total {download.format_bytes(plan.total_bytes)} in {len(names) + len(meta)} files' in text
+  total = download.format_bytes(plan.total_bytes)
+  assert f'total {total} in {len(names) + len(meta)} files' in text
   assert not out.exists()
 
 

@@ -58,7 +58,7 @@ def test_our_human_scores_are_the_papers_human_column(table):
     assert normalization.HUMAN_SCORES[g] == h, g
 
 
-# ---- DQN normalization -----------------------------------------------------------------------------
+# ---- DQN normalization ---------------------------------------------------------------------------
 def test_dqn_normalized_against_hand_computed_values():
   # Pong: random -20.7; a DQN reference of 16.61 (given explicitly).
   assert normalization.dqn_normalized('Pong', 0.0, dqn_score=16.61) == pytest.approx(20.7 / 37.31)

@@ -147,7 +147,7 @@ def _split_range(splits: Sequence[str]) -> str:
   return splits[0] if len(splits) == 1 else f'{splits[0]}..{splits[-1]}'
 
 
-# ---- planning -------------------------------------------------------------------------------------
+# ---- planning ------------------------------------------------------------------------------------
 def _is_url(path: str) -> bool:
   return '://' in path
 
@@ -264,7 +264,7 @@ def check_space(plan: Plan) -> tuple[int, int]:
   return needed, free
 
 
-# ---- verification ---------------------------------------------------------------------------------
+# ---- verification --------------------------------------------------------------------------------
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -334,7 +334,7 @@ def verify_file(f: FileToCopy, path: Optional[str] = None) -> None:
   verify_tfrecord(path, f.size, f.num_records)
 
 
-# ---- copying --------------------------------------------------------------------------------------
+# ---- copying -------------------------------------------------------------------------------------
 def download(plan: Plan, *, progress: bool = True, log: Callable[[str], None] = print,
              on_bytes: Optional[Callable[[int], None]] = None,
              chunk_bytes: int = CHUNK_BYTES) -> Result:
@@ -431,10 +431,11 @@ def _copy(tf, f: FileToCopy, advance, chunk_bytes: int, resume: bool) -> None:
     os.fsync(dst.fileno())
 
 
-# ---- the command ----------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 def download_selection(games: Sequence[str], selection: str, out: str,
-                       source: Optional[str] = DEFAULT_SOURCE, run: int = 1, *, dry_run: bool = False,
-                       progress: bool = True, log: Callable[[str], None] = print
+                       source: Optional[str] = DEFAULT_SOURCE, run: int = 1, *,
+                       dry_run: bool = False, progress: bool = True,
+                       log: Callable[[str], None] = print
                        ) -> Optional[Result]:
   """`scaled-ql data download`: plan, print the plan and the space it needs, then copy.
 

@@ -135,7 +135,7 @@ def raw_score(game: str, normalized: ArrayLike) -> ArrayLike:
   return random + np.asarray(normalized, np.float64) * (human - random)
 
 
-# ---- DQN normalization ------------------------------------------------------------------------------
+# ---- DQN normalization ---------------------------------------------------------------------------
 DQN_REFERENCE_CSV = os.path.join(os.path.dirname(__file__), 'data', 'dqn_replay_reference.csv')
 
 
