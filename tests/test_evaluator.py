@@ -340,3 +340,7 @@ def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
   assert "['Qbert'] not in the checkpoint" in err and 'Breakout, Pong' in err
   assert cli.main(['eval', '--checkpoint', workdir, '--games', 'Pongg']) == 2
   assert 'unknown game' in capsys.readouterr().err
+  import jax
+  if not any(d.platform == 'gpu' for d in jax.devices()):  # asked for an accelerator it lacks
+    assert cli.main(['eval', '--checkpoint', workdir, '--steps', '6', '--device', 'gpu']) == 2
+    assert "device='gpu' puts the evaluator policy on a gpu" in capsys.readouterr().err

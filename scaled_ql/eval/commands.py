@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                  help='environments per game stepped together (default: eval.num_envs)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--device', choices=('cpu', 'gpu', 'tpu'), default=None,
+                 help='where the policy runs, batched over --num-envs environments per call '
+                 '(default: a GPU if the config\'s eval.gpus_per_evaluator > 0, else the CPU)')
   p.add_argument('--out', default=None, help='CSV to append one row per game to')
   p.add_argument('--jsonl', default=None,
                  help='also append evaluation-log records (schema: scaled_ql/eval/report.py)')
@@ -202,6 +205,10 @@ def _eval(args: argparse.Namespace) -> int:
   except ValueError as e:
     return _fail(str(e))
   epsilon = cfg.eval.epsilon if args.epsilon is None else args.epsilon
+  try:
+    device = evaluator.policy_device(cfg.eval, args.device)  # a missing GPU fails here
+  except ValueError as e:
+    return _fail(str(e))
   policy = actors.make_policy(cfg, epsilon)
   print(f'evaluating {cfg.name} step {step} on {", ".join(games)}: '
         f'a budget of {args.steps or cfg.eval.steps_per_game} steps/game (every episode started '
@@ -210,7 +217,7 @@ def _eval(args: argparse.Namespace) -> int:
   results = evaluator.evaluate(
       policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
       num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
-      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl,
+      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl, device=device.platform,
       log=lambda line: print(line, flush=True))  # one line per game as it finishes
   print(evaluator.aggregate_line(results))
   for p in (args.out, args.jsonl):
