@@ -62,12 +62,12 @@ def register(subparsers) -> None:
   dl = sub.add_parser(
       'download', help='copy the RL Unplugged shards a data selection needs (resumable, verified)',
       description='Copies only the rlu_atari_checkpoints_ordered shards that --selection needs '
-      '(suboptimal: the first 20%% of the splits) from the RL Unplugged bucket or a mirror into '
+      '(suboptimal: the first 20% of the splits) from the RL Unplugged bucket or a mirror into '
       'a local TFDS data dir, showing bytes and ETA; an interrupted copy resumes; every file is '
       'verified (size, TFRecord CRCs, record count). See README "Getting the data".')
   dl.add_argument('--games', type=_games, required=True, help='comma-separated, e.g. Pong,Breakout')
   dl.add_argument('--selection', default='suboptimal',
-                  help='suboptimal | near_optimal | uniform:P | checkpoints:A-B (default suboptimal)')
+                  help='suboptimal (default) | near_optimal | uniform:P | checkpoints:A-B')
   dl.add_argument('--out', required=True, help='local TFDS data dir to copy into')
   dl.add_argument('--source', default=None,
                   help='TFDS data dir to copy from: a mirror (a local path or any URL '

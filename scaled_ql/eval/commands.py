@@ -71,7 +71,7 @@ def register(subparsers) -> None:
       description='Compares run workdirs (final evaluation per game from eval/*.jsonl), '
       'evaluator CSVs (scaled-ql eval --out) and scores CSVs (method, game, score[, seed]) with '
       "the paper's Table C.1 or C.2 rows for the same games: raw and human-normalized scores per "
-      'game, and IQM/median/mean/optimality gap with 95%% stratified-bootstrap CIs. Games '
+      'game, and IQM/median/mean/optimality gap with 95% stratified-bootstrap CIs. Games '
       'without a completed episode are left out and named.')
   c.add_argument('inputs', nargs='+', metavar='RUN_OR_CSV')
   c.add_argument('--table', choices=('c1', 'c2'), default=None,
