@@ -188,3 +188,77 @@ def test_unordered_rlu_atari_builder_selects_by_checkpoint_id(tmp_path):
 def test_summarize_first_episodes_only(tiny_dataset_dir):
   summary = rr.summarize(tiny_dataset_dir, 'Pong', max_episodes_per_split=1)
   assert sorted(summary) == [0, 1] and all(s.episodes == 1 for s in summary.values())
+
+
+def _rewrite_record(path, index, make_bad):
+  """Rewrites record `index` of a TFRecord file with make_bad(record), keeping valid framing."""
+  records = list(tf.compat.v1.io.tf_record_iterator(path))
+  with tf.io.TFRecordWriter(path) as w:
+    for i, r in enumerate(records):
+      w.write(make_bad(r) if i == index else r)
+  return len(records)
+
+
+def _broken_png(record):
+  ex = tf.train.Example.FromString(record)
+  ex.features.feature['steps/observation'].bytes_list.value[3] = b'not a png' * 10
+  return ex.SerializeToString()
+
+
+@pytest.mark.parametrize('make_bad', [lambda r: b'\x12\x34 garbage ' * 100, _broken_png],
+                         ids=['garbage_proto', 'broken_png'])
+def test_undecodable_episode_is_skipped_and_counted(tiny_dataset_dir, tmp_path, caplog, make_bad):
+  data = str(tmp_path / 'data')
+  shutil.copytree(tiny_dataset_dir, data)
+  d = os.path.join(data, 'rlu_atari_checkpoints_ordered', 'Pong_run_1', '1.1.0')
+  bad = os.path.join(d, 'rlu_atari_checkpoints_ordered-checkpoint_00.tfrecord-00000-of-00001')
+  n = _rewrite_record(bad, 1, make_bad)
+  assert n >= 2
+  everything = _all_ids(tiny_dataset_dir, 'Pong')
+  stats = rr.ReadStats()
+  with caplog.at_level(logging.WARNING, logger='scaled_ql.datasets.rlds_reader'):
+    got = _ids(rr.episodes(data, 'Pong', 1, 'near_optimal', stats=stats))
+  assert stats.undecodable == [(bad, 1)] and stats.num_corrupt == 0
+  assert stats.counts() == dict(episodes_read=len(everything) - 1, corrupt_files=0,
+                                undecodable_episodes=1)
+  assert any(bad in r.getMessage() and 'undecodable episode 1' in r.getMessage()
+             for r in caplog.records)
+  assert sorted(got) == [i for i in everything if i != (0, 1)]  # only the bad one is missing
+  # Every episode that comes out decodes in full (the bad one never reaches a consumer).
+  for ep in rr.episodes(data, 'Pong', 1, 'near_optimal'):
+    assert ep['steps'].batch(10_000).get_single_element()['observation'].shape[1:] == (84, 84, 1)
+  # With repeat it is counted once; strict mode raises, naming the file and record.
+  stats = rr.ReadStats()
+  _ids(rr.episodes(data, 'Pong', 1, 'near_optimal', repeat=True, stats=stats).take(3 * len(got)))
+  assert stats.num_undecodable == 1 and stats.epochs >= 2
+  with pytest.raises(Exception, match=r'undecodable episode 1 of .*checkpoint_00'):
+    _ids(rr.episodes(data, 'Pong', 1, 'near_optimal', strict=True))
+
+
+def test_stream_mixes_all_checkpoints_at_the_same_pace(many_checkpoints_dataset_dir):
+  data = many_checkpoints_dataset_dir
+  everything = _all_ids(data, 'Breakout')
+  per_ckpt = {c: sum(1 for i in everything if i[0] == c) for c in range(10)}
+  assert min(per_ckpt.values()) >= 3
+  for seed in (0, 1):
+    got = _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', seed=seed))
+    assert sorted(got) == everything  # one epoch is the whole selection, once
+    # Any stretch of the stream holds every checkpoint in proportion: the first 10 episodes
+    # come from (nearly) all 10 checkpoints, and no checkpoint runs ahead of the others.
+    assert len({c for c, _ in got[:10]}) >= 9
+    for k in (10, len(got) // 2):
+      for c, n in per_ckpt.items():
+        seen = sum(1 for i in got[:k] if i[0] == c)
+        assert abs(seen - k * n / len(everything)) <= 1.5, (seed, k, c)
+  # Random episode offsets: a checkpoint's first episode is not always its episode 0.
+  firsts = {tuple(_ids(rr.episodes(data, 'Breakout', 1, 'checkpoints:3-3', seed=s).take(1)))
+            for s in range(6)}
+  assert len(firsts) >= 2
+  # One checkpoint at a time (cycle_length=1): the stream is checkpoint after checkpoint.
+  got = _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', cycle_length=1))
+  assert len({c for c, _ in got[:10]}) <= 4
+  # Unshuffled: file order, each checkpoint from its first episode.
+  got = _ids(rr.episodes(data, 'Breakout', 1, 'near_optimal', shuffle_files=False))
+  assert got[0] == (0, 0) and sorted(got) == everything
+  for c in per_ckpt:
+    assert [i for i in got if i[0] == c] == [i for i in everything if i[0] == c]

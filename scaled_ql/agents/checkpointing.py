@@ -2,13 +2,20 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state,config}`: `state` is the whole `TrainState` (online,
 target and behaviour params, Adam state, PRNG key, step) and `config` the resolved
-ExperimentConfig as JSON. A checkpoint whose params are not all finite is refused (never written),
-so the latest checkpoint is always a good one.
+ExperimentConfig as JSON. A checkpoint whose params are not all finite is refused (never written).
+
+A checkpoint that does not load (truncated or damaged files: a disk filling up, a copy cut short)
+is moved aside to `checkpoints/corrupt-<step>/` with a warning naming both paths, and restoring
+falls back to the newest checkpoint that loads (`restore`, `load_params`). A checkpoint written
+with a different config is not corruption: that raises `ConfigMismatchError`. Orbax's temporary
+folders left by an interrupted save (`<step>.orbax-checkpoint-tmp-*`) are removed when the
+learner's manager is made (`make_manager`; only the learner writes checkpoints).
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +23,10 @@ import orbax.checkpoint as ocp
 
 from scaled_ql.configs.base import ExperimentConfig
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_SUBDIR = 'checkpoints'
+CORRUPT_PREFIX = 'corrupt-'
 MAX_TO_KEEP = 3
 # Sub-configs that fix the shapes/meaning of the saved params: a restore must agree on them.
 _PARAM_DEFINING = ('games', 'network', 'agent')
@@ -26,9 +36,16 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+class ConfigMismatchError(ValueError):
+  """The checkpoint was written with a different games/network/agent config."""
+
+
 def make_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=MAX_TO_KEEP, create=not read_only, read_only=read_only,
+      # Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` folders: the (single) writer
+      # removes them on start.
+      cleanup_tmp_directories=not read_only,
       # Synchronous: a save on SIGTERM must be complete before the process exits.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -59,23 +76,63 @@ def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> i
 def _check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, where: str) -> None:
   for field in _PARAM_DEFINING:
     if getattr(saved, field) != getattr(cfg, field):
-      raise ValueError(f'checkpoint in {where} was written with a different {field!r} config: '
-                       f'{getattr(saved, field)} != {getattr(cfg, field)}')
+      raise ConfigMismatchError(
+          f'checkpoint in {where} was written with a different {field!r} config: '
+          f'{getattr(saved, field)} != {getattr(cfg, field)}')
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  """Moves checkpoint `step` to `checkpoints/corrupt-<step>[-k]/`, warns naming both paths and
+  the error; returns the new path. The manager forgets the step."""
+  directory = os.fspath(manager.directory)
+  source = os.path.join(directory, str(step))
+  target = os.path.join(directory, f'{CORRUPT_PREFIX}{step}')
+  k = 1
+  while os.path.exists(target):
+    k += 1
+    target = os.path.join(directory, f'{CORRUPT_PREFIX}{step}-{k}')
+  os.rename(source, target)
+  manager.reload()
+  first_line = str(error).splitlines()[0] if str(error) else ''
+  log.warning('checkpoint %s does not load (%s: %s); moved it to %s and falling back to the '
+              'newest checkpoint that loads', source, type(error).__name__, first_line[:300],
+              target)
+  return target
+
+
+def _newest_that_loads(manager: ocp.CheckpointManager, load: Callable[[int], Any]
+                       ) -> Optional[tuple[int, Any]]:
+  """(step, load(step)) for the newest step whose load succeeds; the ones that fail on the way are
+  quarantined. A ConfigMismatchError is raised (a valid checkpoint of another run)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, load(step)
+    except ConfigMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, OCDBT, tensorstore)
+      quarantine(manager, step, e)
+  return None
+
+
+def _restore_config(manager: ocp.CheckpointManager, step: int) -> ExperimentConfig:
+  return ExperimentConfig.from_dict(
+      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: ExperimentConfig,
             step: Optional[int] = None) -> Optional[Any]:
-  """Restores the latest (or given) step into `abstract_state` (a tree of ShapeDtypeStructs
-  with shardings); None if there is no checkpoint."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
-  saved_cfg = ExperimentConfig.from_dict(
-      manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
-  _check_compatible(saved_cfg, cfg, str(manager.directory))
-  out = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return out.state
+  """Restores the latest step that loads (or exactly `step`) into `abstract_state` (a tree of
+  ShapeDtypeStructs with shardings); None if there is no checkpoint."""
+
+  def load(s: int) -> Any:
+    _check_compatible(_restore_config(manager, s), cfg, str(manager.directory))
+    return manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+  if step is not None:
+    return load(step)
+  found = _newest_that_loads(manager, load)
+  return None if found is None else found[1]
 
 
 def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
@@ -96,18 +153,24 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
   manager = ocp.CheckpointManager(
       checkpoint_dir(path), item_names=('state', 'config'),
       options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'{checkpoint_dir(path)} holds no complete checkpoint')
-    cfg = ExperimentConfig.from_dict(
-        manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def load(s: int) -> tuple[ExperimentConfig, Any]:
+    cfg = _restore_config(manager, s)
     like = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         jax.eval_shape(lambda: learner.init_state(cfg, jax.random.PRNGKey(0))))
-    state = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))).state
+    return cfg, manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))).state
+
+  try:
+    if step is not None:
+      cfg, state = load(step)
+    else:  # the newest checkpoint that loads; damaged ones are moved aside
+      found = _newest_that_loads(manager, load)
+      if found is None:
+        raise FileNotFoundError(f'{checkpoint_dir(path)} holds no complete checkpoint that loads')
+      cfg, state = found[1]
   finally:
     manager.close()
   return cfg, builder.policy_params(cfg, state.params, state.behaviour_params), int(state.step)

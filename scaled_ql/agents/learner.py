@@ -200,6 +200,7 @@ class Learner:
     self._window: dict[str, float] = {}
     self._window_count = 0
     self._window_start = time.perf_counter()
+    self._data_counts: dict[str, float] = {}  # set_data_counts
     self._compiled = False
     self._stop_signal: Optional[int] = None
     self._previous_handlers: dict[int, Any] = {}
@@ -267,6 +268,11 @@ class Learner:
     if self._manager is not None and self._manager.latest_step() != self._steps:
       self.save()
     return self._steps
+
+  def set_data_counts(self, counts: dict[str, float]) -> None:
+    """Counters of the data pipeline (e.g. corrupt files and undecodable episodes the inserters
+    skipped), logged as `data/<name>` with every metrics line from now on."""
+    self._data_counts = {f'data/{k}': float(v) for k, v in counts.items()}
 
   def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
     """Host copies. 'params': what `actors.make_policy` takes (for 'bcq' {'q', 'behaviour'});
@@ -339,12 +345,13 @@ class Learner:
     if self._steps % self._cfg.train.log_every_steps:
       return
     if self._window_count == 0:  # logging right at the first step: report it alone
-      self._logger.write(self._steps, metrics)
+      self._logger.write(self._steps, {**metrics, **self._data_counts})
       return
     elapsed = time.perf_counter() - self._window_start
     out = {k: v / self._window_count for k, v in self._window.items()}
     out['steps_per_s'] = self._window_count / max(elapsed, 1e-9)
     out['samples_per_s'] = out['steps_per_s'] * self._batch_size
+    out.update(self._data_counts)
     self._logger.write(self._steps, out)
     self._window, self._window_count = {}, 0
     self._window_start = time.perf_counter()

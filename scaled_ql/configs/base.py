@@ -96,6 +96,9 @@ class DataConfig:
   # 1.7x the sampling throughput for 5% more bytes; BUILD_NOTES.md, reverb section).
   reverb_chunk_length: int = 16
   prefetch_batches: int = 2
+  # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
+  # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
+  reader_cycle_length: int = 64
   strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
 
 

@@ -20,12 +20,19 @@ Selections (`DataConfig.selection`, Section 3 of the paper):
 For the unordered `rlu_atari` builder (one 'train' split) the same selections filter episodes by
 their `checkpoint_id` (which reads every episode of the run).
 
-How it reads: TFRecord files are opened one by one in Python (`tf_record_iterator`, local or GCS)
-and round-robin interleaved, `cycle_length` at a time, in a seeded shuffled file order; episodes
-are decoded by the builder's own feature spec in a parallel `tf.data` map. Reading in Python is
-what lets a corrupt file be skipped: a read error warns naming the file, counts it in
-`ReadStats.corrupt_files` and reading goes on with the next file (`strict=True`: raise instead).
-Episodes read from the file before the error are kept.
+How it reads: TFRecord files are opened in Python (`tf_record_iterator`, local or GCS), grouped
+by checkpoint ("strata"; for `rlu_atari` every file is its own), and mixed in proportion: up to
+`cycle_length` checkpoints are read at once and each moves through its episodes at the same pace,
+so any stretch of the stream (and so a game's FIFO shuffle buffer) holds every open checkpoint in
+proportion to its share of the selection, not a few files one after the other (issue 15: measured
+by `mixing.py` / `benchmarks/replay_mixing.py`). Every epoch reshuffles the order of checkpoints
+and files and starts each checkpoint at a random episode (reading wraps around to the episodes
+before it). Episodes are decoded whole (frames included) in the reading thread. A read error
+warns naming the file, counts it in `ReadStats.corrupt_files` and reading goes on with the next
+file; an episode that cannot be decoded (valid TFRecord framing, but a bad proto, a missing
+feature or a broken PNG) is skipped, counted in `ReadStats.undecodable` and warned about naming
+the file and record (`strict=True`: raise instead). Episodes read from a file before an error are
+kept.
 
 Sharding (`num_shards` inserter workers, this one `shard_index`): whole files are dealt out
 round-robin when there are at least `num_shards` files; otherwise every worker reads every file and
@@ -33,7 +40,10 @@ keeps every `num_shards`-th selected episode (disjoint, complete, but each worke
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import heapq
+import itertools
 import logging
 import os
 import re
@@ -65,13 +75,24 @@ class ReadStats:
   """Counters a reader updates while it runs (shared with the caller)."""
   episodes: int = 0
   files_read: int = 0
-  corrupt_files: list = dataclasses.field(default_factory=list)
+  corrupt_files: list = dataclasses.field(default_factory=list)  # unreadable TFRecord files
+  undecodable: list = dataclasses.field(default_factory=list)  # (path, record index) skipped
   epochs: int = 0
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
   @property
   def num_corrupt(self) -> int:
     return len(self.corrupt_files)
+
+  @property
+  def num_undecodable(self) -> int:
+    return len(self.undecodable)
+
+  def counts(self) -> dict[str, int]:
+    """The counters as plain ints (node status, progress line, learner metrics)."""
+    with self._lock:
+      return dict(episodes_read=self.episodes, corrupt_files=len(self.corrupt_files),
+                  undecodable_episodes=len(self.undecodable))
 
 
 # ---- selections ------------------------------------------------------------------------------------
@@ -212,6 +233,12 @@ class _FileTask:
   path: str
   keep: Optional[np.ndarray]  # bool per record of the file (None = keep all)
   checkpoint: Optional[tuple[int, int]] = None  # unordered builder: keep checkpoint ids in [a, b]
+  stratum: int = 0  # ordered builder: the file's checkpoint; unordered: the file's own index
+  num_records: int = 0  # episodes in the file (its shard length)
+
+  @property
+  def num_kept(self) -> int:
+    return self.num_records if self.keep is None else int(np.count_nonzero(self.keep))
 
 
 def _file_tasks(b, game: str, selection: Selection, seed: int) -> list[_FileTask]:
@@ -228,7 +255,8 @@ def _file_tasks(b, game: str, selection: Selection, seed: int) -> list[_FileTask
         keep = keep_mask(split.num_examples, selection.fraction, rng.random())
       start = 0
       for path, n in zip(split.filepaths, split.shard_lengths):
-        tasks.append(_FileTask(os.fspath(path), None if keep is None else keep[start:start + n]))
+        tasks.append(_FileTask(os.fspath(path), None if keep is None else keep[start:start + n],
+                               stratum=c, num_records=n))
         start += n
   else:  # rlu_atari: one 'train' split; select by checkpoint_id while reading
     if 'train' not in b.info.splits:
@@ -240,22 +268,26 @@ def _file_tasks(b, game: str, selection: Selection, seed: int) -> list[_FileTask
     keep = (keep_mask(split.num_examples, selection.fraction, rng.random())
             if selection.kind == 'uniform' else None)
     start = 0
-    for path, n in zip(split.filepaths, split.shard_lengths):
+    for i, (path, n) in enumerate(zip(split.filepaths, split.shard_lengths)):
       tasks.append(_FileTask(os.fspath(path), None if keep is None else keep[start:start + n],
-                             (min(ckpts), max(ckpts))))
+                             (min(ckpts), max(ckpts)), stratum=i, num_records=n))
       start += n
   return tasks
 
 
-def _read_file(task: _FileTask, strict: bool, stats: ReadStats) -> Iterator[bytes]:
-  """Serialized episodes of one file; a read error skips the rest of the file (or raises)."""
+def _read_file(task: _FileTask, strict: bool, stats: ReadStats, start: int = 0,
+               stop: Optional[int] = None) -> Iterator[tuple[bytes, str, int]]:
+  """(serialized episode, path, record index) of records [start, stop) of one file; a read error
+  skips the rest of the file (or raises)."""
   i = 0
   try:
     with _deprecation.silence():  # tf_record_iterator is "deprecated" but the one Python reader
       records = tf.compat.v1.io.tf_record_iterator(task.path)
     for record in records:
-      if task.keep is None or (i < len(task.keep) and task.keep[i]):
-        yield record
+      if stop is not None and i >= stop:
+        return
+      if i >= start and (task.keep is None or (i < len(task.keep) and task.keep[i])):
+        yield record, task.path, i
       i += 1
   except (tf.errors.OpError, OSError) as e:
     if strict:
@@ -273,36 +305,99 @@ def _read_file(task: _FileTask, strict: bool, stats: ReadStats) -> Iterator[byte
     stats.files_read += 1
 
 
-def _interleave(tasks: Sequence[_FileTask], cycle_length: int, strict: bool, stats: ReadStats,
-                shard_index: int, num_shards: int, by_record: bool) -> Iterator[bytes]:
-  """Round-robin over `cycle_length` open files; with by_record, keep every n-th episode."""
-  pending = list(tasks)
-  active: list[Iterator[bytes]] = []
-  counter = 0
-  while pending or active:
-    while pending and len(active) < cycle_length:
-      active.append(_read_file(pending.pop(0), strict, stats))
-    for it in list(active):
-      record = next(it, None)
-      if record is None:
-        active.remove(it)
-        continue
-      if by_record:
-        counter += 1
-        if (counter - 1) % num_shards != shard_index:
-          continue
-      yield record
+def _stratum_segments(files: Sequence[_FileTask], rng: Optional[np.random.Generator]
+                      ) -> list[tuple[_FileTask, int, Optional[int]]]:
+  """The (file, start, stop) pieces one stratum is read in: with `rng`, its files in a shuffled
+  order that starts at a random episode of the first file and wraps around to the episodes before
+  it (the random episode offset); without, every file whole, in order."""
+  files = list(files)
+  if rng is None:
+    return [(f, 0, None) for f in files]
+  rng.shuffle(files)
+  offset = int(rng.integers(files[0].num_records)) if files[0].num_records > 1 else 0
+  segments = [(files[0], offset, None)] + [(f, 0, None) for f in files[1:]]
+  if offset:
+    segments.append((files[0], 0, offset))
+  return segments
+
+
+def _mix(tasks: Sequence[_FileTask], cycle_length: int, strict: bool, stats: ReadStats,
+         rng: Optional[np.random.Generator]) -> Iterator[tuple[bytes, str, int]]:
+  """One epoch of the selection's episodes, mixed in proportion over its strata (checkpoints).
+
+  Up to `cycle_length` strata are read at once; stratum s, holding n_s episodes, gives its k-th
+  episode at "time" t0_s + (k + u_s) / n_s and episodes come out in time order. So every stratum
+  moves through its episodes at the same pace: any stretch of the stream holds each open checkpoint
+  in proportion to its episodes (+-1), not a few files one after the other, and a shuffle buffer
+  fed by the stream holds all of them. With `rng`: shuffled strata and files, random phases u_s and
+  random episode offsets (`_stratum_segments`); without: file order, phase 0 (deterministic).
+  """
+  by_stratum: dict[int, list[_FileTask]] = {}
+  for t in tasks:
+    by_stratum.setdefault(t.stratum, []).append(t)
+  strata = list(by_stratum.values())
+  if rng is not None:
+    rng.shuffle(strata)
+  pending = collections.deque(strata)
+  heap: list = []  # (time, order, stratum state)
+  order = 0
+  now = 0.0
+
+  def open_next() -> None:
+    nonlocal order
+    files = pending.popleft()
+    n = max(1, sum(f.num_kept for f in files))
+    u = float(rng.random()) if rng is not None else 0.0
+    pieces = (_read_file(f, strict, stats, a, b) for f, a, b in _stratum_segments(files, rng))
+    state = dict(n=n, u=u, t0=now, k=0, records=itertools.chain.from_iterable(pieces))
+    heapq.heappush(heap, (now + u / n, order, state))
+    order += 1
+
+  while pending and len(heap) < cycle_length:
+    open_next()
+  while heap:
+    now, o, state = heapq.heappop(heap)
+    item = next(state['records'], None)
+    if item is None:  # this stratum is done: open the next one from here
+      if pending:
+        open_next()
+      continue
+    yield item
+    state['k'] += 1
+    heapq.heappush(heap, (state['t0'] + (state['k'] + state['u']) / state['n'], o, state))
+
+
+def _step_signature(features) -> dict:
+  """output_signature of a decoded episode: its scalars, and every step field batched [T, ...]."""
+  spec = features.get_tensor_spec()
+  return {k: ({f: tf.TensorSpec((None,) + tuple(s.shape), s.dtype) for f, s in v.items()}
+              if k == 'steps' else v) for k, v in spec.items()}
+
+
+def _decode(features, record: bytes) -> dict:
+  """One serialized episode, decoded whole (steps and frames) as numpy: an undecodable example
+  (bad proto, missing feature, broken PNG) raises here, before any of it is used."""
+  episode = features.deserialize_example(record)
+  steps = episode['steps']
+  if isinstance(steps, tf.data.Dataset):
+    steps = steps.batch(_MAX_EPISODE_STEPS).get_single_element()
+  return tf.nest.map_structure(lambda x: x.numpy(), {**episode, 'steps': steps})
+
+
+_MAX_EPISODE_STEPS = 1 << 30
 
 
 def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptimal', *,
              builder: str = tfds_layout.ORDERED_BUILDER, shard_index: int = 0,
              num_shards: int = 1, repeat: bool = False, strict: bool = False, seed: int = 0,
-             shuffle_files: bool = True, cycle_length: int = 4,
+             shuffle_files: bool = True, cycle_length: int = 64,
              stats: Optional[ReadStats] = None) -> tf.data.Dataset:
   """tf.data.Dataset of RLDS episodes of `game`/`run` under `selection` (see module docstring).
 
   Everything is validated (data dir, builder, config, splits, selection, shard) before reading.
-  `stats` (optional) is updated as episodes are read: episodes, files, corrupt files, epochs.
+  `cycle_length`: checkpoints (strata) read at once; the default covers all 50 of a run.
+  `stats` (optional) is updated as episodes are read: episodes, files, corrupt files,
+  undecodable episodes, epochs.
   """
   sel = parse_selection(selection)
   if not 0 <= shard_index < num_shards:
@@ -318,20 +413,34 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
   features = b.info.features
   ckpt_range = tasks[0].checkpoint if tasks else None
 
-  def serialized() -> Iterator[bytes]:
+  def decoded() -> Iterator[dict]:
     epoch = 0
     while True:
-      order = list(tasks)
-      if shuffle_files:
-        # The same order in every worker: per-episode sharding relies on identical streams.
-        np.random.default_rng([seed, epoch]).shuffle(order)
-      n = 0
-      for record in _interleave(order, cycle_length, strict, stats, shard_index, num_shards,
-                                by_record):
+      # The same stream in every worker: per-episode sharding relies on identical streams.
+      rng = np.random.default_rng([seed, epoch]) if shuffle_files else None
+      n = counter = 0
+      for record, path, index in _mix(tasks, cycle_length, strict, stats, rng):
+        counter += 1
+        if by_record and (counter - 1) % num_shards != shard_index:
+          continue
+        try:
+          episode = _decode(features, record)
+        except (tf.errors.OpError, ValueError, TypeError) as e:
+          message = (f'undecodable episode {index} of {path}: {type(e).__name__}: '
+                     f'{str(e).splitlines()[0] if str(e) else ""}')
+          if strict:
+            raise CorruptShardError(message) from e
+          with stats._lock:
+            first_time = (path, index) not in stats.undecodable
+            if first_time:  # with repeat, count each bad episode once
+              stats.undecodable.append((path, index))
+          if first_time:
+            log.warning('skipping %s', message)
+          continue
         n += 1
         with stats._lock:
           stats.episodes += 1
-        yield record
+        yield episode
       epoch += 1
       with stats._lock:
         stats.epochs = epoch
@@ -342,10 +451,10 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
             f'{game} run {run} ({selection}, shard {shard_index}/{num_shards}): no episodes '
             f'could be read from {b.data_path}; cannot repeat an empty dataset')
 
-  ds = tf.data.Dataset.from_generator(serialized,
-                                      output_signature=tf.TensorSpec((), tf.string))
-  ds = ds.map(features.deserialize_example, num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
+  ds = tf.data.Dataset.from_generator(decoded, output_signature=_step_signature(features))
+  no_autograph = tf.autograph.experimental.do_not_convert
+  ds = ds.map(no_autograph(lambda ep: {**ep, 'steps': tf.data.Dataset.from_tensor_slices(
+      ep['steps'])}))
   if ckpt_range is not None:  # rlu_atari: the selection filters by checkpoint_id
     lo, hi = ckpt_range
     ds = ds.filter(lambda ep: tf.logical_and(ep['checkpoint_id'] >= lo,
@@ -354,7 +463,9 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
 
 
 def episodes_from_config(data_cfg, game: str, **kwargs) -> tf.data.Dataset:
-  """`episodes(...)` with data dir, builder, run, selection and strict taken from a DataConfig."""
+  """`episodes(...)` with data dir, builder, run, selection, strict and cycle_length (the number of
+  checkpoints streamed at once, `DataConfig.reader_cycle_length`) taken from a DataConfig."""
+  kwargs.setdefault('cycle_length', data_cfg.reader_cycle_length)
   return episodes(data_cfg.data_dir, game, data_cfg.run, data_cfg.selection,
                   builder=data_cfg.builder, strict=data_cfg.strict, **kwargs)
 

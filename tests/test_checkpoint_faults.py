@@ -1,0 +1,122 @@
+"""Checkpoint faults (issue 12): a damaged newest checkpoint is moved aside and restoring falls back
+to the newest one that loads; Orbax's temporary folders of interrupted saves are removed."""
+import logging
+import os
+
+import pytest
+
+from scaled_ql.agents import checkpointing
+from test_learner import CFG, make
+
+
+def _truncate_step(workdir, step):
+  root = os.path.join(workdir, 'checkpoints', str(step))
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  assert files
+  for path in files:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _run_with_checkpoints(workdir, steps=(1, 2)):
+  learner = make(workdir=workdir)
+  for _ in range(max(steps)):
+    learner.step()
+    if learner.steps in steps:
+      learner.save()
+  learner.close()
+
+
+def test_restore_falls_back_past_a_truncated_newest_checkpoint(tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir)
+  _truncate_step(workdir, 2)
+  learner = make(workdir=workdir)
+  with caplog.at_level(logging.WARNING, logger='scaled_ql.agents.checkpointing'):
+    assert learner.restore()
+  assert learner.steps == 1
+  corrupt = os.path.join(workdir, 'checkpoints', 'corrupt-2')
+  assert os.path.isdir(corrupt) and not os.path.exists(os.path.join(workdir, 'checkpoints', '2'))
+  assert any(corrupt in r.getMessage() and 'does not load' in r.getMessage()
+             for r in caplog.records)
+  # Training goes on and checkpoints step 2 again; the damaged copy stays for the operator.
+  learner.step()
+  learner.save()
+  learner.close()
+  cfg, _, step = checkpointing.load_params(workdir)
+  assert step == 2 and cfg == CFG and os.path.isdir(corrupt)
+
+
+def test_load_params_falls_back_and_an_all_damaged_dir_is_an_error(tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir)
+  _truncate_step(workdir, 2)
+  with caplog.at_level(logging.WARNING, logger='scaled_ql.agents.checkpointing'):
+    _, _, step = checkpointing.load_params(workdir)
+  assert step == 1 and os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  _truncate_step(workdir, 1)
+  with pytest.raises(FileNotFoundError, match='no complete checkpoint that loads'):
+    checkpointing.load_params(workdir)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-1'))
+  # A fresh learner then starts from scratch (nothing loads), it does not crash.
+  learner = make(workdir=workdir)
+  assert not learner.restore() and learner.steps == 0
+  learner.close()
+
+
+def test_a_different_config_is_not_treated_as_corruption(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir, steps=(1,))
+  other = make(CFG.replace(agent=dict(cql_alpha=0.0)), workdir=workdir)
+  with pytest.raises(checkpointing.ConfigMismatchError, match="different 'agent' config"):
+    other.restore()
+  other.close()
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']  # nothing moved aside
+
+
+def test_temporary_folders_of_interrupted_saves_are_removed(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir, steps=(1,))
+  tmp = os.path.join(workdir, 'checkpoints', '2.orbax-checkpoint-tmp-1700000000000000')
+  os.makedirs(os.path.join(tmp, 'state'))
+  with open(os.path.join(tmp, 'state', 'partial'), 'wb') as f:
+    f.write(b'x' * 100)
+  learner = make(workdir=workdir)
+  assert not os.path.exists(tmp)
+  assert learner.restore() and learner.steps == 1
+  learner.close()
+
+
+def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
+  from scaled_ql import cli
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir)
+  _truncate_step(workdir, 2)
+  rc = cli.main(['eval', '--checkpoint', workdir, '--games', 'Pong', '--steps', '6',
+                 '--num-envs', '2'])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert 'step 1 ' in out and os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+
+
+def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_dir, tmp_path):
+  import subprocess
+  import sys
+  cfg = CFG.replace(data=dict(data_dir=tiny_dataset_dir))
+  workdir = str(tmp_path / 'run')
+  learner = make(cfg, workdir=workdir)
+  for _ in range(2):
+    learner.step()
+    learner.save()
+  learner.close()
+  _truncate_step(workdir, 2)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'scaled_ql.cli', 'train', '--config', 'cpu_tiny', '--data-dir',
+       tiny_dataset_dir, '--workdir', workdir, '--steps', '4', '--evaluators', '1'],
+      capture_output=True, text=True, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert 'corrupt-2' in out  # the warning names where the damaged checkpoint went
+  steps = sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints')) if c.isdigit())
+  assert steps[-1] == 4 and 1 in steps
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
