@@ -23,3 +23,35 @@ class Transition(NamedTuple):
   discount: Array
   next_observation: Array
   game_id: Array
+
+
+class FrameWindows(NamedTuple):
+  """The same batch of transitions as frame windows: what the Reverb path sends to the learner.
+
+  A transition's window of n+4 single frames (steps t-3 .. t+n) holds both its observation
+  (window frames 0..3) and its next observation (frames K..K+3), so each frame crosses to the
+  device once and is stacked there, inside the jitted update (`to_transition`), instead of being
+  copied twice into channel-last stacks by the host (datasets/transitions.py explains windows).
+
+  frames:     uint8   [B, n+4, 84, 84]  grey frames of steps t-3 .. t+n (zeros: padding)
+  next_start: int32   [B]               K = min(n, steps left): next_observation = frames K..K+3
+  action, reward, discount, game_id:    as in `Transition`
+  """
+  frames: Array
+  next_start: Array
+  action: Array
+  reward: Array
+  discount: Array
+  game_id: Array
+
+  def to_transition(self) -> Transition:
+    """The `Transition` of these windows, with jax.numpy (jittable; on the arrays' device)."""
+    import jax.numpy as jnp
+    frames = jnp.asarray(self.frames)
+    stack = 4
+    observation = jnp.moveaxis(frames[:, :stack], 1, -1)
+    index = jnp.asarray(self.next_start, jnp.int32)[:, None] + jnp.arange(stack)[None]
+    next_frames = jnp.take_along_axis(frames, index[:, :, None, None], axis=1)
+    return Transition(observation=observation, action=self.action, reward=self.reward,
+                      discount=self.discount, next_observation=jnp.moveaxis(next_frames, 1, -1),
+                      game_id=self.game_id)

@@ -1,6 +1,8 @@
 """Reverb tables: the window path agrees with the numpy reference; stratified sampling; processes."""
 import threading
+import time
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -48,6 +50,15 @@ def source_of(episodes):
   return lambda game: (tr.split_steps(steps) for steps in episodes[game])
 
 
+def transitions_of(windows):
+  """The learner's view of a sampled batch: frames stacked by the jitted device code."""
+  assert isinstance(windows, tr.FrameWindows)
+  return jax.device_get(stack_on_device(windows))
+
+
+stack_on_device = jax.jit(tr.FrameWindows.to_transition)
+
+
 def key(t):
   """A transition's identity: its current frame value (unique per step) and next frame."""
   return int(t[0][0, 0, 3]), int(t[4][0, 0, 3])
@@ -87,7 +98,7 @@ def test_window_path_agrees_with_numpy_reference(server):
   seen = set()
   with rt.stratified_batches(address, cfg.games, cfg, seed=1) as batches:
     for _ in range(150):
-      batch = next(batches)
+      batch = transitions_of(next(batches))
       assert batch.observation.shape == (8, 84, 84, 4)
       for i in range(8):
         t = tuple(np.asarray(x)[i] for x in batch)
@@ -114,7 +125,7 @@ def test_stratified_proportions():
     item_counts = {k: 0 for k in ref}
     with rt.stratified_batches(address, games, cfg, seed=7) as batches:
       for _ in range(num_batches):
-        batch = next(batches)
+        batch = transitions_of(next(batches))
         gid = batch.game_id.reshape(6, 3)
         # Each draw is transitions_per_game transitions of one game.
         assert (gid == gid[:, :1]).all()
@@ -158,7 +169,7 @@ def test_reconnect_after_server_restart():
         kwargs=dict(stop=stop, reconnect_timeout_s=60))
     inserter.start()
     with rt.stratified_batches(server.address, cfg.games, cfg) as batches:
-      batch = next(batches)
+      batch = transitions_of(next(batches))
       assert all(key(tuple(np.asarray(x)[i] for x in batch)) in ref for i in range(8))
       # The server dies and comes back at the same port, empty: both sides reconnect (Reverb's
       # clients retry UNAVAILABLE), the inserter refills it and sampling resumes from it.
@@ -167,7 +178,7 @@ def test_reconnect_after_server_restart():
       server = rt.start_server_process(cfg, port=port)
       assert server.proc.poll() is None
       for _ in range(300):  # batches prefetched from the old server drain first
-        batch = next(batches)
+        batch = transitions_of(next(batches))
         assert all(key(tuple(np.asarray(x)[i] for x in batch)) in ref for i in range(8))
         if sum(rt.samples_served(server.address, cfg.games).values()) >= 16:
           break
@@ -208,7 +219,7 @@ def test_end_to_end_tfds_server_and_inserters_in_other_processes(tiny_dataset_di
       assert len(want) > 2 * cfg.data.min_fill_per_game
       with rt.stratified_batches(server.address, cfg.games, cfg) as batches:
         for _ in range(6):
-          batch = next(batches)
+          batch = transitions_of(next(batches))
           assert batch.observation.shape == (cfg.agent.batch_size, 84, 84, 4)
           assert batch.observation.dtype == np.uint8 and batch.game_id.dtype == np.int32
           for i in range(cfg.agent.batch_size):
@@ -238,3 +249,79 @@ def test_inserter_rejects_a_game_without_episodes(server):
   episodes['Pong'] = []
   with pytest.raises(ValueError, match='no episodes of game Pong'):
     rt.run_inserter(address, cfg, cfg.games, source_of(episodes))
+
+
+def _insert_counts(address, games):
+  import reverb
+  info = reverb.Client(address).server_info(timeout=10)
+  return {g: info[rt.table_name(g)].rate_limiter_info.insert_stats.completed for g in games}
+
+
+def _wait_until(condition, timeout_s, what):
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    assert time.monotonic() < deadline, f'timed out after {timeout_s}s waiting for {what}'
+    time.sleep(0.05)
+
+
+def _streaming_inserter(address, cfg, source, **kwargs):
+  stop = threading.Event()
+  throttle = rt.InsertThrottle(address, cfg.games, cfg.data.samples_per_insert, stop,
+                               poll_s=0.05)
+  thread = threading.Thread(target=rt.run_inserter, daemon=True, args=(
+      address, cfg, cfg.games, source), kwargs=dict(stop=stop, throttle=throttle, **kwargs))
+  thread.start()
+  return thread, stop, throttle
+
+
+def test_throttle_stops_inserts_while_full_tables_are_not_sampled():
+  cfg = tiny_cfg(max_size=30, min_fill=4).replace(data=dict(samples_per_insert=2.0))
+  episodes = hand_made_episodes(cfg.games, np.random.default_rng(5), episodes_per_game=3)
+  srv = rt.make_server(cfg)
+  address = f'localhost:{srv.port}'
+  thread, stop, throttle = _streaming_inserter(address, cfg, source_of(episodes))
+  try:
+    _wait_until(lambda: min(rt.table_sizes(address, cfg.games).values()) == 30, 60, 'full tables')
+    time.sleep(0.5)  # the inserter reaches the throttle
+    held = _insert_counts(address, cfg.games)
+    time.sleep(1.5)
+    assert _insert_counts(address, cfg.games) == held  # nobody samples: nothing is inserted
+    assert thread.is_alive() and throttle.throttled_s > 1.0
+    # The learner samples: each game's table lets an episode in once it has been sampled
+    # samples_per_insert x (inserted since full) times; inserting resumes, for every game.
+    with rt.stratified_batches(address, cfg.games, cfg, seed=3) as batches:
+      def grew():
+        next(batches)
+        now = _insert_counts(address, cfg.games)
+        return all(now[g] > held[g] for g in cfg.games)
+      _wait_until(grew, 60, 'inserts to resume while sampling')
+  finally:
+    stop.set()
+    thread.join(timeout=20)
+    srv.stop()
+  assert not thread.is_alive()
+
+
+def test_throttle_no_deadlock_with_unequal_episode_lengths():
+  # Breakout's episodes are 10x longer than Pong's: Breakout's table fills after 3 episodes,
+  # Pong's needs 30 (and its min_fill is its max_size). Throttling Breakout as soon as its table
+  # is full would stop the round-robin inserter before Pong's table can be sampled at all.
+  cfg = tiny_cfg(max_size=60, min_fill=60).replace(data=dict(samples_per_insert=1.0))
+  rng = np.random.default_rng(6)
+  episodes = {'Breakout': [make_steps(21, True, 1, rng)], 'Pong': [make_steps(3, True, 100, rng)]}
+  srv = rt.make_server(cfg)
+  address = f'localhost:{srv.port}'
+  thread, stop, throttle = _streaming_inserter(address, cfg, source_of(episodes))
+  got = []
+  try:
+    with rt.stratified_batches(address, cfg.games, cfg, seed=4) as batches:
+      sampler = threading.Thread(target=lambda: got.extend(next(batches) for _ in range(20)),
+                                 daemon=True)
+      sampler.start()
+      sampler.join(timeout=90)
+      assert len(got) == 20, 'stratified sampling deadlocked with the throttled inserter'
+  finally:
+    stop.set()
+    thread.join(timeout=20)
+    srv.stop()
+  assert {int(g) for b in got for g in b.game_id} == {0, 1}

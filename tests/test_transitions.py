@@ -147,3 +147,39 @@ def test_window_checks():
   with pytest.raises(ValueError, match='action'):
     tr.windows_to_transitions(windows._replace(action=windows.action[:, :3]), 0, discount=0.99,
                               reward_clip=1.0)
+
+
+def _episode_frame_windows(n=3):
+  """Windows of two episodes (terminal and truncated ends), with distinct random frames."""
+  rng = np.random.default_rng(0)
+  out = []
+  for terminal, length in ((True, 7), (False, 5)):
+    steps = make_steps(length, REWARDS[:length], terminal)
+    steps['observation'] = rng.integers(0, 256, steps['observation'].shape, dtype=np.uint8)
+    windows = tr.episode_windows(tr.split_steps(steps), n)
+    out.append(tr.windows_to_frame_windows(windows, 1, discount=0.9, reward_clip=1.0))
+  return tr.FrameWindows(*(np.concatenate(x) for x in zip(*out)))
+
+
+def test_device_stacking_equals_numpy_reference():
+  import jax
+  windows = _episode_frame_windows()
+  assert set(windows.next_start.tolist()) == {1, 2, 3}  # episode ends are in the batch
+  want = tr.stack_frame_windows(windows)
+  for got in (windows.to_transition(), jax.jit(tr.FrameWindows.to_transition)(windows)):
+    for name, g, w in zip(tr.Transition._fields, got, want):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+
+
+def test_learner_step_on_frame_windows_equals_step_on_transitions():
+  from scaled_ql import configs
+  from scaled_ql.agents.learner import Learner
+  windows = _episode_frame_windows()
+  cfg = configs.get_config('cpu_tiny').replace(
+      agent=dict(games_per_batch=1, transitions_per_game=len(windows.action)))
+  transitions = tr.stack_frame_windows(windows)
+  metrics = [Learner(cfg, iter([batch]), handle_signals=False).step()
+             for batch in (windows, transitions)]
+  assert metrics[0].keys() == metrics[1].keys()
+  for k in metrics[0]:
+    np.testing.assert_allclose(metrics[0][k], metrics[1][k], rtol=1e-5, err_msg=k)

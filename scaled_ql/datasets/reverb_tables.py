@@ -13,8 +13,11 @@ items (up to n+4) use it.
 
 Learner side: `stratified_batches(address, games, cfg)` draws `games_per_batch` game indices with
 replacement and `transitions_per_game` transitions from each drawn game's table (Appendix B.3),
-converts windows to `Transition`s with the same `windows_to_transitions` as the numpy reference,
-and prefetches `prefetch_batches` batches in a background thread.
+turns the windows into `FrameWindows` with the same `windows_to_frame_windows` as the numpy
+reference (rewards, discounts, K: vectorised, the frames untouched), and prefetches
+`prefetch_batches` batches in a background thread. Frames are stacked into observations on the
+learner's device, inside its jitted update (`FrameWindows.to_transition`): each frame is copied
+once, and no host thread interleaves channels (docs/performance.md has the profile).
 
 Processes: `start_server_process(cfg)` runs the server in a subprocess (`python -m
 scaled_ql.datasets.reverb_tables serve ...`) reachable at `localhost:PORT` over gRPC;
@@ -49,7 +52,7 @@ import numpy as np
 
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.datasets import transitions as tr
-from scaled_ql.types import Transition
+from scaled_ql.types import FrameWindows
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,54 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
 EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]
 
 
+class InsertThrottle:
+  """The offline throttle (`DataConfig.samples_per_insert`): holds an inserter back, never the
+  learner.
+
+  `wait(game)` runs before each episode of `game` is written. While any table of this inserter is
+  below its max_size it returns at once: episodes go round-robin, one per game, so waiting on one
+  game's full table would stall the others (a table below min_fill blocks every stratified batch:
+  deadlock; a game of short episodes would crawl to its size). Once all are full, it waits until
+  the learner has sampled `samples_per_insert` x (transitions inserted since the table filled)
+  from `game`'s table, so each transition is sampled about that often before FIFO eviction and an
+  inserter does not spend CPU (the learner's, on a small machine) re-inserting data nobody
+  samples. The learner's samplers are never blocked (the tables' rate limiter is MinSize only).
+  A server that does not answer (restarting) lets the episode through: the writer reconnects.
+  """
+
+  def __init__(self, address: str, games: Sequence[str], samples_per_insert: float,
+               stop: Optional[threading.Event] = None, poll_s: float = 0.2):
+    import reverb
+    if samples_per_insert <= 0:
+      raise ValueError(f'data.samples_per_insert must be > 0, got {samples_per_insert}')
+    self._client = reverb.Client(address)
+    self._tables = [table_name(g) for g in games]
+    self._samples_per_insert = samples_per_insert
+    self._stop = stop or threading.Event()
+    self._poll_s = poll_s
+    self.throttled_s = 0.0  # total time spent waiting
+
+  def must_wait(self, game: str) -> bool:
+    try:
+      infos = self._client.server_info(timeout=10)
+    except Exception:  # noqa: BLE001 -- server restarting: the writer copes
+      return False
+    if any(t in infos and infos[t].current_size < infos[t].max_size for t in self._tables):
+      return False
+    info = infos.get(table_name(game))
+    if info is None:
+      return False
+    stats = info.rate_limiter_info
+    inserted_since_full = stats.insert_stats.completed - info.max_size
+    return stats.sample_stats.completed < self._samples_per_insert * inserted_since_full
+
+  def wait(self, game: str) -> None:
+    while not self._stop.is_set() and self.must_wait(game):
+      started = time.monotonic()
+      self._stop.wait(self._poll_s)
+      self.throttled_s += time.monotonic() - started
+
+
 def rlds_episode_source(cfg: ExperimentConfig, *, repeat: bool = True, seed: int = 0,
                         **reader_kwargs) -> EpisodeSource:
   """game -> stream of episodes (each a stream of step dicts) from `rlds_reader`.
@@ -242,18 +293,23 @@ def _episode_steps(steps_dataset, block: int = 256) -> Iterator[dict]:
 def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str],
                  source: EpisodeSource, *, max_episodes_per_game: Optional[int] = None,
                  repeat: bool = True, stop: Optional[threading.Event] = None,
-                 reconnect_timeout_s: float = 600.0) -> int:
+                 reconnect_timeout_s: float = 600.0,
+                 throttle: Optional[InsertThrottle] = None) -> int:
   """Streams episodes of `games` round-robin into their tables; returns items written.
 
   Each pass reads every game's episodes in turn (one episode per game per round). With
   `repeat` the data is streamed again when a game's episodes run out (an offline dataset
   streamed through shuffle buffers, epoch after epoch); `max_episodes_per_game` caps the total.
+  Every episode first passes `throttle` (default: an `InsertThrottle` of
+  `cfg.data.samples_per_insert` over `games`), so `learn` and `train` are throttled alike.
   """
   import reverb
   _check_games(games, cfg)
   stop = stop or threading.Event()
   n_step, chunk_length = cfg.agent.n_step, cfg.data.reverb_chunk_length
   wait_for_server(server_address, reconnect_timeout_s)
+  if throttle is None:
+    throttle = InsertThrottle(server_address, games, cfg.data.samples_per_insert, stop)
   client = reverb.Client(server_address)
   writer = make_writer(client, n_step, chunk_length)
   streams = {g: iter(source(g)) for g in games}
@@ -278,6 +334,9 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
           continue
         streams[game] = iter(source(game))
         episode = next(streams[game])
+      throttle.wait(game)
+      if stop.is_set():
+        break
       try:
         total_items += write_episode(writer, table_name(game), episode, n_step, chunk_length)
         failures = 0
@@ -348,10 +407,12 @@ def samples_served(server_address: str, games: Sequence[str], timeout_s: int = 1
 
 def stratified_dataset(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
                        seed: int = 0):
-  """tf.data of window batches: (StepRecords dict [B, n+4, ...], game_id int32 [B]).
+  """tf.data of window batches: (StepRecords dict [D, P, n+4, ...], game_id int32 [D, P]).
 
-  B = games_per_batch * transitions_per_game; game draws are uniform with replacement, then each
-  draw takes `transitions_per_game` consecutive samples of that game's table.
+  D = games_per_batch draws of a game, uniform with replacement; each draw is P =
+  transitions_per_game consecutive samples of that game's table (Appendix B.3). Per-sample work
+  stays in Reverb's sampler; tf.data only handles blocks of P samples (no per-sample map) and the
+  caller merges [D, P] into the batch dimension with a free reshape.
   """
   import reverb
   import tensorflow as tf
@@ -363,8 +424,8 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / len(games))))
   no_autograph = tf.autograph.experimental.do_not_convert  # plain tensor code; no warnings
 
-  def with_game_id(game_id):
-    return no_autograph(lambda sample: (sample.data, game_id))
+  def with_game_id(game_id):  # once per block of P samples
+    return no_autograph(lambda samples: (samples.data, game_id))
 
   datasets = []
   for game in games:
@@ -373,21 +434,16 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
         dtypes={k: s.dtype for k, s in specs.items()},
         shapes={k: s.shape for k, s in specs.items()},
         max_in_flight_samples_per_worker=in_flight, num_workers_per_iterator=1)
-    game_id = tf.constant(cfg.games.index(game), tf.int32)
-    datasets.append(ds.map(with_game_id(game_id)).batch(per_game))
+    game_id = tf.fill([per_game], tf.constant(cfg.games.index(game), tf.int32))
+    datasets.append(ds.batch(per_game).map(with_game_id(game_id)))
 
   @no_autograph
   def to_game_index(x):
     return tf.cast(tf.math.floormod(x, len(games)), tf.int64)
 
-  @no_autograph
-  def merge_draws(data, game_id):  # [games_per_batch, per_game, ...] -> [batch, ...]
-    merge = lambda x: tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
-    return tf.nest.map_structure(merge, data), merge(game_id)
-
   choice = tf.data.Dataset.random(seed=seed).map(to_game_index)
   ds = tf.data.Dataset.choose_from_datasets(datasets, choice)
-  ds = ds.batch(agent.games_per_batch).map(merge_draws)
+  ds = ds.batch(agent.games_per_batch)
   return ds.prefetch(max(1, cfg.data.prefetch_batches))
 
 
@@ -399,7 +455,10 @@ def _is_connection_error(e: BaseException) -> bool:
 
 
 class StratifiedBatches:
-  """Iterator[Transition] over the tables of `games`, prefetched in a background thread.
+  """Iterator[FrameWindows] over the tables of `games`, prefetched in a background thread.
+
+  Each batch is a `FrameWindows`: the learner stacks observation and next observation from the
+  window frames on its device (`Learner.step`); `.to_transition()` does it anywhere.
 
   Call `close()` (or use as a context manager) to stop the thread.
   """
@@ -442,9 +501,10 @@ class StratifiedBatches:
     agent = self._cfg.agent
     try:
       for data, game_id in self._windows():
-        windows = tr.StepRecords(**data)
-        batch = tr.windows_to_transitions(windows, game_id, discount=agent.discount,
-                                          reward_clip=agent.reward_clip)
+        merge = lambda x: x.reshape((-1,) + x.shape[2:])  # [D, P, ...] -> [D*P, ...], a view
+        windows = tr.StepRecords(**{k: merge(v) for k, v in data.items()})
+        batch = tr.windows_to_frame_windows(windows, merge(game_id), discount=agent.discount,
+                                            reward_clip=agent.reward_clip)
         while not self._stop.is_set():
           try:
             self._queue.put(batch, timeout=0.1)
@@ -469,7 +529,7 @@ class StratifiedBatches:
   def __iter__(self) -> 'StratifiedBatches':
     return self
 
-  def __next__(self) -> Transition:
+  def __next__(self) -> FrameWindows:
     while True:
       try:
         item = self._queue.get(timeout=0.1)
@@ -495,7 +555,7 @@ class StratifiedBatches:
 
 def stratified_batches(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
                        seed: int = 0) -> StratifiedBatches:
-  """The learner's Iterator[Transition]: stratified multi-game batches (Appendix B.3)."""
+  """The learner's Iterator[FrameWindows]: stratified multi-game batches (Appendix B.3)."""
   return StratifiedBatches(server_address, games, cfg, seed)
 
 

@@ -13,8 +13,10 @@ no stacking across episode starts, Dopamine's convention, the env pads the same 
 records after step L, so that every transition t = 0..L-1 has a full window; an episode of L+1 steps
 gives L + n + 3 records and L transitions. The Reverb inserter appends exactly these records and
 creates an item over the last `n + STACK` records wherever `padded_step_records` says so; the numpy
-reference `episode_transitions` cuts the same windows in memory. Both end in
-`windows_to_transitions`, so the two paths cannot disagree.
+reference `episode_transitions` cuts the same windows in memory. Both go through
+`windows_to_frame_windows` (rewards, discounts, K), so the two paths cannot disagree; the learner
+stacks the frames on its device (`FrameWindows.to_transition`), the reference with numpy
+(`stack_frame_windows`), and tests check the two stackings agree.
 
 Per window: K = min(n, L - t) = number of valid records after index 3;
 reward = sum_{k<K} gamma^k clip(r_{t+k}); discount = 0 if step t+K is terminal (is_terminal is only
@@ -27,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from scaled_ql.types import Transition
+from scaled_ql.types import FrameWindows, Transition
 
 STACK = 4  # frames per observation (DQN preprocessing)
 FRAME_SHAPE = (84, 84)
@@ -142,9 +144,14 @@ def _stack_frames(planes: list) -> np.ndarray:
   return out
 
 
-def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: float,
-                           reward_clip: float) -> Transition:
-  """Batch of windows [B, n+STACK, ...] -> `Transition` batch [B, ...] (see module doc)."""
+def windows_to_frame_windows(windows: StepRecords, game_id: Any, *, discount: float,
+                             reward_clip: float) -> FrameWindows:
+  """Batch of windows [B, n+STACK, ...] -> `FrameWindows` [B, ...] (see module doc).
+
+  Vectorised over the batch; the frames are passed through untouched (no copy): the learner
+  stacks them on its device (`FrameWindows.to_transition`), the numpy reference with
+  `stack_frame_windows`.
+  """
   frame = np.asarray(windows.frame)
   if frame.ndim != 4 or frame.shape[2:] != FRAME_SHAPE or frame.dtype != np.uint8:
     raise ValueError(f'window frames must be uint8 [B, W, 84, 84], got {frame.dtype} '
@@ -171,21 +178,31 @@ def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: floa
   reward = np.where(k[None] < steps_left[:, None], powers * clipped, 0.0).sum(1)
   terminated = np.asarray(windows.terminal, bool)[rows, STACK - 1 + steps_left]
   bootstrap = np.where(terminated, 0.0, np.float32(discount) ** steps_left.astype(np.float32))
-
   # Padding records carry zero frames (`padding_record`), so the stacks need no masking.
-  observation = _stack_frames([frame[:, c] for c in range(STACK)])
-  if (steps_left == n).all():  # no episode end in the batch: plain slices
-    next_planes = [frame[:, n + c] for c in range(STACK)]
-  else:
-    next_planes = [frame[rows, steps_left + c] for c in range(STACK)]
-  next_observation = _stack_frames(next_planes)
-  return Transition(
-      observation=observation,
+  return FrameWindows(
+      frames=frame, next_start=steps_left.astype(np.int32),
       action=np.asarray(windows.action, np.int32)[:, STACK - 1],
-      reward=reward.astype(np.float32),
-      discount=bootstrap.astype(np.float32),
-      next_observation=next_observation,
+      reward=reward.astype(np.float32), discount=bootstrap.astype(np.float32),
       game_id=game_id.copy())
+
+
+def stack_frame_windows(windows: FrameWindows) -> Transition:
+  """`FrameWindows` -> `Transition` in numpy, on the host (the reference of `to_transition`)."""
+  frame = np.asarray(windows.frames)
+  rows = np.arange(frame.shape[0])
+  steps_left = np.asarray(windows.next_start)
+  observation = _stack_frames([frame[:, c] for c in range(STACK)])
+  next_observation = _stack_frames([frame[rows, steps_left + c] for c in range(STACK)])
+  return Transition(observation=observation, action=windows.action, reward=windows.reward,
+                    discount=windows.discount, next_observation=next_observation,
+                    game_id=windows.game_id)
+
+
+def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: float,
+                           reward_clip: float) -> Transition:
+  """Batch of windows [B, n+STACK, ...] -> `Transition` batch [B, ...], all in numpy."""
+  return stack_frame_windows(windows_to_frame_windows(windows, game_id, discount=discount,
+                                                      reward_clip=reward_clip))
 
 
 def episode_windows(steps: Iterable[Mapping[str, Any]], n_step: int) -> StepRecords:

@@ -154,11 +154,8 @@ class InserterNode(_LoopNode):
   Reverb tables, epoch after epoch (`reverb_tables.run_inserter`, which reconnects when the server
   comes back at its address).
 
-  Throttle: once a game's table (a shuffle buffer) is full, the next episode waits until the
-  learner has sampled `DataConfig.samples_per_insert` times as many transitions from that table as were
-  inserted after it filled up, so each transition is sampled about that many times before
-  FIFO eviction, and an inserter never burns CPU re-inserting data nobody samples (on a small
-  machine that CPU is the learner's).
+  Throttle: `reverb_tables.InsertThrottle` (`DataConfig.samples_per_insert`), applied by
+  `run_inserter` itself, so the `learn` command's inserter processes are throttled alike.
   """
 
   def __init__(self, cfg: ExperimentConfig, replay: str, index: int, num_inserters: int,
@@ -169,53 +166,23 @@ class InserterNode(_LoopNode):
     if not self._games:
       raise ValueError(f'inserter {index} of {num_inserters} has no games ({len(cfg.games)} '
                        'games): lower DataConfig.num_inserters')
-    self.throttled_s = 0.0
+    self._throttle = None
     self._start(workdir)
 
   def _run_once(self) -> bool:
     from scaled_ql.datasets import reverb_tables
     address = _reverb_address(self._replay)
+    # The throttle lives in the data layer (`reverb_tables.InsertThrottle`); kept here for status.
+    self._throttle = reverb_tables.InsertThrottle(address, self._games,
+                                                  self._cfg.data.samples_per_insert, self._stop)
     reverb_tables.run_inserter(
-        address, self._cfg, self._games,
-        self._throttled(reverb_tables.rlds_episode_source(self._cfg), address),
-        repeat=True, stop=self._stop)
+        address, self._cfg, self._games, reverb_tables.rlds_episode_source(self._cfg),
+        repeat=True, stop=self._stop, throttle=self._throttle)
     return False
 
-  def _throttled(self, source, address: str):
-    import reverb
-    from scaled_ql.datasets import reverb_tables
-    client = reverb.Client(address)
-
-    def wait_for_samples(game: str) -> None:
-      started = time.monotonic()
-      while not self._stop.is_set():
-        try:
-          infos = client.server_info(timeout=10)
-          info = infos[reverb_tables.table_name(game)]
-          # No throttling until every table of this inserter is full. Episodes go round-robin,
-          # one per game, so waiting on one game's full table stalls the others: with a table
-          # below min_fill the learner cannot sample at all (deadlock), and a game with short
-          # episodes would otherwise crawl to its size one episode per throttled round.
-          filling = any(infos[reverb_tables.table_name(g)].current_size
-                        < infos[reverb_tables.table_name(g)].max_size for g in self._games
-                        if reverb_tables.table_name(g) in infos)
-        except Exception:  # pylint: disable=broad-except  (server restarting: the writer copes)
-          return
-        if filling:
-          break
-        stats = info.rate_limiter_info
-        inserted_since_full = stats.insert_stats.completed - info.max_size
-        if (info.current_size < info.max_size
-            or stats.sample_stats.completed >= self._cfg.data.samples_per_insert * inserted_since_full):
-          break
-        self._stop.wait(0.2)
-      self.throttled_s += time.monotonic() - started
-
-    def throttled_source(game: str):
-      for episode in source(game):
-        wait_for_samples(game)
-        yield episode
-    return throttled_source
+  @property
+  def throttled_s(self) -> float:
+    return self._throttle.throttled_s if self._throttle is not None else 0.0
 
   def status(self) -> dict:
     return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s)
