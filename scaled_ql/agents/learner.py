@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scaled_ql import loggers as loggers_lib
 from scaled_ql.agents import builder, checkpointing, losses
 from scaled_ql.configs.base import ExperimentConfig
-from scaled_ql.types import Transition
+from scaled_ql.types import FrameWindows, Transition
 
 
 class TrainState(NamedTuple):
@@ -136,14 +136,28 @@ def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
   return new_state, metrics
 
 
-def check_batch(batch: Transition, cfg: ExperimentConfig, batch_size: int) -> None:
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
+def update_from_windows(state: TrainState, windows: FrameWindows, cfg: ExperimentConfig
+                        ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`update` on frame windows (the Reverb path's batches): the observation and next observation
+  stacks are cut from the windows on the device, fused into the step."""
+  return update(state, windows.to_transition(), cfg=cfg)
+
+
+def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_size: int) -> None:
   """Raises ValueError naming the field of a malformed batch (host-side, cheap)."""
-  if not isinstance(batch, Transition):
-    raise TypeError(f'the data iterator must yield scaled_ql.types.Transition, got {type(batch)}')
-  expected = dict(observation=((batch_size, 84, 84, 4), np.uint8), action=((batch_size,), np.int32),
-                  reward=((batch_size,), np.float32), discount=((batch_size,), np.float32),
-                  next_observation=((batch_size, 84, 84, 4), np.uint8),
-                  game_id=((batch_size,), np.int32))
+  if isinstance(batch, FrameWindows):
+    width = cfg.agent.n_step + 4
+    expected = dict(frames=((batch_size, width, 84, 84), np.uint8),
+                    next_start=((batch_size,), np.int32))
+  elif isinstance(batch, Transition):
+    expected = dict(observation=((batch_size, 84, 84, 4), np.uint8),
+                    next_observation=((batch_size, 84, 84, 4), np.uint8))
+  else:
+    raise TypeError('the data iterator must yield scaled_ql.types.Transition or FrameWindows, '
+                    f'got {type(batch)}')
+  expected.update(action=((batch_size,), np.int32), reward=((batch_size,), np.float32),
+                  discount=((batch_size,), np.float32), game_id=((batch_size,), np.int32))
   for name, (shape, dtype) in expected.items():
     value = getattr(batch, name)
     if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
@@ -227,8 +241,9 @@ class Learner:
     self._check_alive()
     batch = next(self._iterator)
     check_batch(batch, self._cfg, self._batch_size)
-    batch = jax.device_put(Transition(*map(np.asarray, batch)), self._batch_sharding)
-    new_state, metrics = update(self._state, batch, cfg=self._cfg)
+    batch = jax.device_put(type(batch)(*map(np.asarray, batch)), self._batch_sharding)
+    step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
+    new_state, metrics = step_fn(self._state, batch, cfg=self._cfg)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step = self._steps + 1
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
