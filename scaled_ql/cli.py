@@ -7,6 +7,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
+    'scaled_ql.configs.commands',    # config show | list
     'scaled_ql.networks.commands',   # describe
     'scaled_ql.agents.commands',     # learn (standalone offline learner)
     'scaled_ql.datasets.commands',   # data generate | inspect

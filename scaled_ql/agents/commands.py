@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from scaled_ql.configs import ConfigError
+from scaled_ql.configs import overrides
+from scaled_ql.configs.overrides import ConfigError
 from scaled_ql.launch import run
 
 
@@ -20,8 +21,7 @@ def register(subparsers) -> None:
   p = subparsers.add_parser(
       'learn', help='run the offline learner alone on a Reverb-fed data stream (no Ray)',
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--config', required=True, help='config name, e.g. cpu_small or '
-                 'atari6_suboptimal_resnet50_mse (see scaled_ql/configs)')
+  overrides.add_flags(p)
   p.add_argument('--workdir', required=True, help='checkpoints, config.json, metrics')
   p.add_argument('--data-dir', default=None, help="TFDS data dir (default: the config's)")
   p.add_argument('--steps', type=int, default=None, help="gradient steps (default: the config's)")
@@ -33,14 +33,18 @@ def register(subparsers) -> None:
 
 
 def _resolve(args: argparse.Namespace):
-  """The run's config with the flags applied; raises ConfigError before anything expensive."""
+  """The run's config with the flags applied, compared with what the workdir ran and recorded
+  (config.json, config_history.jsonl); raises ConfigError before anything expensive."""
   from scaled_ql.agents import checkpointing
-  cfg = run.resolve_config(args.config, args.data_dir, args.steps)
+  cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
+                           overrides=args.set)
   if args.reverb is None:
     run.check_data(cfg)
+  run.check_workdir(args.workdir)
   ckpts = checkpointing.checkpoint_dir(args.workdir)
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
     raise ConfigError(f'--no-resume: {ckpts} already holds checkpoints')
+  run.prepare_workdir(cfg, args.workdir, args.allow_config_change)
   return cfg
 
 

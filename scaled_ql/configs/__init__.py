@@ -17,16 +17,11 @@ from typing import Callable
 from scaled_ql import games as games_lib
 from scaled_ql.configs.base import (AgentConfig, DataConfig, EvalConfig, ExperimentConfig,
                                     FinetuneConfig, NetworkConfig, TrainConfig)
+from scaled_ql.configs.overrides import ConfigError
 
 __all__ = ['AgentConfig', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FinetuneConfig',
            'NetworkConfig', 'TrainConfig', 'finetune_offline', 'finetune_online', 'get_config',
            'list_configs', 'ConfigError', 'UnknownConfigError', 'NETWORKS', 'VARIANTS']
-
-
-class ConfigError(ValueError):
-  """Bad input for a run (a config name or field, a flag, the data dir or workdir), raised before
-  anything expensive starts; the message names the flag/file/game at fault. Every command that
-  takes a config reports it the same way (`error: ...`, exit 2)."""
 
 
 class UnknownConfigError(ConfigError):
@@ -204,26 +199,34 @@ def get_config(name: str) -> ExperimentConfig:
 # Section 5.2 / Appendix B.4. Both derive the fine-tuning run from the pre-training config `base`
 # (the checkpoint's, so that the encoder fits): same network, one game, batch 32.
 
+# Appendix B.4, written here only (`finetune_offline` and `scaled-ql finetune --help` read it; a
+# run changes any of it with --set). Offline: "a batch size of 32", "α = 0.05", "the default
+# learning rate of 5e-05", "the end of 300k gradient steps"; the data: 1% of the game's DQN-Replay
+# run, spread over all of it (Section 5.2). Online: the C51 of DOPAMINE_C51 with n-step 3 and a
+# learning rate from the paper's sweep {1e-05, 5e-05}.
+FINETUNE_OFFLINE = dict(batch_size=32, cql_alpha=0.05, learning_rate=5e-5, num_steps=300_000,
+                        selection='uniform:1')
+FINETUNE_ONLINE = dict(n_step=3, learning_rate=5e-5)
+
+
 def finetune_offline(base: ExperimentConfig, game: str, *, pretrained: str | None,
-                     freeze_encoder: bool = False, data_dir: str | None = None,
-                     selection: str = 'uniform:1', num_steps: int = 300_000,
-                     learning_rate: float = 5e-5, cql_alpha: float = 0.05,
-                     batch_size: int = 32) -> ExperimentConfig:
-  """Offline fine-tuning to a new game (Appendix B.4): batch 32, lr 5e-5, alpha 0.05, 300k steps,
-  1% of the DQN-Replay data spread over the run ('uniform:1'); otherwise the pre-training
-  hyperparameters (loss, atoms, target update period, replay sizes). `pretrained=None`: the same
-  run from scratch."""
+                     freeze_encoder: bool = False, data_dir: str | None = None
+                     ) -> ExperimentConfig:
+  """Offline fine-tuning to a new game with FINETUNE_OFFLINE (Appendix B.4); otherwise the
+  pre-training hyperparameters (loss, atoms, target update period, replay sizes).
+  `pretrained=None`: the same run from scratch."""
   games_lib.check_games([game], 'fine-tuning game')
+  b4 = FINETUNE_OFFLINE
   suffix = 'scratch' if pretrained is None else ('frozen' if freeze_encoder else 'pretrained')
   return base.replace(
       name=f'finetune_offline_{game}_{suffix}', games=(game,),
-      agent=dict(loss='c51', cql_alpha=cql_alpha, learning_rate=learning_rate,
-                 games_per_batch=1, transitions_per_game=batch_size,
+      agent=dict(loss='c51', cql_alpha=b4['cql_alpha'], learning_rate=b4['learning_rate'],
+                 games_per_batch=1, transitions_per_game=b4['batch_size'],
                  frozen_modules=('encoder',) if freeze_encoder else ()),
-      data=dict(selection=selection, num_inserters=1,
+      data=dict(selection=b4['selection'], num_inserters=1,
                 **({} if data_dir is None else dict(data_dir=data_dir))),
       eval=dict(num_evaluators=1, game_mode=None),
-      train=dict(num_steps=num_steps),
+      train=dict(num_steps=b4['num_steps']),
       finetune=FinetuneConfig(pretrained=pretrained))
 
 
@@ -248,9 +251,10 @@ FRAME_SKIP = 4  # emulator frames per agent step (Table B.1)
 def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
                     pretrained: str | None, num_steps: int | None = None,
                     online_frames: int = ONLINE_FINETUNE_FRAMES,
-                    learning_rate: float = 5e-5, freeze_encoder: bool = False,
+                    learning_rate: float | None = None, freeze_encoder: bool = False,
                     scale: float = 1.0) -> ExperimentConfig:
-  """Online C51 fine-tuning in a new game mode (Section 5.2, Appendix B.4).
+  """Online C51 fine-tuning in a new game mode (Section 5.2, Appendix B.4): DOPAMINE_C51 with
+  FINETUNE_ONLINE (`learning_rate` None: its learning rate).
 
   Length: `online_frames` emulator frames (default the paper's 3M; see ONLINE_FINETUNE_FRAMES for
   the other reading, 12M) = online_frames / 4 agent steps = online_frames / 16 gradient steps at
@@ -272,7 +276,9 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
   mode_name = 'default' if mode is None else f'm{mode}'
   return base.replace(
       name=f'finetune_online_{game}_{mode_name}_{suffix}', games=(game,),
-      agent=dict(loss='c51', cql_alpha=0.0, n_step=3, learning_rate=learning_rate,
+      agent=dict(loss='c51', cql_alpha=0.0, n_step=FINETUNE_ONLINE['n_step'],
+                 learning_rate=(FINETUNE_ONLINE['learning_rate'] if learning_rate is None
+                                else learning_rate),
                  adam_eps=c['adam_eps'], v_min=-c['v_max'], v_max=c['v_max'],
                  games_per_batch=1, transitions_per_game=c['batch_size'],
                  target_update_period=sized(c['target_update_period']),

@@ -30,13 +30,13 @@ class NetworkConfig:
   # IMPALA-CNN: channels of its three stages, scaled by `impala_width` (Lee et al. 2022 use 4/8/16
   # wide variants in the scaling plot, Figure 6).
   impala_channels: tuple[int, ...] = (16, 32, 32)
-  impala_width: int = 1
+  impala_width: int = 1  # multiplies impala_channels (Figure 6: widths 4, 8, 16)
   # Learned spatial embedding (Section 4, Appendix A.3) instead of global mean pooling.
   spatial_embedding: bool = True
-  spatial_embedding_features: int = 8
+  spatial_embedding_features: int = 8  # features per spatial position of the embedding
   # Feed-forward trunk: Dense(2048) + LayerNorm, then three Dense(1024) + ReLU (Appendix B.1).
   trunk_first_dim: int = 2048
-  trunk_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)
+  trunk_hidden_dims: tuple[int, ...] = (1024, 1024, 1024)  # the Dense+ReLU layers (Appendix B.1)
   # Feature normalization: divide the representation by its L2 norm (Section 4, Table 2).
   feature_norm: bool = True
   # Compute dtype for convolutions and matmuls ('float32' | 'bfloat16'); params stay float32.
@@ -50,11 +50,11 @@ class AgentConfig:
   # 'bcq' (discrete BCQ, Appendix A.2).
   loss: str = 'c51'
   cql_alpha: float = 0.05  # 0.05 for C51, 0.1 for MSE (Table B.1); 0 = no pessimism (A.4)
-  num_atoms: int = 51
+  num_atoms: int = 51  # C51 atoms on [v_min, v_max] (Appendix B.2)
   v_min: float = -20.0  # support [-20, 20] (Appendix B.2)
-  v_max: float = 20.0
-  discount: float = 0.99
-  n_step: int = 3
+  v_max: float = 20.0  # upper end of the C51 support (Appendix B.2)
+  discount: float = 0.99  # Table B.1
+  n_step: int = 3  # n-step returns (Table B.1)
   reward_clip: float = 1.0  # rewards clipped to [-1, 1] for training (Table B.1)
   learning_rate: float = 2e-4  # 5e-5 scaled x4 for batch 512 (Appendix B.3)
   adam_eps: float = 3.125e-4  # Dopamine's Atari Adam epsilon (0.01 / 32)
@@ -63,7 +63,7 @@ class AgentConfig:
   # Stratified batches: `games_per_batch` game indices with replacement, then
   # `transitions_per_game` transitions from each (Appendix B.3): 128 x 4 = 512.
   games_per_batch: int = 128
-  transitions_per_game: int = 4
+  transitions_per_game: int = 4  # per sampled game index (Appendix B.3)
   bcq_tau: float = 0.3  # discrete BCQ action filter threshold (Appendix A.2)
   # Top-level network modules ('encoder', 'trunk', 'heads') whose params the optimizer leaves
   # unchanged (transfer with a frozen encoder: `('encoder',)`; scaled_ql/agents/transfer.py).
@@ -78,7 +78,7 @@ class AgentConfig:
 class DataConfig:
   """Where the offline data comes from and how it is fed to the learner (Section 3)."""
   data_dir: str = 'data/generated'  # TFDS data dir: a local path or gs://rl_unplugged/tensorflow_datasets
-  builder: str = 'rlu_atari_checkpoints_ordered'
+  builder: str = 'rlu_atari_checkpoints_ordered'  # TFDS builder: RL Unplugged's DQN-Replay copy
   run: int = 1  # DQN-Replay run (1..5)
   # 'suboptimal' (checkpoints 00..09 = first 20%), 'near_optimal' (all), 'uniform:P' (P% of
   # episodes spread over all checkpoints; P=1 for fine-tuning), or 'checkpoints:A-B'.
@@ -86,7 +86,7 @@ class DataConfig:
   # Reverb: one table per game, each a shuffle buffer of this many transitions.
   shuffle_buffer_per_game: int = 20_000
   min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts
-  num_inserters: int = 1
+  num_inserters: int = 1  # inserter nodes, each streaming a share of the games into Reverb
   # Inserter throttle: once a game's table is full, an inserter waits until the learner has sampled
   # this many transitions per transition inserted since, so each is sampled ~this often before FIFO
   # eviction and inserters never take CPU from the learner re-inserting data nobody samples.
@@ -95,7 +95,7 @@ class DataConfig:
   # this many steps. Longer: better compression, but a sample decompresses whole chunks (16 vs 32:
   # 1.7x the sampling throughput for 5% more bytes; BUILD_NOTES.md, reverb section).
   reverb_chunk_length: int = 16
-  prefetch_batches: int = 2
+  prefetch_batches: int = 2  # batches the learner's Reverb sampler keeps in flight
   # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
   # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
   reader_cycle_length: int = 64
@@ -105,9 +105,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Online ALE evaluation (Appendix B.3, Table B.1)."""
-  epsilon: float = 0.001
+  epsilon: float = 0.001  # epsilon-greedy at evaluation (Table B.1)
   sticky_action_prob: float = 0.0  # no sticky actions at evaluation (Lee et al. 2022 protocol)
-  max_episode_frames: int = 108_000
+  max_episode_frames: int = 108_000  # max frames per episode (Table B.1: 108K)
   steps_per_game: int = 125_000  # agent steps averaged over (Castro et al. 2018); small on CPU
   num_envs: int = 4  # environments batched through the network per evaluator
   # The envs are split into this many groups: one group's emulators step while the network
@@ -118,13 +118,13 @@ class EvalConfig:
   # between evaluators). > 0: the policy runs on that accelerator, batched over `num_envs`
   # environments per call; 0: on the CPU (docs/evaluation.md, "Evaluator fleets").
   gpus_per_evaluator: float = 0.0
-  num_evaluators: int = 1
+  num_evaluators: int = 1  # evaluator nodes, each owning a share of the games
   # Cadence: with `eval_every_steps` set (paper configs: 62.5k, once per training iteration of
   # Table B.1), an evaluator evaluates the params of every learner step that is a multiple of it
   # (the learner publishes at those steps), so learning curves compare across machines; None: a
   # wall-clock cadence, every `eval_every_seconds` (CPU configs).
   eval_every_steps: Optional[int] = None
-  eval_every_seconds: float = 60.0
+  eval_every_seconds: float = 60.0  # wall-clock cadence when eval_every_steps is None
   # ALE game mode of the evaluation environments (None: the ROM's default, as in DQN-Replay).
   # Online fine-tuning to a new mode (Section 5.2) evaluates in that mode, e.g. Breakout 12.
   game_mode: Optional[int] = None
@@ -132,12 +132,13 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """The learner's budget and cadences (Appendix B.3)."""
   num_steps: int = 10_000_000  # gradient steps (Appendix B.3: 10M for ResNet-101)
-  log_every_steps: int = 100
-  checkpoint_every_steps: int = 5_000
+  log_every_steps: int = 100  # learner metrics (stdout, learner.jsonl, TensorBoard) cadence
+  checkpoint_every_steps: int = 5_000  # Orbax checkpoint cadence (a restart resumes from it)
   publish_every_steps: int = 100  # how often the learner pushes params to the variable server
-  variable_server_shards: int = 1
-  seed: int = 0
+  variable_server_shards: int = 1  # variable-server actors the params are split over
+  seed: int = 0  # network init, batch sampling and data-selection offsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,22 +156,25 @@ class FinetuneConfig:
   # Online fine-tuning (Dopamine's C51 settings, Castro et al. 2018, with n-step 3).
   num_actors: int = 1  # FinetuneActorNodes collecting experience in the new game/mode
   update_period: int = 4  # environment steps (all actors together) per gradient step
-  epsilon_start: float = 1.0
+  epsilon_start: float = 1.0  # Dopamine: epsilon 1 during the replay warm-up
   epsilon_end: float = 0.01  # Dopamine's epsilon_train
   epsilon_decay_steps: int = 250_000  # environment steps, after the replay warm-up
-  actor_sticky_action_prob: float = 0.25
+  actor_sticky_action_prob: float = 0.25  # Dopamine's training environments (sticky actions)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  name: str
-  games: tuple[str, ...]
+  name: str  # the named config this one is (scaled-ql config list), or a fine-tuning run's name
+  games: tuple[str, ...]  # the games trained on, one Q-head each (Section 3: 40 games; Table 2: 6)
   network: NetworkConfig = NetworkConfig()
   agent: AgentConfig = AgentConfig()
   data: DataConfig = DataConfig()
   eval: EvalConfig = EvalConfig()
   train: TrainConfig = TrainConfig()
   finetune: FinetuneConfig = FinetuneConfig()
+  # The command-line changes to the named config, in order ('agent.cql_alpha=0.1', ...): a
+  # record (config.json, config_history.jsonl), not a setting; see configs/overrides.py.
+  overrides: tuple[str, ...] = ()
 
   def replace(self, **kwargs: Any) -> 'ExperimentConfig':
     """`cfg.replace(agent=dict(cql_alpha=0.0), name=...)`: nested dicts update sub-configs."""
@@ -206,4 +210,5 @@ class ExperimentConfig:
         data=build(DataConfig, d.get('data', {})),
         eval=build(EvalConfig, d.get('eval', {})),
         train=build(TrainConfig, d.get('train', {})),
-        finetune=build(FinetuneConfig, d.get('finetune', {})))
+        finetune=build(FinetuneConfig, d.get('finetune', {})),
+        overrides=tuple(d.get('overrides', ())))

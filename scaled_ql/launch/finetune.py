@@ -199,13 +199,15 @@ def format_actors(status: program.ProgramStatus) -> str:
 def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, *,
                address: Optional[str] = None, num_cpus: Optional[int] = None,
                timeout_s: Optional[float] = None, log=None,
-               final_eval_timeout_s: Optional[float] = 600.0) -> program.ProgramStatus:
+               final_eval_timeout_s: Optional[float] = 600.0,
+               allow_config_change: bool = False) -> program.ProgramStatus:
   """Runs the online program until the learner's `train.num_steps` (or `timeout_s`), then a final
-  evaluation; returns the last status (Ray stopped after, when it was started here)."""
+  evaluation; returns the last status (Ray stopped after, when it was started here). The workdir
+  is checked and recorded first (`run.prepare_workdir`: ConfigError on a refused resume)."""
   from scaled_ql.launch import run
   log = log or (lambda line: print(line, flush=True))
   check_online_config(cfg)
-  run.prepare_workdir(cfg, workdir)
+  run.prepare_workdir(cfg, workdir, allow_config_change, log=log)
   started_here = run.init_ray(address, max(num_cpus or 0, required_cpus(cfg)), cfg)
   try:
     prog = build_online(cfg, workdir, initial_params)

@@ -8,37 +8,51 @@ fails in a second with a `ConfigError` naming the flag/file/game at fault.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
-from scaled_ql.configs import ConfigError
+from scaled_ql.configs import overrides as overrides_lib
+from scaled_ql.configs.overrides import ConfigError
 
 
 def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[int] = None,
-                   evaluators: Optional[int] = None):
-  """The run's ExperimentConfig with the command-line overrides; raises ConfigError."""
-  from scaled_ql import configs, games as games_lib
-  try:
-    cfg = configs.get_config(config)
-  except configs.UnknownConfigError as e:
-    raise ConfigError(f'--config: {e}') from e
-  overrides: dict = {}
+                   evaluators: Optional[int] = None, *, games: Optional[str] = None,
+                   overrides: Sequence[str] = ()):
+  """The run's ExperimentConfig: `config` (a name, or a config.json / workdir to rerun) with the
+  command line's changes, validated; raises ConfigError. The flags are shorthands recorded like
+  `--set` overrides (in `cfg.overrides`): --games -> games, --data-dir -> data.data_dir,
+  --steps -> train.num_steps, --evaluators -> eval.num_evaluators; `overrides` come last."""
+  cfg = overrides_lib.load(config)
+  if games is not None:
+    cfg = overrides_lib.apply(cfg, [f'games={games}'], flag='--games')
+    # The heads follow the games; so do the evaluators and inserters (at most one per game).
+    follow = [f'{path}={len(cfg.games)}' for path in ('eval.num_evaluators', 'data.num_inserters')
+              if overrides_lib.get(cfg, path) > len(cfg.games)]
+    cfg = overrides_lib.apply(cfg, follow, flag='--games')
   if data_dir is not None:
-    overrides['data'] = dict(data_dir=data_dir)
+    cfg = overrides_lib.apply(cfg, [f'data.data_dir={data_dir}'], flag='--data-dir')
   if steps is not None:
     if steps < 1:
       raise ConfigError(f'--steps must be >= 1, got {steps}')
-    overrides['train'] = dict(num_steps=steps)
+    cfg = overrides_lib.apply(cfg, [f'train.num_steps={steps}'], flag='--steps')
   if evaluators is not None:
-    overrides['eval'] = dict(num_evaluators=evaluators)
-  cfg = cfg.replace(**overrides)
+    cfg = overrides_lib.apply(cfg, [f'eval.num_evaluators={evaluators}'], flag='--evaluators')
+  cfg = overrides_lib.apply(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg) -> None:
+  """The checks that need no data and no process; ConfigError naming the field/flag at fault."""
+  from scaled_ql import games as games_lib
   try:
     games_lib.check_games(cfg.games, f'config {cfg.name!r} games')
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
-    raise ConfigError(f'--evaluators must be between 1 and the {len(cfg.games)} games of '
-                      f'{cfg.name!r}, got {cfg.eval.num_evaluators}')
+    raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
+                      f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
   if cfg.train.variable_server_shards < 1:
     raise ConfigError(f'train.variable_server_shards must be >= 1, got '
                       f'{cfg.train.variable_server_shards}')
@@ -50,31 +64,207 @@ def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[
     builder.check_agent_config(cfg)
   except ValueError as e:
     raise ConfigError(f'config {cfg.name!r}: {e}') from e
-  return cfg
 
 
 def check_data(cfg) -> None:
-  """The data dir exists and holds every game's dataset (local dirs; gs:// is checked lazily)."""
-  from scaled_ql.datasets import tfds_layout
+  """The data selection parses and the data dir holds every game's dataset: local dirs and
+  gs:// alike (an unreachable bucket or missing credentials are reported as such)."""
+  from scaled_ql.datasets import rlds_reader, tfds_layout
+  try:
+    rlds_reader.parse_selection(cfg.data.selection)
+  except ValueError as e:
+    raise ConfigError(f'data.selection: {e}') from e
   data_dir = cfg.data.data_dir
-  if '://' in data_dir:
-    return
-  if not os.path.isdir(data_dir):
+  root = data_dir.rstrip('/') + '/' + cfg.data.builder
+  if not _exists(data_dir):
     raise ConfigError(f'--data-dir {data_dir!r} does not exist (generate one with '
                       f'`scaled-ql data generate --games {",".join(cfg.games)} --out {data_dir}`)')
-  root = os.path.join(data_dir, cfg.data.builder)
   missing = [g for g in cfg.games
-             if not os.path.isdir(os.path.join(root, tfds_layout.config_name(g, cfg.data.run)))]
+             if not _exists(root + '/' + tfds_layout.config_name(g, cfg.data.run))]
   if missing:
-    have = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    have = sorted(_listdir(root)) if _exists(root) else []
     raise ConfigError(f'--data-dir {data_dir!r} has no {cfg.data.builder} data for game(s) '
                       f'{missing} (run {cfg.data.run}); it has: {have or "nothing"}')
 
 
-def prepare_workdir(cfg, workdir: str) -> None:
+def _gcs_credentials() -> str:
+  path = os.environ.get('GOOGLE_APPLICATION_CREDENTIALS')
+  if path:
+    return f'GOOGLE_APPLICATION_CREDENTIALS={path}' + ('' if os.path.isfile(path) else
+                                                        ' (no such file)')
+  adc = os.path.expanduser('~/.config/gcloud/application_default_credentials.json')
+  if os.path.isfile(adc):
+    return f'gcloud application-default credentials ({adc})'
+  return ('none found (GOOGLE_APPLICATION_CREDENTIALS is unset and there are no gcloud '
+          'application-default credentials; public buckets are read anonymously)')
+
+
+def _remote_error(path: str, e: Exception) -> ConfigError:
+  import tensorflow as tf
+  detail = ' '.join(str(e).split())
+  if isinstance(e, (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError)):
+    what = 'access to it was refused'
+  else:
+    what = 'it could not be reached'
+  return ConfigError(f'--data-dir: {path!r}: {what} ({type(e).__name__}: {detail}). '
+                     f'Credentials: {_gcs_credentials()}. Check the network and the credentials, '
+                     'or use a local copy (scaled-ql data download)')
+
+
+def _exists(path: str) -> bool:
+  """os.path.isdir for local paths; tf.io.gfile for URLs, with a failure to reach the store (or
+  to authenticate) raised as such rather than read as "does not exist"."""
+  if '://' not in path:
+    return os.path.isdir(path)
+  import tensorflow as tf
+  try:
+    return tf.io.gfile.exists(path)
+  except tf.errors.NotFoundError:
+    return False
+  except tf.errors.OpError as e:
+    raise _remote_error(path, e) from e
+
+
+def _listdir(path: str) -> list:
+  if '://' not in path:
+    return os.listdir(path)
+  import tensorflow as tf
+  try:
+    return [p.rstrip('/') for p in tf.io.gfile.listdir(path)]
+  except tf.errors.OpError as e:
+    raise _remote_error(path, e) from e
+
+
+# ------------------------------------------------------------------------------------ workdir
+
+# What a resumed run may not change without --allow-config-change (issue 12): what the run is.
+# The games, network, agent, the data (builder, run, selection) and seed, as the issue lists; and
+# the evaluation protocol and fine-tuning setup, whose change would mix two runs in one learning
+# curve. A field that matches none of these (the step budget, evaluation and logging cadences,
+# where the data is read from and how the nodes run) may change; every change is listed anyway.
+RESUME_REFUSES = (
+    'games', 'network.', 'agent.', 'data.builder', 'data.run', 'data.selection', 'train.seed',
+    'eval.epsilon', 'eval.sticky_action_prob', 'eval.max_episode_frames', 'eval.game_mode',
+    'finetune.pretrained', 'finetune.update_period', 'finetune.epsilon_',
+    'finetune.actor_sticky_action_prob')
+CONFIG_HISTORY = 'config_history.jsonl'
+
+
+def resume_refuses(path: str) -> bool:
+  """Whether a resumed run may change the field `path` only with --allow-config-change."""
+  return any(path == p or (p.endswith(('.', '_')) and path.startswith(p)) for p in RESUME_REFUSES)
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def config_changes(old: dict, cfg) -> dict:
+  """{field: (before, now)} between a workdir's config.json (as a dict) and `cfg`; a field the
+  old file lacks (added to the code since) counts as a change only if `cfg` moved off its
+  default. `overrides` (the record of how each was made) is not compared."""
+  before, now = _flat(old), _flat(cfg.to_dict())
+  defaults = {}
+  for path, (cls, _) in overrides_lib.fields().items():
+    f = {g.name: g for g in dataclasses.fields(cls)}[path.rsplit('.', 1)[-1]]
+    if f.default is not dataclasses.MISSING:
+      defaults[path] = f.default
+  changes = {}
+  for path in sorted(set(before) | set(now)):
+    if path == 'overrides':
+      continue
+    if path not in before and path in defaults and now.get(path) == defaults[path]:
+      continue
+    if before.get(path, '(absent)') != now.get(path, '(absent)'):
+      changes[path] = (before.get(path, '(absent)'), now.get(path, '(absent)'))
+  return changes
+
+
+def check_workdir(workdir: str) -> None:
+  """--workdir can be created or written (nothing is created here)."""
+  _check_writable_dir(workdir, '--workdir')
+
+
+def _check_writable_dir(path: str, flag: str) -> None:
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise ConfigError(f'{flag} {path!r} exists and is not a directory')
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise ConfigError(f'{flag} {path!r} is not writable')
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{flag} {path!r}: {parent!r} is a file, not a directory')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f'{flag} {path!r}: cannot create it in {parent!r} (not writable)')
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """An output file (e.g. `eval --out x.csv`) can be written: its directory exists (it is not
+  created) and the path is not a directory. Checked before any work."""
+  path_abs = os.path.abspath(path)
+  parent = os.path.dirname(path_abs)
+  if os.path.isdir(path_abs):
+    raise ConfigError(f'{flag} {path!r} is a directory, not a file')
+  if not os.path.exists(parent):
+    raise ConfigError(f'{flag} {path!r}: directory {parent!r} does not exist')
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{flag} {path!r}: {parent!r} is not a directory')
+  if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path_abs)
+                                                   and not os.access(path_abs, os.W_OK)):
+    raise ConfigError(f'{flag} {path!r} is not writable')
+
+
+def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=None) -> dict:
+  """Checks the workdir, compares `cfg` with the config the workdir ran before (its config.json)
+  and only then records it: config.json and one line appended to config_history.jsonl per start.
+
+  A change to a field of RESUME_REFUSES raises ConfigError listing each, unless
+  `allow_config_change`; other changes are logged. Returns the changes {field: (before, now)}."""
+  import datetime
+  import json
+  log = log or (lambda line: print(line, flush=True))
+  check_workdir(workdir)
+  path = os.path.join(workdir, 'config.json')
+  changes, resumed = {}, os.path.exists(path)
+  if resumed:
+    try:
+      with open(path, encoding='utf-8') as f:
+        old = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'--workdir {workdir!r}: cannot read its config.json ({e}); move it '
+                        'away to start afresh') from e
+    changes = config_changes(old, cfg)
+    refused = {k: v for k, v in changes.items() if resume_refuses(k)}
+    listing = '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in changes.items())
+    if refused and not allow_config_change:
+      raise ConfigError(
+          f'--workdir {workdir!r} ran a different config; resuming would change '
+          + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in refused.items())
+          + '. Pass --allow-config-change if that is intended, or use a new --workdir')
+    if changes:
+      log(f'[workdir] resuming {workdir} with changes: {listing}')
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+  record = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                resumed=resumed, changes={k: list(v) for k, v in changes.items()},
+                allow_config_change=allow_config_change, overrides=list(cfg.overrides),
+                config=cfg.to_dict())
+  with open(os.path.join(workdir, CONFIG_HISTORY), 'a', encoding='utf-8') as f:
+    f.write(json.dumps(record, sort_keys=True) + '\n')
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
     f.write(cfg.to_json())
+  os.replace(tmp, path)
+  return changes
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
@@ -93,13 +283,14 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
 
 def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
           timeout_s: Optional[float] = None, learner_gpus: float = 0, log=None,
-          initial_params=None):
+          initial_params=None, allow_config_change: bool = False):
   """Runs the program to the end and returns its last `ProgramStatus` (Ray stopped after, when
-  it was started here). `initial_params`: the learner's start (offline fine-tuning)."""
+  it was started here). `initial_params`: the learner's start (offline fine-tuning). Bad data or
+  workdir (or a refused config change on resume) raise ConfigError before anything starts."""
   import ray
   from scaled_ql.launch import program
   check_data(cfg)
-  prepare_workdir(cfg, workdir)
+  prepare_workdir(cfg, workdir, allow_config_change, log=log)
   started_here = init_ray(address, num_cpus, cfg)
   try:
     prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
@@ -122,3 +313,85 @@ def print_scores(status) -> None:
   from scaled_ql.eval import evaluator
   for game, r in sorted(scores.items()):  # 'no completed episode' instead of a score
     print(f'  {evaluator.format_row(game, r)}')
+
+
+# ----------------------------------------------------------------- fine-tuning (Section 5.2)
+
+def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
+                    config: Optional[str] = None, from_scratch: bool = False,
+                    frozen_encoder: bool = False, steps: Optional[int] = None,
+                    eval_steps: Optional[int] = None, data_dir: Optional[str] = None,
+                    selection: Optional[str] = None, mode: Optional[int] = None,
+                    actors: Optional[int] = None, scale: float = 1.0,
+                    overrides: Sequence[str] = (), log=None):
+  """(config, initial params or None) of an offline ('offline') or online ('online') fine-tuning
+  run: `configs.finetune_offline/online` (Appendix B.4) of the base config (`config`, or the
+  checkpoint's in `pretrained`), then the flags and `overrides` (recorded like --set). The
+  initial params are the pretrained encoder with a fresh trunk and heads (None: from scratch).
+  Everything is checked before returning; ConfigError names the flag at fault."""
+  from scaled_ql import configs, games as games_lib
+  log = log or (lambda line: print(line, flush=True))
+  try:
+    games_lib.check_games([game], '--game')
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for flag, value in (('--steps', steps), ('--eval-steps', eval_steps), ('--actors', actors)):
+    if value is not None and value < 1:
+      raise ConfigError(f'{flag} must be >= 1, got {value}')
+  if pretrained is None and not (from_scratch and config):
+    raise ConfigError('--pretrained is required (or --from-scratch with --config NAME)')
+  if from_scratch and frozen_encoder:
+    raise ConfigError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
+  base = overrides_lib.load(config) if config is not None else None
+  params = None
+  if pretrained is not None:
+    from scaled_ql.agents import transfer
+    try:
+      saved_cfg, params, step = transfer.load_pretrained(pretrained)
+    except FileNotFoundError as e:
+      raise ConfigError(f'--pretrained: {e}') from e
+    log(f'[finetune] pretrained checkpoint {pretrained} step {step} ({saved_cfg.name}, '
+        f'games {", ".join(saved_cfg.games)})')
+    if game in saved_cfg.games:
+      log(f'[finetune] warning: {game} is one of the pre-training games (not held out)')
+    base = base or saved_cfg
+  if from_scratch:
+    params = None
+  source = None if from_scratch else pretrained
+  flags = [('--steps', 'train.num_steps', steps), ('--eval-steps', 'eval.steps_per_game',
+                                                   eval_steps)]
+  if kind == 'offline':
+    cfg = configs.finetune_offline(base, game, pretrained=source, freeze_encoder=frozen_encoder)
+    flags += [('--data-dir', 'data.data_dir', data_dir), ('--selection', 'data.selection',
+                                                          selection)]
+  elif kind == 'online':
+    from scaled_ql.envs.atari import AtariEnv
+    try:
+      AtariEnv(game, mode=mode).close()  # the mode exists for this game
+      cfg = configs.finetune_online(base, game, mode, pretrained=source,
+                                    freeze_encoder=frozen_encoder, scale=scale)
+    except ValueError as e:
+      raise ConfigError(f'--mode/--scale: {e}') from e
+    flags += [('--actors', 'finetune.num_actors', actors)]
+  else:
+    raise ValueError(f'kind={kind!r}: offline or online')
+  for flag, path, value in flags:
+    if value is not None:
+      cfg = overrides_lib.apply(cfg, [f'{path}={value}'], flag=flag)
+  cfg = overrides_lib.apply(cfg, overrides)
+  validate(cfg)
+  if kind == 'offline':
+    check_data(cfg)
+  else:
+    from scaled_ql.launch import finetune
+    try:
+      finetune.check_online_config(cfg)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  if params is None:
+    return cfg, None  # from scratch: the learner's own random init
+  from scaled_ql.agents import transfer
+  try:
+    return cfg, transfer.finetune_params(cfg, pretrained, params)
+  except ValueError as e:  # transfer.EncoderMismatchError
+    raise ConfigError(str(e)) from e

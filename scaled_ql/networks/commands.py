@@ -5,12 +5,13 @@ import sys
 
 
 def _describe(args) -> int:
-  from scaled_ql import configs
   from scaled_ql import games as games_lib
+  from scaled_ql.configs.overrides import ConfigError
+  from scaled_ql.launch import run
   try:
-    cfg = configs.get_config(args.config)
-  except configs.UnknownConfigError as e:
-    print(f'--config: {e}', file=sys.stderr)
+    cfg = run.resolve_config(args.config, overrides=args.set)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
     return 2
   games = tuple(cfg.games)
   if args.games is not None:
@@ -34,7 +35,10 @@ def register(subparsers) -> None:
       'describe', help='print the Q-network of a config: modules, shapes, params, FLOPs',
       description='Print the Q-network of a config: modules and output shapes, parameter counts '
                   '(encoder/trunk/heads) and forward FLOPs per example. Nothing is initialised.')
-  p.add_argument('--config', required=True, help='config name, e.g. atari40_suboptimal_resnet101')
+  p.add_argument('--config', required=True, metavar='NAME|CONFIG.json',
+                 help='config name, e.g. atari40_suboptimal_resnet101, or a config.json')
+  from scaled_ql.configs import overrides  # light: the dataclasses only
+  overrides.add_flags(p, config=False, games=False, resume=False)
   p.add_argument('--games', type=int, default=None,
                  help="number of games (heads); default: the config's games. Beyond the "
                       "config's games, the paper's 40 training games are added in order")
