@@ -167,6 +167,7 @@ class InserterNode(_LoopNode):
       raise ValueError(f'inserter {index} of {num_inserters} has no games ({len(cfg.games)} '
                        'games): lower DataConfig.num_inserters')
     self._throttle = None
+    self._read_stats = None  # the reader's counters: episodes, corrupt files, undecodable episodes
     self._start(workdir)
 
   def _run_once(self) -> bool:
@@ -175,8 +176,11 @@ class InserterNode(_LoopNode):
     # The throttle lives in the data layer (`reverb_tables.InsertThrottle`); kept here for status.
     self._throttle = reverb_tables.InsertThrottle(address, self._games,
                                                   self._cfg.data.samples_per_insert, self._stop)
+    from scaled_ql.datasets import rlds_reader
+    self._read_stats = self._read_stats or rlds_reader.ReadStats()
     reverb_tables.run_inserter(
-        address, self._cfg, self._games, reverb_tables.rlds_episode_source(self._cfg),
+        address, self._cfg, self._games,
+        reverb_tables.rlds_episode_source(self._cfg, stats=self._read_stats),
         repeat=True, stop=self._stop, throttle=self._throttle)
     return False
 
@@ -185,7 +189,9 @@ class InserterNode(_LoopNode):
     return self._throttle.throttled_s if self._throttle is not None else 0.0
 
   def status(self) -> dict:
-    return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s)
+    # data: episodes read, corrupt (unreadable) files and undecodable episodes skipped so far.
+    return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s,
+                data=self._read_stats.counts() if self._read_stats is not None else {})
 
   def stop(self) -> None:
     self._stop_loop(timeout=30)
@@ -246,6 +252,11 @@ class LearnerNode(_LoopNode):
                 published_version=self._publisher.last_version,
                 publishes_skipped=self._publisher.skipped,
                 reverb_reconnects=self._iterator.reconnects, metrics=metrics)
+
+  def set_data_counts(self, counts: dict) -> None:
+    """The inserters' bad-data counters (summed by the driver), logged with the learner's
+    metrics (`Learner.set_data_counts`)."""
+    self._learner.set_data_counts(counts)
 
   def stop(self) -> int:
     """Ends the loop, writes a final checkpoint and publishes the final params."""
