@@ -81,11 +81,16 @@ def _check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, where: str
           f'{getattr(saved, field)} != {getattr(cfg, field)}')
 
 
-def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException
+               ) -> Optional[str]:
   """Moves checkpoint `step` to `checkpoints/corrupt-<step>[-k]/`, warns naming both paths and
-  the error; returns the new path. The manager forgets the step."""
+  the error; returns the new path (None if the step is gone). The manager forgets the step."""
   directory = os.fspath(manager.directory)
   source = os.path.join(directory, str(step))
+  if not os.path.isdir(source):  # deleted meanwhile (max_to_keep of a running learner): skip it
+    manager.reload()
+    log.warning('checkpoint %s went away while loading it; trying an older one', source)
+    return None
   target = os.path.join(directory, f'{CORRUPT_PREFIX}{step}')
   k = 1
   while os.path.exists(target):
