@@ -137,25 +137,101 @@ def test_cli_inspect(tiny_dataset_dir, capsys):
   assert cli.main(['data', 'inspect', '--data-dir', tiny_dataset_dir]) == 0
   out = capsys.readouterr().out
   assert 'Breakout run 1' in out and 'Pong run 1' in out and 'checkpoint_01' in out
+  with open(os.path.join(_version_dir(tiny_dataset_dir, 'Pong'), 'generation_info.json')) as f:
+    sub = json.load(f)['behaviour']['selections']['suboptimal']
+  pong = out[out.index('Pong run 1'):].splitlines()
+  line = next(l for l in pong if l.strip().startswith('suboptimal'))
+  assert f'{sub["score"]:.2f}' in line and f'{100 * sub["normalized"]:.1f}%' in line
+  assert 'human-normalized IQM' in out and 'near_optimal' in out and 'best_split' in out
   assert cli.main(['data', 'inspect', '--data-dir', tiny_dataset_dir, '--games', 'Boxing']) == 2
   assert 'configs present' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('game,steps,margin', [('Freeway', 400, 2), ('Breakout', 400, 4),
-                                               ('Boxing', 600, 5), ('Pong', 900, 5)])
-def test_heuristics_beat_random(game, steps, margin):
+def test_quality_rises_across_splits_and_stats_are_reported(tmp_path):
+  """A tiny real run: the late splits score more than the first, and generation_info.json holds
+  each split's and each selection's behaviour score over its (whole) episodes."""
+  from scaled_ql.eval import normalization
+  out = generate.generate(['RoadRunner'], str(tmp_path), num_checkpoints=3,
+                          steps_per_checkpoint=None, episodes_per_checkpoint=5,
+                          max_episode_frames=1200, progress=False)
+  with open(os.path.join(out['RoadRunner'], 'generation_info.json')) as f:
+    gen = json.load(f)
+  splits = [gen['splits'][f'checkpoint_{k:02d}'] for k in range(3)]
+  scores = [np.mean(s['raw_returns']) for s in splits]
+  assert scores[0] < scores[1] < scores[2] and scores[2] > scores[0] + 300, scores
+  beh = gen['behaviour']
+  for k, s in enumerate(splits):
+    rec = beh['splits'][f'checkpoint_{k:02d}']
+    assert rec['episodes'] == 5 and rec['score'] == pytest.approx(np.mean(s['raw_returns']), abs=1e-3)
+    assert rec['normalized'] == pytest.approx(
+        normalization.human_normalized('RoadRunner', rec['score']), abs=1e-4)
+  sub = beh['selections']['suboptimal']  # the first 20% of 3 splits: checkpoint_00
+  assert sub['splits'] == ['checkpoint_00'] and sub['episodes'] == 5
+  assert beh['selections']['near_optimal']['episodes'] == 15
+  best = beh['selections']['best_split']
+  assert best['score'] == pytest.approx(max(scores), abs=1e-3)
+  best_median = np.median(splits[int(best['splits'][0][-2:])]['raw_returns'])
+  assert sub['at_or_above_best_median'] == pytest.approx(
+      np.mean(np.asarray(splits[0]['raw_returns']) >= best_median), abs=1e-4)
+
+
+def test_behaviour_counts_completed_episodes_only():
+  """Splits from the older generator (no episode_steps) had their last episode cut by the step
+  budget: it is left out unless every episode ended by game over."""
+  old = {'checkpoint_00': dict(checkpoint_id=0, raw_returns=[10.0, 20.0, 3.0], episodes=3,
+                               terminated_episodes=2),
+         'checkpoint_01': dict(checkpoint_id=1, raw_returns=[30.0], episodes=1,
+                               terminated_episodes=1)}
+  beh = generate.behaviour('Breakout', old)
+  assert beh['splits']['checkpoint_00']['episodes'] == 2
+  assert beh['splits']['checkpoint_00']['score'] == 15.0
+  assert beh['selections']['best_split']['splits'] == ['checkpoint_01']
+  assert beh['selections']['suboptimal']['at_or_above_best_median'] == 0.0
+  new = {'checkpoint_00': dict(checkpoint_id=0, raw_returns=[10.0, 20.0, 3.0], episodes=3,
+                               terminated_episodes=2, episode_steps=[5, 5, 5])}
+  assert generate.behaviour('Breakout', new)['splits']['checkpoint_00']['episodes'] == 3
+
+
+def _play(game, epsilon, steps, seed=0):
+  """(returns of the episodes completed within `steps`, the running return of the last one)."""
+  env = AtariEnv(game, sticky_action_prob=0.25, seed=seed)
+  policy = policies.EpsilonGreedyHeuristic(env, epsilon, np.random.default_rng(seed))
+  env.reset()
+  returns, running = [], 0.0
+  for _ in range(steps):
+    ts = env.step(policy())
+    running += ts.reward
+    if ts.last():
+      returns.append(running)
+      running = 0.0
+      env.reset()
+  return returns, running
+
+
+# Every scripted game, on the real emulator with sticky actions: the heuristic (epsilon 0) beats
+# uniform random play (epsilon 1) by `margin` raw points. 'prefix': the return of the first
+# `steps` steps of one episode (long-episode games); 'episodes': the mean return of the episodes
+# completed within `steps` (short-episode games whose random play restarts often).
+@pytest.mark.parametrize('game,steps,metric,margin', [
+    ('Freeway', 400, 'prefix', 2), ('Breakout', 400, 'prefix', 4), ('Boxing', 600, 'prefix', 5),
+    ('Pong', 900, 'prefix', 5), ('RoadRunner', 300, 'prefix', 500),
+    ('SpaceInvaders', 1500, 'episodes', 50), ('Seaquest', 1500, 'episodes', 40),
+    ('Qbert', 1500, 'episodes', 100)])
+def test_heuristics_beat_random(game, steps, metric, margin):
+  assert game in policies.HEURISTICS
+
   def score(epsilon):
-    env = AtariEnv(game, sticky_action_prob=0.25, seed=0)
-    policy = policies.EpsilonGreedyHeuristic(env, epsilon, np.random.default_rng(0))
-    env.reset()
-    total = 0.0
-    for _ in range(steps):
-      ts = env.step(policy())
-      total += ts.reward
-      if ts.last():
-        break
-    return total
+    returns, running = _play(game, epsilon, steps)
+    if metric == 'prefix':
+      return returns[0] if returns else running
+    assert returns, (game, epsilon, running)  # at least one episode completed
+    return float(np.mean(returns))
   assert score(0.0) >= score(1.0) + margin
+
+
+def test_at_least_eight_scripted_games():
+  assert len(policies.HEURISTICS) >= 8
+  assert set(policies.HEURISTICS) >= {'Pong', 'Breakout', 'SpaceInvaders', 'Seaquest', 'Qbert'}
 
 
 def test_skill_schedule_is_a_mixture_rising_across_checkpoints():

@@ -116,14 +116,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-  import json
   import os
   import re
 
   from scaled_ql import games as games_lib
   if args.games:
     games_lib.check_games(args.games)
-  from scaled_ql.datasets import rlds_reader, tfds_layout
+  from scaled_ql.datasets import generate, rlds_reader, tfds_layout
   games = args.games
   if not games:
     configs = rlds_reader.list_configs(args.data_dir, args.builder)
@@ -133,28 +132,29 @@ def _inspect(args: argparse.Namespace) -> int:
       raise rlds_reader.DatasetNotFoundError(
           f'no {args.builder} configs for run {args.run} in {args.data_dir}; present: '
           f'{configs or "none"}')
+  infos = {}
   for game in games:
     summary = rlds_reader.summarize(args.data_dir, game, args.run, args.builder,
                                     args.max_episodes_per_split)
     b = rlds_reader.load_builder(args.data_dir, game, args.run, args.builder)
-    info_path = os.path.join(os.fspath(b.data_path), tfds_layout.GENERATION_INFO_FILE)
-    gen = {}
-    if os.path.exists(info_path):
-      with open(info_path) as f:
-        gen = json.load(f)
+    gen = generate.read_info(os.fspath(b.data_path)) or {}
     print(f'{game} run {args.run} ({b.data_path})' +
           (f'  generated, policy: {gen["policy"]}' if gen else ''))
     header = f'  {"split":<14}{"episodes":>9}{"steps":>10}{"mean return":>13}'
-    if gen:
-      header += f'{"epsilon":>9}{"raw score":>11}'
+    generated = gen.get('generator') == 'scaled_ql.datasets.generate'
+    split_scores = {}
+    if generated:
+      header += f'{"epsilon":>9}{"raw score":>11}{"human-norm":>12}'
+      split_scores = generate.behaviour(game, gen['splits'])['splits']
     print(header)
     total = rlds_reader.SplitSummary(-1)
     for c, s in summary.items():
       line = f'  {tfds_layout.split_name(c):<14}{s.episodes:>9}{s.steps:>10}{s.mean_return:>13.2f}'
       split_gen = gen.get('splits', {}).get(tfds_layout.split_name(c))
-      if split_gen:
-        raw = split_gen['raw_returns']
-        line += f'{split_gen["epsilon"]:>9.2f}{sum(raw) / max(len(raw), 1):>11.2f}'
+      score = split_scores.get(tfds_layout.split_name(c))
+      if split_gen and score and score['score'] is not None:
+        line += (f'{split_gen["epsilon"]:>9.2f}{score["score"]:>11.2f}'
+                 f'{100 * score["normalized"]:>11.1f}%')
       print(line)
       total.episodes += s.episodes
       total.steps += s.steps
@@ -164,6 +164,11 @@ def _inspect(args: argparse.Namespace) -> int:
               if c not in summary] if args.builder == tfds_layout.ORDERED_BUILDER else []
     if absent:
       print(f'  not on disk (a partial download?): {len(absent)} splits, {", ".join(absent)}')
+    if generated:
+      print('\n'.join(generate.behaviour_lines(game, gen)))
+      infos[game] = gen
+  for line in generate.aggregate_lines(infos):
+    print(line)
   return 0
 
 

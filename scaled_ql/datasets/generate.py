@@ -221,6 +221,57 @@ def behaviour(game: str, splits: dict) -> dict:
   return dict(splits=per_split, selections=selections)
 
 
+def read_info(version_dir: str) -> Optional[dict]:
+  """The generation_info.json of a dataset version dir (None for data we did not generate)."""
+  path = os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _pct(x: Optional[float]) -> str:
+  return 'n/a' if x is None else f'{100 * x:.1f}%'
+
+
+def behaviour_lines(game: str, info: dict) -> list[str]:
+  """`data inspect`'s behaviour block for one generated game: each selection's mean raw score
+  over completed episodes and its human-normalized value."""
+  sel = behaviour(game, info['splits'])['selections']
+  lines = ['  behaviour (raw game score, mean over completed episodes; human-normalized):']
+  for name in ('suboptimal', 'near_optimal', 'best_split'):
+    if name not in sel:
+      continue
+    s = sel[name]
+    splits = s['splits']
+    span = splits[0] if len(splits) == 1 else f'{splits[0]}..{splits[-1]}'
+    score = 'n/a' if s['score'] is None else f'{s["score"]:.2f}'
+    line = (f'    {name:<13}{span:<28} episodes {s["episodes"]:>4}  score {score:>9}  '
+            f'{_pct(s["normalized"]):>8}')
+    if name == 'suboptimal' and s.get('at_or_above_best_median') is not None:
+      line += f'  at/above best split median: {_pct(s["at_or_above_best_median"])}'
+    lines.append(line)
+  return lines
+
+
+def aggregate_lines(infos: dict[str, dict]) -> list[str]:
+  """IQM over games of the human-normalized behaviour score of each selection ({game: info})."""
+  from scaled_ql.eval import metrics
+  if len(infos) < 2:
+    return []
+  per_game = {g: behaviour(g, info['splits'])['selections'] for g, info in infos.items()}
+  parts = []
+  for name in ('suboptimal', 'near_optimal', 'best_split'):
+    values = [sel[name]['normalized'] for sel in per_game.values()
+              if name in sel and sel[name]['normalized'] is not None]
+    if len(values) == len(per_game):
+      parts.append(f'{name} {_pct(metrics.iqm(np.asarray([values])))}')
+  if not parts:
+    return []
+  return [f'behaviour over {len(infos)} generated games, human-normalized IQM: ' +
+          ', '.join(parts)]
+
+
 def keyed(builder_name: str, episodes: Iterator[dict]) -> Iterator[tuple[object, dict]]:
   """(key, episode) with the registered builders' own keys (`get_episode_id`)."""
   for ep in episodes:
