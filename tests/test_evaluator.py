@@ -344,3 +344,28 @@ def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
   if not any(d.platform == 'gpu' for d in jax.devices()):  # asked for an accelerator it lacks
     assert cli.main(['eval', '--checkpoint', workdir, '--steps', '6', '--device', 'gpu']) == 2
     assert "device='gpu' puts the evaluator policy on a gpu" in capsys.readouterr().err
+
+
+def test_evaluator_gpus_flag_is_checked_before_any_node_starts():
+  import ray
+
+  from scaled_ql.configs import ConfigError
+  from scaled_ql.launch import run
+  cfg = run.resolve_config('cpu_tiny', evaluator_gpus=0.25)
+  assert cfg.eval.gpus_per_evaluator == 0.25 and 'eval.gpus_per_evaluator=0.25' in cfg.overrides
+  with pytest.raises(ConfigError, match=r'--evaluator-gpus \(eval.gpus_per_evaluator\) must be '
+                     r'>= 0, got -1'):
+    run.resolve_config('cpu_tiny', evaluator_gpus=-1)
+  # A local Ray without enough GPUs: refused, instead of evaluator actors that never start.
+  started = not ray.is_initialized()
+  if started:
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+  try:
+    gpus = ray.cluster_resources().get('GPU', 0.0)
+    run.check_evaluator_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus))  # enough
+    with pytest.raises(ConfigError, match=rf'--evaluator-gpus {gpus + 1:g} x 1 evaluator\(s\) '
+                       rf'need {gpus + 1:g} GPU\(s\); Ray sees {gpus:g}'):
+      run.check_evaluator_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus + 1))
+  finally:
+    if started:
+      ray.shutdown()

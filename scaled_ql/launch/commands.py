@@ -27,6 +27,10 @@ def register(subparsers) -> None:
   _add_ray_args(p)
   p.add_argument('--learner-gpus', type=float, default=0,
                  help='GPUs the learner node asks Ray for (1 on a GPU cluster; default 0)')
+  p.add_argument('--evaluator-gpus', type=float, default=None,
+                 help='GPUs each evaluator node asks Ray for (eval.gpus_per_evaluator); > 0 runs '
+                 'its policy there, batched over eval.num_envs environments per call; a fraction '
+                 'shares a GPU (0.25: 4 evaluators per GPU). Default: the config\'s (0, the CPU)')
   p.set_defaults(handler=_train)
 
   p = subparsers.add_parser(
@@ -75,7 +79,8 @@ def _timeout(args):
 def _train(args) -> int:
   try:
     cfg = run.resolve_config(args.config, args.data_dir, args.steps, args.evaluators,
-                             games=args.games, overrides=args.set)
+                             games=args.games, overrides=args.set,
+                             evaluator_gpus=args.evaluator_gpus)
     run.check_data(cfg)
     run.check_workdir(args.workdir)
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),

@@ -18,11 +18,12 @@ from scaled_ql.configs.overrides import ConfigError
 
 def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[int] = None,
                    evaluators: Optional[int] = None, *, games: Optional[str] = None,
-                   overrides: Sequence[str] = ()):
+                   overrides: Sequence[str] = (), evaluator_gpus: Optional[float] = None):
   """The run's ExperimentConfig: `config` (a name, or a config.json / workdir to rerun) with the
   command line's changes, validated; raises ConfigError. The flags are shorthands recorded like
   `--set` overrides (in `cfg.overrides`): --games -> games, --data-dir -> data.data_dir,
-  --steps -> train.num_steps, --evaluators -> eval.num_evaluators; `overrides` come last."""
+  --steps -> train.num_steps, --evaluators -> eval.num_evaluators, --evaluator-gpus ->
+  eval.gpus_per_evaluator; `overrides` come last."""
   cfg = overrides_lib.load(config)
   if games is not None:
     cfg = overrides_lib.apply(cfg, [f'games={games}'], flag='--games')
@@ -38,6 +39,9 @@ def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[
     cfg = overrides_lib.apply(cfg, [f'train.num_steps={steps}'], flag='--steps')
   if evaluators is not None:
     cfg = overrides_lib.apply(cfg, [f'eval.num_evaluators={evaluators}'], flag='--evaluators')
+  if evaluator_gpus is not None:
+    cfg = overrides_lib.apply(cfg, [f'eval.gpus_per_evaluator={evaluator_gpus}'],
+                              flag='--evaluator-gpus')
   cfg = overrides_lib.apply(cfg, overrides)
   validate(cfg)
   return cfg
@@ -53,6 +57,9 @@ def validate(cfg) -> None:
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
     raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
                       f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
+  if not cfg.eval.gpus_per_evaluator >= 0:
+    raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0, got '
+                      f'{cfg.eval.gpus_per_evaluator}')
   if cfg.train.variable_server_shards < 1:
     raise ConfigError(f'train.variable_server_shards must be >= 1, got '
                       f'{cfg.train.variable_server_shards}')
@@ -281,6 +288,18 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
   return True
 
 
+def check_evaluator_gpus(cfg) -> None:
+  """The local Ray has the GPUs the evaluators ask for (--evaluator-gpus x evaluators); without
+  them their actors would wait forever. ConfigError before any node starts."""
+  import ray
+  need = cfg.eval.gpus_per_evaluator * cfg.eval.num_evaluators
+  have = float(ray.cluster_resources().get('GPU', 0.0))
+  if need > have:
+    raise ConfigError(f'--evaluator-gpus {cfg.eval.gpus_per_evaluator:g} x '
+                      f'{cfg.eval.num_evaluators} evaluator(s) need {need:g} GPU(s); Ray sees '
+                      f'{have:g} on this machine (--evaluator-gpus 0 evaluates on the CPU)')
+
+
 def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
           timeout_s: Optional[float] = None, learner_gpus: float = 0, log=None,
           initial_params=None, allow_config_change: bool = False):
@@ -293,6 +312,8 @@ def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[i
   prepare_workdir(cfg, workdir, allow_config_change, log=log)
   started_here = init_ray(address, num_cpus, cfg)
   try:
+    if started_here:  # (a cluster may still be adding GPU nodes)
+      check_evaluator_gpus(cfg)
     prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
                          learner_gpus=learner_gpus, initial_params=initial_params)
     return program.run(prog, log=log or (lambda line: print(line, flush=True)),
