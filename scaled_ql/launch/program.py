@@ -105,9 +105,13 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
       cfg, replay_name, variables, workdir, num_steps, initial_params)
   # eval.gpus_per_evaluator (train --evaluator-gpus) > 0: Ray gives each evaluator that share of
-  # a GPU and the evaluator runs its policy there (eval/evaluator.py policy_device).
+  # a GPU and the evaluator runs its policy there (eval/evaluator.py policy_device). JAX would
+  # take 75% of the GPU's memory per process: evaluators sharing a GPU allocate as they go.
+  gpu_options = {} if not cfg.eval.gpus_per_evaluator else dict(
+      num_gpus=cfg.eval.gpus_per_evaluator,
+      runtime_env={'env_vars': {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}})
   evaluators = [
-      _actor(nodes.EvaluatorNode, 'evaluator', num_gpus=cfg.eval.gpus_per_evaluator).remote(
+      _actor(nodes.EvaluatorNode, 'evaluator', **gpu_options).remote(
           cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
   return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
