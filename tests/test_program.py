@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import uuid
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import program, run
+from scaled_ql.launch import finetune, program, run
 
 SCALED_QL = [sys.executable, '-m', 'scaled_ql.cli']
 
@@ -150,10 +151,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert cfg.train.checkpoint_every_steps == 10
   workdir = str(tmp_path / 'faults')
   run.prepare_workdir(cfg, workdir)
-  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
-  # A fine-tuning actor in a new environment (Breakout mode 12) feeding Breakout's table.
-  program.add_finetune_actors(prog, 'Breakout', mode=12, num_actors=1, epsilon=0.1,
-                              max_episode_frames=400)
+  # With a fine-tuning actor in a new environment (Breakout mode 12) feeding Breakout's table.
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps,
+                       actors=program.ActorSpec('Breakout', mode=12, num_actors=1, epsilon=0.1,
+                                                max_episode_frames=400))
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
   events = {}
@@ -187,8 +188,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
     replay_seen_back = 'replay_killed_at' not in events or 'replay_back' in events
     return bool(learner and learner['done'] and 'evaluator_back' in events and replay_seen_back)
 
-  status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=240,
-                       final_eval_timeout_s=60)
+  status = program.run(prog, log=print, stop_when=script, timeout_s=400,
+                       final_eval_timeout_s=60)  # (the log shows up when the test fails)
   assert 'resumed' in events, events
   # Resumed from a checkpoint (every 10 steps), not from 0, losing at most one checkpoint
   # interval relative to the step seen just before the kill: the save of that very step may still
@@ -208,3 +209,155 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed
+
+
+
+def test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop():
+  budget = program.RestartBudget(max_restarts=3, window_s=600)
+  # A preempted cluster: 100 learner restarts, 400 s apart (at most 2 in any 600 s), never
+  # exhaust it (Ray itself restarts without limit).
+  assert not any(budget.record('learner', n, now=400.0 * n) for n in range(1, 101))
+  # A crash loop: the third restart of one node within 10 minutes ends the program.
+  assert not budget.record('inserter_0', 1, now=0.0)
+  assert not budget.record('inserter_0', 2, now=100.0)
+  assert budget.record('inserter_0', 3, now=200.0) and budget.in_window('inserter_0') == 3
+  # Several restarts seen in one poll count as several.
+  assert program.RestartBudget(3, 600).record('replay', 3, now=0.0)
+  with pytest.raises(ValueError, match='crash_loop_window_s'):
+    program.RestartBudget(3, 0)
+  with pytest.raises(ValueError, match='crash_loop_restarts'):
+    program.build(configs.get_config('cpu_tiny').replace(train=dict(crash_loop_restarts=0)),
+                  '/nonexistent', 1, 1)  # before any node starts (no Ray needed)
+
+
+_CRASHING_NODE = """
+import sys, time
+import ray
+from scaled_ql.launch import nodes
+
+class Boom(nodes._LoopNode):
+  name = 'boom'
+  def __init__(self, workdir):
+    self._start(workdir)
+  def _run_once(self):
+    time.sleep(1.0)
+    raise RuntimeError('injected fault')
+
+Boom(sys.argv[1])
+print('ray started:', ray.is_initialized(), flush=True)
+time.sleep(120)  # the crash must end the process long before this
+"""
+
+
+def test_a_crashing_node_exits_even_when_its_log_cannot_be_written(tmp_path):
+  """`logs` is a file, so the crash log cannot be written: the process still exits (1) at once.
+  Built outside Ray, the node starts no Ray cluster (ray.get_runtime_context() would)."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'logs').write_text('not a directory')
+  started = time.monotonic()
+  out = subprocess.run([sys.executable, '-c', _CRASHING_NODE, str(workdir)], capture_output=True,
+                       text=True, timeout=100)
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert time.monotonic() - started < 60
+  assert 'ray started: False' in out.stdout
+  assert 'injected fault' in out.stderr
+
+
+def _gcs_state(handle) -> str:
+  from ray._private import state
+  return state.actors(actor_id=handle._actor_id.hex()).get('State', '')
+
+
+def _check_network_exposure(notice: str, ray):
+  """While the program runs: what listens, per `ss -ltnp`, and Ray's token check."""
+  port = int(notice.split('listens on port ')[1].split()[0])
+  listeners = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+  reverb = [l for l in listeners if l.split()[3].rsplit(':', 1)[1] == str(port)]
+  # The Reverb server: on every interface, as the start-up notice says.
+  assert reverb and all(l.split()[3].rsplit(':', 1)[0] in ('*', '0.0.0.0', '[::]')
+                        for l in reverb), reverb
+  assert not [l for l in listeners if l.split()[3].endswith(':8265')]  # no dashboard
+  assert 'token authentication on' in notice
+  # Ray's ports refuse a client without the cluster's token.
+  gcs = ray.get_runtime_context().gcs_address
+  env = dict(os.environ, RAY_AUTH_MODE='token', RAY_AUTH_TOKEN='f' * 32)
+  env.pop('RAY_AUTH_TOKEN_PATH', None)
+  out = subprocess.run([sys.executable, '-c', f'import ray; ray.init(address={gcs!r})'],
+                       capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode != 0 and 'auth' in (out.stdout + out.stderr).lower(), out.stderr[-2000:]
+
+
+def test_crash_looping_inserter_ends_the_program_with_its_traceback(ray_session,
+                                                                    tiny_dataset_dir, tmp_path):
+  """The probe of issue 12: game folders that exist but hold no files. The inserter fails on
+  every start; the driver shows its restarts and last error, then ends the program with its
+  traceback instead of printing "waiting for data" forever. Meanwhile: the network exposure."""
+  ray = ray_session
+  data = tmp_path / 'empty_games'
+  shutil.copytree(tiny_dataset_dir, data)
+  for game_dir in (data / 'rlu_atari_checkpoints_ordered').iterdir():
+    for entry in game_dir.iterdir():
+      shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  cfg = run.resolve_config('cpu_tiny', str(data), steps=50, evaluators=1).replace(
+      train=dict(crash_loop_restarts=3, crash_loop_window_s=600))
+  workdir = str(tmp_path / 'crash_loop')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=50)
+  lines = []
+
+  def log(line):
+    lines.append(line)
+    if line.startswith('security:'):
+      _check_network_exposure(line, ray)
+
+  started = time.monotonic()
+  with pytest.raises(program.NodeLost) as lost:
+    program.run(prog, log=log, timeout_s=400, final_eval_timeout_s=None)
+  message = str(lost.value)
+  assert message.startswith('inserter_0 restarted 3 times within 600s'), message[:500]
+  assert 'crash loop' in message and 'Traceback' in message and '[inserter_0] crashed' in message
+  assert any(l.startswith('security:') for l in lines)
+  progress = [l for l in lines if 'restarts inserter_0 ' in l]
+  assert progress and 'last: ' in progress[-1], lines[-5:]
+  assert time.monotonic() - started < 400
+  # shutdown ran: no node is left (Ray marks every actor dead).
+  _wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,
+            'every node to be killed')
+
+
+def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_dir, tmp_path):
+  """Suspected in issue 12, confirmed: after a Reverb restart the new server counts inserts from
+  0, so the learner's allowance fell to 0 while the actors' pacing (their own env steps) stayed
+  used up: neither side moved again. Both now pace from the new server's start."""
+  ray = ray_session
+  base = run.resolve_config('cpu_tiny', tiny_dataset_dir)
+  # 120 steps need 64 + 4 x 120 inserts; one episode (~400 steps here) allows ~86 and pacing holds
+  # the actor back until the learner is near them, so the kill lands while inserts are needed.
+  num_steps = 120
+  cfg = configs.finetune_online(base, 'Breakout', 12, pretrained=None, num_steps=num_steps,
+                                scale=0.001)
+  cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
+                    eval=dict(steps_per_game=40, eval_every_seconds=5.0))
+  workdir = str(tmp_path / 'online')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, 1, cfg.train.num_steps, **finetune.build_args(cfg))
+  assert not prog.inserters and len(prog.actors) == 1
+  events = {}
+
+  def script(status):
+    learner = status.learner
+    # Kill while the learner still needs inserts of the (new) server to reach its steps.
+    if ('killed_at' not in events and learner and learner['steps'] >= 2
+        and learner['allowed_steps'] < num_steps):
+      events['killed_at'] = learner['steps']
+      ray.kill(prog.replay, no_restart=False)
+    return bool(learner and learner['done'])
+
+  status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=480,
+                       final_eval_timeout_s=None)
+  assert 'killed_at' in events
+  assert status.learner['steps'] == num_steps and status.learner['replay_restarts_seen'] >= 1
+  assert status.actors[0]['replay_restarts_seen'] >= 1
+  assert status.health['replay']['restarts'] == 1

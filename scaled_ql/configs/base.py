@@ -138,6 +138,11 @@ class TrainConfig:
   checkpoint_every_steps: int = 5_000  # Orbax checkpoint cadence (a restart resumes from it)
   publish_every_steps: int = 100  # how often the learner pushes params to the variable server
   variable_server_shards: int = 1  # variable-server actors the params are split over
+  # Fault tolerance (launch/program.py RestartBudget): Ray restarts a node any number of times
+  # (preemptions days apart), but `crash_loop_restarts` restarts of one node within
+  # `crash_loop_window_s` seconds are a crash loop: the program ends with that node's traceback.
+  crash_loop_restarts: int = 3
+  crash_loop_window_s: float = 600.0  # the window of crash_loop_restarts, in seconds
   seed: int = 0  # network init, batch sampling and data-selection offsets
 
 

@@ -4,7 +4,8 @@ Offline (Scenario 1) is the training program of `program.build` with a fine-tuni
 (`configs.finetune_offline`: the new game only, 1% of its data, batch 32) and the learner started
 from `transfer.finetune_params` (pretrained encoder, fresh trunk and heads).
 
-Online (Scenario 2) replaces the offline inserters by fine-tuning actors:
+Online (Scenario 2) is `program.build` without offline inserters, with fine-tuning actors and the
+paced learner below (`build_args`):
 
        actor_0 .. actor_{A-1}     (FinetuneActorNode: AtariEnv(game, mode), epsilon-greedy with the
               |                    newest params, epsilon decaying with the learner step;
@@ -22,13 +23,14 @@ The 1:update_period ratio of gradient steps to environment steps is Dopamine's `
 in one process Dopamine interleaves acting and training, here both sides keep the ratio: the
 learner reads the table's insert count (a learner ahead of the actors waits), and an actor starts
 a new episode only while its env steps are within `ActorPacing` of the learner step of its params
-(an actor ahead of the learner waits between episodes).
+(an actor ahead of the learner waits between episodes). Both sides count from the start of the
+current replay server: a restarted server is empty and counts its inserts from 0, so both start a
+new warm-up from there (`nodes.ReverbNode.incarnation`).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from typing import Any, Optional
 
 from scaled_ql.configs.base import ExperimentConfig
@@ -103,7 +105,8 @@ def check_online_config(cfg: ExperimentConfig) -> None:
 
 class FinetuneLearnerNode(nodes.LearnerNode):
   """The LearnerNode, paced by the actors: after `data.min_fill_per_game` transitions (the replay
-  warm-up) it may take one gradient step per `finetune.update_period` transitions inserted."""
+  warm-up) it may take one gradient step per `finetune.update_period` transitions inserted,
+  counted from the start of the current replay server (a restarted one starts from 0)."""
 
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int, initial_params: Any = None):
@@ -112,6 +115,9 @@ class FinetuneLearnerNode(nodes.LearnerNode):
     self._allowed_steps = 0
     self._inserted = 0
     self._gate_client = None
+    self._replay_seen: Optional[str] = None  # the replay server's incarnation paced against
+    self._base_steps = 0  # learner steps when that server was first seen
+    self.replay_restarts_seen = 0
     self.waited_s = 0.0
     super().__init__(cfg, replay, variables, workdir, num_steps, initial_params)
 
@@ -121,10 +127,24 @@ class FinetuneLearnerNode(nodes.LearnerNode):
     if self._gate_client is None:
       address = nodes._reverb_address(self._replay_name)  # pylint: disable=protected-access
       self._gate_client = reverb.Client(address)
+    incarnation = nodes._replay_incarnation(self._replay_name)  # pylint: disable=protected-access
+    if incarnation is None:
+      raise ConnectionError('the replay node is restarting')
     info = self._gate_client.server_info(timeout=10)
     table = info[reverb_tables.table_name(self._cfg.games[0])]
-    self._inserted = int(table.rate_limiter_info.insert_stats.completed)
-    self._allowed_steps = allowed_steps(self._inserted, self._cfg)
+    inserted = int(table.rate_limiter_info.insert_stats.completed)
+    steps = int(self._learner.steps)
+    if incarnation != self._replay_seen:
+      if self._replay_seen is None:
+        # First look (a fresh or restarted learner): the steps its checkpoint holds beyond what
+        # this server's inserts allow were paid for by data of an earlier server.
+        self._base_steps = max(0, steps - allowed_steps(inserted, self._cfg))
+      else:  # a new, empty server: a new warm-up from here
+        self._base_steps = steps
+        self.replay_restarts_seen += 1
+      self._replay_seen = incarnation
+    self._inserted = inserted
+    self._allowed_steps = self._base_steps + allowed_steps(inserted, self._cfg)
 
   def _run_once(self) -> Optional[bool]:
     if self._learner.steps >= self._num_steps:
@@ -143,7 +163,8 @@ class FinetuneLearnerNode(nodes.LearnerNode):
 
   def status(self) -> dict:
     return dict(super().status(), inserted=self._inserted, allowed_steps=self._allowed_steps,
-                waited_for_actors_s=self.waited_s)
+                waited_for_actors_s=self.waited_s,
+                replay_restarts_seen=self.replay_restarts_seen)
 
 
 def allowed_steps(inserted: int, cfg: ExperimentConfig) -> int:
@@ -154,35 +175,21 @@ def allowed_steps(inserted: int, cfg: ExperimentConfig) -> int:
   return after_warmup // cfg.finetune.update_period + 1
 
 
-def build_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None,
-                 learner_gpus: float = 0) -> program.Program:
-  """Starts the online fine-tuning program (the graph in the module docstring)."""
+def build_args(cfg: ExperimentConfig) -> dict:
+  """The keyword arguments of `program.build` that make it the online fine-tuning program."""
   check_online_config(cfg)
-  game = cfg.games[0]
-  prefix = f'{cfg.name}_{uuid.uuid4().hex[:8]}_'
-  replay_name = prefix + 'replay'
-  actor = program._actor  # pylint: disable=protected-access  (the program's node options)
-  replay = actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, program.free_port())
-  variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
-                                    max_restarts=program.MAX_RESTARTS['variable_shard'])
-  learner = actor(FinetuneLearnerNode, 'learner', num_gpus=learner_gpus).remote(
-      cfg, replay_name, variables, workdir, cfg.train.num_steps, initial_params)
-  evaluator = actor(nodes.EvaluatorNode, 'evaluator').remote(
-      cfg, cfg.games, variables, workdir, 0)
-  prog = program.Program(cfg, workdir, replay, replay_name, [], learner, variables, [evaluator],
-                         [cfg.games])
-  program.add_finetune_actors(
-      prog, game, cfg.eval.game_mode, cfg.finetune.num_actors, LinearEpsilon.from_config(cfg),
-      max_episode_frames=cfg.eval.max_episode_frames,
-      sticky_action_prob=cfg.finetune.actor_sticky_action_prob,
-      max_env_steps=ActorPacing.from_config(cfg))
-  return prog
+  return dict(
+      learner_node=FinetuneLearnerNode, num_inserters=0,
+      actors=program.ActorSpec(
+          cfg.games[0], cfg.eval.game_mode, cfg.finetune.num_actors,
+          LinearEpsilon.from_config(cfg), max_episode_frames=cfg.eval.max_episode_frames,
+          sticky_action_prob=cfg.finetune.actor_sticky_action_prob,
+          max_env_steps=ActorPacing.from_config(cfg)))
 
 
 def required_cpus(cfg: ExperimentConfig) -> int:
-  """Logical CPUs of the online program (learner, evaluator, actors)."""
-  return (program.NUM_CPUS['replay'] + program.NUM_CPUS['learner'] + program.NUM_CPUS['evaluator']
-          + cfg.finetune.num_actors * program.NUM_CPUS['actor'])
+  """Logical CPUs of the online program (learner, evaluator, actors; no inserters)."""
+  return program.required_cpus(cfg, num_actors=cfg.finetune.num_actors, num_inserters=0)
 
 
 def format_actors(status: program.ProgramStatus) -> str:
@@ -210,7 +217,8 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
   run.prepare_workdir(cfg, workdir, allow_config_change, log=log)
   started_here = run.init_ray(address, max(num_cpus or 0, required_cpus(cfg)), cfg)
   try:
-    prog = build_online(cfg, workdir, initial_params)
+    prog = program.build(cfg, workdir, 1, cfg.train.num_steps, initial_params=initial_params,
+                         **build_args(cfg))
     last_actor_log = [0.0]
 
     def stop_when(status: program.ProgramStatus) -> bool:

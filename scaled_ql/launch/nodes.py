@@ -31,6 +31,8 @@ RETRY_SECONDS = 1.0
 
 
 def _was_restarted() -> bool:
+  if not ray.is_initialized():  # outside Ray (a unit test): ray.get_runtime_context() would
+    return False                # start a local Ray cluster
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')  # Ray's own property uses a deprecated API internally
@@ -41,6 +43,8 @@ def _was_restarted() -> bool:
 
 def _restarts() -> int:
   """How often this actor was restarted (0 outside Ray or on the first start)."""
+  if not ray.is_initialized():
+    return 0
   try:
     context = ray.get_runtime_context()
     if not _was_restarted():
@@ -73,18 +77,24 @@ class _LoopNode:
           break
       self._done.set()
     except BaseException:  # pylint: disable=broad-except
-      self._error = traceback.format_exc()
       self._crash()
 
   def _crash(self) -> None:
-    """Logs the traceback and ends the process: Ray restarts the node (max_restarts)."""
-    message = f'[{self.name}] crashed:\n{self._error}'
-    print(message, file=sys.stderr, flush=True)
-    if self._workdir:
-      os.makedirs(os.path.join(self._workdir, 'logs'), exist_ok=True)
-      with open(os.path.join(self._workdir, 'logs', f'{self.name}.err'), 'a') as f:
-        f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
-    os._exit(1)  # pylint: disable=protected-access
+    """Logs the traceback and ends the process, whatever fails on the way (stderr closed, disk
+    full, `logs` not a directory): Ray restarts the node, and the driver sees every restart and
+    ends the program on a crash loop (program.RestartBudget)."""
+    try:
+      self._error = traceback.format_exc()
+      message = f'[{self.name}] crashed:\n{self._error}'
+      try:
+        print(message, file=sys.stderr, flush=True)
+      finally:
+        if self._workdir:
+          os.makedirs(os.path.join(self._workdir, 'logs'), exist_ok=True)
+          with open(os.path.join(self._workdir, 'logs', f'{self.name}.err'), 'a') as f:
+            f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
+    finally:
+      os._exit(1)  # pylint: disable=protected-access
 
   def _run_once(self) -> Optional[bool]:
     raise NotImplementedError
@@ -120,10 +130,16 @@ class ReverbNode:
       self._server = reverb_tables.make_server(cfg, port=None)
     self._port = self._server.port
     self._restarted = _was_restarted()
+    self._incarnation = f'{os.getpid()}-{time.time_ns()}'
 
   def address(self) -> str:
     host = ray.util.get_node_ip_address()
     return f'{host}:{self._port}'
+
+  def incarnation(self) -> str:
+    """Differs for every start of the server: a restarted server holds no data and counts its
+    inserts from 0 (online fine-tuning's pacing starts over from it)."""
+    return self._incarnation
 
   def status(self) -> dict:
     from scaled_ql.datasets import reverb_tables
@@ -135,6 +151,14 @@ class ReverbNode:
 
   def stop(self) -> None:
     self._server.stop()
+
+
+def _replay_incarnation(replay: str) -> Optional[str]:
+  """`ReverbNode.incarnation()` of the replay node named `replay`; None while it restarts."""
+  try:
+    return ray.get(ray.get_actor(replay).incarnation.remote(), timeout=10)
+  except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
+    return None
 
 
 def _reverb_address(replay: str) -> str:
@@ -306,6 +330,7 @@ class EvaluatorNode(_LoopNode):
     self._writer = None
     self._wake = threading.Event()
     self._woken = False
+    self._evaluating_version = -1
     self._start(workdir)
 
   def _run_once(self) -> None:
@@ -318,12 +343,14 @@ class EvaluatorNode(_LoopNode):
       self._wake.clear()
       return
     version, params = self._client.version, self._client.params
+    self._evaluating_version = version  # a round in progress (lost if the node is killed)
     results = evaluator.evaluate(
         self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
         seed=self._cfg.train.seed + 1000 * self._index + self._rounds, param_version=version,
         evaluator=self.name, epsilon=self._cfg.eval.epsilon,
         jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'))
     self._evaluated_version = version
+    self._evaluating_version = -1
     self._rounds += 1
     # score/normalized are None for a game with no completed episode (shown as text).
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
@@ -355,7 +382,8 @@ class EvaluatorNode(_LoopNode):
 
   def status(self) -> dict:
     return dict(self.base_status(), games=list(self._games), rounds=self._rounds,
-                evaluated_version=self._evaluated_version, latest=self._latest)
+                evaluated_version=self._evaluated_version,
+                evaluating_version=self._evaluating_version, latest=self._latest)
 
   def stop(self) -> None:
     self._wake.set()
@@ -380,7 +408,10 @@ class FinetuneActorNode(_LoopNode):
     """`epsilon`: a constant, or a (picklable) schedule `epsilon(param_version) -> float` of the
     learner step that produced the acting params (e.g. `finetune.LinearEpsilon`).
     `max_env_steps(param_version)`: optional pacing (e.g. `finetune.ActorPacing`); a new episode
-    starts only while this actor's env steps are below it, so acting keeps pace with learning."""
+    starts only while this actor's env steps are below it, so acting keeps pace with learning.
+    Pacing counts from the start of the current replay server: a restarted server (empty, its
+    insert count back at 0) starts a new warm-up, on the learner's side too
+    (`finetune.FinetuneLearnerNode`), or neither side could move again."""
     import jax
     import numpy as np
     from scaled_ql.agents.actors import make_policy
@@ -399,6 +430,9 @@ class FinetuneActorNode(_LoopNode):
     self._explore_rng = np.random.default_rng(seed)
     self._num_actions = self._env.num_actions
     self._max_env_steps = max_env_steps
+    self._replay_seen: Optional[str] = None  # incarnation of the replay server paced against
+    self._pace_base = (0, 0)  # (env steps, param version) when that server was first seen
+    self.replay_restarts_seen = 0
     self.paced_s = 0.0
     self._client = VariableClient(variables, update_period=update_period)
     self._client.wait_for_version(0, timeout=600)
@@ -424,7 +458,7 @@ class FinetuneActorNode(_LoopNode):
     # reward that followed; the last step holds only the final observation.
     if self._max_env_steps is not None:
       started = time.monotonic()
-      while self.env_steps >= self._max_env_steps(self._client.version):
+      while not self._may_act():
         if self._stop.is_set():
           return
         self._client.update_and_wait(timeout=10)
@@ -448,6 +482,22 @@ class FinetuneActorNode(_LoopNode):
     self.episodes += 1
     self.returns.append(episode_return)
 
+  def _may_act(self) -> bool:
+    """Pacing: this actor's env steps since the current replay server started are within
+    `max_env_steps` of the learner steps (param versions) since then."""
+    incarnation = _replay_incarnation(self._replay)
+    if incarnation is None:  # the replay node is restarting
+      return False
+    if incarnation != self._replay_seen:
+      if self._replay_seen is not None:  # a new, empty server: pace from here
+        self._pace_base = (self.env_steps, max(0, self._client.version))
+        self.replay_restarts_seen += 1
+        self._writer = None
+      self._replay_seen = incarnation
+    base_steps, base_version = self._pace_base
+    return (self.env_steps - base_steps
+            < self._max_env_steps(max(0, self._client.version - base_version)))
+
   def _insert(self, steps: list) -> None:
     import reverb
     from scaled_ql.datasets import reverb_tables
@@ -469,7 +519,7 @@ class FinetuneActorNode(_LoopNode):
     recent = self.returns[-10:]
     epsilon = self._epsilon(self._client.version) if self._epsilon is not None else None
     return dict(self.base_status(), game=self._game, episodes=self.episodes, epsilon=epsilon,
-                paced_s=self.paced_s,
+                paced_s=self.paced_s, replay_restarts_seen=self.replay_restarts_seen,
                 env_steps=self.env_steps, items=self.items, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)
 

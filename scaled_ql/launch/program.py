@@ -16,12 +16,23 @@
 
 Everything here is wiring: each node builds its component from the config (scaled_ql.launch.nodes)
 and runs by itself; the driver (`run`) only watches, prints progress and ends the program.
-Faults: every node is a Ray actor with `max_restarts`; a restarted node carries on by itself (the
-learner from its last checkpoint, the replay server on the same port, inserters and the learner's
-iterator reconnect). Ctrl-C / SIGTERM: the learner checkpoints, then every actor is stopped.
+Faults: Ray restarts every node (actor) any number of times; a restarted node carries on by itself
+(the learner from its last checkpoint, the replay server on the same port, inserters and the
+learner's iterator reconnect). The driver watches every node, inserters and variable shards
+included: a node that Ray cannot restart (it fails in its constructor) or that restarts
+`train.crash_loop_restarts` times within `train.crash_loop_window_s` (`RestartBudget`) ends the
+program with that node's traceback (`NodeLost`, a non-zero exit). The progress line shows each
+restarted node's count and last error. Ctrl-C / SIGTERM: the learner checkpoints, then every actor
+is stopped.
+
+Network exposure (README "Security"): Ray's own ports take its token authentication (on by default
+in Ray 2.60 for a local cluster; `run.init_ray`) and no dashboard is started; the Reverb server
+(`reverb.Server` takes a port but no host) listens on every interface without authentication, so
+`run` names its port at start-up with the mitigation (`security_notice`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import signal
@@ -30,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 
@@ -38,8 +49,8 @@ from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.launch import nodes
 from scaled_ql.launch.variable_server import VariableServer
 
-# How often a node may be restarted by Ray before the program gives up on it.
-MAX_RESTARTS = dict(replay=5, inserter=5, learner=3, evaluator=5, actor=5, variable_shard=5)
+# Ray restarts every node without limit; the driver's RestartBudget ends a crash loop.
+MAX_RESTARTS = -1
 # Logical CPUs each node asks Ray for. Inserters, replay and the variable shards are I/O-bound.
 NUM_CPUS = dict(replay=0, inserter=0, learner=1, evaluator=1, actor=1, variable_shard=0)
 STATUS_EVERY_SECONDS = 2.0
@@ -58,6 +69,28 @@ class Program:
   evaluator_games: list
   actors: list = dataclasses.field(default_factory=list)
 
+  def nodes(self) -> list[tuple[str, Any]]:
+    """(name, actor handle) of every node; the name is also its log's (WORKDIR/logs/NAME.err)."""
+    return ([('replay', self.replay), ('learner', self.learner)]
+            + [(f'inserter_{i}', h) for i, h in enumerate(self.inserters)]
+            + [(f'evaluator_{i}', h) for i, h in enumerate(self.evaluators)]
+            + [(f'actor_{i}', h) for i, h in enumerate(self.actors)]
+            + [(f'variable_shard_{i}', h) for i, h in enumerate(self.variables.shards)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorSpec:
+  """Fine-tuning actors (`nodes.FinetuneActorNode`) acting in `game` (+ ALE `mode`) and feeding
+  the replay's table of that game. `epsilon`: a constant or a schedule of the param version;
+  `max_env_steps`: optional pacing (`finetune.ActorPacing`)."""
+  game: str
+  mode: Optional[int]
+  num_actors: int
+  epsilon: Any
+  max_episode_frames: int = 108_000
+  sticky_action_prob: float = 0.25
+  max_env_steps: Optional[Callable[[int], int]] = None
+
 
 def split_games(games: Sequence[str], num_evaluators: int) -> list[tuple[str, ...]]:
   """Round-robin assignment of games to evaluators; every evaluator gets at least one game."""
@@ -67,9 +100,11 @@ def split_games(games: Sequence[str], num_evaluators: int) -> list[tuple[str, ..
   return [tuple(games[i::num_evaluators]) for i in range(num_evaluators)]
 
 
-def required_cpus(cfg: ExperimentConfig, num_actors: int = 0) -> int:
+def required_cpus(cfg: ExperimentConfig, num_actors: int = 0,
+                  num_inserters: Optional[int] = None) -> int:
   """Logical CPUs the program's nodes ask Ray for (a local ray.init needs at least this many)."""
-  return (NUM_CPUS['replay'] + cfg.data.num_inserters * NUM_CPUS['inserter'] + NUM_CPUS['learner']
+  num_inserters = cfg.data.num_inserters if num_inserters is None else num_inserters
+  return (NUM_CPUS['replay'] + num_inserters * NUM_CPUS['inserter'] + NUM_CPUS['learner']
           + cfg.eval.num_evaluators * NUM_CPUS['evaluator'] + num_actors * NUM_CPUS['actor'])
 
 
@@ -80,15 +115,22 @@ def free_port() -> int:
 
 
 def _actor(cls, kind: str, **options):
-  return ray.remote(num_cpus=NUM_CPUS[kind], max_restarts=MAX_RESTARTS[kind],
+  return ray.remote(num_cpus=NUM_CPUS[kind], max_restarts=MAX_RESTARTS,
                     max_concurrency=4, **options)(cls)
 
 
 def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
-          learner_gpus: float = 0, initial_params=None) -> Program:
-  """Starts every node of the training program (the graph in the module docstring).
+          learner_gpus: float = 0, initial_params=None, *, learner_node: Optional[type] = None,
+          num_inserters: Optional[int] = None, actors: Optional[ActorSpec] = None) -> Program:
+  """Starts every node of the program (the graph in the module docstring).
   `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node).
-  `initial_params`: the learner's starting Q-network params (transfer), instead of a random init."""
+  `initial_params`: the learner's starting Q-network params (transfer), instead of a random init.
+  `learner_node`: the learner's node class (default `nodes.LearnerNode`; online fine-tuning:
+  `finetune.FinetuneLearnerNode`). `num_inserters`: offline-data inserters (default
+  `cfg.data.num_inserters`; 0: only actors feed the replay). `actors`: fine-tuning actors."""
+  RestartBudget.from_config(cfg)  # a bad budget fails here, before any node starts
+  learner_node = learner_node or nodes.LearnerNode
+  num_inserters = cfg.data.num_inserters if num_inserters is None else num_inserters
   # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
   evaluator_games = split_games(cfg.games, num_evaluators) if num_evaluators else []
   # Nodes find the replay and the variable shards by name (never by a handle in their
@@ -97,12 +139,11 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   replay_name = prefix + 'replay'
   replay = _actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, free_port())
   variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
-                                    max_restarts=MAX_RESTARTS['variable_shard'])
+                                    max_restarts=MAX_RESTARTS)
   inserters = [
-      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay_name, i, cfg.data.num_inserters,
-                                                    workdir)
-      for i in range(cfg.data.num_inserters)]
-  learner = _actor(nodes.LearnerNode, 'learner', num_gpus=learner_gpus).remote(
+      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay_name, i, num_inserters, workdir)
+      for i in range(num_inserters)]
+  learner = _actor(learner_node, 'learner', num_gpus=learner_gpus).remote(
       cfg, replay_name, variables, workdir, num_steps, initial_params)
   # eval.gpus_per_evaluator (train --evaluator-gpus) > 0: Ray gives each evaluator that share of
   # a GPU and the evaluator runs its policy there (eval/evaluator.py policy_device). JAX would
@@ -114,19 +155,30 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
       _actor(nodes.EvaluatorNode, 'evaluator', **gpu_options).remote(
           cfg, games, variables, workdir, i)
       for i, games in enumerate(evaluator_games)]
+  actor_nodes = [] if actors is None else [
+      _actor(nodes.FinetuneActorNode, 'actor').remote(
+          cfg, actors.game, actors.mode, actors.epsilon, variables, replay_name, i, workdir,
+          seed=cfg.train.seed, max_episode_frames=actors.max_episode_frames,
+          sticky_action_prob=actors.sticky_action_prob, max_env_steps=actors.max_env_steps)
+      for i in range(actors.num_actors)]
   return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
-                 evaluator_games)
+                 evaluator_games, actor_nodes)
 
 
-def add_finetune_actors(program: Program, game: str, mode: Optional[int], num_actors: int,
-                        epsilon, max_episode_frames: int = 108_000, **actor_kwargs) -> None:
-  """Fine-tuning actors acting in `game` (+ `mode`) and feeding the replay's table of that game.
-  `epsilon`: a constant or a schedule of the param version (see `nodes.FinetuneActorNode`)."""
-  for i in range(num_actors):
-    program.actors.append(_actor(nodes.FinetuneActorNode, 'actor').remote(
-        program.cfg, game, mode, epsilon, program.variables, program.replay_name, i,
-        program.workdir,
-        seed=program.cfg.train.seed, max_episode_frames=max_episode_frames, **actor_kwargs))
+def security_notice(program: Program, timeout_s: float = 300.0) -> str:
+  """What this program exposes on the network, with the Reverb server's address (waits for it)."""
+  address = ray.get(program.replay.address.remote(), timeout=timeout_s)
+  port = address.rsplit(':', 1)[1]
+  auth = os.environ.get('RAY_AUTH_MODE', '')
+  ray_line = ('Ray: token authentication on, no dashboard.' if auth.lower() == 'token' else
+              f'Ray: token authentication is OFF (RAY_AUTH_MODE={auth or "unset"}): anyone who '
+              'reaches Ray\'s ports can run code on this machine (CVE-2023-48022); set '
+              'RAY_AUTH_MODE=token.')
+  return (f'security: the Reverb server (replay node) listens on port {port} of ALL interfaces '
+          f'({address}; reverb.Server takes no host) without authentication: whoever reaches it '
+          'can read, insert or reset replay data. Allow only this machine/cluster, e.g. '
+          f'`iptables -A INPUT -p tcp --dport {port} ! -s 127.0.0.1 -j DROP` (one host), or a '
+          f'private network / firewall (README "Security"). {ray_line}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,16 +194,101 @@ def _print(line: str) -> None:
 
 
 class NodeLost(RuntimeError):
-  """A node that Ray will not restart any more."""
+  """A node that Ray could not restart, or that restarted too often (a crash loop)."""
+
+
+class RestartBudget:
+  """Restarts of every node, in a sliding time window: any number of restarts spaced out (a
+  preempted cluster), but `max_restarts` of one node within `window_s` seconds is a crash loop.
+  Pure bookkeeping: `record(node, total_restarts, now)` -> True when the budget is exceeded."""
+
+  def __init__(self, max_restarts: int, window_s: float):
+    if max_restarts < 1:
+      raise ValueError(f'train.crash_loop_restarts must be >= 1, got {max_restarts}')
+    if window_s <= 0:
+      raise ValueError(f'train.crash_loop_window_s must be > 0, got {window_s}')
+    self.max_restarts, self.window_s = max_restarts, window_s
+    self._seen: dict[str, int] = {}
+    self._times: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+  @classmethod
+  def from_config(cls, cfg: ExperimentConfig) -> 'RestartBudget':
+    return cls(cfg.train.crash_loop_restarts, cfg.train.crash_loop_window_s)
+
+  def record(self, node: str, total_restarts: int, now: float) -> bool:
+    new = total_restarts - self._seen.get(node, 0)
+    self._seen[node] = max(total_restarts, self._seen.get(node, 0))
+    times = self._times[node]
+    times.extend([now] * max(0, new))
+    while times and now - times[0] > self.window_s:
+      times.popleft()
+    return len(times) >= self.max_restarts
+
+  def in_window(self, node: str) -> int:
+    return len(self._times[node])
+
+
+def _gcs_actor_info(handle) -> dict:
+  """The actor's record in Ray's GCS (State, NumRestarts). Ray's public state API needs the
+  dashboard, which the program does not start, so this reads the GCS table directly."""
+  from ray._private import state  # pylint: disable=import-outside-toplevel
+  return state.actors(actor_id=handle._actor_id.hex())  # pylint: disable=protected-access
+
+
+def _last_error(workdir: str, name: str) -> tuple[int, str]:
+  """(size of WORKDIR/logs/NAME.err, its last line: the exception of the newest crash)."""
+  path = os.path.join(workdir, 'logs', f'{name}.err')
+  try:
+    with open(path, 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      size = f.tell()
+      f.seek(max(0, size - 4096))
+      lines = [l for l in f.read().decode(errors='replace').splitlines() if l.strip()]
+  except OSError:
+    return 0, ''
+  return size, (lines[-1].strip() if lines else '')
 
 
 class _Watcher:
   """Non-blocking status polls: one `status()` call in flight per node; a node that is still
-  being built or restarting shows as None until it answers."""
+  being built or restarting shows as None until it answers. `health()` reads every node's
+  restart count from Ray and applies the `RestartBudget`."""
 
-  def __init__(self):
+  def __init__(self, budget: Optional[RestartBudget] = None):
     self._pending: dict = {}
     self._last: dict = {}
+    self._budget = budget
+    self._health: dict[str, dict] = {}
+
+  def health(self, program: Program) -> dict[str, dict]:
+    """{node: dict(restarts, in_window, last_error)} of the nodes restarted so far; raises
+    NodeLost for a dead node or a crash loop, with the node's traceback."""
+    now = time.monotonic()
+    for name, handle in program.nodes():
+      info = _gcs_actor_info(handle)
+      if not info:
+        continue
+      restarts = int(info.get('NumRestarts', 0))
+      if info.get('State') == 'DEAD':
+        raise NodeLost(f'{name} died and cannot be restarted:\n'
+                       f'{_crash_log(program.workdir, name, info)}')
+      old = self._health.get(name, dict(restarts=0, err_size=0, last_error=''))
+      if restarts > old['restarts']:
+        size, line = _last_error(program.workdir, name)
+        # A restart that wrote no new traceback: killed (OOM, preemption, kill -9) or lost.
+        last = line if size > old['err_size'] else 'no traceback (killed or lost)'
+        old = dict(restarts=restarts, err_size=size, last_error=last)
+        self._health[name] = old
+      if self._budget is not None and self._budget.record(name, restarts, now):
+        raise NodeLost(
+            f'{name} restarted {self._budget.in_window(name)} times within '
+            f'{self._budget.window_s:.0f}s (train.crash_loop_restarts='
+            f'{self._budget.max_restarts}, train.crash_loop_window_s={self._budget.window_s:g}): '
+            f'a crash loop. Last error:\n{_crash_log(program.workdir, name, info)}')
+      if name in self._health:
+        self._health[name]['in_window'] = (self._budget.in_window(name)
+                                           if self._budget is not None else 0)
+    return {k: dict(v) for k, v in self._health.items()}
 
   def status(self, handle, wait_s: float = 0.5) -> Optional[dict]:
     """The node's newest status; raises NodeLost when it is dead with no restarts left."""
@@ -172,12 +309,21 @@ class _Watcher:
     return self._last[key]
 
 
-def _crash_log(workdir: str, name: str) -> str:
+def _crash_log(workdir: str, name: str, gcs_info: Optional[dict] = None) -> str:
+  """The node's newest traceback: its log (WORKDIR/logs/NAME.err), else Ray's death cause."""
   path = os.path.join(workdir, 'logs', f'{name}.err')
-  if os.path.exists(path):
-    with open(path) as f:
-      return f.read()[-4000:]
-  return '(no traceback recorded)'
+  try:
+    with open(path, errors='replace') as f:
+      text = f.read()
+    return text[text.rfind(f'[{name}] crashed:'):][-4000:] if f'[{name}] crashed:' in text else (
+        text[-4000:])
+  except OSError:
+    pass
+  cause = str((gcs_info or {}).get('DeathCause', '')).strip()
+  if 'formatted_exception_string' in cause:  # a constructor that raised: Ray kept its traceback
+    cause = cause.split('formatted_exception_string:', 1)[1]
+    cause = cause.encode().decode('unicode_escape', errors='replace')
+  return cause[-4000:] or '(no traceback recorded: killed or lost)'
 
 
 @dataclasses.dataclass
@@ -186,6 +332,18 @@ class ProgramStatus:
   replay: Optional[dict]
   evaluators: list
   actors: list
+  inserters: list = dataclasses.field(default_factory=list)
+  # {node: dict(restarts, in_window, last_error)} of every node restarted so far
+  health: dict = dataclasses.field(default_factory=dict)
+
+  def data_counts(self) -> dict[str, int]:
+    """Bad data the inserters skipped so far, summed: corrupt (unreadable) files and undecodable
+    episodes (`rlds_reader.ReadStats.counts`)."""
+    total = dict(corrupt_files=0, undecodable_episodes=0)
+    for status in self.inserters:
+      for key in total:
+        total[key] += int(((status or {}).get('data') or {}).get(key, 0))
+    return total
 
   def latest_scores(self) -> dict[str, dict]:
     scores = {}
@@ -196,19 +354,23 @@ class ProgramStatus:
 
 
 def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
-  watcher = watcher or _Watcher()
-  learner = watcher.status(program.learner)
-  replay = watcher.status(program.replay)
-  evaluators = []
-  for i, handle in enumerate(program.evaluators):
+  """Every node's status and health; raises NodeLost (see `_Watcher.health`)."""
+  watcher = watcher or _Watcher(RestartBudget.from_config(program.cfg))
+  health = watcher.health(program)
+  statuses = {}
+  for name, handle in program.nodes():
+    if name.startswith('variable_shard'):
+      continue  # no status(): health only
     try:
-      evaluators.append(watcher.status(handle))
-    except NodeLost:
-      evaluators.append(None)
-      print(f'evaluator_{i} is lost for good:\n{_crash_log(program.workdir, f"evaluator_{i}")}',
-            file=sys.stderr)
-  actors = [watcher.status(h) for h in program.actors]
-  return ProgramStatus(learner, replay, evaluators, actors)
+      statuses[name] = watcher.status(handle)
+    except NodeLost as e:
+      raise NodeLost(f'{name} died and cannot be restarted: {e}\n'
+                     f'{_crash_log(program.workdir, name)}') from e
+  return ProgramStatus(
+      statuses['learner'], statuses['replay'],
+      [statuses[f'evaluator_{i}'] for i in range(len(program.evaluators))],
+      [statuses[f'actor_{i}'] for i in range(len(program.actors))],
+      [statuses[f'inserter_{i}'] for i in range(len(program.inserters))], health)
 
 
 def format_progress(status: ProgramStatus, started: float) -> str:
@@ -229,6 +391,14 @@ def format_progress(status: ProgramStatus, started: float) -> str:
   if status.replay:
     sizes = status.replay['table_sizes']
     parts.append('replay ' + ','.join(f'{g[:8]}={n}' for g, n in sizes.items()))
+  bad = status.data_counts()
+  if any(bad.values()):
+    parts.append(f"bad data skipped: {bad['corrupt_files']} corrupt files, "
+                 f"{bad['undecodable_episodes']} undecodable episodes")
+  if status.health:
+    parts.append('restarts ' + ', '.join(
+        f"{name} {h['restarts']} ({h.get('in_window', 0)} in window; last: "
+        f"{h['last_error'][:80]})" for name, h in sorted(status.health.items())))
   scores = status.latest_scores()
   if scores:
     # A game with no completed episode has no score (None): never a number, never in the mean.
@@ -279,19 +449,32 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   """Watches the program until `stop_when(status)` (default: the learner reached its steps), a
   signal, or `timeout_s`, printing progress; then shuts every node down (`shutdown`). Unless
   stopped by a signal, the evaluators first evaluate the learner's final params (at most
-  `final_eval_timeout_s`; None skips it). Returns the last status."""
+  `final_eval_timeout_s`; None skips it). Returns the last status.
+  Raises NodeLost (after shutting every node down, without a final evaluation) when a node
+  cannot be restarted or crash-loops (`RestartBudget`): a run never waits forever."""
   started = time.time()
   status = None
-  watcher = _Watcher()
+  lost = False
+  pushed_counts: dict = {}
+  watcher = _Watcher(RestartBudget.from_config(program.cfg))
   with _StopRequest() as stop:
     try:
+      try:
+        log(security_notice(program))
+      except ray.exceptions.RayActorError:
+        pass  # the replay node failed to start: poll() reports it with its traceback
       while True:
         try:
           status = poll(program, watcher)
         except NodeLost as e:
-          raise NodeLost(f'the learner/replay node is lost for good: {e}\n'
-                         f'{_crash_log(program.workdir, "learner")}') from e
+          lost = True
+          log(f'ending the program: {str(e).splitlines()[0]}')
+          raise
         log(format_progress(status, started))
+        counts = status.data_counts()
+        if any(counts.values()) and counts != pushed_counts:  # into the learner's metrics
+          program.learner.set_data_counts.remote(counts)
+          pushed_counts = counts
         if stop_when(status):
           break
         if timeout_s is not None and time.time() - started > timeout_s:
@@ -300,21 +483,31 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
         if stop.requested.wait(status_every_s):
           break
     finally:
-      final_eval = None if stop.requested.is_set() else final_eval_timeout_s
-      final = shutdown(program, log=log, final_eval_timeout_s=final_eval)
+      final_eval = None if stop.requested.is_set() or lost else final_eval_timeout_s
+      # After a lost node: the learner still gets a chance to checkpoint (bounded), the rest is
+      # killed at once (a crash-looping node would never answer stop()).
+      final = shutdown(program, log=log, final_eval_timeout_s=final_eval,
+                       learner_stop_timeout_s=30 if lost else 300,
+                       others_stop_timeout_s=0 if lost else 180, seen=watcher)
   return final or status
 
 
 def shutdown(program: Program, log: Callable[[str], None] = _print,
-             final_eval_timeout_s: Optional[float] = None) -> Optional[ProgramStatus]:
+             final_eval_timeout_s: Optional[float] = None,
+             learner_stop_timeout_s: float = 300,
+             others_stop_timeout_s: float = 180,
+             seen: Optional[_Watcher] = None) -> Optional[ProgramStatus]:
   """Learner first (final checkpoint + publish), then (optionally) a last evaluation of the final
   params, then evaluators/actors, inserters, replay; finally every actor is killed so no process
-  is left behind. Returns the last status seen (learner steps = the final step)."""
+  is left behind. Returns the last status seen (learner steps = the final step); a node that does
+  not answer in time keeps the status `seen` last had of it."""
   final_step, status = None, None
-  watcher = _Watcher()
+  watcher = _Watcher()  # no restart budget while stopping
+  if seen is not None:
+    watcher._last = dict(seen._last)  # pylint: disable=protected-access
   t0 = time.time()
   try:
-    final_step = ray.get(program.learner.stop.remote(), timeout=300)
+    final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
     log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     log(f'learner did not stop cleanly: {type(e).__name__}: {e}')
@@ -342,12 +535,13 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
     status.learner['steps'] = final_step
   others = program.evaluators + program.actors + program.inserters
   t1 = time.time()
-  pending = {h.stop.remote(): i for i, h in enumerate(others)}
+  pending = {h.stop.remote(): i for i, h in enumerate(others)} if others_stop_timeout_s else {}
   slow = []
   while pending:
-    ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, t1 + 180 - time.time()))
+    ready, _ = ray.wait(list(pending), num_returns=1,
+                        timeout=max(0.0, t1 + others_stop_timeout_s - time.time()))
     if not ready:
-      log(f'{len(pending)} node(s) did not stop within 180 s; killing them')
+      log(f'{len(pending)} node(s) did not stop within {others_stop_timeout_s:.0f} s; killing them')
       break
     index = pending.pop(ready[0])
     try:
