@@ -27,7 +27,7 @@ so any stretch of the stream (and so a game's FIFO shuffle buffer) holds every o
 proportion to its share of the selection, not a few files one after the other (issue 15: measured
 by `mixing.py` / `benchmarks/replay_mixing.py`). Every epoch reshuffles the order of checkpoints
 and files and starts each checkpoint at a random episode (reading wraps around to the episodes
-before it). Episodes are decoded whole (frames included) in the reading thread. A read error
+before it). Episodes are decoded whole (frames included; 4 at a time, in order). A read error
 warns naming the file, counts it in `ReadStats.corrupt_files` and reading goes on with the next
 file; an episode that cannot be decoded (valid TFRecord framing, but a bad proto, a missing
 feature or a broken PNG) is skipped, counted in `ReadStats.undecodable` and warned about naming
@@ -41,6 +41,7 @@ keeps every `num_shards`-th selected episode (disjoint, complete, but each worke
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import heapq
 import itertools
@@ -48,7 +49,7 @@ import logging
 import os
 import re
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -374,17 +375,24 @@ def _step_signature(features) -> dict:
               if k == 'steps' else v) for k, v in spec.items()}
 
 
-def _decode(features, record: bytes) -> dict:
-  """One serialized episode, decoded whole (steps and frames) as numpy: an undecodable example
-  (bad proto, missing feature, broken PNG) raises here, before any of it is used."""
-  episode = features.deserialize_example(record)
-  steps = episode['steps']
-  if isinstance(steps, tf.data.Dataset):
-    steps = steps.batch(_MAX_EPISODE_STEPS).get_single_element()
-  return tf.nest.map_structure(lambda x: x.numpy(), {**episode, 'steps': steps})
+def _decoder(features) -> Callable[[bytes], dict]:
+  """record -> the episode decoded whole (steps and frames) as numpy, by one traced function: an
+  undecodable example (bad proto, missing feature, broken PNG) raises here, before any of it is
+  used. Thread-safe (the reader decodes `_DECODE_THREADS` episodes at once)."""
+
+  @tf.function(input_signature=[tf.TensorSpec((), tf.string)])
+  def decode(record):
+    episode = features.deserialize_example(record)
+    steps = episode['steps']
+    if isinstance(steps, tf.data.Dataset):
+      steps = steps.batch(_MAX_EPISODE_STEPS).get_single_element()
+    return {**episode, 'steps': steps}
+
+  return lambda record: tf.nest.map_structure(lambda x: x.numpy(), decode(record))
 
 
 _MAX_EPISODE_STEPS = 1 << 30
+_DECODE_THREADS = 4  # episodes decoded at once (TF releases the GIL); each holds its frames
 
 
 def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptimal', *,
@@ -413,43 +421,60 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
   features = b.info.features
   ckpt_range = tasks[0].checkpoint if tasks else None
 
+  decode = _decoder(features)
+
+  def checked(future, path: str, index: int) -> Optional[dict]:
+    """The decoded episode, or None for an undecodable one (counted, warned; strict: raised)."""
+    try:
+      return future.result()
+    except (tf.errors.OpError, ValueError, TypeError) as e:
+      message = (f'undecodable episode {index} of {path}: {type(e).__name__}: '
+                 f'{str(e).splitlines()[0] if str(e) else ""}')
+      if strict:
+        raise CorruptShardError(message) from e
+      with stats._lock:
+        first_time = (path, index) not in stats.undecodable
+        if first_time:  # with repeat, count each bad episode once
+          stats.undecodable.append((path, index))
+      if first_time:
+        log.warning('skipping %s', message)
+      return None
+
   def decoded() -> Iterator[dict]:
     epoch = 0
-    while True:
-      # The same stream in every worker: per-episode sharding relies on identical streams.
-      rng = np.random.default_rng([seed, epoch]) if shuffle_files else None
-      n = counter = 0
-      for record, path, index in _mix(tasks, cycle_length, strict, stats, rng):
-        counter += 1
-        if by_record and (counter - 1) % num_shards != shard_index:
-          continue
-        try:
-          episode = _decode(features, record)
-        except (tf.errors.OpError, ValueError, TypeError) as e:
-          message = (f'undecodable episode {index} of {path}: {type(e).__name__}: '
-                     f'{str(e).splitlines()[0] if str(e) else ""}')
-          if strict:
-            raise CorruptShardError(message) from e
-          with stats._lock:
-            first_time = (path, index) not in stats.undecodable
-            if first_time:  # with repeat, count each bad episode once
-              stats.undecodable.append((path, index))
-          if first_time:
-            log.warning('skipping %s', message)
-          continue
-        n += 1
+    with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+      while True:
+        # The same stream in every worker: per-episode sharding relies on identical streams.
+        rng = np.random.default_rng([seed, epoch]) if shuffle_files else None
+        n = counter = 0
+        in_flight: collections.deque = collections.deque()  # decoded in order, a few ahead
+
+        def ready(block: bool) -> Iterator[dict]:
+          nonlocal n
+          while in_flight and (block or len(in_flight) >= 2 * _DECODE_THREADS):
+            episode = checked(*in_flight.popleft())
+            if episode is not None:
+              n += 1
+              with stats._lock:
+                stats.episodes += 1
+              yield episode
+
+        for record, path, index in _mix(tasks, cycle_length, strict, stats, rng):
+          counter += 1
+          if by_record and (counter - 1) % num_shards != shard_index:
+            continue
+          in_flight.append((pool.submit(decode, record), path, index))
+          yield from ready(block=False)
+        yield from ready(block=True)
+        epoch += 1
         with stats._lock:
-          stats.episodes += 1
-        yield episode
-      epoch += 1
-      with stats._lock:
-        stats.epochs = epoch
-      if not repeat:
-        return
-      if n == 0:
-        raise DatasetNotFoundError(
-            f'{game} run {run} ({selection}, shard {shard_index}/{num_shards}): no episodes '
-            f'could be read from {b.data_path}; cannot repeat an empty dataset')
+          stats.epochs = epoch
+        if not repeat:
+          return
+        if n == 0:
+          raise DatasetNotFoundError(
+              f'{game} run {run} ({selection}, shard {shard_index}/{num_shards}): no episodes '
+              f'could be read from {b.data_path}; cannot repeat an empty dataset')
 
   ds = tf.data.Dataset.from_generator(decoded, output_signature=_step_signature(features))
   no_autograph = tf.autograph.experimental.do_not_convert
