@@ -182,3 +182,31 @@ def test_check_data_names_a_bad_selection_and_missing_games(tiny_dataset_dir):
                      r"\['Qbert'\]"):
     run.check_data(run.resolve_config('cpu_tiny', tiny_dataset_dir, games='Pong,Qbert'))
   run.check_data(run.resolve_config('cpu_tiny', tiny_dataset_dir, games='Pong'))
+
+
+def test_allowed_param_change_is_refused_while_checkpoints_of_the_old_one_exist(tmp_path):
+  """With --allow-config-change, a games/network/agent change still cannot be resumed from
+  checkpoints of the old one (the learner refuses them); prepare_workdir says so before launch,
+  while other intended changes (here the data selection) go through."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_learner import make  # pylint: disable=import-outside-toplevel  (a cpu_tiny Learner)
+  from scaled_ql.agents import checkpointing
+  workdir = str(tmp_path / 'w')
+  cfg = _cfg()
+  run.prepare_workdir(cfg, workdir, log=lambda line: None)
+  learner = make(cfg, workdir=workdir, handle_signals=False)
+  learner.step()
+  learner.save()
+  learner.close()
+  alpha = _cfg('agent.cql_alpha=0.1')
+  with pytest.raises(ConfigError, match=r"holds checkpoints \(steps \[1\]\) of another agent "
+                     r"config \(agent.cql_alpha: 0.05 -> 0.1\); the learner cannot resume"):
+    run.prepare_workdir(alpha, workdir, allow_config_change=True, log=lambda line: None)
+  selection = _cfg('data.selection=uniform:5')
+  assert 'data.selection' in run.prepare_workdir(selection, workdir, allow_config_change=True,
+                                                 log=lambda line: None)
+  # Why: a learner of the changed agent config refuses those checkpoints.
+  other = make(alpha, workdir=workdir, handle_signals=False)
+  with pytest.raises(checkpointing.ConfigMismatchError, match="different 'agent' config"):
+    other.restore()
+  other.close()

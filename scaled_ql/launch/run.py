@@ -193,6 +193,14 @@ def config_changes(old: dict, cfg) -> dict:
   return changes
 
 
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """The checkpoint steps in WORKDIR/checkpoints (Orbax step folders), without loading any."""
+  path = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
 def check_workdir(workdir: str) -> None:
   """--workdir can be created or written (nothing is created here)."""
   _check_writable_dir(workdir, '--workdir')
@@ -258,6 +266,16 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
           f'--workdir {workdir!r} ran a different config; resuming would change '
           + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in refused.items())
           + '. Pass --allow-config-change if that is intended, or use a new --workdir')
+    # The learner restores only a checkpoint of the same games/network/agent (checkpointing
+    # refuses the others): with checkpoints there, such a change cannot be resumed at all.
+    params = [k for k in refused if k == 'games' or k.startswith(('network.', 'agent.'))]
+    if params and _checkpoint_steps(workdir):
+      raise ConfigError(
+          f'--workdir {workdir!r} holds checkpoints (steps {_checkpoint_steps(workdir)}) of '
+          f'another {"/".join(sorted({k.split(".")[0] for k in params}))} config ('
+          + '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in params)
+          + '); the learner cannot resume from them, even with --allow-config-change. Use a '
+          'new --workdir (finetune --pretrained starts from a checkpoint\'s encoder)')
     if changes:
       log(f'[workdir] resuming {workdir} with changes: {listing}')
   os.makedirs(workdir, exist_ok=True)
