@@ -246,6 +246,14 @@ def test_skill_schedule_is_a_mixture_rising_across_checkpoints():
     # A mixture: late-policy episodes (skill 1) in every split, the share rising.
     assert (d == 1.0).mean() == pytest.approx(sched.expert_fraction(k, 10), abs=0.03)
   assert (draws[0] == 1.0).mean() > 0.2 and (draws[0] == 0.0).mean() == pytest.approx(0.7, abs=0.03)
+  # Stratified per split: any 5 successive episodes of checkpoint 0 hold 1 or 2 late-policy
+  # ones (30% of 5 = 1.5), whatever the start; in the long run the same mixture.
+  for seed in range(20):
+    gen = sched.split_skills(np.random.default_rng(seed), 0, 10)
+    skills = np.array([next(gen) for _ in range(2000)])
+    assert all(1 <= (skills[i:i + 5] == 1.0).sum() <= 2 for i in range(0, 50, 5))
+    assert (skills == 1.0).mean() == pytest.approx(0.3, abs=0.01)
+    assert skills[skills < 1].max() <= sched.progress(0, 10) + 1e-9
   with pytest.raises(ValueError, match='expert_start <= expert_end'):
     policies.SkillSchedule(expert_start=0.9, expert_end=0.5)
   with pytest.raises(ValueError, match='checkpoint 10'):

@@ -137,14 +137,15 @@ def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
   env = AtariEnv(game, sticky_action_prob=STICKY_ACTION_PROB,
                  max_episode_frames=max_episode_frames, seed=stats.env_seed)
   rng = np.random.default_rng(stats.env_seed)
-  skill_rng = np.random.default_rng([stats.env_seed, 1])
+  skills = skill.split_skills(np.random.default_rng([stats.env_seed, 1]), stats.checkpoint_id,
+                              num_checkpoints)
   policy = policies.EpsilonGreedyHeuristic(env, 1.0, rng)
   while True:
     if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
       return
     if episodes_per_checkpoint is not None and stats.episodes >= episodes_per_checkpoint:
       return
-    epsilon = skill.epsilon(skill.sample_skill(skill_rng, stats.checkpoint_id, num_checkpoints))
+    epsilon = skill.epsilon(next(skills))
     policy.set_epsilon(epsilon)
     ts = env.reset()
     # Frames are PNG-encoded as they come (~1-2 KB each instead of 7 KB: long episodes stay small).

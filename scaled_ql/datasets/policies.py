@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from scaled_ql.envs.atari import AtariEnv
+
+_GOLDEN = (5 ** 0.5 - 1) / 2  # 0.618...: the most evenly spread additive sequence mod 1
 
 # A heuristic maps the environment (for its RAM and action names) to an action index.
 Heuristic = Callable[[AtariEnv], int]
@@ -253,10 +255,28 @@ class SkillSchedule:
   def epsilon(self, skill: float) -> float:
     return float(self.epsilon_max * (self.epsilon_min / self.epsilon_max) ** float(skill))
 
-  def sample_skill(self, rng: np.random.Generator, checkpoint: int, num_checkpoints: int) -> float:
-    if rng.random() < self.expert_fraction(checkpoint, num_checkpoints):
+  def skill_at(self, v: float, checkpoint: int, num_checkpoints: int) -> float:
+    """The skill at quantile `v` in [0, 1) of checkpoint k's distribution (inverse CDF): the
+    late policy below `expert_fraction`, then Uniform(0, progress) spread over the rest."""
+    if not 0.0 <= v < 1.0:
+      raise ValueError(f'quantile must be in [0, 1), got {v}')
+    q = self.expert_fraction(checkpoint, num_checkpoints)
+    if v < q:
       return 1.0
-    return float(rng.uniform(0.0, self.progress(checkpoint, num_checkpoints)))
+    return float(self.progress(checkpoint, num_checkpoints) * (v - q) / (1.0 - q))
+
+  def sample_skill(self, rng: np.random.Generator, checkpoint: int, num_checkpoints: int) -> float:
+    return self.skill_at(float(rng.random()), checkpoint, num_checkpoints)
+
+  def split_skills(self, rng: np.random.Generator, checkpoint: int,
+                   num_checkpoints: int) -> Iterator[float]:
+    """Skills for a split's successive episodes: stratified draws (a golden-ratio sequence of
+    quantiles from a random start), so even a split of a few episodes holds late-policy and
+    weaker episodes in about the schedule's proportions; the distribution is `sample_skill`'s."""
+    v = float(rng.random())
+    while True:
+      yield self.skill_at(v, checkpoint, num_checkpoints)
+      v = (v + _GOLDEN) % 1.0
 
   def mean_skill(self, checkpoint: int, num_checkpoints: int) -> float:
     q = self.expert_fraction(checkpoint, num_checkpoints)
