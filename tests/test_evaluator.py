@@ -167,6 +167,10 @@ def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates()
       'none: no game has a completed episode; left out (no completed episode): Freeway')
   assert evaluator.format_row('Freeway', dict(score=None, normalized=None, episodes=0,
                                                param_version=7)).count('no completed episode') == 1
+  assert evaluator.format_row('Pong', dict(score=-13.0, normalized=0.218, episodes=2, truncated=2,
+                                           param_version=7)) == (
+      'Pong             raw      -13.0  human-normalized    21.8%  episodes 2 (2 cut at the '
+      'frame cap)  (params of step 7)')
   # TensorBoard gets scalars only for games with a score.
   assert evaluator.tensorboard_scalars({'Pong': dict(score=-20.0, normalized=0.02),
                                         'Freeway': dict(score=None, normalized=None)}) == [

@@ -315,8 +315,10 @@ def format_result(r: GameResult) -> str:
 
 def format_row(game: str, row: Mapping[str, Any]) -> str:
   """One line of an evaluator node's `latest` row (score, normalized, episodes, param_version)."""
+  cut = f' ({row["truncated"]} cut at the frame cap)' if row.get('truncated') else ''
   return (f'{game:<16} {format_score(row.get("score"), row.get("normalized"))}  '
-          f'episodes {row.get("episodes", "?")}  (params of step {row.get("param_version", "?")})')
+          f'episodes {row.get("episodes", "?")}{cut}  (params of step '
+          f'{row.get("param_version", "?")})')
 
 
 def tensorboard_scalars(latest: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, float]]:
