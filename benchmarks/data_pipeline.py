@@ -1,21 +1,25 @@
-"""Data pipeline figures: storage per transition, sampling throughput, learner feed ratio, memory.
+"""Data path figures, every ratio against a baseline measured alone in the same run (issue 13).
 
-    .venv/bin/python benchmarks/data_pipeline.py --config cpu_small --data_dir data/generated
+    flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/data_pipeline.py \
+        --config cpu_small --data_dir data/generated [--seconds 20] [--memory]
 
-Reverb server and inserters run in subprocesses (as in training); this process samples.
-1. Storage: server RSS growth / transitions held, with every table full (FIFO steady state),
-   against one 84x84 frame (7056 B).
-2. Sampling: transitions/s delivered by `stratified_batches` (nothing consumes them), and per
-   CPU-second spent by this process + the server process.
-3. Learner feed: `Learner.step()`/s fed by the pipeline over steps/s on one pre-made in-memory
-   batch (`--learner_steps`, 0 to skip).
-4. Memory vs dataset size: server and inserter RSS after streaming a small and a large selection
-   of the same data through the same tables (`--small_selection`, `--large_selection`).
+One command, one table; the 1-minute load average is printed beside every figure (on a shared
+machine a figure is only as good as the load it was measured under). In order:
+1. matmul peak: best fp32 [n,n]@[n,n] FLOP/s (benchmarks/learner_step.py), measured here.
+2. learner alone: `Learner.step()` on one in-memory `FrameWindows` batch (what the pipeline
+   delivers, so the same compiled update), before any Reverb process exists.
+3. Reverb server + inserters (subprocesses, as in `scaled-ql learn`) fill every table.
+4. sampling alone, learner idle: transitions/s delivered by `stratified_batches`, and CPU-us per
+   delivered transition of this (the learner's) process, of the server, of the inserters
+   (throttled by `DataConfig.samples_per_insert`, so they insert while the learner samples).
+5. learner fed by the pipeline: `Learner.step()`/s over (2), with the same CPU accounting.
+6. learner alone again (exposes load drift between 2 and 5).
+7. storage: server RSS growth per transition held (every table full) against one 84x84 frame.
+`--memory` adds server/inserter RSS after streaming a small and a large selection.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -26,18 +30,32 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from learner_step import matmul_peak  # noqa: E402  (benchmarks/learner_step.py)
+
 from scaled_ql import configs  # noqa: E402
 from scaled_ql.datasets import reverb_tables as rt  # noqa: E402
 from scaled_ql.datasets import transitions as tr  # noqa: E402
+from scaled_ql.types import FrameWindows  # noqa: E402
+
+
+def load() -> float:
+  return os.getloadavg()[0]
 
 
 def rss(pid: int) -> int:
   return psutil.Process(pid).memory_info().rss
 
 
-def cpu_s(pid: int) -> float:
-  t = psutil.Process(pid).cpu_times()
-  return t.user + t.system
+def cpu_s(pids) -> float:
+  total = 0.0
+  for pid in pids:
+    try:
+      t = psutil.Process(pid).cpu_times()
+      total += t.user + t.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
 
 
 def wait_full(address, games, size, timeout_s):
@@ -50,94 +68,128 @@ def wait_full(address, games, size, timeout_s):
   raise TimeoutError(f'tables not full after {timeout_s}s: {rt.table_sizes(address, games)}')
 
 
-def storage_and_sampling(cfg, args) -> dict:
-  out = {}
+def random_windows(cfg, seed: int = 0) -> FrameWindows:
+  """An in-memory batch shaped like the pipeline's (random frames, valid actions)."""
+  from scaled_ql import games as games_lib
+  rng = np.random.default_rng(seed)
+  b, n = cfg.agent.batch_size, cfg.agent.n_step
+  counts = np.asarray(games_lib.action_counts(cfg.games))
+  game_id = rng.integers(0, len(cfg.games), b).astype(np.int32)
+  return FrameWindows(
+      frames=rng.integers(0, 256, (b, tr.window_length(n)) + tr.FRAME_SHAPE, dtype=np.uint8),
+      next_start=rng.integers(1, n + 1, b).astype(np.int32),
+      action=(rng.integers(0, 1000, b) % counts[game_id]).astype(np.int32),
+      reward=rng.normal(size=b).astype(np.float32),
+      discount=np.full(b, 0.99 ** n, np.float32), game_id=game_id)
+
+
+def timed_steps(learner, seconds: float) -> tuple[int, float]:
+  steps, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    learner.step()
+    steps += 1
+  return steps, time.perf_counter() - t0
+
+
+class Meter:
+  """CPU seconds of named process groups and wall time over a measured interval."""
+
+  def __init__(self, groups: dict):
+    self.groups = groups
+    self.start = {k: cpu_s(p) for k, p in groups.items()}
+    self.t0 = time.perf_counter()
+
+  def stop(self) -> dict:
+    wall = time.perf_counter() - self.t0
+    return dict(wall_s=wall, **{f'{k}_cpu_s': cpu_s(p) - self.start[k]
+                                for k, p in self.groups.items()})
+
+
+def run(cfg, args) -> list[dict]:
+  from scaled_ql import loggers
+  from scaled_ql.agents.learner import Learner
+  rows = []
+
+  def row(name, value, unit, note=''):
+    r = dict(figure=name, value=value, unit=unit, load_1min=load(), note=note)
+    rows.append(r)
+    print(f'{name:<58} {value:12.2f} {unit:<16} load {r["load_1min"]:5.2f}  {note}', flush=True)
+    return r
+
+  peak = max(matmul_peak(np.float32, n, args.peak_seconds / 3) for n in (1024, 2048, 4096))
+  row('matmul peak (fp32, best of n=1024/2048/4096)', peak / 1e9, 'GFLOP/s')
+  quiet = dict(log_every_steps=10**9, checkpoint_every_steps=10**9)
+  batch = cfg.agent.batch_size
+  alone = Learner(cfg.replace(train=quiet), iter(lambda: random_windows(cfg), None),
+                  logger=loggers.MultiLogger([]), handle_signals=False)
+  for _ in range(3):
+    alone.step()  # compile + warm up
+  steps, wall = timed_steps(alone, args.seconds)
+  alone_before = steps / wall
+  row('learner alone, in-memory FrameWindows (before)', alone_before, 'steps/s',
+      f'{alone_before * batch:.0f} transitions/s')
+
   with rt.start_server_process(cfg) as server:
-    time.sleep(1.0)
     rss_empty = rss(server.pid)
     inserters = rt.start_inserter_processes(server.address, cfg)
+    ins_pids = [p.pid for p in inserters]
     try:
       while sum(rt.table_sizes(server.address, cfg.games).values()) == 0:
-        time.sleep(0.2)  # inserter processes start (imports, reader setup)
+        time.sleep(0.2)  # the inserter processes start (imports, reader)
       t0 = time.monotonic()
       wait_full(server.address, cfg.games, cfg.data.shuffle_buffer_per_game, args.timeout_s)
-      fill_s = time.monotonic() - t0
-      # A little more streaming so that FIFO eviction (and chunk release) is in steady state.
-      time.sleep(args.settle_s)
-      sizes = rt.table_sizes(server.address, cfg.games)
-      items = sum(sizes.values())
-      grown = rss(server.pid) - rss_empty
-      out['storage'] = dict(
-          transitions_held=items, server_rss_growth_mb=grown / 2**20,
-          bytes_per_transition=grown / items,
-          ratio_to_one_frame=grown / items / tr.FRAME_BYTES,
-          insert_transitions_per_s_during_fill=items / fill_s)
-      print(json.dumps(out['storage'], indent=1), flush=True)
+      items = sum(rt.table_sizes(server.address, cfg.games).values())
+      row('insert rate while filling (learner idle)', items / (time.monotonic() - t0),
+          'transitions/s', f'{cfg.data.num_inserters} inserter(s)')
 
       batches = rt.stratified_batches(server.address, cfg.games, cfg, seed=1)
       for _ in range(5):
         next(batches)  # warm up
-      me = os.getpid()
-      c0, s0, w0 = cpu_s(me), cpu_s(server.pid), time.perf_counter()
+      me = [os.getpid()]
+      meter = Meter(dict(learner=me, server=[server.pid], inserters=ins_pids))
       n = 0
-      while time.perf_counter() - w0 < args.sample_s:
+      while time.perf_counter() - meter.t0 < args.seconds:
         next(batches)
         n += 1
-      wall = time.perf_counter() - w0
-      c1, s1 = cpu_s(me), cpu_s(server.pid)
-      batches.close()
-      delivered = n * cfg.agent.batch_size
-      out['sampling'] = dict(
-          batch_size=cfg.agent.batch_size, batches=n, wall_s=wall,
-          transitions_per_s=delivered / wall,
-          sampler_cpu_s=c1 - c0, server_cpu_s=s1 - s0,
-          transitions_per_cpu_s=delivered / ((c1 - c0) + (s1 - s0)),
-          note='inserters kept streaming during sampling (their CPU is not counted)')
-      print(json.dumps(out['sampling'], indent=1), flush=True)
+      m = meter.stop()
+      delivered = n * batch
+      row('sampling alone (learner idle): delivered', delivered / m['wall_s'], 'transitions/s',
+          'target >= 20000 on 2 cores')
+      us = lambda cpu: 1e6 * cpu / delivered
+      row('  CPU per transition, learner process', us(m['learner_cpu_s']), 'CPU-us',
+          'target <= 50')
+      row('  CPU per transition, + server + inserters',
+          us(m['learner_cpu_s'] + m['server_cpu_s'] + m['inserters_cpu_s']), 'CPU-us',
+          f'target <= 100 (server {us(m["server_cpu_s"]):.0f}, inserters '
+          f'{us(m["inserters_cpu_s"]):.0f})')
 
-      if args.learner_steps:
-        out['learner'] = learner_ratio(cfg, server.address, args.learner_steps)
-        print(json.dumps(out['learner'], indent=1), flush=True)
+      fed = Learner(cfg.replace(train=quiet), batches, logger=loggers.MultiLogger([]),
+                    handle_signals=False)
+      for _ in range(3):
+        fed.step()
+      meter = Meter(dict(learner=me, server=[server.pid], inserters=ins_pids))
+      steps, wall = timed_steps(fed, args.seconds)
+      m = meter.stop()
+      fed_rate = steps / wall
+      batches.close()
+      row('learner fed by the pipeline', fed_rate, 'steps/s',
+          f'{fed_rate * batch:.0f} transitions/s')
+      row('  server + inserters CPU while the learner runs', (m['server_cpu_s']
+          + m['inserters_cpu_s']) / m['wall_s'], 'cores')
+
+      steps, wall = timed_steps(alone, args.seconds)
+      alone_after = steps / wall
+      row('learner alone, in-memory FrameWindows (after, processes idle)', alone_after, 'steps/s')
+      row('pipeline-fed / alone (mean of before and after)',
+          fed_rate / (0.5 * (alone_before + alone_after)), 'ratio', 'target >= 0.85')
+
+      held = sum(rt.table_sizes(server.address, cfg.games).values())
+      grown = rss(server.pid) - rss_empty
+      row('storage: server RSS growth per transition held', grown / held, 'bytes',
+          f'{grown / held / tr.FRAME_BYTES:.2f} x one 84x84 frame; {held} held')
     finally:
       rt.stop_processes(inserters)
-  return out
-
-
-def learner_ratio(cfg, address, steps, rounds=3) -> dict:
-  """Learner steps/s fed by the pipeline vs by one in-memory batch, in alternating rounds (the
-  shared machine's load drifts; alternating exposes both to the same drift)."""
-  from scaled_ql.agents.learner import Learner
-  cfg = cfg.replace(train=dict(log_every_steps=10**9))
-  waited = [0.0]
-
-  def timed(iterator):  # time the learner spends blocked on the data
-    while True:
-      t = time.perf_counter()
-      batch = next(iterator)
-      waited[0] += time.perf_counter() - t
-      yield batch
-
-  with rt.stratified_batches(address, cfg.games, cfg, seed=2) as batches:
-    fixed = next(batches)
-    piped = Learner(cfg, timed(batches), workdir=None, handle_signals=False)
-    in_memory = Learner(cfg, itertools.repeat(fixed), workdir=None, handle_signals=False)
-    for learner in (piped, in_memory):
-      for _ in range(3):
-        learner.step()  # compile + warm up
-    waited[0] = 0.0
-    wall = {'pipeline': 0.0, 'in_memory': 0.0}
-    per_round = max(1, steps // rounds)
-    for _ in range(rounds):
-      for name, learner in (('pipeline', piped), ('in_memory', in_memory)):
-        t0 = time.perf_counter()
-        for _ in range(per_round):
-          learner.step()
-        wall[name] += time.perf_counter() - t0
-  n = per_round * rounds
-  return dict(steps_each=n, rounds=rounds, learner_steps_per_s_pipeline=n / wall['pipeline'],
-              learner_steps_per_s_in_memory=n / wall['in_memory'],
-              ratio=wall['in_memory'] / wall['pipeline'],
-              fraction_of_pipeline_time_waiting_for_data=waited[0] / wall['pipeline'])
+  return rows
 
 
 def memory_vs_dataset_size(cfg, args) -> dict:
@@ -177,17 +229,16 @@ def main(argv=None) -> int:
   p.add_argument('--data_dir', default='data/generated')
   p.add_argument('--selection', default='near_optimal')
   p.add_argument('--buffer_per_game', type=int, default=4000)
-  p.add_argument('--num_inserters', type=int, default=2)
+  p.add_argument('--num_inserters', type=int, default=1)
   p.add_argument('--chunk_length', type=int, default=None, help='data.reverb_chunk_length')
-  p.add_argument('--settle_s', type=float, default=5.0)
-  p.add_argument('--sample_s', type=float, default=20.0)
-  p.add_argument('--learner_steps', type=int, default=30)
+  p.add_argument('--seconds', type=float, default=20.0, help='timed seconds per figure')
+  p.add_argument('--peak_seconds', type=float, default=6.0)
+  p.add_argument('--memory', action='store_true', help='also the memory-vs-dataset-size runs')
   p.add_argument('--small_selection', default='checkpoints:0-0')
   p.add_argument('--large_selection', default='near_optimal')
   p.add_argument('--memory_buffer_per_game', type=int, default=300,
                  help='smaller than the small selection, so that both fill the tables')
   p.add_argument('--timeout_s', type=float, default=600.0)
-  p.add_argument('--skip_memory', action='store_true')
   p.add_argument('--out', default=None, help='write the results as JSON here')
   args = p.parse_args(argv)
   cfg = configs.get_config(args.config)
@@ -198,17 +249,17 @@ def main(argv=None) -> int:
                               num_inserters=args.num_inserters))
   if args.chunk_length:
     cfg = cfg.replace(data=dict(reverb_chunk_length=args.chunk_length))
+  print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cpus {os.cpu_count()}, chunk '
+        f'{cfg.data.reverb_chunk_length}, buffer/game {args.buffer_per_game}; '
+        f'{os.popen("uptime").read().strip()}', flush=True)
   results = dict(config=args.config, argv=sys.argv[1:], cpu_count=os.cpu_count(),
-                 chunk_length=cfg.data.reverb_chunk_length,
-                 load_avg_1min=os.getloadavg()[0])
-  results.update(storage_and_sampling(cfg, args))
-  if not args.skip_memory:
+                 rows=run(cfg, args))
+  if args.memory:
     results['memory_vs_dataset_size'] = memory_vs_dataset_size(cfg, args)
-  results['load_avg_1min_end'] = os.getloadavg()[0]
+  print(f'end: {os.popen("uptime").read().strip()}', flush=True)
   if args.out:
     with open(args.out, 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=1)
-  print(json.dumps(results, indent=1))
   return 0
 
 

@@ -1,39 +1,42 @@
-"""Learner steps/s inside the distributed program divided by the standalone learner's (goal >= 0.9).
+"""Learner steps/s inside the distributed program over the learner alone, same cores, same run.
 
-    .venv/bin/python benchmarks/program_throughput.py --config cpu_small --data-dir data/generated \
-        [--seconds 60] [--evaluators 1] [--eval-every-seconds S]
+    flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/program_throughput.py \
+        --config cpu_small --data-dir data/generated [--seconds 60] [--evaluators 0]
 
-Standalone: `Learner` in this process on one pre-made batch repeated (no data path, no Ray): the
-learner's own ceiling. Program: `program.build` + `program.run` (Reverb server, inserters, learner
-fed by stratified batches, variable server publishing every `publish_every_steps`, evaluators on
-their own clock); its rate is measured from the learner node's step counter over `--seconds` after
-the first `--warmup-steps` steps (compilation and replay fill excluded). On a machine with few
-cores the evaluators and inserters compete with the learner for CPU; `--eval-every-seconds` large
-shows the cost of the distribution machinery alone.
+Prints one table; the 1-minute load average is beside every figure. Alone: `Learner` in this
+process on one in-memory `FrameWindows` batch (what the Reverb path delivers, so the same compiled
+update), timed before the program starts and again after it ended (both before any Ray or Reverb
+process exists / after all are gone); the ratio uses their mean, so load drift shows instead of
+hiding. Program: `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
+by stratified batches, variable server publishing every `publish_every_steps`, `--evaluators`
+evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
+`--seconds` after the first `--warmup-steps` steps (compilation and replay fill excluded).
+Target (issue 13): >= 0.85 with no evaluator on an idle machine.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
 
+def load() -> float:
+  return os.getloadavg()[0]
+
+
 def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
+  from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
-  from scaled_ql.types import Transition
-  b = cfg.agent.batch_size
-  rng = np.random.default_rng(0)
-  game_id = rng.integers(0, len(cfg.games), b).astype(np.int32)
-  batch = Transition(
-      observation=rng.integers(0, 255, (b, 84, 84, 4), dtype=np.uint8),
-      action=np.zeros((b,), np.int32), reward=rng.standard_normal(b).astype(np.float32),
-      discount=np.full((b,), 0.97, np.float32),
-      next_observation=rng.integers(0, 255, (b, 84, 84, 4), dtype=np.uint8), game_id=game_id)
-  learner = Learner(cfg, itertools.repeat(batch), workdir=None, handle_signals=False)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from data_pipeline import random_windows  # benchmarks/data_pipeline.py
+  quiet = cfg.replace(train=dict(log_every_steps=10**9, checkpoint_every_steps=10**9))
+  learner = Learner(quiet, itertools.repeat(random_windows(cfg)), workdir=None,
+                    logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(warmup_steps):
     learner.step()
   start, steps = time.perf_counter(), 0
@@ -81,7 +84,7 @@ def main() -> None:
   parser.add_argument('--data-dir', default='data/generated')
   parser.add_argument('--seconds', type=float, default=60.0)
   parser.add_argument('--warmup-steps', type=int, default=20)
-  parser.add_argument('--evaluators', type=int, default=1)
+  parser.add_argument('--evaluators', type=int, default=0)
   parser.add_argument('--eval-every-seconds', type=float, default=None)
   args = parser.parse_args()
   from scaled_ql.launch import run
@@ -89,15 +92,25 @@ def main() -> None:
   if args.eval_every_seconds is not None:
     cfg = cfg.replace(eval=dict(eval_every_seconds=args.eval_every_seconds))
   run.check_data(cfg)
-  print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cores {os.cpu_count()}', flush=True)
-  alone = standalone_steps_per_s(cfg, args.seconds)
-  print(f'standalone learner: {alone:.2f} steps/s', flush=True)
+  print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cores {os.cpu_count()}, evaluators '
+        f'{args.evaluators}; {os.popen("uptime").read().strip()}', flush=True)
+  rows = []
+  alone_before = standalone_steps_per_s(cfg, args.seconds)
+  rows.append(('learner alone (before)', alone_before, load()))
+  print(f'learner alone: {alone_before:.2f} steps/s (load {load():.2f})', flush=True)
   inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps)
+  rows.append((f'learner in the program, {args.evaluators} evaluator(s)', inside['steps_per_s'],
+               load()))
   print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
-        f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped)')
-  print(f'| config | evaluators | eval_every_s | standalone steps/s | in-program steps/s | ratio |')
-  print(f'| {cfg.name} | {args.evaluators} | {cfg.eval.eval_every_seconds:g} | {alone:.2f} | '
-        f'{inside["steps_per_s"]:.2f} | {inside["steps_per_s"] / alone:.2f} |')
+        f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped)', flush=True)
+  alone_after = standalone_steps_per_s(cfg, args.seconds)
+  rows.append(('learner alone (after)', alone_after, load()))
+  ratio = inside['steps_per_s'] / (0.5 * (alone_before + alone_after))
+  rows.append(('in-program / alone (mean of before and after)', ratio, load()))
+  print('| figure | value | load (1 min) |\n|---|---|---|')
+  for name, value, at_load in rows:
+    print(f'| {name} | {value:.2f} | {at_load:.2f} |')
+  print(f'end: {os.popen("uptime").read().strip()}')
 
 
 if __name__ == '__main__':
