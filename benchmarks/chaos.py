@@ -141,7 +141,11 @@ def main(argv=None) -> int:
         s = status.evaluators[i]
         event['evaluating_games'] = len(prog.evaluator_games[i]) if s and s.get(
             'evaluating_version', -1) >= 0 else 0
-      os.kill(pid, signal.SIGKILL)
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        print(f'[chaos] {name} pid {pid} already gone; skipping this kill', flush=True)
+        return
       kills.append(event)
       print(f'[chaos] {event["at"]:6.0f}s kill -9 {name} (pid {pid})', flush=True)
 
@@ -183,10 +187,11 @@ def main(argv=None) -> int:
         return False
       if learner is None:
         return False
-      if args.steps:
-        return bool(learner['done'])
-      return (all(e['back'] for e in kills)
+      done = (bool(learner['done']) if args.steps else
+              all(e['back'] for e in kills)
               and learner['steps'] >= state['last_restart_step'] + 3 * ckpt_every)
+      state['done'] = done
+      return done
 
     try:
       last_progress = [0.0]
@@ -201,7 +206,8 @@ def main(argv=None) -> int:
       final = program.run(prog, log=log, stop_when=stop_when,
                           timeout_s=args.timeout_minutes * 60, final_eval_timeout_s=300)
       final_step = final.learner['steps'] if final and final.learner else None
-      finished = bool(final_step and all(e['back'] for e in kills)
+      # Finished: ended by its stop condition (not the time limit), every killed node back.
+      finished = bool(state.get('done') and final_step and all(e['back'] for e in kills)
                       and (not args.steps or final_step == args.steps))
     except program.NodeLost as e:
       lost = str(e)

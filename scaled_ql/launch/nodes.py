@@ -270,6 +270,8 @@ class LearnerNode(_LoopNode):
     window = list(self._rate_window)
     rate = ((window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
             if len(window) > 1 and window[-1][0] > window[0][0] else 0.0)
+    if window and time.monotonic() - window[-1][0] > 30.0:
+      rate = 0.0  # no step for 30 s (waiting for data or actors): not the last rate seen
     metrics = {k: float(v) for k, v in self._metrics.items() if _is_number(v)}
     return dict(self.base_status(), steps=int(self._learner.steps), num_steps=self._num_steps,
                 steps_per_s=rate, resumed_from_step=self.resumed_from_step,
