@@ -208,7 +208,8 @@ def test_offline_finetuning_program_starts_from_the_pretrained_encoder(pretraine
   out = subprocess.run(
       [sys.executable, '-m', 'scaled_ql.cli', 'finetune', 'offline', '--pretrained', pretrained,
        '--game', 'Pong', '--data-dir', tiny_dataset_dir, '--selection', 'near_optimal',
-       '--encoder', 'frozen', '--steps', '6', '--batch-size', '8', '--eval-steps', '40',
+       '--encoder', 'frozen', '--steps', '6', '--set', 'agent.transitions_per_game=8',
+       '--eval-steps', '40',
        '--workdir', workdir], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert 'Pong' in out.stdout and 'human-normalized' in out.stdout
@@ -216,6 +217,7 @@ def test_offline_finetuning_program_starts_from_the_pretrained_encoder(pretraine
   cfg, params, step = transfer.load_pretrained(workdir)
   assert step == 6 and cfg.games == ('Pong',) and cfg.agent.frozen_modules == ('encoder',)
   assert cfg.agent.batch_size == 8 and cfg.agent.learning_rate == 5e-5
+  assert cfg.overrides[-1] == 'agent.transitions_per_game=8'  # recorded with the checkpoint
   assert _equal(_modules(params, 'encoder'), _modules(ckpt, 'encoder'))
   assert not _equal(_modules(params, 'trunk'), _modules(ckpt, 'trunk'))
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl'))]
