@@ -133,7 +133,10 @@ def _cpu_small() -> ExperimentConfig:
       agent=AgentConfig(games_per_batch=16, transitions_per_game=4, target_update_period=500),
       data=DataConfig(data_dir='data/generated', shuffle_buffer_per_game=20_000,
                       min_fill_per_game=1_000),
-      eval=EvalConfig(steps_per_game=2_000, num_envs=4, num_evaluators=1,
+      # One environment: Dopamine's exact loop. Every started episode is played out (up to 27K
+      # steps when a policy stalls, e.g. Breakout without FIRE), so each extra environment adds
+      # up to one more such episode per round (docs/evaluation.md: 94K steps with 4 envs).
+      eval=EvalConfig(steps_per_game=2_000, num_envs=1, num_evaluators=1,
                       eval_every_seconds=30.0),
       train=TrainConfig(num_steps=5_000, log_every_steps=100, checkpoint_every_steps=1_000,
                         publish_every_steps=100),
