@@ -168,6 +168,9 @@ def test_quality_rises_across_splits_and_stats_are_reported(tmp_path):
   sub = beh['selections']['suboptimal']  # the first 20% of 3 splits: checkpoint_00
   assert sub['splits'] == ['checkpoint_00'] and sub['episodes'] == 5
   assert beh['selections']['near_optimal']['episodes'] == 15
+  rand = [r for s in splits for r, e in zip(s['raw_returns'], s['episode_epsilons']) if e == 1.0]
+  assert beh['selections']['epsilon_1']['episodes'] == len(rand) >= 2  # checkpoint 0's non-late
+  assert beh['selections']['epsilon_1']['score'] == pytest.approx(np.mean(rand), abs=1e-3)
   best = beh['selections']['best_split']
   assert best['score'] == pytest.approx(max(scores), abs=1e-3)
   best_median = np.median(splits[int(best['splits'][0][-2:])]['raw_returns'])

@@ -179,6 +179,7 @@ def behaviour(game: str, splits: dict) -> dict:
   Per split and per selection (`suboptimal`: the first 20% of the splits, as the reader selects;
   `near_optimal`: all): the mean raw game score of the completed episodes, its human-normalized
   value, the median and the episode count; `best_split` is the split with the highest mean score,
+  `epsilon_1` the episodes played uniformly at random (our random reference),
   and `suboptimal.at_or_above_best_median` the fraction of the suboptimal episodes scoring at or
   above the best split's median. Only completed episodes count: every episode this generator
   writes is whole; data from the older generator, whose split budget cut the last episode, has
@@ -214,6 +215,14 @@ def behaviour(game: str, splits: dict) -> dict:
       'near_optimal': dict(summary([x for c in sorted(by_ckpt) for x in by_ckpt[c]]),
                            splits=[tfds_layout.split_name(c) for c in sorted(by_ckpt)]),
   }
+  # Episodes played at epsilon 1 (uniform random: the non-late episodes of checkpoint 0), our own
+  # random reference under the data's protocol (sticky actions, no no-op starts).
+  random_returns = [r for s in splits.values() if 'episode_epsilons' in s
+                    for r, e in zip(s['raw_returns'], s['episode_epsilons']) if e >= 1.0]
+  if random_returns:
+    selections['epsilon_1'] = dict(summary(random_returns), splits=sorted(
+        tfds_layout.split_name(int(s['checkpoint_id'])) for s in splits.values()
+        if 1.0 in s.get('episode_epsilons', [])))
   if best is not None:
     best_median = float(np.median(by_ckpt[best]))
     selections['best_split'] = dict(summary(by_ckpt[best]), splits=[tfds_layout.split_name(best)])
@@ -240,14 +249,15 @@ def behaviour_lines(game: str, info: dict) -> list[str]:
   over completed episodes and its human-normalized value."""
   sel = behaviour(game, info['splits'])['selections']
   lines = ['  behaviour (raw game score, mean over completed episodes; human-normalized):']
-  for name in ('suboptimal', 'near_optimal', 'best_split'):
+  for name in ('epsilon_1', 'suboptimal', 'near_optimal', 'best_split'):
     if name not in sel:
       continue
     s = sel[name]
     splits = s['splits']
     span = splits[0] if len(splits) == 1 else f'{splits[0]}..{splits[-1]}'
     score = 'n/a' if s['score'] is None else f'{s["score"]:.2f}'
-    line = (f'    {name:<13}{span:<28} episodes {s["episodes"]:>4}  score {score:>9}  '
+    label = 'epsilon 1' if name == 'epsilon_1' else name
+    line = (f'    {label:<13}{span:<28} episodes {s["episodes"]:>4}  score {score:>9}  '
             f'{_pct(s["normalized"]):>8}')
     if name == 'suboptimal' and s.get('at_or_above_best_median') is not None:
       line += f'  at/above best split median: {_pct(s["at_or_above_best_median"])}'
