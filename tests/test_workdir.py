@@ -210,3 +210,13 @@ def test_allowed_param_change_is_refused_while_checkpoints_of_the_old_one_exist(
   with pytest.raises(checkpointing.ConfigMismatchError, match="different 'agent' config"):
     other.restore()
   other.close()
+
+
+def test_demo_refuses_a_changed_config_before_generating_data(tmp_path, capsys):
+  workdir, data = str(tmp_path / 'demo'), tmp_path / 'data'
+  run.prepare_workdir(run.resolve_config('cpu_small', str(data), None, 1), workdir,
+                      log=lambda line: None)
+  assert cli.main(['demo', '--workdir', workdir, '--data-dir', str(data), '--set',
+                   'agent.cql_alpha=0.1']) == 2
+  assert 'agent.cql_alpha: 0.05 -> 0.1' in capsys.readouterr().err
+  assert not data.exists()  # nothing generated

@@ -42,6 +42,7 @@ def register(subparsers) -> None:
                  help='training time budget (default %(default)s)')
   p.add_argument('--steps', type=int, default=None,
                  help='learner steps (default: the config\'s; the time budget usually ends first)')
+  overrides.add_flags(p, config=False)
   p.set_defaults(handler=_demo)
 
   _register_finetune(subparsers)
@@ -82,7 +83,7 @@ def _train(args) -> int:
                              games=args.games, overrides=args.set,
                              evaluator_gpus=args.evaluator_gpus)
     run.check_data(cfg)
-    run.check_workdir(args.workdir)
+    run.check_resume(cfg, args.workdir, args.allow_config_change)
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
                        args.learner_gpus, allow_config_change=args.allow_config_change)
   except ConfigError as e:  # raised before anything started
@@ -94,7 +95,8 @@ def _train(args) -> int:
 
 def _demo(args) -> int:
   try:
-    return demo.demo(args.workdir, args.data_dir, args.minutes, args.steps)
+    return demo.demo(args.workdir, args.data_dir, args.minutes, args.steps, games=args.games,
+                     overrides=args.set, allow_config_change=args.allow_config_change)
   except ConfigError as e:
     return _fail(e)
 
@@ -169,7 +171,7 @@ def _finetune_offline(args) -> int:
   try:
     cfg, initial_params = _finetune_config(args, 'offline', data_dir=args.data_dir,
                                            selection=args.selection)
-    run.check_workdir(args.workdir)
+    run.check_resume(cfg, args.workdir, args.allow_config_change)
     print(f'[finetune] offline {cfg.name}: {cfg.train.num_steps} steps, batch '
           f'{cfg.agent.batch_size}, lr {cfg.agent.learning_rate:g}, alpha '
           f'{cfg.agent.cql_alpha:g}, data {cfg.data.data_dir} ({cfg.data.selection})', flush=True)
@@ -187,7 +189,7 @@ def _finetune_online(args) -> int:
   try:
     cfg, initial_params = _finetune_config(args, 'online', mode=args.mode, actors=args.actors,
                                            scale=args.scale)
-    run.check_workdir(args.workdir)
+    run.check_resume(cfg, args.workdir, args.allow_config_change)
     from scaled_ql.launch import finetune
     print(f'[finetune] online {cfg.name}: {cfg.train.num_steps} gradient steps (1 per '
           f'{cfg.finetune.update_period} env steps after a warm-up of '

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from scaled_ql.configs import ConfigError
 from scaled_ql.launch import run
@@ -39,15 +39,20 @@ def ensure_demo_data(cfg) -> None:
 
 
 def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
-         minutes: float = DEMO_TRAIN_MINUTES, steps: Optional[int] = None) -> int:
-  """Runs the demo; returns the exit code (raises ConfigError on bad input)."""
+         minutes: float = DEMO_TRAIN_MINUTES, steps: Optional[int] = None, *,
+         games: Optional[str] = None, overrides: Sequence[str] = (),
+         allow_config_change: bool = False) -> int:
+  """Runs the demo; returns the exit code (raises ConfigError on bad input, before the data is
+  generated). `games`/`overrides`: as `run.resolve_config`'s."""
   from scaled_ql.eval import evaluator
-  cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1)
+  cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1, games=games, overrides=overrides)
+  run.check_resume(cfg, workdir, allow_config_change)
   started = time.time()
   ensure_demo_data(cfg)
   print(f'[demo] data ready in {time.time() - started:.0f}s; training {cfg.name} '
         f'({", ".join(cfg.games)}) for at most {minutes:g} minutes ...', flush=True)
-  status = run.train(cfg, workdir, timeout_s=minutes * 60)
+  status = run.train(cfg, workdir, timeout_s=minutes * 60,
+                     allow_config_change=allow_config_change)
   # The program ends with its evaluator evaluating the final params (the last checkpoint).
   scores = status.latest_scores() if status else {}
   if not scores:

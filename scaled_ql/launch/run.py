@@ -239,45 +239,53 @@ def check_output_file(path: str, flag: str) -> None:
     raise ConfigError(f'{flag} {path!r} is not writable')
 
 
-def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=None) -> dict:
-  """Checks the workdir, compares `cfg` with the config the workdir ran before (its config.json)
-  and only then records it: config.json and one line appended to config_history.jsonl per start.
+def check_resume(cfg, workdir: str, allow_config_change: bool = False) -> dict:
+  """Checks the workdir and compares `cfg` with the config it ran before (its config.json), if
+  any; writes nothing. A change to a field of RESUME_REFUSES raises ConfigError listing each,
+  unless `allow_config_change`. Returns every change {field: (before, now)}."""
+  import json
+  check_workdir(workdir)
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'--workdir {workdir!r}: cannot read its config.json ({e}); move it '
+                      'away to start afresh') from e
+  changes = config_changes(old, cfg)
+  refused = {k: v for k, v in changes.items() if resume_refuses(k)}
+  if refused and not allow_config_change:
+    raise ConfigError(
+        f'--workdir {workdir!r} ran a different config; resuming would change '
+        + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in refused.items())
+        + '. Pass --allow-config-change if that is intended, or use a new --workdir')
+  # The learner restores only a checkpoint of the same games/network/agent (checkpointing
+  # refuses the others): with checkpoints there, such a change cannot be resumed at all.
+  params = [k for k in refused if k == 'games' or k.startswith(('network.', 'agent.'))]
+  if params and _checkpoint_steps(workdir):
+    raise ConfigError(
+        f'--workdir {workdir!r} holds checkpoints (steps {_checkpoint_steps(workdir)}) of '
+        f'another {"/".join(sorted({k.split(".")[0] for k in params}))} config ('
+        + '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in params)
+        + '); the learner cannot resume from them, even with --allow-config-change. Use a '
+        'new --workdir (finetune --pretrained starts from a checkpoint\'s encoder)')
+  return changes
 
-  A change to a field of RESUME_REFUSES raises ConfigError listing each, unless
-  `allow_config_change`; other changes are logged. Returns the changes {field: (before, now)}."""
+
+def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=None) -> dict:
+  """`check_resume`, and only then the record of this start: config.json and one line appended
+  to config_history.jsonl. Returns the changes {field: (before, now)} (logged)."""
   import datetime
   import json
   log = log or (lambda line: print(line, flush=True))
-  check_workdir(workdir)
+  changes = check_resume(cfg, workdir, allow_config_change)
   path = os.path.join(workdir, 'config.json')
-  changes, resumed = {}, os.path.exists(path)
-  if resumed:
-    try:
-      with open(path, encoding='utf-8') as f:
-        old = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ConfigError(f'--workdir {workdir!r}: cannot read its config.json ({e}); move it '
-                        'away to start afresh') from e
-    changes = config_changes(old, cfg)
-    refused = {k: v for k, v in changes.items() if resume_refuses(k)}
-    listing = '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in changes.items())
-    if refused and not allow_config_change:
-      raise ConfigError(
-          f'--workdir {workdir!r} ran a different config; resuming would change '
-          + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in refused.items())
-          + '. Pass --allow-config-change if that is intended, or use a new --workdir')
-    # The learner restores only a checkpoint of the same games/network/agent (checkpointing
-    # refuses the others): with checkpoints there, such a change cannot be resumed at all.
-    params = [k for k in refused if k == 'games' or k.startswith(('network.', 'agent.'))]
-    if params and _checkpoint_steps(workdir):
-      raise ConfigError(
-          f'--workdir {workdir!r} holds checkpoints (steps {_checkpoint_steps(workdir)}) of '
-          f'another {"/".join(sorted({k.split(".")[0] for k in params}))} config ('
-          + '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in params)
-          + '); the learner cannot resume from them, even with --allow-config-change. Use a '
-          'new --workdir (finetune --pretrained starts from a checkpoint\'s encoder)')
-    if changes:
-      log(f'[workdir] resuming {workdir} with changes: {listing}')
+  resumed = os.path.exists(path)
+  if changes:
+    log(f'[workdir] resuming {workdir} with changes: '
+        + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in changes.items()))
   os.makedirs(workdir, exist_ok=True)
   record = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 resumed=resumed, changes={k: list(v) for k, v in changes.items()},
