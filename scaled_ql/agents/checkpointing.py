@@ -115,8 +115,15 @@ def _newest_that_loads(manager: ocp.CheckpointManager, load: Callable[[int], Any
     except ConfigMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, OCDBT, tensorstore)
+      if _is_out_of_memory(e):  # the host/device, not the checkpoint: never move it aside
+        raise
       quarantine(manager, step, e)
   return None
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+  text = str(e)
+  return isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text
 
 
 def _restore_config(manager: ocp.CheckpointManager, step: int) -> ExperimentConfig:
