@@ -73,7 +73,8 @@ def main(argv=None) -> int:
   scale = base.data.shuffle_buffer_per_game / args.buffer
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  print(f'# {" ".join(sys.argv)}\n# commit {commit} (reader: {args.reader_commit or "working tree"})'
+  reader = args.reader_commit or 'working tree'
+  print(f'# {" ".join(sys.argv)}\n# commit {commit} (reader: {reader})'
         f'; {os.popen("uptime").read().strip()}')
   print(f'# config {base.name}: {len(base.games)} games, {base.agent.games_per_batch} x '
         f'{base.agent.transitions_per_game} draws, buffer {args.buffer} (paper '

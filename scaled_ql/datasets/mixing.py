@@ -7,7 +7,7 @@ what a learner samples with uniform sampling over the selection:
 
     stats = mixing.measure(cfg, 'Pong', window_steps=1000)
     stats.checkpoint_coverage   # fraction of the selected checkpoints sampled in the window
-    stats.ks_checkpoint         # KS distance, sampled checkpoint index vs uniform over the selection
+    stats.ks_checkpoint         # KS distance: sampled checkpoint index vs uniform selection
 
 How: a real Reverb table with the game table's sampler, remover, size and rate limiter, whose items
 are (checkpoint_id, episode_id, step index, insertion number) instead of frames, is filled from
@@ -77,7 +77,8 @@ def selection_index(cfg: ExperimentConfig, game: str, seed: int = 0) -> Selectio
                                         shuffle_files=False)
   rows = sorted((int(c), int(e), int(n)) for c, e, n in _episode_meta(ds).as_numpy_iterator())
   if not rows:
-    raise ValueError(f'{game}: the selection {cfg.data.selection!r} in {cfg.data.data_dir} is empty')
+    raise ValueError(f'{game}: the selection {cfg.data.selection!r} in {cfg.data.data_dir} '
+                     'is empty')
   c, e, n = (np.asarray(x, np.int64) for x in zip(*rows))
   return SelectionIndex(checkpoints=c, episodes=e, transitions=n)
 
