@@ -1,0 +1,207 @@
+"""The GPU benchmark suite (issue 13), runnable where only JAX + Haiku exist.
+
+    bash benchmarks/gpu_suite.sh [--tiny] [--out DIR] [--pipeline-json FILE]
+
+The GPU machine we can be lent (one H200) has Python 3.12, JAX 0.11 (CUDA), chex, optax, flax and
+orbax, and no TensorFlow, Reverb, Ray, Haiku or ale-py. This script therefore blocks those modules
+before importing anything of ours (an import of them is an error, on CPU too) and measures only
+what needs JAX + Haiku:
+
+1. matmul peak: best bf16 (fp32 with --fp32) [n,n]@[n,n] FLOP/s, measured here.
+2. the real learner update (`learner.update_from_windows`: frame windows stacked on the device,
+   forward of online + target network, backward, Adam) for ResNet-101 in bf16 at batch 512
+   (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis, MFU = achieved / (1).
+3. the learner's consumption: `Learner.step()` on host `FrameWindows` batches (host checks,
+   host->device copy, metrics fetch): transitions/s. The Reverb pipeline's feed rate is measured
+   on CPU (benchmarks/data_pipeline.py --out FILE) and set against it with --pipeline-json FILE.
+4. batched policy inference for evaluators (`actors.make_policy`, the ResNet-101 policy):
+   environment steps/s at several batch sizes (the emulator is not here: inference only).
+
+`--tiny`: cpu_tiny, small batches and sizes: the whole suite end to end in seconds on CPU (CI).
+Every figure is printed with the 1-minute load average beside it; `--out DIR` writes a JSON too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import json
+import os
+import sys
+import time
+
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py')
+
+
+class BlockModules(importlib.abc.MetaPathFinder):
+  """Makes `import tensorflow` (etc.) fail, as it does on the GPU machine."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'{name} is not available on the GPU machine (blocked by gpu_suite.py)')
+    return None
+
+
+sys.meta_path.insert(0, BlockModules())
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from learner_step import bench_config, flops_of, matmul_peak  # noqa: E402
+
+from scaled_ql import games as games_lib  # noqa: E402
+from scaled_ql import loggers  # noqa: E402
+from scaled_ql.agents import actors  # noqa: E402
+from scaled_ql.agents import learner as learner_lib  # noqa: E402
+from scaled_ql.types import FrameWindows  # noqa: E402
+
+SIZES = dict(
+    full=dict(config='atari40_suboptimal_resnet101', batch=512, seconds=20.0,
+              peak_sizes=(4096, 8192), peak_seconds=6.0, policy_batches=(16, 64, 256, 1024)),
+    tiny=dict(config='cpu_tiny', batch=8, seconds=0.5, peak_sizes=(256,), peak_seconds=0.5,
+              policy_batches=(2, 4)),
+)
+
+
+def load() -> float:
+  return os.getloadavg()[0]
+
+
+def random_windows(cfg, batch: int, seed: int = 0) -> FrameWindows:
+  rng = np.random.default_rng(seed)
+  n = cfg.agent.n_step
+  counts = np.asarray(games_lib.action_counts(cfg.games))
+  game_id = rng.integers(0, len(cfg.games), batch).astype(np.int32)
+  return FrameWindows(
+      frames=rng.integers(0, 256, (batch, n + 4, 84, 84), dtype=np.uint8),
+      next_start=rng.integers(1, n + 1, batch).astype(np.int32),
+      action=(rng.integers(0, 1000, batch) % counts[game_id]).astype(np.int32),
+      reward=rng.normal(size=batch).astype(np.float32),
+      discount=np.full(batch, 0.99 ** n, np.float32), game_id=game_id)
+
+
+def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
+  calls, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds or calls < min_calls:
+    fn()
+    calls += 1
+  return calls, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--tiny', action='store_true', help='cpu_tiny, seconds: the CI run')
+  p.add_argument('--config', default=None, help='override the config (default ResNet-101)')
+  p.add_argument('--batch', type=int, default=None)
+  p.add_argument('--fp32', action='store_true', help='fp32 compute instead of bf16')
+  p.add_argument('--seconds', type=float, default=None, help='timed seconds per figure')
+  p.add_argument('--pipeline-json', default=None,
+                 help='benchmarks/data_pipeline.py --out file: its feed rate is set against the '
+                 "learner's consumption")
+  p.add_argument('--out', default=None, help='directory for gpu_suite.json')
+  args = p.parse_args(argv)
+  size = SIZES['tiny' if args.tiny else 'full']
+  name = args.config or size['config']
+  batch = args.batch or size['batch']
+  seconds = args.seconds or size['seconds']
+  dtype = jnp.float32 if args.fp32 else jnp.bfloat16
+  cfg = bench_config(name, batch, bf16=not args.fp32)
+  cfg = cfg.replace(train=dict(log_every_steps=10**9, checkpoint_every_steps=10**9))
+  b = cfg.agent.batch_size
+  devices = jax.local_devices()
+  rows = []
+
+  def row(figure, value, unit, note=''):
+    rows.append(dict(figure=figure, value=float(value), unit=unit, load_1min=load(), note=note))
+    print(f'{figure:<52} {value:14.2f} {unit:<14} load {load():5.2f}  {note}', flush=True)
+
+  blocked = [m for m in sys.modules if m.split('.')[0] in BLOCKED]
+  assert not blocked, blocked
+  print(f'jax {jax.__version__} on {len(devices)} x {devices[0].device_kind} '
+        f'({devices[0].platform}); python {sys.version.split()[0]}; config {cfg.name} batch {b} '
+        f'{jnp.dtype(dtype).name}; cpus {os.cpu_count()}; '
+        f'{os.popen("uptime").read().strip()}', flush=True)
+
+  # 1. matmul peak.
+  peak = max(matmul_peak(dtype, n, size['peak_seconds'] / len(size['peak_sizes']))
+             for n in size['peak_sizes']) * len(devices)
+  row(f'matmul peak {jnp.dtype(dtype).name}, n in {list(size["peak_sizes"])}', peak / 1e12,
+      'TFLOP/s')
+
+  # 2. The real update on device-resident frame windows.
+  mesh = Mesh(np.asarray(devices), ('batch',))
+  state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
+                         NamedSharding(mesh, PartitionSpec()))
+  windows = jax.device_put(random_windows(cfg, b), NamedSharding(mesh, PartitionSpec('batch')))
+  # FLOPs from the lowered HLO (no second compilation); the jit cache compiled here is the one
+  # the Learner below hits (same shapes, shardings and config).
+  lowered = learner_lib.update_from_windows.lower(state, windows, cfg=cfg)
+  try:
+    flops = flops_of(lowered)
+  except (AttributeError, TypeError):  # no cost analysis before compilation on this backend
+    flops = float('nan')
+  if not np.isfinite(flops) or flops <= 0:  # a backend without HLO cost analysis: compile it
+    flops = flops_of(lowered.compile())
+  box = [state]
+
+  def update_step():
+    box[0], metrics = learner_lib.update_from_windows(box[0], windows, cfg=cfg)
+    jax.block_until_ready(metrics)
+
+  t = time.perf_counter()
+  update_step()
+  row('update compile + first step', time.perf_counter() - t, 's')
+  update_step()
+  calls, wall = timed(update_step, seconds)
+  steps_per_s = calls / wall
+  row('update steps/s (device-resident batch)', steps_per_s, 'steps/s',
+      f'{steps_per_s * b:.0f} transitions/s')
+  row('update FLOPs per step (XLA cost analysis)', flops / 1e9, 'GFLOP')
+  row('update MFU vs measured matmul peak', 100 * flops * steps_per_s / peak, '%')
+  del box
+
+  # 3. The learner's consumption: Learner.step() on host batches.
+  host_batches = [random_windows(cfg, b, seed) for seed in range(4)]
+  learner = learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9)),
+                                logger=loggers.MultiLogger([]), handle_signals=False)
+  learner.step()
+  calls, wall = timed(learner.step, seconds)
+  consumption = calls * b / wall
+  row('Learner.step() on host FrameWindows', calls / wall, 'steps/s',
+      f'= consumption {consumption:.0f} transitions/s')
+  if args.pipeline_json:
+    with open(args.pipeline_json, encoding='utf-8') as f:
+      pipe = {r['figure']: r for r in json.load(f)['rows']}
+    feed = pipe['sampling alone (learner idle): delivered']
+    row('pipeline feed (CPU, data_pipeline.py) / consumption', feed['value'] / consumption,
+        'ratio', f'feed {feed["value"]:.0f} transitions/s at load {feed["load_1min"]:.2f}')
+  params = learner.get_variables(('params',))[0]
+  learner.close()
+
+  # 4. Batched policy inference (evaluators).
+  policy = actors.make_policy(cfg, epsilon=0.001)
+  params = jax.device_put(params, devices[0])
+  rng = np.random.default_rng(1)
+  for n in size['policy_batches']:
+    obs = rng.integers(0, 256, (n, 84, 84, 4), dtype=np.uint8)
+    gid = (np.arange(n) % len(cfg.games)).astype(np.int32)
+    key = jax.random.PRNGKey(0)
+    act = lambda: np.asarray(policy(params, key, obs, gid))  # host in, host out: as an evaluator
+    act()
+    calls, wall = timed(act, seconds / 2)
+    row(f'policy inference, {n} envs per call', calls * n / wall, 'env steps/s',
+        f'{1e3 * wall / calls:.2f} ms per call')
+
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'gpu_suite.json'), 'w', encoding='utf-8') as f:
+      json.dump(dict(config=cfg.name, batch=b, dtype=jnp.dtype(dtype).name,
+                     jax=jax.__version__, device=devices[0].device_kind, rows=rows), f, indent=1)
+  print(f'end: {os.popen("uptime").read().strip()}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
