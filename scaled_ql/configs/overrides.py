@@ -234,7 +234,8 @@ def from_json_dict(d: dict, where: str) -> ExperimentConfig:
 
 def is_path(config: str) -> bool:
   """A --config value naming a file (config.json) or a workdir rather than a config name."""
-  return config.endswith('.json') or os.sep in config or os.path.isdir(config)
+  return (config.endswith('.json') or os.sep in config
+          or os.path.isfile(os.path.join(config, 'config.json')))
 
 
 def load_file(path: str) -> ExperimentConfig:
