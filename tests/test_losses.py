@@ -178,3 +178,45 @@ def test_rank_and_dtype_checks():
     losses.cql_penalty(jnp.zeros((2, 3)), jnp.int32(0), jnp.ones(3, bool))
   with pytest.raises(AssertionError):  # float action
     losses.bc_loss(jnp.zeros(3), jnp.float32(0.0), jnp.ones(3, bool))
+
+
+# ---- diagnostics (issue 11: what a researcher looks at) -----------------------------------------
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_action_gap_hand_computed(variant):
+  gap = variant(losses.action_gap)
+  # Padded action 3 (Q 99) is ignored: best 2.0, second 1.5.
+  np.testing.assert_allclose(gap(jnp.array([1.5, 2.0, -1.0, 99.0]),
+                                 jnp.array([True, True, True, False])), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(gap(jnp.array([3.0, 3.0]), jnp.array([True, True])), 0.0)
+  np.testing.assert_allclose(gap(jnp.array([3.0, 7.0]), jnp.array([True, False])), 0.0)
+
+
+def test_c51_diagnostics():
+  rng = np.random.default_rng(2)
+  valid = jnp.array([True, True, True, False])
+  target = jnp.asarray(rng.normal(size=(4, 51)), jnp.float32)
+  # A uniform prediction scores exactly log(N) on any target: the ratio is 1.
+  out = losses.c51_cql_loss(jnp.zeros((4, 51)), jnp.int32(0), jnp.float32(0.3),
+                            jnp.float32(0.9), target, valid, valid, ATOMS, 0.05)
+  np.testing.assert_allclose(out['td_loss_over_log_atoms'], 1.0, rtol=1e-5)
+  assert float(out['action_gap']) == 0.0
+  logits = jnp.asarray(rng.normal(size=(4, 51)) * 3, jnp.float32)
+  out = losses.c51_cql_loss(logits, jnp.int32(1), jnp.float32(0.3), jnp.float32(0.9), target,
+                            valid, valid, ATOMS, 0.05)
+  np.testing.assert_allclose(out['td_loss_over_log_atoms'], out['td_loss'] / math.log(51),
+                             rtol=1e-6)
+  q = np.sort(np.asarray(losses.expected_q(logits, ATOMS))[:3])
+  np.testing.assert_allclose(out['action_gap'], q[-1] - q[-2], rtol=1e-5)
+  greedy = int(np.argmax(np.asarray(losses.expected_q(logits, ATOMS))[:3]))
+  assert float(out['greedy_is_data_action']) == float(greedy == 1)
+
+
+def test_mse_diagnostics():
+  q = jnp.array([1.0, 4.0, 2.5])
+  valid = jnp.ones(3, bool)
+  out = losses.mse_cql_loss(q, jnp.int32(1), jnp.float32(0.0), jnp.float32(0.0), q, valid, 0.1)
+  assert float(out['q_data']) == 4.0
+  np.testing.assert_allclose(out['action_gap'], 1.5)
+  assert float(out['greedy_is_data_action']) == 1.0
+  out = losses.mse_cql_loss(q, jnp.int32(2), jnp.float32(0.0), jnp.float32(0.0), q, valid, 0.1)
+  assert float(out['greedy_is_data_action']) == 0.0

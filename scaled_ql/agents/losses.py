@@ -8,6 +8,7 @@ top to bottom:
    never enters a logsumexp/softmax and never becomes the bootstrap action);
 2. `categorical_l2_project`: C51's projection of a shifted distribution onto the fixed support;
 3. `cql_penalty`: the CQL regulariser of Eq. 1, logsumexp_a' Q(s,a') - Q(s,a_data);
+   `q_diagnostics`: what a researcher watches (Q(s, a_data), action gap, greedy = data action);
 4. the losses, each returning a dict of per-transition terms (`loss` is what is minimised):
    `c51_cql_loss` (Scaled QL, Eq. 1 with the C51 cross-entropy TD error), `mse_cql_loss` (the MSE
    TD ablation, Table 1), `bc_loss` (behaviour cloning baseline), and for discrete BCQ (Appendix
@@ -49,6 +50,19 @@ def masked_log_softmax(logits: Array, valid: Array) -> Array:
   return jax.nn.log_softmax(jnp.where(valid, logits, _NEG_INF))
 
 
+def action_gap(q_values: Array, valid: Array) -> Array:
+  """Q of the best valid action minus Q of the second best (0 for a game with one action).
+
+  A diagnostic: a gap near 0 everywhere means Q is flat across actions (nothing learned to act on).
+  """
+  chex.assert_rank([q_values, valid], 1)
+  chex.assert_type(valid, bool)
+  masked = jnp.where(valid, q_values, -jnp.inf)
+  best = masked_argmax(q_values, valid)
+  second = jnp.max(jnp.where(jnp.arange(q_values.shape[0]) == best, -jnp.inf, masked))
+  return jnp.where(jnp.isfinite(second), masked[best] - second, 0.0)
+
+
 def expected_q(logits: Array, atoms: Array) -> Array:
   """Q(s, .) [A] as the expectation of the per-action categorical return distribution [A, N]."""
   chex.assert_rank([logits, atoms], [2, 1])
@@ -87,6 +101,14 @@ def cql_penalty(q_values: Array, action: Array, valid: Array) -> Array:
   return masked_logsumexp(q_values, valid) - q_values[action]
 
 
+def q_diagnostics(q_values: Array, action: Array, valid: Array) -> dict[str, Array]:
+  """Monitoring terms of a Q-learning loss (never minimised): `q_data` = Q(s, a_data),
+  `action_gap` (best minus second-best valid Q) and `greedy_is_data_action` (1 when the greedy
+  action is the dataset's: the Q-learner's "BC accuracy")."""
+  return dict(q_data=q_values[action], action_gap=action_gap(q_values, valid),
+              greedy_is_data_action=(masked_argmax(q_values, valid) == action).astype(jnp.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Losses.
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +137,8 @@ def c51_cql_loss(
     atoms: the fixed support, [N] (51 atoms on [v_min, v_max]).
     cql_alpha: weight of the CQL regulariser (0.05 in the paper; 0 = plain offline Q-learning).
   Returns:
-    dict with `loss` (minimised), `td_loss`, `cql_loss` (the unweighted regulariser) and
-    `q_data` (Q(s, a_data), for monitoring).
+    dict with `loss` (minimised), `td_loss`, `cql_loss` (the unweighted regulariser), and for
+    monitoring `td_loss_over_log_atoms` and the terms of `q_diagnostics`.
   """
   chex.assert_rank([logits_tm1, a_tm1, r_t, discount_t, target_logits_t, valid, bootstrap_valid,
                     atoms], [2, 0, 0, 0, 2, 1, 1, 1])
@@ -134,7 +156,9 @@ def c51_cql_loss(
   q_tm1 = expected_q(logits_tm1, atoms)
   cql_loss = cql_penalty(q_tm1, a_tm1, valid)
   return dict(loss=td_loss + cql_alpha * cql_loss, td_loss=td_loss, cql_loss=cql_loss,
-              q_data=q_tm1[a_tm1])
+              # Cross-entropy / log(N): 1.0 is what a uniform prediction scores on any target.
+              td_loss_over_log_atoms=td_loss / jnp.log(atoms.shape[0]),
+              **q_diagnostics(q_tm1, a_tm1, valid))
 
 
 def mse_cql_loss(
@@ -159,7 +183,7 @@ def mse_cql_loss(
   td_loss = 0.5 * jnp.square(y - q_tm1[a_tm1])
   cql_loss = cql_penalty(q_tm1, a_tm1, valid)
   return dict(loss=td_loss + cql_alpha * cql_loss, td_loss=td_loss, cql_loss=cql_loss,
-              q_data=q_tm1[a_tm1])
+              **q_diagnostics(q_tm1, a_tm1, valid))
 
 
 def bc_loss(logits: Array, action: Array, valid: Array) -> dict[str, Array]:
