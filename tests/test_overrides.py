@@ -185,3 +185,34 @@ def test_finetune_values_of_appendix_b4_live_in_one_place():
   offline = next(a for a in sub._actions if a.dest == 'finetune_command').choices['offline']  # pylint: disable=protected-access
   defaults = {a.dest: a.default for a in offline._actions}  # pylint: disable=protected-access
   assert defaults['selection'] is None and 'cql_alpha' not in defaults
+
+
+def test_rerunning_an_offline_finetuning_config_starts_from_its_pretrained_encoder(tmp_path):
+  """`train --config FT/config.json` of an offline fine-tuning workdir starts where `finetune
+  offline` started: the checkpoint's encoder, a fresh trunk and heads (the same params)."""
+  import sys
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_learner import make  # pylint: disable=import-outside-toplevel  (a cpu_tiny Learner)
+  from scaled_ql.agents import transfer
+  pretrained = str(tmp_path / 'pretrained')
+  learner = make(TINY, workdir=pretrained, handle_signals=False)
+  learner.step()
+  learner.save()
+  learner.close()
+  cfg = configs.finetune_offline(TINY, 'Qbert', pretrained=pretrained)
+  workdir = str(tmp_path / 'ft')
+  run.prepare_workdir(cfg, workdir, log=lambda line: None)
+  rerun = run.resolve_config(workdir)
+  assert rerun == cfg and rerun.finetune.pretrained == pretrained
+  init = run.initial_params(rerun)
+  want = transfer.finetune_params(cfg, pretrained)  # what `finetune offline` starts from
+  assert init.keys() == want.keys()
+  assert all(np.array_equal(init[m][k], want[m][k]) for m in init for k in init[m])
+  _, ckpt, _ = transfer.load_pretrained(pretrained)
+  encoder = [m for m in init if m.startswith('encoder')]
+  assert encoder and all(np.array_equal(init[m][k], ckpt[m][k]) for m in encoder for k in init[m])
+  assert run.initial_params(TINY) is None
+  online = configs.finetune_online(TINY, 'Breakout', 12, pretrained=None)
+  with pytest.raises(ConfigError, match='online fine-tuning run.*scaled-ql finetune online'):
+    run.initial_params(online)

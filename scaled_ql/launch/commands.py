@@ -84,8 +84,10 @@ def _train(args) -> int:
                              evaluator_gpus=args.evaluator_gpus)
     run.check_data(cfg)
     run.check_resume(cfg, args.workdir, args.allow_config_change)
+    init = run.initial_params(cfg)  # a fine-tuning config.json: its pretrained encoder
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
-                       args.learner_gpus, allow_config_change=args.allow_config_change)
+                       args.learner_gpus, initial_params=init,
+                       allow_config_change=args.allow_config_change)
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)

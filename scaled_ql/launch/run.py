@@ -364,6 +364,25 @@ def print_scores(status) -> None:
 
 # ----------------------------------------------------------------- fine-tuning (Section 5.2)
 
+def initial_params(cfg):
+  """The learner's start for a config `train` runs: None (a fresh init), or for an offline
+  fine-tuning config (`finetune.pretrained` set, e.g. rerun from its workdir's config.json) the
+  pretrained encoder with a fresh trunk and heads, as `finetune offline` starts it. An online
+  fine-tuning config is not a `train` program: ConfigError."""
+  if cfg.name.startswith('finetune_online'):
+    raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
+                      'data); `train` runs the offline program. Use scaled-ql finetune online')
+  if cfg.finetune.pretrained is None:
+    return None
+  from scaled_ql.agents import transfer
+  try:
+    return transfer.finetune_params(cfg)
+  except FileNotFoundError as e:
+    raise ConfigError(f'finetune.pretrained: {e}') from e
+  except ValueError as e:  # transfer.EncoderMismatchError
+    raise ConfigError(str(e)) from e
+
+
 def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
                     config: Optional[str] = None, from_scratch: bool = False,
                     frozen_encoder: bool = False, steps: Optional[int] = None,
