@@ -15,7 +15,9 @@ Per (policy, num_envs, env_groups), each game measured in turn, alternating with
              the emulators (env_groups 2) and the bound is the emulator alone.
   evaluator: `evaluate_game` agent steps/s (compile excluded). Every episode started is played
              to its end, so near the end the batch has idle slots; that cost is counted.
-  ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw.
+  ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw, per measurement (raw, network
+             and evaluator measured back to back, so a change of load hits all three), then the
+             median over games x --repeats.
 The load average (`uptime`) is printed with every line.
 
 --network-only: ms/observation and GFLOP/s of the policy at --batches, no emulator (e.g. the
@@ -111,7 +113,7 @@ def main() -> None:
   def raw(game):
     os.sched_setaffinity(0, {cpus[0]})
     try:
-      return raw_steps_per_second(game, args.steps)
+      return raw_steps_per_second(game, max(args.steps, 2000))
     finally:
       os.sched_setaffinity(0, set(cpus))
 
@@ -120,24 +122,29 @@ def main() -> None:
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:
         batch = -(-num_envs // groups)
-        net_s = (policy_seconds_per_observation(policies[name], params, batch)
-                 if name == 'network' else 0.0)
-        raws, evals, extra = [], [], []
-        for _ in range(args.repeats):
+        ratios, bound_ratios = [], []
+        for rep in range(args.repeats):
           for game in games:
-            raws.append(raw(game))
+            # Measured back to back, right before the evaluator, so that all three see the same
+            # load: the raw emulator, the network alone at the evaluator's batch, the evaluator.
+            raw_sps = raw(game)
+            net_s = (policy_seconds_per_observation(policies[name], params, batch, calls=10)
+                     if name == 'network' else 0.0)
             r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
                                         cfg.eval, args.steps, num_envs, env_groups=groups,
                                         device=device)
-            evals.append(r.steps_per_second)
-            extra.append(r.steps / r.budget)
-        raw_sps, ev = float(np.mean(raws)), float(np.mean(evals))
-        bound = 1.0 / (1.0 / raw_sps + net_s)
-        print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: raw {raw_sps:6.0f} '
-              f'steps/s  network {net_s * 1e3:5.2f} ms/obs  bound {bound:6.0f}  evaluator '
-              f'{ev:6.0f} steps/s  ratio/bound {ev / bound:.2f}  ratio/raw {ev / raw_sps:.2f}  '
-              f'(steps run / budget {np.mean(extra):.2f})  {load()}', flush=True)
-
+            bound = 1.0 / (1.0 / raw_sps + net_s)
+            ratios.append(r.steps_per_second / raw_sps)
+            bound_ratios.append(r.steps_per_second / bound)
+            print(f'  {name:<8} envs {num_envs:>3} groups {groups} {game:<9} rep {rep}: raw '
+                  f'{raw_sps:6.0f} steps/s  network {net_s * 1e3:5.2f} ms/obs  bound {bound:6.0f}  '
+                  f'evaluator {r.steps_per_second:6.0f} steps/s ({r.steps} steps, budget '
+                  f'{r.budget})  ratio/bound {r.steps_per_second / bound:.2f}  {load()}',
+                  flush=True)
+        print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: ratio/bound median '
+              f'{np.median(bound_ratios):.2f} (min {min(bound_ratios):.2f}, max '
+              f'{max(bound_ratios):.2f})  ratio/raw median {np.median(ratios):.2f}  '
+              f'over {len(ratios)} measurements  {load()}', flush=True)
 
 if __name__ == '__main__':
   main()
