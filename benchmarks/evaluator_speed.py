@@ -20,6 +20,8 @@ Per (policy, num_envs, env_groups), each game measured in turn, alternating with
              median over games x --repeats.
 The load average (`uptime`) is printed with every line.
 
+--full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
+what an evaluator round costs with played-out episodes.
 --network-only: ms/observation and GFLOP/s of the policy at --batches, no emulator (e.g. the
 ResNet-101 estimate: --config atari40_suboptimal_resnet101 --network-only --batches 1,8).
 """
@@ -78,6 +80,9 @@ def main() -> None:
                       help='where the policy runs (evaluator.policy_device)')
   parser.add_argument('--repeats', type=int, default=1, help='measurements per game')
   parser.add_argument('--network-only', action='store_true')
+  parser.add_argument('--full-eval', action='store_true',
+                      help='one evaluation of all the config\'s games with its eval settings '
+                      '(params at init): what a round costs')
   parser.add_argument('--batches', default='1,4,16')
   args = parser.parse_args()
   cpus = [int(c) for c in args.cpus.split(',')]
@@ -102,6 +107,17 @@ def main() -> None:
   print(f'config {cfg.name} ({n_params / 1e6:.2f}M params, {flops / 1e9:.3f} GFLOP/obs), '
         f'games {games}, budget {args.steps} steps, evaluator cpus {cpus}, raw cpu {cpus[0]}, '
         f'policy on {device}, jax {jax.__version__}, {load()}', flush=True)
+
+  if args.full_eval:
+    start = time.perf_counter()
+    results = evaluator.evaluate(policies['network'], params, cfg.games, cfg.eval,
+                                 model_games=cfg.games, device=args.device,
+                                 log=lambda line: print(line, flush=True))
+    print(evaluator.aggregate_line(results))
+    print(f'one evaluation of {len(cfg.games)} games with the config\'s eval settings: '
+          f'{sum(r.steps for r in results.values())} steps in {time.perf_counter() - start:.0f}s  '
+          f'{load()}')
+    return
 
   if args.network_only:
     for batch in [int(b) for b in args.batches.split(',')]:
