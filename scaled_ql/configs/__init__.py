@@ -151,8 +151,9 @@ def _cpu_tiny() -> ExperimentConfig:
       agent=AgentConfig(games_per_batch=2, transitions_per_game=4, target_update_period=10),
       data=DataConfig(data_dir='data/tiny', shuffle_buffer_per_game=500, min_fill_per_game=20,
                       prefetch_batches=1),
+      # Tests: episodes are played out, so the cap bounds a round (2 games x 2 envs x 200 steps).
       eval=EvalConfig(steps_per_game=100, num_envs=2, num_evaluators=1,
-                      eval_every_seconds=1.0, max_episode_frames=2_000),
+                      eval_every_seconds=1.0, max_episode_frames=800),
       train=TrainConfig(num_steps=20, log_every_steps=5, checkpoint_every_steps=10,
                         publish_every_steps=5),
   )
