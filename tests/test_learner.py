@@ -275,3 +275,68 @@ def test_learn_command_rejects_bad_flags_before_starting_anything(tmp_path, caps
   assert cli.main(['learn', '--config', 'cpu_tiny', '--workdir', str(tmp_path),
                    '--steps', '0']) == 2
   assert '--steps' in capsys.readouterr().err
+
+
+# ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------
+def test_discounted_returns_hand_computed():
+  g = learner_lib.discounted_returns(np.array([1.0, 0.0, 5.0]), 0.5, clip=1.0)
+  np.testing.assert_allclose(g, [1.0 + 0.25 * 1.0, 0.5, 1.0])  # 5 is clipped to 1
+
+
+def _episode(rng, length, terminal, rewards=None):
+  rewards = rng.normal(size=length) if rewards is None else np.asarray(rewards)
+  last = np.arange(length + 1) == length
+  return dict(observation=rng.integers(0, 256, (length + 1, 84, 84), dtype=np.uint8),
+              action=rng.integers(0, 4, length + 1).astype(np.int32),
+              reward=np.concatenate([rewards, [0.0]]).astype(np.float32),
+              is_last=last, is_terminal=last & terminal)
+
+
+def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
+  rng = np.random.default_rng(0)
+  cfg = CFG
+  eps = [(0, _episode(rng, 6, terminal=False)), (0, _episode(rng, 5, True, [0, 0, 1, 0, 1])),
+         (1, _episode(rng, 7, terminal=True))]
+  probe = learner_lib.mc_probe_from_episodes(cfg, iter(eps), per_game=40)
+  # Only the terminated episodes: all 5 transitions of game 0's and 7 of game 1's.
+  assert len(probe.action) == 12 and list(probe.game_id) == [0] * 5 + [1] * 7
+  g = cfg.agent.discount
+  np.testing.assert_allclose(probe.mc_return[:5], [g ** 2 + g ** 4, g + g ** 3, 1 + g ** 2, g, 1],
+                             rtol=1e-6)
+  assert learner_lib.mc_probe_from_episodes(cfg, iter(eps[:1]), per_game=40) is None
+
+  records = []
+
+  class Capture:
+    def write(self, step, metrics):
+      records.append((step, dict(metrics)))
+
+    def close(self):
+      pass
+
+  learner = make(cfg, logger=Capture(), mc_probe=probe)
+  learner.run(cfg.train.log_every_steps)
+  learner.close()
+  step, logged = records[-1]
+  params, = learner.get_variables()
+  q = learner_lib.probe_q_values(cfg, params, probe)
+  # The probe's Q(s, a_data) is the loss's q_data on the same transitions.
+  batch = Transition(probe.observation, probe.action, np.zeros(12, np.float32),
+                     np.zeros(12, np.float32), probe.observation, probe.game_id)
+  _, terms = learner_lib.batch_loss((params, {}), params, batch, cfg)
+  np.testing.assert_allclose(q.mean(), terms['q_data'], rtol=1e-4, atol=1e-6)
+  assert step == cfg.train.log_every_steps
+  np.testing.assert_allclose(logged['probe_q_data'], q.mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logged['probe_mc_return'], probe.mc_return.mean(), rtol=1e-6)
+  np.testing.assert_allclose(logged['probe_q_minus_mc_return'], (q - probe.mc_return).mean(),
+                             rtol=1e-4, atol=1e-6)
+  for key in ('td_loss_over_log_atoms', 'action_gap', 'greedy_is_data_action', 'probe_q_mc_corr'):
+    assert key in logged, key
+
+
+def test_load_mc_probe_reads_the_run_data(tiny_dataset_dir):
+  cfg = CFG.replace(data=dict(data_dir=tiny_dataset_dir, selection='checkpoints:0-1'))
+  probe = learner_lib.load_mc_probe(cfg, per_game=16)
+  assert probe is not None and probe.observation.dtype == np.uint8
+  assert set(np.unique(probe.game_id)) <= {0, 1} and np.isfinite(probe.mc_return).all()
+  assert len(probe.action) <= 32

@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,94 @@ class StopTraining(SystemExit):
 
   def __str__(self) -> str:
     return self.message
+
+
+class McProbe(NamedTuple):
+  """A fixed set of dataset transitions with their discounted Monte-Carlo returns.
+
+  The learner logs Q(s, a_data) on it against `mc_return` (`probe_q_data`, `probe_mc_return`,
+  `probe_q_minus_mc_return`, `probe_q_mc_corr`): a Q far above the data's returns overestimates,
+  one that stays at 0 has learned nothing. Built from terminated episodes only (a truncated
+  episode's return is unknown) by `mc_probe_from_episodes` / `load_mc_probe`.
+  """
+  observation: np.ndarray  # uint8 [P, 84, 84, 4]
+  action: np.ndarray  # int32 [P]
+  game_id: np.ndarray  # int32 [P]
+  mc_return: np.ndarray  # float32 [P]: sum_k gamma^k clip(r_{t+k}) to the episode's end
+
+
+def discounted_returns(rewards: np.ndarray, discount: float, clip: float) -> np.ndarray:
+  """Return-to-go of every step: G_t = clip(r_t) + discount * G_{t+1}, G after the last = 0."""
+  out = np.zeros(len(rewards), np.float64)
+  running = 0.0
+  for t in range(len(rewards) - 1, -1, -1):
+    running = float(np.clip(rewards[t], -clip, clip)) + discount * running
+    out[t] = running
+  return out.astype(np.float32)
+
+
+def mc_probe_from_episodes(cfg: ExperimentConfig, episodes: Iterable[tuple[int, dict]],
+                           per_game: int) -> Optional[McProbe]:
+  """Up to `per_game` transitions per game (at most a quarter from one episode), spread evenly
+  over terminated episodes; stops reading once every game of `cfg.games` has its share.
+
+  `episodes` yields (game_id, RLDS steps as numpy arrays [T, ...]); truncated episodes (no
+  is_terminal on the last step) are skipped. None when no terminated episode was seen.
+  """
+  from scaled_ql.datasets import transitions as transitions_lib
+  a = cfg.agent
+  parts: dict[int, list] = {}
+  for game_id, steps in episodes:
+    if not bool(np.asarray(steps['is_terminal'])[-1]):
+      continue
+    have = sum(len(p.action) for p in parts.get(game_id, []))
+    if have >= per_game:
+      continue
+    tr = transitions_lib.episode_transitions(steps, a.n_step, a.discount, a.reward_clip, game_id)
+    # Transition t starts at step t; the last step only carries the final observation.
+    returns = discounted_returns(np.asarray(steps['reward'])[:-1], a.discount, a.reward_clip)
+    take = min(per_game - have, len(tr.action), max(1, per_game // 4))
+    idx = np.linspace(0, len(tr.action) - 1, take).round().astype(int)
+    parts.setdefault(game_id, []).append(McProbe(tr.observation[idx], tr.action[idx],
+                                                 tr.game_id[idx], returns[idx]))
+    if all(sum(len(p.action) for p in parts.get(g, [])) >= per_game
+           for g in range(len(cfg.games))):
+      break  # every game has its share: read no further
+  flat = [p for ps in parts.values() for p in ps]
+  if not flat:
+    return None
+  return McProbe(*(np.concatenate(x) for x in zip(*flat)))
+
+
+def load_mc_probe(cfg: ExperimentConfig, per_game: int = 64,
+                  max_episodes_per_game: int = 100) -> Optional[McProbe]:
+  """`mc_probe_from_episodes` over the run's own data (cfg.data: dir, selection), reading at most
+  `max_episodes_per_game` episodes per game. None when no game has a terminated episode."""
+  from scaled_ql.datasets import rlds_reader
+
+  def episodes():
+    for game_id, game in enumerate(cfg.games):
+      ds = rlds_reader.episodes_from_config(cfg.data, game, seed=cfg.train.seed)
+      for ep in ds.take(max_episodes_per_game):
+        steps = next(iter(ep['steps'].batch(1 << 20)))  # the whole episode as one batch
+        yield game_id, {k: np.asarray(v) for k, v in steps.items()}
+  return mc_probe_from_episodes(cfg, episodes(), per_game)
+
+
+def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
+  """Q(s, a_data) of the probe's transitions under Q-network `params` (not for 'bc')."""
+  return np.asarray(_probe_q(params, probe.observation, probe.game_id, probe.action, cfg=cfg))
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def _probe_q(params, observation, game_id, action, cfg):
+  nets = builder.agent_networks(cfg)
+  logits = nets.q.apply(params, observation, game_id).logits
+  if cfg.agent.loss in builder.DISTRIBUTIONAL_LOSSES:
+    q = jax.vmap(losses.expected_q, in_axes=(0, None))(logits, jnp.asarray(nets.atoms))
+  else:
+    q = logits[..., 0]
+  return jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
 
 
 def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
@@ -180,10 +268,20 @@ class Learner:
   def __init__(self, cfg: ExperimentConfig, iterator: Iterator[Transition],
                workdir: Optional[str] = None, *, logger: Optional[loggers_lib.Logger] = None,
                handle_signals: bool = True, devices: Optional[Sequence[jax.Device]] = None,
-               initial_params: Any = None):
+               initial_params: Any = None, mc_probe: Optional[McProbe] = None):
     """`initial_params`: Q-network params to start from instead of a random init (online and
-    target network; e.g. `transfer.finetune_params`). A checkpoint found by `restore()` wins."""
+    target network; e.g. `transfer.finetune_params`). A checkpoint found by `restore()` wins.
+    `mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
+    every log step (`load_mc_probe`; ignored for 'bc', whose outputs are not Q-values)."""
     builder.check_agent_config(cfg)
+    self._mc_probe = mc_probe if cfg.agent.loss != 'bc' else None
+    if self._mc_probe is not None:
+      probe = self._mc_probe
+      if len(probe.action) == 0 or tuple(probe.observation.shape[1:]) != (84, 84, 4):
+        raise ValueError('mc_probe: expected uint8 [P>0, 84, 84, 4] observations, got '
+                         f'{tuple(probe.observation.shape)}')
+      if int(np.max(probe.game_id)) >= len(cfg.games):
+        raise ValueError(f'mc_probe.game_id out of range [0, {len(cfg.games)}) for {cfg.games}')
     self._cfg = cfg
     self._iterator = iterator
     self._workdir = workdir
@@ -367,6 +465,16 @@ class Learner:
     out['steps_per_s'] = self._window_count / max(elapsed, 1e-9)
     out['samples_per_s'] = out['steps_per_s'] * self._batch_size
     out.update(self._data_counts)
+    out.update(self._probe_metrics())
     self._logger.write(self._steps, out)
     self._window, self._window_count = {}, 0
     self._window_start = time.perf_counter()
+
+  def _probe_metrics(self) -> dict[str, float]:
+    if self._mc_probe is None:
+      return {}
+    q = probe_q_values(self._cfg, self._state.params, self._mc_probe)
+    g = self._mc_probe.mc_return
+    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else 0.0
+    return dict(probe_q_data=float(q.mean()), probe_mc_return=float(g.mean()),
+                probe_q_minus_mc_return=float((q - g).mean()), probe_q_mc_corr=corr)

@@ -108,6 +108,8 @@ class FinetuneLearnerNode(nodes.LearnerNode):
   warm-up) it may take one gradient step per `finetune.update_period` transitions inserted,
   counted from the start of the current replay server (a restarted one starts from 0)."""
 
+  offline_data = False  # its replay is filled by the actors; cfg.data is never read
+
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int, initial_params: Any = None):
     # Set before the base class starts the loop thread.

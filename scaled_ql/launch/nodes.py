@@ -228,18 +228,21 @@ class LearnerNode(_LoopNode):
   last checkpoint."""
 
   name = 'learner'
+  offline_data = True  # cfg.data is read (the MC probe); False for online fine-tuning
 
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int, initial_params: Any = None):
-    from scaled_ql.agents.learner import Learner
+    from scaled_ql.agents.learner import Learner, load_mc_probe
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address.
     self._iterator = reverb_tables.stratified_batches(
         _reverb_address(replay), cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
     # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
+    # mc_probe: Q(s, a_data) against Monte-Carlo returns of the offline data, in the metrics.
+    probe = load_mc_probe(cfg) if self.offline_data else None
     self._learner = Learner(cfg, self._iterator, workdir=workdir, handle_signals=False,
-                            initial_params=initial_params)
+                            initial_params=initial_params, mc_probe=probe)
     self._learner.restore()  # a restarted node resumes from the last checkpoint
     self.resumed_from_step = int(self._learner.steps)
     self._publisher = variables.publisher()
