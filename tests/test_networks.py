@@ -254,6 +254,8 @@ def test_resnet101_40_games_shapes_only():
     (dict(stem='imagenet', resnet_block='basic', resnet_width=4, resnet_stage_sizes=(1, 1, 1, 1)),
      (3, 3)),
     (dict(encoder='impala', impala_channels=(4, 8, 8)), (11, 11)),
+    # Nature-DQN stem: 84 -8x8/4-> 20 -4x4/2-> 9 -3x3/1-> 7, then one stage at stride 1.
+    (dict(stem='nature', resnet_block='basic', resnet_width=4, resnet_stage_sizes=(1,)), (7, 7)),
 ])
 def test_other_encoders_real_tiny(overrides, final_hw):
   net_cfg = dataclasses.replace(NET_CFG, **overrides)

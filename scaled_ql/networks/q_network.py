@@ -30,6 +30,9 @@ ENCODER = 'encoder'
 TRUNK = 'trunk'
 HEADS = 'heads'
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# ResNet stems: 'imagenet' 7x7/2 conv + 3x3/2 max-pool (84 -> 21); 'strided' one PxP/P patchify conv
+# (84 -> 84 // P); 'nature' the Nature-DQN convolutions 8x8/4, 4x4/2, 3x3/1, VALID (84 -> 7).
+STEMS = ('imagenet', 'strided', 'nature')
 
 
 class QNetworkOutput(NamedTuple):
@@ -45,8 +48,8 @@ def check_network_config(net_cfg: NetworkConfig) -> None:
     bad('encoder', net_cfg.encoder, "'resnet' or 'impala'")
   if net_cfg.resnet_block not in ('basic', 'bottleneck'):
     bad('resnet_block', net_cfg.resnet_block, "'basic' or 'bottleneck'")
-  if net_cfg.stem not in ('imagenet', 'strided'):
-    bad('stem', net_cfg.stem, "'imagenet' or 'strided'")
+  if net_cfg.stem not in STEMS:
+    bad('stem', net_cfg.stem, ' or '.join(repr(x) for x in STEMS))
   if net_cfg.compute_dtype not in _COMPUTE_DTYPES:
     bad('compute_dtype', net_cfg.compute_dtype, f'one of {sorted(_COMPUTE_DTYPES)}')
   if not net_cfg.resnet_stage_sizes or min(net_cfg.resnet_stage_sizes) < 1:
@@ -193,8 +196,16 @@ def resnet_torso(x: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
     x = _conv(width, 7, 2, name='stem_conv')(x)
     x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-  else:  # 'strided': a PxP/P patchify conv (P = stem_patch), e.g. 84 -> 7 for P=12; cheap on CPU.
+  elif net_cfg.stem == 'strided':  # a PxP/P patchify conv (P = stem_patch), e.g. 84 -> 7 for P=12
     x = PatchifyConv(width, net_cfg.stem_patch, name='stem_conv')(x)
+    x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
+  else:  # 'nature': Mnih et al. (2015)'s 8x8/4 (32), 4x4/2 (64), 3x3/1 (64), VALID: 84->20->9->7,
+    # the last one with `width` channels (it feeds the residual stages).
+    x = _conv(32, 8, 4, padding='VALID', name='stem_conv_0')(x)
+    x = jax.nn.relu(x)
+    x = _conv(64, 4, 2, padding='VALID', name='stem_conv_1')(x)
+    x = jax.nn.relu(x)
+    x = _conv(width, 3, 1, padding='VALID', name='stem_conv_2')(x)
     x = jax.nn.relu(GroupNorm(groups, name='stem_norm')(x))
   block_cls = BasicBlock if net_cfg.resnet_block == 'basic' else BottleneckBlock
   for stage, num_blocks in enumerate(net_cfg.resnet_stage_sizes):
