@@ -171,6 +171,18 @@ def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates()
                                            param_version=7)) == (
       'Pong             raw      -13.0  human-normalized    21.8%  episodes 2 (2 cut at the '
       'frame cap)  (params of step 7)')
+  # The driver's progress line: text for such a game, the mean over the others only.
+  import time
+
+  from scaled_ql.launch import program
+  latest = {'Pong': dict(score=-20.0, normalized=0.02, param_version=5),
+            'Freeway': dict(score=None, normalized=None, param_version=5)}
+  line = program.format_progress(program.ProgramStatus(None, None, [{'latest': latest}], []),
+                                 time.time())
+  assert line.endswith('eval@5 mean_norm 2.0% Freeway=no-episode Pong=2%')
+  line = program.format_progress(program.ProgramStatus(
+      None, None, [{'latest': {'Freeway': latest['Freeway']}}], []), time.time())
+  assert line.endswith('eval@5 mean_norm none Freeway=no-episode')
   # TensorBoard gets scalars only for games with a score.
   assert evaluator.tensorboard_scalars({'Pong': dict(score=-20.0, normalized=0.02),
                                         'Freeway': dict(score=None, normalized=None)}) == [
