@@ -289,22 +289,25 @@ def _check_network_exposure(notice: str, ray):
   assert out.returncode != 0 and 'auth' in (out.stdout + out.stderr).lower(), out.stderr[-2000:]
 
 
-def test_crash_looping_inserter_ends_the_program_with_its_traceback(ray_session,
-                                                                    tiny_dataset_dir, tmp_path):
-  """The probe of issue 12: game folders that exist but hold no files. The inserter fails on
-  every start; the driver shows its restarts and last error, then ends the program with its
-  traceback instead of printing "waiting for data" forever. Meanwhile: the network exposure."""
+def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_dataset_dir,
+                                                             tmp_path):
+  """A node that fails in its loop on every start (injected: a fine-tuning actor whose pacing
+  raises): Ray restarts it, the progress line shows its restarts and last error, and its third
+  restart within the window ends the program with its traceback; every node is then killed.
+  Meanwhile the program's network exposure is checked (`ss`, Ray's token)."""
   ray = ray_session
-  data = tmp_path / 'empty_games'
-  shutil.copytree(tiny_dataset_dir, data)
-  for game_dir in (data / 'rlu_atari_checkpoints_ordered').iterdir():
-    for entry in game_dir.iterdir():
-      shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-  cfg = run.resolve_config('cpu_tiny', str(data), steps=50, evaluators=1).replace(
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=100_000, evaluators=1).replace(
       train=dict(crash_loop_restarts=3, crash_loop_window_s=600))
   workdir = str(tmp_path / 'crash_loop')
   run.prepare_workdir(cfg, workdir)
-  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=50)
+
+  def broken_pacing(version):  # shipped to the actor by value (cloudpickle)
+    raise RuntimeError(f'injected pacing fault at version {version}')
+
+  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=100_000,
+                       actors=program.ActorSpec('Breakout', None, 1, epsilon=1.0,
+                                                max_episode_frames=400,
+                                                max_env_steps=broken_pacing))
   lines = []
 
   def log(line):
@@ -316,15 +319,39 @@ def test_crash_looping_inserter_ends_the_program_with_its_traceback(ray_session,
   with pytest.raises(program.NodeLost) as lost:
     program.run(prog, log=log, timeout_s=400, final_eval_timeout_s=None)
   message = str(lost.value)
-  assert message.startswith('inserter_0 restarted 3 times within 600s'), message[:500]
-  assert 'crash loop' in message and 'Traceback' in message and '[inserter_0] crashed' in message
+  assert message.startswith('actor_0 restarted 3 times within 600s'), message[:500]
+  assert 'crash loop' in message and '[actor_0] crashed' in message
+  assert 'RuntimeError: injected pacing fault' in message
   assert any(l.startswith('security:') for l in lines)
-  progress = [l for l in lines if 'restarts inserter_0 ' in l]
-  assert progress and 'last: ' in progress[-1], lines[-5:]
+  progress = [l for l in lines if 'restarts actor_0 ' in l]
+  assert progress and 'last: RuntimeError: injected pacing fault' in progress[-1], lines[-5:]
   assert time.monotonic() - started < 400
   # shutdown ran: no node is left (Ray marks every actor dead).
   _wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,
             'every node to be killed')
+
+
+def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_session,
+                                                                       tiny_dataset_dir,
+                                                                       tmp_path):
+  """The probe of issue 12: game folders that exist but hold no files pass `check_data`; the
+  nodes that read them fail (the inserter on every start, the learner's constructor when it
+  reads the data) and the run ends with that node's traceback instead of printing "waiting for
+  data" forever."""
+  data = tmp_path / 'empty_games'
+  shutil.copytree(tiny_dataset_dir, data)
+  for game_dir in (data / 'rlu_atari_checkpoints_ordered').iterdir():
+    for entry in game_dir.iterdir():
+      shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  cfg = run.resolve_config('cpu_tiny', str(data), steps=50, evaluators=1)
+  workdir = str(tmp_path / 'empty')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=50)
+  with pytest.raises(program.NodeLost) as lost:
+    program.run(prog, log=lambda line: None, timeout_s=400, final_eval_timeout_s=None)
+  message = str(lost.value)
+  assert message.split()[0] in ('inserter_0', 'learner'), message[:500]
+  assert 'Traceback' in message or 'File "' in message, message[:2000]
 
 
 def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_dir, tmp_path):
