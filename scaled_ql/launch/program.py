@@ -461,8 +461,10 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
     try:
       try:
         log(security_notice(program))
-      except ray.exceptions.RayActorError:
-        pass  # the replay node failed to start: poll() reports it with its traceback
+      except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        # The replay node failed to start (poll() reports it with its traceback) or is slow.
+        log(f'security: the Reverb server\'s port is unknown ({type(e).__name__}); it listens on '
+            'all interfaces without authentication (README "Security")')
       while True:
         try:
           status = poll(program, watcher)
