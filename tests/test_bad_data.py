@@ -12,15 +12,18 @@ from scaled_ql.launch import program
 from test_learner import CFG, make
 
 
-def _with_undecodable_episode(tiny_dataset_dir, tmp_path, game='Pong'):
+def _with_undecodable_episode(tiny_dataset_dir, tmp_path, game='Pong', checkpoint=1, index=0):
+  """A copy of the data whose episode `index` of `checkpoint` is garbage in valid framing."""
   data = str(tmp_path / 'data')
   shutil.copytree(tiny_dataset_dir, data)
   path = os.path.join(data, 'rlu_atari_checkpoints_ordered', f'{game}_run_1', '1.1.0',
-                      'rlu_atari_checkpoints_ordered-checkpoint_01.tfrecord-00000-of-00001')
+                      f'rlu_atari_checkpoints_ordered-checkpoint_{checkpoint:02d}.tfrecord-'
+                      '00000-of-00001')
   records = list(tf.compat.v1.io.tf_record_iterator(path))
+  assert len(records) > index
   with tf.io.TFRecordWriter(path) as w:
     for i, r in enumerate(records):
-      w.write(b'\x0a\xff garbage' * 50 if i == 0 else r)
+      w.write(b'\x0a\xff garbage' * 50 if i == index else r)
   return data, path
 
 

@@ -100,9 +100,15 @@ def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
 
 
 def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_dir, tmp_path):
+  """Also with an undecodable episode in the data: the inserter skips it and the progress line
+  counts it (one program run for both faults keeps the suite fast)."""
   import subprocess
   import sys
-  cfg = CFG.replace(data=dict(data_dir=tiny_dataset_dir))
+  from test_bad_data import _with_undecodable_episode
+  # cpu_tiny reads the 'suboptimal' selection: checkpoint_00 (two episodes of Pong), read
+  # again and again, so the bad one is met in the first epoch.
+  data, _ = _with_undecodable_episode(tiny_dataset_dir, tmp_path, checkpoint=0, index=1)
+  cfg = CFG.replace(data=dict(data_dir=data))
   workdir = str(tmp_path / 'run')
   learner = make(cfg, workdir=workdir)
   for _ in range(2):
@@ -112,7 +118,7 @@ def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_d
   _truncate_step(workdir, 2)
   proc = subprocess.run(
       [sys.executable, '-m', 'scaled_ql.cli', 'train', '--config', 'cpu_tiny', '--data-dir',
-       tiny_dataset_dir, '--workdir', workdir, '--steps', '4', '--evaluators', '1'],
+       data, '--workdir', workdir, '--steps', '4', '--evaluators', '1'],
       capture_output=True, text=True, timeout=600)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
@@ -120,3 +126,18 @@ def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_d
   steps = sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints')) if c.isdigit())
   assert steps[-1] == 4 and 1 in steps
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  assert 'bad data skipped: 0 corrupt files, 1 undecodable episodes' in out, out[-3000:]
+
+
+def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir, steps=(1,))
+  manager = checkpointing.make_manager(workdir)
+
+  def load(step):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB')
+
+  with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+    checkpointing._newest_that_loads(manager, load)
+  manager.close()
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
