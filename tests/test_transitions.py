@@ -183,3 +183,16 @@ def test_learner_step_on_frame_windows_equals_step_on_transitions():
   assert metrics[0].keys() == metrics[1].keys()
   for k in metrics[0]:
     np.testing.assert_allclose(metrics[0][k], metrics[1][k], rtol=1e-5, err_msg=k)
+
+
+def test_pack_unpack_records_round_trip():
+  steps = make_steps(5, REWARDS[:5], terminal=True)
+  records = [r for r, _ in tr.padded_step_records(tr.split_steps(steps), n_step=3)]
+  packed = np.stack([tr.pack_record(r) for r in records])
+  assert packed.shape == (len(records), tr.RECORD_BYTES) and packed.dtype == np.uint8
+  got, want = tr.unpack_records(packed[None]), tr.stack_records(records)
+  for name in tr.StepRecords._fields:
+    np.testing.assert_array_equal(getattr(got, name)[0], getattr(want, name), err_msg=name)
+    assert getattr(got, name).dtype == getattr(tr.record_dtypes(), name), name
+  with pytest.raises(ValueError, match='packed records'):
+    tr.unpack_records(packed[:, :-1])

@@ -6,8 +6,9 @@ table is a shuffle buffer over a stream of transitions; sampling starts once it 
 min_fill_per_game items and inserts are never blocked (FIFO eviction makes room).
 
 Storage: inserters append ONE record per RLDS step (a single 84x84 frame, action, reward,
-terminal, valid; see `transitions.py` for the record stream and its padding) with the trajectory
-writer, and create an item over the last `n + 4` records for every transition. Items only
+terminal, valid; see `transitions.py` for the record stream and its padding), packed into one
+uint8 column (`transitions.pack_record`: one chunk per sample instead of five), with the
+trajectory writer, and create an item over the last `n + 4` records for every transition. Items only
 reference the chunks that hold the records, so each frame is stored once (compressed) however many
 items (up to n+4) use it.
 
@@ -74,14 +75,13 @@ def _check_games(games: Sequence[str], cfg: ExperimentConfig) -> None:
     raise ValueError('no games given')
 
 
+RECORD_COLUMN = 'record'  # the one column: `transitions.pack_record` bytes per step
+
+
 def _record_specs(n_step: int):
   import tensorflow as tf
-  width = tr.window_length(n_step)
-  dtypes = tr.record_dtypes()
-  shapes = tr.StepRecords(frame=(width,) + tr.FRAME_SHAPE, action=(width,), reward=(width,),
-                          terminal=(width,), valid=(width,))
-  return {f: tf.TensorSpec(getattr(shapes, f), tf.as_dtype(getattr(dtypes, f)), name=f)
-          for f in tr.StepRecords._fields}
+  shape = (tr.window_length(n_step), tr.RECORD_BYTES)
+  return {RECORD_COLUMN: tf.TensorSpec(shape, tf.uint8, name=RECORD_COLUMN)}
 
 
 # ----------------------------------------------------------------------------------------- server
@@ -194,8 +194,8 @@ def make_writer(client, n_step: int, chunk_length: int):
   width = tr.window_length(n_step)
   keep_alive = max(width, chunk_length)
   writer = client.trajectory_writer(num_keep_alive_refs=keep_alive)
-  for field in tr.StepRecords._fields:
-    writer.configure((field,), num_keep_alive_refs=keep_alive, max_chunk_length=chunk_length)
+  writer.configure((RECORD_COLUMN,), num_keep_alive_refs=keep_alive,
+                   max_chunk_length=chunk_length)
   return writer
 
 
@@ -208,10 +208,10 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
   width = tr.window_length(n_step)
   items = 0
   for record, window_ends in tr.padded_step_records(steps, n_step):
-    writer.append(record._asdict())
+    writer.append({RECORD_COLUMN: tr.pack_record(record)})
     if window_ends:
       writer.create_item(table=table, priority=1.0,
-                         trajectory={f: writer.history[f][-width:] for f in record._fields})
+                         trajectory={RECORD_COLUMN: writer.history[RECORD_COLUMN][-width:]})
       items += 1
       if items % FLUSH_EVERY_ITEMS == 0:
         writer.flush(block_until_num_items=chunk_length + width)
@@ -407,7 +407,7 @@ def samples_served(server_address: str, games: Sequence[str], timeout_s: int = 1
 
 def stratified_dataset(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
                        seed: int = 0):
-  """tf.data of window batches: (StepRecords dict [D, P, n+4, ...], game_id int32 [D, P]).
+  """tf.data of window batches: ({'record': uint8 [D, P, n+4, RECORD_BYTES]}, game_id [D, P]).
 
   D = games_per_batch draws of a game, uniform with replacement; each draw is P =
   transitions_per_game consecutive samples of that game's table (Appendix B.3). Per-sample work
@@ -502,7 +502,7 @@ class StratifiedBatches:
     try:
       for data, game_id in self._windows():
         merge = lambda x: x.reshape((-1,) + x.shape[2:])  # [D, P, ...] -> [D*P, ...], a view
-        windows = tr.StepRecords(**{k: merge(v) for k, v in data.items()})
+        windows = tr.unpack_records(merge(data[RECORD_COLUMN]))
         batch = tr.windows_to_frame_windows(windows, merge(game_id), discount=agent.discount,
                                             reward_clip=agent.reward_clip)
         while not self._stop.is_set():
