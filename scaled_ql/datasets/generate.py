@@ -122,7 +122,8 @@ def rlds_episode(frames, actions, rewards, terminal: bool, checkpoint_id: int,
 
 
 def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
-               skill: policies.SkillSchedule, steps_per_checkpoint: Optional[int],
+               skill: policies.SkillSchedule, skill_start: float,
+               steps_per_checkpoint: Optional[int],
                episodes_per_checkpoint: Optional[int], max_episode_frames: int,
                on_step=None) -> Iterator[dict]:
   """Yields the whole episodes of one split; fills `stats`. Exactly one budget must be given.
@@ -130,15 +131,15 @@ def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
   A step budget is a minimum: episodes are started while fewer than `steps_per_checkpoint` steps
   are stored, and the one under way when the budget is reached is played to its end (game over or
   the frame cap), so no episode is cut and a split holds up to one episode more than its budget.
-  Each episode draws its own skill, hence epsilon, from `skill` (policies.SkillSchedule).
+  Each episode draws its own skill, hence epsilon, from `skill` (policies.SkillSchedule), with
+  `skill_start` the game's start of the stratified quantile sequence.
   """
   if (steps_per_checkpoint is None) == (episodes_per_checkpoint is None):
     raise ValueError('give exactly one of steps_per_checkpoint / episodes_per_checkpoint')
   env = AtariEnv(game, sticky_action_prob=STICKY_ACTION_PROB,
                  max_episode_frames=max_episode_frames, seed=stats.env_seed)
   rng = np.random.default_rng(stats.env_seed)
-  skills = skill.split_skills(np.random.default_rng([stats.env_seed, 1]), stats.checkpoint_id,
-                              num_checkpoints)
+  skills = skill.split_skills(skill_start, stats.checkpoint_id, num_checkpoints)
   policy = policies.EpsilonGreedyHeuristic(env, 1.0, rng)
   while True:
     if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
@@ -414,11 +415,13 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
                      mean_skill=round(skill.mean_skill(k, num_checkpoints), 4))
           for k in range(num_checkpoints)]
       bar.set_postfix_str(game)
+      skill_start = float(np.random.default_rng(_env_seed(seed, run, game, 99)).random())
 
-      def get_splits(split_stats=split_stats, game=game):
+      def get_splits(split_stats=split_stats, game=game, skill_start=skill_start):
         plays = {
             tfds_layout.split_name(s.checkpoint_id): play_split(
                 game, s, num_checkpoints=num_checkpoints, skill=skill,
+                skill_start=skill_start,
                 steps_per_checkpoint=steps_per_checkpoint,
                 episodes_per_checkpoint=episodes_per_checkpoint,
                 max_episode_frames=max_episode_frames, on_step=lambda: bar.update(1))

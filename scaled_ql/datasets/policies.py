@@ -31,7 +31,9 @@ import numpy as np
 
 from scaled_ql.envs.atari import AtariEnv
 
-_GOLDEN = (5 ** 0.5 - 1) / 2  # 0.618...: the most evenly spread additive sequence mod 1
+# Additive low-discrepancy steps mod 1 (Roberts' R1/R2 sequences): 1/golden ratio, 1/plastic number.
+_GOLDEN = (5 ** 0.5 - 1) / 2  # 0.618...
+_PLASTIC = 0.7548776662466927  # 1 / 1.3247...
 
 # A heuristic maps the environment (for its RAM and action names) to an action index.
 Heuristic = Callable[[AtariEnv], int]
@@ -227,10 +229,10 @@ class SkillSchedule:
   - otherwise u ~ Uniform(0, p): from uniformly random play at checkpoint 0 to anything between
     random and expert at the last checkpoint.
   The mean skill rises with k through both terms. Defaults: the first 20% of 10 splits (the
-  `suboptimal` selection) hold ~30% late-policy episodes, the last split ~85%.
+  `suboptimal` selection) hold ~42% late-policy episodes, the last split 90%.
   """
-  expert_start: float = 0.30
-  expert_end: float = 0.85
+  expert_start: float = 0.40
+  expert_end: float = 0.90
   epsilon_max: float = 1.0
   epsilon_min: float = 0.05
 
@@ -268,15 +270,18 @@ class SkillSchedule:
   def sample_skill(self, rng: np.random.Generator, checkpoint: int, num_checkpoints: int) -> float:
     return self.skill_at(float(rng.random()), checkpoint, num_checkpoints)
 
-  def split_skills(self, rng: np.random.Generator, checkpoint: int,
+  def split_skills(self, start: float, checkpoint: int,
                    num_checkpoints: int) -> Iterator[float]:
-    """Skills for a split's successive episodes: stratified draws (a golden-ratio sequence of
-    quantiles from a random start), so even a split of a few episodes holds late-policy and
-    weaker episodes in about the schedule's proportions; the distribution is `sample_skill`'s."""
-    v = float(rng.random())
+    """Skills for a split's successive episodes, stratified: episode i of checkpoint k takes the
+    quantile frac(start + k * 0.618 + i * 0.755) (additive low-discrepancy steps: the golden
+    ratio across splits, the plastic number's within a split). So a split of a few episodes, and
+    the first episodes of successive splits (the `suboptimal` selection of a small dataset),
+    hold late-policy and weaker episodes in about the schedule's proportions; over many
+    episodes the distribution is `sample_skill`'s. `start` in [0, 1): one per game and run."""
+    v = (float(start) + checkpoint * _GOLDEN) % 1.0
     while True:
       yield self.skill_at(v, checkpoint, num_checkpoints)
-      v = (v + _GOLDEN) % 1.0
+      v = (v + _PLASTIC) % 1.0
 
   def mean_skill(self, checkpoint: int, num_checkpoints: int) -> float:
     q = self.expert_fraction(checkpoint, num_checkpoints)
