@@ -23,7 +23,8 @@ class NetworkConfig:
   resnet_block: str = 'bottleneck'  # 'basic' | 'bottleneck'
   resnet_width: int = 64  # channels of the first stage; doubled at every later stage
   # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (He et al.); 'strided': a cheap PxP/P patchify conv
-  # (P = stem_patch) for CPU-sized configs (small-channel convs at 84x84 are slow on XLA:CPU).
+  # (P = stem_patch) for CPU-sized configs (small-channel convs at 84x84 are slow on XLA:CPU);
+  # 'nature': the Nature-DQN convs 8x8/4, 4x4/2, 3x3/1 (84 -> 7x7; docs/learning.md).
   stem: str = 'imagenet'
   stem_patch: int = 4  # kernel size = stride of the 'strided' stem (84 -> 84 // stem_patch)
   group_norm_groups: int = 4  # Appendix B.1 / the Kumar-lab reference code: 4 groups

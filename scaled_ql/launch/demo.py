@@ -38,6 +38,61 @@ def ensure_demo_data(cfg) -> None:
   run.check_data(cfg)
 
 
+def data_score(cfg, game: str) -> tuple[Optional[float], int]:
+  """Behaviour score of the data a run trains on: the mean raw score over the completed episodes
+  of the splits `cfg.data.selection` reads (generation_info.json), and their count. (None, 0) for
+  data without generation info (e.g. downloaded DQN-Replay) or without a completed episode."""
+  from scaled_ql.datasets import generate, rlds_reader, tfds_layout
+  b = rlds_reader.load_builder(cfg.data.data_dir, game, cfg.data.run, cfg.data.builder)
+  info = generate.read_info(b.data_dir)
+  if info is None:
+    return None, 0
+  per_split = generate.behaviour(game, info['splits'])['splits']
+  available = [int(name.rsplit('_', 1)[1]) for name in per_split]
+  chosen = rlds_reader.selected_checkpoints(rlds_reader.parse_selection(cfg.data.selection),
+                                            available)
+  total, count = 0.0, 0
+  for c in chosen:
+    split = per_split[tfds_layout.split_name(c)]
+    if split['episodes']:
+      total += split['score'] * split['episodes']
+      count += split['episodes']
+  return (total / count if count else None), count
+
+
+def resume_line(workdir: str) -> str:
+  """Says whether the demo resumes `workdir` (its latest checkpoint) or starts a new run."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                 if d.isdigit())
+  if steps:
+    return (f'[demo] resuming {workdir} from its checkpoint at learner step {steps[-1]} '
+            f'(to start over: rm -r {workdir}, or pass --workdir NEW_DIR)')
+  return f'[demo] starting a new run in {workdir}'
+
+
+def print_comparison(cfg, scores) -> None:
+  """Per game: random (the paper's table), the data's behaviour score, the agent's score (means
+  over completed episodes), and on how many games the agent is above its data."""
+  from scaled_ql.eval import normalization
+  print(f'  {"game":<12} {"random":>9} {"data":>9} {"agent":>9}  (raw scores; data = the '
+        f'{cfg.data.selection!r} splits it trained on)')
+  above, compared = 0, 0
+  for game in cfg.games:
+    data, n_data = data_score(cfg, game)
+    row = scores.get(game, {})
+    agent, n_agent = row.get('score'), row.get('episodes', 0)
+    fmt = lambda x: 'n/a' if x is None else f'{x:9.2f}'
+    verdict = ''
+    if data is not None and agent is not None:
+      compared += 1
+      above += agent > data
+      verdict = 'above the data' if agent > data else 'not above the data'
+    print(f'  {game:<12} {normalization.RANDOM_SCORES[game]:9.1f} {fmt(data):>9} '
+          f'{fmt(agent):>9}  ({n_data} data / {n_agent} agent episodes) {verdict}')
+  print(f'  the agent is above its data on {above} of {compared} games compared')
+
+
 def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
          minutes: float = DEMO_TRAIN_MINUTES, steps: Optional[int] = None, *,
          games: Optional[str] = None, overrides: Sequence[str] = (),
@@ -47,6 +102,7 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   from scaled_ql.eval import evaluator
   cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1, games=games, overrides=overrides)
   run.check_resume(cfg, workdir, allow_config_change)
+  print(resume_line(workdir), flush=True)
   started = time.time()
   ensure_demo_data(cfg)
   print(f'[demo] data ready in {time.time() - started:.0f}s; training {cfg.name} '
@@ -66,5 +122,6 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   run.print_scores(status)
   # Over the games with a completed episode only; the others are named, never counted.
   print(f'  {evaluator.aggregate_line(scores)}')
+  print_comparison(cfg, scores)
   print(f'report: scaled-ql report run {workdir}  (learning curves + summary)')
   return 0

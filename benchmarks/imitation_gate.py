@@ -1,0 +1,117 @@
+"""Issue 11's first gate: can the CPU network imitate? BC on the near-optimal splits, per game.
+
+    flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/imitation_gate.py \
+        --data-dir data/gate --workdir runs/gate --minutes 8 --variants strided,nature
+
+As a new user would, through the CLI: `scaled-ql data generate --checkpoints 10
+--steps-per-checkpoint 2000` (skipped when the data is there), then per network variant
+`scaled-ql learn --config cpu_small_bc --set data.selection=checkpoints:7-9` stopped by SIGTERM
+after --minutes (the learner checkpoints at the step boundary), then `scaled-ql eval --steps
+--num-envs 1` (scores = means over completed episodes). Prints per game the random score (the
+paper's table), the behaviour score of splits 7-9 (completed episodes, generation_info.json), the
+BC score and the gate ratio (BC - random) / (behaviour - random); the gate is >= 0.8 everywhere.
+
+Variants: 'strided' = cpu_small's 12x12/12 patchify stem; 'nature' = the Nature-DQN stem (8x8/4,
+4x4/2, 3x3/1). Numbers, command and `uptime` go to docs/learning.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GAMES = ('Breakout', 'Boxing', 'Freeway', 'Pong')
+VARIANTS = {
+    'strided': [],
+    'nature': ['--set', 'network.stem=nature'],
+}
+CLI = [sys.executable, '-m', 'scaled_ql.cli']
+
+
+def uptime() -> str:
+  return subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
+
+
+def behaviour_score(data_dir: str, game: str, selection: str = 'checkpoints:7-9'
+                    ) -> tuple[float, int]:
+  """Mean raw score over the completed episodes of the selection (generation_info.json)."""
+  from scaled_ql.configs import get_config
+  from scaled_ql.launch import demo
+  cfg = get_config('cpu_small').replace(data=dict(data_dir=data_dir, selection=selection))
+  score, count = demo.data_score(cfg, game)
+  return (float('nan') if score is None else score), count
+
+
+def print_table(variant, games, behaviour, rows) -> None:
+  from scaled_ql.eval import normalization
+  print(f'\n[gate] {variant}: (BC - random) / (behaviour - random), gate >= 0.8; {uptime()}')
+  ratios = []
+  for g in games:
+    rnd = normalization.RANDOM_SCORES[g]
+    beh, n_beh = behaviour[g]
+    r = rows.get(g, {})
+    score = r.get('score')
+    ratio = None if score is None or beh == rnd else (score - rnd) / (beh - rnd)
+    ratios.append(ratio)
+    print(f'  {g:10s} random {rnd:8.1f} | behaviour {beh:8.2f} ({n_beh} episodes) | BC '
+          f'{"n/a" if score is None else f"{score:8.2f}"} ({r.get("episodes", 0)} episodes) | '
+          f'ratio {"n/a" if ratio is None else f"{ratio:.2f}"}')
+  ok = all(x is not None and x >= 0.8 for x in ratios)
+  print(f'  gate {"HOLDS" if ok else "does NOT hold"} for {variant}', flush=True)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--data-dir', default='data/gate')
+  p.add_argument('--workdir', default='runs/gate')
+  p.add_argument('--games', default=','.join(GAMES))
+  p.add_argument('--config', default='cpu_small_bc')
+  p.add_argument('--variants', default='strided,nature')
+  p.add_argument('--minutes', type=float, default=8.0, help='training wall-clock per variant')
+  p.add_argument('--eval-steps', type=int, default=5000)
+  p.add_argument('--steps-per-checkpoint', type=int, default=2000)
+  p.add_argument('--set', action='append', default=[], help='extra --set for every variant')
+  args = p.parse_args(argv)
+  games = args.games.split(',')
+  print(f'[gate] start: {uptime()}', flush=True)
+  t0 = time.time()
+  subprocess.run(CLI + ['data', 'generate', '--games', args.games, '--out', args.data_dir,
+                        '--checkpoints', '10', '--steps-per-checkpoint',
+                        str(args.steps_per_checkpoint), '--skip-existing', '--no-progress'],
+                 check=True)
+  print(f'[gate] data ready after {time.time() - t0:.0f}s: {uptime()}', flush=True)
+  behaviour = {g: behaviour_score(args.data_dir, g) for g in games}
+  results = {}
+  for variant in args.variants.split(','):
+    workdir = os.path.join(args.workdir, variant)
+    cmd = CLI + ['learn', '--config', args.config, '--games', args.games, '--data-dir',
+                 args.data_dir, '--workdir', workdir, '--steps', '1000000', '--set',
+                 'data.selection=checkpoints:7-9', '--no-resume'] + VARIANTS[variant]
+    for s in args.set:
+      cmd += ['--set', s]
+    print(f'[gate] {variant}: {" ".join(cmd[2:])}  ({uptime()})', flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+      proc.wait(timeout=args.minutes * 60)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGTERM)  # checkpoint at the step boundary, exit 0
+      proc.wait(timeout=300)
+    eval_jsonl = os.path.join(workdir, 'gate_eval.jsonl')
+    subprocess.run(CLI + ['eval', '--checkpoint', workdir, '--steps', str(args.eval_steps),
+                          '--num-envs', '1', '--jsonl', eval_jsonl], check=True)
+    rows = [json.loads(l) for l in open(eval_jsonl)]
+    results[variant] = {r['game']: r for r in rows}
+    print_table(variant, games, behaviour, results[variant])
+
+  print(f'[gate] done: {uptime()}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
