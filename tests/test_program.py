@@ -212,6 +212,15 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
 
 
 
+def test_progress_line_shows_each_restarted_nodes_health():
+  status = program.ProgramStatus(None, None, [], [], health={
+      'inserter_0': dict(restarts=2, in_window=2, last_error='ValueError: no data'),
+      'learner': dict(restarts=1, in_window=0, last_error='no traceback (killed or lost)')})
+  line = program.format_progress(status, time.time())
+  assert ('restarts inserter_0 2 (2 in window; last: ValueError: no data), learner 1 '
+          '(0 in window; last: no traceback (killed or lost))') in line
+
+
 def test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop():
   budget = program.RestartBudget(max_restarts=3, window_s=600)
   # A preempted cluster: 100 learner restarts, 400 s apart (at most 2 in any 600 s), never
@@ -323,8 +332,9 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   assert 'crash loop' in message and '[actor_0] crashed' in message
   assert 'RuntimeError: injected pacing fault' in message
   assert any(l.startswith('security:') for l in lines)
-  progress = [l for l in lines if 'restarts actor_0 ' in l]
-  assert progress and 'last: RuntimeError: injected pacing fault' in progress[-1], lines[-5:]
+  # The health line (in progress lines while it restarts, and once more at the end).
+  health = [l for l in lines if 'restarts actor_0 ' in l]
+  assert health and 'last: RuntimeError: injected pacing fault' in health[-1], lines[-5:]
   assert time.monotonic() - started < 400
   # shutdown ran: no node is left (Ray marks every actor dead).
   _wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,

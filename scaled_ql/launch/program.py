@@ -260,6 +260,10 @@ class _Watcher:
     self._budget = budget
     self._health: dict[str, dict] = {}
 
+  @property
+  def last_health(self) -> dict[str, dict]:
+    return {k: dict(v) for k, v in self._health.items()}
+
   def health(self, program: Program) -> dict[str, dict]:
     """{node: dict(restarts, in_window, last_error)} of the nodes restarted so far; raises
     NodeLost for a dead node or a crash loop, with the node's traceback."""
@@ -279,15 +283,16 @@ class _Watcher:
         last = line if size > old['err_size'] else 'no traceback (killed or lost)'
         old = dict(restarts=restarts, err_size=size, last_error=last)
         self._health[name] = old
-      if self._budget is not None and self._budget.record(name, restarts, now):
+      tripped = self._budget is not None and self._budget.record(name, restarts, now)
+      if name in self._health:
+        self._health[name]['in_window'] = (self._budget.in_window(name)
+                                           if self._budget is not None else 0)
+      if tripped:
         raise NodeLost(
             f'{name} restarted {self._budget.in_window(name)} times within '
             f'{self._budget.window_s:.0f}s (train.crash_loop_restarts='
             f'{self._budget.max_restarts}, train.crash_loop_window_s={self._budget.window_s:g}): '
             f'a crash loop. Last error:\n{_crash_log(program.workdir, name, info)}')
-      if name in self._health:
-        self._health[name]['in_window'] = (self._budget.in_window(name)
-                                           if self._budget is not None else 0)
     return {k: dict(v) for k, v in self._health.items()}
 
   def status(self, handle, wait_s: float = 0.5) -> Optional[dict]:
@@ -373,6 +378,13 @@ def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
       [statuses[f'inserter_{i}'] for i in range(len(program.inserters))], health)
 
 
+def format_health(health: dict) -> str:
+  """`restarts NODE N (K in window; last: ERROR), ...` of the nodes restarted so far."""
+  return 'restarts ' + ', '.join(
+      f"{name} {h['restarts']} ({h.get('in_window', 0)} in window; last: {h['last_error'][:80]})"
+      for name, h in sorted(health.items()))
+
+
 def format_progress(status: ProgramStatus, started: float) -> str:
   parts = [f'{time.time() - started:6.0f}s']
   s = status.learner
@@ -396,9 +408,7 @@ def format_progress(status: ProgramStatus, started: float) -> str:
     parts.append(f"bad data skipped: {bad['corrupt_files']} corrupt files, "
                  f"{bad['undecodable_episodes']} undecodable episodes")
   if status.health:
-    parts.append('restarts ' + ', '.join(
-        f"{name} {h['restarts']} ({h.get('in_window', 0)} in window; last: "
-        f"{h['last_error'][:80]})" for name, h in sorted(status.health.items())))
+    parts.append(format_health(status.health))
   scores = status.latest_scores()
   if scores:
     # A game with no completed episode has no score (None): never a number, never in the mean.
@@ -471,6 +481,8 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
         except NodeLost as e:
           lost = True
           log(f'ending the program: {str(e).splitlines()[0]}')
+          if watcher.last_health:
+            log(format_health(watcher.last_health))
           raise
         log(format_progress(status, started))
         counts = status.data_counts()
