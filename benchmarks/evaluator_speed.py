@@ -5,8 +5,9 @@
         [--env-groups 1] [--cpus 0] [--policy network,random] [--device cpu|gpu] [--repeats 2]
 
 Per (policy, num_envs, env_groups), each game measured in turn, alternating with the raw emulator:
-  raw:       one `AtariEnv` (the evaluation's preprocessing) stepped with random numpy actions and
-             no network, pinned to the first of --cpus: agent steps/s. Emulator cost = 1 / raw.
+  raw:       num_envs `AtariEnv`s (the evaluation's preprocessing) stepped round robin with random
+             numpy actions and no network, pinned to the first of --cpus: agent steps/s.
+             Emulator cost = 1 / raw (more emulators cost a little more each: memory).
   network:   the jitted policy alone at the evaluator's batch (num_envs / env_groups), on random
              observations: seconds per observation (20 calls after a warm-up).
   bound:     1 / (emulator s/step + network s/observation): the steps/s of a loop that does
@@ -17,7 +18,10 @@ Per (policy, num_envs, env_groups), each game measured in turn, alternating with
              to its end, so near the end the batch has idle slots; that cost is counted.
   ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw, per measurement (raw, network
              and evaluator measured back to back, so a change of load hits all three), then the
-             median over games x --repeats.
+             median over games x --repeats. The same ratio per CPU second of the process
+             (`time.process_time`: steps per CPU-second of the evaluator against the bound in
+             CPU-seconds) does not depend on how much of the core other jobs take, so it is the
+             figure to trust on a loaded machine (the evaluator is pinned to one core).
 The load average (`uptime`) is printed with every line.
 
 --full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
@@ -39,32 +43,41 @@ def load() -> str:
   return f'load {one:.2f}/{five:.2f}'
 
 
-def raw_steps_per_second(game: str, steps: int, seed: int = 0) -> float:
+def raw_steps_per_second(game: str, steps: int, num_envs: int = 1,
+                         seed: int = 0) -> tuple[float, float]:
+  """(agent steps per wall-clock second, per CPU second of this process) of `num_envs`
+  emulators stepped round robin with random actions, no network: the emulator part of the
+  bound, with as many emulators (and their memory) as the evaluator has."""
   from scaled_ql.configs.base import EvalConfig
-  from scaled_ql.eval.evaluator import make_eval_env
-  env = make_eval_env(game, EvalConfig(), seed)
+  from scaled_ql.eval.evaluator import env_seed, make_eval_env
+  envs = [make_eval_env(game, EvalConfig(), env_seed(seed, game, i)) for i in range(num_envs)]
   rng = np.random.default_rng(seed)
-  actions = rng.integers(0, env.num_actions, steps)
-  env.reset()
-  start = time.perf_counter()
-  for a in actions:
+  actions = rng.integers(0, envs[0].num_actions, steps)
+  for env in envs:
+    env.reset()
+  start, cpu = time.perf_counter(), time.process_time()
+  for t, a in enumerate(actions):
+    env = envs[t % num_envs]
     ts = env.step(a)
     if ts.last():
       env.reset()
-  return steps / (time.perf_counter() - start)
+  return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
 
 
-def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20) -> float:
-  """Wall time of one jitted policy call on a batch, per observation (the network alone)."""
+def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20
+                                   ) -> tuple[float, float]:
+  """(wall, CPU) seconds of one jitted policy call on a batch, per observation (the network
+  alone)."""
   import jax
   obs = np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 4), dtype=np.uint8)
   game_id = np.zeros((batch,), np.int32)
   key = np.asarray(jax.random.PRNGKey(0))
   jax.block_until_ready(policy(params, key, obs, game_id))
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(calls):
     jax.block_until_ready(policy(params, key, obs, game_id))
-  return (time.perf_counter() - start) / calls / batch
+  return ((time.perf_counter() - start) / calls / batch,
+          (time.process_time() - cpu) / calls / batch)
 
 
 def main() -> None:
@@ -121,15 +134,15 @@ def main() -> None:
 
   if args.network_only:
     for batch in [int(b) for b in args.batches.split(',')]:
-      s = policy_seconds_per_observation(policies['network'], params, batch, calls=5)
+      s, _ = policy_seconds_per_observation(policies['network'], params, batch, calls=5)
       print(f'network batch {batch:>4}: {s * 1e3:8.2f} ms/obs  {1 / s:8.1f} obs/s  '
             f'{flops / s / 1e9:7.1f} GFLOP/s  {load()}', flush=True)
     return
 
-  def raw(game):
+  def raw(game, num_envs=1):
     os.sched_setaffinity(0, {cpus[0]})
     try:
-      return raw_steps_per_second(game, max(args.steps, 2000))
+      return raw_steps_per_second(game, max(args.steps, 2000), num_envs)
     finally:
       os.sched_setaffinity(0, set(cpus))
 
@@ -138,29 +151,36 @@ def main() -> None:
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:
         batch = -(-num_envs // groups)
-        ratios, bound_ratios = [], []
+        ratios, bound_ratios, cpu_ratios = [], [], []
         for rep in range(args.repeats):
           for game in games:
             # Measured back to back, right before the evaluator, so that all three see the same
             # load: the raw emulator, the network alone at the evaluator's batch, the evaluator.
-            raw_sps = raw(game)
-            net_s = (policy_seconds_per_observation(policies[name], params, batch, calls=10)
-                     if name == 'network' else 0.0)
+            raw_sps, raw_cpu_sps = raw(game, num_envs)
+            net_s, net_cpu_s = (
+                policy_seconds_per_observation(policies[name], params, batch, calls=10)
+                if name == 'network' else (0.0, 0.0))
             r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
                                         cfg.eval, args.steps, num_envs, env_groups=groups,
                                         device=device)
             bound = 1.0 / (1.0 / raw_sps + net_s)
+            cpu_bound = 1.0 / (1.0 / raw_cpu_sps + net_cpu_s)  # steps per CPU second
+            cpu_sps = r.steps / r.cpu_seconds
             ratios.append(r.steps_per_second / raw_sps)
             bound_ratios.append(r.steps_per_second / bound)
+            cpu_ratios.append(cpu_sps / cpu_bound)
             print(f'  {name:<8} envs {num_envs:>3} groups {groups} {game:<9} rep {rep}: raw '
                   f'{raw_sps:6.0f} steps/s  network {net_s * 1e3:5.2f} ms/obs  bound {bound:6.0f}  '
                   f'evaluator {r.steps_per_second:6.0f} steps/s ({r.steps} steps, budget '
-                  f'{r.budget})  ratio/bound {r.steps_per_second / bound:.2f}  {load()}',
-                  flush=True)
+                  f'{r.budget})  ratio/bound {r.steps_per_second / bound:.2f}  | per CPU second: '
+                  f'raw {raw_cpu_sps:6.0f} network {net_cpu_s * 1e3:5.2f} ms/obs bound '
+                  f'{cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio {cpu_sps / cpu_bound:.2f}  '
+                  f'{load()}', flush=True)
         print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: ratio/bound median '
               f'{np.median(bound_ratios):.2f} (min {min(bound_ratios):.2f}, max '
-              f'{max(bound_ratios):.2f})  ratio/raw median {np.median(ratios):.2f}  '
-              f'over {len(ratios)} measurements  {load()}', flush=True)
+              f'{max(bound_ratios):.2f}); per CPU second {np.median(cpu_ratios):.2f} (min '
+              f'{min(cpu_ratios):.2f}, max {max(cpu_ratios):.2f}); ratio/raw median '
+              f'{np.median(ratios):.2f}; over {len(ratios)} measurements  {load()}', flush=True)
 
 if __name__ == '__main__':
   main()

@@ -154,9 +154,10 @@ def test_double_buffered_groups_play_the_same_episodes():
 
 def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates():
   scored = evaluator.GameResult('Pong', -20.0, 0.02, episodes=2, truncated=0, steps=1600,
-                                budget=100, seconds=1.0, episode_returns=(-20.0, -20.0))
+                                budget=100, seconds=1.0, cpu_seconds=1.0,
+                                episode_returns=(-20.0, -20.0))
   none = evaluator.GameResult('Freeway', None, None, episodes=0, truncated=0, steps=100,
-                              budget=100, seconds=1.0, episode_returns=())
+                              budget=100, seconds=1.0, cpu_seconds=1.0, episode_returns=())
   line = evaluator.format_result(none)
   assert 'no completed episode' in line and 'human-normalized' not in line
   assert 'human-normalized' in evaluator.format_result(scored)

@@ -62,6 +62,7 @@ class GameResult:
   steps: int  # agent steps run: >= `budget`, the last episodes are played to their end
   budget: int  # the step budget (`steps_per_game`)
   seconds: float  # wall-clock time of the game's loop (network + emulator)
+  cpu_seconds: float  # CPU time of this process over the same loop (all its threads)
   episode_returns: tuple[float, ...]  # returns of the completed episodes
 
   @property
@@ -202,7 +203,7 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   completed: list[float] = []
   truncated = 0
   steps_run = 0
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   pending = [policy_fn(params, keys(), observations[k], np.full((len(g),), game_id, np.int32))
              for k, g in enumerate(groups)]
   while any(p is not None for p in pending):
@@ -239,7 +240,7 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
         groups[k] = g = [g[j] for j in keep]
         observations[k] = obs = obs[keep]
       pending[k] = policy_fn(params, keys(), obs, np.full((len(g),), game_id, np.int32))
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   for env in envs:
     env.close()
 
@@ -248,7 +249,7 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                     normalized=None if score is None else float(
                         normalization.human_normalized(game, score)),
                     episodes=len(completed), truncated=truncated, steps=steps_run, budget=steps,
-                    seconds=seconds, episode_returns=tuple(completed))
+                    seconds=seconds, cpu_seconds=cpu_seconds, episode_returns=tuple(completed))
 
 
 def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: EvalConfig, *,
