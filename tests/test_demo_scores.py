@@ -1,0 +1,31 @@
+"""The demo's learning report: the data's behaviour score per game and the resume line."""
+import os
+
+from scaled_ql.configs import get_config
+from scaled_ql.datasets import generate, rlds_reader
+from scaled_ql.launch import demo
+
+
+def test_data_score_is_the_trained_selection_behaviour(tiny_dataset_dir):
+  for selection, splits in [('checkpoints:1-1', ['checkpoint_01']),
+                            ('near_optimal', ['checkpoint_00', 'checkpoint_01'])]:
+    cfg = get_config('cpu_tiny').replace(
+        data=dict(data_dir=tiny_dataset_dir, selection=selection))
+    for game in cfg.games:
+      info = generate.read_info(rlds_reader.load_builder(tiny_dataset_dir, game).data_dir)
+      per_split = generate.behaviour(game, info['splits'])['splits']
+      count = sum(per_split[s]['episodes'] for s in splits)
+      total = sum(per_split[s]['score'] * per_split[s]['episodes'] for s in splits
+                  if per_split[s]['episodes'])
+      score, n = demo.data_score(cfg, game)
+      assert n == count
+      assert (score is None) if count == 0 else abs(score - total / count) < 1e-9
+
+
+def test_resume_line_says_resume_or_start_over(tmp_path):
+  workdir = str(tmp_path / 'demo')
+  assert 'starting a new run' in demo.resume_line(workdir)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '1000'))
+  os.makedirs(os.path.join(workdir, 'checkpoints', '2000'))
+  line = demo.resume_line(workdir)
+  assert 'resuming' in line and 'step 2000' in line and 'rm -r' in line
