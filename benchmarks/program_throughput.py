@@ -10,7 +10,8 @@ process exists / after all are gone); the ratio uses their mean, so load drift s
 hiding. Program: `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
 by stratified batches, variable server publishing every `publish_every_steps`, `--evaluators`
 evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
-`--seconds` after the first `--warmup-steps` steps (compilation and replay fill excluded).
+`--seconds` after the first `--warmup-steps` steps and, unless `--during-fill`, once every table is
+full: the steady state, with the inserters throttled (compilation and replay fill excluded).
 Target (issue 13): >= 0.85 with no evaluator on an idle machine.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
   return steps / (time.perf_counter() - start)
 
 
-def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int) -> dict:
+def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
+                        after_fill: bool = True) -> dict:
   import ray
   from scaled_ql.launch import program, run
   workdir = tempfile.mkdtemp(prefix='program_throughput_')
@@ -59,7 +61,9 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int)
     if not s:
       return False
     now = time.time()
-    if 'start' not in marks and s['steps'] >= warmup_steps:
+    sizes = (status.replay or {}).get('table_sizes') or {}
+    full = bool(sizes) and min(sizes.values()) >= cfg.data.shuffle_buffer_per_game
+    if 'start' not in marks and s['steps'] >= warmup_steps and (full or not after_fill):
       marks['start'] = (now, s['steps'])
     if 'start' in marks and now - marks['start'][0] >= seconds:
       marks['end'] = (now, s['steps'])
@@ -86,6 +90,9 @@ def main() -> None:
   parser.add_argument('--warmup-steps', type=int, default=20)
   parser.add_argument('--evaluators', type=int, default=0)
   parser.add_argument('--eval-every-seconds', type=float, default=None)
+  parser.add_argument('--during-fill', action='store_true',
+                      help='start measuring after the warm-up steps even while the tables fill '
+                      '(the inserters are not throttled until every table is full)')
   args = parser.parse_args()
   from scaled_ql.launch import run
   cfg = run.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators))
@@ -98,9 +105,11 @@ def main() -> None:
   alone_before = standalone_steps_per_s(cfg, args.seconds)
   rows.append(('learner alone (before)', alone_before, load()))
   print(f'learner alone: {alone_before:.2f} steps/s (load {load():.2f})', flush=True)
-  inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps)
-  rows.append((f'learner in the program, {args.evaluators} evaluator(s)', inside['steps_per_s'],
-               load()))
+  inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
+                               after_fill=not args.during_fill)
+  phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
+  rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
+               inside['steps_per_s'], load()))
   print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
         f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped)', flush=True)
   alone_after = standalone_steps_per_s(cfg, args.seconds)
