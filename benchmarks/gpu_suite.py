@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py')
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py', 'cv2', 'tensorboardX')
 
 
 class BlockModules(importlib.abc.MetaPathFinder):

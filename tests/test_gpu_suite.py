@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BLOCKED_IMPORT_CHECK = r'''
 import importlib.abc, sys
-BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py')
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py', 'cv2', 'tensorboardX')
 class Block(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in BLOCKED:
