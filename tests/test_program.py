@@ -344,8 +344,8 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
 def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_session,
                                                                        tiny_dataset_dir,
                                                                        tmp_path):
-  """The probe of issue 12: game folders that exist but hold no files pass `check_data`; the
-  nodes that read them fail (the inserter on every start, the learner's constructor when it
+  """The probe of issue 12 (game folders that exist but hold no files; `check_data` now refuses
+  them before launch, so this builds the program directly): the nodes that read them fail (the inserter on every start, the learner's constructor when it
   reads the data) and the run ends with that node's traceback instead of printing "waiting for
   data" forever."""
   data = tmp_path / 'empty_games'

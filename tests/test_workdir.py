@@ -184,6 +184,23 @@ def test_check_data_names_a_bad_selection_and_missing_games(tiny_dataset_dir):
   run.check_data(run.resolve_config('cpu_tiny', tiny_dataset_dir, games='Pong'))
 
 
+def test_check_data_refuses_empty_game_folders_and_missing_splits(tiny_dataset_dir, tmp_path):
+  """The probe of issue 12 (game folders that exist but hold nothing) fails before launch, naming
+  the game and the path; so does a checkpoint range the data does not have."""
+  import shutil
+  data = tmp_path / 'empty_games'
+  shutil.copytree(tiny_dataset_dir, data)
+  for entry in (data / 'rlu_atari_checkpoints_ordered' / 'Pong_run_1').iterdir():
+    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  with pytest.raises(ConfigError, match=r"Pong run 1: no prepared version .* versions present "
+                     r".*Pong_run_1: none"):
+    run.check_data(run.resolve_config('cpu_tiny', str(data)))
+  run.check_data(run.resolve_config('cpu_tiny', str(data), games='Breakout'))
+  with pytest.raises(ConfigError, match=r"checkpoint_07.* do not exist"):
+    run.check_data(run.resolve_config('cpu_tiny', tiny_dataset_dir,
+                                      overrides=['data.selection=checkpoints:0-7']))
+
+
 def test_allowed_param_change_is_refused_while_checkpoints_of_the_old_one_exist(tmp_path):
   """With --allow-config-change, a games/network/agent change still cannot be resumed from
   checkpoints of the old one (the learner refuses them); prepare_workdir says so before launch,

@@ -73,10 +73,29 @@ def _fail(e: Exception) -> int:
   return 2
 
 
+def _node_lost_ends_run(handler):
+  """A node that used up its restart budget ends the run: its traceback and exit 1, no Python
+  traceback of the driver (`program.NodeLost`; program.py imports Ray, so it is imported late)."""
+  import functools
+
+  @functools.wraps(handler)
+  def wrapped(args) -> int:
+    try:
+      return handler(args)
+    except Exception as e:  # pylint: disable=broad-except
+      from scaled_ql.launch import program
+      if not isinstance(e, program.NodeLost):
+        raise
+      print(f'error: the run ended: {e}', file=sys.stderr)
+      return 1
+  return wrapped
+
+
 def _timeout(args):
   return args.timeout_minutes * 60 if args.timeout_minutes else None
 
 
+@_node_lost_ends_run
 def _train(args) -> int:
   try:
     cfg = run.resolve_config(args.config, args.data_dir, args.steps, args.evaluators,
@@ -95,6 +114,7 @@ def _train(args) -> int:
   return 0
 
 
+@_node_lost_ends_run
 def _demo(args) -> int:
   try:
     return demo.demo(args.workdir, args.data_dir, args.minutes, args.steps, games=args.games,
@@ -169,6 +189,7 @@ def _finetune_config(args, kind: str, **kwargs):
       eval_steps=args.eval_steps, overrides=args.set, **kwargs)
 
 
+@_node_lost_ends_run
 def _finetune_offline(args) -> int:
   try:
     cfg, initial_params = _finetune_config(args, 'offline', data_dir=args.data_dir,
@@ -187,6 +208,7 @@ def _finetune_offline(args) -> int:
   return 0
 
 
+@_node_lost_ends_run
 def _finetune_online(args) -> int:
   try:
     cfg, initial_params = _finetune_config(args, 'online', mode=args.mode, actors=args.actors,

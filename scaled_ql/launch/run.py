@@ -92,6 +92,17 @@ def check_data(cfg) -> None:
     have = sorted(_listdir(root)) if _exists(root) else []
     raise ConfigError(f'--data-dir {data_dir!r} has no {cfg.data.builder} data for game(s) '
                       f'{missing} (run {cfg.data.run}); it has: {have or "nothing"}')
+  # Each game's dataset is prepared (dataset_info.json) and holds the selected splits: empty or
+  # half-written game folders fail here, not later in a node that crash-loops on them.
+  selection = rlds_reader.parse_selection(cfg.data.selection)
+  for game in cfg.games:
+    try:
+      builder = rlds_reader.load_builder(data_dir, game, cfg.data.run, cfg.data.builder)
+      if not rlds_reader.selected_checkpoints(selection, rlds_reader.available_checkpoints(builder)):
+        raise rlds_reader.DatasetNotFoundError(
+            f'{game} run {cfg.data.run}: data.selection {cfg.data.selection!r} selects no split')
+    except rlds_reader.DatasetNotFoundError as e:
+      raise ConfigError(f'--data-dir {data_dir!r}: {e}') from e
 
 
 def _gcs_credentials() -> str:
