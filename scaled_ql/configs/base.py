@@ -93,9 +93,9 @@ class DataConfig:
   # eviction and inserters never take CPU from the learner re-inserting data nobody samples.
   samples_per_insert: float = 4.0
   # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
-  # this many steps. Longer: better compression, but a sample decompresses whole chunks (16 vs 32:
-  # 1.7x the sampling throughput for 5% more bytes; BUILD_NOTES.md, reverb section).
-  reverb_chunk_length: int = 16
+  # this many steps. Longer: better compression, but a sample decompresses whole chunks (8 vs 16:
+  # -15% learner-process CPU per sampled transition at equal server memory; docs/performance.md).
+  reverb_chunk_length: int = 8
   prefetch_batches: int = 2  # batches the learner's Reverb sampler keeps in flight
   # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
   # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
