@@ -116,14 +116,19 @@ def human_normalized(game: str, score: ArrayLike) -> ArrayLike:
   """
   games_lib.check_games([game], 'game')
   random, human = _REFERENCE[game]
+  return _rescale(game, score, random, human)
+
+
+def _rescale(game: str, score: ArrayLike, zero: float, one: float) -> ArrayLike:
+  """(score - zero) / (one - zero), refusing non-finite scores (named by game)."""
   if isinstance(score, (int, float, np.floating, np.integer)):
     if not math.isfinite(float(score)):
       raise ValueError(f'{game}: score {score!r} is not finite')
-    return (float(score) - random) / (human - random)
+    return (float(score) - zero) / (one - zero)
   score = np.asarray(score, dtype=np.float64)
   if not np.all(np.isfinite(score)):
     raise ValueError(f'{game}: non-finite scores {score[~np.isfinite(score)][:5]}')
-  return (score - random) / (human - random)
+  return (score - zero) / (one - zero)
 
 
 def raw_score(game: str, normalized: ArrayLike) -> ArrayLike:
@@ -202,11 +207,4 @@ def dqn_normalized(game: str, score: ArrayLike, dqn_score: Optional[float] = Non
   lo, hi = sorted((RANDOM_SCORES[game], dqn_score))
   if hi == lo:
     raise ValueError(f'{game}: DQN reference score equals the random score {lo}')
-  if isinstance(score, (int, float, np.floating, np.integer)):
-    if not math.isfinite(float(score)):
-      raise ValueError(f'{game}: score {score!r} is not finite')
-    return (float(score) - lo) / (hi - lo)
-  score = np.asarray(score, dtype=np.float64)
-  if not np.all(np.isfinite(score)):
-    raise ValueError(f'{game}: non-finite scores {score[~np.isfinite(score)][:5]}')
-  return (score - lo) / (hi - lo)
+  return _rescale(game, score, lo, hi)
