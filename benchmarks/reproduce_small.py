@@ -104,7 +104,7 @@ def ensure_data(args) -> None:
 
 def behaviour_scores(args) -> dict[str, dict]:
   """{game: {score, episodes, splits}}: mean raw return of the suboptimal splits' episodes."""
-  from scaled_ql.datasets import rlds_reader, tfds_layout
+  from scaled_ql.datasets import generate, tfds_layout
   out = {}
   for game in args.games:
     path = os.path.join(args.data_dir, tfds_layout.ORDERED_BUILDER,
@@ -116,21 +116,11 @@ def behaviour_scores(args) -> dict[str, dict]:
                               'score needs data written by scaled_ql.datasets.generate')
     with open(infos[0]) as f:
       info = json.load(f)
-    splits = info['splits']
-    chosen = rlds_reader.selected_checkpoints(rlds_reader.parse_selection('suboptimal'),
-                                              [s['checkpoint_id'] for s in splits.values()])
-    returns = []
-    for s in splits.values():
-      if s['checkpoint_id'] not in chosen:
-        continue
-      r = s['raw_returns']
-      # The split's step budget cuts its last episode (unless the budget ended it exactly).
-      cut = s['episodes'] > s['terminated_episodes'] and len(r) > 1
-      returns += r[:-1] if cut else r
-    out[game] = dict(score=float(np.mean(returns)), episodes=len(returns),
-                     splits=[tfds_layout.split_name(c) for c in chosen],
-                     epsilons=[round(s['epsilon'], 3) for s in splits.values()
-                               if s['checkpoint_id'] in chosen])
+    # The generator's own summary: completed episodes only (scaled_ql.datasets.generate.behaviour).
+    sub = generate.behaviour(game, info['splits'])['selections']['suboptimal']
+    if sub['score'] is None:
+      raise ValueError(f'{game}: no completed episode in the suboptimal splits {sub["splits"]}')
+    out[game] = dict(score=sub['score'], episodes=sub['episodes'], splits=sub['splits'])
   return out
 
 
@@ -250,8 +240,8 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
            f'evaluation) on {os.cpu_count()} CPU cores; report written '
            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Data: '
            f'{args.checkpoints} checkpoints x {args.steps_per_checkpoint} agent steps per game, '
-           f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}, behaviour '
-           f'epsilon {behaviour[games[0]]["epsilons"]}). Network `BENCH_NETWORK` '
+           f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}: a mixture of '
+           f'scripted policies of rising skill, scaled_ql.datasets.policies.SkillSchedule). Network `BENCH_NETWORK` '
            f'({_num_params(make_config("scaled_ql", 0, args))} params), batch {args.batch_size}, '
            f'lr {args.learning_rate:g}, target update every {args.target_update_period} steps, '
            f'{args.steps} learner steps (runs cut at {args.minutes_per_run:g} min), evaluation '
