@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 Array = Any
 
 
@@ -55,3 +57,17 @@ class FrameWindows(NamedTuple):
     return Transition(observation=observation, action=self.action, reward=self.reward,
                       discount=self.discount, next_observation=jnp.moveaxis(next_frames, 1, -1),
                       game_id=self.game_id)
+
+
+class McProbe(NamedTuple):
+  """A fixed set of dataset transitions with their discounted Monte-Carlo returns.
+
+  The learner logs Q(s, a_data) on it against `mc_return` (`probe_q_data`, `probe_mc_return`,
+  `probe_q_minus_mc_return`, `probe_q_mc_corr`): a Q far above the data's returns overestimates,
+  one that stays at 0 has learned nothing. Built from terminated episodes only (a truncated
+  episode's return is unknown) by `scaled_ql.datasets.mc_probe`.
+  """
+  observation: np.ndarray  # uint8 [P, 84, 84, 4]
+  action: np.ndarray  # int32 [P]
+  game_id: np.ndarray  # int32 [P]
+  mc_return: np.ndarray  # float32 [P]: sum_k gamma^k clip(r_{t+k}) to the episode's end

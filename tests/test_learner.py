@@ -15,6 +15,7 @@ from scaled_ql import loggers
 from scaled_ql.agents import actors, checkpointing
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.configs import get_config
+from scaled_ql.datasets import mc_probe
 from scaled_ql.types import Transition
 
 CFG = get_config('cpu_tiny')  # games Breakout (4 actions), Pong (6 actions); batch 8
@@ -279,7 +280,7 @@ def test_learn_command_rejects_bad_flags_before_starting_anything(tmp_path, caps
 
 # ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------
 def test_discounted_returns_hand_computed():
-  g = learner_lib.discounted_returns(np.array([1.0, 0.0, 5.0]), 0.5, clip=1.0)
+  g = mc_probe.discounted_returns(np.array([1.0, 0.0, 5.0]), 0.5, clip=1.0)
   np.testing.assert_allclose(g, [1.0 + 0.25 * 1.0, 0.5, 1.0])  # 5 is clipped to 1
 
 
@@ -297,13 +298,13 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
   cfg = CFG
   eps = [(0, _episode(rng, 6, terminal=False)), (0, _episode(rng, 5, True, [0, 0, 1, 0, 1])),
          (1, _episode(rng, 7, terminal=True))]
-  probe = learner_lib.mc_probe_from_episodes(cfg, iter(eps), per_game=40)
+  probe = mc_probe.mc_probe_from_episodes(cfg, iter(eps), per_game=40)
   # Only the terminated episodes: all 5 transitions of game 0's and 7 of game 1's.
   assert len(probe.action) == 12 and list(probe.game_id) == [0] * 5 + [1] * 7
   g = cfg.agent.discount
   np.testing.assert_allclose(probe.mc_return[:5], [g ** 2 + g ** 4, g + g ** 3, 1 + g ** 2, g, 1],
                              rtol=1e-6)
-  assert learner_lib.mc_probe_from_episodes(cfg, iter(eps[:1]), per_game=40) is None
+  assert mc_probe.mc_probe_from_episodes(cfg, iter(eps[:1]), per_game=40) is None
 
   records = []
 
@@ -336,7 +337,7 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
 
 def test_load_mc_probe_reads_the_run_data(tiny_dataset_dir):
   cfg = CFG.replace(data=dict(data_dir=tiny_dataset_dir, selection='checkpoints:0-1'))
-  probe = learner_lib.load_mc_probe(cfg, per_game=16)
+  probe = mc_probe.load_mc_probe(cfg, per_game=16)
   assert probe is not None and probe.observation.dtype == np.uint8
   assert set(np.unique(probe.game_id)) <= {0, 1} and np.isfinite(probe.mc_return).all()
   assert len(probe.action) <= 32

@@ -55,7 +55,8 @@ def _learn(args: argparse.Namespace) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   # Wiring only (like launch): the agents library itself never imports the data layer.
-  from scaled_ql.agents.learner import Learner, NonFiniteLossError, load_mc_probe
+  from scaled_ql.agents.learner import Learner, NonFiniteLossError
+  from scaled_ql.datasets.mc_probe import load_mc_probe
   from scaled_ql.datasets import reverb_tables
   server, inserters, batches, learner = None, [], None, None
   try:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scaled_ql import loggers as loggers_lib
 from scaled_ql.agents import builder, checkpointing, losses
 from scaled_ql.configs.base import ExperimentConfig
-from scaled_ql.types import FrameWindows, Transition
+from scaled_ql.types import FrameWindows, McProbe, Transition
 
 
 class TrainState(NamedTuple):
@@ -57,78 +57,6 @@ class StopTraining(SystemExit):
 
   def __str__(self) -> str:
     return self.message
-
-
-class McProbe(NamedTuple):
-  """A fixed set of dataset transitions with their discounted Monte-Carlo returns.
-
-  The learner logs Q(s, a_data) on it against `mc_return` (`probe_q_data`, `probe_mc_return`,
-  `probe_q_minus_mc_return`, `probe_q_mc_corr`): a Q far above the data's returns overestimates,
-  one that stays at 0 has learned nothing. Built from terminated episodes only (a truncated
-  episode's return is unknown) by `mc_probe_from_episodes` / `load_mc_probe`.
-  """
-  observation: np.ndarray  # uint8 [P, 84, 84, 4]
-  action: np.ndarray  # int32 [P]
-  game_id: np.ndarray  # int32 [P]
-  mc_return: np.ndarray  # float32 [P]: sum_k gamma^k clip(r_{t+k}) to the episode's end
-
-
-def discounted_returns(rewards: np.ndarray, discount: float, clip: float) -> np.ndarray:
-  """Return-to-go of every step: G_t = clip(r_t) + discount * G_{t+1}, G after the last = 0."""
-  out = np.zeros(len(rewards), np.float64)
-  running = 0.0
-  for t in range(len(rewards) - 1, -1, -1):
-    running = float(np.clip(rewards[t], -clip, clip)) + discount * running
-    out[t] = running
-  return out.astype(np.float32)
-
-
-def mc_probe_from_episodes(cfg: ExperimentConfig, episodes: Iterable[tuple[int, dict]],
-                           per_game: int) -> Optional[McProbe]:
-  """Up to `per_game` transitions per game (at most a quarter from one episode), spread evenly
-  over terminated episodes; stops reading once every game of `cfg.games` has its share.
-
-  `episodes` yields (game_id, RLDS steps as numpy arrays [T, ...]); truncated episodes (no
-  is_terminal on the last step) are skipped. None when no terminated episode was seen.
-  """
-  from scaled_ql.datasets import transitions as transitions_lib
-  a = cfg.agent
-  parts: dict[int, list] = {}
-  for game_id, steps in episodes:
-    if not bool(np.asarray(steps['is_terminal'])[-1]):
-      continue
-    have = sum(len(p.action) for p in parts.get(game_id, []))
-    if have >= per_game:
-      continue
-    tr = transitions_lib.episode_transitions(steps, a.n_step, a.discount, a.reward_clip, game_id)
-    # Transition t starts at step t; the last step only carries the final observation.
-    returns = discounted_returns(np.asarray(steps['reward'])[:-1], a.discount, a.reward_clip)
-    take = min(per_game - have, len(tr.action), max(1, per_game // 4))
-    idx = np.linspace(0, len(tr.action) - 1, take).round().astype(int)
-    parts.setdefault(game_id, []).append(McProbe(tr.observation[idx], tr.action[idx],
-                                                 tr.game_id[idx], returns[idx]))
-    if all(sum(len(p.action) for p in parts.get(g, [])) >= per_game
-           for g in range(len(cfg.games))):
-      break  # every game has its share: read no further
-  flat = [p for ps in parts.values() for p in ps]
-  if not flat:
-    return None
-  return McProbe(*(np.concatenate(x) for x in zip(*flat)))
-
-
-def load_mc_probe(cfg: ExperimentConfig, per_game: int = 64,
-                  max_episodes_per_game: int = 100) -> Optional[McProbe]:
-  """`mc_probe_from_episodes` over the run's own data (cfg.data: dir, selection), reading at most
-  `max_episodes_per_game` episodes per game. None when no game has a terminated episode."""
-  from scaled_ql.datasets import rlds_reader
-
-  def episodes():
-    for game_id, game in enumerate(cfg.games):
-      ds = rlds_reader.episodes_from_config(cfg.data, game, seed=cfg.train.seed)
-      for ep in ds.take(max_episodes_per_game):
-        steps = next(iter(ep['steps'].batch(1 << 20)))  # the whole episode as one batch
-        yield game_id, {k: np.asarray(v) for k, v in steps.items()}
-  return mc_probe_from_episodes(cfg, episodes(), per_game)
 
 
 def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
@@ -272,7 +200,7 @@ class Learner:
     """`initial_params`: Q-network params to start from instead of a random init (online and
     target network; e.g. `transfer.finetune_params`). A checkpoint found by `restore()` wins.
     `mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
-    every log step (`load_mc_probe`; ignored for 'bc', whose outputs are not Q-values)."""
+    every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q)."""
     builder.check_agent_config(cfg)
     self._mc_probe = mc_probe if cfg.agent.loss != 'bc' else None
     if self._mc_probe is not None:

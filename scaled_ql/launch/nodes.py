@@ -232,7 +232,8 @@ class LearnerNode(_LoopNode):
 
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int, initial_params: Any = None):
-    from scaled_ql.agents.learner import Learner, load_mc_probe
+    from scaled_ql.agents.learner import Learner
+    from scaled_ql.datasets.mc_probe import load_mc_probe
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address.
