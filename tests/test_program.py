@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -328,7 +329,9 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   with pytest.raises(program.NodeLost) as lost:
     program.run(prog, log=log, timeout_s=400, final_eval_timeout_s=None)
   message = str(lost.value)
-  assert message.startswith('actor_0 restarted 3 times within 600s'), message[:500]
+  # At least crash_loop_restarts (3) restarts: more can fall between two polls of the driver.
+  restarts = re.match(r'actor_0 restarted (\d+) times within 600s', message)
+  assert restarts and int(restarts.group(1)) >= 3, message[:500]
   assert 'crash loop' in message and '[actor_0] crashed' in message
   assert 'RuntimeError: injected pacing fault' in message
   assert any(l.startswith('security:') for l in lines)
