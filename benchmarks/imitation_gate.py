@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 
 GAMES = ('Breakout', 'Boxing', 'Freeway', 'Pong')
 VARIANTS = {

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import TINY_CHECKPOINTS, TINY_GAMES, TINY_STEPS_PER_CHECKPOINT
-from scaled_ql.datasets import generate, policies, tfds_layout
+from scaled_ql.datasets import generate, policies
 from scaled_ql.envs import AtariEnv
 
 

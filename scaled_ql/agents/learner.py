@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -24,7 +24,6 @@ import types
 import typing
 from typing import Any, Sequence
 
-from scaled_ql.configs import base
 from scaled_ql.configs.base import ExperimentConfig
 
 
