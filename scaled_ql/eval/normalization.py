@@ -29,11 +29,15 @@ random on a few games:
 
     dqn_normalized(game, score) = (score - min(random, dqn)) / (max(random, dqn) - min(random, dqn))
 
-The DQN reference scores live in `data/dqn_replay_reference.csv` (game, dqn_score, source), each with
-its source. None is filled in: no published per-game table (Agarwal et al. 2020's appendix, or the
-DQN scores Lee et al. 2022 normalize by) could be read for this build, and a value is never made up.
-`dqn_normalized` therefore needs `dqn_score=` or a reference CSV of the same columns
-(`load_dqn_reference`, `scaled-ql report compare --dqn-reference`), and says which game lacks one.
+The DQN reference scores live in `data/dqn_replay_reference.csv` (game, dqn_score, source; `#` lines
+are comments), each row with its source. They are Dopamine's published DQN baseline (sticky
+actions, the DQN-Replay logging agent's hyperparameters): the 5-run mean of the last iteration's
+average return, as tabulated by dojeon-ai/Atari-PB and recomputed here from Dopamine's own files
+for the five Figure 7 games. They are not the references of Figure 7 itself: Lee et al. 2022 use
+"the best DQN scores seen in the training dataset", which no one has published per game
+(docs/evaluation.md, "DQN-normalized scores: reference table"). Another table (same columns) can
+be given to `load_dqn_reference` / `dqn_normalized(reference=)`, or to
+`scaled-ql report compare --dqn-reference FILE`; `dqn_score=` overrides a single game.
 """
 from __future__ import annotations
 
@@ -150,37 +154,41 @@ class MissingReferenceError(ValueError):
 
 def load_dqn_reference(path: str = DQN_REFERENCE_CSV) -> dict[str, tuple[Optional[float], str]]:
   """{game: (DQN score or None when the table has none, source)} from a CSV with columns
-  game, dqn_score, source. Every score needs its source; errors name the file and row."""
+  game, dqn_score, source. Lines starting with `#` are comments (where a table says what its
+  numbers are). Every score needs its source; errors name the file and its line number."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such DQN reference file (columns: game, dqn_score, '
                             'source)')
   with open(path, newline='', encoding='utf-8') as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in ('game', 'dqn_score', 'source') if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f'{path}: missing column(s) {missing}; need game, dqn_score, source')
-    out: dict[str, tuple[Optional[float], str]] = {}
-    for i, row in enumerate(reader, 2):
-      game, text, source = row['game'].strip(), (row['dqn_score'] or '').strip(), \
-          (row['source'] or '').strip()
-      if game not in _REFERENCE:
-        raise ValueError(f'{path}: row {i}: unknown game {game!r}')
-      if game in out:
-        raise ValueError(f'{path}: row {i}: {game} given twice')
-      value = None
-      if text:
-        try:
-          value = float(text)
-        except ValueError:
-          raise ValueError(f'{path}: row {i}: {game}: dqn_score {text!r} is not a number') from None
-        if not math.isfinite(value):
-          raise ValueError(f'{path}: row {i}: {game}: dqn_score {text!r} is not finite')
-        if not source:
-          raise ValueError(f'{path}: row {i}: {game}: a dqn_score needs its source')
-        if value == RANDOM_SCORES[game]:
-          raise ValueError(f'{path}: row {i}: {game}: dqn_score equals the random score '
-                           f'{value}; the normalization would divide by zero')
-      out[game] = (value, source)
+    numbered = [(n, line) for n, line in enumerate(f, 1) if not line.startswith('#')]
+  line_numbers = [n for n, _ in numbered]
+  reader = csv.DictReader(line for _, line in numbered)
+  missing = [c for c in ('game', 'dqn_score', 'source') if c not in (reader.fieldnames or [])]
+  if missing:
+    raise ValueError(f'{path}: missing column(s) {missing}; need game, dqn_score, source')
+  out: dict[str, tuple[Optional[float], str]] = {}
+  for row in reader:
+    i = line_numbers[reader.line_num - 1]
+    game, text = row['game'].strip(), (row['dqn_score'] or '').strip()
+    source = (row['source'] or '').strip()
+    if game not in _REFERENCE:
+      raise ValueError(f'{path}: line {i}: unknown game {game!r}')
+    if game in out:
+      raise ValueError(f'{path}: line {i}: {game} given twice')
+    value = None
+    if text:
+      try:
+        value = float(text)
+      except ValueError:
+        raise ValueError(f'{path}: line {i}: {game}: dqn_score {text!r} is not a number') from None
+      if not math.isfinite(value):
+        raise ValueError(f'{path}: line {i}: {game}: dqn_score {text!r} is not finite')
+      if not source:
+        raise ValueError(f'{path}: line {i}: {game}: a dqn_score needs its source')
+      if value == RANDOM_SCORES[game]:
+        raise ValueError(f'{path}: line {i}: {game}: dqn_score equals the random score '
+                         f'{value}; the normalization would divide by zero')
+    out[game] = (value, source)
   return out
 
 
@@ -199,7 +207,7 @@ def dqn_normalized(game: str, score: ArrayLike, dqn_score: Optional[float] = Non
     dqn_score, source = table.get(game, (None, 'not in the table'))
     if dqn_score is None:
       raise MissingReferenceError(
-          f'{game}: no DQN-Replay reference score ({source}); pass one with its source '
+          f'{game}: no DQN reference score ({source}); pass one with its source '
           f'(a CSV like {DQN_REFERENCE_CSV}: game, dqn_score, source)')
   dqn_score = float(dqn_score)
   if not math.isfinite(dqn_score):
