@@ -75,7 +75,8 @@ def test_cli_prints_and_writes_side_by_side(run_dir, tmp_path, capsys):
   text = capsys.readouterr().out
   assert rc == 0, text
   assert 'Compared on 2 games with Table C.2 (near-optimal data)' in text
-  assert 'Breakout  50.0 (168%)' in text  # (50 - 1.7) / (30.5 - 1.7) = 1.677
+  # human (50 - 1.7) / (30.5 - 1.7) = 1.677; DQN (shipped Breakout 96.23) 48.3 / 94.53 = 0.511
+  assert 'Breakout  50.0 (168%, DQN 51%)' in text
   assert f'{_paper("c2", "DT (200M)", "Breakout"):.1f}' in text
   assert 'IQM' in text and '95% stratified-bootstrap CIs' in text
   assert 'Boxing (my_run)' in text
@@ -84,7 +85,8 @@ def test_cli_prints_and_writes_side_by_side(run_dir, tmp_path, capsys):
   mine = {r['game']: r for r in rows if r['method'] == 'my_run'}
   assert float(mine['Breakout']['human_normalized_pct']) == pytest.approx(48.3 / 28.8 * 100,
                                                                            abs=1e-3)
-  assert mine['Breakout']['dqn_normalized_pct'] == ''  # no reference score shipped
+  assert float(mine['Breakout']['dqn_normalized_pct']) == pytest.approx(48.3 / 94.53 * 100,
+                                                                          abs=1e-3)
   assert {r['method'] for r in rows if r['source'] == 'paper:c2'} == set(
       compare.compare([run_dir], 'c2', reps=10).paper_methods)
   assert (out / 'compare.md').read_text().startswith('# Compared with Table C.2 on 2 games')

@@ -242,7 +242,7 @@ def _plain(rows: list[list[str]]) -> str:
 
 def _legend(c: Comparison) -> str:
   with_dqn = [g for g in c.games if c.dqn_reference.get(g, (None, ''))[0] is not None]
-  dqn = (f'DQN-normalized where a DQN-Replay reference score is given ({len(with_dqn)} of '
+  dqn = (f'DQN-normalized where a DQN reference score is given ({len(with_dqn)} of '
          f'{len(c.games)} games)' if with_dqn else
          'no DQN-normalized column: the DQN reference table has no score for these games '
          '(scaled_ql/eval/normalization.py; --dqn-reference)')
