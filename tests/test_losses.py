@@ -13,6 +13,20 @@ VARIANTS = [pytest.param(lambda f: f, id='eager'), pytest.param(jax.jit, id='jit
 ATOMS = jnp.linspace(-10.0, 10.0, 51)
 
 
+def reference_l2_project(z_p, probs, z_q):
+  """Our spec of C51's projection (Bellemare et al. 2017, Algorithm 1), which the loss now takes
+  from rlax: each source atom, clipped into [z_q[0], z_q[-1]], splits its mass between the two
+  neighbouring target atoms in proportion to closeness (a triangular kernel whose half-width is the
+  gap to the neighbour on that side)."""
+  z_p = jnp.clip(z_p, z_q[0], z_q[-1])
+  gap_above = jnp.concatenate([z_q[1:] - z_q[:-1], jnp.ones((1,), z_q.dtype)])
+  gap_below = jnp.concatenate([jnp.ones((1,), z_q.dtype), z_q[1:] - z_q[:-1]])
+  dist = z_p[:, None] - z_q[None, :]  # [N, M]: source atom minus target atom
+  gap = jnp.where(dist >= 0, gap_above[None, :], gap_below[None, :])
+  weight = jnp.clip(1.0 - jnp.abs(dist) / gap, 0.0, 1.0)  # [N, M]
+  return jnp.sum(probs[:, None] * weight, axis=0)
+
+
 @pytest.mark.parametrize('n,m,uniform', [(51, 51, True), (7, 13, True), (9, 5, False)])
 def test_projection_matches_rlax(n, m, uniform):
   rng = np.random.default_rng(n * m)
@@ -23,7 +37,7 @@ def test_projection_matches_rlax(n, m, uniform):
       z_q = np.linspace(-10, 10, m, dtype=np.float32)
     else:
       z_q = np.sort(rng.uniform(-10, 10, size=m)).astype(np.float32)
-    ours = losses.categorical_l2_project(z_p, probs, z_q)
+    ours = reference_l2_project(z_p, probs, z_q)
     theirs = rlax.categorical_l2_project(z_p, probs, z_q)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     np.testing.assert_allclose(np.sum(ours), 1.0, atol=1e-5)
@@ -31,7 +45,7 @@ def test_projection_matches_rlax(n, m, uniform):
 
 def test_projection_splits_mass_between_neighbours():
   z_q = jnp.array([-1.0, 0.0, 1.0])
-  out = losses.categorical_l2_project(jnp.array([0.25, 5.0]), jnp.array([0.6, 0.4]), z_q)
+  out = rlax.categorical_l2_project(jnp.array([0.25, 5.0]), jnp.array([0.6, 0.4]), z_q)
   np.testing.assert_allclose(out, [0.0, 0.6 * 0.75, 0.6 * 0.25 + 0.4], atol=1e-6)
 
 
@@ -104,6 +118,30 @@ def test_c51_target_distribution_matches_rlax_categorical_q_learning():
       ATOMS, logits_tm1, jnp.int32(2), jnp.float32(0.7), jnp.float32(0.97), ATOMS, logits_t,
       losses.expected_q(logits_t, ATOMS))
   np.testing.assert_allclose(ours['td_loss'], theirs, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_c51_td_loss_is_the_masked_projection_spec(variant):
+  # The TD term (rlax's categorical double Q-learning with a masked selector) against the spec
+  # written out: bootstrap at the target net's best ALLOWED action, shift, project, cross-entropy.
+  rng = np.random.default_rng(7)
+  for trial in range(5):
+    logits_tm1 = jnp.asarray(rng.normal(size=(5, 51)) * 3, jnp.float32)
+    logits_t = jnp.asarray(rng.normal(size=(5, 51)) * 3, jnp.float32)
+    valid = jnp.array([True, True, True, True, False])
+    allowed = valid & jnp.asarray(rng.random(5) < 0.5).at[trial % 4].set(True)
+    r, d = jnp.float32(rng.normal()), jnp.float32([0.0, 0.97][trial % 2])
+
+    def ours(logits):
+      return variant(losses.c51_cql_loss)(logits, jnp.int32(1), r, d, logits_t, valid, allowed,
+                                          ATOMS, 0.0)['td_loss']
+
+    def spec(logits):
+      a_t = losses.masked_argmax(losses.expected_q(logits_t, ATOMS), allowed)
+      target = reference_l2_project(r + d * ATOMS, jax.nn.softmax(logits_t[a_t]), ATOMS)
+      return -jnp.sum(target * jax.nn.log_softmax(logits[1]))
+    np.testing.assert_allclose(ours(logits_tm1), spec(logits_tm1), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(ours)(logits_tm1), jax.grad(spec)(logits_tm1), atol=1e-6)
 
 
 def test_c51_cql_term_and_weighting():

@@ -16,17 +16,15 @@ import numpy as np
 import optax
 
 from scaled_ql import games as games_lib
+from scaled_ql.agents import methods
 from scaled_ql.configs.base import AgentConfig, ExperimentConfig
-
-LOSSES = ('c51', 'mse', 'bc', 'bcq')
-DISTRIBUTIONAL_LOSSES = ('c51', 'bcq')  # the Q-network outputs num_atoms logits per action
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AgentNetworks:
   q: hk.Transformed  # Q-network (or the policy network for 'bc')
-  behaviour: Optional[hk.Transformed]  # discrete BCQ's behaviour model (num_atoms=1), else None
-  num_atoms: int  # atoms of `q`: cfg.agent.num_atoms for c51/bcq, 1 for mse/bc
+  behaviour: Optional[hk.Transformed]  # the method's behaviour model (num_atoms=1; BCQ), else None
+  num_atoms: int  # atoms of `q`: cfg.agent.num_atoms for a distributional method (c51/bcq), else 1
   action_mask: np.ndarray  # bool [G, A_max]: valid actions of each game of cfg.games
   atoms: np.ndarray  # f32 [num_atoms]: the C51 support on [v_min, v_max] (empty-ish for mse/bc)
 
@@ -35,16 +33,14 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
   """Raises ValueError naming the field at fault (before anything expensive happens)."""
   a: AgentConfig = cfg.agent
   games_lib.check_games(cfg.games, 'config games')
-  if a.loss not in LOSSES:
-    raise ValueError(f'agent.loss={a.loss!r} is not one of {LOSSES}')
-  if a.loss in DISTRIBUTIONAL_LOSSES and a.num_atoms < 2:
+  method = methods.get(a.loss)
+  if method.distributional and a.num_atoms < 2:
     raise ValueError(f'agent.num_atoms={a.num_atoms} must be >= 2 for loss {a.loss!r}')
   if not a.v_min < a.v_max:
     raise ValueError(f'agent.v_min={a.v_min} must be < agent.v_max={a.v_max}')
   if a.cql_alpha < 0:
     raise ValueError(f'agent.cql_alpha={a.cql_alpha} must be >= 0')
-  if a.loss == 'bc' and a.cql_alpha != 0:
-    raise ValueError(f'agent.cql_alpha={a.cql_alpha} has no meaning for loss "bc"; set it to 0')
+  method.check_config(a)
   if not 0.0 <= a.bcq_tau <= 1.0:
     raise ValueError(f'agent.bcq_tau={a.bcq_tau} must be in [0, 1]')
   if a.learning_rate <= 0 or a.adam_eps <= 0:
@@ -65,10 +61,10 @@ def agent_networks(cfg: ExperimentConfig) -> AgentNetworks:
   # Import here: the networks package is another area's and pulls in Haiku modules.
   from scaled_ql.networks import make_q_network
   check_agent_config(cfg)
-  distributional = cfg.agent.loss in DISTRIBUTIONAL_LOSSES
-  num_atoms = cfg.agent.num_atoms if distributional else 1
+  method = methods.get(cfg.agent.loss)
+  num_atoms = cfg.agent.num_atoms if method.distributional else 1
   q = make_q_network(cfg.network, cfg.games, num_atoms)
-  behaviour = make_q_network(cfg.network, cfg.games, 1) if cfg.agent.loss == 'bcq' else None
+  behaviour = make_q_network(cfg.network, cfg.games, 1) if method.behaviour_model else None
   atoms = np.linspace(cfg.agent.v_min, cfg.agent.v_max, num_atoms, dtype=np.float32)
   return AgentNetworks(q=q, behaviour=behaviour, num_atoms=num_atoms,
                        action_mask=games_lib.action_mask(cfg.games), atoms=atoms)
@@ -91,9 +87,3 @@ def make_optimizer(agent: AgentConfig) -> optax.GradientTransformation:
 def dummy_inputs(batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
   return (jnp.zeros((batch_size, 84, 84, 4), jnp.uint8), jnp.zeros((batch_size,), jnp.int32))
 
-
-def policy_params(cfg: ExperimentConfig, params: Any, behaviour_params: Any) -> Any:
-  """What actors/evaluators need: the Q-network params; for 'bcq' {'q': ..., 'behaviour': ...}."""
-  if cfg.agent.loss == 'bcq':
-    return {'q': params, 'behaviour': behaviour_params}
-  return params

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from scaled_ql.agents import methods
 from scaled_ql.configs.base import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,10 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
                 ) -> tuple[ExperimentConfig, Any, int]:
   """(config, params, step) of the latest checkpoint in a learner workdir or its `checkpoints/`.
 
-  `params` is what `actors.make_policy` takes: the online Q-network params (haiku dict), or for
-  'bcq' {'q': ..., 'behaviour': ...}.
+  `params` is what `actors.make_policy` takes (`Method.policy_params`): the online Q-network params
+  (haiku dict), or for a method with a behaviour model (bcq) {'q': ..., 'behaviour': ...}.
   """
-  from scaled_ql.agents import builder, learner  # local: learner imports this module
+  from scaled_ql.agents import learner  # local: learner imports this module
   path = os.path.abspath(checkpoint_dir_or_workdir)
   if os.path.basename(path.rstrip('/')) == CHECKPOINT_SUBDIR:
     path = os.path.dirname(path)
@@ -185,4 +186,5 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
       cfg, state = found[1]
   finally:
     manager.close()
-  return cfg, builder.policy_params(cfg, state.params, state.behaviour_params), int(state.step)
+  method = methods.get(cfg.agent.loss)
+  return cfg, method.policy_params(state.params, state.behaviour_params), int(state.step)

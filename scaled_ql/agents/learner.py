@@ -5,8 +5,8 @@
     metrics = learner.step()          # one gradient step on one batch
     params, = learner.get_variables() # what actors and evaluators use
 
-Read in order: `TrainState` (everything a step changes), `init_state`, `batch_loss` (vmaps the
-per-transition losses of `losses.py` over a batch), `update` (the module-level jitted step: grad,
+Read in order: `TrainState` (everything a step changes), `init_state`, `batch_loss` (the batch
+mean of the per-transition terms of the configured method, `methods/`), `update` (the module-level jitted step: grad,
 Adam, periodic target copy; benchmarkable alone, see benchmarks/learner_step.py), `Learner`
 (data-parallel placement, NaN checks, metrics, checkpoints, SIGTERM/SIGINT handling).
 
@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scaled_ql import loggers as loggers_lib
-from scaled_ql.agents import builder, checkpointing, losses
+from scaled_ql.agents import builder, checkpointing, methods
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.types import FrameWindows, McProbe, Transition
 
@@ -68,10 +68,7 @@ def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.nda
 def _probe_q(params, observation, game_id, action, cfg):
   nets = builder.agent_networks(cfg)
   logits = nets.q.apply(params, observation, game_id).logits
-  if cfg.agent.loss in builder.DISTRIBUTIONAL_LOSSES:
-    q = jax.vmap(losses.expected_q, in_axes=(0, None))(logits, jnp.asarray(nets.atoms))
-  else:
-    q = logits[..., 0]
+  q = methods.get(cfg.agent.loss).q_values(logits, jnp.asarray(nets.atoms))
   return jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
 
 
@@ -91,42 +88,11 @@ _init_state_jit = jax.jit(init_state, static_argnums=0)
 
 def batch_loss(trainable: tuple[Any, Any], target_params: Any, batch: Transition,
                cfg: ExperimentConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean over the batch of the per-transition loss of `cfg.agent.loss`; returns (loss, terms)."""
+  """Mean over the batch of the per-transition terms of the method `cfg.agent.loss` names
+  (`methods/`); returns (loss, terms)."""
   params, behaviour_params = trainable
-  nets = builder.agent_networks(cfg)
-  agent = cfg.agent
-  valid = jnp.asarray(nets.action_mask)[batch.game_id]  # bool [B, A_max]
-  atoms = jnp.asarray(nets.atoms)
-  logits = nets.q.apply(params, batch.observation, batch.game_id).logits  # [B, A, K]
-
-  if agent.loss == 'bc':
-    terms = jax.vmap(losses.bc_loss)(logits[..., 0], batch.action, valid)
-  else:
-    target_logits = nets.q.apply(target_params, batch.next_observation, batch.game_id).logits
-    if agent.loss == 'mse':
-      terms = jax.vmap(losses.mse_cql_loss, in_axes=(0, 0, 0, 0, 0, 0, None))(
-          logits[..., 0], batch.action, batch.reward, batch.discount, target_logits[..., 0], valid,
-          agent.cql_alpha)
-    else:  # 'c51' or 'bcq'
-      bootstrap_valid = valid
-      if agent.loss == 'bcq':
-        # Appendix A.2: the backup maximises only over actions the behaviour model finds likely
-        # at s'; the model itself is trained by NLL on the dataset actions at s.
-        behaviour_next = nets.behaviour.apply(
-            jax.lax.stop_gradient(behaviour_params), batch.next_observation, batch.game_id)
-        bootstrap_valid = jax.vmap(losses.bcq_action_filter, in_axes=(0, 0, None))(
-            behaviour_next.logits[..., 0], valid, agent.bcq_tau)
-      terms = jax.vmap(losses.c51_cql_loss, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None))(
-          logits, batch.action, batch.reward, batch.discount, target_logits, valid,
-          bootstrap_valid, atoms, agent.cql_alpha)
-      if agent.loss == 'bcq':
-        behaviour_logits = nets.behaviour.apply(behaviour_params, batch.observation,
-                                                batch.game_id).logits[..., 0]
-        nll = jax.vmap(losses.bc_loss)(behaviour_logits, batch.action, valid)
-        terms['loss'] = terms['loss'] + nll['loss']
-        terms['behaviour_nll'] = nll['loss']
-        terms['behaviour_accuracy'] = nll['bc_accuracy']
-        terms['bcq_allowed_actions'] = jnp.sum(bootstrap_valid, axis=-1).astype(jnp.float32)
+  terms = methods.get(cfg.agent.loss).batch_loss(
+      builder.agent_networks(cfg), params, behaviour_params, target_params, batch, cfg.agent)
   means = {k: jnp.mean(v) for k, v in terms.items()}
   return means['loss'], means
 
@@ -202,7 +168,7 @@ class Learner:
     `mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
     every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q)."""
     builder.check_agent_config(cfg)
-    self._mc_probe = mc_probe if cfg.agent.loss != 'bc' else None
+    self._mc_probe = mc_probe if methods.get(cfg.agent.loss).outputs_q else None
     if self._mc_probe is not None:
       probe = self._mc_probe
       if len(probe.action) == 0 or tuple(probe.observation.shape[1:]) != (84, 84, 4):
@@ -320,7 +286,8 @@ class Learner:
     also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
     self._check_alive()
     s = self._state
-    table = dict(params=lambda: builder.policy_params(self._cfg, s.params, s.behaviour_params),
+    method = methods.get(self._cfg.agent.loss)
+    table = dict(params=lambda: method.policy_params(s.params, s.behaviour_params),
                  target_params=lambda: s.target_params,
                  behaviour_params=lambda: s.behaviour_params,
                  opt_state=lambda: s.opt_state, step=lambda: s.step)

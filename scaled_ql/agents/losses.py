@@ -6,7 +6,8 @@ top to bottom:
 1. helpers over the game's valid actions: `masked_argmax`, `masked_logsumexp`, `masked_log_softmax`
    (a padded action, i.e. an index >= the game's minimal action-set size, never wins an argmax,
    never enters a logsumexp/softmax and never becomes the bootstrap action);
-2. `categorical_l2_project`: C51's projection of a shifted distribution onto the fixed support;
+2. C51's TD error is rlax's (`rlax.categorical_double_q_learning`, whose projection is
+   `rlax.categorical_l2_project`) with the target network's Q, masked, as the action selector;
 3. `cql_penalty`: the CQL regulariser of Eq. 1, logsumexp_a' Q(s,a') - Q(s,a_data);
    `q_diagnostics`: what a researcher watches (Q(s, a_data), action gap, greedy = data action);
 4. the losses, each returning a dict of per-transition terms (`loss` is what is minimised):
@@ -14,12 +15,15 @@ top to bottom:
    TD ablation, Table 1), `bc_loss` (behaviour cloning baseline), and for discrete BCQ (Appendix
    A.2) `bcq_action_filter` + `c51_cql_loss` with the filtered bootstrap set + `bc_loss` for the
    behaviour model.
+
+`methods/` applies the networks and vmaps these over a batch, one file per method.
 """
 from __future__ import annotations
 
 import chex
 import jax
 import jax.numpy as jnp
+import rlax
 
 Array = chex.Array
 
@@ -70,30 +74,7 @@ def expected_q(logits: Array, atoms: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. C51 projection (Bellemare et al. 2017, Algorithm 1).
-# ---------------------------------------------------------------------------------------------
-def categorical_l2_project(z_p: Array, probs: Array, z_q: Array) -> Array:
-  """Projects the distribution (`z_p` [N] atoms, `probs` [N]) onto the sorted support `z_q` [M].
-
-  Each source atom is first clipped into [z_q[0], z_q[-1]]; its mass is then split between the
-  two neighbouring target atoms in proportion to closeness (a triangular kernel whose half-width
-  is the gap to the neighbour on that side), which is the L2 projection onto the support.
-  """
-  chex.assert_rank([z_p, probs, z_q], 1)
-  chex.assert_equal_shape([z_p, probs])
-  z_p = jnp.clip(z_p, z_q[0], z_q[-1])
-  # Gaps to the next (above) and previous (below) target atom; the edge values are never used
-  # with a non-zero distance because z_p is clipped into the support.
-  gap_above = jnp.concatenate([z_q[1:] - z_q[:-1], jnp.ones((1,), z_q.dtype)])
-  gap_below = jnp.concatenate([jnp.ones((1,), z_q.dtype), z_q[1:] - z_q[:-1]])
-  dist = z_p[:, None] - z_q[None, :]  # [N, M]: source atom minus target atom
-  gap = jnp.where(dist >= 0, gap_above[None, :], gap_below[None, :])
-  weight = jnp.clip(1.0 - jnp.abs(dist) / gap, 0.0, 1.0)  # [N, M]
-  return jnp.sum(probs[:, None] * weight, axis=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The CQL regulariser (Eq. 1; Kumar et al. 2020, CQL(H)).
+# 2. The CQL regulariser (Eq. 1; Kumar et al. 2020, CQL(H)).
 # ---------------------------------------------------------------------------------------------
 def cql_penalty(q_values: Array, action: Array, valid: Array) -> Array:
   """logsumexp over the game's valid actions of Q(s, .) minus Q(s, a_data)."""
@@ -110,7 +91,7 @@ def q_diagnostics(q_values: Array, action: Array, valid: Array) -> dict[str, Arr
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Losses.
+# 3. Losses.
 # ---------------------------------------------------------------------------------------------
 def c51_cql_loss(
     logits_tm1: Array,
@@ -145,13 +126,13 @@ def c51_cql_loss(
   chex.assert_type([logits_tm1, a_tm1, r_t, discount_t, target_logits_t, valid, bootstrap_valid],
                    [float, int, float, float, float, bool, bool])
   chex.assert_equal_shape([logits_tm1, target_logits_t])
-  # Bootstrap: the target network's distribution at its own greedy action among the allowed ones.
+  # Bootstrap: the target network's distribution at its own greedy action among the allowed ones
+  # (the selector's disallowed actions are -inf), shifted to r + discount * atoms (discount 0:
+  # every atom collapses onto r), projected onto `atoms`; cross-entropy with the online logits.
   target_q_t = expected_q(target_logits_t, atoms)
-  a_t = masked_argmax(target_q_t, bootstrap_valid)
-  target_probs = jax.nn.softmax(target_logits_t[a_t])
-  target_atoms = r_t + discount_t * atoms  # discount 0: every atom collapses onto r_t
-  target = jax.lax.stop_gradient(categorical_l2_project(target_atoms, target_probs, atoms))
-  td_loss = -jnp.sum(target * jax.nn.log_softmax(logits_tm1[a_tm1]))
+  selector = jnp.where(bootstrap_valid, target_q_t, -jnp.inf)
+  td_loss = rlax.categorical_double_q_learning(atoms, logits_tm1, a_tm1, r_t, discount_t, atoms,
+                                               target_logits_t, selector)
 
   q_tm1 = expected_q(logits_tm1, atoms)
   cql_loss = cql_penalty(q_tm1, a_tm1, valid)

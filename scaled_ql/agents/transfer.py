@@ -19,6 +19,7 @@ import haiku as hk
 import jax
 import numpy as np
 
+from scaled_ql.agents import methods
 from scaled_ql.configs.base import ExperimentConfig
 
 MODULES = ('encoder', 'trunk', 'heads')  # top-level modules of `networks.make_q_network`
@@ -91,11 +92,10 @@ def encoder_params(params: Any) -> Any:
 def load_pretrained(checkpoint_dir: str, step: Optional[int] = None
                     ) -> tuple[ExperimentConfig, Any, int]:
   """(config, Q-network params, step) of a multi-game learner checkpoint (workdir or its
-  checkpoints/). For a 'bcq' run the Q-network's params (not the behaviour model's)."""
+  checkpoints/). For a method with a behaviour model (bcq) the Q-network's params only."""
   from scaled_ql.agents import checkpointing
   cfg, params, step = checkpointing.load_params(checkpoint_dir, step)
-  if cfg.agent.loss == 'bcq':
-    params = params['q']
+  params = methods.get(cfg.agent.loss).q_params(params)
   return cfg, jax.device_get(params), step
 
 
@@ -126,8 +126,8 @@ def finetune_params(cfg: ExperimentConfig, pretrained: Optional[str] = None,
   fresh init itself. `pretrained_params` skips re-reading an already loaded checkpoint."""
   from scaled_ql.agents import learner
   pretrained = cfg.finetune.pretrained if pretrained is None else pretrained
-  if cfg.agent.loss == 'bcq':
-    raise ValueError('fine-tuning supports the Q-network losses c51/mse, not bcq')
+  if methods.get(cfg.agent.loss).behaviour_model:
+    raise ValueError(f'fine-tuning supports the Q-network losses c51/mse, not {cfg.agent.loss}')
   init = learner._init_state_jit  # pylint: disable=protected-access  (the Learner's own init)
   fresh = jax.device_get(init(cfg, jax.random.PRNGKey(cfg.train.seed)).params)
   if pretrained is None:
