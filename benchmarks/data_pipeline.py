@@ -108,6 +108,7 @@ class Meter:
 def run(cfg, args) -> list[dict]:
   from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
+  from scaled_ql.agents.runner import LearnerRunner
   rows = []
 
   def row(name, value, unit, note=''):
@@ -120,8 +121,8 @@ def run(cfg, args) -> list[dict]:
   row('matmul peak (fp32, best of n=1024/2048/4096)', peak / 1e9, 'GFLOP/s')
   quiet = dict(log_every_steps=10**9, checkpoint_every_steps=10**9)
   batch = cfg.agent.batch_size
-  alone = Learner(cfg.replace(train=quiet), iter(lambda: random_windows(cfg), None),
-                  logger=loggers.MultiLogger([]), handle_signals=False)
+  alone = LearnerRunner(Learner(cfg.replace(train=quiet), iter(lambda: random_windows(cfg), None)),
+                        logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(3):
     alone.step()  # compile + warm up
   steps, wall = timed_steps(alone, args.seconds)
@@ -163,8 +164,8 @@ def run(cfg, args) -> list[dict]:
           f'target <= 100 (server {us(m["server_cpu_s"]):.0f}, inserters '
           f'{us(m["inserters_cpu_s"]):.0f})')
 
-      fed = Learner(cfg.replace(train=quiet), batches, logger=loggers.MultiLogger([]),
-                    handle_signals=False)
+      fed = LearnerRunner(Learner(cfg.replace(train=quiet), batches),
+                          logger=loggers.MultiLogger([]), handle_signals=False)
       for _ in range(3):
         fed.step()
       meter = Meter(dict(learner=me, server=[server.pid], inserters=ins_pids))

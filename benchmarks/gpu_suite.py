@@ -55,6 +55,7 @@ from scaled_ql import games as games_lib  # noqa: E402
 from scaled_ql import loggers  # noqa: E402
 from scaled_ql.agents import actors  # noqa: E402
 from scaled_ql.agents import learner as learner_lib  # noqa: E402
+from scaled_ql.agents import runner as runner_lib  # noqa: E402
 from scaled_ql.types import FrameWindows  # noqa: E402
 
 SIZES = dict(
@@ -164,8 +165,9 @@ def main(argv=None) -> int:
 
   # 3. The learner's consumption: Learner.step() on host batches.
   host_batches = [random_windows(cfg, b, seed) for seed in range(4)]
-  learner = learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9)),
-                                logger=loggers.MultiLogger([]), handle_signals=False)
+  learner = runner_lib.LearnerRunner(
+      learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9))),
+      logger=loggers.MultiLogger([]), handle_signals=False)
   learner.step()
   calls, wall = timed(learner.step, seconds)
   consumption = calls * b / wall

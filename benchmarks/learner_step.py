@@ -113,12 +113,14 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
 
 
 def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> dict:
-  """Learner.step() (host batch checks, device_put, metrics fetch, NaN check) on host batches."""
+  """Learner.step() (host batch checks, device_put, metrics fetch) with its runner's NaN check
+  and metric windows (`runner.LearnerRunner`, as in the learner process) on host batches."""
   from scaled_ql import loggers
+  from scaled_ql.agents.runner import LearnerRunner
   cfg = bench_config(name, batch, bf16)
   host_batch = random_batch(cfg, cfg.agent.batch_size)
-  learner = learner_lib.Learner(cfg, iter(lambda: host_batch, None),
-                                logger=loggers.MultiLogger([]))
+  learner = LearnerRunner(learner_lib.Learner(cfg, iter(lambda: host_batch, None)),
+                          logger=loggers.MultiLogger([]))
   learner.step()  # compile
   times, t0 = [], time.perf_counter()
   while time.perf_counter() - t0 < seconds or len(times) < 3:

@@ -32,7 +32,7 @@ def main():
   cfg = get_config(args.config).replace(network=overrides)
   b = cfg.agent.batch_size
   t0 = time.perf_counter()
-  state = learner_lib._init_state_jit(cfg, jax.random.PRNGKey(0))  # pylint: disable=protected-access
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
   jax.block_until_ready(state)
   t1 = time.perf_counter()
   obs = jnp.zeros((b, 84, 84, 4), jnp.uint8)

@@ -336,10 +336,11 @@ def test_bad_logs_are_named(tmp_path, capsys):
 
 def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
   from scaled_ql.agents.learner import Learner
+  from scaled_ql.agents.runner import LearnerRunner
   workdir = str(tmp_path / 'learner')
   # cpu_tiny (Breakout, Pong); saved at step 0 with the initial params: no update is compiled
   # (the iterator is never read), which keeps the test fast.
-  learner = Learner(get_config('cpu_tiny'), iter(()), workdir, handle_signals=False)
+  learner = LearnerRunner(Learner(get_config('cpu_tiny'), iter(())), workdir, handle_signals=False)
   learner.save()
   out = str(tmp_path / 'eval.csv')
   rc = cli.main(['eval', '--checkpoint', workdir, '--games', 'Pong', '--steps', '6',

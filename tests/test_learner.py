@@ -1,4 +1,6 @@
-"""Tests of the learner, checkpoints, policies and loggers (cpu_tiny, random uint8 batches)."""
+"""Tests of the learner and its runner, checkpoints, policies and loggers (cpu_tiny, random uint8
+batches)."""
+import ast
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ from scaled_ql import games as games_lib
 from scaled_ql import loggers
 from scaled_ql.agents import actors, checkpointing
 from scaled_ql.agents import learner as learner_lib
+from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
 from scaled_ql.datasets import mc_probe
 from scaled_ql.types import Transition
@@ -48,10 +51,13 @@ def tree_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
-def make(cfg=CFG, it=None, workdir=None, **kw):
+def make(cfg=CFG, it=None, workdir=None, *, devices=None, initial_params=None, **kw):
+  """A LearnerRunner around a one-device Learner; `kw` go to the runner."""
   kw.setdefault('logger', loggers.MultiLogger([]))
-  kw.setdefault('devices', jax.local_devices()[:1])
-  return learner_lib.Learner(cfg, it if it is not None else batches(cfg), workdir, **kw)
+  learner = learner_lib.Learner(cfg, it if it is not None else batches(cfg),
+                                devices=devices or jax.local_devices()[:1],
+                                initial_params=initial_params)
+  return runner_lib.LearnerRunner(learner, workdir, **kw)
 
 
 @pytest.mark.parametrize('variant', ['', '_mse', '_bc', '_bcq'])
@@ -140,9 +146,9 @@ def test_nan_loss_raises_naming_the_step_and_keeps_checkpoint(tmp_path):
   learner.step()
   learner.step()
   learner.save()
-  with pytest.raises(learner_lib.NonFiniteLossError, match=r'td_loss=nan.*step 3.*step 2'):
+  with pytest.raises(runner_lib.NonFiniteLossError, match=r'td_loss=nan.*step 3.*step 2'):
     learner.step()
-  with pytest.raises(learner_lib.NonFiniteLossError, match='stopped earlier'):
+  with pytest.raises(runner_lib.NonFiniteLossError, match='stopped earlier'):
     learner.save()  # a bad state is never saved
   assert learner.restore() and learner.steps == 2  # ... but the learner can resume from a good one
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(learner.get_variables()))
@@ -161,7 +167,7 @@ def test_sigterm_saves_at_step_boundary_then_stops(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is not previous_handler
   learner.step()
   os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets a flag
-  with pytest.raises(learner_lib.StopTraining, match='SIGTERM.*step 2') as stop:
+  with pytest.raises(runner_lib.StopTraining, match='SIGTERM.*step 2') as stop:
     learner.step()
   assert stop.value.code == 0
   learner.close()
@@ -218,7 +224,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     learner = make(devices=jax.local_devices())
     for _ in range(3):
       learner.step()
-    state = learner.state
+    state = learner.learner.state
     assert state.params['trunk/linear_0']['w'].sharding.is_fully_replicated
     params, = learner.get_variables()
     np.savez({out!r}, *jax.tree_util.tree_leaves(params))
@@ -320,7 +326,7 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
   learner.close()
   step, logged = records[-1]
   params, = learner.get_variables()
-  q = learner_lib.probe_q_values(cfg, params, probe)
+  q = runner_lib.probe_q_values(cfg, params, probe)
   # The probe's Q(s, a_data) is the loss's q_data on the same transitions.
   batch = Transition(probe.observation, probe.action, np.zeros(12, np.float32),
                      np.zeros(12, np.float32), probe.observation, probe.game_id)
@@ -341,3 +347,28 @@ def test_load_mc_probe_reads_the_run_data(tiny_dataset_dir):
   assert probe is not None and probe.observation.dtype == np.uint8
   assert set(np.unique(probe.game_id)) <= {0, 1} and np.isfinite(probe.mc_return).all()
   assert len(probe.action) <= 32
+
+
+def test_agents_modules_import_in_one_direction():
+  # Issue 16: losses <- methods <- builder <- learner <- checkpointing <- transfer, runner; no
+  # circle, and no function-local import of another agents module to hide one.
+  agents_dir = os.path.dirname(learner_lib.__file__)
+  graph = {}
+  for name in ('losses', 'builder', 'learner', 'checkpointing', 'transfer', 'runner', 'actors'):
+    tree = ast.parse(open(os.path.join(agents_dir, f'{name}.py')).read())
+    top, local = set(), set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('scaled_ql.agents'):
+        names = ({a.name for a in node.names} if node.module == 'scaled_ql.agents'
+                 else {node.module.split('.')[2]})
+        (top if node in tree.body else local).update(names)
+    assert not local, f'{name}.py imports {local} inside a function'
+    graph[name] = top
+  order = []
+  while graph:
+    ready = [n for n, deps in graph.items() if not (deps & set(graph))]
+    assert ready, f'import circle among {sorted(graph)}: {graph}'
+    order += sorted(ready)
+    for n in ready:
+      del graph[n]
+  assert order.index('learner') < order.index('checkpointing') < order.index('transfer')

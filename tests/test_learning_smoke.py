@@ -27,6 +27,7 @@ from scaled_ql import games as games_lib
 from scaled_ql import loggers
 from scaled_ql.agents import actors
 from scaled_ql.agents import learner as learner_lib
+from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
 from scaled_ql.datasets import transitions
 from scaled_ql.types import Transition
@@ -133,8 +134,9 @@ def train(variant, kind, steps, **data_kw):
       network=dict(trunk_first_dim=64, trunk_hidden_dims=(128,)),
       agent=dict(games_per_batch=2, transitions_per_game=16, learning_rate=1e-2, n_step=1,
                  target_update_period=25, v_min=-2.0, v_max=2.0))
-  learner = learner_lib.Learner(cfg, batches(cfg, dataset(cfg, kind, seed=0, **data_kw)),
-                                logger=loggers.MultiLogger([]), devices=jax.local_devices()[:1])
+  learner = runner_lib.LearnerRunner(
+      learner_lib.Learner(cfg, batches(cfg, dataset(cfg, kind, seed=0, **data_kw)),
+                          devices=jax.local_devices()[:1]), logger=loggers.MultiLogger([]))
   try:
     learner.run(steps)
     params, = learner.get_variables()

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from scaled_ql import configs, loggers
+from scaled_ql.agents import builder
 from scaled_ql.agents import learner as learner_lib
+from scaled_ql.agents import runner as runner_lib
 from scaled_ql.agents import transfer
 from scaled_ql.launch import finetune
 
@@ -27,9 +29,11 @@ PRETRAIN_CFG = configs.get_config('cpu_tiny').replace(name='cpu_tiny_pretrain',
                                                       games=('Breakout', 'Freeway'))
 
 
-def _learner(cfg, workdir=None, **kw):
-  return learner_lib.Learner(cfg, batches(cfg), workdir, logger=loggers.MultiLogger([]),
-                             devices=jax.local_devices()[:1], handle_signals=False, **kw)
+def _learner(cfg, workdir=None, initial_params=None):
+  learner = learner_lib.Learner(cfg, batches(cfg), devices=jax.local_devices()[:1],
+                                initial_params=initial_params)
+  return runner_lib.LearnerRunner(learner, workdir, logger=loggers.MultiLogger([]),
+                                  handle_signals=False)
 
 
 def _modules(params, prefix):
@@ -96,12 +100,12 @@ def test_frozen_encoder_is_unchanged_and_a_trained_one_changes(pretrained, freez
 def test_frozen_labels_and_config_checks():
   params = {'encoder/stem_conv': {'w': 1}, 'trunk/linear_0': {'w': 2, 'b': 3},
             'heads/Pong': {'w': 4}}
-  labels = transfer.frozen_labels(({**params}, {}), ('encoder', 'heads'))
+  labels = builder.frozen_labels(({**params}, {}), ('encoder', 'heads'))
   assert labels[0] == {'encoder/stem_conv': {'w': 'frozen'},
                        'trunk/linear_0': {'w': 'trainable', 'b': 'trainable'},
                        'heads/Pong': {'w': 'frozen'}}
   with pytest.raises(ValueError, match=r"frozen_modules.*'torso'"):
-    learner_lib.builder.check_agent_config(
+    builder.check_agent_config(
         PRETRAIN_CFG.replace(agent=dict(frozen_modules=('torso',))))
 
 

@@ -178,7 +178,7 @@ def test_learner_step_on_frame_windows_equals_step_on_transitions():
   cfg = configs.get_config('cpu_tiny').replace(
       agent=dict(games_per_batch=1, transitions_per_game=len(windows.action)))
   transitions = tr.stack_frame_windows(windows)
-  metrics = [Learner(cfg, iter([batch]), handle_signals=False).step()
+  metrics = [Learner(cfg, iter([batch])).step()
              for batch in (windows, transitions)]
   assert metrics[0].keys() == metrics[1].keys()
   for k in metrics[0]:

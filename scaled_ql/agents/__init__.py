@@ -1,16 +1,21 @@
 """Scaled QL's losses, learner, checkpoints and policies.
 
-    from scaled_ql.agents import losses, learner, checkpointing, actors
-    learner.Learner(cfg, iterator, workdir)          # step / get_variables / save / restore
+    from scaled_ql.agents import losses, methods, learner, runner, checkpointing, actors
+    methods.get(cfg.agent.loss)                       # the method: loss, Q values, allowed actions
+    learner.Learner(cfg, iterator)                    # step / get_variables / save / restore
+    runner.LearnerRunner(learner, workdir)            # + checkpoints, NaN checks, metrics, signals
     checkpointing.load_params(workdir) -> (cfg, params, step)
     actors.make_policy(cfg, epsilon)                  # jitted epsilon-greedy policy
+
+Imports go one way: losses <- methods <- builder <- learner <- checkpointing <- transfer, runner.
 
 Submodules are imported lazily (attribute access), so `scaled-ql --help`, which imports
 `scaled_ql.agents.commands`, does not pay for JAX/Orbax.
 """
 import importlib
 
-_SUBMODULES = ('actors', 'builder', 'checkpointing', 'learner', 'losses')
+_SUBMODULES = ('actors', 'builder', 'checkpointing', 'learner', 'losses', 'methods', 'runner',
+               'transfer')
 __all__ = list(_SUBMODULES) + ['Learner', 'load_params', 'make_policy']
 
 

@@ -1,13 +1,16 @@
 """Makes what the learner and the actors share from one config (Acme's builder habit).
 
 `agent_networks(cfg)` is cached per (hashable, frozen) config, so every jitted function that is
-traced with the same config sees the very same network objects.
+traced with the same config sees the very same network objects. `make_optimizer` is Adam with the
+params of `agent.frozen_modules` labelled FROZEN (`frozen_labels`: zero updates, no Adam state;
+transfer with a frozen encoder). `check_same_structure` compares two params trees by name and
+shape (initial params, transferred encoders).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -18,6 +21,11 @@ import optax
 from scaled_ql import games as games_lib
 from scaled_ql.agents import methods
 from scaled_ql.configs.base import AgentConfig, ExperimentConfig
+from scaled_ql.networks import make_q_network
+
+MODULES = ('encoder', 'trunk', 'heads')  # top-level modules of `networks.make_q_network`
+TRAINABLE = 'trainable'
+FROZEN = 'frozen'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,14 +60,11 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
     raise ValueError(f'agent.target_update_period={a.target_update_period} must be >= 1')
   if a.batch_size < 1:
     raise ValueError(f'agent.games_per_batch x agent.transitions_per_game = {a.batch_size} < 1')
-  from scaled_ql.agents import transfer  # local: transfer imports the networks package
-  transfer.check_frozen_modules(a.frozen_modules)
+  check_frozen_modules(a.frozen_modules)
 
 
 @functools.lru_cache(maxsize=None)
 def agent_networks(cfg: ExperimentConfig) -> AgentNetworks:
-  # Import here: the networks package is another area's and pulls in Haiku modules.
-  from scaled_ql.networks import make_q_network
   check_agent_config(cfg)
   method = methods.get(cfg.agent.loss)
   num_atoms = cfg.agent.num_atoms if method.distributional else 1
@@ -72,16 +77,67 @@ def agent_networks(cfg: ExperimentConfig) -> AgentNetworks:
 
 def make_optimizer(agent: AgentConfig) -> optax.GradientTransformation:
   """Adam (Appendix B.3), optionally after global-norm clipping; the params of
-  `agent.frozen_modules` get zero updates and no Adam state (transfer.frozen_labels)."""
+  `agent.frozen_modules` get zero updates and no Adam state (`frozen_labels`)."""
   adam = optax.adam(agent.learning_rate, eps=agent.adam_eps)
   if agent.max_grad_norm is not None:
     adam = optax.chain(optax.clip_by_global_norm(agent.max_grad_norm), adam)
   if not agent.frozen_modules:
     return adam
-  from scaled_ql.agents import transfer
   return optax.multi_transform(
-      {transfer.TRAINABLE: adam, transfer.FROZEN: optax.set_to_zero()},
-      functools.partial(transfer.frozen_labels, frozen_modules=agent.frozen_modules))
+      {TRAINABLE: adam, FROZEN: optax.set_to_zero()},
+      functools.partial(frozen_labels, frozen_modules=agent.frozen_modules))
+
+
+def check_frozen_modules(frozen_modules: Sequence[str]) -> None:
+  unknown = [m for m in frozen_modules if m not in MODULES]
+  if unknown:
+    raise ValueError(f'agent.frozen_modules={tuple(frozen_modules)!r}: unknown module(s) '
+                     f'{unknown}; valid: {MODULES}')
+
+
+def frozen_labels(params: Any, frozen_modules: Sequence[str]) -> Any:
+  """The tree of `params` with FROZEN for leaves of `frozen_modules` and TRAINABLE otherwise.
+
+  Works on any tree holding haiku params dicts ({module_name: {name: array}}), e.g. the learner's
+  (params, behaviour_params) tuple: a leaf's module is the first component of the module name.
+  """
+  frozen = frozenset(frozen_modules)
+
+  def label(path, _):
+    module = _module_name(path)
+    return FROZEN if module is not None and module.split('/', 1)[0] in frozen else TRAINABLE
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _module_name(path) -> Optional[str]:
+  """The haiku module name of a leaf path (the dict key just above the leaf name)."""
+  keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+  return keys[-2] if len(keys) >= 2 else None
+
+
+def param_shapes(params: Any) -> dict[str, tuple]:
+  """'module/name' -> shape for a haiku params dict."""
+  return {f'{m}/{n}': tuple(np.shape(v)) for m, d in params.items() for n, v in d.items()}
+
+
+def param_differences(got: dict, want: dict, got_name: str, want_name: str, limit: int = 8
+                      ) -> list[str]:
+  """What differs between two `param_shapes`: shapes, then missing, then extra names."""
+  problems = [f'{k}: {got_name} {list(got[k])} vs {want_name} {list(want[k])}'
+              for k in sorted(got.keys() & want.keys()) if got[k] != want[k]]
+  problems += [f'{k}: missing from the {got_name} params' for k in sorted(want.keys() - got.keys())]
+  problems += [f'{k}: not in the {want_name}' for k in sorted(got.keys() - want.keys())]
+  if len(problems) > limit:
+    problems = problems[:limit] + [f'... and {len(problems) - limit} more']
+  return problems
+
+
+def check_same_structure(params: Any, reference: Any, what: str) -> None:
+  """Raises ValueError naming the params of `params` missing from / extra to / shaped unlike
+  those of `reference` (both haiku params dicts)."""
+  problems = param_differences(param_shapes(params), param_shapes(reference), 'given', 'network')
+  if problems:
+    raise ValueError(f'{what} do not fit the network: {"; ".join(problems)}')
 
 
 def dummy_inputs(batch_size: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the learner, and `load_params` for evaluators and transfer.
+"""Orbax checkpoints of the learner (written by `runner.LearnerRunner`), and `load_params` for
+evaluators and transfer.
 
 Layout: `<workdir>/checkpoints/<step>/{state,config}`: `state` is the whole `TrainState` (online,
 target and behaviour params, Adam state, PRNG key, step) and `config` the resolved
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from scaled_ql.agents import methods
+from scaled_ql.agents import learner, methods
 from scaled_ql.configs.base import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,6 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
   `params` is what `actors.make_policy` takes (`Method.policy_params`): the online Q-network params
   (haiku dict), or for a method with a behaviour model (bcq) {'q': ..., 'behaviour': ...}.
   """
-  from scaled_ql.agents import learner  # local: learner imports this module
   path = os.path.abspath(checkpoint_dir_or_workdir)
   if os.path.basename(path.rstrip('/')) == CHECKPOINT_SUBDIR:
     path = os.path.dirname(path)

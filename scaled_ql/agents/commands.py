@@ -55,7 +55,8 @@ def _learn(args: argparse.Namespace) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   # Wiring only (like launch): the agents library itself never imports the data layer.
-  from scaled_ql.agents.learner import Learner, NonFiniteLossError
+  from scaled_ql.agents.learner import Learner
+  from scaled_ql.agents.runner import LearnerRunner, NonFiniteLossError
   from scaled_ql.datasets.mc_probe import load_mc_probe
   from scaled_ql.datasets import reverb_tables
   server, inserters, batches, learner = None, [], None, None
@@ -68,7 +69,7 @@ def _learn(args: argparse.Namespace) -> int:
       print(f'reverb server at {address}, {len(inserters)} inserter(s)', flush=True)
     batches = reverb_tables.stratified_batches(address, cfg.games, cfg, seed=cfg.train.seed)
     # Q(s, a_data) against Monte-Carlo returns on a fixed set of the run's data, in the metrics.
-    learner = Learner(cfg, batches, args.workdir, mc_probe=load_mc_probe(cfg))
+    learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg))
     if learner.restore():
       print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
     steps = learner.run()

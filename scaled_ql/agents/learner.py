@@ -1,14 +1,16 @@
 """The offline learner: Scaled QL's gradient step (Eq. 1) behind Acme's Learner seam.
 
-    learner = Learner(cfg, iterator_of_transitions, workdir)
-    learner.restore()                 # resume from the latest checkpoint, if any
+    learner = Learner(cfg, iterator_of_transitions)
     metrics = learner.step()          # one gradient step on one batch
     params, = learner.get_variables() # what actors and evaluators use
+    state = learner.save()            # the TrainState; learner.restore(state) puts one back
 
-Read in order: `TrainState` (everything a step changes), `init_state`, `batch_loss` (the batch
-mean of the per-transition terms of the configured method, `methods/`), `update` (the module-level jitted step: grad,
-Adam, periodic target copy; benchmarkable alone, see benchmarks/learner_step.py), `Learner`
-(data-parallel placement, NaN checks, metrics, checkpoints, SIGTERM/SIGINT handling).
+Read in order: `TrainState` (everything a step changes), `init_state` / `initial_state` (jitted),
+`batch_loss` (the batch mean of the per-transition terms of the configured method, `methods/`),
+`update` (the module-level jitted step: grad, Adam, periodic target copy; benchmarkable alone, see
+benchmarks/learner_step.py), `check_batch`, `Learner` (data-parallel placement of the state and
+the batches). What a training process does around the steps (checkpoints on disk, NaN checks,
+metrics, config.json, SIGTERM/SIGINT) is `runner.LearnerRunner`'s.
 
 Data parallelism: the batch is split over all local devices along a 1-D `('batch',)` mesh and the
 train state is replicated; XLA inserts the gradient all-reduce. The result equals the 1-device
@@ -17,10 +19,6 @@ result up to float reassociation (tests/test_learner.py checks 1 vs 4 CPU device
 from __future__ import annotations
 
 import functools
-import os
-import signal
-import threading
-import time
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
@@ -29,10 +27,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scaled_ql import loggers as loggers_lib
-from scaled_ql.agents import builder, checkpointing, methods
+from scaled_ql.agents import builder, methods
 from scaled_ql.configs.base import ExperimentConfig
-from scaled_ql.types import FrameWindows, McProbe, Transition
+from scaled_ql.types import FrameWindows, Transition
 
 
 class TrainState(NamedTuple):
@@ -42,34 +39,6 @@ class TrainState(NamedTuple):
   opt_state: Any  # Adam state of (params, behaviour_params)
   rng: jax.Array  # PRNG key, split once per step (kept so that a resumed run is bit-identical)
   step: jax.Array  # int32 number of gradient steps taken
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss term or the gradient norm became NaN/inf; the run stops, the last checkpoint stays."""
-
-
-class StopTraining(SystemExit):
-  """Raised by `Learner.step` after a SIGTERM/SIGINT, once the state is checkpointed (exit 0)."""
-
-  def __init__(self, message: str):
-    super().__init__(0)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
-
-
-def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
-  """Q(s, a_data) of the probe's transitions under Q-network `params` (not for 'bc')."""
-  return np.asarray(_probe_q(params, probe.observation, probe.game_id, probe.action, cfg=cfg))
-
-
-@functools.partial(jax.jit, static_argnames=('cfg',))
-def _probe_q(params, observation, game_id, action, cfg):
-  nets = builder.agent_networks(cfg)
-  logits = nets.q.apply(params, observation, game_id).logits
-  q = methods.get(cfg.agent.loss).q_values(logits, jnp.asarray(nets.atoms))
-  return jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
 
 
 def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
@@ -83,7 +52,9 @@ def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
                     rng=rng, step=jnp.zeros((), jnp.int32))
 
 
-_init_state_jit = jax.jit(init_state, static_argnums=0)
+# `init_state` jitted (the config is static): what a Learner starts from, and the fresh network
+# of a fine-tuning run (`transfer.finetune_params`).
+initial_state = jax.jit(init_state, static_argnums=0)
 
 
 def batch_loss(trainable: tuple[Any, Any], target_params: Any, batch: Transition,
@@ -157,28 +128,20 @@ def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_s
 
 
 class Learner:
-  """Acme-style learner: `step()`, `get_variables(names)`, `save()`, `restore()`, `steps`."""
+  """Acme's Learner seam: `step()`, `get_variables(names)`, `save()`, `restore(state)`, `steps`.
 
-  def __init__(self, cfg: ExperimentConfig, iterator: Iterator[Transition],
-               workdir: Optional[str] = None, *, logger: Optional[loggers_lib.Logger] = None,
-               handle_signals: bool = True, devices: Optional[Sequence[jax.Device]] = None,
-               initial_params: Any = None, mc_probe: Optional[McProbe] = None):
+  It owns the train state, placed for data parallelism over `devices` (default: all local ones),
+  and the iterator of batches. Nothing else: `runner.LearnerRunner` wraps it for a training
+  process (Orbax checkpoints, NaN checks, metrics, config.json, signals).
+  """
+
+  def __init__(self, cfg: ExperimentConfig, iterator: Iterator[Transition], *,
+               devices: Optional[Sequence[jax.Device]] = None, initial_params: Any = None):
     """`initial_params`: Q-network params to start from instead of a random init (online and
-    target network; e.g. `transfer.finetune_params`). A checkpoint found by `restore()` wins.
-    `mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
-    every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q)."""
+    target network; e.g. `transfer.finetune_params`). A restored state replaces them."""
     builder.check_agent_config(cfg)
-    self._mc_probe = mc_probe if methods.get(cfg.agent.loss).outputs_q else None
-    if self._mc_probe is not None:
-      probe = self._mc_probe
-      if len(probe.action) == 0 or tuple(probe.observation.shape[1:]) != (84, 84, 4):
-        raise ValueError('mc_probe: expected uint8 [P>0, 84, 84, 4] observations, got '
-                         f'{tuple(probe.observation.shape)}')
-      if int(np.max(probe.game_id)) >= len(cfg.games):
-        raise ValueError(f'mc_probe.game_id out of range [0, {len(cfg.games)}) for {cfg.games}')
     self._cfg = cfg
     self._iterator = iterator
-    self._workdir = workdir
     devices = list(devices or jax.local_devices())
     batch_size = cfg.agent.batch_size
     if batch_size % len(devices):
@@ -189,38 +152,22 @@ class Learner:
     mesh = Mesh(np.asarray(devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
-    state = _init_state_jit(cfg, jax.random.PRNGKey(cfg.train.seed))
+    state = initial_state(cfg, jax.random.PRNGKey(cfg.train.seed))
     if initial_params is not None:
-      from scaled_ql.agents import transfer
-      transfer.check_same_structure(initial_params, state.params, 'initial_params')
+      builder.check_same_structure(initial_params, state.params, 'initial_params')
       # Copies: the train state is donated to `update`, the caller's arrays must stay valid.
       params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), initial_params)
       state = state._replace(params=params, target_params=jax.tree_util.tree_map(jnp.copy, params))
     self._state = jax.device_put(state, self._replicated)
-    # Shapes, dtypes and shardings of the state: what a restore fills (even after a failure).
+    # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
     self._steps = 0
-    self._failure: Optional[str] = None  # set by a non-finite step: the state is gone
-    self._logger = logger or loggers_lib.make_logger('learner', workdir)
-    self._window: dict[str, float] = {}
-    self._window_count = 0
-    self._window_start = time.perf_counter()
-    self._data_counts: dict[str, float] = {}  # set_data_counts
-    self._compiled = False
-    self._stop_signal: Optional[int] = None
-    self._previous_handlers: dict[int, Any] = {}
-    self._manager = None
-    if workdir is not None:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-        f.write(cfg.to_json())
-      self._manager = checkpointing.make_manager(workdir)
-      if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-          self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
-  # ----------------------------------------------------------------------------------------
+  @property
+  def cfg(self) -> ExperimentConfig:
+    return self._cfg
+
   @property
   def steps(self) -> int:
     return self._steps
@@ -229,62 +176,25 @@ class Learner:
   def state(self) -> TrainState:
     return self._state
 
+  @property
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the state: the target of a checkpoint restore."""
+    return self._abstract_state
+
   def step(self) -> dict[str, float]:
-    self._check_alive()
+    """One gradient step on the next batch; returns the batch means of the loss terms (host
+    floats, possibly non-finite: checking them is the caller's, see `runner.LearnerRunner`)."""
     batch = next(self._iterator)
     check_batch(batch, self._cfg, self._batch_size)
     batch = jax.device_put(type(batch)(*map(np.asarray, batch)), self._batch_sharding)
     step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
-    new_state, metrics = step_fn(self._state, batch, cfg=self._cfg)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    step = self._steps + 1
-    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-    if bad:
-      last = self._manager.latest_step() if self._manager else None
-      kept = (f'the last good checkpoint (step {last}) is kept in {self._workdir}'
-              if last is not None else 'no checkpoint was written yet')
-      # The previous state was donated to `update`: this learner cannot continue or save.
-      self._failure = (f'non-finite {", ".join(f"{k}={metrics[k]}" for k in bad)} at learner '
-                       f'step {step} (config {self._cfg.name}); {kept}')
-      raise NonFiniteLossError(self._failure)
-    self._state, self._steps = new_state, step
-    self._log(metrics)
-    if self._manager is not None and step % self._cfg.train.checkpoint_every_steps == 0:
-      self.save()
-    if self._stop_signal is not None:
-      name = signal.Signals(self._stop_signal).name
-      if self._manager is not None:
-        self.save()
-      raise StopTraining(f'{name} received: stopped after step {step}'
-                         + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
-    return metrics
-
-  def run(self, num_steps: Optional[int] = None) -> int:
-    """Steps until `num_steps` (default cfg.train.num_steps) in total, then saves; returns steps.
-
-    A SIGTERM/SIGINT, or the end of the data, ends the loop early (with a checkpoint)."""
-    num_steps = self._cfg.train.num_steps if num_steps is None else num_steps
-    try:
-      while self._steps < num_steps:
-        self.step()
-    except StopTraining as stop:
-      print(stop.message, flush=True)
-      return self._steps
-    except StopIteration:
-      print(f'the data iterator is exhausted after step {self._steps}', flush=True)
-    if self._manager is not None and self._manager.latest_step() != self._steps:
-      self.save()
-    return self._steps
-
-  def set_data_counts(self, counts: dict[str, float]) -> None:
-    """Counters of the data pipeline (e.g. corrupt files and undecodable episodes the inserters
-    skipped), logged as `data/<name>` with every metrics line from now on."""
-    self._data_counts = {f'data/{k}': float(v) for k, v in counts.items()}
+    self._state, metrics = step_fn(self._state, batch, cfg=self._cfg)
+    self._steps += 1
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
-    """Host copies. 'params': what `actors.make_policy` takes (for 'bcq' {'q', 'behaviour'});
-    also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
-    self._check_alive()
+    """Host copies. 'params': what `actors.make_policy` takes (`Method.policy_params`; for 'bcq'
+    {'q', 'behaviour'}); also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
     s = self._state
     method = methods.get(self._cfg.agent.loss)
     table = dict(params=lambda: method.policy_params(s.params, s.behaviour_params),
@@ -296,80 +206,11 @@ class Learner:
       raise KeyError(f'unknown variable(s) {unknown}; available: {sorted(table)}')
     return [jax.device_get(table[n]()) for n in names]
 
-  def save(self) -> None:
-    if self._manager is None:
-      raise ValueError('Learner.save: this learner has no workdir')
-    self._check_alive()
-    checkpointing.save(self._manager, self._state, self._cfg)
+  def save(self) -> TrainState:
+    """The whole train state (on the devices; Acme's `save`): what a checkpoint holds."""
+    return self._state
 
-  def restore(self) -> bool:
-    """Loads the latest checkpoint of the workdir, if any; returns whether one was loaded."""
-    if self._manager is None:
-      raise ValueError('Learner.restore: this learner has no workdir')
-    restored = checkpointing.restore(self._manager, self._abstract_state, self._cfg)
-    if restored is None:
-      return False
-    self._state = restored
-    self._steps = int(restored.step)
-    self._failure = None  # a learner stopped by a non-finite loss can resume from a good state
-    return True
-
-  def close(self) -> None:
-    for sig, handler in self._previous_handlers.items():
-      signal.signal(sig, handler)
-    self._previous_handlers.clear()
-    if self._manager is not None:
-      self._manager.close()
-    self._logger.close()
-
-  # ----------------------------------------------------------------------------------------
-  def _check_alive(self) -> None:
-    if self._failure is not None:
-      raise NonFiniteLossError(f'this learner stopped earlier: {self._failure}')
-
-  def _on_signal(self, signum, frame) -> None:
-    del frame
-    if self._stop_signal is not None:  # a second signal: stop waiting for the step boundary
-      previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-      self.close()
-      if callable(previous):
-        previous(signum, None)
-      else:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-      return
-    self._stop_signal = signum
-
-  def _log(self, metrics: dict[str, float]) -> None:
-    if not self._compiled:  # the first step compiles: keep it out of the averages and steps/s
-      self._compiled = True
-      self._window_start = time.perf_counter()
-      if self._steps % self._cfg.train.log_every_steps:
-        return
-    else:
-      for k, v in metrics.items():
-        self._window[k] = self._window.get(k, 0.0) + v
-      self._window_count += 1
-    if self._steps % self._cfg.train.log_every_steps:
-      return
-    if self._window_count == 0:  # logging right at the first step: report it alone
-      self._logger.write(self._steps, {**metrics, **self._data_counts})
-      return
-    elapsed = time.perf_counter() - self._window_start
-    out = {k: v / self._window_count for k, v in self._window.items()}
-    out['steps_per_s'] = self._window_count / max(elapsed, 1e-9)
-    out['samples_per_s'] = out['steps_per_s'] * self._batch_size
-    out.update(self._data_counts)
-    out.update(self._probe_metrics())
-    self._logger.write(self._steps, out)
-    self._window, self._window_count = {}, 0
-    self._window_start = time.perf_counter()
-
-  def _probe_metrics(self) -> dict[str, float]:
-    if self._mc_probe is None:
-      return {}
-    q = probe_q_values(self._cfg, self._state.params, self._mc_probe)
-    g = self._mc_probe.mc_return
-    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else 0.0
-    return dict(probe_q_data=float(q.mean()), probe_mc_return=float(g.mean()),
-                probe_q_minus_mc_return=float((q - g).mean()), probe_q_mc_corr=corr)
+  def restore(self, state: TrainState) -> None:
+    """Continues from `state` (e.g. a checkpoint's, shaped like `abstract_state`)."""
+    self._state = jax.device_put(state, self._replicated)
+    self._steps = int(self._state.step)

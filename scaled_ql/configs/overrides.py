@@ -237,10 +237,26 @@ def is_path(config: str) -> bool:
           or os.path.isfile(os.path.join(config, 'config.json')))
 
 
+CONFIG_FILE = 'config.json'  # WORKDIR/config.json: the config a run used
+
+
+def write_file(cfg: ExperimentConfig, workdir: str) -> str:
+  """Writes WORKDIR/config.json (what `load_file` reads back); returns its path. The one writer:
+  the learner's runner and `launch.run.prepare_workdir` call it. Atomic (a temporary file, then a
+  rename): a reader never sees half a file."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(cfg.to_json())
+  os.replace(tmp, path)
+  return path
+
+
 def load_file(path: str) -> ExperimentConfig:
   """The config of a config.json (or of a workdir holding one), exactly as that run used it."""
   if os.path.isdir(path):
-    path = os.path.join(path, 'config.json')
+    path = os.path.join(path, CONFIG_FILE)
   try:
     with open(path, encoding='utf-8') as f:
       d = json.load(f)

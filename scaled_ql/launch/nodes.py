@@ -223,7 +223,7 @@ class InserterNode(_LoopNode):
 
 class LearnerNode(_LoopNode):
   """The sharded jitted Learner fed by stratified batches from Reverb. Checkpoints into
-  WORKDIR/checkpoints (the Learner's Orbax manager) and publishes its params, tagged with its
+  WORKDIR/checkpoints (the LearnerRunner's Orbax manager) and publishes its params, tagged with its
   step, every `publish_every_steps` without waiting on anyone. A restarted node resumes from the
   last checkpoint."""
 
@@ -233,6 +233,7 @@ class LearnerNode(_LoopNode):
   def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
                num_steps: int, initial_params: Any = None):
     from scaled_ql.agents.learner import Learner
+    from scaled_ql.agents.runner import LearnerRunner
     from scaled_ql.datasets.mc_probe import load_mc_probe
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
@@ -242,8 +243,8 @@ class LearnerNode(_LoopNode):
     # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
     # mc_probe: Q(s, a_data) against Monte-Carlo returns of the offline data, in the metrics.
     probe = load_mc_probe(cfg) if self.offline_data else None
-    self._learner = Learner(cfg, self._iterator, workdir=workdir, handle_signals=False,
-                            initial_params=initial_params, mc_probe=probe)
+    self._learner = LearnerRunner(Learner(cfg, self._iterator, initial_params=initial_params),
+                                  workdir, handle_signals=False, mc_probe=probe)
     self._learner.restore()  # a restarted node resumes from the last checkpoint
     self.resumed_from_step = int(self._learner.steps)
     self._publisher = variables.publisher()

@@ -292,8 +292,7 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
   import json
   log = log or (lambda line: print(line, flush=True))
   changes = check_resume(cfg, workdir, allow_config_change)
-  path = os.path.join(workdir, 'config.json')
-  resumed = os.path.exists(path)
+  resumed = os.path.exists(os.path.join(workdir, overrides_lib.CONFIG_FILE))
   if changes:
     log(f'[workdir] resuming {workdir} with changes: '
         + '; '.join(f'{k}: {b!r} -> {a!r}' for k, (b, a) in changes.items()))
@@ -304,10 +303,7 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
                 config=cfg.to_dict())
   with open(os.path.join(workdir, CONFIG_HISTORY), 'a', encoding='utf-8') as f:
     f.write(json.dumps(record, sort_keys=True) + '\n')
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(cfg.to_json())
-  os.replace(tmp, path)
+  overrides_lib.write_file(cfg, workdir)
   return changes
 
 

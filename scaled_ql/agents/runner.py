@@ -1,0 +1,247 @@
+"""What a training process does around a Learner's steps (Acme's `CheckpointingRunner` habit).
+
+    runner = LearnerRunner(Learner(cfg, batches), workdir)
+    runner.restore()                  # resume from the latest checkpoint of the workdir, if any
+    runner.run()                      # cfg.train.num_steps steps, then a final checkpoint
+    runner.close()
+
+`LearnerRunner` wraps a `learner.Learner` and adds, in this order around each `step()`: the NaN
+check (a non-finite loss term or gradient norm stops the run, naming the step and the last good
+checkpoint), the metric windows (means over `train.log_every_steps` steps, steps/s, the data
+pipeline's counters, the Monte-Carlo probe), the periodic Orbax checkpoint, and the stop at a step
+boundary after SIGTERM/SIGINT (with a checkpoint). With a workdir it writes WORKDIR/config.json
+(`configs.overrides.write_file`) and checkpoints into WORKDIR/checkpoints (`checkpointing`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaled_ql import loggers as loggers_lib
+from scaled_ql.agents import builder, checkpointing, methods
+from scaled_ql.agents.learner import Learner
+from scaled_ql.configs import overrides
+from scaled_ql.configs.base import ExperimentConfig
+from scaled_ql.types import McProbe
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term or the gradient norm became NaN/inf; the run stops, the last checkpoint stays."""
+
+
+class StopTraining(SystemExit):
+  """Raised by `LearnerRunner.step` after a SIGTERM/SIGINT, once the state is checkpointed
+  (exit 0)."""
+
+  def __init__(self, message: str):
+    super().__init__(0)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
+  """Q(s, a_data) of the probe's transitions under Q-network `params` (not for 'bc')."""
+  return np.asarray(_probe_q(params, probe.observation, probe.game_id, probe.action, cfg=cfg))
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',))
+def _probe_q(params, observation, game_id, action, cfg):
+  nets = builder.agent_networks(cfg)
+  logits = nets.q.apply(params, observation, game_id).logits
+  q = methods.get(cfg.agent.loss).q_values(logits, jnp.asarray(nets.atoms))
+  return jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
+
+
+def check_mc_probe(probe: McProbe, cfg: ExperimentConfig) -> None:
+  if len(probe.action) == 0 or tuple(probe.observation.shape[1:]) != (84, 84, 4):
+    raise ValueError('mc_probe: expected uint8 [P>0, 84, 84, 4] observations, got '
+                     f'{tuple(probe.observation.shape)}')
+  if int(np.max(probe.game_id)) >= len(cfg.games):
+    raise ValueError(f'mc_probe.game_id out of range [0, {len(cfg.games)}) for {cfg.games}')
+
+
+class LearnerRunner:
+  """A Learner with checkpoints, NaN checks, metrics and signal handling (see the module doc).
+
+  The Learner's seam passes through: `step()`, `get_variables(names)`, `save()` and `restore()`
+  (here: to and from the workdir's checkpoints), `steps`; `learner` is the wrapped Learner."""
+
+  def __init__(self, learner: Learner, workdir: Optional[str] = None, *,
+               logger: Optional[loggers_lib.Logger] = None, handle_signals: bool = True,
+               mc_probe: Optional[McProbe] = None):
+    """`mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
+    every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q).
+    `handle_signals`: SIGTERM/SIGINT stop at the next step boundary with a checkpoint (with a
+    workdir, in the main thread only)."""
+    cfg = learner.cfg
+    self._mc_probe = mc_probe if methods.get(cfg.agent.loss).outputs_q else None
+    if self._mc_probe is not None:
+      check_mc_probe(self._mc_probe, cfg)
+    self._learner = learner
+    self._cfg = cfg
+    self._workdir = workdir
+    self._failure: Optional[str] = None  # set by a non-finite step: the state is not usable
+    self._logger = logger or loggers_lib.make_logger('learner', workdir)
+    self._window: dict[str, float] = {}
+    self._window_count = 0
+    self._window_start = time.perf_counter()
+    self._data_counts: dict[str, float] = {}  # set_data_counts
+    self._compiled = False
+    self._stop_signal: Optional[int] = None
+    self._previous_handlers: dict[int, Any] = {}
+    self._manager = None
+    if workdir is not None:
+      overrides.write_file(cfg, workdir)
+      self._manager = checkpointing.make_manager(workdir)
+      if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+          self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+  # ----------------------------------------------------------------------------------------
+  @property
+  def learner(self) -> Learner:
+    return self._learner
+
+  @property
+  def steps(self) -> int:
+    return self._learner.steps
+
+  def step(self) -> dict[str, float]:
+    self._check_alive()
+    metrics = self._learner.step()
+    step = self._learner.steps
+    bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+    if bad:
+      last = self._manager.latest_step() if self._manager else None
+      kept = (f'the last good checkpoint (step {last}) is kept in {self._workdir}'
+              if last is not None else 'no checkpoint was written yet')
+      # The learner now holds the non-finite state: no step, save or get_variables until a restore.
+      self._failure = (f'non-finite {", ".join(f"{k}={metrics[k]}" for k in bad)} at learner '
+                       f'step {step} (config {self._cfg.name}); {kept}')
+      raise NonFiniteLossError(self._failure)
+    self._log(metrics)
+    if self._manager is not None and step % self._cfg.train.checkpoint_every_steps == 0:
+      self.save()
+    if self._stop_signal is not None:
+      name = signal.Signals(self._stop_signal).name
+      if self._manager is not None:
+        self.save()
+      raise StopTraining(f'{name} received: stopped after step {step}'
+                         + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
+    return metrics
+
+  def run(self, num_steps: Optional[int] = None) -> int:
+    """Steps until `num_steps` (default cfg.train.num_steps) in total, then saves; returns steps.
+
+    A SIGTERM/SIGINT, or the end of the data, ends the loop early (with a checkpoint)."""
+    num_steps = self._cfg.train.num_steps if num_steps is None else num_steps
+    try:
+      while self.steps < num_steps:
+        self.step()
+    except StopTraining as stop:
+      print(stop.message, flush=True)
+      return self.steps
+    except StopIteration:
+      print(f'the data iterator is exhausted after step {self.steps}', flush=True)
+    if self._manager is not None and self._manager.latest_step() != self.steps:
+      self.save()
+    return self.steps
+
+  def set_data_counts(self, counts: dict[str, float]) -> None:
+    """Counters of the data pipeline (e.g. corrupt files and undecodable episodes the inserters
+    skipped), logged as `data/<name>` with every metrics line from now on."""
+    self._data_counts = {f'data/{k}': float(v) for k, v in counts.items()}
+
+  def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
+    """`Learner.get_variables`, refused after a non-finite step."""
+    self._check_alive()
+    return self._learner.get_variables(names)
+
+  def save(self) -> None:
+    """Checkpoints the learner's state into WORKDIR/checkpoints (refused after a NaN)."""
+    if self._manager is None:
+      raise ValueError('LearnerRunner.save: this runner has no workdir')
+    self._check_alive()
+    checkpointing.save(self._manager, self._learner.save(), self._cfg)
+
+  def restore(self) -> bool:
+    """Loads the latest checkpoint of the workdir, if any; returns whether one was loaded."""
+    if self._manager is None:
+      raise ValueError('LearnerRunner.restore: this runner has no workdir')
+    restored = checkpointing.restore(self._manager, self._learner.abstract_state, self._cfg)
+    if restored is None:
+      return False
+    self._learner.restore(restored)
+    self._failure = None  # a run stopped by a non-finite loss can resume from a good state
+    return True
+
+  def close(self) -> None:
+    for sig, handler in self._previous_handlers.items():
+      signal.signal(sig, handler)
+    self._previous_handlers.clear()
+    if self._manager is not None:
+      self._manager.close()
+    self._logger.close()
+
+  # ----------------------------------------------------------------------------------------
+  def _check_alive(self) -> None:
+    if self._failure is not None:
+      raise NonFiniteLossError(f'this learner stopped earlier: {self._failure}')
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if self._stop_signal is not None:  # a second signal: stop waiting for the step boundary
+      previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+      self.close()
+      if callable(previous):
+        previous(signum, None)
+      else:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+      return
+    self._stop_signal = signum
+
+  def _log(self, metrics: dict[str, float]) -> None:
+    steps = self.steps
+    if not self._compiled:  # the first step compiles: keep it out of the averages and steps/s
+      self._compiled = True
+      self._window_start = time.perf_counter()
+      if steps % self._cfg.train.log_every_steps:
+        return
+    else:
+      for k, v in metrics.items():
+        self._window[k] = self._window.get(k, 0.0) + v
+      self._window_count += 1
+    if steps % self._cfg.train.log_every_steps:
+      return
+    if self._window_count == 0:  # logging right at the first step: report it alone
+      self._logger.write(steps, {**metrics, **self._data_counts})
+      return
+    elapsed = time.perf_counter() - self._window_start
+    out = {k: v / self._window_count for k, v in self._window.items()}
+    out['steps_per_s'] = self._window_count / max(elapsed, 1e-9)
+    out['samples_per_s'] = out['steps_per_s'] * self._cfg.agent.batch_size
+    out.update(self._data_counts)
+    out.update(self._probe_metrics())
+    self._logger.write(steps, out)
+    self._window, self._window_count = {}, 0
+    self._window_start = time.perf_counter()
+
+  def _probe_metrics(self) -> dict[str, float]:
+    if self._mc_probe is None:
+      return {}
+    q = probe_q_values(self._cfg, self._learner.state.params, self._mc_probe)
+    g = self._mc_probe.mc_return
+    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else 0.0
+    return dict(probe_q_data=float(q.mean()), probe_mc_return=float(g.mean()),
+                probe_q_minus_mc_return=float((q - g).mean()), probe_q_mc_corr=corr)
