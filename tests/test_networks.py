@@ -302,6 +302,8 @@ def test_bad_inputs_raise_clear_errors():
     make_q_network(dataclasses.replace(NET_CFG, resnet_block='wide'), GAMES, K)
   with pytest.raises(ValueError, match='compute_dtype'):
     make_q_network(dataclasses.replace(NET_CFG, compute_dtype='float16'), GAMES, K)
+  with pytest.raises(ValueError, match='input_norm'):
+    make_q_network(dataclasses.replace(NET_CFG, input_norm='zscore'), GAMES, K)
   with pytest.raises(games_lib.UnknownGameError, match='Pongg'):
     make_q_network(NET_CFG, ('Pongg',), K)
   net = make_q_network(NET_CFG, GAMES, K)
@@ -311,6 +313,29 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='84,84,4'):
     net.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3), jnp.uint8),
              jnp.zeros((2,), jnp.int32))
+
+
+def test_input_scaling():
+  """'scale' is x / 255; 'standardize' takes each frame of the stack to zero spatial mean and
+  std s / (s + 1) (s its std in grey levels), so the background drops out and a blank frame is 0."""
+  from scaled_ql.networks.q_network import preprocess
+  rng = np.random.default_rng(0)
+  obs = np.full((2, 84, 84, 4), 87, np.uint8)  # Pong-grey background
+  obs[0, 40:42, 50, 3] = 236  # a 2-pixel ball in the latest frame of example 0
+  obs[1, ..., 0] = 0  # a blank (zero-padded) history frame
+  obs[1, ..., 1] = rng.integers(0, 256, (84, 84))
+  np.testing.assert_allclose(preprocess(jnp.asarray(obs), 'scale'), obs / 255.0, rtol=1e-6)
+  x = np.asarray(preprocess(jnp.asarray(obs), 'standardize'))
+  np.testing.assert_allclose(x.mean(axis=(1, 2)), 0.0, atol=1e-5)
+  s = obs.astype(np.float64).std(axis=(1, 2))
+  np.testing.assert_allclose(x.std(axis=(1, 2)), s / (s + 1.0), rtol=1e-4, atol=1e-6)
+  assert np.all(x[1, ..., 0] == 0.0) and np.all(x[0, ..., 0] == 0.0)  # constant frames -> 0
+  ball, background = x[0, 40, 50, 3], x[0, 0, 0, 3]
+  assert ball > 20 and abs(background) < 0.1  # the ball stands out, the background is ~0
+  net_cfg = dataclasses.replace(NET_CFG, input_norm='standardize')
+  net, params = _init(net_cfg)
+  out = net.apply(params, *_inputs())
+  assert np.all(np.isfinite(np.asarray(out.logits)))
 
 
 def test_describe_cli(capsys):

@@ -42,6 +42,11 @@ class NetworkConfig:
   feature_norm: bool = True
   # Compute dtype for convolutions and matmuls ('float32' | 'bfloat16'); params stay float32.
   compute_dtype: str = 'float32'
+  # Input scaling: 'scale' = x / 255 (Dopamine, the paper's setting); 'standardize' = each frame of
+  # the stack minus its own spatial mean, over its spatial std (+1 grey level), the CPU configs'
+  # choice: with x / 255 the constant background dominates and a network at a CPU budget never
+  # picks up the few pixels of a ball (docs/learning.md, "the input scaling").
+  input_norm: str = 'scale'
 
 
 @dataclasses.dataclass(frozen=True)

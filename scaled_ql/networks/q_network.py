@@ -1,6 +1,6 @@
 """The multi-game Q-network of Scaled QL (Section 4, Figure 3, Appendix B.1), in one file.
 
-    observation uint8 [B,84,84,4] -> /255 -> encoder (ResNet v1 + GroupNorm, or IMPALA-CNN)
+    observation uint8 [B,84,84,4] -> /255 (or per-frame standardization) -> encoder (ResNet v1 + GroupNorm, or IMPALA-CNN)
       -> learned spatial embedding (or global mean pooling)            [B, C*F]   } module 'encoder'
       -> Dense(2048) + LayerNorm -> 3 x (Dense(1024) + ReLU)           [B, D]     } module 'trunk'
       -> feature normalization x / ||x||_2 (gradients flow through)    [B, D]
@@ -33,6 +33,7 @@ _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # ResNet stems: 'imagenet' 7x7/2 conv + 3x3/2 max-pool (84 -> 21); 'strided' one PxP/P patchify conv
 # (84 -> 84 // P); 'nature' the Nature-DQN convolutions 8x8/4, 4x4/2, 3x3/1, VALID (84 -> 7).
 STEMS = ('imagenet', 'strided', 'nature')
+INPUT_NORMS = ('scale', 'standardize')
 
 
 class QNetworkOutput(NamedTuple):
@@ -50,6 +51,8 @@ def check_network_config(net_cfg: NetworkConfig) -> None:
     bad('resnet_block', net_cfg.resnet_block, "'basic' or 'bottleneck'")
   if net_cfg.stem not in STEMS:
     bad('stem', net_cfg.stem, ' or '.join(repr(x) for x in STEMS))
+  if net_cfg.input_norm not in INPUT_NORMS:
+    bad('input_norm', net_cfg.input_norm, ' or '.join(repr(x) for x in INPUT_NORMS))
   if net_cfg.compute_dtype not in _COMPUTE_DTYPES:
     bad('compute_dtype', net_cfg.compute_dtype, f'one of {sorted(_COMPUTE_DTYPES)}')
   if not net_cfg.resnet_stage_sizes or min(net_cfg.resnet_stage_sizes) < 1:
@@ -340,12 +343,28 @@ def _mixed_precision(compute_dtype):
   return creator, getter
 
 
+def preprocess(observation: jax.Array, input_norm: str, dtype=jnp.float32) -> jax.Array:
+  """uint8 [B,H,W,C] -> network input in `dtype`.
+
+  'scale': x / 255 in [0, 1]. 'standardize': every frame of the stack (channel) minus its spatial
+  mean, divided by its spatial std + 1 (in grey levels, so a blank frame maps to 0, not NaN):
+  the static background becomes ~0 and the few moving pixels (ball, paddle) carry the signal.
+  Statistics in float32.
+  """
+  if input_norm == 'scale':
+    return observation.astype(dtype) / 255.0
+  x = observation.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  std = jnp.std(x, axis=(1, 2), keepdims=True)
+  return ((x - mean) / (std + 1.0)).astype(dtype)
+
+
 def encoder_forward(net_cfg: NetworkConfig, observation: jax.Array) -> jax.Array:
   """The encoder alone, [B,84,84,4] uint8 -> [B, C*F] (call inside hk.transform; for sizing)."""
   compute_dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
   creator, getter = _mixed_precision(compute_dtype)
   with hk.custom_creator(creator), hk.custom_getter(getter):
-    return Encoder(net_cfg)(observation.astype(compute_dtype) / 255.0)
+    return Encoder(net_cfg)(preprocess(observation, net_cfg.input_norm, compute_dtype))
 
 
 def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int,
@@ -354,8 +373,7 @@ def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: i
   compute_dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
   creator, getter = _mixed_precision(compute_dtype)
   with hk.custom_creator(creator), hk.custom_getter(getter):
-    x = observation.astype(compute_dtype) / 255.0
-    x = Encoder(net_cfg)(x)
+    x = Encoder(net_cfg)(preprocess(observation, net_cfg.input_norm, compute_dtype))
     x = Trunk(net_cfg)(x).astype(jnp.float32)
     if net_cfg.feature_norm:
       # DR3-motivated feature normalization (Section 4): unit L2 norm, gradients flow through.
