@@ -23,7 +23,6 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
-import rlax
 
 Array = chex.Array
 
@@ -131,6 +130,11 @@ def c51_cql_loss(
   # every atom collapses onto r), projected onto `atoms`; cross-entropy with the online logits.
   target_q_t = expected_q(target_logits_t, atoms)
   selector = jnp.where(bootstrap_valid, target_q_t, -jnp.inf)
+  # Imported here, when a loss is traced, not with this module: rlax -> distrax -> TFP imports
+  # TensorFlow whenever it is installed (+5 s and +460 MB per process, measured), which the
+  # processes that only act (evaluators, `scaled-ql eval`; they use the helpers above through
+  # `actors.make_policy`) must not pay. The learner's process has TensorFlow already (Reverb).
+  import rlax  # pylint: disable=g-import-not-at-top
   td_loss = rlax.categorical_double_q_learning(atoms, logits_tm1, a_tm1, r_t, discount_t, atoms,
                                                target_logits_t, selector)
 
