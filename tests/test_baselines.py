@@ -98,12 +98,12 @@ def _checkpoint(workdir: str):
 
 
 def _features_and_logits(cfg, params):
-  from scaled_ql.agents import builder
+  from scaled_ql.agents import builder, methods
   nets = builder.agent_networks(cfg)
   rng = np.random.default_rng(0)
   obs = rng.integers(0, 256, (4, 84, 84, 4), dtype=np.uint8)
   game_id = np.array([0, 1, 0, 1], np.int32)
-  q_params = params['q'] if cfg.agent.loss == 'bcq' else params
+  q_params = methods.get(cfg.agent.loss).q_params(params)
   out = nets.q.apply(q_params, obs, game_id)
   return np.asarray(out.features), np.asarray(out.logits)
 
