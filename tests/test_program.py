@@ -301,8 +301,8 @@ def _check_network_exposure(notice: str, ray):
 
 def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_dataset_dir,
                                                              tmp_path):
-  """A node that fails in its loop on every start (injected: a fine-tuning actor whose pacing
-  raises): Ray restarts it, the progress line shows its restarts and last error, and its third
+  """A node that fails in its loop on every start (injected: a fine-tuning actor whose epsilon
+  schedule raises; issue 16 moved the actors' pacing into the Reverb table): Ray restarts it, the progress line shows its restarts and last error, and its third
   restart within the window ends the program with its traceback; every node is then killed.
   Meanwhile the program's network exposure is checked (`ss`, Ray's token)."""
   ray = ray_session
@@ -315,9 +315,8 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
     raise RuntimeError(f'injected pacing fault at version {version}')
 
   prog = program.build(cfg, workdir, num_evaluators=0, num_steps=100_000,
-                       actors=program.ActorSpec('Breakout', None, 1, epsilon=1.0,
-                                                max_episode_frames=400,
-                                                max_env_steps=broken_pacing))
+                       actors=program.ActorSpec('Breakout', None, 1, epsilon=broken_pacing,
+                                                max_episode_frames=400))
   lines = []
 
   def log(line):

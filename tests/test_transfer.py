@@ -19,7 +19,8 @@ from scaled_ql import configs, loggers
 from scaled_ql.agents import builder
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import runner as runner_lib
-from scaled_ql.agents import transfer
+from scaled_ql.agents import actors, transfer
+from scaled_ql.datasets import reverb_tables
 from scaled_ql.launch import finetune
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -159,19 +160,25 @@ def test_finetune_configs_follow_appendix_b4(pretrained):
 
 def test_epsilon_schedule_and_pacing():
   cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=None)
-  eps = finetune.LinearEpsilon.from_config(cfg)
+  eps = actors.LinearEpsilon.from_config(cfg)
   assert eps(0) == 1.0 and eps(10**7) == pytest.approx(0.01)
   assert eps(250_000 // 4) == pytest.approx(0.01)
   assert eps(250_000 // 8) == pytest.approx(0.505)
   # Learner: no step before the warm-up, then one per update_period transitions.
   assert finetune.allowed_steps(19_999, cfg) == 0
   assert finetune.allowed_steps(20_000, cfg) == 1 and finetune.allowed_steps(20_400, cfg) == 101
-  pace = finetune.ActorPacing(warmup=20_000, update_period=4, slack_learner_steps=10,
-                              num_actors=2)
-  assert pace(0) == (20_000 + 40) // 2 and pace(100) == (20_000 + 4 * 110) // 2
-  # Actors may always run ahead of what lets the learner take its next steps (no deadlock).
+  # The actors' side is the table's (issue 16: tests/test_pacing.py runs it on a real server):
+  # inserts may run `slack_steps` gradient steps ahead of the samples.
+  pace = reverb_tables.TablePacing(warmup=20_000, update_period=4, batch_size=32, slack_steps=10)
+  low, high = pace.error_range()
+  assert low == pace.samples_per_insert * 20_000 - 32
+  assert high == pace.samples_per_insert * 20_000 + 32 * 10
+  # Actors may always run ahead of what lets the learner take its next steps (no deadlock): with
+  # the samples of `version` steps drawn, the inserts the table admits allow more steps.
   for version in (0, 7, 1000):
-    assert finetune.allowed_steps(2 * pace(version), cfg) > version + 1
+    admitted = int(pace.warmup + (high + 32 * version - pace.samples_per_insert * pace.warmup)
+                   // pace.samples_per_insert)
+    assert pace.allowed_steps(admitted) > version + 1
 
 
 def test_online_finetuning_runs_end_to_end(pretrained, tmp_path):

@@ -3,7 +3,10 @@
 Server: one table per game (`table_name(game)`), uniform sampler, FIFO remover,
 max_size = `cfg.data.shuffle_buffer_per_game`, rate limiter `MinSize(min_fill_per_game)`: each
 table is a shuffle buffer over a stream of transitions; sampling starts once it holds
-min_fill_per_game items and inserts are never blocked (FIFO eviction makes room).
+min_fill_per_game items and inserts are never blocked (FIFO eviction makes room). Online
+fine-tuning paces its table instead (`TablePacing`: Dopamine's one gradient step per
+`update_period` environment steps as a `SampleToInsertRatio` rate limiter); its actors write
+through `EpisodeAdder`.
 
 Storage: inserters append ONE record per RLDS step (a single 84x84 frame, action, reward,
 terminal, valid; see `transitions.py` for the record stream and its padding), packed into one
@@ -38,6 +41,7 @@ partial one is dropped). Batches already prefetched from the old server are stil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -86,29 +90,91 @@ def _record_specs(n_step: int):
 
 # ----------------------------------------------------------------------------------------- server
 
-def make_tables(cfg: ExperimentConfig) -> list:
+@dataclasses.dataclass(frozen=True)
+class TablePacing:
+  """Online fine-tuning's pacing, as a property of the game's table (Acme's DQN builder: a
+  `reverb.rate_limiters.SampleToInsertRatio`), instead of nodes polling each other.
+
+  Dopamine's C51 takes its first gradient step once `warmup` transitions were collected and then
+  one per `update_period` more (`allowed_steps`). A step draws `batch_size` samples, so the table
+  lets samples through at `batch_size / update_period` per insert, starting with one batch at
+  `warmup` inserts: a learner ahead of the actors waits in its sampler. The insert side has
+  `slack_steps` gradient steps of slack: an actor that is that far ahead of the samples waits in
+  its writer (it writes whole episodes, so it runs ahead by at most one episode more).
+
+  Both sides count on the server: a restarted (empty) server starts a new warm-up for both by
+  itself. A restarted learner resumes at its checkpoint step while the server still counts the
+  samples its previous incarnation drew, so it first waits for the inserts those samples were
+  paced against (at most one checkpoint interval's worth). Offline tables are never paced
+  (`MinSize` only: nothing may block the learner); their inserters have `InsertThrottle`."""
+  warmup: int
+  update_period: int
+  batch_size: int
+  slack_steps: int
+
+  def __post_init__(self):
+    if min(self.warmup, self.update_period, self.batch_size, self.slack_steps) < 1:
+      raise ValueError(f'TablePacing fields must be >= 1: {self}')
+
+  @classmethod
+  def from_config(cls, cfg: ExperimentConfig) -> 'TablePacing':
+    """The online fine-tuning pacing of `cfg`: warm-up `data.min_fill_per_game`, one step per
+    `finetune.update_period` transitions, a slack of 4 publish periods (as the actors had)."""
+    return cls(cfg.data.min_fill_per_game, cfg.finetune.update_period, cfg.agent.batch_size,
+               4 * cfg.train.publish_every_steps)
+
+  @property
+  def samples_per_insert(self) -> float:
+    return self.batch_size / self.update_period
+
+  def allowed_steps(self, inserted: int) -> int:
+    """Gradient steps allowed once `inserted` transitions were collected (Dopamine's pacing)."""
+    after_warmup = inserted - self.warmup
+    if after_warmup < 0:
+      return 0
+    return after_warmup // self.update_period + 1
+
+  def error_range(self) -> tuple[float, float]:
+    """Reverb's (min_diff, max_diff) of `inserts x samples_per_insert - samples`: a sample may
+    take it down to one batch below the warm-up's offset (so `allowed_steps` whole batches
+    pass), an insert up to `slack_steps` batches above it."""
+    offset = self.samples_per_insert * self.warmup
+    return offset - self.batch_size, offset + self.batch_size * self.slack_steps
+
+  def rate_limiter(self):
+    import reverb
+    return reverb.rate_limiters.SampleToInsertRatio(
+        samples_per_insert=self.samples_per_insert, min_size_to_sample=self.warmup,
+        error_buffer=self.error_range())
+
+
+def make_tables(cfg: ExperimentConfig, pacing: Optional[TablePacing] = None) -> list:
+  """One table per game. `pacing` None (offline): `MinSize(min_fill_per_game)`, inserts never
+  blocked; else every table is paced by `pacing.rate_limiter()` (online fine-tuning)."""
   import reverb
   data = cfg.data
   if data.min_fill_per_game < 1 or data.min_fill_per_game > data.shuffle_buffer_per_game:
     raise ValueError(f'min_fill_per_game={data.min_fill_per_game} must be in '
                      f'[1, shuffle_buffer_per_game={data.shuffle_buffer_per_game}]')
   signature = _record_specs(cfg.agent.n_step)
+  limiter = (lambda: reverb.rate_limiters.MinSize(data.min_fill_per_game)) if pacing is None else (
+      pacing.rate_limiter)
   return [reverb.Table(name=table_name(game), sampler=reverb.selectors.Uniform(),
                        remover=reverb.selectors.Fifo(), max_size=data.shuffle_buffer_per_game,
-                       rate_limiter=reverb.rate_limiters.MinSize(data.min_fill_per_game),
-                       signature=signature)
+                       rate_limiter=limiter(), signature=signature)
           for game in cfg.games]
 
 
-def make_server(cfg: ExperimentConfig, port: Optional[int] = None):
-  """An in-process `reverb.Server` with one table per game of `cfg.games`."""
+def make_server(cfg: ExperimentConfig, port: Optional[int] = None,
+                pacing: Optional[TablePacing] = None):
+  """An in-process `reverb.Server` with one table per game of `cfg.games` (`make_tables`)."""
   import reverb
-  return reverb.Server(tables=make_tables(cfg), port=port)
+  return reverb.Server(tables=make_tables(cfg, pacing), port=port)
 
 
-def serve(cfg: ExperimentConfig, port: int) -> None:
+def serve(cfg: ExperimentConfig, port: int, pacing: Optional[TablePacing] = None) -> None:
   """Runs the server until SIGTERM/SIGINT (the body of the server process or a Ray actor)."""
-  server = make_server(cfg, port)
+  server = make_server(cfg, port, pacing)
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())
@@ -142,13 +208,14 @@ class ServerProcess:
   """A Reverb server in a subprocess; `address` is 'localhost:PORT'. Use as a context manager."""
 
   def __init__(self, cfg: ExperimentConfig, port: Optional[int] = None,
-               timeout_s: float = 60.0):
+               timeout_s: float = 60.0, pacing: Optional[TablePacing] = None):
     import portpicker
     self.port = port or portpicker.pick_unused_port()
     self.address = f'localhost:{self.port}'
-    self.proc = subprocess.Popen(
-        _python_module_cmd('serve', '--port', str(self.port), '--config_json', cfg.to_json()),
-        stdout=subprocess.DEVNULL)
+    args = ['serve', '--port', str(self.port), '--config_json', cfg.to_json()]
+    if pacing is not None:
+      args += ['--pacing_json', json.dumps(dataclasses.asdict(pacing))]
+    self.proc = subprocess.Popen(_python_module_cmd(*args), stdout=subprocess.DEVNULL)
     try:
       wait_for_server(self.address, timeout_s, self.proc)
     except BaseException:
@@ -176,8 +243,9 @@ class ServerProcess:
 
 
 def start_server_process(cfg: ExperimentConfig, port: Optional[int] = None,
-                         timeout_s: float = 60.0) -> ServerProcess:
-  return ServerProcess(cfg, port, timeout_s)
+                         timeout_s: float = 60.0,
+                         pacing: Optional[TablePacing] = None) -> ServerProcess:
+  return ServerProcess(cfg, port, timeout_s, pacing)
 
 
 # -------------------------------------------------------------------------------------- inserting
@@ -199,11 +267,35 @@ def make_writer(client, n_step: int, chunk_length: int):
   return writer
 
 
+class InsertStopped(Exception):
+  """`write_episode` gave up waiting on a paced table's rate limiter because `stop` was set."""
+
+
+def _wait_confirmed(wait, stop: Optional[threading.Event],
+                    while_waiting: Optional[Callable[[], None]] = None) -> None:
+  """Runs a blocking writer call (`wait(timeout_ms)`), in 0.5-s slices when `stop` is given, so a
+  writer held back by a paced table (`TablePacing`) notices a stop request; `while_waiting()`
+  runs after every slice that ended without confirmation."""
+  import reverb
+  while True:
+    try:
+      wait(None if stop is None else 500)
+      return
+    except reverb.errors.DeadlineExceededError:
+      if stop.is_set():
+        raise InsertStopped() from None
+      if while_waiting is not None:
+        while_waiting()
+
+
 def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
-                  chunk_length: int) -> int:
+                  chunk_length: int, stop: Optional[threading.Event] = None,
+                  while_waiting: Optional[Callable[[], None]] = None) -> int:
   """Appends one episode's records (padding included) and one item per transition.
 
-  Returns the number of items (transitions) created.
+  Returns the number of items (transitions) created. With `stop`, waits on the server (a paced
+  table's rate limiter) end with `InsertStopped` once it is set, and call `while_waiting()` every
+  0.5 s.
   """
   width = tr.window_length(n_step)
   items = 0
@@ -214,9 +306,84 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
                          trajectory={RECORD_COLUMN: writer.history[RECORD_COLUMN][-width:]})
       items += 1
       if items % FLUSH_EVERY_ITEMS == 0:
-        writer.flush(block_until_num_items=chunk_length + width)
+        _wait_confirmed(lambda t: writer.flush(block_until_num_items=chunk_length + width,
+                                               timeout_ms=t), stop, while_waiting)
+  _wait_confirmed(lambda t: writer.flush(timeout_ms=t), stop, while_waiting)
   writer.end_episode()
   return items
+
+
+class EpisodeAdder:
+  """Acme's adder seam for the fine-tuning actors (`agents.actors.Adder`): collects one episode's
+  timesteps and writes the finished episode into `game`'s table, in the record format of the
+  offline inserters (so the learner's `stratified_batches` samples both alike).
+
+  `address()` is asked for the server's address on every (re)connection. A server that goes away
+  loses the episode being written (counted in `lost_episodes`); the next one reconnects. `stop`
+  ends a write held back by a paced table (the episode is dropped); `while_waiting()` runs every
+  0.5 s of such a wait (an actor refreshes its params there)."""
+
+  def __init__(self, address: Callable[[], str], cfg: ExperimentConfig, game: str,
+               stop: Optional[threading.Event] = None, name: str = 'adder',
+               while_waiting: Optional[Callable[[], None]] = None):
+    _check_games([game], cfg)
+    self._address, self._cfg, self._table = address, cfg, table_name(game)
+    self._stop, self._name = stop, name
+    self.while_waiting = while_waiting
+    self._writer = None
+    self._steps: list[dict] = []
+    self._observation = None
+    self.items = 0
+    self.lost_episodes = 0
+
+  def add_first(self, timestep) -> None:
+    """Starts an episode (an unfinished one before it is dropped)."""
+    self._steps, self._observation = [], timestep.observation
+
+  def add(self, action: int, next_timestep) -> None:
+    """RLDS steps: step i holds observation i, the action taken there and the reward that
+    followed; the last step holds only the final observation (RLDS `is_terminal` when the
+    environment's discount is 0, not when the episode was truncated)."""
+    if self._observation is None:
+      raise RuntimeError('EpisodeAdder.add before add_first')
+    self._steps.append(dict(observation=self._observation[..., -1:], action=int(action),
+                            reward=float(next_timestep.reward), is_first=not self._steps,
+                            is_last=False, is_terminal=False))
+    self._observation = next_timestep.observation
+    if next_timestep.last():
+      self._steps.append(dict(observation=self._observation[..., -1:], action=0, reward=0.0,
+                              is_first=False, is_last=True,
+                              is_terminal=bool(next_timestep.discount == 0.0)))
+      steps, self._steps, self._observation = self._steps, [], None
+      self._write(steps)
+
+  def reconnect(self) -> None:
+    """The next episode goes through a new client and writer (e.g. after a server restart)."""
+    if self._writer is not None:
+      try:
+        self._writer.close()
+      except Exception:  # noqa: BLE001 -- a writer of a dead server may fail to close
+        pass
+    self._writer = None
+
+  def _write(self, steps: list) -> None:
+    import reverb
+    n_step, chunk_length = self._cfg.agent.n_step, self._cfg.data.reverb_chunk_length
+    if self._writer is None:
+      self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length)
+    try:
+      self.items += write_episode(self._writer, self._table, steps, n_step, chunk_length,
+                                  stop=self._stop, while_waiting=self.while_waiting)
+    except InsertStopped:
+      self.lost_episodes += 1
+    except (reverb.errors.ReverbError, RuntimeError) as e:
+      # The server went away: drop this episode, reconnect for the next one.
+      log.warning('%s lost the Reverb server (%s); reconnecting', self._name, type(e).__name__)
+      self.lost_episodes += 1
+      self._writer = None
+
+  def close(self) -> None:
+    self.reconnect()
 
 
 EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]
@@ -474,6 +641,7 @@ class StratifiedBatches:
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.data.prefetch_batches))
     self._stop = threading.Event()
     self.reconnects = 0
+    self.waited_s = 0.0  # time the consumer waited for a batch (tables below min fill, paced)
     self._thread = threading.Thread(target=self._run, daemon=True, name='stratified_batches')
     self._thread.start()
 
@@ -530,6 +698,7 @@ class StratifiedBatches:
     return self
 
   def __next__(self) -> FrameWindows:
+    started = time.monotonic()
     while True:
       try:
         item = self._queue.get(timeout=0.1)
@@ -537,6 +706,7 @@ class StratifiedBatches:
       except queue.Empty:
         if self._stop.is_set():
           raise StopIteration from None  # closed
+    self.waited_s += time.monotonic() - started  # ~0 while batches are ready
     if isinstance(item, BaseException):
       self._put_final(item)  # later calls see it too
       raise item
@@ -581,6 +751,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   p = sub.add_parser('serve')
   p.add_argument('--port', type=int, required=True)
   p.add_argument('--config_json', required=True)
+  p.add_argument('--pacing_json', default=None, help='TablePacing fields (online fine-tuning)')
   p = sub.add_parser('insert')
   p.add_argument('--address', required=True)
   p.add_argument('--config_json', required=True)
@@ -594,7 +765,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   cfg = ExperimentConfig.from_dict(json.loads(args.config_json))
   _exit_with_parent()
   if args.cmd == 'serve':
-    serve(cfg, args.port)
+    pacing = TablePacing(**json.loads(args.pacing_json)) if args.pacing_json else None
+    serve(cfg, args.port, pacing)
     return 0
   # SIGTERM ends an inserter process at once (default action): nothing of it needs saving.
   source = rlds_episode_source(cfg, repeat=not args.no_repeat, seed=args.seed)

@@ -12,79 +12,29 @@ paced learner below (`build_args`):
               |                    finished episodes -> the game's Reverb table)
            replay                 (ReverbNode: capacity = data.shuffle_buffer_per_game)
               |  stratified_batches (one game: plain uniform batches of 32)
-           learner                (FinetuneLearnerNode: C51 without CQL, n-step 3; waits for the
-              |                    replay warm-up and then takes ONE gradient step per
+           learner                (FinetuneLearnerNode: C51 without CQL, n-step 3; its sampler
+              |                    waits for the replay warm-up and then gets ONE batch per
               |                    `finetune.update_period` transitions the actors inserted)
        variable server
               |
            evaluator_0            (EvaluatorNode in the same mode: cfg.eval.game_mode)
 
 The 1:update_period ratio of gradient steps to environment steps is Dopamine's `update_period=4`;
-in one process Dopamine interleaves acting and training, here both sides keep the ratio: the
-learner reads the table's insert count (a learner ahead of the actors waits), and an actor starts
-a new episode only while its env steps are within `ActorPacing` of the learner step of its params
-(an actor ahead of the learner waits between episodes). Both sides count from the start of the
-current replay server: a restarted server is empty and counts its inserts from 0, so both start a
-new warm-up from there (`nodes.ReverbNode.incarnation`).
+in one process Dopamine interleaves acting and training. Here the ratio is a property of the
+game's Reverb table (`reverb_tables.TablePacing`, a `SampleToInsertRatio` rate limiter, as in
+Acme's DQN builder): a learner ahead of the actors waits in its sampler, an actor ahead of the
+learner waits in its writer. Both count on the server, so a restarted (empty) server starts a new
+warm-up for both by itself. Acting and exploration are `agents.actors` (EpsilonGreedyActor,
+LinearEpsilon, EnvironmentLoop); this module only wires them.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Optional
 
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.launch import nodes, program
 from scaled_ql.launch.variable_server import VariableServer
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearEpsilon:
-  """Dopamine's linearly decaying epsilon, as a function of the learner step of the acting params.
-
-  The learner takes no step during the replay warm-up and then one per `update_period`
-  environment steps, so decaying over `decay_env_steps / update_period` learner steps is
-  Dopamine's schedule (epsilon 1 during the warm-up, then linear to `end` over
-  `decay_env_steps` environment steps), and it survives an actor restart."""
-  start: float
-  end: float
-  decay_learner_steps: int
-
-  def __call__(self, param_version: int) -> float:
-    if param_version <= 0:
-      return self.start
-    frac = min(1.0, param_version / max(1, self.decay_learner_steps))
-    return self.start + frac * (self.end - self.start)
-
-  @classmethod
-  def from_config(cls, cfg: ExperimentConfig) -> 'LinearEpsilon':
-    f = cfg.finetune
-    return cls(f.epsilon_start, f.epsilon_end, max(1, f.epsilon_decay_steps // f.update_period))
-
-
-@dataclasses.dataclass(frozen=True)
-class ActorPacing:
-  """The env steps one actor may have taken when the acting params are of learner step
-  `param_version`: its share of warm-up + update_period x (version + slack) steps.
-
-  With `FinetuneLearnerNode`'s pacing this keeps the ratio of environment steps to gradient steps
-  at Dopamine's `update_period` (4) in both directions, with a slack of `slack_learner_steps`
-  (>= 2 publish periods, so a skipped publish cannot stall both sides). Actors check it only
-  between episodes (the learner counts transitions once their episode is written), so an actor
-  runs ahead by at most one episode."""
-  warmup: int
-  update_period: int
-  slack_learner_steps: int
-  num_actors: int
-
-  def __call__(self, param_version: int) -> int:
-    steps = self.warmup + self.update_period * (max(0, param_version) + self.slack_learner_steps)
-    return -(-steps // self.num_actors)
-
-  @classmethod
-  def from_config(cls, cfg: ExperimentConfig) -> 'ActorPacing':
-    return cls(cfg.data.min_fill_per_game, cfg.finetune.update_period,
-               4 * cfg.train.publish_every_steps, cfg.finetune.num_actors)
 
 
 def check_online_config(cfg: ExperimentConfig) -> None:
@@ -104,89 +54,66 @@ def check_online_config(cfg: ExperimentConfig) -> None:
 
 
 class FinetuneLearnerNode(nodes.LearnerNode):
-  """The LearnerNode, paced by the actors: after `data.min_fill_per_game` transitions (the replay
-  warm-up) it may take one gradient step per `finetune.update_period` transitions inserted,
-  counted from the start of the current replay server (a restarted one starts from 0)."""
+  """The LearnerNode of online fine-tuning. Its pacing is its table's (`TablePacing`, set on the
+  replay node by `build_args`): the sampler waits for the actors. This class adds only status,
+  read from the table: `inserted` (transitions inserted into the current server), `allowed_steps`
+  (this step plus the whole batches the table still lets through; batches drawn ahead into the
+  prefetch queue are not counted), `waited_for_actors_s` (time the learner waited for a batch)
+  and `replay_restarts_seen`."""
 
   offline_data = False  # its replay is filled by the actors; cfg.data is never read
 
-  def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
-               num_steps: int, initial_params: Any = None):
-    # Set before the base class starts the loop thread.
-    self._replay_name = replay
-    self._allowed_steps = 0
-    self._inserted = 0
-    self._gate_client = None
-    self._replay_seen: Optional[str] = None  # the replay server's incarnation paced against
-    self._base_steps = 0  # learner steps when that server was first seen
-    self.replay_restarts_seen = 0
-    self.waited_s = 0.0
+  def __init__(self, cfg: ExperimentConfig, replay: nodes.Replay, variables: VariableServer,
+               workdir: str, num_steps: int, initial_params: Any = None):
+    from scaled_ql.datasets import reverb_tables
+    self._pacing = reverb_tables.TablePacing.from_config(cfg)
+    self._restarts_seen = nodes._RestartsSeen(replay)  # pylint: disable=protected-access
+    self._table_client = None
+    self._last_table: dict = {}
     super().__init__(cfg, replay, variables, workdir, num_steps, initial_params)
 
-  def _update_allowance(self) -> None:
+  def _table_status(self) -> dict:
     import reverb
     from scaled_ql.datasets import reverb_tables
-    if self._gate_client is None:
-      address = nodes._reverb_address(self._replay_name)  # pylint: disable=protected-access
-      self._gate_client = reverb.Client(address)
-    incarnation = nodes._replay_incarnation(self._replay_name)  # pylint: disable=protected-access
-    if incarnation is None:
-      raise ConnectionError('the replay node is restarting')
-    info = self._gate_client.server_info(timeout=10)
-    table = info[reverb_tables.table_name(self._cfg.games[0])]
-    inserted = int(table.rate_limiter_info.insert_stats.completed)
-    steps = int(self._learner.steps)
-    if incarnation != self._replay_seen:
-      if self._replay_seen is None:
-        # First look (a fresh or restarted learner): the steps its checkpoint holds beyond what
-        # this server's inserts allow were paid for by data of an earlier server.
-        self._base_steps = max(0, steps - allowed_steps(inserted, self._cfg))
-      else:  # a new, empty server: a new warm-up from here
-        self._base_steps = steps
-        self.replay_restarts_seen += 1
-      self._replay_seen = incarnation
-    self._inserted = inserted
-    self._allowed_steps = self._base_steps + allowed_steps(inserted, self._cfg)
-
-  def _run_once(self) -> Optional[bool]:
-    if self._learner.steps >= self._num_steps:
-      return False
-    if self._learner.steps >= self._allowed_steps:
-      started = time.monotonic()
-      try:
-        self._update_allowance()
-      except Exception:  # pylint: disable=broad-except  (replay restarting: wait)
-        self._gate_client = None
-      if self._learner.steps >= self._allowed_steps:
-        self._stop.wait(0.05)
-        self.waited_s += time.monotonic() - started
-        return None
-    return super()._run_once()
+    try:
+      if self._table_client is None:
+        self._table_client = reverb.Client(self._address)
+      info = self._table_client.server_info(timeout=5)[reverb_tables.table_name(self._cfg.games[0])]
+      limiter = info.rate_limiter_info
+      inserted, sampled = int(limiter.insert_stats.completed), int(limiter.sample_stats.completed)
+    except Exception:  # pylint: disable=broad-except  (the replay node is restarting)
+      self._table_client = None
+      return self._last_table  # what was seen last
+    may_sample = self._pacing.allowed_steps(inserted) * self._pacing.batch_size
+    self._last_table = dict(inserted=inserted, allowed_steps=int(self._learner.steps)
+                            + max(0, may_sample - sampled) // self._pacing.batch_size)
+    return self._last_table
 
   def status(self) -> dict:
-    return dict(super().status(), inserted=self._inserted, allowed_steps=self._allowed_steps,
-                waited_for_actors_s=self.waited_s,
-                replay_restarts_seen=self.replay_restarts_seen)
+    return dict(super().status(), **self._table_status(),
+                waited_for_actors_s=self._iterator.waited_s,
+                replay_restarts_seen=self._restarts_seen())
 
 
 def allowed_steps(inserted: int, cfg: ExperimentConfig) -> int:
-  """Gradient steps allowed once `inserted` transitions were collected (Dopamine's pacing)."""
-  after_warmup = inserted - cfg.data.min_fill_per_game
-  if after_warmup < 0:
-    return 0
-  return after_warmup // cfg.finetune.update_period + 1
+  """Gradient steps allowed once `inserted` transitions were collected (Dopamine's pacing; the
+  table enforces it: `reverb_tables.TablePacing`)."""
+  from scaled_ql.datasets import reverb_tables
+  return reverb_tables.TablePacing.from_config(cfg).allowed_steps(inserted)
 
 
 def build_args(cfg: ExperimentConfig) -> dict:
   """The keyword arguments of `program.build` that make it the online fine-tuning program."""
+  from scaled_ql.agents.actors import LinearEpsilon
+  from scaled_ql.datasets import reverb_tables
   check_online_config(cfg)
   return dict(
       learner_node=FinetuneLearnerNode, num_inserters=0,
+      replay_pacing=reverb_tables.TablePacing.from_config(cfg),
       actors=program.ActorSpec(
           cfg.games[0], cfg.eval.game_mode, cfg.finetune.num_actors,
           LinearEpsilon.from_config(cfg), max_episode_frames=cfg.eval.max_episode_frames,
-          sticky_action_prob=cfg.finetune.actor_sticky_action_prob,
-          max_env_steps=ActorPacing.from_config(cfg)))
+          sticky_action_prob=cfg.finetune.actor_sticky_action_prob))
 
 
 def required_cpus(cfg: ExperimentConfig) -> int:

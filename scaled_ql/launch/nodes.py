@@ -12,18 +12,19 @@ Heavy imports (JAX, TensorFlow, Reverb) happen inside the nodes, in their own pr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 
 from scaled_ql.configs.base import ExperimentConfig
-from scaled_ql.launch.variable_server import VariableClient, VariableServer
+from scaled_ql.launch.variable_server import VariableServer
 
 # How long a node waits between tries to reach a restarting Reverb server / params that are not
 # yet published.
@@ -56,13 +57,18 @@ def _restarts() -> int:
 
 
 class _LoopNode:
-  """A background loop with stop/status; `_run_once()` returns False when the work is done."""
+  """A background loop with stop/status; `_run_once()` returns False when the work is done.
+
+  A loop that raises ends the process (Ray restarts the node), unless `exit_on_crash` is False:
+  an in-process program (tests/test_local_program.py) keeps the traceback in `status()['error']`
+  and the loop ends."""
 
   name = 'node'
+  exit_on_crash = True
 
-  def _start(self, workdir: Optional[str]) -> None:
+  def _start(self, workdir: Optional[str], stop: Optional[threading.Event] = None) -> None:
     self._workdir = workdir
-    self._stop = threading.Event()
+    self._stop = stop or threading.Event()
     self._done = threading.Event()
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
@@ -94,7 +100,8 @@ class _LoopNode:
           with open(os.path.join(self._workdir, 'logs', f'{self.name}.err'), 'a') as f:
             f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
     finally:
-      os._exit(1)  # pylint: disable=protected-access
+      if self.exit_on_crash:
+        os._exit(1)  # pylint: disable=protected-access
 
   def _run_once(self) -> Optional[bool]:
     raise NotImplementedError
@@ -105,7 +112,7 @@ class _LoopNode:
 
   def base_status(self) -> dict:
     return dict(name=self.name, pid=os.getpid(), restarted=self._restarted,
-                done=self._done.is_set(), uptime_s=time.time() - self._started)
+                done=self._done.is_set(), uptime_s=time.time() - self._started, error=self._error)
 
   def ping(self) -> int:
     return os.getpid()
@@ -120,15 +127,16 @@ class ReverbNode:
 
   name = 'replay'
 
-  def __init__(self, cfg: ExperimentConfig, port: int):
+  def __init__(self, cfg: ExperimentConfig, port: Optional[int] = None, pacing=None):
+    """`pacing`: a `reverb_tables.TablePacing` for online fine-tuning (None: offline tables)."""
     from scaled_ql.datasets import reverb_tables
     self._cfg = cfg
     try:
-      self._server = reverb_tables.make_server(cfg, port=port)
+      self._server = reverb_tables.make_server(cfg, port=port, pacing=pacing)
     except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
       print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
-      self._server = reverb_tables.make_server(cfg, port=None)
-    self._port = self._server.port
+      self._server = reverb_tables.make_server(cfg, port=None, pacing=pacing)
+    self.port = self._port = self._server.port
     self._restarted = _was_restarted()
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
 
@@ -153,24 +161,60 @@ class ReverbNode:
     self._server.stop()
 
 
-def _replay_incarnation(replay: str) -> Optional[str]:
-  """`ReverbNode.incarnation()` of the replay node named `replay`; None while it restarts."""
-  try:
-    return ray.get(ray.get_actor(replay).incarnation.remote(), timeout=10)
-  except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
-    return None
+@dataclasses.dataclass(frozen=True)
+class RayReplay:
+  """How a node finds the replay node of a Ray program: by its actor NAME, never by a handle in
+  its arguments (Ray cannot always restart an actor whose constructor arguments hold actor
+  handles, ray-project/ray#53727). Picklable."""
+  name: str
 
+  def address(self) -> str:
+    """The replay's current address, waiting while it restarts."""
+    while True:
+      try:
+        return ray.get(ray.get_actor(self.name).address.remote(), timeout=60)
+      except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
+        time.sleep(RETRY_SECONDS)
 
-def _reverb_address(replay: str) -> str:
-  """The current address of the replay node named `replay`, waiting while it restarts.
-
-  Nodes get the replay's actor NAME, not its handle: Ray cannot always restart an actor whose
-  constructor arguments hold actor handles (ray-project/ray#53727)."""
-  while True:
+  def incarnation(self) -> Optional[str]:
+    """`ReverbNode.incarnation()`; None while the replay node restarts."""
     try:
-      return ray.get(ray.get_actor(replay).address.remote(), timeout=60)
+      return ray.get(ray.get_actor(self.name).incarnation.remote(), timeout=10)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
-      time.sleep(RETRY_SECONDS)
+      return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalReplay:
+  """The same seam for a `ReverbNode` in this process (an in-process program, a test)."""
+  node: 'ReverbNode'
+
+  def address(self) -> str:
+    return f'localhost:{self.node.port}'
+
+  def incarnation(self) -> Optional[str]:
+    return self.node.incarnation()
+
+
+Replay = Union[RayReplay, LocalReplay]  # what nodes take to find the replay
+
+
+class _RestartsSeen:
+  """Counts the replay servers a node has lived through, read at status time only (no node waits
+  on it): a restarted server is a new incarnation."""
+
+  def __init__(self, replay):
+    self._replay = replay
+    self._seen: Optional[str] = None
+    self.count = 0
+
+  def __call__(self) -> int:
+    incarnation = self._replay.incarnation()
+    if incarnation is not None and incarnation != self._seen:
+      if self._seen is not None:
+        self.count += 1
+      self._seen = incarnation
+    return self.count
 
 
 class InserterNode(_LoopNode):
@@ -182,7 +226,7 @@ class InserterNode(_LoopNode):
   `run_inserter` itself, so the `learn` command's inserter processes are throttled alike.
   """
 
-  def __init__(self, cfg: ExperimentConfig, replay: str, index: int, num_inserters: int,
+  def __init__(self, cfg: ExperimentConfig, replay: Replay, index: int, num_inserters: int,
                workdir: Optional[str] = None):
     self.name = f'inserter_{index}'
     self._cfg, self._replay = cfg, replay
@@ -196,7 +240,7 @@ class InserterNode(_LoopNode):
 
   def _run_once(self) -> bool:
     from scaled_ql.datasets import reverb_tables
-    address = _reverb_address(self._replay)
+    address = self._replay.address()
     # The throttle lives in the data layer (`reverb_tables.InsertThrottle`); kept here for status.
     self._throttle = reverb_tables.InsertThrottle(address, self._games,
                                                   self._cfg.data.samples_per_insert, self._stop)
@@ -230,16 +274,17 @@ class LearnerNode(_LoopNode):
   name = 'learner'
   offline_data = True  # cfg.data is read (the MC probe); False for online fine-tuning
 
-  def __init__(self, cfg: ExperimentConfig, replay: str, variables: VariableServer, workdir: str,
-               num_steps: int, initial_params: Any = None):
+  def __init__(self, cfg: ExperimentConfig, replay: Replay, variables: VariableServer,
+               workdir: str, num_steps: int, initial_params: Any = None):
     from scaled_ql.agents.learner import Learner
     from scaled_ql.agents.runner import LearnerRunner
     from scaled_ql.datasets.mc_probe import load_mc_probe
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address.
+    self._replay, self._address = replay, replay.address()  # a restarted server keeps its port
     self._iterator = reverb_tables.stratified_batches(
-        _reverb_address(replay), cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
+        self._address, cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
     # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
     # mc_probe: Q(s, a_data) against Monte-Carlo returns of the offline data, in the metrics.
     probe = load_mc_probe(cfg) if self.offline_data else None
@@ -259,7 +304,12 @@ class LearnerNode(_LoopNode):
   def _run_once(self) -> Optional[bool]:
     if self._learner.steps >= self._num_steps:
       return False
-    self._metrics = self._learner.step()
+    try:
+      self._metrics = self._learner.step()
+    except StopIteration:
+      if self._stop.is_set():  # stop() closed the iterator the step was waiting on
+        return False
+      raise
     steps = int(self._learner.steps)
     eval_every = self._cfg.eval.eval_every_steps  # the evaluators' step cadence needs these
     if (steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps
@@ -290,7 +340,13 @@ class LearnerNode(_LoopNode):
     self._learner.set_data_counts(counts)
 
   def stop(self) -> int:
-    """Ends the loop, writes a final checkpoint and publishes the final params."""
+    """Ends the loop, writes a final checkpoint and publishes the final params. A loop waiting
+    for data (a table below its warm-up, or a paced table waiting for the actors) is woken by
+    closing its iterator: no batch was taken, the state is whole."""
+    self._stop.set()
+    self._thread.join(5.0)
+    if self._thread.is_alive():
+      self._iterator.close()
     self._stop_loop()
     self._learner.save()
     self._publisher.publish(self._params(), self._learner.steps)
@@ -330,7 +386,7 @@ class EvaluatorNode(_LoopNode):
     self.name = f'evaluator_{index}'
     self._cfg, self._games, self._index = cfg, tuple(games), index
     self._policy = make_policy(cfg, cfg.eval.epsilon)
-    self._client = VariableClient(variables)
+    self._client = variables.client()
     self._evaluated_version = -1
     self._rounds = 0
     self._latest: dict[str, dict] = {}
@@ -400,137 +456,58 @@ class EvaluatorNode(_LoopNode):
 
 
 class FinetuneActorNode(_LoopNode):
-  """Acts in a new environment (game + mode) with the newest params, epsilon-greedy (sticky
-  actions 0.25, like the data collection), and writes every finished episode into the Reverb table
-  of that game, in the same record format as the offline inserters, so a fine-tuning learner's
-  `stratified_batches` samples it. The game must be one of `cfg.games` (its game_id and action
-  set come from the config)."""
+  """Wiring, restarts and status around `agents.actors.EpsilonGreedyActor`: acts in a new
+  environment (game + mode) with the newest params (sticky actions 0.25, like the data
+  collection) and writes every finished episode into the Reverb table of that game
+  (`reverb_tables.EpisodeAdder`, the offline inserters' record format). The game must be one of
+  `cfg.games` (its game_id and action set come from the config). Pacing is the table's
+  (`reverb_tables.TablePacing`): an actor ahead of the learner waits in its writer."""
 
   def __init__(self, cfg: ExperimentConfig, game: str, mode: Optional[int],
-               epsilon: 'float | Callable[[int], float]', variables: VariableServer, replay: str,
-               index: int, workdir: Optional[str] = None, update_period: int = 100,
-               seed: int = 0, max_episode_frames: int = 108_000,
-               sticky_action_prob: float = 0.25,
-               max_env_steps: Optional[Callable[[int], int]] = None):
+               epsilon: 'float | Callable[[int], float]', variables: VariableServer,
+               replay: Replay, index: int, workdir: Optional[str] = None,
+               update_period: int = 100, seed: int = 0, max_episode_frames: int = 108_000,
+               sticky_action_prob: float = 0.25):
     """`epsilon`: a constant, or a (picklable) schedule `epsilon(param_version) -> float` of the
-    learner step that produced the acting params (e.g. `finetune.LinearEpsilon`).
-    `max_env_steps(param_version)`: optional pacing (e.g. `finetune.ActorPacing`); a new episode
-    starts only while this actor's env steps are below it, so acting keeps pace with learning.
-    Pacing counts from the start of the current replay server: a restarted server (empty, its
-    insert count back at 0) starts a new warm-up, on the learner's side too
-    (`finetune.FinetuneLearnerNode`), or neither side could move again."""
-    import jax
-    import numpy as np
-    from scaled_ql.agents.actors import make_policy
+    learner step that produced the acting params (e.g. `actors.LinearEpsilon`)."""
+    from scaled_ql.agents import actors
+    from scaled_ql.datasets import reverb_tables
     from scaled_ql.envs.atari import AtariEnv
     if game not in cfg.games:
       raise ValueError(f'fine-tuning game {game!r} is not one of the config games {cfg.games}')
     self.name = f'actor_{index}'
-    self._cfg, self._game, self._replay = cfg, game, replay
-    self._game_id = np.asarray([cfg.games.index(game)], np.int32)
+    self._game, self._replay = game, replay
     seed = seed + 7919 * index + 104_729 * _restarts()
-    self._env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
-                         max_episode_frames=max_episode_frames)
-    # A schedule: the greedy policy plus exploration drawn here, per step.
-    self._epsilon = epsilon if callable(epsilon) else None
-    self._policy = make_policy(cfg, 0.0 if callable(epsilon) else epsilon)
-    self._explore_rng = np.random.default_rng(seed)
-    self._num_actions = self._env.num_actions
-    self._max_env_steps = max_env_steps
-    self._replay_seen: Optional[str] = None  # incarnation of the replay server paced against
-    self._pace_base = (0, 0)  # (env steps, param version) when that server was first seen
-    self.replay_restarts_seen = 0
-    self.paced_s = 0.0
-    self._client = VariableClient(variables, update_period=update_period)
+    env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
+                   max_episode_frames=max_episode_frames)
+    self._client = variables.client(update_period)
     self._client.wait_for_version(0, timeout=600)
-    self._rng = jax.random.PRNGKey(seed)
-    self._writer = None
-    self.items = 0
-    self.episodes = 0
-    self.env_steps = 0
-    self.returns: list[float] = []
-    self._start(workdir)
-
-  def _act(self, observation) -> int:
-    import jax
-    self._client.update()
-    if self._epsilon is not None:
-      if self._explore_rng.random() < self._epsilon(self._client.version):
-        return int(self._explore_rng.integers(self._num_actions))
-    self._rng, key = jax.random.split(self._rng)
-    return int(self._policy(self._client.params, key, observation[None], self._game_id)[0])
+    self._stop = threading.Event()  # also ends a write held back by the paced table
+    self._adder = reverb_tables.EpisodeAdder(replay.address, cfg, game, stop=self._stop,
+                                             name=self.name)
+    self._actor = actors.EpsilonGreedyActor(cfg, game, self._client, epsilon, env.num_actions,
+                                            seed=seed, adder=self._adder)
+    # Held back by the paced table, the actor keeps its params (and epsilon) current.
+    self._adder.while_waiting = lambda: self._actor.update(wait=True)
+    self._episodes = actors.EnvironmentLoop(env, self._actor, should_stop=self._stop.is_set)
+    self._restarts_seen = _RestartsSeen(replay)
+    self._start(workdir, stop=self._stop)
 
   def _run_once(self) -> None:
-    # One episode as RLDS steps: step i holds observation i, the action taken there and the
-    # reward that followed; the last step holds only the final observation.
-    if self._max_env_steps is not None:
-      started = time.monotonic()
-      while not self._may_act():
-        if self._stop.is_set():
-          return
-        self._client.update_and_wait(timeout=10)
-        self._stop.wait(0.1)
-      self.paced_s += time.monotonic() - started
-    steps, episode_return = [], 0.0
-    timestep = self._env.reset()
-    while not timestep.last():
-      if self._stop.is_set():
-        return
-      action = self._act(timestep.observation)
-      steps.append(dict(observation=timestep.observation[..., -1:], action=action,
-                        is_first=timestep.first(), is_last=False, is_terminal=False))
-      timestep = self._env.step(action)
-      steps[-1]['reward'] = float(timestep.reward)
-      episode_return += float(timestep.reward)
-      self.env_steps += 1
-    steps.append(dict(observation=timestep.observation[..., -1:], action=0, reward=0.0,
-                      is_first=False, is_last=True, is_terminal=timestep.discount == 0.0))
-    self._insert(steps)
-    self.episodes += 1
-    self.returns.append(episode_return)
-
-  def _may_act(self) -> bool:
-    """Pacing: this actor's env steps since the current replay server started are within
-    `max_env_steps` of the learner steps (param versions) since then."""
-    incarnation = _replay_incarnation(self._replay)
-    if incarnation is None:  # the replay node is restarting
-      return False
-    if incarnation != self._replay_seen:
-      if self._replay_seen is not None:  # a new, empty server: pace from here
-        self._pace_base = (self.env_steps, max(0, self._client.version))
-        self.replay_restarts_seen += 1
-        self._writer = None
-      self._replay_seen = incarnation
-    base_steps, base_version = self._pace_base
-    return (self.env_steps - base_steps
-            < self._max_env_steps(max(0, self._client.version - base_version)))
-
-  def _insert(self, steps: list) -> None:
-    import reverb
-    from scaled_ql.datasets import reverb_tables
-    if self._writer is None:
-      client = reverb.Client(_reverb_address(self._replay))
-      self._writer = reverb_tables.make_writer(client, self._cfg.agent.n_step,
-                                               self._cfg.data.reverb_chunk_length)
-    try:
-      self.items += reverb_tables.write_episode(
-          self._writer, reverb_tables.table_name(self._game), steps, self._cfg.agent.n_step,
-          self._cfg.data.reverb_chunk_length)
-    except (reverb.errors.ReverbError, RuntimeError) as e:
-      # The server went away: drop this episode, reconnect for the next one.
-      print(f'[{self.name}] lost the Reverb server ({type(e).__name__}); reconnecting',
-            file=sys.stderr, flush=True)
-      self._writer = None
+    self._episodes.run_episode()
 
   def status(self) -> dict:
-    recent = self.returns[-10:]
-    epsilon = self._epsilon(self._client.version) if self._epsilon is not None else None
-    return dict(self.base_status(), game=self._game, episodes=self.episodes, epsilon=epsilon,
-                paced_s=self.paced_s, replay_restarts_seen=self.replay_restarts_seen,
-                env_steps=self.env_steps, items=self.items, param_version=self._client.version,
+    loop, recent = self._episodes, self._episodes.returns[-10:]
+    try:
+      epsilon = self._actor.epsilon
+    except Exception:  # pylint: disable=broad-except  (a faulty schedule fails the loop, not status)
+      epsilon = None
+    return dict(self.base_status(), game=self._game, episodes=loop.episodes,
+                epsilon=epsilon, replay_restarts_seen=self._restarts_seen(),
+                env_steps=loop.env_steps, items=self._adder.items,
+                lost_episodes=self._adder.lost_episodes, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)
 
   def stop(self) -> None:
     self._stop_loop(timeout=30)
-    if self._writer is not None:
-      self._writer.close()
+    self._adder.close()

@@ -81,15 +81,14 @@ class Program:
 @dataclasses.dataclass(frozen=True)
 class ActorSpec:
   """Fine-tuning actors (`nodes.FinetuneActorNode`) acting in `game` (+ ALE `mode`) and feeding
-  the replay's table of that game. `epsilon`: a constant or a schedule of the param version;
-  `max_env_steps`: optional pacing (`finetune.ActorPacing`)."""
+  the replay's table of that game. `epsilon`: a constant or a schedule of the param version
+  (`actors.LinearEpsilon`). Their pacing is the table's (`build(replay_pacing=...)`)."""
   game: str
   mode: Optional[int]
   num_actors: int
   epsilon: Any
   max_episode_frames: int = 108_000
   sticky_action_prob: float = 0.25
-  max_env_steps: Optional[Callable[[int], int]] = None
 
 
 def split_games(games: Sequence[str], num_evaluators: int) -> list[tuple[str, ...]]:
@@ -121,13 +120,16 @@ def _actor(cls, kind: str, **options):
 
 def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
           learner_gpus: float = 0, initial_params=None, *, learner_node: Optional[type] = None,
-          num_inserters: Optional[int] = None, actors: Optional[ActorSpec] = None) -> Program:
+          num_inserters: Optional[int] = None, actors: Optional[ActorSpec] = None,
+          replay_pacing=None) -> Program:
   """Starts every node of the program (the graph in the module docstring).
   `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node).
   `initial_params`: the learner's starting Q-network params (transfer), instead of a random init.
   `learner_node`: the learner's node class (default `nodes.LearnerNode`; online fine-tuning:
   `finetune.FinetuneLearnerNode`). `num_inserters`: offline-data inserters (default
-  `cfg.data.num_inserters`; 0: only actors feed the replay). `actors`: fine-tuning actors."""
+  `cfg.data.num_inserters`; 0: only actors feed the replay). `actors`: fine-tuning actors.
+  `replay_pacing`: a `reverb_tables.TablePacing` on every table (online fine-tuning; None: the
+  offline tables, which never block the learner)."""
   RestartBudget.from_config(cfg)  # a bad budget fails here, before any node starts
   learner_node = learner_node or nodes.LearnerNode
   num_inserters = cfg.data.num_inserters if num_inserters is None else num_inserters
@@ -137,14 +139,16 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   # arguments: Ray cannot always restart such actors, ray-project/ray#53727).
   prefix = f'{cfg.name}_{uuid.uuid4().hex[:8]}_'
   replay_name = prefix + 'replay'
-  replay = _actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, free_port())
+  replay = _actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, free_port(),
+                                                                      replay_pacing)
+  replay_ref = nodes.RayReplay(replay_name)
   variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
                                     max_restarts=MAX_RESTARTS)
   inserters = [
-      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay_name, i, num_inserters, workdir)
+      _actor(nodes.InserterNode, 'inserter').remote(cfg, replay_ref, i, num_inserters, workdir)
       for i in range(num_inserters)]
   learner = _actor(learner_node, 'learner', num_gpus=learner_gpus).remote(
-      cfg, replay_name, variables, workdir, num_steps, initial_params)
+      cfg, replay_ref, variables, workdir, num_steps, initial_params)
   # eval.gpus_per_evaluator (train --evaluator-gpus) > 0: Ray gives each evaluator that share of
   # a GPU and the evaluator runs its policy there (eval/evaluator.py policy_device). JAX would
   # take 75% of the GPU's memory per process: evaluators sharing a GPU allocate as they go.
@@ -157,9 +161,9 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
       for i, games in enumerate(evaluator_games)]
   actor_nodes = [] if actors is None else [
       _actor(nodes.FinetuneActorNode, 'actor').remote(
-          cfg, actors.game, actors.mode, actors.epsilon, variables, replay_name, i, workdir,
+          cfg, actors.game, actors.mode, actors.epsilon, variables, replay_ref, i, workdir,
           seed=cfg.train.seed, max_episode_frames=actors.max_episode_frames,
-          sticky_action_prob=actors.sticky_action_prob, max_env_steps=actors.max_env_steps)
+          sticky_action_prob=actors.sticky_action_prob)
       for i in range(actors.num_actors)]
   return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
                  evaluator_games, actor_nodes)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -212,6 +213,9 @@ class VariableServer:
                        f'(the versions a shard keeps), got {max_in_flight}')
     return VariablePublisher(self, max_in_flight)
 
+  def client(self, update_period: int = 1) -> 'VariableClient':
+    return VariableClient(self, update_period)
+
   def latest_versions(self) -> list[int]:
     return ray.get([s.latest_version.remote() for s in self.shards])
 
@@ -345,3 +349,90 @@ class VariableClient:
     self.version = target
     self.fetches += 1
     return True
+
+
+class LocalVariableServer:
+  """The same seams in one process (an in-process program or a test without Ray): `publisher()`
+  and `client(update_period)` behave as the sharded server's, over one locked slot that holds
+  the newest (version, params). Publishes never wait; clients copy nothing (host arrays are
+  read-only to them)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._slot: tuple[int, Any] = (-1, None)
+
+  def publisher(self, max_in_flight: int = 1) -> '_LocalPublisher':
+    del max_in_flight  # nothing is ever in flight
+    return _LocalPublisher(self)
+
+  def client(self, update_period: int = 1) -> '_LocalClient':
+    return _LocalClient(self, update_period)
+
+  def latest_versions(self) -> list[int]:
+    return [self._slot[0]]
+
+  def _set(self, params: Any, version: int) -> None:
+    with self._lock:
+      self._slot = (int(version), params)
+
+  def _get(self) -> tuple[int, Any]:
+    with self._lock:
+      return self._slot
+
+
+class _LocalPublisher:
+
+  def __init__(self, server: LocalVariableServer):
+    self._server = server
+    self.published = 0
+    self.skipped = 0
+    self.last_version = -1
+
+  def publish(self, params: Any, version: int) -> bool:
+    self._server._set(params, version)  # pylint: disable=protected-access
+    self.published += 1
+    self.last_version = int(version)
+    return True
+
+  def flush(self, timeout: Optional[float] = None) -> None:
+    del timeout
+
+
+class _LocalClient:
+
+  def __init__(self, server: LocalVariableServer, update_period: int = 1):
+    if update_period < 1:
+      raise ValueError(f'update_period must be >= 1, got {update_period}')
+    self._server, self._update_period = server, update_period
+    self._calls = 0
+    self.params: Any = None
+    self.version = -1
+    self.fetches = 0
+
+  def update(self) -> bool:
+    self._calls += 1
+    if self._calls < self._update_period:
+      return False
+    return self.update_and_wait()
+
+  def update_and_wait(self, timeout: Optional[float] = None) -> bool:
+    del timeout
+    self._calls = 0
+    version, params = self._server._get()  # pylint: disable=protected-access
+    if version <= self.version:
+      return False
+    self.params, self.version = params, version
+    self.fetches += 1
+    return True
+
+  def wait_for_version(self, min_version: int = 0, timeout: float = 60.0,
+                       poll_s: float = 0.05) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+      self.update_and_wait()
+      if self.version >= min_version:
+        return self.version
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'no params of version >= {min_version} after {timeout:.0f}s '
+                           f'(held: {self.version})')
+      time.sleep(poll_s)

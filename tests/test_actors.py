@@ -1,0 +1,124 @@
+"""The fine-tuning actor without Ray (Acme's seam: select_action, observe_first/observe, update):
+the real emulator, real params of the config's network, an in-process variable server and a real
+Reverb table fed through `EpisodeAdder`."""
+import jax
+import numpy as np
+import pytest
+import reverb
+
+from scaled_ql import configs
+from scaled_ql.agents import actors
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.datasets import reverb_tables as rt
+from scaled_ql.datasets import transitions as tr
+from scaled_ql.envs.atari import AtariEnv
+from scaled_ql.launch.variable_server import LocalVariableServer
+
+GAME = 'Breakout'
+
+
+@pytest.fixture(scope='module')
+def cfg():
+  return configs.finetune_online(configs.get_config('cpu_tiny'), GAME, None, pretrained=None,
+                                 num_steps=100, scale=0.001).replace(
+                                     data=dict(min_fill_per_game=8))
+
+
+@pytest.fixture(scope='module')
+def params(cfg):
+  return jax.device_get(learner_lib.init_state(cfg, jax.random.PRNGKey(0)).params)
+
+
+def make_actor(cfg, params, epsilon, adder=None, version=0, seed=0):
+  server = LocalVariableServer()
+  publisher = server.publisher()
+  publisher.publish(params, version)
+  client = server.client()
+  client.update_and_wait()
+  env = AtariEnv(GAME, seed=seed, max_episode_frames=400)
+  actor = actors.EpsilonGreedyActor(cfg, GAME, client, epsilon, env.num_actions, seed=seed,
+                                    adder=adder)
+  return env, actor, publisher
+
+
+def test_linear_epsilon_follows_dopamines_schedule():
+  cfg = configs.finetune_online(configs.get_config('cpu_tiny'), GAME, 12, pretrained=None)
+  eps = actors.LinearEpsilon.from_config(cfg)
+  assert eps(-1) == eps(0) == 1.0 and eps(10**7) == pytest.approx(0.01)
+  assert eps(250_000 // 4) == pytest.approx(0.01)
+  assert eps(250_000 // 8) == pytest.approx(0.505)
+
+
+def test_actor_explores_by_the_schedule_of_the_param_version(cfg, params):
+  schedule = actors.LinearEpsilon(start=1.0, end=0.0, decay_learner_steps=10)
+  env, actor, publisher = make_actor(cfg, params, schedule)
+  observation = env.reset().observation
+  assert actor.epsilon == 1.0  # params of step 0
+  actions = {actor.select_action(observation) for _ in range(200)}
+  assert len(actions) == env.num_actions  # uniform over the game's set
+  # Newer params (learner step 10: the end of the decay) reach the actor through update().
+  publisher.publish(params, 5)
+  actor.update()
+  assert actor.epsilon == 0.5
+  publisher.publish(params, 10)
+  actor.update(wait=True)
+  greedy = {actor.select_action(observation) for _ in range(50)}
+  assert actor.epsilon == 0.0 and len(greedy) == 1
+  want = actors.make_policy(cfg, 0.0)(params, jax.random.PRNGKey(0), observation[None],
+                                      np.asarray([0], np.int32))
+  assert greedy == {int(want[0])}
+
+
+def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
+  server = rt.make_server(cfg)
+  address = f'localhost:{server.port}'
+  adder = rt.EpisodeAdder(lambda: address, cfg, GAME)
+  try:
+    env, actor, _ = make_actor(cfg, params, 1.0, adder=adder, seed=3)
+    stop_after = [None]
+    loop = actors.EnvironmentLoop(
+        env, actor, should_stop=lambda: stop_after[0] is not None and loop.env_steps >= stop_after[0])
+    episode_return = loop.run_episode()
+    assert loop.episodes == 1 and loop.env_steps > 0 and loop.returns == [episode_return]
+    size = rt.table_sizes(address, [GAME])[GAME]
+    # One item per transition: every env step of the episode.
+    assert adder.items == size == loop.env_steps and adder.lost_episodes == 0
+    # What was written is what was played: each item's own step (window position STACK - 1)
+    # holds that step's reward, so the items' rewards sum to the episode return.
+    rewards = _item_rewards(address, size)
+    assert episode_return > 0  # (seed 3 scores) so the sum below checks something
+    assert sum(rewards.values()) == pytest.approx(episode_return)
+    # An episode stopped halfway is dropped: nothing of it reaches the table.
+    stop_after[0] = loop.env_steps + 5
+    assert loop.run_episode() is None
+    assert rt.table_sizes(address, [GAME])[GAME] == size and loop.episodes == 1
+    stop_after[0] = None
+    loop.run_episode()
+    assert rt.table_sizes(address, [GAME])[GAME] > size and loop.episodes == 2
+  finally:
+    adder.close()
+    server.stop()
+
+
+def _item_rewards(address, size):
+  """{item key: reward of the item's own step} over every item of the (uniform) table."""
+  client = reverb.Client(address)
+  rewards = {}
+  for _ in range(50):
+    for sample in client.sample(rt.table_name(GAME), num_samples=4 * size,
+                                emit_timesteps=False):
+      record = tr.unpack_records(np.asarray(sample.data[0]))  # the one column
+      rewards[int(sample.info.key)] = float(record.reward[tr.STACK - 1])
+    if len(rewards) == size:
+      return rewards
+  raise AssertionError(f'sampled {len(rewards)} of {size} items')
+
+
+def test_actor_needs_params_and_a_config_game(cfg, params):
+  server = LocalVariableServer()
+  env = AtariEnv(GAME, seed=0, max_episode_frames=100)
+  actor = actors.EpsilonGreedyActor(cfg, GAME, server.client(), 0.5, env.num_actions, seed=0)
+  with pytest.raises(RuntimeError, match='no params'):
+    actor.select_action(env.reset().observation)
+  with pytest.raises(ValueError, match='Pong'):
+    actors.EpsilonGreedyActor(cfg, 'Pong', server.client(), 0.5, env.num_actions, seed=0)
