@@ -75,9 +75,12 @@ def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
   adder = rt.EpisodeAdder(lambda: address, cfg, GAME)
   try:
     env, actor, _ = make_actor(cfg, params, 1.0, adder=adder, seed=3)
-    stop_after = [None]
-    loop = actors.EnvironmentLoop(
-        env, actor, should_stop=lambda: stop_after[0] is not None and loop.env_steps >= stop_after[0])
+    stop_after = [None]  # env steps after which should_stop() says yes
+
+    def should_stop():
+      return stop_after[0] is not None and loop.env_steps >= stop_after[0]
+
+    loop = actors.EnvironmentLoop(env, actor, should_stop=should_stop)
     episode_return = loop.run_episode()
     assert loop.episodes == 1 and loop.env_steps > 0 and loop.returns == [episode_return]
     size = rt.table_sizes(address, [GAME])[GAME]
