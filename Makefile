@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install gpu clean-venv bench
+.PHONY: demo test test-fast install gpu clean-venv bench
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"scaled-ql needs Python 3.11 (found {sys.version.split()[0]}); set PYTHON=/path/to/python3.11"'
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+# The edit loop: a subset (`-m fast`, tests/conftest.py FAST) that runs in under 90 s on 2 idle
+# cores and imports every module; `make test` stays the full suite (CI).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m fast tests
 
 # Optional GPU path: the CUDA 12 build of the same pinned JAX (TensorFlow stays CPU-only).
 gpu: $(STAMP)

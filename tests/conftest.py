@@ -31,3 +31,116 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
   generate.generate(('Breakout',), out, run=1, num_checkpoints=10, steps_per_checkpoint=200,
                     seed=0, max_episode_frames=200, progress=False)
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# `make test-fast` (`pytest -m fast`): the edit loop's subset. It runs in under 90 s on 2 idle cores
+# and imports every module of scaled_ql (checked at the end of a `-m fast` run); the Ray programs,
+# subprocess CLIs and the learning smoke tests stay in the full suite (`make test`, CI). Entries:
+# 'file.py' (every test of it), 'file.py::test' (every parametrization), 'file.py::test[id]'.
+FAST = frozenset({
+    # whole files: pure functions, configs, the emulator, the metrics, the new Ray-free seams
+    'test_actors.py', 'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
+    'test_local_program.py', 'test_losses.py', 'test_methods.py', 'test_metrics.py',
+    'test_normalization.py', 'test_paper_fidelity.py',
+    # single tests of slower files (each under ~3 s)
+    'test_bad_data.py::test_counts_appear_in_the_progress_line',
+    'test_checkpoint_faults.py::test_temporary_folders_of_interrupted_saves_are_removed',
+    'test_download.py::test_bad_input_is_named_before_any_copy',
+    'test_download.py::test_bad_partial_and_corrupt_destination_are_copied_again',
+    'test_download.py::test_corrupt_source_shard_fails_naming_the_file',
+    'test_download.py::test_dry_run_prints_sizes_and_copies_nothing',
+    'test_download.py::test_interrupted_copy_resumes_where_it_stopped',
+    'test_download.py::test_progress_shows_bytes_rate_and_eta',
+    'test_evaluator.py::test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates',
+    'test_evaluator.py::test_bad_logs_are_named',
+    'test_evaluator.py::test_new_episodes_start_only_while_the_budget_lasts_and_frame_cap_episodes_count',
+    'test_evaluator.py::test_records_without_a_completed_episode_are_text_and_left_out',
+    'test_evaluator.py::test_seeding_batching_and_the_policy_device',
+    'test_evaluator.py::test_torn_lines_anywhere_are_skipped_and_counted',
+    'test_games.py::test_minimal_action_set_matches_ale[Breakout]',
+    'test_games.py::test_game_sets', 'test_games.py::test_action_mask',
+    'test_games.py::test_unknown_game_lists_valid_ones',
+    'test_generate.py::test_cli_generate_bad_game_is_a_clear_error',
+    'test_generate.py::test_cli_inspect',
+    'test_generate.py::test_convert_dopamine_replay_files',
+    'test_generate.py::test_game_without_heuristic_and_episode_budget',
+    'test_generate.py::test_heuristics_beat_random[Breakout-400-prefix-4]',
+    'test_generate.py::test_skill_schedule_is_a_mixture_rising_across_checkpoints',
+    'test_learner.py::test_bad_inputs_raise_clear_errors',
+    'test_learner.py::test_checkpoint_round_trip_is_exact_and_deterministic',
+    'test_learner.py::test_learn_command_rejects_bad_flags_before_starting_anything',
+    'test_learner.py::test_loggers_write_jsonl_and_tensorboard',
+    'test_learner.py::test_nan_loss_raises_naming_the_step_and_keeps_checkpoint',
+    'test_learner.py::test_run_stops_at_the_end_of_the_data_with_a_checkpoint',
+    'test_learner.py::test_sigterm_saves_at_step_boundary_then_stops',
+    'test_learner.py::test_load_mc_probe_reads_the_run_data',
+    'test_networks.py::test_bad_inputs_raise_clear_errors', 'test_networks.py::test_describe_cli',
+    'test_networks.py::test_flops', 'test_networks.py::test_heads_match_a_per_example_reference',
+    'test_networks.py::test_mean_pool_switch', 'test_networks.py::test_no_feature_norm_switch',
+    'test_networks.py::test_patchify_stem_equals_a_strided_valid_conv[4]',
+    'test_networks.py::test_scalar_head_num_atoms_1',
+    'test_networks.py::test_spatial_embedding_is_position_sensitive',
+    'test_overrides.py::test_set_is_typed_by_the_dataclass_and_recorded',
+    'test_overrides.py::test_bad_overrides_name_the_key_and_the_near_matches',
+    'test_overrides.py::test_resolve_config_records_flags_and_overrides_in_order_and_validates',
+    'test_overrides.py::test_config_json_is_read_strictly',
+    'test_overrides.py::test_every_field_has_a_doc', 'test_overrides.py::test_config_show_and_list',
+    'test_pacing.py::test_pacing_fields_follow_dopamine',
+    'test_program.py::test_split_games_round_robin',
+    'test_program.py::test_progress_line_shows_each_restarted_nodes_health',
+    'test_program.py::test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop',
+    'test_reverb.py::test_bad_input_errors', 'test_reverb.py::test_closed_iterator_stops',
+    'test_reverb.py::test_inserter_rejects_a_game_without_episodes',
+    'test_reverb.py::test_stratified_proportions',
+    'test_reverb.py::test_throttle_no_deadlock_with_unequal_episode_lengths',
+    'test_reverb.py::test_window_path_agrees_with_numpy_reference',
+    'test_tfds.py::test_bad_input_errors_name_the_problem',
+    'test_tfds.py::test_corrupt_shard_is_fatal_when_strict',
+    'test_tfds.py::test_corrupt_shard_is_skipped_with_a_warning',
+    'test_tfds.py::test_repeat_is_infinite_and_counts_epochs',
+    'test_tfds.py::test_selections_pick_the_right_splits', 'test_tfds.py::test_summarize',
+    'test_tfds.py::test_undecodable_episode_is_skipped_and_counted[garbage_proto]',
+    'test_transfer.py::test_frozen_labels_and_config_checks',
+    'test_transfer.py::test_epsilon_schedule_and_pacing',
+    'test_transitions.py::test_device_stacking_equals_numpy_reference',
+    'test_transitions.py::test_terminal_end_hand_built',
+    'test_variable_server.py::test_split_by_size_is_a_balanced_partition',
+    'test_variable_server.py::test_layout_split_join_roundtrip',
+    'test_workdir.py::test_resume_refuses_a_change_of_what_the_run_is',
+    'test_workdir.py::test_resume_policy_covers_the_issue_list',
+    'test_workdir.py::test_output_paths_are_checked_before_any_work',
+    'test_workdir.py::test_check_data_names_a_bad_selection_and_missing_games',
+    'test_workdir.py::test_demo_refuses_a_changed_config_before_generating_data',
+})
+
+
+def _fast(item) -> bool:
+  file = item.path.name
+  return bool({file, f'{file}::{item.originalname}', f'{file}::{item.name}'} & FAST)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'fast: the `make test-fast` subset (tests/conftest.py FAST)')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if _fast(item):
+      item.add_marker(pytest.mark.fast)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  """After `-m fast`: the modules of scaled_ql that no test imported (should be none)."""
+  del exitstatus
+  if config.getoption('markexpr', '') != 'fast':
+    return
+  import pkgutil
+  import sys
+  import scaled_ql
+  modules = [m.name for m in pkgutil.walk_packages(scaled_ql.__path__, 'scaled_ql.')]
+  missing = sorted(m for m in modules if m not in sys.modules)
+  terminalreporter.write_line(f'test-fast: {len(modules) - len(missing)} of {len(modules)} '
+                              f'scaled_ql modules imported' +
+                              (f'; not imported: {", ".join(missing)}' if missing else ''))
