@@ -41,8 +41,8 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
 FAST = frozenset({
     # whole files: pure functions, configs, the emulator, the metrics, the new Ray-free seams
     'test_actors.py', 'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
-    'test_local_program.py', 'test_losses.py', 'test_methods.py', 'test_metrics.py',
-    'test_normalization.py', 'test_paper_fidelity.py',
+    'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
+    'test_paper_fidelity.py',
     # single tests of slower files (each under ~3 s)
     'test_bad_data.py::test_counts_appear_in_the_progress_line',
     'test_checkpoint_faults.py::test_temporary_folders_of_interrupted_saves_are_removed',
@@ -67,6 +67,7 @@ FAST = frozenset({
     'test_generate.py::test_game_without_heuristic_and_episode_budget',
     'test_generate.py::test_heuristics_beat_random[Breakout-400-prefix-4]',
     'test_generate.py::test_skill_schedule_is_a_mixture_rising_across_checkpoints',
+    'test_local_program.py::test_learner_data_and_evaluator_nodes_run_end_to_end_in_process',
     'test_learner.py::test_bad_inputs_raise_clear_errors',
     'test_learner.py::test_checkpoint_round_trip_is_exact_and_deterministic',
     'test_learner.py::test_learn_command_rejects_bad_flags_before_starting_anything',

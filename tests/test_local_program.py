@@ -67,3 +67,34 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
   assert {r['param_version'] for r in rows} >= {NUM_STEPS}
   _, _, step = checkpointing.load_params(workdir)
   assert step == NUM_STEPS
+
+
+def test_a_learner_waiting_on_its_paced_table_stops_promptly_and_checkpoints(tmp_path,
+                                                                             monkeypatch):
+  """Online fine-tuning without actors: the learner's sampler waits on the paced table (nothing
+  was inserted). stop() must not hang on it: it wakes the waiting sampler, checkpoints the step
+  it is at (0) and returns."""
+  monkeypatch.setattr(nodes._LoopNode, 'exit_on_crash', False)  # pylint: disable=protected-access
+  from scaled_ql import configs
+  from scaled_ql.datasets import reverb_tables
+  from scaled_ql.launch import finetune
+  cfg = configs.finetune_online(configs.get_config('cpu_tiny'), 'Breakout', None,
+                                pretrained=None, num_steps=5, scale=0.001)
+  workdir = str(tmp_path / 'online')
+  run.prepare_workdir(cfg, workdir)
+  replay_node = nodes.ReverbNode(cfg, pacing=reverb_tables.TablePacing.from_config(cfg))
+  try:
+    learner = finetune.FinetuneLearnerNode(cfg, nodes.LocalReplay(replay_node),
+                                           LocalVariableServer(), workdir, 5)
+    time.sleep(3.0)
+    status = learner.status()
+    assert status['steps'] == 0 and status['inserted'] == 0 and status['allowed_steps'] == 0
+    assert status['waited_for_actors_s'] > 1.0  # the wait in progress counts
+    started = time.monotonic()
+    assert learner.stop() == 0
+    assert time.monotonic() - started < 15  # measured 3.6 s
+    assert learner.status()['error'] is None
+  finally:
+    replay_node.stop()
+  _, _, step = checkpointing.load_params(workdir)
+  assert step == 0

@@ -641,7 +641,8 @@ class StratifiedBatches:
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.data.prefetch_batches))
     self._stop = threading.Event()
     self.reconnects = 0
-    self.waited_s = 0.0  # time the consumer waited for a batch (tables below min fill, paced)
+    self._waited_s = 0.0  # see `waited_s`
+    self._waiting_since: Optional[float] = None
     self._thread = threading.Thread(target=self._run, daemon=True, name='stratified_batches')
     self._thread.start()
 
@@ -697,24 +698,36 @@ class StratifiedBatches:
   def __iter__(self) -> 'StratifiedBatches':
     return self
 
+  @property
+  def waited_s(self) -> float:
+    """Time the consumer waited for a batch (tables below min fill, a paced table), the wait in
+    progress included; ~0 while batches are ready."""
+    since = self._waiting_since
+    return self._waited_s + (time.monotonic() - since if since is not None else 0.0)
+
   def __next__(self) -> FrameWindows:
-    started = time.monotonic()
-    while True:
-      try:
-        item = self._queue.get(timeout=0.1)
-        break
-      except queue.Empty:
-        if self._stop.is_set():
-          raise StopIteration from None  # closed
-    self.waited_s += time.monotonic() - started  # ~0 while batches are ready
+    self._waiting_since = time.monotonic()
+    try:
+      while True:
+        try:
+          item = self._queue.get(timeout=0.1)
+          break
+        except queue.Empty:
+          if self._stop.is_set():
+            raise StopIteration from None  # closed
+    finally:
+      self._waited_s += time.monotonic() - self._waiting_since
+      self._waiting_since = None
     if isinstance(item, BaseException):
       self._put_final(item)  # later calls see it too
       raise item
     return item
 
-  def close(self) -> None:
+  def close(self, timeout_s: float = 10.0) -> None:
+    """Stops the prefetch thread (waiting up to `timeout_s` for it); a consumer waiting in
+    `next()` gets StopIteration within 0.1 s."""
     self._stop.set()
-    self._thread.join(timeout=10)
+    self._thread.join(timeout=timeout_s)
 
   def __enter__(self) -> 'StratifiedBatches':
     return self

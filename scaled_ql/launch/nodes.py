@@ -344,14 +344,14 @@ class LearnerNode(_LoopNode):
     for data (a table below its warm-up, or a paced table waiting for the actors) is woken by
     closing its iterator: no batch was taken, the state is whole."""
     self._stop.set()
-    self._thread.join(5.0)
-    if self._thread.is_alive():
-      self._iterator.close()
+    self._thread.join(1.0)
+    if self._thread.is_alive():  # waiting for a batch (or in a long step: it ends with it)
+      self._iterator.close(timeout_s=0)
     self._stop_loop()
     self._learner.save()
     self._publisher.publish(self._params(), self._learner.steps)
     self._publisher.flush(timeout=30)
-    self._iterator.close()
+    self._iterator.close(timeout_s=2)  # its thread may be stuck in a sample request: a daemon
     self._learner.close()
     return int(self._learner.steps)
 
