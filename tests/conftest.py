@@ -135,7 +135,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
   """After `-m fast`: the modules of scaled_ql that no test imported (should be none)."""
   del exitstatus
-  if config.getoption('markexpr', '') != 'fast':
+  if config.getoption('markexpr', '') != 'fast' or config.getoption('collectonly'):
     return
   import pkgutil
   import sys
