@@ -23,12 +23,23 @@ def test_paper_setting_matches_table_b1():
     ('bc', lambda c: c.agent.loss == 'bc'),
     ('bcq', lambda c: c.agent.loss == 'bcq'),
     ('no_feature_norm', lambda c: not c.network.feature_norm),
+    ('feature_norm', lambda c: c.network.feature_norm),
     ('mean_pool', lambda c: not c.network.spatial_embedding),
 ])
 def test_variants(variant, check):
   cfg = configs.get_config(f'cpu_small_{variant}')
   assert check(cfg)
   assert cfg.name == f'cpu_small_{variant}'
+
+
+def test_cpu_small_recipe_and_paper_networks_keep_the_paper_input():
+  """cpu_small's measured deviations (docs/learning.md) stay out of the paper's configs."""
+  small = configs.get_config('cpu_small')
+  assert small.network.input_norm == 'standardize' and not small.network.feature_norm
+  assert small.agent.adam_eps == 1e-8
+  paper = configs.get_config('atari40_suboptimal_resnet101')
+  assert paper.network.input_norm == 'scale' and paper.network.feature_norm
+  assert paper.agent.adam_eps == 3.125e-4
 
 
 def test_json_round_trip():
