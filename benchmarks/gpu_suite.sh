@@ -10,6 +10,11 @@
 #   .venv/bin/pip download --no-deps dm-haiku==0.0.17 jmp==0.0.4 tabulate==0.10.0 -d build/gpu_wheels
 # and carried to the device (about 0.5 MB). dm-haiku 0.0.17 requires jax>=0.11 (0.0.16, pinned
 # for our JAX 0.4 venv, does not import there); wheels are used only when `import haiku` fails.
+# Since issue 16 the C51 loss calls rlax (imported when the loss is traced), which imports distrax
+# and tensorflow-probability (the device has chex and optax, not these): add
+#   rlax==0.1.7 distrax==0.1.5 tensorflow-probability==0.23.0 dm-tree (a cp312 manylinux wheel)
+# to the download. NOT verified on a GPU (none was lent); whether TFP 0.23's JAX substrate imports
+# under JAX 0.11 is unknown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"

@@ -273,6 +273,19 @@ class VariablePublisher:
     self._in_flight = [[] for _ in self._in_flight]
 
 
+def _wait_for_version(client, min_version: int, timeout: float, poll_s: float) -> int:
+  """Polls `client.update_and_wait` until it holds params of at least `min_version`."""
+  deadline = time.monotonic() + timeout
+  while True:
+    client.update_and_wait(timeout=max(0.1, deadline - time.monotonic()))
+    if client.version >= min_version:
+      return client.version
+    if time.monotonic() > deadline:
+      raise TimeoutError(f'no params of version >= {min_version} after {timeout:.0f}s '
+                         f'(held: {client.version})')
+    time.sleep(poll_s)
+
+
 class VariableClient:
   """Acme's VariableClient over a sharded server: holds params and the version they are.
 
@@ -318,15 +331,7 @@ class VariableClient:
   def wait_for_version(self, min_version: int = 0, timeout: float = 60.0,
                        poll_s: float = 0.2) -> int:
     """Blocks until params of at least `min_version` are held (raises TimeoutError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-      self.update_and_wait(timeout=max(0.1, deadline - time.monotonic()))
-      if self.version >= min_version:
-        return self.version
-      if time.monotonic() > deadline:
-        raise TimeoutError(f'no params of version >= {min_version} after {timeout:.0f}s '
-                           f'(held: {self.version})')
-      time.sleep(poll_s)
+    return _wait_for_version(self, min_version, timeout, poll_s)
 
   def _finish(self, answers: list) -> bool:
     self._pending = None
@@ -427,12 +432,4 @@ class _LocalClient:
 
   def wait_for_version(self, min_version: int = 0, timeout: float = 60.0,
                        poll_s: float = 0.05) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-      self.update_and_wait()
-      if self.version >= min_version:
-        return self.version
-      if time.monotonic() > deadline:
-        raise TimeoutError(f'no params of version >= {min_version} after {timeout:.0f}s '
-                           f'(held: {self.version})')
-      time.sleep(poll_s)
+    return _wait_for_version(self, min_version, timeout, poll_s)
