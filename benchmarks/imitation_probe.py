@@ -22,10 +22,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scaled_ql.agents import builder
+from scaled_ql.agents import actors, methods
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.configs import get_config, overrides
 from scaled_ql.datasets import rlds_reader
@@ -92,25 +91,22 @@ def main(argv=None) -> None:
     return Transition(obs[i], act[i].astype(np.int32), zeros, zeros + 1, obs[i],
                       gid[i].astype(np.int32))
 
-  nets = builder.agent_networks(cfg)
-  mask = jnp.asarray(nets.action_mask)
-
-  @jax.jit
-  def greedy(params, o, g):
-    logits = nets.q.apply(params, o, g).logits
-    q = (jnp.sum(jax.nn.softmax(logits, -1) * jnp.asarray(nets.atoms), -1)
-         if logits.shape[-1] > 1 else logits[..., 0])
-    return jnp.argmax(jnp.where(mask[g], q, -jnp.inf), -1)
+  greedy = actors.make_policy(cfg, 0.0)  # the evaluators' own greedy policy
+  method = methods.get(cfg.agent.loss)
+  key = jax.random.PRNGKey(0)
 
   def accuracy(params, idx_per_game) -> list[float]:
     out = []
     for idx in idx_per_game:
       idx = idx[:1024]
-      pred = np.concatenate([np.asarray(greedy(params, obs[idx[j:j + 256]],
+      pred = np.concatenate([np.asarray(greedy(params, key, obs[idx[j:j + 256]],
                                                gid[idx[j:j + 256]].astype(np.int32)))
                              for j in range(0, len(idx), 256)])
       out.append(round(float(np.mean(pred == act[idx])), 3))
     return out
+
+  def policy_params(state):
+    return method.policy_params(state.params, state.behaviour_params)
 
   state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
   t_compiled = None
@@ -123,8 +119,8 @@ def main(argv=None) -> None:
       print(json.dumps(dict(
           tag=a.tag, step=step, steps_per_s=round((step - 1) / (time.time() - t_compiled), 2),
           loss=round(float(metrics['loss']), 3),
-          train_acc=accuracy(state.params, [i[::7] for i in train_idx]),
-          heldout_acc=accuracy(state.params, val_idx), load=round(os.getloadavg()[0], 2))),
+          train_acc=accuracy(policy_params(state), [i[::7] for i in train_idx]),
+          heldout_acc=accuracy(policy_params(state), val_idx), load=round(os.getloadavg()[0], 2))),
           flush=True)
 
 
