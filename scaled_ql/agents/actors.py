@@ -124,26 +124,25 @@ class EpsilonGreedyActor:
       raise ValueError(f'game {game!r} is not one of the config games {cfg.games}')
     self._game_id = np.asarray([cfg.games.index(game)], np.int32)
     self._variables = variables
-    self._schedule = epsilon if callable(epsilon) else None
+    # A schedule explores here (per step, by param version); a constant inside the jitted policy.
+    self._explores_here = callable(epsilon)
+    self._epsilon_at = epsilon if callable(epsilon) else (lambda version, e=float(epsilon): e)
     self._policy = make_policy(cfg, 0.0 if callable(epsilon) else epsilon)
     self._explore_rng = np.random.default_rng(seed)
     self._num_actions = num_actions
     self._rng = jax.random.PRNGKey(seed)
     self._adder = adder
-    self._constant = None if callable(epsilon) else float(epsilon)
 
   @property
   def epsilon(self) -> float:
     """The exploration rate of the params held now."""
-    if self._schedule is None:
-      return self._constant
-    return float(self._schedule(self._variables.version))
+    return float(self._epsilon_at(self._variables.version))
 
   def select_action(self, observation: np.ndarray) -> int:
     """uint8 [84, 84, 4] -> an action index of the game's minimal action set."""
     if self._variables.params is None:
       raise RuntimeError('the actor holds no params yet (wait for the first publish)')
-    if self._schedule is not None and self._explore_rng.random() < self.epsilon:
+    if self._explores_here and self._explore_rng.random() < self.epsilon:
       return int(self._explore_rng.integers(self._num_actions))
     self._rng, key = jax.random.split(self._rng)
     return int(self._policy(self._variables.params, key, observation[None], self._game_id)[0])
