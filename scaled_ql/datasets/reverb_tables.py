@@ -643,6 +643,12 @@ class StratifiedBatches:
     self.reconnects = 0
     self._waited_s = 0.0  # see `waited_s`
     self._waiting_since: Optional[float] = None
+    # Finish importing reverb/TensorFlow here, not first in the sampler thread: an import racing
+    # the main thread's left `reverb.TrajectoryDataset` a half-loaded 'LazyModule' (seen in a
+    # fault test: "TypeError: 'LazyModule' object is not callable" at the learner's start).
+    import reverb
+    import tensorflow as tf
+    _ = (reverb.TrajectoryDataset, tf.data.Dataset)  # attribute reads: force the lazy loads
     self._thread = threading.Thread(target=self._run, daemon=True, name='stratified_batches')
     self._thread.start()
 
