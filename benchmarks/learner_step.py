@@ -10,6 +10,11 @@ backward, Adam, target copy) on random uint8 batches already on the device(s); F
 from XLA's cost analysis of the compiled update; achieved FLOP/s and its fraction of the
 machine's fp32 (or bf16) matmul peak, measured here with a large jnp.dot. Uses every local device
 (the batch is split over them like the Learner does); on a GPU machine that is the GPU.
+
+The baseline (`--dopamine`, on by default; `--no-dopamine` skips it): Dopamine's own JAX C51
+training step (`benchmarks/dopamine_c51.py`, c51.gin: batch 32, 18 actions by default), timed
+after our configs in the same process with the same loop and the same cost analysis, on one
+device, in float32. Each of our rows then gets ours_FLOP/s / dopamine_FLOP/s.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dopamine_c51  # noqa: E402  (a sibling module; benchmarks/ is not a package)
 
 from scaled_ql import games as games_lib
 from scaled_ql.agents import learner as learner_lib
@@ -86,12 +94,22 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
   t = time.perf_counter()
   compiled = learner_lib.update.lower(state, data, cfg=cfg).compile()
   compile_s = time.perf_counter() - t
+  return timed_row(compiled, state, data, seconds, peak, config=cfg.name, batch=b,
+                   dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
+                   compile_s=compile_s)
+
+
+def timed_row(compiled, state, data, seconds: float, peak: float, **fields) -> dict:
+  """Times `compiled(state, data) -> (state, metrics)`; one row of figures for it.
+
+  Our update and Dopamine's step both go through here, so their figures come from one loop and
+  one cost analysis. Each step is timed alone (the Learner also waits for every step's metrics).
+  On a shared machine the mean measures what we got; the fastest step, like the matmul peak's
+  best run, estimates the uncontended speed.
+  """
   flops = flops_of(compiled)
   state, metrics = compiled(state, data)  # warm-up
   jax.block_until_ready(metrics)
-  # Each step is timed alone (the Learner also waits for every step's metrics). On a shared
-  # machine the mean measures what we got; the fastest step, like the matmul peak's best run,
-  # estimates the uncontended speed.
   times, t0 = [], time.perf_counter()
   while time.perf_counter() - t0 < seconds or len(times) < 3:
     t = time.perf_counter()
@@ -103,13 +121,26 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
   steps_per_s = steps / sum(times)
   best_steps_per_s = 1.0 / min(times)
   achieved = flops * steps_per_s
-  return dict(config=cfg.name, batch=b, dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
-              compile_s=compile_s, steps=steps, steps_per_s=steps_per_s,
-              samples_per_s=steps_per_s * b, gflops_per_step=flops / 1e9,
+  return dict(fields, steps=steps, steps_per_s=steps_per_s,
+              samples_per_s=steps_per_s * fields['batch'], gflops_per_step=flops / 1e9,
               achieved_gflops=achieved / 1e9, peak_gflops=peak / 1e9,
               fraction_of_peak=achieved / peak, best_steps_per_s=best_steps_per_s,
               best_fraction_of_peak=flops * best_steps_per_s / peak,
               load_average=os.getloadavg()[0], loss=float(metrics['loss']))
+
+
+def bench_dopamine(num_actions: int, batch: int, seconds: float, peak: float) -> dict:
+  """Dopamine's C51 `train` step (dopamine_c51.make_step) on one device, as Dopamine runs it."""
+  step, state, make_batch = dopamine_c51.make_step(num_actions, batch)
+  device = jax.local_devices()[0]
+  state, data = jax.device_put((state, make_batch()), device)
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.online_params))
+  t = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - t
+  return timed_row(compiled, state, data, seconds, peak, config='dopamine_c51', batch=batch,
+                   dtype='float32', params_m=num_params / 1e6, compile_s=compile_s,
+                   num_actions=num_actions, baseline=True)
 
 
 def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> dict:
@@ -150,6 +181,12 @@ def main(argv=None) -> int:
   p.add_argument('--learner', action='store_true',
                  help='also time the whole Learner.step() on the same (host) batch')
   p.add_argument('--json', default=None, help='append one JSON line per config to this file')
+  p.add_argument('--dopamine', action=argparse.BooleanOptionalAction, default=True,
+                 help="time Dopamine's JAX C51 step after our configs, as the baseline")
+  p.add_argument('--dopamine-actions', type=int, default=18,
+                 help="the baseline's number of actions (18: the full ALE set, the largest head)")
+  p.add_argument('--dopamine-batch', type=int, default=dopamine_c51.BATCH_SIZE,
+                 help="the baseline's batch (default: c51.gin's 32)")
   args = p.parse_args(argv)
 
   platform = jax.devices()[0].platform
@@ -166,25 +203,42 @@ def main(argv=None) -> int:
   print(f'devices: {len(jax.local_devices())} x {jax.devices()[0].device_kind} ({platform}); '
         f'matmul peak {peak / 1e9:.1f} GFLOP/s ({how}); cpus {os.cpu_count()}; '
         f'load average {os.getloadavg()[0]:.1f}', flush=True)
+  rows = []
   for name in args.configs.split(','):
     row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak)
-    print(f"{row['config']:<40} B={row['batch']:<4} {row['dtype']:<8} "
-          f"{row['params_m']:7.2f}M params | {row['steps_per_s']:8.2f} steps/s | "
-          f"{row['samples_per_s']:9.1f} samples/s | {row['gflops_per_step']:8.2f} GFLOP/step | "
-          f"{row['achieved_gflops']:8.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of peak "
-          f"| best step {row['best_steps_per_s']:.2f} steps/s = "
-          f"{100 * row['best_fraction_of_peak']:5.1f}% | compile {row['compile_s']:.1f}s "
-          f"| load {row['load_average']:.1f}", flush=True)
+    print(row_line(row), flush=True)
     if args.learner:
       lrow = bench_learner(name.strip(), args.batch, args.bf16, args.seconds)
       row.update(learner_steps_per_s=lrow['steps_per_s'],
                  learner_best_steps_per_s=lrow['best_steps_per_s'])
       print(f"{'  Learner.step()':<40} {lrow['steps_per_s']:8.2f} steps/s | best step "
             f"{lrow['best_steps_per_s']:.2f} steps/s", flush=True)
-    if args.json:
-      with open(args.json, 'a', encoding='utf-8') as f:
+    rows.append(row)
+  if args.dopamine:
+    base = bench_dopamine(args.dopamine_actions, args.dopamine_batch, args.seconds, peak)
+    print(row_line(base) + f" | {base['num_actions']} actions (baseline)", flush=True)
+    for row in rows:
+      row.update(dopamine_flops_ratio=row['achieved_gflops'] / base['achieved_gflops'],
+                 dopamine_best_flops_ratio=row['best_fraction_of_peak']
+                 / base['best_fraction_of_peak'])
+      print(f"  {row['config']:<38} FLOP/s / Dopamine C51's: {row['dopamine_flops_ratio']:.2f}x "
+            f"(best steps: {row['dopamine_best_flops_ratio']:.2f}x)", flush=True)
+    rows.append(base)
+  if args.json:
+    with open(args.json, 'a', encoding='utf-8') as f:
+      for row in rows:
         f.write(json.dumps(dict(row, device=jax.devices()[0].device_kind)) + '\n')
   return 0
+
+
+def row_line(row: dict) -> str:
+  return (f"{row['config']:<40} B={row['batch']:<4} {row['dtype']:<8} "
+          f"{row['params_m']:7.2f}M params | {row['steps_per_s']:8.2f} steps/s | "
+          f"{row['samples_per_s']:9.1f} samples/s | {row['gflops_per_step']:8.2f} GFLOP/step | "
+          f"{row['achieved_gflops']:8.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of peak "
+          f"| best step {row['best_steps_per_s']:.2f} steps/s = "
+          f"{100 * row['best_fraction_of_peak']:5.1f}% | compile {row['compile_s']:.1f}s "
+          f"| load {row['load_average']:.1f}")
 
 
 if __name__ == '__main__':
