@@ -12,7 +12,10 @@ by stratified batches, variable server publishing every `publish_every_steps`, `
 evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
 `--seconds` after the first `--warmup-steps` steps and, unless `--during-fill`, once every table is
 full: the steady state, with the inserters throttled (compilation and replay fill excluded).
-Target (issue 13): >= 0.85 with no evaluator on an idle machine.
+Target (issue 13): >= 0.85 with no evaluator on an idle machine. The program row names the games
+whose data is resident (fits twice in its table, so it is not streamed once full:
+`reverb_tables.InsertThrottle`); `--set data.shuffle_buffer_per_game=N` with N below twice a game's
+selection measures the streaming path instead.
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
     if 'start' in marks and now - marks['start'][0] >= seconds:
       marks['end'] = (now, s['steps'])
       marks['skipped_publishes'] = s['publishes_skipped']
+      marks['resident'] = sorted({g for i in status.inserters if i for g in i.get('resident', [])})
       return True
     return False
 
@@ -79,7 +83,8 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
     ray.shutdown()
   (t0, s0), (t1, s1) = marks['start'], marks['end']
   return dict(steps_per_s=(s1 - s0) / (t1 - t0), steps=s1 - s0,
-              skipped_publishes=marks['skipped_publishes'], workdir=workdir)
+              skipped_publishes=marks['skipped_publishes'], resident=marks['resident'],
+              workdir=workdir)
 
 
 def main() -> None:
@@ -90,12 +95,16 @@ def main() -> None:
   parser.add_argument('--warmup-steps', type=int, default=20)
   parser.add_argument('--evaluators', type=int, default=0)
   parser.add_argument('--eval-every-seconds', type=float, default=None)
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='config overrides, as for the CLI (e.g. data.shuffle_buffer_per_game='
+                      '5000 to stream data that would otherwise be resident)')
   parser.add_argument('--during-fill', action='store_true',
                       help='start measuring after the warm-up steps even while the tables fill '
                       '(the inserters are not throttled until every table is full)')
   args = parser.parse_args()
   from scaled_ql.launch import run
-  cfg = run.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators))
+  cfg = run.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators),
+                           overrides=args.set)
   if args.eval_every_seconds is not None:
     cfg = cfg.replace(eval=dict(eval_every_seconds=args.eval_every_seconds))
   run.check_data(cfg)
@@ -108,6 +117,9 @@ def main() -> None:
   inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
                                after_fill=not args.during_fill)
   phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
+  # Resident games (data fitting twice in its table) are not streamed once full; the others are.
+  phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
+            '; every game streamed')
   rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
                inside['steps_per_s'], load()))
   print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '

@@ -19,9 +19,9 @@ What it does, top to bottom:
    inserters, the Learner node, the variable server, an evaluator node; one Ray session for the
    whole benchmark, programs one after another) for `--steps` learner steps (or until
    `--minutes-per-run`), and its evaluator evaluates the final params (`--eval-steps` agent steps
-   per game, epsilon 0.001, no sticky actions). The config is `cpu_small`'s with a smaller
-   network (`BENCH_NETWORK`, same design: strided stem, GroupNorm ResNet block, spatial embedding,
-   trunk, per-game heads; per-frame input standardization, no feature norm) plus the method's variant (`scaled_ql.configs.VARIANTS`).
+   per game, epsilon 0.001, no sticky actions). The config is `cpu_small` (network, batch and
+   optimizer; `--batch-size`, `--learning-rate`, `--target-update-period` change them) on
+   `--games`, plus the method's variant (`scaled_ql.configs.VARIANTS`).
 4. Aggregates with rliable (`scaled_ql.eval.metrics`): IQM / median / mean / optimality gap of
    human-normalized scores with 95% stratified-bootstrap CIs over seeds, a performance profile
    PNG, per-game raw scores, and a check of the paper's claims, written to OUT/results.md and
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -60,30 +59,26 @@ METHODS = {
     'mean_pool': ('Scaled QL, mean pool', 'mean_pool'),
 }
 BEHAVIOUR = 'Behaviour policy (data)'
-DEFAULT_GAMES = configs.CPU_SMALL_GAMES  # the games the generator has heuristics for
-
-# A smaller sibling of `resnet_cpu_small` (same design: 12x12/12 patchify stem to 7x7, one basic
-# GroupNorm block, spatial embedding, LayerNorm trunk, feature norm, per-game heads): 32 channels
-# and a 256/128 trunk. Measured ~3x cpu_small's learner steps/s at batch 32 (notes).
-BENCH_NETWORK = dataclasses.replace(
-    configs.NETWORKS['resnet_cpu_small'], resnet_width=32, trunk_first_dim=256,
-    trunk_hidden_dims=(128, 128, 128))
-
+# The paper's six-game ablation set (games.ABLATION_GAMES_6) with Boxing for Asterix, which has no
+# scripted policy (docs/data_generation.md).
+DEFAULT_GAMES = ('Breakout', 'Boxing', 'Pong', 'Qbert', 'Seaquest', 'SpaceInvaders')
 
 def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
   """cpu_small + the method's variant, sized for this benchmark."""
   from scaled_ql.datasets import rlds_reader
   _, suffix = METHODS[method]
   base = configs.get_config('cpu_small' + (f'_{suffix}' if suffix else ''))
+  agent = {k: v for k, v in dict(
+      games_per_batch=args.batch_size // 4 if args.batch_size else None,
+      target_update_period=args.target_update_period,
+      learning_rate=args.learning_rate).items() if v is not None}
   return base.replace(
-      name=f'reproduce_{method}_seed{seed}', games=tuple(args.games), network=BENCH_NETWORK,
-      agent=dict(games_per_batch=args.batch_size // 4, transitions_per_game=4,
-                 target_update_period=args.target_update_period,
-                 learning_rate=args.learning_rate),
-      # The table holds the whole selected data (about 20% of the generated steps); a bigger one
-      # would make the inserter re-read the same episodes to fill it.
+      name=f'reproduce_{method}_seed{seed}', games=tuple(args.games), agent=agent,
+      # The table holds the whole selected data (about 20% of the generated steps) ~3 times: data
+      # that fits twice is inserted until the table is full and then not streamed again
+      # (reverb_tables.InsertThrottle, "resident"), so no inserter takes CPU from the learner.
       data=dict(data_dir=args.data_dir, selection='suboptimal',
-                shuffle_buffer_per_game=max(1_000, rlds_reader.num_suboptimal_checkpoints(
+                shuffle_buffer_per_game=max(1_000, 3 * rlds_reader.num_suboptimal_checkpoints(
                     args.checkpoints) * args.steps_per_checkpoint),
                 min_fill_per_game=min(1_000, args.steps_per_checkpoint)),
       # Only the final params matter here: no periodic evaluation while the learner trains
@@ -171,11 +166,20 @@ def run_one(method: str, seed: int, args) -> dict:
   return result
 
 
+MAIN_PAIR = ('scaled_ql', 'bc')  # the target's comparison: every seed of --seeds
+
+
+def seeds_of(method: str, args) -> list[int]:
+  return args.seeds if method in MAIN_PAIR else args.ablation_seeds
+
+
 def finished_runs(args) -> list[dict]:
   """The result.json of every finished (method, seed) of args.methods x args.seeds in OUT."""
   out = []
   for seed in args.seeds:
     for method in args.methods:
+      if seed not in seeds_of(method, args):
+        continue
       path = os.path.join(args.out, 'runs', f'{method}_seed{seed}', 'result.json')
       if os.path.exists(path):
         with open(path) as f:
@@ -206,6 +210,7 @@ def _verdict(a, b) -> str:
 def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float) -> str:
   from scaled_ql.eval import metrics, normalization, plots
   games = tuple(args.games)
+  cfg = make_config('scaled_ql', 0, args)
   methods = [m for m in args.methods if any(r['method'] == m for r in results)]
   label = {m: METHODS[m][0] for m in methods}
   mats = {}
@@ -245,9 +250,9 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Data: '
            f'{args.checkpoints} checkpoints x {args.steps_per_checkpoint} agent steps per game, '
            f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}: a mixture of '
-           f'scripted policies of rising skill, scaled_ql.datasets.policies.SkillSchedule). Network `BENCH_NETWORK` '
-           f'({_num_params(make_config("scaled_ql", 0, args))} params), batch {args.batch_size}, '
-           f'lr {args.learning_rate:g}, target update every {args.target_update_period} steps, '
+           f'scripted policies of rising skill, scaled_ql.datasets.policies.SkillSchedule). cpu_small\'s network '
+           f'({_num_params(cfg)} params), batch {cfg.agent.batch_size}, '
+           f'lr {cfg.agent.learning_rate:g}, target update every {cfg.agent.target_update_period} steps, '
            f'{args.steps} learner steps (runs cut at {args.minutes_per_run:g} min), evaluation '
            f'{args.eval_steps} agent steps per game x {args.eval_envs} env(s), epsilon 0.001.', '',
            '## Human-normalized aggregates (%), 95% CIs', '',
@@ -321,13 +326,17 @@ def parse_args(argv=None):
   p.add_argument('--extra-methods', default='',
                  help='methods run only after every seed of --methods (e.g. bcq if time allows)')
   p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--ablation-seeds', default=None,
+                 help='seeds of the methods other than scaled_ql and bc (default: --seeds), '
+                      'e.g. 0 to fit the ablations into the budget once the main pair has 3')
   p.add_argument('--steps', type=int, default=3000, help='learner steps per run')
   p.add_argument('--minutes-per-run', type=float, default=10.0,
                  help='hard cap per run; the final evaluation then uses the params reached')
-  p.add_argument('--batch-size', type=int, default=32, help='a multiple of 4')
-  p.add_argument('--target-update-period', type=int, default=500)
-  p.add_argument('--learning-rate', type=float, default=2e-4,
-                 help='Adam learning rate (default: the paper\'s 2e-4 of Appendix B.3)')
+  p.add_argument('--batch-size', type=int, default=None,
+                 help="a multiple of 4 (default: cpu_small's, 64 games x 4)")
+  p.add_argument('--target-update-period', type=int, default=None, help="default: cpu_small's")
+  p.add_argument('--learning-rate', type=float, default=None,
+                 help="Adam learning rate (default: cpu_small's)")
   p.add_argument('--checkpoints', type=int, default=10, help='generated splits per game')
   p.add_argument('--steps-per-checkpoint', type=int, default=5000)
   p.add_argument('--eval-steps', type=int, default=3000, help='agent steps per game')
@@ -352,13 +361,18 @@ def parse_args(argv=None):
     p.error(f'--seeds must be comma-separated integers, got {args.seeds!r}')
   if not args.seeds:
     p.error('--seeds: give at least one seed')
+  try:
+    args.ablation_seeds = (args.seeds if args.ablation_seeds is None else
+                           [int(s) for s in args.ablation_seeds.split(',') if s])
+  except ValueError:
+    p.error(f'--ablation-seeds must be comma-separated integers, got {args.ablation_seeds!r}')
   for name in ('steps', 'eval_steps', 'eval_envs', 'checkpoints', 'steps_per_checkpoint',
                'reps', 'target_update_period'):
-    if getattr(args, name) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
-  if args.learning_rate <= 0:
+  if args.learning_rate is not None and args.learning_rate <= 0:
     p.error(f'--learning-rate must be > 0, got {args.learning_rate}')
-  if args.batch_size < 4 or args.batch_size % 4:
+  if args.batch_size is not None and (args.batch_size < 4 or args.batch_size % 4):
     p.error(f'--batch-size must be a positive multiple of 4, got {args.batch_size}')
   if args.eval_steps % args.eval_envs:
     p.error('--eval-steps must be a multiple of --eval-envs')
@@ -391,7 +405,8 @@ def main(argv=None) -> int:
       for method_list in (args.core_methods, args.extra_methods):
         for seed in args.seeds:
           for method in method_list:
-            results.append(run_one(method, seed, args))
+            if seed in seeds_of(method, args):
+              results.append(run_one(method, seed, args))
     finally:
       ray.shutdown()
   md = report(results, behaviour, args, time.time() - started)

@@ -29,7 +29,7 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
   # A crashing loop keeps its traceback in status()['error'] instead of ending pytest's process.
   monkeypatch.setattr(nodes._LoopNode, 'exit_on_crash', False)  # pylint: disable=protected-access
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=NUM_STEPS, evaluators=1).replace(
-      eval=dict(steps_per_game=40, eval_every_seconds=3600.0),
+      eval=dict(steps_per_game=40, final_steps_per_game=60, eval_every_seconds=3600.0),
       train=dict(checkpoint_every_steps=5, publish_every_steps=4))
   workdir = str(tmp_path / 'local')
   run.prepare_workdir(cfg, workdir)
@@ -49,8 +49,9 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
     assert status['steps'] == NUM_STEPS and status['published_version'] == NUM_STEPS
     assert all(size >= cfg.data.min_fill_per_game
                for size in replay_node.status()['table_sizes'].values())
-    # The evaluator's first round (params of step 0) came on its own; wake() asks for the final.
-    evaluator.wake()
+    # The evaluator's first round (params of step 0) came on its own; wake() asks for the final,
+    # on the final budget.
+    evaluator.wake(final=True)
     _wait_for(lambda: evaluator.status()['evaluated_version'] >= NUM_STEPS, 180,
               'the evaluation of the final params')
     assert learner.stop() == NUM_STEPS
@@ -65,6 +66,8 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
     rows = [json.loads(line) for line in f if line.strip()]
   assert {r['game'] for r in rows} == set(cfg.games)
   assert {r['param_version'] for r in rows} >= {NUM_STEPS}
+  assert {r['budget'] for r in rows if r['param_version'] == 0} == {40}
+  assert {r['budget'] for r in rows if r['param_version'] == NUM_STEPS} == {60}
   _, _, step = checkpointing.load_params(workdir)
   assert step == NUM_STEPS
 

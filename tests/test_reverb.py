@@ -287,6 +287,7 @@ def test_throttle_stops_inserts_while_full_tables_are_not_sampled():
     time.sleep(1.5)
     assert _insert_counts(address, cfg.games) == held  # nobody samples: nothing is inserted
     assert thread.is_alive() and throttle.throttled_s > 1.0
+    assert throttle.resident == set()  # ~22 transitions per epoch do not fit twice in 30
     # The learner samples: each game's table lets an episode in once it has been sampled
     # samples_per_insert x (inserted since full) times; inserting resumes, for every game.
     with rt.stratified_batches(address, cfg.games, cfg, seed=3) as batches:
@@ -295,6 +296,38 @@ def test_throttle_stops_inserts_while_full_tables_are_not_sampled():
         now = _insert_counts(address, cfg.games)
         return all(now[g] > held[g] for g in cfg.games)
       _wait_until(grew, 60, 'inserts to resume while sampling')
+  finally:
+    stop.set()
+    thread.join(timeout=20)
+    srv.stop()
+  assert not thread.is_alive()
+
+
+def test_resident_data_is_not_streamed_again_while_sampled():
+  # ~22 transitions per game and epoch, tables of 200: after the first epoch the inserter knows
+  # the data fits; once a table is full it holds every transition, and sampling it (which lets a
+  # streamed game's inserts resume, test above) inserts nothing more.
+  cfg = tiny_cfg(max_size=200, min_fill=4).replace(data=dict(samples_per_insert=1.0))
+  episodes = hand_made_episodes(cfg.games, np.random.default_rng(7), episodes_per_game=3)
+  srv = rt.make_server(cfg)
+  address = f'localhost:{srv.port}'
+  thread, stop, throttle = _streaming_inserter(address, cfg, source_of(episodes))
+  try:
+    _wait_until(lambda: min(rt.table_sizes(address, cfg.games).values()) == 200, 60, 'full tables')
+    assert throttle.resident == set(cfg.games)
+    time.sleep(0.3)  # an episode already past the check may still land
+    held = _insert_counts(address, cfg.games)
+    seen = set()
+    with rt.stratified_batches(address, cfg.games, cfg, seed=5) as batches:
+      for _ in range(120):  # 480 samples per game: 480 more inserts per game if streamed
+        seen.update(int(v) for v in transitions_of(next(batches)).observation[:, 0, 0, -1])
+    assert _insert_counts(address, cfg.games) == held
+    # every transition is still there: each step's frame value (but the last of an episode,
+    # which is only ever a next observation) comes out as some sample's newest frame
+    expected = {int(steps['observation'][i, 0, 0, 0]) for eps in episodes.values()
+                for steps in eps for i in range(len(steps['observation']) - 1)}
+    assert expected <= seen
+    assert thread.is_alive()
   finally:
     stop.set()
     thread.join(timeout=20)

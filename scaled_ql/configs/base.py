@@ -115,6 +115,9 @@ class EvalConfig:
   sticky_action_prob: float = 0.0  # no sticky actions at evaluation (Lee et al. 2022 protocol)
   max_episode_frames: int = 108_000  # max frames per episode (Table B.1: 108K)
   steps_per_game: int = 125_000  # agent steps averaged over (Castro et al. 2018); small on CPU
+  # Budget of the last evaluation, of the final params at the end of a run (None: steps_per_game).
+  # CPU configs evaluate often on a small budget (curves) and once on a larger one (the result).
+  final_steps_per_game: Optional[int] = None
   num_envs: int = 4  # environments batched through the network per evaluator
   # The envs are split into this many groups: one group's emulators step while the network
   # computes another group's actions (JAX dispatches asynchronously); pays off only with a spare

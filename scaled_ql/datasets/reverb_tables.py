@@ -402,6 +402,11 @@ class InsertThrottle:
   inserter does not spend CPU (the learner's, on a small machine) re-inserting data nobody
   samples. The learner's samplers are never blocked (the tables' rate limiter is MinSize only).
   A server that does not answer (restarting) lets the episode through: the writer reconnects.
+
+  Resident data: a game whose selection holds at most half its table's max_size transitions
+  (`resident`, e.g. the demo's and the CPU benchmarks' generated data) is not streamed again once
+  its table is full: the table then holds every transition (each ~max_size / epoch times: the
+  last whole epochs plus part of one), and re-inserting copies would only spend CPU.
   """
 
   def __init__(self, address: str, games: Sequence[str], samples_per_insert: float,
@@ -410,11 +415,26 @@ class InsertThrottle:
     if samples_per_insert <= 0:
       raise ValueError(f'data.samples_per_insert must be > 0, got {samples_per_insert}')
     self._client = reverb.Client(address)
+    self._games = tuple(games)
     self._tables = [table_name(g) for g in games]
     self._samples_per_insert = samples_per_insert
     self._stop = stop or threading.Event()
-    self._poll_s = poll_s
+    self.poll_s = poll_s
     self.throttled_s = 0.0  # total time spent waiting
+    # Games whose whole selection fits twice in its table (`run_inserter` learns it at the end of
+    # the first epoch): once the table is full it holds every transition, so nothing more is
+    # inserted until the table is below its max_size again (a restarted server).
+    self.resident: set[str] = set()
+
+  def full_tables(self) -> set[str]:
+    """The games of this inserter whose table is at its max_size (none if the server does not
+    answer: the writer copes with a restarting server)."""
+    try:
+      infos = self._client.server_info(timeout=10)
+    except Exception:  # noqa: BLE001 -- server restarting
+      return set()
+    return {g for g in self._games if table_name(g) in infos
+            and infos[table_name(g)].current_size >= infos[table_name(g)].max_size}
 
   def must_wait(self, game: str) -> bool:
     try:
@@ -433,7 +453,7 @@ class InsertThrottle:
   def wait(self, game: str) -> None:
     while not self._stop.is_set() and self.must_wait(game):
       started = time.monotonic()
-      self._stop.wait(self._poll_s)
+      self._stop.wait(self.poll_s)
       self.throttled_s += time.monotonic() - started
 
 
@@ -442,10 +462,15 @@ def rlds_episode_source(cfg: ExperimentConfig, *, repeat: bool = True, seed: int
   """game -> stream of episodes (each a stream of step dicts) from `rlds_reader`.
 
   With `repeat` the reader streams the selection epoch after epoch (reshuffling its file order).
+  Without it a call streams one epoch; each later call for the same game (`run_inserter` repeating
+  the epochs itself, which lets it see where an epoch ends) reads its files in a new order.
   """
+  calls: dict[str, int] = {}
+
   def source(game: str):
     from scaled_ql.datasets import rlds_reader
-    dataset = rlds_reader.episodes_from_config(cfg.data, game, repeat=repeat, seed=seed,
+    epoch = calls[game] = calls.get(game, -1) + 1
+    dataset = rlds_reader.episodes_from_config(cfg.data, game, repeat=repeat, seed=seed + epoch,
                                                **reader_kwargs)
     for episode in dataset:
       yield _episode_steps(episode['steps'])
@@ -481,12 +506,21 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   writer = make_writer(client, n_step, chunk_length)
   streams = {g: iter(source(g)) for g in games}
   written = {g: 0 for g in games}
+  epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
+  max_size = cfg.data.shuffle_buffer_per_game
   total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
+    # Resident games (see InsertThrottle) are skipped while their tables are full.
+    idle = throttle.full_tables() & throttle.resident if throttle.resident else set()
+    if idle and all(g in idle for g in active):
+      stop.wait(throttle.poll_s)
+      continue
     for game in list(active):
       if stop.is_set():
         break
+      if game in idle:
+        continue
       if max_episodes_per_game is not None and written[game] >= max_episodes_per_game:
         active.remove(game)
         continue
@@ -499,13 +533,20 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if not repeat:
           active.remove(game)
           continue
+        if 0 < 2 * epoch_items[game] <= max_size and game not in throttle.resident:
+          throttle.resident.add(game)
+          log.info('%s: %d transitions per epoch fit its table of %d: not streamed again once '
+                   'the table is full', game, epoch_items[game], max_size)
+        epoch_items[game] = 0
         streams[game] = iter(source(game))
         episode = next(streams[game])
       throttle.wait(game)
       if stop.is_set():
         break
       try:
-        total_items += write_episode(writer, table_name(game), episode, n_step, chunk_length)
+        items = write_episode(writer, table_name(game), episode, n_step, chunk_length)
+        total_items += items
+        epoch_items[game] += items
         failures = 0
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
@@ -788,7 +829,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     serve(cfg, args.port, pacing)
     return 0
   # SIGTERM ends an inserter process at once (default action): nothing of it needs saving.
-  source = rlds_episode_source(cfg, repeat=not args.no_repeat, seed=args.seed)
+  # One epoch per source call: run_inserter repeats the epochs itself (and sees resident data).
+  source = rlds_episode_source(cfg, repeat=False, seed=args.seed)
   items = run_inserter(args.address, cfg, args.games.split(','), source,
                        max_episodes_per_game=args.max_episodes_per_game,
                        repeat=not args.no_repeat)

@@ -375,10 +375,21 @@ def _step_signature(features) -> dict:
               if k == 'steps' else v) for k, v in spec.items()}
 
 
+_DECODERS: dict[str, Callable[[bytes], dict]] = {}
+
+
 def _decoder(features) -> Callable[[bytes], dict]:
   """record -> the episode decoded whole (steps and frames) as numpy, by one traced function: an
   undecodable example (bad proto, missing feature, broken PNG) raises here, before any of it is
-  used. Thread-safe (the reader decodes `_DECODE_THREADS` episodes at once)."""
+  used. Thread-safe (the reader decodes `_DECODE_THREADS` episodes at once). One per feature spec
+  (an inserter opens a reader per epoch; a new tf.function each time would be traced again)."""
+  key = repr(features)
+  if key not in _DECODERS:
+    _DECODERS[key] = _make_decoder(features)
+  return _DECODERS[key]
+
+
+def _make_decoder(features) -> Callable[[bytes], dict]:
 
   @tf.function(input_signature=[tf.TensorSpec((), tf.string)])
   def decode(record):

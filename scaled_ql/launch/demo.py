@@ -117,7 +117,8 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   learner_steps = status.learner['steps'] if status.learner else '?'
   print(f'\nScaled QL ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores '
-        f'(a budget of {cfg.eval.steps_per_game} agent steps per game, every episode started '
+        f'(a budget of {cfg.eval.final_steps_per_game or cfg.eval.steps_per_game} agent steps '
+        'per game, every episode started '
         f'played to its end, epsilon {cfg.eval.epsilon}):')
   run.print_scores(status)
   # Over the games with a completed episode only; the others are named, never counted.

@@ -248,7 +248,8 @@ class InserterNode(_LoopNode):
     self._read_stats = self._read_stats or rlds_reader.ReadStats()
     reverb_tables.run_inserter(
         address, self._cfg, self._games,
-        reverb_tables.rlds_episode_source(self._cfg, stats=self._read_stats),
+        # One epoch per source call; run_inserter repeats them (and sees resident data).
+        reverb_tables.rlds_episode_source(self._cfg, repeat=False, stats=self._read_stats),
         repeat=True, stop=self._stop, throttle=self._throttle)
     return False
 
@@ -258,11 +259,16 @@ class InserterNode(_LoopNode):
 
   def status(self) -> dict:
     # data: episodes read, corrupt (unreadable) files and undecodable episodes skipped so far.
+    resident = sorted(self._throttle.resident) if self._throttle is not None else []
     return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s,
+                resident=resident,
                 data=self._read_stats.counts() if self._read_stats is not None else {})
 
   def stop(self) -> None:
-    self._stop_loop(timeout=30)
+    # Nothing of an inserter needs saving (an episode cut short is dropped either way), and its
+    # thread may sit in the reader's next episode (decoding a long one takes seconds): do not
+    # wait on it for long; the program kills the node next.
+    self._stop_loop(timeout=2)
 
 
 class LearnerNode(_LoopNode):
@@ -374,6 +380,9 @@ def eval_due(version: int, evaluated_version: int, every_steps: Optional[int],
   return not every_steps or woken or version // every_steps > evaluated_version // every_steps
 
 
+EVALUATOR_NICENESS = 5
+
+
 class EvaluatorNode(_LoopNode):
   """Evaluates the newest params on its own games, once per `eval_every_steps` learner steps
   (paper configs) or on its own clock (every `eval_every_seconds`), and only params newer than the
@@ -384,6 +393,10 @@ class EvaluatorNode(_LoopNode):
                workdir: str, index: int):
     from scaled_ql.agents.actors import make_policy
     self.name = f'evaluator_{index}'
+    # Where it shares cores with the learner (one machine), the learner's steps come first: an
+    # evaluator round only decides when the next curve point lands. +5 on top of Ray's worker
+    # niceness (a no-op for a node on a machine of its own).
+    os.nice(EVALUATOR_NICENESS)
     self._cfg, self._games, self._index = cfg, tuple(games), index
     self._policy = make_policy(cfg, cfg.eval.epsilon)
     self._client = variables.client()
@@ -393,6 +406,7 @@ class EvaluatorNode(_LoopNode):
     self._writer = None
     self._wake = threading.Event()
     self._woken = False
+    self._final = False
     self._evaluating_version = -1
     self._start(workdir)
 
@@ -407,8 +421,11 @@ class EvaluatorNode(_LoopNode):
       return
     version, params = self._client.version, self._client.params
     self._evaluating_version = version  # a round in progress (lost if the node is killed)
+    # wake(final=True) before this round started: the final params get the final budget.
+    budget = self._cfg.eval.final_steps_per_game if self._final else None
     results = evaluator.evaluate(
         self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
+        steps_per_game=budget,
         seed=self._cfg.train.seed + 1000 * self._index + self._rounds, param_version=version,
         evaluator=self.name, epsilon=self._cfg.eval.epsilon,
         jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'))
@@ -427,10 +444,12 @@ class EvaluatorNode(_LoopNode):
     self._wake.wait(max(0.0, self._cfg.eval.eval_every_seconds - (time.monotonic() - started)))
     self._wake.clear()
 
-  def wake(self) -> None:
+  def wake(self, final: bool = False) -> None:
     """Start the next round now (e.g. to evaluate the final params at the end of training);
-    from now on any newer params are due, whatever the step cadence."""
+    from now on any newer params are due, whatever the step cadence. `final`: later rounds use
+    `eval.final_steps_per_game` (when set) as their budget."""
     self._woken = True
+    self._final = self._final or final
     self._wake.set()
 
   def _write_tensorboard(self, version: int) -> None:

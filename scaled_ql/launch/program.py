@@ -532,7 +532,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   if final_step is not None and final_eval_timeout_s and program.evaluators:
     log(f'evaluating the final params (step {final_step}) ...')
     for handle in program.evaluators:
-      handle.wake.remote()
+      handle.wake.remote(final=True)
     deadline = time.time() + final_eval_timeout_s
     while time.time() < deadline:
       try:
