@@ -389,6 +389,10 @@ class EpisodeAdder:
 EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]
 
 
+def _full(info) -> bool:
+  return info.current_size >= info.max_size
+
+
 class InsertThrottle:
   """The offline throttle (`DataConfig.samples_per_insert`): holds an inserter back, never the
   learner.
@@ -415,7 +419,6 @@ class InsertThrottle:
     if samples_per_insert <= 0:
       raise ValueError(f'data.samples_per_insert must be > 0, got {samples_per_insert}')
     self._client = reverb.Client(address)
-    self._games = tuple(games)
     self._tables = [table_name(g) for g in games]
     self._samples_per_insert = samples_per_insert
     self._stop = stop or threading.Event()
@@ -426,22 +429,34 @@ class InsertThrottle:
     # inserted until the table is below its max_size again (a restarted server).
     self.resident: set[str] = set()
 
-  def full_tables(self) -> set[str]:
-    """The games of this inserter whose table is at its max_size (none if the server does not
-    answer: the writer copes with a restarting server)."""
+  def _server_info(self) -> Optional[dict]:
+    """Table name -> TableInfo, or None while the server does not answer (restarting: the writer
+    copes)."""
     try:
-      infos = self._client.server_info(timeout=10)
+      return self._client.server_info(timeout=10)
     except Exception:  # noqa: BLE001 -- server restarting
+      return None
+
+  def end_of_epoch(self, game: str, items: int, max_size: int) -> None:
+    """`run_inserter` finished an epoch of `game` of `items` transitions: resident if it fits
+    twice in the table."""
+    if 0 < 2 * items <= max_size and game not in self.resident:
+      self.resident.add(game)
+      log.info('%s: %d transitions per epoch fit its table of %d: not streamed again once the '
+               'table is full', game, items, max_size)
+
+  def idle(self) -> set[str]:
+    """The resident games whose table is full: nothing of theirs needs inserting."""
+    infos = self._server_info() if self.resident else None
+    if infos is None:
       return set()
-    return {g for g in self._games if table_name(g) in infos
-            and infos[table_name(g)].current_size >= infos[table_name(g)].max_size}
+    return {g for g in self.resident if table_name(g) in infos and _full(infos[table_name(g)])}
 
   def must_wait(self, game: str) -> bool:
-    try:
-      infos = self._client.server_info(timeout=10)
-    except Exception:  # noqa: BLE001 -- server restarting: the writer copes
+    infos = self._server_info()
+    if infos is None:
       return False
-    if any(t in infos and infos[t].current_size < infos[t].max_size for t in self._tables):
+    if any(t in infos and not _full(infos[t]) for t in self._tables):
       return False
     info = infos.get(table_name(game))
     if info is None:
@@ -507,12 +522,11 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   streams = {g: iter(source(g)) for g in games}
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
-  max_size = cfg.data.shuffle_buffer_per_game
   total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
     # Resident games (see InsertThrottle) are skipped while their tables are full.
-    idle = throttle.full_tables() & throttle.resident if throttle.resident else set()
+    idle = throttle.idle()
     if idle and all(g in idle for g in active):
       stop.wait(throttle.poll_s)
       continue
@@ -533,10 +547,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if not repeat:
           active.remove(game)
           continue
-        if 0 < 2 * epoch_items[game] <= max_size and game not in throttle.resident:
-          throttle.resident.add(game)
-          log.info('%s: %d transitions per epoch fit its table of %d: not streamed again once '
-                   'the table is full', game, epoch_items[game], max_size)
+        throttle.end_of_epoch(game, epoch_items[game], cfg.data.shuffle_buffer_per_game)
         epoch_items[game] = 0
         streams[game] = iter(source(game))
         episode = next(streams[game])
