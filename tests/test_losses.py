@@ -258,3 +258,14 @@ def test_mse_diagnostics():
   assert float(out['greedy_is_data_action']) == 1.0
   out = losses.mse_cql_loss(q, jnp.int32(2), jnp.float32(0.0), jnp.float32(0.0), q, valid, 0.1)
   assert float(out['greedy_is_data_action']) == 0.0
+
+
+def test_select_is_indexing_with_a_dense_gradient():
+  values = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  for a in range(5):
+    np.testing.assert_array_equal(losses.select(values, jnp.int32(a)), values[a])
+    np.testing.assert_array_equal(losses.select(values[:, 0], jnp.int32(a)), values[a, 0])
+  grad = jax.grad(lambda v: losses.select(v, jnp.int32(2)).sum())(values)
+  np.testing.assert_array_equal(grad, np.eye(5, dtype=np.float32)[2][:, None].repeat(3, 1))
+  masked = jnp.asarray([0.0, -1e30, 2.0])  # masked log-probabilities stay finite
+  assert losses.select(masked, jnp.int32(2)) == 2.0

@@ -66,6 +66,18 @@ def action_gap(q_values: Array, valid: Array) -> Array:
   return jnp.where(jnp.isfinite(second), masked[best] - second, 0.0)
 
 
+def select(values: Array, index: Array) -> Array:
+  """`values[index]` along the first axis ([A] -> [], [A, N] -> [N]) as a one-hot contraction.
+
+  Equal to indexing (one 1 and zeros times finite values), but its gradient is dense: the
+  gradient of a dynamic index is a scatter-add, which XLA:CPU runs as a serial loop over the
+  batch (see `networks.q_network.MultiGameHeads`).
+  """
+  chex.assert_rank(index, 0)
+  one_hot = jax.nn.one_hot(index, values.shape[0], dtype=values.dtype)
+  return jnp.tensordot(one_hot, values, axes=1)
+
+
 def expected_q(logits: Array, atoms: Array) -> Array:
   """Q(s, .) [A] as the expectation of the per-action categorical return distribution [A, N]."""
   chex.assert_rank([logits, atoms], [2, 1])
@@ -78,14 +90,14 @@ def expected_q(logits: Array, atoms: Array) -> Array:
 def cql_penalty(q_values: Array, action: Array, valid: Array) -> Array:
   """logsumexp over the game's valid actions of Q(s, .) minus Q(s, a_data)."""
   chex.assert_rank([q_values, action, valid], [1, 0, 1])
-  return masked_logsumexp(q_values, valid) - q_values[action]
+  return masked_logsumexp(q_values, valid) - select(q_values, action)
 
 
 def q_diagnostics(q_values: Array, action: Array, valid: Array) -> dict[str, Array]:
   """Monitoring terms of a Q-learning loss (never minimised): `q_data` = Q(s, a_data),
   `action_gap` (best minus second-best valid Q) and `greedy_is_data_action` (1 when the greedy
   action is the dataset's: the Q-learner's "BC accuracy")."""
-  return dict(q_data=q_values[action], action_gap=action_gap(q_values, valid),
+  return dict(q_data=select(q_values, action), action_gap=action_gap(q_values, valid),
               greedy_is_data_action=(masked_argmax(q_values, valid) == action).astype(jnp.float32))
 
 
@@ -135,8 +147,11 @@ def c51_cql_loss(
   # processes that only act (evaluators, `scaled-ql eval`; they use the helpers above through
   # `actors.make_policy`) must not pay. The learner's process has TensorFlow already (Reverb).
   import rlax  # pylint: disable=g-import-not-at-top
-  td_loss = rlax.categorical_double_q_learning(atoms, logits_tm1, a_tm1, r_t, discount_t, atoms,
-                                               target_logits_t, selector)
+  # rlax indexes `logits_tm1[a_tm1]`; handing it the data action's row (`select`) as a one-action
+  # table keeps that index constant, so no scatter-add appears in the gradient.
+  td_loss = rlax.categorical_double_q_learning(atoms, select(logits_tm1, a_tm1)[None],
+                                               jnp.zeros((), a_tm1.dtype), r_t, discount_t,
+                                               atoms, target_logits_t, selector)
 
   q_tm1 = expected_q(logits_tm1, atoms)
   cql_loss = cql_penalty(q_tm1, a_tm1, valid)
@@ -165,7 +180,7 @@ def mse_cql_loss(
                    [float, int, float, float, float, bool])
   a_t = masked_argmax(target_q_t, valid)
   y = jax.lax.stop_gradient(r_t + discount_t * target_q_t[a_t])
-  td_loss = 0.5 * jnp.square(y - q_tm1[a_tm1])
+  td_loss = 0.5 * jnp.square(y - select(q_tm1, a_tm1))
   cql_loss = cql_penalty(q_tm1, a_tm1, valid)
   return dict(loss=td_loss + cql_alpha * cql_loss, td_loss=td_loss, cql_loss=cql_loss,
               **q_diagnostics(q_tm1, a_tm1, valid))
@@ -179,7 +194,7 @@ def bc_loss(logits: Array, action: Array, valid: Array) -> dict[str, Array]:
   chex.assert_rank([logits, action, valid], [1, 0, 1])
   chex.assert_type([logits, action, valid], [float, int, bool])
   log_probs = masked_log_softmax(logits, valid)
-  nll = -log_probs[action]
+  nll = -select(log_probs, action)
   accuracy = (masked_argmax(logits, valid) == action).astype(jnp.float32)
   return dict(loss=nll, bc_loss=nll, bc_accuracy=accuracy)
 

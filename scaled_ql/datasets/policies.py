@@ -8,7 +8,10 @@ Anand et al. 2019, checked by probing) or follow a fixed action pattern, and pic
 from the minimal action set:
 
 - Pong:          move the paddle towards the ball's height.
-- Breakout:      FIRE to serve, then keep the paddle under the ball.
+- Breakout:      keep the paddle under the ball; FIRE when there is nothing to do, which serves
+                 (FIRE is a no-op while the ball is in play, so holding with FIRE rather than
+                 NOOP makes "serve after a lost life" the majority action of the idle states,
+                 not a one-frame event a learned policy never copies).
 - Freeway:       always press UP (a constant action).
 - Boxing:        walk towards the opponent, 12 px below its RAM y, and punch when close.
 - SpaceInvaders: sweep the cannon across its whole range (RAM x) while firing.
@@ -69,7 +72,7 @@ def breakout(env: AtariEnv) -> int:
     return 2  # RIGHT
   if centre > ball_x + 3:
     return 3  # LEFT
-  return 0
+  return 1  # hold with FIRE (a no-op in play), so the idle action also serves
 
 
 def freeway(env: AtariEnv) -> int:

@@ -15,8 +15,12 @@ DEMO_DATA_DIR = os.path.join('data', 'generated')
 DEMO_WORKDIR = os.path.join('runs', 'demo')
 # Local dataset for the demo: 10 "checkpoints" (the `suboptimal` selection reads 00..09) of
 # DEMO_STEPS_PER_CHECKPOINT agent steps per game, played by the generator's heuristic policies.
+# 2500, not 500: the `suboptimal` splits then hold ~5000 transitions per game instead of ~1000
+# (which a 6-minute run sampled ~170 times each), and the data's score is a mean over 3-12 completed
+# episodes instead of 2-3 (Boxing's was 42.0 from episodes of 73 and 11). ~90 s to generate on 2
+# idle cores (docs/learning.md section 4, night).
 DEMO_CHECKPOINTS = 10
-DEMO_STEPS_PER_CHECKPOINT = 500
+DEMO_STEPS_PER_CHECKPOINT = 2500
 DEMO_TRAIN_MINUTES = 6.0
 
 
