@@ -29,3 +29,11 @@ def test_resume_line_says_resume_or_start_over(tmp_path):
   os.makedirs(os.path.join(workdir, 'checkpoints', '2000'))
   line = demo.resume_line(workdir)
   assert 'resuming' in line and 'step 2000' in line and 'rm -r' in line
+
+
+def test_method_label_names_what_was_trained():
+  assert demo.method_label(get_config('cpu_small').agent) == 'Scaled QL, CQL alpha 0.05'
+  assert demo.method_label(get_config('cpu_small_bc').agent) == 'BC'
+  assert demo.method_label(get_config('cpu_small_no_cql').agent) == 'Scaled QL, CQL alpha 0'
+  agent = get_config('cpu_small').replace(agent=dict(loss='bc', cql_alpha=0.0)).agent
+  assert demo.method_label(agent) == 'BC'  # `scaled-ql demo --set agent.loss=bc`

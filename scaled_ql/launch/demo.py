@@ -64,6 +64,16 @@ def data_score(cfg, game: str) -> tuple[Optional[float], int]:
   return (total / count if count else None), count
 
 
+def method_label(agent) -> str:
+  """What the run trained, named from its config (a --set may change the method): e.g. 'Scaled
+  QL, CQL alpha 0.05', 'BC'."""
+  names = {'c51': 'Scaled QL', 'mse': 'Scaled QL with MSE TD', 'bc': 'BC', 'bcq': 'discrete BCQ'}
+  label = names.get(agent.loss, agent.loss)
+  if agent.loss in ('c51', 'mse', 'bcq'):
+    label += f', CQL alpha {agent.cql_alpha:g}'
+  return label
+
+
 def resume_line(workdir: str) -> str:
   """Says whether the demo resumes `workdir` (its latest checkpoint) or starts a new run."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -119,7 +129,7 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
     print('[demo] no evaluation finished; see the logs above', file=sys.stderr)
     return 1
   learner_steps = status.learner['steps'] if status.learner else '?'
-  print(f'\nScaled QL ({cfg.name}) after {learner_steps} learner steps, '
+  print(f'\n{method_label(cfg.agent)} ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores '
         f'(a budget of {cfg.eval.final_steps_per_game or cfg.eval.steps_per_game} agent steps '
         'per game, every episode started '
