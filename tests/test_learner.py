@@ -87,7 +87,7 @@ def test_loss_falls_on_a_fixed_batch(variant):
 @pytest.mark.parametrize('variant', ['', '_mse', '_bc', '_bcq'])
 def test_update_has_no_scatter(variant):
   """The compiled update has no scatter-add: XLA:CPU runs one as a serial loop over the batch (the
-  gradients of the per-game head gather and of the data-action index were ~14% of the cpu_small
+  gradients of the per-game head gather and of the data-action index cost ~10% of the cpu_small
   step)."""
   cfg = get_config('cpu_tiny' + variant)
   state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))

@@ -65,13 +65,11 @@ def data_score(cfg, game: str) -> tuple[Optional[float], int]:
 
 
 def method_label(agent) -> str:
-  """What the run trained, named from its config (a --set may change the method): e.g. 'Scaled
-  QL, CQL alpha 0.05', 'BC'."""
-  names = {'c51': 'Scaled QL', 'mse': 'Scaled QL with MSE TD', 'bc': 'BC', 'bcq': 'discrete BCQ'}
-  label = names.get(agent.loss, agent.loss)
-  if agent.loss in ('c51', 'mse', 'bcq'):
-    label += f', CQL alpha {agent.cql_alpha:g}'
-  return label
+  """What the run trained, named from its config (a --set may change the method): the method's
+  label, with the CQL alpha for a Q-learning method, e.g. 'Scaled QL, CQL alpha 0.05', 'BC'."""
+  from scaled_ql.agents import methods
+  method = methods.get(agent.loss)
+  return f'{method.label}, CQL alpha {agent.cql_alpha:g}' if method.outputs_q else method.label
 
 
 def resume_line(workdir: str) -> str:

@@ -295,7 +295,7 @@ class MultiGameHeads(hk.Module):
 
   The columns are picked with one static slice and one `where` per game, not a gather by
   game_id: the gradient of a gather is a scatter-add, which XLA:CPU runs as a serial loop over
-  the batch (with the losses' `select`, this made the cpu_small update ~14% faster, BUILD_NOTES).
+  the batch (with the losses' `select`, this made the cpu_small update ~10% faster, BUILD_NOTES).
   """
 
   def __init__(self, games: Sequence[str], num_atoms: int, name: str = HEADS):

@@ -59,9 +59,11 @@ def no_config_checks(agent: AgentConfig) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One training method. Only `name`, `distributional` and `batch_loss` have no default."""
+  """One training method. Only `name`, `label`, `distributional` and `batch_loss` have no
+  default."""
 
   name: str  # the value of `cfg.agent.loss`
+  label: str  # what reports call it, e.g. 'Scaled QL' (the demo's summary line)
   distributional: bool  # the Q-network outputs cfg.agent.num_atoms logits per action (else 1)
   batch_loss: LossFn
   q_values: QValuesFn = scalar_q_values  # what a greedy policy (and the MC probe) ranks

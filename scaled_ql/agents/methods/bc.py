@@ -20,5 +20,5 @@ def check_config(agent) -> None:
 
 
 # The greedy action is the most likely one: ranking the logits is ranking the probabilities.
-METHOD = base.Method(name='bc', distributional=False, batch_loss=batch_loss, outputs_q=False,
-                     check_config=check_config)
+METHOD = base.Method(name='bc', label='BC', distributional=False, batch_loss=batch_loss,
+                     outputs_q=False, check_config=check_config)

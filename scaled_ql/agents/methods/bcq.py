@@ -39,6 +39,6 @@ def allowed_actions(nets, policy_params, observation, game_id, valid, agent):
   return _filter(behaviour, valid, agent.bcq_tau)
 
 
-METHOD = base.Method(name='bcq', distributional=True, batch_loss=batch_loss,
+METHOD = base.Method(name='bcq', label='discrete BCQ', distributional=True, batch_loss=batch_loss,
                      q_values=base.expected_q_values, allowed_actions=allowed_actions,
                      behaviour_model=True)

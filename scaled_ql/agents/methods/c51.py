@@ -24,5 +24,5 @@ def batch_loss(nets, params, behaviour_params, target_params, batch, agent):
                        agent.cql_alpha)
 
 
-METHOD = base.Method(name='c51', distributional=True, batch_loss=batch_loss,
+METHOD = base.Method(name='c51', label='Scaled QL', distributional=True, batch_loss=batch_loss,
                      q_values=base.expected_q_values)

@@ -16,4 +16,5 @@ def batch_loss(nets, params, behaviour_params, target_params, batch, agent):
       q, batch.action, batch.reward, batch.discount, target_q, valid, agent.cql_alpha)
 
 
-METHOD = base.Method(name='mse', distributional=False, batch_loss=batch_loss)
+METHOD = base.Method(name='mse', label='Scaled QL with MSE TD', distributional=False,
+                     batch_loss=batch_loss)
