@@ -20,6 +20,7 @@ machine a figure is only as good as the load it was measured under). In order:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ from learner_step import matmul_peak  # noqa: E402  (benchmarks/learner_step.py)
 from scaled_ql import configs  # noqa: E402
 from scaled_ql.datasets import reverb_tables as rt  # noqa: E402
 from scaled_ql.datasets import transitions as tr  # noqa: E402
-from scaled_ql.types import FrameWindows  # noqa: E402
+from scaled_ql.types import random_frame_windows  # noqa: E402
 
 
 def load() -> float:
@@ -58,29 +59,19 @@ def cpu_s(pids) -> float:
   return total
 
 
-def wait_full(address, games, size, timeout_s):
+def held_now(address, cfg) -> int:
+  """Transitions held over all tables."""
+  return sum(rt.table_sizes(address, cfg.games, per_item=cfg.data.transitions_per_item).values())
+
+
+def wait_full(address, games, size, timeout_s, per_item=1):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    sizes = rt.table_sizes(address, games)
+    sizes = rt.table_sizes(address, games, per_item=per_item)
     if min(sizes.values()) >= size:
       return sizes
     time.sleep(0.5)
-  raise TimeoutError(f'tables not full after {timeout_s}s: {rt.table_sizes(address, games)}')
-
-
-def random_windows(cfg, seed: int = 0) -> FrameWindows:
-  """An in-memory batch shaped like the pipeline's (random frames, valid actions)."""
-  from scaled_ql import games as games_lib
-  rng = np.random.default_rng(seed)
-  b, n = cfg.agent.batch_size, cfg.agent.n_step
-  counts = np.asarray(games_lib.action_counts(cfg.games))
-  game_id = rng.integers(0, len(cfg.games), b).astype(np.int32)
-  return FrameWindows(
-      frames=rng.integers(0, 256, (b, tr.window_length(n)) + tr.FRAME_SHAPE, dtype=np.uint8),
-      next_start=rng.integers(1, n + 1, b).astype(np.int32),
-      action=(rng.integers(0, 1000, b) % counts[game_id]).astype(np.int32),
-      reward=rng.normal(size=b).astype(np.float32),
-      discount=np.full(b, 0.99 ** n, np.float32), game_id=game_id)
+  raise TimeoutError(f'tables not full after {timeout_s}s: {sizes}')
 
 
 def timed_steps(learner, seconds: float) -> tuple[int, float]:
@@ -121,7 +112,10 @@ def run(cfg, args) -> list[dict]:
   row('matmul peak (fp32, best of n=1024/2048/4096)', peak / 1e9, 'GFLOP/s')
   quiet = dict(log_every_steps=10**9, checkpoint_every_steps=10**9)
   batch = cfg.agent.batch_size
-  alone = LearnerRunner(Learner(cfg.replace(train=quiet), iter(lambda: random_windows(cfg), None)),
+  # One batch, repeated: a fresh random batch per step would charge the baseline ~12 MB of
+  # random numbers per step (it did until 2026-12-01, which slowed "alone" and raised the ratio).
+  alone = LearnerRunner(Learner(cfg.replace(train=quiet),
+                                itertools.repeat(random_frame_windows(cfg))),
                         logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(3):
     alone.step()  # compile + warm up
@@ -135,11 +129,12 @@ def run(cfg, args) -> list[dict]:
     inserters = rt.start_inserter_processes(server.address, cfg)
     ins_pids = [p.pid for p in inserters]
     try:
-      while sum(rt.table_sizes(server.address, cfg.games).values()) == 0:
+      while held_now(server.address, cfg) == 0:
         time.sleep(0.2)  # the inserter processes start (imports, reader)
       t0 = time.monotonic()
-      wait_full(server.address, cfg.games, cfg.data.shuffle_buffer_per_game, args.timeout_s)
-      items = sum(rt.table_sizes(server.address, cfg.games).values())
+      wait_full(server.address, cfg.games, cfg.data.shuffle_buffer_per_game, args.timeout_s,
+                cfg.data.transitions_per_item)
+      items = held_now(server.address, cfg)
       row('insert rate while filling (learner idle)', items / (time.monotonic() - t0),
           'transitions/s', f'{cfg.data.num_inserters} inserter(s)')
 
@@ -184,7 +179,7 @@ def run(cfg, args) -> list[dict]:
       row('pipeline-fed / alone (mean of before and after)',
           fed_rate / (0.5 * (alone_before + alone_after)), 'ratio', 'target >= 0.85')
 
-      held = sum(rt.table_sizes(server.address, cfg.games).values())
+      held = held_now(server.address, cfg)
       grown = rss(server.pid) - rss_empty
       row('storage: server RSS growth per transition held', grown / held, 'bytes',
           f'{grown / held / tr.FRAME_BYTES:.2f} x one 84x84 frame; {held} held')
@@ -211,7 +206,7 @@ def memory_vs_dataset_size(cfg, args) -> dict:
         peak_server = max(peak_server, rss(server.pid))
         time.sleep(0.2)
       rt.stop_processes(inserters)
-      info = rt.table_sizes(server.address, c.games)
+      info = rt.table_sizes(server.address, c.games, per_item=c.data.transitions_per_item)
       import reverb
       tables = reverb.Client(server.address).server_info()
       inserted = sum(tables[rt.table_name(g)].rate_limiter_info.insert_stats.completed
@@ -232,6 +227,8 @@ def main(argv=None) -> int:
   p.add_argument('--buffer_per_game', type=int, default=4000)
   p.add_argument('--num_inserters', type=int, default=1)
   p.add_argument('--chunk_length', type=int, default=None, help='data.reverb_chunk_length')
+  p.add_argument('--transitions_per_item', type=int, default=None,
+                 help='data.transitions_per_item (default: the config\'s)')
   p.add_argument('--seconds', type=float, default=20.0, help='timed seconds per figure')
   p.add_argument('--peak_seconds', type=float, default=6.0)
   p.add_argument('--memory', action='store_true', help='also the memory-vs-dataset-size runs')
@@ -250,8 +247,11 @@ def main(argv=None) -> int:
                               num_inserters=args.num_inserters))
   if args.chunk_length:
     cfg = cfg.replace(data=dict(reverb_chunk_length=args.chunk_length))
+  if args.transitions_per_item:
+    cfg = cfg.replace(data=dict(transitions_per_item=args.transitions_per_item))
   print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cpus {os.cpu_count()}, chunk '
-        f'{cfg.data.reverb_chunk_length}, buffer/game {args.buffer_per_game}; '
+        f'{cfg.data.reverb_chunk_length}, transitions per item {cfg.data.transitions_per_item}, '
+        f'buffer/game {args.buffer_per_game}; '
         f'{os.popen("uptime").read().strip()}', flush=True)
   results = dict(config=args.config, argv=sys.argv[1:], cpu_count=os.cpu_count(),
                  rows=run(cfg, args))

@@ -51,12 +51,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learner_step import bench_config, flops_of, matmul_peak  # noqa: E402
 
-from scaled_ql import games as games_lib  # noqa: E402
 from scaled_ql import loggers  # noqa: E402
 from scaled_ql.agents import actors  # noqa: E402
 from scaled_ql.agents import learner as learner_lib  # noqa: E402
 from scaled_ql.agents import runner as runner_lib  # noqa: E402
-from scaled_ql.types import FrameWindows  # noqa: E402
+from scaled_ql.types import random_frame_windows  # noqa: E402
 
 SIZES = dict(
     full=dict(config='atari40_suboptimal_resnet101', batch=512, seconds=20.0,
@@ -68,19 +67,6 @@ SIZES = dict(
 
 def load() -> float:
   return os.getloadavg()[0]
-
-
-def random_windows(cfg, batch: int, seed: int = 0) -> FrameWindows:
-  rng = np.random.default_rng(seed)
-  n = cfg.agent.n_step
-  counts = np.asarray(games_lib.action_counts(cfg.games))
-  game_id = rng.integers(0, len(cfg.games), batch).astype(np.int32)
-  return FrameWindows(
-      frames=rng.integers(0, 256, (batch, n + 4, 84, 84), dtype=np.uint8),
-      next_start=rng.integers(1, n + 1, batch).astype(np.int32),
-      action=(rng.integers(0, 1000, batch) % counts[game_id]).astype(np.int32),
-      reward=rng.normal(size=batch).astype(np.float32),
-      discount=np.full(batch, 0.99 ** n, np.float32), game_id=game_id)
 
 
 def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
@@ -135,7 +121,8 @@ def main(argv=None) -> int:
   mesh = Mesh(np.asarray(devices), ('batch',))
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))
-  windows = jax.device_put(random_windows(cfg, b), NamedSharding(mesh, PartitionSpec('batch')))
+  windows = jax.device_put(random_frame_windows(cfg, b),
+                           NamedSharding(mesh, PartitionSpec('batch')))
   # FLOPs from the lowered HLO (no second compilation); the jit cache compiled here is the one
   # the Learner below hits (same shapes, shardings and config).
   lowered = learner_lib.update_from_windows.lower(state, windows, cfg=cfg)
@@ -164,7 +151,7 @@ def main(argv=None) -> int:
   del box
 
   # 3. The learner's consumption: Learner.step() on host batches.
-  host_batches = [random_windows(cfg, b, seed) for seed in range(4)]
+  host_batches = [random_frame_windows(cfg, b, seed) for seed in range(4)]
   learner = runner_lib.LearnerRunner(
       learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9))),
       logger=loggers.MultiLogger([]), handle_signals=False)

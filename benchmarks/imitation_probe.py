@@ -8,7 +8,8 @@ fast diagnostic; minutes instead of the gate's 20-minute CLI run plus evaluation
 Reads every episode of the selection (per game, `rlds_reader.episodes_from_config`), cuts 1-step
 transitions with the data path's numpy reference, and holds out 200-step chunks (one in seven,
 staggered by episode) as the validation set. Trains `--config` (default cpu_small_bc) with
-`learner.update` on stratified batches (the config's games_per_batch x transitions_per_game), and
+`learner.update` on stratified batches (the config's games_per_batch x transitions_per_game, in
+runs of `data.transitions_per_item` consecutive transitions, as the Reverb items deliver), and
 every `--every` steps prints one JSON line: steps/s, the batch loss, the greedy accuracy per game
 on (a subsample of) the training set and on the held-out set, and the load average. A network
 that only learned each game's action prior sits at the majority share printed at the start.
@@ -84,9 +85,16 @@ def main(argv=None) -> None:
           f'action share (held-out) {counts.max() / counts.sum():.3f}', flush=True)
   rng = np.random.default_rng(0)
 
+  per_item = cfg.data.transitions_per_item  # runs of consecutive transitions, as Reverb items
+
+  def draw(idx: np.ndarray) -> np.ndarray:
+    if per_item == 1:
+      return rng.choice(idx, agent.transitions_per_game)
+    first = rng.integers(0, len(idx) - per_item + 1, agent.transitions_per_game // per_item)
+    return idx[(first[:, None] + np.arange(per_item)).reshape(-1)]
+
   def batch() -> Transition:
-    i = np.concatenate([rng.choice(train_idx[k % len(games)], agent.transitions_per_game)
-                        for k in range(agent.games_per_batch)])
+    i = np.concatenate([draw(train_idx[k % len(games)]) for k in range(agent.games_per_batch)])
     zeros = np.zeros(len(i), np.float32)
     return Transition(obs[i], act[i].astype(np.int32), zeros, zeros + 1, obs[i],
                       gid[i].astype(np.int32))

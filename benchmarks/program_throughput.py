@@ -37,9 +37,9 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from data_pipeline import random_windows  # benchmarks/data_pipeline.py
+  from scaled_ql.types import random_frame_windows
   quiet = cfg.replace(train=dict(log_every_steps=10**9, checkpoint_every_steps=10**9))
-  learner = LearnerRunner(Learner(quiet, itertools.repeat(random_windows(cfg))),
+  learner = LearnerRunner(Learner(quiet, itertools.repeat(random_frame_windows(cfg))),
                           logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(warmup_steps):
     learner.step()

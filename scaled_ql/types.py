@@ -34,9 +34,12 @@ class FrameWindows(NamedTuple):
   (window frames 0..3) and its next observation (frames K..K+3), so each frame crosses to the
   device once and is stacked there, inside the jitted update (`to_transition`), instead of being
   copied twice into channel-last stacks by the host (datasets/transitions.py explains windows).
+  With P = `DataConfig.transitions_per_item` > 1 one item's frames hold the windows of P
+  consecutive transitions: transition b is in item b // P, its window starting at `start[b]`.
 
-  frames:     uint8   [B, n+4, 84, 84]  grey frames of steps t-3 .. t+n (zeros: padding)
-  next_start: int32   [B]               K = min(n, steps left): next_observation = frames K..K+3
+  frames:     uint8   [B/P, n+3+P, 84, 84]  grey frames of steps t0-3 .. t0+P-1+n (zeros: padding)
+  next_start: int32   [B]   K = min(n, steps left): next_observation = frames start+K .. start+K+3
+  start:      int32   [B]   first frame of the transition's window in its item (0 when P = 1)
   action, reward, discount, game_id:    as in `Transition`
   """
   frames: Array
@@ -45,18 +48,47 @@ class FrameWindows(NamedTuple):
   reward: Array
   discount: Array
   game_id: Array
+  start: Array
 
   def to_transition(self) -> Transition:
     """The `Transition` of these windows, with jax.numpy (jittable; on the arrays' device)."""
     import jax.numpy as jnp
     frames = jnp.asarray(self.frames)
     stack = 4
-    observation = jnp.moveaxis(frames[:, :stack], 1, -1)
-    index = jnp.asarray(self.next_start, jnp.int32)[:, None] + jnp.arange(stack)[None]
-    next_frames = jnp.take_along_axis(frames, index[:, :, None, None], axis=1)
-    return Transition(observation=observation, action=self.action, reward=self.reward,
-                      discount=self.discount, next_observation=jnp.moveaxis(next_frames, 1, -1),
+    start = jnp.asarray(self.start, jnp.int32)
+    batch = start.shape[0]
+    if batch % frames.shape[0]:
+      raise ValueError(f'{batch} transitions cannot come from {frames.shape[0]} items')
+    item = (jnp.arange(batch) // (batch // frames.shape[0]))[:, None]
+    offsets = jnp.arange(stack)[None]
+
+    def stacks(first):  # [B] -> [B, 84, 84, stack]: frames first .. first+3 of each item
+      return jnp.moveaxis(frames[item, first[:, None] + offsets], 1, -1)
+
+    next_first = start + jnp.asarray(self.next_start, jnp.int32)
+    return Transition(observation=stacks(start), action=self.action, reward=self.reward,
+                      discount=self.discount, next_observation=stacks(next_first),
                       game_id=self.game_id)
+
+
+def random_frame_windows(cfg, batch: int | None = None, seed: int = 0) -> FrameWindows:
+  """An in-memory batch shaped like the Reverb path's for `cfg` (random frames, valid actions,
+  `cfg.data.transitions_per_item` per item): the learner-alone baseline of the benchmarks."""
+  from scaled_ql import games as games_lib
+  rng = np.random.default_rng(seed)
+  b = cfg.agent.batch_size if batch is None else batch
+  n, per_item = cfg.agent.n_step, cfg.data.transitions_per_item
+  if b % per_item:
+    raise ValueError(f'batch {b} is not a whole number of items of {per_item} transitions')
+  counts = np.asarray(games_lib.action_counts(cfg.games))
+  game_id = np.repeat(rng.integers(0, len(cfg.games), b // per_item), per_item).astype(np.int32)
+  return FrameWindows(
+      frames=rng.integers(0, 256, (b // per_item, n + 3 + per_item, 84, 84), dtype=np.uint8),
+      next_start=rng.integers(1, n + 1, b).astype(np.int32),
+      action=(rng.integers(0, 1000, b) % counts[game_id]).astype(np.int32),
+      reward=rng.normal(size=b).astype(np.float32),
+      discount=np.full(b, 0.99 ** n, np.float32), game_id=game_id,
+      start=np.tile(np.arange(per_item, dtype=np.int32), b // per_item))
 
 
 class McProbe(NamedTuple):

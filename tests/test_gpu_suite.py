@@ -33,7 +33,8 @@ windows = FrameWindows(frames=np.zeros((b, cfg.agent.n_step + 4, 84, 84), np.uin
                        next_start=np.full(b, cfg.agent.n_step, np.int32),
                        action=np.zeros(b, np.int32), reward=np.ones(b, np.float32),
                        discount=np.full(b, 0.9, np.float32),
-                       game_id=(np.arange(b) % len(cfg.games)).astype(np.int32))
+                       game_id=(np.arange(b) % len(cfg.games)).astype(np.int32),
+                       start=np.zeros(b, np.int32))
 state = learner.init_state(cfg, jax.random.PRNGKey(0))
 state, metrics = learner.update_from_windows(state, windows, cfg=cfg)
 assert np.isfinite(float(metrics['loss']))

@@ -77,6 +77,9 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
     run.resolve_config('cpu_tiny', overrides=['agent.cql_alpha=-1'])
   with pytest.raises(ConfigError, match='--steps must be >= 1'):
     run.resolve_config('cpu_tiny', steps=0)
+  with pytest.raises(ConfigError, match='data.transitions_per_item=3 must divide '
+                                        'agent.transitions_per_game=4'):
+    run.resolve_config('cpu_tiny', overrides=['data.transitions_per_item=3'])
 
 
 def test_games_flag_sets_any_games_and_the_heads_follow():

@@ -110,6 +110,50 @@ def test_window_path_agrees_with_numpy_reference(server):
   assert seen == set(ref)
 
 
+def test_items_of_consecutive_transitions_agree_with_numpy_reference():
+  """data.transitions_per_item = 2: one sample, two consecutive transitions, each equal to the
+  numpy reference; an episode's odd last transition repeats in its item's empty place."""
+  per_item = 2
+  cfg = tiny_cfg().replace(data=dict(transitions_per_item=per_item))
+  srv = rt.make_server(cfg)
+  address = f'localhost:{srv.port}'
+  try:
+    episodes = hand_made_episodes(cfg.games, np.random.default_rng(3))
+    lengths = {g: [len(s['action']) - 1 for s in episodes[g]] for g in cfg.games}
+    assert any(n % per_item for ns in lengths.values() for n in ns)  # a repeat is exercised
+    items = rt.run_inserter(address, cfg, cfg.games, source_of(episodes), repeat=False)
+    assert items == sum(-(-n // per_item) for ns in lengths.values() for n in ns)
+    ref, seen = reference(cfg, episodes), set()
+    with rt.stratified_batches(address, cfg.games, cfg, seed=1) as batches:
+      for _ in range(120):
+        windows = next(batches)
+        assert windows.frames.shape[0] == 8 // per_item
+        batch = transitions_of(windows)
+        keys = []
+        for i in range(8):
+          t = tuple(np.asarray(x)[i] for x in batch)
+          for got_field, want_field, name in zip(t, ref[key(t)], tr.Transition._fields):
+            np.testing.assert_allclose(got_field, want_field, rtol=1e-6, err_msg=name)
+          keys.append(key(t))
+        for first, second in zip(keys[::2], keys[1::2]):  # the item's successor, or a repeat
+          assert second[0] in (first[0] + 1, first[0]), (first, second)
+        seen.update(keys)
+  finally:
+    srv.stop()
+  assert seen == set(ref)
+
+
+def test_transitions_per_item_is_checked():
+  with pytest.raises(ValueError, match='transitions_per_item=3 must divide'):
+    rt.check_items(tiny_cfg().replace(data=dict(transitions_per_item=3)))
+  with pytest.raises(ValueError, match='transitions_per_item must be >= 1'):
+    rt.check_items(tiny_cfg().replace(data=dict(transitions_per_item=0)))
+  cfg = tiny_cfg(min_fill=5, max_size=1001).replace(data=dict(transitions_per_item=4))
+  assert rt.table_items(cfg) == (250, 2)  # sizes are transitions; tables count items
+  with pytest.raises(ValueError, match='online fine-tuning paces single transitions'):
+    rt.TablePacing.from_config(cfg)
+
+
 def test_stratified_proportions():
   games = ('Breakout', 'Pong', 'Boxing')
   cfg = tiny_cfg(games=games, games_per_batch=6, transitions_per_game=3, min_fill=3)

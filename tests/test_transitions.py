@@ -149,21 +149,44 @@ def test_window_checks():
                               reward_clip=1.0)
 
 
-def _episode_frame_windows(n=3):
+def _episode_frame_windows(n=3, per_item=1):
   """Windows of two episodes (terminal and truncated ends), with distinct random frames."""
   rng = np.random.default_rng(0)
   out = []
   for terminal, length in ((True, 7), (False, 5)):
     steps = make_steps(length, REWARDS[:length], terminal)
     steps['observation'] = rng.integers(0, 256, steps['observation'].shape, dtype=np.uint8)
-    windows = tr.episode_windows(tr.split_steps(steps), n)
-    out.append(tr.windows_to_frame_windows(windows, 1, discount=0.9, reward_clip=1.0))
+    windows = tr.episode_windows(tr.split_steps(steps), n, per_item)
+    out.append(tr.windows_to_frame_windows(windows, 1, discount=0.9, reward_clip=1.0,
+                                           per_item=per_item))
   return tr.FrameWindows(*(np.concatenate(x) for x in zip(*out)))
 
 
-def test_device_stacking_equals_numpy_reference():
+@pytest.mark.parametrize('per_item', [2, 3, 4])
+@pytest.mark.parametrize('num_steps', [2, 3, 5, 8, 9])
+@pytest.mark.parametrize('terminal', [True, False])
+def test_items_of_several_transitions_equal_single_windows(per_item, num_steps, terminal):
+  """An item of P consecutive transitions gives exactly the reference's transitions t0..t0+P-1;
+  past the episode's last transition, the item repeats it."""
+  rng = np.random.default_rng(num_steps)
+  steps = make_steps(num_steps, (REWARDS * 2)[:num_steps], terminal)
+  steps['observation'] = rng.integers(0, 256, steps['observation'].shape, dtype=np.uint8)
+  want = tr.episode_transitions(steps, 3, 0.9, 1.0)
+  stream = list(tr.padded_step_records(tr.split_steps(steps), 3, per_item))
+  assert len(stream) == 3 + num_steps + 2 + per_item - 1  # per_item - 1 more padding records
+  windows = tr.episode_windows(tr.split_steps(steps), 3, per_item)
+  items = -(-(num_steps - 1) // per_item)
+  assert windows.frame.shape == (items, 3 + 3 + per_item, 84, 84)
+  got = tr.windows_to_transitions(windows, 0, discount=0.9, reward_clip=1.0, per_item=per_item)
+  index = np.minimum(np.arange(items * per_item), num_steps - 2)
+  for name, g, w in zip(tr.Transition._fields, got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w)[index], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize('per_item', [1, 2, 4])
+def test_device_stacking_equals_numpy_reference(per_item):
   import jax
-  windows = _episode_frame_windows()
+  windows = _episode_frame_windows(per_item=per_item)
   assert set(windows.next_start.tolist()) == {1, 2, 3}  # episode ends are in the batch
   want = tr.stack_frame_windows(windows)
   for got in (windows.to_transition(), jax.jit(tr.FrameWindows.to_transition)(windows)):
@@ -171,12 +194,14 @@ def test_device_stacking_equals_numpy_reference():
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
-def test_learner_step_on_frame_windows_equals_step_on_transitions():
+@pytest.mark.parametrize('per_item', [1, 2])
+def test_learner_step_on_frame_windows_equals_step_on_transitions(per_item):
   from scaled_ql import configs
   from scaled_ql.agents.learner import Learner
-  windows = _episode_frame_windows()
+  windows = _episode_frame_windows(per_item=per_item)
   cfg = configs.get_config('cpu_tiny').replace(
-      agent=dict(games_per_batch=1, transitions_per_game=len(windows.action)))
+      agent=dict(games_per_batch=1, transitions_per_game=len(windows.action)),
+      data=dict(transitions_per_item=per_item))
   transitions = tr.stack_frame_windows(windows)
   metrics = [Learner(cfg, iter([batch])).step()
              for batch in (windows, transitions)]

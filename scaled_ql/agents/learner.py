@@ -100,9 +100,10 @@ def update_from_windows(state: TrainState, windows: FrameWindows, cfg: Experimen
 def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_size: int) -> None:
   """Raises ValueError naming the field of a malformed batch (host-side, cheap)."""
   if isinstance(batch, FrameWindows):
-    width = cfg.agent.n_step + 4
-    expected = dict(frames=((batch_size, width, 84, 84), np.uint8),
-                    next_start=((batch_size,), np.int32))
+    per_item = cfg.data.transitions_per_item
+    width = cfg.agent.n_step + 3 + per_item
+    expected = dict(frames=((batch_size // per_item, width, 84, 84), np.uint8),
+                    next_start=((batch_size,), np.int32), start=((batch_size,), np.int32))
   elif isinstance(batch, Transition):
     expected = dict(observation=((batch_size, 84, 84, 4), np.uint8),
                     next_observation=((batch_size, 84, 84, 4), np.uint8))

@@ -153,8 +153,12 @@ def _cpu_small() -> ExperimentConfig:
       # left the majority action by step 1000 with 1e-8, by 1500 with 3.125e-4.
       agent=AgentConfig(games_per_batch=64, transitions_per_game=4, target_update_period=200,
                         learning_rate=1e-3, v_min=-10.0, v_max=10.0, adam_eps=1e-8),
+      # Items of 4 consecutive transitions: a game draw (4 transitions) is one Reverb sample, so
+      # the sampler costs ~1/3 of the CPU per transition (benchmarks/sample_cost.py) and the
+      # learner in the program runs 0.81-0.84x alone instead of 0.76x; BC imitation per step was
+      # no worse (docs/performance.md, "Items of several transitions"). Paper configs: 1.
       data=DataConfig(data_dir='data/generated', shuffle_buffer_per_game=20_000,
-                      min_fill_per_game=1_000),
+                      min_fill_per_game=1_000, transitions_per_item=4),
       # One environment: Dopamine's exact loop. Every started episode is played out (up to 27K
       # steps when a policy stalls, e.g. Breakout without FIRE), so each extra environment adds
       # up to one more such episode per round (docs/evaluation.md: 94K steps with 4 envs).
@@ -314,7 +318,7 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
                  frozen_modules=('encoder',) if freeze_encoder else ()),
       data=dict(shuffle_buffer_per_game=sized(c['replay_capacity'], 100),
                 min_fill_per_game=sized(c['min_replay_history'], c['batch_size']),
-                num_inserters=1),
+                num_inserters=1, transitions_per_item=1),  # Dopamine's i.i.d. replay, paced
       eval=dict(num_evaluators=1, game_mode=mode),
       train=dict(num_steps=num_steps),
       finetune=FinetuneConfig(pretrained=pretrained, update_period=c['update_period'],

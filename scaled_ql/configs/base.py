@@ -102,6 +102,12 @@ class DataConfig:
   # -15% learner-process CPU per sampled transition at equal server memory; docs/performance.md).
   reverb_chunk_length: int = 8
   prefetch_batches: int = 2  # batches the learner's Reverb sampler keeps in flight
+  # Consecutive transitions per Reverb item (one sample): 1 = i.i.d. transitions (Dopamine's
+  # replay, the paper's reading). P > 1 (dividing agent.transitions_per_game): each game draw of a
+  # stratified batch takes transitions_per_game / P runs of P consecutive transitions, and one
+  # sample, whose CPU cost hardly depends on its length, delivers P transitions (CPU configs:
+  # docs/performance.md). Table sizes stay in transitions (shuffle_buffer_per_game / P items).
+  transitions_per_item: int = 1
   # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
   # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
   reader_cycle_length: int = 64

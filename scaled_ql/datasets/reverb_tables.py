@@ -1,19 +1,21 @@
 """Reverb replay for offline multi-game training: one table per game, stratified sampling.
 
-Server: one table per game (`table_name(game)`), uniform sampler, FIFO remover,
-max_size = `cfg.data.shuffle_buffer_per_game`, rate limiter `MinSize(min_fill_per_game)`: each
+Server: one table per game (`table_name(game)`), uniform sampler, FIFO remover, max_size =
+`cfg.data.shuffle_buffer_per_game` transitions, rate limiter `MinSize(min_fill_per_game)`: each
 table is a shuffle buffer over a stream of transitions; sampling starts once it holds
-min_fill_per_game items and inserts are never blocked (FIFO eviction makes room). Online
-fine-tuning paces its table instead (`TablePacing`: Dopamine's one gradient step per
+min_fill_per_game transitions and inserts are never blocked (FIFO eviction makes room). Sizes are
+in transitions; a table counts items of `data.transitions_per_item` transitions (`table_items`).
+Online fine-tuning paces its table instead (`TablePacing`: Dopamine's one gradient step per
 `update_period` environment steps as a `SampleToInsertRatio` rate limiter); its actors write
 through `EpisodeAdder`.
 
 Storage: inserters append ONE record per RLDS step (a single 84x84 frame, action, reward,
 terminal, valid; see `transitions.py` for the record stream and its padding), packed into one
 uint8 column (`transitions.pack_record`: one chunk per sample instead of five), with the
-trajectory writer, and create an item over the last `n + 4` records for every transition. Items only
+trajectory writer, and create an item over the last `n + 4` records for every transition (or over
+`n + 3 + P` records for every P transitions, P = `data.transitions_per_item`). Items only
 reference the chunks that hold the records, so each frame is stored once (compressed) however many
-items (up to n+4) use it.
+items use it.
 
 Learner side: `stratified_batches(address, games, cfg)` draws `games_per_batch` game indices with
 replacement and `transitions_per_game` transitions from each drawn game's table (Appendix B.3),
@@ -82,9 +84,30 @@ def _check_games(games: Sequence[str], cfg: ExperimentConfig) -> None:
 RECORD_COLUMN = 'record'  # the one column: `transitions.pack_record` bytes per step
 
 
-def _record_specs(n_step: int):
+def check_items(cfg: ExperimentConfig) -> int:
+  """`cfg.data.transitions_per_item` (P), checked: ValueError naming the field at fault."""
+  per_item, per_game = cfg.data.transitions_per_item, cfg.agent.transitions_per_game
+  if per_item < 1:
+    raise ValueError(f'data.transitions_per_item must be >= 1, got {per_item}')
+  if per_game % per_item:
+    raise ValueError(f'data.transitions_per_item={per_item} must divide '
+                     f'agent.transitions_per_game={per_game} (a game draw takes whole items)')
+  if cfg.data.shuffle_buffer_per_game < per_item:
+    raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
+                     f'item of data.transitions_per_item={per_item} transitions')
+  return per_item
+
+
+def table_items(cfg: ExperimentConfig) -> tuple[int, int]:
+  """(max_size, min_size) of a game's table in items: the data config's sizes are transitions."""
+  per_item = check_items(cfg)
+  return (cfg.data.shuffle_buffer_per_game // per_item,
+          max(1, -(-cfg.data.min_fill_per_game // per_item)))
+
+
+def _record_specs(n_step: int, per_item: int = 1):
   import tensorflow as tf
-  shape = (tr.window_length(n_step), tr.RECORD_BYTES)
+  shape = (tr.window_length(n_step, per_item), tr.RECORD_BYTES)
   return {RECORD_COLUMN: tf.TensorSpec(shape, tf.uint8, name=RECORD_COLUMN)}
 
 
@@ -120,6 +143,9 @@ class TablePacing:
   def from_config(cls, cfg: ExperimentConfig) -> 'TablePacing':
     """The online fine-tuning pacing of `cfg`: warm-up `data.min_fill_per_game`, one step per
     `finetune.update_period` transitions, a slack of 4 publish periods (as the actors had)."""
+    if cfg.data.transitions_per_item != 1:
+      raise ValueError(f'online fine-tuning paces single transitions (Dopamine): '
+                       f'data.transitions_per_item must be 1, got {cfg.data.transitions_per_item}')
     return cls(cfg.data.min_fill_per_game, cfg.finetune.update_period, cfg.agent.batch_size,
                4 * cfg.train.publish_every_steps)
 
@@ -156,11 +182,12 @@ def make_tables(cfg: ExperimentConfig, pacing: Optional[TablePacing] = None) -> 
   if data.min_fill_per_game < 1 or data.min_fill_per_game > data.shuffle_buffer_per_game:
     raise ValueError(f'min_fill_per_game={data.min_fill_per_game} must be in '
                      f'[1, shuffle_buffer_per_game={data.shuffle_buffer_per_game}]')
-  signature = _record_specs(cfg.agent.n_step)
-  limiter = (lambda: reverb.rate_limiters.MinSize(data.min_fill_per_game)) if pacing is None else (
+  max_items, min_items = table_items(cfg)
+  signature = _record_specs(cfg.agent.n_step, data.transitions_per_item)
+  limiter = (lambda: reverb.rate_limiters.MinSize(min_items)) if pacing is None else (
       pacing.rate_limiter)
   return [reverb.Table(name=table_name(game), sampler=reverb.selectors.Uniform(),
-                       remover=reverb.selectors.Fifo(), max_size=data.shuffle_buffer_per_game,
+                       remover=reverb.selectors.Fifo(), max_size=max_items,
                        rate_limiter=limiter(), signature=signature)
           for game in cfg.games]
 
@@ -250,7 +277,7 @@ def start_server_process(cfg: ExperimentConfig, port: Optional[int] = None,
 
 # -------------------------------------------------------------------------------------- inserting
 
-def make_writer(client, n_step: int, chunk_length: int):
+def make_writer(client, n_step: int, chunk_length: int, per_item: int = 1):
   """A trajectory writer whose columns are chunked `chunk_length` steps at a time.
 
   Longer chunks compress better (consecutive frames in one compressed chunk); a chunk lives while
@@ -259,7 +286,7 @@ def make_writer(client, n_step: int, chunk_length: int):
   """
   if chunk_length < 1:
     raise ValueError(f'data.reverb_chunk_length must be >= 1, got {chunk_length}')
-  width = tr.window_length(n_step)
+  width = tr.window_length(n_step, per_item)
   keep_alive = max(width, chunk_length)
   writer = client.trajectory_writer(num_keep_alive_refs=keep_alive)
   writer.configure((RECORD_COLUMN,), num_keep_alive_refs=keep_alive,
@@ -290,16 +317,16 @@ def _wait_confirmed(wait, stop: Optional[threading.Event],
 
 def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
                   chunk_length: int, stop: Optional[threading.Event] = None,
-                  while_waiting: Optional[Callable[[], None]] = None) -> int:
-  """Appends one episode's records (padding included) and one item per transition.
+                  while_waiting: Optional[Callable[[], None]] = None, per_item: int = 1) -> int:
+  """Appends one episode's records (padding included) and one item per `per_item` transitions.
 
-  Returns the number of items (transitions) created. With `stop`, waits on the server (a paced
-  table's rate limiter) end with `InsertStopped` once it is set, and call `while_waiting()` every
-  0.5 s.
+  Returns the number of items created (= transitions when per_item = 1). With `stop`, waits on
+  the server (a paced table's rate limiter) end with `InsertStopped` once it is set, and call
+  `while_waiting()` every 0.5 s.
   """
-  width = tr.window_length(n_step)
+  width = tr.window_length(n_step, per_item)
   items = 0
-  for record, window_ends in tr.padded_step_records(steps, n_step):
+  for record, window_ends in tr.padded_step_records(steps, n_step, per_item):
     writer.append({RECORD_COLUMN: tr.pack_record(record)})
     if window_ends:
       writer.create_item(table=table, priority=1.0,
@@ -369,11 +396,13 @@ class EpisodeAdder:
   def _write(self, steps: list) -> None:
     import reverb
     n_step, chunk_length = self._cfg.agent.n_step, self._cfg.data.reverb_chunk_length
+    per_item = self._cfg.data.transitions_per_item
     if self._writer is None:
-      self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length)
+      self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length, per_item)
     try:
       self.items += write_episode(self._writer, self._table, steps, n_step, chunk_length,
-                                  stop=self._stop, while_waiting=self.while_waiting)
+                                  stop=self._stop, while_waiting=self.while_waiting,
+                                  per_item=per_item)
     except InsertStopped:
       self.lost_episodes += 1
     except (reverb.errors.ReverbError, RuntimeError) as e:
@@ -514,11 +543,12 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   _check_games(games, cfg)
   stop = stop or threading.Event()
   n_step, chunk_length = cfg.agent.n_step, cfg.data.reverb_chunk_length
+  per_item, (max_items, _) = check_items(cfg), table_items(cfg)
   wait_for_server(server_address, reconnect_timeout_s)
   if throttle is None:
     throttle = InsertThrottle(server_address, games, cfg.data.samples_per_insert, stop)
   client = reverb.Client(server_address)
-  writer = make_writer(client, n_step, chunk_length)
+  writer = make_writer(client, n_step, chunk_length, per_item)
   streams = {g: iter(source(g)) for g in games}
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
@@ -547,7 +577,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if not repeat:
           active.remove(game)
           continue
-        throttle.end_of_epoch(game, epoch_items[game], cfg.data.shuffle_buffer_per_game)
+        throttle.end_of_epoch(game, epoch_items[game], max_items)
         epoch_items[game] = 0
         streams[game] = iter(source(game))
         episode = next(streams[game])
@@ -555,7 +585,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       if stop.is_set():
         break
       try:
-        items = write_episode(writer, table_name(game), episode, n_step, chunk_length)
+        items = write_episode(writer, table_name(game), episode, n_step, chunk_length,
+                              per_item=per_item)
         total_items += items
         epoch_items[game] += items
         failures = 0
@@ -569,7 +600,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         log.warning('inserter lost %s (%s); reconnecting', server_address, e)
         wait_for_server(server_address, reconnect_timeout_s)
         client = reverb.Client(server_address)
-        writer = make_writer(client, n_step, chunk_length)
+        writer = make_writer(client, n_step, chunk_length, per_item)
         continue
       written[game] += 1
   writer.close()
@@ -611,10 +642,13 @@ def stop_processes(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -
 
 # --------------------------------------------------------------------------------------- sampling
 
-def table_sizes(server_address: str, games: Sequence[str], timeout_s: int = 10) -> dict:
+def table_sizes(server_address: str, games: Sequence[str], timeout_s: int = 10,
+                per_item: int = 1) -> dict:
+  """game -> transitions its table holds: items x `per_item` (data.transitions_per_item; an
+  episode's last item may repeat a transition, so with per_item > 1 this is an upper bound)."""
   import reverb
   info = reverb.Client(server_address).server_info(timeout=timeout_s)
-  return {g: info[table_name(g)].current_size for g in games}
+  return {g: info[table_name(g)].current_size * per_item for g in games}
 
 
 def samples_served(server_address: str, games: Sequence[str], timeout_s: int = 10) -> dict:
@@ -626,24 +660,26 @@ def samples_served(server_address: str, games: Sequence[str], timeout_s: int = 1
 
 def stratified_dataset(server_address: str, games: Sequence[str], cfg: ExperimentConfig,
                        seed: int = 0):
-  """tf.data of window batches: ({'record': uint8 [D, P, n+4, RECORD_BYTES]}, game_id [D, P]).
+  """tf.data of item batches: ({'record': uint8 [D, I, W, RECORD_BYTES]}, game_id [D, I]).
 
-  D = games_per_batch draws of a game, uniform with replacement; each draw is P =
-  transitions_per_game consecutive samples of that game's table (Appendix B.3). Per-sample work
-  stays in Reverb's sampler; tf.data only handles blocks of P samples (no per-sample map) and the
-  caller merges [D, P] into the batch dimension with a free reshape.
+  D = games_per_batch draws of a game, uniform with replacement; each draw is I =
+  transitions_per_game / transitions_per_item consecutive samples of that game's table
+  (Appendix B.3), each an item of W = n + 3 + transitions_per_item records. Per-sample work
+  stays in Reverb's sampler; tf.data only handles blocks of I samples (no per-sample map) and the
+  caller merges [D, I] into the batch dimension with a free reshape.
   """
   import reverb
   import tensorflow as tf
   _check_games(games, cfg)
   agent = cfg.agent
-  specs = _record_specs(agent.n_step)
-  per_game = agent.transitions_per_game
+  per_item = check_items(cfg)
+  specs = _record_specs(agent.n_step, per_item)
+  per_game = agent.transitions_per_game // per_item  # items per game draw
   # In-flight samples per table: about two batches' worth of this game's expected share.
-  in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / len(games))))
+  in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / per_item / len(games))))
   no_autograph = tf.autograph.experimental.do_not_convert  # plain tensor code; no warnings
 
-  def with_game_id(game_id):  # once per block of P samples
+  def with_game_id(game_id):  # once per block of I samples
     return no_autograph(lambda samples: (samples.data, game_id))
 
   datasets = []
@@ -728,10 +764,11 @@ class StratifiedBatches:
     agent = self._cfg.agent
     try:
       for data, game_id in self._windows():
-        merge = lambda x: x.reshape((-1,) + x.shape[2:])  # [D, P, ...] -> [D*P, ...], a view
+        merge = lambda x: x.reshape((-1,) + x.shape[2:])  # [D, I, ...] -> [D*I, ...], a view
         windows = tr.unpack_records(merge(data[RECORD_COLUMN]))
         batch = tr.windows_to_frame_windows(windows, merge(game_id), discount=agent.discount,
-                                            reward_clip=agent.reward_clip)
+                                            reward_clip=agent.reward_clip,
+                                            per_item=self._cfg.data.transitions_per_item)
         while not self._stop.is_set():
           try:
             self._queue.put(batch, timeout=0.1)

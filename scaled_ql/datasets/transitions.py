@@ -22,6 +22,13 @@ Per window: K = min(n, L - t) = number of valid records after index 3;
 reward = sum_{k<K} gamma^k clip(r_{t+k}); discount = 0 if step t+K is terminal (is_terminal is only
 set on the last step) else gamma^K; an episode that ends without is_terminal (truncation)
 bootstraps from its last observation; next_observation = frames t+K-3 .. t+K.
+
+Items of several transitions (`DataConfig.transitions_per_item` = P > 1): one Reverb item covers
+the windows of P consecutive transitions t0 .. t0+P-1 (t0 = 0, P, 2P, ...), n + STACK + P - 1
+records, so one sample delivers P transitions (a sample costs about the same CPU whatever its
+length; docs/performance.md). The episode's record stream then ends with n - 1 + P - 1 padding
+records, and where an episode's last item reaches past its last transition,
+`windows_to_frame_windows` repeats that item's last real transition in the empty places.
 """
 from __future__ import annotations
 
@@ -52,11 +59,14 @@ class StepRecords(NamedTuple):
   valid: Any
 
 
-def window_length(n_step: int) -> int:
-  """Records per transition window: STACK-1 history frames, the current step, n future steps."""
+def window_length(n_step: int, per_item: int = 1) -> int:
+  """Records per item: STACK-1 history frames, `per_item` current steps, n future steps (a single
+  transition's window when per_item = 1)."""
   if n_step < 1:
     raise ValueError(f'n_step must be >= 1, got {n_step}')
-  return n_step + STACK
+  if per_item < 1:
+    raise ValueError(f'data.transitions_per_item must be >= 1, got {per_item}')
+  return n_step + STACK + per_item - 1
 
 
 def record_dtypes() -> StepRecords:
@@ -79,30 +89,37 @@ def _frame(observation: np.ndarray) -> np.ndarray:
   return obs
 
 
-def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int
+def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
                         ) -> Iterator[tuple[StepRecords, bool]]:
   """Streams one episode's records (padding included) as (record, window_ends_here) pairs.
 
   `steps` yields RLDS steps as dicts with 'observation' uint8 [84,84(,1)], 'action', 'reward',
   'is_last', 'is_terminal' (and optionally 'is_first'). `window_ends_here` is True when the
-  `window_length(n_step)` most recent records (this one included) form a transition's window.
+  `window_length(n_step, per_item)` most recent records (this one included) form an item: the
+  windows of transitions t0 .. t0+per_item-1 for t0 = 0, per_item, 2 per_item, ... (one item per
+  transition when per_item = 1). The episode's last item may reach past its last transition:
+  per_item - 1 more padding records are appended at the end, and `windows_to_frame_windows`
+  repeats the item's last transition in those places.
   Raises ValueError on an episode that does not end with is_last, has steps after it, or marks a
   non-last step terminal (not the RLDS convention).
   """
-  width = window_length(n_step)
+  width = window_length(n_step, per_item)
   emitted_records = 0
+  num_steps = 0
+  last_seen = False
 
   def emit(record):
     nonlocal emitted_records
     emitted_records += 1
-    # The window of transition t ends at record t + n + 3; records before it are history.
-    return record, emitted_records >= width
+    # The item of transitions t0 .. t0+per_item-1 ends at record t0 + per_item + n + 2; records
+    # before it are history. Its first transition must exist: step t0 is not the last step.
+    t0 = emitted_records - width
+    ends = t0 >= 0 and t0 % per_item == 0 and not (last_seen and t0 >= num_steps - 1)
+    return record, ends
 
   for _ in range(STACK - 1):
     yield padding_record(), False
     emitted_records += 1
-  last_seen = False
-  num_steps = 0
   for step in steps:
     if last_seen:
       raise ValueError('episode has steps after its is_last step')
@@ -121,7 +138,7 @@ def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int
     yield emit(record)
   if not last_seen:
     raise ValueError(f'episode ended after {num_steps} steps without an is_last step')
-  for _ in range(n_step - 1):
+  for _ in range(n_step - 1 + per_item - 1):
     yield emit(padding_record())
 
 
@@ -174,76 +191,90 @@ def _stack_frames(planes: list) -> np.ndarray:
 
 
 def windows_to_frame_windows(windows: StepRecords, game_id: Any, *, discount: float,
-                             reward_clip: float) -> FrameWindows:
-  """Batch of windows [B, n+STACK, ...] -> `FrameWindows` [B, ...] (see module doc).
+                             reward_clip: float, per_item: int = 1) -> FrameWindows:
+  """Batch of items [M, n+STACK+per_item-1, ...] -> `FrameWindows` of B = M x per_item
+  transitions (see module doc; one window per item when per_item = 1).
 
-  Vectorised over the batch; the frames are passed through untouched (no copy): the learner
-  stacks them on its device (`FrameWindows.to_transition`), the numpy reference with
-  `stack_frame_windows`.
+  Transition b = i * per_item + j of item i has the window of records j .. j+n+STACK-1. Where j
+  lies past the episode's last transition (the episode's last item), it repeats the item's last
+  transition instead. Vectorised over the batch; the frames are passed through untouched (no
+  copy): the learner stacks them on its device (`FrameWindows.to_transition`), the numpy
+  reference with `stack_frame_windows`. `game_id`: one per item, or a scalar.
   """
   frame = np.asarray(windows.frame)
   if frame.ndim != 4 or frame.shape[2:] != FRAME_SHAPE or frame.dtype != np.uint8:
-    raise ValueError(f'window frames must be uint8 [B, W, 84, 84], got {frame.dtype} '
+    raise ValueError(f'window frames must be uint8 [M, W, 84, 84], got {frame.dtype} '
                      f'{frame.shape}')
-  batch, width = frame.shape[:2]
-  n = width - STACK
-  if n < 1:
-    raise ValueError(f'window length {width} < {STACK + 1}: no room for an n-step target')
+  items, width = frame.shape[:2]
+  n = width - STACK - per_item + 1
+  if per_item < 1 or n < 1:
+    raise ValueError(f'item length {width} with transitions_per_item={per_item}: no room for an '
+                     f'n-step target')
   for name in ('action', 'reward', 'terminal', 'valid'):
     shape = np.shape(getattr(windows, name))
-    if shape != (batch, width):
-      raise ValueError(f'window {name} must have shape {(batch, width)}, got {shape}')
+    if shape != (items, width):
+      raise ValueError(f'window {name} must have shape {(items, width)}, got {shape}')
   valid = np.asarray(windows.valid, bool)
   if not valid[:, STACK - 1].all():
     raise ValueError('window whose current step (index 3) is padding: not a transition')
-  game_id = np.broadcast_to(np.asarray(game_id, np.int32), (batch,))
-  rows = np.arange(batch)
-
-  steps_left = valid[:, STACK:].sum(axis=1)  # K = min(n, L - t)
+  game_id = np.broadcast_to(np.asarray(game_id, np.int32), (items,))
+  j = np.arange(per_item)
+  # K_j = min(n, steps left) of sub-window j; a transition exists where K_j >= 1 (a prefix of j).
+  after = np.cumsum(valid[:, STACK:], axis=1)  # [M, n + per_item - 1]
+  upto = np.concatenate([np.zeros((items, 1), after.dtype), after], axis=1)
+  steps_left = upto[:, j + n] - upto[:, j]  # [M, per_item]
+  last = (steps_left >= 1).sum(axis=1) - 1  # every item has >= 1 transition (checked above)
+  start = np.minimum(j[None], last[:, None])  # [M, per_item]
+  rows = np.arange(items)[:, None]
+  steps_left = steps_left[rows, start]
   k = np.arange(n)
-  clipped = np.clip(np.asarray(windows.reward, np.float32)[:, STACK - 1:STACK - 1 + n],
+  reward_idx = start[..., None] + STACK - 1 + k  # [M, per_item, n]
+  clipped = np.clip(np.asarray(windows.reward, np.float32)[rows[..., None], reward_idx],
                     -reward_clip, reward_clip)
   powers = np.float32(discount) ** k.astype(np.float32)
-  reward = np.where(k[None] < steps_left[:, None], powers * clipped, 0.0).sum(1)
-  terminated = np.asarray(windows.terminal, bool)[rows, STACK - 1 + steps_left]
+  reward = np.where(k < steps_left[..., None], powers * clipped, 0.0).sum(-1)
+  terminated = np.asarray(windows.terminal, bool)[rows, start + STACK - 1 + steps_left]
   bootstrap = np.where(terminated, 0.0, np.float32(discount) ** steps_left.astype(np.float32))
+  flat = lambda x, dtype: np.asarray(x, dtype).reshape(items * per_item)
   # Padding records carry zero frames (`padding_record`), so the stacks need no masking.
   return FrameWindows(
-      frames=frame, next_start=steps_left.astype(np.int32),
-      action=np.asarray(windows.action, np.int32)[:, STACK - 1],
-      reward=reward.astype(np.float32), discount=bootstrap.astype(np.float32),
-      game_id=game_id.copy())
+      frames=frame, next_start=flat(steps_left, np.int32),
+      action=flat(np.asarray(windows.action, np.int32)[rows, start + STACK - 1], np.int32),
+      reward=flat(reward, np.float32), discount=flat(bootstrap, np.float32),
+      game_id=flat(np.repeat(game_id, per_item), np.int32), start=flat(start, np.int32))
 
 
 def stack_frame_windows(windows: FrameWindows) -> Transition:
   """`FrameWindows` -> `Transition` in numpy, on the host (the reference of `to_transition`)."""
   frame = np.asarray(windows.frames)
-  rows = np.arange(frame.shape[0])
-  steps_left = np.asarray(windows.next_start)
-  observation = _stack_frames([frame[:, c] for c in range(STACK)])
-  next_observation = _stack_frames([frame[rows, steps_left + c] for c in range(STACK)])
+  start = np.asarray(windows.start)
+  item = np.arange(len(start)) // (len(start) // frame.shape[0])
+  first = start + np.asarray(windows.next_start)
+  observation = _stack_frames([frame[item, start + c] for c in range(STACK)])
+  next_observation = _stack_frames([frame[item, first + c] for c in range(STACK)])
   return Transition(observation=observation, action=windows.action, reward=windows.reward,
                     discount=windows.discount, next_observation=next_observation,
                     game_id=windows.game_id)
 
 
 def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: float,
-                           reward_clip: float) -> Transition:
-  """Batch of windows [B, n+STACK, ...] -> `Transition` batch [B, ...], all in numpy."""
+                           reward_clip: float, per_item: int = 1) -> Transition:
+  """Batch of items [M, n+STACK+per_item-1, ...] -> `Transition` batch, all in numpy."""
   return stack_frame_windows(windows_to_frame_windows(windows, game_id, discount=discount,
-                                                      reward_clip=reward_clip))
+                                                      reward_clip=reward_clip, per_item=per_item))
 
 
-def episode_windows(steps: Iterable[Mapping[str, Any]], n_step: int) -> StepRecords:
-  """All transition windows of one episode, [L, n+STACK, ...] (the numpy twin of the inserter)."""
-  width = window_length(n_step)
+def episode_windows(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
+                    ) -> StepRecords:
+  """All items of one episode, [I, n+STACK+per_item-1, ...] (the numpy twin of the inserter)."""
+  width = window_length(n_step, per_item)
   records, ends = [], []
-  for record, window_ends in padded_step_records(steps, n_step):
+  for record, window_ends in padded_step_records(steps, n_step, per_item):
     records.append(record)
     ends.append(window_ends)
   stacked = stack_records(records)
   end_idx = np.flatnonzero(ends)
-  idx = end_idx[:, None] - width + 1 + np.arange(width)[None]  # [L, width]
+  idx = end_idx[:, None] - width + 1 + np.arange(width)[None]  # [I, width]
   return StepRecords(*(a[idx] for a in stacked))
 
 

@@ -151,7 +151,8 @@ class ReverbNode:
 
   def status(self) -> dict:
     from scaled_ql.datasets import reverb_tables
-    sizes = reverb_tables.table_sizes(f'localhost:{self._port}', self._cfg.games)
+    sizes = reverb_tables.table_sizes(f'localhost:{self._port}', self._cfg.games,
+                                      per_item=self._cfg.data.transitions_per_item)
     return dict(name=self.name, pid=os.getpid(), restarted=self._restarted, table_sizes=sizes)
 
   def ping(self) -> int:

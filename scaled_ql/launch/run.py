@@ -66,6 +66,11 @@ def validate(cfg) -> None:
   if not 1 <= cfg.data.num_inserters <= len(cfg.games):
     raise ConfigError(f'data.num_inserters must be between 1 and the {len(cfg.games)} games, got '
                       f'{cfg.data.num_inserters}')
+  try:
+    from scaled_ql.datasets import reverb_tables
+    reverb_tables.check_items(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   from scaled_ql.agents import builder  # the agent's own checks (loss, atoms, batch, ...)
   try:
     builder.check_agent_config(cfg)
