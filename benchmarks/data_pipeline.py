@@ -64,10 +64,11 @@ def held_now(address, cfg) -> int:
   return sum(rt.table_sizes(address, cfg.games, per_item=cfg.data.transitions_per_item).values())
 
 
-def wait_full(address, games, size, timeout_s, per_item=1):
-  deadline = time.monotonic() + timeout_s
+def wait_full(address, cfg, timeout_s):
+  """Waits until every table of `cfg.games` holds `data.shuffle_buffer_per_game` transitions."""
+  size, deadline = cfg.data.shuffle_buffer_per_game, time.monotonic() + timeout_s
   while time.monotonic() < deadline:
-    sizes = rt.table_sizes(address, games, per_item=per_item)
+    sizes = rt.table_sizes(address, cfg.games, per_item=cfg.data.transitions_per_item)
     if min(sizes.values()) >= size:
       return sizes
     time.sleep(0.5)
@@ -132,8 +133,7 @@ def run(cfg, args) -> list[dict]:
       while held_now(server.address, cfg) == 0:
         time.sleep(0.2)  # the inserter processes start (imports, reader)
       t0 = time.monotonic()
-      wait_full(server.address, cfg.games, cfg.data.shuffle_buffer_per_game, args.timeout_s,
-                cfg.data.transitions_per_item)
+      wait_full(server.address, cfg, args.timeout_s)
       items = held_now(server.address, cfg)
       row('insert rate while filling (learner idle)', items / (time.monotonic() - t0),
           'transitions/s', f'{cfg.data.num_inserters} inserter(s)')

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from scaled_ql import configs
+from scaled_ql.configs.base import check_transitions_per_item
 from scaled_ql.datasets import reverb_tables as rt
 from scaled_ql.datasets import transitions as tr
 
@@ -145,9 +146,9 @@ def test_items_of_consecutive_transitions_agree_with_numpy_reference():
 
 def test_transitions_per_item_is_checked():
   with pytest.raises(ValueError, match='transitions_per_item=3 must divide'):
-    rt.check_items(tiny_cfg().replace(data=dict(transitions_per_item=3)))
+    check_transitions_per_item(tiny_cfg().replace(data=dict(transitions_per_item=3)))
   with pytest.raises(ValueError, match='transitions_per_item must be >= 1'):
-    rt.check_items(tiny_cfg().replace(data=dict(transitions_per_item=0)))
+    check_transitions_per_item(tiny_cfg().replace(data=dict(transitions_per_item=0)))
   cfg = tiny_cfg(min_fill=5, max_size=1001).replace(data=dict(transitions_per_item=4))
   assert rt.table_items(cfg) == (250, 2)  # sizes are transitions; tables count items
   with pytest.raises(ValueError, match='online fine-tuning paces single transitions'):

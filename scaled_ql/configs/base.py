@@ -232,3 +232,18 @@ class ExperimentConfig:
         train=build(TrainConfig, d.get('train', {})),
         finetune=build(FinetuneConfig, d.get('finetune', {})),
         overrides=tuple(d.get('overrides', ())))
+
+
+def check_transitions_per_item(cfg: ExperimentConfig) -> int:
+  """`cfg.data.transitions_per_item` (P), checked against the batch and table sizes: ValueError
+  naming the field at fault (the data path and `launch.run.validate` both call it)."""
+  per_item, per_game = cfg.data.transitions_per_item, cfg.agent.transitions_per_game
+  if per_item < 1:
+    raise ValueError(f'data.transitions_per_item must be >= 1, got {per_item}')
+  if per_game % per_item:
+    raise ValueError(f'data.transitions_per_item={per_item} must divide '
+                     f'agent.transitions_per_game={per_game} (a game draw takes whole items)')
+  if cfg.data.shuffle_buffer_per_game < per_item:
+    raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
+                     f'item of data.transitions_per_item={per_item} transitions')
+  return per_item

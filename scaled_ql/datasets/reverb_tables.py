@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import numpy as np
 
-from scaled_ql.configs.base import ExperimentConfig
+from scaled_ql.configs.base import ExperimentConfig, check_transitions_per_item
 from scaled_ql.datasets import transitions as tr
 from scaled_ql.types import FrameWindows
 
@@ -84,23 +84,9 @@ def _check_games(games: Sequence[str], cfg: ExperimentConfig) -> None:
 RECORD_COLUMN = 'record'  # the one column: `transitions.pack_record` bytes per step
 
 
-def check_items(cfg: ExperimentConfig) -> int:
-  """`cfg.data.transitions_per_item` (P), checked: ValueError naming the field at fault."""
-  per_item, per_game = cfg.data.transitions_per_item, cfg.agent.transitions_per_game
-  if per_item < 1:
-    raise ValueError(f'data.transitions_per_item must be >= 1, got {per_item}')
-  if per_game % per_item:
-    raise ValueError(f'data.transitions_per_item={per_item} must divide '
-                     f'agent.transitions_per_game={per_game} (a game draw takes whole items)')
-  if cfg.data.shuffle_buffer_per_game < per_item:
-    raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
-                     f'item of data.transitions_per_item={per_item} transitions')
-  return per_item
-
-
 def table_items(cfg: ExperimentConfig) -> tuple[int, int]:
   """(max_size, min_size) of a game's table in items: the data config's sizes are transitions."""
-  per_item = check_items(cfg)
+  per_item = check_transitions_per_item(cfg)
   return (cfg.data.shuffle_buffer_per_game // per_item,
           max(1, -(-cfg.data.min_fill_per_game // per_item)))
 
@@ -543,7 +529,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   _check_games(games, cfg)
   stop = stop or threading.Event()
   n_step, chunk_length = cfg.agent.n_step, cfg.data.reverb_chunk_length
-  per_item, (max_items, _) = check_items(cfg), table_items(cfg)
+  per_item, (max_items, _) = cfg.data.transitions_per_item, table_items(cfg)
   wait_for_server(server_address, reconnect_timeout_s)
   if throttle is None:
     throttle = InsertThrottle(server_address, games, cfg.data.samples_per_insert, stop)
@@ -672,7 +658,7 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   import tensorflow as tf
   _check_games(games, cfg)
   agent = cfg.agent
-  per_item = check_items(cfg)
+  per_item = check_transitions_per_item(cfg)
   specs = _record_specs(agent.n_step, per_item)
   per_game = agent.transitions_per_game // per_item  # items per game draw
   # In-flight samples per table: about two batches' worth of this game's expected share.

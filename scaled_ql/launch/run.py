@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Optional, Sequence
 
+from scaled_ql.configs import base as configs_base
 from scaled_ql.configs import overrides as overrides_lib
 from scaled_ql.configs.overrides import ConfigError
 
@@ -67,8 +68,7 @@ def validate(cfg) -> None:
     raise ConfigError(f'data.num_inserters must be between 1 and the {len(cfg.games)} games, got '
                       f'{cfg.data.num_inserters}')
   try:
-    from scaled_ql.datasets import reverb_tables
-    reverb_tables.check_items(cfg)
+    configs_base.check_transitions_per_item(cfg)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   from scaled_ql.agents import builder  # the agent's own checks (loss, atoms, batch, ...)
