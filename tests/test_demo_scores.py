@@ -37,3 +37,13 @@ def test_method_label_names_what_was_trained():
   assert demo.method_label(get_config('cpu_small_no_cql').agent) == 'Scaled QL, CQL alpha 0'
   agent = get_config('cpu_small').replace(agent=dict(loss='bc', cql_alpha=0.0)).agent
   assert demo.method_label(agent) == 'BC'  # `scaled-ql demo --set agent.loss=bc`
+
+
+def test_a_game_counts_against_its_data_only_with_enough_agent_episodes():
+  """One long Breakout episode of 11.0 against the data's 10.83 (a fresh-clone demo) is shown but
+  not counted: the demo's claim needs a mean over >= 3 completed episodes."""
+  assert demo.verdict(10.83, 11.0, 1) == ('not compared: 1 agent episode(s) < 3', None)
+  assert demo.verdict(22.5, 41.3, 3) == ('above the data', True)
+  assert demo.verdict(-16.67, -21.0, 6) == ('not above the data', False)
+  assert demo.verdict(None, 5.0, 3) == ('', None)
+  assert demo.verdict(5.0, None, 0) == ('', None)

@@ -83,9 +83,24 @@ def resume_line(workdir: str) -> str:
   return f'[demo] starting a new run in {workdir}'
 
 
+# The demo's claim (issue 11): the agent's mean over at least this many completed episodes is
+# above the data's. A game with fewer agent episodes is shown but not counted either way.
+MIN_AGENT_EPISODES = 3
+
+
+def verdict(data, agent, agent_episodes: int) -> tuple[str, bool | None]:
+  """(what to print, above the data: True / False, or None when not compared)."""
+  if data is None or agent is None:
+    return '', None
+  if agent_episodes < MIN_AGENT_EPISODES:
+    return (f'not compared: {agent_episodes} agent episode(s) < {MIN_AGENT_EPISODES}', None)
+  return ('above the data', True) if agent > data else ('not above the data', False)
+
+
 def print_comparison(cfg, scores) -> None:
   """Per game: random (the paper's table), the data's behaviour score, the agent's score (means
-  over completed episodes), and on how many games the agent is above its data."""
+  over completed episodes), and on how many games the agent is above its data (games where the
+  agent completed at least MIN_AGENT_EPISODES episodes)."""
   from scaled_ql.eval import normalization
   print(f'  {"game":<12} {"random":>9} {"data":>9} {"agent":>9}  (raw scores; data = the '
         f'{cfg.data.selection!r} splits it trained on)')
@@ -95,14 +110,14 @@ def print_comparison(cfg, scores) -> None:
     row = scores.get(game, {})
     agent, n_agent = row.get('score'), row.get('episodes', 0)
     fmt = lambda x: 'n/a' if x is None else f'{x:9.2f}'
-    verdict = ''
-    if data is not None and agent is not None:
+    text, is_above = verdict(data, agent, n_agent)
+    if is_above is not None:
       compared += 1
-      above += agent > data
-      verdict = 'above the data' if agent > data else 'not above the data'
+      above += is_above
     print(f'  {game:<12} {normalization.RANDOM_SCORES[game]:9.1f} {fmt(data):>9} '
-          f'{fmt(agent):>9}  ({n_data} data / {n_agent} agent episodes) {verdict}')
-  print(f'  the agent is above its data on {above} of {compared} games compared')
+          f'{fmt(agent):>9}  ({n_data} data / {n_agent} agent episodes) {text}')
+  print(f'  the agent is above its data on {above} of {compared} games compared (>= '
+        f'{MIN_AGENT_EPISODES} agent episodes each)')
 
 
 def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
