@@ -68,9 +68,11 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
     full = bool(sizes) and min(sizes.values()) >= cfg.data.shuffle_buffer_per_game
     if 'start' not in marks and s['steps'] >= warmup_steps and (full or not after_fill):
       marks['start'] = (now, s['steps'])
+      marks['waited_start'] = s['waited_for_data_s']
     if 'start' in marks and now - marks['start'][0] >= seconds:
       marks['end'] = (now, s['steps'])
       marks['skipped_publishes'] = s['publishes_skipped']
+      marks['waited_end'] = s['waited_for_data_s']
       marks['resident'] = sorted({g for i in status.inserters if i for g in i.get('resident', [])})
       return True
     return False
@@ -83,6 +85,7 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
     ray.shutdown()
   (t0, s0), (t1, s1) = marks['start'], marks['end']
   return dict(steps_per_s=(s1 - s0) / (t1 - t0), steps=s1 - s0,
+              waited_fraction=(marks['waited_end'] - marks['waited_start']) / (t1 - t0),
               skipped_publishes=marks['skipped_publishes'], resident=marks['resident'],
               workdir=workdir)
 
@@ -123,7 +126,8 @@ def main() -> None:
   rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
                inside['steps_per_s'], load()))
   print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
-        f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped)', flush=True)
+        f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
+        f'data {100 * inside["waited_fraction"]:.1f}% of the time)', flush=True)
   alone_after = standalone_steps_per_s(cfg, args.seconds)
   rows.append(('learner alone (after)', alone_after, load()))
   ratio = inside['steps_per_s'] / (0.5 * (alone_before + alone_after))

@@ -41,6 +41,7 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
 FAST = frozenset({
     # whole files: pure functions, configs, the emulator, the metrics, the new Ray-free seams
     'test_actors.py', 'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
+    'test_host_memory.py',
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
     'test_paper_fidelity.py', 'test_dopamine_baseline.py',
     # single tests of slower files (each under ~3 s)

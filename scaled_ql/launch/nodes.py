@@ -339,7 +339,8 @@ class LearnerNode(_LoopNode):
                 steps_per_s=rate, resumed_from_step=self.resumed_from_step,
                 published_version=self._publisher.last_version,
                 publishes_skipped=self._publisher.skipped,
-                reverb_reconnects=self._iterator.reconnects, metrics=metrics)
+                reverb_reconnects=self._iterator.reconnects,
+                waited_for_data_s=self._iterator.waited_s, metrics=metrics)
 
   def set_data_counts(self, counts: dict) -> None:
     """The inserters' bad-data counters (summed by the driver), logged with the learner's

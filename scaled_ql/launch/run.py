@@ -316,7 +316,8 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
   """Connects to `address` or starts a local Ray sized for the program; True if started here."""
   import ray
   from scaled_ql.launch import program
-  env = {'TF_CPP_MIN_LOG_LEVEL': '2'}
+  from scaled_ql import host_memory
+  env = {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.node_environment()}
   if address:
     ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
     return False
