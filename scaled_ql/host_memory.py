@@ -26,7 +26,6 @@ macOS) glibc's knobs do not exist: nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 ENV_VAR = 'SCALED_QL_KEEP_FREED_MEMORY'
@@ -43,8 +42,8 @@ def keep_freed_memory() -> bool:
   (False without glibc). Idempotent."""
   global _applied
   if not _applied:
-    try:
-      mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    try:  # the process's own symbols: no library search (find_library runs ldconfig, ~12 ms)
+      mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
       return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
