@@ -1,12 +1,14 @@
-"""Throughput of the learner's jitted update (`scaled_ql.agents.learner.update`) vs. the machine.
+"""Throughput of the learner's jitted update (`learner.update_from_windows`) vs. the machine.
 
     .venv/bin/python benchmarks/learner_step.py                       # cpu_tiny, cpu_small
     .venv/bin/python benchmarks/learner_step.py --configs cpu_small,atari6_suboptimal_resnet34 \
         --batch 8 --seconds 20
     .venv/bin/python benchmarks/learner_step.py --bf16                # bfloat16 compute
 
-For each config: steps/s and samples/s of the whole update (forward of online + target network,
-backward, Adam, target copy) on random uint8 batches already on the device(s); FLOPs per step
+For each config: steps/s and samples/s of the whole update (observations made from the frame
+windows, forward of online + target network, backward, Adam, target copy) on random
+`FrameWindows` batches (what the Reverb path delivers; `types.random_frame_windows`) already on
+the device(s); FLOPs per step
 from XLA's cost analysis of the compiled update; achieved FLOP/s and its fraction of the
 machine's fp32 (or bf16) matmul peak, measured here with a large jnp.dot. Uses every local device
 (the batch is split over them like the Learner does); on a GPU machine that is the GPU.
@@ -32,10 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dopamine_c51  # noqa: E402  (a sibling module; benchmarks/ is not a package)
 
-from scaled_ql import games as games_lib
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.configs import get_config
-from scaled_ql.types import Transition
+from scaled_ql.types import random_frame_windows
 
 
 def matmul_peak(dtype, size: int, seconds: float) -> float:
@@ -49,19 +50,6 @@ def matmul_peak(dtype, size: int, seconds: float) -> float:
     f(x, x).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * size ** 3 / best
-
-
-def random_batch(cfg, batch_size: int, seed: int = 0) -> Transition:
-  rng = np.random.default_rng(seed)
-  counts = np.asarray(games_lib.action_counts(cfg.games))
-  game_id = rng.integers(0, len(cfg.games), batch_size).astype(np.int32)
-  return Transition(
-      observation=rng.integers(0, 256, (batch_size, 84, 84, 4), dtype=np.uint8),
-      action=(rng.integers(0, 1000, batch_size) % counts[game_id]).astype(np.int32),
-      reward=rng.normal(size=batch_size).astype(np.float32),
-      discount=np.full(batch_size, 0.99 ** 3, np.float32),
-      next_observation=rng.integers(0, 256, (batch_size, 84, 84, 4), dtype=np.uint8),
-      game_id=game_id)
 
 
 def flops_of(compiled) -> float:
@@ -89,10 +77,10 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
   mesh = Mesh(np.asarray(devices), ('batch',))
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))
-  data = jax.device_put(random_batch(cfg, b), NamedSharding(mesh, PartitionSpec('batch')))
+  data = jax.device_put(random_frame_windows(cfg, b), NamedSharding(mesh, PartitionSpec('batch')))
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   t = time.perf_counter()
-  compiled = learner_lib.update.lower(state, data, cfg=cfg).compile()
+  compiled = learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile()
   compile_s = time.perf_counter() - t
   return timed_row(compiled, state, data, seconds, peak, config=cfg.name, batch=b,
                    dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
@@ -149,7 +137,7 @@ def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> d
   from scaled_ql import loggers
   from scaled_ql.agents.runner import LearnerRunner
   cfg = bench_config(name, batch, bf16)
-  host_batch = random_batch(cfg, cfg.agent.batch_size)
+  host_batch = random_frame_windows(cfg)
   learner = LearnerRunner(learner_lib.Learner(cfg, iter(lambda: host_batch, None)),
                           logger=loggers.MultiLogger([]))
   learner.step()  # compile

@@ -95,7 +95,7 @@ def ensure_data(args) -> None:
   t0 = time.time()
   generate.generate(args.games, args.data_dir, num_checkpoints=args.checkpoints,
                     steps_per_checkpoint=args.steps_per_checkpoint, seed=0, if_exists='skip',
-                    progress=False)
+                    progress=False, workers=generate.default_workers())
   print(f'[data] {args.data_dir}: {", ".join(args.games)} ready in {time.time() - t0:.0f}s',
         flush=True)
 

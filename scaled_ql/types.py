@@ -50,25 +50,32 @@ class FrameWindows(NamedTuple):
   game_id: Array
   start: Array
 
+  def item_index(self):
+    """int32 [B]: the item (row of `frames`) of each transition, with jax.numpy (jittable)."""
+    import jax.numpy as jnp
+    batch, items = self.start.shape[0], self.frames.shape[0]
+    if batch % items:
+      raise ValueError(f'{batch} transitions cannot come from {items} items')
+    return jnp.arange(batch, dtype=jnp.int32) // (batch // items)
+
+  def next_first(self):
+    """int32 [B]: the first frame of each next observation in its item (start + K)."""
+    import jax.numpy as jnp
+    return jnp.asarray(self.start, jnp.int32) + jnp.asarray(self.next_start, jnp.int32)
+
   def to_transition(self) -> Transition:
     """The `Transition` of these windows, with jax.numpy (jittable; on the arrays' device)."""
     import jax.numpy as jnp
     frames = jnp.asarray(self.frames)
-    stack = 4
-    start = jnp.asarray(self.start, jnp.int32)
-    batch = start.shape[0]
-    if batch % frames.shape[0]:
-      raise ValueError(f'{batch} transitions cannot come from {frames.shape[0]} items')
-    item = (jnp.arange(batch) // (batch // frames.shape[0]))[:, None]
-    offsets = jnp.arange(stack)[None]
+    item = self.item_index()[:, None]
+    offsets = jnp.arange(4)[None]
 
-    def stacks(first):  # [B] -> [B, 84, 84, stack]: frames first .. first+3 of each item
+    def stacks(first):  # [B] -> [B, 84, 84, 4]: frames first .. first+3 of each item
       return jnp.moveaxis(frames[item, first[:, None] + offsets], 1, -1)
 
-    next_first = start + jnp.asarray(self.next_start, jnp.int32)
-    return Transition(observation=stacks(start), action=self.action, reward=self.reward,
-                      discount=self.discount, next_observation=stacks(next_first),
-                      game_id=self.game_id)
+    return Transition(observation=stacks(jnp.asarray(self.start, jnp.int32)), action=self.action,
+                      reward=self.reward, discount=self.discount,
+                      next_observation=stacks(self.next_first()), game_id=self.game_id)
 
 
 def random_frame_windows(cfg, batch: int | None = None, seed: int = 0) -> FrameWindows:

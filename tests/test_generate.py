@@ -122,7 +122,32 @@ def test_bad_generate_arguments_fail_fast(tmp_path):
     generate.generate(['Pong'], str(tmp_path), run=7)
   with pytest.raises(ValueError, match='num_checkpoints'):
     generate.generate(['Pong'], str(tmp_path), num_checkpoints=0)
+  with pytest.raises(ValueError, match='workers must be >= 1'):
+    generate.generate(['Pong'], str(tmp_path), workers=0)
   assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_processes_write_what_one_process_writes(tmp_path):
+  """workers=2 (spawned processes, one game each) writes the same episodes and behaviour stats as
+  workers=1, returns the games in their order, and raises a worker's error in the caller."""
+  games = ['Pong', 'Alien']
+  kw = dict(num_checkpoints=2, steps_per_checkpoint=30, max_episode_frames=400, progress=False)
+  one = generate.generate(games, str(tmp_path / 'one'), workers=1, **kw)
+  two = generate.generate(games, str(tmp_path / 'two'), workers=2, **kw)
+  assert list(two) == games
+  for game in games:
+    infos = []
+    for out in (one, two):
+      with open(os.path.join(out[game], 'generation_info.json')) as f:
+        info = json.load(f)
+      infos.append({k: v for k, v in info.items() if k not in ('seconds', 'steps_per_second')})
+      records = sorted(n for n in os.listdir(out[game]) if '.tfrecord' in n)
+      assert records
+      infos[-1]['records'] = [open(os.path.join(out[game], n), 'rb').read() for n in records]
+    assert infos[0] == infos[1], game
+    assert sum(s['steps'] for s in infos[1]['splits'].values()) >= 60
+  with pytest.raises(FileExistsError, match='already exists'):
+    generate.generate(games, str(tmp_path / 'two'), workers=2, **kw)
 
 
 def test_cli_generate_bad_game_is_a_clear_error(tmp_path, capsys):

@@ -19,7 +19,8 @@ from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
 from scaled_ql.datasets import mc_probe
-from scaled_ql.types import Transition
+from scaled_ql.networks import q_network
+from scaled_ql.types import Transition, random_frame_windows
 
 CFG = get_config('cpu_tiny')  # games Breakout (4 actions), Pong (6 actions); batch 8
 
@@ -383,3 +384,33 @@ def test_agents_modules_import_in_one_direction():
     for n in ready:
       del graph[n]
   assert order.index('learner') < order.index('checkpointing') < order.index('transfer')
+
+
+@pytest.mark.parametrize('loss,input_norm,per_item', [('c51', 'standardize', 4),
+                                                      ('bcq', 'scale', 1),
+                                                      ('mse', 'standardize', 2)])
+def test_update_from_windows_equals_the_update_on_stacked_observations(loss, input_norm,
+                                                                         per_item):
+  """The learner's path from frame windows (each frame preprocessed and cut into patches once,
+  `windows_batch`) takes the same step as `update` on the stacked `Transition`."""
+  cfg = CFG.replace(agent=dict(loss=loss, cql_alpha=0.05 if loss == 'c51' else 0.0),
+                    network=dict(input_norm=input_norm),
+                    data=dict(transitions_per_item=per_item))
+  windows = random_frame_windows(cfg, seed=3)
+  assert isinstance(learner_lib.windows_batch(windows, cfg).observation, q_network.FramePatches)
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+  copy = lambda: jax.tree_util.tree_map(np.array, state)  # update donates its state
+  got, got_metrics = learner_lib.update_from_windows(copy(), windows, cfg=cfg)
+  want, want_metrics = learner_lib.update(copy(), windows.to_transition(), cfg=cfg)
+  assert set(got_metrics) == set(want_metrics)
+  for k in want_metrics:
+    np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree_util.tree_leaves((got.params, got.behaviour_params)),
+                  jax.tree_util.tree_leaves((want.params, want.behaviour_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_windows_batch_stacks_frames_for_other_stems():
+  nature = CFG.replace(network=dict(stem='nature'))
+  observation = learner_lib.windows_batch(random_frame_windows(nature), nature).observation
+  assert observation.shape == (8, 84, 84, 4) and observation.dtype == np.uint8

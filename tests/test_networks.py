@@ -284,6 +284,39 @@ def test_patchify_stem_equals_a_strided_valid_conv(patch):
   np.testing.assert_allclose(y, ref.apply({'conv2_d': {'w': w}}, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('input_norm,patch,dtype', [('standardize', 12, 'float32'),
+                                                    ('scale', 7, 'float32'),
+                                                    ('standardize', 12, 'bfloat16')])
+def test_frame_patches_give_the_stacked_observations_result(input_norm, patch, dtype):
+  """Observations given as `FramePatches` of frame windows (each frame preprocessed once): the
+  same logits and features as the uint8 stacks, with the same params."""
+  from scaled_ql.networks import q_network
+  net_cfg = dataclasses.replace(NET_CFG, input_norm=input_norm, stem_patch=patch,
+                                compute_dtype=dtype)
+  net, params = _init(net_cfg)
+  params = _randomize(params)
+  rng = np.random.default_rng(4)
+  frames = rng.integers(0, 256, (2, 9, 84, 84), dtype=np.uint8)
+  frames[1, 2:5] = 0  # blank frames (standardize: 0, not NaN)
+  item = np.array([0, 0, 1, 1, 1, 0], np.int32)
+  first = np.array([0, 5, 0, 1, 3, 2], np.int32)  # observation b: frames first .. first+3
+  stacks = jnp.asarray(np.moveaxis(frames[item[:, None], first[:, None] + np.arange(4)], 1, -1))
+  patches = q_network.frame_patches(jnp.asarray(frames), net_cfg)
+  assert patches.shape == (2, 9, 84 // patch, 84 // patch, patch * patch)
+  _, game_id = _inputs()
+  got = net.apply(params, q_network.FramePatches(patches, jnp.asarray(item), jnp.asarray(first)),
+                  game_id)
+  want = net.apply(params, stacks, game_id)
+  tol = 1e-4 if dtype == 'float32' else 5e-2
+  np.testing.assert_allclose(got.logits, want.logits, rtol=tol, atol=tol)
+  np.testing.assert_allclose(got.features, want.features, rtol=tol, atol=tol)
+  with pytest.raises(ValueError, match=r"strided stem, not encoder='resnet' stem='nature'"):
+    q_network.frame_patches(jnp.asarray(frames), dataclasses.replace(net_cfg, stem='nature'))
+  with pytest.raises(ValueError, match=r'patches must be \[N, F'):
+    net.apply(params, q_network.FramePatches(patches[..., :-1], jnp.asarray(item),
+                                             jnp.asarray(first)), game_id)
+
+
 def test_flops(tiny):
   flops = flops_breakdown(NET_CFG, GAMES, K)
   assert flops['total'] == pytest.approx(flops_per_example(NET_CFG, GAMES, K))

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scaled_ql.agents import builder, methods
 from scaled_ql.configs.base import ExperimentConfig
+from scaled_ql.networks import q_network
 from scaled_ql.types import FrameWindows, Transition
 
 
@@ -89,12 +90,30 @@ def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
   return new_state, metrics
 
 
+def windows_batch(windows: FrameWindows, cfg: ExperimentConfig) -> Transition:
+  """The `Transition` that `update` trains on, from frame windows, with jax.numpy (jittable).
+
+  For a network with the strided patchify stem (`q_network.takes_frame_patches`, cpu_small's),
+  the observations are `FramePatches`: every window frame is preprocessed and cut into patches
+  once, for all the stack positions it fills (a P = 4 item: 10 frames for 32 frame uses), which
+  halves the stem's cost (docs/performance.md). Otherwise uint8 stacks (`to_transition`)."""
+  if not q_network.takes_frame_patches(cfg.network):
+    return windows.to_transition()
+  patches = q_network.frame_patches(jnp.asarray(windows.frames), cfg.network)
+  item = windows.item_index()
+  return Transition(
+      observation=q_network.FramePatches(patches, item, jnp.asarray(windows.start, jnp.int32)),
+      action=windows.action, reward=windows.reward, discount=windows.discount,
+      next_observation=q_network.FramePatches(patches, item, windows.next_first()),
+      game_id=windows.game_id)
+
+
 @functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
 def update_from_windows(state: TrainState, windows: FrameWindows, cfg: ExperimentConfig
                         ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """`update` on frame windows (the Reverb path's batches): the observation and next observation
-  stacks are cut from the windows on the device, fused into the step."""
-  return update(state, windows.to_transition(), cfg=cfg)
+  """`update` on frame windows (the Reverb path's batches): the observations are made from the
+  windows on the device (`windows_batch`), fused into the step."""
+  return update(state, windows_batch(windows, cfg), cfg=cfg)
 
 
 def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_size: int) -> None:

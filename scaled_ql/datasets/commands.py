@@ -41,6 +41,9 @@ def register(subparsers) -> None:
   gen.add_argument('--max-episode-frames', type=int, default=108_000,
                    help='emulator frames per episode before truncation (108K = DQN-Replay)')
   gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--workers', type=int, default=None,
+                   help='processes, one game each at a time (default: one per core, at most one '
+                   'per game); the data does not depend on it')
   exists = gen.add_mutually_exclusive_group()
   exists.add_argument('--overwrite', action='store_true', help='replace games already generated')
   exists.add_argument('--skip-existing', action='store_true', help='keep games already generated')
@@ -105,11 +108,13 @@ def _generate(args: argparse.Namespace) -> int:
   if steps is None and args.episodes_per_checkpoint is None:
     steps = 5_000
   if_exists = 'overwrite' if args.overwrite else ('skip' if args.skip_existing else 'error')
+  workers = generate.default_workers() if args.workers is None else args.workers
   dirs = generate.generate(args.games, args.out, run=args.run, num_checkpoints=args.checkpoints,
                            steps_per_checkpoint=steps, seed=args.seed,
                            episodes_per_checkpoint=args.episodes_per_checkpoint,
                            max_episode_frames=args.max_episode_frames, if_exists=if_exists,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress,
+                           workers=workers)
   for game, path in dirs.items():
     print(f'{game}: {path}')
   return 0

@@ -363,13 +363,18 @@ def _env_seed(seed: int, run: int, game: str, checkpoint: int) -> int:
   return int(ss.generate_state(1)[0] % (2**31 - 1))
 
 
+def default_workers() -> int:
+  """Processes `generate` uses unless told: one per core this process may run on."""
+  return len(os.sched_getaffinity(0))
+
+
 def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: int = 10,
              steps_per_checkpoint: Optional[int] = 5_000, seed: int = 0, *,
              episodes_per_checkpoint: Optional[int] = None,
              max_episode_frames: int = MAX_EPISODE_FRAMES,
              skill: policies.SkillSchedule = policies.SkillSchedule(),
              if_exists: str = 'error', progress: bool = True,
-             builder: str = tfds_layout.ORDERED_BUILDER) -> dict[str, str]:
+             builder: str = tfds_layout.ORDERED_BUILDER, workers: int = 1) -> dict[str, str]:
   """Writes `rlu_atari_checkpoints_ordered/{Game}_run_{run}` for each game into `out_dir`.
 
   `builder='rlu_atari'` writes the unordered layout instead (one 'train' split holding every
@@ -377,7 +382,9 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
 
   Budget per split: `steps_per_checkpoint` agent steps, or (if given, and steps_per_checkpoint is
   None) `episodes_per_checkpoint` whole episodes. `if_exists`: 'error' | 'skip' | 'overwrite' for
-  games already generated. Returns {game: dataset version directory}.
+  games already generated. `workers` > 1: that many processes, one game each at a time (a game's
+  data depends only on its seed, so it is the same as with 1). Returns {game: dataset version
+  directory}.
   """
   games = games_lib.check_games(games)
   run = tfds_layout.check_run(run)
@@ -393,6 +400,8 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
     raise ValueError(f'num_checkpoints must be in 1..50 (like DQN-Replay), got {num_checkpoints}')
   if if_exists not in ('error', 'skip', 'overwrite'):
     raise ValueError(f"if_exists must be 'error', 'skip' or 'overwrite', got {if_exists!r}")
+  if workers < 1:
+    raise ValueError(f'workers must be >= 1, got {workers}')
   import tqdm
 
   os.makedirs(out_dir, exist_ok=True)
@@ -400,67 +409,126 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
            if steps_per_checkpoint is not None else None)
   bar = tqdm.tqdm(total=total, unit='step', desc='generate', disable=not progress,
                   dynamic_ncols=True)
+  job = dict(out_dir=out_dir, run=run, num_checkpoints=num_checkpoints,
+             steps_per_checkpoint=steps_per_checkpoint, seed=seed,
+             episodes_per_checkpoint=episodes_per_checkpoint,
+             max_episode_frames=max_episode_frames, skill=skill, if_exists=if_exists,
+             builder=builder)
   out: dict[str, str] = {}
+
+  def done(game: str, result: tuple[str, Optional[int], float]) -> None:
+    version_dir, steps, seconds = result
+    out[game] = version_dir
+    if steps is not None:
+      log.info('%s: %d steps in %.1fs -> %s', game, steps, seconds, version_dir)
+
   try:
-    for game in games:
-      tfds_builder = builder_for(game, run, out_dir, builder)
-      version_dir = os.fspath(tfds_builder.data_path)
-      if handle_existing(tfds_builder, game, if_exists):
-        out[game] = version_dir
-        continue
-      split_stats = [
-          SplitStats(checkpoint_id=k, policy=policies.heuristic_name(game),
-                     env_seed=_env_seed(seed, run, game, k),
-                     expert_fraction=round(skill.expert_fraction(k, num_checkpoints), 4),
-                     mean_skill=round(skill.mean_skill(k, num_checkpoints), 4))
-          for k in range(num_checkpoints)]
-      bar.set_postfix_str(game)
-      skill_start = float(np.random.default_rng(_env_seed(seed, run, game, 99)).random())
-
-      def get_splits(split_stats=split_stats, game=game, skill_start=skill_start):
-        plays = {
-            tfds_layout.split_name(s.checkpoint_id): play_split(
-                game, s, num_checkpoints=num_checkpoints, skill=skill,
-                skill_start=skill_start,
-                steps_per_checkpoint=steps_per_checkpoint,
-                episodes_per_checkpoint=episodes_per_checkpoint,
-                max_episode_frames=max_episode_frames, on_step=lambda: bar.update(1))
-            for s in split_stats}
-        if builder == tfds_layout.ORDERED_BUILDER:
-          return {split: keyed(builder, eps) for split, eps in plays.items()}
-        return {'train': keyed(builder, itertools.chain(*plays.values()))}
-
-      start = time.time()
-      write_splits(tfds_builder, get_splits)
-      seconds = time.time() - start
-      info = {
-          'generator': 'scaled_ql.datasets.generate',
-          'builder': builder,
-          'game': game, 'run': run, 'seed': seed,
-          'sticky_action_prob': STICKY_ACTION_PROB,
-          'max_episode_frames': max_episode_frames,
-          'steps_per_checkpoint': steps_per_checkpoint,
-          'episodes_per_checkpoint': episodes_per_checkpoint,
-          'policy': policies.heuristic_name(game),
-          'policy_note': ('epsilon-greedy over the heuristic, one epsilon per episode drawn from '
-                          'the skill schedule' if game in policies.HEURISTICS
-                          else 'no heuristic for this game: uniform random at every epsilon'),
-          'skill_schedule': dataclasses.asdict(skill),
-          'episodes_note': 'every episode is whole (game over or the max_episode_frames cap); '
-                           'a step budget is a minimum: the last episode is played to its end',
-          'reward_note': 'steps.reward and episode_return are clipped to [-1, 1] (as DQN-Replay); '
-                         'raw_returns are the unclipped game scores',
-          'seconds': round(seconds, 1),
-          'steps_per_second': round(sum(s.steps for s in split_stats) / max(seconds, 1e-9), 1),
-          'splits': {tfds_layout.split_name(s.checkpoint_id): dataclasses.asdict(s)
-                     for s in split_stats},
-      }
-      info['behaviour'] = behaviour(game, info['splits'])
-      with open(os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE), 'w') as f:
-        json.dump(info, f, indent=1)
-      out[game] = version_dir
-      log.info('%s: %d steps in %.1fs -> %s', game, sum(s.steps for s in split_stats), seconds,
-               version_dir)
+    workers = min(workers, len(games))
+    if workers == 1:
+      for game in games:
+        bar.set_postfix_str(game)
+        done(game, generate_game(game, on_step=lambda: bar.update(1), **job))
+    else:
+      _generate_in_processes(games, job, workers, bar, done)
   finally:
     bar.close()
-  return out
+  return {game: out[game] for game in games}
+
+
+def _generate_in_processes(games, job: dict, workers: int, bar, done) -> None:
+  """`generate_game` of each game in a pool of `workers` spawned processes; the progress bar
+  follows a step counter they share."""
+  import concurrent.futures
+  import multiprocessing
+  context = multiprocessing.get_context('spawn')  # no fork of a process holding TF/XLA threads
+  counter = context.Value('q', 0)
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                              initializer=_init_worker,
+                                              initargs=(counter,)) as pool:
+    futures = {pool.submit(generate_game, game, **job): game for game in games}
+    bar.set_postfix_str(f'{len(games)} games, {workers} processes')
+    pending = set(futures)
+    while pending:
+      finished, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+      bar.update(counter.value - bar.n)
+      for future in finished:
+        done(futures[future], future.result())  # a worker's exception is raised here
+
+
+_STEP_COUNTER = None  # in a worker process: the step counter shared with the parent
+
+
+def _init_worker(counter) -> None:
+  global _STEP_COUNTER
+  _STEP_COUNTER = counter
+
+
+def _count_step() -> None:
+  with _STEP_COUNTER.get_lock():
+    _STEP_COUNTER.value += 1
+
+
+def generate_game(game: str, *, out_dir: str, run: int, num_checkpoints: int,
+                  steps_per_checkpoint: Optional[int], seed: int,
+                  episodes_per_checkpoint: Optional[int], max_episode_frames: int,
+                  skill: policies.SkillSchedule, if_exists: str, builder: str,
+                  on_step=None) -> tuple[str, Optional[int], float]:
+  """One game of `generate` (arguments checked there). Returns (version dir, agent steps written
+  or None if the game was kept, seconds)."""
+  if on_step is None and _STEP_COUNTER is not None:
+    on_step = _count_step
+  tfds_builder = builder_for(game, run, out_dir, builder)
+  version_dir = os.fspath(tfds_builder.data_path)
+  if handle_existing(tfds_builder, game, if_exists):
+    return version_dir, None, 0.0
+  split_stats = [
+      SplitStats(checkpoint_id=k, policy=policies.heuristic_name(game),
+                 env_seed=_env_seed(seed, run, game, k),
+                 expert_fraction=round(skill.expert_fraction(k, num_checkpoints), 4),
+                 mean_skill=round(skill.mean_skill(k, num_checkpoints), 4))
+      for k in range(num_checkpoints)]
+  skill_start = float(np.random.default_rng(_env_seed(seed, run, game, 99)).random())
+
+  def get_splits():
+    plays = {
+        tfds_layout.split_name(s.checkpoint_id): play_split(
+            game, s, num_checkpoints=num_checkpoints, skill=skill, skill_start=skill_start,
+            steps_per_checkpoint=steps_per_checkpoint,
+            episodes_per_checkpoint=episodes_per_checkpoint,
+            max_episode_frames=max_episode_frames, on_step=on_step)
+        for s in split_stats}
+    if builder == tfds_layout.ORDERED_BUILDER:
+      return {split: keyed(builder, eps) for split, eps in plays.items()}
+    return {'train': keyed(builder, itertools.chain(*plays.values()))}
+
+  start = time.time()
+  write_splits(tfds_builder, get_splits)
+  seconds = time.time() - start
+  steps = sum(s.steps for s in split_stats)
+  info = {
+      'generator': 'scaled_ql.datasets.generate',
+      'builder': builder,
+      'game': game, 'run': run, 'seed': seed,
+      'sticky_action_prob': STICKY_ACTION_PROB,
+      'max_episode_frames': max_episode_frames,
+      'steps_per_checkpoint': steps_per_checkpoint,
+      'episodes_per_checkpoint': episodes_per_checkpoint,
+      'policy': policies.heuristic_name(game),
+      'policy_note': ('epsilon-greedy over the heuristic, one epsilon per episode drawn from '
+                      'the skill schedule' if game in policies.HEURISTICS
+                      else 'no heuristic for this game: uniform random at every epsilon'),
+      'skill_schedule': dataclasses.asdict(skill),
+      'episodes_note': 'every episode is whole (game over or the max_episode_frames cap); '
+                       'a step budget is a minimum: the last episode is played to its end',
+      'reward_note': 'steps.reward and episode_return are clipped to [-1, 1] (as DQN-Replay); '
+                     'raw_returns are the unclipped game scores',
+      'seconds': round(seconds, 1),
+      'steps_per_second': round(steps / max(seconds, 1e-9), 1),
+      'splits': {tfds_layout.split_name(s.checkpoint_id): dataclasses.asdict(s)
+                 for s in split_stats},
+  }
+  info['behaviour'] = behaviour(game, info['splits'])
+  with open(os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE), 'w') as f:
+    json.dump(info, f, indent=1)
+  return version_dir, steps, seconds

@@ -17,8 +17,9 @@ DEMO_WORKDIR = os.path.join('runs', 'demo')
 # DEMO_STEPS_PER_CHECKPOINT agent steps per game, played by the generator's heuristic policies.
 # 2500, not 500: the `suboptimal` splits then hold ~5000 transitions per game instead of ~1000
 # (which a 6-minute run sampled ~170 times each), and the data's score is a mean over 3-12 completed
-# episodes instead of 2-3 (Boxing's was 42.0 from episodes of 73 and 11). ~90 s to generate on 2
-# idle cores (docs/learning.md section 4, night).
+# episodes instead of 2-3 (Boxing's was 42.0 from episodes of 73 and 11). 64 s to generate on 2
+# idle cores with a process per core (113 s in one; docs/data_generation.md). 3x as much (7500)
+# did not make Boxing's score hold (docs/learning.md, 2026-12-01 late morning).
 DEMO_CHECKPOINTS = 10
 DEMO_STEPS_PER_CHECKPOINT = 2500
 DEMO_TRAIN_MINUTES = 6.0
@@ -38,7 +39,7 @@ def ensure_demo_data(cfg) -> None:
   generate.generate(cfg.games, cfg.data.data_dir, run=cfg.data.run,
                     num_checkpoints=DEMO_CHECKPOINTS,
                     steps_per_checkpoint=DEMO_STEPS_PER_CHECKPOINT, seed=cfg.train.seed,
-                    if_exists='skip')
+                    if_exists='skip', workers=generate.default_workers())
   run.check_data(cfg)
 
 

@@ -10,6 +10,11 @@
 The top-level modules are named 'encoder', 'trunk' and 'heads' so that parameters can be split by
 their first path component (`encoder_param_filter`, `param_counts`).
 
+The learner may give the observations as `FramePatches` instead: frame windows whose frames were
+preprocessed and cut into the patchify stem's patches once each (`frame_patches`), for the
+'strided' stem only. The result is the same; the stem's input costs half as much
+(docs/performance.md, "Frame patches").
+
 Mixed precision (`compute_dtype='bfloat16'`): parameters are created and stored in float32, cast to
 bfloat16 when read by convolutions, matmuls and the spatial embedding; GroupNorm/LayerNorm
 statistics, feature normalization and the returned logits/features are float32.
@@ -39,6 +44,40 @@ INPUT_NORMS = ('scale', 'standardize')
 class QNetworkOutput(NamedTuple):
   logits: jax.Array  # f32 [B, A_max, num_atoms]; entries a >= num_actions(game) are 0 (masked)
   features: jax.Array  # f32 [B, D]: the (normalized, if feature_norm) input of the heads
+
+
+STACK = 4  # frames per observation
+
+
+class FramePatches(NamedTuple):
+  """Observations given as the preprocessed patches of frame windows (`frame_patches`): what the
+  learner feeds a 'strided'-stem network, so that each window frame is normalized and cut into
+  patches once instead of once per stack position it fills (a window of P transitions holds
+  P + n + 3 frames for 8P frame uses). Observation b is frames first[b] .. first[b] + 3 of
+  window item[b]; the network's result is the same as on the stacked uint8 observation."""
+  patches: jax.Array  # [N, F, H/P, W/P, P*P] in the compute dtype: frame f of window n
+  item: jax.Array  # int32 [B]
+  first: jax.Array  # int32 [B]
+
+
+def takes_frame_patches(net_cfg: NetworkConfig) -> bool:
+  """Whether the network can take `FramePatches` (a ResNet with the 'strided' patchify stem)."""
+  return net_cfg.encoder == 'resnet' and net_cfg.stem == 'strided'
+
+
+def frame_patches(frames: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
+  """uint8 [N, F, 84, 84] window frames -> [N, F, 84/P, 84/P, P*P]: each frame preprocessed
+  (`preprocess`, per frame) and cut into PxP patches, (row, column) order within a patch."""
+  if not takes_frame_patches(net_cfg):
+    raise ValueError(f'frame patches need a resnet with the strided stem, not encoder='
+                     f'{net_cfg.encoder!r} stem={net_cfg.stem!r}')
+  n, f, h, w = frames.shape
+  p = net_cfg.stem_patch
+  x = preprocess(frames.reshape(n * f, h, w, 1), net_cfg.input_norm,
+                 _COMPUTE_DTYPES[net_cfg.compute_dtype])
+  ho, wo = h // p, w // p
+  x = x[:, :ho * p, :wo * p, 0].reshape(n, f, ho, p, wo, p).transpose(0, 1, 2, 4, 3, 5)
+  return x.reshape(n, f, ho, wo, p * p)
 
 
 def check_network_config(net_cfg: NetworkConfig) -> None:
@@ -127,23 +166,40 @@ class PatchifyConv(hk.Module):
   Same parameter ('w' [P, P, C_in, C_out], no bias) and same result as `hk.Conv2D(C_out, P,
   stride=P, padding='VALID', with_bias=False)`, but forward and backward are plain matmuls,
   about 2x faster than XLA:CPU's strided convolution (benchmarks/network_step_throughput.py).
+  Also takes `FramePatches` (the learner's input): the same kernel, its rows reordered.
   """
 
   def __init__(self, channels: int, patch: int, name=None):
     super().__init__(name=name)
     self.channels, self.patch = channels, patch
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
+  def __call__(self, x: jax.Array | FramePatches) -> jax.Array:
     p = self.patch
+    if isinstance(x, FramePatches):
+      return self._from_frame_patches(x)
+    b, h, w, c = x.shape
     ho, wo = h // p, w // p
     if ho < 1 or wo < 1:
       raise ValueError(f'stem_patch={p} is larger than the {h}x{w} input')
-    kernel = hk.get_parameter(
-        'w', [p, p, c, self.channels], x.dtype,
-        hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal'))
+    kernel = self._kernel(c, x.dtype)
     x = x[:, :ho * p, :wo * p].reshape(b, ho, p, wo, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, ho, wo, p * p * c) @ kernel.reshape(p * p * c, self.channels)
+
+  def _kernel(self, c: int, dtype) -> jax.Array:
+    return hk.get_parameter('w', [self.patch, self.patch, c, self.channels], dtype,
+                            hk.initializers.VarianceScaling(2.0, 'fan_in', 'truncated_normal'))
+
+  def _from_frame_patches(self, x: FramePatches) -> jax.Array:
+    p = self.patch
+    _, _, ho, wo, pp = x.patches.shape
+    if pp != p * p:
+      raise ValueError(f'frame patches of {pp} pixels do not fit stem_patch={p}')
+    kernel = self._kernel(STACK, x.patches.dtype)
+    # [B, STACK, ho, wo, P*P] -> [B, ho, wo, STACK*P*P]: the frames' patches side by side, with
+    # the kernel's rows in the same (frame, row, column) order.
+    stacked = x.patches[x.item[:, None], x.first[:, None] + jnp.arange(STACK)[None]]
+    stacked = jnp.moveaxis(stacked, 1, 3).reshape(-1, ho, wo, STACK * p * p)
+    return stacked @ kernel.transpose(2, 0, 1, 3).reshape(STACK * p * p, self.channels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +425,9 @@ def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: i
   compute_dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
   creator, getter = _mixed_precision(compute_dtype)
   with hk.custom_creator(creator), hk.custom_getter(getter):
-    x = Encoder(net_cfg)(preprocess(observation, net_cfg.input_norm, compute_dtype))
+    if not isinstance(observation, FramePatches):  # FramePatches come preprocessed
+      observation = preprocess(observation, net_cfg.input_norm, compute_dtype)
+    x = Encoder(net_cfg)(observation)
     x = Trunk(net_cfg)(x).astype(jnp.float32)
     if net_cfg.feature_norm:
       # DR3-motivated feature normalization (Section 4): unit L2 norm, gradients flow through.
@@ -378,9 +436,24 @@ def q_network_forward(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: i
   return QNetworkOutput(logits=logits, features=x)
 
 
+def check_frame_patches(x: FramePatches, net_cfg: NetworkConfig) -> None:
+  """Raises ValueError unless `x` fits a network of `net_cfg` (shapes only; traceable)."""
+  if not takes_frame_patches(net_cfg):
+    raise ValueError(f'FramePatches need a resnet with the strided stem, not encoder='
+                     f'{net_cfg.encoder!r} stem={net_cfg.stem!r}')
+  p = net_cfg.stem_patch
+  if x.patches.ndim != 5 or x.patches.shape[2:] != (84 // p, 84 // p, p * p):
+    raise ValueError(f'FramePatches.patches must be [N, F, {84 // p}, {84 // p}, {p * p}] for '
+                     f'stem_patch={p}, got {list(x.patches.shape)}')
+  if x.item.shape != x.first.shape or x.first.ndim != 1:
+    raise ValueError(f'FramePatches.item and .first must be [B], got {list(x.item.shape)} and '
+                     f'{list(x.first.shape)}')
+
+
 def make_q_network(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int) -> hk.Transformed:
   """The Q-network as `hk.Transformed`: `init(rng, observation, game_id)` and
-  `apply(params, observation uint8 [B,84,84,4], game_id int32 [B]) -> QNetworkOutput` with
+  `apply(params, observation uint8 [B,84,84,4] (or `FramePatches`), game_id int32 [B])
+  -> QNetworkOutput` with
   logits f32 [B, A_max, num_atoms] (A_max = max action count over `games`) and features f32 [B, D].
   `apply` takes no rng (the network is deterministic).
   """
@@ -390,12 +463,17 @@ def make_q_network(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int)
     raise ValueError(f'num_atoms={num_atoms} must be >= 1')
 
   def forward(observation, game_id):
-    if observation.ndim != 4 or observation.shape[1:] != (84, 84, 4):
-      raise ValueError(f'observation must be [B,84,84,4], got {observation.shape}')
-    if observation.dtype != jnp.uint8:
-      raise ValueError(f'observation must be uint8, got {observation.dtype}')
-    if game_id.shape != observation.shape[:1] or not jnp.issubdtype(game_id.dtype, jnp.integer):
-      raise ValueError(f'game_id must be int [B={observation.shape[0]}], got '
+    if isinstance(observation, FramePatches):
+      check_frame_patches(observation, net_cfg)
+      batch = observation.first.shape
+    else:
+      if observation.ndim != 4 or observation.shape[1:] != (84, 84, 4):
+        raise ValueError(f'observation must be [B,84,84,4], got {observation.shape}')
+      if observation.dtype != jnp.uint8:
+        raise ValueError(f'observation must be uint8, got {observation.dtype}')
+      batch = observation.shape[:1]
+    if game_id.shape != batch or not jnp.issubdtype(game_id.dtype, jnp.integer):
+      raise ValueError(f'game_id must be int [B={batch[0]}], got '
                        f'{game_id.dtype}{list(game_id.shape)}')
     return q_network_forward(net_cfg, games, num_atoms, observation, game_id)
 
