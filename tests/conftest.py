@@ -66,6 +66,7 @@ FAST = frozenset({
     'test_generate.py::test_cli_inspect',
     'test_generate.py::test_convert_dopamine_replay_files',
     'test_generate.py::test_game_without_heuristic_and_episode_budget',
+    'test_generate.py::test_default_workers_follow_cores_and_memory',
     'test_generate.py::test_heuristics_beat_random[Breakout-400-prefix-4]',
     'test_generate.py::test_skill_schedule_is_a_mixture_rising_across_checkpoints',
     'test_local_program.py::test_learner_data_and_evaluator_nodes_run_end_to_end_in_process',

@@ -127,6 +127,14 @@ def test_bad_generate_arguments_fail_fast(tmp_path):
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_default_workers_follow_cores_and_memory(monkeypatch):
+  cores = len(os.sched_getaffinity(0))
+  monkeypatch.setattr(generate, '_available_memory_bytes', lambda: 64 << 30)
+  assert generate.default_workers() == min(cores, 64)
+  monkeypatch.setattr(generate, '_available_memory_bytes', lambda: 1 << 29)  # 0.5 GB
+  assert generate.default_workers() == 1
+
+
 def test_processes_write_what_one_process_writes(tmp_path):
   """workers=2 (spawned processes, one game each) writes the same episodes and behaviour stats as
   workers=1, returns the games in their order, and raises a worker's error in the caller."""

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
   gen.add_argument('--seed', type=int, default=0)
   gen.add_argument('--workers', type=int, default=None,
                    help='processes, one game each at a time (default: one per core, at most one '
-                   'per game); the data does not depend on it')
+                   'per game and one per GB of available memory); the data does not depend on it')
   exists = gen.add_mutually_exclusive_group()
   exists.add_argument('--overwrite', action='store_true', help='replace games already generated')
   exists.add_argument('--skip-existing', action='store_true', help='keep games already generated')

@@ -363,9 +363,26 @@ def _env_seed(seed: int, run: int, game: str, checkpoint: int) -> int:
   return int(ss.generate_state(1)[0] % (2**31 - 1))
 
 
+WORKER_MEMORY_BYTES = 1 << 30  # a generating process peaks at ~0.63 GB (TensorFlow, TFDS, ALE)
+
+
 def default_workers() -> int:
-  """Processes `generate` uses unless told: one per core this process may run on."""
-  return len(os.sched_getaffinity(0))
+  """Processes `generate` uses unless told: one per core this process may run on, and no more
+  than the memory available now holds at WORKER_MEMORY_BYTES each (at least 1)."""
+  cores = len(os.sched_getaffinity(0))
+  return max(1, min(cores, _available_memory_bytes() // WORKER_MEMORY_BYTES))
+
+
+def _available_memory_bytes() -> int:
+  """Linux's MemAvailable (free memory plus the page cache it can drop)."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
 def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: int = 10,
