@@ -386,8 +386,7 @@ def test_agents_modules_import_in_one_direction():
   assert order.index('learner') < order.index('checkpointing') < order.index('transfer')
 
 
-@pytest.mark.parametrize('loss,input_norm,per_item', [('c51', 'standardize', 4),
-                                                      ('bcq', 'scale', 1)])
+@pytest.mark.parametrize('loss,input_norm,per_item', [('c51', 'standardize', 4)])
 def test_update_from_windows_equals_the_update_on_stacked_observations(loss, input_norm,
                                                                          per_item):
   """The learner's path from frame windows (each frame preprocessed and cut into patches once,
