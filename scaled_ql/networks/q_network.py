@@ -72,12 +72,21 @@ def frame_patches(frames: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
     raise ValueError(f'frame patches need a resnet with the strided stem, not encoder='
                      f'{net_cfg.encoder!r} stem={net_cfg.stem!r}')
   n, f, h, w = frames.shape
-  p = net_cfg.stem_patch
   x = preprocess(frames.reshape(n * f, h, w, 1), net_cfg.input_norm,
                  _COMPUTE_DTYPES[net_cfg.compute_dtype])
+  x = space_to_depth(x, net_cfg.stem_patch)
+  return x.reshape((n, f) + x.shape[1:])
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/P, W/P, P*P*C]: non-overlapping PxP patches, (row, column, channel)
+  order within a patch (rows and columns beyond a whole patch are dropped)."""
+  b, h, w, c = x.shape
   ho, wo = h // p, w // p
-  x = x[:, :ho * p, :wo * p, 0].reshape(n, f, ho, p, wo, p).transpose(0, 1, 2, 4, 3, 5)
-  return x.reshape(n, f, ho, wo, p * p)
+  if ho < 1 or wo < 1:
+    raise ValueError(f'stem_patch={p} is larger than the {h}x{w} input')
+  x = x[:, :ho * p, :wo * p].reshape(b, ho, p, wo, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, ho, wo, p * p * c)
 
 
 def check_network_config(net_cfg: NetworkConfig) -> None:
@@ -177,13 +186,9 @@ class PatchifyConv(hk.Module):
     p = self.patch
     if isinstance(x, FramePatches):
       return self._from_frame_patches(x)
-    b, h, w, c = x.shape
-    ho, wo = h // p, w // p
-    if ho < 1 or wo < 1:
-      raise ValueError(f'stem_patch={p} is larger than the {h}x{w} input')
+    c = x.shape[-1]
     kernel = self._kernel(c, x.dtype)
-    x = x[:, :ho * p, :wo * p].reshape(b, ho, p, wo, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, ho, wo, p * p * c) @ kernel.reshape(p * p * c, self.channels)
+    return space_to_depth(x, p) @ kernel.reshape(p * p * c, self.channels)
 
   def _kernel(self, c: int, dtype) -> jax.Array:
     return hk.get_parameter('w', [self.patch, self.patch, c, self.channels], dtype,
