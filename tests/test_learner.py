@@ -138,6 +138,36 @@ def test_checkpoint_round_trip_is_exact_and_deterministic(tmp_path):
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(after_a[0])
 
 
+def test_policy_params_ema_is_the_moving_average_of_the_online_params(tmp_path):
+  decay = 0.5
+  cfg = CFG.replace(agent=dict(policy_params_ema=decay))
+  workdir = str(tmp_path / 'run')
+  learner = make(cfg, workdir=workdir)
+  average, = learner.get_variables(['online_params'])  # the average starts at the init
+  assert tree_equal(average, learner.get_variables(['params'])[0])
+  for _ in range(3):
+    learner.step()
+    online, = learner.get_variables(['online_params'])
+    average = jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p, average, online)
+    published, = learner.get_variables(['params'])
+    assert not tree_equal(published, online)
+    for x, y in zip(jax.tree_util.tree_leaves(published), jax.tree_util.tree_leaves(average)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  learner.save()
+  learner.close()
+  _, from_checkpoint, step = checkpointing.load_params(workdir)
+  _, online_from_checkpoint, _ = checkpointing.load_params(workdir, online=True)
+  assert step == 3
+  assert tree_equal(from_checkpoint, published) and tree_equal(online_from_checkpoint, online)
+  # The default (0) publishes the online params and keeps the optimizer state's layout.
+  plain = make(CFG)
+  plain.step()
+  assert tree_equal(*plain.get_variables(['params', 'online_params']))
+  plain.close()
+  with pytest.raises(ValueError, match=r'agent.policy_params_ema=1.0 must be in \[0, 1\)'):
+    make(CFG.replace(agent=dict(policy_params_ema=1.0)))
+
+
 def test_restore_refuses_a_different_network(tmp_path):
   workdir = str(tmp_path / 'run')
   a = make(workdir=workdir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -61,6 +61,9 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
   if a.batch_size < 1:
     raise ValueError(f'agent.games_per_batch x agent.transitions_per_game = {a.batch_size} < 1')
   check_frozen_modules(a.frozen_modules)
+  if not 0.0 <= a.policy_params_ema < 1.0:
+    raise ValueError(f'agent.policy_params_ema={a.policy_params_ema} must be in [0, 1) '
+                     '(0: actors and evaluators use the online params)')
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,15 +80,49 @@ def agent_networks(cfg: ExperimentConfig) -> AgentNetworks:
 
 def make_optimizer(agent: AgentConfig) -> optax.GradientTransformation:
   """Adam (Appendix B.3), optionally after global-norm clipping; the params of
-  `agent.frozen_modules` get zero updates and no Adam state (`frozen_labels`)."""
-  adam = optax.adam(agent.learning_rate, eps=agent.adam_eps)
+  `agent.frozen_modules` get zero updates and no Adam state (`frozen_labels`). With
+  `agent.policy_params_ema` > 0, `params_ema` last: its state holds the averaged params."""
+  optimizer = optax.adam(agent.learning_rate, eps=agent.adam_eps)
   if agent.max_grad_norm is not None:
-    adam = optax.chain(optax.clip_by_global_norm(agent.max_grad_norm), adam)
-  if not agent.frozen_modules:
-    return adam
-  return optax.multi_transform(
-      {TRAINABLE: adam, FROZEN: optax.set_to_zero()},
-      functools.partial(frozen_labels, frozen_modules=agent.frozen_modules))
+    optimizer = optax.chain(optax.clip_by_global_norm(agent.max_grad_norm), optimizer)
+  if agent.frozen_modules:
+    optimizer = optax.multi_transform(
+        {TRAINABLE: optimizer, FROZEN: optax.set_to_zero()},
+        functools.partial(frozen_labels, frozen_modules=agent.frozen_modules))
+  if agent.policy_params_ema > 0:
+    optimizer = optax.chain(optimizer, params_ema(agent.policy_params_ema))
+  return optimizer
+
+
+class ParamsEmaState(NamedTuple):
+  average: Any  # the moving average of the params after each update
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps avg <- decay * avg + (1 - decay) * (params + updates) in its state; the updates pass
+  through unchanged. Last in the chain, so that `params + updates` are the new params. Like
+  optax's schedule-free optimizers, the optimizer state holds the params to evaluate; kept there,
+  the average is checkpointed with the Adam state, and runs without it keep their state layout."""
+
+  def init(params):
+    return ParamsEmaState(jax.tree_util.tree_map(jnp.copy, params))  # own buffers: donated
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('params_ema needs the params: optimizer.update(grads, state, params)')
+    new_params = optax.apply_updates(params, updates)
+    return updates, ParamsEmaState(
+        optax.incremental_update(new_params, state.average, step_size=1.0 - decay))
+
+  return optax.GradientTransformation(init, update)
+
+
+def policy_trainable(agent: AgentConfig, trainable: Any, opt_state: Any) -> Any:
+  """The (params, behaviour_params) that actors and evaluators use: `trainable` (the online
+  ones), or with `agent.policy_params_ema` > 0 their moving average from `opt_state`."""
+  if agent.policy_params_ema > 0:
+    return opt_state[-1].average
+  return trainable
 
 
 def check_frozen_modules(frozen_modules: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from scaled_ql.agents import learner, methods
+from scaled_ql.agents import builder, learner, methods
 from scaled_ql.configs.base import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: Experiment
   return None if found is None else found[1]
 
 
-def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
-                ) -> tuple[ExperimentConfig, Any, int]:
+def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
+                online: bool = False) -> tuple[ExperimentConfig, Any, int]:
   """(config, params, step) of the latest checkpoint in a learner workdir or its `checkpoints/`.
 
-  `params` is what `actors.make_policy` takes (`Method.policy_params`): the online Q-network params
-  (haiku dict), or for a method with a behaviour model (bcq) {'q': ..., 'behaviour': ...}.
+  `params` is what `actors.make_policy` takes (`Method.policy_params`): the Q-network params
+  (haiku dict), or for a method with a behaviour model (bcq) {'q': ..., 'behaviour': ...}. They
+  are what the run's evaluators used: the moving average of the online params for a run with
+  `agent.policy_params_ema` > 0, unless `online`; otherwise the online params.
   """
   path = os.path.abspath(checkpoint_dir_or_workdir)
   if os.path.basename(path.rstrip('/')) == CHECKPOINT_SUBDIR:
@@ -186,5 +188,7 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None
       cfg, state = found[1]
   finally:
     manager.close()
-  method = methods.get(cfg.agent.loss)
-  return cfg, method.policy_params(state.params, state.behaviour_params), int(state.step)
+  trainable = (state.params, state.behaviour_params)
+  if not online:
+    trainable = builder.policy_trainable(cfg.agent, trainable, state.opt_state)
+  return cfg, methods.get(cfg.agent.loss).policy_params(*trainable), int(state.step)

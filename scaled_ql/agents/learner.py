@@ -214,10 +214,15 @@ class Learner:
 
   def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
     """Host copies. 'params': what `actors.make_policy` takes (`Method.policy_params`; for 'bcq'
-    {'q', 'behaviour'}); also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
+    {'q', 'behaviour'}): the moving average of the online params when `agent.policy_params_ema`
+    > 0 (`builder.policy_trainable`), else the online params; 'online_params': the online ones
+    always; also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
     s = self._state
     method = methods.get(self._cfg.agent.loss)
-    table = dict(params=lambda: method.policy_params(s.params, s.behaviour_params),
+    policy = lambda trainable: method.policy_params(*trainable)
+    table = dict(params=lambda: policy(builder.policy_trainable(
+                     self._cfg.agent, (s.params, s.behaviour_params), s.opt_state)),
+                 online_params=lambda: policy((s.params, s.behaviour_params)),
                  target_params=lambda: s.target_params,
                  behaviour_params=lambda: s.behaviour_params,
                  opt_state=lambda: s.opt_state, step=lambda: s.step)

@@ -74,6 +74,10 @@ class AgentConfig:
   # Top-level network modules ('encoder', 'trunk', 'heads') whose params the optimizer leaves
   # unchanged (transfer with a frozen encoder: `('encoder',)`; scaled_ql/agents/transfer.py).
   frozen_modules: tuple[str, ...] = ()
+  # Decay d of an exponential moving average of the params, updated after every step
+  # (avg <- d * avg + (1 - d) * params) and used by actors, evaluators and `load_params` instead
+  # of the online params (Polyak averaging; not in the paper). 0 = the online params (the paper).
+  policy_params_ema: float = 0.0
 
   @property
   def batch_size(self) -> int:

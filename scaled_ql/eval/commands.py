@@ -28,6 +28,9 @@ def register(subparsers) -> None:
   p.add_argument('--num-envs', type=int, default=None,
                  help='environments per game stepped together (default: eval.num_envs)')
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  p.add_argument('--online-params', action='store_true',
+                 help="evaluate the online params of a run with agent.policy_params_ema > 0 "
+                 "(default: the moving average, what the run's evaluators used)")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--device', choices=('cpu', 'gpu', 'tpu'), default=None,
                  help='where the policy runs, batched over --num-envs environments per call '
@@ -204,7 +207,8 @@ def _eval(args: argparse.Namespace) -> int:
   from scaled_ql.agents import actors, checkpointing
   from scaled_ql.eval import evaluator
   try:
-    cfg, params, step = checkpointing.load_params(args.checkpoint, step=args.step)
+    cfg, params, step = checkpointing.load_params(args.checkpoint, step=args.step,
+                                                  online=args.online_params)
   except FileNotFoundError as e:
     return _fail(str(e))
   try:
