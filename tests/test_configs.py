@@ -37,6 +37,7 @@ def test_cpu_small_recipe_and_paper_networks_keep_the_paper_input():
   small = configs.get_config('cpu_small')
   assert small.network.input_norm == 'standardize' and not small.network.feature_norm
   assert small.agent.adam_eps == 1e-8
+  assert small.agent.policy_params_ema == 0.998  # evaluators use the params' moving average
   # 64 transitions per game and step (16 left Pong and Breakout on their action priors)
   assert small.agent.games_per_batch * small.agent.transitions_per_game == 64 * len(small.games)
   # the demo's result is a mean over >= 3 whole episodes: a final budget above the periodic one
@@ -44,6 +45,7 @@ def test_cpu_small_recipe_and_paper_networks_keep_the_paper_input():
   paper = configs.get_config('atari40_suboptimal_resnet101')
   assert paper.network.input_norm == 'scale' and paper.network.feature_norm
   assert paper.agent.adam_eps == 3.125e-4
+  assert paper.agent.policy_params_ema == 0.0  # the paper evaluates the online params
   assert paper.eval.final_steps_per_game is None  # the paper's budget for every evaluation
 
 

@@ -128,14 +128,16 @@ def test_encoder_mismatch_names_the_parameters_and_the_checkpoint(pretrained):
 
 
 def test_cli_rejects_a_mismatching_checkpoint_before_starting_anything(pretrained,
-                                                                        tiny_dataset_dir, tmp_path):
-  out = subprocess.run(
-      [sys.executable, '-m', 'scaled_ql.cli', 'finetune', 'offline', '--pretrained', pretrained,
-       '--config', 'cpu_small', '--game', 'Pong', '--data-dir', tiny_dataset_dir,
-       '--workdir', str(tmp_path / 'ft')], capture_output=True, text=True, timeout=300)
-  assert out.returncode == 2, out.stderr
-  assert f'the encoder of checkpoint {pretrained} does not match' in out.stderr
-  assert 'encoder/stage_0_block_0/conv_0/w: checkpoint [3, 3, 8, 8]' in out.stderr
+                                                                        tiny_dataset_dir, tmp_path,
+                                                                        capsys):
+  from scaled_ql import cli  # in-process: a subprocess added ~5 s of imports to the suite
+  code = cli.main(['finetune', 'offline', '--pretrained', pretrained, '--config', 'cpu_small',
+                   '--game', 'Pong', '--data-dir', tiny_dataset_dir,
+                   '--workdir', str(tmp_path / 'ft')])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert f'the encoder of checkpoint {pretrained} does not match' in err
+  assert 'encoder/stage_0_block_0/conv_0/w: checkpoint [3, 3, 8, 8]' in err
   assert not os.path.exists(tmp_path / 'ft')
 
 
@@ -151,6 +153,9 @@ def test_finetune_configs_follow_appendix_b4(pretrained):
   assert (on.agent.cql_alpha, on.agent.n_step, on.agent.batch_size, on.agent.v_max) == (
       0.0, 3, 32, 10.0)
   assert on.eval.game_mode == 12 and on.finetune.pretrained is None
+  small_on = configs.finetune_online(configs.get_config('cpu_small'), 'Breakout', 12,
+                                     pretrained=None)
+  assert small_on.agent.policy_params_ema == 0.0  # actors act with the online params
   assert (on.data.shuffle_buffer_per_game, on.data.min_fill_per_game) == (1_000_000, 20_000)
   assert (on.finetune.update_period, on.finetune.epsilon_end) == (4, 0.01)
   assert on.agent.target_update_period == 2000 and on.finetune.epsilon_decay_steps == 250_000

@@ -151,8 +151,14 @@ def _cpu_small() -> ExperimentConfig:
       # Adam epsilon 1e-8 (optax's default), not Dopamine's 3.125e-4: the encoder's gradients
       # (RMS ~5e-4 at init) are of the order of 3.125e-4, which damps them; single-game Pong BC
       # left the majority action by step 1000 with 1e-8, by 1500 with 3.125e-4.
+      # Actors and evaluators use a moving average of the online params (decay 0.998, ~500
+      # steps; not in the paper): the online params' Boxing score swung by hundreds of percent
+      # between evaluations. Evaluated on the same final checkpoints of 3 demo seeds, the average
+      # scored above the online params on Boxing (36.0 / -5.0 / 33.7 vs 15.0 / -8.7 / 11.3) and
+      # on the aggregate IQM in all 3 (docs/learning.md, "2026-12-01 afternoon").
       agent=AgentConfig(games_per_batch=64, transitions_per_game=4, target_update_period=200,
-                        learning_rate=1e-3, v_min=-10.0, v_max=10.0, adam_eps=1e-8),
+                        learning_rate=1e-3, v_min=-10.0, v_max=10.0, adam_eps=1e-8,
+                        policy_params_ema=0.998),
       # Items of 4 consecutive transitions: a game draw (4 transitions) is one Reverb sample, so
       # the sampler costs ~1/3 of the CPU per transition (benchmarks/sample_cost.py) and the
       # learner in the program runs 0.81-0.84x alone instead of 0.76x; BC imitation per step was
@@ -315,7 +321,10 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
                  adam_eps=c['adam_eps'], v_min=-c['v_max'], v_max=c['v_max'],
                  games_per_batch=1, transitions_per_game=c['batch_size'],
                  target_update_period=sized(c['target_update_period']),
-                 frozen_modules=('encoder',) if freeze_encoder else ()),
+                 frozen_modules=('encoder',) if freeze_encoder else (),
+                 # The actors act with the online params, as Dopamine's agent does (a moving
+                 # average of the pre-training config would lag the policy that collects data).
+                 policy_params_ema=0.0),
       data=dict(shuffle_buffer_per_game=sized(c['replay_capacity'], 100),
                 min_fill_per_game=sized(c['min_replay_history'], c['batch_size']),
                 num_inserters=1, transitions_per_item=1),  # Dopamine's i.i.d. replay, paced
