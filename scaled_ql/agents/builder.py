@@ -120,9 +120,12 @@ def params_ema(decay: float) -> optax.GradientTransformation:
 def policy_trainable(agent: AgentConfig, trainable: Any, opt_state: Any) -> Any:
   """The (params, behaviour_params) that actors and evaluators use: `trainable` (the online
   ones), or with `agent.policy_params_ema` > 0 their moving average from `opt_state`."""
-  if agent.policy_params_ema > 0:
-    return opt_state[-1].average
-  return trainable
+  if agent.policy_params_ema <= 0:
+    return trainable
+  if not isinstance(opt_state, tuple) or not isinstance(opt_state[-1], ParamsEmaState):
+    raise ValueError('agent.policy_params_ema > 0 but the optimizer state holds no average '
+                     '(a state made by another config?)')
+  return opt_state[-1].average
 
 
 def check_frozen_modules(frozen_modules: Sequence[str]) -> None:

@@ -153,9 +153,10 @@ def _cpu_small() -> ExperimentConfig:
       # left the majority action by step 1000 with 1e-8, by 1500 with 3.125e-4.
       # Actors and evaluators use a moving average of the online params (decay 0.998, ~500
       # steps; not in the paper): the online params' Boxing score swung by hundreds of percent
-      # between evaluations. Evaluated on the same final checkpoints of 3 demo seeds, the average
-      # scored above the online params on Boxing (36.0 / -5.0 / 33.7 vs 15.0 / -8.7 / 11.3) and
-      # on the aggregate IQM in all 3 (docs/learning.md, "2026-12-01 afternoon").
+      # between evaluations. Evaluated on the same final checkpoints of 4 demo runs, the average
+      # scored above the online params on Boxing and on the IQM in 3 of the 4 (Boxing 36.0 /
+      # -5.0 / 33.7 / -2.0 vs 15.0 / -8.7 / 11.3 / 4.3; docs/learning.md, "2026-12-01
+      # afternoon").
       agent=AgentConfig(games_per_batch=64, transitions_per_game=4, target_update_period=200,
                         learning_rate=1e-3, v_min=-10.0, v_max=10.0, adam_eps=1e-8,
                         policy_params_ema=0.998),
