@@ -164,6 +164,10 @@ def test_policy_params_ema_is_the_moving_average_of_the_online_params(tmp_path):
   plain.step()
   assert tree_equal(*plain.get_variables(['params', 'online_params']))
   plain.close()
+  # Started from given params (fine-tuning), the average starts at them.
+  started = make(cfg, initial_params=online)
+  assert tree_equal(started.get_variables(['params'])[0], online)
+  started.close()
   with pytest.raises(ValueError, match=r'agent.policy_params_ema=1.0 must be in \[0, 1\)'):
     make(CFG.replace(agent=dict(policy_params_ema=1.0)))
 

@@ -177,7 +177,11 @@ class Learner:
       builder.check_same_structure(initial_params, state.params, 'initial_params')
       # Copies: the train state is donated to `update`, the caller's arrays must stay valid.
       params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), initial_params)
-      state = state._replace(params=params, target_params=jax.tree_util.tree_map(jnp.copy, params))
+      # A fresh optimizer state too: a moving average of the params (`policy_params_ema`) then
+      # starts at the initial params, not at the random init.
+      opt_state = builder.make_optimizer(cfg.agent).init((params, state.behaviour_params))
+      state = state._replace(params=params, target_params=jax.tree_util.tree_map(jnp.copy, params),
+                             opt_state=opt_state)
     self._state = jax.device_put(state, self._replicated)
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(

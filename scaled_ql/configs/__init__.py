@@ -48,8 +48,8 @@ NETWORKS: dict[str, NetworkConfig] = {
     # of the Nature DQN) and one basic block at 32 channels, a 256 + 3x128 trunk. It was 96
     # channels and 512 + 3x256: on in-memory 4-game BC at 64 transitions per game the narrow one
     # imitates as well per step (held-out Breakout 0.59 at step 1500, 0.62 at 2500; the wide one
-    # 0.63 at 3500; Boxing 0.72 both) at 2.5x the steps/s (12.2 vs 4.9 at batch 256; docs/learning.md
-    # 3b), and on 2 cores steps are what the recipe lacks.
+    # 0.63 at 3500; Boxing 0.72 both) at 2.5x the steps/s (12.2 vs 4.9 at batch 256;
+    # docs/learning.md 3b), and on 2 cores steps are what the recipe lacks.
     # Two measured deviations make it learn at a CPU budget (docs/learning.md, "why the CPU
     # network could not imitate"): per-frame input standardization (with x / 255 no network here,
     # not even a plain Nature CNN, fits 256 Pong frames in 500 steps) and NO feature normalization
@@ -142,9 +142,10 @@ def _cpu_small() -> ExperimentConfig:
       network=NETWORKS['resnet_cpu_small'],
       # Batch 64 x 4 = 256: 64 transitions per game and step. At 16 per game (batch 64) Pong and
       # Breakout BC stayed at their action priors for 7000 steps; at 64 all four games act on
-      # the pixels by step 3500 (docs/learning.md 3b, cause 3). The CPU recipe (docs/learning.md, issue 11): lr 1e-3, not
-      # the paper's 2e-4 (with unit-norm features a C51 head sharpens ~lr*sqrt(D) per step, and
-      # D=256 here, 1024 there, with a few thousand steps instead of 10M); support [-10, 10]: the
+      # the pixels by step 3500 (docs/learning.md 3b, cause 3). The CPU recipe
+      # (docs/learning.md, issue 11): lr 1e-3, not the paper's 2e-4 (with unit-norm features a
+      # C51 head sharpens ~lr*sqrt(D) per step, and D=256 here, 1024 there, with a few thousand
+      # steps instead of 10M); support [-10, 10]: the
       # discounted clipped MC returns of the generated data lie in [-5, 7.5] (99% in [-2.9, 5.5]),
       # [-20, 20] gave that range ~16 of the 51 atoms, [-10, 10] ~32; a target refresh every 200
       # steps so that a few-thousand-step run gets tens of refreshes, not a handful.
