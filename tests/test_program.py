@@ -302,12 +302,14 @@ def _check_network_exposure(notice: str, ray):
 def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_dataset_dir,
                                                              tmp_path):
   """A node that fails in its loop on every start (injected: a fine-tuning actor whose epsilon
-  schedule raises; issue 16 moved the actors' pacing into the Reverb table): Ray restarts it, the progress line shows its restarts and last error, and its third
-  restart within the window ends the program with its traceback; every node is then killed.
+  schedule raises; issue 16 moved the actors' pacing into the Reverb table): Ray restarts it,
+  the progress line shows its restarts and last error, and its second restart within the window
+  (`train.crash_loop_restarts=2` here; the budget's counting is tested above with 3) ends the
+  program with its traceback; every node is then killed.
   Meanwhile the program's network exposure is checked (`ss`, Ray's token)."""
   ray = ray_session
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=100_000, evaluators=1).replace(
-      train=dict(crash_loop_restarts=3, crash_loop_window_s=600))
+      train=dict(crash_loop_restarts=2, crash_loop_window_s=600))  # 2, not 3: suite time
   workdir = str(tmp_path / 'crash_loop')
   run.prepare_workdir(cfg, workdir)
 
@@ -328,9 +330,9 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   with pytest.raises(program.NodeLost) as lost:
     program.run(prog, log=log, timeout_s=400, final_eval_timeout_s=None)
   message = str(lost.value)
-  # At least crash_loop_restarts (3) restarts: more can fall between two polls of the driver.
+  # At least crash_loop_restarts (2) restarts: more can fall between two polls of the driver.
   restarts = re.match(r'actor_0 restarted (\d+) times within 600s', message)
-  assert restarts and int(restarts.group(1)) >= 3, message[:500]
+  assert restarts and int(restarts.group(1)) >= 2, message[:500]
   assert 'crash loop' in message and '[actor_0] crashed' in message
   assert 'RuntimeError: injected pacing fault' in message
   assert any(l.startswith('security:') for l in lines)
