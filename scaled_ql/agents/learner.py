@@ -42,10 +42,14 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 number of gradient steps taken
 
 
-def init_state(cfg: ExperimentConfig, rng: jax.Array) -> TrainState:
+def init_state(cfg: ExperimentConfig, rng: jax.Array, params: Any = None) -> TrainState:
+  """A fresh train state: the Q-network's `params` if given (e.g. `transfer.finetune_params`),
+  else a random init; the target network, the optimizer state (and so a moving average of the
+  params, `agent.policy_params_ema`) start from them."""
   nets = builder.agent_networks(cfg)
   init_rng, bcq_rng, rng = jax.random.split(rng, 3)
-  params = nets.q.init(init_rng, *builder.dummy_inputs())
+  if params is None:
+    params = nets.q.init(init_rng, *builder.dummy_inputs())
   behaviour_params = nets.behaviour.init(bcq_rng, *builder.dummy_inputs()) if nets.behaviour else {}
   opt_state = builder.make_optimizer(cfg.agent).init((params, behaviour_params))
   return TrainState(params=params, behaviour_params=behaviour_params,
@@ -172,16 +176,13 @@ class Learner:
     mesh = Mesh(np.asarray(devices), ('batch',))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._batch_sharding = NamedSharding(mesh, PartitionSpec('batch'))
-    state = initial_state(cfg, jax.random.PRNGKey(cfg.train.seed))
+    rng = jax.random.PRNGKey(cfg.train.seed)
     if initial_params is not None:
-      builder.check_same_structure(initial_params, state.params, 'initial_params')
-      # Copies: the train state is donated to `update`, the caller's arrays must stay valid.
-      params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), initial_params)
-      # A fresh optimizer state too: a moving average of the params (`policy_params_ema`) then
-      # starts at the initial params, not at the random init.
-      opt_state = builder.make_optimizer(cfg.agent).init((params, state.behaviour_params))
-      state = state._replace(params=params, target_params=jax.tree_util.tree_map(jnp.copy, params),
-                             opt_state=opt_state)
+      like = jax.eval_shape(lambda: init_state(cfg, rng)).params
+      builder.check_same_structure(initial_params, like, 'initial_params')
+    # The jitted init returns new buffers: the caller's `initial_params` stay valid although the
+    # train state is donated to `update`.
+    state = initial_state(cfg, rng, initial_params)
     self._state = jax.device_put(state, self._replicated)
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
