@@ -97,6 +97,7 @@ def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
   out, err = capsys.readouterr()
   assert rc == 0, err
   assert 'step 1 ' in out and os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  assert 'step 1 (the online params) on Pong' in out  # cpu_tiny keeps no moving average
 
 
 def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_dir, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from scaled_ql import games as games_lib
 from scaled_ql import loggers
-from scaled_ql.agents import actors, checkpointing
+from scaled_ql.agents import actors, builder, checkpointing
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
@@ -159,6 +159,10 @@ def test_policy_params_ema_is_the_moving_average_of_the_online_params(tmp_path):
   _, online_from_checkpoint, _ = checkpointing.load_params(workdir, online=True)
   assert step == 3
   assert tree_equal(from_checkpoint, published) and tree_equal(online_from_checkpoint, online)
+  # What the eval command and the demo print beside the scores.
+  assert builder.policy_params_label(cfg.agent) == "the params' moving average (decay 0.5)"
+  assert builder.policy_params_label(cfg.agent, online=True) == 'the online params'
+  assert builder.policy_params_label(CFG.agent) == 'the online params'
   # The default (0) publishes the online params and keeps the optimizer state's layout.
   plain = make(CFG)
   plain.step()

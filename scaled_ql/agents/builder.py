@@ -128,6 +128,13 @@ def policy_trainable(agent: AgentConfig, trainable: Any, opt_state: Any) -> Any:
   return opt_state[-1].average
 
 
+def policy_params_label(agent: AgentConfig, online: bool = False) -> str:
+  """Which params `policy_trainable` (or `online`) gives, for what a command prints."""
+  if online or agent.policy_params_ema <= 0:
+    return 'the online params'
+  return f"the params' moving average (decay {agent.policy_params_ema:g})"
+
+
 def check_frozen_modules(frozen_modules: Sequence[str]) -> None:
   unknown = [m for m in frozen_modules if m not in MODULES]
   if unknown:

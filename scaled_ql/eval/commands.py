@@ -222,7 +222,9 @@ def _eval(args: argparse.Namespace) -> int:
   except ValueError as e:
     return _fail(str(e))
   policy = actors.make_policy(cfg, epsilon)
-  print(f'evaluating {cfg.name} step {step} on {", ".join(games)}: '
+  from scaled_ql.agents import builder
+  print(f'evaluating {cfg.name} step {step} '
+        f'({builder.policy_params_label(cfg.agent, args.online_params)}) on {", ".join(games)}: '
         f'a budget of {args.steps or cfg.eval.steps_per_game} steps/game (every episode started '
         f'is played to its end), epsilon {epsilon}, sticky actions '
         f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')

@@ -142,9 +142,11 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   if not scores:
     print('[demo] no evaluation finished; see the logs above', file=sys.stderr)
     return 1
+  from scaled_ql.agents import builder
   learner_steps = status.learner['steps'] if status.learner else '?'
   print(f'\n{method_label(cfg.agent)} ({cfg.name}) after {learner_steps} learner steps, '
-        f'{time.time() - started:.0f}s in all; human-normalized scores '
+        f'{time.time() - started:.0f}s in all; human-normalized scores of '
+        f'{builder.policy_params_label(cfg.agent)} '
         f'(a budget of {cfg.eval.final_steps_per_game or cfg.eval.steps_per_game} agent steps '
         'per game, every episode started '
         f'played to its end, epsilon {cfg.eval.epsilon}):')
