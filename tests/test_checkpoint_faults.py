@@ -1,5 +1,7 @@
 """Checkpoint faults (issue 12): a damaged newest checkpoint is moved aside and restoring falls back
-to the newest one that loads; Orbax's temporary folders of interrupted saves are removed."""
+to the newest one that loads; Orbax's temporary folders of interrupted saves are removed. The
+`train` command resuming past a truncated newest checkpoint is checked in tests/test_program.py
+(one program run with its SIGTERM test)."""
 import logging
 import os
 
@@ -100,36 +102,6 @@ def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
   assert 'step 1 (the online params) on Pong' in out  # cpu_tiny keeps no moving average
 
 
-def test_train_command_resumes_past_a_truncated_newest_checkpoint(tiny_dataset_dir, tmp_path):
-  """Also with an undecodable episode in the data: the inserter skips it and the progress line
-  counts it (one program run for both faults keeps the suite fast)."""
-  import subprocess
-  import sys
-  from test_bad_data import _with_undecodable_episode
-  # cpu_tiny reads the 'suboptimal' selection: checkpoint_00 (two episodes of Pong), read
-  # again and again, so the bad one is met in the first epoch.
-  data, _ = _with_undecodable_episode(tiny_dataset_dir, tmp_path, checkpoint=0, index=1)
-  cfg = CFG.replace(data=dict(data_dir=data))
-  workdir = str(tmp_path / 'run')
-  learner = make(cfg, workdir=workdir)
-  for _ in range(2):
-    learner.step()
-    learner.save()
-  learner.close()
-  _truncate_step(workdir, 2)
-  proc = subprocess.run(
-      [sys.executable, '-m', 'scaled_ql.cli', 'train', '--config', 'cpu_tiny', '--data-dir',
-       data, '--workdir', workdir, '--steps', '4', '--evaluators', '1'],
-      capture_output=True, text=True, timeout=600)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-3000:]
-  assert 'corrupt-2' in out  # the warning names where the damaged checkpoint went
-  steps = sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints')) if c.isdigit())
-  assert steps[-1] == 4 and 1 in steps
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
-  assert 'bad data skipped: 0 corrupt files, 1 undecodable episodes' in out, out[-3000:]
-
-
 def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir, steps=(1,))
@@ -142,3 +114,17 @@ def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
     checkpointing._newest_that_loads(manager, load)
   manager.close()
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+
+
+def test_a_restored_learner_is_exact_with_an_update_from_the_persistent_cache(tmp_path):
+  """`benchmarks/compilation_cache_restore.py`: a learner restored from a checkpoint, its update
+  loaded from JAX's persistent compilation cache, steps exactly like one that compiled its update
+  (before `Learner.restore` copied the restored state: a heap corruption abort, or NaN)."""
+  import subprocess
+  import sys
+  script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks',
+                        'compilation_cache_restore.py')
+  out = subprocess.run([sys.executable, script, '--out', str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert 'verdict: exact' in out.stdout, out.stdout

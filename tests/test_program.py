@@ -1,7 +1,8 @@
 """The distributed program on a real Ray runtime, tiny sizes (cpu_tiny + the tiny_dataset_dir).
 
-- `scaled-ql train` as a subprocess: learner steps, evaluator reports at >= 2 param versions,
-  then SIGTERM -> final checkpoint, exit 0 and no process left behind.
+- `scaled-ql train` as a subprocess, resuming past a truncated newest checkpoint on data with an
+  undecodable episode: learner steps, evaluator reports at >= 2 param versions, then SIGTERM ->
+  final checkpoint, exit 0 and no process left behind.
 - In-process (one Ray session for the module): killing an evaluator (Ray restarts it and it
   reports again), killing the learner (it resumes from its checkpoint step, not 0) and killing
   the Reverb server (it comes back on its port; inserters and the learner reconnect) while the
@@ -61,45 +62,71 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
   raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
 
 
-def test_train_command_runs_evaluates_and_ends_cleanly_on_sigterm(tiny_dataset_dir, tmp_path):
+def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm(
+    tiny_dataset_dir, tmp_path):
+  """`scaled-ql train` on a workdir and data with a fault each (one program run for all of it
+  keeps the suite fast): the newest checkpoint is truncated (moved aside as corrupt-2, the run
+  resumes from step 1) and the data holds an undecodable episode (the inserter skips it, the
+  progress line counts it). Then it trains and evaluates >= 2 param versions; on SIGTERM it saves
+  the final step, exits 0 and leaves no process behind."""
+  from test_bad_data import _with_undecodable_episode
+  from test_checkpoint_faults import _truncate_step
+  from test_learner import CFG, make
+  # cpu_tiny reads the 'suboptimal' selection: checkpoint_00 (two episodes of Pong), read again
+  # and again, so the bad one is met in the first epoch.
+  data, _ = _with_undecodable_episode(tiny_dataset_dir, tmp_path, checkpoint=0, index=1)
   workdir = str(tmp_path / 'run')
+  learner = make(CFG.replace(data=dict(data_dir=data)), workdir=workdir)
+  for _ in range(2):
+    learner.step()
+    learner.save()
+  learner.close()
+  _truncate_step(workdir, 2)
+
+  def steps_saved():
+    return sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints')) if c.isdigit())
+
   tag = f'SCALED_QL_TEST_TAG={uuid.uuid4().hex}'
   env = dict(os.environ, SCALED_QL_TEST_TAG=tag.split('=')[1])
   log_path = tmp_path / 'train.log'
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(
-        SCALED_QL + ['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir,
+        SCALED_QL + ['train', '--config', 'cpu_tiny', '--data-dir', data,
                      '--workdir', workdir, '--steps', '100000', '--evaluators', '1'],
         stdout=log, stderr=subprocess.STDOUT, env=env)
   try:
-    # Runs until the evaluator reported params of >= 2 versions and a checkpoint exists.
+    # Runs until the evaluator reported params of >= 2 versions and a new checkpoint exists.
     def progressed():
       if proc.poll() is not None:
         raise AssertionError(f'train exited early ({proc.returncode}):\n{log_path.read_text()}')
       try:
         versions = {r['param_version'] for r in _eval_rows(workdir)}
-        checkpoints = os.listdir(os.path.join(workdir, 'checkpoints'))
       except FileNotFoundError:
         return False
-      return len(versions) >= 2 and checkpoints
-    _wait_for(progressed, 240, 'evaluations of 2 param versions and a checkpoint')
+      return len(versions) >= 2 and steps_saved()[-1] > 2
+    _wait_for(progressed, 240, 'evaluations of 2 param versions and a new checkpoint')
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log_path.read_text()
   finally:
     if proc.poll() is None:
       proc.kill()
   out = log_path.read_text()
+  # The damaged checkpoint: moved aside (the warning names where), the run resumed from step 1
+  # (kept checkpoints: the last 3, so step 1's is gone by now; the fallback's step is checked
+  # in tests/test_checkpoint_faults.py). A resumed learner never publishes version 0.
+  assert 'does not load' in out and 'corrupt-2' in out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  assert min(r['param_version'] for r in _eval_rows(workdir)) >= 1
+  assert 'bad data skipped: 0 corrupt files, 1 undecodable episodes' in out, out[-3000:]
   assert 'SIGTERM' in out and 'learner stopped at step' in out
   final_step = int(out.split('learner stopped at step ')[1].split(';')[0])
-  checkpoints = sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints'))
-                       if c.isdigit())
-  assert checkpoints[-1] == final_step > 0  # the SIGTERM checkpoint is the final step
+  assert steps_saved()[-1] == final_step > 2  # the SIGTERM checkpoint is the final step
   rows = _eval_rows(workdir)
   assert {r['game'] for r in rows} == {'Breakout', 'Pong'}
   assert len({r['param_version'] for r in rows}) >= 2
   assert all(r['evaluator'] == 'evaluator_0' for r in rows)
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['data']['data_dir'] == tiny_dataset_dir
+    assert json.load(f)['data']['data_dir'] == data
   assert os.path.isdir(os.path.join(workdir, 'tb', 'evaluator_0'))
   assert '| learner ' in out and 'steps/s' in out and 'replay Breakout=' in out  # progress
   # Nothing the run started is still alive (Ray's GCS, raylet, workers, Reverb, ...).

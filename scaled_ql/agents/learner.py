@@ -241,6 +241,14 @@ class Learner:
     return self._state
 
   def restore(self, state: TrainState) -> None:
-    """Continues from `state` (e.g. a checkpoint's, shaped like `abstract_state`)."""
-    self._state = jax.device_put(state, self._replicated)
+    """Continues from `state` (e.g. a checkpoint's, shaped like `abstract_state`).
+
+    The state is copied into buffers of XLA's own: `update` donates its state, and donating the
+    buffers a checkpoint was restored into, to an update loaded from JAX's persistent compilation
+    cache (JAX_COMPILATION_CACHE_DIR), corrupted the heap ('corrupted double-linked list', a
+    segfault) or stepped to NaN, with jaxlib 0.4.34 on the CPU. With the copy the restored run is
+    exact, cache or not (`benchmarks/compilation_cache_restore.py`).
+    """
+    self._state = jax.tree_util.tree_map(lambda x: x.copy(),
+                                         jax.device_put(state, self._replicated))
     self._steps = int(self._state.step)

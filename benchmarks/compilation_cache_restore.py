@@ -1,0 +1,80 @@
+"""Is a learner restored from a checkpoint exact when its update comes from JAX's persistent
+compilation cache? (`Learner.restore`; tests/test_checkpoint_faults.py runs this.)
+
+    .venv/bin/python benchmarks/compilation_cache_restore.py [--config cpu_tiny] [--out DIR]
+
+Three processes sharing one JAX_COMPILATION_CACHE_DIR (empty at the start): (1) a fresh learner
+steps 3 times, saves, and writes its compiled update to the cache; (2) a learner restored from
+that checkpoint steps 3 more times, its update loaded from the cache; (3) the same as (2) with
+the cache off, compiling its update itself. (2) must exit 0 with the same metrics as (3).
+Before `Learner.restore` copied the restored state into buffers of XLA's own, (2) did not, with
+jaxlib 0.4.34 on the CPU: it aborted ('corrupted double-linked list', 'double free or
+corruption') or segfaulted, and in a Ray program the restarted learner stepped to
+grad_norm=nan (BUILD_NOTES "Tests", 2026-12-01 evening).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+PHASE = '''
+import json, sys, jax
+from scaled_ql import loggers
+from scaled_ql.agents import learner as learner_lib, runner as runner_lib
+from scaled_ql.configs import get_config
+from scaled_ql.types import random_frame_windows
+cfg = get_config(sys.argv[1]); workdir = sys.argv[2]; restore = sys.argv[3] == 'restore'
+batches = (random_frame_windows(cfg, seed=i) for i in range(10**6))
+runner = runner_lib.LearnerRunner(
+    learner_lib.Learner(cfg, batches, devices=jax.local_devices()[:1]), workdir,
+    logger=loggers.MultiLogger([]), handle_signals=False)
+if restore:
+  assert runner.restore()
+for _ in range(3):
+  metrics = runner.step()
+runner.save()
+runner.close()
+print(json.dumps(dict(step=int(runner.steps), cache=jax.config.jax_enable_compilation_cache,
+                      loss=float(metrics['loss']), grad_norm=float(metrics['grad_norm']))))
+'''
+
+
+def phase(config: str, workdir: str, mode: str, cache_dir: str, cache_on: bool) -> dict:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+             JAX_ENABLE_COMPILATION_CACHE='true' if cache_on else 'false')
+  out = subprocess.run([sys.executable, '-c', PHASE, config, workdir, mode], env=env,
+                       capture_output=True, text=True, timeout=600)
+  lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
+  error = [l for l in out.stderr.splitlines() if l and not l[:1] in 'WI'][-1:]
+  return dict(returncode=out.returncode, **(json.loads(lines[-1]) if lines else {}),
+              **({} if out.returncode == 0 else dict(last_error_line=error)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='cpu_tiny')
+  parser.add_argument('--out', default=None, help='working folder (default: a temporary one)')
+  args = parser.parse_args()
+  root = args.out or tempfile.mkdtemp(prefix='compilation_cache_restore_')
+  cache, a, b = (os.path.join(root, n) for n in ('cache', 'run_cached', 'run_compiled'))
+  fresh = phase(args.config, a, 'fresh', cache, True)
+  print('1. fresh learner, cache on (writes it):', fresh, flush=True)
+  subprocess.run(['cp', '-r', a, b], check=True)
+  cached = phase(args.config, a, 'restore', cache, True)
+  print('2. restored learner, update from the cache:', cached, flush=True)
+  compiled = phase(args.config, b, 'restore', cache, False)
+  print('3. restored learner, cache off:', compiled, flush=True)
+  same = cached.get('returncode') == 0 and all(
+      cached.get(k) == compiled.get(k) for k in ('step', 'loss', 'grad_norm'))
+  print('verdict:', 'exact: the restored learner with a cached update equals the compiled one'
+        if same else 'NOT EXACT: the restored learner with a cached update crashed or differs')
+  sys.exit(0 if same else 1)
+
+
+if __name__ == '__main__':
+  main()
