@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def phase(config: str, workdir: str, mode: str, cache_dir: str, cache_on: bool) 
   out = subprocess.run([sys.executable, '-c', PHASE, config, workdir, mode], env=env,
                        capture_output=True, text=True, timeout=600)
   lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
-  error = [l for l in out.stderr.splitlines() if l and not l[:1] in 'WI'][-1:]
+  error = [l for l in out.stderr.splitlines() if l and l[:1] not in 'WI'][-1:]
   return dict(returncode=out.returncode, **(json.loads(lines[-1]) if lines else {}),
               **({} if out.returncode == 0 else dict(last_error_line=error)))
 
@@ -64,7 +65,7 @@ def main() -> None:
   cache, a, b = (os.path.join(root, n) for n in ('cache', 'run_cached', 'run_compiled'))
   fresh = phase(args.config, a, 'fresh', cache, True)
   print('1. fresh learner, cache on (writes it):', fresh, flush=True)
-  subprocess.run(['cp', '-r', a, b], check=True)
+  shutil.copytree(a, b)
   cached = phase(args.config, a, 'restore', cache, True)
   print('2. restored learner, update from the cache:', cached, flush=True)
   compiled = phase(args.config, b, 'restore', cache, False)

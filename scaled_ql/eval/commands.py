@@ -204,7 +204,7 @@ def _eval(args: argparse.Namespace) -> int:
                   f'(config {early.name!r})')
     except ValueError as e:
       return _fail(str(e))
-  from scaled_ql.agents import actors, checkpointing
+  from scaled_ql.agents import actors, builder, checkpointing
   from scaled_ql.eval import evaluator
   try:
     cfg, params, step = checkpointing.load_params(args.checkpoint, step=args.step,
@@ -222,7 +222,6 @@ def _eval(args: argparse.Namespace) -> int:
   except ValueError as e:
     return _fail(str(e))
   policy = actors.make_policy(cfg, epsilon)
-  from scaled_ql.agents import builder
   print(f'evaluating {cfg.name} step {step} '
         f'({builder.policy_params_label(cfg.agent, args.online_params)}) on {", ".join(games)}: '
         f'a budget of {args.steps or cfg.eval.steps_per_game} steps/game (every episode started '

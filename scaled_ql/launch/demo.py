@@ -127,6 +127,7 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
          allow_config_change: bool = False) -> int:
   """Runs the demo; returns the exit code (raises ConfigError on bad input, before the data is
   generated). `games`/`overrides`: as `run.resolve_config`'s."""
+  from scaled_ql.agents import builder
   from scaled_ql.eval import evaluator
   cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1, games=games, overrides=overrides)
   run.check_resume(cfg, workdir, allow_config_change)
@@ -142,7 +143,6 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   if not scores:
     print('[demo] no evaluation finished; see the logs above', file=sys.stderr)
     return 1
-  from scaled_ql.agents import builder
   learner_steps = status.learner['steps'] if status.learner else '?'
   print(f'\n{method_label(cfg.agent)} ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores of '
