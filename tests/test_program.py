@@ -429,3 +429,22 @@ def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_d
   assert status.learner['steps'] == num_steps and status.learner['replay_restarts_seen'] >= 1
   assert status.actors[0]['replay_restarts_seen'] >= 1
   assert status.health['replay']['restarts'] == 1
+
+
+def test_a_node_whose_constructor_raises_records_its_traceback(tmp_path):
+  """Like a crashed loop, in WORKDIR/logs/<node>.err (what the driver's NodeLost message shows),
+  whatever Ray records of the failed constructor; then the constructor's error is raised."""
+  from scaled_ql.launch import nodes
+
+  class Broken(nodes._LoopNode):  # pylint: disable=protected-access
+    name = 'broken'
+
+    def __init__(self, cfg, workdir=None):
+      del cfg
+      raise FileNotFoundError(f'no data for this node (workdir {workdir})')
+
+  with pytest.raises(FileNotFoundError, match='no data for this node'):
+    Broken(None, workdir=str(tmp_path))
+  log = (tmp_path / 'logs' / 'broken.err').read_text()
+  assert '[broken] crashed:' in log and 'Traceback' in log and 'FileNotFoundError' in log
+  assert 'no data for this node' in program._crash_log(str(tmp_path), 'broken')

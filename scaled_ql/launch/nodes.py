@@ -5,7 +5,7 @@ background thread that does the node's work (`_LoopNode`), so a node Ray restart
 a kill carries on by itself (the learner from its last checkpoint). Meanwhile `status()` answers
 the driver (the actors are threaded: `max_concurrency` > 1) and `stop()` ends the loop cleanly.
 A loop that raises records the traceback in WORKDIR/logs/<node>.err and exits the process, so
-Ray restarts the node (up to its `max_restarts`).
+Ray restarts the node (up to its `max_restarts`); a constructor that raises records it there too.
 
 Heavy imports (JAX, TensorFlow, Reverb) happen inside the nodes, in their own processes.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import inspect
 import os
 import sys
 import threading
@@ -56,6 +58,19 @@ def _restarts() -> int:
     return 0
 
 
+def _record_crash(workdir: Optional[str], name: str, error: str) -> None:
+  """Writes `[name] crashed:` and the traceback to stderr and to WORKDIR/logs/<name>.err (what
+  `program._crash_log` reads)."""
+  message = f'[{name}] crashed:\n{error}'
+  try:
+    print(message, file=sys.stderr, flush=True)
+  finally:
+    if workdir:
+      os.makedirs(os.path.join(workdir, 'logs'), exist_ok=True)
+      with open(os.path.join(workdir, 'logs', f'{name}.err'), 'a') as f:
+        f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
+
+
 class _LoopNode:
   """A background loop with stop/status; `_run_once()` returns False when the work is done.
 
@@ -85,20 +100,40 @@ class _LoopNode:
     except BaseException:  # pylint: disable=broad-except
       self._crash()
 
+  def __init_subclass__(cls, **kwargs):
+    """A node's constructor that raises records its traceback like a crashed loop, then raises.
+    Ray's own record of a failed constructor (its death cause, `program._crash_log`'s fallback)
+    lacked the traceback when the worker aborted right after (seen once in 5 suite runs: the
+    learner's DatasetNotFoundError on empty game folders)."""
+    super().__init_subclass__(**kwargs)
+    init = cls.__dict__.get('__init__')
+    if init is None:
+      return
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def init_recording_a_crash(self, *args, **kw):
+      try:
+        init(self, *args, **kw)
+      except BaseException as e:
+        if not getattr(e, '_scaled_ql_recorded', False):  # once, for nested constructors
+          e._scaled_ql_recorded = True
+          workdir = signature.bind(self, *args, **kw).arguments.get('workdir')
+          try:
+            _record_crash(workdir, getattr(self, 'name', cls.name), traceback.format_exc())
+          except Exception:  # pylint: disable=broad-except
+            pass  # the constructor's own error is the one to raise
+        raise
+
+    cls.__init__ = init_recording_a_crash
+
   def _crash(self) -> None:
     """Logs the traceback and ends the process, whatever fails on the way (stderr closed, disk
     full, `logs` not a directory): Ray restarts the node, and the driver sees every restart and
     ends the program on a crash loop (program.RestartBudget)."""
     try:
       self._error = traceback.format_exc()
-      message = f'[{self.name}] crashed:\n{self._error}'
-      try:
-        print(message, file=sys.stderr, flush=True)
-      finally:
-        if self._workdir:
-          os.makedirs(os.path.join(self._workdir, 'logs'), exist_ok=True)
-          with open(os.path.join(self._workdir, 'logs', f'{self.name}.err'), 'a') as f:
-            f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
+      _record_crash(self._workdir, self.name, self._error)
     finally:
       if self.exit_on_crash:
         os._exit(1)  # pylint: disable=protected-access
