@@ -19,12 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scaled-ql demo
 
-# Two pytest processes (pytest-xdist), each taking a whole test file at a time (a file's fixtures,
-# such as its Ray session, stay in one process). A serial run mostly waits on the processes its
-# tests start (Ray nodes, Reverb servers, status polls): one program test used 15 CPU-seconds in
-# 47 s of wall time on 2 cores. The second process fills that wait (BUILD_NOTES "Tests").
-# TEST_WORKERS=0 runs the suite serially, in one process.
-TEST_WORKERS ?= 2
+# Serial by default: the program tests are not reliable yet with two pytest processes side by
+# side on 2 cores. TEST_WORKERS=2 runs two processes (pytest-xdist), a whole test file each at a
+# time: ~670 s instead of ~910-950 s, but 2 of 5 such runs had a failure, in three different
+# program tests that passed serially every time (BUILD_NOTES "Tests", 2026-12-01 evening).
+TEST_WORKERS ?= 0
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
