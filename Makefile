@@ -19,11 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scaled-ql demo
 
-# Serial by default: the program tests are not reliable yet with two pytest processes side by
-# side on 2 cores. TEST_WORKERS=2 runs two processes (pytest-xdist), a whole test file each at a
-# time: ~670 s instead of ~910-950 s, but 2 of 5 such runs had a failure, in three different
-# program tests that passed serially every time (BUILD_NOTES "Tests", 2026-12-01 evening).
-TEST_WORKERS ?= 0
+# Two pytest processes (pytest-xdist), a whole test file each at a time, so that a file's Ray
+# session and module fixtures are made once: ~640 s on 2 cores, against ~890-940 s serially (the
+# suite mostly waits on Ray programs). TEST_WORKERS=0 runs it serially (BUILD_NOTES "Tests").
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
       f'{steps_per_s * b:.0f} transitions/s')
   row('update FLOPs per step (XLA cost analysis)', flops / 1e9, 'GFLOP')
   row('update MFU vs measured matmul peak', 100 * flops * steps_per_s / peak, '%')
-  del box
+  box.clear()  # frees the state's device buffers before the next part
 
   # 3. The learner's consumption: Learner.step() on host batches.
   host_batches = [random_frame_windows(cfg, b, seed) for seed in range(4)]

@@ -81,7 +81,12 @@ def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
       return stop_after[0] is not None and loop.env_steps >= stop_after[0]
 
     loop = actors.EnvironmentLoop(env, actor, should_stop=should_stop)
+    # The loop counts a step before the adder writes it: a status read from another thread
+    # (items first, then env_steps) never shows more items than steps.
+    observe, ahead = actor.observe, []
+    actor.observe = lambda *a: (observe(*a), ahead.append(adder.items - loop.env_steps))[0]
     episode_return = loop.run_episode()
+    assert ahead and max(ahead) <= 0, max(ahead)
     assert loop.episodes == 1 and loop.env_steps > 0 and loop.returns == [episode_return]
     size = rt.table_sizes(address, [GAME])[GAME]
     # One item per transition: every env step of the episode.

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 
 import pytest
@@ -249,6 +250,29 @@ def test_progress_line_shows_each_restarted_nodes_health():
           '(0 in window; last: no traceback (killed or lost))') in line
 
 
+def test_a_restarts_last_error_is_the_traceback_of_the_start_it_ended(tmp_path):
+  """The health line's last error is read per start of a Ray actor, not as "whatever the log
+  gained since the last poll": a crash written between the driver's read of Ray's restart count
+  and its read of the log once showed the next restart as "no traceback (killed or lost)"."""
+  from scaled_ql.launch import nodes
+  workdir = str(tmp_path)
+  assert nodes.recorded_crash(workdir, 'actor_0', 'a1', 0) is None  # no log yet
+  for start in (0, 1):
+    try:
+      raise RuntimeError(f'fault in start {start}')
+    except RuntimeError:
+      nodes._record_crash(workdir, 'actor_0', traceback.format_exc(), ('a1', start))
+  # Start 2 was killed (no record); a resumed run's new actor a2 crashed in its first start.
+  nodes._record_crash(workdir, 'actor_0', 'Traceback ...\nValueError: other actor', ('a2', 0))
+  assert nodes.recorded_crash(workdir, 'actor_0', 'a1', 0) == 'RuntimeError: fault in start 0'
+  assert nodes.recorded_crash(workdir, 'actor_0', 'a1', 1) == 'RuntimeError: fault in start 1'
+  assert nodes.recorded_crash(workdir, 'actor_0', 'a1', 2) is None
+  assert nodes.recorded_crash(workdir, 'actor_0', 'a2', 0) == 'ValueError: other actor'
+  assert nodes.recorded_crash(workdir, 'learner', 'a1', 0) is None
+  # The driver's NodeLost message still shows the newest record from its "[name] crashed:" on.
+  assert program._crash_log(workdir, 'actor_0').startswith('[actor_0] crashed:\nTraceback ...')
+
+
 def test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop():
   budget = program.RestartBudget(max_restarts=3, window_s=600)
   # A preempted cluster: 100 learner restarts, 400 s apart (at most 2 in any 600 s), never
@@ -376,9 +400,9 @@ def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_sess
                                                                        tiny_dataset_dir,
                                                                        tmp_path):
   """The probe of issue 12 (game folders that exist but hold no files; `check_data` now refuses
-  them before launch, so this builds the program directly): the nodes that read them fail (the inserter on every start, the learner's constructor when it
-  reads the data) and the run ends with that node's traceback instead of printing "waiting for
-  data" forever."""
+  them before launch, so this builds the program directly): the nodes that read them fail (the
+  inserter on every start, the learner's constructor when it reads the data) and the run ends
+  with that node's traceback instead of printing "waiting for data" forever."""
   data = tmp_path / 'empty_games'
   shutil.copytree(tiny_dataset_dir, data)
   for game_dir in (data / 'rlu_atari_checkpoints_ordered').iterdir():

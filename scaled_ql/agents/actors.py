@@ -190,10 +190,10 @@ class EnvironmentLoop:
         return None
       action = self._actor.select_action(timestep.observation)
       timestep = self._env.step(action)
+      self.env_steps += 1  # before `observe` writes the step: an adder's items <= env_steps
       self._actor.observe(action, timestep)
       self._actor.update()
       episode_return += float(timestep.reward)
-      self.env_steps += 1
     self.episodes += 1
     self.returns.append(episode_return)
     return episode_return

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import sys
 import threading
 import time
@@ -58,17 +59,59 @@ def _restarts() -> int:
     return 0
 
 
-def _record_crash(workdir: Optional[str], name: str, error: str) -> None:
+def _actor_start() -> tuple[str, int]:
+  """(this Ray actor's id, how often it was restarted): which start of which node a crash record
+  belongs to ('' and 0 outside a Ray actor)."""
+  if not ray.is_initialized():
+    return '', 0
+  try:
+    return ray.get_runtime_context().get_actor_id() or '', _restarts()
+  except Exception:  # pylint: disable=broad-except
+    return '', 0
+
+
+# A crash record's first line in WORKDIR/logs/<name>.err, and its pattern (`recorded_crash`).
+_CRASH_HEADER = '{time} (actor {actor} start {start}) [{name}] crashed:'
+_CRASH_HEADER_RE = re.compile(
+    r'^.*? \(actor (?P<actor>\S+) start (?P<start>\d+)\) \[(?P<name>[^\]]+)\] crashed:$',
+    re.MULTILINE)
+
+
+def _record_crash(workdir: Optional[str], name: str, error: str,
+                  actor_start: tuple[str, int] = ('', 0)) -> None:
   """Writes `[name] crashed:` and the traceback to stderr and to WORKDIR/logs/<name>.err (what
-  `program._crash_log` reads)."""
+  `program._crash_log` reads), the latter under a header naming the actor and its start
+  (`actor_start`), so that the driver can tell which restart a traceback belongs to."""
   message = f'[{name}] crashed:\n{error}'
   try:
     print(message, file=sys.stderr, flush=True)
   finally:
     if workdir:
       os.makedirs(os.path.join(workdir, 'logs'), exist_ok=True)
+      header = _CRASH_HEADER.format(time=time.strftime('%Y-%m-%d %H:%M:%S'),
+                                  actor=actor_start[0] or '-', start=actor_start[1], name=name)
       with open(os.path.join(workdir, 'logs', f'{name}.err'), 'a') as f:
-        f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {message}\n')
+        f.write(f'{header}\n{error}\n')
+
+
+def recorded_crash(workdir: str, name: str, actor_id: str, start: int) -> Optional[str]:
+  """The exception line of the crash that ended start `start` (0: the first) of the Ray actor
+  `actor_id`, from WORKDIR/logs/NAME.err; None when that start recorded none (killed or lost).
+  A node writes its record before its process ends, so a restart that Ray reports is never ahead
+  of its record."""
+  try:
+    with open(os.path.join(workdir, 'logs', f'{name}.err'), errors='replace') as f:
+      text = f.read()
+  except OSError:
+    return None
+  headers = list(_CRASH_HEADER_RE.finditer(text))
+  found = None
+  for header, following in zip(headers, headers[1:] + [None]):
+    if (header['name'], header['actor'], int(header['start'])) == (name, actor_id, start):
+      body = text[header.end():following.start() if following else len(text)]
+      lines = [l.strip() for l in body.splitlines() if l.strip()]
+      found = lines[-1] if lines else ''
+  return found
 
 
 class _LoopNode:
@@ -87,6 +130,7 @@ class _LoopNode:
     self._done = threading.Event()
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
+    self._actor_start = _actor_start()  # read now: a crash must not wait on Ray's GCS
     self._started = time.time()
     self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
     self._thread.start()
@@ -120,7 +164,8 @@ class _LoopNode:
           e._scaled_ql_recorded = True
           workdir = signature.bind(self, *args, **kw).arguments.get('workdir')
           try:
-            _record_crash(workdir, getattr(self, 'name', cls.name), traceback.format_exc())
+            _record_crash(workdir, getattr(self, 'name', cls.name), traceback.format_exc(),
+                          _actor_start())
           except Exception:  # pylint: disable=broad-except
             pass  # the constructor's own error is the one to raise
         raise
@@ -133,7 +178,7 @@ class _LoopNode:
     ends the program on a crash loop (program.RestartBudget)."""
     try:
       self._error = traceback.format_exc()
-      _record_crash(self._workdir, self.name, self._error)
+      _record_crash(self._workdir, self.name, self._error, self._actor_start)
     finally:
       if self.exit_on_crash:
         os._exit(1)  # pylint: disable=protected-access
@@ -553,14 +598,16 @@ class FinetuneActorNode(_LoopNode):
     self._episodes.run_episode()
 
   def status(self) -> dict:
-    loop, recent = self._episodes, self._episodes.returns[-10:]
+    # items before env_steps: the loop counts a step before its adder writes it, so this order
+    # keeps items <= env_steps while the loop runs on.
+    items, loop, recent = self._adder.items, self._episodes, self._episodes.returns[-10:]
     try:
       epsilon = self._actor.epsilon
     except Exception:  # pylint: disable=broad-except  (a faulty schedule fails the loop, not status)
       epsilon = None
     return dict(self.base_status(), game=self._game, episodes=loop.episodes,
                 epsilon=epsilon, replay_restarts_seen=self._restarts_seen(),
-                env_steps=loop.env_steps, items=self._adder.items,
+                env_steps=loop.env_steps, items=items,
                 lost_episodes=self._adder.lost_episodes, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)
 

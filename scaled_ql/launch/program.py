@@ -239,20 +239,6 @@ def _gcs_actor_info(handle) -> dict:
   return state.actors(actor_id=handle._actor_id.hex())  # pylint: disable=protected-access
 
 
-def _last_error(workdir: str, name: str) -> tuple[int, str]:
-  """(size of WORKDIR/logs/NAME.err, its last line: the exception of the newest crash)."""
-  path = os.path.join(workdir, 'logs', f'{name}.err')
-  try:
-    with open(path, 'rb') as f:
-      f.seek(0, os.SEEK_END)
-      size = f.tell()
-      f.seek(max(0, size - 4096))
-      lines = [l for l in f.read().decode(errors='replace').splitlines() if l.strip()]
-  except OSError:
-    return 0, ''
-  return size, (lines[-1].strip() if lines else '')
-
-
 class _Watcher:
   """Non-blocking status polls: one `status()` call in flight per node; a node that is still
   being built or restarting shows as None until it answers. `health()` reads every node's
@@ -280,13 +266,15 @@ class _Watcher:
       if info.get('State') == 'DEAD':
         raise NodeLost(f'{name} died and cannot be restarted:\n'
                        f'{_crash_log(program.workdir, name, info)}')
-      old = self._health.get(name, dict(restarts=0, err_size=0, last_error=''))
+      old = self._health.get(name, dict(restarts=0, last_error=''))
       if restarts > old['restarts']:
-        size, line = _last_error(program.workdir, name)
-        # A restart that wrote no new traceback: killed (OOM, preemption, kill -9) or lost.
-        last = line if size > old['err_size'] else 'no traceback (killed or lost)'
-        old = dict(restarts=restarts, err_size=size, last_error=last)
-        self._health[name] = old
+        # The start that ended in the newest restart; none recorded: killed (OOM, preemption,
+        # kill -9) or lost.
+        line = nodes.recorded_crash(program.workdir, name,
+                                    handle._actor_id.hex(),  # pylint: disable=protected-access
+                                    restarts - 1)
+        self._health[name] = dict(restarts=restarts,
+                                  last_error=line or 'no traceback (killed or lost)')
       tripped = self._budget is not None and self._budget.record(name, restarts, now)
       if name in self._health:
         self._health[name]['in_window'] = (self._budget.in_window(name)
