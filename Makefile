@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/scaled-ql demo
 
 # Two pytest processes (pytest-xdist), a whole test file each at a time, so that a file's Ray
-# session and module fixtures are made once: ~640 s on 2 cores, against ~890-940 s serially (the
+# session and module fixtures are made once, the slowest files first (tests/conftest.py): ~640 s on 2 cores, against ~890-940 s serially (the
 # suite mostly waits on Ray programs). TEST_WORKERS=0 runs it serially (BUILD_NOTES "Tests").
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The edit loop: a subset (`-m fast`, tests/conftest.py FAST) that runs in under 90 s on 2 idle
 # cores and imports every module; `make test` stays the full suite (CI).

@@ -118,8 +118,9 @@ def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
 
 def test_a_restored_learner_is_exact_with_an_update_from_the_persistent_cache(tmp_path):
   """`benchmarks/compilation_cache_restore.py`: a learner restored from a checkpoint, its update
-  loaded from JAX's persistent compilation cache, steps exactly like one that compiled its update
-  (before `Learner.restore` copied the restored state: a heap corruption abort, or NaN)."""
+  loaded from JAX's persistent compilation cache, steps exactly like the learner that saved the
+  checkpoint and stepped on (before `Learner.restore` copied the restored state: a heap
+  corruption abort, or NaN)."""
   import subprocess
   import sys
   script = os.path.join(os.path.dirname(__file__), '..', 'benchmarks',

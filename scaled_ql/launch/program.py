@@ -556,7 +556,8 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
       log(f'node {index} did not stop cleanly: {type(e).__name__}')
     if time.time() - t1 > 5:
       slow.append(f'{_node_name(others[index])} {time.time() - t1:.0f}s')
-  log(f'nodes stopped in {time.time() - t0:.0f}s' + (f' (slow: {", ".join(slow)})' if slow else ''))
+  # From the stop requests on (the final evaluation's time is in its own line above).
+  log(f'nodes stopped in {time.time() - t1:.0f}s' + (f' (slow: {", ".join(slow)})' if slow else ''))
   for handle in [program.learner] + others + [program.replay]:
     ray.kill(handle, no_restart=True)
   program.variables.kill()
