@@ -1,5 +1,19 @@
 """Shared fixtures. `tiny_dataset_dir`: a real generated TFDS data dir, made once per session."""
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# JAX's persistent compilation cache, one per test run, shared by every process of the suite:
+# pytest's own, the Ray nodes of the program tests (started by them, they inherit the
+# environment) and the CLI subprocesses, so that each node start loads the update it compiled
+# before instead of compiling it again. Set here, before anything imports JAX; a cache the caller
+# set is kept (tests/test_checkpoint_faults.py checks a restored learner with a cached update).
+_JAX_CACHE_MADE_HERE = None  # removed at the end by the process that made it
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _JAX_CACHE_MADE_HERE = tempfile.mkdtemp(prefix='scaled_ql_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _JAX_CACHE_MADE_HERE
 
 TINY_GAMES = ('Breakout', 'Pong')  # the games of the `cpu_tiny` config
 TINY_CHECKPOINTS = 2
@@ -125,6 +139,12 @@ def _fast(item) -> bool:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'fast: the `make test-fast` subset (tests/conftest.py FAST)')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _JAX_CACHE_MADE_HERE:
+    shutil.rmtree(_JAX_CACHE_MADE_HERE, ignore_errors=True)
 
 
 # The slowest files, slowest first (seconds of test time in a two-process run, 2026-12-01
