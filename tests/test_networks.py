@@ -302,7 +302,7 @@ def test_frame_patches_give_the_stacked_observations_result(input_norm, patch, d
   first = np.array([0, 5, 0, 1, 3, 2], np.int32)  # observation b: frames first .. first+3
   stacks = jnp.asarray(np.moveaxis(frames[item[:, None], first[:, None] + np.arange(4)], 1, -1))
   patches = q_network.frame_patches(jnp.asarray(frames), net_cfg)
-  assert patches.shape == (2, 9, 84 // patch, 84 // patch, patch * patch)
+  assert patches.shape == (2, 84 // patch, 84 // patch, 9, patch * patch)
   _, game_id = _inputs()
   got = net.apply(params, q_network.FramePatches(patches, jnp.asarray(item), jnp.asarray(first)),
                   game_id)
@@ -312,8 +312,11 @@ def test_frame_patches_give_the_stacked_observations_result(input_norm, patch, d
   np.testing.assert_allclose(got.features, want.features, rtol=tol, atol=tol)
   with pytest.raises(ValueError, match=r"strided stem, not encoder='resnet' stem='nature'"):
     q_network.frame_patches(jnp.asarray(frames), dataclasses.replace(net_cfg, stem='nature'))
-  with pytest.raises(ValueError, match=r'patches must be \[N, F'):
+  with pytest.raises(ValueError, match=r'patches must be \[N, \d+, \d+, F'):
     net.apply(params, q_network.FramePatches(patches[..., :-1], jnp.asarray(item),
+                                             jnp.asarray(first)), game_id)
+  with pytest.raises(ValueError, match='hold 3 frames per window; an observation needs 4'):
+    net.apply(params, q_network.FramePatches(patches[:, :, :, :3], jnp.asarray(item),
                                              jnp.asarray(first)), game_id)
 
 

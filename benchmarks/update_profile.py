@@ -1,0 +1,96 @@
+"""Where the learner's update spends its time: the top XLA ops of one compiled step.
+
+    flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/update_profile.py \
+        [--config cpu_small] [--steps 20] [--top 25]
+
+Compiles `learner.update_from_windows` for the config on random `FrameWindows` (what the Reverb
+path delivers, as `benchmarks/learner_step.py`), traces `--steps` steps with the JAX profiler,
+and prints the ops with the most traced time per step: milliseconds, the op's name in the
+compiled HLO, its output shape and the JAX operation it came from (HLO metadata). Use it to find
+what to cut before changing the network or the update.
+
+Read it as a guide, not a budget: on the CPU only the ops XLA traces appear (the big matmuls and
+convolutions run partly inside Eigen's thread pool, whose work is not all traced), so the listed
+times add up to less than a step. `learner_step.py` gives the step's rate and FLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.configs import get_config
+from scaled_ql.types import random_frame_windows
+
+_WRAPPERS = ('call', 'Thunk', '$', 'Pjit', 'Tfrt', 'Parse')  # runtime events, not ops
+
+
+def hlo_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (output shape, JAX op_name) from a compiled module's text."""
+  meta = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name="([^"]*)"', line)
+    if m:
+      meta[m.group(1)] = (m.group(2), m.group(3))
+  return meta
+
+
+def traced_op_times(trace_dir: str) -> collections.Counter:
+  """Op name -> total traced microseconds, from the trace the JAX profiler wrote."""
+  files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  if not files:
+    raise RuntimeError(f'the JAX profiler wrote no trace under {trace_dir}')
+  totals = collections.Counter()
+  for event in json.load(gzip.open(files[0]))['traceEvents']:
+    if event.get('ph') == 'X' and not event['name'].startswith(_WRAPPERS):
+      totals[event['name']] += event['dur']
+  return totals
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='cpu_small')
+  parser.add_argument('--steps', type=int, default=20, help='steps traced')
+  parser.add_argument('--top', type=int, default=25, help='ops printed')
+  args = parser.parse_args()
+  cfg = get_config(args.config)
+  state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
+  data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size))
+  compiled = learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile()
+  meta = hlo_metadata(compiled.as_text())
+  for _ in range(3):  # warm-up
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+  step_ms = (time.perf_counter() - start) / args.steps * 1e3
+  with tempfile.TemporaryDirectory(prefix='update_profile_') as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(args.steps):
+      state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    totals = traced_op_times(trace_dir)
+  print(f'{cfg.name}: {step_ms:.1f} ms per step untraced (batch {cfg.agent.batch_size}); traced '
+        f'ops {sum(totals.values()) / args.steps / 1e3:.1f} ms per step; load average '
+        f'{os.getloadavg()[0]:.2f}')
+  print('| ms/step | HLO op | output | from |\n|---|---|---|---|')
+  for name, micros in totals.most_common(args.top):
+    shape, op = meta.get(name) or meta.get(name.removesuffix('.clone'), ('', ''))
+    op = op.replace('jit(update_from_windows)/jit(main)/', '').replace('jit(update)/', '')
+    print(f'| {micros / args.steps / 1e3:.2f} | {name.removesuffix(".clone")} | {shape} | {op} |')
+
+
+if __name__ == '__main__':
+  main()
