@@ -67,19 +67,20 @@ def main() -> None:
   data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size))
   compiled = learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile()
   meta = hlo_metadata(compiled.as_text())
-  for _ in range(3):  # warm-up
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
+
+  def run(state, steps: int):  # each step waits for its metrics, as the Learner does
+    for _ in range(steps):
+      state, metrics = compiled(state, data)
+      jax.block_until_ready(metrics)
+    return state
+
+  state = run(state, 3)  # warm-up
   start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
+  state = run(state, args.steps)
   step_ms = (time.perf_counter() - start) / args.steps * 1e3
   with tempfile.TemporaryDirectory(prefix='update_profile_') as trace_dir:
     jax.profiler.start_trace(trace_dir)
-    for _ in range(args.steps):
-      state, metrics = compiled(state, data)
-      jax.block_until_ready(metrics)
+    run(state, args.steps)
     jax.profiler.stop_trace()
     totals = traced_op_times(trace_dir)
   print(f'{cfg.name}: {step_ms:.1f} ms per step untraced (batch {cfg.agent.batch_size}); traced '
