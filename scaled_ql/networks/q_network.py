@@ -81,6 +81,9 @@ def frame_patches(frames: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
   n, f, h, w = frames.shape
   p = net_cfg.stem_patch
   ho, wo = h // p, w // p
+  # One transposition to the final layout. (`space_to_depth` then a move of the frame axis gives
+  # the same values, but XLA then fuses the frame move into each observation's gather: 3.4-3.7
+  # ms per gather instead of ~2, measured with benchmarks/update_profile.py.)
   patches = frames[:, :, :ho * p, :wo * p].reshape(n, f, ho, p, wo, p)
   patches = patches.transpose(0, 2, 4, 1, 3, 5).reshape(n, ho, wo, f, p * p)
   dtype = _COMPUTE_DTYPES[net_cfg.compute_dtype]
