@@ -1,13 +1,15 @@
 """Learner steps/s inside the distributed program over the learner alone, same cores, same run.
 
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/program_throughput.py \
-        --config cpu_small --data-dir data/generated [--seconds 60] [--evaluators 0]
+        --config cpu_small --data-dir data/generated [--seconds 60] [--evaluators 0] [--repeats 3]
 
 Prints one table; the 1-minute load average is beside every figure. Alone: `Learner` in this
 process on one in-memory `FrameWindows` batch (what the Reverb path delivers, so the same compiled
 update), timed before the program starts and again after it ended (both before any Ray or Reverb
 process exists / after all are gone); the ratio uses their mean, so load drift shows instead of
-hiding. Program: `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
+hiding. `--repeats N` runs N programs, each between two runs alone (2N+1 alone runs in all), and
+prints every ratio and their mean: the learner alone moves by up to ~20% between minutes on a
+shared VM, as much as the gap this measures, so one ratio decides little. Program: `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
 by stratified batches, variable server publishing every `publish_every_steps`, `--evaluators`
 evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
 `--seconds` after the first `--warmup-steps` steps and, unless `--during-fill`, once every table is
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 
 
 def load() -> float:
@@ -98,6 +101,9 @@ def main() -> None:
   parser.add_argument('--warmup-steps', type=int, default=20)
   parser.add_argument('--evaluators', type=int, default=0)
   parser.add_argument('--eval-every-seconds', type=float, default=None)
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='programs to run, each between two runs of the learner alone (the '
+                      'learner alone moves by up to ~20%% between minutes on a shared VM)')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='config overrides, as for the CLI (e.g. data.shuffle_buffer_per_game='
                       '5000 to stream data that would otherwise be resident)')
@@ -113,28 +119,36 @@ def main() -> None:
   run.check_data(cfg)
   print(f'config {cfg.name}, batch {cfg.agent.batch_size}, cores {os.cpu_count()}, evaluators '
         f'{args.evaluators}; {os.popen("uptime").read().strip()}', flush=True)
-  rows = []
-  alone_before = standalone_steps_per_s(cfg, args.seconds)
-  rows.append(('learner alone (before)', alone_before, load()))
-  print(f'learner alone: {alone_before:.2f} steps/s (load {load():.2f})', flush=True)
-  inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
-                               after_fill=not args.during_fill)
-  phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
-  # Resident games (data fitting twice in its table) are not streamed once full; the others are.
-  phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
-            '; every game streamed')
-  rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
-               inside['steps_per_s'], load()))
-  print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
-        f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
-        f'data {100 * inside["waited_fraction"]:.1f}% of the time)', flush=True)
-  alone_after = standalone_steps_per_s(cfg, args.seconds)
-  rows.append(('learner alone (after)', alone_after, load()))
-  ratio = inside['steps_per_s'] / (0.5 * (alone_before + alone_after))
-  rows.append(('in-program / alone (mean of before and after)', ratio, load()))
+  # alone, program, alone, program, ..., alone: each program's ratio uses the alone runs on
+  # either side of it, so drift between minutes shows in the spread instead of hiding in it.
+  rows, ratios = [], []
+  alone = standalone_steps_per_s(cfg, args.seconds)
+  rows.append(('learner alone', alone, load()))
+  print(f'learner alone: {alone:.2f} steps/s (load {load():.2f})', flush=True)
+  for repeat in range(args.repeats):
+    inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
+                                 after_fill=not args.during_fill)
+    phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
+    # Resident games (data fitting twice in its table) are not streamed once full; the others are.
+    phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
+              '; every game streamed')
+    rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
+                 inside['steps_per_s'], load()))
+    print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
+          f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
+          f'data {100 * inside["waited_fraction"]:.1f}% of the time)', flush=True)
+    alone_after = standalone_steps_per_s(cfg, args.seconds)
+    rows.append(('learner alone', alone_after, load()))
+    ratios.append(inside['steps_per_s'] / (0.5 * (alone + alone_after)))
+    rows.append((f'in-program / alone (mean of the runs before and after), program {repeat + 1}',
+                 ratios[-1], load()))
+    alone = alone_after
   print('| figure | value | load (1 min) |\n|---|---|---|')
   for name, value, at_load in rows:
     print(f'| {name} | {value:.2f} | {at_load:.2f} |')
+  if len(ratios) > 1:
+    print(f'in-program / alone over {len(ratios)} programs: mean {np.mean(ratios):.3f}, min '
+          f'{min(ratios):.2f}, max {max(ratios):.2f}')
   print(f'end: {os.popen("uptime").read().strip()}')
 
 
