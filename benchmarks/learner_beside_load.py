@@ -13,8 +13,8 @@ cores (os.times), the burner's, and the load average.
 `--plan memory` asks the same of a burner that copies memory in its bursts (1 MB blocks of a 64
 MB array, like the data path's frame copies and decompression) in its own process, and of a
 spinning and a copying burner as threads of the learner's process (the data path's place, and
-its GIL): does memory traffic or sharing the process cost more than the CPU time? (A thread's cores are not separable from
-the learner's in os.times, so its line shows the learner process's total.)"""
+its GIL): does memory traffic or sharing the process cost more than the CPU time? (A thread's cores
+are not separable from the learner's in os.times, so its line shows the learner process's total.)"""
 import argparse
 import multiprocessing as mp
 import os
@@ -60,13 +60,11 @@ def main():
   parser.add_argument('--plan', choices=sorted(PLANS), default='spin')
   args = parser.parse_args()
   import jax
-  from scaled_ql.agents import learner as learner_lib
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from learner_step import compiled_update  # a sibling module; benchmarks/ is not a package
   from scaled_ql.configs import get_config
-  from scaled_ql.types import random_frame_windows
-  cfg = get_config('cpu_small')
-  state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
-  data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size))
-  compiled = learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile()
+  compiled, state, data = compiled_update(get_config('cpu_small'))
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics)
 

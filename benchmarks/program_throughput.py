@@ -9,7 +9,8 @@ update), timed before the program starts and again after it ended (both before a
 process exists / after all are gone); the ratio uses their mean, so load drift shows instead of
 hiding. `--repeats N` runs N programs, each between two runs alone (2N+1 alone runs in all), and
 prints every ratio and their mean: the learner alone moves by up to ~20% between minutes on a
-shared VM, as much as the gap this measures, so one ratio decides little. Program: `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
+shared VM, as much as the gap this measures, so one ratio decides little. Program:
+`program.build` + `program.run` (Reverb server, throttled inserters, learner fed
 by stratified batches, variable server publishing every `publish_every_steps`, `--evaluators`
 evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
 `--seconds` after the first `--warmup-steps` steps and, unless `--during-fill`, once every table is

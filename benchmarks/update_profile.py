@@ -4,7 +4,7 @@
         [--config cpu_small] [--steps 20] [--top 25]
 
 Compiles `learner.update_from_windows` for the config on random `FrameWindows` (what the Reverb
-path delivers, as `benchmarks/learner_step.py`), traces `--steps` steps with the JAX profiler,
+path delivers; `learner_step.compiled_update`), traces `--steps` steps with the JAX profiler,
 and prints the ops with the most traced time per step: milliseconds, the op's name in the
 compiled HLO, its output shape and the JAX operation it came from (HLO metadata). Use it to find
 what to cut before changing the network or the update.
@@ -22,14 +22,17 @@ import gzip
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
 import jax
 
-from scaled_ql.agents import learner as learner_lib
-from scaled_ql.configs import get_config
-from scaled_ql.types import random_frame_windows
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# A sibling module (benchmarks/ is not a package).
+from learner_step import compiled_update  # noqa: E402
+
+from scaled_ql.configs import get_config  # noqa: E402
 
 _WRAPPERS = ('call', 'Thunk', '$', 'Pjit', 'Tfrt', 'Parse')  # runtime events, not ops
 
@@ -63,9 +66,7 @@ def main() -> None:
   parser.add_argument('--top', type=int, default=25, help='ops printed')
   args = parser.parse_args()
   cfg = get_config(args.config)
-  state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
-  data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size))
-  compiled = learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile()
+  compiled, state, data = compiled_update(cfg)
   meta = hlo_metadata(compiled.as_text())
 
   def run(state, steps: int):  # each step waits for its metrics, as the Learner does
