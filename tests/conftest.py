@@ -57,7 +57,8 @@ FAST = frozenset({
     'test_actors.py', 'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
     'test_host_memory.py',
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
-    'test_paper_fidelity.py', 'test_dopamine_baseline.py',
+    'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
+    'test_imitation_probe.py',
     # single tests of slower files (each under ~3 s)
     'test_bad_data.py::test_counts_appear_in_the_progress_line',
     'test_checkpoint_faults.py::test_temporary_folders_of_interrupted_saves_are_removed',

@@ -14,7 +14,7 @@ import pytest
 
 from scaled_ql import games as games_lib
 from scaled_ql import loggers
-from scaled_ql.agents import actors, builder, checkpointing
+from scaled_ql.agents import actors, augmentation, builder, checkpointing
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
@@ -450,3 +450,40 @@ def test_windows_batch_stacks_frames_for_other_stems():
   nature = CFG.replace(network=dict(stem='nature'))
   observation = learner_lib.windows_batch(random_frame_windows(nature), nature).observation
   assert observation.shape == (8, 84, 84, 4) and observation.dtype == np.uint8
+
+
+def assert_close(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_random_shift_moves_the_observations_of_both_update_paths():
+  """`agent.random_shift`: `update_from_windows` shifts each item's frames and `update` each
+  transition's two observations, by offsets from `augmentation_key(state)`; the step is then
+  the plain `gradient_step` on the moved images (and differs from the unshifted one)."""
+  cfg = CFG.replace(agent=dict(random_shift=4), data=dict(transitions_per_item=4))
+  windows = random_frame_windows(cfg, seed=5)
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+  copy = lambda: jax.tree_util.tree_map(np.array, state)  # the updates donate their state
+  key = learner_lib.augmentation_key(state)
+
+  offsets = augmentation.shift_offsets(key, windows.frames.shape[0], 4)
+  moved = windows._replace(frames=augmentation.shift(windows.frames, offsets, 4, (1, 2)))
+  got, got_metrics = learner_lib.update_from_windows(copy(), windows, cfg=cfg)
+  want, want_metrics = jax.jit(learner_lib.gradient_step, static_argnums=2)(
+      copy(), learner_lib.windows_batch(moved, cfg), cfg)
+  _, unshifted_metrics = jax.jit(learner_lib.gradient_step, static_argnums=2)(
+      copy(), learner_lib.windows_batch(windows, cfg), cfg)
+  assert_close(got.params, want.params)
+  np.testing.assert_allclose(got_metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
+  assert abs(float(got_metrics['grad_norm']) - float(unshifted_metrics['grad_norm'])) > 1e-3 * float(
+      unshifted_metrics['grad_norm'])
+
+  batch = windows.to_transition()
+  offsets = augmentation.shift_offsets(key, batch.action.shape[0], 4)
+  moved = batch._replace(observation=augmentation.shift(batch.observation, offsets, 4, (0, 1)),
+                         next_observation=augmentation.shift(batch.next_observation, offsets, 4,
+                                                             (0, 1)))
+  got, _ = learner_lib.update(copy(), batch, cfg=cfg)
+  want, _ = jax.jit(learner_lib.gradient_step, static_argnums=2)(copy(), moved, cfg)
+  assert_close(got.params, want.params)

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scaled_ql.agents import builder, methods
+from scaled_ql.agents import augmentation, builder, methods
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.networks import q_network
 from scaled_ql.types import FrameWindows, Transition
@@ -73,10 +73,14 @@ def batch_loss(trainable: tuple[Any, Any], target_params: Any, batch: Transition
   return means['loss'], means
 
 
-@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
-def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
-           ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One gradient step. Placement (data parallelism) follows the shardings of the inputs."""
+def augmentation_key(state: TrainState) -> jax.Array:
+  """This step's key for `agent.random_shift`: the half of `state.rng` the step does not keep."""
+  return jax.random.split(state.rng)[1]
+
+
+def gradient_step(state: TrainState, batch: Transition, cfg: ExperimentConfig
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One gradient step on `batch` as it is (`update` and `update_from_windows` augment first)."""
   optimizer = builder.make_optimizer(cfg.agent)
   trainable = (state.params, state.behaviour_params)
   grads, metrics = jax.grad(batch_loss, has_aux=True)(trainable, state.target_params, batch, cfg)
@@ -92,6 +96,21 @@ def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
   new_state = TrainState(params=params, behaviour_params=behaviour_params,
                          target_params=target_params, opt_state=opt_state, rng=rng, step=step)
   return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
+def update(state: TrainState, batch: Transition, cfg: ExperimentConfig
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One gradient step. Placement (data parallelism) follows the shardings of the inputs. With
+  `agent.random_shift` > 0 each transition's observation and next observation first move by the
+  same random shift."""
+  pad = cfg.agent.random_shift
+  if pad:
+    offsets = augmentation.shift_offsets(augmentation_key(state), batch.action.shape[0], pad)
+    batch = batch._replace(
+        observation=augmentation.shift(batch.observation, offsets, pad, hw_axes=(0, 1)),
+        next_observation=augmentation.shift(batch.next_observation, offsets, pad, hw_axes=(0, 1)))
+  return gradient_step(state, batch, cfg)
 
 
 def windows_batch(windows: FrameWindows, cfg: ExperimentConfig) -> Transition:
@@ -116,8 +135,14 @@ def windows_batch(windows: FrameWindows, cfg: ExperimentConfig) -> Transition:
 def update_from_windows(state: TrainState, windows: FrameWindows, cfg: ExperimentConfig
                         ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`update` on frame windows (the Reverb path's batches): the observations are made from the
-  windows on the device (`windows_batch`), fused into the step."""
-  return update(state, windows_batch(windows, cfg), cfg=cfg)
+  windows on the device (`windows_batch`), fused into the step. With `agent.random_shift` > 0
+  each item's frames first move by one random shift (all its transitions, both observations)."""
+  pad = cfg.agent.random_shift
+  if pad:
+    offsets = augmentation.shift_offsets(augmentation_key(state), windows.frames.shape[0], pad)
+    windows = windows._replace(
+        frames=augmentation.shift(jnp.asarray(windows.frames), offsets, pad, hw_axes=(1, 2)))
+  return gradient_step(state, windows_batch(windows, cfg), cfg)
 
 
 def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_size: int) -> None:

@@ -78,6 +78,9 @@ class AgentConfig:
   # (avg <- d * avg + (1 - d) * params) and used by actors, evaluators and `load_params` instead
   # of the online params (Polyak averaging; not in the paper). 0 = the online params (the paper).
   policy_params_ema: float = 0.0
+  # Random shifts of the training observations by up to this many pixels, borders replicated
+  # (DrQ; agents/augmentation.py). Not in the paper: 0 = off.
+  random_shift: int = 0
 
   @property
   def batch_size(self) -> int:

@@ -1,0 +1,46 @@
+"""The imitation probe's closed-loop diagnostic (benchmarks/imitation_probe.py `closed_loop`).
+
+It plays a trained policy under the evaluation protocol and asks the generator's scripted policy
+for its action in the same states. Freeway's script always presses UP, so the agreement must be
+exactly the share of the policy's own UP actions, whatever the (untrained) network does.
+"""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+from scaled_ql.agents import learner as learner_lib
+from scaled_ql.agents import methods
+from scaled_ql.configs import get_config
+from scaled_ql.datasets import policies
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _untrained_policy_params(cfg):
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(3))
+  return methods.get(cfg.agent.loss).policy_params(state.params, state.behaviour_params)
+
+
+def test_closed_loop_agreement_is_the_share_of_the_scripts_action():
+  probe = _load('imitation_probe')
+  cfg = get_config('cpu_tiny').replace(games=('Freeway', 'Pong'), agent=dict(loss='bc', cql_alpha=0.0))
+  # A high epsilon makes the untrained policy mix its actions, so the check is not 0 == 0.
+  cfg = cfg.replace(eval=dict(epsilon=0.5))
+  out = probe.closed_loop(cfg, _untrained_policy_params(cfg), 'Freeway', 0, steps=120)
+  counts = np.asarray(out['script_by_agent_counts'])
+  up = policies._action_indices('Freeway')['UP']
+  assert counts.sum() == 120
+  assert counts.sum(axis=1)[up] == 120  # the script's row: UP every step
+  agent_up_share = counts[:, up].sum() / 120
+  assert 0.0 < agent_up_share < 1.0
+  assert out['agreement_with_script'] == round(agent_up_share, 3)
+  assert out['game'] == 'Freeway' and out['episodes'] == len(out['scores'])
