@@ -4,24 +4,15 @@ The baseline is only honest if it is Dopamine's computation: the check that its 
 matches the layers Dopamine's RainbowNetwork has ('SAME' padding: 84 -> 21 -> 11 -> 11, a
 7744-wide flatten) fails for a wrong padding, a missing layer or a forward run too few times.
 """
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+import benchmark_modules  # tests/benchmark_modules.py
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-learner_step = _load('learner_step')  # imports its sibling dopamine_c51, as the benchmark does
+# learner_step imports its sibling dopamine_c51, as the benchmark does.
+learner_step = benchmark_modules.load('learner_step')
 dopamine_c51 = learner_step.dopamine_c51
 
 

@@ -4,9 +4,6 @@ It plays a trained policy under the evaluation protocol and asks the generator's
 for its action in the same states. Freeway's script always presses UP, so the agreement must be
 exactly the share of the policy's own UP actions, whatever the (untrained) network does.
 """
-import importlib.util
-import os
-
 import jax
 import numpy as np
 
@@ -15,14 +12,7 @@ from scaled_ql.agents import methods
 from scaled_ql.configs import get_config
 from scaled_ql.datasets import policies
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+import benchmark_modules  # tests/benchmark_modules.py
 
 
 def _untrained_policy_params(cfg):
@@ -31,8 +21,9 @@ def _untrained_policy_params(cfg):
 
 
 def test_closed_loop_agreement_is_the_share_of_the_scripts_action():
-  probe = _load('imitation_probe')
-  cfg = get_config('cpu_tiny').replace(games=('Freeway', 'Pong'), agent=dict(loss='bc', cql_alpha=0.0))
+  probe = benchmark_modules.load('imitation_probe')
+  cfg = get_config('cpu_tiny').replace(games=('Freeway', 'Pong'),
+                                       agent=dict(loss='bc', cql_alpha=0.0))
   # A high epsilon makes the untrained policy mix its actions, so the check is not 0 == 0.
   cfg = cfg.replace(eval=dict(epsilon=0.5))
   out = probe.closed_loop(cfg, _untrained_policy_params(cfg), 'Freeway', 0, steps=120)
@@ -44,3 +35,18 @@ def test_closed_loop_agreement_is_the_share_of_the_scripts_action():
   assert 0.0 < agent_up_share < 1.0
   assert out['agreement_with_script'] == round(agent_up_share, 3)
   assert out['game'] == 'Freeway' and out['episodes'] == len(out['scores'])
+
+
+def test_the_gate_table_names_the_learner_and_judges_only_bc(capsys):
+  gate = benchmark_modules.load('imitation_gate')
+  behaviour = {'Freeway': (20.0, 5)}
+  rows = {'Freeway': {'score': 19.0, 'episodes': 3}}  # (19 - 0) / (20 - 0) = 0.95
+  gate.print_table('strided', ['Freeway'], behaviour, rows)
+  out = capsys.readouterr().out
+  assert '| BC    19.00 (3 episodes) | ratio 0.95' in out
+  assert 'gate HOLDS for strided' in out
+  gate.print_table('strided', ['Freeway'], behaviour, rows, label='cpu_small')
+  out = capsys.readouterr().out
+  assert '| cpu_small    19.00' in out and 'BC ' not in out.replace('for BC', '')
+  assert 'ratio >= 0.8 on 1 of 1 games (the gate itself is for BC)' in out
+  assert 'HOLDS' not in out
