@@ -20,7 +20,15 @@ Per game it also prints the held-out recall of each data action (how often the g
 steps of each game under the evaluation protocol (`evaluator.make_eval_env`, the evaluators'
 epsilon), and at every step the generator's scripted policy (`policies.make_heuristic`) is asked
 what it would do in the same state: the closed-loop agreement, the (script, agent) action counts
-and the completed episodes' scores. Held-out accuracy is measured on the data's states; a policy
+and the completed episodes' scores; `--driver script` lets the script act instead (at
+`--script-epsilon`), so the policy is asked in the data's own states, and Breakout's counts are
+split by "ball in play" (the serve is 0.42% of its states). `--checkpoint W --rollout-steps N`
+skips training and asks the params of a run, e.g. the imitation gate's:
+
+    .venv/bin/python benchmarks/imitation_probe.py --checkpoint runs/gate/strided \\
+        --game Breakout --rollout-steps 5000 --driver script
+
+Held-out accuracy is measured on the data's states; a policy
 that drifts to states the data rarely shows (covariate shift) scores less than it predicts.
 """
 from __future__ import annotations
@@ -33,7 +41,7 @@ import time
 import jax
 import numpy as np
 
-from scaled_ql.agents import actors, methods
+from scaled_ql.agents import actors, checkpointing, methods
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.configs import get_config, overrides
 from scaled_ql.datasets import policies, rlds_reader
@@ -41,7 +49,8 @@ from scaled_ql.datasets import transitions as transitions_lib
 from scaled_ql.eval import evaluator
 from scaled_ql.types import Transition
 
-CHUNK = 200  # held-out unit: contiguous 200-step chunks, so neighbours of a val frame are not trained on
+# Held-out unit: contiguous 200-step chunks, so neighbours of a val frame are not trained on.
+CHUNK = 200
 
 
 def load(cfg, cache: str) -> dict[str, np.ndarray]:
@@ -64,31 +73,61 @@ def load(cfg, cache: str) -> dict[str, np.ndarray]:
   return out
 
 
-def closed_loop(cfg, params, game: str, game_id: int, steps: int, seed: int = 0) -> dict:
-  """Plays the greedy policy in `game` for `steps` agent steps (evaluation protocol) and
-  compares each action with the scripted policy's in the same state."""
+# States worth counting apart, per game: {game: (name, predicate on the RAM)}. Breakout's serve is
+# one state in ~240 of the data, and a policy that misses it stalls (docs/learning.md, 2026-12-02).
+STATE_SPLITS = {'Breakout': ('ball_in_play', policies.breakout_ball_in_play)}
+
+
+def _agreement(counts: np.ndarray) -> dict:
+  total = int(counts.sum())
+  return dict(states=total, agreement_with_script=(round(float(np.trace(counts) / total), 3)
+                                                   if total else None),
+              script_by_agent_counts=counts.tolist())
+
+
+def closed_loop(cfg, params, game: str, game_id: int, steps: int, seed: int = 0,
+                driver: str = 'agent', script_epsilon: float = 0.05) -> dict:
+  """Plays `steps` steps of `game` under the evaluation protocol and, in every state, compares the
+  greedy policy's action with the scripted policy's.
+
+  driver='agent': the policy acts (with the evaluators' epsilon): closed loop, the states the
+  policy reaches. driver='script': the script acts, a uniform random action with probability
+  `script_epsilon` (the generator's near-optimal splits: 0.05-0.10): the states the data holds.
+  Games in STATE_SPLITS also get the counts split by their predicate (`by_state`).
+  """
+  if driver not in ('agent', 'script'):
+    raise ValueError(f"driver must be 'agent' or 'script', got {driver!r}")
   env = evaluator.make_eval_env(game, cfg.eval, seed)
   script = policies.make_heuristic(game)
-  policy = actors.make_policy(cfg, cfg.eval.epsilon)
-  key = jax.random.PRNGKey(seed)
-  counts = np.zeros((env.num_actions, env.num_actions), np.int64)  # [script, agent]
+  if script is None and driver == 'script':
+    raise ValueError(f'{game} has no scripted policy to drive it (policies.make_heuristic)')
+  policy = actors.make_policy(cfg, cfg.eval.epsilon if driver == 'agent' else 0.0)
+  split_name, split = STATE_SPLITS.get(game, (None, None))
+  key, rng = jax.random.PRNGKey(seed), np.random.default_rng(seed)
+  a = env.num_actions
+  counts = {True: np.zeros((a, a), np.int64), False: np.zeros((a, a), np.int64)}  # [script, agent]
   scores, score, timestep = [], 0.0, env.reset()
   for _ in range(steps):
     key, k = jax.random.split(key)
     action = int(policy(params, k, timestep.observation[None], np.full(1, game_id, np.int32))[0])
     if script is not None:
-      counts[int(script(env)), action] += 1
+      flag = True if split is None else bool(split(env.ale.getRAM()))
+      scripted = int(script(env))
+      counts[flag][scripted, action] += 1
+      if driver == 'script':
+        action = int(rng.integers(a)) if rng.random() < script_epsilon else scripted
     timestep = env.step(action)
     score += float(timestep.reward)
     if timestep.last():
       scores.append(score)
       score, timestep = 0.0, env.reset()
-  total = counts.sum()
-  return dict(game=game, episodes=len(scores),
-              mean_score=round(float(np.mean(scores)), 2) if scores else None,
-              scores=scores, agreement_with_script=(round(float(np.trace(counts) / total), 3)
-                                                    if total else None),
-              script_by_agent_counts=counts.tolist() if total else None)
+  out = dict(game=game, driver=driver, episodes=len(scores),
+             mean_score=round(float(np.mean(scores)), 2) if scores else None,
+             scores=scores, **_agreement(counts[True] + counts[False]))
+  if split is not None:
+    out['by_state'] = {split_name: _agreement(counts[True]),
+                       f'not_{split_name}': _agreement(counts[False])}
+  return out
 
 
 def main(argv=None) -> None:
@@ -104,7 +143,25 @@ def main(argv=None) -> None:
   p.add_argument('--tag', default='')
   p.add_argument('--rollout-steps', type=int, default=0,
                  help='after training, play each game this many steps (closed-loop diagnostic)')
+  p.add_argument('--driver', choices=('agent', 'script'), default='agent',
+                 help="who acts in the rollout: the trained policy (closed loop) or the "
+                      "generator's script at --script-epsilon (the data's states)")
+  p.add_argument('--script-epsilon', type=float, default=0.05)
+  p.add_argument('--checkpoint', default='',
+                 help='no training: the rollout only, with the params of this run (a workdir)')
   a = p.parse_args(argv)
+  if a.checkpoint:
+    if not a.rollout_steps:
+      p.error('--checkpoint needs --rollout-steps')
+    cfg, params, step = checkpointing.load_params(a.checkpoint)
+    for g, game in enumerate(cfg.games):
+      if a.game and game != a.game:
+        continue
+      loop = closed_loop(cfg, params, game, g, a.rollout_steps, driver=a.driver,
+                         script_epsilon=a.script_epsilon)
+      print(json.dumps(dict(tag=a.tag, checkpoint=a.checkpoint, step=step, closed_loop=loop,
+                            load=round(os.getloadavg()[0], 2))), flush=True)
+    return
   cfg = get_config(a.config).replace(data=dict(data_dir=a.data_dir, selection=a.selection))
   cfg = overrides.apply(cfg, a.set)
   d = load(cfg, a.cache)
@@ -174,11 +231,13 @@ def main(argv=None) -> None:
           tag=a.tag, step=step, steps_per_s=round((step - 1) / (time.time() - t_compiled), 2),
           loss=round(float(metrics['loss']), 3),
           train_acc=accuracy(policy_params(state), [i[::7] for i in train_idx]),
-          heldout_acc=[h['accuracy'] for h in heldout], heldout_recall=[h['recall'] for h in heldout],
+          heldout_acc=[h['accuracy'] for h in heldout],
+          heldout_recall=[h['recall'] for h in heldout],
           load=round(os.getloadavg()[0], 2))), flush=True)
   if a.rollout_steps:
     for g, game in enumerate(games):
-      loop = closed_loop(cfg, policy_params(state), game, g, a.rollout_steps)
+      loop = closed_loop(cfg, policy_params(state), game, g, a.rollout_steps, driver=a.driver,
+                         script_epsilon=a.script_epsilon)
       print(json.dumps(dict(tag=a.tag, step=a.steps, closed_loop=loop,
                             load=round(os.getloadavg()[0], 2))), flush=True)
 

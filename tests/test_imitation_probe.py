@@ -6,6 +6,7 @@ exactly the share of the policy's own UP actions, whatever the (untrained) netwo
 """
 import jax
 import numpy as np
+import pytest
 
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import methods
@@ -50,3 +51,21 @@ def test_the_gate_table_names_the_learner_and_judges_only_bc(capsys):
   assert '| cpu_small    19.00' in out and 'BC ' not in out.replace('for BC', '')
   assert 'ratio >= 0.8 on 1 of 1 games (the gate itself is for BC)' in out
   assert 'HOLDS' not in out
+
+
+def test_a_script_driven_rollout_asks_the_policy_in_the_scripts_states_and_splits_breakouts_serve():
+  probe = benchmark_modules.load('imitation_probe')
+  cfg = get_config('cpu_tiny').replace(agent=dict(loss='bc', cql_alpha=0.0))  # Breakout, Pong
+  params = _untrained_policy_params(cfg)
+  out = probe.closed_loop(cfg, params, 'Breakout', 0, steps=60, driver='script', script_epsilon=0.0)
+  split = out['by_state']
+  assert split['ball_in_play']['states'] + split['not_ball_in_play']['states'] == 60
+  # The game starts with the ball not in play, and the script serves there (FIRE).
+  serve = np.asarray(split['not_ball_in_play']['script_by_agent_counts'])
+  fire = policies._action_indices('Breakout')['FIRE']
+  assert serve.sum() >= 1 and serve.sum(axis=1)[fire] == serve.sum()
+  # Driven by the script at epsilon 0, the ball gets served: most states have it in play.
+  assert split['ball_in_play']['states'] > split['not_ball_in_play']['states']
+  assert np.asarray(out['script_by_agent_counts']).sum() == 60 and out['driver'] == 'script'
+  with pytest.raises(ValueError, match="driver must be 'agent' or 'script'"):
+    probe.closed_loop(cfg, params, 'Breakout', 0, steps=1, driver='policy')

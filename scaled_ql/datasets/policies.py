@@ -62,10 +62,15 @@ def pong(env: AtariEnv) -> int:
   return 0
 
 
+def breakout_ball_in_play(ram: np.ndarray) -> bool:
+  """False between a lost life (or the start) and the serve: RAM 101, the ball's y, is 0."""
+  return int(ram[101]) != 0
+
+
 def breakout(env: AtariEnv) -> int:
   ram = env.ale.getRAM()
-  paddle_x, ball_x, ball_y = int(ram[72]), int(ram[99]), int(ram[101])
-  if ball_y == 0:  # ball not in play: serve
+  paddle_x, ball_x = int(ram[72]), int(ram[99])
+  if not breakout_ball_in_play(ram):  # serve
     return 1  # FIRE
   centre = paddle_x + 4  # calibrated: 21 points in 600 steps at epsilon 0 (random: ~2)
   if centre < ball_x - 3:
