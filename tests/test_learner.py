@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -441,20 +442,14 @@ def test_update_from_windows_equals_the_update_on_stacked_observations(loss, inp
   assert set(got_metrics) == set(want_metrics)
   for k in want_metrics:
     np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-4, atol=1e-5, err_msg=k)
-  for a, b in zip(jax.tree_util.tree_leaves((got.params, got.behaviour_params)),
-                  jax.tree_util.tree_leaves((want.params, want.behaviour_params))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close((got.params, got.behaviour_params),
+                              (want.params, want.behaviour_params), rtol=1e-4, atol=1e-5)
 
 
 def test_windows_batch_stacks_frames_for_other_stems():
   nature = CFG.replace(network=dict(stem='nature'))
   observation = learner_lib.windows_batch(random_frame_windows(nature), nature).observation
   assert observation.shape == (8, 84, 84, 4) and observation.dtype == np.uint8
-
-
-def assert_close(a, b):
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_random_shift_moves_the_observations_of_both_update_paths():
@@ -474,7 +469,7 @@ def test_random_shift_moves_the_observations_of_both_update_paths():
       copy(), learner_lib.windows_batch(moved, cfg), cfg)
   _, unshifted_metrics = jax.jit(learner_lib.gradient_step, static_argnums=2)(
       copy(), learner_lib.windows_batch(windows, cfg), cfg)
-  assert_close(got.params, want.params)
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got_metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
   assert abs(float(got_metrics['grad_norm']) - float(unshifted_metrics['grad_norm'])) > 1e-3 * float(
       unshifted_metrics['grad_norm'])
@@ -486,4 +481,4 @@ def test_random_shift_moves_the_observations_of_both_update_paths():
                                                              (0, 1)))
   got, _ = learner_lib.update(copy(), batch, cfg=cfg)
   want, _ = jax.jit(learner_lib.gradient_step, static_argnums=2)(copy(), moved, cfg)
-  assert_close(got.params, want.params)
+  chex.assert_trees_all_close(got.params, want.params, rtol=1e-4, atol=1e-5)

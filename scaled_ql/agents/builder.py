@@ -64,7 +64,7 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
   if not 0.0 <= a.policy_params_ema < 1.0:
     raise ValueError(f'agent.policy_params_ema={a.policy_params_ema} must be in [0, 1) '
                      '(0: actors and evaluators use the online params)')
-  if not 0 <= a.random_shift < 42:
+  if not isinstance(a.random_shift, int) or not 0 <= a.random_shift < 42:
     raise ValueError(f'agent.random_shift={a.random_shift} must be an int in [0, 42) pixels '
                      '(0: no augmentation)')
 
