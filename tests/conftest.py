@@ -149,11 +149,12 @@ def pytest_unconfigure(config):
 
 
 # The slowest files, slowest first (seconds of test time in a two-process run, 2026-12-01
-# night: 328, 162, 147, 116, 106, 58, 51, 50, 50, 49). `make test` hands whole files to its two
-# pytest processes in collection order (`--dist loadfile --no-loadscope-reorder`): the longest
-# first, so that no long file starts last and runs alone at the end.
-SLOWEST_FIRST = ('test_program.py', 'test_transfer.py', 'test_baselines.py',
-                 'test_learning_smoke.py', 'test_learner.py', 'test_pacing.py',
+# night: 328, 162, 116, 106, 58, 51, 50, 50, 49; test_baselines.py, 147 s then with three Ray
+# programs, ~60 s since it runs them in process, 2026-12-02). `make test` hands whole files to
+# its two pytest processes in collection order (`--dist loadfile --no-loadscope-reorder`): the
+# longest first, so that no long file starts last and runs alone at the end.
+SLOWEST_FIRST = ('test_program.py', 'test_transfer.py', 'test_learning_smoke.py',
+                 'test_learner.py', 'test_baselines.py', 'test_pacing.py',
                  'test_checkpoint_faults.py', 'test_reverb.py', 'test_generate.py',
                  'test_networks.py')
 

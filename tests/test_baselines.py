@@ -1,16 +1,18 @@
-"""The paper's baselines and ablations through the real program (issue 7), tiny sizes.
+"""The paper's baselines and ablations through the program's real nodes (issue 7), tiny sizes.
 
 Every loss of Section 5.3 / Appendix A other than Scaled QL's (BC, discrete BCQ, MSE TD) and
 the network ablations (no feature normalization, global mean pooling, an IMPALA encoder) train 3
-steps and have their final params evaluated by the SAME program as Scaled QL: Reverb replay +
-inserters reading the generated TFDS files, the sharded Learner node, the variable server and an
-evaluator node playing the real emulator (one Ray session for the module, the programs run side
-by side). There is one program run per loss, and the network ablations ride along with them (BC +
-mean pooling, BCQ + IMPALA, MSE + no feature norm). No CQL is Scaled QL's program with alpha 0:
-the C51 program runs in tests/test_program.py, and alpha 0 trains through the real learner in
-tests/test_learning_smoke.py (a fourth program here cost ~30 s of the suite). Each run is then
-checked for what makes it that baseline, from its own outputs (learner metrics, the checkpoint, the
-evaluator log), not from the config alone:
+steps and have their final params evaluated by the SAME nodes as Scaled QL: the Reverb node and
+an inserter reading the generated TFDS files, the Learner node publishing its params, and an
+evaluator node playing the real emulator. They run in this process (tests/local_program.py, the
+nodes' own loop threads; only the seams are local), one program after the other: what makes a
+baseline lives in the nodes and the learner, and the Ray wiring around them, the same for every
+loss, is tested with Scaled QL's program in tests/test_program.py. (Three Ray programs side by
+side took 175 s of the suite on 2 cores; these three take ~60 s, measured alone.) There is one program run per loss,
+and the network ablations ride along with them (BC + mean pooling, BCQ + IMPALA, MSE + no
+feature norm). No CQL is Scaled QL's program with alpha 0: alpha 0 trains through the real learner
+in tests/test_learning_smoke.py. Each run is then checked for what makes it that baseline, from
+its own outputs (learner metrics, the checkpoint, the evaluator log), not from the config alone:
 - the loss the learner minimised (`loss == td + alpha * cql` with the variant's alpha; BC's
   cross-entropy; BCQ's C51 TD + behaviour NLL with the tau-filtered bootstrap set),
 - the network in the checkpoint (1 atom for BC/MSE; BCQ's behaviour model with the Q-network's
@@ -22,7 +24,6 @@ The BCQ action filter itself is checked by hand-computed examples in tests/test_
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import math
@@ -32,8 +33,9 @@ import numpy as np
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import program
 from scaled_ql.launch import run as launch_run
+
+import local_program  # tests/local_program.py
 
 NUM_STEPS = 3
 # A CPU-tiny IMPALA-CNN (Espeholt et al. 2018 torso; channels scaled down like `impala_w1`'s
@@ -44,7 +46,7 @@ IMPALA_TINY = dataclasses.replace(
 
 # One program run per loss (the costly part of a run is starting its processes); the network
 # ablations ride along: name -> (config name, network changes). cpu_tiny sizes throughout. The
-# plain Scaled QL config runs through the same program in tests/test_program.py.
+# plain Scaled QL config runs through the Ray program in tests/test_program.py.
 RUNS = {
     'bc_mean_pool': ('cpu_tiny_bc', dict(spatial_embedding=False)),
     'bcq_impala': ('cpu_tiny_bcq', dataclasses.asdict(IMPALA_TINY)),
@@ -57,30 +59,19 @@ def _config(run: str, data_dir: str):
   cfg = launch_run.resolve_config(name, data_dir, steps=NUM_STEPS, evaluators=1)
   # Final evaluation only (no periodic rounds while the learner trains), a short one.
   return cfg.replace(name=f'cpu_tiny_{run}', network=network,
-                     eval=dict(steps_per_game=60, eval_every_seconds=1e6))
-
-
-def _run_program(cfg, workdir: str) -> program.ProgramStatus:
-  launch_run.prepare_workdir(cfg, workdir)
-  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=NUM_STEPS)
-  return program.run(prog, log=lambda line: None, timeout_s=400, final_eval_timeout_s=200)
+                     eval=dict(steps_per_game=60, final_steps_per_game=60,
+                               eval_every_seconds=1e6))
 
 
 @pytest.fixture(scope='module')
 def runs(tiny_dataset_dir, tmp_path_factory):
-  """Runs every baseline's program once (side by side in one Ray session): {run: (cfg, workdir,
-  final status)}."""
-  import ray
-  ray.init(num_cpus=2 * len(RUNS), include_dashboard=False, log_to_driver=False,
-           configure_logging=False, runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+  """Runs every baseline's program once, one after the other: {run: (cfg, workdir, the learner
+  node's status when its steps were done)}."""
   root = tmp_path_factory.mktemp('baselines')
-  jobs = {run: (_config(run, tiny_dataset_dir), str(root / run)) for run in RUNS}
-  try:
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-      futures = {run: pool.submit(_run_program, cfg, wd) for run, (cfg, wd) in jobs.items()}
-      out = {run: (jobs[run][0], jobs[run][1], f.result()) for run, f in futures.items()}
-  finally:
-    ray.shutdown()
+  out = {}
+  for run in RUNS:
+    cfg, workdir = _config(run, tiny_dataset_dir), str(root / run)
+    out[run] = (cfg, workdir, local_program.run_in_process(cfg, workdir, NUM_STEPS).learner)
   return out
 
 
@@ -111,8 +102,8 @@ def _features_and_logits(cfg, params):
 @pytest.mark.parametrize('run', list(RUNS))
 def test_baseline_trains_and_is_evaluated_by_the_real_program(runs, run):
   cfg, workdir, status = runs[run]
-  assert status.learner['steps'] == NUM_STEPS
-  metrics = status.learner['metrics']
+  assert status['steps'] == NUM_STEPS
+  metrics = status['metrics']
   assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
   # The evaluator node played every game with the final params.
   rows = [r for r in _eval_rows(workdir) if r['param_version'] == NUM_STEPS]
@@ -129,7 +120,7 @@ def test_mse_loss_is_td_plus_its_alpha_times_cql(runs):
   cfg, _, status = runs['mse_no_feature_norm']
   alpha = 0.1  # the MSE ablation's alpha (Table B.1)
   assert cfg.agent.cql_alpha == alpha
-  m = status.learner['metrics']
+  m = status['metrics']
   assert m['cql_loss'] > 0  # logsumexp over >= 2 actions exceeds Q(s, a_data)
   np.testing.assert_allclose(m['loss'], m['td_loss'] + alpha * m['cql_loss'], rtol=1e-5,
                              atol=1e-6)
@@ -137,7 +128,7 @@ def test_mse_loss_is_td_plus_its_alpha_times_cql(runs):
 
 def test_bc_minimises_the_cross_entropy_of_the_logged_action(runs):
   cfg, workdir, status = runs['bc_mean_pool']
-  m = status.learner['metrics']
+  m = status['metrics']
   assert cfg.agent.loss == 'bc' and cfg.agent.cql_alpha == 0.0
   assert set(m) >= {'bc_loss', 'bc_accuracy'} and 'td_loss' not in m and 'cql_loss' not in m
   np.testing.assert_allclose(m['loss'], m['bc_loss'], rtol=1e-6)
@@ -150,7 +141,7 @@ def test_bc_minimises_the_cross_entropy_of_the_logged_action(runs):
 
 def test_bcq_trains_behaviour_model_of_the_same_architecture_and_filters_with_tau(runs):
   cfg, workdir, status = runs['bcq_impala']
-  m = status.learner['metrics']
+  m = status['metrics']
   assert cfg.agent.loss == 'bcq' and cfg.agent.bcq_tau == 0.3 and cfg.agent.cql_alpha == 0.0
   # C51 TD (no CQL) + the behaviour model's NLL, in one step.
   np.testing.assert_allclose(m['loss'], m['td_loss'] + m['behaviour_nll'], rtol=1e-5)

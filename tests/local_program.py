@@ -1,0 +1,82 @@
+"""The program's real nodes in this process, without Ray (as Acme's run_experiment_test.py runs its
+agents): the Reverb node, an inserter streaming a TFDS dataset, the learner publishing to an
+in-process variable server and an evaluator playing the real emulator. Every node runs its own
+loop thread, exactly as inside a Ray actor; only the seams are local (`nodes.LocalReplay`,
+`variable_server.LocalVariableServer`). Used by tests/test_local_program.py and
+tests/test_baselines.py; the Ray wiring itself is tested in tests/test_program.py."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import pytest
+
+from scaled_ql.launch import nodes, run
+from scaled_ql.launch.variable_server import LocalVariableServer
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
+
+
+@dataclasses.dataclass
+class Statuses:
+  """What each node reported at the end of `run_in_process` (its `status()` dicts)."""
+  learner: dict  # when its steps were done, before the final evaluation
+  replay: dict  # at the same time
+  inserter: dict
+  evaluator: dict
+  stopped_at: int  # the step `LearnerNode.stop()` returned
+
+
+@contextlib.contextmanager
+def crashes_kept_in_status():
+  """A crashing node loop keeps its traceback in status()['error'] instead of ending the
+  process (Ray's behaviour, which would end pytest's)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(nodes._LoopNode, 'exit_on_crash', False)  # pylint: disable=protected-access
+    yield
+
+
+def run_in_process(cfg, workdir: str, num_steps: int, *, learner_timeout_s: float = 240,
+                   eval_timeout_s: float = 180) -> Statuses:
+  """Trains `num_steps` steps through the real nodes, then evaluates the final params once (on
+  `eval.final_steps_per_game`, as `program.run` does) and stops every node. Fails naming the
+  node whose loop crashed, or what it timed out waiting for."""
+  run.prepare_workdir(cfg, workdir)
+  with crashes_kept_in_status():
+    replay_node = nodes.ReverbNode(cfg)
+    replay = nodes.LocalReplay(replay_node)
+    variables = LocalVariableServer()
+    inserter = learner = evaluator = None
+    try:
+      inserter = nodes.InserterNode(cfg, replay, 0, 1, workdir)
+      learner = nodes.LearnerNode(cfg, replay, variables, workdir, num_steps)
+      evaluator = nodes.EvaluatorNode(cfg, cfg.games, variables, workdir, 0)
+      live = {'inserter': inserter, 'learner': learner, 'evaluator': evaluator}
+
+      def errors():
+        return {name: n.status()['error'] for name, n in live.items() if n.status()['error']}
+
+      wait_for(lambda: learner.status()['done'] or errors(), learner_timeout_s,
+               'the learner to take its steps')
+      assert not errors(), errors()
+      learner_status, replay_status = learner.status(), replay_node.status()
+      evaluator.wake(final=True)
+      wait_for(lambda: evaluator.status()['evaluated_version'] >= num_steps or errors(),
+               eval_timeout_s, 'the evaluation of the final params')
+      assert not errors(), errors()
+      stopped_at = learner.stop()
+      return Statuses(learner=learner_status, replay=replay_status, inserter=inserter.status(),
+                      evaluator=evaluator.status(), stopped_at=stopped_at)
+    finally:
+      for node in (evaluator, inserter):
+        if node is not None:
+          node.stop()
+      replay_node.stop()
