@@ -8,11 +8,12 @@ evaluator node playing the real emulator. They run in this process (tests/local_
 nodes' own loop threads; only the seams are local), one program after the other: what makes a
 baseline lives in the nodes and the learner, and the Ray wiring around them, the same for every
 loss, is tested with Scaled QL's program in tests/test_program.py. (Three Ray programs side by
-side took 175 s of the suite on 2 cores; these three take ~60 s, measured alone.) There is one program run per loss,
-and the network ablations ride along with them (BC + mean pooling, BCQ + IMPALA, MSE + no
-feature norm). No CQL is Scaled QL's program with alpha 0: alpha 0 trains through the real learner
-in tests/test_learning_smoke.py. Each run is then checked for what makes it that baseline, from
-its own outputs (learner metrics, the checkpoint, the evaluator log), not from the config alone:
+side took 175 s of the suite on 2 cores; these three take ~60 s, measured alone.) There is one
+program run per loss, and the network ablations ride along with them (BC + mean pooling, BCQ +
+IMPALA, MSE + no feature norm). No CQL is Scaled QL's program with alpha 0: alpha 0 trains
+through the real learner in tests/test_learning_smoke.py. Each run is then checked for what makes
+it that baseline, from its own outputs (learner metrics, the checkpoint, the evaluator log), not
+from the config alone:
 - the loss the learner minimised (`loss == td + alpha * cql` with the variant's alpha; BC's
   cross-entropy; BCQ's C51 TD + behaviour NLL with the tau-filtered bootstrap set),
 - the network in the checkpoint (1 atom for BC/MSE; BCQ's behaviour model with the Q-network's
@@ -100,7 +101,7 @@ def _features_and_logits(cfg, params):
 
 
 @pytest.mark.parametrize('run', list(RUNS))
-def test_baseline_trains_and_is_evaluated_by_the_real_program(runs, run):
+def test_baseline_trains_and_is_evaluated_by_the_real_nodes(runs, run):
   cfg, workdir, status = runs[run]
   assert status['steps'] == NUM_STEPS
   metrics = status['metrics']
