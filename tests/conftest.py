@@ -109,6 +109,7 @@ FAST = frozenset({
     'test_program.py::test_progress_line_shows_each_restarted_nodes_health',
     'test_program.py::test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop',
     'test_reverb.py::test_bad_input_errors', 'test_reverb.py::test_closed_iterator_stops',
+    'test_reverb.py::test_a_server_leaves_no_checkpoint_folder_behind',
     'test_reverb.py::test_inserter_rejects_a_game_without_episodes',
     'test_reverb.py::test_stratified_proportions',
     'test_reverb.py::test_throttle_no_deadlock_with_unequal_episode_lengths',

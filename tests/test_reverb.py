@@ -87,6 +87,20 @@ def server():
   srv.stop()
 
 
+def test_a_server_leaves_no_checkpoint_folder_behind(tmp_path, monkeypatch):
+  """Reverb makes a temporary checkpoint folder per server and never removes it; ours goes with
+  the server (`reverb_tables.server_with_tables`)."""
+  import gc
+  import tempfile
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where mkdtemp() makes folders
+  srv = rt.make_server(tiny_cfg())
+  assert [p.name.startswith('scaled_ql_reverb_') for p in tmp_path.iterdir()] == [True]
+  srv.stop()
+  del srv
+  gc.collect()
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_window_path_agrees_with_numpy_reference(server):
   cfg, address = server
   rng = np.random.default_rng(0)

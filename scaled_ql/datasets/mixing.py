@@ -169,7 +169,8 @@ def measure(cfg: ExperimentConfig, game: str, *, window_steps: int = 1000,
   from scaled_ql.datasets import rlds_reader
   stream = _episode_meta(rlds_reader.episodes_from_config(
       data, game, repeat=True, seed=seed, **(reader_kwargs or {}))).as_numpy_iterator()
-  server = reverb.Server(tables=[_make_table(cfg)])
+  from scaled_ql.datasets import reverb_tables
+  server = reverb_tables.server_with_tables([_make_table(cfg)])
   client = reverb.Client(f'localhost:{server.port}')
   writer = client.trajectory_writer(num_keep_alive_refs=1)
   inserted = 0

@@ -48,11 +48,14 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -178,11 +181,26 @@ def make_tables(cfg: ExperimentConfig, pacing: Optional[TablePacing] = None) -> 
           for game in cfg.games]
 
 
+def server_with_tables(tables, port: Optional[int] = None):
+  """An in-process `reverb.Server` over `tables` whose checkpoint folder goes with it.
+
+  Reverb gives every server without a checkpointer a fresh `tempfile.mkdtemp()` folder (its
+  `TempDirCheckpointer`) and never removes it: one empty folder in the temporary directory per
+  server start (the test suite left ~100 per run). We never write Reverb checkpoints (the
+  offline tables are refilled from the files), so the folder is made here and removed when the
+  server object is collected or the process exits."""
+  import reverb
+  folder = tempfile.mkdtemp(prefix='scaled_ql_reverb_')
+  server = reverb.Server(tables=tables, port=port,
+                         checkpointer=reverb.checkpointers.DefaultCheckpointer(folder))
+  weakref.finalize(server, shutil.rmtree, folder, ignore_errors=True)
+  return server
+
+
 def make_server(cfg: ExperimentConfig, port: Optional[int] = None,
                 pacing: Optional[TablePacing] = None):
   """An in-process `reverb.Server` with one table per game of `cfg.games` (`make_tables`)."""
-  import reverb
-  return reverb.Server(tables=make_tables(cfg, pacing), port=port)
+  return server_with_tables(make_tables(cfg, pacing), port)
 
 
 def serve(cfg: ExperimentConfig, port: int, pacing: Optional[TablePacing] = None) -> None:
