@@ -95,7 +95,10 @@ def test_a_server_leaves_no_checkpoint_folder_behind(tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where mkdtemp() makes folders
   srv = rt.make_server(tiny_cfg())
   assert [p.name.startswith('scaled_ql_reverb_') for p in tmp_path.iterdir()] == [True]
-  srv.stop()
+  srv.stop()  # a node's stop(): the node (a Ray actor) may be killed right after
+  assert list(tmp_path.iterdir()) == []
+  srv = rt.make_server(tiny_cfg())  # never stopped: the folder goes with the object
+  assert len(list(tmp_path.iterdir())) == 1
   del srv
   gc.collect()
   assert list(tmp_path.iterdir()) == []

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -181,20 +182,36 @@ def make_tables(cfg: ExperimentConfig, pacing: Optional[TablePacing] = None) -> 
           for game in cfg.games]
 
 
+@functools.lru_cache(maxsize=None)
+def _server_class():
+  import reverb
+
+  class Server(reverb.Server):
+    """`reverb.Server` whose checkpoint folder is removed by `stop()`, when the server is
+    collected, or when the process exits (`server_with_tables`)."""
+
+    def __init__(self, tables, port: Optional[int] = None):
+      folder = tempfile.mkdtemp(prefix='scaled_ql_reverb_')
+      self._remove_folder = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+      super().__init__(tables=tables, port=port,
+                       checkpointer=reverb.checkpointers.DefaultCheckpointer(folder))
+
+    def stop(self):
+      super().stop()
+      self._remove_folder()  # runs once, whichever comes first
+
+  return Server
+
+
 def server_with_tables(tables, port: Optional[int] = None):
   """An in-process `reverb.Server` over `tables` whose checkpoint folder goes with it.
 
   Reverb gives every server without a checkpointer a fresh `tempfile.mkdtemp()` folder (its
   `TempDirCheckpointer`) and never removes it: one empty folder in the temporary directory per
-  server start (the test suite left ~100 per run). We never write Reverb checkpoints (the
-  offline tables are refilled from the files), so the folder is made here and removed when the
-  server object is collected or the process exits."""
-  import reverb
-  folder = tempfile.mkdtemp(prefix='scaled_ql_reverb_')
-  server = reverb.Server(tables=tables, port=port,
-                         checkpointer=reverb.checkpointers.DefaultCheckpointer(folder))
-  weakref.finalize(server, shutil.rmtree, folder, ignore_errors=True)
-  return server
+  server start. We never write Reverb checkpoints (the offline tables are refilled from the
+  files), so the folder is made here and removed when the server stops, is collected, or its
+  process exits (a process killed with SIGKILL still leaves its empty folder)."""
+  return _server_class()(tables, port)
 
 
 def make_server(cfg: ExperimentConfig, port: Optional[int] = None,

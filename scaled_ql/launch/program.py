@@ -556,6 +556,12 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
       log(f'node {index} did not stop cleanly: {type(e).__name__}')
     if time.time() - t1 > 5:
       slow.append(f'{_node_name(others[index])} {time.time() - t1:.0f}s')
+  # The replay last, once nothing writes to it: its stop() also removes the Reverb server's
+  # checkpoint folder (reverb_tables.server_with_tables), which a kill would leave behind.
+  try:
+    ray.get(program.replay.stop.remote(), timeout=30)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f'replay did not stop cleanly: {type(e).__name__}')
   # From the stop requests on (the final evaluation's time is in its own line above).
   log(f'nodes stopped in {time.time() - t1:.0f}s' + (f' (slow: {", ".join(slow)})' if slow else ''))
   for handle in [program.learner] + others + [program.replay]:
