@@ -17,7 +17,8 @@ transitions in splits 7-9) the network learns the training set by heart within ~
 its held-out accuracy falls (docs/learning.md, 2026-12-02), so the gate would measure memorizing.
 
 `--config cpu_small` (or any other) runs the same recipe with that learner; its table is labelled
-with the config's name, and only a BC config is judged against the gate.
+with the config's name, and only a run whose loss is BC (as its workdir's config.json says,
+`--set` included) is judged against the gate.
 
 Variants: 'strided' = cpu_small's 12x12/12 patchify stem; 'nature' = the Nature-DQN stem (8x8/4,
 4x4/2, 3x3/1). Numbers, command and `uptime` go to docs/learning.md.
@@ -121,7 +122,9 @@ def main(argv=None) -> int:
                           '--num-envs', '1', '--jsonl', eval_jsonl], check=True)
     rows = [json.loads(l) for l in open(eval_jsonl)]
     results[variant] = {r['game']: r for r in rows}
-    label = 'BC' if args.config.endswith('_bc') else args.config
+    from scaled_ql.configs import overrides
+    trained = overrides.load_file(workdir)  # the config the run used, its --set included
+    label = 'BC' if trained.agent.loss == 'bc' else trained.name
     print_table(variant, games, behaviour, results[variant], label)
 
   print(f'[gate] done: {uptime()}')

@@ -130,6 +130,17 @@ def closed_loop(cfg, params, game: str, game_id: int, steps: int, seed: int = 0,
   return out
 
 
+def rollouts(cfg, params, a, **tags) -> None:
+  """`closed_loop` for each game of `cfg` (only `--game` when given), one JSON line each."""
+  for g, game in enumerate(cfg.games):
+    if a.game and game != a.game:
+      continue
+    loop = closed_loop(cfg, params, game, g, a.rollout_steps, driver=a.driver,
+                       script_epsilon=a.script_epsilon)
+    print(json.dumps(dict(tag=a.tag, **tags, closed_loop=loop,
+                          load=round(os.getloadavg()[0], 2))), flush=True)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--data-dir', default='/tmp/gate/data')
@@ -154,13 +165,7 @@ def main(argv=None) -> None:
     if not a.rollout_steps:
       p.error('--checkpoint needs --rollout-steps')
     cfg, params, step = checkpointing.load_params(a.checkpoint)
-    for g, game in enumerate(cfg.games):
-      if a.game and game != a.game:
-        continue
-      loop = closed_loop(cfg, params, game, g, a.rollout_steps, driver=a.driver,
-                         script_epsilon=a.script_epsilon)
-      print(json.dumps(dict(tag=a.tag, checkpoint=a.checkpoint, step=step, closed_loop=loop,
-                            load=round(os.getloadavg()[0], 2))), flush=True)
+    rollouts(cfg, params, a, step=step, checkpoint=a.checkpoint)
     return
   cfg = get_config(a.config).replace(data=dict(data_dir=a.data_dir, selection=a.selection))
   cfg = overrides.apply(cfg, a.set)
@@ -235,11 +240,7 @@ def main(argv=None) -> None:
           heldout_recall=[h['recall'] for h in heldout],
           load=round(os.getloadavg()[0], 2))), flush=True)
   if a.rollout_steps:
-    for g, game in enumerate(games):
-      loop = closed_loop(cfg, policy_params(state), game, g, a.rollout_steps, driver=a.driver,
-                         script_epsilon=a.script_epsilon)
-      print(json.dumps(dict(tag=a.tag, step=a.steps, closed_loop=loop,
-                            load=round(os.getloadavg()[0], 2))), flush=True)
+    rollouts(cfg, policy_params(state), a, step=a.steps)
 
 
 if __name__ == '__main__':

@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import pytest
 
 from scaled_ql.launch import nodes, run
 from scaled_ql.launch.variable_server import LocalVariableServer
 
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return
-    time.sleep(0.2)
-  raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
+from polling import wait_for  # tests/polling.py
 
 
 @dataclasses.dataclass

@@ -27,6 +27,8 @@ import pytest
 from scaled_ql import configs
 from scaled_ql.launch import finetune, program, run
 
+from polling import wait_for  # tests/polling.py
+
 SCALED_QL = [sys.executable, '-m', 'scaled_ql.cli']
 
 
@@ -51,16 +53,6 @@ def _processes_with_env(tag: str) -> list[int]:
     except OSError:
       continue
   return pids
-
-
-def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(poll)
-  raise AssertionError(f'timed out after {timeout:.0f}s waiting for {what}')
 
 
 def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm(
@@ -105,7 +97,7 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
       except FileNotFoundError:
         return False
       return len(versions) >= 2 and steps_saved()[-1] > 2
-    _wait_for(progressed, 240, 'evaluations of 2 param versions and a new checkpoint')
+    wait_for(progressed, 240, 'evaluations of 2 param versions and a new checkpoint', poll=1.0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log_path.read_text()
   finally:
@@ -131,7 +123,8 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   assert os.path.isdir(os.path.join(workdir, 'tb', 'evaluator_0'))
   assert '| learner ' in out and 'steps/s' in out and 'replay Breakout=' in out  # progress
   # Nothing the run started is still alive (Ray's GCS, raylet, workers, Reverb, ...).
-  _wait_for(lambda: not _processes_with_env(tag), 30, 'every process of the run to exit')
+  wait_for(lambda: not _processes_with_env(tag), 30, 'every process of the run to exit',
+           poll=1.0)
 
 
 def _train_handler(argv):
@@ -392,8 +385,8 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   assert health and 'last: RuntimeError: injected pacing fault' in health[-1], lines[-5:]
   assert time.monotonic() - started < 400
   # shutdown ran: no node is left (Ray marks every actor dead).
-  _wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,
-            'every node to be killed')
+  wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,
+           'every node to be killed', poll=1.0)
 
 
 def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_session,

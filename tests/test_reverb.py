@@ -12,6 +12,8 @@ from scaled_ql.configs.base import check_transitions_per_item
 from scaled_ql.datasets import reverb_tables as rt
 from scaled_ql.datasets import transitions as tr
 
+from polling import wait_for  # tests/polling.py
+
 
 def tiny_cfg(games=('Breakout', 'Pong'), games_per_batch=2, transitions_per_game=4,
              min_fill=4, max_size=1000, n_step=3):
@@ -319,13 +321,6 @@ def _insert_counts(address, games):
   return {g: info[rt.table_name(g)].rate_limiter_info.insert_stats.completed for g in games}
 
 
-def _wait_until(condition, timeout_s, what):
-  deadline = time.monotonic() + timeout_s
-  while not condition():
-    assert time.monotonic() < deadline, f'timed out after {timeout_s}s waiting for {what}'
-    time.sleep(0.05)
-
-
 def _streaming_inserter(address, cfg, source, **kwargs):
   stop = threading.Event()
   throttle = rt.InsertThrottle(address, cfg.games, cfg.data.samples_per_insert, stop,
@@ -343,7 +338,8 @@ def test_throttle_stops_inserts_while_full_tables_are_not_sampled():
   address = f'localhost:{srv.port}'
   thread, stop, throttle = _streaming_inserter(address, cfg, source_of(episodes))
   try:
-    _wait_until(lambda: min(rt.table_sizes(address, cfg.games).values()) == 30, 60, 'full tables')
+    wait_for(lambda: min(rt.table_sizes(address, cfg.games).values()) == 30, 60, 'full tables',
+             poll=0.05)
     time.sleep(0.5)  # the inserter reaches the throttle
     held = _insert_counts(address, cfg.games)
     time.sleep(1.5)
@@ -357,7 +353,7 @@ def test_throttle_stops_inserts_while_full_tables_are_not_sampled():
         next(batches)
         now = _insert_counts(address, cfg.games)
         return all(now[g] > held[g] for g in cfg.games)
-      _wait_until(grew, 60, 'inserts to resume while sampling')
+      wait_for(grew, 60, 'inserts to resume while sampling', poll=0.05)
   finally:
     stop.set()
     thread.join(timeout=20)
@@ -375,7 +371,8 @@ def test_resident_data_is_not_streamed_again_while_sampled():
   address = f'localhost:{srv.port}'
   thread, stop, throttle = _streaming_inserter(address, cfg, source_of(episodes))
   try:
-    _wait_until(lambda: min(rt.table_sizes(address, cfg.games).values()) == 200, 60, 'full tables')
+    wait_for(lambda: min(rt.table_sizes(address, cfg.games).values()) == 200, 60, 'full tables',
+             poll=0.05)
     assert throttle.resident == set(cfg.games)
     time.sleep(0.3)  # an episode already past the check may still land
     held = _insert_counts(address, cfg.games)
