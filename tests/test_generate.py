@@ -97,6 +97,8 @@ def test_generation_info_records_policy_and_epsilon(tiny_dataset_dir):
     assert all(0.05 <= e <= 1.0 for e in s['episode_epsilons'])
     assert s['epsilon'] == pytest.approx(np.mean(s['episode_epsilons']))
     assert s['steps'] >= TINY_STEPS_PER_CHECKPOINT
+    assert s['episode_script_probs'] == [1.0] * s['episodes']  # 'noisy': the script only
+  assert gen['flawed_policy'] is None
 
 
 def test_game_without_heuristic_and_episode_budget(tmp_path):
@@ -299,6 +301,56 @@ def test_skill_schedule_is_a_mixture_rising_across_checkpoints():
     policies.SkillSchedule(expert_start=0.9, expert_end=0.5)
   with pytest.raises(ValueError, match='checkpoint 10'):
     sched.sample_skill(rng, 10, 10)
+
+
+def test_flawed_schedule_is_consistent_weaker_policies():
+  sched = policies.SkillSchedule(weak='flawed')
+  for u in (0.0, 0.3, 1.0):  # one low epsilon; the skill sets the script's share instead
+    assert sched.epsilon(u) == 0.05 and sched.script_prob(u) == u
+  assert policies.SkillSchedule().script_prob(0.0) == 1.0  # 'noisy': the script only
+  assert set(policies.FLAWED) == set(policies.HEURISTICS)
+  with pytest.raises(ValueError, match="weak must be one of .*'mirrored'"):
+    policies.SkillSchedule(weak='mirrored')
+
+
+@pytest.mark.parametrize('script_prob,expected', [(0.0, 'flawed'), (1.0, 'script')])
+def test_flawed_policy_plays_the_flawed_script_at_skill_0(script_prob, expected):
+  # Boxing's scripts are pure functions of the RAM: at epsilon 0 the policy's action is exactly
+  # the flawed script's (skill 0) or the script's (skill 1), and the two differ in some states.
+  env = AtariEnv('Boxing', sticky_action_prob=0.0, seed=3)
+  policy = policies.EpsilonGreedyHeuristic(env, 0.0, np.random.default_rng(0), flawed=True)
+  policy.set_episode(0.0, script_prob)
+  flawed, script = policies.make_flawed('Boxing'), policies.make_heuristic('Boxing')
+  env.reset()
+  differ = 0
+  for _ in range(300):
+    want = {'flawed': flawed(env), 'script': script(env)}
+    differ += want['flawed'] != want['script']
+    a = policy()
+    assert a == want[expected]
+    env.step(a)
+  assert differ > 10
+  noisy = policies.EpsilonGreedyHeuristic(env, 0.0, np.random.default_rng(0))
+  with pytest.raises(ValueError, match='needs flawed=True'):
+    noisy.set_episode(0.0, 0.5)
+
+
+def test_flawed_generation_records_the_flawed_policy(tmp_path):
+  out = generate.generate(['Breakout'], str(tmp_path), num_checkpoints=2,
+                          steps_per_checkpoint=None, episodes_per_checkpoint=3,
+                          max_episode_frames=400, progress=False,
+                          skill=policies.SkillSchedule(weak='flawed'))
+  with open(os.path.join(out['Breakout'], 'generation_info.json')) as f:
+    gen = json.load(f)
+  assert gen['skill_schedule']['weak'] == 'flawed'
+  assert gen['flawed_policy'] == policies.flawed_name('Breakout') and 'dead zone' in gen[
+      'flawed_policy']
+  for s in gen['splits'].values():
+    assert s['episode_epsilons'] == [0.05] * 3
+    # late-policy episodes take the script only; the others mix in the flawed script
+    assert all(0.0 <= p <= 1.0 for p in s['episode_script_probs'])
+  probs = [p for s in gen['splits'].values() for p in s['episode_script_probs']]
+  assert 1.0 in probs and min(probs) < 1.0
 
 
 def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):

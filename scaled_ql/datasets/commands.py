@@ -41,6 +41,11 @@ def register(subparsers) -> None:
   gen.add_argument('--max-episode-frames', type=int, default=108_000,
                    help='emulator frames per episode before truncation (108K = DQN-Replay)')
   gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--weak-episodes', choices=('noisy', 'flawed'), default='noisy',
+                   help='how the episodes below the late policy play: noisy = epsilon-greedy '
+                   'over the script, epsilon up to 1; flawed = mostly the script with one '
+                   'consistent mistake, at epsilon 0.05, like a poor DQN checkpoint '
+                   '(docs/data_generation.md)')
   gen.add_argument('--workers', type=int, default=None,
                    help='processes, one game each at a time (default: one per core, at most one '
                    'per game and one per GB of available memory); the data does not depend on it')
@@ -103,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
     logging.getLogger('scaled_ql').setLevel(logging.DEBUG)
   from scaled_ql import games as games_lib
   games_lib.check_games(args.games)  # before importing TF
-  from scaled_ql.datasets import generate
+  from scaled_ql.datasets import generate, policies
   steps = args.steps_per_checkpoint
   if steps is None and args.episodes_per_checkpoint is None:
     steps = 5_000
@@ -113,8 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
                            steps_per_checkpoint=steps, seed=args.seed,
                            episodes_per_checkpoint=args.episodes_per_checkpoint,
                            max_episode_frames=args.max_episode_frames, if_exists=if_exists,
-                           progress=not args.no_progress,
-                           workers=workers)
+                           progress=not args.no_progress, workers=workers,
+                           skill=policies.SkillSchedule(weak=args.weak_episodes))
   for game, path in dirs.items():
     print(f'{game}: {path}')
   return 0

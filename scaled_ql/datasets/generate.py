@@ -71,6 +71,9 @@ class SplitStats:
   raw_returns: list = dataclasses.field(default_factory=list)  # unclipped game score, per episode
   clipped_returns: list = dataclasses.field(default_factory=list)
   episode_epsilons: list = dataclasses.field(default_factory=list)
+  # per episode: probability of the script's action at a greedy step (1 unless skill.weak is
+  # 'flawed'; the rest go to the game's flawed script)
+  episode_script_probs: list = dataclasses.field(default_factory=list)
   episode_steps: list = dataclasses.field(default_factory=list)
 
 
@@ -140,14 +143,15 @@ def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
                  max_episode_frames=max_episode_frames, seed=stats.env_seed)
   rng = np.random.default_rng(stats.env_seed)
   skills = skill.split_skills(skill_start, stats.checkpoint_id, num_checkpoints)
-  policy = policies.EpsilonGreedyHeuristic(env, 1.0, rng)
+  policy = policies.EpsilonGreedyHeuristic(env, 1.0, rng, flawed=skill.weak == 'flawed')
   while True:
     if steps_per_checkpoint is not None and stats.steps >= steps_per_checkpoint:
       return
     if episodes_per_checkpoint is not None and stats.episodes >= episodes_per_checkpoint:
       return
-    epsilon = skill.epsilon(next(skills))
-    policy.set_epsilon(epsilon)
+    u = next(skills)
+    epsilon, script_prob = skill.epsilon(u), skill.script_prob(u)
+    policy.set_episode(epsilon, script_prob)
     ts = env.reset()
     # Frames are PNG-encoded as they come (~1-2 KB each instead of 7 KB: long episodes stay small).
     frames, actions, rewards = [encode_png(ts.observation[..., -1])], [], []
@@ -169,6 +173,7 @@ def play_split(game: str, stats: SplitStats, *, num_checkpoints: int,
     stats.raw_returns.append(float(np.sum(rewards)))
     stats.clipped_returns.append(float(np.clip(rewards, -1, 1).sum()))
     stats.episode_epsilons.append(round(epsilon, 4))
+    stats.episode_script_probs.append(round(script_prob, 4))
     stats.episode_steps.append(len(actions))
     stats.epsilon = float(np.mean(stats.episode_epsilons))
     yield rlds_episode(frames, actions, rewards, terminal, stats.checkpoint_id, episode_id)
@@ -230,6 +235,14 @@ def behaviour(game: str, splits: dict) -> dict:
     selections['suboptimal']['at_or_above_best_median'] = (
         round(float(np.mean(np.asarray(sub_returns) >= best_median)), 4) if sub_returns else None)
   return dict(splits=per_split, selections=selections)
+
+
+def _policy_note(weak: str) -> str:
+  if weak == 'flawed':
+    return ('per episode, a skill u from the skill schedule; epsilon_min-greedy over a per-step '
+            'mixture of the heuristic (probability u) and its flawed variant (flawed_policy)')
+  return ('epsilon-greedy over the heuristic, one epsilon per episode drawn from the skill '
+          'schedule')
 
 
 def read_info(version_dir: str) -> Optional[dict]:
@@ -532,8 +545,8 @@ def generate_game(game: str, *, out_dir: str, run: int, num_checkpoints: int,
       'steps_per_checkpoint': steps_per_checkpoint,
       'episodes_per_checkpoint': episodes_per_checkpoint,
       'policy': policies.heuristic_name(game),
-      'policy_note': ('epsilon-greedy over the heuristic, one epsilon per episode drawn from '
-                      'the skill schedule' if game in policies.HEURISTICS
+      'flawed_policy': policies.flawed_name(game) if skill.weak == 'flawed' else None,
+      'policy_note': (_policy_note(skill.weak) if game in policies.HEURISTICS
                       else 'no heuristic for this game: uniform random at every epsilon'),
       'skill_schedule': dataclasses.asdict(skill),
       'episodes_note': 'every episode is whole (game over or the max_episode_frames cap); '

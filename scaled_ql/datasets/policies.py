@@ -49,15 +49,16 @@ def _action_indices(game: str) -> dict[str, int]:
   return {a.name: i for i, a in enumerate(env.ale.getMinimalActionSet())}
 
 
-def pong(env: AtariEnv) -> int:
+def pong(env: AtariEnv, slack: int = 3) -> int:
+  """`slack`: how far (px) the ball may be from the paddle's centre before the paddle moves."""
   ram = env.ale.getRAM()
   paddle_y, ball_y = int(ram[51]), int(ram[54])
   if ball_y == 0:  # ball not in play
     return 0  # NOOP
   centre = paddle_y + 6
-  if centre > ball_y + 3:
+  if centre > ball_y + slack:
     return 2  # RIGHT = paddle up in Pong
-  if centre < ball_y - 3:
+  if centre < ball_y - slack:
     return 3  # LEFT = paddle down
   return 0
 
@@ -67,15 +68,16 @@ def breakout_ball_in_play(ram: np.ndarray) -> bool:
   return int(ram[101]) != 0
 
 
-def breakout(env: AtariEnv) -> int:
+def breakout(env: AtariEnv, slack: int = 3) -> int:
+  """`slack`: how far (px) the ball may be from the paddle's centre before the paddle moves."""
   ram = env.ale.getRAM()
   paddle_x, ball_x = int(ram[72]), int(ram[99])
   if not breakout_ball_in_play(ram):  # serve
     return 1  # FIRE
   centre = paddle_x + 4  # calibrated: 21 points in 600 steps at epsilon 0 (random: ~2)
-  if centre < ball_x - 3:
+  if centre < ball_x - slack:
     return 2  # RIGHT
-  if centre > ball_x + 3:
+  if centre > ball_x + slack:
     return 3  # LEFT
   return 1  # hold with FIRE (a no-op in play), so the idle action also serves
 
@@ -85,12 +87,12 @@ def freeway(env: AtariEnv) -> int:
   return 1  # UP
 
 
-def boxing(env: AtariEnv) -> int:
+def boxing(env: AtariEnv, y_offset: int = 12) -> int:
   ram = env.ale.getRAM()
   dx = int(ram[33]) - int(ram[32])  # opponent x - player x
   # Punches land with the player 12 px below the opponent's RAM y (calibrated: +45..+50 per
   # 2-minute bout at epsilon 0, vs ~0 when aligning at the same y).
-  dy = int(ram[35]) - int(ram[34]) + 12
+  dy = int(ram[35]) - int(ram[34]) + y_offset
   vertical = 'UP' if dy < -1 else ('DOWN' if dy > 1 else '')
   horizontal = 'RIGHT' if dx > 28 else ('LEFT' if dx < -28 else '')
   close = abs(dx) <= 38 and abs(dy) <= 4
@@ -181,44 +183,122 @@ HEURISTICS: dict[str, object] = {
 NO_HEURISTIC = 'none (uniform random)'
 
 
+# Flawed scripts: each game's script with one consistent mistake, as a poor DQN checkpoint's
+# greedy policy has one (`SkillSchedule(weak='flawed')`). Measured at epsilon 0.05, sticky 0.25,
+# 1-4 episodes (script / flawed): Pong -15 / -17, Breakout 29 / 15, Freeway 20 / 11, Boxing 42 /
+# -2.5, SpaceInvaders 215 / 100, Seaquest 320 / 130, Qbert 475 / 240, RoadRunner 2150 / 650.
+
+
+class SpaceInvadersNarrow(SpaceInvaders):
+  """Sweeps only the middle fifth of the cannon's range."""
+  LEFT_END, RIGHT_END = 66, 86
+
+
+class SeaquestOneWay(Seaquest):
+  """Never turns: faces right and fires."""
+  PERIOD = 10 ** 9
+
+
+class QbertBackAndForth(_Pattern):
+  """Jumps down-right and back up-left (does not reach new cubes)."""
+  NAMES = ('RIGHT', 'LEFT')
+  PERIOD = 6
+
+
+class RoadRunnerStraight(_Pattern):
+  """Runs left without weaving."""
+  NAMES = ('LEFT',)
+
+
+class FreewayHalfSpeed(_Pattern):
+  """UP and NOOP in turn (a constant-action game has no state-dependent mistake to make)."""
+  NAMES = ('UP', 'NOOP')
+
+
+# game -> (flawed heuristic or class, what its mistake is).
+FLAWED: dict[str, tuple[object, str]] = {
+    'Pong': (functools.partial(pong, slack=14), 'pong with a 14-px dead zone (script: 3)'),
+    'Breakout': (functools.partial(breakout, slack=12),
+                 'breakout with a 12-px dead zone (script: 3)'),
+    'Freeway': (FreewayHalfSpeed, FreewayHalfSpeed.__doc__),
+    'Boxing': (functools.partial(boxing, y_offset=0),
+               'boxing aligned at the opponent\'s y, where punches miss (script: 12 px below)'),
+    'SpaceInvaders': (SpaceInvadersNarrow, SpaceInvadersNarrow.__doc__),
+    'Seaquest': (SeaquestOneWay, SeaquestOneWay.__doc__),
+    'Qbert': (QbertBackAndForth, QbertBackAndForth.__doc__),
+    'RoadRunner': (RoadRunnerStraight, RoadRunnerStraight.__doc__),
+}
+assert set(FLAWED) == set(HEURISTICS)
+
+
 def heuristic_name(game: str) -> str:
   """What the generator's greedy policy is for `game` (recorded in the dataset metadata)."""
   fn = HEURISTICS.get(game)
   return f'{fn.__module__}.{fn.__qualname__}' if fn else NO_HEURISTIC
 
 
-def make_heuristic(game: str) -> Optional[Heuristic]:
-  """A fresh heuristic for one environment of `game` (None if the game has none)."""
-  h = HEURISTICS.get(game)
+def flawed_name(game: str) -> str:
+  """What the flawed policy of `game` is (recorded in the dataset metadata)."""
+  return FLAWED[game][1] if game in FLAWED else NO_HEURISTIC
+
+
+def _fresh(h) -> Optional[Heuristic]:
   return h() if isinstance(h, type) else h
 
 
-class EpsilonGreedyHeuristic:
-  """With probability `epsilon` a uniform random action, else the game's heuristic.
+def make_heuristic(game: str) -> Optional[Heuristic]:
+  """A fresh heuristic for one environment of `game` (None if the game has none)."""
+  return _fresh(HEURISTICS.get(game))
 
-  Games without a heuristic act uniformly at random whatever `epsilon` is. `epsilon` may be
-  changed between episodes (`set_epsilon`): the generator draws one per episode.
+
+def make_flawed(game: str) -> Optional[Heuristic]:
+  """A fresh flawed heuristic for one environment of `game` (None if the game has none)."""
+  return _fresh(FLAWED[game][0]) if game in FLAWED else None
+
+
+class EpsilonGreedyHeuristic:
+  """With probability `epsilon` a uniform random action, else the game's heuristic, or, with
+  `flawed=True`, the game's flawed heuristic with probability 1 - `script_prob`.
+
+  Games without a heuristic act uniformly at random whatever `epsilon` is. `epsilon` and
+  `script_prob` may be changed between episodes (`set_episode`): the generator draws them per
+  episode. Both heuristics are called at every greedy step, so stateful ones stay in step.
   """
 
-  def __init__(self, env: AtariEnv, epsilon: float, rng: np.random.Generator):
+  def __init__(self, env: AtariEnv, epsilon: float, rng: np.random.Generator,
+               flawed: bool = False):
     self._env = env
     self._rng = rng
     self._heuristic: Optional[Heuristic] = make_heuristic(env.game)
-    self.set_epsilon(epsilon)
+    self._flawed: Optional[Heuristic] = make_flawed(env.game) if flawed else None
+    self.set_episode(epsilon)
 
   @property
   def epsilon(self) -> float:
     return self._epsilon
 
-  def set_epsilon(self, epsilon: float) -> None:
+  def set_episode(self, epsilon: float, script_prob: float = 1.0) -> None:
     if not 0.0 <= epsilon <= 1.0:
       raise ValueError(f'epsilon must be in [0, 1], got {epsilon}')
+    if not 0.0 <= script_prob <= 1.0:
+      raise ValueError(f'script_prob must be in [0, 1], got {script_prob}')
+    if script_prob < 1.0 and self._flawed is None and self._heuristic is not None:
+      raise ValueError(f'script_prob {script_prob} < 1 needs flawed=True')
     self._epsilon = float(epsilon)
+    self._script_prob = float(script_prob)
 
   def __call__(self) -> int:
     if self._heuristic is None or self._rng.random() < self._epsilon:
       return int(self._rng.integers(self._env.num_actions))
-    return int(self._heuristic(self._env))
+    action = int(self._heuristic(self._env))
+    if self._flawed is not None:
+      flawed = int(self._flawed(self._env))
+      if self._rng.random() >= self._script_prob:
+        return flawed
+    return action
+
+
+WEAK_EPISODES = ('noisy', 'flawed')  # SkillSchedule.weak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +318,22 @@ class SkillSchedule:
     random and expert at the last checkpoint.
   The mean skill rises with k through both terms. Defaults: the first 20% of 10 splits (the
   `suboptimal` selection) hold ~42% late-policy episodes, the last split 90%.
+
+  `weak` says how an episode of skill u < 1 is played:
+  - 'noisy' (default): epsilon(u)-greedy over the script, as above. Every non-random episode's
+    most frequent action in a state is the script's, so imitation recovers the late policy;
+  - 'flawed': epsilon_min-greedy over a per-step mixture that takes the script's action with
+    probability u and the game's *flawed* script's (`FLAWED`: the script with one consistent
+    mistake) otherwise. u = 0 is a consistent weaker policy, as a poor DQN checkpoint's greedy
+    policy is (DQN-Replay logged at epsilon 0.01 after its first 1M frames). Where the flawed
+    episodes are the majority of a state's data, imitation copies the mistake; a return-aware
+    learner has the late-policy episodes to find the better action.
   """
   expert_start: float = 0.40
   expert_end: float = 0.90
   epsilon_max: float = 1.0
   epsilon_min: float = 0.05
+  weak: str = 'noisy'
 
   def __post_init__(self):
     if not 0.0 <= self.expert_start <= self.expert_end <= 1.0:
@@ -251,6 +342,8 @@ class SkillSchedule:
     if not 0.0 < self.epsilon_min <= self.epsilon_max <= 1.0:
       raise ValueError(f'need 0 < epsilon_min <= epsilon_max <= 1, got '
                        f'{self.epsilon_min}, {self.epsilon_max}')
+    if self.weak not in WEAK_EPISODES:
+      raise ValueError(f'weak must be one of {WEAK_EPISODES}, got {self.weak!r}')
 
   @staticmethod
   def progress(checkpoint: int, num_checkpoints: int) -> float:
@@ -263,7 +356,13 @@ class SkillSchedule:
     return self.expert_start + (self.expert_end - self.expert_start) * p
 
   def epsilon(self, skill: float) -> float:
+    if self.weak == 'flawed':
+      return float(self.epsilon_min)
     return float(self.epsilon_max * (self.epsilon_min / self.epsilon_max) ** float(skill))
+
+  def script_prob(self, skill: float) -> float:
+    """Probability that a greedy step takes the script's action rather than the flawed one's."""
+    return float(skill) if self.weak == 'flawed' else 1.0
 
   def skill_at(self, v: float, checkpoint: int, num_checkpoints: int) -> float:
     """The skill at quantile `v` in [0, 1) of checkpoint k's distribution (inverse CDF): the
