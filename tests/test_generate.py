@@ -335,12 +335,13 @@ def test_flawed_policy_plays_the_flawed_script_at_skill_0(script_prob, expected)
     noisy.set_episode(0.0, 0.5)
 
 
-def test_flawed_generation_records_the_flawed_policy(tmp_path):
-  out = generate.generate(['Breakout'], str(tmp_path), num_checkpoints=2,
-                          steps_per_checkpoint=None, episodes_per_checkpoint=3,
-                          max_episode_frames=400, progress=False,
-                          skill=policies.SkillSchedule(weak='flawed'))
-  with open(os.path.join(out['Breakout'], 'generation_info.json')) as f:
+def test_flawed_generation_records_the_flawed_policy(tmp_path, capsys):
+  from scaled_ql import cli
+  assert cli.main(['data', 'generate', '--games', 'Breakout', '--out', str(tmp_path),
+                   '--checkpoints', '2', '--episodes-per-checkpoint', '3',
+                   '--max-episode-frames', '400', '--weak-episodes', 'flawed', '--workers', '1',
+                   '--no-progress']) == 0
+  with open(os.path.join(_version_dir(str(tmp_path), 'Breakout'), 'generation_info.json')) as f:
     gen = json.load(f)
   assert gen['skill_schedule']['weak'] == 'flawed'
   assert gen['flawed_policy'] == policies.flawed_name('Breakout') and 'dead zone' in gen[
@@ -351,6 +352,8 @@ def test_flawed_generation_records_the_flawed_policy(tmp_path):
     assert all(0.0 <= p <= 1.0 for p in s['episode_script_probs'])
   probs = [p for s in gen['splits'].values() for p in s['episode_script_probs']]
   assert 1.0 in probs and min(probs) < 1.0
+  assert cli.main(['data', 'inspect', '--data-dir', str(tmp_path)]) == 0
+  assert 'weak episodes: flawed (breakout with a 12-px dead zone' in capsys.readouterr().out
 
 
 def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):

@@ -149,7 +149,8 @@ def _inspect(args: argparse.Namespace) -> int:
     b = rlds_reader.load_builder(args.data_dir, game, args.run, args.builder)
     gen = generate.read_info(os.fspath(b.data_path)) or {}
     print(f'{game} run {args.run} ({b.data_path})' +
-          (f'  generated, policy: {gen["policy"]}' if gen else ''))
+          (f'  generated, policy: {gen["policy"]}' if gen else '') +
+          (f'; weak episodes: flawed ({gen["flawed_policy"]})' if gen.get('flawed_policy') else ''))
     header = f'  {"split":<14}{"episodes":>9}{"steps":>10}{"mean return":>13}'
     generated = gen.get('generator') == 'scaled_ql.datasets.generate'
     split_scores = {}

@@ -11,6 +11,8 @@ run are: every episode draws a skill, hence an epsilon between 1.0 and 0.05, fro
 spread between random play and the late policy) and is played epsilon-greedily over the game's
 scripted heuristic (`policies.py`), with sticky actions 0.25 as in DQN-Replay. So the early splits
 (the `suboptimal` selection) are worse on average than the last ones, yet hold some good episodes.
+With `skill=SkillSchedule(weak='flawed')` (`--weak-episodes flawed`) the weaker episodes play the
+script with one consistent mistake (`policies.FLAWED`) at epsilon 0.05 instead.
 Episodes are always whole (game over, or the `max_episode_frames` cap): the episode under way when
 a split's step budget runs out is played to its end.
 

@@ -20,6 +20,9 @@ from the minimal action set:
 - Qbert:         a fixed 6-jump loop that recolours cubes near the top without jumping off.
 - RoadRunner:    run left, weaving up and down (picks up seeds, dodges the coyote).
 
+Each scripted game also has a *flawed* script (`FLAWED`: the script with one consistent mistake),
+which `SkillSchedule(weak='flawed')` plays in the weaker episodes instead of random actions.
+
 Every other game has NO heuristic: its policy is uniformly random at every epsilon (so its splits
 do not improve). This is recorded as `policy: 'none (uniform random)'` in the generation
 metadata. Measured scores per game: docs/data_generation.md.
