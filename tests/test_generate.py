@@ -353,7 +353,7 @@ def test_flawed_generation_records_the_flawed_policy(tmp_path, capsys):
   probs = [p for s in gen['splits'].values() for p in s['episode_script_probs']]
   assert 1.0 in probs and min(probs) < 1.0
   assert cli.main(['data', 'inspect', '--data-dir', str(tmp_path)]) == 0
-  assert 'weak episodes: flawed (breakout with a 12-px dead zone' in capsys.readouterr().out
+  assert 'weak episodes: flawed (breakout with a 16-px dead zone' in capsys.readouterr().out
 
 
 def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None):
