@@ -311,6 +311,13 @@ def test_flawed_schedule_is_consistent_weaker_policies():
   assert set(policies.FLAWED) == set(policies.HEURISTICS)
   with pytest.raises(ValueError, match="weak must be one of .*'mirrored'"):
     policies.SkillSchedule(weak='mirrored')
+  # The CLI flag takes the schedule's values and refuses others.
+  from scaled_ql import cli
+  argv = ['data', 'generate', '--games', 'Breakout', '--out', 'unused', '--weak-episodes']
+  for weak in policies.WEAK_EPISODES:
+    assert cli.build_parser().parse_args(argv + [weak]).weak_episodes == weak
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(argv + ['mirrored'])
 
 
 @pytest.mark.parametrize('script_prob,expected', [(0.0, 'flawed'), (1.0, 'script')])

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
   gen.add_argument('--max-episode-frames', type=int, default=108_000,
                    help='emulator frames per episode before truncation (108K = DQN-Replay)')
   gen.add_argument('--seed', type=int, default=0)
+  # The values of policies.WEAK_EPISODES, written out: importing scaled_ql.datasets loads
+  # TensorFlow (~10 s), too slow for building the parser (tests/test_generate.py checks them).
   gen.add_argument('--weak-episodes', choices=('noisy', 'flawed'), default='noisy',
                    help='how the episodes below the late policy play: noisy = epsilon-greedy '
                    'over the script, epsilon up to 1; flawed = mostly the script with one '
