@@ -152,6 +152,31 @@ def test_double_buffered_groups_play_the_same_episodes():
     assert (r.steps, r.score) == (runs[0].steps, runs[0].score)
 
 
+def test_should_stop_abandons_the_game_in_progress_and_keeps_the_finished_ones(tmp_path):
+  """An evaluator gives up a round of old params for the final evaluation (launch/nodes.py): the
+  game in progress gets no score (a partial episode is never one), games done before keep their
+  records."""
+  log = str(tmp_path / 'eval.jsonl')
+  cfg = EvalConfig(max_episode_frames=200)  # Pong: 50-step episodes
+  asked = []
+
+  def stop_in_breakout():  # asked once per step; Pong's 50 steps pass, then Breakout's 10th
+    asked.append(1)
+    return len(asked) > 50 + 10
+
+  with pytest.raises(evaluator.Abandoned, match=r'Breakout: evaluation abandoned after 10 of '
+                     r'50 agent steps'):
+    evaluator.evaluate(noop_policy, None, ['Pong', 'Breakout'], cfg, model_games=GAMES,
+                       steps_per_game=50, num_envs=1, jsonl_path=log, should_stop=stop_in_breakout)
+  with open(log) as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r['game'], r['episodes'], r['steps']) for r in rows] == [('Pong', 1, 50)]
+  # Never asked to stop: the same round runs to its end.
+  r = evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=50,
+                         num_envs=1, should_stop=lambda: False)['Pong']
+  assert (r.steps, r.episodes) == (50, 1)
+
+
 def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates():
   scored = evaluator.GameResult('Pong', -20.0, 0.02, episodes=2, truncated=0, steps=1600,
                                 budget=100, seconds=1.0, cpu_seconds=1.0,

@@ -151,6 +151,20 @@ def test_train_rejects_bad_input_before_starting_anything(argv, message, tiny_da
   assert ray.is_initialized() == was_initialized  # no Ray started
 
 
+@pytest.mark.parametrize('command', [
+    ['train', '--config', 'cpu_tiny', '--workdir', 'w'], ['demo'],
+    ['finetune', 'offline', '--game', 'Pong', '--workdir', 'w']])
+def test_time_budget_flags_take_positive_minutes(command, capsys):
+  from scaled_ql import cli
+  flag = '--minutes' if command == ['demo'] else '--budget-minutes'
+  assert getattr(cli.build_parser().parse_args(command + [flag, '2.5']),
+                 flag[2:].replace('-', '_')) == 2.5
+  for bad in ('0', '-1', 'nan', 'soon'):
+    with pytest.raises(SystemExit):
+      cli.build_parser().parse_args(command + [flag, bad])
+    assert f'{flag}: minutes must be a number > 0, got {bad!r}' in capsys.readouterr().err
+
+
 def test_split_games_round_robin():
   assert program.split_games(('A', 'B', 'C', 'D', 'E'), 2) == [('A', 'C', 'E'), ('B', 'D')]
   with pytest.raises(ValueError, match='--evaluators'):
@@ -387,6 +401,70 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   # shutdown ran: no node is left (Ray marks every actor dead).
   wait_for(lambda: all(_gcs_state(h) == 'DEAD' for _, h in prog.nodes()), 60,
            'every node to be killed', poll=1.0)
+
+
+def test_final_eval_estimate_reads_each_evaluators_latest_round():
+  def evaluator(games, cpu_s_per_step, overrun=0):
+    # A round of budget 100 that ran `overrun` steps past it to finish its last episode.
+    return dict(games=list(games), latest={
+        g: dict(steps=100 + overrun, budget=100, seconds=99.0,
+                cpu_seconds=(100 + overrun) * cpu_s_per_step) for g in games})
+
+  status = program.ProgramStatus(None, None, [evaluator(['Pong', 'Breakout'], 0.01),
+                                             evaluator(['Boxing'], 0.02, overrun=50)], [])
+  slack = program.FINAL_EVAL_SLACK
+  # At the CPU rate, not the wall rate (seconds=99: rounds shared the cores with the learner).
+  # evaluator_0: 2 x 1000 steps x 0.01 s; evaluator_1: (1000 + 50) x 0.02 s. The slowest counts.
+  assert program.final_eval_estimate_s(status, 1000) == pytest.approx(slack * 21.0)
+  # Until every evaluator has a round on all its games, nothing is known.
+  half = evaluator(['Pong', 'Breakout'], 0.01)
+  del half['latest']['Breakout']
+  assert program.final_eval_estimate_s(
+      program.ProgramStatus(None, None, [half, evaluator(['Boxing'], 0.02)], []), 1000) is None
+  assert program.final_eval_estimate_s(program.ProgramStatus(None, None, [None], []), 10) is None
+  assert program.final_eval_estimate_s(program.ProgramStatus(None, None, [], []), 10) == 0.0
+
+
+def test_budget_stop_keeps_the_final_evaluation_and_the_margin_in_hand():
+  assert program.budget_stop(100.0, 600.0, 200.0, margin_s=30.0) is None
+  assert program.budget_stop(369.0, 600.0, 200.0, margin_s=30.0) is None  # 231 s left > 230
+  reason = program.budget_stop(371.0, 600.0, 200.0, margin_s=30.0)
+  assert reason == ('time budget of 600s: 229s left, the final evaluation needs ~200s (+ 30s to '
+                    'stop): stopping training')
+  # No round finished yet: only the margin is kept.
+  assert program.budget_stop(560.0, 600.0, None, margin_s=30.0) is None
+  assert 'no evaluation round has finished yet' in program.budget_stop(575.0, 600.0, None, 30.0)
+  assert '0s left' in program.budget_stop(700.0, 600.0, 5.0, 30.0)  # overrun: never negative
+
+
+def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
+    ray_session, tiny_dataset_dir, tmp_path, monkeypatch):
+  """`program.run(budget_s=...)` (the demo's `--minutes`, `train --budget-minutes`): a learner
+  that would train for a million steps stops when what is left of the budget covers the final
+  evaluation's estimate plus the margin, and the final params are still evaluated."""
+  monkeypatch.setattr(program, 'BUDGET_MARGIN_S', 3.0)  # the driver's margin, sized for tiny runs
+  budget_s = 40.0
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1_000_000, evaluators=1).replace(
+      eval=dict(final_steps_per_game=1000, eval_every_seconds=5.0))
+  workdir = str(tmp_path / 'budget')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=cfg.train.num_steps)
+  lines = []
+  started = time.time()
+  status = program.run(prog, log=lines.append, timeout_s=400, final_eval_timeout_s=120,
+                       budget_s=budget_s)
+  elapsed = time.time() - started
+  log = '\n'.join(lines)
+  stop_lines = [line for line in lines if line.startswith('time budget of 40s')]
+  assert len(stop_lines) == 1 and 'the final evaluation needs ~' in stop_lines[0], log[-3000:]
+  assert 0 < status.learner['steps'] < cfg.train.num_steps
+  rows = _eval_rows(workdir)
+  # (A round of the evaluator's own clock may also have caught the final params, on its budget.)
+  final = [r for r in rows if r['param_version'] == status.learner['steps'] and r['budget'] == 1000]
+  assert {r['game'] for r in final} == set(cfg.games), rows
+  # Without the budget it would run to timeout_s (400 s). Stopping the nodes and Ray is what the
+  # margin (3 s here, 30 s by default) is for: on a busy machine it can take longer.
+  assert elapsed < budget_s + 45, log[-3000:]
 
 
 def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_session,

@@ -237,3 +237,14 @@ def test_demo_refuses_a_changed_config_before_generating_data(tmp_path, capsys):
                    'agent.cql_alpha=0.1']) == 2
   assert 'agent.cql_alpha: 0.05 -> 0.1' in capsys.readouterr().err
   assert not data.exists()  # nothing generated
+
+
+def test_demo_whose_budget_the_data_used_up_says_so(tiny_dataset_dir, tmp_path, capsys):
+  """`demo --minutes M` is the whole demo's budget: when the data (here only checked: it exists)
+  leaves nothing for training and evaluation, the demo says so instead of starting a run."""
+  workdir = str(tmp_path / 'demo')
+  assert cli.main(['demo', '--workdir', workdir, '--data-dir', tiny_dataset_dir, '--games',
+                   'Breakout,Pong', '--minutes', '0.00001']) == 2
+  err = capsys.readouterr().err
+  assert '--minutes 1e-05: the data took' in err and 'nothing is left' in err, err
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))

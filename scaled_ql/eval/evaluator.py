@@ -52,6 +52,11 @@ PolicyFn = Callable[[Any, Any, np.ndarray, np.ndarray], Any]
 NO_EPISODE = report.NO_EPISODE  # how a game without a score is shown, everywhere
 
 
+class Abandoned(Exception):
+  """An evaluation stopped by its `should_stop` before its game ended: it has no score (a partial
+  episode is never one). Games that finished before it keep their results and records."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GameResult:
   game: str
@@ -162,7 +167,8 @@ def _buckets(size: int) -> set[int]:
 
 def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
-                  env_groups: Optional[int] = None, device: Any = None) -> GameResult:
+                  env_groups: Optional[int] = None, device: Any = None,
+                  should_stop: Optional[Callable[[], bool]] = None) -> GameResult:
   """Plays `game` for a budget of `steps` agent steps over `num_envs` environments and finishes
   every episode started (the protocol of the module docstring).
 
@@ -178,6 +184,8 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
 
   `device`: a JAX device to put `params` on; the jitted policy then runs there (observations are
   copied to it per call). None: wherever `params` already are (JAX's default device for numpy).
+  `should_stop`: asked once per step of the loop; True abandons the game (raises `Abandoned`),
+  e.g. an evaluator dropping a round of old params to evaluate the final ones at once.
   """
   import jax
   if device is not None:
@@ -207,6 +215,10 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   pending = [policy_fn(params, keys(), observations[k], np.full((len(g),), game_id, np.int32))
              for k, g in enumerate(groups)]
   while any(p is not None for p in pending):
+    if should_stop is not None and should_stop():
+      for env in envs:
+        env.close()
+      raise Abandoned(f'{game}: evaluation abandoned after {steps_run} of {steps} agent steps')
     for k, g in enumerate(groups):
       if pending[k] is None:
         continue
@@ -259,7 +271,8 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
              evaluator: str = 'evaluator', epsilon: Optional[float] = None,
              jsonl_path: Optional[str] = None, csv_path: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None,
-             device: Optional[str] = None) -> dict[str, GameResult]:
+             device: Optional[str] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> dict[str, GameResult]:
   """Evaluates `policy_fn(params, ...)` on each game in turn; returns {game: GameResult}.
 
   model_games:    the games of the network (`cfg.games`); `game_id` = index into it. Default: games.
@@ -273,6 +286,7 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   epsilon:        only recorded (the policy applies it).
   device:         'cpu' | 'gpu' | 'tpu' for the policy; default from `eval_cfg.gpus_per_evaluator`
                   (`policy_device`). The params are put there once, and every call runs there.
+  should_stop:    see `evaluate_game`: raises `Abandoned`; the games finished before are recorded.
   """
   model_games = tuple(games if model_games is None else model_games)
   steps = int(eval_cfg.steps_per_game if steps_per_game is None else steps_per_game)
@@ -285,7 +299,7 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   results: dict[str, GameResult] = {}
   for game in games:
     r = evaluate_game(policy_fn, params, game, model_games.index(game), eval_cfg, steps,
-                      num_envs, seed, env_groups, device=target)
+                      num_envs, seed, env_groups, device=target, should_stop=should_stop)
     results[game] = r
     record = report.EvalRecord(
         game=game, score=r.score, normalized=r.normalized, param_version=int(param_version),

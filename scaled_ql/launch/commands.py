@@ -38,8 +38,10 @@ def register(subparsers) -> None:
       'human-normalized scores')
   p.add_argument('--workdir', default=demo.DEMO_WORKDIR)
   p.add_argument('--data-dir', default=demo.DEMO_DATA_DIR)
-  p.add_argument('--minutes', type=float, default=demo.DEMO_TRAIN_MINUTES,
-                 help='training time budget (default %(default)s)')
+  p.add_argument('--minutes', type=_positive_minutes, default=demo.DEMO_MINUTES,
+                 help='wall-clock budget of the whole demo: data generation, training and the '
+                 'final evaluation; training gets what the other two leave (default '
+                 '%(default)s)')
   p.add_argument('--steps', type=int, default=None,
                  help='learner steps (default: the config\'s; the time budget usually ends first)')
   overrides.add_flags(p, config=False)
@@ -64,8 +66,23 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
                  help='Ray cluster to join: auto | ray://host:port (default: start Ray locally)')
   p.add_argument('--num-cpus', type=int, default=None,
                  help='local Ray only: logical CPUs (default: enough for every node)')
-  p.add_argument('--timeout-minutes', type=float, default=None,
-                 help='stop (with a final checkpoint) after this much wall-clock time')
+  p.add_argument('--timeout-minutes', type=_positive_minutes, default=None,
+                 help='stop training (with a final checkpoint) after this much wall-clock time; '
+                 'the final evaluation comes on top')
+  p.add_argument('--budget-minutes', type=_positive_minutes, default=None,
+                 help='wall-clock budget of the whole run, the final evaluation included: '
+                 'training stops when what is left only covers the final evaluation (estimated '
+                 'from the evaluators\' latest rounds)')
+
+
+def _positive_minutes(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float('nan')
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'minutes must be a number > 0, got {text!r}')
+  return value
 
 
 def _fail(e: Exception) -> int:
@@ -95,6 +112,10 @@ def _timeout(args):
   return args.timeout_minutes * 60 if args.timeout_minutes else None
 
 
+def _budget(args):
+  return args.budget_minutes * 60 if args.budget_minutes else None
+
+
 @_node_lost_ends_run
 def _train(args) -> int:
   try:
@@ -106,7 +127,7 @@ def _train(args) -> int:
     init = run.initial_params(cfg)  # a fine-tuning config.json: its pretrained encoder
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
                        args.learner_gpus, initial_params=init,
-                       allow_config_change=args.allow_config_change)
+                       allow_config_change=args.allow_config_change, budget_s=_budget(args))
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)
@@ -200,7 +221,7 @@ def _finetune_offline(args) -> int:
           f'{cfg.agent.cql_alpha:g}, data {cfg.data.data_dir} ({cfg.data.selection})', flush=True)
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
                        initial_params=initial_params,
-                       allow_config_change=args.allow_config_change)
+                       allow_config_change=args.allow_config_change, budget_s=_budget(args))
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)
@@ -221,7 +242,8 @@ def _finetune_online(args) -> int:
           f'{cfg.finetune.num_actors} actor(s)', flush=True)
     status = finetune.run_online(cfg, args.workdir, initial_params, address=args.address,
                                  num_cpus=args.num_cpus, timeout_s=_timeout(args),
-                                 allow_config_change=args.allow_config_change)
+                                 allow_config_change=args.allow_config_change,
+                                 budget_s=_budget(args))
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)

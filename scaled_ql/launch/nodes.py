@@ -490,6 +490,7 @@ class EvaluatorNode(_LoopNode):
     self._woken = False
     self._final = False
     self._evaluating_version = -1
+    self._abandoned_rounds = 0  # rounds given up for the final evaluation or stop()
     self._start(workdir)
 
   def _run_once(self) -> None:
@@ -504,20 +505,35 @@ class EvaluatorNode(_LoopNode):
     version, params = self._client.version, self._client.params
     self._evaluating_version = version  # a round in progress (lost if the node is killed)
     # wake(final=True) before this round started: the final params get the final budget.
-    budget = self._cfg.eval.final_steps_per_game if self._final else None
-    results = evaluator.evaluate(
-        self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
-        steps_per_game=budget,
-        seed=self._cfg.train.seed + 1000 * self._index + self._rounds, param_version=version,
-        evaluator=self.name, epsilon=self._cfg.eval.epsilon,
-        jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'))
+    final_round = self._final
+    budget = self._cfg.eval.final_steps_per_game if final_round else None
+    # A round of older params gives way to the final evaluation (wake(final=True)) and to stop():
+    # the final scores then do not wait for a whole round of params nobody will use.
+    give_way = (lambda: self._stop.is_set()) if final_round else (
+        lambda: self._stop.is_set() or self._final)
+    try:
+      results = evaluator.evaluate(
+          self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
+          steps_per_game=budget,
+          seed=self._cfg.train.seed + 1000 * self._index + self._rounds, param_version=version,
+          evaluator=self.name, epsilon=self._cfg.eval.epsilon,
+          jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'),
+          should_stop=give_way)
+    except evaluator.Abandoned:
+      self._evaluating_version = -1
+      self._abandoned_rounds += 1
+      return
     self._evaluated_version = version
     self._evaluating_version = -1
     self._rounds += 1
     # score/normalized are None for a game with no completed episode (shown as text).
+    # steps/budget/seconds: what the driver's estimate of a final evaluation's time reads
+    # (program.final_eval_estimate_s).
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
                                episodes=r.episodes, truncated=r.truncated,
                                steps_per_s=r.steps / max(r.seconds, 1e-9),
+                               steps=r.steps, budget=r.budget, seconds=r.seconds,
+                               cpu_seconds=r.cpu_seconds,
                                param_version=version) for game, r in results.items()}
     self._write_tensorboard(version)
     if every:
@@ -546,6 +562,7 @@ class EvaluatorNode(_LoopNode):
 
   def status(self) -> dict:
     return dict(self.base_status(), games=list(self._games), rounds=self._rounds,
+                abandoned_rounds=self._abandoned_rounds,
                 evaluated_version=self._evaluated_version,
                 evaluating_version=self._evaluating_version, latest=self._latest)
 

@@ -444,20 +444,69 @@ def learner_done(status: ProgramStatus) -> bool:
   return bool(status.learner and status.learner['done'])
 
 
+# What a budgeted run (`run(budget_s=...)`) keeps in hand beyond its final evaluation's estimate:
+# stopping the learner (its final checkpoint), the other nodes and Ray, plus one status interval.
+BUDGET_MARGIN_S = 30.0
+# The final evaluation's estimate (`final_eval_estimate_s`) times this: episodes vary in length.
+FINAL_EVAL_SLACK = 1.25
+
+
+def final_eval_estimate_s(status: ProgramStatus, final_steps: int) -> Optional[float]:
+  """Seconds the final evaluation (`final_steps` agent steps per game) should take, from each
+  evaluator's latest round: per game, its steps plus the steps that round ran past its budget (the
+  last episode is played out, and may be again), at that round's rate per CPU second of the
+  evaluator (`cpu_seconds`), times FINAL_EVAL_SLACK. CPU time, not wall time: rounds during
+  training share the cores with the learner (and run niced), the final one runs after the learner
+  has stopped. The evaluators run side by side: the slowest one's. None until every evaluator has
+  finished a round on all its games; 0 for a program without evaluators (nothing to evaluate)."""
+  total = 0.0
+  for ev in status.evaluators:
+    latest = (ev or {}).get('latest') or {}
+    games = (ev or {}).get('games') or []
+    if not games or any('cpu_seconds' not in latest.get(g, {}) for g in games):
+      return None
+    seconds = 0.0
+    for g in games:
+      row = latest[g]
+      rate = row['steps'] / max(row['cpu_seconds'], 1e-9)
+      seconds += (final_steps + max(0, row['steps'] - row['budget'])) / rate
+    total = max(total, FINAL_EVAL_SLACK * seconds)
+  return total
+
+
+def budget_stop(elapsed_s: float, budget_s: float, estimate_s: Optional[float],
+                margin_s: float = BUDGET_MARGIN_S) -> Optional[str]:
+  """Why a run with a wall-clock `budget_s` (training and final evaluation together) stops
+  training now, or None to go on: the time left no longer covers the final evaluation's
+  `estimate_s` (None: not known yet, only the margin counts) plus `margin_s`."""
+  left = budget_s - elapsed_s
+  need = margin_s + (estimate_s or 0.0)
+  if left > need:
+    return None
+  known = (f'the final evaluation needs ~{estimate_s:.0f}s' if estimate_s is not None else
+           'no evaluation round has finished yet')
+  return (f'time budget of {budget_s:.0f}s: {max(left, 0):.0f}s left, {known} (+ '
+          f'{margin_s:.0f}s to stop): stopping training')
+
+
 def run(program: Program, *, log: Callable[[str], None] = _print,
         stop_when: Callable[[ProgramStatus], bool] = learner_done,
         timeout_s: Optional[float] = None, final_eval_timeout_s: Optional[float] = 600.0,
-        status_every_s: float = STATUS_EVERY_SECONDS) -> ProgramStatus:
+        status_every_s: float = STATUS_EVERY_SECONDS,
+        budget_s: Optional[float] = None) -> ProgramStatus:
   """Watches the program until `stop_when(status)` (default: the learner reached its steps), a
-  signal, or `timeout_s`, printing progress; then shuts every node down (`shutdown`). Unless
-  stopped by a signal, the evaluators first evaluate the learner's final params (at most
-  `final_eval_timeout_s`; None skips it). Returns the last status.
+  signal, `timeout_s` (of training) or, with `budget_s` (of the whole run, the final evaluation
+  included), when what is left of it only covers the final evaluation (`budget_stop`), printing
+  progress; then shuts every node down (`shutdown`). Unless stopped by a signal, the evaluators
+  first evaluate the learner's final params (at most `final_eval_timeout_s`; None skips it).
+  Returns the last status.
   Raises NodeLost (after shutting every node down, without a final evaluation) when a node
   cannot be restarted or crash-loops (`RestartBudget`): a run never waits forever."""
   started = time.time()
   status = None
   lost = False
   pushed_counts: dict = {}
+  final_steps = program.cfg.eval.final_steps_per_game or program.cfg.eval.steps_per_game
   watcher = _Watcher(RestartBudget.from_config(program.cfg))
   with _StopRequest() as stop:
     try:
@@ -486,6 +535,13 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
         if timeout_s is not None and time.time() - started > timeout_s:
           log(f'time budget of {timeout_s:.0f}s used: stopping')
           break
+        if budget_s is not None:
+          reason = budget_stop(time.time() - started, budget_s,
+                               final_eval_estimate_s(status, final_steps),
+                               BUDGET_MARGIN_S + status_every_s)
+          if reason:
+            log(reason)
+            break
         if stop.requested.wait(status_every_s):
           break
     finally:
