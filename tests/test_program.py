@@ -442,20 +442,31 @@ def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
   """`program.run(budget_s=...)` (the demo's `--minutes`, `train --budget-minutes`): a learner
   that would train for a million steps stops when what is left of the budget covers the final
   evaluation's estimate plus the margin, and the final params are still evaluated."""
+  ray = ray_session
   monkeypatch.setattr(program, 'BUDGET_MARGIN_S', 3.0)  # the driver's margin, sized for tiny runs
-  budget_s = 40.0
+  budget_s = 30.0
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1_000_000, evaluators=1).replace(
       eval=dict(final_steps_per_game=1000, eval_every_seconds=5.0))
   workdir = str(tmp_path / 'budget')
   run.prepare_workdir(cfg, workdir)
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=cfg.train.num_steps)
+  # The nodes run from here; the budget's clock starts with program.run, once the learner has
+  # stepped and the evaluator has finished a round (on a busy machine, compiling and the first
+  # round can take longer than a tiny budget).
+  def started():
+    try:  # (a node still in its constructor answers once it is done)
+      return (ray.get(prog.learner.status.remote(), timeout=10)['steps'] >= 1
+              and ray.get(prog.evaluators[0].status.remote(), timeout=10)['rounds'] >= 1)
+    except ray.exceptions.GetTimeoutError:
+      return False
+  wait_for(started, 300, 'a learner step and the evaluator\'s first round', poll=1.0)
   lines = []
   started = time.time()
   status = program.run(prog, log=lines.append, timeout_s=400, final_eval_timeout_s=120,
                        budget_s=budget_s)
   elapsed = time.time() - started
   log = '\n'.join(lines)
-  stop_lines = [line for line in lines if line.startswith('time budget of 40s')]
+  stop_lines = [line for line in lines if line.startswith('time budget of 30s')]
   assert len(stop_lines) == 1 and 'the final evaluation needs ~' in stop_lines[0], log[-3000:]
   assert 0 < status.learner['steps'] < cfg.train.num_steps
   rows = _eval_rows(workdir)
@@ -463,8 +474,9 @@ def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
   final = [r for r in rows if r['param_version'] == status.learner['steps'] and r['budget'] == 1000]
   assert {r['game'] for r in final} == set(cfg.games), rows
   # Without the budget it would run to timeout_s (400 s). Stopping the nodes and Ray is what the
-  # margin (3 s here, 30 s by default) is for: on a busy machine it can take longer.
-  assert elapsed < budget_s + 45, log[-3000:]
+  # margin (3 s here, 30 s by default) is for; on a busy machine (the suite runs two workers) the
+  # final evaluation also runs slower than its CPU-time estimate.
+  assert elapsed < budget_s + 90, log[-3000:]
 
 
 def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_session,
