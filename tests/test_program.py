@@ -404,11 +404,14 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
 
 
 def test_final_eval_estimate_reads_each_evaluators_latest_round():
-  def evaluator(games, cpu_s_per_step, overrun=0):
-    # A round of budget 100 that ran `overrun` steps past it to finish its last episode.
+  def evaluator(games, cpu_s_per_step, overrun=0, longest_overrun=None):
+    # A round of budget 100 that ran `overrun` steps past it to finish its last episode; an
+    # earlier round may have run `longest_overrun` past its own.
     return dict(games=list(games), latest={
         g: dict(steps=100 + overrun, budget=100, seconds=99.0,
-                cpu_seconds=(100 + overrun) * cpu_s_per_step) for g in games})
+                cpu_seconds=(100 + overrun) * cpu_s_per_step,
+                longest_overrun=overrun if longest_overrun is None else longest_overrun)
+        for g in games})
 
   status = program.ProgramStatus(None, None, [evaluator(['Pong', 'Breakout'], 0.01),
                                              evaluator(['Boxing'], 0.02, overrun=50)], [])
@@ -416,6 +419,11 @@ def test_final_eval_estimate_reads_each_evaluators_latest_round():
   # At the CPU rate, not the wall rate (seconds=99: rounds shared the cores with the learner).
   # evaluator_0: 2 x 1000 steps x 0.01 s; evaluator_1: (1000 + 50) x 0.02 s. The slowest counts.
   assert program.final_eval_estimate_s(status, 1000) == pytest.approx(slack * 21.0)
+  # A stall seen in an earlier round (e.g. Breakout without a serve: 2000 steps past its budget,
+  # here in both games) counts, though the latest round had none: 2 x (1000 + 2000) x 0.01.
+  stalled = program.ProgramStatus(None, None, [evaluator(['Pong', 'Breakout'], 0.01,
+                                                         longest_overrun=2000)], [])
+  assert program.final_eval_estimate_s(stalled, 1000) == pytest.approx(slack * 2 * 30.0)
   # Until every evaluator has a round on all its games, nothing is known.
   half = evaluator(['Pong', 'Breakout'], 0.01)
   del half['latest']['Breakout']

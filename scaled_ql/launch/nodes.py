@@ -491,6 +491,7 @@ class EvaluatorNode(_LoopNode):
     self._final = False
     self._evaluating_version = -1
     self._abandoned_rounds = 0  # rounds given up for the final evaluation or stop()
+    self._longest_overrun: dict[str, int] = {}
     self._start(workdir)
 
   def _run_once(self) -> None:
@@ -527,13 +528,18 @@ class EvaluatorNode(_LoopNode):
     self._evaluating_version = -1
     self._rounds += 1
     # score/normalized are None for a game with no completed episode (shown as text).
-    # steps/budget/seconds: what the driver's estimate of a final evaluation's time reads
-    # (program.final_eval_estimate_s).
+    # The most steps any round of a game ran past its budget (its last episodes played out): a
+    # policy that once stalled until the frame cap (Breakout without a serve) may again.
+    for game, r in results.items():
+      self._longest_overrun[game] = max(self._longest_overrun.get(game, 0), r.steps - r.budget)
+    # steps/budget/seconds/longest_overrun: what the driver's estimate of a final evaluation's
+    # time reads (program.final_eval_estimate_s).
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
                                episodes=r.episodes, truncated=r.truncated,
                                steps_per_s=r.steps / max(r.seconds, 1e-9),
                                steps=r.steps, budget=r.budget, seconds=r.seconds,
                                cpu_seconds=r.cpu_seconds,
+                               longest_overrun=self._longest_overrun[game],
                                param_version=version) for game, r in results.items()}
     self._write_tensorboard(version)
     if every:

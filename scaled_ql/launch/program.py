@@ -453,12 +453,15 @@ FINAL_EVAL_SLACK = 1.25
 
 def final_eval_estimate_s(status: ProgramStatus, final_steps: int) -> Optional[float]:
   """Seconds the final evaluation (`final_steps` agent steps per game) should take, from each
-  evaluator's latest round: per game, its steps plus the steps that round ran past its budget (the
-  last episode is played out, and may be again), at that round's rate per CPU second of the
-  evaluator (`cpu_seconds`), times FINAL_EVAL_SLACK. CPU time, not wall time: rounds during
-  training share the cores with the learner (and run niced), the final one runs after the learner
-  has stopped. The evaluators run side by side: the slowest one's. None until every evaluator has
-  finished a round on all its games; 0 for a program without evaluators (nothing to evaluate)."""
+  evaluator's latest round: per game, `final_steps` plus the most steps any round of the game ran
+  past its budget (`longest_overrun`: the last episodes are played out, and a policy that stalled
+  to the frame cap once may again), at the latest round's rate per CPU second of the evaluator
+  (`cpu_seconds`), times FINAL_EVAL_SLACK. CPU time, not wall time: rounds during training share
+  the cores with the learner (and run niced), the final one runs after the learner has stopped.
+  The evaluators run side by side: the slowest one's. None until every evaluator has finished a
+  round on all its games; 0 for a program without evaluators (nothing to evaluate).
+  Not foreseeable: a first stall in the final round itself (up to `max_episode_frames` / 4 agent
+  steps per environment)."""
   total = 0.0
   for ev in status.evaluators:
     latest = (ev or {}).get('latest') or {}
@@ -469,7 +472,8 @@ def final_eval_estimate_s(status: ProgramStatus, final_steps: int) -> Optional[f
     for g in games:
       row = latest[g]
       rate = row['steps'] / max(row['cpu_seconds'], 1e-9)
-      seconds += (final_steps + max(0, row['steps'] - row['budget'])) / rate
+      overrun = row.get('longest_overrun', row['steps'] - row['budget'])
+      seconds += (final_steps + max(0, overrun)) / rate
     total = max(total, FINAL_EVAL_SLACK * seconds)
   return total
 
