@@ -527,11 +527,11 @@ class EvaluatorNode(_LoopNode):
     self._evaluated_version = version
     self._evaluating_version = -1
     self._rounds += 1
-    # score/normalized are None for a game with no completed episode (shown as text).
     # The most steps any round of a game ran past its budget (its last episodes played out): a
     # policy that once stalled until the frame cap (Breakout without a serve) may again.
     for game, r in results.items():
       self._longest_overrun[game] = max(self._longest_overrun.get(game, 0), r.steps - r.budget)
+    # score/normalized are None for a game with no completed episode (shown as text).
     # steps/budget/seconds/longest_overrun: what the driver's estimate of a final evaluation's
     # time reads (program.final_eval_estimate_s).
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
