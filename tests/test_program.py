@@ -447,7 +447,7 @@ def test_budget_stop_keeps_the_final_evaluation_and_the_margin_in_hand():
 
 def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
     ray_session, tiny_dataset_dir, tmp_path, monkeypatch):
-  """`program.run(budget_s=...)` (the demo's `--minutes`, `train --budget-minutes`): a learner
+  """`program.run(deadline=...)` (the demo's `--minutes`, `train --budget-minutes`): a learner
   that would train for a million steps stops when what is left of the budget covers the final
   evaluation's estimate plus the margin, and the final params are still evaluated."""
   ray = ray_session
@@ -471,7 +471,7 @@ def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
   lines = []
   started = time.time()
   status = program.run(prog, log=lines.append, timeout_s=400, final_eval_timeout_s=120,
-                       budget_s=budget_s)
+                       deadline=time.time() + budget_s)
   elapsed = time.time() - started
   log = '\n'.join(lines)
   stop_lines = [line for line in lines if line.startswith('time budget of 30s')]

@@ -214,11 +214,11 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   start, cpu_start = time.perf_counter(), time.process_time()
   pending = [policy_fn(params, keys(), observations[k], np.full((len(g),), game_id, np.int32))
              for k, g in enumerate(groups)]
+  abandoned = False
   while any(p is not None for p in pending):
     if should_stop is not None and should_stop():
-      for env in envs:
-        env.close()
-      raise Abandoned(f'{game}: evaluation abandoned after {steps_run} of {steps} agent steps')
+      abandoned = True
+      break
     for k, g in enumerate(groups):
       if pending[k] is None:
         continue
@@ -255,6 +255,8 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   for env in envs:
     env.close()
+  if abandoned:
+    raise Abandoned(f'{game}: evaluation abandoned after {steps_run} of {steps} agent steps')
 
   score = float(np.mean(completed)) if completed else None
   return GameResult(game=game, score=score,

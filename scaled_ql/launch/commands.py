@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from scaled_ql.configs import FINETUNE_OFFLINE, FINETUNE_ONLINE, overrides
 from scaled_ql.configs.overrides import ConfigError
@@ -112,12 +113,15 @@ def _timeout(args):
   return args.timeout_minutes * 60 if args.timeout_minutes else None
 
 
-def _budget(args):
-  return args.budget_minutes * 60 if args.budget_minutes else None
+def _deadline(args):
+  """The `time.time()` by which a run with --budget-minutes ends: called first in its handler, so
+  that the budget's clock starts with the command."""
+  return time.time() + args.budget_minutes * 60 if args.budget_minutes else None
 
 
 @_node_lost_ends_run
 def _train(args) -> int:
+  deadline = _deadline(args)
   try:
     cfg = run.resolve_config(args.config, args.data_dir, args.steps, args.evaluators,
                              games=args.games, overrides=args.set,
@@ -127,7 +131,7 @@ def _train(args) -> int:
     init = run.initial_params(cfg)  # a fine-tuning config.json: its pretrained encoder
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
                        args.learner_gpus, initial_params=init,
-                       allow_config_change=args.allow_config_change, budget_s=_budget(args))
+                       allow_config_change=args.allow_config_change, deadline=deadline)
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)
@@ -212,6 +216,7 @@ def _finetune_config(args, kind: str, **kwargs):
 
 @_node_lost_ends_run
 def _finetune_offline(args) -> int:
+  deadline = _deadline(args)
   try:
     cfg, initial_params = _finetune_config(args, 'offline', data_dir=args.data_dir,
                                            selection=args.selection)
@@ -221,7 +226,7 @@ def _finetune_offline(args) -> int:
           f'{cfg.agent.cql_alpha:g}, data {cfg.data.data_dir} ({cfg.data.selection})', flush=True)
     status = run.train(cfg, args.workdir, args.address, args.num_cpus, _timeout(args),
                        initial_params=initial_params,
-                       allow_config_change=args.allow_config_change, budget_s=_budget(args))
+                       allow_config_change=args.allow_config_change, deadline=deadline)
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)
@@ -231,6 +236,7 @@ def _finetune_offline(args) -> int:
 
 @_node_lost_ends_run
 def _finetune_online(args) -> int:
+  deadline = _deadline(args)
   try:
     cfg, initial_params = _finetune_config(args, 'online', mode=args.mode, actors=args.actors,
                                            scale=args.scale)
@@ -243,7 +249,7 @@ def _finetune_online(args) -> int:
     status = finetune.run_online(cfg, args.workdir, initial_params, address=args.address,
                                  num_cpus=args.num_cpus, timeout_s=_timeout(args),
                                  allow_config_change=args.allow_config_change,
-                                 budget_s=_budget(args))
+                                 deadline=deadline)
   except ConfigError as e:  # raised before anything started
     return _fail(e)
   run.print_scores(status)

@@ -24,7 +24,7 @@ DEMO_CHECKPOINTS = 10
 DEMO_STEPS_PER_CHECKPOINT = 2500
 # The whole demo's wall clock (issue 11: under 10 minutes from a fresh clone, the install aside):
 # data generation, then training until what is left only covers the final evaluation
-# (`program.run(budget_s=...)`), then that evaluation. A slower machine trains for less, it does
+# (`program.run(deadline=...)`), then that evaluation. A slower machine trains for less, it does
 # not run longer. Before (a fixed 6 minutes of training): 863 s on a VM 3x slower than usual.
 # On that VM: a 9-minute budget took 498 s; 9.5 minutes took 616 s, because Breakout's final
 # episode stalled to the frame cap (27K agent steps; 197 s against an estimate of 141 s, made
@@ -152,7 +152,8 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   print(f'[demo] data ready in {data_s:.0f}s; training {cfg.name} ({", ".join(cfg.games)}) '
         f'within the {left:.0f}s left of the {minutes:g}-minute budget, which ends with the '
         'final evaluation ...', flush=True)
-  status = run.train(cfg, workdir, allow_config_change=allow_config_change, budget_s=left)
+  status = run.train(cfg, workdir, allow_config_change=allow_config_change,
+                     deadline=started + minutes * 60)
   # The program ends with its evaluator evaluating the final params (the last checkpoint).
   scores = status.latest_scores() if status else {}
   if not scores:

@@ -137,13 +137,12 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
                timeout_s: Optional[float] = None, log=None,
                final_eval_timeout_s: Optional[float] = 600.0,
                allow_config_change: bool = False,
-               budget_s: Optional[float] = None) -> program.ProgramStatus:
+               deadline: Optional[float] = None) -> program.ProgramStatus:
   """Runs the online program until the learner's `train.num_steps` (or `timeout_s` of training,
-  or `budget_s` of the whole call, the final evaluation included: `program.run`), then a final
+  or the `deadline` of the whole run, the final evaluation included: `program.run`), then a final
   evaluation; returns the last status (Ray stopped after, when it was started here). The workdir
   is checked and recorded first (`run.prepare_workdir`: ConfigError on a refused resume)."""
   from scaled_ql.launch import run
-  called = time.time()
   log = log or (lambda line: print(line, flush=True))
   check_online_config(cfg)
   run.prepare_workdir(cfg, workdir, allow_config_change, log=log)
@@ -160,8 +159,7 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
       return program.learner_done(status)
 
     return program.run(prog, log=log, stop_when=stop_when, timeout_s=timeout_s,
-                       final_eval_timeout_s=final_eval_timeout_s,
-                       budget_s=None if budget_s is None else budget_s - (time.time() - called))
+                       final_eval_timeout_s=final_eval_timeout_s, deadline=deadline)
   finally:
     if started_here:
       import ray

@@ -444,7 +444,7 @@ def learner_done(status: ProgramStatus) -> bool:
   return bool(status.learner and status.learner['done'])
 
 
-# What a budgeted run (`run(budget_s=...)`) keeps in hand beyond its final evaluation's estimate:
+# What a budgeted run (`run(deadline=...)`) keeps in hand beyond its final evaluation's estimate:
 # stopping the learner (its final checkpoint), the other nodes and Ray, plus one status interval.
 BUDGET_MARGIN_S = 30.0
 # The final evaluation's estimate (`final_eval_estimate_s`) times this: episodes vary in length.
@@ -497,10 +497,11 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
         stop_when: Callable[[ProgramStatus], bool] = learner_done,
         timeout_s: Optional[float] = None, final_eval_timeout_s: Optional[float] = 600.0,
         status_every_s: float = STATUS_EVERY_SECONDS,
-        budget_s: Optional[float] = None) -> ProgramStatus:
+        deadline: Optional[float] = None) -> ProgramStatus:
   """Watches the program until `stop_when(status)` (default: the learner reached its steps), a
-  signal, `timeout_s` (of training) or, with `budget_s` (of the whole run, the final evaluation
-  included), when what is left of it only covers the final evaluation (`budget_stop`), printing
+  signal, `timeout_s` (of training) or, with a `deadline` (a `time.time()` by which the whole run,
+  the final evaluation included, should end: a budget that may have started before this call),
+  when what is left only covers the final evaluation (`budget_stop`), printing
   progress; then shuts every node down (`shutdown`). Unless stopped by a signal, the evaluators
   first evaluate the learner's final params (at most `final_eval_timeout_s`; None skips it).
   Returns the last status.
@@ -511,6 +512,7 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   lost = False
   pushed_counts: dict = {}
   final_steps = program.cfg.eval.final_steps_per_game or program.cfg.eval.steps_per_game
+  budget_s = None if deadline is None else deadline - started
   watcher = _Watcher(RestartBudget.from_config(program.cfg))
   with _StopRequest() as stop:
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Optional, Sequence
 
 from scaled_ql.configs import base as configs_base
@@ -343,17 +342,14 @@ def check_evaluator_gpus(cfg) -> None:
 def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
           timeout_s: Optional[float] = None, learner_gpus: float = 0, log=None,
           initial_params=None, allow_config_change: bool = False,
-          budget_s: Optional[float] = None):
+          deadline: Optional[float] = None):
   """Runs the program to the end and returns its last `ProgramStatus` (Ray stopped after, when
   it was started here). `initial_params`: the learner's start (offline fine-tuning). `timeout_s`
-  bounds the training; `budget_s` the whole call, Ray's start and the final evaluation included
+  bounds the training; `deadline` (a `time.time()`) the whole run, the final evaluation included
   (`program.run`). Bad data or workdir (or a refused config change on resume) raise ConfigError
   before anything starts."""
   import ray
   from scaled_ql.launch import program
-  called = time.time()
-  if budget_s is not None and budget_s <= 0:
-    raise ConfigError(f'the time budget must be > 0 seconds, got {budget_s:g}')
   check_data(cfg)
   prepare_workdir(cfg, workdir, allow_config_change, log=log)
   started_here = init_ray(address, num_cpus, cfg)
@@ -363,8 +359,7 @@ def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[i
     prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
                          learner_gpus=learner_gpus, initial_params=initial_params)
     return program.run(prog, log=log or (lambda line: print(line, flush=True)),
-                       timeout_s=timeout_s,
-                       budget_s=None if budget_s is None else budget_s - (time.time() - called))
+                       timeout_s=timeout_s, deadline=deadline)
   finally:
     if started_here:
       ray.shutdown()
