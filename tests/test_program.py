@@ -257,6 +257,14 @@ def test_progress_line_shows_each_restarted_nodes_health():
           '(0 in window; last: no traceback (killed or lost))') in line
 
 
+def test_progress_line_of_a_budgeted_run_says_what_is_left_of_its_budget():
+  learner = dict(steps=100, num_steps=5000, steps_per_s=2.0, metrics={})
+  status = program.ProgramStatus(learner, None, [], [])
+  line = program.format_progress(status, time.time() - 50, deadline=time.time() + 300.4)
+  assert 'learner 100/5000 2.0 steps/s ETA 2450s' in line and 'budget 300s left' in line
+  assert 'budget' not in program.format_progress(status, time.time())
+
+
 def test_a_restarts_last_error_is_the_traceback_of_the_start_it_ended(tmp_path):
   """The health line's last error is read per start of a Ray actor, not as "whatever the log
   gained since the last poll": a crash written between the driver's read of Ray's restart count

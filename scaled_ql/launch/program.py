@@ -377,8 +377,13 @@ def format_health(health: dict) -> str:
       for name, h in sorted(health.items()))
 
 
-def format_progress(status: ProgramStatus, started: float) -> str:
+def format_progress(status: ProgramStatus, started: float,
+                    deadline: Optional[float] = None) -> str:
+  """One progress line. The learner's ETA is to its `num_steps`; a run with a `deadline` (its
+  time budget) also says how much of the budget is left, since it may stop training long before."""
   parts = [f'{time.time() - started:6.0f}s']
+  if deadline is not None:
+    parts.append(f'budget {max(0.0, deadline - time.time()):.0f}s left')
   s = status.learner
   if s:
     head = f"learner {s['steps']}/{s['num_steps']}"
@@ -531,7 +536,7 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
           if watcher.last_health:
             log(format_health(watcher.last_health))
           raise
-        log(format_progress(status, started))
+        log(format_progress(status, started, deadline))
         counts = status.data_counts()
         if any(counts.values()) and counts != pushed_counts:  # into the learner's metrics
           program.learner.set_data_counts.remote(counts)
