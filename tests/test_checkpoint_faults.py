@@ -102,6 +102,23 @@ def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
   assert 'step 1 (the online params) on Pong' in out  # cpu_tiny keeps no moving average
 
 
+def test_checkpoints_at_the_keep_period_outlive_max_to_keep(tmp_path):
+  """train.keep_checkpoint_every_steps: the run's history stays for `eval --step`; the rest go
+  as before (the newest checkpointing.MAX_TO_KEEP stay)."""
+  def steps_kept(keep):
+    workdir = str(tmp_path / f'run_keep_{keep}')
+    learner = make(CFG.replace(train=dict(checkpoint_every_steps=1,
+                                          keep_checkpoint_every_steps=keep)), workdir=workdir)
+    for _ in range(7):
+      learner.step()  # saves every step
+    learner.close()
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')))
+
+  assert checkpointing.MAX_TO_KEEP == 3
+  assert steps_kept(None) == [5, 6, 7]
+  assert steps_kept(2) == [2, 4, 5, 6, 7]
+
+
 def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir, steps=(1,))

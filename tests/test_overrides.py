@@ -80,6 +80,13 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
   with pytest.raises(ConfigError, match='data.transitions_per_item=3 must divide '
                                         'agent.transitions_per_game=4'):
     run.resolve_config('cpu_tiny', overrides=['data.transitions_per_item=3'])
+  # cpu_tiny checkpoints every 10 steps: a kept step must be one of those.
+  for keep in ('15', '0'):
+    with pytest.raises(ConfigError, match='train.keep_checkpoint_every_steps must be a positive '
+                                          r'multiple of train.checkpoint_every_steps \(10\)'):
+      run.resolve_config('cpu_tiny', overrides=[f'train.keep_checkpoint_every_steps={keep}'])
+  assert run.resolve_config('cpu_tiny', overrides=['train.keep_checkpoint_every_steps=20']
+                            ).train.keep_checkpoint_every_steps == 20
 
 
 def test_games_flag_sets_any_games_and_the_heads_follow():

@@ -42,9 +42,13 @@ class ConfigMismatchError(ValueError):
   """The checkpoint was written with a different games/network/agent config."""
 
 
-def make_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, read_only: bool = False, keep_period: Optional[int] = None
+                 ) -> ocp.CheckpointManager:
+  """`keep_period`: steps that are multiples of it are kept beyond MAX_TO_KEEP
+  (`train.keep_checkpoint_every_steps`)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=MAX_TO_KEEP, create=not read_only, read_only=read_only,
+      max_to_keep=MAX_TO_KEEP, keep_period=keep_period, create=not read_only,
+      read_only=read_only,
       # Interrupted saves leave `<step>.orbax-checkpoint-tmp-*` folders: the (single) writer
       # removes them on start.
       cleanup_tmp_directories=not read_only,

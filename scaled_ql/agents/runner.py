@@ -102,7 +102,8 @@ class LearnerRunner:
     self._manager = None
     if workdir is not None:
       overrides.write_file(cfg, workdir)
-      self._manager = checkpointing.make_manager(workdir)
+      self._manager = checkpointing.make_manager(
+          workdir, keep_period=cfg.train.keep_checkpoint_every_steps)
       if handle_signals and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
           self._previous_handlers[sig] = signal.signal(sig, self._on_signal)

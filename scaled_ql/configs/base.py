@@ -158,6 +158,11 @@ class TrainConfig:
   num_steps: int = 10_000_000  # gradient steps (Appendix B.3: 10M for ResNet-101)
   log_every_steps: int = 100  # learner metrics (stdout, learner.jsonl, TensorBoard) cadence
   checkpoint_every_steps: int = 5_000  # Orbax checkpoint cadence (a restart resumes from it)
+  # Checkpoints at multiples of this step are never deleted (None: only the newest
+  # `checkpointing.MAX_TO_KEEP` stay), so that a run's history can be evaluated afterwards
+  # (`scaled-ql eval --checkpoint W --step S`), e.g. a `learn` run, which has no evaluator.
+  # A multiple of checkpoint_every_steps.
+  keep_checkpoint_every_steps: Optional[int] = None
   publish_every_steps: int = 100  # how often the learner pushes params to the variable server
   variable_server_shards: int = 1  # variable-server actors the params are split over
   # Fault tolerance (launch/program.py RestartBudget): Ray restarts a node any number of times

@@ -64,6 +64,10 @@ def validate(cfg) -> None:
   if cfg.train.variable_server_shards < 1:
     raise ConfigError(f'train.variable_server_shards must be >= 1, got '
                       f'{cfg.train.variable_server_shards}')
+  keep, every = cfg.train.keep_checkpoint_every_steps, cfg.train.checkpoint_every_steps
+  if keep is not None and (keep < 1 or keep % every):
+    raise ConfigError(f'train.keep_checkpoint_every_steps must be a positive multiple of '
+                      f'train.checkpoint_every_steps ({every}), got {keep}')
   if not 1 <= cfg.data.num_inserters <= len(cfg.games):
     raise ConfigError(f'data.num_inserters must be between 1 and the {len(cfg.games)} games, got '
                       f'{cfg.data.num_inserters}')
