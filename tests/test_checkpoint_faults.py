@@ -119,6 +119,36 @@ def test_checkpoints_at_the_keep_period_outlive_max_to_keep(tmp_path):
   assert steps_kept(2) == [2, 4, 5, 6, 7]
 
 
+def test_eval_command_evaluates_several_steps_and_refuses_a_missing_one(tmp_path, capsys):
+  from scaled_ql import cli
+  from scaled_ql.eval import commands
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir, steps=(1, 2, 3))
+  assert checkpointing.saved_steps(workdir) == [1, 2, 3]
+  assert checkpointing.saved_steps(os.path.join(workdir, 'checkpoints')) == [1, 2, 3]
+  assert commands.parse_steps(None, [1, 2]) == [None]
+  assert commands.parse_steps('all', [1, 2]) == [1, 2]
+  assert commands.parse_steps('2, 1', [1, 2]) == [2, 1]
+  out_csv = str(tmp_path / 'scores.csv')
+  rc = cli.main(['eval', '--checkpoint', workdir, '--games', 'Pong', '--steps', '6',
+                 '--num-envs', '1', '--step', '1,3', '--out', out_csv])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert out.index('step 1 (the online params)') < out.index('step 3 (the online params)')
+  assert 'step 2 ' not in out
+  import csv
+  with open(out_csv) as f:
+    assert [r['param_version'] for r in csv.DictReader(f)] == ['1', '3']
+  # A step the workdir does not hold: an error naming it and the saved steps, nothing evaluated.
+  rc = cli.main(['eval', '--checkpoint', workdir, '--step', '1,7'])
+  out, err = capsys.readouterr()
+  assert rc != 0 and 'no checkpoint at step(s) [7]; the workdir holds [1, 2, 3]' in err
+  assert 'evaluating' not in out
+  for bad in ('x', 'all'):
+    with pytest.raises(ValueError, match='--step'):
+      commands.parse_steps(bad, [])
+
+
 def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir, steps=(1,))

@@ -153,6 +153,21 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: Experiment
   return None if found is None else found[1]
 
 
+def _workdir(checkpoint_dir_or_workdir: str) -> str:
+  path = os.path.abspath(checkpoint_dir_or_workdir)
+  if os.path.basename(path.rstrip('/')) == CHECKPOINT_SUBDIR:
+    path = os.path.dirname(path)
+  return path
+
+
+def saved_steps(checkpoint_dir_or_workdir: str) -> list[int]:
+  """Steps of the checkpoints in a learner workdir (or its `checkpoints/`), oldest first; [] if
+  there are none (in-progress saves and checkpoints moved aside are not listed)."""
+  directory = checkpoint_dir(_workdir(checkpoint_dir_or_workdir))
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
 def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
                 online: bool = False) -> tuple[ExperimentConfig, Any, int]:
   """(config, params, step) of the latest checkpoint in a learner workdir or its `checkpoints/`.
@@ -162,9 +177,7 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
   are what the run's evaluators used: the moving average of the online params for a run with
   `agent.policy_params_ema` > 0, unless `online`; otherwise the online params.
   """
-  path = os.path.abspath(checkpoint_dir_or_workdir)
-  if os.path.basename(path.rstrip('/')) == CHECKPOINT_SUBDIR:
-    path = os.path.dirname(path)
+  path = _workdir(checkpoint_dir_or_workdir)
   if not os.path.isdir(checkpoint_dir(path)):
     raise FileNotFoundError(f'no checkpoints in {checkpoint_dir_or_workdir!r} (expected a learner '
                             f'workdir containing {CHECKPOINT_SUBDIR}/ or that folder itself)')

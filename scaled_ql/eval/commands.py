@@ -1,6 +1,6 @@
 """Sub-commands of this area (see scaled_ql/cli.py):
 
-  scaled-ql eval --checkpoint DIR --games Pong,Breakout --steps N [--out CSV] [--epsilon E]
+  scaled-ql eval --checkpoint DIR --games Pong,Breakout --steps N [--step S|S,S|all] [--out CSV]
   scaled-ql report aggregate SCORES.csv [--out DIR] [--reps N] [--seed S]
   scaled-ql report run WORKDIR [--out DIR]
   scaled-ql report compare RUN_OR_CSV ... [--table c1|c2] [--out DIR]
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 
 def register(subparsers) -> None:
@@ -27,7 +28,10 @@ def register(subparsers) -> None:
                  help='epsilon-greedy epsilon (default: the config\'s eval.epsilon, paper 0.001)')
   p.add_argument('--num-envs', type=int, default=None,
                  help='environments per game stepped together (default: eval.num_envs)')
-  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  p.add_argument('--step', default=None, metavar='S|S,S,...|all',
+                 help='checkpoint step(s) to evaluate, one after the other: a step, a list, or '
+                 '"all" the workdir holds, oldest first (default: the latest); keep a run\'s '
+                 'history with --set train.keep_checkpoint_every_steps=N')
   p.add_argument('--online-params', action='store_true',
                  help="evaluate the online params of a run with agent.policy_params_ema > 0 "
                  "(default: the moving average, what the run's evaluators used)")
@@ -154,6 +158,26 @@ def parse_games(text: str | None, available: tuple[str, ...], where: str) -> tup
   return games
 
 
+def parse_steps(text: Optional[str], saved: list[int]) -> list[Optional[int]]:
+  """`eval --step`: None -> [None] (the latest that loads); 'all' -> every saved step, oldest
+  first; 'S[,S...]' -> those steps. ValueError naming a step the workdir does not hold."""
+  if text is None:
+    return [None]
+  if text.strip().lower() == 'all':
+    if not saved:
+      raise ValueError('--step all: the workdir holds no checkpoint')
+    return list(saved)
+  try:
+    steps = [int(t) for t in text.split(',') if t.strip()]
+  except ValueError:
+    raise ValueError(f'--step {text!r}: expected a step, a comma-separated list or "all"') from None
+  missing = [s for s in steps if s not in saved]
+  if not steps or missing:
+    raise ValueError(f'--step {text!r}: no checkpoint at step(s) {missing or text!r}; the '
+                     f'workdir holds {saved or "none"}')
+  return steps
+
+
 def _workdir_config(checkpoint: str):
   """The ExperimentConfig of WORKDIR/config.json beside a checkpoint, or None if there is none."""
   import json
@@ -207,32 +231,39 @@ def _eval(args: argparse.Namespace) -> int:
   from scaled_ql.agents import actors, builder, checkpointing
   from scaled_ql.eval import evaluator
   try:
-    cfg, params, step = checkpointing.load_params(args.checkpoint, step=args.step,
-                                                  online=args.online_params)
-  except FileNotFoundError as e:
-    return _fail(str(e))
-  try:
-    games = parse_games(args.games, cfg.games, f'the checkpoint {args.checkpoint} '
-                        f'(config {cfg.name!r})')
+    steps = parse_steps(args.step, checkpointing.saved_steps(args.checkpoint))
   except ValueError as e:
     return _fail(str(e))
-  epsilon = cfg.eval.epsilon if args.epsilon is None else args.epsilon
-  try:
-    device = evaluator.policy_device(cfg.eval, args.device)  # a missing GPU fails here
-  except ValueError as e:
-    return _fail(str(e))
-  policy = actors.make_policy(cfg, epsilon)
-  print(f'evaluating {cfg.name} step {step} '
-        f'({builder.policy_params_label(cfg.agent, args.online_params)}) on {", ".join(games)}: '
-        f'a budget of {args.steps or cfg.eval.steps_per_game} steps/game (every episode started '
-        f'is played to its end), epsilon {epsilon}, sticky actions '
-        f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')
-  results = evaluator.evaluate(
-      policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
-      num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
-      epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl, device=device.platform,
-      log=lambda line: print(line, flush=True))  # one line per game as it finishes
-  print(evaluator.aggregate_line(results))
+  policy = None
+  for wanted in steps:  # rows carry the step (param_version): --out/--jsonl collect a curve
+    try:
+      cfg, params, step = checkpointing.load_params(args.checkpoint, step=wanted,
+                                                    online=args.online_params)
+    except FileNotFoundError as e:
+      return _fail(str(e))
+    if policy is None:
+      try:
+        games = parse_games(args.games, cfg.games, f'the checkpoint {args.checkpoint} '
+                            f'(config {cfg.name!r})')
+      except ValueError as e:
+        return _fail(str(e))
+      epsilon = cfg.eval.epsilon if args.epsilon is None else args.epsilon
+      try:
+        device = evaluator.policy_device(cfg.eval, args.device)  # a missing GPU fails here
+      except ValueError as e:
+        return _fail(str(e))
+      policy = actors.make_policy(cfg, epsilon)
+    print(f'evaluating {cfg.name} step {step} '
+          f'({builder.policy_params_label(cfg.agent, args.online_params)}) on '
+          f'{", ".join(games)}: a budget of {args.steps or cfg.eval.steps_per_game} steps/game '
+          f'(every episode started is played to its end), epsilon {epsilon}, sticky actions '
+          f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')
+    results = evaluator.evaluate(
+        policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
+        num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
+        epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl, device=device.platform,
+        log=lambda line: print(line, flush=True))  # one line per game as it finishes
+    print(evaluator.aggregate_line(results))
   for p in (args.out, args.jsonl):
     if p:
       print(f'wrote {os.path.abspath(p)}')
