@@ -136,6 +136,9 @@ def test_eval_command_evaluates_several_steps_and_refuses_a_missing_one(tmp_path
   assert rc == 0, err
   assert out.index('step 1 (the online params)') < out.index('step 3 (the online params)')
   assert 'step 2 ' not in out
+  history = out[out.index('scores by checkpoint step'):].splitlines()
+  assert history[1].split()[:2] == ['step', 'Pong'] and [h.split()[0] for h in history[2:4]] == [
+      '1', '3']
   import csv
   with open(out_csv) as f:
     assert [r['param_version'] for r in csv.DictReader(f)] == ['1', '3']

@@ -197,6 +197,13 @@ def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates()
                                            param_version=7)) == (
       'Pong             raw      -13.0  human-normalized    21.8%  episodes 2 (2 cut at the '
       'frame cap)  (params of step 7)')
+  # `eval --step`'s history: a dash for a step without a completed episode, the IQM over the
+  # games that have one.
+  table = evaluator.history_table([(100, {'Pong': scored, 'Freeway': none}),
+                                   (200, {'Pong': none, 'Freeway': none})]).splitlines()
+  assert table[0].split() == ['step', 'Pong', 'Freeway', 'IQM']
+  assert table[1].split() == ['100', '-20.0', '(2', 'ep)', '-', '2.0%']
+  assert table[2].split() == ['200', '-', '-', '-']
   # The driver's progress line: text for such a game, the mean over the others only.
   import time
 

@@ -234,7 +234,7 @@ def _eval(args: argparse.Namespace) -> int:
     steps = parse_steps(args.step, checkpointing.saved_steps(args.checkpoint))
   except ValueError as e:
     return _fail(str(e))
-  policy = None
+  policy, history = None, []
   for wanted in steps:  # rows carry the step (param_version): --out/--jsonl collect a curve
     try:
       cfg, params, step = checkpointing.load_params(args.checkpoint, step=wanted,
@@ -264,6 +264,10 @@ def _eval(args: argparse.Namespace) -> int:
         epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl, device=device.platform,
         log=lambda line: print(line, flush=True))  # one line per game as it finishes
     print(evaluator.aggregate_line(results))
+    history.append((step, results))
+  if len(history) > 1:
+    print(f'scores by checkpoint step ("-": no completed episode):\n'
+          f'{evaluator.history_table(history)}')
   for p in (args.out, args.jsonl):
     if p:
       print(f'wrote {os.path.abspath(p)}')

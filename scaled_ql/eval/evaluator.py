@@ -350,6 +350,24 @@ def results_table(results: Mapping[str, GameResult]) -> str:
   return '\n'.join([format_result(r) for r in results.values()] + [aggregate_line(results)])
 
 
+def history_table(per_step: Sequence[tuple[int, Mapping[str, GameResult]]]) -> str:
+  """One line per evaluated checkpoint step (`eval --step`): each game's raw score with its
+  completed episodes, and the IQM of the human-normalized scores of the games that have one."""
+  from scaled_ql.eval import metrics
+  games = list(dict.fromkeys(g for _, results in per_step for g in results))
+  lines = [f'{"step":>8}  ' + '  '.join(f'{g:>18}' for g in games) + f'  {"IQM":>8}']
+  for step, results in per_step:
+    cells = []
+    for g in games:
+      r = results.get(g)
+      cells.append(f'{"-":>18}' if r is None or r.score is None else
+                   f'{f"{r.score:.1f} ({r.episodes} ep)":>18}')
+    scored = [r.normalized for r in results.values() if r.normalized is not None]
+    iqm = f'{metrics.iqm(np.array([scored])) * 100:.1f}%' if scored else '-'
+    lines.append(f'{step:>8}  ' + '  '.join(cells) + f'  {iqm:>8}')
+  return '\n'.join(lines)
+
+
 def _normalized(row: Any) -> Optional[float]:
   return row.get('normalized') if isinstance(row, Mapping) else row.normalized
 
