@@ -90,14 +90,14 @@ def freeway(env: AtariEnv) -> int:
   return 1  # UP
 
 
-def boxing(env: AtariEnv, y_offset: int = 12, punch: bool = True) -> int:
-  """Walks to `y_offset` px below the opponent and punches when close (`punch=False`: walks
-  the same way and never punches)."""
+def boxing(env: AtariEnv, punch: bool = True) -> int:
+  """Walks to 12 px below the opponent and punches when close (`punch=False`: walks the same
+  way and never punches)."""
   ram = env.ale.getRAM()
   dx = int(ram[33]) - int(ram[32])  # opponent x - player x
   # Punches land with the player 12 px below the opponent's RAM y (calibrated: +45..+50 per
   # 2-minute bout at epsilon 0, vs ~0 when aligning at the same y).
-  dy = int(ram[35]) - int(ram[34]) + y_offset
+  dy = int(ram[35]) - int(ram[34]) + 12
   vertical = 'UP' if dy < -1 else ('DOWN' if dy > 1 else '')
   horizontal = 'RIGHT' if dx > 28 else ('LEFT' if dx < -28 else '')
   close = abs(dx) <= 38 and abs(dy) <= 4
