@@ -3,6 +3,11 @@
     # The short check (a few minutes): 2 games, 2 methods, 1 seed, few steps
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_short \\
         --games Breakout,Freeway --methods scaled_ql,bc --seeds 0 --steps 300 --eval-steps 1000
+    # Flawed data, 16 episodes per split, each run scored over 6 checkpoints of its second half
+    .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_flawed \\
+        --data-dir data/reproduce_flawed --games Boxing,SpaceInvaders --weak-episodes flawed \\
+        --episodes-per-checkpoint 16 --methods scaled_ql,bc --seeds 0,1,2 --steps 12000 \\
+        --late-checkpoints 6 --eval-steps 5400 --eval-envs 3 --minutes-per-run 40
     # The ~1 hour run on 2 cores (see BUILD_NOTES.md, baselines section for the budget it used)
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_small \\
         --methods scaled_ql,bc,no_cql,mse,feature_norm,bcq --seeds 0,1,2 --steps 4000
@@ -10,8 +15,10 @@
 What it does, top to bottom:
 1. Data: the local generator (`scaled_ql.datasets.generate`, real emulator, scripted policies with
    epsilon falling over the "checkpoints" of a DQN-Replay-like run) writes `--checkpoints` splits
-   of `--steps-per-checkpoint` agent steps per game into `--data-dir` (skipped when present).
-   Training reads the `suboptimal` selection: the first 20% of the checkpoints, as in the paper.
+   of `--steps-per-checkpoint` agent steps (or `--episodes-per-checkpoint` episodes) per game
+   into `--data-dir` (skipped when present); `--weak-episodes flawed` plays the weaker episodes
+   with the game's flawed script (docs/data_generation.md). Training reads the `suboptimal`
+   selection: the first 20% of the checkpoints, as in the paper.
 2. Behaviour policy: the mean raw (unclipped) return of the episodes in those splits (from the
    generator's `generation_info.json`; an episode cut by a split's step budget is left out unless
    it is the split's only one), human-normalized.
@@ -19,7 +26,10 @@ What it does, top to bottom:
    inserters, the Learner node, the variable server, an evaluator node; one Ray session for the
    whole benchmark, programs one after another) for `--steps` learner steps (or until
    `--minutes-per-run`), and its evaluator evaluates the final params (`--eval-steps` agent steps
-   per game, epsilon 0.001, no sticky actions). The config is `cpu_small` (network, batch and
+   per game x `--eval-envs`, epsilon 0.001). With `--late-checkpoints K` the run keeps K
+   checkpoints evenly spaced over its second half and scores their mean per game (the K-1
+   earlier ones are evaluated in this process after the program ends): one checkpoint's score
+   is a draw. The config is `cpu_small` (network, batch and
    optimizer; `--batch-size`, `--learning-rate`, `--target-update-period` change them) on
    `--games`, plus the method's variant (`scaled_ql.configs.VARIANTS`).
 4. Aggregates with rliable (`scaled_ql.eval.metrics`): IQM / median / mean / optimality gap of
@@ -78,23 +88,63 @@ def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
       # that fits twice is inserted until the table is full and then not streamed again
       # (reverb_tables.InsertThrottle, "resident"), so no inserter takes CPU from the learner.
       data=dict(data_dir=args.data_dir, selection='suboptimal',
-                shuffle_buffer_per_game=max(1_000, 3 * rlds_reader.num_suboptimal_checkpoints(
-                    args.checkpoints) * args.steps_per_checkpoint),
-                min_fill_per_game=min(1_000, args.steps_per_checkpoint)),
+                shuffle_buffer_per_game=args.shuffle_buffer_per_game or max(
+                    1_000, 3 * rlds_reader.num_suboptimal_checkpoints(args.checkpoints)
+                    * args.steps_per_checkpoint),
+                min_fill_per_game=min(1_000, args.steps_per_checkpoint or 1_000)),
       # Only the final params matter here: no periodic evaluation while the learner trains
       # (the evaluator still plays the freshly initialized params once at the start).
       eval=dict(steps_per_game=args.eval_steps, num_envs=args.eval_envs, num_evaluators=1,
                 eval_every_seconds=1e9),
+      # --late-checkpoints K > 1: a checkpoint kept at each step that `late_steps` evaluates.
       train=dict(num_steps=args.steps, seed=seed, log_every_steps=100,
-                 checkpoint_every_steps=max(args.steps, 1), publish_every_steps=100))
+                 checkpoint_every_steps=_spacing(args), publish_every_steps=100,
+                 keep_checkpoint_every_steps=_spacing(args) if args.late_checkpoints > 1 else None))
+
+
+def late_steps(steps: int, k: int) -> list[int]:
+  """The checkpoint steps whose scores a run reports (their mean per game): `k` steps evenly
+  spaced over the second half of a `steps`-step run, the last one `steps` itself.
+
+  One checkpoint's score is a draw: on the flawed Boxing data it swings from -2 to 70 within
+  2000 steps (docs/learning.md), so a late-training mean says more about a method than the
+  final step alone."""
+  if k < 1 or steps < 1:
+    raise ValueError(f'need steps >= 1 and k >= 1, got {steps}, {k}')
+  if k == 1:
+    return [steps]
+  if steps % (2 * k):
+    raise ValueError(f'--steps {steps} must be a multiple of 2 x --late-checkpoints = {2 * k}')
+  spacing = steps // (2 * k)
+  return [steps - i * spacing for i in reversed(range(k))]
+
+
+def _spacing(args) -> int:
+  steps = late_steps(args.steps, args.late_checkpoints)
+  return steps[1] - steps[0] if len(steps) > 1 else max(args.steps, 1)
+
+
+def mean_scores(per_step: dict[int, dict[str, float | None]], games) -> dict[str, float]:
+  """{game: mean of its scores over the evaluated steps} ({step: {game: score or None}}; None:
+  no episode completed at that step, which fails: a mean over the other steps would not be the
+  late-training mean the report labels it)."""
+  out = {}
+  for g in games:
+    missing = [st for st, row in per_step.items() if row.get(g) is None]
+    if missing:
+      raise ValueError(f'{g}: no completed evaluation episode at step(s) {missing}')
+    out[g] = float(np.mean([row[g] for row in per_step.values()]))
+  return out
 
 
 # ---------------------------------------------------------------------------------------- data
 def ensure_data(args) -> None:
-  from scaled_ql.datasets import generate
+  from scaled_ql.datasets import generate, policies
   t0 = time.time()
   generate.generate(args.games, args.data_dir, num_checkpoints=args.checkpoints,
                     steps_per_checkpoint=args.steps_per_checkpoint, seed=0, if_exists='skip',
+                    episodes_per_checkpoint=args.episodes_per_checkpoint,
+                    skill=policies.SkillSchedule(weak=args.weak_episodes),
                     progress=False, workers=generate.default_workers())
   print(f'[data] {args.data_dir}: {", ".join(args.games)} ready in {time.time() - t0:.0f}s',
         flush=True)
@@ -154,16 +204,52 @@ def run_one(method: str, seed: int, args) -> dict:
   if missing:
     raise RuntimeError(f'{method} seed {seed}: no final evaluation (step {steps}) of {missing}; '
                        f'see {workdir}/logs and {workdir}/eval')
+  per_step = {steps: {g: scores[g]['score'] for g in cfg.games}}
+  episodes = {g: scores[g]['episodes'] for g in cfg.games}
+  if args.late_checkpoints > 1:
+    if steps != args.steps:
+      raise RuntimeError(f'{method} seed {seed}: stopped at step {steps} of {args.steps} '
+                         '(--minutes-per-run); its late checkpoints are not the planned ones')
+    for step, row in evaluate_checkpoints(cfg, workdir, late_steps(steps, args.late_checkpoints)
+                                          [:-1], seed, args).items():
+      per_step[step] = {g: r.score for g, r in row.items()}
+      for g, r in row.items():
+        episodes[g] += r.episodes
+    per_step = dict(sorted(per_step.items()))
+  try:
+    mean = mean_scores(per_step, cfg.games)
+  except ValueError as e:
+    raise RuntimeError(f'{method} seed {seed}: {e}; see {workdir}') from e
+  from scaled_ql.eval import normalization
   result = dict(method=method, seed=seed, steps=steps, seconds=round(time.time() - t0, 1),
-                scores={g: scores[g]['score'] for g in cfg.games},
-                normalized={g: scores[g]['normalized'] for g in cfg.games},
-                episodes={g: scores[g]['episodes'] for g in cfg.games},
-                metrics=status.learner.get('metrics', {}))
+                scores=mean, scores_by_step={str(k): v for k, v in per_step.items()},
+                normalized={g: normalization.human_normalized(g, mean[g]) for g in cfg.games},
+                episodes=episodes, metrics=status.learner.get('metrics', {}))
   with open(result_path, 'w') as f:
     json.dump(result, f, indent=1)
   print(f'[run] {method} seed {seed}: {steps} steps in {result["seconds"]:.0f}s; '
         + ' '.join(f'{g}={s:.1f}' for g, s in result['scores'].items()), flush=True)
   return result
+
+
+def evaluate_checkpoints(cfg, workdir: str, steps: list[int], seed: int,
+                         args) -> dict[int, dict]:
+  """{step: {game: GameResult}}: the run's kept checkpoints at `steps`, evaluated in this
+  process as the program's evaluator evaluates the final params (the config's eval protocol,
+  --eval-steps per game x --eval-envs)."""
+  from scaled_ql.agents import actors, checkpointing
+  from scaled_ql.eval import evaluator
+  policy = actors.make_policy(cfg, cfg.eval.epsilon)
+  out = {}
+  for step in steps:
+    _, params, got = checkpointing.load_params(workdir, step=step)
+    out[got] = evaluator.evaluate(policy, params, cfg.games, cfg.eval, seed=seed + 1_000 * step,
+                                  param_version=got, evaluator='reproduce_small',
+                                  epsilon=cfg.eval.epsilon)
+    print(f'[run] {cfg.name}: checkpoint {got}: ' + ' '.join(
+        f'{g}={r.score if r.score is None else round(r.score, 1)}' for g, r in out[got].items()),
+        flush=True)
+  return out
 
 
 MAIN_PAIR = ('scaled_ql', 'bc')  # the target's comparison: every seed of --seeds
@@ -248,13 +334,20 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
            f'{sum(r["seconds"] for r in results) / 60:.1f} min in all (learner start to final '
            f'evaluation) on {os.cpu_count()} CPU cores; report written '
            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Data: '
-           f'{args.checkpoints} checkpoints x {args.steps_per_checkpoint} agent steps per game, '
+           f'{args.checkpoints} checkpoints x '
+           + (f'{args.episodes_per_checkpoint} episodes' if args.episodes_per_checkpoint else
+              f'{args.steps_per_checkpoint} agent steps') + ' per game, weak episodes '
+           f'{args.weak_episodes}, '
            f'training on the first 20% ({", ".join(behaviour[games[0]]["splits"])}: a mixture of '
            f'scripted policies of rising skill, scaled_ql.datasets.policies.SkillSchedule). cpu_small\'s network '
            f'({_num_params(cfg)} params), batch {cfg.agent.batch_size}, '
            f'lr {cfg.agent.learning_rate:g}, target update every {cfg.agent.target_update_period} steps, '
            f'{args.steps} learner steps (runs cut at {args.minutes_per_run:g} min), evaluation '
-           f'{args.eval_steps} agent steps per game x {args.eval_envs} env(s), epsilon 0.001.', '',
+           f'{args.eval_steps} agent steps per game x {args.eval_envs} env(s), epsilon 0.001'
+           + (f'; a run\'s score is the mean over its checkpoints at steps '
+              f'{", ".join(map(str, late_steps(args.steps, args.late_checkpoints)))}'
+              if args.late_checkpoints > 1 else '; a run\'s score is its final params\'')
+           + '.', '',
            '## Human-normalized aggregates (%), 95% CIs', '',
            metrics.markdown_table(table).rstrip(), '',
            f'{BEHAVIOUR}: IQM {b_iqm.format()}, median '
@@ -338,7 +431,20 @@ def parse_args(argv=None):
   p.add_argument('--learning-rate', type=float, default=None,
                  help="Adam learning rate (default: cpu_small's)")
   p.add_argument('--checkpoints', type=int, default=10, help='generated splits per game')
-  p.add_argument('--steps-per-checkpoint', type=int, default=5000)
+  budget = p.add_mutually_exclusive_group()
+  budget.add_argument('--steps-per-checkpoint', type=int, default=None,
+                      help='agent steps per generated split (default 5000)')
+  budget.add_argument('--episodes-per-checkpoint', type=int, default=None,
+                      help='whole episodes per generated split instead of a step budget')
+  p.add_argument('--weak-episodes', choices=('noisy', 'flawed'), default='noisy',
+                 help="how the data's weaker episodes play (scaled-ql data generate "
+                 '--weak-episodes; docs/data_generation.md)')
+  p.add_argument('--shuffle-buffer-per-game', type=int, default=None,
+                 help='replay table size per game (default: 3 x the selected steps with '
+                 '--steps-per-checkpoint, 60000 with --episodes-per-checkpoint)')
+  p.add_argument('--late-checkpoints', type=int, default=1,
+                 help='K: a run scores the mean of its checkpoints at K steps evenly spaced over '
+                 'the second half of training (1: the final params only)')
   p.add_argument('--eval-steps', type=int, default=3000, help='agent steps per game')
   p.add_argument('--eval-envs', type=int, default=1)
   p.add_argument('--reps', type=int, default=2000, help='bootstrap repetitions')
@@ -366,7 +472,12 @@ def parse_args(argv=None):
                            [int(s) for s in args.ablation_seeds.split(',') if s])
   except ValueError:
     p.error(f'--ablation-seeds must be comma-separated integers, got {args.ablation_seeds!r}')
+  if args.steps_per_checkpoint is None and args.episodes_per_checkpoint is None:
+    args.steps_per_checkpoint = 5000
+  if args.shuffle_buffer_per_game is None and args.episodes_per_checkpoint is not None:
+    args.shuffle_buffer_per_game = 60_000  # held the 32 Boxing bouts of a 16-bout split's slice
   for name in ('steps', 'eval_steps', 'eval_envs', 'checkpoints', 'steps_per_checkpoint',
+               'episodes_per_checkpoint', 'shuffle_buffer_per_game', 'late_checkpoints',
                'reps', 'target_update_period'):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
@@ -376,6 +487,10 @@ def parse_args(argv=None):
     p.error(f'--batch-size must be a positive multiple of 4, got {args.batch_size}')
   if args.eval_steps % args.eval_envs:
     p.error('--eval-steps must be a multiple of --eval-envs')
+  try:
+    late_steps(args.steps, args.late_checkpoints)
+  except ValueError as e:
+    p.error(str(e))
   return args
 
 
@@ -385,7 +500,9 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   for m in args.methods:  # every config is valid before anything runs
     from scaled_ql.agents import builder
+    from scaled_ql.launch import run
     builder.check_agent_config(make_config(m, args.seeds[0], args))
+    run.validate(make_config(m, args.seeds[0], args))
   ensure_data(args)
   behaviour = behaviour_scores(args)
   print('[behaviour] ' + ' '.join(f'{g}={b["score"]:.1f} ({b["episodes"]} ep.)'

@@ -320,24 +320,26 @@ def test_flawed_schedule_is_consistent_weaker_policies():
     cli.build_parser().parse_args(argv + ['mirrored'])
 
 
+@pytest.mark.parametrize('game', ['Boxing', 'SpaceInvaders', 'Seaquest'])
 @pytest.mark.parametrize('script_prob,expected', [(0.0, 'flawed'), (1.0, 'script')])
-def test_flawed_policy_plays_the_flawed_script_at_skill_0(script_prob, expected):
-  # Boxing's scripts are pure functions of the RAM: at epsilon 0 the policy's action is exactly
-  # the flawed script's (skill 0) or the script's (skill 1), and the two differ in some states.
-  env = AtariEnv('Boxing', sticky_action_prob=0.0, seed=3)
+def test_flawed_policy_plays_the_flawed_script_at_skill_0(game, script_prob, expected):
+  # At epsilon 0 the policy's action is exactly the flawed script's (skill 0) or the script's
+  # (skill 1). In these games the flawed script holds FIRE back and moves as the script does, so
+  # both play in the same states and the data holds both actions there
+  # (docs/data_generation.md): the two differ by FIRE alone, and in some states.
+  env = AtariEnv(game, sticky_action_prob=0.0, seed=3)
   policy = policies.EpsilonGreedyHeuristic(env, 0.0, np.random.default_rng(0), flawed=True)
   policy.set_episode(0.0, script_prob)
-  flawed, script = policies.make_flawed('Boxing'), policies.make_heuristic('Boxing')
-  names = {i: name for name, i in policies._action_indices('Boxing').items()}
+  flawed, script = policies.make_flawed(game), policies.make_heuristic(game)
+  names = policies._action_names(game)
   env.reset()
   differ = 0
   for _ in range(300):
-    want = {'flawed': flawed(env), 'script': script(env)}
+    want = {'flawed': flawed(env), 'script': script(env)}  # stateful scripts: one call per step
     if want['flawed'] != want['script']:
-      # The flawed script walks as the script does and only holds its punch, so both play in
-      # the same states and the data holds both actions there (docs/data_generation.md).
       differ += 1
       assert names[want['script']] in {names[want['flawed']] + 'FIRE', 'FIRE'}
+    assert 'FIRE' not in names[want['flawed']]
     a = policy()
     assert a == want[expected]
     env.step(a)

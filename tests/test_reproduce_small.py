@@ -1,0 +1,58 @@
+"""benchmarks/reproduce_small.py: its flags and the late-checkpoint scoring (no runs here)."""
+import pytest
+
+from scaled_ql.launch import run
+from tests import benchmark_modules
+
+rs = benchmark_modules.load('reproduce_small')
+
+
+def test_late_steps_cover_the_second_half_and_end_at_the_last_step():
+  assert rs.late_steps(12000, 1) == [12000]
+  assert rs.late_steps(12000, 6) == [7000, 8000, 9000, 10000, 11000, 12000]
+  assert rs.late_steps(400, 2) == [300, 400]
+  with pytest.raises(ValueError, match='multiple of 2 x --late-checkpoints = 14'):
+    rs.late_steps(12000, 7)
+  with pytest.raises(ValueError, match='k >= 1'):
+    rs.late_steps(12000, 0)
+
+
+def test_mean_scores_average_each_game_over_the_steps_and_refuse_a_gap():
+  per_step = {1000: {'Boxing': -50.0, 'Pong': -21.0}, 2000: {'Boxing': 70.0, 'Pong': -19.0}}
+  assert rs.mean_scores(per_step, ('Boxing', 'Pong')) == {'Boxing': 10.0, 'Pong': -20.0}
+  per_step[2000]['Pong'] = None  # no completed episode there: not a mean over the other step
+  with pytest.raises(ValueError, match=r'Pong: no completed evaluation episode at step\(s\) '
+                     r'\[2000\]'):
+    rs.mean_scores(per_step, ('Boxing', 'Pong'))
+
+
+def test_flawed_episode_data_and_late_checkpoints_reach_the_config():
+  args = rs.parse_args(['--games', 'Boxing,SpaceInvaders', '--weak-episodes', 'flawed',
+                        '--episodes-per-checkpoint', '16', '--steps', '12000',
+                        '--late-checkpoints', '6', '--eval-steps', '5400', '--eval-envs', '3'])
+  assert args.weak_episodes == 'flawed' and args.steps_per_checkpoint is None
+  cfg = rs.make_config('bc', 2, args)
+  run.validate(cfg)
+  assert cfg.train.checkpoint_every_steps == 1000
+  assert cfg.train.keep_checkpoint_every_steps == 1000  # every late step outlives the newest 3
+  assert cfg.data.shuffle_buffer_per_game == 60_000
+  assert cfg.train.seed == 2 and cfg.agent.loss == 'bc'
+  assert (cfg.eval.steps_per_game, cfg.eval.num_envs) == (5400, 3)
+  # The default keeps the old behaviour: the final params only, a step-budget data set.
+  args = rs.parse_args(['--games', 'Boxing', '--steps', '300'])
+  assert args.steps_per_checkpoint == 5000 and args.weak_episodes == 'noisy'
+  cfg = rs.make_config('scaled_ql', 0, args)
+  run.validate(cfg)
+  assert cfg.train.checkpoint_every_steps == 300 and cfg.train.keep_checkpoint_every_steps is None
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--steps', '1000', '--late-checkpoints', '3'], 'multiple of 2 x --late-checkpoints'),
+    (['--weak-episodes', 'mirrored'], 'invalid choice'),
+    (['--steps-per-checkpoint', '100', '--episodes-per-checkpoint', '4'], 'not allowed with'),
+    (['--episodes-per-checkpoint', '0'], '--episodes-per-checkpoint must be >= 1'),
+])
+def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    rs.parse_args(argv)
+  assert message in capsys.readouterr().err
