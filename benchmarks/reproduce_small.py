@@ -82,6 +82,7 @@ def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
       games_per_batch=args.batch_size // 4 if args.batch_size else None,
       target_update_period=args.target_update_period,
       learning_rate=args.learning_rate).items() if v is not None}
+  spacing = _spacing(args)
   return base.replace(
       name=f'reproduce_{method}_seed{seed}', games=tuple(args.games), agent=agent,
       # The table holds the whole selected data (about 20% of the generated steps) ~3 times: data
@@ -98,8 +99,8 @@ def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
                 eval_every_seconds=1e9),
       # --late-checkpoints K > 1: a checkpoint kept at each step that `late_steps` evaluates.
       train=dict(num_steps=args.steps, seed=seed, log_every_steps=100,
-                 checkpoint_every_steps=_spacing(args), publish_every_steps=100,
-                 keep_checkpoint_every_steps=_spacing(args) if args.late_checkpoints > 1 else None))
+                 checkpoint_every_steps=spacing, publish_every_steps=100,
+                 keep_checkpoint_every_steps=spacing if args.late_checkpoints > 1 else None))
 
 
 def late_steps(steps: int, k: int) -> list[int]:
@@ -211,7 +212,7 @@ def run_one(method: str, seed: int, args) -> dict:
       raise RuntimeError(f'{method} seed {seed}: stopped at step {steps} of {args.steps} '
                          '(--minutes-per-run); its late checkpoints are not the planned ones')
     for step, row in evaluate_checkpoints(cfg, workdir, late_steps(steps, args.late_checkpoints)
-                                          [:-1], seed, args).items():
+                                          [:-1], seed).items():
       per_step[step] = {g: r.score for g, r in row.items()}
       for g, r in row.items():
         episodes[g] += r.episodes
@@ -232,8 +233,7 @@ def run_one(method: str, seed: int, args) -> dict:
   return result
 
 
-def evaluate_checkpoints(cfg, workdir: str, steps: list[int], seed: int,
-                         args) -> dict[int, dict]:
+def evaluate_checkpoints(cfg, workdir: str, steps: list[int], seed: int) -> dict[int, dict]:
   """{step: {game: GameResult}}: the run's kept checkpoints at `steps`, evaluated in this
   process as the program's evaluator evaluates the final params (the config's eval protocol,
   --eval-steps per game x --eval-envs)."""
@@ -501,8 +501,9 @@ def main(argv=None) -> int:
   for m in args.methods:  # every config is valid before anything runs
     from scaled_ql.agents import builder
     from scaled_ql.launch import run
-    builder.check_agent_config(make_config(m, args.seeds[0], args))
-    run.validate(make_config(m, args.seeds[0], args))
+    cfg = make_config(m, args.seeds[0], args)
+    builder.check_agent_config(cfg)
+    run.validate(cfg)
   ensure_data(args)
   behaviour = behaviour_scores(args)
   print('[behaviour] ' + ' '.join(f'{g}={b["score"]:.1f} ({b["episodes"]} ep.)'
