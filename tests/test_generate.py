@@ -113,8 +113,21 @@ def test_game_without_heuristic_and_episode_budget(tmp_path):
   with pytest.raises(FileExistsError, match='Alien.*already exists.*--overwrite'):
     generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=10,
                       progress=False)
-  assert generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=10,
-                           if_exists='skip', progress=False) == out
+  # 'skip' keeps a game only if it was generated with the settings asked for: here a step budget
+  # is asked of data written with an episode budget, and nothing is touched.
+  with pytest.raises(ValueError, match=r'Alien: .*other settings.*steps_per_checkpoint: kept '
+                                       r'None, asked 10.*episodes_per_checkpoint: kept 2, asked '
+                                       r'None.*--overwrite'):
+    generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=10,
+                      if_exists='skip', progress=False)
+  with pytest.raises(ValueError, match=r"Alien: .*skill_schedule: kept .*'weak': 'noisy'.*"
+                                       r"asked .*'weak': 'flawed'"):
+    generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=None,
+                      episodes_per_checkpoint=2, max_episode_frames=200, if_exists='skip',
+                      skill=policies.SkillSchedule(weak='flawed'), progress=False)
+  assert generate.generate(['Alien'], str(tmp_path), num_checkpoints=1, steps_per_checkpoint=None,
+                           episodes_per_checkpoint=2, max_episode_frames=200, if_exists='skip',
+                           progress=False) == out
 
 
 def test_bad_generate_arguments_fail_fast(tmp_path):

@@ -53,7 +53,9 @@ def register(subparsers) -> None:
                    'per game and one per GB of available memory); the data does not depend on it')
   exists = gen.add_mutually_exclusive_group()
   exists.add_argument('--overwrite', action='store_true', help='replace games already generated')
-  exists.add_argument('--skip-existing', action='store_true', help='keep games already generated')
+  exists.add_argument('--skip-existing', action='store_true',
+                      help='keep games already generated with the same settings (other '
+                      'settings: an error naming the game and what differs)')
   gen.add_argument('--no-progress', action='store_true')
   gen.add_argument('--verbose', action='store_true',
                    help="debug logging, with TensorFlow Datasets' own lines (one per split)")

@@ -325,6 +325,25 @@ def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
   return False
 
 
+def kept_settings_mismatch(version_dir: str, wanted: dict) -> list[str]:
+  """What differs between the settings a kept dataset was generated with (its
+  generation_info.json) and `wanted` ({seed, num_checkpoints, steps_per_checkpoint,
+  episodes_per_checkpoint, max_episode_frames, skill_schedule}): one 'name: kept X, asked Y'
+  line per difference. A setting the file does not record (an older generator) is not compared;
+  a dataset without the file (not written here, e.g. DQN-Replay itself) gives []."""
+  path = os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    info = json.load(f)
+  kept = {k: info[k] for k in wanted if k in info}
+  if 'splits' in info:
+    kept['num_checkpoints'] = len(info['splits'])
+  wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as the file holds them
+  return [f'{k}: kept {kept[k]!r}, asked {wanted[k]!r}'
+          for k in wanted if k in kept and kept[k] != wanted[k]]
+
+
 def write_splits(tfds_builder, get_splits) -> None:
   """Has the registered builder write files and metadata for the splits `get_splits()` returns
   ({split name: iterator of (key, episode)}).
@@ -434,6 +453,20 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
     raise ValueError(f"if_exists must be 'error', 'skip' or 'overwrite', got {if_exists!r}")
   if workers < 1:
     raise ValueError(f'workers must be >= 1, got {workers}')
+  if if_exists == 'skip':
+    # A kept game must be the data asked for: skipping one generated with other settings (say
+    # `noisy` weak episodes where `flawed` are asked) would silently train on the wrong data.
+    wanted = dict(seed=seed, num_checkpoints=num_checkpoints,
+                  steps_per_checkpoint=steps_per_checkpoint,
+                  episodes_per_checkpoint=episodes_per_checkpoint,
+                  max_episode_frames=max_episode_frames, skill_schedule=dataclasses.asdict(skill))
+    for game in games:
+      version_dir = os.fspath(builder_for(game, run, out_dir, builder).data_path)
+      diff = kept_settings_mismatch(version_dir, wanted) if os.path.exists(version_dir) else []
+      if diff:
+        raise ValueError(
+            f'{game}: {version_dir} was generated with other settings ({"; ".join(diff)}); '
+            'pass --overwrite (if_exists="overwrite") or another output directory')
   import tqdm
 
   os.makedirs(out_dir, exist_ok=True)
