@@ -325,21 +325,31 @@ def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
   return False
 
 
-def kept_settings_mismatch(version_dir: str, wanted: dict) -> list[str]:
+def generation_settings(seed: int, steps_per_checkpoint: Optional[int],
+                        episodes_per_checkpoint: Optional[int], max_episode_frames: int,
+                        skill: policies.SkillSchedule) -> dict:
+  """The settings a game's data depends on besides its game, run and number of checkpoints, as
+  generation_info.json records them (and `kept_settings_mismatch` compares them)."""
+  return {'seed': seed, 'max_episode_frames': max_episode_frames,
+          'steps_per_checkpoint': steps_per_checkpoint,
+          'episodes_per_checkpoint': episodes_per_checkpoint,
+          'skill_schedule': dataclasses.asdict(skill)}
+
+
+def kept_settings_mismatch(version_dir: str, num_checkpoints: int, settings: dict) -> list[str]:
   """What differs between the settings a kept dataset was generated with (its
-  generation_info.json) and `wanted` ({seed, num_checkpoints, steps_per_checkpoint,
-  episodes_per_checkpoint, max_episode_frames, skill_schedule}): one 'name: kept X, asked Y'
-  line per difference. A setting the file does not record (an older generator) is not compared;
-  a dataset without the file (not written here, e.g. DQN-Replay itself) gives []."""
-  path = os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE)
-  if not os.path.exists(path):
+  generation_info.json) and those asked for (`num_checkpoints`, `generation_settings(...)`): one
+  'name: kept X, asked Y' line per difference. A setting the file does not record (an older
+  generator) is not compared; a dataset without the file (not written here, e.g. DQN-Replay
+  itself, or not there at all) gives []."""
+  info = read_info(version_dir)
+  if info is None:
     return []
-  with open(path) as f:
-    info = json.load(f)
+  wanted = json.loads(json.dumps(settings))  # tuples -> lists, as the file holds them
+  wanted['num_checkpoints'] = num_checkpoints
   kept = {k: info[k] for k in wanted if k in info}
   if 'splits' in info:
     kept['num_checkpoints'] = len(info['splits'])
-  wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as the file holds them
   return [f'{k}: kept {kept[k]!r}, asked {wanted[k]!r}'
           for k in wanted if k in kept and kept[k] != wanted[k]]
 
@@ -456,13 +466,11 @@ def generate(games: Sequence[str], out_dir: str, run: int = 1, num_checkpoints: 
   if if_exists == 'skip':
     # A kept game must be the data asked for: skipping one generated with other settings (say
     # `noisy` weak episodes where `flawed` are asked) would silently train on the wrong data.
-    wanted = dict(seed=seed, num_checkpoints=num_checkpoints,
-                  steps_per_checkpoint=steps_per_checkpoint,
-                  episodes_per_checkpoint=episodes_per_checkpoint,
-                  max_episode_frames=max_episode_frames, skill_schedule=dataclasses.asdict(skill))
+    settings = generation_settings(seed, steps_per_checkpoint, episodes_per_checkpoint,
+                                   max_episode_frames, skill)
     for game in games:
       version_dir = os.fspath(builder_for(game, run, out_dir, builder).data_path)
-      diff = kept_settings_mismatch(version_dir, wanted) if os.path.exists(version_dir) else []
+      diff = kept_settings_mismatch(version_dir, num_checkpoints, settings)
       if diff:
         raise ValueError(
             f'{game}: {version_dir} was generated with other settings ({"; ".join(diff)}); '
@@ -574,16 +582,14 @@ def generate_game(game: str, *, out_dir: str, run: int, num_checkpoints: int,
   info = {
       'generator': 'scaled_ql.datasets.generate',
       'builder': builder,
-      'game': game, 'run': run, 'seed': seed,
+      'game': game, 'run': run,
       'sticky_action_prob': STICKY_ACTION_PROB,
-      'max_episode_frames': max_episode_frames,
-      'steps_per_checkpoint': steps_per_checkpoint,
-      'episodes_per_checkpoint': episodes_per_checkpoint,
+      **generation_settings(seed, steps_per_checkpoint, episodes_per_checkpoint,
+                            max_episode_frames, skill),
       'policy': policies.heuristic_name(game),
       'flawed_policy': policies.flawed_name(game) if skill.weak == 'flawed' else None,
       'policy_note': (_policy_note(skill.weak) if game in policies.HEURISTICS
                       else 'no heuristic for this game: uniform random at every epsilon'),
-      'skill_schedule': dataclasses.asdict(skill),
       'episodes_note': 'every episode is whole (game over or the max_episode_frames cap); '
                        'a step budget is a minimum: the last episode is played to its end',
       'reward_note': 'steps.reward and episode_return are clipped to [-1, 1] (as DQN-Replay); '
