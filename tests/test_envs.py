@@ -124,3 +124,15 @@ def test_games_without_mode_zero_use_rom_default():
   env = AtariEnv('BattleZone')  # modes 1..3: the ROM default is used
   assert env.mode is None
   assert env.reset().observation.shape == (84, 84, 4)
+
+
+def test_every_game_resets_and_steps():
+  # Not every ROM's screen is 210 x 160 (Carnival: 214 rows, Pooyan: 220): AtariEnv takes the
+  # size from the ROM, so all 46 games of RL Unplugged give [84, 84, 4] observations.
+  for game in games.ALL_GAMES:
+    env = AtariEnv(game, sticky_action_prob=0.0)
+    ts = env.reset()
+    for _ in range(3):
+      ts = env.step(0)
+    assert ts.observation.shape == (84, 84, 4), game
+    assert ts.observation[..., -1].any(), f'{game}: blank frame'

@@ -32,7 +32,6 @@ from scaled_ql import games as games_lib
 FRAME_SKIP = 4
 STACK_SIZE = 4
 OBSERVATION_SIZE = 84
-SCREEN_SHAPE = (210, 160)
 MAX_EPISODE_FRAMES = 108_000
 
 ALEInterface.setLoggerMode(LoggerMode.Error)  # no banner per environment
@@ -43,7 +42,7 @@ class InvalidGameSettingError(ValueError):
 
 
 def preprocess_frame(frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
-  """Max-pool two grey [210, 160] screens and resize to uint8 [84, 84] (Dopamine's INTER_AREA)."""
+  """Max-pool two grey [H, 160] screens (H = 210 in most games) and resize to uint8 [84, 84] (Dopamine's INTER_AREA)."""
   np.maximum(frame_a, frame_b, out=frame_a)
   return cv2.resize(frame_a, (OBSERVATION_SIZE, OBSERVATION_SIZE),
                     interpolation=cv2.INTER_AREA)
@@ -97,7 +96,8 @@ class AtariEnv(dm_env.Environment):
       raise RuntimeError(
           f'{game}: ale-py minimal action set has {len(self._actions)} actions, '
           f'scaled_ql.games says {games_lib.num_actions(game)}')
-    self._screens = np.zeros((2,) + SCREEN_SHAPE, np.uint8)
+    # The ROM's own screen size: not every game's is 210 x 160 (Carnival, Pooyan are taller).
+    self._screens = np.zeros((2,) + tuple(ale.getScreenDims()), np.uint8)
     self._zero_frame = np.zeros((OBSERVATION_SIZE, OBSERVATION_SIZE), np.uint8)
     self._frames_stack = [self._zero_frame] * STACK_SIZE  # oldest first
     self._episode_frames = 0
