@@ -1,6 +1,7 @@
 """benchmarks/reproduce_small.py: its flags and the late-checkpoint scoring (no runs here)."""
 import pytest
 
+from scaled_ql.datasets import policies
 from scaled_ql.launch import run
 from tests import benchmark_modules
 
@@ -41,6 +42,12 @@ def test_flawed_episode_data_and_late_checkpoints_reach_the_config():
   # The default keeps the old behaviour: the final params only, a step-budget data set.
   args = rs.parse_args(['--games', 'Boxing', '--steps', '300'])
   assert args.steps_per_checkpoint == 5000 and args.weak_episodes == 'noisy'
+  assert rs.parse_args([]).games == rs.DEFAULT_GAMES
+  # Flawed data defaults to the games whose flaw costs points where the agent is evaluated;
+  # each has a scripted policy and a flawed one.
+  flawed_games = rs.parse_args(['--weak-episodes', 'flawed']).games
+  assert flawed_games == rs.FLAWED_GAMES and len(flawed_games) >= 6
+  assert set(flawed_games) <= set(policies.FLAWED) and 'Seaquest' not in flawed_games
   cfg = rs.make_config('scaled_ql', 0, args)
   run.validate(cfg)
   assert cfg.train.checkpoint_every_steps == 300 and cfg.train.keep_checkpoint_every_steps is None
