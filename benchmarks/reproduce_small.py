@@ -3,11 +3,12 @@
     # The short check (a few minutes): 2 games, 2 methods, 1 seed, few steps
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_short \\
         --games Breakout,Freeway --methods scaled_ql,bc --seeds 0 --steps 300 --eval-steps 1000
-    # Flawed data, 16 episodes per split, each run scored over 6 checkpoints of its second half
+    # Flawed data on its 6 games (FLAWED_GAMES), 16 episodes per split, each run scored over 4
+    # checkpoints of its second half (about 45 minutes per seed on 2 cores: BUILD_NOTES.md)
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_flawed \\
-        --data-dir data/reproduce_flawed --games Boxing,SpaceInvaders --weak-episodes flawed \\
-        --episodes-per-checkpoint 16 --methods scaled_ql,bc --seeds 0,1,2 --steps 12000 \\
-        --late-checkpoints 6 --eval-steps 5400 --eval-envs 3 --minutes-per-run 40
+        --data-dir data/reproduce_flawed --weak-episodes flawed \\
+        --episodes-per-checkpoint 16 --methods scaled_ql,bc --seeds 0,1 --steps 12000 \\
+        --late-checkpoints 4 --eval-steps 5400 --eval-envs 3 --minutes-per-run 40
     # The ~1 hour run on 2 cores (see BUILD_NOTES.md, baselines section for the budget it used)
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_small \\
         --methods scaled_ql,bc,no_cql,mse,feature_norm,bcq --seeds 0,1,2 --steps 4000
