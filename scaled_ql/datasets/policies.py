@@ -224,7 +224,7 @@ NO_HEURISTIC = 'none (uniform random)'
 # holds both actions there, the better one in the minority (docs/data_generation.md). Measured at
 # epsilon 0.05, sticky 0.25, 1-6 episodes (script / flawed): Pong -15 / -19, Breakout 29 / 7.3,
 # Freeway 20 / 11, Boxing 48 / -53, SpaceInvaders 175 / 53, Seaquest 313 / 120, Qbert 475 / 240,
-# RoadRunner 2150 / 650.
+# RoadRunner 2150 / 650, Centipede 2333 / 413, BeamRider 664 / 103, Atlantis 23467 / 4067.
 
 
 def holds_fire(script: object) -> type:
