@@ -219,8 +219,9 @@ NO_HEURISTIC = 'none (uniform random)'
 
 # Flawed scripts: each game's script with one consistent mistake, as a poor DQN checkpoint's
 # greedy policy has one (`SkillSchedule(weak='flawed')`). Where the game has a FIRE that scores
-# (Boxing's punch; the shots of SpaceInvaders, Seaquest, Centipede, BeamRider, Atlantis), the mistake is to hold it back: the
-# flawed script moves exactly as the script does, so both play in the same states and the data
+# (Boxing's punch; the shots of SpaceInvaders, Seaquest, Centipede, BeamRider, Atlantis), the
+# mistake is to hold it back: the flawed script moves exactly as the script does, so both play in
+# the same states and the data
 # holds both actions there, the better one in the minority (docs/data_generation.md). Measured at
 # epsilon 0.05, sticky 0.25, 1-6 episodes (script / flawed): Pong -15 / -19, Breakout 29 / 7.3,
 # Freeway 20 / 11, Boxing 48 / -53, SpaceInvaders 175 / 53, Seaquest 313 / 120, Qbert 475 / 240,
