@@ -42,7 +42,8 @@ class InvalidGameSettingError(ValueError):
 
 
 def preprocess_frame(frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
-  """Max-pool two grey [H, 160] screens (H = 210 in most games) and resize to uint8 [84, 84] (Dopamine's INTER_AREA)."""
+  """Max-pool two grey [H, 160] screens (H = 210 in most games) and resize to uint8 [84, 84]
+  (Dopamine's INTER_AREA)."""
   np.maximum(frame_a, frame_b, out=frame_a)
   return cv2.resize(frame_a, (OBSERVATION_SIZE, OBSERVATION_SIZE),
                     interpolation=cv2.INTER_AREA)
