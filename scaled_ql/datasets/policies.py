@@ -186,18 +186,20 @@ class RoadRunner(_Pattern):
   PERIOD = 4
 
 
-class Centipede(_Pattern):
-  """Sweeps left and right (16 steps each way) while firing. Measured (sticky 0.25, eps 0.05, 3
-  episodes): ~5100 per episode vs ~1700-3000 random; never firing: ~540."""
+class _FiringSweep(_Pattern):
+  """Sweeps left and right (16 steps each way) while firing."""
   NAMES = ('RIGHTFIRE', 'LEFTFIRE')
   PERIOD = 16
 
 
-class BeamRider(_Pattern):
-  """Sweeps left and right (16 steps each way) while firing. Measured (sticky 0.25, eps 0.05, 3
-  episodes): ~740 per episode vs ~260-660 random; never firing: ~130."""
-  NAMES = ('RIGHTFIRE', 'LEFTFIRE')
-  PERIOD = 16
+class Centipede(_FiringSweep):
+  """The firing sweep. Measured (sticky 0.25, eps 0.05, 3 episodes): ~5100 per episode vs
+  ~1700-3000 random; never firing: ~540."""
+
+
+class BeamRider(_FiringSweep):
+  """The firing sweep. Measured (sticky 0.25, eps 0.05, 3 episodes): ~740 per episode vs ~260-660
+  random; never firing: ~130."""
 
 
 class Atlantis(_Pattern):
@@ -221,8 +223,8 @@ NO_HEURISTIC = 'none (uniform random)'
 # greedy policy has one (`SkillSchedule(weak='flawed')`). Where the game has a FIRE that scores
 # (Boxing's punch; the shots of SpaceInvaders, Seaquest, Centipede, BeamRider, Atlantis), the
 # mistake is to hold it back: the flawed script moves exactly as the script does, so both play in
-# the same states and the data
-# holds both actions there, the better one in the minority (docs/data_generation.md). Measured at
+# the same states and the data holds both actions there, the better one in the minority
+# (docs/data_generation.md). Measured at
 # epsilon 0.05, sticky 0.25, 1-6 episodes (script / flawed): Pong -15 / -19, Breakout 29 / 7.3,
 # Freeway 20 / 11, Boxing 48 / -53, SpaceInvaders 175 / 53, Seaquest 313 / 120, Qbert 475 / 240,
 # RoadRunner 2150 / 650, Centipede 2333 / 413, BeamRider 664 / 103, Atlantis 23467 / 4067.
