@@ -21,7 +21,7 @@ from scaled_ql.agents import runner as runner_lib
 from scaled_ql.configs import get_config
 from scaled_ql.datasets import mc_probe
 from scaled_ql.networks import q_network
-from scaled_ql.types import Transition, random_frame_windows
+from scaled_ql.types import McProbe, Transition, random_frame_windows
 
 CFG = get_config('cpu_tiny')  # games Breakout (4 actions), Pong (6 actions); batch 8
 
@@ -350,7 +350,7 @@ def _episode(rng, length, terminal, rewards=None):
               is_last=last, is_terminal=last & terminal)
 
 
-def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
+def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return(tmp_path):
   rng = np.random.default_rng(0)
   cfg = CFG
   eps = [(0, _episode(rng, 6, terminal=False)), (0, _episode(rng, 5, True, [0, 0, 1, 0, 1])),
@@ -372,12 +372,23 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
     def close(self):
       pass
 
-  learner = make(cfg, logger=Capture(), mc_probe=probe)
+  by_game = []
+
+  class CaptureGames(Capture):
+    def write(self, step, metrics):
+      by_game.append((step, dict(metrics)))
+
+  learner = make(cfg, logger=Capture(), mc_probe=probe, game_logger=CaptureGames())
   learner.run(cfg.train.log_every_steps)
   learner.close()
   step, logged = records[-1]
   params, = learner.get_variables()
   q = runner_lib.probe_q_values(cfg, params, probe)
+  # The per-game diagnostics of the same params, logged at the same step (their own logger).
+  assert by_game[-1] == (step, runner_lib.probe_game_metrics(
+      runner_lib.probe_q_table(cfg, params, probe), probe, cfg.games))
+  assert set(by_game[-1][1]) == {f'{g}/{k}' for g in cfg.games for k in (
+      'greedy_is_data_action', 'greedy_top_share', 'data_top_share', 'action_gap', 'q_mc_corr')}
   # The probe's Q(s, a_data) is the loss's q_data on the same transitions.
   batch = Transition(probe.observation, probe.action, np.zeros(12, np.float32),
                      np.zeros(12, np.float32), probe.observation, probe.game_id)
@@ -390,6 +401,37 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return():
                              rtol=1e-4, atol=1e-6)
   for key in ('td_loss_over_log_atoms', 'action_gap', 'greedy_is_data_action', 'probe_q_mc_corr'):
     assert key in logged, key
+  # With a workdir the per-game diagnostics go to their own JSONL (and TB), not to stdout.
+  learner = make(cfg, workdir=str(tmp_path), mc_probe=probe)
+  learner.run(cfg.train.log_every_steps)
+  learner.close()
+  lines = [json.loads(l) for l in open(tmp_path / 'learner_games.jsonl')]
+  assert lines[-1]['step'] == cfg.train.log_every_steps
+  assert 0 <= lines[-1]['Pong/greedy_top_share'] <= 1
+
+
+def test_probe_game_metrics_by_hand():
+  # Game 0 (3 valid actions): greedy 2, 2, 0 against data actions 2, 1, 1. Game 1 (2 valid):
+  # greedy 1 both times, data 1 both times. -inf marks an action the game does not have.
+  inf = np.inf
+  q = np.array([[0., 1., 3., -inf], [1., 0., 1.5, -inf], [5., 4., 0., -inf],
+                [0., 2., -inf, -inf], [1., 1.5, -inf, -inf]], np.float32)
+  probe = McProbe(observation=np.zeros((5, 84, 84, 4), np.uint8),
+                  action=np.array([2, 1, 1, 1, 1], np.int32),
+                  game_id=np.array([0, 0, 0, 1, 1], np.int32),
+                  mc_return=np.array([3., 0., 4., 1., 2.], np.float32))
+  m = runner_lib.probe_game_metrics(q, probe, ('A', 'B', 'C'))
+  assert not any(k.startswith('C/') for k in m)  # a game without probe transitions: no entries
+  np.testing.assert_allclose(m['A/greedy_is_data_action'], 1 / 3)
+  np.testing.assert_allclose(m['A/greedy_top_share'], 2 / 3)
+  np.testing.assert_allclose(m['A/data_top_share'], 2 / 3)
+  np.testing.assert_allclose(m['A/action_gap'], (2 + 0.5 + 1) / 3, rtol=1e-6)
+  # Q(s, a_data) of game 0: 3, 0, 4 against returns 3, 0, 4: perfectly correlated.
+  np.testing.assert_allclose(m['A/q_mc_corr'], 1.0, rtol=1e-6)
+  assert m['B/greedy_is_data_action'] == 1.0 and m['B/greedy_top_share'] == 1.0
+  np.testing.assert_allclose(m['B/action_gap'], (2 + 0.5) / 2)
+  # Q(s, a_data) of game 1: 2 then 1.5, against returns 1 then 2.
+  np.testing.assert_allclose(m['B/q_mc_corr'], -1.0, rtol=1e-6)
 
 
 def test_load_mc_probe_reads_the_run_data(tiny_dataset_dir):

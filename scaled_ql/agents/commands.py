@@ -3,7 +3,8 @@
 It feeds the Learner stratified batches from a Reverb server: an existing one (`--reverb
 HOST:PORT`) or, by default, a local server plus inserter processes that stream the config's
 RLDS data into it. Checkpoints go to WORKDIR/checkpoints, metrics to stdout, WORKDIR/learner.jsonl
-and TensorBoard (WORKDIR/tb). Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit 0.
+and TensorBoard (WORKDIR/tb), per-game Q diagnostics to WORKDIR/learner_games.jsonl and
+TensorBoard. Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit 0.
 Evaluate afterwards with `scaled-ql eval --checkpoint WORKDIR`.
 """
 from __future__ import annotations

@@ -51,15 +51,61 @@ class StopTraining(SystemExit):
 
 def probe_q_values(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
   """Q(s, a_data) of the probe's transitions under Q-network `params` (not for 'bc')."""
-  return np.asarray(_probe_q(params, probe.observation, probe.game_id, probe.action, cfg=cfg))
+  q = probe_q_table(cfg, params, probe)
+  return q[np.arange(len(probe.action)), probe.action]
+
+
+def probe_q_table(cfg: ExperimentConfig, params: Any, probe: McProbe) -> np.ndarray:
+  """Q(s, a) of every action at the probe's states, float32 [P, A_max]; -inf where `a` is not a
+  valid action of the transition's game (not for 'bc')."""
+  return np.asarray(_probe_q(params, probe.observation, probe.game_id, cfg=cfg))
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',))
-def _probe_q(params, observation, game_id, action, cfg):
+def _probe_q(params, observation, game_id, cfg):
   nets = builder.agent_networks(cfg)
   logits = nets.q.apply(params, observation, game_id).logits
   q = methods.get(cfg.agent.loss).q_values(logits, jnp.asarray(nets.atoms))
-  return jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
+  return jnp.where(jnp.asarray(nets.action_mask)[game_id], q, -jnp.inf)
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float:
+  """Pearson correlation; 0.0 where either side is constant (or has fewer than 2 values)."""
+  return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else 0.0
+
+
+def probe_game_metrics(q: np.ndarray, probe: McProbe, games: Sequence[str]) -> dict[str, float]:
+  """Per-game diagnostics of the probe (`q`: `probe_q_table`), keyed `<game>/<name>`:
+
+  - `greedy_is_data_action`: how often the greedy action is the data's;
+  - `greedy_top_share`: the share of the game's probe states whose greedy action is the one the
+    network picks most often there; 1.0 = one action everywhere (a collapsed policy: Atlantis'
+    greedy NOOP on flawed data, docs/learning.md), to read against `data_top_share`, the same for
+    the data's actions;
+  - `action_gap`: best minus second-best valid Q, mean (0 = Q flat across actions);
+  - `q_mc_corr`: the correlation of Q(s, a_data) with the Monte-Carlo return.
+
+  The batch-mean diagnostics pool the games; one game can fail while the pool looks healthy."""
+  out = {}
+  rows = np.arange(len(probe.action))
+  greedy = np.argmax(q, axis=1)
+  ranked = np.sort(q, axis=1)
+  gap = np.where(np.isfinite(ranked[:, -2]), ranked[:, -1] - ranked[:, -2], 0.0)
+  q_data = q[rows, probe.action]
+
+  def top(actions):
+    return float(np.bincount(actions).max() / len(actions))
+
+  for g, game in enumerate(games):
+    idx = np.flatnonzero(probe.game_id == g)
+    if not len(idx):
+      continue
+    out[f'{game}/greedy_is_data_action'] = float(np.mean(greedy[idx] == probe.action[idx]))
+    out[f'{game}/greedy_top_share'] = top(greedy[idx])
+    out[f'{game}/data_top_share'] = top(probe.action[idx])
+    out[f'{game}/action_gap'] = float(gap[idx].mean())
+    out[f'{game}/q_mc_corr'] = _corr(q_data[idx], probe.mc_return[idx])
+  return out
 
 
 def check_mc_probe(probe: McProbe, cfg: ExperimentConfig) -> None:
@@ -78,9 +124,12 @@ class LearnerRunner:
 
   def __init__(self, learner: Learner, workdir: Optional[str] = None, *,
                logger: Optional[loggers_lib.Logger] = None, handle_signals: bool = True,
-               mc_probe: Optional[McProbe] = None):
+               mc_probe: Optional[McProbe] = None,
+               game_logger: Optional[loggers_lib.Logger] = None):
     """`mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
     every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q).
+    With a probe, its per-game diagnostics (`probe_game_metrics`) go to `game_logger` (default,
+    with a workdir: WORKDIR/learner_games.jsonl and TensorBoard, not stdout: 5 values per game).
     `handle_signals`: SIGTERM/SIGINT stop at the next step boundary with a checkpoint (with a
     workdir, in the main thread only)."""
     cfg = learner.cfg
@@ -92,6 +141,9 @@ class LearnerRunner:
     self._workdir = workdir
     self._failure: Optional[str] = None  # set by a non-finite step: the state is not usable
     self._logger = logger or loggers_lib.make_logger('learner', workdir)
+    if game_logger is None and workdir is not None and self._mc_probe is not None:
+      game_logger = loggers_lib.make_logger('learner_games', workdir, stdout=False)
+    self._game_logger = game_logger if self._mc_probe is not None else None
     self._window: dict[str, float] = {}
     self._window_count = 0
     self._window_start = time.perf_counter()
@@ -193,6 +245,8 @@ class LearnerRunner:
     if self._manager is not None:
       self._manager.close()
     self._logger.close()
+    if self._game_logger is not None:
+      self._game_logger.close()
 
   # ----------------------------------------------------------------------------------------
   def _check_alive(self) -> None:
@@ -241,8 +295,12 @@ class LearnerRunner:
   def _probe_metrics(self) -> dict[str, float]:
     if self._mc_probe is None:
       return {}
-    q = probe_q_values(self._cfg, self._learner.state.params, self._mc_probe)
-    g = self._mc_probe.mc_return
-    corr = float(np.corrcoef(q, g)[0, 1]) if q.std() > 0 and g.std() > 0 else 0.0
+    probe = self._mc_probe
+    table = probe_q_table(self._cfg, self._learner.state.params, probe)
+    if self._game_logger is not None:
+      self._game_logger.write(self.steps, probe_game_metrics(table, probe, self._cfg.games))
+    q = table[np.arange(len(probe.action)), probe.action]
+    g = probe.mc_return
+    corr = _corr(q, g)
     return dict(probe_q_data=float(q.mean()), probe_mc_return=float(g.mean()),
                 probe_q_minus_mc_return=float((q - g).mean()), probe_q_mc_corr=corr)
