@@ -34,7 +34,8 @@ What it does, top to bottom:
    optimizer; `--batch-size`, `--learning-rate`, `--target-update-period` change them) on
    `--games`, plus the method's variant (`scaled_ql.configs.VARIANTS`).
 4. Aggregates with rliable (`scaled_ql.eval.metrics`): IQM / median / mean / optimality gap of
-   human-normalized scores with 95% stratified-bootstrap CIs over seeds, a performance profile
+   human-normalized scores with 95% stratified-bootstrap CIs over seeds (over games, in a table
+   of their own, for the methods with one run: `--ablation-seeds`), a performance profile
    PNG, per-game raw scores, and a check of the paper's claims, written to OUT/results.md and
    printed.
 
@@ -293,11 +294,27 @@ CLAIMS = [
 ]
 
 
-def _verdict(a, b) -> str:
-  """a, b: Estimates of Scaled QL and the other method's IQM."""
+def _verdict(a, b, single_run: str = '') -> str:
+  """a, b: Estimates of Scaled QL and the other method's IQM. `single_run`: the label of a side
+  that has one run while the other has several: their CIs resample different things (games /
+  runs within each game), so only the point estimates are compared."""
+  if single_run:
+    return (('holds' if a.point > b.point else 'does NOT hold')
+            + f' (point estimates only: {single_run} has 1 run, no CI over seeds)')
   if a.point > b.point:
     return 'holds (95% CIs disjoint)' if a.lower > b.upper else 'point estimate only (CIs overlap)'
   return 'does NOT hold' + (' (CIs disjoint)' if a.upper < b.lower else ' (CIs overlap)')
+
+
+def aggregate_by_runs(mats: dict[str, np.ndarray], reps: int):
+  """rliable aggregates with the CIs each method's runs allow: over runs within each game for
+  the methods with >= 2 runs; over games for those with 1 (e.g. `--ablation-seeds 0`). One
+  single-run method must not turn every method's CI into a resampling of games, which would
+  widen Scaled QL's and BC's. Returns the tables (one per kind, in that order)."""
+  from scaled_ql.eval import metrics
+  groups = [({k: v for k, v in mats.items() if v.shape[0] > 1}, False),
+            ({k: v for k, v in mats.items() if v.shape[0] == 1}, True)]
+  return [metrics.aggregate(g, reps=reps, seed=0, task_bootstrap=task) for g, task in groups if g]
 
 
 def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float) -> str:
@@ -311,8 +328,7 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
     rows = sorted((r for r in results if r['method'] == m), key=lambda r: r['seed'])
     mats[label[m]] = np.array([[normalization.human_normalized(g, r['scores'][g]) for g in games]
                                for r in rows])
-  table = metrics.aggregate(mats, reps=args.reps, seed=0, task_bootstrap=False
-                            if min(x.shape[0] for x in mats.values()) > 1 else True)
+  tables = aggregate_by_runs(mats, args.reps)
   behaviour_norm = np.array([[normalization.human_normalized(g, behaviour[g]['score'])
                               for g in games]])
   # One "run" (the data): its CI resamples games.
@@ -333,7 +349,8 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
     for g in games:
       w.writerow([BEHAVIOUR, g, behaviour[g]['score'], 0, 0])
 
-  iqm = {name: est['IQM'] for name, est in table.estimates.items()}
+  iqm = {name: est['IQM'] for t in tables for name, est in t.estimates.items()}
+  runs = {name: n for t in tables for name, n in t.runs.items()}
   b_iqm = behaviour_table.estimates[BEHAVIOUR]['IQM']
   lines = [f'# Scaled QL vs baselines at CPU scale ({len(games)} games, sub-optimal data)', '',
            f'Command: `{" ".join([os.path.relpath(sys.executable)] + sys.argv)}`', '',
@@ -356,7 +373,7 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
               if args.late_checkpoints > 1 else '; a run\'s score is its final params\'')
            + '.', '',
            '## Human-normalized aggregates (%), 95% CIs', '',
-           metrics.markdown_table(table).rstrip(), '',
+           '\n\n'.join(metrics.markdown_table(t).rstrip() for t in tables), '',
            f'{BEHAVIOUR}: IQM {b_iqm.format()}, median '
            f'{behaviour_table.estimates[BEHAVIOUR]["Median"].format()}, mean '
            f'{behaviour_table.estimates[BEHAVIOUR]["Mean"].format()} (one data set; its CI '
@@ -390,11 +407,16 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
                  f'{b_iqm.format()}).')
     for claim, other in CLAIMS:
       if other in methods:
-        o = iqm[METHODS[other][0]]
+        name = METHODS[other][0]
+        o = iqm[name]
+        pair = {n: runs[n] for n in (METHODS['scaled_ql'][0], name)}
+        single = next((n for n, k in pair.items() if k == 1), '') if max(pair.values()) > 1 else ''
         if other == 'feature_norm':  # the claim is about the other arm beating Scaled QL
-          lines.append(f'- {claim}: {_verdict(o, sq)} (IQM {o.format()} vs {sq.format()}).')
+          lines.append(f'- {claim}: {_verdict(o, sq, single)} (IQM {o.format()} vs '
+                       f'{sq.format()}).')
         else:
-          lines.append(f'- {claim}: {_verdict(sq, o)} (IQM {sq.format()} vs {o.format()}).')
+          lines.append(f'- {claim}: {_verdict(sq, o, single)} (IQM {sq.format()} vs '
+                       f'{o.format()}).')
   lines += ['', f'Files: `scores.csv` (raw scores per method/game/seed), `{os.path.basename(png)}`,'
             ' `runs/<method>_seed<s>/` (each run\'s workdir: config, checkpoint, eval log, '
             'learner metrics, result.json).', '']

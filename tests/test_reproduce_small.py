@@ -1,4 +1,5 @@
 """benchmarks/reproduce_small.py: its flags and the late-checkpoint scoring (no runs here)."""
+import numpy as np
 import pytest
 
 from scaled_ql.datasets import policies
@@ -63,3 +64,29 @@ def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys):
   with pytest.raises(SystemExit):
     rs.parse_args(argv)
   assert message in capsys.readouterr().err
+
+
+def test_report_keeps_seed_cis_when_an_ablation_has_one_run(tmp_path):
+  # Scaled QL and BC with 2 seeds, no-CQL with 1 (`--ablation-seeds 0`): the pair's CIs stay
+  # over runs within each game, as without the ablation, and the 1-run claim compares points.
+  from scaled_ql.eval import metrics, normalization
+  args = rs.parse_args(['--games', 'Boxing,Freeway', '--out', str(tmp_path), '--methods',
+                        'scaled_ql,bc,no_cql', '--seeds', '0,1', '--ablation-seeds', '0',
+                        '--reps', '200'])
+  scores = {('scaled_ql', 0): (60, 22), ('scaled_ql', 1): (40, 21), ('bc', 0): (-50, 21),
+            ('bc', 1): (-40, 20), ('no_cql', 0): (-60, 12)}
+  results = [dict(method=m, seed=s, scores=dict(Boxing=b, Freeway=f), steps=100, seconds=1.0)
+             for (m, s), (b, f) in scores.items()]
+  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00', 'checkpoint_01'])
+               for g, v in (('Boxing', -11.0), ('Freeway', 16.0))}
+  md = rs.report(results, behaviour, args, 60.0)
+  pair = metrics.aggregate(
+      {label: np.array([[normalization.human_normalized(g, scores[(m, s)][i])
+                         for i, g in enumerate(('Boxing', 'Freeway'))] for s in (0, 1)])
+       for m, label in (('scaled_ql', 'Scaled QL'), ('bc', 'BC'))},
+      reps=200, seed=0, task_bootstrap=False)
+  assert f"| Scaled QL | 2 | {pair.estimates['Scaled QL']['IQM'].format()} |" in md
+  assert 'over runs within each game' in md and 'over runs and games' in md
+  assert '- Scaled QL beats BC (same network, same data): holds (95% CIs disjoint)' in md
+  assert ('- pessimism helps: Scaled QL beats alpha = 0: holds (point estimates only: '
+          'Scaled QL, no CQL has 1 run, no CI over seeds)') in md
