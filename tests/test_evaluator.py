@@ -260,6 +260,23 @@ def test_logs_and_run_report(tmp_path):
     assert os.path.getsize(os.path.join(workdir, 'report', name)) > 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
   assert '| 10 |' in md and 'Breakout' in md and 'Torn log lines skipped: 0.' in md
+  assert 'Q diagnostics per game' not in md  # no learner_games.jsonl: no section
+
+  # The learner's per-game Q diagnostics: a table of the latest line and a plot (a torn last
+  # line, as a killed learner leaves, is skipped).
+  names = ('greedy_is_data_action', 'greedy_top_share', 'data_top_share', 'action_gap',
+           'q_mc_corr')
+  with open(os.path.join(workdir, 'learner_games.jsonl'), 'w') as f:
+    for step, share in ((100, 0.5), (200, 0.99)):
+      f.write(json.dumps({'step': step, 'time': 0.0, **{
+          f'{g}/{n}': (share if n == 'greedy_top_share' else 0.25) for g in ('Breakout', 'Pong')
+          for n in names}}) + '\n')
+    f.write('{"step": 300, "Pong/greedy_to')
+  assert report.read_game_diagnostics(workdir)['Pong'][0] == [100, 200]
+  assert cli.main(['report', 'run', workdir]) == 0
+  assert os.path.getsize(os.path.join(workdir, 'report', 'greedy_top_share_games.png')) > 0
+  md = open(os.path.join(workdir, 'report', 'summary.md')).read()
+  assert '| Pong | 200 | 0.25 | 0.99 | 0.25 | 0.25 | 0.25 |' in md
 
 
 def record(game, version, normalized, evaluator_name='e0', episodes=1):

@@ -277,7 +277,16 @@ def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
         {'IQM': (c.versions, c.iqm), 'median': (c.versions, c.median),
          'mean': (c.versions, c.mean)},
         'human-normalized score (%)', title=f'aggregate over {len(c.aggregate_games)} games')
-  md = _run_markdown(workdir, logs, c, paths)
+  diagnostics = read_game_diagnostics(workdir)
+  if diagnostics:
+    paths['greedy_png'] = plots.per_game_grid_png(
+        os.path.join(out_dir, 'greedy_top_share_games.png'),
+        {g: (steps, [row[f'{g}/greedy_top_share'] for row in rows])
+         for g, (steps, rows) in diagnostics.items()},
+        ylabel='greedy top-action share', percent=False,
+        title='share of the probe states whose greedy action is the most frequent one '
+              '(1 = one action everywhere)')
+  md = _run_markdown(workdir, logs, c, paths) + _diagnostics_markdown(diagnostics, paths)
   paths['summary_md'] = os.path.join(out_dir, 'summary.md')
   with open(paths['summary_md'], 'w') as f:
     f.write(md)
@@ -326,6 +335,43 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
   lines += ['', f'![per game]({os.path.basename(paths["games_png"])})', '',
             'Schema and curve definitions: `scaled_ql/eval/report.py`; evaluation protocol: '
             '`scaled_ql/eval/evaluator.py`.', '']
+  return '\n'.join(lines)
+
+
+def read_game_diagnostics(workdir: str) -> dict[str, tuple[list[int], list[dict]]]:
+  """{game: (learner steps, rows)} from WORKDIR/learner_games.jsonl (the learner's per-game Q
+  diagnostics, `agents.runner.probe_game_metrics`); rows are the lines that hold the game. {} when
+  the run has none (BC, online fine-tuning, or a run from before the file existed); a torn last
+  line is skipped."""
+  path = os.path.join(workdir, 'learner_games.jsonl')
+  if not os.path.exists(path):
+    return {}
+  out: dict[str, tuple[list[int], list[dict]]] = {}
+  for line in open(path, encoding='utf-8'):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    for game in sorted({k.split('/')[0] for k in row if '/' in k}):
+      steps, rows = out.setdefault(game, ([], []))
+      steps.append(int(row['step']))
+      rows.append(row)
+  return out
+
+
+def _diagnostics_markdown(diagnostics: dict, paths: dict[str, str]) -> str:
+  if not diagnostics:
+    return ''
+  names = ('greedy_is_data_action', 'greedy_top_share', 'data_top_share', 'action_gap',
+           'q_mc_corr')
+  lines = ['## Q diagnostics per game (latest learner log, `learner_games.jsonl`)', '',
+           'On the learner\'s Monte-Carlo probe (the run\'s own data). A greedy top-action share '
+           'near 1 where the data\'s is lower: the policy plays one action everywhere.', '',
+           '| game | learner step | ' + ' | '.join(names) + ' |', '|---|' + '---|' * (len(names) + 1)]
+  for game, (steps, rows) in diagnostics.items():
+    cells = [f'{rows[-1].get(f"{game}/{n}", float("nan")):.3g}' for n in names]
+    lines.append(f'| {game} | {steps[-1]} | ' + ' | '.join(cells) + ' |')
+  lines += ['', f'![greedy top-action share]({os.path.basename(paths["greedy_png"])})', '']
   return '\n'.join(lines)
 
 
