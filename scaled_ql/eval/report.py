@@ -367,7 +367,8 @@ def _diagnostics_markdown(diagnostics: dict, paths: dict[str, str]) -> str:
   lines = ['## Q diagnostics per game (latest learner log, `learner_games.jsonl`)', '',
            'On the learner\'s Monte-Carlo probe (the run\'s own data). A greedy top-action share '
            'near 1 where the data\'s is lower: the policy plays one action everywhere.', '',
-           '| game | learner step | ' + ' | '.join(names) + ' |', '|---|' + '---|' * (len(names) + 1)]
+           '| game | learner step | ' + ' | '.join(names) + ' |',
+           '|---|' + '---|' * (len(names) + 1)]
   for game, (steps, rows) in diagnostics.items():
     cells = [f'{rows[-1].get(f"{game}/{n}", float("nan")):.3g}' for n in names]
     lines.append(f'| {game} | {steps[-1]} | ' + ' | '.join(cells) + ' |')
