@@ -77,7 +77,8 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float:
 def probe_game_metrics(q: np.ndarray, probe: McProbe, games: Sequence[str]) -> dict[str, float]:
   """Per-game diagnostics of the probe (`q`: `probe_q_table`), keyed `<game>/<name>`:
 
-  - `greedy_is_data_action`: how often the greedy action is the data's;
+  - `greedy_is_data_action`: how often the greedy action (argmax over the game's valid actions;
+    BCQ's policy also filters by its behaviour model, which this does not) is the data's;
   - `greedy_top_share`: the share of the game's probe states whose greedy action is the one the
     network picks most often there; 1.0 = one action everywhere (a collapsed policy: Atlantis'
     greedy NOOP on flawed data, docs/learning.md), to read against `data_top_share`, the same for
