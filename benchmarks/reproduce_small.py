@@ -306,17 +306,6 @@ def _verdict(a, b, single_run: str = '') -> str:
   return 'does NOT hold' + (' (CIs disjoint)' if a.upper < b.lower else ' (CIs overlap)')
 
 
-def aggregate_by_runs(mats: dict[str, np.ndarray], reps: int):
-  """rliable aggregates with the CIs each method's runs allow: over runs within each game for
-  the methods with >= 2 runs; over games for those with 1 (e.g. `--ablation-seeds 0`). One
-  single-run method must not turn every method's CI into a resampling of games, which would
-  widen Scaled QL's and BC's. Returns the tables (one per kind, in that order)."""
-  from scaled_ql.eval import metrics
-  groups = [({k: v for k, v in mats.items() if v.shape[0] > 1}, False),
-            ({k: v for k, v in mats.items() if v.shape[0] == 1}, True)]
-  return [metrics.aggregate(g, reps=reps, seed=0, task_bootstrap=task) for g, task in groups if g]
-
-
 def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float) -> str:
   from scaled_ql.eval import metrics, normalization, plots
   games = tuple(args.games)
@@ -328,7 +317,9 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
     rows = sorted((r for r in results if r['method'] == m), key=lambda r: r['seed'])
     mats[label[m]] = np.array([[normalization.human_normalized(g, r['scores'][g]) for g in games]
                                for r in rows])
-  tables = aggregate_by_runs(mats, args.reps)
+  # --ablation-seeds 0: the 1-run methods get a table of their own, so that they do not widen
+  # Scaled QL's and BC's CIs into a resampling of games.
+  tables = metrics.aggregate_by_runs(mats, reps=args.reps, seed=0)
   behaviour_norm = np.array([[normalization.human_normalized(g, behaviour[g]['score'])
                               for g in games]])
   # One "run" (the data): its CI resamples games.

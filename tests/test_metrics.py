@@ -203,3 +203,14 @@ def test_rows_without_a_completed_episode_leave_their_game_out_for_every_method(
                columns=('method', 'game', 'score', 'seed', 'episodes'))
   with pytest.raises(metrics.ScoresFileError, match='none.csv: no row has a score'):
     metrics.load_scores_csv(none)
+
+
+def test_aggregate_by_runs_keeps_seed_cis_beside_a_one_run_method():
+  rng = np.random.default_rng(0)
+  mats = {'A': rng.normal(size=(3, 4)), 'B': rng.normal(size=(2, 4)), 'C': rng.normal(size=(1, 4))}
+  seeded, single = metrics.aggregate_by_runs(mats, reps=100, seed=0)
+  assert not seeded.task_bootstrap and single.task_bootstrap
+  assert set(seeded.runs) == {'A', 'B'} and set(single.runs) == {'C'}
+  alone = metrics.aggregate({'A': mats['A'], 'B': mats['B']}, reps=100, seed=0)
+  assert seeded.estimates == alone.estimates  # as if the 1-run method were not there
+  assert len(metrics.aggregate_by_runs({'A': mats['A']}, reps=10)) == 1

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scaled_ql import loggers as loggers_lib
-from scaled_ql.agents import builder, checkpointing, methods
+from scaled_ql.agents import builder, checkpointing, losses, methods
 from scaled_ql.agents.learner import Learner
 from scaled_ql.configs import overrides
 from scaled_ql.configs.base import ExperimentConfig
@@ -69,6 +69,14 @@ def _probe_q(params, observation, game_id, cfg):
   return jnp.where(jnp.asarray(nets.action_mask)[game_id], q, -jnp.inf)
 
 
+@jax.jit
+def _greedy_and_gap(q):
+  """The losses' own greedy action and action gap of each row of a `probe_q_table` (-inf marks
+  the actions a game does not have)."""
+  valid = jnp.isfinite(q)
+  return jax.vmap(losses.masked_argmax)(q, valid), jax.vmap(losses.action_gap)(q, valid)
+
+
 def _corr(x: np.ndarray, y: np.ndarray) -> float:
   """Pearson correlation; 0.0 where either side is constant (or has fewer than 2 values)."""
   return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else 0.0
@@ -88,11 +96,8 @@ def probe_game_metrics(q: np.ndarray, probe: McProbe, games: Sequence[str]) -> d
 
   The batch-mean diagnostics pool the games; one game can fail while the pool looks healthy."""
   out = {}
-  rows = np.arange(len(probe.action))
-  greedy = np.argmax(q, axis=1)
-  ranked = np.sort(q, axis=1)
-  gap = np.where(np.isfinite(ranked[:, -2]), ranked[:, -1] - ranked[:, -2], 0.0)
-  q_data = q[rows, probe.action]
+  greedy, gap = (np.asarray(x) for x in _greedy_and_gap(jnp.asarray(q)))
+  q_data = q[np.arange(len(probe.action)), probe.action]
 
   def top(actions):
     return float(np.bincount(actions).max() / len(actions))

@@ -234,6 +234,18 @@ def aggregate(score_matrices: Mapping[str, np.ndarray], reps: int = 2000, seed: 
                         seed=seed, task_bootstrap=bool(task_bootstrap), confidence=confidence)
 
 
+def aggregate_by_runs(score_matrices: Mapping[str, np.ndarray], reps: int = 2000,
+                      seed: int = 0, confidence: float = 0.95) -> list[AggregateTable]:
+  """`aggregate` with the CIs each method's runs allow: over runs within each game for the
+  methods with >= 2 runs, over games for those with 1 (one table per kind, in that order; empty
+  kinds left out). `aggregate(task_bootstrap=None)` resamples games for every method as soon as
+  one has a single run, which widens the CIs of the methods that have seeds."""
+  groups = [({m: s for m, s in score_matrices.items() if np.shape(s)[0] > 1}, False),
+            ({m: s for m, s in score_matrices.items() if np.shape(s)[0] == 1}, True)]
+  return [aggregate(g, reps=reps, seed=seed, task_bootstrap=task, confidence=confidence)
+          for g, task in groups if g]
+
+
 def performance_profiles(score_matrices: Mapping[str, np.ndarray], taus: np.ndarray,
                          reps: int = 2000, seed: int = 0,
                          task_bootstrap: Optional[bool] = None, confidence: float = 0.95
