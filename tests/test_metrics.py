@@ -150,6 +150,29 @@ def test_report_aggregate_command_writes_its_files(tmp_path, capsys):
   assert '| A | 3 |' in md
 
 
+def test_report_aggregate_keeps_seed_cis_beside_a_one_run_method(tmp_path, capsys):
+  rows = seeded_rows() + seeded_rows(methods=('C',), seeds=(0,))
+  out, alone = os.path.join(tmp_path, 'mixed'), os.path.join(tmp_path, 'alone')
+  assert cli.main(['report', 'aggregate', write(tmp_path, rows), '--out', out,
+                   '--reps', str(REPS)]) == 0
+  assert 'separate tables' in capsys.readouterr().out
+  assert cli.main(['report', 'aggregate', write(tmp_path, seeded_rows(), name='ab.csv'),
+                   '--out', alone, '--reps', str(REPS)]) == 0
+  mixed = pd.read_csv(os.path.join(out, 'aggregate.csv')).set_index(['method', 'metric'])
+  ab = pd.read_csv(os.path.join(alone, 'aggregate.csv')).set_index(['method', 'metric'])
+  # A's and B's CIs are those of a file without C: over runs within each game, not over games.
+  pd.testing.assert_frame_equal(mixed.loc[['A', 'B']], ab)
+  assert set(mixed.loc['A', 'ci_over']) == {'runs within each game'}
+  assert set(mixed.loc['C', 'ci_over']) == {'runs and games'}
+  md = open(os.path.join(out, 'aggregate.md')).read()
+  assert md.count('| Method | Runs |') == 2 and 'separate tables' in md
+  # Asked for, games are resampled for every method.
+  assert cli.main(['report', 'aggregate', write(tmp_path, rows, name='m.csv'), '--out', out,
+                   '--reps', str(REPS), '--task-bootstrap', 'yes']) == 0
+  every = pd.read_csv(os.path.join(out, 'aggregate.csv'))
+  assert set(every['ci_over']) == {'runs and games'}
+
+
 def test_report_aggregate_on_the_paper_table_and_bad_input(tmp_path, capsys):
   out = os.path.join(tmp_path, 'c2')
   assert cli.main(['report', 'aggregate', 'paper:c2', '--out', out, '--reps', str(REPS),

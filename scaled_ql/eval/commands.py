@@ -62,7 +62,8 @@ def register(subparsers) -> None:
   a.add_argument('--methods', default=None,
                  help='comma-separated methods to keep (default: all in the file)')
   a.add_argument('--task-bootstrap', choices=('auto', 'yes', 'no'), default='auto',
-                 help='also resample games (auto: when a method has a single run)')
+                 help='also resample games (auto: for the methods with a single run, '
+                      'shown in a table of their own)')
   a.set_defaults(handler=_aggregate)
 
   w = rsub.add_parser(

@@ -207,6 +207,8 @@ def compare(inputs: Sequence[str], table: Optional[str] = None, reps: int = 2000
   df = pd.DataFrame(rows, columns=['method', 'game', 'score', 'seed'])
   df.attrs.update(path='compare', no_episode=[])
   mats, _ = metrics.normalized_score_matrices(df)
+  # The paper's methods are one run each, so CIs resample games for every method here: the
+  # comparison with the paper is the point, and it needs CIs of one kind.
   aggregates = metrics.aggregate(mats, reps=reps, seed=seed)
   raw = {m: df[df['method'] == m].groupby('game')['score'].mean().to_dict()
          for m in methods + list(paper_methods)}

@@ -253,18 +253,19 @@ def performance_profiles(score_matrices: Mapping[str, np.ndarray], taus: np.ndar
   """Score distributions (fraction of runs x games with normalized score > tau) with CIs.
 
   Returns ({method: float [T]}, {method: float [2, T]} lower/upper), seeded like `aggregate`.
+  `task_bootstrap=None` resamples games too for each method that has a single run, and only for
+  it (a method's profile and CI never depend on the other methods).
   """
   from rliable import library
   taus = np.asarray(taus, np.float64)
   mats = {m: _check_matrix(s) for m, s in score_matrices.items()}
-  if task_bootstrap is None:
-    task_bootstrap = min(s.shape[0] for s in mats.values()) == 1
   profile_fn: Callable[[np.ndarray], np.ndarray] = (
       lambda x: library.score_distributions(x, taus))
   profiles, cis = {}, {}
   for method, scores in mats.items():
+    task = scores.shape[0] == 1 if task_bootstrap is None else task_bootstrap
     profiles[method], cis[method] = _interval_estimates(
-        scores, profile_fn, reps, seed, task_bootstrap, confidence)
+        scores, profile_fn, reps, seed, task, confidence)
   return profiles, cis
 
 

@@ -386,8 +386,10 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
                      methods: Optional[Sequence[str]] = None) -> tuple[str, dict[str, str]]:
   """Aggregates a (method, game, score[, seed]) CSV: returns (text table, written file paths).
 
-  `methods` keeps only those methods (each must be in the file). Writes `aggregate.md` (Markdown
-  table), `aggregate.csv` (method, metric, point, lower, upper in percent) and
+  `methods` keeps only those methods (each must be in the file). `task_bootstrap=None` (auto)
+  bootstraps each method over what its runs allow (`metrics.aggregate_by_runs`: over runs within
+  each game with >= 2 runs; over games too with 1), in one table per kind. Writes `aggregate.md`
+  (Markdown tables), `aggregate.csv` (method, metric, point, lower, upper in percent, ci_over) and
   `performance_profile.png` into `out_dir` (default `./<csv stem>_aggregate`). Rows without a
   completed episode leave their game out for every method; the text and `aggregate.md` say which.
   """
@@ -414,7 +416,13 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
     note = (f'Left out of every aggregate, for every method ({NO_EPISODE}): ' + '; '.join(
         f'{g} ({", ".join(f"{m} seed {s}" for m, s in runs)})' for g, runs in left_out.items())
         + '.\n')
-  table = metrics.aggregate(mats, reps=reps, seed=seed, task_bootstrap=task_bootstrap)
+  # auto: each method gets the CI its runs allow (over runs within each game with >= 2 runs, over
+  # games with 1), so a 1-run method does not widen the CIs of the methods that have seeds.
+  tables = (metrics.aggregate_by_runs(mats, reps=reps, seed=seed) if task_bootstrap is None else
+            [metrics.aggregate(mats, reps=reps, seed=seed, task_bootstrap=task_bootstrap)])
+  if len(tables) > 1:
+    note += ('Methods with several runs and methods with one are in separate tables: their CIs '
+             'resample different things, so compare across the tables by point estimates only.\n')
   taus = np.linspace(0.0, tau_max, 81)
   profiles, cis = metrics.performance_profiles(mats, taus, reps=reps, seed=seed,
                                                task_bootstrap=task_bootstrap)
@@ -429,14 +437,16 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
       'csv': os.path.join(out_dir, 'aggregate.csv'),
   }
   with open(paths['markdown'], 'w') as f:
-    f.write(f'# Aggregates of {path}\n\n' + metrics.markdown_table(table) +
+    f.write(f'# Aggregates of {path}\n\n' + '\n'.join(map(metrics.markdown_table, tables)) +
             (f'\n{note}' if note else '') +
             '\n![performance profile](performance_profile.png)\n')
   with open(paths['csv'], 'w', newline='') as f:
     w = csv.writer(f, lineterminator='\n')
-    w.writerow(['method', 'metric', 'point', 'lower', 'upper'])
-    for m, est in table.estimates.items():
-      for name, e in est.items():
-        w.writerow([m, name, f'{e.point * 100:.3f}', f'{e.lower * 100:.3f}',
-                    f'{e.upper * 100:.3f}'])
-  return metrics.format_table(table) + note, paths
+    w.writerow(['method', 'metric', 'point', 'lower', 'upper', 'ci_over'])
+    for table in tables:
+      over = 'runs and games' if table.task_bootstrap else 'runs within each game'
+      for m, est in table.estimates.items():
+        for name, e in est.items():
+          w.writerow([m, name, f'{e.point * 100:.3f}', f'{e.lower * 100:.3f}',
+                      f'{e.upper * 100:.3f}', over])
+  return '\n'.join(map(metrics.format_table, tables)) + note, paths
