@@ -90,3 +90,25 @@ def test_report_keeps_seed_cis_when_an_ablation_has_one_run(tmp_path):
   assert '- Scaled QL beats BC (same network, same data): holds (95% CIs disjoint)' in md
   assert ('- pessimism helps: Scaled QL beats alpha = 0: holds (point estimates only: '
           'Scaled QL, no CQL has 1 run, no CI over seeds)') in md
+
+
+def test_bc_on_the_feature_norm_network_is_the_feature_norm_arms_baseline(tmp_path):
+  args = rs.parse_args(['--games', 'Boxing,Freeway', '--out', str(tmp_path), '--methods',
+                        'scaled_ql,feature_norm,bc_feature_norm', '--seeds', '0,1',
+                        '--reps', '200'])
+  cfg = rs.make_config('bc_feature_norm', 1, args)
+  assert cfg.agent.loss == 'bc' and cfg.agent.cql_alpha == 0 and cfg.network.feature_norm
+  assert rs.make_config('feature_norm', 0, args).agent.loss != 'bc'
+  scores = {('scaled_ql', 0): (-30, 21), ('scaled_ql', 1): (-35, 22),
+            ('feature_norm', 0): (60, 22), ('feature_norm', 1): (40, 21),
+            ('bc_feature_norm', 0): (-50, 21), ('bc_feature_norm', 1): (-40, 20)}
+  results = [dict(method=m, seed=s, scores=dict(Boxing=b, Freeway=f), steps=100, seconds=1.0)
+             for (m, s), (b, f) in scores.items()]
+  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00', 'checkpoint_01'])
+               for g, v in (('Boxing', -11.0), ('Freeway', 16.0))}
+  md = rs.report(results, behaviour, args, 60.0)
+  assert ('- Scaled QL beats BC on the feature-norm network (same network, same data): holds '
+          '(95% CIs disjoint)') in md
+  assert "- Scaled QL + feature norm (paper) >= 1.5x the behaviour policy's IQM" in md
+  assert "- Scaled QL >= 1.5x the behaviour policy's IQM" in md
+  assert 'Scaled QL beats BC (same network' not in md  # no plain BC run: no such claim
