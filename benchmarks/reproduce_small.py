@@ -304,8 +304,8 @@ RATIO_ARMS = ('scaled_ql', 'feature_norm')
 
 
 def _verdict(a, b, single_run: str = '') -> str:
-  """a, b: IQM Estimates of the method claimed better and of the other. `single_run`: the label of a side
-  that has one run while the other has several: their CIs resample different things (games /
+  """a, b: IQM Estimates of the method claimed better and of the other. `single_run`: the label
+  of a side that has one run while the other has several: their CIs resample different things (games /
   runs within each game), so only the point estimates are compared."""
   if single_run:
     return (('holds' if a.point > b.point else 'does NOT hold')
