@@ -9,6 +9,8 @@
         --data-dir data/reproduce_flawed --weak-episodes flawed \\
         --episodes-per-checkpoint 16 --methods scaled_ql,bc --seeds 0,1 --steps 12000 \\
         --late-checkpoints 4 --eval-steps 5400 --eval-envs 3 --minutes-per-run 40
+    # ... and the paper's network (feature norm) with BC on the same network, same flags:
+    #     --methods feature_norm,bc_feature_norm --seeds 0,1,2   (docs/learning.md, 2026-12-04)
     # The ~1 hour run on 2 cores (see BUILD_NOTES.md, baselines section for the budget it used)
     .venv/bin/python benchmarks/reproduce_small.py --out runs/reproduce_small \\
         --methods scaled_ql,bc,no_cql,mse,feature_norm,bcq --seeds 0,1,2 --steps 4000
