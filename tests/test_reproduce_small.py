@@ -66,6 +66,15 @@ def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+def report_of(scores, args):
+  """rs.report on made-up runs: {(method, seed): (Boxing, Freeway)} raw scores."""
+  results = [dict(method=m, seed=s, scores=dict(Boxing=b, Freeway=f), steps=100, seconds=1.0)
+             for (m, s), (b, f) in scores.items()]
+  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00', 'checkpoint_01'])
+               for g, v in (('Boxing', -11.0), ('Freeway', 16.0))}
+  return rs.report(results, behaviour, args, 60.0)
+
+
 def test_report_keeps_seed_cis_when_an_ablation_has_one_run(tmp_path):
   # Scaled QL and BC with 2 seeds, no-CQL with 1 (`--ablation-seeds 0`): the pair's CIs stay
   # over runs within each game, as without the ablation, and the 1-run claim compares points.
@@ -75,11 +84,7 @@ def test_report_keeps_seed_cis_when_an_ablation_has_one_run(tmp_path):
                         '--reps', '200'])
   scores = {('scaled_ql', 0): (60, 22), ('scaled_ql', 1): (40, 21), ('bc', 0): (-50, 21),
             ('bc', 1): (-40, 20), ('no_cql', 0): (-60, 12)}
-  results = [dict(method=m, seed=s, scores=dict(Boxing=b, Freeway=f), steps=100, seconds=1.0)
-             for (m, s), (b, f) in scores.items()]
-  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00', 'checkpoint_01'])
-               for g, v in (('Boxing', -11.0), ('Freeway', 16.0))}
-  md = rs.report(results, behaviour, args, 60.0)
+  md = report_of(scores, args)
   pair = metrics.aggregate(
       {label: np.array([[normalization.human_normalized(g, scores[(m, s)][i])
                          for i, g in enumerate(('Boxing', 'Freeway'))] for s in (0, 1)])
@@ -102,11 +107,7 @@ def test_bc_on_the_feature_norm_network_is_the_feature_norm_arms_baseline(tmp_pa
   scores = {('scaled_ql', 0): (-30, 21), ('scaled_ql', 1): (-35, 22),
             ('feature_norm', 0): (60, 22), ('feature_norm', 1): (40, 21),
             ('bc_feature_norm', 0): (-50, 21), ('bc_feature_norm', 1): (-40, 20)}
-  results = [dict(method=m, seed=s, scores=dict(Boxing=b, Freeway=f), steps=100, seconds=1.0)
-             for (m, s), (b, f) in scores.items()]
-  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00', 'checkpoint_01'])
-               for g, v in (('Boxing', -11.0), ('Freeway', 16.0))}
-  md = rs.report(results, behaviour, args, 60.0)
+  md = report_of(scores, args)
   assert ('- Scaled QL beats BC on the feature-norm network (same network, same data): holds '
           '(95% CIs disjoint)') in md
   assert "- Scaled QL + feature norm (paper) >= 1.5x the behaviour policy's IQM" in md
