@@ -86,7 +86,7 @@ DEFAULT_GAMES = ('Breakout', 'Boxing', 'Pong', 'Qbert', 'Seaquest', 'SpaceInvade
 FLAWED_GAMES = ('Atlantis', 'BeamRider', 'Boxing', 'Centipede', 'Freeway', 'SpaceInvaders')
 
 def make_config(method: str, seed: int, args) -> configs.ExperimentConfig:
-  """cpu_small + the method's variant, sized for this benchmark."""
+  """cpu_small + the method's variants, sized for this benchmark."""
   from scaled_ql.datasets import rlds_reader
   base = configs.get_config('cpu_small')
   for variant in METHODS[method][1]:
@@ -307,8 +307,8 @@ RATIO_ARMS = ('scaled_ql', 'feature_norm')
 
 def _verdict(a, b, single_run: str = '') -> str:
   """a, b: IQM Estimates of the method claimed better and of the other. `single_run`: the label
-  of a side that has one run while the other has several: their CIs resample different things (games /
-  runs within each game), so only the point estimates are compared."""
+  of a side that has one run while the other has several: their CIs resample different things
+  (games / runs within each game), so only the point estimates are compared."""
   if single_run:
     return (('holds' if a.point > b.point else 'does NOT hold')
             + f' (point estimates only: {single_run} has 1 run, no CI over seeds)')

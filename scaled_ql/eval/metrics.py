@@ -66,6 +66,11 @@ class AggregateTable:
   task_bootstrap: bool
   confidence: float
 
+  @property
+  def ci_over(self) -> str:
+    """What the bootstrap resampled: 'runs and games' or 'runs within each game'."""
+    return 'runs and games' if self.task_bootstrap else 'runs within each game'
+
 
 def resolve_scores_path(path: str) -> str:
   """`paper:c1` / `paper:c2` name the paper's tables shipped in `scaled_ql/eval/data`."""
@@ -312,7 +317,7 @@ def markdown_table(table: AggregateTable) -> str:
 
 
 def _footnote(table: AggregateTable) -> str:
-  over = 'runs and games' if table.task_bootstrap else 'runs within each game'
   return (f'Human-normalized scores in percent over {table.num_games} games; '
-          f'{table.confidence:.0%} stratified-bootstrap CIs ({table.reps} reps over {over}, '
+          f'{table.confidence:.0%} stratified-bootstrap CIs ({table.reps} reps over '
+          f'{table.ci_over}, '
           f'seed {table.seed}). Optimality gap: lower is better.\n')

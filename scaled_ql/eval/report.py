@@ -444,9 +444,8 @@ def aggregate_report(scores_csv: str, out_dir: Optional[str] = None, reps: int =
     w = csv.writer(f, lineterminator='\n')
     w.writerow(['method', 'metric', 'point', 'lower', 'upper', 'ci_over'])
     for table in tables:
-      over = 'runs and games' if table.task_bootstrap else 'runs within each game'
       for m, est in table.estimates.items():
         for name, e in est.items():
           w.writerow([m, name, f'{e.point * 100:.3f}', f'{e.lower * 100:.3f}',
-                      f'{e.upper * 100:.3f}', over])
+                      f'{e.upper * 100:.3f}', table.ci_over])
   return '\n'.join(map(metrics.format_table, tables)) + note, paths
