@@ -356,7 +356,9 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
   b_iqm = behaviour_table.estimates[BEHAVIOUR]['IQM']
   lines = [f'# Scaled QL vs baselines at CPU scale ({len(games)} games, sub-optimal data)', '',
            f'Command: `{" ".join([os.path.relpath(sys.executable)] + sys.argv)}`', '',
-           f'Wall time of this invocation {wall_s / 60:.1f} min; the {len(results)} runs took '
+           ('Report rebuilt with --report-only from finished runs (no run in this invocation); '
+            if args.report_only else f'Wall time of this invocation {wall_s / 60:.1f} min; ')
+           + f'the {len(results)} runs took '
            f'{sum(r["seconds"] for r in results) / 60:.1f} min in all (learner start to final '
            f'evaluation) on {os.cpu_count()} CPU cores; report written '
            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. Data: '

@@ -113,3 +113,9 @@ def test_bc_on_the_feature_norm_network_is_the_feature_norm_arms_baseline(tmp_pa
   assert "- Scaled QL + feature norm (paper) >= 1.5x the behaviour policy's IQM" in md
   assert "- Scaled QL >= 1.5x the behaviour policy's IQM" in md
   assert 'Scaled QL beats BC (same network' not in md  # no plain BC run: no such claim
+  assert 'Wall time of this invocation 1.0 min' in md
+  # A report rebuilt from finished runs does not show its own few seconds as the runs' wall time.
+  rebuilt = report_of(scores, rs.parse_args(
+      ['--games', 'Boxing,Freeway', '--out', str(tmp_path), '--methods',
+       'scaled_ql,feature_norm,bc_feature_norm', '--seeds', '0,1', '--reps', '200', '--report-only']))
+  assert 'rebuilt with --report-only' in rebuilt and 'Wall time of this invocation' not in rebuilt
