@@ -2,7 +2,7 @@
 import os
 
 from scaled_ql.configs import get_config
-from scaled_ql.datasets import generate, rlds_reader
+from scaled_ql.datasets import generate, rlds_reader, tfds_layout
 from scaled_ql.launch import demo
 
 
@@ -47,3 +47,30 @@ def test_a_game_counts_against_its_data_only_with_enough_agent_episodes():
   assert demo.verdict(-16.67, -21.0, 6) == ('not above the data', False)
   assert demo.verdict(None, 5.0, 3) == ('', None)
   assert demo.verdict(5.0, None, 0) == ('', None)
+
+
+def test_demo_data_is_flawed_data_for_the_demo_games(tmp_path, monkeypatch):
+  """The demo's own data (issue 11 section 4): its default games, generated with `flawed` weak
+  episodes (the better action is in the minority of a state's data), in its own directory; a
+  second call keeps what is there."""
+  assert demo.DEMO_DATA_DIR != get_config('cpu_small').data.data_dir
+  monkeypatch.setattr(demo, 'DEMO_CHECKPOINTS', 2)
+  monkeypatch.setattr(demo, 'DEMO_STEPS_PER_CHECKPOINT', 30)
+  game = demo.DEMO_GAMES[0]
+  cfg = get_config('cpu_small').replace(games=(game,), data=dict(data_dir=str(tmp_path)))
+  demo.ensure_demo_data(cfg)
+  version_dir = rlds_reader.load_builder(str(tmp_path), game).data_dir
+  info_path = os.path.join(version_dir, tfds_layout.GENERATION_INFO_FILE)
+  info = generate.read_info(version_dir)
+  assert info['skill_schedule']['weak'] == 'flawed'
+  assert info['flawed_policy'] and 'never fires' in info['flawed_policy']
+  assert len(info['splits']) == 2
+  mtime = os.path.getmtime(info_path)
+  demo.ensure_demo_data(cfg)
+  assert os.path.getmtime(info_path) == mtime
+
+
+def test_demo_games_have_a_flawed_script():
+  from scaled_ql.datasets import policies
+  assert demo.DEMO_WEAK_EPISODES in policies.WEAK_EPISODES
+  assert all(game in policies.FLAWED for game in demo.DEMO_GAMES)

@@ -36,7 +36,10 @@ def register(subparsers) -> None:
 
   p = subparsers.add_parser(
       'demo', help='generate a small local dataset, train cpu_small for a few minutes, print '
-      'human-normalized scores')
+      'human-normalized scores beside the data\'s',
+      description=f'Games: {",".join(demo.DEMO_GAMES)} unless --games says otherwise; data: '
+      f'{demo.DEMO_CHECKPOINTS} x {demo.DEMO_STEPS_PER_CHECKPOINT} agent steps per game with '
+      f'--weak-episodes {demo.DEMO_WEAK_EPISODES} (scaled-ql data generate --help).')
   p.add_argument('--workdir', default=demo.DEMO_WORKDIR)
   p.add_argument('--data-dir', default=demo.DEMO_DATA_DIR)
   p.add_argument('--minutes', type=_positive_minutes, default=demo.DEMO_MINUTES,
