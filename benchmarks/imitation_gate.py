@@ -50,9 +50,9 @@ def behaviour_score(data_dir: str, game: str, selection: str = 'checkpoints:7-9'
                     ) -> tuple[float, int]:
   """Mean raw score over the completed episodes of the selection (generation_info.json)."""
   from scaled_ql.configs import get_config
-  from scaled_ql.launch import demo
+  from scaled_ql.datasets import generate
   cfg = get_config('cpu_small').replace(data=dict(data_dir=data_dir, selection=selection))
-  score, count = demo.data_score(cfg, game)
+  score, count = generate.selection_score(cfg.data, game)
   return (float('nan') if score is None else score), count
 
 

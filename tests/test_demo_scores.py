@@ -17,7 +17,7 @@ def test_data_score_is_the_trained_selection_behaviour(tiny_dataset_dir):
       count = sum(per_split[s]['episodes'] for s in splits)
       total = sum(per_split[s]['score'] * per_split[s]['episodes'] for s in splits
                   if per_split[s]['episodes'])
-      score, n = demo.data_score(cfg, game)
+      score, n = generate.selection_score(cfg.data, game)
       assert n == count
       assert (score is None) if count == 0 else abs(score - total / count) < 1e-9
 

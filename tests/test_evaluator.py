@@ -436,3 +436,33 @@ def test_evaluator_gpus_flag_is_checked_before_any_node_starts():
   finally:
     if started:
       ray.shutdown()
+
+
+def test_run_report_sets_each_game_beside_the_data_it_trained_on(tiny_dataset_dir, tmp_path):
+  """`report run` shows the behaviour score of the run's training splits (its config.json's data
+  dir and selection) as a table column and a dashed line, and names a game without one."""
+  from scaled_ql.configs import get_config
+  from scaled_ql.configs import overrides as overrides_lib
+  from scaled_ql.datasets import generate
+  workdir = str(tmp_path / 'run')
+  cfg = get_config('cpu_tiny').replace(
+      data=dict(data_dir=tiny_dataset_dir, selection='checkpoints:0-1'))
+  overrides_lib.write_file(cfg, workdir)
+  report.append_records(os.path.join(workdir, 'eval', 'e0.jsonl'),
+                        [record(g, 10, 0.5) for g in cfg.games])
+  expected = {g: generate.selection_score(cfg.data, g) for g in cfg.games}
+  data, note = report.data_behaviour(workdir, cfg.games)
+  assert note == '' and data == {g: s for g, (s, _) in expected.items()}
+  assert all(n > 0 for _, n in expected.values())
+  report.run_report(workdir)
+  md = open(os.path.join(workdir, 'report', 'summary.md')).read()
+  for g, (score, _) in expected.items():
+    assert f'| {g} | 10 | 0.0 | 50.0 | 1 (0) | {score:.1f} |' in md
+
+  # The data moved away (a relative data dir read from elsewhere): no line, and the report says why.
+  overrides_lib.write_file(cfg.replace(data=dict(data_dir=str(tmp_path / 'gone'))), workdir)
+  data, note = report.data_behaviour(workdir, cfg.games)
+  assert data == {} and 'gone' in note and cfg.games[0] in note
+  report.run_report(workdir)
+  md = open(os.path.join(workdir, 'report', 'summary.md')).read()
+  assert '| n/a |' in md and 'no data line for' in md

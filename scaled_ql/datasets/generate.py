@@ -239,6 +239,29 @@ def behaviour(game: str, splits: dict) -> dict:
   return dict(splits=per_split, selections=selections)
 
 
+def selection_score(data, game: str) -> tuple[Optional[float], int]:
+  """Behaviour score of the data a run trains on: the mean raw score over the completed episodes
+  of the splits `data.selection` reads (`data`: a DataConfig; from generation_info.json), and
+  their count. (None, 0) for data without generation info (e.g. downloaded DQN-Replay) or without
+  a completed episode. Raises DatasetNotFoundError when the game's data is missing."""
+  from scaled_ql.datasets import rlds_reader
+  b = rlds_reader.load_builder(data.data_dir, game, data.run, data.builder)
+  info = read_info(b.data_dir)
+  if info is None:
+    return None, 0
+  per_split = behaviour(game, info['splits'])['splits']
+  available = [int(name.rsplit('_', 1)[1]) for name in per_split]
+  chosen = rlds_reader.selected_checkpoints(rlds_reader.parse_selection(data.selection),
+                                            available)
+  total, count = 0.0, 0
+  for c in chosen:
+    split = per_split[tfds_layout.split_name(c)]
+    if split['episodes']:
+      total += split['score'] * split['episodes']
+      count += split['episodes']
+  return (total / count if count else None), count
+
+
 def _policy_note(weak: str) -> str:
   if weak == 'flawed':
     return ('per episode, a skill u from the skill schedule; epsilon_min-greedy over a per-step '

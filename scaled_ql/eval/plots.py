@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -64,9 +64,11 @@ def learning_curves_png(path: str, curves: Mapping[str, tuple[Sequence[float], S
 
 def per_game_grid_png(path: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                       ylabel: str = 'human-normalized (%)', title: str = '',
-                      percent: bool = True) -> str:
+                      percent: bool = True,
+                      references: Optional[Mapping[str, Mapping[str, float]]] = None) -> str:
   """One small panel per game (readable for 40 games): curves[game] = (learner steps, values);
-  a game with no point says 'no completed episode'."""
+  a game with no point says 'no completed episode'. references[game] = {label: value}: dashed
+  horizontal lines in the same units as the values (e.g. the data's behaviour score)."""
   plt = _pyplot()
   n = len(curves)
   if n == 0:
@@ -81,6 +83,10 @@ def per_game_grid_png(path: str, curves: Mapping[str, tuple[Sequence[float], Seq
     else:  # a game without any completed episode has no score to plot
       ax.text(0.5, 0.5, 'no completed episode', ha='center', va='center', fontsize='small',
               transform=ax.transAxes)
+    for k, (label, value) in enumerate((references or {}).get(name, {}).items()):
+      ax.axhline(value * scale, linestyle='--', linewidth=1, color=f'C{k + 1}', label=label)
+    if (references or {}).get(name):
+      ax.legend(fontsize='xx-small', loc='best')
     ax.set_title(name, fontsize='small')
     ax.tick_params(labelsize='x-small')
     ax.grid(alpha=0.3)

@@ -40,7 +40,10 @@ its latest scored record with `param_version <= v`; it starts at the first versi
 game has one, so evaluators that split the games between them, or evaluate games at different
 versions, still give a well-defined curve (when one evaluator evaluates all games with one
 version, as `evaluate` does, the curve is exactly the per-version aggregate). A game with no scored
-record at all is left out of the aggregate and named in the summary.
+record at all is left out of the aggregate and named in the summary. Beside each game's curve
+and in its table row stands the behaviour score of the data the run trained on (`data_behaviour`:
+the run's config.json's data dir and selection, read from our generator's generation_info.json;
+absent, with the reason in the summary, for other data or a data dir not found from here).
 """
 from __future__ import annotations
 
@@ -261,15 +264,18 @@ def learning_curves(records: Sequence[EvalRecord]) -> Curves:
 
 def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
   """Learning-curve PNGs and a Markdown summary of a run's evaluator logs; returns their paths."""
-  from scaled_ql.eval import plots
+  from scaled_ql.eval import normalization, plots
   logs = read_eval_logs(workdir)
   out_dir = out_dir or os.path.join(workdir, 'report')
   os.makedirs(out_dir, exist_ok=True)
   c = learning_curves(logs.records)
+  data, data_note = data_behaviour(workdir, c.games)
   paths = {
       'games_png': plots.per_game_grid_png(
           os.path.join(out_dir, 'learning_curves_games.png'), c.per_game,
-          title=f'{os.path.basename(os.path.abspath(workdir))}: human-normalized score per game'),
+          title=f'{os.path.basename(os.path.abspath(workdir))}: human-normalized score per game',
+          references={g: {'data': normalization.human_normalized(g, score)}
+                      for g, score in data.items()}),
   }
   if c.versions:
     paths['aggregate_png'] = plots.learning_curves_png(
@@ -286,14 +292,45 @@ def run_report(workdir: str, out_dir: Optional[str] = None) -> dict[str, str]:
         ylabel='greedy top-action share', percent=False,
         title='share of the probe states whose greedy action is the most frequent one '
               '(1 = one action everywhere)')
-  md = _run_markdown(workdir, logs, c, paths) + _diagnostics_markdown(diagnostics, paths)
+  md = (_run_markdown(workdir, logs, c, paths, data, data_note)
+        + _diagnostics_markdown(diagnostics, paths))
   paths['summary_md'] = os.path.join(out_dir, 'summary.md')
   with open(paths['summary_md'], 'w') as f:
     f.write(md)
   return paths
 
 
-def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]) -> str:
+def data_behaviour(workdir: str, games: Sequence[str]) -> tuple[dict[str, float], str]:
+  """Per game, the raw behaviour score of the data the run trained on: the completed episodes of
+  the splits its config.json's data dir and selection read (`generate.selection_score`), for
+  data written by our generator. Also a note naming why any game has none (empty when all do)."""
+  from scaled_ql.configs import overrides as overrides_lib
+  from scaled_ql.datasets import generate, rlds_reader
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return {}, f'no data line: {path} does not exist'
+  try:
+    cfg = overrides_lib.load(path)
+  except ValueError as e:  # ConfigError is a ValueError
+    return {}, f'no data line: {path}: {e}'
+  out, missing = {}, []
+  for game in games:
+    try:
+      score, _ = generate.selection_score(cfg.data, game)
+    except rlds_reader.DatasetNotFoundError as e:
+      missing.append(f'{game} ({e})')
+      continue
+    if score is None:
+      missing.append(f'{game} (no generation_info.json with a completed episode in '
+                     f'{cfg.data.selection!r})')
+    else:
+      out[game] = score
+  note = ('no data line for ' + '; '.join(missing)) if missing else ''
+  return out, note
+
+
+def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str],
+                  data: dict[str, float], data_note: str) -> str:
   records = logs.records
   evaluators = sorted({r.evaluator for r in records})
   first, last = min(r.time for r in records), max(r.time for r in records)
@@ -318,8 +355,11 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
   else:
     lines += ['No learner step has a score for every game yet: no aggregate curve.', '']
   lines += ['## Latest evaluation per game', '',
-            '| game | learner step | raw score | human-normalized (%) | episodes (cut at cap) |',
-            '|---|---|---|---|---|']
+            'data: the behaviour score of the splits the run trained on (completed episodes; the '
+            'dashed line in the per-game curves).' + (f' {data_note}.' if data_note else ''), '',
+            '| game | learner step | raw score | human-normalized (%) | episodes (cut at cap) '
+            '| data (raw) |',
+            '|---|---|---|---|---|---|']
   for g in c.games:
     v = max(r.param_version for r in records if r.game == g)
     recs = [r for r in records if r.game == g and r.param_version == v]
@@ -331,7 +371,8 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
       cells = f'{c.raw_per_game[g][1][k]:.1f} | {vals[k] * 100:.1f}'
     else:
       cells = f'{NO_EPISODE} | {NO_EPISODE}'
-    lines.append(f'| {g} | {v} | {cells} | {eps} ({cut}) |')
+    data_cell = f'{data[g]:.1f}' if g in data else 'n/a'
+    lines.append(f'| {g} | {v} | {cells} | {eps} ({cut}) | {data_cell} |')
   lines += ['', f'![per game]({os.path.basename(paths["games_png"])})', '',
             'Schema and curve definitions: `scaled_ql/eval/report.py`; evaluation protocol: '
             '`scaled_ql/eval/evaluator.py`.', '']

@@ -70,28 +70,6 @@ def ensure_demo_data(cfg) -> None:
   run.check_data(cfg)
 
 
-def data_score(cfg, game: str) -> tuple[Optional[float], int]:
-  """Behaviour score of the data a run trains on: the mean raw score over the completed episodes
-  of the splits `cfg.data.selection` reads (generation_info.json), and their count. (None, 0) for
-  data without generation info (e.g. downloaded DQN-Replay) or without a completed episode."""
-  from scaled_ql.datasets import generate, rlds_reader, tfds_layout
-  b = rlds_reader.load_builder(cfg.data.data_dir, game, cfg.data.run, cfg.data.builder)
-  info = generate.read_info(b.data_dir)
-  if info is None:
-    return None, 0
-  per_split = generate.behaviour(game, info['splits'])['splits']
-  available = [int(name.rsplit('_', 1)[1]) for name in per_split]
-  chosen = rlds_reader.selected_checkpoints(rlds_reader.parse_selection(cfg.data.selection),
-                                            available)
-  total, count = 0.0, 0
-  for c in chosen:
-    split = per_split[tfds_layout.split_name(c)]
-    if split['episodes']:
-      total += split['score'] * split['episodes']
-      count += split['episodes']
-  return (total / count if count else None), count
-
-
 def method_label(agent) -> str:
   """What the run trained, named from its config (a --set may change the method): the method's
   label, with the CQL alpha for a Q-learning method, e.g. 'Scaled QL, CQL alpha 0.05', 'BC'."""
@@ -129,12 +107,13 @@ def print_comparison(cfg, scores) -> None:
   """Per game: random (the paper's table), the data's behaviour score, the agent's score (means
   over completed episodes), and on how many games the agent is above its data (games where the
   agent completed at least MIN_AGENT_EPISODES episodes)."""
+  from scaled_ql.datasets import generate
   from scaled_ql.eval import normalization
   print(f'  {"game":<12} {"random":>9} {"data":>9} {"agent":>9}  (raw scores; data = the '
         f'{cfg.data.selection!r} splits it trained on)')
   above, compared = 0, 0
   for game in cfg.games:
-    data, n_data = data_score(cfg, game)
+    data, n_data = generate.selection_score(cfg.data, game)
     row = scores.get(game, {})
     agent, n_agent = row.get('score'), row.get('episodes', 0)
     fmt = lambda x: 'n/a' if x is None else f'{x:9.2f}'
