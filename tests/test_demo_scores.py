@@ -74,3 +74,13 @@ def test_demo_games_have_a_flawed_script():
   from scaled_ql.datasets import policies
   assert demo.DEMO_WEAK_EPISODES in policies.WEAK_EPISODES
   assert all(game in policies.FLAWED for game in demo.DEMO_GAMES)
+
+
+def test_demo_config_is_cpu_small_on_the_demo_games_with_the_users_changes():
+  cfg = demo.demo_config()
+  assert cfg.games == demo.DEMO_GAMES and cfg.name == demo.DEMO_CONFIG
+  assert cfg.agent == get_config(demo.DEMO_CONFIG).agent  # the shipped recipe, unchanged
+  assert cfg.eval.num_evaluators == 1 and cfg.data.data_dir == demo.DEMO_DATA_DIR
+  cfg = demo.demo_config(games='Pong', overrides=['agent.target_update_period=100'])
+  assert cfg.games == ('Pong',) and cfg.agent.target_update_period == 100
+  assert any('target_update_period=100' in o for o in cfg.overrides)  # recorded in config.json

@@ -17,9 +17,10 @@ DEMO_CONFIG = 'cpu_small'
 # script with one consistent mistake; in these games they move as the script does and never fire
 # (`policies.FLAWED`), so a state's majority action is the worse one and the better one is in the
 # late-policy episodes. These are the 4 games where Scaled QL was above its flawed data in every
-# seed of the 6-game reproduction (docs/learning.md, 2026-12-04). Three demo-length trials (2735,
-# 3589 and 3726 learner steps) were above the data on 2 of 4 games each: Freeway every time,
-# BeamRider or Centipede; SpaceInvaders not yet (it fires only after ~7.5k steps).
+# seed of the 6-game reproduction (docs/learning.md, 2026-12-04). Freeway is the easy one (its
+# flawed episodes alternate UP and NOOP); the other three need the agent to learn to fire.
+# Six demo runs (seeds 0, 0, 1, 2, 3, 2): above the data on 2, 2, 2, 2, 3 and 3 of 4 games, the
+# more the more learner steps the machine gave (2735-3726 steps, then 4642-4644).
 # Before (2026-12-01..03): cpu_small's games (Breakout, Boxing, Freeway, Pong) on `noisy` data,
 # whose weaker episodes are epsilon-greedy over the script (imitation already recovers the best
 # policy in them): above the data on 1 of 3 games in most runs, Freeway only.
@@ -127,6 +128,14 @@ def print_comparison(cfg, scores) -> None:
         f'{MIN_AGENT_EPISODES} agent episodes each)')
 
 
+def demo_config(data_dir: str = DEMO_DATA_DIR, steps: Optional[int] = None,
+                games: Optional[str] = None, overrides: Sequence[str] = ()):
+  """The demo's config: DEMO_CONFIG on `games` (default DEMO_GAMES) with one evaluator and the
+  user's `overrides` (raises ConfigError)."""
+  games = ','.join(DEMO_GAMES) if games is None else games
+  return run.resolve_config(DEMO_CONFIG, data_dir, steps, 1, games=games, overrides=overrides)
+
+
 def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
          minutes: float = DEMO_MINUTES, steps: Optional[int] = None, *,
          games: Optional[str] = None, overrides: Sequence[str] = (),
@@ -136,8 +145,7 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   `games` (default DEMO_GAMES) / `overrides`: as `run.resolve_config`'s."""
   from scaled_ql.agents import builder
   from scaled_ql.eval import evaluator
-  games = ','.join(DEMO_GAMES) if games is None else games
-  cfg = run.resolve_config(DEMO_CONFIG, data_dir, steps, 1, games=games, overrides=overrides)
+  cfg = demo_config(data_dir, steps, games, overrides)
   run.check_resume(cfg, workdir, allow_config_change)
   print(resume_line(workdir), flush=True)
   started = time.time()
