@@ -83,9 +83,10 @@ def per_game_grid_png(path: str, curves: Mapping[str, tuple[Sequence[float], Seq
     else:  # a game without any completed episode has no score to plot
       ax.text(0.5, 0.5, 'no completed episode', ha='center', va='center', fontsize='small',
               transform=ax.transAxes)
-    for k, (label, value) in enumerate((references or {}).get(name, {}).items()):
+    lines = (references or {}).get(name, {})
+    for k, (label, value) in enumerate(lines.items()):
       ax.axhline(value * scale, linestyle='--', linewidth=1, color=f'C{k + 1}', label=label)
-    if (references or {}).get(name):
+    if lines:
       ax.legend(fontsize='xx-small', loc='best')
     ax.set_title(name, fontsize='small')
     ax.tick_params(labelsize='x-small')
