@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install gpu clean-venv bench
+.PHONY: demo test test-fast install gpu gpu-wheels clean-venv bench
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"scaled-ql needs Python 3.11 (found {sys.version.split()[0]}); set PYTHON=/path/to/python3.11"'
@@ -36,6 +36,15 @@ test-fast: $(STAMP)
 # Optional GPU path: the CUDA 12 build of the same pinned JAX (TensorFlow stays CPU-only).
 gpu: $(STAMP)
 	$(VENV)/bin/python -m pip install -q -c requirements.txt "jax[cuda12]==0.4.34"
+
+# The wheels benchmarks/gpu_suite.sh needs on the GPU machine (Python 3.12, JAX 0.11, no Haiku or
+# rlax): CPython 3.12 x86-64 builds of benchmarks/gpu_wheels.txt, downloaded into build/gpu_wheels
+# to be carried there (docs/performance.md, "GPU suite").
+gpu-wheels: $(STAMP)
+	rm -rf build/gpu_wheels
+	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --abi cp312 --abi none --platform manylinux_2_28_x86_64 --platform any \
+	  -r benchmarks/gpu_wheels.txt -d build/gpu_wheels
 
 clean-venv:
 	rm -rf $(VENV)

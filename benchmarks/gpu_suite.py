@@ -62,7 +62,33 @@ SIZES = dict(
               peak_sizes=(4096, 8192), peak_seconds=6.0, policy_batches=(16, 64, 256, 1024)),
     tiny=dict(config='cpu_tiny', batch=8, seconds=0.5, peak_sizes=(256,), peak_seconds=0.5,
               policy_batches=(2, 4)),
+    # The full suite's code path (ResNet-101, bf16, the mesh) at toy sizes: for a new JAX on CPU
+    # before a GPU session (benchmarks/gpu_rehearsal.sh); its figures mean nothing.
+    rehearsal=dict(config='atari40_suboptimal_resnet101', batch=2, seconds=0.5, peak_sizes=(256,),
+                   peak_seconds=0.5, policy_batches=(2,)),
 )
+
+
+def imported_modules() -> dict[str, list[str]]:
+  """What this process imported, for the record and for tests/test_gpu_suite.py: `third_party`,
+  the top-level modules that are neither the standard library, built in, nor this repo's (what
+  the GPU machine must have or be given: benchmarks/gpu_wheels.txt); `ours`, the files of this
+  repo's modules."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ours_dirs = tuple(os.path.join(repo, d) + os.sep for d in ('scaled_ql', 'benchmarks'))
+  third_party, ours = set(), set()
+  for name, module in list(sys.modules.items()):
+    path = getattr(module, '__file__', None) or ''
+    if path.startswith(ours_dirs):
+      ours.add(os.path.relpath(path, repo))
+      continue
+    top = name.split('.')[0]
+    top_module = sys.modules.get(top)
+    if top in sys.stdlib_module_names or top.startswith('_') or top_module is None:
+      continue
+    if getattr(top_module, '__file__', None) or getattr(top_module, '__path__', None):
+      third_party.add(top)  # (modules with neither are built in, e.g. cython_runtime)
+  return dict(third_party=sorted(third_party), ours=sorted(ours))
 
 
 def load() -> float:
@@ -80,6 +106,8 @@ def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--tiny', action='store_true', help='cpu_tiny, seconds: the CI run')
+  p.add_argument('--rehearsal', action='store_true',
+                 help="the full suite's ResNet-101 path at toy sizes (a new JAX, on CPU)")
   p.add_argument('--config', default=None, help='override the config (default ResNet-101)')
   p.add_argument('--batch', type=int, default=None)
   p.add_argument('--fp32', action='store_true', help='fp32 compute instead of bf16')
@@ -89,7 +117,9 @@ def main(argv=None) -> int:
                  "learner's consumption")
   p.add_argument('--out', default=None, help='directory for gpu_suite.json')
   args = p.parse_args(argv)
-  size = SIZES['tiny' if args.tiny else 'full']
+  if args.tiny and args.rehearsal:
+    p.error('--tiny and --rehearsal exclude each other')
+  size = SIZES['tiny' if args.tiny else 'rehearsal' if args.rehearsal else 'full']
   name = args.config or size['config']
   batch = args.batch or size['batch']
   seconds = args.seconds or size['seconds']
@@ -187,7 +217,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'gpu_suite.json'), 'w', encoding='utf-8') as f:
       json.dump(dict(config=cfg.name, batch=b, dtype=jnp.dtype(dtype).name,
-                     jax=jax.__version__, device=devices[0].device_kind, rows=rows), f, indent=1)
+                     jax=jax.__version__, device=devices[0].device_kind, rows=rows,
+                     modules=imported_modules()), f, indent=1)
   print(f'end: {os.popen("uptime").read().strip()}', flush=True)
   return 0
 

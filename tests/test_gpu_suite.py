@@ -1,11 +1,21 @@
 """The GPU suite's constraints on CPU: the learner stack imports and runs without TensorFlow,
-Reverb or Ray (the GPU machine has none of them), and benchmarks/gpu_suite.sh runs end to end."""
+Reverb or Ray (the GPU machine has none of them), benchmarks/gpu_suite.sh runs end to end, and
+what our code imports there is on the machine or in benchmarks/gpu_wheels.txt."""
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Top-level modules of the GPU machine's image that our code imports directly (its package list:
+# /work/.library/device/KINDS.md, read 2026-11-17). Everything else must come from the wheels.
+DEVICE_MODULES = frozenset({'jax', 'jaxlib', 'numpy', 'chex', 'optax', 'flax', 'orbax', 'absl',
+                            'scipy', 'six', 'cloudpickle', 'tabulate', 'typing_extensions'})
 
 BLOCKED_IMPORT_CHECK = r'''
 import importlib.abc, sys
@@ -54,16 +64,63 @@ def test_learner_networks_losses_run_without_tensorflow_reverb_ray():
   assert out.returncode == 0 and out.stdout.strip().endswith('OK'), out.stderr[-3000:]
 
 
-def test_gpu_suite_tiny_end_to_end(tmp_path):
-  out = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', '--tiny', '--out', str(tmp_path)],
+@pytest.fixture(scope='module')
+def tiny_suite(tmp_path_factory):
+  """benchmarks/gpu_suite.sh --tiny, run once: (its gpu_suite.json, the process's output)."""
+  out_dir = tmp_path_factory.mktemp('gpu_suite')
+  out = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', '--tiny', '--out', str(out_dir)],
                        cwd=REPO, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  with open(tmp_path / 'gpu_suite.json', encoding='utf-8') as f:
-    result = json.load(f)
+  with open(out_dir / 'gpu_suite.json', encoding='utf-8') as f:
+    return json.load(f)
+
+
+def test_gpu_suite_tiny_end_to_end(tiny_suite):
+  result = tiny_suite
   figures = {r['figure']: r['value'] for r in result['rows']}
   assert result['config'] == 'cpu_tiny' and result['dtype'] == 'bfloat16'
   for prefix in ('matmul peak', 'update steps/s', 'update MFU', 'Learner.step()',
                  'policy inference, 4 envs'):
     values = [v for k, v in figures.items() if k.startswith(prefix)]
     assert len(values) == 1 and values[0] > 0, (prefix, figures)
+
+
+def wheel_modules() -> set[str]:
+  """The top-level modules benchmarks/gpu_wheels.txt provides (the comment after each pin)."""
+  modules = set()
+  with open(os.path.join(REPO, 'benchmarks', 'gpu_wheels.txt'), encoding='utf-8') as f:
+    for line in f:
+      if line.strip() and not line.startswith('#'):
+        match = re.fullmatch(r'[\w.-]+==[\w.]+ +# (\w+)', line.strip())
+        assert match, f'gpu_wheels.txt: {line.strip()!r} is not "name==version  # module"'
+        modules.add(match.group(1))
+  return modules
+
+
+def direct_imports(path: str) -> set[str]:
+  """Top-level names of the absolute imports in a Python file (function-level ones included)."""
+  with open(os.path.join(REPO, path), encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names |= {alias.name.split('.')[0] for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      names.add(node.module.split('.')[0])
+  return names
+
+
+def test_what_our_code_imports_on_the_gpu_machine_is_there_or_in_the_wheels(tiny_suite):
+  # The suite's record of what it loaded: our files, and the third-party modules. A module that
+  # our loaded code imports itself and that was loaded must be in the device's image or in
+  # gpu_wheels.txt (dm_env was neither, and only a Python 3.12 rehearsal found it).
+  modules = tiny_suite['modules']
+  assert 'scaled_ql/agents/learner.py' in modules['ours'], modules['ours']
+  assert {'jax', 'haiku', 'rlax'} <= set(modules['third_party']), modules['third_party']
+  ours = set().union(*(direct_imports(p) for p in modules['ours']))
+  needed = ours & set(modules['third_party'])
+  assert 'dm_env' in needed and 'haiku' in needed, needed
+  missing = needed - DEVICE_MODULES - wheel_modules()
+  assert not missing, (f'imported by our code in the GPU suite, but neither on the GPU machine '
+                       f'nor in benchmarks/gpu_wheels.txt: {sorted(missing)}')
