@@ -209,6 +209,31 @@ def test_stratified_proportions():
     srv.stop()
 
 
+def test_no_tf_data_function_runs_per_game_draw():
+  # A function mapped per sample or per game draw (a graph run handed to TF's threads and back)
+  # was the sampler's largest CPU cost (docs/performance.md, "tf.data without per-draw
+  # functions"). Every map of the dataset's graph must run on batches (its input, through other
+  # maps, is a batch: the draws in blocks of 4096, or the whole batch), and their number must
+  # not grow with the games (no map per game's dataset).
+  import tensorflow as tf
+  maps = {}
+  for games in (('Breakout',), ('Breakout', 'Pong', 'Boxing')):
+    cfg = tiny_cfg(games=games)
+    ds = rt.stratified_dataset('localhost:1', games, cfg)  # not connected until iterated
+    graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
+    nodes = {node.name: node for node in graph.node}
+    ops = [node.op for node in graph.node]
+    assert ops.count('ZipDataset') == len(games), ops  # the game id rides along by zip
+    for node in graph.node:
+      if 'MapDataset' in node.op:
+        source = node
+        while 'MapDataset' in source.op:
+          source = nodes[source.input[0]]
+        assert source.op.startswith('BatchDataset'), (node.name, 'maps', source.op)
+    maps[len(games)] = sum('MapDataset' in op for op in ops)
+  assert maps[1] == maps[3] > 0, maps
+
+
 def test_bad_input_errors():
   cfg = tiny_cfg()
   with pytest.raises(ValueError, match='Boxing'):

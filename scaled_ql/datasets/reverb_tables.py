@@ -686,8 +686,8 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   D = games_per_batch draws of a game, uniform with replacement; each draw is I =
   transitions_per_game / transitions_per_item consecutive samples of that game's table
   (Appendix B.3), each an item of W = n + 3 + transitions_per_item records. Per-sample work
-  stays in Reverb's sampler; tf.data only handles blocks of I samples (no per-sample map) and the
-  caller merges [D, I] into the batch dimension with a free reshape.
+  stays in Reverb's sampler; tf.data only batches and interleaves (no function runs per sample or
+  per draw) and the caller merges [D, I] into the batch dimension with a free reshape.
   """
   import reverb
   import tensorflow as tf
@@ -698,11 +698,12 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   per_game = agent.transitions_per_game // per_item  # items per game draw
   # In-flight samples per table: about two batches' worth of this game's expected share.
   in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / per_item / len(games))))
+  # No tf.data function runs per sample or per game draw: each call of a mapped function is a
+  # graph run handed to TF's inter-op threads and back, and per draw those hand-offs were the
+  # sampler's largest CPU cost (perf, docs/performance.md "tf.data without per-draw functions").
+  # The game id rides along by `zip`, the draws come 4096 at a time, and the one map left runs
+  # once per batch.
   no_autograph = tf.autograph.experimental.do_not_convert  # plain tensor code; no warnings
-
-  def with_game_id(game_id):  # once per block of I samples
-    return no_autograph(lambda samples: (samples.data, game_id))
-
   datasets = []
   for game in games:
     ds = reverb.TrajectoryDataset(
@@ -711,15 +712,22 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
         shapes={k: s.shape for k, s in specs.items()},
         max_in_flight_samples_per_worker=in_flight, num_workers_per_iterator=1)
     game_id = tf.fill([per_game], tf.constant(cfg.games.index(game), tf.int32))
-    datasets.append(ds.batch(per_game).map(with_game_id(game_id)))
+    ids = tf.data.Dataset.from_tensors(game_id).repeat()
+    datasets.append(tf.data.Dataset.zip((ds.batch(per_game), ids)))
 
   @no_autograph
   def to_game_index(x):
     return tf.cast(tf.math.floormod(x, len(games)), tf.int64)
 
-  choice = tf.data.Dataset.random(seed=seed).map(to_game_index)
+  choice = tf.data.Dataset.random(seed=seed).batch(4096).map(to_game_index).unbatch()
   ds = tf.data.Dataset.choose_from_datasets(datasets, choice)
-  ds = ds.batch(agent.games_per_batch)
+  ds = ds.batch(agent.games_per_batch).map(
+      no_autograph(lambda samples, game_id: (samples.data, game_id)))
+  # Nothing here has a tunable parallelism or buffer (the prefetch below is sized): tf.data's
+  # autotuning thread would only cost CPU (-4% CPU per transition without it, same doc section).
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  ds = ds.with_options(options)
   return ds.prefetch(max(1, cfg.data.prefetch_batches))
 
 
