@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learner_step import matmul_peak  # noqa: E402  (benchmarks/learner_step.py)
 
 from scaled_ql import configs  # noqa: E402
+from scaled_ql.configs import overrides  # noqa: E402
 from scaled_ql.datasets import reverb_tables as rt  # noqa: E402
 from scaled_ql.datasets import transitions as tr  # noqa: E402
 from scaled_ql.types import random_frame_windows  # noqa: E402
@@ -224,9 +225,9 @@ def main(argv=None) -> int:
   p.add_argument('--config', default='cpu_small')
   p.add_argument('--data_dir', default='data/generated')
   p.add_argument('--selection', default='near_optimal')
-  p.add_argument('--games', default=None,
-                 help="comma-separated games of --data_dir (default: the config's), e.g. the "
-                 "demo's BeamRider,Centipede,Freeway,SpaceInvaders")
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help="config overrides, as for the CLI (e.g. the demo's games: "
+                 "games=BeamRider,Centipede,Freeway,SpaceInvaders)")
   p.add_argument('--buffer_per_game', type=int, default=4000)
   p.add_argument('--num_inserters', type=int, default=1)
   p.add_argument('--chunk_length', type=int, default=None, help='data.reverb_chunk_length')
@@ -248,8 +249,7 @@ def main(argv=None) -> int:
                               min_fill_per_game=min(cfg.data.min_fill_per_game,
                                                     args.buffer_per_game),
                               num_inserters=args.num_inserters))
-  if args.games:
-    cfg = cfg.replace(games=tuple(args.games.split(',')))
+  cfg = overrides.apply(cfg, args.set)
   if args.chunk_length:
     cfg = cfg.replace(data=dict(reverb_chunk_length=args.chunk_length))
   if args.transitions_per_item:

@@ -66,7 +66,7 @@ def test_learner_networks_losses_run_without_tensorflow_reverb_ray():
 
 @pytest.fixture(scope='module')
 def tiny_suite(tmp_path_factory):
-  """benchmarks/gpu_suite.sh --tiny, run once: (its gpu_suite.json, the process's output)."""
+  """benchmarks/gpu_suite.sh --tiny, run once: its gpu_suite.json."""
   out_dir = tmp_path_factory.mktemp('gpu_suite')
   out = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', '--tiny', '--out', str(out_dir)],
                        cwd=REPO, capture_output=True, text=True, timeout=900,
