@@ -10,12 +10,17 @@ what needs JAX + Haiku:
 1. matmul peak: best bf16 (fp32 with --fp32) [n,n]@[n,n] FLOP/s, measured here.
 2. the real learner update (`learner.update_from_windows`: frame windows stacked on the device,
    forward of online + target network, backward, Adam) for ResNet-101 in bf16 at batch 512
-   (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis, MFU = achieved / (1).
+   (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis of the update compiled for
+   the CPU (`update_flops`), MFU = achieved / (1).
 3. the learner's consumption: `Learner.step()` on host `FrameWindows` batches (host checks,
    host->device copy, metrics fetch): transitions/s. The Reverb pipeline's feed rate is measured
    on CPU (benchmarks/data_pipeline.py --out FILE) and set against it with --pipeline-json FILE.
 4. batched policy inference for evaluators (`actors.make_policy`, the ResNet-101 policy):
    environment steps/s at several batch sizes (the emulator is not here: inference only).
+
+`--profile`: after (2), traces a few update steps with the JAX profiler, writes the Perfetto trace
+(`update_trace.json.gz`, open it at ui.perfetto.dev) beside gpu_suite.json and prints where the
+device time goes: its top kernels, and the share of convolutions and matmuls.
 
 `--tiny`: cpu_tiny, small batches and sizes: the whole suite end to end in seconds on CPU (CI).
 Every figure is printed with the 1-minute load average beside it; `--out DIR` writes a JSON too.
@@ -23,10 +28,16 @@ Every figure is printed with the 1-minute load average beside it; `--out DIR` wr
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import importlib.abc
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 
 BLOCKED = ('tensorflow', 'tensorflow_datasets', 'reverb', 'ray', 'ale_py', 'cv2', 'tensorboardX')
@@ -46,7 +57,7 @@ sys.meta_path.insert(0, BlockModules())
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learner_step import bench_config, flops_of, matmul_peak  # noqa: E402
@@ -103,6 +114,45 @@ def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
   return calls, time.perf_counter() - t0
 
 
+# Kernel names of convolutions and matrix products (cuDNN, cuBLAS, CUTLASS, XLA's Triton gemms).
+MATMUL_KERNEL = re.compile(r'conv|gemm|xmma|cutlass|wgmma|cudnn|dot|sm\d\d_', re.IGNORECASE)
+
+
+def device_time_table(trace_file: str, steps: int, top: int = 12) -> dict:
+  """Where the device time of `steps` traced update steps goes, from a Perfetto trace of
+  `jax.profiler.trace`: kernels on the device's streams (processes named '/device:...'), grouped
+  by name without XLA's numeric suffixes. Returns per-step device-busy ms, the share of
+  convolution/matmul kernels, and the top kernels by time; empty (kernels 0) on a backend whose
+  trace has no device streams (the CPU)."""
+  with gzip.open(trace_file, 'rt', encoding='utf-8') as f:
+    events = json.load(f)['traceEvents']
+  device_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') ==
+                 'process_name' and str(e['args'].get('name', '')).startswith('/device:')}
+  kernels = [e for e in events if e.get('ph') == 'X' and e.get('pid') in device_pids]
+  by_name = collections.Counter()
+  for e in kernels:
+    by_name[re.sub(r'([._]\d+)+$', '', e['name'])] += e['dur']
+  total_us = sum(by_name.values())
+  matmul_us = sum(us for name, us in by_name.items() if MATMUL_KERNEL.search(name))
+  return dict(kernels=len(kernels), busy_ms_per_step=total_us / 1e3 / steps,
+              matmul_share=matmul_us / total_us if total_us else float('nan'),
+              top=[(name, us / 1e3 / steps) for name, us in by_name.most_common(top)])
+
+
+def update_flops(cfg, batch: int) -> float:
+  """FLOPs of one `update_from_windows` step by XLA's cost analysis of the update compiled for the
+  CPU, as benchmarks/learner_step.py counts them. Not the GPU executable's analysis: there the
+  convolutions and matmuls are cuDNN/cuBLAS custom calls that it counts as 0 FLOPs (on the H200 it
+  gave 189 GFLOP for a step of ~5.8 TFLOP). Lowered from shapes alone: nothing runs on the CPU."""
+  cpu = SingleDeviceSharding(jax.devices('cpu')[0])
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu)
+  state = jax.eval_shape(lambda: learner_lib.init_state(cfg, jax.random.PRNGKey(0)))
+  windows = random_frame_windows(cfg, batch)
+  lowered = learner_lib.update_from_windows.lower(jax.tree_util.tree_map(spec, state),
+                                                  jax.tree_util.tree_map(spec, windows), cfg=cfg)
+  return flops_of(lowered.compile())
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--tiny', action='store_true', help='cpu_tiny, seconds: the CI run')
@@ -116,7 +166,15 @@ def main(argv=None) -> int:
                  help='benchmarks/data_pipeline.py --out file: its feed rate is set against the '
                  "learner's consumption")
   p.add_argument('--out', default=None, help='directory for gpu_suite.json')
+  p.add_argument('--parts', default='update,learner,policy',
+                 help='comma-separated parts to run after the peak: update (2), learner (3), '
+                 'policy (4)')
+  p.add_argument('--profile', action='store_true',
+                 help='trace 3 update steps: update_trace.json.gz in --out, top kernels printed')
   args = p.parse_args(argv)
+  parts = set(args.parts.split(','))
+  if not parts or parts - {'update', 'learner', 'policy'}:
+    p.error(f'--parts {args.parts!r}: name parts among update, learner, policy')
   if args.tiny and args.rehearsal:
     p.error('--tiny and --rehearsal exclude each other')
   size = SIZES['tiny' if args.tiny else 'rehearsal' if args.rehearsal else 'full']
@@ -153,65 +211,85 @@ def main(argv=None) -> int:
                          NamedSharding(mesh, PartitionSpec()))
   windows = jax.device_put(random_frame_windows(cfg, b),
                            NamedSharding(mesh, PartitionSpec('batch')))
-  # FLOPs from the lowered HLO (no second compilation); the jit cache compiled here is the one
-  # the Learner below hits (same shapes, shardings and config).
-  lowered = learner_lib.update_from_windows.lower(state, windows, cfg=cfg)
-  try:
-    flops = flops_of(lowered)
-  except (AttributeError, TypeError):  # no cost analysis before compilation on this backend
-    flops = float('nan')
-  if not np.isfinite(flops) or flops <= 0:  # a backend without HLO cost analysis: compile it
-    flops = flops_of(lowered.compile())
-  box = [state]
+  if 'update' in parts:
+    flops = update_flops(cfg, b)
+    box = [state]
 
-  def update_step():
-    box[0], metrics = learner_lib.update_from_windows(box[0], windows, cfg=cfg)
-    jax.block_until_ready(metrics)
+    def update_step():
+      box[0], metrics = learner_lib.update_from_windows(box[0], windows, cfg=cfg)
+      jax.block_until_ready(metrics)
 
-  t = time.perf_counter()
-  update_step()
-  row('update compile + first step', time.perf_counter() - t, 's')
-  update_step()
-  calls, wall = timed(update_step, seconds)
-  steps_per_s = calls / wall
-  row('update steps/s (device-resident batch)', steps_per_s, 'steps/s',
-      f'{steps_per_s * b:.0f} transitions/s')
-  row('update FLOPs per step (XLA cost analysis)', flops / 1e9, 'GFLOP')
-  row('update MFU vs measured matmul peak', 100 * flops * steps_per_s / peak, '%')
-  box.clear()  # frees the state's device buffers before the next part
+    t = time.perf_counter()
+    update_step()
+    row('update compile + first step', time.perf_counter() - t, 's')
+    update_step()
+    calls, wall = timed(update_step, seconds)
+    steps_per_s = calls / wall
+    row('update steps/s (device-resident batch)', steps_per_s, 'steps/s',
+        f'{steps_per_s * b:.0f} transitions/s')
+    row('update FLOPs per step (XLA cost analysis, CPU-compiled)', flops / 1e9, 'GFLOP')
+    row('update MFU vs measured matmul peak', 100 * flops * steps_per_s / peak, '%')
+    if args.profile:
+      traced_steps, trace_dir = 3, tempfile.mkdtemp(prefix='gpu_suite_trace_')
+      t = time.perf_counter()
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(traced_steps):
+          update_step()
+      traced_ms = 1e3 * (time.perf_counter() - t) / traced_steps
+      trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                             recursive=True)[0]
+      table = device_time_table(trace_file, traced_steps)
+      row('profiled update: wall per step (tracing on)', traced_ms, 'ms')
+      row('profiled update: device kernels busy per step', table['busy_ms_per_step'], 'ms',
+          f'{table["kernels"]} kernels in {traced_steps} steps')
+      row('profiled update: convolution + matmul kernels', 100 * table['matmul_share'],
+          '% of busy')
+      for name, ms in table['top']:
+        print(f'  {ms:9.3f} ms/step  {name[:110]}', flush=True)
+      if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        shutil.copy(trace_file, os.path.join(args.out, 'update_trace.json.gz'))
+      shutil.rmtree(trace_dir, ignore_errors=True)
+    box.clear()
+  del state  # frees its device buffers before the next part
 
   # 3. The learner's consumption: Learner.step() on host batches.
-  host_batches = [random_frame_windows(cfg, b, seed) for seed in range(4)]
-  learner = runner_lib.LearnerRunner(
-      learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9))),
-      logger=loggers.MultiLogger([]), handle_signals=False)
-  learner.step()
-  calls, wall = timed(learner.step, seconds)
-  consumption = calls * b / wall
-  row('Learner.step() on host FrameWindows', calls / wall, 'steps/s',
-      f'= consumption {consumption:.0f} transitions/s')
-  if args.pipeline_json:
-    with open(args.pipeline_json, encoding='utf-8') as f:
-      pipe = {r['figure']: r for r in json.load(f)['rows']}
-    feed = pipe['sampling alone (learner idle): delivered']
-    row('pipeline feed (CPU, data_pipeline.py) / consumption', feed['value'] / consumption,
-        'ratio', f'feed {feed["value"]:.0f} transitions/s at load {feed["load_1min"]:.2f}')
-  params = learner.get_variables(('params',))[0]
-  learner.close()
+  params = None  # the policy's: the Learner's after part 3, else freshly initialised
+  if 'learner' in parts:
+    host_batches = [random_frame_windows(cfg, b, seed) for seed in range(4)]
+    learner = runner_lib.LearnerRunner(
+        learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9))),
+        logger=loggers.MultiLogger([]), handle_signals=False)
+    learner.step()
+    calls, wall = timed(learner.step, seconds)
+    consumption = calls * b / wall
+    row('Learner.step() on host FrameWindows', calls / wall, 'steps/s',
+        f'= consumption {consumption:.0f} transitions/s')
+    if args.pipeline_json:
+      with open(args.pipeline_json, encoding='utf-8') as f:
+        pipe = {r['figure']: r for r in json.load(f)['rows']}
+      feed = pipe['sampling alone (learner idle): delivered']
+      row('pipeline feed (CPU, data_pipeline.py) / consumption', feed['value'] / consumption,
+          'ratio', f'feed {feed["value"]:.0f} transitions/s at load {feed["load_1min"]:.2f}')
+    params = learner.get_variables(('params',))[0]
+    learner.close()
 
   # 4. Batched policy inference (evaluators).
-  policy = actors.make_policy(cfg, epsilon=0.001)
-  params = jax.device_put(params, devices[0])
-  rng = np.random.default_rng(1)
-  for n in size['policy_batches']:
-    obs = rng.integers(0, 256, (n, 84, 84, 4), dtype=np.uint8)
-    gid = (np.arange(n) % len(cfg.games)).astype(np.int32)
-    key = jax.random.PRNGKey(0)
-    act = lambda: np.asarray(policy(params, key, obs, gid))  # host in, host out: as an evaluator
-    act()
-    calls, wall = timed(act, seconds / 2)
-    row(f'policy inference, {n} envs per call', calls * n / wall, 'env steps/s',
-        f'{1e3 * wall / calls:.2f} ms per call')
+  if 'policy' in parts:
+    policy = actors.make_policy(cfg, epsilon=0.001)
+    if params is None:
+      params = learner_lib.init_state(cfg, jax.random.PRNGKey(0)).params
+    params = jax.device_put(params, devices[0])
+    rng = np.random.default_rng(1)
+    for n in size['policy_batches']:
+      obs = rng.integers(0, 256, (n, 84, 84, 4), dtype=np.uint8)
+      gid = (np.arange(n) % len(cfg.games)).astype(np.int32)
+      key = jax.random.PRNGKey(0)
+      act = lambda: np.asarray(policy(params, key, obs, gid))  # host in, host out: as an evaluator
+      act()
+      calls, wall = timed(act, seconds / 2)
+      row(f'policy inference, {n} envs per call', calls * n / wall, 'env steps/s',
+          f'{1e3 * wall / calls:.2f} ms per call')
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)

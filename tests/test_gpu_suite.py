@@ -2,6 +2,7 @@
 Reverb or Ray (the GPU machine has none of them), benchmarks/gpu_suite.sh runs end to end, and
 what our code imports there is on the machine or in benchmarks/gpu_wheels.txt."""
 import ast
+import gzip
 import json
 import os
 import re
@@ -68,12 +69,15 @@ def test_learner_networks_losses_run_without_tensorflow_reverb_ray():
 def tiny_suite(tmp_path_factory):
   """benchmarks/gpu_suite.sh --tiny, run once: its gpu_suite.json."""
   out_dir = tmp_path_factory.mktemp('gpu_suite')
-  out = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', '--tiny', '--out', str(out_dir)],
+  out = subprocess.run(['bash', 'benchmarks/gpu_suite.sh', '--tiny', '--profile', '--out',
+                        str(out_dir)],
                        cwd=REPO, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   with open(out_dir / 'gpu_suite.json', encoding='utf-8') as f:
-    return json.load(f)
+    result = json.load(f)
+  result['trace_exists'] = (out_dir / 'update_trace.json.gz').is_file()
+  return result
 
 
 def test_gpu_suite_tiny_end_to_end(tiny_suite):
@@ -84,6 +88,32 @@ def test_gpu_suite_tiny_end_to_end(tiny_suite):
                  'policy inference, 4 envs'):
     values = [v for k, v in figures.items() if k.startswith(prefix)]
     assert len(values) == 1 and values[0] > 0, (prefix, figures)
+  # --profile: the Perfetto trace of the update is written beside the JSON.
+  assert result['trace_exists']
+  assert figures['profiled update: wall per step (tracing on)'] > 0
+
+
+def test_device_time_table_counts_device_kernels_only(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    from gpu_suite import device_time_table
+  finally:
+    sys.path.remove(os.path.join(REPO, 'benchmarks'))
+  meta = lambda pid, name: dict(ph='M', pid=pid, name='process_name', args=dict(name=name))
+  kernel = lambda pid, name, dur: dict(ph='X', pid=pid, tid=1, ts=0.0, dur=dur, name=name)
+  events = [meta(1, '/host:CPU'), meta(7, '/device:GPU:0'),
+            kernel(1, 'PjitFunction(update)', 5000.0),  # host: not device time
+            kernel(7, 'sm90_xmma_fprop_implicit_gemm_bf16', 600.0),
+            kernel(7, 'loop_add_fusion.12', 300.0), kernel(7, 'loop_add_fusion.3', 100.0),
+            kernel(7, 'input_reduce_fusion_2', 200.0)]
+  trace = tmp_path / 'perfetto_trace.json.gz'
+  with gzip.open(trace, 'wt', encoding='utf-8') as f:
+    json.dump(dict(traceEvents=events), f)
+  table = device_time_table(str(trace), steps=2, top=2)
+  assert table['kernels'] == 4
+  assert table['busy_ms_per_step'] == pytest.approx(0.6)  # 1200 us over 2 steps
+  assert table['matmul_share'] == pytest.approx(0.5)
+  assert table['top'] == [('sm90_xmma_fprop_implicit_gemm_bf16', 0.3), ('loop_add_fusion', 0.2)]
 
 
 def wheel_modules() -> set[str]:

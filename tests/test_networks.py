@@ -386,3 +386,21 @@ def test_describe_cli(capsys):
   assert cli.main(['describe', '--config', 'no_such_config']) == 2
   err = capsys.readouterr().err
   assert 'no_such_config' in err and 'cpu_small' in err
+
+
+def test_standardize_one_pass_matches_the_two_pass_reference():
+  from scaled_ql.networks.q_network import standardize
+  rng = np.random.default_rng(0)
+  # Post-ReLU-like activations: a mean well above the spread, where one-pass loses most.
+  y = (3.0 + 0.5 * rng.standard_normal((4, 7, 7, 2, 16))).astype(np.float32)
+  out = jax.jit(standardize, static_argnums=(1, 2))(jnp.asarray(y), (1, 2, 4), 1e-5)
+  chex.assert_shape(out, y.shape)
+  mean = y.astype(np.float64).mean(axis=(1, 2, 4), keepdims=True)
+  var = ((y - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  np.testing.assert_allclose(np.asarray(out), (y - mean) / np.sqrt(var + 1e-5), atol=2e-4)
+  # A near-constant group far from 0: E[y^2] - E[y]^2 rounds to -0.023 here (found by search),
+  # and without the clamp rsqrt(var + eps) is NaN.
+  r = np.random.default_rng(3)
+  c = np.full((1, 3, 3, 1, 4), r.uniform(100, 3000), np.float32)
+  flat = jnp.asarray(c + np.float32(1e-4) * r.standard_normal(c.shape).astype(np.float32))
+  assert np.isfinite(np.asarray(standardize(flat, (1, 2, 4), 1e-5))).all()

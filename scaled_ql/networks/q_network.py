@@ -140,6 +140,16 @@ def check_network_config(net_cfg: NetworkConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 # Normalization layers: statistics always in float32, output in the input's (compute) dtype.
 
+def standardize(y: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+  """(y - mean) / sqrt(var + eps) over `axes`. One pass: var = E[y^2] - E[y]^2 (clamped at 0), so
+  the two statistics are sibling reductions that XLA fuses into one read of y, as flax's
+  `use_fast_variance` does. Against the two-pass form it cut a ResNet-101 update on the H200 from
+  3913 to 3195 kernels and sped it up 7% (docs/performance.md, "GPU suite")."""
+  mean = jnp.mean(y, axis=axes, keepdims=True)
+  var = jnp.maximum(jnp.mean(jnp.square(y), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+  return (y - mean) * jax.lax.rsqrt(var + eps)
+
+
 class GroupNorm(hk.Module):
   """GroupNorm over (H, W, channels-of-group) for NHWC inputs (Wu & He 2018)."""
 
@@ -154,9 +164,7 @@ class GroupNorm(hk.Module):
     scale = hk.get_parameter('scale', [c], jnp.float32, hk.initializers.Constant(self.scale_init))
     offset = hk.get_parameter('offset', [c], jnp.float32, jnp.zeros)
     y = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-    mean = jnp.mean(y, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(y - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((y - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+    y = standardize(y, (1, 2, 4), self.eps).reshape(b, h, w, c)
     return (y * scale + offset).astype(x.dtype)
 
 
@@ -171,10 +179,7 @@ class LayerNorm(hk.Module):
     c = x.shape[-1]
     scale = hk.get_parameter('scale', [c], jnp.float32, jnp.ones)
     offset = hk.get_parameter('offset', [c], jnp.float32, jnp.zeros)
-    y = x.astype(jnp.float32)
-    mean = jnp.mean(y, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
-    y = (y - mean) * jax.lax.rsqrt(var + self.eps)
+    y = standardize(x.astype(jnp.float32), (-1,), self.eps)
     return (y * scale + offset).astype(x.dtype)
 
 
