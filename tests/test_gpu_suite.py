@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import benchmark_modules  # tests/benchmark_modules.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Top-level modules of the GPU machine's image that our code imports directly (its package list:
@@ -94,11 +96,8 @@ def test_gpu_suite_tiny_end_to_end(tiny_suite):
 
 
 def test_device_time_table_counts_device_kernels_only(tmp_path):
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-  try:
-    from gpu_suite import device_time_table
-  finally:
-    sys.path.remove(os.path.join(REPO, 'benchmarks'))
+  # trace_table, not gpu_suite: importing gpu_suite here would block TensorFlow in this process.
+  device_time_table = benchmark_modules.load('trace_table').device_time_table
   meta = lambda pid, name: dict(ph='M', pid=pid, name='process_name', args=dict(name=name))
   kernel = lambda pid, name, dur: dict(ph='X', pid=pid, tid=1, ts=0.0, dur=dur, name=name)
   events = [meta(1, '/host:CPU'), meta(7, '/device:GPU:0'),

@@ -149,9 +149,13 @@ def train(variant, kind, steps, **data_kw):
   return np.asarray(greedy), answer
 
 
+# 1500 episodes per game, not POOL_EPISODES (300): half of the data's actions are noise, and on
+# 300 episodes BC memorised it (a state's noise pixels identify it), reaching 0.74-1.0 over seeds
+# with either norm statistics; on 1500, 1.0 in 6 seeds of 6, and the Q-losses 1.0 in 3 of 3
+# (2026-12-04 evening, docs/learning.md).
 @pytest.mark.parametrize('variant', ['_bc', '', '_no_cql', '_mse', '_bcq'])
 def test_one_step_rewarded_action_written_in_pixels(variant):
-  greedy, answer = train(variant, 'one_step', 300)
+  greedy, answer = train(variant, 'one_step', 300, episodes_per_game=1500)
   accuracy = np.mean(greedy == answer)
   assert accuracy >= 0.95, (variant, accuracy)
 
