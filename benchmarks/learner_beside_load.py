@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/learner_beside_load.py                # ~2.5 min, idle machine
     .venv/bin/python benchmarks/learner_beside_load.py --plan memory  # ~2 min
+    .venv/bin/python benchmarks/learner_beside_load.py --plan memory --interleave 150
 
 The learner's update (cpu_small on a random `FrameWindows` batch, compiled once) is timed for
 15 s alone, and beside a "burner" process that spins for a burst (0.2-5 ms) and then sleeps, at
@@ -14,7 +15,13 @@ cores (os.times), the burner's, and the load average.
 MB array, like the data path's frame copies and decompression) in its own process, and of a
 spinning and a copying burner as threads of the learner's process (the data path's place, and
 its GIL): does memory traffic or sharing the process cost more than the CPU time? (A thread's cores
-are not separable from the learner's in os.times, so its line shows the learner process's total.)"""
+are not separable from the learner's in os.times, so its line shows the learner process's total.)
+
+`--interleave SECONDS`: the 15-s segments above could not resolve effects under 10-30% (the
+learner alone moved by up to 80% between segments on 2026-12-02). This mode starts every burner of
+the plan once, paused, and times blocks of 10 steps in turn: alone, then beside each burner (only
+it active), round after round for SECONDS. Each line: the median ms/step of its blocks, the
+slowdown against alone's median, and the burner's share of the cores (duty / cores) beside it."""
 import argparse
 import multiprocessing as mp
 import os
@@ -24,9 +31,10 @@ import time
 import numpy as np
 
 
-def burner(duty, burst_ms, stop, used, kind='spin'):
+def burner(duty, burst_ms, stop, used, kind='spin', active=None):
   """Spins (or copies memory, `kind='copy'`) for `burst_ms`, then sleeps, at `duty` of one core,
-  until `stop`; its cores go to `used` (a process's own; not meaningful for a thread)."""
+  until `stop`, and only while `active` is set if given; its cores go to `used` (a process's own;
+  not meaningful for a thread, nor with `active`)."""
   t = time
   w0, c0 = t.perf_counter(), os.times()
   burst = burst_ms / 1000
@@ -35,6 +43,9 @@ def burner(duty, burst_ms, stop, used, kind='spin'):
   dst = np.empty_like(src) if kind == 'copy' else None
   block, offset = 1 << 20, 0
   while not stop.is_set():
+    if active is not None and not active.is_set():
+      active.wait(0.05)
+      continue
     end = t.perf_counter() + burst
     while t.perf_counter() < end:
       if kind == 'copy':
@@ -58,6 +69,8 @@ PLANS = {  # (duty, burst ms, kind, where)
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--plan', choices=sorted(PLANS), default='spin')
+  parser.add_argument('--interleave', type=float, default=0,
+                      help='seconds of interleaved blocks (see above); 0: 15-s segments')
   args = parser.parse_args()
   import jax
   import sys
@@ -81,6 +94,9 @@ def main():
     return n / wall, (c1.user - c0.user + c1.system - c0.system) / wall
 
   ctx = mp.get_context('spawn')
+  if args.interleave:
+    box = [state]
+    return interleaved(args, ctx, lambda: timed_block(compiled, box, data))
   for duty, burst, kind, where in PLANS[args.plan]:
     stop, used = ctx.Event(), ctx.Value('d', 0.0)
     p = None
@@ -97,6 +113,59 @@ def main():
     burner_cores = f'burner {used.value:.3f} cores, ' if where == 'process' else ''
     print(f'{beside}duty {duty:.2f} burst {burst} ms: {sps:.2f} steps/s, learner process '
           f'{cores:.2f} cores, {burner_cores}load {os.getloadavg()[0]:.2f}', flush=True)
+
+
+def timed_block(compiled, state_box, data, steps=10):
+  """Seconds per step over `steps` updates (the state threaded through `state_box`)."""
+  import jax
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state_box[0], metrics = compiled(state_box[0], data)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - t0) / steps
+
+
+def interleaved(args, ctx, block):
+  """`--interleave`: every burner of the plan started once, paused; blocks of 10 steps alone and
+  beside each burner in turn for `args.interleave` seconds; medians and slowdowns printed."""
+  arms = list(dict.fromkeys(a for a in PLANS[args.plan] if a[0]))  # distinct, in plan order
+  stop, used = ctx.Event(), ctx.Value('d', 0.0)
+  actives, workers = [], []
+  for duty, burst, kind, where in arms:
+    active = ctx.Event()
+    start = ctx.Process if where == 'process' else threading.Thread
+    w = start(target=burner, args=(duty, burst, stop, used, kind, active), daemon=True)
+    w.start()
+    actives.append(active)
+    workers.append(w)
+  time.sleep(2)  # the spawned burners import numpy
+  times = {arm: [] for arm in [None] + arms}
+  t0 = time.perf_counter()
+  try:
+    block()
+    while time.perf_counter() - t0 < args.interleave:
+      for arm, active in zip([None] + arms, [None] + actives):
+        if active is not None:
+          active.set()
+          time.sleep(0.05)
+        times[arm].append(block())
+        if active is not None:
+          active.clear()
+  finally:
+    stop.set()
+    for a in actives:
+      a.set()
+    for w in workers:
+      w.join()
+  alone = float(np.median(times[None]))
+  cores = os.cpu_count()
+  print(f'alone: {1e3 * alone:.2f} ms/step (median of {len(times[None])} blocks of 10)')
+  for arm in arms:
+    duty, burst, kind, where = arm
+    med = float(np.median(times[arm]))
+    print(f'{kind} burner in a {where}, duty {duty:.2f} burst {burst} ms: {1e3 * med:.2f} '
+          f'ms/step, slowdown {med / alone - 1:+.3f} against its share of the {cores} cores '
+          f'{duty / cores:.3f}; load {os.getloadavg()[0]:.2f}', flush=True)
 
 
 if __name__ == '__main__':
