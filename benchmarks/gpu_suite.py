@@ -11,7 +11,7 @@ what needs JAX + Haiku:
 2. the real learner update (`learner.update_from_windows`: frame windows stacked on the device,
    forward of online + target network, backward, Adam) for ResNet-101 in bf16 at batch 512
    (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis of the update compiled for
-   the CPU (`update_flops`), MFU = achieved / (1).
+   the CPU (`learner_step.cpu_flops`), MFU = achieved / (1).
 3. the learner's consumption: `Learner.step()` on host `FrameWindows` batches (host checks,
    host->device copy, metrics fetch): transitions/s. The Reverb pipeline's feed rate is measured
    on CPU (benchmarks/data_pipeline.py --out FILE) and set against it with --pipeline-json FILE.
@@ -54,10 +54,10 @@ sys.meta_path.insert(0, BlockModules())
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from learner_step import bench_config, flops_of, matmul_peak  # noqa: E402
+from learner_step import bench_config, cpu_flops, matmul_peak  # noqa: E402
 from trace_table import device_time_table  # noqa: E402
 
 from scaled_ql import loggers  # noqa: E402
@@ -110,20 +110,6 @@ def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
     fn()
     calls += 1
   return calls, time.perf_counter() - t0
-
-
-def update_flops(cfg, batch: int) -> float:
-  """FLOPs of one `update_from_windows` step by XLA's cost analysis of the update compiled for the
-  CPU, as benchmarks/learner_step.py counts them. Not the GPU executable's analysis: there the
-  convolutions and matmuls are cuDNN/cuBLAS custom calls that it counts as 0 FLOPs (on the H200 it
-  gave 189 GFLOP for a step of ~5.8 TFLOP). Lowered from shapes alone: nothing runs on the CPU."""
-  cpu = SingleDeviceSharding(jax.devices('cpu')[0])
-  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu)
-  state = jax.eval_shape(lambda: learner_lib.init_state(cfg, jax.random.PRNGKey(0)))
-  windows = random_frame_windows(cfg, batch)
-  lowered = learner_lib.update_from_windows.lower(jax.tree_util.tree_map(spec, state),
-                                                  jax.tree_util.tree_map(spec, windows), cfg=cfg)
-  return flops_of(lowered.compile())
 
 
 def main(argv=None) -> int:
@@ -179,13 +165,13 @@ def main(argv=None) -> int:
       'TFLOP/s')
 
   # 2. The real update on device-resident frame windows.
-  mesh = Mesh(np.asarray(devices), ('batch',))
-  state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
-                         NamedSharding(mesh, PartitionSpec()))
-  windows = jax.device_put(random_frame_windows(cfg, b),
-                           NamedSharding(mesh, PartitionSpec('batch')))
   if 'update' in parts:
-    flops = update_flops(cfg, b)
+    mesh = Mesh(np.asarray(devices), ('batch',))
+    state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
+                           NamedSharding(mesh, PartitionSpec()))
+    windows = jax.device_put(random_frame_windows(cfg, b),
+                             NamedSharding(mesh, PartitionSpec('batch')))
+    flops = cpu_flops(learner_lib.update_from_windows, state, windows, cfg=cfg)
     box = [state]
 
     def update_step():
@@ -223,8 +209,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         shutil.copy(trace_file, os.path.join(args.out, 'update_trace.json.gz'))
       shutil.rmtree(trace_dir, ignore_errors=True)
-    box.clear()
-  del state  # frees its device buffers before the next part
+    del state, windows, box  # frees their device buffers before the next part
 
   # 3. The learner's consumption: Learner.step() on host batches.
   params = None  # the policy's: the Learner's after part 3, else freshly initialised
