@@ -13,8 +13,10 @@ what needs JAX + Haiku:
    (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis of the update compiled for
    the CPU (`learner_step.cpu_flops`), MFU = achieved / (1).
 3. the learner's consumption: `Learner.step()` on host `FrameWindows` batches (host checks,
-   host->device copy, metrics fetch): transitions/s. The Reverb pipeline's feed rate is measured
-   on CPU (benchmarks/data_pipeline.py --out FILE) and set against it with --pipeline-json FILE.
+   host->device copy, metrics fetch): transitions/s, with `train.device_prefetch` (the default:
+   the next batch's checks and copy overlap the step) and without it, in interleaved blocks.
+   The Reverb pipeline's feed rate is measured on CPU (benchmarks/data_pipeline.py --out FILE)
+   and set against it with --pipeline-json FILE.
 4. batched policy inference for evaluators (`actors.make_policy`, the ResNet-101 policy):
    environment steps/s at several batch sizes (the emulator is not here: inference only).
 
@@ -151,6 +153,10 @@ def main(argv=None) -> int:
     rows.append(dict(figure=figure, value=float(value), unit=unit, load_1min=load(), note=note))
     print(f'{figure:<52} {value:14.2f} {unit:<14} load {load():5.2f}  {note}', flush=True)
 
+  if devices[0].platform != 'cpu':
+    # Serves part 3's second Learner (a config that differs in a field the update does not read)
+    # without a second minute-long compile. Not on the CPU: see Learner.restore's note.
+    jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='gpu_suite_cache_'))
   blocked = [m for m in sys.modules if m.split('.')[0] in BLOCKED]
   assert not blocked, blocked
   print(f'jax {jax.__version__} on {len(devices)} x {devices[0].device_kind} '
@@ -211,26 +217,47 @@ def main(argv=None) -> int:
       shutil.rmtree(trace_dir, ignore_errors=True)
     del state, windows, box  # frees their device buffers before the next part
 
-  # 3. The learner's consumption: Learner.step() on host batches.
+  # 3. The learner's consumption: Learner.step() on host batches, with and without
+  # train.device_prefetch, in interleaved blocks (the same device, the same minutes).
   params = None  # the policy's: the Learner's after part 3, else freshly initialised
   if 'learner' in parts:
     host_batches = [random_frame_windows(cfg, b, seed) for seed in range(4)]
-    learner = runner_lib.LearnerRunner(
-        learner_lib.Learner(cfg, (host_batches[i % 4] for i in range(10**9))),
-        logger=loggers.MultiLogger([]), handle_signals=False)
-    learner.step()
-    calls, wall = timed(learner.step, seconds)
-    consumption = calls * b / wall
-    row('Learner.step() on host FrameWindows', calls / wall, 'steps/s',
-        f'= consumption {consumption:.0f} transitions/s')
+    learners = {}
+    for prefetch in (True, False):
+      # (With the other setting the config differs, so the update is traced again; on a GPU the
+      # persistent compilation cache set up above then serves the executable.)
+      cfg_p = cfg.replace(train=dict(device_prefetch=prefetch))
+      learners[prefetch] = runner_lib.LearnerRunner(
+          learner_lib.Learner(cfg_p, (host_batches[i % 4] for i in range(10**9))),
+          logger=loggers.MultiLogger([]), handle_signals=False)
+      t = time.perf_counter()
+      learners[prefetch].step()
+      row(f'Learner.step() first step, device_prefetch={prefetch}', time.perf_counter() - t, 's')
+    totals = {True: [0, 0.0], False: [0, 0.0]}
+    for _ in range(3):
+      for prefetch, learner in learners.items():
+        calls, wall = timed(learner.step, seconds / 6)
+        totals[prefetch][0] += calls
+        totals[prefetch][1] += wall
+    rate = {k: calls / wall for k, (calls, wall) in totals.items()}
+    for prefetch in (False, True):
+      row(f'Learner.step() on host FrameWindows, prefetch={prefetch}', rate[prefetch],
+          'steps/s', f'= consumption {rate[prefetch] * b:.0f} transitions/s')
+    row('Learner.step(): prefetch / no prefetch', rate[True] / rate[False], 'ratio',
+        '3 interleaved blocks each')
+    if 'update' in parts:
+      row('Learner.step() with prefetch / update alone', rate[True] / steps_per_s, 'ratio')
+    consumption = rate[True] * b
     if args.pipeline_json:
       with open(args.pipeline_json, encoding='utf-8') as f:
         pipe = {r['figure']: r for r in json.load(f)['rows']}
       feed = pipe['sampling alone (learner idle): delivered']
       row('pipeline feed (CPU, data_pipeline.py) / consumption', feed['value'] / consumption,
           'ratio', f'feed {feed["value"]:.0f} transitions/s at load {feed["load_1min"]:.2f}')
-    params = learner.get_variables(('params',))[0]
-    learner.close()
+    params = learners[True].get_variables(('params',))[0]
+    for learner in learners.values():
+      learner.close()
+    del learners
 
   # 4. Batched policy inference (evaluators).
   if 'policy' in parts:

@@ -86,7 +86,10 @@ def test_gpu_suite_tiny_end_to_end(tiny_suite):
   result = tiny_suite
   figures = {r['figure']: r['value'] for r in result['rows']}
   assert result['config'] == 'cpu_tiny' and result['dtype'] == 'bfloat16'
-  for prefix in ('matmul peak', 'update steps/s', 'update MFU', 'Learner.step()',
+  for prefix in ('matmul peak', 'update steps/s', 'update MFU',
+                 'Learner.step() on host FrameWindows, prefetch=True',
+                 'Learner.step() on host FrameWindows, prefetch=False',
+                 'Learner.step(): prefetch / no prefetch', 'Learner.step() with prefetch / update',
                  'policy inference, 4 envs'):
     values = [v for k, v in figures.items() if k.startswith(prefix)]
     assert len(values) == 1 and values[0] > 0, (prefix, figures)

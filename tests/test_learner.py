@@ -242,6 +242,39 @@ def test_bad_inputs_raise_clear_errors():
          devices=jax.local_devices()[:1] * 2)
 
 
+@pytest.mark.parametrize('windows', [False, True], ids=['transitions', 'frame_windows'])
+def test_device_prefetch_changes_nothing_but_when_the_next_batch_is_taken(windows):
+  """`train.device_prefetch` takes batch n+1 while step n runs: the steps and metrics are those of
+  the learner without it, the iterator is one batch ahead, and what taking a batch raises (a
+  malformed batch, the end of the data) comes from the step that would have trained on it."""
+  make_batch = ((lambda i: random_frame_windows(CFG, 8, i)) if windows
+                else (lambda i: random_batch(CFG, i)))
+  good = [make_batch(i) for i in range(3)]
+  bad = make_batch(3)._replace(action=np.full(8, 5, np.int32), game_id=np.zeros(8, np.int32))
+  runs = {}
+  for prefetch in (False, True):
+    taken = []
+    def it():
+      for i, batch in enumerate(good + [bad, make_batch(4)]):
+        taken.append(i)
+        yield batch
+    learner = learner_lib.Learner(CFG.replace(train=dict(device_prefetch=prefetch)), it(),
+                                  devices=jax.local_devices()[:1])
+    metrics = []
+    for step in range(3):
+      metrics.append(learner.step())
+      assert taken[-1] == step + prefetch  # the next batch is taken during the step, not after
+    with pytest.raises(ValueError, match='not a valid action of Breakout'):
+      learner.step()  # the fourth batch is malformed: its step raises, not the third
+    assert learner.steps == 3
+    metrics.append(learner.step())  # then the next batch trains, as without prefetch
+    with pytest.raises(StopIteration):
+      learner.step()
+    runs[prefetch] = metrics, learner.get_variables(['params', 'opt_state', 'step'])
+  assert runs[True][0] == runs[False][0]
+  assert tree_equal(runs[True][1], runs[False][1])
+
+
 def test_policy_never_picks_invalid_actions():
   learner = make()
   params, = learner.get_variables()

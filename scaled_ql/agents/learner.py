@@ -213,6 +213,8 @@ class Learner:
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
     self._steps = 0
+    # The next batch on its way to the devices (or the exception taking it raised): see `step`.
+    self._prefetched: Transition | FrameWindows | Exception | None = None
 
   @property
   def cfg(self) -> ExperimentConfig:
@@ -233,14 +235,31 @@ class Learner:
 
   def step(self) -> dict[str, float]:
     """One gradient step on the next batch; returns the batch means of the loss terms (host
-    floats, possibly non-finite: checking them is the caller's, see `runner.LearnerRunner`)."""
-    batch = next(self._iterator)
-    check_batch(batch, self._cfg, self._batch_size)
-    batch = jax.device_put(type(batch)(*map(np.asarray, batch)), self._batch_sharding)
+    floats, possibly non-finite: checking them is the caller's, see `runner.LearnerRunner`).
+
+    With `train.device_prefetch` the batch after this one is taken, checked and put on the
+    devices while this step runs. What that raises (the end of the data, a malformed batch, a
+    data error) is raised by the next `step()`, the one that would have trained on it."""
+    if self._prefetched is None:
+      self._prefetched = self._next_device_batch()
+    batch, self._prefetched = self._prefetched, None
+    if isinstance(batch, BaseException):
+      raise batch  # (the next call takes the iterator's next batch, as without prefetch)
     step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
-    self._state, metrics = step_fn(self._state, batch, cfg=self._cfg)
+    self._state, metrics = step_fn(self._state, batch, cfg=self._cfg)  # dispatched, not done
     self._steps += 1
+    if self._cfg.train.device_prefetch:
+      self._prefetched = self._next_device_batch()
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def _next_device_batch(self) -> Transition | FrameWindows | Exception:
+    """The iterator's next batch, checked and on its way to the devices; or what that raised."""
+    try:
+      batch = next(self._iterator)
+      check_batch(batch, self._cfg, self._batch_size)
+    except Exception as e:  # StopIteration included; KeyboardInterrupt etc. propagate now
+      return e
+    return jax.device_put(type(batch)(*map(np.asarray, batch)), self._batch_sharding)
 
   def get_variables(self, names: Sequence[str] = ('params',)) -> list[Any]:
     """Host copies. 'params': what `actors.make_policy` takes (`Method.policy_params`; for 'bcq'

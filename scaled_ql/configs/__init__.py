@@ -175,8 +175,11 @@ def _cpu_small() -> ExperimentConfig:
       # A curve point a minute: the evaluator shares the learner's 2 cores (and runs niced).
       eval=EvalConfig(steps_per_game=2_000, final_steps_per_game=4_500, num_envs=1,
                       num_evaluators=1, eval_every_seconds=60.0),
+      # No device prefetch: on 2 CPU cores the next batch's host work beside the step only
+      # competes with it (0.97x and 0.99x steps/s in two interleaved A/Bs, 2026-12-04 evening;
+      # docs/performance.md, "Device prefetch").
       train=TrainConfig(num_steps=5_000, log_every_steps=100, checkpoint_every_steps=1_000,
-                        publish_every_steps=100),
+                        publish_every_steps=100, device_prefetch=False),
   )
 
 
