@@ -63,6 +63,18 @@ class FrameWindows(NamedTuple):
     import jax.numpy as jnp
     return jnp.asarray(self.start, jnp.int32) + jnp.asarray(self.next_start, jnp.int32)
 
+  def split(self, parts: int) -> list['FrameWindows']:
+    """`parts` batches of B / parts transitions each, in order (views of these arrays, not
+    copies): what `data.batches_per_fetch` > 1 fetches in one go, cut into learner batches."""
+    batch, items = self.start.shape[0], self.frames.shape[0]
+    if parts < 1 or items % parts:
+      raise ValueError(f'{items} items of frame windows cannot be split into {parts} batches')
+    # Rows per part: `frames` has one per item, every other field one per transition.
+    rows = {name: (items if name == 'frames' else batch) // parts for name in self._fields}
+    return [FrameWindows(*(x[i * rows[name]:(i + 1) * rows[name]]
+                           for name, x in zip(self._fields, self)))
+            for i in range(parts)]
+
   def to_transition(self) -> Transition:
     """The `Transition` of these windows, with jax.numpy (jittable; on the arrays' device)."""
     import jax.numpy as jnp

@@ -130,11 +130,13 @@ def test_window_path_agrees_with_numpy_reference(server):
   assert seen == set(ref)
 
 
-def test_items_of_consecutive_transitions_agree_with_numpy_reference():
+@pytest.mark.parametrize('fetch', [1, 3])
+def test_items_of_consecutive_transitions_agree_with_numpy_reference(fetch):
   """data.transitions_per_item = 2: one sample, two consecutive transitions, each equal to the
-  numpy reference; an episode's odd last transition repeats in its item's empty place."""
+  numpy reference; an episode's odd last transition repeats in its item's empty place. With
+  data.batches_per_fetch = 3 the batches come three per fetch, each as without it."""
   per_item = 2
-  cfg = tiny_cfg().replace(data=dict(transitions_per_item=per_item))
+  cfg = tiny_cfg().replace(data=dict(transitions_per_item=per_item, batches_per_fetch=fetch))
   srv = rt.make_server(cfg)
   address = f'localhost:{srv.port}'
   try:
@@ -168,15 +170,21 @@ def test_transitions_per_item_is_checked():
     check_transitions_per_item(tiny_cfg().replace(data=dict(transitions_per_item=3)))
   with pytest.raises(ValueError, match='transitions_per_item must be >= 1'):
     check_transitions_per_item(tiny_cfg().replace(data=dict(transitions_per_item=0)))
+  with pytest.raises(ValueError, match='batches_per_fetch must be >= 1'):
+    check_transitions_per_item(tiny_cfg().replace(data=dict(batches_per_fetch=0)))
   cfg = tiny_cfg(min_fill=5, max_size=1001).replace(data=dict(transitions_per_item=4))
   assert rt.table_items(cfg) == (250, 2)  # sizes are transitions; tables count items
   with pytest.raises(ValueError, match='online fine-tuning paces single transitions'):
     rt.TablePacing.from_config(cfg)
 
 
-def test_stratified_proportions():
+@pytest.mark.parametrize('fetch', [1, 4])
+def test_stratified_proportions(fetch):
+  """Each batch is games_per_batch draws of a uniformly drawn game, each draw uniform over that
+  game's table; also when data.batches_per_fetch = 4 batches are fetched in one go."""
   games = ('Breakout', 'Pong', 'Boxing')
-  cfg = tiny_cfg(games=games, games_per_batch=6, transitions_per_game=3, min_fill=3)
+  cfg = tiny_cfg(games=games, games_per_batch=6, transitions_per_game=3, min_fill=3).replace(
+      data=dict(batches_per_fetch=fetch))
   rng = np.random.default_rng(1)
   episodes = hand_made_episodes(games, rng, episodes_per_game=1, length=(5, 6))
   srv = rt.make_server(cfg)

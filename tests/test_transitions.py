@@ -194,6 +194,24 @@ def test_device_stacking_equals_numpy_reference(per_item):
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
+@pytest.mark.parametrize('per_item', [1, 2, 4])
+def test_split_frame_windows_gives_the_transitions_in_order(per_item):
+  """`FrameWindows.split(k)` (data.batches_per_fetch): k batches whose transitions are the
+  whole's, in order; a split that would cut an item is refused."""
+  windows = _episode_frame_windows(per_item=per_item)
+  windows = tr.FrameWindows(*(np.concatenate([x] * 4) for x in windows))  # 4 x the items
+  want = tr.stack_frame_windows(windows)
+  parts = windows.split(4)
+  assert len(parts) == 4 and sum(len(p.action) for p in parts) == len(windows.action)
+  got = [tr.stack_frame_windows(p) for p in parts]
+  for i, name in enumerate(tr.Transition._fields):
+    np.testing.assert_array_equal(np.concatenate([g[i] for g in got]), want[i], err_msg=name)
+  assert parts[1].frames.base is not None  # views, not copies
+  bad = next(k for k in range(2, 100) if len(windows.frames) % k)
+  with pytest.raises(ValueError, match=f'cannot be split into {bad} batches'):
+    windows.split(bad)
+
+
 # P = 1 (the paper configs') on a real episode; items of P = 4 (cpu_small's) are checked on
 # random windows by tests/test_learner.py (test_update_from_windows_equals_the_update_on_...).
 @pytest.mark.parametrize('per_item', [1])

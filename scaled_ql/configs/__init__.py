@@ -165,8 +165,12 @@ def _cpu_small() -> ExperimentConfig:
       # the sampler costs ~1/3 of the CPU per transition (benchmarks/sample_cost.py) and the
       # learner in the program runs 0.81-0.84x alone instead of 0.76x; BC imitation per step was
       # no worse (docs/performance.md, "Items of several transitions"). Paper configs: 1.
+      # Four batches per fetch: the data path's work beside the learner comes in fewer, longer
+      # bursts. Fed / alone in one process 0.915 vs 0.896 and 0.932 vs 0.905; in the program
+      # 0.85, 0.88 vs 0.87, 0.83 (2026-12-04 late evening; docs/performance.md, "Several batches
+      # per fetch"): a small gain, inside the program's run-to-run spread.
       data=DataConfig(data_dir='data/generated', shuffle_buffer_per_game=20_000,
-                      min_fill_per_game=1_000, transitions_per_item=4),
+                      min_fill_per_game=1_000, transitions_per_item=4, batches_per_fetch=4),
       # One environment: Dopamine's exact loop. Every started episode is played out (up to 27K
       # steps when a policy stalls, e.g. Breakout without FIRE), so each extra environment adds
       # up to one more such episode per round (docs/evaluation.md: 94K steps with 4 envs).

@@ -109,6 +109,11 @@ class DataConfig:
   # -15% learner-process CPU per sampled transition at equal server memory; docs/performance.md).
   reverb_chunk_length: int = 8
   prefetch_batches: int = 2  # batches the learner's Reverb sampler keeps in flight
+  # Learner batches the sampler takes from Reverb and prepares in one go, then hands over one by
+  # one: the same batches, in fewer and longer bursts of data-path work beside the learner (on
+  # 2 cores a burst costs the learner more than its share when short; docs/performance.md,
+  # "Several batches per fetch"). Each batch is still games_per_batch uniform game draws.
+  batches_per_fetch: int = 1
   # Consecutive transitions per Reverb item (one sample): 1 = i.i.d. transitions (Dopamine's
   # replay, the paper's reading). P > 1 (dividing agent.transitions_per_game): each game draw of a
   # stratified batch takes transitions_per_game / P runs of P consecutive transitions, and one
@@ -252,11 +257,14 @@ class ExperimentConfig:
 
 
 def check_transitions_per_item(cfg: ExperimentConfig) -> int:
-  """`cfg.data.transitions_per_item` (P), checked against the batch and table sizes: ValueError
-  naming the field at fault (the data path and `launch.run.validate` both call it)."""
+  """`cfg.data.transitions_per_item` (P), checked against the batch and table sizes, and
+  `cfg.data.batches_per_fetch`: ValueError naming the field at fault (the data path and
+  `launch.run.validate` both call it)."""
   per_item, per_game = cfg.data.transitions_per_item, cfg.agent.transitions_per_game
   if per_item < 1:
     raise ValueError(f'data.transitions_per_item must be >= 1, got {per_item}')
+  if cfg.data.batches_per_fetch < 1:
+    raise ValueError(f'data.batches_per_fetch must be >= 1, got {cfg.data.batches_per_fetch}')
   if per_game % per_item:
     raise ValueError(f'data.transitions_per_item={per_item} must divide '
                      f'agent.transitions_per_game={per_game} (a game draw takes whole items)')

@@ -683,7 +683,8 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
                        seed: int = 0):
   """tf.data of item batches: ({'record': uint8 [D, I, W, RECORD_BYTES]}, game_id [D, I]).
 
-  D = games_per_batch draws of a game, uniform with replacement; each draw is I =
+  D = games_per_batch x data.batches_per_fetch draws of a game, uniform with replacement (the
+  caller cuts them into batches of games_per_batch draws); each draw is I =
   transitions_per_game / transitions_per_item consecutive samples of that game's table
   (Appendix B.3), each an item of W = n + 3 + transitions_per_item records. Per-sample work
   stays in Reverb's sampler; tf.data only batches and interleaves (no function runs per sample or
@@ -696,8 +697,10 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
   per_item = check_transitions_per_item(cfg)
   specs = _record_specs(agent.n_step, per_item)
   per_game = agent.transitions_per_game // per_item  # items per game draw
-  # In-flight samples per table: about two batches' worth of this game's expected share.
-  in_flight = max(2 * per_game, int(np.ceil(2 * agent.batch_size / per_item / len(games))))
+  fetch = cfg.data.batches_per_fetch
+  # In-flight samples per table: about two fetches' worth of this game's expected share.
+  in_flight = max(2 * per_game,
+                  int(np.ceil(2 * fetch * agent.batch_size / per_item / len(games))))
   # No tf.data function runs per sample or per game draw: each call of a mapped function is a
   # graph run handed to TF's inter-op threads and back, and per draw those hand-offs were the
   # sampler's largest CPU cost (perf, docs/performance.md "tf.data without per-draw functions").
@@ -721,7 +724,7 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
 
   choice = tf.data.Dataset.random(seed=seed).batch(4096).map(to_game_index).unbatch()
   ds = tf.data.Dataset.choose_from_datasets(datasets, choice)
-  ds = ds.batch(agent.games_per_batch).map(
+  ds = ds.batch(agent.games_per_batch * fetch).map(
       no_autograph(lambda samples, game_id: (samples.data, game_id)))
   # Nothing here has a tunable parallelism or buffer (the prefetch below is sized): tf.data's
   # autotuning thread would only cost CPU (-4% CPU per transition without it, same doc section).
@@ -795,17 +798,18 @@ class StratifiedBatches:
       for data, game_id in self._windows():
         merge = lambda x: x.reshape((-1,) + x.shape[2:])  # [D, I, ...] -> [D*I, ...], a view
         windows = tr.unpack_records(merge(data[RECORD_COLUMN]))
-        batch = tr.windows_to_frame_windows(windows, merge(game_id), discount=agent.discount,
-                                            reward_clip=agent.reward_clip,
-                                            per_item=self._cfg.data.transitions_per_item)
-        while not self._stop.is_set():
-          try:
-            self._queue.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
-          return
+        fetched = tr.windows_to_frame_windows(windows, merge(game_id), discount=agent.discount,
+                                              reward_clip=agent.reward_clip,
+                                              per_item=self._cfg.data.transitions_per_item)
+        for batch in fetched.split(self._cfg.data.batches_per_fetch):
+          while not self._stop.is_set():
+            try:
+              self._queue.put(batch, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if self._stop.is_set():
+            return
     except BaseException as e:  # surfaced to the consumer by __next__
       self._put_final(e)
       return
