@@ -11,7 +11,9 @@ what needs JAX + Haiku:
 2. the real learner update (`learner.update_from_windows`: frame windows stacked on the device,
    forward of online + target network, backward, Adam) for ResNet-101 in bf16 at batch 512
    (Appendix B.3): steps/s, FLOPs per step from XLA's cost analysis of the update compiled for
-   the CPU (`learner_step.cpu_flops`), MFU = achieved / (1).
+   the CPU (`learner_step.cpu_flops`), MFU = achieved / (1). Timed twice: waiting for each step
+   (as `Learner.step()` does, for its metrics), and dispatched ahead, one wait per 10 steps (the
+   host launches step k+1 while the device runs step k: what an asynchronous learner would get).
 3. the learner's consumption: `Learner.step()` on host `FrameWindows` batches (host checks,
    host->device copy, metrics fetch): transitions/s, with `train.device_prefetch` (the default:
    the next batch's checks and copy overlap the step) and without it, in interleaved blocks.
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
   print(f'jax {jax.__version__} on {len(devices)} x {devices[0].device_kind} '
         f'({devices[0].platform}); python {sys.version.split()[0]}; config {cfg.name} batch {b} '
         f'{jnp.dtype(dtype).name}; cpus {os.cpu_count()}; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; '
         f'{os.popen("uptime").read().strip()}', flush=True)
 
   # 1. matmul peak.
@@ -194,6 +197,17 @@ def main(argv=None) -> int:
         f'{steps_per_s * b:.0f} transitions/s')
     row('update FLOPs per step (XLA cost analysis, CPU-compiled)', flops / 1e9, 'GFLOP')
     row('update MFU vs measured matmul peak', 100 * flops * steps_per_s / peak, '%')
+
+    def update_steps_ahead(n=10):  # the host dispatches step k+1 while the device runs step k
+      for _ in range(n):
+        box[0], metrics = learner_lib.update_from_windows(box[0], windows, cfg=cfg)
+      jax.block_until_ready(metrics)
+
+    calls, wall = timed(update_steps_ahead, seconds)
+    ahead = 10 * calls / wall
+    row('update dispatched ahead (1 sync per 10): steps/s', ahead, 'steps/s',
+        f'{ahead / steps_per_s:.2f}x the synchronous steps')
+    row('update dispatched ahead (1 sync per 10): MFU', 100 * flops * ahead / peak, '%')
     if args.profile:
       traced_steps, trace_dir = 3, tempfile.mkdtemp(prefix='gpu_suite_trace_')
       t = time.perf_counter()
@@ -280,6 +294,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'gpu_suite.json'), 'w', encoding='utf-8') as f:
       json.dump(dict(config=cfg.name, batch=b, dtype=jnp.dtype(dtype).name,
+                     xla_flags=os.environ.get('XLA_FLAGS', ''),
                      jax=jax.__version__, device=devices[0].device_kind, rows=rows,
                      modules=imported_modules()), f, indent=1)
   print(f'end: {os.popen("uptime").read().strip()}', flush=True)

@@ -87,6 +87,8 @@ def test_gpu_suite_tiny_end_to_end(tiny_suite):
   figures = {r['figure']: r['value'] for r in result['rows']}
   assert result['config'] == 'cpu_tiny' and result['dtype'] == 'bfloat16'
   for prefix in ('matmul peak', 'update steps/s', 'update MFU',
+                 'update dispatched ahead (1 sync per 10): steps/s',
+                 'update dispatched ahead (1 sync per 10): MFU',
                  'Learner.step() on host FrameWindows, prefetch=True',
                  'Learner.step() on host FrameWindows, prefetch=False',
                  'Learner.step(): prefetch / no prefetch', 'Learner.step() with prefetch / update',
