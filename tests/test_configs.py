@@ -59,3 +59,17 @@ def test_json_round_trip():
 def test_unknown_config_lists_valid_names():
   with pytest.raises(configs.UnknownConfigError, match='atari40_suboptimal_resnet101.*cpu_small'):
     configs.get_config('cpu_smal')
+
+
+def test_online_finetuning_takes_one_paced_batch_at_a_time():
+  """cpu_small fetches 4 batches at once and prefetches to the device; online fine-tuning derived
+  from it does neither (its table lets one batch through per allowed step), and its pacing
+  accepts it; the paper configs keep the defaults (1 per fetch, device prefetch on)."""
+  from scaled_ql.datasets import reverb_tables
+  small = configs.get_config('cpu_small')
+  assert (small.data.batches_per_fetch, small.train.device_prefetch) == (4, False)
+  paper = configs.get_config('atari40_suboptimal_resnet101')
+  assert (paper.data.batches_per_fetch, paper.train.device_prefetch) == (1, True)
+  online = configs.finetune_online(small, 'Breakout', None, pretrained=None)
+  assert (online.data.batches_per_fetch, online.train.device_prefetch) == (1, False)
+  assert reverb_tables.TablePacing.from_config(online).batch_size == online.agent.batch_size

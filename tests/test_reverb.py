@@ -176,6 +176,8 @@ def test_transitions_per_item_is_checked():
   assert rt.table_items(cfg) == (250, 2)  # sizes are transitions; tables count items
   with pytest.raises(ValueError, match='online fine-tuning paces single transitions'):
     rt.TablePacing.from_config(cfg)
+  with pytest.raises(ValueError, match='data.batches_per_fetch must be 1, got 4'):
+    rt.TablePacing.from_config(tiny_cfg().replace(data=dict(batches_per_fetch=4)))
 
 
 @pytest.mark.parametrize('fetch', [1, 4])

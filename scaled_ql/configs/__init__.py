@@ -337,9 +337,12 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
                  policy_params_ema=0.0),
       data=dict(shuffle_buffer_per_game=sized(c['replay_capacity'], 100),
                 min_fill_per_game=sized(c['min_replay_history'], c['batch_size']),
-                num_inserters=1, transitions_per_item=1),  # Dopamine's i.i.d. replay, paced
+                # Dopamine's i.i.d. replay, paced one batch per gradient step
+                num_inserters=1, transitions_per_item=1, batches_per_fetch=1),
       eval=dict(num_evaluators=1, game_mode=mode),
-      train=dict(num_steps=num_steps),
+      # No device prefetch: with the table paced, taking batch k+1 during step k would hold
+      # step k's metrics and publish back until the actors' next inserts allow that batch.
+      train=dict(num_steps=num_steps, device_prefetch=False),
       finetune=FinetuneConfig(pretrained=pretrained, update_period=c['update_period'],
                               epsilon_end=c['epsilon_train'],
                               epsilon_decay_steps=sized(c['epsilon_decay_period'])))

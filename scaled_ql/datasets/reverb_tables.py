@@ -136,6 +136,11 @@ class TablePacing:
     if cfg.data.transitions_per_item != 1:
       raise ValueError(f'online fine-tuning paces single transitions (Dopamine): '
                        f'data.transitions_per_item must be 1, got {cfg.data.transitions_per_item}')
+    if cfg.data.batches_per_fetch != 1:
+      # The table lets one batch through per allowed step: fetching K would hold the learner
+      # back until K steps were allowed, and then let it take them in a burst.
+      raise ValueError(f'online fine-tuning paces one batch per gradient step: '
+                       f'data.batches_per_fetch must be 1, got {cfg.data.batches_per_fetch}')
     return cls(cfg.data.min_fill_per_game, cfg.finetune.update_period, cfg.agent.batch_size,
                4 * cfg.train.publish_every_steps)
 
