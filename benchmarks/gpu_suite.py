@@ -21,6 +21,9 @@ what needs JAX + Haiku:
    and set against it with --pipeline-json FILE.
 4. batched policy inference for evaluators (`actors.make_policy`, the ResNet-101 policy):
    environment steps/s at several batch sizes (the emulator is not here: inference only).
+5. the host's cost of the train state's leaves: a jitted call that takes the state donated and
+   returns it with only `step` changed (every buffer passes through uncopied), as it is and as a
+   few flat buffers of the same bytes (docs/performance.md, "Where the gaps are").
 
 `--profile`: after (2), traces a few update steps with the JAX profiler, writes the Perfetto trace
 (`update_trace.json.gz`, open it at ui.perfetto.dev) beside gpu_suite.json and prints where the
@@ -58,6 +61,7 @@ sys.meta_path.insert(0, BlockModules())
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +120,21 @@ def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
   return calls, time.perf_counter() - t0
 
 
+def state_dispatch_ms(state, calls: int = 100) -> float:
+  """Host ms per jitted call that takes `state` (a TrainState) donated and returns it with only
+  `step` changed: the per-call cost of its number of buffers, with no device work to speak of.
+  Consumes `state`."""
+  touch = jax.jit(lambda s: (s._replace(step=s.step + 1), s.step), donate_argnums=(0,))
+  for _ in range(3):
+    state, step = touch(state)
+  jax.block_until_ready(step)
+  t = time.perf_counter()
+  for _ in range(calls):
+    state, step = touch(state)
+    jax.block_until_ready(step)
+  return 1e3 * (time.perf_counter() - t) / calls
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--tiny', action='store_true', help='cpu_tiny, seconds: the CI run')
@@ -129,15 +148,15 @@ def main(argv=None) -> int:
                  help='benchmarks/data_pipeline.py --out file: its feed rate is set against the '
                  "learner's consumption")
   p.add_argument('--out', default=None, help='directory for gpu_suite.json')
-  p.add_argument('--parts', default='update,learner,policy',
+  p.add_argument('--parts', default='update,learner,policy,dispatch',
                  help='comma-separated parts to run after the peak: update (2), learner (3), '
-                 'policy (4)')
+                 'policy (4), dispatch (5)')
   p.add_argument('--profile', action='store_true',
                  help='trace 3 update steps: update_trace.json.gz in --out, top kernels printed')
   args = p.parse_args(argv)
   parts = set(args.parts.split(','))
-  if not parts or parts - {'update', 'learner', 'policy'}:
-    p.error(f'--parts {args.parts!r}: name parts among update, learner, policy')
+  if not parts or parts - {'update', 'learner', 'policy', 'dispatch'}:
+    p.error(f'--parts {args.parts!r}: name parts among update, learner, policy, dispatch')
   if args.tiny and args.rehearsal:
     p.error('--tiny and --rehearsal exclude each other')
   size = SIZES['tiny' if args.tiny else 'rehearsal' if args.rehearsal else 'full']
@@ -289,6 +308,20 @@ def main(argv=None) -> int:
       calls, wall = timed(act, seconds / 2)
       row(f'policy inference, {n} envs per call', calls * n / wall, 'env steps/s',
           f'{1e3 * wall / calls:.2f} ms per call')
+
+  # 5. The host's cost of the train state's leaves.
+  if 'dispatch' in parts:
+    state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+    leaves = len(jax.tree_util.tree_leaves(state))
+    as_is = state_dispatch_ms(state)
+    state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+    flat = state._replace(**{f: ravel_pytree(getattr(state, f))[0]
+                             for f in ('params', 'target_params', 'opt_state')})
+    del state
+    flat_leaves = len(jax.tree_util.tree_leaves(flat))
+    flat_ms = state_dispatch_ms(flat)
+    row(f'host dispatch, train state as is ({leaves} leaves)', as_is, 'ms/call')
+    row(f'host dispatch, the same bytes in {flat_leaves} leaves', flat_ms, 'ms/call')
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)
