@@ -807,26 +807,22 @@ class StratifiedBatches:
                                               reward_clip=agent.reward_clip,
                                               per_item=self._cfg.data.transitions_per_item)
         for batch in fetched.split(self._cfg.data.batches_per_fetch):
-          while not self._stop.is_set():
-            try:
-              self._queue.put(batch, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if self._stop.is_set():
+          if not self._put(batch):
             return
     except BaseException as e:  # surfaced to the consumer by __next__
-      self._put_final(e)
+      self._put(e)
       return
-    self._put_final(StopIteration())
+    self._put(StopIteration())
 
-  def _put_final(self, item) -> None:
+  def _put(self, item) -> bool:
+    """Queues `item`, waiting while the queue is full; False if the iterator was closed first."""
     while not self._stop.is_set():
       try:
         self._queue.put(item, timeout=0.1)
-        return
+        return True
       except queue.Full:
         continue
+    return False
 
   def __iter__(self) -> 'StratifiedBatches':
     return self
@@ -852,7 +848,7 @@ class StratifiedBatches:
       self._waited_s += time.monotonic() - self._waiting_since
       self._waiting_since = None
     if isinstance(item, BaseException):
-      self._put_final(item)  # later calls see it too
+      self._put(item)  # later calls see it too
       raise item
     return item
 
