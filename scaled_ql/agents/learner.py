@@ -243,7 +243,7 @@ class Learner:
     if self._prefetched is None:
       self._prefetched = self._next_device_batch()
     batch, self._prefetched = self._prefetched, None
-    if isinstance(batch, BaseException):
+    if isinstance(batch, Exception):
       raise batch  # (the next call takes the iterator's next batch, as without prefetch)
     step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
     self._state, metrics = step_fn(self._state, batch, cfg=self._cfg)  # dispatched, not done
