@@ -8,8 +8,8 @@
 For each config: steps/s and samples/s of the whole update (observations made from the frame
 windows, forward of online + target network, backward, Adam, target copy) on random
 `FrameWindows` batches (what the Reverb path delivers; `types.random_frame_windows`) already on
-the device(s); FLOPs per step
-from XLA's cost analysis of the compiled update; achieved FLOP/s and its fraction of the
+the device(s), compiled as the Learner compiles it (`learner.compile_update`); FLOPs per step
+from XLA's cost analysis of the update compiled for the CPU with XLA's default options; achieved FLOP/s and its fraction of the
 machine's fp32 (or bf16) matmul peak, measured here with a large jnp.dot. Uses every local device
 (the batch is split over them like the Learner does); on a GPU machine that is the GPU.
 
@@ -83,15 +83,16 @@ def bench_config(name: str, batch: int | None, bf16: bool):
 
 
 def compiled_update(cfg):
-  """(compiled `learner.update_from_windows`, a fresh train state, one random `FrameWindows`
-  batch), placed like the Learner places them (the batch split over every local device). What
+  """(`learner.update_from_windows` compiled as the Learner compiles it, `learner.compile_update`
+  (with the config's XLA options), a fresh train state, one random `FrameWindows` batch), placed
+  like the Learner places them (the batch split over every local device). What
   this benchmark, `update_profile.py` and `learner_beside_load.py` time."""
   mesh = Mesh(np.asarray(jax.local_devices()), ('batch',))
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))
   data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size),
                         NamedSharding(mesh, PartitionSpec('batch')))
-  return learner_lib.update_from_windows.lower(state, data, cfg=cfg).compile(), state, data
+  return learner_lib.compile_update(state, data, cfg), state, data
 
 
 def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float) -> dict:
@@ -101,20 +102,26 @@ def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float)
   compiled, state, data = compiled_update(cfg)
   compile_s = time.perf_counter() - t  # includes the init and the placement (~0.1 s)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  return timed_row(compiled, state, data, seconds, peak, config=cfg.name, batch=b,
+  # Counted on the update compiled with XLA's default options: the cost analysis of an executable
+  # for the classic CPU runtime (cpu_small's `train.xla_cpu_use_thunk_runtime=False`) leaves out
+  # the matmuls and convolutions it hands to Eigen (0.21 of cpu_small's 3.76 GFLOP).
+  flops = cpu_flops(learner_lib.update_from_windows, state, data, cfg=cfg)
+  return timed_row(compiled, state, data, seconds, peak, flops=flops, config=cfg.name, batch=b,
                    dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
                    compile_s=compile_s)
 
 
-def timed_row(compiled, state, data, seconds: float, peak: float, **fields) -> dict:
-  """Times `compiled(state, data) -> (state, metrics)`; one row of figures for it.
+def timed_row(compiled, state, data, seconds: float, peak: float, flops: float | None = None,
+              **fields) -> dict:
+  """Times `compiled(state, data) -> (state, metrics)`; one row of figures for it. `flops` per
+  call: `flops_of(compiled)` unless given.
 
   Our update and Dopamine's step both go through here, so their figures come from one loop and
   one cost analysis. Each step is timed alone (the Learner also waits for every step's metrics).
   On a shared machine the mean measures what we got; the fastest step, like the matmul peak's
   best run, estimates the uncontended speed.
   """
-  flops = flops_of(compiled)
+  flops = flops_of(compiled) if flops is None else flops
   state, metrics = compiled(state, data)  # warm-up
   jax.block_until_ready(metrics)
   times, t0 = [], time.perf_counter()

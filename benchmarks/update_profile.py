@@ -9,6 +9,11 @@ and prints the ops with the most traced time per step: milliseconds, the op's na
 compiled HLO, its output shape and the JAX operation it came from (HLO metadata). Use it to find
 what to cut before changing the network or the update.
 
+It traces the update compiled for XLA's thunk runtime even where the config asks for the
+classic one (cpu_small's `train.xla_cpu_use_thunk_runtime=False`): the classic runtime emits no
+per-op trace events. The op list is the same computation's; the classic runtime runs the big
+elementwise loops on several threads, so its step is shorter (`learner_step.py`).
+
 Read it as a guide, not a budget: on the CPU only the ops XLA traces appear (the big matmuls and
 convolutions run partly inside Eigen's thread pool, whose work is not all traced), so the listed
 times add up to less than a step. `learner_step.py` gives the step's rate and FLOP/s.
@@ -66,6 +71,10 @@ def main() -> None:
   parser.add_argument('--top', type=int, default=25, help='ops printed')
   args = parser.parse_args()
   cfg = get_config(args.config)
+  if not cfg.train.xla_cpu_use_thunk_runtime:
+    print(f'{cfg.name} asks for the classic CPU runtime, which emits no per-op trace events: '
+          'profiling the thunk runtime\'s executable')
+    cfg = cfg.replace(train=dict(xla_cpu_use_thunk_runtime=True))
   compiled, state, data = compiled_update(cfg)
   meta = hlo_metadata(compiled.as_text())
 

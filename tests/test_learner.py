@@ -275,6 +275,57 @@ def test_device_prefetch_changes_nothing_but_when_the_next_batch_is_taken(window
   assert tree_equal(runs[True][1], runs[False][1])
 
 
+def test_classic_cpu_runtime_trains_like_the_thunk_runtime():
+  """`train.xla_cpu_use_thunk_runtime=False` (cpu_small's) compiles the update for XLA's classic
+  CPU runtime: the same steps as the thunk runtime's, up to float reassociation."""
+  cfg = get_config('cpu_small').replace(agent=dict(games_per_batch=4, transitions_per_game=2))
+  assert not cfg.train.xla_cpu_use_thunk_runtime
+  devices = jax.local_devices()[:1]
+  runs = {}
+  for thunk in (True, False):
+    c = cfg.replace(train=dict(xla_cpu_use_thunk_runtime=thunk))
+    assert learner_lib.compiler_options(c, devices) == (
+        {} if thunk else {'xla_cpu_use_thunk_runtime': False})
+    learner = learner_lib.Learner(c, (random_frame_windows(c, 8, i) for i in range(3)),
+                                  devices=devices)
+    runs[thunk] = [learner.step() for _ in range(3)], learner.get_variables(['params'])
+  for a, b in zip(runs[True][0], runs[False][0]):
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(a)],
+                               rtol=1e-3, atol=1e-5)
+  chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-3, atol=1e-5)
+
+
+def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
+  """The classic runtime aborts the process on a strided convolution's gradient (jaxlib 0.4.34;
+  shown in a subprocess, which also shows that `compiler_options` reaches XLA), so the Learner
+  refuses it for such a network (cpu_tiny's) before its first step, naming the field."""
+  cfg = CFG.replace(train=dict(xla_cpu_use_thunk_runtime=False))
+  crash = textwrap.dedent("""
+      import jax
+      from scaled_ql.agents import learner
+      from scaled_ql.configs import get_config
+      from scaled_ql.types import random_frame_windows
+      cfg = get_config('cpu_tiny').replace(train=dict(xla_cpu_use_thunk_runtime=False))
+      state = learner.init_state(cfg, jax.random.PRNGKey(0))
+      windows = jax.device_put(random_frame_windows(cfg, 8, 0))
+      options = learner.compiler_options(cfg, jax.local_devices())
+      update = learner.update_from_windows.lower(state, windows, cfg=cfg).compile(
+          compiler_options=options)
+      jax.block_until_ready(update(state, windows))
+      print('no abort')
+  """)
+  out = subprocess.run([sys.executable, '-c', crash], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode != 0 and 'no abort' not in out.stdout, out.stdout + out.stderr
+  assert 'use_thread_pool' in out.stderr, out.stderr[-2000:]
+  learner = learner_lib.Learner(cfg, (random_frame_windows(cfg, 8, i) for i in range(2)),
+                                devices=jax.local_devices()[:1])
+  with pytest.raises(ValueError, match=r'train.xla_cpu_use_thunk_runtime=False \(cpu_tiny\).*'
+                                       r'dilated convolution'):
+    learner.step()
+  assert learner.steps == 0
+
+
 def test_policy_never_picks_invalid_actions():
   learner = make()
   params, = learner.get_variables()

@@ -284,6 +284,21 @@ def test_patchify_stem_equals_a_strided_valid_conv(patch):
   np.testing.assert_allclose(y, ref.apply({'conv2_d': {'w': w}}, x), rtol=1e-4, atol=1e-5)
 
 
+def test_patch_matmul_is_a_matmul_with_its_gradients():
+  """`q_network.patch_matmul` (the stem's matmul, with its weight gradient computed as the
+  transposed [C, K] product): the value and both gradients of x @ w."""
+  from scaled_ql.networks import q_network
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 24))
+  w = jax.random.normal(jax.random.PRNGKey(1), (24, 7))
+  g = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 5, 7))
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * g)
+  np.testing.assert_allclose(q_network.patch_matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(q_network.patch_matmul), (0, 1))(x, w)
+  want = jax.grad(loss(lambda x, w: x @ w), (0, 1))(x, w)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
+  chex.assert_shape(got, ((3, 5, 5, 24), (24, 7)))
+
+
 @pytest.mark.parametrize('input_norm,patch,dtype', [('standardize', 12, 'float32'),
                                                     ('scale', 7, 'float32'),
                                                     ('standardize', 12, 'bfloat16')])

@@ -145,6 +145,38 @@ def update_from_windows(state: TrainState, windows: FrameWindows, cfg: Experimen
   return gradient_step(state, windows_batch(windows, cfg), cfg)
 
 
+def compiler_options(cfg: ExperimentConfig, devices: Sequence[jax.Device]) -> dict[str, Any]:
+  """The XLA options the learner's update is compiled with: XLA's classic CPU runtime when
+  `train.xla_cpu_use_thunk_runtime` is False and the devices are CPUs; else none."""
+  if cfg.train.xla_cpu_use_thunk_runtime or any(d.platform != 'cpu' for d in devices):
+    return {}
+  return {'xla_cpu_use_thunk_runtime': False}
+
+
+def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig,
+                   devices: Optional[Sequence[jax.Device]] = None) -> jax.stages.Compiled:
+  """`update_from_windows` (for `FrameWindows`) or `update`, compiled ahead of time for these
+  arguments (their shapes and shardings) with `compiler_options`: what `Learner.step` runs.
+
+  Raises ValueError, before the first step, for the classic CPU runtime and an update with a
+  dilated convolution (a strided convolution's gradient): jaxlib 0.4.34's classic runtime calls
+  its threaded Eigen convolution there without a completion callback and aborts the process
+  ("Check failed: use_thread_pool == static_cast<bool>(done_callback)")."""
+  step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
+  options = compiler_options(cfg, devices or jax.local_devices())
+  compiled = step_fn.lower(state, batch, cfg=cfg).compile(compiler_options=options)
+  if options:
+    dilated = [line.split('=')[0].strip() for line in compiled.as_text().splitlines()
+               if ' convolution(' in line and '_dilate=' in line]
+    if dilated:
+      raise ValueError(
+          f'train.xla_cpu_use_thunk_runtime=False ({cfg.name}): the update of this network has '
+          f'{len(dilated)} dilated convolution(s) (strided convolutions\' gradients, e.g. '
+          f'{dilated[0]}), on which XLA\'s classic CPU runtime aborts the process; set it to '
+          f'True for this network')
+  return compiled
+
+
 def check_batch(batch: Transition | FrameWindows, cfg: ExperimentConfig, batch_size: int) -> None:
   """Raises ValueError naming the field of a malformed batch (host-side, cheap)."""
   if isinstance(batch, FrameWindows):
@@ -212,9 +244,12 @@ class Learner:
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
+    self._devices = devices
     self._steps = 0
     # The next batch on its way to the devices (or the exception taking it raised): see `step`.
     self._prefetched: Transition | FrameWindows | Exception | None = None
+    # The update compiled for each batch type (`compile_update`), at its first step.
+    self._compiled: dict[type, jax.stages.Compiled] = {}
 
   @property
   def cfg(self) -> ExperimentConfig:
@@ -245,8 +280,11 @@ class Learner:
     batch, self._prefetched = self._prefetched, None
     if isinstance(batch, Exception):
       raise batch  # (the next call takes the iterator's next batch, as without prefetch)
-    step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
-    self._state, metrics = step_fn(self._state, batch, cfg=self._cfg)  # dispatched, not done
+    update_fn = self._compiled.get(type(batch))
+    if update_fn is None:
+      update_fn = self._compiled[type(batch)] = compile_update(self._state, batch, self._cfg,
+                                                               self._devices)
+    self._state, metrics = update_fn(self._state, batch)  # dispatched, not done
     self._steps += 1
     if self._cfg.train.device_prefetch:
       self._prefetched = self._next_device_batch()
