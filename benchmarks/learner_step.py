@@ -9,8 +9,9 @@ For each config: steps/s and samples/s of the whole update (observations made fr
 windows, forward of online + target network, backward, Adam, target copy) on random
 `FrameWindows` batches (what the Reverb path delivers; `types.random_frame_windows`) already on
 the device(s), compiled as the Learner compiles it (`learner.compile_update`); FLOPs per step
-from XLA's cost analysis of the update compiled for the CPU with XLA's default options; achieved FLOP/s and its fraction of the
-machine's fp32 (or bf16) matmul peak, measured here with a large jnp.dot. Uses every local device
+from XLA's cost analysis of the update compiled for the CPU with XLA's default options; achieved
+FLOP/s and its fraction of the machine's fp32 (or bf16) matmul peak, measured here with a large
+jnp.dot. Uses every local device
 (the batch is split over them like the Learner does); on a GPU machine that is the GPU.
 
 The baseline (`--dopamine`, on by default; `--no-dopamine` skips it): Dopamine's own JAX C51

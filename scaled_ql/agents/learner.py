@@ -8,9 +8,10 @@
 Read in order: `TrainState` (everything a step changes), `init_state` / `initial_state` (jitted),
 `batch_loss` (the batch mean of the per-transition terms of the configured method, `methods/`),
 `update` (the module-level jitted step: grad, Adam, periodic target copy; benchmarkable alone, see
-benchmarks/learner_step.py), `check_batch`, `Learner` (data-parallel placement of the state and
-the batches). What a training process does around the steps (checkpoints on disk, NaN checks,
-metrics, config.json, SIGTERM/SIGINT) is `runner.LearnerRunner`'s.
+benchmarks/learner_step.py), `compile_update` (the update as the Learner runs it: compiled ahead
+of time with the config's XLA options), `check_batch`, `Learner` (data-parallel placement of the
+state and the batches). What a training process does around the steps (checkpoints on disk,
+NaN checks, metrics, config.json, SIGTERM/SIGINT) is `runner.LearnerRunner`'s.
 
 Data parallelism: the batch is split over all local devices along a 1-D `('batch',)` mesh and the
 train state is replicated; XLA inserts the gradient all-reduce. The result equals the 1-device
