@@ -297,20 +297,19 @@ def test_classic_cpu_runtime_trains_like_the_thunk_runtime():
 
 def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
   """The classic runtime aborts the process on a strided convolution's gradient (jaxlib 0.4.34;
-  shown in a subprocess, which also shows that `compiler_options` reaches XLA), so the Learner
-  refuses it for such a network (cpu_tiny's) before its first step, naming the field."""
-  cfg = CFG.replace(train=dict(xla_cpu_use_thunk_runtime=False))
+  shown in a subprocess), so the config check refuses it for such a network (cpu_tiny's),
+  naming the field, before a Learner exists; `compile_update`'s backstop finds the same
+  convolutions in the compiled update, and none in cpu_small's."""
   crash = textwrap.dedent("""
       import jax
       from scaled_ql.agents import learner
       from scaled_ql.configs import get_config
       from scaled_ql.types import random_frame_windows
-      cfg = get_config('cpu_tiny').replace(train=dict(xla_cpu_use_thunk_runtime=False))
+      cfg = get_config('cpu_tiny')
       state = learner.init_state(cfg, jax.random.PRNGKey(0))
       windows = jax.device_put(random_frame_windows(cfg, 8, 0))
-      options = learner.compiler_options(cfg, jax.local_devices())
       update = learner.update_from_windows.lower(state, windows, cfg=cfg).compile(
-          compiler_options=options)
+          compiler_options={'xla_cpu_use_thunk_runtime': False})
       jax.block_until_ready(update(state, windows))
       print('no abort')
   """)
@@ -318,12 +317,18 @@ def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
                        timeout=300)
   assert out.returncode != 0 and 'no abort' not in out.stdout, out.stdout + out.stderr
   assert 'use_thread_pool' in out.stderr, out.stderr[-2000:]
-  learner = learner_lib.Learner(cfg, (random_frame_windows(cfg, 8, i) for i in range(2)),
-                                devices=jax.local_devices()[:1])
-  with pytest.raises(ValueError, match=r'train.xla_cpu_use_thunk_runtime=False \(cpu_tiny\).*'
-                                       r'dilated convolution'):
-    learner.step()
-  assert learner.steps == 0
+  classic = CFG.replace(train=dict(xla_cpu_use_thunk_runtime=False))
+  assert q_network.has_strided_convolutions(CFG.network)
+  with pytest.raises(ValueError, match=r'train.xla_cpu_use_thunk_runtime=False: this network has '
+                                       r'strided convolutions'):
+    learner_lib.Learner(classic, iter([]), devices=jax.local_devices()[:1])
+  small = get_config('cpu_small').replace(agent=dict(games_per_batch=4, transitions_per_game=2))
+  assert not q_network.has_strided_convolutions(small.network)
+  for cfg, found in ((CFG, True), (small, False)):
+    state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
+    windows = jax.device_put(random_frame_windows(cfg, 8, 0))
+    hlo = learner_lib.update_from_windows.lower(state, windows, cfg=cfg).compile().as_text()
+    assert bool(learner_lib.dilated_convolutions(hlo)) == found
 
 
 def test_policy_never_picks_invalid_actions():

@@ -284,6 +284,18 @@ def test_patchify_stem_equals_a_strided_valid_conv(patch):
   np.testing.assert_allclose(y, ref.apply({'conv2_d': {'w': w}}, x), rtol=1e-4, atol=1e-5)
 
 
+def test_has_strided_convolutions():
+  """The networks whose gradients hold dilated convolutions (what XLA's classic CPU runtime
+  aborts on): the ResNets with a strided stem convolution or more than one stage."""
+  from scaled_ql.configs import NETWORKS
+  from scaled_ql.networks import q_network
+  strided = {name for name, net in NETWORKS.items() if q_network.has_strided_convolutions(net)}
+  assert strided == {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+                     'resnet_cpu_tiny'}
+  one_stage = dataclasses.replace(NETWORKS['resnet_cpu_tiny'], resnet_stage_sizes=(1,))
+  assert not q_network.has_strided_convolutions(one_stage)  # the patchify stem is a matmul
+
+
 def test_patch_matmul_is_a_matmul_with_its_gradients():
   """`q_network.patch_matmul` (the stem's matmul, with its weight gradient computed as the
   transposed [C, K] product): the value and both gradients of x @ w."""

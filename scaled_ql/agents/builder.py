@@ -21,7 +21,7 @@ import optax
 from scaled_ql import games as games_lib
 from scaled_ql.agents import methods
 from scaled_ql.configs.base import AgentConfig, ExperimentConfig
-from scaled_ql.networks import make_q_network
+from scaled_ql.networks import make_q_network, q_network
 
 MODULES = ('encoder', 'trunk', 'heads')  # top-level modules of `networks.make_q_network`
 TRAINABLE = 'trainable'
@@ -67,6 +67,10 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
   if not isinstance(a.random_shift, int) or not 0 <= a.random_shift < 42:
     raise ValueError(f'agent.random_shift={a.random_shift} must be an int in [0, 42) pixels '
                      '(0: no augmentation)')
+  if not cfg.train.xla_cpu_use_thunk_runtime and q_network.has_strided_convolutions(cfg.network):
+    raise ValueError('train.xla_cpu_use_thunk_runtime=False: this network has strided '
+                     'convolutions, and XLA\'s classic CPU runtime aborts the process on their '
+                     'gradients (jaxlib 0.4.34); set it to True for this network')
 
 
 @functools.lru_cache(maxsize=None)

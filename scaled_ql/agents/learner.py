@@ -154,21 +154,27 @@ def compiler_options(cfg: ExperimentConfig, devices: Sequence[jax.Device]) -> di
   return {'xla_cpu_use_thunk_runtime': False}
 
 
+def dilated_convolutions(hlo_text: str) -> list[str]:
+  """The names of the dilated convolutions (strided convolutions' gradients) in HLO text."""
+  return [line.split('=')[0].strip() for line in hlo_text.splitlines()
+          if ' convolution(' in line and '_dilate=' in line]
+
+
 def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig,
                    devices: Optional[Sequence[jax.Device]] = None) -> jax.stages.Compiled:
   """`update_from_windows` (for `FrameWindows`) or `update`, compiled ahead of time for these
   arguments (their shapes and shardings) with `compiler_options`: what `Learner.step` runs.
 
-  Raises ValueError, before the first step, for the classic CPU runtime and an update with a
-  dilated convolution (a strided convolution's gradient): jaxlib 0.4.34's classic runtime calls
-  its threaded Eigen convolution there without a completion callback and aborts the process
-  ("Check failed: use_thread_pool == static_cast<bool>(done_callback)")."""
+  The classic CPU runtime of jaxlib 0.4.34 aborts the process on a dilated convolution (a strided
+  convolution's gradient: it calls its threaded Eigen convolution without a completion callback,
+  "Check failed: use_thread_pool == static_cast<bool>(done_callback)"). The config check refuses
+  it for the networks known to have one (`q_network.has_strided_convolutions`); for any other
+  update that has one, this raises ValueError before the first step."""
   step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
   options = compiler_options(cfg, devices or jax.local_devices())
   compiled = step_fn.lower(state, batch, cfg=cfg).compile(compiler_options=options)
   if options:
-    dilated = [line.split('=')[0].strip() for line in compiled.as_text().splitlines()
-               if ' convolution(' in line and '_dilate=' in line]
+    dilated = dilated_convolutions(compiled.as_text())
     if dilated:
       raise ValueError(
           f'train.xla_cpu_use_thunk_runtime=False ({cfg.name}): the update of this network has '

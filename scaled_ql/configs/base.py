@@ -182,11 +182,10 @@ class TrainConfig:
   # "Device prefetch"). The results are the same either way.
   device_prefetch: bool = True
   # On CPU devices, compile the update for XLA's thunk runtime (jaxlib 0.4.34's default) or, when
-  # False, for its classic runtime, which splits big elementwise loops over the cores: cpu_small's
-  # update ran 11-15% faster (docs/performance.md, "XLA's classic CPU runtime"). The classic
-  # runtime aborts the process on the dilated convolutions that strided convolutions' gradients
-  # become, so the learner refuses False for such a network before its first step. Ignored on
-  # accelerators.
+  # False, for its classic runtime: cpu_small's update ran 11-15% faster (docs/performance.md,
+  # "XLA's classic CPU runtime"). The classic runtime aborts the process on the dilated
+  # convolutions that strided convolutions' gradients become, so the config check refuses False
+  # for a network with strided convolutions. Ignored on accelerators.
   xla_cpu_use_thunk_runtime: bool = True
 
 

@@ -106,6 +106,14 @@ def space_to_depth(x: jax.Array, p: int) -> jax.Array:
   return x.reshape(b, ho, wo, p * p * c)
 
 
+def has_strided_convolutions(net_cfg: NetworkConfig) -> bool:
+  """Whether the network has a strided convolution (whose gradient is a dilated convolution): a
+  ResNet's 'imagenet' or 'nature' stem, or a stage after the first. The 'strided' stem is a
+  matmul (`PatchifyConv`); the IMPALA-CNN downsamples by max-pooling."""
+  return net_cfg.encoder == 'resnet' and (net_cfg.stem != 'strided'
+                                          or len(net_cfg.resnet_stage_sizes) > 1)
+
+
 def check_network_config(net_cfg: NetworkConfig) -> None:
   """Raises ValueError naming the offending NetworkConfig field, before any tracing."""
   def bad(field, value, valid):
