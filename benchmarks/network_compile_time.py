@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/network_compile_time.py --config cpu_tiny --override stem_patch=4
 
 Used to size `resnet_cpu_tiny` (the network every area's tests compile): zero batches, 20 steps.
+The update is compiled as the Learner compiles it (`learner.compile_update`, with the config's XLA
+options: cpu_small's for the classic CPU runtime).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def main():
   batch = Transition(observation=obs, action=jnp.zeros((b,), jnp.int32),
                      reward=jnp.zeros((b,)), discount=jnp.ones((b,)), next_observation=obs,
                      game_id=jnp.zeros((b,), jnp.int32))
-  update = learner_lib.update.lower(state, batch, cfg).compile()
+  update = learner_lib.compile_update(state, batch, cfg)  # as the Learner compiles it
   t2 = time.perf_counter()
   state, _ = update(state, batch)
   jax.block_until_ready(state)
