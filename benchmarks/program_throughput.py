@@ -19,10 +19,16 @@ Target (issue 13): >= 0.85 with no evaluator on an idle machine. The program row
 whose data is resident (fits twice in its table, so it is not streamed once full:
 `reverb_tables.InsertThrottle`); `--set data.shuffle_buffer_per_game=N` with N below twice a game's
 selection measures the streaming path instead.
+
+Each run also prints the percentiles of its last `nodes.STEP_TIMES_KEPT` step durations (the
+learner node's `status()['step_ms']`), and a diagnostic row per program: the median step alone
+over the median step in the program. It separates an even slowdown (the data path's threads
+beside every step) from a tail of slow steps (bursts of other work); the target is the rate ratio.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import sys
@@ -36,7 +42,10 @@ def load() -> float:
   return os.getloadavg()[0]
 
 
-def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
+def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[float, dict]:
+  """(steps/s of the Learner alone on one in-memory batch, the percentiles of its last
+  `nodes.STEP_TIMES_KEPT` step durations, as the learner node reports them in the program)."""
+  from scaled_ql.launch import nodes
   from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner
@@ -47,11 +56,20 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> float:
                           logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(warmup_steps):
     learner.step()
+  durations = collections.deque(maxlen=nodes.STEP_TIMES_KEPT)
   start, steps = time.perf_counter(), 0
   while time.perf_counter() - start < seconds:
+    t = time.perf_counter()
     learner.step()
+    durations.append(time.perf_counter() - t)
     steps += 1
-  return steps / (time.perf_counter() - start)
+  return (steps / (time.perf_counter() - start),
+          nodes.step_time_percentiles(list(durations)))
+
+
+def step_ms(p: dict) -> str:
+  """'p50 51.2 / p90 55.9 / p99 61.7 ms' of `nodes.step_time_percentiles`."""
+  return ' / '.join(f'{k} {p[k]:.1f}' for k in ('p50', 'p90', 'p99')) + ' ms'
 
 
 def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
@@ -77,6 +95,7 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
       marks['end'] = (now, s['steps'])
       marks['skipped_publishes'] = s['publishes_skipped']
       marks['waited_end'] = s['waited_for_data_s']
+      marks['step_ms'] = s['step_ms']
       marks['resident'] = sorted({g for i in status.inserters if i for g in i.get('resident', [])})
       return True
     return False
@@ -91,6 +110,7 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
   return dict(steps_per_s=(s1 - s0) / (t1 - t0), steps=s1 - s0,
               waited_fraction=(marks['waited_end'] - marks['waited_start']) / (t1 - t0),
               skipped_publishes=marks['skipped_publishes'], resident=marks['resident'],
+              step_ms=marks['step_ms'],
               workdir=workdir)
 
 
@@ -122,10 +142,11 @@ def main() -> None:
         f'{args.evaluators}; {os.popen("uptime").read().strip()}', flush=True)
   # alone, program, alone, program, ..., alone: each program's ratio uses the alone runs on
   # either side of it, so drift between minutes shows in the spread instead of hiding in it.
-  rows, ratios = [], []
-  alone = standalone_steps_per_s(cfg, args.seconds)
+  rows, ratios, p50_ratios = [], [], []
+  alone, alone_ms = standalone_steps_per_s(cfg, args.seconds)
   rows.append(('learner alone', alone, load()))
-  print(f'learner alone: {alone:.2f} steps/s (load {load():.2f})', flush=True)
+  print(f'learner alone: {alone:.2f} steps/s, step {step_ms(alone_ms)} (load {load():.2f})',
+        flush=True)
   for repeat in range(args.repeats):
     inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
                                  after_fill=not args.during_fill)
@@ -137,19 +158,28 @@ def main() -> None:
                  inside['steps_per_s'], load()))
     print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
           f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
-          f'data {100 * inside["waited_fraction"]:.1f}% of the time)', flush=True)
-    alone_after = standalone_steps_per_s(cfg, args.seconds)
+          f'data {100 * inside["waited_fraction"]:.1f}% of the time); step '
+          f'{step_ms(inside["step_ms"])}', flush=True)
+    alone_after, after_ms = standalone_steps_per_s(cfg, args.seconds)
+    print(f'learner alone: {alone_after:.2f} steps/s, step {step_ms(after_ms)} (load '
+          f'{load():.2f})', flush=True)
     rows.append(('learner alone', alone_after, load()))
     ratios.append(inside['steps_per_s'] / (0.5 * (alone + alone_after)))
     rows.append((f'in-program / alone (mean of the runs before and after), program {repeat + 1}',
                  ratios[-1], load()))
-    alone = alone_after
+    # A diagnostic beside the target's ratio: the median step alone over the median step in the
+    # program. Below the rate ratio's shortfall, the rest is a tail of slow steps (bursts).
+    p50_ratios.append(0.5 * (alone_ms['p50'] + after_ms['p50']) / inside['step_ms']['p50'])
+    rows.append((f'median step alone / median step in the program, program {repeat + 1}',
+                 p50_ratios[-1], load()))
+    alone, alone_ms = alone_after, after_ms
   print('| figure | value | load (1 min) |\n|---|---|---|')
   for name, value, at_load in rows:
     print(f'| {name} | {value:.2f} | {at_load:.2f} |')
   if len(ratios) > 1:
     print(f'in-program / alone over {len(ratios)} programs: mean {np.mean(ratios):.3f}, min '
-          f'{min(ratios):.2f}, max {max(ratios):.2f}')
+          f'{min(ratios):.2f}, max {max(ratios):.2f}; median step alone / in the program: mean '
+          f'{np.mean(p50_ratios):.3f}')
   print(f'end: {os.popen("uptime").read().strip()}')
 
 

@@ -22,6 +22,8 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
   workdir = str(tmp_path / 'local')
   out = local_program.run_in_process(cfg, workdir, NUM_STEPS)
   assert out.learner['steps'] == NUM_STEPS and out.learner['published_version'] == NUM_STEPS
+  step_ms = out.learner['step_ms']  # every step's duration is kept (fewer than STEP_TIMES_KEPT)
+  assert step_ms['n'] == NUM_STEPS and 0 < step_ms['p50'] <= step_ms['p90'] <= step_ms['p99']
   assert all(size >= cfg.data.min_fill_per_game for size in out.replay['table_sizes'].values())
   assert out.stopped_at == NUM_STEPS
   data = out.inserter['data']
@@ -40,6 +42,18 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
   assert {r['budget'] for r in rows if r['param_version'] == NUM_STEPS} == {60}
   _, _, step = checkpointing.load_params(workdir)
   assert step == NUM_STEPS
+
+
+def test_step_time_percentiles():
+  assert nodes.step_time_percentiles([]) == {}
+  # 100 steps of 50 ms and 1 ms more each: p50 between the 50th and 51st, in milliseconds.
+  p = nodes.step_time_percentiles([0.050 + 0.001 * i for i in range(100)])
+  assert p['n'] == 100
+  assert abs(p['p50'] - 99.5) < 1e-9 and abs(p['p90'] - 139.1) < 1e-9
+  assert abs(p['p99'] - 148.01) < 1e-9
+  # A tail of slow steps moves p90/p99, not p50.
+  tail = nodes.step_time_percentiles([0.05] * 85 + [0.2] * 15)
+  assert tail['p50'] == 50.0 and tail['p90'] == 200.0
 
 
 def test_a_learner_waiting_on_its_paced_table_stops_promptly_and_checkpoints(tmp_path):
@@ -62,6 +76,7 @@ def test_a_learner_waiting_on_its_paced_table_stops_promptly_and_checkpoints(tmp
       status = learner.status()
       assert status['steps'] == 0 and status['inserted'] == 0 and status['allowed_steps'] == 0
       assert status['waited_for_actors_s'] > 1.0  # the wait in progress counts
+      assert status['step_ms'] == {}  # no step has ended
       started = time.monotonic()
       assert learner.stop() == 0
       assert time.monotonic() - started < 15  # measured 3.6 s
