@@ -160,10 +160,11 @@ def dilated_convolutions(hlo_text: str) -> list[str]:
           if ' convolution(' in line and '_dilate=' in line]
 
 
-def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig,
-                   devices: Optional[Sequence[jax.Device]] = None) -> jax.stages.Compiled:
+def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig
+                   ) -> jax.stages.Compiled:
   """`update_from_windows` (for `FrameWindows`) or `update`, compiled ahead of time for these
-  arguments (their shapes and shardings) with `compiler_options`: what `Learner.step` runs.
+  arguments (their shapes and shardings) with `compiler_options` for the devices the state is on:
+  what `Learner.step` runs.
 
   The classic CPU runtime of jaxlib 0.4.34 aborts the process on a dilated convolution (a strided
   convolution's gradient: it calls its threaded Eigen convolution without a completion callback,
@@ -171,7 +172,7 @@ def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: Exp
   it for the networks known to have one (`q_network.has_strided_convolutions`); for any other
   update that has one, this raises ValueError before the first step."""
   step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
-  options = compiler_options(cfg, devices or jax.local_devices())
+  options = compiler_options(cfg, list(jax.tree_util.tree_leaves(state)[0].devices()))
   compiled = step_fn.lower(state, batch, cfg=cfg).compile(compiler_options=options)
   if options:
     dilated = dilated_convolutions(compiled.as_text())
@@ -251,7 +252,6 @@ class Learner:
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
-    self._devices = devices
     self._steps = 0
     # The next batch on its way to the devices (or the exception taking it raised): see `step`.
     self._prefetched: Transition | FrameWindows | Exception | None = None
@@ -289,8 +289,7 @@ class Learner:
       raise batch  # (the next call takes the iterator's next batch, as without prefetch)
     update_fn = self._compiled.get(type(batch))
     if update_fn is None:
-      update_fn = self._compiled[type(batch)] = compile_update(self._state, batch, self._cfg,
-                                                               self._devices)
+      update_fn = self._compiled[type(batch)] = compile_update(self._state, batch, self._cfg)
     self._state, metrics = update_fn(self._state, batch)  # dispatched, not done
     self._steps += 1
     if self._cfg.train.device_prefetch:
