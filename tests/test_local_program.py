@@ -103,8 +103,11 @@ def test_a_round_of_old_params_gives_way_to_the_final_evaluation(tmp_path):
   publisher = variables.publisher()
   publisher.publish(params, 0)
   workdir = str(tmp_path / 'eval_node')
+  niceness = os.nice(0)
   with local_program.crashes_kept_in_status():
     node = nodes.EvaluatorNode(cfg, cfg.games, variables, workdir, 0)
+    # Built in this process (not a Ray actor), the node leaves the process's niceness alone.
+    assert os.nice(0) == niceness
     try:
       wait_for(lambda: node.status()['evaluating_version'] == 0, 120, 'the round of version 0')
       time.sleep(1.0)  # well into its first game

@@ -25,7 +25,7 @@ import uuid
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import finetune, program, run
+from scaled_ql.launch import finetune, nodes, program, run
 
 from polling import wait_for  # tests/polling.py
 
@@ -171,6 +171,17 @@ def test_split_games_round_robin():
     program.split_games(('A',), 2)
 
 
+def _max_thread_niceness(pid: int) -> int:
+  """The highest niceness among the threads of process `pid` (Linux keeps one per thread)."""
+  values = []
+  for tid in os.listdir(f'/proc/{pid}/task'):
+    try:
+      values.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+    except OSError:  # a thread that ended meanwhile
+      pass
+  return max(values)
+
+
 @pytest.fixture(scope='module')
 def ray_session():
   import ray
@@ -193,6 +204,9 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
                                                 max_episode_frames=400))
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
+  # The evaluator yields to the learner: its loop runs EVALUATOR_NICENESS above Ray's workers.
+  assert _max_thread_niceness(evaluator_pid) == min(
+      19, _max_thread_niceness(replay_pid) + nodes.EVALUATOR_NICENESS)
   events = {}
 
   def script(status: program.ProgramStatus) -> bool:
@@ -224,8 +238,11 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
     replay_seen_back = 'replay_killed_at' not in events or 'replay_back' in events
     return bool(learner and learner['done'] and 'evaluator_back' in events and replay_seen_back)
 
-  status = program.run(prog, log=print, stop_when=script, timeout_s=400,
+  # Polled 4x a second: at the default 2 s, a quiet machine ran cpu_tiny from step 10 to the end
+  # (80) between two polls, and the kills landed after the last step.
+  status = program.run(prog, log=print, stop_when=script, timeout_s=400, status_every_s=0.25,
                        final_eval_timeout_s=60)  # (the log shows up when the test fails)
+  assert events['replay_killed_at'] < num_steps, events  # the kills landed mid-run
   assert 'resumed' in events, events
   # Resumed from a checkpoint (every 10 steps), not from 0, losing at most one checkpoint
   # interval relative to the step seen just before the kill: the save of that very step may still

@@ -498,8 +498,11 @@ class EvaluatorNode(_LoopNode):
     self.name = f'evaluator_{index}'
     # Where it shares cores with the learner (one machine), the learner's steps come first: an
     # evaluator round only decides when the next curve point lands. +5 on top of Ray's worker
-    # niceness (a no-op for a node on a machine of its own).
-    os.nice(EVALUATOR_NICENESS)
+    # niceness (a no-op for a node on a machine of its own), for this thread and those it starts
+    # (Linux keeps a niceness per thread): the loop's. Only in its own Ray actor process: a node
+    # built in a test's process leaves that process's niceness alone.
+    if _actor_start()[0]:
+      os.nice(EVALUATOR_NICENESS)
     self._cfg, self._games, self._index = cfg, tuple(games), index
     self._policy = make_policy(cfg, cfg.eval.epsilon)
     self._client = variables.client()
