@@ -21,7 +21,16 @@ are not separable from the learner's in os.times, so its line shows the learner 
 learner alone moved by up to 80% between segments on 2026-12-02). This mode starts every burner of
 the plan once, paused, and times blocks of 10 steps in turn: alone, then beside each burner (only
 it active), round after round for SECONDS. Each line: the median ms/step of its blocks, the
-slowdown against alone's median, and the burner's share of the cores (duty / cores) beside it."""
+slowdown against alone's median, and the burner's share of the cores (duty / cores) beside it.
+
+`--plan priority --interleave 90`: the same spinning burner (0.2 of a core, 1-ms bursts) at
+niceness 0, 10 and 19 and at `SCHED_IDLE`: what its priority changes in what its bursts cost.
+
+`--plan ray --interleave 120`: the neighbour is a running Ray. Phases of `--phase-seconds` (15)
+alternate without Ray and with a local Ray started in this process as `run.init_ray` starts it,
+with `--ray-actors` (4) idle actors that the process asks for a status once a second (as the
+driver's `program.run` does). A Ray cannot be paused, so it starts and stops for every phase.
+Each line: the median ms/step of the phase's blocks of 10 and the slowdown against no Ray."""
 import argparse
 import multiprocessing as mp
 import os
@@ -31,10 +40,20 @@ import time
 import numpy as np
 
 
-def burner(duty, burst_ms, stop, used, kind='spin', active=None):
+def set_priority(priority: str) -> None:
+  """The calling thread's (and the threads it starts) priority: '' leaves it, a number is a
+  niceness (raised only), 'idle' is Linux's SCHED_IDLE class."""
+  if priority == 'idle':
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+  elif priority and int(priority) > os.nice(0):
+    os.nice(int(priority) - os.nice(0))
+
+
+def burner(duty, burst_ms, stop, used, kind='spin', active=None, priority=''):
   """Spins (or copies memory, `kind='copy'`) for `burst_ms`, then sleeps, at `duty` of one core,
-  until `stop`, and only while `active` is set if given; its cores go to `used` (a process's own;
-  not meaningful for a thread, nor with `active`)."""
+  until `stop`, and only while `active` is set if given, at `priority` (`set_priority`); its
+  cores go to `used` (a process's own; not meaningful for a thread, nor with `active`)."""
+  set_priority(priority)
   t = time
   w0, c0 = t.perf_counter(), os.times()
   burst = burst_ms / 1000
@@ -56,7 +75,9 @@ def burner(duty, burst_ms, stop, used, kind='spin', active=None):
   used.value = (c1.user - c0.user + c1.system - c0.system) / (t.perf_counter() - w0)
 
 
-PLANS = {  # (duty, burst ms, kind, where)
+PLANS = {  # (duty, burst ms, kind, where): where is 'thread', 'process' or 'process@PRIORITY'
+    'priority': [(0.20, 1, 'spin', 'process'), (0.20, 1, 'spin', 'process@10'),
+                 (0.20, 1, 'spin', 'process@19'), (0.20, 1, 'spin', 'process@idle')],
     'spin': [(0, 0, '', ''), (0.05, 1, 'spin', 'process'), (0.10, 1, 'spin', 'process'),
              (0.20, 1, 'spin', 'process'), (0, 0, '', ''), (0.10, 5, 'spin', 'process'),
              (0.10, 0.2, 'spin', 'process'), (0, 0, '', '')],
@@ -68,10 +89,14 @@ PLANS = {  # (duty, burst ms, kind, where)
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--plan', choices=sorted(PLANS), default='spin')
+  parser.add_argument('--plan', choices=sorted(PLANS) + ['ray'], default='spin')
   parser.add_argument('--interleave', type=float, default=0,
                       help='seconds of interleaved blocks (see above); 0: 15-s segments')
+  parser.add_argument('--phase-seconds', type=float, default=15.0, help='--plan ray: per phase')
+  parser.add_argument('--ray-actors', type=int, default=4, help='--plan ray: idle actors')
   args = parser.parse_args()
+  if args.plan == 'ray' and not args.interleave:
+    parser.error('--plan ray needs --interleave SECONDS (its phases alternate for that long)')
   import jax
   import sys
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,25 +119,81 @@ def main():
     return n / wall, (c1.user - c0.user + c1.system - c0.system) / wall
 
   ctx = mp.get_context('spawn')
+  box = [state]
+  if args.plan == 'ray':
+    return ray_phases(args, lambda: timed_block(compiled, box, data))
   if args.interleave:
-    box = [state]
     return interleaved(args, ctx, lambda: timed_block(compiled, box, data))
   for duty, burst, kind, where in PLANS[args.plan]:
     stop, used = ctx.Event(), ctx.Value('d', 0.0)
     p = None
     if duty:
-      start = ctx.Process if where == 'process' else threading.Thread
-      p = start(target=burner, args=(duty, burst, stop, used, kind), daemon=True)
-      p.start()
+      p = _start_burner(ctx, duty, burst, kind, where, stop, used)
       time.sleep(1)
     sps, cores = timed(15)
     if p:
       stop.set()
       p.join()
     beside = f'{kind} burner in a {where}, ' if duty else 'alone, '
-    burner_cores = f'burner {used.value:.3f} cores, ' if where == 'process' else ''
+    burner_cores = f'burner {used.value:.3f} cores, ' if where.startswith('process') else ''
     print(f'{beside}duty {duty:.2f} burst {burst} ms: {sps:.2f} steps/s, learner process '
           f'{cores:.2f} cores, {burner_cores}load {os.getloadavg()[0]:.2f}', flush=True)
+
+
+def _start_burner(ctx, duty, burst, kind, where, stop, used, active=None):
+  """A started burner process (`where` 'process' or 'process@PRIORITY') or thread ('thread')."""
+  place, _, priority = where.partition('@')
+  start = ctx.Process if place == 'process' else threading.Thread
+  w = start(target=burner, args=(duty, burst, stop, used, kind, active, priority), daemon=True)
+  w.start()
+  return w
+
+
+def ray_phases(args, block):
+  """`--plan ray`: phases without Ray and with a local Ray (started as `run.init_ray` starts it,
+  `args.ray_actors` idle actors asked for a status once a second) alternate for
+  `args.interleave` seconds; medians of the blocks of 10 steps and the slowdown printed."""
+  import ray
+  from scaled_ql.configs import get_config
+  from scaled_ql.launch import run
+
+  @ray.remote(num_cpus=0)
+  class Idle:
+    def status(self):
+      return {'pid': os.getpid()}
+
+  times = {'no Ray': [], 'Ray': []}
+  block()
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < args.interleave:
+    for arm, blocks in times.items():
+      stop, poller = threading.Event(), None
+      if arm == 'Ray':
+        run.init_ray(None, None, get_config('cpu_small'))
+        actors = [Idle.remote() for _ in range(args.ray_actors)]
+        ray.get([a.status.remote() for a in actors], timeout=120)
+
+        def poll(actors=actors, stop=stop):
+          while not stop.wait(1.0):
+            ray.get([a.status.remote() for a in actors], timeout=60)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        time.sleep(3)  # past Ray's start-up work
+      start = time.perf_counter()
+      while time.perf_counter() - start < args.phase_seconds:
+        blocks.append(block())
+      if poller:
+        stop.set()
+        poller.join()
+        ray.shutdown()
+        time.sleep(2)
+  alone = float(np.median(times['no Ray']))
+  print(f'no Ray: {1e3 * alone:.2f} ms/step (median of {len(times["no Ray"])} blocks of 10)')
+  med = float(np.median(times['Ray']))
+  print(f'a local Ray, {args.ray_actors} idle actors polled once a second: {1e3 * med:.2f} '
+        f'ms/step (median of {len(times["Ray"])} blocks of 10), slowdown {med / alone - 1:+.3f}; '
+        f'load {os.getloadavg()[0]:.2f}', flush=True)
 
 
 def timed_block(compiled, state_box, data, steps=10):
@@ -133,9 +214,7 @@ def interleaved(args, ctx, block):
   actives, workers = [], []
   for duty, burst, kind, where in arms:
     active = ctx.Event()
-    start = ctx.Process if where == 'process' else threading.Thread
-    w = start(target=burner, args=(duty, burst, stop, used, kind, active), daemon=True)
-    w.start()
+    w = _start_burner(ctx, duty, burst, kind, where, stop, used, active)
     actives.append(active)
     workers.append(w)
   time.sleep(2)  # the spawned burners import numpy
