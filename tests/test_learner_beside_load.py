@@ -8,7 +8,7 @@ import benchmark_modules
 
 # Imported by name (not `benchmark_modules.load`): a spawned burner unpickles its function by
 # module name, and the child inherits this sys.path.
-sys.path.insert(0, benchmark_modules.BENCHMARKS)
+sys.path.append(benchmark_modules.BENCHMARKS)  # after everything else: shadows nothing
 import learner_beside_load as load  # noqa: E402
 
 
