@@ -20,7 +20,7 @@ whose data is resident (fits twice in its table, so it is not streamed once full
 `reverb_tables.InsertThrottle`); `--set data.shuffle_buffer_per_game=N` with N below twice a game's
 selection measures the streaming path instead.
 
-Each run also prints the percentiles of its last `nodes.STEP_TIMES_KEPT` step durations (the
+Each run also prints the percentiles of its last `runner.STEP_TIMES_KEPT` step durations (the
 learner node's `status()['step_ms']`), and a diagnostic row per program: the median step alone
 over the median step in the program. It separates an even slowdown (the data path's threads
 beside every step) from a tail of slow steps (bursts of other work); the target is the rate ratio.
@@ -28,7 +28,6 @@ beside every step) from a tail of slow steps (bursts of other work); the target 
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import os
 import sys
@@ -44,8 +43,7 @@ def load() -> float:
 
 def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[float, dict]:
   """(steps/s of the Learner alone on one in-memory batch, the percentiles of its last
-  `nodes.STEP_TIMES_KEPT` step durations, as the learner node reports them in the program)."""
-  from scaled_ql.launch import nodes
+  `runner.STEP_TIMES_KEPT` step durations, as the learner node reports them in the program)."""
   from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner
@@ -56,19 +54,15 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[
                           logger=loggers.MultiLogger([]), handle_signals=False)
   for _ in range(warmup_steps):
     learner.step()
-  durations = collections.deque(maxlen=nodes.STEP_TIMES_KEPT)
   start, steps = time.perf_counter(), 0
   while time.perf_counter() - start < seconds:
-    t = time.perf_counter()
     learner.step()
-    durations.append(time.perf_counter() - t)
     steps += 1
-  return (steps / (time.perf_counter() - start),
-          nodes.step_time_percentiles(list(durations)))
+  return steps / (time.perf_counter() - start), learner.step_ms(last=steps)  # not the warm-up
 
 
 def step_ms(p: dict) -> str:
-  """'p50 51.2 / p90 55.9 / p99 61.7 ms' of `nodes.step_time_percentiles`."""
+  """'p50 51.2 / p90 55.9 / p99 61.7 ms' of `runner.step_time_percentiles`."""
   return ' / '.join(f'{k} {p[k]:.1f}' for k in ('p50', 'p90', 'p99')) + ' ms'
 
 

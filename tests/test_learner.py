@@ -111,6 +111,18 @@ def test_target_network_copied_every_period():
   learner.close()
 
 
+def test_runner_keeps_the_durations_of_its_steps():
+  learner = make(CFG)
+  assert learner.step_ms() == {}  # no step has ended
+  for _ in range(3):
+    learner.step()
+  every, last_two = learner.step_ms(), learner.step_ms(last=2)
+  assert every['n'] == 3 and last_two['n'] == 2 and learner.step_ms(last=10)['n'] == 3
+  assert 0 < every['p50'] <= every['p90'] <= every['p99']
+  assert last_two['p99'] <= every['p99']  # the first step (the compile) is left out
+  learner.close()
+
+
 def test_checkpoint_round_trip_is_exact_and_deterministic(tmp_path):
   workdir = str(tmp_path / 'run')
   a = make(workdir=workdir)

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from scaled_ql.agents import checkpointing
+from scaled_ql.agents import checkpointing, runner
 from scaled_ql.launch import nodes, run
 from scaled_ql.launch.variable_server import LocalVariableServer
 
@@ -45,14 +45,14 @@ def test_learner_data_and_evaluator_nodes_run_end_to_end_in_process(tiny_dataset
 
 
 def test_step_time_percentiles():
-  assert nodes.step_time_percentiles([]) == {}
+  assert runner.step_time_percentiles([]) == {}
   # 100 steps of 50 ms and 1 ms more each: p50 between the 50th and 51st, in milliseconds.
-  p = nodes.step_time_percentiles([0.050 + 0.001 * i for i in range(100)])
+  p = runner.step_time_percentiles([0.050 + 0.001 * i for i in range(100)])
   assert p['n'] == 100
   assert abs(p['p50'] - 99.5) < 1e-9 and abs(p['p90'] - 139.1) < 1e-9
   assert abs(p['p99'] - 148.01) < 1e-9
   # A tail of slow steps moves p90/p99, not p50.
-  tail = nodes.step_time_percentiles([0.05] * 85 + [0.2] * 15)
+  tail = runner.step_time_percentiles([0.05] * 85 + [0.2] * 15)
   assert tail['p50'] == 50.0 and tail['p90'] == 200.0
 
 

@@ -14,6 +14,7 @@ boundary after SIGTERM/SIGINT (with a checkpoint). With a workdir it writes WORK
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
@@ -122,6 +123,22 @@ def check_mc_probe(probe: McProbe, cfg: ExperimentConfig) -> None:
     raise ValueError(f'mc_probe.game_id out of range [0, {len(cfg.games)}) for {cfg.games}')
 
 
+# `LearnerRunner.step` durations a runner keeps (~50 s of cpu_small's steps): the learner node's
+# `status()['step_ms']` and benchmarks/program_throughput.py report their percentiles.
+STEP_TIMES_KEPT = 1000
+
+
+def step_time_percentiles(seconds: Sequence[float]) -> dict:
+  """Step durations (seconds) -> {'p50', 'p90', 'p99': milliseconds, 'n': count}; {} for none.
+
+  A learner slowed evenly (a busy neighbour all the time) moves p50; one stalled now and then (a
+  burst of other work, a checkpoint) moves p90/p99 and the mean rate, not p50."""
+  if len(seconds) == 0:
+    return {}
+  p50, p90, p99 = np.percentile(np.asarray(seconds, np.float64) * 1e3, [50, 90, 99])
+  return dict(p50=float(p50), p90=float(p90), p99=float(p99), n=len(seconds))
+
+
 class LearnerRunner:
   """A Learner with checkpoints, NaN checks, metrics and signal handling (see the module doc).
 
@@ -153,6 +170,8 @@ class LearnerRunner:
     self._window: dict[str, float] = {}
     self._window_count = 0
     self._window_start = time.perf_counter()
+    # Durations of the last STEP_TIMES_KEPT completed steps (data waits, logs and saves included).
+    self._step_seconds: collections.deque = collections.deque(maxlen=STEP_TIMES_KEPT)
     self._data_counts: dict[str, float] = {}  # set_data_counts
     self._compiled = False
     self._stop_signal: Optional[int] = None
@@ -175,7 +194,16 @@ class LearnerRunner:
   def steps(self) -> int:
     return self._learner.steps
 
+  def step_ms(self, last: Optional[int] = None) -> dict:
+    """`step_time_percentiles` of the last `last` steps (default: all STEP_TIMES_KEPT kept; {}
+    before the first)."""
+    kept = list(self._step_seconds)
+    if last is not None:
+      kept = kept[max(0, len(kept) - last):]
+    return step_time_percentiles(kept)
+
   def step(self) -> dict[str, float]:
+    started = time.perf_counter()
     self._check_alive()
     metrics = self._learner.step()
     step = self._learner.steps
@@ -197,6 +225,7 @@ class LearnerRunner:
         self.save()
       raise StopTraining(f'{name} received: stopped after step {step}'
                          + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
+    self._step_seconds.append(time.perf_counter() - started)
     return metrics
 
   def run(self, num_steps: Optional[int] = None) -> int:

@@ -59,15 +59,21 @@ def _restarts() -> int:
     return 0
 
 
+def _actor_id() -> str:
+  """This Ray actor's id ('' outside a Ray actor: a node built in a test's own process)."""
+  if not ray.is_initialized():
+    return ''
+  try:
+    return ray.get_runtime_context().get_actor_id() or ''
+  except Exception:  # pylint: disable=broad-except
+    return ''
+
+
 def _actor_start() -> tuple[str, int]:
   """(this Ray actor's id, how often it was restarted): which start of which node a crash record
   belongs to ('' and 0 outside a Ray actor)."""
-  if not ray.is_initialized():
-    return '', 0
-  try:
-    return ray.get_runtime_context().get_actor_id() or '', _restarts()
-  except Exception:  # pylint: disable=broad-except
-    return '', 0
+  actor = _actor_id()
+  return (actor, _restarts()) if actor else ('', 0)
 
 
 # A crash record's first line in WORKDIR/logs/<name>.err, and its pattern (`recorded_crash`).
@@ -383,8 +389,6 @@ class LearnerNode(_LoopNode):
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
     self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
-    # Durations of the last STEP_TIMES_KEPT `Learner.step` calls (waits for data included).
-    self._step_seconds: collections.deque = collections.deque(maxlen=STEP_TIMES_KEPT)
     self._start(workdir)
 
   def _params(self):
@@ -393,14 +397,12 @@ class LearnerNode(_LoopNode):
   def _run_once(self) -> Optional[bool]:
     if self._learner.steps >= self._num_steps:
       return False
-    started = time.perf_counter()
     try:
       self._metrics = self._learner.step()
     except StopIteration:
       if self._stop.is_set():  # stop() closed the iterator the step was waiting on
         return False
       raise
-    self._step_seconds.append(time.perf_counter() - started)
     steps = int(self._learner.steps)
     eval_every = self._cfg.eval.eval_every_steps  # the evaluators' step cadence needs these
     if (steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps
@@ -425,7 +427,7 @@ class LearnerNode(_LoopNode):
                 publishes_skipped=self._publisher.skipped,
                 reverb_reconnects=self._iterator.reconnects,
                 waited_for_data_s=self._iterator.waited_s, metrics=metrics,
-                step_ms=step_time_percentiles(list(self._step_seconds)))
+                step_ms=self._learner.step_ms())
 
   def set_data_counts(self, counts: dict) -> None:
     """The inserters' bad-data counters (summed by the driver), logged with the learner's
@@ -447,22 +449,6 @@ class LearnerNode(_LoopNode):
     self._iterator.close(timeout_s=2)  # its thread may be stuck in a sample request: a daemon
     self._learner.close()
     return int(self._learner.steps)
-
-
-# `Learner.step` durations the learner node keeps for its status (~50 s of cpu_small's steps).
-STEP_TIMES_KEPT = 1000
-
-
-def step_time_percentiles(seconds: Sequence[float]) -> dict:
-  """Step durations (seconds) -> {'p50', 'p90', 'p99': milliseconds, 'n': count}; {} for none.
-
-  A learner slowed evenly (a busy neighbour all the time) moves p50; one stalled now and then (a
-  burst of other work, a checkpoint) moves p90/p99 and the mean rate, not p50."""
-  if len(seconds) == 0:
-    return {}
-  import numpy as np
-  p50, p90, p99 = np.percentile(np.asarray(seconds, np.float64) * 1e3, [50, 90, 99])
-  return dict(p50=float(p50), p90=float(p90), p99=float(p99), n=len(seconds))
 
 
 def _is_number(v: Any) -> bool:
@@ -501,7 +487,7 @@ class EvaluatorNode(_LoopNode):
     # niceness (a no-op for a node on a machine of its own), for this thread and those it starts
     # (Linux keeps a niceness per thread): the loop's. Only in its own Ray actor process: a node
     # built in a test's process leaves that process's niceness alone.
-    if _actor_start()[0]:
+    if _actor_id():
       os.nice(EVALUATOR_NICENESS)
     self._cfg, self._games, self._index = cfg, tuple(games), index
     self._policy = make_policy(cfg, cfg.eval.epsilon)
