@@ -9,7 +9,11 @@ Per (policy, num_envs, env_groups), each game measured in turn, alternating with
              numpy actions and no network, pinned to the first of --cpus: agent steps/s.
              Emulator cost = 1 / raw (more emulators cost a little more each: memory).
   network:   the jitted policy alone at the evaluator's batch (num_envs / env_groups), on random
-             observations: seconds per observation (20 calls after a warm-up).
+             observations: seconds per observation in steady state (WARMUP_CALLS untimed calls,
+             then at least 20 calls and 0.2 s). Measured right after the emulator loop, the first
+             calls are slow (at batch 1 on cpu_small: ~1.2 ms, then ~0.6-0.9, then ~0.45): the
+             emulator has evicted the network's caches. Timing them (10 calls after one warm-up,
+             until 2026-12-05) put ~10% of that interference into the bound and lowered it.
   bound:     1 / (emulator s/step + network s/observation): the steps/s of a loop that does
              nothing but step the emulators and call the network, serially on the same core(s).
              It is the ceiling for a CPU evaluator; on an accelerator the network overlaps with
@@ -64,20 +68,27 @@ def raw_steps_per_second(game: str, steps: int, num_envs: int = 1,
   return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
 
 
-def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20
+WARMUP_CALLS = 5  # untimed: the first calls after other work run on cold caches (see above)
+
+
+def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20,
+                                   min_seconds: float = 0.2, warmup: int = WARMUP_CALLS
                                    ) -> tuple[float, float]:
   """(wall, CPU) seconds of one jitted policy call on a batch, per observation (the network
-  alone)."""
+  alone, in steady state): `warmup` untimed calls, then at least `calls` calls and
+  `min_seconds`."""
   import jax
   obs = np.random.default_rng(0).integers(0, 256, (batch, 84, 84, 4), dtype=np.uint8)
   game_id = np.zeros((batch,), np.int32)
   key = np.asarray(jax.random.PRNGKey(0))
-  jax.block_until_ready(policy(params, key, obs, game_id))
-  start, cpu = time.perf_counter(), time.process_time()
-  for _ in range(calls):
+  for _ in range(max(1, warmup)):
     jax.block_until_ready(policy(params, key, obs, game_id))
-  return ((time.perf_counter() - start) / calls / batch,
-          (time.process_time() - cpu) / calls / batch)
+  n, start, cpu = 0, time.perf_counter(), time.process_time()
+  while n < calls or time.perf_counter() - start < min_seconds:
+    jax.block_until_ready(policy(params, key, obs, game_id))
+    n += 1
+  return ((time.perf_counter() - start) / n / batch,
+          (time.process_time() - cpu) / n / batch)
 
 
 def main() -> None:
@@ -134,7 +145,8 @@ def main() -> None:
 
   if args.network_only:
     for batch in [int(b) for b in args.batches.split(',')]:
-      s, _ = policy_seconds_per_observation(policies['network'], params, batch, calls=5)
+      s, _ = policy_seconds_per_observation(policies['network'], params, batch, calls=5,
+                                            min_seconds=0.0, warmup=1)
       print(f'network batch {batch:>4}: {s * 1e3:8.2f} ms/obs  {1 / s:8.1f} obs/s  '
             f'{flops / s / 1e9:7.1f} GFLOP/s  {load()}', flush=True)
     return
@@ -158,7 +170,7 @@ def main() -> None:
             # load: the raw emulator, the network alone at the evaluator's batch, the evaluator.
             raw_sps, raw_cpu_sps = raw(game, num_envs)
             net_s, net_cpu_s = (
-                policy_seconds_per_observation(policies[name], params, batch, calls=10)
+                policy_seconds_per_observation(policies[name], params, batch)
                 if name == 'network' else (0.0, 0.0))
             r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
                                         cfg.eval, args.steps, num_envs, env_groups=groups,
