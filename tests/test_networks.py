@@ -14,7 +14,7 @@ import pytest
 from scaled_ql import configs
 from scaled_ql import games as games_lib
 from scaled_ql.networks import (QNetworkOutput, encoder_param_filter, flops_breakdown,
-                                flops_per_example, make_q_network, param_counts)
+                                flops_per_example, make_q_network, param_counts, q_network)
 
 CFG = configs.get_config('cpu_tiny')
 GAMES = CFG.games  # ('Breakout', 'Pong'): 4 and 6 actions
@@ -183,6 +183,42 @@ def test_heads_match_a_per_example_reference(tiny):
     n = games_lib.num_actions(GAMES[g])
     expected = (out.features[i] @ head['w'] + head['b']).reshape(n, K)
     np.testing.assert_allclose(out.logits[i, :n], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_games', [1, 3])
+@pytest.mark.parametrize('batch', [1, 5])
+def test_head_logits_per_game_equal_the_one_matmul_form(num_games, batch):
+  rng = np.random.default_rng(batch * 10 + num_games)
+  d, widths = 16, [4 * 3, 18 * 3, 6 * 3][:num_games]
+  features = jnp.asarray(rng.normal(size=(batch, d)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(d, n)), jnp.float32) for n in widths]
+  bs = [jnp.asarray(rng.normal(size=(n,)), jnp.float32) for n in widths]
+  per_game = q_network.head_logits_per_game(features, ws, bs)
+  one = q_network.head_logits_one_matmul(features, ws, bs)
+  chex.assert_shape(per_game, [(batch, n) for n in widths])
+  chex.assert_trees_all_close(per_game, one, rtol=1e-5, atol=1e-5)
+  grad = lambda fn: jax.grad(lambda f, w, b: sum(jnp.sum(jnp.sin(x)) for x in fn(f, w, b)),
+                             argnums=(0, 1, 2))(features, ws, bs)
+  chex.assert_trees_all_close(grad(q_network.head_logits_per_game),
+                              grad(q_network.head_logits_one_matmul), rtol=1e-5, atol=1e-5)
+
+
+def test_on_cpu_the_heads_weights_are_not_concatenated(tiny):
+  """`MultiGameHeads` runs a matmul per game on a CPU: the compiled network holds no
+  concatenation of the heads' weights or biases (at batch 1 the copy made a policy call 0.40 ms instead of 0.26)."""
+  net, params = tiny
+  obs, game_id = _inputs(batch=1)
+  hlo = jax.jit(net.apply).lower(params, obs, game_id).compile().as_text()
+  total = sum(games_lib.num_actions(g) for g in GAMES) * K
+  concats = [line for line in hlo.splitlines()
+             if 'concatenate(' in line and f'{total}]' in line.split('concatenate(')[0]]
+  assert not concats, concats
+  # The one-matmul form does concatenate them (what the assertion above would catch).
+  one = jax.jit(lambda f, w, b: q_network.head_logits_one_matmul(f, w, b)).lower(
+      jnp.zeros((1, NET_CFG.trunk_hidden_dims[-1])),
+      [params[f'heads/{g}']['w'] for g in GAMES], [params[f'heads/{g}']['b'] for g in GAMES])
+  assert f'{total}]' in ''.join(line.split('concatenate(')[0] for line in
+                                one.compile().as_text().splitlines() if 'concatenate(' in line)
 
 
 def test_bfloat16_compute_path(tiny):

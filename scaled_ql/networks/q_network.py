@@ -408,14 +408,37 @@ class Trunk(hk.Module):
     return x
 
 
+def head_logits_per_game(features: jax.Array, ws: Sequence[jax.Array],
+                         bs: Sequence[jax.Array]) -> list[jax.Array]:
+  """Every game's head on every example: [B, D] -> [[B, |A_g|*K] per game], one matmul each."""
+  return [features @ w.astype(features.dtype) + b.astype(features.dtype) for w, b in zip(ws, bs)]
+
+
+def head_logits_one_matmul(features: jax.Array, ws: Sequence[jax.Array],
+                           bs: Sequence[jax.Array]) -> list[jax.Array]:
+  """The same logits from one matmul over the heads' weights concatenated, then sliced."""
+  w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
+  b = jnp.concatenate(bs, axis=0) if len(bs) > 1 else bs[0]
+  all_logits = features @ w.astype(features.dtype) + b.astype(features.dtype)  # [B, T]
+  bounds = np.cumsum([0] + [x.shape[1] for x in ws])
+  return [all_logits[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 class MultiGameHeads(hk.Module):
   """One linear head per game: params `heads/<Game>/{w [D, |A_g|*K], b [|A_g|*K]}`.
 
-  The per-game weights are concatenated into one [D, sum_g |A_g|*K] matrix, so all heads are one
-  large matmul; each example then keeps its own game's columns. This costs G x the FLOPs of a
-  single head (2*D*sum_g|A_g|*K per example), small next to the encoder (see BUILD_NOTES.md,
-  networks section), and avoids a per-example weight gather ([B, D, A_max*K] floats). Padded
+  Every example goes through every game's head (G x the FLOPs of a single head, 2*D*sum_g|A_g|*K
+  per example, small next to the encoder; BUILD_NOTES.md, networks section) and keeps its own
+  game's columns. This avoids a per-example weight gather ([B, D, A_max*K] floats). Padded
   actions have no parameters; their logits are 0 (finite) and the losses mask them.
+
+  How the heads are computed depends on the platform (`jax.lax.platform_dependent`, decided when
+  the computation is compiled): on a CPU one matmul per game (`head_logits_per_game`); elsewhere
+  one matmul over the concatenated weights (`head_logits_one_matmul`: fewer kernel launches for
+  a host-bound accelerator step). On a CPU, at batch 1 (cpu_small's evaluator and actors), the
+  policy call took 0.40 ms with the concatenated weights and 0.26 ms with a matmul per game; at
+  batches 4 and 16, and for the training update at batch 256, the two run equally fast
+  (docs/performance.md, "The policy at batch 1: a matmul per head").
 
   The columns are picked with one static slice and one `where` per game, not a gather by
   game_id: the gradient of a gather is a scatter-add, which XLA:CPU runs as a serial loop over
@@ -435,17 +458,13 @@ class MultiGameHeads(hk.Module):
         ws.append(hk.get_parameter('w', [d, count * k], jnp.float32,
                                    hk.initializers.TruncatedNormal(1.0 / np.sqrt(d))))
         bs.append(hk.get_parameter('b', [count * k], jnp.float32, jnp.zeros))
-    w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
-    b = jnp.concatenate(bs, axis=0) if len(bs) > 1 else bs[0]
-    all_logits = features @ w.astype(features.dtype) + b.astype(features.dtype)  # [B, T]
+    per_game = jax.lax.platform_dependent(features, ws, bs, cpu=head_logits_per_game,
+                                          default=head_logits_one_matmul)
     width = max(self.counts) * k
-    logits = jnp.zeros((features.shape[0], width), all_logits.dtype)
-    start = 0
-    for g, count in enumerate(self.counts):
-      own = all_logits[:, start:start + count * k]  # game g's head, padded with 0 logits
-      logits = jnp.where((game_id == g)[:, None], jnp.pad(own, ((0, 0), (0, width - count * k))),
+    logits = jnp.zeros((features.shape[0], width), per_game[0].dtype)
+    for g, own in enumerate(per_game):  # game g's head, padded with 0 logits
+      logits = jnp.where((game_id == g)[:, None], jnp.pad(own, ((0, 0), (0, width - own.shape[1]))),
                          logits)
-      start += count * k
     return logits.reshape(-1, max(self.counts), k).astype(jnp.float32)
 
 
