@@ -55,8 +55,8 @@ def flops_breakdown(net_cfg: NetworkConfig, games: Sequence[str], num_atoms: int
   """Forward FLOPs per example: {'encoder', 'trunk', 'heads', 'total'} (XLA cost analysis).
 
   'total' is the whole `apply`; 'encoder' the encoder alone; 'heads' is counted analytically
-  (2 * D * sum_g |A_g| * num_atoms: every example goes through every game's head); 'trunk' is the rest
-  (trunk + feature norm + gathers).
+  (2 * D * sum_g |A_g| * num_atoms: every example goes through every game's head); 'trunk' is
+  the rest (trunk + feature norm + gathers).
   """
   games = games_lib.check_games(games, 'games')
   net = q_network.make_q_network(net_cfg, games, num_atoms)
