@@ -215,7 +215,7 @@ def test_on_cpu_the_heads_weights_are_not_concatenated(tiny):
              if 'concatenate(' in line and f'{total}]' in line.split('concatenate(')[0]]
   assert not concats, concats
   # The one-matmul form does concatenate them (what the assertion above would catch).
-  one = jax.jit(lambda f, w, b: q_network.head_logits_one_matmul(f, w, b)).lower(
+  one = jax.jit(q_network.head_logits_one_matmul).lower(
       jnp.zeros((1, NET_CFG.trunk_hidden_dims[-1])),
       [params[f'heads/{g}']['w'] for g in GAMES], [params[f'heads/{g}']['b'] for g in GAMES])
   assert f'{total}]' in ''.join(line.split('concatenate(')[0] for line in
