@@ -417,8 +417,7 @@ def head_logits_per_game(features: jax.Array, ws: Sequence[jax.Array],
 def head_logits_one_matmul(features: jax.Array, ws: Sequence[jax.Array],
                            bs: Sequence[jax.Array]) -> list[jax.Array]:
   """The same logits from one matmul over the heads' weights concatenated, then sliced."""
-  w = jnp.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
-  b = jnp.concatenate(bs, axis=0) if len(bs) > 1 else bs[0]
+  w, b = jnp.concatenate(ws, axis=1), jnp.concatenate(bs)  # (one game: the arrays themselves)
   all_logits = features @ w.astype(features.dtype) + b.astype(features.dtype)  # [B, T]
   bounds = np.cumsum([0] + [x.shape[1] for x in ws])
   return [all_logits[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
