@@ -3,22 +3,29 @@
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/evaluator_speed.py \
         [--config cpu_small] [--games Pong,Breakout] [--steps 4000] [--num-envs 4,16]
         [--env-groups 1] [--cpus 0] [--policy network,random] [--device cpu|gpu] [--repeats 2]
+        [--together] [--set games=...]
 
-Per (policy, num_envs, env_groups), each game measured in turn, alternating with the raw emulator:
-  raw:       num_envs `AtariEnv`s (the evaluation's preprocessing) stepped round robin with random
-             numpy actions and no network, pinned to the first of --cpus: agent steps/s.
-             Emulator cost = 1 / raw (more emulators cost a little more each: memory).
-  network:   the jitted policy alone at the evaluator's batch (num_envs / env_groups), on random
-             observations: seconds per observation in steady state (WARMUP_CALLS untimed calls,
-             then at least 20 calls and 0.2 s). Measured right after the emulator loop, the first
-             calls are slow (at batch 1 on cpu_small: ~1.2 ms, then ~0.6-0.9, then ~0.45): the
-             emulator has evicted the network's caches. Timing them (10 calls after one warm-up,
+Per (policy, num_envs, env_groups), each game measured in turn (with --together: all the games
+at once, one call for all their environments, as `evaluate` plays them by default), alternating
+with the raw emulator:
+  raw:       num_envs `AtariEnv`s (the evaluation's preprocessing) per game stepped round robin
+             with random numpy actions and no network, pinned to the first of --cpus: agent
+             steps/s. Emulator cost = 1 / raw (more emulators cost a little more each: memory).
+             With --together every game's emulators take turns, as in the evaluator, each game's
+             steps timed on their own; the bound weighs each game by the steps the evaluator ran
+             of it.
+  network:   the jitted policy alone at the evaluator's batch (games x num_envs / env_groups), on
+             random observations: seconds per observation in steady state (WARMUP_CALLS untimed
+             calls, then at least 20 calls and 0.2 s). Measured right after the emulator loop, the
+             first calls are slow (at batch 1 on cpu_small: ~1.2 ms, then ~0.6-0.9, then ~0.45):
+             the emulator has evicted the network's caches. Timing them (10 calls after one warm-up,
              until 2026-12-05) put ~10% of that interference into the bound and lowered it.
-  bound:     1 / (emulator s/step + network s/observation): the steps/s of a loop that does
-             nothing but step the emulators and call the network, serially on the same core(s).
-             It is the ceiling for a CPU evaluator; on an accelerator the network overlaps with
+  bound:     1 / (emulator s/step + network s/observation) (`bound_steps_per_second`; with
+             several games, their emulators' time weighted by the steps run of each): the steps/s
+             of a loop that does nothing but step the emulators and call the network, serially
+             on the same core(s). It is the ceiling for a CPU evaluator; on an accelerator the network overlaps with
              the emulators (env_groups 2) and the bound is the emulator alone.
-  evaluator: `evaluate_game` agent steps/s (compile excluded). Every episode started is played
+  evaluator: `evaluate_games` agent steps/s (compile excluded). Every episode started is played
              to its end, so near the end the batch has idle slots; that cost is counted.
   ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw, per measurement (raw, network
              and evaluator measured back to back, so a change of load hits all three), then the
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,25 +55,42 @@ def load() -> str:
   return f'load {one:.2f}/{five:.2f}'
 
 
-def raw_steps_per_second(game: str, steps: int, num_envs: int = 1,
-                         seed: int = 0) -> tuple[float, float]:
-  """(agent steps per wall-clock second, per CPU second of this process) of `num_envs`
-  emulators stepped round robin with random actions, no network: the emulator part of the
-  bound, with as many emulators (and their memory) as the evaluator has."""
+def raw_steps_per_second(games: Sequence[str], steps: int, num_envs: int = 1,
+                         seed: int = 0) -> dict[str, tuple[float, float]]:
+  """{game: (agent steps per wall-clock second, per CPU second of this process)} of `num_envs`
+  emulators per game, all of them stepped round robin with random actions, no network: the
+  emulator part of the bound, with as many emulators (and their memory) as the evaluator has,
+  and the same alternation between games. Each game's steps are timed on their own."""
   from scaled_ql.configs.base import EvalConfig
   from scaled_ql.eval.evaluator import env_seed, make_eval_env
-  envs = [make_eval_env(game, EvalConfig(), env_seed(seed, game, i)) for i in range(num_envs)]
+  envs = [(g, make_eval_env(g, EvalConfig(), env_seed(seed, g, i)))
+          for g in games for i in range(num_envs)]
   rng = np.random.default_rng(seed)
-  actions = rng.integers(0, envs[0].num_actions, steps)
-  for env in envs:
+  actions = rng.integers(0, 1 << 30, steps)
+  for _, env in envs:
     env.reset()
-  start, cpu = time.perf_counter(), time.process_time()
+  wall = dict.fromkeys(games, 0.0)
+  cpu = dict.fromkeys(games, 0.0)
+  count = dict.fromkeys(games, 0)
   for t, a in enumerate(actions):
-    env = envs[t % num_envs]
-    ts = env.step(a)
+    game, env = envs[t % len(envs)]
+    w, c = time.perf_counter(), time.process_time()
+    ts = env.step(a % env.num_actions)
     if ts.last():
       env.reset()
-  return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu)
+    wall[game] += time.perf_counter() - w
+    cpu[game] += time.process_time() - c
+    count[game] += 1
+  return {g: (count[g] / wall[g], count[g] / cpu[g]) for g in games}
+
+
+def bound_steps_per_second(steps: Mapping[str, int], raw: Mapping[str, float],
+                           network_s: float) -> float:
+  """Agent steps per second of a loop that only steps the emulators and calls the network:
+  `steps[g]` steps of each game at its emulators' `raw[g]` steps/s, plus `network_s` seconds per
+  observation for every step."""
+  total = sum(steps.values())
+  return total / (sum(n / raw[g] for g, n in steps.items()) + total * network_s)
 
 
 WARMUP_CALLS = 5  # untimed: the first calls after other work run on cold caches (see above)
@@ -103,11 +128,17 @@ def main() -> None:
   parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'tpu'),
                       help='where the policy runs (evaluator.policy_device)')
   parser.add_argument('--repeats', type=int, default=1, help='measurements per game')
+  parser.add_argument('--together', action='store_true',
+                      help='play the --games at once, batched in the same calls (what '
+                      'evaluate does by default, eval.games_at_once), not one after another')
   parser.add_argument('--network-only', action='store_true')
   parser.add_argument('--full-eval', action='store_true',
                       help='one evaluation of all the config\'s games with its eval settings '
                       '(params at init): what a round costs')
   parser.add_argument('--batches', default='1,4,16')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='config overrides, as for the CLI (e.g. games=BeamRider,Centipede,'
+                      'Freeway,SpaceInvaders: the demo\'s network)')
   args = parser.parse_args()
   cpus = [int(c) for c in args.cpus.split(',')]
   os.sched_setaffinity(0, set(cpus))  # before JAX starts: XLA sizes its thread pool from it
@@ -115,11 +146,11 @@ def main() -> None:
   import jax
 
   from scaled_ql.agents import actors, builder
-  from scaled_ql.configs import get_config
   from scaled_ql.eval import evaluator
+  from scaled_ql.launch import run
   from scaled_ql.networks import analysis
 
-  cfg = get_config(args.config)
+  cfg = run.resolve_config(args.config, overrides=args.set)
   device = evaluator.policy_device(cfg.eval, args.device)
   games = [g.strip() for g in args.games.split(',')]
   nets = builder.agent_networks(cfg)
@@ -151,40 +182,50 @@ def main() -> None:
             f'{flops / s / 1e9:7.1f} GFLOP/s  {load()}', flush=True)
     return
 
-  def raw(game, num_envs=1):
+  def raw(unit, num_envs=1):
     os.sched_setaffinity(0, {cpus[0]})
     try:
-      return raw_steps_per_second(game, max(args.steps, 2000), num_envs)
+      return raw_steps_per_second(unit, max(args.steps, 2000) * len(unit), num_envs)
     finally:
       os.sched_setaffinity(0, set(cpus))
 
-  raw(games[0])  # warm the emulator/cv2 code paths
+  raw(games[:1])  # warm the emulator/cv2 code paths
   for name in args.policy.split(','):
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:
-        batch = -(-num_envs // groups)
         ratios, bound_ratios, cpu_ratios = [], [], []
         for rep in range(args.repeats):
-          for game in games:
+          for unit in ([games] if args.together else [[g] for g in games]):
             # Measured back to back, right before the evaluator, so that all three see the same
-            # load: the raw emulator, the network alone at the evaluator's batch, the evaluator.
-            raw_sps, raw_cpu_sps = raw(game, num_envs)
+            # load: the raw emulators, the network alone at the evaluator's batch, the evaluator.
+            raws = raw(unit, num_envs)
+            batch = -(-num_envs * len(unit) // groups)
             net_s, net_cpu_s = (
                 policy_seconds_per_observation(policies[name], params, batch)
                 if name == 'network' else (0.0, 0.0))
-            r = evaluator.evaluate_game(policies[name], params, game, cfg.games.index(game),
-                                        cfg.eval, args.steps, num_envs, env_groups=groups,
-                                        device=device)
-            bound = 1.0 / (1.0 / raw_sps + net_s)
-            cpu_bound = 1.0 / (1.0 / raw_cpu_sps + net_cpu_s)  # steps per CPU second
-            cpu_sps = r.steps / r.cpu_seconds
-            ratios.append(r.steps_per_second / raw_sps)
-            bound_ratios.append(r.steps_per_second / bound)
+            results = evaluator.evaluate_games(
+                policies[name], params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
+                args.steps, num_envs, env_groups=groups, device=device)
+            steps = sum(r.steps for r in results.values())
+            seconds = sum(r.seconds for r in results.values())
+            cpu_seconds = sum(r.cpu_seconds for r in results.values())
+            # The loop's own mix of games: each game's steps at its emulators' rate, plus the
+            # network per observation.
+            ran = {g: r.steps for g, r in results.items()}
+            raw_sps = bound_steps_per_second(ran, {g: raws[g][0] for g in ran}, 0.0)
+            raw_cpu_sps = bound_steps_per_second(ran, {g: raws[g][1] for g in ran}, 0.0)
+            bound = bound_steps_per_second(ran, {g: raws[g][0] for g in ran}, net_s)
+            # steps per CPU second
+            cpu_bound = bound_steps_per_second(ran, {g: raws[g][1] for g in ran}, net_cpu_s)
+            sps, cpu_sps = steps / seconds, steps / cpu_seconds
+            ratios.append(sps / raw_sps)
+            bound_ratios.append(sps / bound)
             cpu_ratios.append(cpu_sps / cpu_bound)
-            print(f'  {name:<8} envs {num_envs:>3} groups {groups} {game:<9} rep {rep}: raw '
-                  f'{raw_sps:6.0f} steps/s  network {net_s * 1e3:5.2f} ms/obs  bound {bound:6.0f}  '
-                  f'evaluator {r.steps_per_second:6.0f} steps/s ({r.steps} steps, budget '
-                  f'{r.budget})  ratio/bound {r.steps_per_second / bound:.2f}  | per CPU second: '
+            budget = next(iter(results.values())).budget
+            print(f'  {name:<8} envs {num_envs:>3} groups {groups} {",".join(unit):<9} rep {rep}: '
+                  f'batch {batch} raw {raw_sps:6.0f} steps/s  network {net_s * 1e3:5.2f} ms/obs  '
+                  f'bound {bound:6.0f}  evaluator {sps:6.0f} steps/s ({steps} steps, budget '
+                  f'{budget} per game)  ratio/bound {sps / bound:.2f}  | per CPU second: '
                   f'raw {raw_cpu_sps:6.0f} network {net_cpu_s * 1e3:5.2f} ms/obs bound '
                   f'{cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio {cpu_sps / cpu_bound:.2f}  '
                   f'{load()}', flush=True)

@@ -152,6 +152,42 @@ def test_double_buffered_groups_play_the_same_episodes():
     assert (r.steps, r.score) == (runs[0].steps, runs[0].score)
 
 
+def test_games_at_once_share_each_call_and_play_the_same_episodes_as_one_by_one():
+  """`games_at_once` batches several games' environments into one policy call per step; each
+  game's budget, episodes and score are its own, so a deterministic policy plays exactly the
+  episodes it plays game by game."""
+  seen = []
+
+  def policy(params, rng, observation, game_id):  # deterministic, per row: screen and game
+    del params, rng
+    seen.append(np.asarray(game_id).copy())
+    return ((observation.sum(axis=(1, 2, 3), dtype=np.int64) + 7 * game_id) % 3).astype(np.int32)
+
+  games = ['Breakout', 'Pong', 'Freeway']  # Freeway has 3 actions: % 3 keeps them valid
+  cfg = EvalConfig(max_episode_frames=600)  # episodes of at most 150 agent steps
+  one_by_one = evaluator.evaluate(policy, None, games, cfg, model_games=GAMES,
+                                  steps_per_game=200, num_envs=2, games_at_once=1)
+  assert all(len(ids) in (1, 2) and len(set(ids)) == 1 for ids in seen)  # one game per call
+  seen.clear()
+  together = evaluator.evaluate(policy, None, games, cfg, model_games=GAMES,
+                                steps_per_game=200, num_envs=2)  # the default: all at once
+  ids = [GAMES.index(g) for g in games]
+  # Compiles of each shape (6 and the buckets 1, 2, 4 it may shrink to), then 6 rows per call,
+  # each with its own game's id, until the first game's last episode ends.
+  assert [len(s) for s in seen[:4]] == [1, 2, 4, 6]
+  assert list(seen[4]) == [ids[0]] * 2 + [ids[1]] * 2 + [ids[2]] * 2
+  for g in games:
+    a, b = one_by_one[g], together[g]
+    assert a.episodes >= 2 and a.steps >= 200, a
+    assert (b.episode_returns, b.steps, b.episodes, b.truncated, b.score) == (
+        a.episode_returns, a.steps, a.episodes, a.truncated, a.score), g
+  # Time: each game's share of the loop's, by its steps; every game shows the loop's rate.
+  rates = [r.steps_per_second for r in together.values()]
+  assert max(rates) == pytest.approx(min(rates), rel=1e-9)
+  steps = sum(r.steps for r in together.values())
+  assert sum(r.seconds for r in together.values()) == pytest.approx(steps / rates[0], rel=1e-9)
+
+
 def test_should_stop_abandons_the_game_in_progress_and_keeps_the_finished_ones(tmp_path):
   """An evaluator gives up a round of old params for the final evaluation (launch/nodes.py): the
   game in progress gets no score (a partial episode is never one), games done before keep their
@@ -164,13 +200,23 @@ def test_should_stop_abandons_the_game_in_progress_and_keeps_the_finished_ones(t
     asked.append(1)
     return len(asked) > 50 + 10
 
-  with pytest.raises(evaluator.Abandoned, match=r'Breakout: evaluation abandoned after 10 of '
-                     r'50 agent steps'):
+  with pytest.raises(evaluator.Abandoned, match=r'evaluation abandoned: Breakout after 10 of '
+                     r'50 agent steps$'):
     evaluator.evaluate(noop_policy, None, ['Pong', 'Breakout'], cfg, model_games=GAMES,
-                       steps_per_game=50, num_envs=1, jsonl_path=log, should_stop=stop_in_breakout)
+                       steps_per_game=50, num_envs=1, games_at_once=1, jsonl_path=log,
+                       should_stop=stop_in_breakout)
   with open(log) as f:
     rows = [json.loads(line) for line in f]
   assert [(r['game'], r['episodes'], r['steps']) for r in rows] == [('Pong', 1, 50)]
+  # Games played at once are abandoned together, each named with its steps; none is recorded.
+  asked.clear()
+  with pytest.raises(evaluator.Abandoned, match=r'evaluation abandoned: Pong after 10 of 50 '
+                     r'agent steps, Breakout after 10 of 50 agent steps$'):
+    evaluator.evaluate(noop_policy, None, ['Pong', 'Breakout'], cfg, model_games=GAMES,
+                       steps_per_game=50, num_envs=1, jsonl_path=log,
+                       should_stop=lambda: len(asked) >= 10 or asked.append(1))
+  with open(log) as f:
+    assert len(f.readlines()) == 1
   # Never asked to stop: the same round runs to its end.
   r = evaluator.evaluate(noop_policy, None, ['Pong'], cfg, model_games=GAMES, steps_per_game=50,
                          num_envs=1, should_stop=lambda: False)['Pong']
@@ -232,6 +278,9 @@ def test_argument_errors():
     evaluator.evaluate(pol, None, ['Pong'], EvalConfig(), model_games=GAMES, steps_per_game=0)
   with pytest.raises(ValueError, match='env_groups must be >= 1'):
     evaluator.evaluate(pol, None, ['Pong'], EvalConfig(env_groups=0), model_games=GAMES,
+                       steps_per_game=1)
+  with pytest.raises(ValueError, match='games_at_once must be >= 1'):
+    evaluator.evaluate(pol, None, ['Pong'], EvalConfig(games_at_once=0), model_games=GAMES,
                        steps_per_game=1)
 
 

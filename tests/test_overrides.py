@@ -87,6 +87,10 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
       run.resolve_config('cpu_tiny', overrides=[f'train.keep_checkpoint_every_steps={keep}'])
   assert run.resolve_config('cpu_tiny', overrides=['train.keep_checkpoint_every_steps=20']
                             ).train.keep_checkpoint_every_steps == 20
+  with pytest.raises(ConfigError, match=r'eval.games_at_once must be >= 1 \(or None'):
+    run.resolve_config('cpu_tiny', overrides=['eval.games_at_once=0'])
+  assert run.resolve_config('cpu_tiny', overrides=['eval.games_at_once=1']
+                            ).eval.games_at_once == 1
 
 
 def test_games_flag_sets_any_games_and_the_heads_follow():

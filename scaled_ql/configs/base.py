@@ -141,6 +141,11 @@ class EvalConfig:
   # computes another group's actions (JAX dispatches asynchronously); pays off only with a spare
   # core or an accelerator for the network. 1 = plain lockstep (BUILD_NOTES.md, eval section).
   env_groups: int = 1
+  # Games played together, their environments batched in the same network calls: G games of one
+  # environment each cost one call of batch G per step, not G calls of batch 1 (docs/evaluation.md,
+  # "Games at once"). None: all of an evaluator's games; 1: one game after another. Records are
+  # written as each such set of games ends.
+  games_at_once: Optional[int] = None
   # GPUs each evaluator node asks Ray for (`train --evaluator-gpus`; fractions share one GPU
   # between evaluators). > 0: the policy runs on that accelerator, batched over `num_envs`
   # environments per call; 0: on the CPU (docs/evaluation.md, "Evaluator fleets").

@@ -6,8 +6,9 @@ Protocol (all from `EvalConfig`, whose defaults are the paper's):
 - episodes cut at 108K emulator frames (27K agent steps), game over as the terminal condition,
 - unclipped game score as the return,
 - a budget of `steps_per_game` agent steps per game (paper: 125K, Castro et al. 2018), played by
-  `num_envs` environments of the game, the network applied to a whole group of them in one jitted
-  call per step (`env_groups` groups, double-buffered: see `evaluate_game`).
+  `num_envs` environments of the game. `games_at_once` games play together (default: all of an
+  evaluator's games), the network applied to a whole group of their environments in one jitted
+  call per step (`env_groups` groups, double-buffered: see `evaluate_games`).
 
 Score of a game = the mean return of COMPLETED episodes, counted as in Dopamine's
 `Runner._run_one_phase` (Castro et al. 2018): an environment starts a new episode only while the
@@ -101,7 +102,7 @@ def uniform_random_policy(model_games: Sequence[str]) -> PolicyFn:
 
 
 def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: EvalConfig,
-                steps: int, num_envs: int, env_groups: int) -> None:
+                steps: int, num_envs: int, env_groups: int, games_at_once: int) -> None:
   games_lib.check_games(games, 'games')
   not_in_model = [g for g in games if g not in model_games]
   if not_in_model:
@@ -113,6 +114,8 @@ def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: Eval
     raise ValueError(f'num_envs must be >= 1, got {num_envs}')
   if env_groups < 1:
     raise ValueError(f'env_groups must be >= 1, got {env_groups}')
+  if games_at_once < 1:
+    raise ValueError(f'games_at_once must be >= 1 (or None: all the games), got {games_at_once}')
   if not 0.0 <= eval_cfg.sticky_action_prob <= 1.0:
     raise ValueError(f'sticky_action_prob must be in [0, 1], got {eval_cfg.sticky_action_prob}')
 
@@ -169,23 +172,40 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
                   env_groups: Optional[int] = None, device: Any = None,
                   should_stop: Optional[Callable[[], bool]] = None) -> GameResult:
-  """Plays `game` for a budget of `steps` agent steps over `num_envs` environments and finishes
-  every episode started (the protocol of the module docstring).
+  """One game alone: `evaluate_games` with `games=[(game, game_id)]`."""
+  return evaluate_games(policy_fn, params, [(game, game_id)], eval_cfg, steps, num_envs, seed,
+                        env_groups, device=device, should_stop=should_stop)[game]
 
-  The environments (at most `steps` of them) form `env_groups` (default `eval_cfg.env_groups`, at
-  most one per environment) groups, each the batch of one jitted policy call per step. JAX
-  dispatches the call asynchronously, so while the network computes one group's actions the
-  emulators of the other groups step (double buffering on a machine with a core to spare); with
-  one group it is plain lockstep. Each group's observation array is written only after its
-  pending call has returned (the call may read it in place). An environment whose last episode
-  has ended idles in its slot; once at most half of a group plays, the group's batch shrinks to
-  the next power of two (a few compiled shapes, all compiled before the clock starts), and a
-  group with no episode left makes no more calls.
+
+def evaluate_games(policy_fn: PolicyFn, params: Any, games: Sequence[tuple[str, int]],
+                   eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
+                   env_groups: Optional[int] = None, device: Any = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> dict[str, GameResult]:
+  """Plays each of `games` ((name, game_id) pairs) for a budget of `steps` agent steps over
+  `num_envs` environments of its own, all the games at once, and finishes every episode started
+  (the protocol of the module docstring, per game: a game's budget, episodes and score depend
+  only on its own environments). Returns {game: GameResult}.
+
+  The environments of all the games (at most `steps` per game) form `env_groups` (default
+  `eval_cfg.env_groups`, at most one per environment) groups, each the batch of one jitted policy
+  call per step, whatever games it mixes (the policy takes a game id per row). So G games of one
+  environment each cost one call of batch G per step, not G calls of batch 1. JAX dispatches the
+  call asynchronously, so while the network computes one group's actions the emulators of the
+  other groups step (double buffering on a machine with a core to spare); with one group it is
+  plain lockstep. Each group's observation array is written only after its pending call has
+  returned (the call may read it in place). An environment whose last episode has ended idles
+  in its slot; once at most half of a group plays, the group's batch shrinks to the next power
+  of two (a few compiled shapes, all compiled before the clock starts), and a group with no
+  episode left makes no more calls.
+
+  Time: `seconds` and `cpu_seconds` of a result are its game's share of the whole loop's, by its
+  share of the agent steps run (games played at once share every call), so each game's
+  `steps_per_second` is the rate of the whole loop.
 
   `device`: a JAX device to put `params` on; the jitted policy then runs there (observations are
   copied to it per call). None: wherever `params` already are (JAX's default device for numpy).
-  `should_stop`: asked once per step of the loop; True abandons the game (raises `Abandoned`),
-  e.g. an evaluator dropping a round of old params to evaluate the final ones at once.
+  `should_stop`: asked once per step of the loop; True abandons every game of the loop (raises
+  `Abandoned`), e.g. an evaluator dropping a round of old params to evaluate the final ones.
   """
   import jax
   if device is not None:
@@ -193,10 +213,15 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   groups_n = int(eval_cfg.env_groups if env_groups is None else env_groups)
   if groups_n < 1:
     raise ValueError(f'env_groups must be >= 1, got {groups_n}')
-  num_envs = min(num_envs, steps)  # every environment plays at least one step of the budget
-  groups_n = min(groups_n, num_envs)
-  envs = [make_eval_env(game, eval_cfg, env_seed(seed, game, i)) for i in range(num_envs)]
-  groups = [list(idx) for idx in np.array_split(np.arange(num_envs), groups_n)]
+  names = [name for name, _ in games]
+  per_game = min(num_envs, steps)  # every environment plays at least one step of the budget
+  # Slot i: environment `i % per_game` of game `owner[i]` (an index into `games`).
+  owner = np.repeat(np.arange(len(games)), per_game)
+  game_ids = np.asarray([gid for _, gid in games], np.int32)[owner]
+  envs = [make_eval_env(names[o], eval_cfg, env_seed(seed, names[o], i % per_game))
+          for i, o in enumerate(owner)]
+  groups_n = min(groups_n, len(envs))
+  groups = [list(idx) for idx in np.array_split(np.arange(len(envs)), groups_n)]
   observations = [np.stack([envs[i].reset().observation for i in g]) for g in groups]
   keys = _KeyStream(seed)
   # Compile every batch shape a group can have (its size, then the smaller buckets it shrinks
@@ -204,15 +229,15 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
   for size in sorted({b for g in groups for b in _buckets(len(g))}):
     jax.block_until_ready(policy_fn(params, keys(), np.zeros((size,) + observations[0].shape[1:],
                                                               np.uint8),
-                                    np.full((size,), game_id, np.int32)))
+                                    np.full((size,), game_ids[0], np.int32)))
 
-  playing = np.ones(num_envs, bool)  # an episode is in progress
-  running = np.zeros(num_envs, np.float64)  # its return so far
-  completed: list[float] = []
-  truncated = 0
-  steps_run = 0
+  playing = np.ones(len(envs), bool)  # an episode is in progress
+  running = np.zeros(len(envs), np.float64)  # its return so far
+  completed: list[list[float]] = [[] for _ in games]
+  truncated = [0] * len(games)
+  steps_run = [0] * len(games)
   start, cpu_start = time.perf_counter(), time.process_time()
-  pending = [policy_fn(params, keys(), observations[k], np.full((len(g),), game_id, np.int32))
+  pending = [policy_fn(params, keys(), observations[k], game_ids[g])
              for k, g in enumerate(groups)]
   abandoned = False
   while any(p is not None for p in pending):
@@ -227,14 +252,15 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
       for j, i in enumerate(g):
         if not playing[i]:
           continue
+        o = owner[i]
         ts = envs[i].step(actions[j])
-        steps_run += 1
+        steps_run[o] += 1
         running[i] += ts.reward
         if ts.last():
-          completed.append(float(running[i]))
-          truncated += int(ts.discount > 0)  # the frame cap (truncation), not game over
+          completed[o].append(float(running[i]))
+          truncated[o] += int(ts.discount > 0)  # the frame cap (truncation), not game over
           running[i] = 0.0
-          if steps_run >= steps:  # budget spent: start no new episode here
+          if steps_run[o] >= steps:  # the game's budget is spent: start no new episode here
             playing[i] = False
             continue
           ts = envs[i].reset()
@@ -251,70 +277,91 @@ def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
         keep = live + [j for j in range(len(g)) if not playing[g[j]]][:size - len(live)]
         groups[k] = g = [g[j] for j in keep]
         observations[k] = obs = obs[keep]
-      pending[k] = policy_fn(params, keys(), obs, np.full((len(g),), game_id, np.int32))
+      pending[k] = policy_fn(params, keys(), obs, game_ids[g])
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   for env in envs:
     env.close()
   if abandoned:
-    raise Abandoned(f'{game}: evaluation abandoned after {steps_run} of {steps} agent steps')
+    left = [f'{names[o]} after {steps_run[o]} of {steps} agent steps' for o in range(len(games))
+            if playing[owner == o].any()]
+    raise Abandoned(f'evaluation abandoned: {", ".join(left)}')
 
-  score = float(np.mean(completed)) if completed else None
-  return GameResult(game=game, score=score,
-                    normalized=None if score is None else float(
-                        normalization.human_normalized(game, score)),
-                    episodes=len(completed), truncated=truncated, steps=steps_run, budget=steps,
-                    seconds=seconds, cpu_seconds=cpu_seconds, episode_returns=tuple(completed))
+  total = max(sum(steps_run), 1)
+  results = {}
+  for o, name in enumerate(names):
+    score = float(np.mean(completed[o])) if completed[o] else None
+    share = steps_run[o] / total
+    results[name] = GameResult(
+        game=name, score=score,
+        normalized=None if score is None else float(normalization.human_normalized(name, score)),
+        episodes=len(completed[o]), truncated=truncated[o], steps=steps_run[o], budget=steps,
+        seconds=seconds * share, cpu_seconds=cpu_seconds * share,
+        episode_returns=tuple(completed[o]))
+  return results
 
 
 def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: EvalConfig, *,
              model_games: Optional[Sequence[str]] = None, steps_per_game: Optional[int] = None,
-             num_envs: Optional[int] = None, env_groups: Optional[int] = None, seed: int = 0,
-             param_version: int = -1,
+             num_envs: Optional[int] = None, env_groups: Optional[int] = None,
+             games_at_once: Optional[int] = None, seed: int = 0, param_version: int = -1,
              evaluator: str = 'evaluator', epsilon: Optional[float] = None,
              jsonl_path: Optional[str] = None, csv_path: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None,
              device: Optional[str] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> dict[str, GameResult]:
-  """Evaluates `policy_fn(params, ...)` on each game in turn; returns {game: GameResult}.
+  """Evaluates `policy_fn(params, ...)` on `games`, `games_at_once` of them at a time, batched
+  in the same policy calls (`evaluate_games`); returns {game: GameResult}.
 
   model_games:    the games of the network (`cfg.games`); `game_id` = index into it. Default: games.
   steps_per_game: the step budget per game; default `eval_cfg.steps_per_game`.
   num_envs:       environments per game; default `eval_cfg.num_envs`.
-  env_groups:     double-buffered groups of them (see `evaluate_game`); default
-                  `eval_cfg.env_groups`.
+  env_groups:     double-buffered groups of the environments played at once (see
+                  `evaluate_games`); default `eval_cfg.env_groups`.
+  games_at_once:  games played together; default `eval_cfg.games_at_once` (None: all of them).
   param_version:  learner step of `params`, written into every record (-1: unknown).
-  jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each game,
-                  so a long evaluation leaves the finished games behind).
+  jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each
+                  `games_at_once` games, so a long evaluation leaves the finished ones behind).
   epsilon:        only recorded (the policy applies it).
   device:         'cpu' | 'gpu' | 'tpu' for the policy; default from `eval_cfg.gpus_per_evaluator`
                   (`policy_device`). The params are put there once, and every call runs there.
-  should_stop:    see `evaluate_game`: raises `Abandoned`; the games finished before are recorded.
+  should_stop:    see `evaluate_games`: raises `Abandoned`; the games of earlier
+                  `games_at_once` groups keep their records.
   """
   model_games = tuple(games if model_games is None else model_games)
   steps = int(eval_cfg.steps_per_game if steps_per_game is None else steps_per_game)
   num_envs = int(eval_cfg.num_envs if num_envs is None else num_envs)
   env_groups = int(eval_cfg.env_groups if env_groups is None else env_groups)
-  _check_args(games, model_games, eval_cfg, steps, num_envs, env_groups)
+  at_once = eval_cfg.games_at_once if games_at_once is None else games_at_once
+  at_once = len(games) if at_once is None else int(at_once)
+  _check_args(games, model_games, eval_cfg, steps, num_envs, env_groups, at_once)
   import jax
   target = policy_device(eval_cfg, device)
   params = jax.device_put(params, target)
   results: dict[str, GameResult] = {}
-  for game in games:
-    r = evaluate_game(policy_fn, params, game, model_games.index(game), eval_cfg, steps,
-                      num_envs, seed, env_groups, device=target, should_stop=should_stop)
-    results[game] = r
-    record = report.EvalRecord(
-        game=game, score=r.score, normalized=r.normalized, param_version=int(param_version),
-        evaluator=evaluator, episodes=r.episodes, time=time.time(), steps=r.steps,
-        steps_per_second=r.steps_per_second, partial=r.score is None, epsilon=epsilon,
-        truncated=r.truncated, budget=r.budget)
-    if jsonl_path:
-      report.append_records(jsonl_path, [record])
-    if csv_path:
-      report.append_csv(csv_path, [record])
-    if log:
-      log(format_result(r))
+  for first in range(0, len(games), at_once):
+    together = [(g, model_games.index(g)) for g in games[first:first + at_once]]
+    results.update(evaluate_games(policy_fn, params, together, eval_cfg, steps, num_envs, seed,
+                                  env_groups, device=target, should_stop=should_stop))
+    for game, _ in together:
+      _record(results[game], param_version, evaluator, epsilon, jsonl_path, csv_path, log)
   return results
+
+
+def _record(r: GameResult, param_version: int, evaluator: str, epsilon: Optional[float],
+            jsonl_path: Optional[str], csv_path: Optional[str],
+            log: Optional[Callable[[str], None]]) -> None:
+  """Appends `r` to the logs `evaluate` was given, and logs its line."""
+  record = report.EvalRecord(
+      game=r.game, score=r.score, normalized=r.normalized, param_version=int(param_version),
+      evaluator=evaluator, episodes=r.episodes, time=time.time(), steps=r.steps,
+      steps_per_second=r.steps_per_second, partial=r.score is None, epsilon=epsilon,
+      truncated=r.truncated, budget=r.budget)
+  if jsonl_path:
+    report.append_records(jsonl_path, [record])
+  if csv_path:
+    report.append_csv(csv_path, [record])
+  if log:
+    log(format_result(r))
 
 
 def format_score(score: Optional[float], normalized: Optional[float]) -> str:

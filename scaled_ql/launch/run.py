@@ -58,6 +58,9 @@ def validate(cfg) -> None:
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
     raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
                       f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
+  if cfg.eval.games_at_once is not None and cfg.eval.games_at_once < 1:
+    raise ConfigError(f'eval.games_at_once must be >= 1 (or None: all of an evaluator\'s games), '
+                      f'got {cfg.eval.games_at_once}')
   if not cfg.eval.gpus_per_evaluator >= 0:
     raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0, got '
                       f'{cfg.eval.gpus_per_evaluator}')
