@@ -23,8 +23,9 @@ with the raw emulator:
   bound:     1 / (emulator s/step + network s/observation) (`bound_steps_per_second`; with
              several games, their emulators' time weighted by the steps run of each): the steps/s
              of a loop that does nothing but step the emulators and call the network, serially
-             on the same core(s). It is the ceiling for a CPU evaluator; on an accelerator the network overlaps with
-             the emulators (env_groups 2) and the bound is the emulator alone.
+             on the same core(s). It is the ceiling for a CPU evaluator; on an accelerator the
+             network overlaps with the emulators (env_groups 2) and the bound is the emulator
+             alone.
   evaluator: `evaluate_games` agent steps/s (compile excluded). Every episode started is played
              to its end, so near the end the batch has idle slots; that cost is counted.
   ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw, per measurement (raw, network
