@@ -15,7 +15,8 @@ One JSON object per line and per (evaluation, game), written by `scaled_ql.eval.
   episodes          int    number of completed episodes averaged in `score`
   time              float  unix time at which the record was written
   steps             int    agent steps (4 emulator frames each) run for this game
-  steps_per_second  float  agent steps per wall-clock second, network included
+  steps_per_second  float  agent steps per wall-clock second, network included (of the whole
+                           loop, for games played at once: `evaluator.evaluate_games`)
   partial           bool   true when no episode completed (then there is no score)
   epsilon           float  epsilon of the epsilon-greedy policy (null if not given)
   truncated         int    completed episodes that ended at the 108K-frame cap (counted in score)
