@@ -67,8 +67,10 @@ class GameResult:
   truncated: int  # of those, episodes that ended at the `max_episode_frames` cap (counted)
   steps: int  # agent steps run: >= `budget`, the last episodes are played to their end
   budget: int  # the step budget (`steps_per_game`)
-  seconds: float  # wall-clock time of the game's loop (network + emulator)
-  cpu_seconds: float  # CPU time of this process over the same loop (all its threads)
+  # Wall-clock time of the game's loop (network + emulator); for games played at once, the game's
+  # share of their loop's, by its steps (`evaluate_games`).
+  seconds: float
+  cpu_seconds: float  # CPU time of this process over the same loop (all its threads), the same way
   episode_returns: tuple[float, ...]  # returns of the completed episodes
 
   @property
