@@ -456,6 +456,13 @@ def test_eval_command_on_a_learner_checkpoint(tmp_path, capsys):
   assert "['Qbert'] not in the checkpoint" in err and 'Breakout, Pong' in err
   assert cli.main(['eval', '--checkpoint', workdir, '--games', 'Pongg']) == 2
   assert 'unknown game' in capsys.readouterr().err
+  assert cli.main(['eval', '--checkpoint', workdir, '--games-at-once', '0']) == 2
+  assert '--games-at-once must be >= 1, got 0' in capsys.readouterr().err
+  # Both games, one after the other: a row each, in order.
+  one_by_one = str(tmp_path / 'one_by_one.csv')
+  assert cli.main(['eval', '--checkpoint', workdir, '--steps', '6', '--num-envs', '1',
+                   '--games-at-once', '1', '--out', one_by_one]) == 0, capsys.readouterr().err
+  assert [r['game'] for r in csv.DictReader(open(one_by_one))] == ['Breakout', 'Pong']
   import jax
   if not any(d.platform == 'gpu' for d in jax.devices()):  # asked for an accelerator it lacks
     assert cli.main(['eval', '--checkpoint', workdir, '--steps', '6', '--device', 'gpu']) == 2

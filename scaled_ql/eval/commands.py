@@ -28,6 +28,10 @@ def register(subparsers) -> None:
                  help='epsilon-greedy epsilon (default: the config\'s eval.epsilon, paper 0.001)')
   p.add_argument('--num-envs', type=int, default=None,
                  help='environments per game stepped together (default: eval.num_envs)')
+  p.add_argument('--games-at-once', type=int, default=None, metavar='N',
+                 help='games played together, batched in the same policy calls; the scores of '
+                 'each set are printed when it ends (default: eval.games_at_once, all the games; '
+                 '1: one game after another)')
   p.add_argument('--step', default=None, metavar='S|S,S,...|all',
                  help='checkpoint step(s) to evaluate, one after the other: a step, a list, or '
                  '"all" the workdir holds, oldest first (default: the latest); keep a run\'s '
@@ -206,6 +210,8 @@ def _eval(args: argparse.Namespace) -> int:
     return _fail(f'--steps must be >= 1, got {args.steps}')
   if args.num_envs is not None and args.num_envs < 1:
     return _fail(f'--num-envs must be >= 1, got {args.num_envs}')
+  if args.games_at_once is not None and args.games_at_once < 1:
+    return _fail(f'--games-at-once must be >= 1, got {args.games_at_once}')
   if args.epsilon is not None and not 0.0 <= args.epsilon <= 1.0:
     return _fail(f'--epsilon must be in [0, 1], got {args.epsilon}')
   from scaled_ql.configs.overrides import ConfigError
@@ -261,9 +267,10 @@ def _eval(args: argparse.Namespace) -> int:
           f'{cfg.eval.sticky_action_prob}, max {cfg.eval.max_episode_frames} frames/episode')
     results = evaluator.evaluate(
         policy, params, games, cfg.eval, model_games=cfg.games, steps_per_game=args.steps,
-        num_envs=args.num_envs, seed=args.seed, param_version=step, evaluator='scaled-ql-eval',
-        epsilon=epsilon, csv_path=args.out, jsonl_path=args.jsonl, device=device.platform,
-        log=lambda line: print(line, flush=True))  # one line per game as it finishes
+        num_envs=args.num_envs, games_at_once=args.games_at_once, seed=args.seed,
+        param_version=step, evaluator='scaled-ql-eval', epsilon=epsilon, csv_path=args.out,
+        jsonl_path=args.jsonl, device=device.platform,
+        log=lambda line: print(line, flush=True))  # a line per game as its set of games ends
     print(evaluator.aggregate_line(results))
     history.append((step, results))
   if len(history) > 1:
