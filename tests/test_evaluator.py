@@ -184,6 +184,12 @@ def test_games_at_once_share_each_call_and_play_the_same_episodes_as_one_by_one(
   # Time: each game's share of the loop's, by its steps; every game shows the loop's rate.
   rates = [r.steps_per_second for r in together.values()]
   assert max(rates) == pytest.approx(min(rates), rel=1e-9)
+  assert {r.games_at_once for r in together.values()} == {3}
+  assert {r.games_at_once for r in one_by_one.values()} == {1}
+  assert evaluator.format_result(together['Pong']).endswith(
+      f'{rates[0]:.0f} steps/s (the loop of 3 games at once)')
+  assert evaluator.format_result(one_by_one['Pong']).endswith(
+      f'{one_by_one["Pong"].steps_per_second:.0f} steps/s')
   steps = sum(r.steps for r in together.values())
   assert sum(r.seconds for r in together.values()) == pytest.approx(steps / rates[0], rel=1e-9)
 

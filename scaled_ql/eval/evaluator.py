@@ -72,6 +72,7 @@ class GameResult:
   seconds: float
   cpu_seconds: float  # CPU time of this process over the same loop (all its threads), the same way
   episode_returns: tuple[float, ...]  # returns of the completed episodes
+  games_at_once: int = 1  # games of the loop it was played in (they share its time)
 
   @property
   def steps_per_second(self) -> float:
@@ -298,7 +299,7 @@ def evaluate_games(policy_fn: PolicyFn, params: Any, games: Sequence[tuple[str, 
         normalized=None if score is None else float(normalization.human_normalized(name, score)),
         episodes=len(completed[o]), truncated=truncated[o], steps=steps_run[o], budget=steps,
         seconds=seconds * share, cpu_seconds=cpu_seconds * share,
-        episode_returns=tuple(completed[o]))
+        episode_returns=tuple(completed[o]), games_at_once=len(games))
   return results
 
 
@@ -375,8 +376,10 @@ def format_score(score: Optional[float], normalized: Optional[float]) -> str:
 
 def format_result(r: GameResult) -> str:
   cut = f' ({r.truncated} cut at the frame cap)' if r.truncated else ''
+  rate = (f'{r.steps_per_second:.0f} steps/s' if r.games_at_once == 1 else
+          f'{r.steps_per_second:.0f} steps/s (the loop of {r.games_at_once} games at once)')
   return (f'{r.game:<16} {format_score(r.score, r.normalized)}  episodes {r.episodes:>3}{cut}  '
-          f'steps {r.steps} (budget {r.budget})  {r.steps_per_second:.0f} steps/s')
+          f'steps {r.steps} (budget {r.budget})  {rate}')
 
 
 def format_row(game: str, row: Mapping[str, Any]) -> str:
