@@ -128,6 +128,7 @@ def test_a_round_of_old_params_gives_way_to_the_final_evaluation(tmp_path):
   for row in latest.values():
     assert row['budget'] == 30 and row['steps'] >= 30 and row['param_version'] == 7
     assert 0 < row['cpu_seconds'] and 0 < row['seconds']
+    assert row['games_at_once'] == len(cfg.games)  # the evaluator plays its games at once
     assert row['longest_overrun'] == row['steps'] - 30  # its only finished round
   with open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl')) as f:
     rows = [json.loads(line) for line in f if line.strip()]

@@ -543,9 +543,11 @@ class EvaluatorNode(_LoopNode):
       self._longest_overrun[game] = max(self._longest_overrun.get(game, 0), r.steps - r.budget)
     # score/normalized are None for a game with no completed episode (shown as text).
     # steps/budget/seconds/longest_overrun: what the driver's estimate of a final evaluation's
-    # time reads (program.final_eval_estimate_s).
+    # time reads (program.final_eval_estimate_s). Games played at once (games_at_once > 1)
+    # share their loop's time by steps: steps_per_s is the loop's.
     self._latest = {game: dict(game=game, score=r.score, normalized=r.normalized,
                                episodes=r.episodes, truncated=r.truncated,
+                               games_at_once=r.games_at_once,
                                steps_per_s=r.steps / max(r.seconds, 1e-9),
                                steps=r.steps, budget=r.budget, seconds=r.seconds,
                                cpu_seconds=r.cpu_seconds,
