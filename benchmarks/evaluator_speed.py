@@ -213,11 +213,11 @@ def main() -> None:
             # The loop's own mix of games: each game's steps at its emulators' rate, plus the
             # network per observation.
             ran = {g: r.steps for g, r in results.items()}
-            raw_sps = bound_steps_per_second(ran, {g: raws[g][0] for g in ran}, 0.0)
-            raw_cpu_sps = bound_steps_per_second(ran, {g: raws[g][1] for g in ran}, 0.0)
-            bound = bound_steps_per_second(ran, {g: raws[g][0] for g in ran}, net_s)
-            # steps per CPU second
-            cpu_bound = bound_steps_per_second(ran, {g: raws[g][1] for g in ran}, net_cpu_s)
+            raw_wall, raw_cpu = ({g: raws[g][i] for g in ran} for i in (0, 1))
+            raw_sps = bound_steps_per_second(ran, raw_wall, 0.0)
+            raw_cpu_sps = bound_steps_per_second(ran, raw_cpu, 0.0)
+            bound = bound_steps_per_second(ran, raw_wall, net_s)
+            cpu_bound = bound_steps_per_second(ran, raw_cpu, net_cpu_s)  # per CPU second
             sps, cpu_sps = steps / seconds, steps / cpu_seconds
             ratios.append(sps / raw_sps)
             bound_ratios.append(sps / bound)

@@ -144,8 +144,8 @@ def test_double_buffered_groups_play_the_same_episodes():
     return (jnp.sum(observation, axis=(1, 2, 3), dtype=jnp.int32) % 4).astype(jnp.int32)
 
   cfg = EvalConfig(max_episode_frames=1200)
-  runs = [evaluator.evaluate_game(policy, None, 'Breakout', 0, cfg, 600, 3, env_groups=g)
-          for g in (1, 3)]
+  runs = [evaluator.evaluate_games(policy, None, [('Breakout', 0)], cfg, 600, 3,
+                                   env_groups=g)['Breakout'] for g in (1, 3)]
   assert runs[0].episodes >= 3
   for r in runs[1:]:
     assert sorted(r.episode_returns) == sorted(runs[0].episode_returns)

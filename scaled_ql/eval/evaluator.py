@@ -167,17 +167,8 @@ def _bucket(live: int, size: int) -> int:
 
 
 def _buckets(size: int) -> set[int]:
-  """Every batch shape a group of `size` environments can have (see `evaluate_game`)."""
+  """Every batch shape a group of `size` environments can have (see `evaluate_games`)."""
   return {size} | {_bucket(n, size) for n in range(1, size // 2 + 1)}
-
-
-def evaluate_game(policy_fn: PolicyFn, params: Any, game: str, game_id: int,
-                  eval_cfg: EvalConfig, steps: int, num_envs: int, seed: int = 0,
-                  env_groups: Optional[int] = None, device: Any = None,
-                  should_stop: Optional[Callable[[], bool]] = None) -> GameResult:
-  """One game alone: `evaluate_games` with `games=[(game, game_id)]`."""
-  return evaluate_games(policy_fn, params, [(game, game_id)], eval_cfg, steps, num_envs, seed,
-                        env_groups, device=device, should_stop=should_stop)[game]
 
 
 def evaluate_games(policy_fn: PolicyFn, params: Any, games: Sequence[tuple[str, int]],
