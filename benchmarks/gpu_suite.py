@@ -22,12 +22,18 @@ what needs JAX + Haiku:
 4. batched policy inference for evaluators (`actors.make_policy`, the ResNet-101 policy):
    environment steps/s at several batch sizes (the emulator is not here: inference only).
 5. the host's cost of the train state's leaves: a jitted call that takes the state donated and
-   returns it with only `step` changed (every buffer passes through uncopied), as it is and as a
-   few flat buffers of the same bytes (docs/performance.md, "Where the gaps are").
+   returns it with only `step` changed (every buffer passes through uncopied), as it is and
+   packed (`learner.pack_state`: a few flat buffers of the same bytes; docs/performance.md,
+   "Where the gaps are").
+
+`packed` (with `update`): the update of (2) on the packed train state (`learner.packed_update`,
+what a Learner with `train.packed_state` runs) against the tree state's, synchronous steps in 3
+interleaved blocks each: steps/s, MFU, and packed / tree.
 
 `--profile`: after (2), traces a few update steps with the JAX profiler, writes the Perfetto trace
 (`update_trace.json.gz`, open it at ui.perfetto.dev) beside gpu_suite.json and prints where the
-device time goes: its top kernels, and the share of convolutions and matmuls.
+device time goes: its top kernels, and the share of convolutions and matmuls. With `packed`, the
+packed update too (`update_trace_packed.json.gz`).
 
 `--tiny`: cpu_tiny, small batches and sizes: the whole suite end to end in seconds on CPU (CI).
 Every figure is printed with the 1-minute load average beside it; `--out DIR` writes a JSON too.
@@ -61,7 +67,6 @@ sys.meta_path.insert(0, BlockModules())
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -135,6 +140,32 @@ def state_dispatch_ms(state, calls: int = 100) -> float:
   return 1e3 * (time.perf_counter() - t) / calls
 
 
+def profile_update(steps, label: str, filename: str, row, out_dir: str | None,
+                   traced_steps: int = 3) -> None:
+  """Traces `traced_steps` calls of `steps` (one update each) with the JAX profiler; rows of
+  where the device time goes, its top kernels printed, the Perfetto trace copied to
+  `out_dir/filename`."""
+  trace_dir = tempfile.mkdtemp(prefix='gpu_suite_trace_')
+  t = time.perf_counter()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(traced_steps):
+      steps()
+  traced_ms = 1e3 * (time.perf_counter() - t) / traced_steps
+  trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                         recursive=True)[0]
+  table = device_time_table(trace_file, traced_steps)
+  row(f'{label}: wall per step (tracing on)', traced_ms, 'ms')
+  row(f'{label}: device kernels busy per step', table['busy_ms_per_step'], 'ms',
+      f'{table["kernels"]} kernels in {traced_steps} steps')
+  row(f'{label}: convolution + matmul kernels', 100 * table['matmul_share'], '% of busy')
+  for name, ms in table['top']:
+    print(f'  {ms:9.3f} ms/step  {name[:110]}', flush=True)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(trace_file, os.path.join(out_dir, filename))
+  shutil.rmtree(trace_dir, ignore_errors=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--tiny', action='store_true', help='cpu_tiny, seconds: the CI run')
@@ -148,15 +179,17 @@ def main(argv=None) -> int:
                  help='benchmarks/data_pipeline.py --out file: its feed rate is set against the '
                  "learner's consumption")
   p.add_argument('--out', default=None, help='directory for gpu_suite.json')
-  p.add_argument('--parts', default='update,learner,policy,dispatch',
-                 help='comma-separated parts to run after the peak: update (2), learner (3), '
-                 'policy (4), dispatch (5)')
+  p.add_argument('--parts', default='update,packed,learner,policy,dispatch',
+                 help='comma-separated parts to run after the peak: update (2), packed (with '
+                 'update), learner (3), policy (4), dispatch (5)')
   p.add_argument('--profile', action='store_true',
                  help='trace 3 update steps: update_trace.json.gz in --out, top kernels printed')
   args = p.parse_args(argv)
   parts = set(args.parts.split(','))
-  if not parts or parts - {'update', 'learner', 'policy', 'dispatch'}:
-    p.error(f'--parts {args.parts!r}: name parts among update, learner, policy, dispatch')
+  if not parts or parts - {'update', 'packed', 'learner', 'policy', 'dispatch'}:
+    p.error(f'--parts {args.parts!r}: name parts among update, packed, learner, policy, dispatch')
+  if 'packed' in parts and 'update' not in parts:
+    p.error('--parts: packed is timed against update: name both')
   if args.tiny and args.rehearsal:
     p.error('--tiny and --rehearsal exclude each other')
   size = SIZES['tiny' if args.tiny else 'rehearsal' if args.rehearsal else 'full']
@@ -222,28 +255,43 @@ def main(argv=None) -> int:
     row('update dispatched ahead (1 sync per 10): steps/s', ahead, 'steps/s',
         f'{ahead / steps_per_s:.2f}x the synchronous steps')
     row('update dispatched ahead (1 sync per 10): MFU', 100 * flops * ahead / peak, '%')
-    if args.profile:
-      traced_steps, trace_dir = 3, tempfile.mkdtemp(prefix='gpu_suite_trace_')
+    if 'packed' in parts:
+      # The same update on the packed state (what a Learner with train.packed_state runs), jitted
+      # like the tree state's above (XLA's default options), timed in blocks interleaved with it
+      # (the same minutes of the device).
+      packed_cfg = cfg.replace(train=dict(packed_state=True))
+      pbox = [jax.jit(learner_lib.pack_state, static_argnums=1)(
+          jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
+                         NamedSharding(mesh, PartitionSpec())), packed_cfg)]
       t = time.perf_counter()
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(traced_steps):
-          update_steps()
-      traced_ms = 1e3 * (time.perf_counter() - t) / traced_steps
-      trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                             recursive=True)[0]
-      table = device_time_table(trace_file, traced_steps)
-      row('profiled update: wall per step (tracing on)', traced_ms, 'ms')
-      row('profiled update: device kernels busy per step', table['busy_ms_per_step'], 'ms',
-          f'{table["kernels"]} kernels in {traced_steps} steps')
-      row('profiled update: convolution + matmul kernels', 100 * table['matmul_share'],
-          '% of busy')
-      for name, ms in table['top']:
-        print(f'  {ms:9.3f} ms/step  {name[:110]}', flush=True)
-      if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        shutil.copy(trace_file, os.path.join(args.out, 'update_trace.json.gz'))
-      shutil.rmtree(trace_dir, ignore_errors=True)
+
+      def packed_steps():
+        pbox[0], metrics = learner_lib.packed_update(pbox[0], windows, cfg=packed_cfg)
+        jax.block_until_ready(metrics)
+
+      packed_steps()
+      row('packed update compile + first step', time.perf_counter() - t, 's',
+          f'{len(jax.tree_util.tree_leaves(pbox[0]))} state buffers, against '
+          f'{len(jax.tree_util.tree_leaves(box[0]))} leaves')
+      totals = {'tree': [0, 0.0], 'packed': [0, 0.0]}
+      for _ in range(3):
+        for arm, fn in (('tree', update_steps), ('packed', packed_steps)):
+          calls, wall = timed(fn, seconds / 3)
+          totals[arm][0] += calls
+          totals[arm][1] += wall
+      rate = {arm: calls / wall for arm, (calls, wall) in totals.items()}
+      for arm in ('tree', 'packed'):
+        row(f'packed A/B: update steps/s, {arm} state', rate[arm], 'steps/s',
+            f'MFU {100 * flops * rate[arm] / peak:.1f}%; 3 interleaved blocks')
+      row('packed A/B: update packed / tree state', rate['packed'] / rate['tree'], 'ratio')
+    if args.profile:
+      profile_update(update_steps, 'profiled update', 'update_trace.json.gz', row, args.out)
+      if 'packed' in parts:
+        profile_update(packed_steps, 'profiled packed update', 'update_trace_packed.json.gz', row,
+                       args.out)
     del state, windows, box  # frees their device buffers before the next part
+    if 'packed' in parts:
+      del pbox
 
   # 3. The learner's consumption: Learner.step() on host batches, with and without
   # train.device_prefetch, in interleaved blocks (the same device, the same minutes).
@@ -307,14 +355,12 @@ def main(argv=None) -> int:
   # 5. The host's cost of the train state's leaves.
   if 'dispatch' in parts:
     state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
-    # The same bytes in a few buffers of their own (each call donates, so none may be shared).
-    flat = state._replace(rng=jnp.copy(state.rng), step=jnp.copy(state.step),
-                          **{f: ravel_pytree(getattr(state, f))[0]
-                             for f in ('params', 'target_params', 'opt_state')})
+    # The same bytes packed, in buffers of their own (each call donates, so none may be shared).
+    flat = jax.jit(learner_lib.pack_state, static_argnums=1)(state, cfg)
     leaves, flat_leaves = (len(jax.tree_util.tree_leaves(s)) for s in (state, flat))
     as_is, flat_ms = state_dispatch_ms(state), state_dispatch_ms(flat)
     row(f'host dispatch, train state as is ({leaves} leaves)', as_is, 'ms/call')
-    row(f'host dispatch, the same bytes in {flat_leaves} leaves', flat_ms, 'ms/call')
+    row(f'host dispatch, the same bytes packed ({flat_leaves} buffers)', flat_ms, 'ms/call')
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)

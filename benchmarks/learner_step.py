@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dopamine_c51  # noqa: E402  (a sibling module; benchmarks/ is not a package)
 
 from scaled_ql.agents import learner as learner_lib
-from scaled_ql.configs import get_config
+from scaled_ql.configs import get_config, overrides
 from scaled_ql.types import random_frame_windows
 
 
@@ -72,9 +73,10 @@ def cpu_flops(jitted, *args, **static) -> float:
   return flops_of(jitted.lower(*jax.tree_util.tree_map(spec, args), **static).compile())
 
 
-def bench_config(name: str, batch: int | None, bf16: bool):
-  """The named config, resized to `batch` (stratified games x transitions) and in bf16 if asked."""
-  cfg = get_config(name)
+def bench_config(name: str, batch: int | None, bf16: bool, sets: Sequence[str] = ()):
+  """The named config with the `--set` overrides `sets`, resized to `batch` (stratified games x
+  transitions) and in bf16 if asked."""
+  cfg = overrides.apply(get_config(name), sets)
   if batch is not None:
     per_game = max(1, batch // cfg.agent.games_per_batch)
     cfg = cfg.replace(agent=dict(games_per_batch=batch // per_game, transitions_per_game=per_game))
@@ -85,28 +87,35 @@ def bench_config(name: str, batch: int | None, bf16: bool):
 
 def compiled_update(cfg):
   """(`learner.update_from_windows` compiled as the Learner compiles it, `learner.compile_update`
-  (with the config's XLA options), a fresh train state, one random `FrameWindows` batch), placed
+  (with the config's XLA options), a fresh train state (packed with `train.packed_state`), one
+  random `FrameWindows` batch), placed
   like the Learner places them (the batch split over every local device). What
   this benchmark, `update_profile.py` and `learner_beside_load.py` time."""
   mesh = Mesh(np.asarray(jax.local_devices()), ('batch',))
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))
+  if cfg.train.packed_state:
+    state = jax.jit(learner_lib.pack_state, static_argnums=1)(state, cfg)
   data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size),
                         NamedSharding(mesh, PartitionSpec('batch')))
   return learner_lib.compile_update(state, data, cfg), state, data
 
 
-def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float) -> dict:
-  cfg = bench_config(name, batch, bf16)
+def bench(name: str, batch: int | None, bf16: bool, seconds: float, peak: float,
+          sets: Sequence[str] = ()) -> dict:
+  cfg = bench_config(name, batch, bf16, sets)
   b = cfg.agent.batch_size
   t = time.perf_counter()
   compiled, state, data = compiled_update(cfg)
   compile_s = time.perf_counter() - t  # includes the init and the placement (~0.1 s)
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  tree = state  # the state as trees: what the params and the FLOPs are counted on
+  if cfg.train.packed_state:  # (a packed state steps the same update: the same FLOPs)
+    tree = jax.eval_shape(lambda s: learner_lib.unpack_state(s, cfg), state)
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(tree.params))
   # Counted on the update compiled with XLA's default options: the cost analysis of an executable
   # for the classic CPU runtime (cpu_small's `train.xla_cpu_use_thunk_runtime=False`) leaves out
   # the matmuls and convolutions it hands to Eigen (0.21 of cpu_small's 3.76 GFLOP).
-  flops = cpu_flops(learner_lib.update_from_windows, state, data, cfg=cfg)
+  flops = cpu_flops(learner_lib.update_from_windows, tree, data, cfg=cfg)
   return timed_row(compiled, state, data, seconds, peak, flops=flops, config=cfg.name, batch=b,
                    dtype=cfg.network.compute_dtype, params_m=num_params / 1e6,
                    compile_s=compile_s)
@@ -158,12 +167,13 @@ def bench_dopamine(num_actions: int, batch: int, seconds: float, peak: float) ->
                    num_actions=num_actions, baseline=True)
 
 
-def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float) -> dict:
+def bench_learner(name: str, batch: int | None, bf16: bool, seconds: float,
+                  sets: Sequence[str] = ()) -> dict:
   """Learner.step() (host batch checks, device_put, metrics fetch) with its runner's NaN check
   and metric windows (`runner.LearnerRunner`, as in the learner process) on host batches."""
   from scaled_ql import loggers
   from scaled_ql.agents.runner import LearnerRunner
-  cfg = bench_config(name, batch, bf16)
+  cfg = bench_config(name, batch, bf16, sets)
   host_batch = random_frame_windows(cfg)
   learner = LearnerRunner(learner_lib.Learner(cfg, iter(lambda: host_batch, None)),
                           logger=loggers.MultiLogger([]))
@@ -195,6 +205,8 @@ def main(argv=None) -> int:
                  help='time spent measuring the matmul peak (its fastest run counts)')
   p.add_argument('--learner', action='store_true',
                  help='also time the whole Learner.step() on the same (host) batch')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='a config override for every config (e.g. train.packed_state=true)')
   p.add_argument('--json', default=None, help='append one JSON line per config to this file')
   p.add_argument('--dopamine', action=argparse.BooleanOptionalAction, default=True,
                  help="time Dopamine's JAX C51 step after our configs, as the baseline")
@@ -220,10 +232,10 @@ def main(argv=None) -> int:
         f'load average {os.getloadavg()[0]:.1f}', flush=True)
   rows = []
   for name in args.configs.split(','):
-    row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak)
+    row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak, args.set)
     print(row_line(row), flush=True)
     if args.learner:
-      lrow = bench_learner(name.strip(), args.batch, args.bf16, args.seconds)
+      lrow = bench_learner(name.strip(), args.batch, args.bf16, args.seconds, args.set)
       row.update(learner_steps_per_s=lrow['steps_per_s'],
                  learner_best_steps_per_s=lrow['best_steps_per_s'])
       print(f"{'  Learner.step()':<40} {lrow['steps_per_s']:8.2f} steps/s | best step "

@@ -1,7 +1,7 @@
 """Where the learner's update spends its time: the top XLA ops of one compiled step.
 
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/update_profile.py \
-        [--config cpu_small] [--steps 20] [--top 25]
+        [--config cpu_small] [--steps 20] [--top 25] [--set KEY=VALUE ...]
 
 Compiles `learner.update_from_windows` for the config on random `FrameWindows` (what the Reverb
 path delivers; `learner_step.compiled_update`), traces `--steps` steps with the JAX profiler,
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # A sibling module (benchmarks/ is not a package).
 from learner_step import compiled_update  # noqa: E402
 
-from scaled_ql.configs import get_config  # noqa: E402
+from scaled_ql.configs import get_config, overrides  # noqa: E402
 
 _WRAPPERS = ('call', 'Thunk', '$', 'Pjit', 'Tfrt', 'Parse')  # runtime events, not ops
 
@@ -69,8 +69,10 @@ def main() -> None:
   parser.add_argument('--config', default='cpu_small')
   parser.add_argument('--steps', type=int, default=20, help='steps traced')
   parser.add_argument('--top', type=int, default=25, help='ops printed')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='a config override (e.g. train.packed_state=true)')
   args = parser.parse_args()
-  cfg = get_config(args.config)
+  cfg = overrides.apply(get_config(args.config), args.set)
   if not cfg.train.xla_cpu_use_thunk_runtime:
     print(f'{cfg.name} asks for the classic CPU runtime, which emits no per-op trace events: '
           'profiling the thunk runtime\'s executable')
@@ -99,7 +101,7 @@ def main() -> None:
   print('| ms/step | HLO op | output | from |\n|---|---|---|---|')
   for name, micros in totals.most_common(args.top):
     shape, op = meta.get(name) or meta.get(name.removesuffix('.clone'), ('', ''))
-    op = op.replace('jit(update_from_windows)/jit(main)/', '').replace('jit(update)/', '')
+    op = re.sub(r'jit\((packed_update|update_from_windows|update|main)\)/', '', op)
     print(f'| {micros / args.steps / 1e3:.2f} | {name.removesuffix(".clone")} | {shape} | {op} |')
 
 

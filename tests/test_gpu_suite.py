@@ -93,7 +93,9 @@ def test_gpu_suite_tiny_end_to_end(tiny_suite):
                  'Learner.step() on host FrameWindows, prefetch=False',
                  'Learner.step(): prefetch / no prefetch', 'Learner.step() with prefetch / update',
                  'policy inference, 4 envs', 'host dispatch, train state as is',
-                 'host dispatch, the same bytes in'):
+                 'host dispatch, the same bytes packed', 'packed update compile',
+                 'packed A/B: update steps/s, tree', 'packed A/B: update steps/s, packed',
+                 'packed A/B: update packed / tree'):
     values = [v for k, v in figures.items() if k.startswith(prefix)]
     assert len(values) == 1 and values[0] > 0, (prefix, figures)
   # --profile: the Perfetto trace of the update is written beside the JSON.

@@ -287,6 +287,39 @@ def test_device_prefetch_changes_nothing_but_when_the_next_batch_is_taken(window
   assert tree_equal(runs[True][1], runs[False][1])
 
 
+def test_packed_state_steps_like_the_tree_state_and_checkpoints_the_same_trees(tmp_path):
+  """`train.packed_state`: the learner steps a few flat buffers (`learner.pack_state`); the
+  metrics, variables (the params' moving average, the target refreshes) and checkpoints are those
+  of the tree state, and a checkpoint of one restores into the other."""
+  cfg = CFG.replace(agent=dict(target_update_period=2, policy_params_ema=0.5))
+  data = [random_frame_windows(cfg, 8, i) for i in range(5)]
+  names = ['params', 'online_params', 'target_params', 'opt_state', 'step']
+  runs = {}
+  for packed in (False, True):
+    c = cfg.replace(train=dict(packed_state=packed))
+    runner = make(c, iter(data), workdir=str(tmp_path / f'packed_{packed}'))
+    leaves = len(jax.tree_util.tree_leaves(runner._learner._state))
+    assert leaves == (6 if packed else len(jax.tree_util.tree_leaves(runner._learner.save())))
+    metrics = [runner.step() for _ in range(3)]
+    runner.save()  # at step 3
+    metrics += [runner.step() for _ in range(2)]
+    runs[packed] = metrics, runner.get_variables(names)
+    runner.close()
+  for a, b in zip(runs[True][0], runs[False][0]):
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(a)], rtol=1e-6)
+  chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-6, atol=1e-7)
+  # Each checkpoint (trees either way) resumes in a learner of the other setting.
+  for packed in (False, True):
+    c = cfg.replace(train=dict(packed_state=not packed))
+    runner = make(c, iter(data[3:]), workdir=str(tmp_path / f'packed_{packed}'))
+    assert runner.restore() and runner.steps == 3
+    for _ in range(2):
+      runner.step()
+    chex.assert_trees_all_close(runner.get_variables(names), runs[packed][1], rtol=1e-6,
+                                atol=1e-7)
+    runner.close()
+
+
 def test_classic_cpu_runtime_trains_like_the_thunk_runtime():
   """`train.xla_cpu_use_thunk_runtime=False` (cpu_small's) compiles the update for XLA's classic
   CPU runtime: the same steps as the thunk runtime's, up to float reassociation."""

@@ -7,15 +7,16 @@
     checkpointing.load_params(workdir) -> (cfg, params, step)
     actors.make_policy(cfg, epsilon)                  # jitted epsilon-greedy policy
 
-Imports go one way: losses <- methods <- builder <- learner <- checkpointing <- transfer, runner.
+Imports go one way: losses <- methods <- builder <- learner <- checkpointing <- transfer, runner
+(`packing`, a tree as flat buffers, imports none of them).
 
 Submodules are imported lazily (attribute access), so `scaled-ql --help`, which imports
 `scaled_ql.agents.commands`, does not pay for JAX/Orbax.
 """
 import importlib
 
-_SUBMODULES = ('actors', 'builder', 'checkpointing', 'learner', 'losses', 'methods', 'runner',
-               'transfer')
+_SUBMODULES = ('actors', 'builder', 'checkpointing', 'learner', 'losses', 'methods', 'packing',
+               'runner', 'transfer')
 __all__ = list(_SUBMODULES) + ['Learner', 'load_params', 'make_policy']
 
 

@@ -8,10 +8,12 @@
 Read in order: `TrainState` (everything a step changes), `init_state` / `initial_state` (jitted),
 `batch_loss` (the batch mean of the per-transition terms of the configured method, `methods/`),
 `update` (the module-level jitted step: grad, Adam, periodic target copy; benchmarkable alone, see
-benchmarks/learner_step.py), `compile_update` (the update as the Learner runs it: compiled ahead
-of time with the config's XLA options), `check_batch`, `Learner` (data-parallel placement of the
-state and the batches). What a training process does around the steps (checkpoints on disk,
-NaN checks, metrics, config.json, SIGTERM/SIGINT) is `runner.LearnerRunner`'s.
+benchmarks/learner_step.py), `pack_state` / `packed_update` (the same step on a state of a few
+flat buffers, `train.packed_state`), `compile_update` (the update as the Learner runs it:
+compiled ahead of time with the config's XLA options), `check_batch`, `Learner` (data-parallel
+placement of the state and the batches). What a training process does around the steps
+(checkpoints on disk, NaN checks, metrics, config.json, SIGTERM/SIGINT) is
+`runner.LearnerRunner`'s.
 
 Data parallelism: the batch is split over all local devices along a 1-D `('batch',)` mesh and the
 train state is replicated; XLA inserts the gradient all-reduce. The result equals the 1-device
@@ -29,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from scaled_ql.agents import augmentation, builder, methods
+from scaled_ql.agents.packing import Packing
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.networks import q_network
 from scaled_ql.types import FrameWindows, Transition
@@ -88,15 +91,21 @@ def gradient_step(state: TrainState, batch: Transition, cfg: ExperimentConfig
   updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
   params, behaviour_params = optax.apply_updates(trainable, updates)
   step = state.step + 1
-  # lax.cond, not jnp.where: between refreshes the (donated) target buffers pass through untouched
-  # instead of being read and rewritten every step.
-  refresh = (step % cfg.agent.target_update_period) == 0
-  target_params = jax.lax.cond(refresh, lambda: params, lambda: state.target_params)
+  target_params = refreshed_target(step, params, state.target_params, cfg)
   rng, _ = jax.random.split(state.rng)
   metrics['grad_norm'] = optax.global_norm(grads)
   new_state = TrainState(params=params, behaviour_params=behaviour_params,
                          target_params=target_params, opt_state=opt_state, rng=rng, step=step)
   return new_state, metrics
+
+
+def refreshed_target(step: jax.Array, params: Any, target_params: Any, cfg: ExperimentConfig
+                     ) -> Any:
+  """The target network after step `step`: `params` every `agent.target_update_period` steps,
+  else `target_params`. lax.cond, not jnp.where: between refreshes the (donated) target buffers
+  pass through untouched instead of being read and rewritten every step."""
+  refresh = (step % cfg.agent.target_update_period) == 0
+  return jax.lax.cond(refresh, lambda: params, lambda: target_params)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
@@ -146,6 +155,46 @@ def update_from_windows(state: TrainState, windows: FrameWindows, cfg: Experimen
   return gradient_step(state, windows_batch(windows, cfg), cfg)
 
 
+# The fields of a TrainState that `pack_state` packs; rng and step stay as they are.
+PACKED_FIELDS = ('params', 'behaviour_params', 'target_params', 'opt_state')
+
+
+@functools.lru_cache(maxsize=None)
+def state_packing(cfg: ExperimentConfig) -> dict[str, Packing]:
+  """The layout of each packed field of the config's train state (from shapes alone)."""
+  like = jax.eval_shape(lambda: init_state(cfg, jax.random.PRNGKey(0)))
+  return {f: Packing.of(getattr(like, f)) for f in PACKED_FIELDS}
+
+
+def pack_state(state: TrainState, cfg: ExperimentConfig) -> TrainState:
+  """`state` with each of `PACKED_FIELDS` as a tuple of flat buffers, one per dtype
+  (`packing.Packing`): ~7 buffers in all, against 143 leaves for cpu_small and 1615 for
+  ResNet-101. What a Learner with `train.packed_state` holds and `packed_update` steps."""
+  packing = state_packing(cfg)
+  return state._replace(**{f: packing[f].pack(getattr(state, f)) for f in PACKED_FIELDS})
+
+
+def unpack_state(packed: TrainState, cfg: ExperimentConfig) -> TrainState:
+  """The TrainState of `pack_state`'s result: the trees checkpoints, policies and `update`
+  take."""
+  packing = state_packing(cfg)
+  return packed._replace(**{f: packing[f].unpack(getattr(packed, f)) for f in PACKED_FIELDS})
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
+def packed_update(packed: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`update_from_windows` (for `FrameWindows`) or `update` on a packed state (`pack_state`):
+  the same step, with a few buffers crossing the jit boundary instead of every leaf
+  (`train.packed_state`, docs/performance.md). The target refresh picks between the packed
+  buffers, so that between refreshes the target's buffer passes through untouched."""
+  step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
+  new_state, metrics = step_fn(unpack_state(packed, cfg), batch, cfg=cfg)
+  new = pack_state(new_state, cfg)  # (its packed target_params are unused: XLA drops them)
+  target = refreshed_target(new.step, new.params, packed.target_params, cfg)
+  return new._replace(target_params=target), metrics
+
+
 def compiler_options(cfg: ExperimentConfig, devices: Sequence[jax.Device]) -> dict[str, Any]:
   """The XLA options the learner's update is compiled with: XLA's classic CPU runtime when
   `train.xla_cpu_use_thunk_runtime` is False and the devices are CPUs; else none."""
@@ -162,16 +211,20 @@ def dilated_convolutions(hlo_text: str) -> list[str]:
 
 def compile_update(state: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig
                    ) -> jax.stages.Compiled:
-  """`update_from_windows` (for `FrameWindows`) or `update`, compiled ahead of time for these
-  arguments (their shapes and shardings) with `compiler_options` for the devices the state is on:
-  what `Learner.step` runs.
+  """`update_from_windows` (for `FrameWindows`) or `update`, or `packed_update` with
+  `train.packed_state` (`state` then packed), compiled ahead of time for these arguments (their
+  shapes and shardings) with `compiler_options` for the devices the state is on: what
+  `Learner.step` runs.
 
   The classic CPU runtime of jaxlib 0.4.34 aborts the process on a dilated convolution (a strided
   convolution's gradient: it calls its threaded Eigen convolution without a completion callback,
   "Check failed: use_thread_pool == static_cast<bool>(done_callback)"). The config check refuses
   it for the networks known to have one (`q_network.has_strided_convolutions`); for any other
   update that has one, this raises ValueError before the first step."""
-  step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
+  if cfg.train.packed_state:
+    step_fn = packed_update
+  else:
+    step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
   options = compiler_options(cfg, list(jax.tree_util.tree_leaves(state)[0].devices()))
   compiled = step_fn.lower(state, batch, cfg=cfg).compile(compiler_options=options)
   if options:
@@ -247,11 +300,11 @@ class Learner:
       builder.check_same_structure(initial_params, like, 'initial_params')
     # The jitted init returns new buffers: the caller's `initial_params` stay valid although the
     # train state is donated to `update`.
-    state = initial_state(cfg, rng, initial_params)
-    self._state = jax.device_put(state, self._replicated)
+    state = jax.device_put(initial_state(cfg, rng, initial_params), self._replicated)
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    self._state = _pack_jitted(state, cfg) if cfg.train.packed_state else state
     self._steps = 0
     # The next batch on its way to the devices (or the exception taking it raised): see `step`.
     self._prefetched: Transition | FrameWindows | Exception | None = None
@@ -268,6 +321,10 @@ class Learner:
 
   @property
   def state(self) -> TrainState:
+    """The train state as trees (with `train.packed_state`, a copy unpacked from the buffers
+    the learner steps)."""
+    if self._cfg.train.packed_state:
+      return _unpack_jitted(self._state, self._cfg)
     return self._state
 
   @property
@@ -310,7 +367,7 @@ class Learner:
     {'q', 'behaviour'}): the moving average of the online params when `agent.policy_params_ema`
     > 0 (`builder.policy_trainable`), else the online params; 'online_params': the online ones
     always; also 'target_params', 'behaviour_params', 'opt_state', 'step'."""
-    s = self._state
+    s = self.state
     method = methods.get(self._cfg.agent.loss)
     policy = lambda trainable: method.policy_params(*trainable)
     table = dict(params=lambda: policy(builder.policy_trainable(
@@ -325,8 +382,9 @@ class Learner:
     return [jax.device_get(table[n]()) for n in names]
 
   def save(self) -> TrainState:
-    """The whole train state (on the devices; Acme's `save`): what a checkpoint holds."""
-    return self._state
+    """The whole train state (on the devices; Acme's `save`): what a checkpoint holds. Trees,
+    whether or not the learner steps a packed state: checkpoints are the same either way."""
+    return self.state
 
   def restore(self, state: TrainState) -> None:
     """Continues from `state` (e.g. a checkpoint's, shaped like `abstract_state`).
@@ -337,6 +395,16 @@ class Learner:
     segfault) or stepped to NaN, with jaxlib 0.4.34 on the CPU. With the copy the restored run is
     exact, cache or not (`benchmarks/compilation_cache_restore.py`).
     """
-    self._state = jax.tree_util.tree_map(lambda x: x.copy(),
-                                         jax.device_put(state, self._replicated))
+    self._state = self._own(jax.device_put(state, self._replicated))
     self._steps = int(self._state.step)
+
+  def _own(self, state: TrainState) -> TrainState:
+    """`state` in new buffers of XLA's own (see `restore`), packed with `train.packed_state`."""
+    if self._cfg.train.packed_state:
+      return _pack_jitted(state, self._cfg)
+    return jax.tree_util.tree_map(lambda x: x.copy(), state)
+
+
+# Jitted (the config is static): new buffers, replicated like their inputs.
+_pack_jitted = jax.jit(pack_state, static_argnums=1)
+_unpack_jitted = jax.jit(unpack_state, static_argnums=1)
