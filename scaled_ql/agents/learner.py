@@ -168,8 +168,8 @@ def state_packing(cfg: ExperimentConfig) -> dict[str, Packing]:
 
 def pack_state(state: TrainState, cfg: ExperimentConfig) -> TrainState:
   """`state` with each of `PACKED_FIELDS` as a tuple of flat buffers, one per dtype
-  (`packing.Packing`): ~7 buffers in all, against 143 leaves for cpu_small and 1615 for
-  ResNet-101. What a Learner with `train.packed_state` holds and `packed_update` steps."""
+  (`packing.Packing`): 6 buffers for the shipped configs, against 143 leaves for cpu_small and
+  1615 for ResNet-101. What a Learner with `train.packed_state` holds and `packed_update` steps."""
   packing = state_packing(cfg)
   return state._replace(**{f: packing[f].pack(getattr(state, f)) for f in PACKED_FIELDS})
 
@@ -304,7 +304,9 @@ class Learner:
     # Shapes, dtypes and shardings of the state: what a checkpoint restore fills.
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    self._state = _pack_jitted(state, cfg) if cfg.train.packed_state else state
+    if cfg.train.packed_state:
+      state = jax.device_put(_pack_jitted(state, cfg), self._replicated)
+    self._state = state
     self._steps = 0
     # The next batch on its way to the devices (or the exception taking it raised): see `step`.
     self._prefetched: Transition | FrameWindows | Exception | None = None
@@ -395,16 +397,14 @@ class Learner:
     segfault) or stepped to NaN, with jaxlib 0.4.34 on the CPU. With the copy the restored run is
     exact, cache or not (`benchmarks/compilation_cache_restore.py`).
     """
-    self._state = self._own(jax.device_put(state, self._replicated))
+    state = jax.device_put(state, self._replicated)
+    if self._cfg.train.packed_state:  # (packing writes new buffers too)
+      self._state = jax.device_put(_pack_jitted(state, self._cfg), self._replicated)
+    else:
+      self._state = jax.tree_util.tree_map(lambda x: x.copy(), state)
     self._steps = int(self._state.step)
 
-  def _own(self, state: TrainState) -> TrainState:
-    """`state` in new buffers of XLA's own (see `restore`), packed with `train.packed_state`."""
-    if self._cfg.train.packed_state:
-      return _pack_jitted(state, self._cfg)
-    return jax.tree_util.tree_map(lambda x: x.copy(), state)
 
-
-# Jitted (the config is static): new buffers, replicated like their inputs.
+# Jitted (the config is static): new buffers.
 _pack_jitted = jax.jit(pack_state, static_argnums=1)
 _unpack_jitted = jax.jit(unpack_state, static_argnums=1)

@@ -193,7 +193,7 @@ class TrainConfig:
   # for a network with strided convolutions. Ignored on accelerators.
   xla_cpu_use_thunk_runtime: bool = True
   # The learner steps its train state packed into one flat buffer per dtype for each of params,
-  # target params and optimizer state (`learner.pack_state`: ~7 buffers instead of 1615 leaves for
+  # target params and optimizer state (`learner.pack_state`: 6 buffers instead of 1615 leaves for
   # ResNet-101, whose per-leaf host cost was ~5 ms of every GPU step). The steps are the same, and
   # checkpoints and published params are trees either way. Off by default: on CPU it made
   # cpu_small's update 5-19% slower, and on a GPU it has not been measured yet
