@@ -28,7 +28,7 @@ what needs JAX + Haiku:
 
 `packed` (with `update`): the update of (2) on the packed train state (`learner.packed_update`,
 what a Learner with `train.packed_state` runs) against the tree state's, synchronous steps in 3
-interleaved blocks each: steps/s, MFU, and packed / tree.
+interleaved blocks each (`--seconds` in all): steps/s, MFU, and packed / tree.
 
 `--profile`: after (2), traces a few update steps with the JAX profiler, writes the Perfetto trace
 (`update_trace.json.gz`, open it at ui.perfetto.dev) beside gpu_suite.json and prints where the
@@ -123,6 +123,18 @@ def timed(fn, seconds: float, min_calls: int = 3) -> tuple[int, float]:
     fn()
     calls += 1
   return calls, time.perf_counter() - t0
+
+
+def interleaved_rates(arms: dict, seconds: float, rounds: int = 3) -> dict:
+  """Calls per second of each arm's function, timed in `rounds` rounds of one block per arm (the
+  same minutes of the device for every arm): `seconds` in all."""
+  totals = {arm: [0, 0.0] for arm in arms}
+  for _ in range(rounds):
+    for arm, fn in arms.items():
+      calls, wall = timed(fn, seconds / (rounds * len(arms)))
+      totals[arm][0] += calls
+      totals[arm][1] += wall
+  return {arm: calls / wall for arm, (calls, wall) in totals.items()}
 
 
 def state_dispatch_ms(state, calls: int = 100) -> float:
@@ -273,13 +285,7 @@ def main(argv=None) -> int:
       row('packed update compile + first step', time.perf_counter() - t, 's',
           f'{len(jax.tree_util.tree_leaves(pbox[0]))} state buffers, against '
           f'{len(jax.tree_util.tree_leaves(box[0]))} leaves')
-      totals = {'tree': [0, 0.0], 'packed': [0, 0.0]}
-      for _ in range(3):
-        for arm, fn in (('tree', update_steps), ('packed', packed_steps)):
-          calls, wall = timed(fn, seconds / 3)
-          totals[arm][0] += calls
-          totals[arm][1] += wall
-      rate = {arm: calls / wall for arm, (calls, wall) in totals.items()}
+      rate = interleaved_rates({'tree': update_steps, 'packed': packed_steps}, seconds)
       for arm in ('tree', 'packed'):
         row(f'packed A/B: update steps/s, {arm} state', rate[arm], 'steps/s',
             f'MFU {100 * flops * rate[arm] / peak:.1f}%; 3 interleaved blocks')
@@ -309,13 +315,7 @@ def main(argv=None) -> int:
       t = time.perf_counter()
       learners[prefetch].step()
       row(f'Learner.step() first step, device_prefetch={prefetch}', time.perf_counter() - t, 's')
-    totals = {True: [0, 0.0], False: [0, 0.0]}
-    for _ in range(3):
-      for prefetch, learner in learners.items():
-        calls, wall = timed(learner.step, seconds / 6)
-        totals[prefetch][0] += calls
-        totals[prefetch][1] += wall
-    rate = {k: calls / wall for k, (calls, wall) in totals.items()}
+    rate = interleaved_rates({k: learner.step for k, learner in learners.items()}, seconds)
     for prefetch in (False, True):
       row(f'Learner.step() on host FrameWindows, prefetch={prefetch}', rate[prefetch],
           'steps/s', f'= consumption {rate[prefetch] * b:.0f} transitions/s')
