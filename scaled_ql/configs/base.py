@@ -196,7 +196,7 @@ class TrainConfig:
   # target params and optimizer state (`learner.pack_state`: 6 buffers instead of 1615 leaves for
   # ResNet-101, whose per-leaf host cost was ~5 ms of every GPU step). The steps are the same, and
   # checkpoints and published params are trees either way. Off by default: on CPU it made
-  # cpu_small's update 5-19% slower, and on a GPU it has not been measured yet
+  # cpu_small's update 5-32% slower, and on a GPU it has not been measured yet
   # (docs/performance.md, "A packed train state").
   packed_state: bool = False
 
