@@ -274,7 +274,7 @@ def main(argv=None) -> int:
       # like the tree state's above (XLA's default options), timed in blocks interleaved with it
       # (the same minutes of the device).
       packed_cfg = cfg.replace(train=dict(packed_state=True))
-      pbox = [jax.jit(learner_lib.pack_state, static_argnums=1)(
+      pbox = [learner_lib.pack_state_jit(
           jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec())), packed_cfg)]
       t = time.perf_counter()
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
   if 'dispatch' in parts:
     state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
     # The same bytes packed, in buffers of their own (each call donates, so none may be shared).
-    flat = jax.jit(learner_lib.pack_state, static_argnums=1)(state, cfg)
+    flat = learner_lib.pack_state_jit(state, cfg)
     leaves, flat_leaves = (len(jax.tree_util.tree_leaves(s)) for s in (state, flat))
     as_is, flat_ms = state_dispatch_ms(state), state_dispatch_ms(flat)
     row(f'host dispatch, train state as is ({leaves} leaves)', as_is, 'ms/call')

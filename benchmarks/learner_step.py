@@ -95,7 +95,7 @@ def compiled_update(cfg):
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))
   if cfg.train.packed_state:
-    state = jax.jit(learner_lib.pack_state, static_argnums=1)(state, cfg)
+    state = learner_lib.pack_state_jit(state, cfg)
   data = jax.device_put(random_frame_windows(cfg, cfg.agent.batch_size),
                         NamedSharding(mesh, PartitionSpec('batch')))
   return learner_lib.compile_update(state, data, cfg), state, data

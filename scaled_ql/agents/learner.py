@@ -181,6 +181,12 @@ def unpack_state(packed: TrainState, cfg: ExperimentConfig) -> TrainState:
   return packed._replace(**{f: packing[f].unpack(getattr(packed, f)) for f in PACKED_FIELDS})
 
 
+# Both jitted (the config is static): new buffers, placed like their inputs. What a Learner with
+# `train.packed_state` packs its state with (and the benchmarks theirs).
+pack_state_jit = jax.jit(pack_state, static_argnums=1)
+unpack_state_jit = jax.jit(unpack_state, static_argnums=1)
+
+
 @functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(0,))
 def packed_update(packed: TrainState, batch: Transition | FrameWindows, cfg: ExperimentConfig
                   ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -190,7 +196,9 @@ def packed_update(packed: TrainState, batch: Transition | FrameWindows, cfg: Exp
   buffers, so that between refreshes the target's buffer passes through untouched."""
   step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
   new_state, metrics = step_fn(unpack_state(packed, cfg), batch, cfg=cfg)
-  new = pack_state(new_state, cfg)  # (its packed target_params are unused: XLA drops them)
+  packing = state_packing(cfg)
+  new = new_state._replace(**{f: packing[f].pack(getattr(new_state, f))
+                              for f in PACKED_FIELDS if f != 'target_params'})
   target = refreshed_target(new.step, new.params, packed.target_params, cfg)
   return new._replace(target_params=target), metrics
 
@@ -305,7 +313,7 @@ class Learner:
     self._abstract_state = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     if cfg.train.packed_state:
-      state = jax.device_put(_pack_jitted(state, cfg), self._replicated)
+      state = jax.device_put(pack_state_jit(state, cfg), self._replicated)
     self._state = state
     self._steps = 0
     # The next batch on its way to the devices (or the exception taking it raised): see `step`.
@@ -326,7 +334,7 @@ class Learner:
     """The train state as trees (with `train.packed_state`, a copy unpacked from the buffers
     the learner steps)."""
     if self._cfg.train.packed_state:
-      return _unpack_jitted(self._state, self._cfg)
+      return unpack_state_jit(self._state, self._cfg)
     return self._state
 
   @property
@@ -399,12 +407,8 @@ class Learner:
     """
     state = jax.device_put(state, self._replicated)
     if self._cfg.train.packed_state:  # (packing writes new buffers too)
-      self._state = jax.device_put(_pack_jitted(state, self._cfg), self._replicated)
+      self._state = jax.device_put(pack_state_jit(state, self._cfg), self._replicated)
     else:
       self._state = jax.tree_util.tree_map(lambda x: x.copy(), state)
     self._steps = int(self._state.step)
 
-
-# Jitted (the config is static): new buffers.
-_pack_jitted = jax.jit(pack_state, static_argnums=1)
-_unpack_jitted = jax.jit(unpack_state, static_argnums=1)

@@ -367,8 +367,8 @@ def format_score(score: Optional[float], normalized: Optional[float]) -> str:
 
 def format_result(r: GameResult) -> str:
   cut = f' ({r.truncated} cut at the frame cap)' if r.truncated else ''
-  rate = (f'{r.steps_per_second:.0f} steps/s' if r.games_at_once == 1 else
-          f'{r.steps_per_second:.0f} steps/s (the loop of {r.games_at_once} games at once)')
+  rate = f'{r.steps_per_second:.0f} steps/s' + (
+      f' (the loop of {r.games_at_once} games at once)' if r.games_at_once > 1 else '')
   return (f'{r.game:<16} {format_score(r.score, r.normalized)}  episodes {r.episodes:>3}{cut}  '
           f'steps {r.steps} (budget {r.budget})  {rate}')
 
