@@ -39,7 +39,7 @@ gpu: $(STAMP)
 
 # The wheels benchmarks/gpu_suite.sh needs on the GPU machine (Python 3.12, JAX 0.11, no Haiku or
 # rlax): CPython 3.12 x86-64 builds of benchmarks/gpu_wheels.txt, downloaded into build/gpu_wheels
-# to be carried there (docs/performance.md, "GPU suite").
+# to be carried there (docs/performance.md, "The GPU suite").
 gpu-wheels: $(STAMP)
 	rm -rf build/gpu_wheels
 	$(VENV)/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

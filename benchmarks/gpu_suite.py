@@ -23,8 +23,8 @@ what needs JAX + Haiku:
    environment steps/s at several batch sizes (the emulator is not here: inference only).
 5. the host's cost of the train state's leaves: a jitted call that takes the state donated and
    returns it with only `step` changed (every buffer passes through uncopied), as it is and
-   packed (`learner.pack_state`: a few flat buffers of the same bytes; docs/performance.md,
-   "Where the gaps are").
+   packed (`learner.pack_state`: a few flat buffers of the same bytes;
+   docs/history/performance_log.md, "Where the gaps are").
 
 `packed` (with `update`): the update of (2) on the packed train state (`learner.packed_update`,
 what a Learner with `train.packed_state` runs) against the tree state's, synchronous steps in 3

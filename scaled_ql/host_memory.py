@@ -5,8 +5,8 @@ MB each) with malloc, from several threads, and frees them at the end of the ste
 defaults, the big ones are fresh `mmap`s, freed memory above the trim threshold goes back to the
 OS, and a thread arena's heap is unmapped once it is empty; either way the next step touches new
 pages, which the kernel faults in and zeroes 4 KiB at a time. Measured on `cpu_small` (2 cores,
-docs/performance.md "Host memory"): about 92k minor page faults per second, plus a kernel reclaim
-worker busy beside the learner.
+docs/history/performance_log.md "Host memory"): about 92k minor page faults per second, plus a
+kernel reclaim worker busy beside the learner.
 
 The SETTINGS: buffers up to 32 MiB (glibc's largest mmap threshold) come from the heap, up to
 1 GiB of freed heap stays mapped (trim threshold), and thread-arena heaps keep a 64 MiB pad (top

@@ -221,7 +221,7 @@ def test_stratified_proportions(fetch):
 
 def test_no_tf_data_function_runs_per_game_draw():
   # A function mapped per sample or per game draw (a graph run handed to TF's threads and back)
-  # was the sampler's largest CPU cost (docs/performance.md, "tf.data without per-draw
+  # was the sampler's largest CPU cost (docs/history/performance_log.md, "tf.data without per-draw
   # functions"). Every map of the dataset's graph must run on batches (its input, through other
   # maps, is a batch: the draws in blocks of 4096, or the whole batch), and their number must
   # not grow with the games (no map per game's dataset).

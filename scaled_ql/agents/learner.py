@@ -129,7 +129,8 @@ def windows_batch(windows: FrameWindows, cfg: ExperimentConfig) -> Transition:
   For a network with the strided patchify stem (`q_network.takes_frame_patches`, cpu_small's),
   the observations are `FramePatches`: every window frame is preprocessed and cut into patches
   once, for all the stack positions it fills (a P = 4 item: 10 frames for 32 frame uses), which
-  halves the stem's cost (docs/performance.md). Otherwise uint8 stacks (`to_transition`)."""
+  halves the stem's cost (docs/history/performance_log.md). Otherwise uint8 stacks
+  (`to_transition`)."""
   if not q_network.takes_frame_patches(cfg.network):
     return windows.to_transition()
   patches = q_network.frame_patches(jnp.asarray(windows.frames), cfg.network)
@@ -192,8 +193,8 @@ def packed_update(packed: TrainState, batch: Transition | FrameWindows, cfg: Exp
                   ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`update_from_windows` (for `FrameWindows`) or `update` on a packed state (`pack_state`):
   the same step, with a few buffers crossing the jit boundary instead of every leaf
-  (`train.packed_state`, docs/performance.md). The target refresh picks between the packed
-  buffers, so that between refreshes the target's buffer passes through untouched."""
+  (`train.packed_state`, docs/history/performance_log.md). The target refresh picks between the
+  packed buffers, so that between refreshes the target's buffer passes through untouched."""
   step_fn = update_from_windows if isinstance(batch, FrameWindows) else update
   new_state, metrics = step_fn(unpack_state(packed, cfg), batch, cfg=cfg)
   packing = state_packing(cfg)

@@ -6,8 +6,9 @@
 
 The learner's train state crosses its jit boundary packed with `train.packed_state`
 (`learner.pack_state`): a call's host cost grows with its number of buffers (ResNet-101's state
-has 1615 leaves, ~5 ms per call; docs/performance.md, "Where the gaps are"), and a packed state
-has about seven. A `Packing` is hashable, so that it can be a static argument of a jit.
+has 1615 leaves, ~5 ms per call; docs/history/performance_log.md, "Where the gaps are"), and a
+packed state has about seven. A `Packing` is hashable, so that it can be a static argument of a
+jit.
 """
 from __future__ import annotations
 

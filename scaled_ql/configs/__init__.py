@@ -164,12 +164,13 @@ def _cpu_small() -> ExperimentConfig:
       # Items of 4 consecutive transitions: a game draw (4 transitions) is one Reverb sample, so
       # the sampler costs ~1/3 of the CPU per transition (benchmarks/sample_cost.py) and the
       # learner in the program runs 0.81-0.84x alone instead of 0.76x; BC imitation per step was
-      # no worse (docs/performance.md, "Items of several transitions"). Paper configs: 1.
+      # no worse (docs/history/performance_log.md, "Items of several transitions"). Paper
+      # configs: 1.
       # Four batches per fetch: the data path's work beside the learner comes in fewer, longer
       # bursts. Fed / alone in one process 0.915 vs 0.896 and 0.932 vs 0.905; in the program
-      # 0.85, 0.88 vs 0.87, 0.83 (2026-12-04 late evening; docs/performance.md, "Several batches
-      # per fetch"): a small gain, inside the program's run-to-run spread, for ~9% more sampler
-      # CPU per transition when the sampler runs flat out (25.5 vs 23.4 CPU-us).
+      # 0.85, 0.88 vs 0.87, 0.83 (2026-12-04 late evening; docs/history/performance_log.md,
+      # "Several batches per fetch"): a small gain, inside the program's run-to-run spread, for
+      # ~9% more sampler CPU per transition when the sampler runs flat out (25.5 vs 23.4 CPU-us).
       data=DataConfig(data_dir='data/generated', shuffle_buffer_per_game=20_000,
                       min_fill_per_game=1_000, transitions_per_item=4, batches_per_fetch=4),
       # One environment: Dopamine's exact loop. Every started episode is played out (up to 27K
@@ -182,8 +183,9 @@ def _cpu_small() -> ExperimentConfig:
                       num_evaluators=1, eval_every_seconds=60.0),
       # No device prefetch: on 2 CPU cores the next batch's host work beside the step only
       # competes with it (0.97x and 0.99x steps/s in two interleaved A/Bs, 2026-12-04 evening;
-      # docs/performance.md, "Device prefetch"). XLA's classic CPU runtime: the update 11-15%
-      # faster (the network has no strided convolution; "XLA's classic CPU runtime" there).
+      # docs/history/performance_log.md, "Device prefetch"). XLA's classic CPU runtime: the
+      # update 11-15% faster (the network has no strided convolution; "XLA's classic CPU
+      # runtime" there).
       train=TrainConfig(num_steps=5_000, log_every_steps=100, checkpoint_every_steps=1_000,
                         publish_every_steps=100, device_prefetch=False,
                         xla_cpu_use_thunk_runtime=False),

@@ -106,19 +106,22 @@ class DataConfig:
   samples_per_insert: float = 4.0
   # Reverb trajectory-writer chunk, in steps: each frame is stored once, compressed in chunks of
   # this many steps. Longer: better compression, but a sample decompresses whole chunks (8 vs 16:
-  # -15% learner-process CPU per sampled transition at equal server memory; docs/performance.md).
+  # -15% learner-process CPU per sampled transition at equal server memory;
+  # docs/history/performance_log.md).
   reverb_chunk_length: int = 8
   prefetch_batches: int = 2  # batches the learner's Reverb sampler keeps in flight
   # Learner batches the sampler takes from Reverb and prepares in one go, then hands over one by
   # one: the same batches, in fewer and longer bursts of data-path work beside the learner (on
-  # 2 cores a burst costs the learner more than its share when short; docs/performance.md,
-  # "Several batches per fetch"). Each batch is still games_per_batch uniform game draws.
+  # 2 cores a burst costs the learner more than its share when short;
+  # docs/history/performance_log.md, "Several batches per fetch"). Each batch is still
+  # games_per_batch uniform game draws.
   batches_per_fetch: int = 1
   # Consecutive transitions per Reverb item (one sample): 1 = i.i.d. transitions (Dopamine's
   # replay, the paper's reading). P > 1 (dividing agent.transitions_per_game): each game draw of a
   # stratified batch takes transitions_per_game / P runs of P consecutive transitions, and one
   # sample, whose CPU cost hardly depends on its length, delivers P transitions (CPU configs:
-  # docs/performance.md). Table sizes stay in transitions (shuffle_buffer_per_game / P items).
+  # docs/history/performance_log.md). Table sizes stay in transitions (shuffle_buffer_per_game /
+  # P items).
   transitions_per_item: int = 1
   # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
   # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
@@ -183,21 +186,21 @@ class TrainConfig:
   seed: int = 0  # network init, batch sampling and data-selection offsets
   # The learner takes its next batch from the iterator, checks it and starts its copy to the
   # devices while the current step runs (after dispatching it, before fetching its metrics),
-  # so that on an accelerator the host work and the copy overlap the step (docs/performance.md,
-  # "Device prefetch"). The results are the same either way.
+  # so that on an accelerator the host work and the copy overlap the step
+  # (docs/history/performance_log.md, "Device prefetch"). The results are the same either way.
   device_prefetch: bool = True
   # On CPU devices, compile the update for XLA's thunk runtime (jaxlib 0.4.34's default) or, when
-  # False, for its classic runtime: cpu_small's update ran 11-15% faster (docs/performance.md,
-  # "XLA's classic CPU runtime"). The classic runtime aborts the process on the dilated
-  # convolutions that strided convolutions' gradients become, so the config check refuses False
-  # for a network with strided convolutions. Ignored on accelerators.
+  # False, for its classic runtime: cpu_small's update ran 11-15% faster
+  # (docs/history/performance_log.md, "XLA's classic CPU runtime"). The classic runtime aborts
+  # the process on the dilated convolutions that strided convolutions' gradients become, so the
+  # config check refuses False for a network with strided convolutions. Ignored on accelerators.
   xla_cpu_use_thunk_runtime: bool = True
   # The learner steps its train state packed into one flat buffer per dtype for each of params,
   # target params and optimizer state (`learner.pack_state`: 6 buffers instead of 1615 leaves for
   # ResNet-101, whose per-leaf host cost was ~5 ms of every GPU step). The steps are the same, and
   # checkpoints and published params are trees either way. Off by default: on CPU it made
   # cpu_small's update 5-32% slower, and on a GPU it has not been measured yet
-  # (docs/performance.md, "A packed train state").
+  # (docs/history/performance_log.md, "A packed train state").
   packed_state: bool = False
 
 

@@ -23,7 +23,7 @@ turns the windows into `FrameWindows` with the same `windows_to_frame_windows` a
 reference (rewards, discounts, K: vectorised, the frames untouched), and prefetches
 `prefetch_batches` batches in a background thread. Frames are stacked into observations on the
 learner's device, inside its jitted update (`FrameWindows.to_transition`): each frame is copied
-once, and no host thread interleaves channels (docs/performance.md has the profile).
+once, and no host thread interleaves channels (docs/history/performance_log.md has the profile).
 
 Processes: `start_server_process(cfg)` runs the server in a subprocess (`python -m
 scaled_ql.datasets.reverb_tables serve ...`) reachable at `localhost:PORT` over gRPC;
@@ -708,7 +708,8 @@ def stratified_dataset(server_address: str, games: Sequence[str], cfg: Experimen
                   int(np.ceil(2 * fetch * agent.batch_size / per_item / len(games))))
   # No tf.data function runs per sample or per game draw: each call of a mapped function is a
   # graph run handed to TF's inter-op threads and back, and per draw those hand-offs were the
-  # sampler's largest CPU cost (perf, docs/performance.md "tf.data without per-draw functions").
+  # sampler's largest CPU cost (perf, docs/history/performance_log.md "tf.data without per-draw
+  # functions").
   # The game id rides along by `zip`, the draws come 4096 at a time, and the one map left runs
   # once per batch.
   no_autograph = tf.autograph.experimental.do_not_convert  # plain tensor code; no warnings

@@ -26,8 +26,8 @@ bootstraps from its last observation; next_observation = frames t+K-3 .. t+K.
 Items of several transitions (`DataConfig.transitions_per_item` = P > 1): one Reverb item covers
 the windows of P consecutive transitions t0 .. t0+P-1 (t0 = 0, P, 2P, ...), n + STACK + P - 1
 records, so one sample delivers P transitions (a sample costs about the same CPU whatever its
-length; docs/performance.md). The episode's record stream then ends with n - 1 + P - 1 padding
-records, and where an episode's last item reaches past its last transition,
+length; docs/history/performance_log.md). The episode's record stream then ends with
+n - 1 + P - 1 padding records, and where an episode's last item reaches past its last transition,
 `windows_to_frame_windows` repeats that item's last real transition in the empty places.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_ite
 # Reverb stores each record as ONE uint8 column of RECORD_BYTES: the frame, then action (int32),
 # reward (float32), terminal and valid (1 byte each), little-endian. One column instead of five
 # makes a sample ~25-45% cheaper to unpack (fewer chunks, tensors and copies per sample;
-# docs/performance.md).
+# docs/history/performance_log.md).
 _META = np.dtype([('action', '<i4'), ('reward', '<f4'), ('terminal', 'u1'), ('valid', 'u1')])
 RECORD_BYTES = FRAME_BYTES + _META.itemsize  # 7066
 

@@ -13,7 +13,7 @@ their first path component (`encoder_param_filter`, `param_counts`).
 The learner may give the observations as `FramePatches` instead: frame windows whose frames were
 preprocessed and cut into the patchify stem's patches once each (`frame_patches`), for the
 'strided' stem only. The result is the same; the stem's input costs half as much
-(docs/performance.md, "Frame patches").
+(docs/history/performance_log.md, "Frame patches").
 
 Mixed precision (`compute_dtype='bfloat16'`): parameters are created and stored in float32, cast to
 bfloat16 when read by convolutions, matmuls and the spatial embedding; GroupNorm/LayerNorm
@@ -74,7 +74,7 @@ def frame_patches(frames: jax.Array, net_cfg: NetworkConfig) -> jax.Array:
   frame axis after the patch grid (`FramePatches`).
 
   The patches are cut from the uint8 frames and normalized after: XLA:CPU moves bytes through
-  this 6-D transposition ~7x faster than the float32 frames (docs/performance.md)."""
+  this 6-D transposition ~7x faster than the float32 frames (docs/history/performance_log.md)."""
   if not takes_frame_patches(net_cfg):
     raise ValueError(f'frame patches need a resnet with the strided stem, not encoder='
                      f'{net_cfg.encoder!r} stem={net_cfg.stem!r}')
@@ -152,7 +152,7 @@ def standardize(y: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
   """(y - mean) / sqrt(var + eps) over `axes`. One pass: var = E[y^2] - E[y]^2 (clamped at 0), so
   the two statistics are sibling reductions that XLA fuses into one read of y, as flax's
   `use_fast_variance` does. Against the two-pass form it cut a ResNet-101 update on the H200 from
-  3913 to 3195 kernels and sped it up 7% (docs/performance.md, "GPU suite")."""
+  3913 to 3195 kernels and sped it up 7% (docs/history/performance_log.md, "GPU suite")."""
   mean = jnp.mean(y, axis=axes, keepdims=True)
   var = jnp.maximum(jnp.mean(jnp.square(y), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
   return (y - mean) * jax.lax.rsqrt(var + eps)
@@ -205,7 +205,7 @@ def patch_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
   XLA:CPU computes the plain gradient x^T g, [K, C] with K = 576 and C = 32 for cpu_small's stem
   and x of [12544, 576], at 51 GFLOP/s against 115 for g^T x (9.0 vs 4.0 ms alone;
-  docs/performance.md, "XLA's classic CPU runtime"). The values are the same."""
+  docs/history/performance_log.md, "XLA's classic CPU runtime"). The values are the same."""
   return x @ w
 
 
@@ -256,7 +256,7 @@ class PatchifyConv(hk.Module):
     # Observation b: the slice [ho, wo, STACK, P*P] of window item[b] at frame first[b], i.e. the
     # frames' patches side by side, with the kernel's rows in the same (frame, row, column)
     # order. A slice of adjacent frames copies runs of STACK*P*P values: 3x faster than
-    # gathering [STACK, ho, wo] and transposing (docs/performance.md).
+    # gathering [STACK, ho, wo] and transposing (docs/history/performance_log.md).
     stacked = jax.lax.gather(
         x.patches, jnp.stack([x.item, x.first], axis=1),
         jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3, 4), collapsed_slice_dims=(0,),
@@ -367,8 +367,8 @@ def spatial_embedding(x: jax.Array, num_features: int) -> jax.Array:
                             hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(h * w)))
   # A product summed over H and W, not the einsum 'bhwc,hwcf->bcf': XLA:CPU ran that as a matmul
   # batched over the channels, transposing [B, H, W, C] to channel-major in the forward passes and
-  # the backward (1.1-1.6 ms each for cpu_small); this fuses (docs/performance.md, "XLA's classic
-  # CPU runtime"). Accumulated in float32, as a bfloat16 matmul is.
+  # the backward (1.1-1.6 ms each for cpu_small); this fuses (docs/history/performance_log.md,
+  # "XLA's classic CPU runtime"). Accumulated in float32, as a bfloat16 matmul is.
   y = jnp.sum(x[..., None] * kernel.astype(x.dtype), axis=(1, 2), dtype=jnp.float32)
   return y.astype(x.dtype).reshape(x.shape[0], c * num_features)
 
@@ -437,7 +437,7 @@ class MultiGameHeads(hk.Module):
   a host-bound accelerator step). On a CPU, at batch 1 (cpu_small's evaluator and actors), the
   policy call took 0.40 ms with the concatenated weights and 0.26 ms with a matmul per game; at
   batches 4 and 16, and for the training update at batch 256, the two run equally fast
-  (docs/performance.md, "The policy at batch 1: a matmul per head").
+  (docs/history/performance_log.md, "The policy at batch 1: a matmul per head").
 
   The columns are picked with one static slice and one `where` per game, not a gather by
   game_id: the gradient of a gather is a scatter-add, which XLA:CPU runs as a serial loop over
