@@ -8,8 +8,10 @@ process on one in-memory `FrameWindows` batch (what the Reverb path delivers, so
 update), timed before the program starts and again after it ended (both before any Ray or Reverb
 process exists / after all are gone); the ratio uses their mean, so load drift shows instead of
 hiding. `--repeats N` runs N programs, each between two runs alone (2N+1 alone runs in all), and
-prints every ratio and their mean: the learner alone moves by up to ~20% between minutes on a
-shared VM, as much as the gap this measures, so one ratio decides little. Program:
+prints every ratio, their mean and its 95% t interval, and whether the target is met (the
+interval at or above 0.85), not met (below it) or undecided (the interval holds 0.85): the learner
+alone moves by up to ~20% between minutes on a shared VM, as much as the gap this measures, so one
+ratio decides little. Program:
 `program.build` + `program.run` (Reverb server, throttled inserters, learner fed
 by stratified batches, variable server publishing every `publish_every_steps`, `--evaluators`
 evaluators on their own clock, 0 = none); its rate is the learner node's step counter over
@@ -59,6 +61,30 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[
     learner.step()
     steps += 1
   return steps / (time.perf_counter() - start), learner.step_ms(last=steps)  # not the warm-up
+
+
+TARGET = 0.85  # issue 13: the learner in the program (no evaluator) over the learner alone
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+  """(mean, low, high) of `values` (>= 2 programs' ratios): Student's t interval of the mean,
+  each program taken as an independent draw of the VM's minute-to-minute speed."""
+  from scipy import stats
+  x = np.asarray(values, np.float64)
+  if x.size < 2:
+    raise ValueError(f'an interval needs >= 2 values, got {x.size}')
+  half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+  return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def verdict(low: float, high: float, target: float = TARGET) -> str:
+  """'met' when the interval lies at or above `target`, 'not met' when it lies below, else
+  'undecided' (more programs, `--repeats`, narrow it)."""
+  if low >= target:
+    return 'met'
+  if high < target:
+    return 'not met'
+  return 'undecided'
 
 
 def step_ms(p: dict) -> str:
@@ -171,9 +197,12 @@ def main() -> None:
   for name, value, at_load in rows:
     print(f'| {name} | {value:.2f} | {at_load:.2f} |')
   if len(ratios) > 1:
-    print(f'in-program / alone over {len(ratios)} programs: mean {np.mean(ratios):.3f}, min '
-          f'{min(ratios):.2f}, max {max(ratios):.2f}; median step alone / in the program: mean '
-          f'{np.mean(p50_ratios):.3f}')
+    mean, low, high = mean_interval(ratios)
+    print(f'in-program / alone over {len(ratios)} programs: mean {mean:.3f}, min '
+          f'{min(ratios):.2f}, max {max(ratios):.2f}; 95% t interval of the mean [{low:.3f}, '
+          f'{high:.3f}]: target {TARGET} {verdict(low, high)}'
+          + (f' (for --evaluators 0; this run had {args.evaluators})' if args.evaluators else '')
+          + f'; median step alone / in the program: mean {np.mean(p50_ratios):.3f}')
   print(f'end: {os.popen("uptime").read().strip()}')
 
 
