@@ -68,7 +68,9 @@ TARGET = 0.85  # issue 13: the learner in the program (no evaluator) over the le
 
 def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
   """(mean, low, high) of `values` (>= 2 programs' ratios): Student's t interval of the mean,
-  each program taken as an independent draw of the VM's minute-to-minute speed."""
+  each program taken as an independent draw of the VM's minute-to-minute speed. Neighbouring
+  programs share the alone run between them, so their ratios are not quite independent: read the
+  interval as a guide to how many programs a verdict needs, not as an exact coverage."""
   from scipy import stats
   x = np.asarray(values, np.float64)
   if x.size < 2:
