@@ -1,7 +1,7 @@
 """Learner steps/s inside the distributed program over the learner alone, same cores, same run.
 
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/program_throughput.py \
-        --config cpu_small --data-dir data/generated [--seconds 60] [--evaluators 0] [--repeats 3]
+        --config cpu_small --data-dir data/generated [--seconds 40] [--evaluators 0] [--repeats 6]
 
 Prints one table; the 1-minute load average is beside every figure. Alone: `Learner` in this
 process on one in-memory `FrameWindows` batch (what the Reverb path delivers, so the same compiled
