@@ -88,9 +88,8 @@ def bench_config(name: str, batch: int | None, bf16: bool, sets: Sequence[str] =
 def compiled_update(cfg):
   """(`learner.update_from_windows` compiled as the Learner compiles it, `learner.compile_update`
   (with the config's XLA options), a fresh train state (packed with `train.packed_state`), one
-  random `FrameWindows` batch), placed
-  like the Learner places them (the batch split over every local device). What
-  this benchmark, `update_profile.py` and `learner_beside_load.py` time."""
+  random `FrameWindows` batch), placed like the Learner places them (the batch split over every
+  local device). What this benchmark, `update_profile.py` and `learner_beside_load.py` time."""
   mesh = Mesh(np.asarray(jax.local_devices()), ('batch',))
   state = jax.device_put(learner_lib.init_state(cfg, jax.random.PRNGKey(0)),
                          NamedSharding(mesh, PartitionSpec()))

@@ -170,7 +170,8 @@ def state_packing(cfg: ExperimentConfig) -> dict[str, Packing]:
 def pack_state(state: TrainState, cfg: ExperimentConfig) -> TrainState:
   """`state` with each of `PACKED_FIELDS` as a tuple of flat buffers, one per dtype
   (`packing.Packing`): 6 buffers (7 with discrete BCQ's behaviour model), against 143 leaves for
-  cpu_small and 1615 for ResNet-101. What a Learner with `train.packed_state` holds and `packed_update` steps."""
+  cpu_small and 1615 for ResNet-101. What a Learner with `train.packed_state` holds and
+  `packed_update` steps."""
   packing = state_packing(cfg)
   return state._replace(**{f: packing[f].pack(getattr(state, f)) for f in PACKED_FIELDS})
 
@@ -412,4 +413,3 @@ class Learner:
     else:
       self._state = jax.tree_util.tree_map(lambda x: x.copy(), state)
     self._steps = int(self._state.step)
-
