@@ -2,6 +2,7 @@
 
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/program_throughput.py \
         --config cpu_small --data-dir data/generated [--seconds 40] [--evaluators 0] [--repeats 6]
+        [--keep-workdirs]
 
 Prints one table; the 1-minute load average is beside every figure. Alone: `Learner` in this
 process on one in-memory `FrameWindows` batch (what the Reverb path delivers, so the same compiled
@@ -26,12 +27,16 @@ Each run also prints the percentiles of its last `runner.STEP_TIMES_KEPT` step d
 learner node's `status()['step_ms']`), and a diagnostic row per program: the median step alone
 over the median step in the program. It separates an even slowdown (the data path's threads
 beside every step) from a tail of slow steps (bursts of other work); the target is the rate ratio.
+
+Each program runs in a fresh temporary workdir, removed when it ends (the program's own log line
+still names its checkpoint folder there); `--keep-workdirs` keeps them and prints where.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -95,7 +100,9 @@ def step_ms(p: dict) -> str:
 
 
 def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
-                        after_fill: bool = True) -> dict:
+                        after_fill: bool = True, keep_workdir: bool = False) -> dict:
+  """The learner node's steps/s in one program (see the module docstring). Its workdir (config,
+  logs, checkpoints: ~8 MB for cpu_small) is removed afterwards unless `keep_workdir`."""
   import ray
   from scaled_ql.launch import program, run
   workdir = tempfile.mkdtemp(prefix='program_throughput_')
@@ -128,12 +135,14 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
                 final_eval_timeout_s=None, status_every_s=1.0)
   finally:
     ray.shutdown()
+    if not keep_workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
   (t0, s0), (t1, s1) = marks['start'], marks['end']
   return dict(steps_per_s=(s1 - s0) / (t1 - t0), steps=s1 - s0,
               waited_fraction=(marks['waited_end'] - marks['waited_start']) / (t1 - t0),
               skipped_publishes=marks['skipped_publishes'], resident=marks['resident'],
               step_ms=marks['step_ms'],
-              workdir=workdir)
+              workdir=workdir if keep_workdir else None)
 
 
 def main() -> None:
@@ -153,6 +162,9 @@ def main() -> None:
   parser.add_argument('--during-fill', action='store_true',
                       help='start measuring after the warm-up steps even while the tables fill '
                       '(the inserters are not throttled until every table is full)')
+  parser.add_argument('--keep-workdirs', action='store_true',
+                      help='keep each program\'s workdir (its logs and checkpoints) and print '
+                      'where it is; by default it is removed after the program')
   args = parser.parse_args()
   from scaled_ql.launch import run
   cfg = run.resolve_config(args.config, args.data_dir, evaluators=max(1, args.evaluators),
@@ -171,7 +183,8 @@ def main() -> None:
         flush=True)
   for repeat in range(args.repeats):
     inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
-                                 after_fill=not args.during_fill)
+                                 after_fill=not args.during_fill,
+                                 keep_workdir=args.keep_workdirs)
     phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
     # Resident games (data fitting twice in its table) are not streamed once full; the others are.
     phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
@@ -181,7 +194,8 @@ def main() -> None:
     print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
           f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
           f'data {100 * inside["waited_fraction"]:.1f}% of the time); step '
-          f'{step_ms(inside["step_ms"])}', flush=True)
+          f'{step_ms(inside["step_ms"])}'
+          + (f'; workdir {inside["workdir"]}' if inside['workdir'] else ''), flush=True)
     alone_after, after_ms = standalone_steps_per_s(cfg, args.seconds)
     print(f'learner alone: {alone_after:.2f} steps/s, step {step_ms(after_ms)} (load '
           f'{load():.2f})', flush=True)

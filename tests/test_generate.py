@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -447,3 +448,16 @@ def test_convert_dopamine_replay_files(tmp_path):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out, checkpoints=(1, 2))
   with pytest.raises(FileExistsError, match='already exists'):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)
+
+
+def test_generating_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+  # TFDS asks its GCS bucket for the info of a builder not prepared yet, in a `mkdtemp('tfds')`
+  # folder it never removes: generation must not leave one per game behind.
+  tmp = tmp_path / 'tmp'
+  tmp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(tmp))
+  monkeypatch.setattr(tempfile, 'tempdir', None)  # gettempdir() reads TMPDIR again
+  generate.generate(['Pong'], str(tmp_path / 'data'), num_checkpoints=1, steps_per_checkpoint=20,
+                    workers=1, progress=False)
+  assert tempfile.gettempdir() == str(tmp)
+  assert os.listdir(tmp) == []

@@ -1,4 +1,5 @@
 """Reverb tables: the window path agrees with the numpy reference; stratified sampling; processes."""
+import os
 import threading
 import time
 
@@ -104,6 +105,37 @@ def test_a_server_leaves_no_checkpoint_folder_behind(tmp_path, monkeypatch):
   del srv
   gc.collect()
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_servers_folder_is_swept_by_the_next_server(tmp_path, monkeypatch):
+  """SIGKILL runs no finalizer: the folder stays until a server starts on the machine."""
+  import subprocess
+  import sys
+  import tempfile
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  killed = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  left = tmp_path / f'scaled_ql_reverb_{killed.pid}_abc'  # as the killed process named it
+  left.mkdir()
+  killed.kill()
+  killed.wait()
+  busy = tmp_path / f'scaled_ql_reverb_{killed.pid}_def'  # not empty: not ours to remove
+  busy.mkdir()
+  (busy / 'file').write_text('x')
+  alive = tmp_path / f'scaled_ql_reverb_{os.getpid()}_ghi'  # a live process's server
+  alive.mkdir()
+  other = tmp_path / 'scaled_ql_reverb_notapid'
+  other.mkdir()
+  srv = rt.make_server(tiny_cfg())
+  try:
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert left.name not in names
+    assert {busy.name, alive.name, other.name} <= set(names)
+    mine = [n for n in names
+            if n.startswith(f'scaled_ql_reverb_{os.getpid()}_') and n != alive.name]
+    assert len(mine) == 1  # this server's own folder, named after its process
+  finally:
+    srv.stop()
+  assert rt.sweep_server_folders(str(tmp_path)) == []  # nothing more to sweep
 
 
 def test_window_path_agrees_with_numpy_reference(server):

@@ -262,3 +262,20 @@ def test_stream_mixes_all_checkpoints_at_the_same_pace(many_checkpoints_dataset_
   assert got[0] == (0, 0) and sorted(got) == everything
   for c in per_ckpt:
     assert [i for i in got if i[0] == c] == [i for i in everything if i[0] == c]
+
+
+def test_decoding_writes_no_file_a_killed_process_would_leave(tiny_dataset_dir, tmp_path):
+  """AutoGraph writes the source of each function it converts to the temporary directory and
+  removes it only at an orderly exit; a killed inserter left one per process. The decoder is
+  not converted. A fresh process (nothing converted yet) reads one episode and exits at once."""
+  import subprocess
+  import sys
+  tmp = tmp_path / 'tmp'
+  tmp.mkdir()
+  code = ('import os, sys\n'
+          'from scaled_ql.datasets import rlds_reader as rr\n'
+          'next(iter(rr.episodes(sys.argv[1], "Pong", 1, "near_optimal")))\n'
+          'os._exit(0)  # no atexit handlers, as for a killed process\n')
+  subprocess.run([sys.executable, '-c', code, tiny_dataset_dir], check=True, timeout=300,
+                 env={**os.environ, 'TMPDIR': str(tmp)})
+  assert [p.name for p in tmp.iterdir() if p.name.startswith('__autograph')] == []

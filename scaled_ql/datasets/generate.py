@@ -420,6 +420,15 @@ def builder_for(game: str, run: int, data_dir: str, builder_name: str):
     def get_splits(self):
       return self.split_generators_fn()
 
+    def _info(self):
+      # A builder whose directory has no dataset_info.json yet (ours, before it is prepared)
+      # asks TFDS's GCS bucket for a pre-computed one, in a `tempfile.mkdtemp('tfds')` folder
+      # that TFDS never removes: one empty folder in the temporary directory per generated
+      # game. There is nothing to fetch (the info is the one written here), so it is not asked.
+      info = super()._info()
+      info.initialize_from_bucket = lambda: None
+      return info
+
   GeneratedRluAtari.__module__ = base.__module__
   return GeneratedRluAtari(
       config=tfds_layout.config_name(game, run), data_dir=data_dir)

@@ -187,16 +187,51 @@ def make_tables(cfg: ExperimentConfig, pacing: Optional[TablePacing] = None) -> 
           for game in cfg.games]
 
 
+SERVER_FOLDER_PREFIX = 'scaled_ql_reverb_'
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except (ProcessLookupError, OverflowError):
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def sweep_server_folders(root: Optional[str] = None) -> list[str]:
+  """Removes the empty checkpoint folders of servers whose process is gone (killed with
+  SIGKILL, which no finalizer survives) from `root` (default: the temporary directory); returns
+  them. A folder is named `scaled_ql_reverb_<pid>_<random>`; one of a live process, a non-empty
+  one, or any other name is left alone. (A server in another PID namespace sharing the folder
+  may lose its empty folder: it never writes there, so it loses nothing.)"""
+  root = root or tempfile.gettempdir()
+  removed = []
+  for name in os.listdir(root):
+    pid = name[len(SERVER_FOLDER_PREFIX):].split('_', 1)[0]
+    if not name.startswith(SERVER_FOLDER_PREFIX) or not pid.isdigit() or _pid_alive(int(pid)):
+      continue
+    try:
+      os.rmdir(os.path.join(root, name))  # only if empty: we never write Reverb checkpoints
+    except OSError:
+      continue
+    removed.append(name)
+  return removed
+
+
 @functools.lru_cache(maxsize=None)
 def _server_class():
   import reverb
 
   class Server(reverb.Server):
     """`reverb.Server` whose checkpoint folder is removed by `stop()`, when the server is
-    collected, or when the process exits (`server_with_tables`)."""
+    collected, or when the process exits (`server_with_tables`); the folders that killed
+    processes left are swept when a server starts (`sweep_server_folders`)."""
 
     def __init__(self, tables, port: Optional[int] = None):
-      folder = tempfile.mkdtemp(prefix='scaled_ql_reverb_')
+      sweep_server_folders()
+      folder = tempfile.mkdtemp(prefix=f'{SERVER_FOLDER_PREFIX}{os.getpid()}_')
       self._remove_folder = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
       super().__init__(tables=tables, port=port,
                        checkpointer=reverb.checkpointers.DefaultCheckpointer(folder))
@@ -215,7 +250,8 @@ def server_with_tables(tables, port: Optional[int] = None):
   `TempDirCheckpointer`) and never removes it: one empty folder in the temporary directory per
   server start. We never write Reverb checkpoints (the offline tables are refilled from the
   files), so the folder is made here and removed when the server stops, is collected, or its
-  process exits (a process killed with SIGKILL still leaves its empty folder)."""
+  process exits. A process killed with SIGKILL leaves its empty folder; the next server started
+  on the machine removes it (`sweep_server_folders`)."""
   return _server_class()(tables, port)
 
 

@@ -391,7 +391,10 @@ def _decoder(features) -> Callable[[bytes], dict]:
 
 def _make_decoder(features) -> Callable[[bytes], dict]:
 
-  @tf.function(input_signature=[tf.TensorSpec((), tf.string)])
+  # autograph=False: the `if` below is decided in Python while tracing, and AutoGraph would write
+  # its converted source to a file in the temporary directory that only an orderly exit removes
+  # (a killed inserter left one per process).
+  @tf.function(input_signature=[tf.TensorSpec((), tf.string)], autograph=False)
   def decode(record):
     episode = features.deserialize_example(record)
     steps = episode['steps']
