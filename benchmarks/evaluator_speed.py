@@ -25,15 +25,21 @@ with the raw emulator:
              of a loop that does nothing but step the emulators and call the network, serially
              on the same core(s). It is the ceiling for a CPU evaluator; on an accelerator the
              network overlaps with the emulators (env_groups 2) and the bound is the emulator
-             alone.
+             alone. The emulators and the network are measured right before the evaluator and
+             again right after it, and the bound is the mean of the two (`bracketed`); `moved`
+             (after / before) shows how far the machine's speed changed across the round.
   evaluator: `evaluate_games` agent steps/s (compile excluded). Every episode started is played
              to its end, so near the end the batch has idle slots; that cost is counted.
   ratio:     evaluator / bound (goal >= 0.9), and evaluator / raw, per measurement (raw, network
              and evaluator measured back to back, so a change of load hits all three), then the
-             median over games x --repeats. The same ratio per CPU second of the process
-             (`time.process_time`: steps per CPU-second of the evaluator against the bound in
-             CPU-seconds) does not depend on how much of the core other jobs take, so it is the
-             figure to trust on a loaded machine (the evaluator is pinned to one core).
+             median over games x --repeats, and the median over the steady rounds only: those
+             whose bound moved by at most STEADY (10%) across the round. On a VM whose speed
+             jumps within seconds (2026-12-05 evening: single rounds 0.68-1.16 with the bound
+             measured once, before) the steady rounds are the ones to read. The same ratio per
+             CPU second of the process (`time.process_time`: steps per CPU-second of the
+             evaluator against the bound in CPU-seconds) does not depend on how much of the core
+             other jobs take, so it is the figure to trust on a loaded machine (the evaluator is
+             pinned to one core); it does move with the VM's own speed.
 The load average (`uptime`) is printed with every line.
 
 --full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
@@ -92,6 +98,25 @@ def bound_steps_per_second(steps: Mapping[str, int], raw: Mapping[str, float],
   observation for every step."""
   total = sum(steps.values())
   return total / (sum(n / raw[g] for g, n in steps.items()) + total * network_s)
+
+
+STEADY = 0.10  # a round whose bound moved by more than this fraction is not steady
+
+
+def bracketed(before: float, after: float) -> tuple[float, float]:
+  """(the mean of a bound measured before and after the evaluator, after / before): the bound
+  set against the round, and how far the machine's speed moved across it."""
+  if before <= 0 or after <= 0:
+    raise ValueError(f'bounds must be > 0, got {before} and {after}')
+  return 0.5 * (before + after), after / before
+
+
+def steady_median(ratios: Sequence[float], moved: Sequence[float],
+                  tolerance: float = STEADY) -> tuple[float, int]:
+  """(the median ratio over the rounds whose bound moved by at most `tolerance`, how many
+  there were); (nan, 0) when none was steady."""
+  kept = [r for r, m in zip(ratios, moved) if abs(m - 1.0) <= tolerance]
+  return (float(np.median(kept)) if kept else float('nan')), len(kept)
 
 
 WARMUP_CALLS = 5  # untimed: the first calls after other work run on cold caches (see above)
@@ -194,47 +219,63 @@ def main() -> None:
   for name in args.policy.split(','):
     for num_envs in [int(n) for n in args.num_envs.split(',')]:
       for groups in [int(n) for n in args.env_groups.split(',')]:
-        ratios, bound_ratios, cpu_ratios = [], [], []
+        ratios, bound_ratios, cpu_ratios, moved = [], [], [], []
         for rep in range(args.repeats):
           for unit in ([games] if args.together else [[g] for g in games]):
-            # Measured back to back, right before the evaluator, so that all three see the same
-            # load: the raw emulators, the network alone at the evaluator's batch, the evaluator.
-            raws = raw(unit, num_envs)
+            # Measured back to back, so that all of them see about the same load: the raw
+            # emulators and the network alone at the evaluator's batch, the evaluator, then the
+            # emulators and the network again.
             batch = -(-num_envs * len(unit) // groups)
-            net_s, net_cpu_s = (
-                policy_seconds_per_observation(policies[name], params, batch)
-                if name == 'network' else (0.0, 0.0))
+
+            def emulators_and_network():
+              return raw(unit, num_envs), (
+                  policy_seconds_per_observation(policies[name], params, batch)
+                  if name == 'network' else (0.0, 0.0))
+
+            before = emulators_and_network()
             results = evaluator.evaluate_games(
                 policies[name], params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
                 args.steps, num_envs, env_groups=groups, device=device)
+            after = emulators_and_network()
             steps = sum(r.steps for r in results.values())
             seconds = sum(r.seconds for r in results.values())
             cpu_seconds = sum(r.cpu_seconds for r in results.values())
             # The loop's own mix of games: each game's steps at its emulators' rate, plus the
-            # network per observation.
+            # network per observation; on wall-clock time (i = 0) and per CPU second (i = 1).
             ran = {g: r.steps for g, r in results.items()}
-            raw_wall, raw_cpu = ({g: raws[g][i] for g in ran} for i in (0, 1))
-            raw_sps = bound_steps_per_second(ran, raw_wall, 0.0)
-            raw_cpu_sps = bound_steps_per_second(ran, raw_cpu, 0.0)
-            bound = bound_steps_per_second(ran, raw_wall, net_s)
-            cpu_bound = bound_steps_per_second(ran, raw_cpu, net_cpu_s)  # per CPU second
+
+            def bounds(i, with_network=True):
+              return [bound_steps_per_second(ran, {g: raws[g][i] for g in ran},
+                                             net[i] if with_network else 0.0)
+                      for raws, net in (before, after)]
+
+            raw_sps, _ = bracketed(*bounds(0, with_network=False))
+            raw_cpu_sps, _ = bracketed(*bounds(1, with_network=False))
+            bound, round_moved = bracketed(*bounds(0))
+            cpu_bound, _ = bracketed(*bounds(1))  # per CPU second
+            net_s = 0.5 * (before[1][0] + after[1][0])
+            net_cpu_s = 0.5 * (before[1][1] + after[1][1])
             sps, cpu_sps = steps / seconds, steps / cpu_seconds
             ratios.append(sps / raw_sps)
             bound_ratios.append(sps / bound)
             cpu_ratios.append(cpu_sps / cpu_bound)
+            moved.append(round_moved)
             budget = next(iter(results.values())).budget
             print(f'  {name:<8} envs {num_envs:>3} groups {groups} {",".join(unit):<9} rep {rep}: '
                   f'batch {batch} raw {raw_sps:6.0f} steps/s  network {net_s * 1e3:5.2f} ms/obs  '
-                  f'bound {bound:6.0f}  evaluator {sps:6.0f} steps/s ({steps} steps, budget '
-                  f'{budget} per game)  ratio/bound {sps / bound:.2f}  | per CPU second: '
-                  f'raw {raw_cpu_sps:6.0f} network {net_cpu_s * 1e3:5.2f} ms/obs bound '
-                  f'{cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio {cpu_sps / cpu_bound:.2f}  '
-                  f'{load()}', flush=True)
+                  f'bound {bound:6.0f} (moved x{round_moved:.2f})  evaluator {sps:6.0f} steps/s '
+                  f'({steps} steps, budget {budget} per game)  ratio/bound {sps / bound:.2f}  | '
+                  f'per CPU second: raw {raw_cpu_sps:6.0f} network {net_cpu_s * 1e3:5.2f} ms/obs '
+                  f'bound {cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio '
+                  f'{cpu_sps / cpu_bound:.2f}  {load()}', flush=True)
+        steady, n_steady = steady_median(bound_ratios, moved)
         print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: ratio/bound median '
               f'{np.median(bound_ratios):.2f} (min {min(bound_ratios):.2f}, max '
-              f'{max(bound_ratios):.2f}); per CPU second {np.median(cpu_ratios):.2f} (min '
-              f'{min(cpu_ratios):.2f}, max {max(cpu_ratios):.2f}); ratio/raw median '
-              f'{np.median(ratios):.2f}; over {len(ratios)} measurements  {load()}', flush=True)
+              f'{max(bound_ratios):.2f}); steady rounds (bound moved <= {STEADY:.0%}): median '
+              f'{steady:.2f} over {n_steady} of {len(moved)}; per CPU second '
+              f'{np.median(cpu_ratios):.2f} (min {min(cpu_ratios):.2f}, max '
+              f'{max(cpu_ratios):.2f}); ratio/raw median {np.median(ratios):.2f}; over '
+              f'{len(ratios)} measurements  {load()}', flush=True)
 
 if __name__ == '__main__':
   main()

@@ -18,3 +18,18 @@ def test_raw_emulators_take_turns_and_each_game_is_timed_on_its_own():
   assert set(rates) == {'Pong', 'Freeway'}
   for wall, cpu in rates.values():
     assert 50 < wall < 1e6 and 50 < cpu < 1e6
+
+
+def test_a_bracketed_bound_is_the_mean_and_says_how_far_it_moved():
+  assert evaluator_speed.bracketed(1000.0, 1200.0) == pytest.approx((1100.0, 1.2))
+  with pytest.raises(ValueError, match='> 0'):
+    evaluator_speed.bracketed(0.0, 1000.0)
+
+
+def test_the_steady_median_keeps_the_rounds_whose_bound_moved_little():
+  ratios = [0.9, 1.16, 0.68, 0.92, 0.88]
+  moved = [1.02, 1.30, 0.75, 0.96, 1.08]  # the second and third moved by 30% and 25%
+  assert evaluator_speed.steady_median(ratios, moved) == (pytest.approx(0.9), 3)
+  assert evaluator_speed.steady_median(ratios, moved, tolerance=0.05) == (pytest.approx(0.91), 2)
+  median, n = evaluator_speed.steady_median([1.0], [2.0])
+  assert n == 0 and median != median  # nan: no steady round
