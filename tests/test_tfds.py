@@ -121,6 +121,20 @@ def test_bad_input_errors_name_the_problem(tiny_dataset_dir, tmp_path):
     rr.episodes(str(tmp_path), 'Pong')
 
 
+def test_a_missing_version_leaves_no_folder_in_the_temporary_directory(tmp_path, monkeypatch):
+  # A TFDS builder made without its dataset_info.json asks TFDS's GCS bucket for one, in a
+  # `mkdtemp('tfds')` folder TFDS never removes: the missing version is found before.
+  import tempfile
+  (tmp_path / 'data' / 'rlu_atari_checkpoints_ordered' / 'Pong_run_1' / '1.0.0').mkdir(
+      parents=True)
+  tmp = tmp_path / 'tmp'
+  tmp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp))
+  with pytest.raises(rr.DatasetNotFoundError, match=r'no prepared version 1.1.0 .*1\.0\.0'):
+    rr.load_builder(str(tmp_path / 'data'), 'Pong')
+  assert list(tmp.iterdir()) == []
+
+
 def _corrupted_copy(tiny_dataset_dir, tmp_path):
   data = str(tmp_path / 'data')
   shutil.copytree(tiny_dataset_dir, data)

@@ -206,12 +206,15 @@ def load_builder(data_dir: str, game: str, run: int = 1,
         f'{game} run {run}: {config_dir} does not exist; configs present in {builder_dir}: '
         f'{", ".join(list_configs(data_dir, builder)) or "none"}')
   import tensorflow_datasets as tfds
-  b = tfds.builder(builder, config=config, data_dir=data_dir)
-  if not tf.io.gfile.exists(os.path.join(os.fspath(b.data_path), 'dataset_info.json')):
+  # Checked before the builder is made: a builder without its dataset_info.json asks TFDS's GCS
+  # bucket for one, in a temporary folder that TFDS never removes.
+  version = str(tfds.builder_cls(builder).VERSION)  # the version `tfds.builder` picks
+  version_dir = os.path.join(config_dir, version)
+  if not tf.io.gfile.exists(os.path.join(version_dir, 'dataset_info.json')):
     raise DatasetNotFoundError(
-        f'{game} run {run}: no prepared version {b.version} at {b.data_path}; versions present '
+        f'{game} run {run}: no prepared version {version} at {version_dir}; versions present '
         f'in {config_dir}: {_listdir(config_dir) or "none"}')
-  return b
+  return tfds.builder(builder, config=config, data_dir=data_dir)
 
 
 def available_checkpoints(builder) -> list[int]:
