@@ -136,6 +136,7 @@ def test_a_killed_servers_folder_is_swept_by_the_next_server(tmp_path, monkeypat
   finally:
     srv.stop()
   assert rt.sweep_server_folders(str(tmp_path)) == []  # nothing more to sweep
+  assert rt.sweep_server_folders(str(tmp_path / 'missing')) == []  # an unreadable root
 
 
 def test_window_path_agrees_with_numpy_reference(server):

@@ -208,7 +208,11 @@ def sweep_server_folders(root: Optional[str] = None) -> list[str]:
   may lose its empty folder: it never writes there, so it loses nothing.)"""
   root = root or tempfile.gettempdir()
   removed = []
-  for name in os.listdir(root):
+  try:
+    names = os.listdir(root)
+  except OSError:  # a sweep must never stop a server from starting
+    return removed
+  for name in names:
     pid = name[len(SERVER_FOLDER_PREFIX):].split('_', 1)[0]
     if not name.startswith(SERVER_FOLDER_PREFIX) or not pid.isdigit() or _pid_alive(int(pid)):
       continue
