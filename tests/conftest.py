@@ -131,6 +131,8 @@ FAST = frozenset({
     'test_workdir.py::test_output_paths_are_checked_before_any_work',
     'test_workdir.py::test_check_data_names_a_bad_selection_and_missing_games',
     'test_workdir.py::test_demo_refuses_a_changed_config_before_generating_data',
+    'test_workdir.py::test_a_second_run_in_a_live_workdir_is_refused_naming_the_first',
+    'test_workdir.py::test_the_workdir_lock_is_reentrant_in_a_process_and_released_at_the_end',
 })
 
 

@@ -120,7 +120,8 @@ def test_learn_refuses_a_changed_config_before_starting_anything(tiny_dataset_di
                  str(workdir), '--set', 'data.selection=uniform:50'])
   assert rc == 2
   assert "data.selection: 'suboptimal' -> 'uniform:50'" in capsys.readouterr().err
-  assert sorted(os.listdir(workdir)) == ['config.json', run.CONFIG_HISTORY]  # no learner started
+  # No learner started (the lock file stays: `run.workdir_lock`).
+  assert sorted(os.listdir(workdir)) == ['config.json', run.CONFIG_HISTORY, run.LOCK_FILE]
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
@@ -248,3 +249,66 @@ def test_demo_whose_budget_the_data_used_up_says_so(tiny_dataset_dir, tmp_path, 
   err = capsys.readouterr().err
   assert '--minutes 1e-05: the data took' in err and 'nothing is left' in err, err
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+# Holds a workdir's lock in another process until it is killed.
+_HOLDER = """
+import sys, time
+from scaled_ql.launch import run
+with run.workdir_lock(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(600)
+"""
+
+
+def _hold(workdir) -> subprocess.Popen:
+  proc = subprocess.Popen([sys.executable, '-c', _HOLDER, str(workdir)], stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == 'held'
+  return proc
+
+
+def test_a_second_run_in_a_live_workdir_is_refused_naming_the_first(tiny_dataset_dir, tmp_path,
+                                                                    capsys):
+  """Two runs in one workdir would resume from the same checkpoint and write over each other's
+  checkpoints and logs: while one holds it, every command that writes a workdir is refused with
+  the holder's pid and command line, before it writes anything or starts Ray; a killed holder
+  leaves no stale lock."""
+  import ray
+  workdir, data = tmp_path / 'w', tmp_path / 'demo_data'
+  holder = _hold(workdir)
+  try:
+    with pytest.raises(ConfigError, match=rf'is in use by another run \(pid {holder.pid} on '):
+      with run.workdir_lock(str(workdir)):
+        pass
+    common = ['--workdir', str(workdir)]
+    for argv in (['learn', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir],
+                 ['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir],
+                 ['finetune', 'online', '--game', 'Pong', '--from-scratch', '--config',
+                  'cpu_tiny'],
+                 ['demo', '--data-dir', str(data), '--games', 'Breakout,Pong']):
+      assert cli.main(argv + common) == 2, argv
+      err = capsys.readouterr().err
+      assert f'pid {holder.pid} on ' in err and '-c' in err and 'Stop that run first' in err, err
+    assert os.listdir(workdir) == [run.LOCK_FILE]  # nothing recorded
+    assert not data.exists()  # the demo generated nothing
+    assert not ray.is_initialized()
+  finally:
+    holder.kill()
+    holder.wait()
+  with run.workdir_lock(str(workdir)):  # SIGKILL: the kernel dropped the lock with its process
+    with open(workdir / run.LOCK_FILE) as f:
+      assert json.load(f)['pid'] == os.getpid()
+
+
+def test_the_workdir_lock_is_reentrant_in_a_process_and_released_at_the_end(tmp_path):
+  workdir = str(tmp_path / 'w')
+  with run.workdir_lock(workdir):
+    with run.workdir_lock(workdir):  # (the demo holds it around `train`)
+      pass
+    holder = subprocess.run([sys.executable, '-c', _HOLDER, workdir], capture_output=True,
+                            text=True, timeout=60)
+    assert holder.returncode != 0 and 'is in use by another run' in holder.stderr  # still held
+  holder = _hold(workdir)  # released at the end of the outer block
+  holder.kill()
+  holder.wait()

@@ -10,6 +10,7 @@ Evaluate afterwards with `scaled-ql eval --checkpoint WORKDIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -33,15 +34,17 @@ def register(subparsers) -> None:
   p.set_defaults(handler=_learn)
 
 
-def _resolve(args: argparse.Namespace):
+def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   """The run's config with the flags applied, compared with what the workdir ran and recorded
-  (config.json, config_history.jsonl); raises ConfigError before anything expensive."""
+  (config.json, config_history.jsonl); raises ConfigError before anything expensive. The
+  workdir's lock (`run.workdir_lock`) is entered on `held`, for the whole run."""
   from scaled_ql.agents import checkpointing
   cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
                            overrides=args.set)
   if args.reverb is None:
     run.check_data(cfg)
   run.check_workdir(args.workdir)
+  held.enter_context(run.workdir_lock(args.workdir))
   ckpts = checkpointing.checkpoint_dir(args.workdir)
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
     raise ConfigError(f'--no-resume: {ckpts} already holds checkpoints')
@@ -50,11 +53,16 @@ def _resolve(args: argparse.Namespace):
 
 
 def _learn(args: argparse.Namespace) -> int:
-  try:
-    cfg = _resolve(args)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  with contextlib.ExitStack() as held:
+    try:
+      cfg = _resolve(args, held)
+    except ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    return _run(args, cfg)
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
   # Wiring only (like launch): the agents library itself never imports the data layer.
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner, NonFiniteLossError

@@ -143,10 +143,17 @@ def demo(workdir: str = DEMO_WORKDIR, data_dir: str = DEMO_DATA_DIR,
   """Runs the demo in about `minutes` of wall clock (data, training and final evaluation); returns
   the exit code (raises ConfigError on bad input, before the data is generated).
   `games` (default DEMO_GAMES) / `overrides`: as `run.resolve_config`'s."""
-  from scaled_ql.agents import builder
-  from scaled_ql.eval import evaluator
   cfg = demo_config(data_dir, steps, games, overrides)
   run.check_resume(cfg, workdir, allow_config_change)
+  # Held from before the data to the end (`run.train` takes it again): a second demo in this
+  # workdir is refused before it generates data into the first one's data dir.
+  with run.workdir_lock(workdir):
+    return _demo(cfg, workdir, minutes, allow_config_change)
+
+
+def _demo(cfg, workdir: str, minutes: float, allow_config_change: bool) -> int:
+  from scaled_ql.agents import builder
+  from scaled_ql.eval import evaluator
   print(resume_line(workdir), flush=True)
   started = time.time()
   ensure_demo_data(cfg)

@@ -141,13 +141,13 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
   """Runs the online program until the learner's `train.num_steps` (or `timeout_s` of training,
   or the `deadline` of the whole run, the final evaluation included: `program.run`), then a final
   evaluation; returns the last status (Ray stopped after, when it was started here). The workdir
-  is checked and recorded first (`run.prepare_workdir`: ConfigError on a refused resume)."""
+  is checked, locked and recorded first (`run.program_session`: ConfigError on a refused resume
+  or a workdir another run holds)."""
   from scaled_ql.launch import run
   log = log or (lambda line: print(line, flush=True))
   check_online_config(cfg)
-  run.prepare_workdir(cfg, workdir, allow_config_change, log=log)
-  started_here = run.init_ray(address, max(num_cpus or 0, required_cpus(cfg)), cfg)
-  try:
+  with run.program_session(cfg, workdir, address, max(num_cpus or 0, required_cpus(cfg)),
+                           allow_config_change, log):
     prog = program.build(cfg, workdir, 1, cfg.train.num_steps, initial_params=initial_params,
                          **build_args(cfg))
     last_actor_log = [0.0]
@@ -160,7 +160,3 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
 
     return program.run(prog, log=log, stop_when=stop_when, timeout_s=timeout_s,
                        final_eval_timeout_s=final_eval_timeout_s, deadline=deadline)
-  finally:
-    if started_here:
-      import ray
-      ray.shutdown()

@@ -8,9 +8,11 @@ fails in a second with a `ConfigError` naming the flag/file/game at fault.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Optional, Sequence
+import sys
+from typing import Iterator, Optional, Sequence
 
 from scaled_ql.configs import base as configs_base
 from scaled_ql.configs import overrides as overrides_lib
@@ -229,6 +231,75 @@ def check_workdir(workdir: str) -> None:
   _check_writable_dir(workdir, '--workdir')
 
 
+LOCK_FILE = 'run.lock'
+_HELD_LOCKS: set[str] = set()  # the real paths of the workdirs this process holds
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/run.lock for the block, so that a second run cannot start in a workdir a run
+  is using: both would resume from the same checkpoint, then write over each other's checkpoints
+  (seen: one run's save failed on a folder the other's cleanup removed) and interleave two
+  histories in the metrics logs. ConfigError names the holder (pid, host, start, command line).
+
+  An exclusive, non-blocking `flock`, which the kernel drops when its process ends, however it
+  ends: a killed run leaves no stale lock. The file stays (its content: the last holder).
+  Re-entrant within a process (the demo holds it around `train`). A filesystem without locks:
+  a warning, and the run goes on unguarded. Creates the workdir (check it first)."""
+  import fcntl
+  key = os.path.realpath(workdir)
+  if key in _HELD_LOCKS:  # (the outer block releases it)
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # (not inherited by child processes)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _lock_holder(fd)
+    os.close(fd)
+    raise ConfigError(
+        f'--workdir {workdir!r} is in use by another run ({holder}); two runs in one workdir '
+        'would write over each other\'s checkpoints and logs. Stop that run first, or pass '
+        f'another --workdir (the lock, {path}, goes with its process)') from None
+  except OSError as e:  # e.g. ENOLCK on an NFS mount without a lock service
+    os.close(fd)
+    print(f'[workdir] warning: cannot lock {path} ({e.strerror}); a second run in this '
+          'workdir would not be refused', file=sys.stderr, flush=True)
+    fd = None
+  if fd is None:
+    yield
+    return
+  _write_lock_holder(fd)
+  _HELD_LOCKS.add(key)
+  try:
+    yield
+  finally:
+    _HELD_LOCKS.discard(key)
+    os.close(fd)  # (drops the flock)
+
+
+def _write_lock_holder(fd: int) -> None:
+  import datetime
+  import json
+  import socket
+  started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started=started,
+                                command=' '.join(sys.argv))).encode(), 0)
+
+
+def _lock_holder(fd: int) -> str:
+  """'pid N on HOST since T: COMMAND' from the lock file (the holder may still be writing it)."""
+  import json
+  try:
+    h = json.loads(os.pread(fd, 1 << 16, 0).decode())
+    return f"pid {h['pid']} on {h['host']} since {h['started']}: {h['command']}"
+  except (ValueError, KeyError, TypeError):
+    return 'its details are not written yet'
+
+
 def _check_writable_dir(path: str, flag: str) -> None:
   path = os.path.abspath(path)
   if os.path.exists(path):
@@ -334,6 +405,24 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def program_session(cfg, workdir: str, address: Optional[str], num_cpus: Optional[int],
+                    allow_config_change: bool = False, log=None) -> Iterator[bool]:
+  """The frame of a program's run (`train`, `run_online`): the workdir checked, locked for the
+  block (`workdir_lock`) and recorded (`prepare_workdir`), then Ray (`init_ray`), stopped at
+  the end when it was started here. Yields whether it was. ConfigError before Ray starts."""
+  check_workdir(workdir)
+  with workdir_lock(workdir):
+    prepare_workdir(cfg, workdir, allow_config_change, log=log)
+    started_here = init_ray(address, num_cpus, cfg)
+    try:
+      yield started_here
+    finally:
+      if started_here:
+        import ray
+        ray.shutdown()
+
+
 def check_evaluator_gpus(cfg) -> None:
   """The local Ray has the GPUs the evaluators ask for (--evaluator-gpus x evaluators); without
   them their actors would wait forever. ConfigError before any node starts."""
@@ -353,23 +442,17 @@ def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[i
   """Runs the program to the end and returns its last `ProgramStatus` (Ray stopped after, when
   it was started here). `initial_params`: the learner's start (offline fine-tuning). `timeout_s`
   bounds the training; `deadline` (a `time.time()`) the whole run, the final evaluation included
-  (`program.run`). Bad data or workdir (or a refused config change on resume) raise ConfigError
-  before anything starts."""
-  import ray
+  (`program.run`). Bad data or workdir (or a refused config change on resume, or a workdir
+  another run holds: `workdir_lock`) raise ConfigError before anything starts."""
   from scaled_ql.launch import program
   check_data(cfg)
-  prepare_workdir(cfg, workdir, allow_config_change, log=log)
-  started_here = init_ray(address, num_cpus, cfg)
-  try:
+  with program_session(cfg, workdir, address, num_cpus, allow_config_change, log) as started_here:
     if started_here:  # (a cluster may still be adding GPU nodes)
       check_evaluator_gpus(cfg)
     prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
                          learner_gpus=learner_gpus, initial_params=initial_params)
     return program.run(prog, log=log or (lambda line: print(line, flush=True)),
                        timeout_s=timeout_s, deadline=deadline)
-  finally:
-    if started_here:
-      ray.shutdown()
 
 
 def print_scores(status) -> None:
