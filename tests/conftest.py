@@ -132,6 +132,7 @@ FAST = frozenset({
     'test_workdir.py::test_check_data_names_a_bad_selection_and_missing_games',
     'test_workdir.py::test_demo_refuses_a_changed_config_before_generating_data',
     'test_workdir.py::test_a_second_run_in_a_live_workdir_is_refused_naming_the_first',
+    'test_workdir.py::test_a_url_as_workdir_or_output_is_refused_before_any_work',
     'test_workdir.py::test_the_workdir_lock_is_reentrant_in_a_process_and_released_at_the_end',
 })
 

@@ -154,6 +154,23 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
                    '--workdir', str(afile)]) == 2
 
 
+def test_a_url_as_workdir_or_output_is_refused_before_any_work(tiny_dataset_dir, tmp_path,
+                                                               monkeypatch, capsys):
+  """`--workdir gs://b/run` used to become a local folder `./gs:/b/run` (config, logs and lock
+  written there) and crash in the TensorBoard writer, with Reverb and the inserters started."""
+  monkeypatch.chdir(tmp_path)
+  for argv in (['learn', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir,
+                '--workdir', 'gs://a-bucket/run'],
+               ['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir,
+                '--workdir', 'gs://a-bucket/run'],
+               ['eval', '--checkpoint', str(tmp_path / 'no_run'), '--games', 'Pong', '--out',
+                'gs://a-bucket/x.csv']):
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert "is a URL" in err and 'must be a local or mounted path' in err, err
+  assert os.listdir(tmp_path) == []  # no ./gs: folder
+
+
 def test_check_data_reports_an_unreachable_bucket_as_such(tmp_path):
   """A gs:// data dir behind an unreachable endpoint (a closed local port as the HTTPS proxy, so
   the result is the same with or without network) and no credentials: `learn` says the bucket

@@ -300,7 +300,18 @@ def _lock_holder(fd: int) -> str:
     return 'its details are not written yet'
 
 
+def _check_local_path(path: str, flag: str) -> None:
+  """Our outputs are written with local file I/O: a URL (gs://...) would become a local folder
+  named after it (`./gs:/bucket/...`), as `--workdir gs://b/run` did before it crashed in the
+  TensorBoard writer with Reverb and the inserters already started."""
+  if '://' in path:
+    raise ConfigError(f'{flag} {path!r} is a URL; it is written with local file I/O (its '
+                      'config, logs, lock and reports), so it must be a local or mounted path: '
+                      'a bucket mounted with gcsfuse, or a cluster\'s shared filesystem')
+
+
 def _check_writable_dir(path: str, flag: str) -> None:
+  _check_local_path(path, flag)
   path = os.path.abspath(path)
   if os.path.exists(path):
     if not os.path.isdir(path):
@@ -320,6 +331,7 @@ def _check_writable_dir(path: str, flag: str) -> None:
 def check_output_file(path: str, flag: str) -> None:
   """An output file (e.g. `eval --out x.csv`) can be written: its directory exists (it is not
   created) and the path is not a directory. Checked before any work."""
+  _check_local_path(path, flag)
   path_abs = os.path.abspath(path)
   parent = os.path.dirname(path_abs)
   if os.path.isdir(path_abs):
