@@ -164,10 +164,14 @@ def test_a_url_as_workdir_or_output_is_refused_before_any_work(tiny_dataset_dir,
                ['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir,
                 '--workdir', 'gs://a-bucket/run'],
                ['eval', '--checkpoint', str(tmp_path / 'no_run'), '--games', 'Pong', '--out',
-                'gs://a-bucket/x.csv']):
+                'gs://a-bucket/x.csv'],
+               # Read as local paths, these said "no checkpoints in 'gs://...'": a wrong reason.
+               ['eval', '--checkpoint', 'gs://a-bucket/run', '--games', 'Pong'],
+               ['finetune', 'offline', '--game', 'Pong', '--pretrained', 'gs://a-bucket/run',
+                '--workdir', str(tmp_path / 'ft'), '--data-dir', tiny_dataset_dir]):
     assert cli.main(argv) == 2, argv
     err = capsys.readouterr().err
-    assert "is a URL" in err and 'must be a local or mounted path' in err, err
+    assert "'gs://a-bucket/" in err and 'is a URL' in err and 'local or mounted path' in err, err
   assert os.listdir(tmp_path) == []  # no ./gs: folder
 
 

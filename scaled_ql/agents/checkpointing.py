@@ -178,6 +178,9 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
   `agent.policy_params_ema` > 0, unless `online`; otherwise the online params.
   """
   path = _workdir(checkpoint_dir_or_workdir)
+  if '://' in checkpoint_dir_or_workdir:  # (as a local path: "no checkpoints", a wrong reason)
+    raise FileNotFoundError(f'{checkpoint_dir_or_workdir!r} is a URL; checkpoints are read from '
+                            'a local or mounted path (a bucket mounted with gcsfuse)')
   if not os.path.isdir(checkpoint_dir(path)):
     raise FileNotFoundError(f'no checkpoints in {checkpoint_dir_or_workdir!r} (expected a learner '
                             f'workdir containing {CHECKPOINT_SUBDIR}/ or that folder itself)')
