@@ -491,13 +491,31 @@ def test_evaluator_gpus_flag_is_checked_before_any_node_starts():
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
   try:
     gpus = ray.cluster_resources().get('GPU', 0.0)
-    run.check_evaluator_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus))  # enough
-    with pytest.raises(ConfigError, match=rf'--evaluator-gpus {gpus + 1:g} x 1 evaluator\(s\) '
+    run.check_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus))  # enough
+    with pytest.raises(ConfigError, match=rf'^--evaluator-gpus {gpus + 1:g} x 1 evaluator\(s\) '
                        rf'need {gpus + 1:g} GPU\(s\); Ray sees {gpus:g}'):
-      run.check_evaluator_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus + 1))
+      run.check_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus + 1))
+    # The learner's too (`train --learner-gpus 1` without a GPU waited forever).
+    run.check_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=0), learner_gpus=gpus)
+    with pytest.raises(ConfigError, match=rf'^--learner-gpus {gpus + 1:g} and --evaluator-gpus '
+                       rf'1 x 1 evaluator\(s\) need {gpus + 2:g} GPU\(s\)'):
+      run.check_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=1), learner_gpus=gpus + 1)
   finally:
     if started:
       ray.shutdown()
+
+
+def test_train_with_learner_gpus_the_machine_lacks_ends_instead_of_waiting(tiny_dataset_dir,
+                                                                           tmp_path, capsys):
+  """`train --learner-gpus N` beyond the local Ray's GPUs: refused after Ray starts, before any
+  node does (it used to print "learner (starting)" forever), and Ray is stopped again."""
+  import ray
+  from scaled_ql import cli
+  assert not ray.is_initialized()  # (the command starts its own local Ray)
+  assert cli.main(['train', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir, '--workdir',
+                   str(tmp_path / 'w'), '--learner-gpus', '64']) == 2
+  assert '--learner-gpus 64 need 64 GPU(s); Ray sees' in capsys.readouterr().err
+  assert not ray.is_initialized()
 
 
 def test_run_report_sets_each_game_beside_the_data_it_trained_on(tiny_dataset_dir, tmp_path):

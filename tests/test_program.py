@@ -137,6 +137,7 @@ def _train_handler(argv):
     (['--config', 'cpu_tiny', '--data-dir', '/nonexistent/data'], 'does not exist'),
     (['--config', 'cpu_tiny', '--evaluators', '3'], '--evaluators'),
     (['--config', 'cpu_tiny', '--steps', '0'], '--steps'),
+    (['--config', 'cpu_tiny', '--learner-gpus', '-1'], '--learner-gpus must be >= 0, got -1'),
     (['--config', 'cpu_small'], "'Boxing'"),  # the tiny data dir lacks cpu_small's other games
 ])
 def test_train_rejects_bad_input_before_starting_anything(argv, message, tiny_dataset_dir,

@@ -435,16 +435,22 @@ def program_session(cfg, workdir: str, address: Optional[str], num_cpus: Optiona
         ray.shutdown()
 
 
-def check_evaluator_gpus(cfg) -> None:
-  """The local Ray has the GPUs the evaluators ask for (--evaluator-gpus x evaluators); without
-  them their actors would wait forever. ConfigError before any node starts."""
+def check_gpus(cfg, learner_gpus: float = 0) -> None:
+  """The local Ray has the GPUs the learner (--learner-gpus) and the evaluators (--evaluator-gpus
+  x evaluators) ask for; without them their actors would wait forever (seen: `train
+  --learner-gpus 1` on a machine without one printed "learner (starting)" until it was killed).
+  ConfigError before any node starts."""
   import ray
-  need = cfg.eval.gpus_per_evaluator * cfg.eval.num_evaluators
+  evaluators = cfg.eval.gpus_per_evaluator * cfg.eval.num_evaluators
+  need = learner_gpus + evaluators
   have = float(ray.cluster_resources().get('GPU', 0.0))
   if need > have:
-    raise ConfigError(f'--evaluator-gpus {cfg.eval.gpus_per_evaluator:g} x '
-                      f'{cfg.eval.num_evaluators} evaluator(s) need {need:g} GPU(s); Ray sees '
-                      f'{have:g} on this machine (--evaluator-gpus 0 evaluates on the CPU)')
+    asks = [f'--learner-gpus {learner_gpus:g}'] if learner_gpus else []
+    if evaluators:
+      asks.append(f'--evaluator-gpus {cfg.eval.gpus_per_evaluator:g} x '
+                  f'{cfg.eval.num_evaluators} evaluator(s)')
+    raise ConfigError(f'{" and ".join(asks)} need {need:g} GPU(s); Ray sees {have:g} on this '
+                      'machine (0 runs that node on the CPU)')
 
 
 def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[int] = None,
@@ -457,10 +463,12 @@ def train(cfg, workdir: str, address: Optional[str] = None, num_cpus: Optional[i
   (`program.run`). Bad data or workdir (or a refused config change on resume, or a workdir
   another run holds: `workdir_lock`) raise ConfigError before anything starts."""
   from scaled_ql.launch import program
+  if not learner_gpus >= 0:
+    raise ConfigError(f'--learner-gpus must be >= 0, got {learner_gpus:g}')
   check_data(cfg)
   with program_session(cfg, workdir, address, num_cpus, allow_config_change, log) as started_here:
     if started_here:  # (a cluster may still be adding GPU nodes)
-      check_evaluator_gpus(cfg)
+      check_gpus(cfg, learner_gpus)
     prog = program.build(cfg, workdir, cfg.eval.num_evaluators, cfg.train.num_steps,
                          learner_gpus=learner_gpus, initial_params=initial_params)
     return program.run(prog, log=log or (lambda line: print(line, flush=True)),
