@@ -469,6 +469,61 @@ def test_learn_command_rejects_bad_flags_before_starting_anything(tmp_path, caps
   assert '--steps' in capsys.readouterr().err
 
 
+def test_learn_refuses_a_reverb_address_that_does_not_serve_its_games(tiny_dataset_dir, tmp_path,
+                                                                     capsys, monkeypatch):
+  """`learn --reverb HOST:PORT` checks the server before anything is written: with nothing there,
+  or a server without the config's tables, the learner's sampler waited forever."""
+  import portpicker
+  import reverb
+  from scaled_ql import cli
+  from scaled_ql.agents import commands as learn_commands
+  from scaled_ql.datasets import reverb_tables
+  monkeypatch.setattr(learn_commands, 'REVERB_CHECK_TIMEOUT_S', 1.0)
+  workdir = tmp_path / 'w'
+  argv = ['learn', '--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir, '--workdir',
+          str(workdir), '--reverb']
+  nobody = f'localhost:{portpicker.pick_unused_port()}'
+  assert cli.main(argv + [nobody]) == 2
+  assert f'--reverb {nobody}: no reverb server answered at {nobody}' in capsys.readouterr().err
+  other = reverb_tables.server_with_tables([reverb.Table.queue('other_table', 10)])
+  try:
+    assert cli.main(argv + [f'localhost:{other.port}']) == 2
+    assert ('has no table transitions_Breakout, transitions_Pong (its tables: other_table)'
+            in capsys.readouterr().err)
+  finally:
+    other.stop()
+  assert not workdir.exists()
+
+
+def test_sigterm_ends_a_learn_run_waiting_for_data_with_a_checkpoint(tiny_dataset_dir, tmp_path):
+  """`learn --reverb` on a server whose tables stay below their warm-up (no inserter): the
+  learner waits for its first batch, where no step boundary comes. A SIGTERM left it waiting
+  forever; now it ends the wait, checkpoints the step it is at (0) and exits 0."""
+  import time
+  from scaled_ql.datasets import reverb_tables
+  server = reverb_tables.make_server(CFG)
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
+       tiny_dataset_dir, '--workdir', str(workdir), '--reverb', f'localhost:{server.port}'],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (workdir / 'checkpoints').is_dir():  # made by the runner, next to its handlers
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+      time.sleep(0.2)
+    time.sleep(2.0)  # (in the wait for a batch)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    server.stop()
+  assert proc.returncode == 0, out[-3000:]
+  assert 'SIGTERM received while waiting for data: stopped after step 0' in out, out[-3000:]
+  assert checkpointing.load_params(str(workdir))[2] == 0
+
+
 # ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------
 def test_discounted_returns_hand_computed():
   g = mc_probe.discounted_returns(np.array([1.0, 0.0, 5.0]), 0.5, clip=1.0)

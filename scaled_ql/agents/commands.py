@@ -1,10 +1,12 @@
 """`scaled-ql learn`: the offline learner alone (no Ray, no evaluators), see scaled_ql/cli.py.
 
 It feeds the Learner stratified batches from a Reverb server: an existing one (`--reverb
-HOST:PORT`) or, by default, a local server plus inserter processes that stream the config's
-RLDS data into it. Checkpoints go to WORKDIR/checkpoints, metrics to stdout, WORKDIR/learner.jsonl
-and TensorBoard (WORKDIR/tb), per-game Q diagnostics to WORKDIR/learner_games.jsonl and
-TensorBoard. Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit 0.
+HOST:PORT`, which must answer and serve the config's games) or, by default, a local server plus
+inserter processes that stream the config's RLDS data into it. The data dir is read either way
+(the Monte-Carlo probe). Checkpoints go to WORKDIR/checkpoints, metrics to stdout,
+WORKDIR/learner.jsonl and TensorBoard (WORKDIR/tb), per-game Q diagnostics to
+WORKDIR/learner_games.jsonl and TensorBoard. Ctrl-C / SIGTERM: checkpoint at the next step
+boundary (or at once while waiting for data), then exit 0; a second one stops at once.
 Evaluate afterwards with `scaled-ql eval --checkpoint WORKDIR`.
 """
 from __future__ import annotations
@@ -17,6 +19,9 @@ import sys
 from scaled_ql.configs import overrides
 from scaled_ql.configs.overrides import ConfigError
 from scaled_ql.launch import run
+
+
+REVERB_CHECK_TIMEOUT_S = 30.0  # how long `--reverb HOST:PORT` may take to answer
 
 
 def register(subparsers) -> None:
@@ -41,9 +46,14 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   from scaled_ql.agents import checkpointing
   cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
                            overrides=args.set)
-  if args.reverb is None:
-    run.check_data(cfg)
+  run.check_data(cfg)  # (with --reverb too: the learner's MC probe reads the run's data)
   run.check_workdir(args.workdir)
+  if args.reverb is not None:  # it answers and serves the config's games, or the sampler waits
+    from scaled_ql.datasets import reverb_tables
+    try:
+      reverb_tables.check_server(args.reverb, cfg.games, REVERB_CHECK_TIMEOUT_S)
+    except ValueError as e:
+      raise ConfigError(f'--reverb {args.reverb}: {e}') from None
   held.enter_context(run.workdir_lock(args.workdir))
   ckpts = checkpointing.checkpoint_dir(args.workdir)
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
@@ -78,7 +88,10 @@ def _run(args: argparse.Namespace, cfg) -> int:
       print(f'reverb server at {address}, {len(inserters)} inserter(s)', flush=True)
     batches = reverb_tables.stratified_batches(address, cfg.games, cfg, seed=cfg.train.seed)
     # Q(s, a_data) against Monte-Carlo returns on a fixed set of the run's data, in the metrics.
-    learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg))
+    # A SIGTERM/SIGINT while the learner waits for data (tables below their warm-up, a server
+    # that went away) closes the batches: the wait ends, with a checkpoint, as at a step's end.
+    learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg),
+                            wake=lambda: batches.close(timeout_s=0))
     if learner.restore():
       print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
     steps = learner.run()

@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,13 +148,16 @@ class LearnerRunner:
   def __init__(self, learner: Learner, workdir: Optional[str] = None, *,
                logger: Optional[loggers_lib.Logger] = None, handle_signals: bool = True,
                mc_probe: Optional[McProbe] = None,
-               game_logger: Optional[loggers_lib.Logger] = None):
+               game_logger: Optional[loggers_lib.Logger] = None,
+               wake: Optional[Callable[[], None]] = None):
     """`mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
     every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q).
     With a probe, its per-game diagnostics (`probe_game_metrics`) go to `game_logger` (default,
     with a workdir: WORKDIR/learner_games.jsonl and TensorBoard, not stdout: 5 values per game).
     `handle_signals`: SIGTERM/SIGINT stop at the next step boundary with a checkpoint (with a
-    workdir, in the main thread only)."""
+    workdir, in the main thread only). `wake`: called at the first such signal, to end a wait for
+    data that no step boundary would end (`learn` closes its batches: the step waiting for one
+    then ends the run as the end of the data does, with a checkpoint of the step it was at)."""
     cfg = learner.cfg
     self._mc_probe = mc_probe if methods.get(cfg.agent.loss).outputs_q else None
     if self._mc_probe is not None:
@@ -175,6 +178,7 @@ class LearnerRunner:
     self._data_counts: dict[str, float] = {}  # set_data_counts
     self._compiled = False
     self._stop_signal: Optional[int] = None
+    self._wake = wake
     self._previous_handlers: dict[int, Any] = {}
     self._manager = None
     if workdir is not None:
@@ -240,7 +244,11 @@ class LearnerRunner:
       print(stop.message, flush=True)
       return self.steps
     except StopIteration:
-      print(f'the data iterator is exhausted after step {self.steps}', flush=True)
+      if self._stop_signal is not None:  # woken from a wait for data (`wake`)
+        print(f'{signal.Signals(self._stop_signal).name} received while waiting for data: '
+              f'stopped after step {self.steps}', flush=True)
+      else:
+        print(f'the data iterator is exhausted after step {self.steps}', flush=True)
     if self._manager is not None and self._manager.latest_step() != self.steps:
       self.save()
     return self.steps
@@ -300,6 +308,8 @@ class LearnerRunner:
         os.kill(os.getpid(), signum)
       return
     self._stop_signal = signum
+    if self._wake is not None:
+      self._wake()
 
   def _log(self, metrics: dict[str, float]) -> None:
     steps = self.steps

@@ -293,6 +293,21 @@ def wait_for_server(address: str, timeout_s: float = 60.0, proc=None) -> dict:
       time.sleep(0.2)
 
 
+def check_server(address: str, games: Sequence[str], timeout_s: float = 30.0) -> None:
+  """A server given by address (`learn --reverb`) answers within `timeout_s` and has a table for
+  each of `games`; ValueError otherwise. Without it the learner's sampler waited forever: Reverb
+  only logs that the server "could not be reached" or that a table is not in its signature."""
+  try:
+    info = wait_for_server(address, timeout_s)
+  except TimeoutError as e:
+    raise ValueError(f'{e} (is the server running, and is this its host:port?)') from None
+  missing = [table_name(g) for g in games if table_name(g) not in info]
+  if missing:
+    raise ValueError(f'the reverb server at {address} has no table {", ".join(missing)} (its '
+                     f'tables: {", ".join(sorted(info)) or "none"}); it serves other games or '
+                     'another program')
+
+
 def _python_module_cmd(*args: str) -> list[str]:
   return [sys.executable, '-m', 'scaled_ql.datasets.reverb_tables', *args]
 
