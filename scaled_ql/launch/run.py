@@ -245,12 +245,13 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   An exclusive, non-blocking `flock`, which the kernel drops when its process ends, however it
   ends: a killed run leaves no stale lock. The file stays (its content: the last holder).
   Re-entrant within a process (the demo holds it around `train`). A filesystem without locks:
-  a warning, and the run goes on unguarded. Creates the workdir (check it first)."""
+  a warning, and the run goes on unguarded. Creates the workdir, once `check_workdir` passed."""
   import fcntl
   key = os.path.realpath(workdir)
   if key in _HELD_LOCKS:  # (the outer block releases it)
     yield
     return
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # (not inherited by child processes)
@@ -423,7 +424,6 @@ def program_session(cfg, workdir: str, address: Optional[str], num_cpus: Optiona
   """The frame of a program's run (`train`, `run_online`): the workdir checked, locked for the
   block (`workdir_lock`) and recorded (`prepare_workdir`), then Ray (`init_ray`), stopped at
   the end when it was started here. Yields whether it was. ConfigError before Ray starts."""
-  check_workdir(workdir)
   with workdir_lock(workdir):
     prepare_workdir(cfg, workdir, allow_config_change, log=log)
     started_here = init_ray(address, num_cpus, cfg)
