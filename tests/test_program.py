@@ -536,6 +536,40 @@ def test_empty_game_folders_end_the_program_instead_of_waiting_for_data(ray_sess
   assert 'Traceback' in message or 'File "' in message, message[:2000]
 
 
+def test_nodes_ray_cannot_place_are_shown_and_end_the_run_at_the_placement_timeout(
+    ray_session, tiny_dataset_dir, tmp_path, monkeypatch):
+  """A cluster run (`--address`, where no GPU check runs before the nodes start) whose learner
+  and evaluator ask for GPUs no node has: the progress line says which nodes Ray has not placed
+  and what they ask for, and the run ends at train.placement_timeout_s naming them, instead of
+  printing "learner (starting)" for ever. This Ray session has no GPU."""
+  monkeypatch.setattr(program, 'UNPLACED_SHOWN_AFTER_S', 1.0)
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=50, evaluators=1).replace(
+      train=dict(placement_timeout_s=8.0), eval=dict(gpus_per_evaluator=0.5))
+  workdir = str(tmp_path / 'unplaced')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=50, learner_gpus=1,
+                       num_inserters=0)
+  lines = []
+  started = time.time()
+  with pytest.raises(program.NodeLost) as lost:
+    program.run(prog, log=lines.append, timeout_s=400, status_every_s=0.5)
+  elapsed = time.time() - started
+  message = str(lost.value)
+  assert message.startswith('learner was never started: for '), message
+  assert 'CPU 1, GPU 1 free' in message and 'GPU 0/0' in message, message
+  assert 'train.placement_timeout_s=8' in message, message
+  shown = [line for line in lines if 'not placed by Ray' in line]
+  assert shown, lines
+  assert 'learner (not placed by Ray for ' in shown[-1] and 'asks for CPU 1, GPU 1)' in shown[-1]
+  assert 'not placed by Ray: evaluator_0 ' in shown[-1] and '(CPU 1, GPU 0.5)' in shown[-1]
+  assert 'cluster free/total CPU ' in shown[-1] and 'GPU 0/0' in shown[-1]
+  assert 'learner never started: nothing to checkpoint' in lines, lines
+  # No 30-s wait for a stop() the unplaced learner could never answer.
+  assert elapsed < 8.0 + 20.0, (elapsed, lines)
+  with pytest.raises(ValueError, match='placement_timeout_s'):
+    program.build(cfg.replace(train=dict(placement_timeout_s=0.0)), '/nonexistent', 1, 1)
+
+
 def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_dir, tmp_path):
   """Suspected in issue 12, confirmed: after a Reverb restart the new server counts inserts from
   0, so the learner's allowance fell to 0 while the actors' pacing (their own env steps) stayed

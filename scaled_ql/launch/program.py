@@ -68,6 +68,8 @@ class Program:
   evaluators: list
   evaluator_games: list
   actors: list = dataclasses.field(default_factory=list)
+  # {node: the resources it asks Ray for} (named when Ray cannot place it: `_Watcher`)
+  needs: dict = dataclasses.field(default_factory=dict)
 
   def nodes(self) -> list[tuple[str, Any]]:
     """(name, actor handle) of every node; the name is also its log's (WORKDIR/logs/NAME.err)."""
@@ -118,6 +120,11 @@ def _actor(cls, kind: str, **options):
                     max_concurrency=4, **options)(cls)
 
 
+def _needs(kind: str, gpus: float = 0) -> dict[str, float]:
+  """The resources a node of this kind asks Ray for, as Ray names them."""
+  return {'CPU': NUM_CPUS[kind], **({'GPU': gpus} if gpus else {})}
+
+
 def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
           learner_gpus: float = 0, initial_params=None, *, learner_node: Optional[type] = None,
           num_inserters: Optional[int] = None, actors: Optional[ActorSpec] = None,
@@ -130,7 +137,7 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
   `cfg.data.num_inserters`; 0: only actors feed the replay). `actors`: fine-tuning actors.
   `replay_pacing`: a `reverb_tables.TablePacing` on every table (online fine-tuning; None: the
   offline tables, which never block the learner)."""
-  RestartBudget.from_config(cfg)  # a bad budget fails here, before any node starts
+  _Watcher.from_config(cfg)  # a bad restart budget or placement timeout fails before any node
   learner_node = learner_node or nodes.LearnerNode
   num_inserters = cfg.data.num_inserters if num_inserters is None else num_inserters
   # No evaluators at all is allowed here (benchmarks); the train command asks for >= 1.
@@ -165,8 +172,15 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: i
           seed=cfg.train.seed, max_episode_frames=actors.max_episode_frames,
           sticky_action_prob=actors.sticky_action_prob)
       for i in range(actors.num_actors)]
+  needs = dict(replay=_needs('replay'), learner=_needs('learner', learner_gpus),
+               **{f'inserter_{i}': _needs('inserter') for i in range(num_inserters)},
+               **{f'evaluator_{i}': _needs('evaluator', cfg.eval.gpus_per_evaluator)
+                  for i in range(len(evaluators))},
+               **{f'actor_{i}': _needs('actor') for i in range(len(actor_nodes))},
+               **{f'variable_shard_{i}': _needs('variable_shard')
+                  for i in range(len(variables.shards))})
   return Program(cfg, workdir, replay, replay_name, inserters, learner, variables, evaluators,
-                 evaluator_games, actor_nodes)
+                 evaluator_games, actor_nodes, needs)
 
 
 def security_notice(program: Program, timeout_s: float = 300.0) -> str:
@@ -239,16 +253,64 @@ def _gcs_actor_info(handle) -> dict:
   return state.actors(actor_id=handle._actor_id.hex())  # pylint: disable=protected-access
 
 
+# A node Ray has not placed shows in the progress line after this long: Ray starting its worker
+# process also takes a moment.
+UNPLACED_SHOWN_AFTER_S = 30.0
+
+
+def _unplaced(info: dict) -> bool:
+  """Whether Ray has yet to give the node a worker process (it waits for resources that no node
+  of the cluster has free, or for its worker to start). A node running its constructor has a pid;
+  a restarting one keeps its old pid in the GCS record, so only a first placement is seen."""
+  return (info.get('State') in ('DEPENDENCIES_UNREADY', 'PENDING_CREATION')
+          and not int(info.get('Pid') or 0))
+
+
+def format_resources(resources: dict) -> str:
+  """`CPU 1, GPU 1` (Ray's names; a float share like 0.5 as such)."""
+  return ', '.join(f'{k} {v:g}' for k, v in sorted(resources.items()))
+
+
+def _cluster_resources(names) -> dict[str, tuple[float, float]]:
+  """{resource: (free, total)} in the Ray cluster, for CPU, GPU and the given names."""
+  free, total = ray.available_resources(), ray.cluster_resources()
+  return {k: (free.get(k, 0.0), total.get(k, 0.0)) for k in sorted({'CPU', 'GPU', *names})}
+
+
+def format_cluster(cluster: dict) -> str:
+  return ', '.join(f'{k} {free:g}/{total:g}' for k, (free, total) in cluster.items())
+
+
 class _Watcher:
   """Non-blocking status polls: one `status()` call in flight per node; a node that is still
   being built or restarting shows as None until it answers. `health()` reads every node's
-  restart count from Ray and applies the `RestartBudget`."""
+  restart count from Ray and applies the `RestartBudget`, and times how long Ray has left each
+  node unplaced (`placement_timeout_s`; None: no limit)."""
 
-  def __init__(self, budget: Optional[RestartBudget] = None):
+  def __init__(self, budget: Optional[RestartBudget] = None,
+               placement_timeout_s: Optional[float] = None):
     self._pending: dict = {}
     self._last: dict = {}
     self._budget = budget
     self._health: dict[str, dict] = {}
+    self._placement_timeout_s = placement_timeout_s
+    self._unplaced_since: dict[str, float] = {}
+
+  @classmethod
+  def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
+    timeout = cfg.train.placement_timeout_s
+    if timeout is not None and timeout <= 0:
+      raise ValueError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
+                       f'{timeout}')
+    return cls(RestartBudget.from_config(cfg), timeout)
+
+  def unplaced(self, program: Program, now: Optional[float] = None) -> dict[str, dict]:
+    """{node: dict(seconds, needs)} of the nodes Ray has left unplaced for at least
+    UNPLACED_SHOWN_AFTER_S (as of the last `health()`)."""
+    now = time.monotonic() if now is None else now
+    return {name: dict(seconds=now - since, needs=program.needs.get(name, {}))
+            for name, since in sorted(self._unplaced_since.items())
+            if now - since >= UNPLACED_SHOWN_AFTER_S}
 
   @property
   def last_health(self) -> dict[str, dict]:
@@ -263,6 +325,7 @@ class _Watcher:
       if not info:
         continue
       restarts = int(info.get('NumRestarts', 0))
+      self._check_placed(program, name, info, now)
       if info.get('State') == 'DEAD':
         raise NodeLost(f'{name} died and cannot be restarted:\n'
                        f'{_crash_log(program.workdir, name, info)}')
@@ -286,6 +349,22 @@ class _Watcher:
             f'{self._budget.max_restarts}, train.crash_loop_window_s={self._budget.window_s:g}): '
             f'a crash loop. Last error:\n{_crash_log(program.workdir, name, info)}')
     return {k: dict(v) for k, v in self._health.items()}
+
+  def _check_placed(self, program: Program, name: str, info: dict, now: float) -> None:
+    """Times the node while Ray leaves it unplaced; raises NodeLost past the placement timeout."""
+    if not _unplaced(info):
+      self._unplaced_since.pop(name, None)
+      return
+    waited = now - self._unplaced_since.setdefault(name, now)
+    if self._placement_timeout_s is None or waited <= self._placement_timeout_s:
+      return
+    needs = program.needs.get(name, {})
+    raise NodeLost(
+        f'{name} was never started: for {waited:.0f}s Ray found no node with '
+        f'{format_resources(needs) or "what it asks for"} free (the cluster, free/total: '
+        f'{format_cluster(_cluster_resources(needs))}). Add a node that has them (or let the '
+        'autoscaler add one), ask for less (--learner-gpus, --evaluator-gpus), or wait longer '
+        f'(train.placement_timeout_s={self._placement_timeout_s:g})')
 
   def status(self, handle, wait_s: float = 0.5) -> Optional[dict]:
     """The node's newest status; raises NodeLost when it is dead with no restarts left."""
@@ -332,6 +411,10 @@ class ProgramStatus:
   inserters: list = dataclasses.field(default_factory=list)
   # {node: dict(restarts, in_window, last_error)} of every node restarted so far
   health: dict = dataclasses.field(default_factory=dict)
+  # {node: dict(seconds, needs)} of the nodes Ray has not placed for UNPLACED_SHOWN_AFTER_S,
+  # and then the cluster's {resource: (free, total)}
+  unplaced: dict = dataclasses.field(default_factory=dict)
+  cluster: dict = dataclasses.field(default_factory=dict)
 
   def data_counts(self) -> dict[str, int]:
     """Bad data the inserters skipped so far, summed: corrupt (unreadable) files and undecodable
@@ -352,7 +435,7 @@ class ProgramStatus:
 
 def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
   """Every node's status and health; raises NodeLost (see `_Watcher.health`)."""
-  watcher = watcher or _Watcher(RestartBudget.from_config(program.cfg))
+  watcher = watcher or _Watcher.from_config(program.cfg)
   health = watcher.health(program)
   statuses = {}
   for name, handle in program.nodes():
@@ -363,11 +446,15 @@ def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
     except NodeLost as e:
       raise NodeLost(f'{name} died and cannot be restarted: {e}\n'
                      f'{_crash_log(program.workdir, name)}') from e
+  unplaced = watcher.unplaced(program)
+  cluster = _cluster_resources(
+      {k for u in unplaced.values() for k in u['needs']}) if unplaced else {}
   return ProgramStatus(
       statuses['learner'], statuses['replay'],
       [statuses[f'evaluator_{i}'] for i in range(len(program.evaluators))],
       [statuses[f'actor_{i}'] for i in range(len(program.actors))],
-      [statuses[f'inserter_{i}'] for i in range(len(program.inserters))], health)
+      [statuses[f'inserter_{i}'] for i in range(len(program.inserters))], health, unplaced,
+      cluster)
 
 
 def format_health(health: dict) -> str:
@@ -395,8 +482,19 @@ def format_progress(status: ProgramStatus, started: float,
     loss = s['metrics'].get('loss')
     if loss is not None:
       parts.append(f'loss {loss:.3f}')
+  elif 'learner' in status.unplaced:
+    u = status.unplaced['learner']
+    parts.append(f"learner (not placed by Ray for {u['seconds']:.0f}s: asks for "
+                 f"{format_resources(u['needs'])})")
   else:
     parts.append('learner (starting)')
+  others = {k: u for k, u in status.unplaced.items() if k != 'learner'}
+  if others:
+    parts.append('not placed by Ray: ' + ', '.join(
+        f"{name} {u['seconds']:.0f}s ({format_resources(u['needs'])})"
+        for name, u in others.items()))
+  if status.cluster:
+    parts.append(f'cluster free/total {format_cluster(status.cluster)}')
   if status.replay:
     sizes = status.replay['table_sizes']
     parts.append('replay ' + ','.join(f'{g[:8]}={n}' for g, n in sizes.items()))
@@ -518,7 +616,7 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   pushed_counts: dict = {}
   final_steps = program.cfg.eval.final_steps_per_game or program.cfg.eval.steps_per_game
   budget_s = None if deadline is None else deadline - started
-  watcher = _Watcher(RestartBudget.from_config(program.cfg))
+  watcher = _Watcher.from_config(program.cfg)
   with _StopRequest() as stop:
     try:
       try:
@@ -580,8 +678,11 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
     watcher._last = dict(seen._last)  # pylint: disable=protected-access
   t0 = time.time()
   try:
-    final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
-    log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
+    if _unplaced(_gcs_actor_info(program.learner) or {}):  # it would answer stop() once placed
+      log('learner never started: nothing to checkpoint')
+    else:
+      final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
+      log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     log(f'learner did not stop cleanly: {type(e).__name__}: {e}')
   if final_step is not None and final_eval_timeout_s and program.evaluators:
