@@ -179,3 +179,51 @@ def test_a_restored_learner_is_exact_with_an_update_from_the_persistent_cache(tm
                        text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr[-3000:]
   assert 'verdict: exact' in out.stdout, out.stdout
+
+
+_FULL_DISK_RUN = """
+mount -t tmpfs -o size=700k tmpfs "$1" || exit 99
+shift
+"$@" > "$MNT_OUT" 2> "$MNT_ERR"
+echo "exit=$?"
+ls "$MNT_DIR/W/checkpoints"
+"""
+
+
+def test_learn_on_a_full_disk_ends_with_a_clear_error_and_keeps_the_last_checkpoint(
+    tiny_dataset_dir, tmp_path):
+  """A workdir whose filesystem fills up: `learn` (cpu_tiny, a checkpoint every 10 steps of
+  ~0.45 MB) on a 700 KB tmpfs, mounted in a user + mount namespace of its own (no root needed).
+  Before: exit 1 after 640 lines of stderr (Orbax's RESOURCE_EXHAUSTED traceback, then its
+  pending writes failing at interpreter shutdown), and the partial save's folder left, taking the
+  space. Now: one `error:` line naming the folder, the cause and the checkpoint a rerun resumes
+  from, which is intact; the partial save is removed."""
+  import subprocess
+  import sys
+  mnt = tmp_path / 'small_disk'
+  mnt.mkdir()
+  probe = subprocess.run(['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+                          f'mount -t tmpfs -o size=64k tmpfs {mnt}'], capture_output=True)
+  if probe.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs in a user namespace here: {probe.stderr.decode()[:200]}')
+  out, err = tmp_path / 'out.log', tmp_path / 'err.log'
+  env = dict(os.environ, MNT_DIR=str(mnt), MNT_OUT=str(out), MNT_ERR=str(err))
+  listing = subprocess.run(
+      ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', _FULL_DISK_RUN, 'sh',
+       str(mnt), sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny',
+       '--data-dir', tiny_dataset_dir, '--workdir', str(mnt / 'W'), '--steps', '60'],
+      capture_output=True, text=True, timeout=300, env=env).stdout.split()
+  stderr = err.read_text()
+  assert listing[0] == 'exit=1', (listing, stderr[-3000:])
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  error = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert len(error) == 1 and 'No space left on device' in error[0], stderr[-3000:]
+  failed = int(error[0].split('error: checkpoint ')[1].split()[0])
+  assert f'could not be written to {mnt}/W/checkpoints' in error[0], error
+  kept = listing[1:]  # the partial save's folder is gone: only complete checkpoints
+  assert all(name.isdigit() for name in kept), kept
+  if kept:
+    assert f'The newest complete checkpoint is step {max(kept, key=int)}:' in error[0], error
+    assert int(max(kept, key=int)) < failed
+  else:
+    assert 'No checkpoint is complete' in error[0], error

@@ -11,11 +11,19 @@ falls back to the newest checkpoint that loads (`restore`, `load_params`). A che
 with a different config is not corruption: that raises `ConfigMismatchError`. Orbax's temporary
 folders left by an interrupted save (`<step>.orbax-checkpoint-tmp-*`) are removed when the
 learner's manager is made (`make_manager`; only the learner writes checkpoints).
+
+A save that fails for want of space (ENOSPC, or EDQUOT: a quota) removes its temporary folder
+and raises `CheckpointWriteError`, which names the folder, the space left and the newest
+complete checkpoint, from which a rerun resumes.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
+import shutil
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -40,6 +48,63 @@ def checkpoint_dir(workdir: str) -> str:
 
 class ConfigMismatchError(ValueError):
   """The checkpoint was written with a different games/network/agent config."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written: the filesystem is full (or over its quota)."""
+
+
+_NO_SPACE = {errno.ENOSPC: ('ENOSPC', 'No space left on device'),
+             errno.EDQUOT: ('EDQUOT', 'Disk quota exceeded')}
+
+
+class _AbandonedWrites(logging.Filter):
+  """asyncio's "Task exception was never retrieved" reports of the failed save's other writes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ('never retrieved' in record.getMessage() and error is not None
+                and _no_space(error) is not None)
+
+
+def _drop_reports_of_abandoned_writes() -> None:
+  """After a save failed for want of space: Orbax's other writes of that save are abandoned
+  asyncio tasks, and Python reports each one when it is collected or the interpreter shuts down
+  (asyncio's "Task exception was never retrieved" with the same ENOSPC, or "Exception ignored in:
+  <coroutine object _write_shard ...>"): hundreds of traceback lines after the error. Drops
+  those reports, and only those (no-space errors; coroutines of Orbax's code); anything else
+  still goes to the logger and to the unraisable hook that was there."""
+  asyncio_log = logging.getLogger('asyncio')
+  if not any(isinstance(f, _AbandonedWrites) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedWrites())
+  previous = sys.unraisablehook
+  if getattr(previous, 'scaled_ql_drops_orbax_writes', False):
+    return
+
+  def hook(report):
+    code = getattr(report.object, 'cr_code', None)
+    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+      return
+    previous(report)
+
+  hook.scaled_ql_drops_orbax_writes = True
+  sys.unraisablehook = hook
+
+
+def _no_space(error: BaseException) -> Optional[str]:
+  """'No space left on device' / 'Disk quota exceeded' when `error` or an exception it was raised
+  from is one (an OSError's errno, or the text of TensorStore's errors, which Orbax raises as
+  ValueError: RESOURCE_EXHAUSTED ... [OS error 28: ENOSPC ...]); else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+      return _NO_SPACE[error.errno][1]
+    for code, text in _NO_SPACE.values():
+      if code in str(error) or text in str(error):
+        return text
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def make_manager(workdir: str, read_only: bool = False, keep_period: Optional[int] = None
@@ -73,9 +138,27 @@ def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> i
         f'checkpoint (step {manager.latest_step()}) is kept in {manager.directory}')
   if manager.latest_step() == step:
     return step  # already saved (e.g. a periodic save followed by a SIGTERM save)
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(cfg.to_dict())))
-  manager.wait_until_finished()
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(cfg.to_dict())))
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _no_space(e)
+    if reason is None:
+      raise
+    _drop_reports_of_abandoned_writes()
+    directory = os.fspath(manager.directory)
+    for tmp in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp-*')):
+      shutil.rmtree(tmp, ignore_errors=True)  # what it wrote: the space is the problem
+    free = shutil.disk_usage(directory).free
+    latest = manager.latest_step()
+    raise CheckpointWriteError(
+        f'checkpoint {step} could not be written to {directory}: {reason} ({free / 2**20:.1f} '
+        'MiB free there now, after removing the partial save). '
+        + (f'The newest complete checkpoint is step {latest}: free some space (or move the '
+           'workdir) and run the same command again to resume from it.' if latest is not None
+           else 'No checkpoint is complete: free some space (or choose another --workdir) and '
+           'run the same command again.')) from e
   return step
 
 
