@@ -211,7 +211,7 @@ def test_learn_on_a_full_disk_ends_with_a_clear_error_and_keeps_the_last_checkpo
   listing = subprocess.run(
       ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', _FULL_DISK_RUN, 'sh',
        str(mnt), sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny',
-       '--data-dir', tiny_dataset_dir, '--workdir', str(mnt / 'W'), '--steps', '60'],
+       '--data-dir', tiny_dataset_dir, '--workdir', str(mnt / 'W'), '--steps', '30'],
       capture_output=True, text=True, timeout=300, env=env).stdout.split()
   stderr = err.read_text()
   assert listing[0] == 'exit=1', (listing, stderr[-3000:])
