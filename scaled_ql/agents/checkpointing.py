@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -130,6 +131,30 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+# How long a failed save's partial folder is retried: TensorStore's writes of the save can still
+# be creating files in it after the save raised.
+PARTIAL_SAVE_REMOVAL_S = 10.0
+
+
+def _remove_partial_save(directory: str, step: int) -> list[str]:
+  """Removes `<step>.orbax-checkpoint-tmp-*` (the space is the problem), retrying while writes
+  still in flight add files to it (or make it again), until it has stayed away for a second;
+  returns what is left after PARTIAL_SAVE_REMOVAL_S."""
+  pattern = os.path.join(directory, f'{step}.orbax-checkpoint-tmp-*')
+  deadline = time.monotonic() + PARTIAL_SAVE_REMOVAL_S
+  gone_since = None
+  while True:
+    left = glob.glob(pattern)
+    for tmp in left:
+      shutil.rmtree(tmp, ignore_errors=True)
+    left = [tmp for tmp in left if os.path.exists(tmp)]
+    now = time.monotonic()
+    gone_since = (gone_since or now) if not left else None
+    if (gone_since is not None and now - gone_since >= 1.0) or now > deadline:
+      return left
+    time.sleep(0.2)
+
+
 def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> int:
   step = int(state.step)
   if not bool(_all_finite((state.params, state.behaviour_params, state.target_params))):
@@ -148,13 +173,14 @@ def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> i
       raise
     _drop_reports_of_abandoned_writes()
     directory = os.fspath(manager.directory)
-    for tmp in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp-*')):
-      shutil.rmtree(tmp, ignore_errors=True)  # what it wrote: the space is the problem
+    left = _remove_partial_save(directory, step)
     free = shutil.disk_usage(directory).free
     latest = manager.latest_step()
+    removed = (f'could not remove the partial save {left[0]}' if left else
+               'after removing the partial save')
     raise CheckpointWriteError(
         f'checkpoint {step} could not be written to {directory}: {reason} ({free / 2**20:.1f} '
-        'MiB free there now, after removing the partial save). '
+        f'MiB free there now, {removed}). '
         + (f'The newest complete checkpoint is step {latest}: free some space (or move the '
            'workdir) and run the same command again to resume from it.' if latest is not None
            else 'No checkpoint is complete: free some space (or choose another --workdir) and '
