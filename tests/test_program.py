@@ -563,11 +563,28 @@ def test_nodes_ray_cannot_place_are_shown_and_end_the_run_at_the_placement_timeo
   assert 'learner (not placed by Ray for ' in shown[-1] and 'asks for CPU 1, GPU 1)' in shown[-1]
   assert 'not placed by Ray: evaluator_0 ' in shown[-1] and '(CPU 1, GPU 0.5)' in shown[-1]
   assert 'cluster free/total CPU ' in shown[-1] and 'GPU 0/0' in shown[-1]
-  assert 'learner never started: nothing to checkpoint' in lines, lines
+  assert 'learner not running (Ray has not placed it): nothing to checkpoint' in lines, lines
   # No 30-s wait for a stop() the unplaced learner could never answer.
   assert elapsed < 5.0 + 20.0, (elapsed, lines)
   with pytest.raises(ValueError, match='placement_timeout_s'):
     program.build(cfg.replace(train=dict(placement_timeout_s=0.0)), '/nonexistent', 1, 1)
+
+
+def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():
+  """`_unplaced` on Ray 2.60's GCS actor records as probed (2026-12-05; docs/reliability.md):
+  an actor asking for a GPU no node has, one whose constructor sleeps, and one whose restart
+  waits for a custom resource another actor took meanwhile (it keeps its old pid; its address
+  is gone). A restart whose worker is placed at once is not unplaced."""
+  node = 'f826b180048301a1d96f13be88276fa38db5e9de9bda5dde3b0fcd24'
+  gone = {'IPAddress': '', 'Port': 0, 'NodeID': node}
+  there = {'IPAddress': '192.0.2.2', 'Port': 43339, 'NodeID': node}
+  assert program._unplaced({'State': 'PENDING_CREATION', 'Pid': 0, 'Address': gone})
+  assert program._unplaced({'State': 'DEPENDENCIES_UNREADY', 'Pid': 0, 'Address': gone})
+  assert program._unplaced({'State': 'RESTARTING', 'Pid': 24265, 'Address': gone})
+  assert not program._unplaced({'State': 'PENDING_CREATION', 'Pid': 22573, 'Address': there})
+  assert not program._unplaced({'State': 'RESTARTING', 'Pid': 24265, 'Address': there})
+  assert not program._unplaced({'State': 'ALIVE', 'Pid': 24266, 'Address': there})
+  assert not program._unplaced({'State': 'DEAD', 'Pid': 0, 'Address': gone})
 
 
 def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_dir, tmp_path):

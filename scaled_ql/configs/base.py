@@ -183,7 +183,7 @@ class TrainConfig:
   # `crash_loop_window_s` seconds are a crash loop: the program ends with that node's traceback.
   crash_loop_restarts: int = 3
   crash_loop_window_s: float = 600.0  # the window of crash_loop_restarts, in seconds
-  # A node Ray has not placed on a worker this many seconds after the program started it (no
+  # A node Ray has not placed on a worker for this many seconds, at its start or a restart (no
   # node of the cluster has the CPUs/GPUs it asks for free) ends the program, naming the node and
   # what it asks for. On a cluster the autoscaler may need minutes to add a GPU node; None waits
   # without limit. A local run's GPUs are checked before any node starts (run.check_gpus).

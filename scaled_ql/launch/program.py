@@ -259,11 +259,12 @@ UNPLACED_SHOWN_AFTER_S = 30.0
 
 
 def _unplaced(info: dict) -> bool:
-  """Whether Ray has yet to give the node a worker process (it waits for resources that no node
-  of the cluster has free, or for its worker to start). A node running its constructor has a pid;
-  a restarting one keeps its old pid in the GCS record, so only a first placement is seen."""
-  return (info.get('State') in ('DEPENDENCIES_UNREADY', 'PENDING_CREATION')
-          and not int(info.get('Pid') or 0))
+  """Whether Ray has yet to give the node a worker (it waits for resources that no node of the
+  cluster has free, or for its worker to start), at its first start or at a restart. Ray 2.60's
+  GCS record then has no address (port 0); a node running its constructor has one. (A
+  restarting node keeps its old pid in the record, so the pid does not tell.)"""
+  return (info.get('State') in ('DEPENDENCIES_UNREADY', 'PENDING_CREATION', 'RESTARTING')
+          and not int((info.get('Address') or {}).get('Port') or 0))
 
 
 def format_resources(resources: dict) -> str:
@@ -359,8 +360,10 @@ class _Watcher:
     if self._placement_timeout_s is None or waited <= self._placement_timeout_s:
       return
     needs = program.needs.get(name, {})
+    what = ('could not be restarted' if info.get('State') == 'RESTARTING' else
+            'was never started')
     raise NodeLost(
-        f'{name} was never started: for {waited:.0f}s Ray found no node with '
+        f'{name} {what}: for {waited:.0f}s Ray found no node with '
         f'{format_resources(needs) or "what it asks for"} free (the cluster, free/total: '
         f'{format_cluster(_cluster_resources(needs))}). Add a node that has them (or let the '
         'autoscaler add one), ask for less (--learner-gpus, --evaluator-gpus), or wait longer '
@@ -679,7 +682,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   t0 = time.time()
   try:
     if _unplaced(_gcs_actor_info(program.learner) or {}):  # it would answer stop() once placed
-      log('learner never started: nothing to checkpoint')
+      log('learner not running (Ray has not placed it): nothing to checkpoint')
     else:
       final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
