@@ -3,6 +3,7 @@ batches)."""
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -522,6 +523,53 @@ def test_sigterm_ends_a_learn_run_waiting_for_data_with_a_checkpoint(tiny_datase
   assert proc.returncode == 0, out[-3000:]
   assert 'SIGTERM received while waiting for data: stopped after step 0' in out, out[-3000:]
   assert checkpointing.load_params(str(workdir))[2] == 0
+
+
+def _children(pid: int, tag: str) -> list[int]:
+  """pids of the processes whose parent is `pid` and whose command line holds `tag`."""
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        parent = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        cmdline = f.read().replace(b'\0', b' ').decode(errors='replace')
+    except (OSError, ValueError, IndexError):
+      continue
+    if parent == pid and tag in cmdline:
+      found.append(int(entry))
+  return found
+
+
+def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_dir, tmp_path):
+  """`learn`'s own Reverb server SIGKILLed while the learner trains: before, the learner waited
+  for data for ever without a word (and the inserter retried); now the run stops at its step
+  with a checkpoint of it and exits 1 naming the server and the signal."""
+  import time
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
+       tiny_dataset_dir, '--workdir', str(workdir), '--steps', '100000'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not (workdir / 'checkpoints' / '10').is_dir():  # the learner is training
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+      time.sleep(0.2)
+    servers = _children(proc.pid, 'reverb_tables serve')
+    inserters = _children(proc.pid, 'reverb_tables insert')
+    assert len(servers) == 1 and inserters, (servers, inserters)
+    os.kill(servers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 1, err[-3000:]
+  message = re.search(r'error: the Reverb server \(pid (\d+)\) was killed by SIGKILL while the '
+                      r'learner trained: the run stopped after step (\d+), with a checkpoint', err)
+  assert message and int(message.group(1)) == servers[0], err[-3000:]
+  assert checkpointing.load_params(str(workdir))[2] == int(message.group(2)) >= 10
+  assert not [pid for pid in inserters if os.path.exists(f'/proc/{pid}')], 'inserter left behind'
 
 
 # ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------

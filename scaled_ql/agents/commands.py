@@ -79,7 +79,8 @@ def _run(args: argparse.Namespace, cfg) -> int:
   from scaled_ql.agents.runner import LearnerRunner, NonFiniteLossError
   from scaled_ql.datasets.mc_probe import load_mc_probe
   from scaled_ql.datasets import reverb_tables
-  server, inserters, batches, learner = None, [], None, None
+  server, inserters, batches, learner, watch = None, [], None, None, None
+  ended = []  # a data process of this run that ended while the learner trained
   try:
     address = args.reverb
     if address is None:
@@ -88,6 +89,15 @@ def _run(args: argparse.Namespace, cfg) -> int:
       inserters = reverb_tables.start_inserter_processes(address, cfg)
       print(f'reverb server at {address}, {len(inserters)} inserter(s)', flush=True)
     batches = reverb_tables.stratified_batches(address, cfg.games, cfg, seed=cfg.train.seed)
+    if server is not None:  # this run's own server and inserters: one that ends ends the run
+
+      def data_process_ended(message: str) -> None:
+        ended.append(message)
+        batches.close(timeout_s=0)  # the learner stops at its step, with a checkpoint
+
+      watch = reverb_tables.watch_processes(
+          {'the Reverb server': server.proc,
+           **{f'inserter {i}': proc for i, proc in enumerate(inserters)}}, data_process_ended)
     # Q(s, a_data) against Monte-Carlo returns on a fixed set of the run's data, in the metrics.
     # A SIGTERM/SIGINT while the learner waits for data (tables below their warm-up, a server
     # that went away) closes the batches: the wait ends, with a checkpoint, as at a step's end.
@@ -98,6 +108,11 @@ def _run(args: argparse.Namespace, cfg) -> int:
     steps = learner.run()
     print(f'learner stopped at step {steps}; checkpoints in {args.workdir}/checkpoints',
           flush=True)
+    if ended:
+      print(f'error: {ended[0]} while the learner trained: the run stopped after step {steps}, '
+            'with a checkpoint of it; run the same command again to resume from it',
+            file=sys.stderr)
+      return 1
     return 0
   except NonFiniteLossError as e:
     print(f'scaled-ql learn: {e}', file=sys.stderr)
@@ -106,10 +121,12 @@ def _run(args: argparse.Namespace, cfg) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   finally:
+    if watch is not None:
+      watch.set()  # what follows stops them on purpose
     if learner is not None:
       learner.close()
-    if batches is not None:
-      batches.close()
+    if batches is not None:  # (its sampler may be stuck on a dead server: a daemon thread)
+      batches.close(timeout_s=1.0 if ended else 10.0)
     reverb_tables.stop_processes(inserters)
     if server is not None:
       server.stop()

@@ -350,6 +350,29 @@ class ServerProcess:
     self.stop()
 
 
+def watch_processes(procs: Mapping[str, subprocess.Popen], on_exit: Callable[[str], None],
+                    poll_s: float = 1.0) -> threading.Event:
+  """Calls `on_exit('NAME (pid P) was killed by SIGKILL' / '... exited with code C')` once, from
+  a daemon thread, when one of `procs` ends. Returns the Event that ends the watch: set it before
+  stopping them on purpose. (`learn`'s server and inserters run until it stops them; one that
+  ended left the learner waiting for data, or training on what the tables held, without a word.)"""
+  done = threading.Event()
+
+  def watch():
+    while not done.wait(poll_s):
+      for name, proc in procs.items():
+        code = proc.poll()
+        if code is not None and not done.is_set():
+          how = f'exited with code {code}' if code >= 0 else f'was killed by signal {-code}'
+          if code < 0 and -code in {sig.value for sig in signal.Signals}:
+            how = f'was killed by {signal.Signals(-code).name}'
+          on_exit(f'{name} (pid {proc.pid}) {how}')
+          return
+
+  threading.Thread(target=watch, daemon=True, name='watch_processes').start()
+  return done
+
+
 def start_server_process(cfg: ExperimentConfig, port: Optional[int] = None,
                          timeout_s: float = 60.0,
                          pacing: Optional[TablePacing] = None) -> ServerProcess:
