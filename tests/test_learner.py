@@ -541,21 +541,29 @@ def _children(pid: int, tag: str) -> list[int]:
   return found
 
 
+def _learn_until_checkpoint(data_dir, workdir, step: int) -> subprocess.Popen:
+  """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists."""
+  import time
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
+       data_dir, '--workdir', str(workdir), '--steps', '100000'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  deadline = time.monotonic() + 120
+  while not (workdir / 'checkpoints' / str(step)).is_dir():  # the learner is training
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(proc.communicate()[1][-3000:])
+    time.sleep(0.2)
+  return proc
+
+
 def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_dir, tmp_path):
   """`learn`'s own Reverb server SIGKILLed while the learner trains: before, the learner waited
   for data for ever without a word (and the inserter retried); now the run stops at its step
   with a checkpoint of it and exits 1 naming the server and the signal."""
-  import time
   workdir = tmp_path / 'w'
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
-       tiny_dataset_dir, '--workdir', str(workdir), '--steps', '100000'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = _learn_until_checkpoint(tiny_dataset_dir, workdir, 10)
   try:
-    deadline = time.monotonic() + 120
-    while not (workdir / 'checkpoints' / '10').is_dir():  # the learner is training
-      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-      time.sleep(0.2)
     servers = _children(proc.pid, 'reverb_tables serve')
     inserters = _children(proc.pid, 'reverb_tables insert')
     assert len(servers) == 1 and inserters, (servers, inserters)

@@ -108,7 +108,9 @@ def _run(args: argparse.Namespace, cfg) -> int:
     steps = learner.run()
     print(f'learner stopped at step {steps}; checkpoints in {args.workdir}/checkpoints',
           flush=True)
-    if ended:
+    # A Ctrl-C in a terminal also reaches the server and inserters (one process group): their
+    # end is then this stop's, not a failure.
+    if ended and learner.stop_signal is None:
       print(f'error: {ended[0]} while the learner trained: the run stopped after step {steps}, '
             'with a checkpoint of it; run the same command again to resume from it',
             file=sys.stderr)

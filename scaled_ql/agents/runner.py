@@ -198,6 +198,11 @@ class LearnerRunner:
   def steps(self) -> int:
     return self._learner.steps
 
+  @property
+  def stop_signal(self) -> Optional[int]:
+    """The SIGTERM/SIGINT that stopped the run, or None."""
+    return self._stop_signal
+
   def step_ms(self, last: Optional[int] = None) -> dict:
     """`step_time_percentiles` of the last `last` steps (default: all STEP_TIMES_KEPT kept; {}
     before the first)."""
