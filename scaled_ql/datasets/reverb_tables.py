@@ -363,9 +363,11 @@ def watch_processes(procs: Mapping[str, subprocess.Popen], on_exit: Callable[[st
       for name, proc in procs.items():
         code = proc.poll()
         if code is not None and not done.is_set():
-          how = f'exited with code {code}' if code >= 0 else f'was killed by signal {-code}'
-          if code < 0 and -code in {sig.value for sig in signal.Signals}:
-            how = f'was killed by {signal.Signals(-code).name}'
+          try:
+            how = (f'exited with code {code}' if code >= 0 else
+                   f'was killed by {signal.Signals(-code).name}')
+          except ValueError:  # a signal number without a name
+            how = f'was killed by signal {-code}'
           on_exit(f'{name} (pid {proc.pid}) {how}')
           return
 
