@@ -577,6 +577,9 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
                       r'learner trained: the run stopped after step (\d+), with a checkpoint', err)
   assert message and int(message.group(1)) == servers[0], err[-3000:]
   assert checkpointing.load_params(str(workdir))[2] == int(message.group(2)) >= 10
+  # The runner's own line names the same cause (it said "the data iterator is exhausted").
+  assert (f'the Reverb server (pid {servers[0]}) was killed by SIGKILL: stopped after step '
+          f'{message.group(2)}') in out, out[-3000:]
   assert not [pid for pid in inserters if os.path.exists(f'/proc/{pid}')], 'inserter left behind'
 
 

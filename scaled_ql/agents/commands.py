@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     # A SIGTERM/SIGINT while the learner waits for data (tables below their warm-up, a server
     # that went away) closes the batches: the wait ends, with a checkpoint, as at a step's end.
     learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg),
-                            wake=end_the_data)
+                            wake=end_the_data, data_end_reason=lambda: ended[0] if ended else None)
     if learner.restore():
       print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
     steps = learner.run()
