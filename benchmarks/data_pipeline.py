@@ -15,6 +15,7 @@ machine a figure is only as good as the load it was measured under). In order:
 5. learner fed by the pipeline: `Learner.step()`/s over (2), with the same CPU accounting.
 6. learner alone again (exposes load drift between 2 and 5).
 7. storage: server RSS growth per transition held (every table full) against one 84x84 frame.
+`--perf PERF_DATA` records (4) with Linux `perf` and prints its top symbols by self time.
 `--memory` adds server/inserter RSS after streaming a small and a large selection.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -98,6 +100,30 @@ class Meter:
                                 for k, p in self.groups.items()})
 
 
+def start_perf(out: str, seconds: float):
+  """`perf record` of this process (the learner's side of the data path) for `seconds`."""
+  import subprocess
+  return subprocess.Popen(['perf', 'record', '-F', '499', '-g', '-p', str(os.getpid()), '-o', out,
+                           '--', 'sleep', str(seconds)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def print_perf_top(perf, out: str, top: int = 15) -> None:
+  """Waits for `start_perf`'s recording and prints its top symbols by self time."""
+  import subprocess
+  _, err = perf.communicate()
+  report = subprocess.run(['perf', 'report', '-i', out, '--no-children', '--sort', 'dso,symbol',
+                           '--stdio', '-g', 'none'], capture_output=True, text=True).stdout
+  rows = [line.rstrip() for line in report.splitlines()
+          if line.strip() and not line.startswith('#')][:top]
+  if not rows:
+    raise RuntimeError(f'perf recorded nothing (exit {perf.returncode}): {err.strip()[-500:]}')
+  print(f'perf: the learner process while sampling alone, top {top} symbols by self time '
+        f'({out}):', flush=True)
+  for line in rows:
+    print('  ' + line[:150], flush=True)
+
+
 def run(cfg, args) -> list[dict]:
   from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
@@ -143,12 +169,15 @@ def run(cfg, args) -> list[dict]:
       for _ in range(5):
         next(batches)  # warm up
       me = [os.getpid()]
+      perf = start_perf(args.perf, args.seconds) if args.perf else None
       meter = Meter(dict(learner=me, server=[server.pid], inserters=ins_pids))
       n = 0
       while time.perf_counter() - meter.t0 < args.seconds:
         next(batches)
         n += 1
       m = meter.stop()
+      if perf is not None:
+        print_perf_top(perf, args.perf)
       delivered = n * batch
       row('sampling alone (learner idle): delivered', delivered / m['wall_s'], 'transitions/s',
           'target >= 20000 on 2 cores')
@@ -242,7 +271,12 @@ def main(argv=None) -> int:
                  help='smaller than the small selection, so that both fill the tables')
   p.add_argument('--timeout_s', type=float, default=600.0)
   p.add_argument('--out', default=None, help='write the results as JSON here')
+  p.add_argument('--perf', default=None, metavar='PERF_DATA',
+                 help='record `perf` of the learner process while it samples alone (4), write '
+                      'it here and print its top symbols (needs Linux perf)')
   args = p.parse_args(argv)
+  if args.perf and shutil.which('perf') is None:
+    p.error('--perf: no `perf` command on PATH (Linux perf: e.g. apt install linux-tools-generic)')
   cfg = configs.get_config(args.config)
   cfg = cfg.replace(data=dict(data_dir=args.data_dir, selection=args.selection,
                               shuffle_buffer_per_game=args.buffer_per_game,
