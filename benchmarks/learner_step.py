@@ -18,6 +18,9 @@ The baseline (`--dopamine`, on by default; `--no-dopamine` skips it): Dopamine's
 training step (`benchmarks/dopamine_c51.py`, c51.gin: batch 32, 18 actions by default), timed
 after our configs in the same process with the same loop and the same cost analysis, on one
 device, in float32. Each of our rows then gets ours_FLOP/s / dopamine_FLOP/s.
+
+Beside each row: the 1-minute load average and the VM's steal time over its timed steps (the CPU
+time the host took back for other VMs, which the load average does not show; `machine.py`).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dopamine_c51  # noqa: E402  (a sibling module; benchmarks/ is not a package)
+import machine  # noqa: E402  (the load and the VM's steal time beside each figure)
 
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.configs import get_config, overrides
@@ -133,6 +137,7 @@ def timed_row(compiled, state, data, seconds: float, peak: float, flops: float |
   flops = flops_of(compiled) if flops is None else flops
   state, metrics = compiled(state, data)  # warm-up
   jax.block_until_ready(metrics)
+  window = machine.Steal()
   times, t0 = [], time.perf_counter()
   while time.perf_counter() - t0 < seconds or len(times) < 3:
     t = time.perf_counter()
@@ -140,6 +145,7 @@ def timed_row(compiled, state, data, seconds: float, peak: float, flops: float |
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   jax.block_until_ready(state)
+  steal_pct = window.percent()
   steps = len(times)
   steps_per_s = steps / sum(times)
   best_steps_per_s = 1.0 / min(times)
@@ -149,7 +155,7 @@ def timed_row(compiled, state, data, seconds: float, peak: float, flops: float |
               achieved_gflops=achieved / 1e9, peak_gflops=peak / 1e9,
               fraction_of_peak=achieved / peak, best_steps_per_s=best_steps_per_s,
               best_fraction_of_peak=flops * best_steps_per_s / peak,
-              load_average=os.getloadavg()[0], loss=float(metrics['loss']))
+              load_average=os.getloadavg()[0], steal_pct=steal_pct, loss=float(metrics['loss']))
 
 
 def bench_dopamine(num_actions: int, batch: int, seconds: float, peak: float) -> dict:
@@ -217,6 +223,7 @@ def main(argv=None) -> int:
 
   platform = jax.devices()[0].platform
   dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  window = machine.Steal()
   if args.peak_gflops:
     peak, how = args.peak_gflops * 1e9, 'given'
   else:
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
     how = f'best of {jnp.dtype(dtype).name} [n,n]@[n,n], n in {sizes}: n={best}'
   print(f'devices: {len(jax.local_devices())} x {jax.devices()[0].device_kind} ({platform}); '
         f'matmul peak {peak / 1e9:.1f} GFLOP/s ({how}); cpus {os.cpu_count()}; '
-        f'load average {os.getloadavg()[0]:.1f}', flush=True)
+        f'{machine.context(window)}', flush=True)
   rows = []
   for name in args.configs.split(','):
     row = bench(name.strip(), args.batch, args.bf16, args.seconds, peak, args.set)
@@ -264,7 +271,11 @@ def row_line(row: dict) -> str:
           f"{row['achieved_gflops']:8.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of peak "
           f"| best step {row['best_steps_per_s']:.2f} steps/s = "
           f"{100 * row['best_fraction_of_peak']:5.1f}% | compile {row['compile_s']:.1f}s "
-          f"| load {row['load_average']:.1f}")
+          f"| load {row['load_average']:.1f}, steal {_pct(row.get('steal_pct'))}")
+
+
+def _pct(value) -> str:
+  return 'n/a' if value is None else f'{value:.1f}%'
 
 
 if __name__ == '__main__':

@@ -28,6 +28,9 @@ learner node's `status()['step_ms']`), and a diagnostic row per program: the med
 over the median step in the program. It separates an even slowdown (the data path's threads
 beside every step) from a tail of slow steps (bursts of other work); the target is the rate ratio.
 
+Beside each run: the 1-minute load average and the VM's steal time over that run (the CPU time
+the host took back for other VMs, which the load average does not show; `benchmarks/machine.py`).
+
 Each program runs in a fresh temporary workdir, removed when it ends (the program's own log line
 still names its checkpoint folder there); `--keep-workdirs` keeps them and prints where.
 """
@@ -43,9 +46,16 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (a sibling module: the VM's steal time beside each figure)
+
 
 def load() -> float:
   return os.getloadavg()[0]
+
+
+def _pct(value) -> str:
+  return 'n/a' if value is None else f'{value:.1f}%'
 
 
 def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[float, dict]:
@@ -54,7 +64,6 @@ def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[
   from scaled_ql import loggers
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from scaled_ql.types import random_frame_windows
   quiet = cfg.replace(train=dict(log_every_steps=10**9, checkpoint_every_steps=10**9))
   learner = LearnerRunner(Learner(quiet, itertools.repeat(random_frame_windows(cfg))),
@@ -176,42 +185,50 @@ def main() -> None:
         f'{args.evaluators}; {os.popen("uptime").read().strip()}', flush=True)
   # alone, program, alone, program, ..., alone: each program's ratio uses the alone runs on
   # either side of it, so drift between minutes shows in the spread instead of hiding in it.
+  # Each row: (figure, value, 1-minute load, the VM's steal time over the run(s) it comes from).
   rows, ratios, p50_ratios = [], [], []
+  window = machine.Steal()
   alone, alone_ms = standalone_steps_per_s(cfg, args.seconds)
-  rows.append(('learner alone', alone, load()))
-  print(f'learner alone: {alone:.2f} steps/s, step {step_ms(alone_ms)} (load {load():.2f})',
-        flush=True)
+  alone_steal = _pct(window.percent())
+  rows.append(('learner alone', alone, load(), alone_steal))
+  print(f'learner alone: {alone:.2f} steps/s, step {step_ms(alone_ms)} (load {load():.2f}, '
+        f'steal {alone_steal})', flush=True)
   for repeat in range(args.repeats):
+    window = machine.Steal()  # (the program's whole run: its start and stop included)
     inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
                                  after_fill=not args.during_fill,
                                  keep_workdir=args.keep_workdirs)
+    inside_steal = _pct(window.percent())
     phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
     # Resident games (data fitting twice in its table) are not streamed once full; the others are.
     phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
               '; every game streamed')
     rows.append((f'learner in the program, {args.evaluators} evaluator(s), {phase}',
-                 inside['steps_per_s'], load()))
+                 inside['steps_per_s'], load(), inside_steal))
     print(f'learner inside the program: {inside["steps_per_s"]:.2f} steps/s over '
           f'{inside["steps"]} steps ({inside["skipped_publishes"]} publishes skipped; waited for '
           f'data {100 * inside["waited_fraction"]:.1f}% of the time); step '
-          f'{step_ms(inside["step_ms"])}'
+          f'{step_ms(inside["step_ms"])} (steal {inside_steal})'
           + (f'; workdir {inside["workdir"]}' if inside['workdir'] else ''), flush=True)
+    window = machine.Steal()
     alone_after, after_ms = standalone_steps_per_s(cfg, args.seconds)
+    after_steal = _pct(window.percent())
     print(f'learner alone: {alone_after:.2f} steps/s, step {step_ms(after_ms)} (load '
-          f'{load():.2f})', flush=True)
-    rows.append(('learner alone', alone_after, load()))
+          f'{load():.2f}, steal {after_steal})', flush=True)
+    rows.append(('learner alone', alone_after, load(), after_steal))
     ratios.append(inside['steps_per_s'] / (0.5 * (alone + alone_after)))
+    around = f'{alone_steal} / {inside_steal} / {after_steal}'  # alone, program, alone
     rows.append((f'in-program / alone (mean of the runs before and after), program {repeat + 1}',
-                 ratios[-1], load()))
+                 ratios[-1], load(), around))
     # A diagnostic beside the target's ratio: the median step alone over the median step in the
     # program. Below the rate ratio's shortfall, the rest is a tail of slow steps (bursts).
     p50_ratios.append(0.5 * (alone_ms['p50'] + after_ms['p50']) / inside['step_ms']['p50'])
     rows.append((f'median step alone / median step in the program, program {repeat + 1}',
-                 p50_ratios[-1], load()))
-    alone, alone_ms = alone_after, after_ms
-  print('| figure | value | load (1 min) |\n|---|---|---|')
-  for name, value, at_load in rows:
-    print(f'| {name} | {value:.2f} | {at_load:.2f} |')
+                 p50_ratios[-1], load(), around))
+    alone, alone_ms, alone_steal = alone_after, after_ms, after_steal
+  print('| figure | value | load (1 min) | steal over its run(s) |\n|---|---|---|---|')
+  for name, value, at_load, steal in rows:
+    print(f'| {name} | {value:.2f} | {at_load:.2f} | {steal} |')
   if len(ratios) > 1:
     mean, low, high = mean_interval(ratios)
     print(f'in-program / alone over {len(ratios)} programs: mean {mean:.3f}, min '

@@ -1,0 +1,59 @@
+"""What else the machine did while a figure was measured: its load average, and the share of
+CPU time the VM's host took back from it (steal time).
+
+Inside a VM the load average counts only the VM's own runnable threads. When the host runs other
+VMs on the same physical cores, the time it takes back shows up only as steal time in
+`/proc/stat`. On this project's 2-core VM it was 4.8-9.8% over 5-10 s windows at 23:58 UTC on
+2026-12-05 and 0.1-0.3% minutes later. It does not show everything the neighbours take: on
+2026-12-06 at 00:03 UTC cpu_small's mean step ran 37% slower than its fastest at 0.3% steal
+(shared caches and memory bandwidth are not counted as steal). So the benchmarks print both
+beside each figure, to tell a slow host from a slow change:
+
+    window = machine.Steal()
+    ... measure ...
+    print(f'... | {machine.context(window)}')   # 'load 1.42, steal 9.8%'
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+PROC_STAT = '/proc/stat'
+
+
+def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
+  """(steal, total) jiffies of all CPUs since boot, from the `cpu` line of /proc/stat; None
+  where the file or its steal field is missing (not Linux, or a kernel before 2.6.11)."""
+  try:
+    with open(path, encoding='ascii') as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  if not fields or fields[0] != 'cpu' or len(fields) < 9:
+    return None
+  # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
+  # counted in user and nice, so the total is the first eight.
+  values = [int(v) for v in fields[1:9]]
+  return values[7], sum(values)
+
+
+class Steal:
+  """The share of all CPU time stolen by the host between its creation and `percent()`."""
+
+  def __init__(self, path: str = PROC_STAT):
+    self._path = path
+    self._start = cpu_jiffies(path)
+
+  def percent(self) -> Optional[float]:
+    """Percent of the interval's CPU time (all CPUs) that was stolen; None where unknown."""
+    end = cpu_jiffies(self._path)
+    if self._start is None or end is None:
+      return None
+    total = end[1] - self._start[1]
+    return 100.0 * (end[0] - self._start[0]) / total if total > 0 else None
+
+
+def context(window: Steal) -> str:
+  """'load L, steal S%' for the interval `window` covers (the load is the 1-minute average)."""
+  pct = window.percent()
+  return f'load {os.getloadavg()[0]:.2f}, steal ' + ('n/a' if pct is None else f'{pct:.1f}%')
