@@ -5,7 +5,7 @@ Inside a VM the load average counts only the VM's own runnable threads. When the
 VMs on the same physical cores, the time it takes back shows up only as steal time in
 `/proc/stat`. On this project's 2-core VM it was 4.8-9.8% over 5-10 s windows at 23:58 UTC on
 2026-12-05 and 0.1-0.3% minutes later. It does not show everything the neighbours take: on
-2026-12-06 at 00:03 UTC cpu_small's mean step ran 37% slower than its fastest at 0.3% steal
+2026-12-06 at 00:03 UTC cpu_small's mean rate was 37% below its fastest step's at 0.3% steal
 (shared caches and memory bandwidth are not counted as steal). So the benchmarks print both
 beside each figure, to tell a slow host from a slow change:
 
