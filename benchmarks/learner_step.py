@@ -271,11 +271,7 @@ def row_line(row: dict) -> str:
           f"{row['achieved_gflops']:8.1f} GFLOP/s = {100 * row['fraction_of_peak']:5.1f}% of peak "
           f"| best step {row['best_steps_per_s']:.2f} steps/s = "
           f"{100 * row['best_fraction_of_peak']:5.1f}% | compile {row['compile_s']:.1f}s "
-          f"| load {row['load_average']:.1f}, steal {_pct(row.get('steal_pct'))}")
-
-
-def _pct(value) -> str:
-  return 'n/a' if value is None else f'{value:.1f}%'
+          f"| load {row['load_average']:.1f}, steal {machine.percent_text(row.get('steal_pct'))}")
 
 
 if __name__ == '__main__':

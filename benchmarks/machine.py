@@ -53,7 +53,11 @@ class Steal:
     return 100.0 * (end[0] - self._start[0]) / total if total > 0 else None
 
 
+def percent_text(pct: Optional[float]) -> str:
+  """'9.8%', or 'n/a' for an unknown share (`Steal.percent` returned None)."""
+  return 'n/a' if pct is None else f'{pct:.1f}%'
+
+
 def context(window: Steal) -> str:
   """'load L, steal S%' for the interval `window` covers (the load is the 1-minute average)."""
-  pct = window.percent()
-  return f'load {os.getloadavg()[0]:.2f}, steal ' + ('n/a' if pct is None else f'{pct:.1f}%')
+  return f'load {os.getloadavg()[0]:.2f}, steal {percent_text(window.percent())}'

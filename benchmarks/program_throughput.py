@@ -28,8 +28,9 @@ learner node's `status()['step_ms']`), and a diagnostic row per program: the med
 over the median step in the program. It separates an even slowdown (the data path's threads
 beside every step) from a tail of slow steps (bursts of other work); the target is the rate ratio.
 
-Beside each run: the 1-minute load average and the VM's steal time over that run (the CPU time
-the host took back for other VMs, which the load average does not show; `benchmarks/machine.py`).
+Beside each run: the 1-minute load average and the VM's steal time over that run, its start
+(compile, warm-up, the program's nodes) included: the CPU time the host took back for other VMs,
+which the load average does not show (`benchmarks/machine.py`).
 
 Each program runs in a fresh temporary workdir, removed when it ends (the program's own log line
 still names its checkpoint folder there); `--keep-workdirs` keeps them and prints where.
@@ -52,10 +53,6 @@ import machine  # noqa: E402  (a sibling module: the VM's steal time beside each
 
 def load() -> float:
   return os.getloadavg()[0]
-
-
-def _pct(value) -> str:
-  return 'n/a' if value is None else f'{value:.1f}%'
 
 
 def standalone_steps_per_s(cfg, seconds: float, warmup_steps: int = 5) -> tuple[float, dict]:
@@ -189,7 +186,7 @@ def main() -> None:
   rows, ratios, p50_ratios = [], [], []
   window = machine.Steal()
   alone, alone_ms = standalone_steps_per_s(cfg, args.seconds)
-  alone_steal = _pct(window.percent())
+  alone_steal = machine.percent_text(window.percent())
   rows.append(('learner alone', alone, load(), alone_steal))
   print(f'learner alone: {alone:.2f} steps/s, step {step_ms(alone_ms)} (load {load():.2f}, '
         f'steal {alone_steal})', flush=True)
@@ -198,7 +195,7 @@ def main() -> None:
     inside = program_steps_per_s(cfg, args.seconds, args.evaluators, args.warmup_steps,
                                  after_fill=not args.during_fill,
                                  keep_workdir=args.keep_workdirs)
-    inside_steal = _pct(window.percent())
+    inside_steal = machine.percent_text(window.percent())
     phase = 'while the tables fill' if args.during_fill else 'every table full (throttled)'
     # Resident games (data fitting twice in its table) are not streamed once full; the others are.
     phase += (f'; resident: {",".join(inside["resident"])}' if inside['resident'] else
@@ -212,7 +209,7 @@ def main() -> None:
           + (f'; workdir {inside["workdir"]}' if inside['workdir'] else ''), flush=True)
     window = machine.Steal()
     alone_after, after_ms = standalone_steps_per_s(cfg, args.seconds)
-    after_steal = _pct(window.percent())
+    after_steal = machine.percent_text(window.percent())
     print(f'learner alone: {alone_after:.2f} steps/s, step {step_ms(after_ms)} (load '
           f'{load():.2f}, steal {after_steal})', flush=True)
     rows.append(('learner alone', alone_after, load(), after_steal))
