@@ -20,15 +20,14 @@ def test_perf_top_names_what_this_process_spends_its_time_on(tmp_path, capsys):
   dp = benchmark_modules.load('data_pipeline')
   out = str(tmp_path / 'perf.data')
   perf = dp.start_perf(out, 1.5)
-  a = np.ones(2**21)
+  a, b = np.ones(2**21), np.zeros(2**21)  # 16 MB each; copied into b (no fresh pages to fault)
   while perf.poll() is None:  # copies, as the sampler's memmoves do, until the recording ends
-    b = a.copy()
-    b[0] = 2.0
+    np.copyto(b, a)
   dp.print_perf_top(perf, out, top=5)
   printed = capsys.readouterr().out
   rows = printed.splitlines()[1:]
-  assert len(rows) == 5 and '%' in rows[0], printed
-  assert 'memmove' in printed or 'memcpy' in printed, printed  # the copies lead the profile
+  assert 1 <= len(rows) <= 5 and '%' in rows[0], printed
+  assert 'memmove' in rows[0] or 'memcpy' in rows[0], printed  # the copies lead the profile
 
 
 def test_perf_top_says_why_when_nothing_was_recorded(tmp_path):
