@@ -4,7 +4,10 @@
         --config cpu_small --data_dir data/generated [--seconds 20] [--memory]
 
 One command, one table; the 1-minute load average is printed beside every figure (on a shared
-machine a figure is only as good as the load it was measured under). In order:
+machine a figure is only as good as the load it was measured under), and the VM's steal time
+since the row before (the CPU time the host took back, which the load does not show;
+`machine.py`): a timed rate is measured between its row and the one before, and the rows derived
+from it follow at once. In order:
 1. matmul peak: best fp32 [n,n]@[n,n] FLOP/s (benchmarks/learner_step.py), measured here.
 2. learner alone: `Learner.step()` on one in-memory `FrameWindows` batch (what the pipeline
    delivers, so the same compiled update), before any Reverb process exists.
@@ -35,6 +38,7 @@ import psutil  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from learner_step import matmul_peak  # noqa: E402  (benchmarks/learner_step.py)
+import machine  # noqa: E402  (the VM's steal time beside each figure)
 
 from scaled_ql import configs  # noqa: E402
 from scaled_ql.configs import overrides  # noqa: E402
@@ -129,11 +133,16 @@ def run(cfg, args) -> list[dict]:
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.runner import LearnerRunner
   rows = []
+  since = [machine.Steal()]  # each figure is measured between its row and the one before
 
   def row(name, value, unit, note=''):
-    r = dict(figure=name, value=value, unit=unit, load_1min=load(), note=note)
+    r = dict(figure=name, value=value, unit=unit, load_1min=load(),
+             steal_pct_since_previous_row=since[0].percent(), note=note)
+    since[0] = machine.Steal()
     rows.append(r)
-    print(f'{name:<58} {value:12.2f} {unit:<16} load {r["load_1min"]:5.2f}  {note}', flush=True)
+    steal = machine.percent_text(r['steal_pct_since_previous_row'])
+    print(f'{name:<58} {value:12.2f} {unit:<16} load {r["load_1min"]:5.2f} steal {steal:>5}  '
+          f'{note}', flush=True)
     return r
 
   peak = max(matmul_peak(np.float32, n, args.peak_seconds / 3) for n in (1024, 2048, 4096))

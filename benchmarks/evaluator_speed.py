@@ -40,7 +40,8 @@ with the raw emulator:
              evaluator against the bound in CPU-seconds) does not depend on how much of the core
              other jobs take, so it is the figure to trust on a loaded machine (the evaluator is
              pinned to one core); it does move with the VM's own speed.
-The load average (`uptime`) is printed with every line.
+The load average (`uptime`) is printed with every line, and each round's line adds the VM's steal
+time over the round (`machine.py`: CPU time the host took back, which the load does not show).
 
 --full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
 what an evaluator round costs with played-out episodes.
@@ -51,10 +52,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Mapping, Sequence
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (a sibling module: the VM's steal time beside each figure)
 
 
 def load() -> str:
@@ -232,6 +237,7 @@ def main() -> None:
                   policy_seconds_per_observation(policies[name], params, batch)
                   if name == 'network' else (0.0, 0.0))
 
+            window = machine.Steal()  # the round: bound before, evaluator, bound after
             before = emulators_and_network()
             results = evaluator.evaluate_games(
                 policies[name], params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
@@ -267,7 +273,8 @@ def main() -> None:
                   f'({steps} steps, budget {budget} per game)  ratio/bound {sps / bound:.2f}  | '
                   f'per CPU second: raw {raw_cpu_sps:6.0f} network {net_cpu_s * 1e3:5.2f} ms/obs '
                   f'bound {cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio '
-                  f'{cpu_sps / cpu_bound:.2f}  {load()}', flush=True)
+                  f'{cpu_sps / cpu_bound:.2f}  {load()}, steal over the round '
+                  f'{machine.percent_text(window.percent())}', flush=True)
         steady, n_steady = steady_median(bound_ratios, moved)
         print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: ratio/bound median '
               f'{np.median(bound_ratios):.2f} (min {min(bound_ratios):.2f}, max '
