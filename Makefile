@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # Two pytest processes (pytest-xdist), a whole test file each at a time, so that a file's Ray
 # session and module fixtures are made once, the slowest files first (tests/conftest.py):
-# ~640-700 s on 2 cores, against ~890-940 s serially (the suite mostly waits on Ray programs).
+# ~620-840 s on 2 cores, against ~890-940 s serially (the suite mostly waits on Ray programs).
 # TEST_WORKERS=0 runs it serially (BUILD_NOTES "Tests").
 TEST_WORKERS ?= 2
 
