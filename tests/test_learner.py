@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
 import jax
@@ -527,23 +528,19 @@ def test_sigterm_ends_a_learn_run_waiting_for_data_with_a_checkpoint(tiny_datase
 
 def _children(pid: int, tag: str) -> list[int]:
   """pids of the processes whose parent is `pid` and whose command line holds `tag`."""
+  import psutil
   found = []
-  for entry in os.listdir('/proc'):
+  for child in psutil.Process(pid).children():
     try:
-      with open(f'/proc/{entry}/stat') as f:
-        parent = int(f.read().rsplit(')', 1)[1].split()[1])
-      with open(f'/proc/{entry}/cmdline', 'rb') as f:
-        cmdline = f.read().replace(b'\0', b' ').decode(errors='replace')
-    except (OSError, ValueError, IndexError):
+      if tag in ' '.join(child.cmdline()):
+        found.append(child.pid)
+    except psutil.NoSuchProcess:
       continue
-    if parent == pid and tag in cmdline:
-      found.append(int(entry))
   return found
 
 
 def _learn_until_checkpoint(data_dir, workdir, step: int) -> subprocess.Popen:
   """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists."""
-  import time
   proc = subprocess.Popen(
       [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
        data_dir, '--workdir', str(workdir), '--steps', '100000'],

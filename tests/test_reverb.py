@@ -373,6 +373,14 @@ def test_closed_iterator_stops(server):
   with pytest.raises(StopIteration):
     for _ in range(10):  # what was prefetched may still come out, then it ends
       next(batches)
+  # A closer's reason rides on the StopIteration (`learn` names the data process that died).
+  batches = rt.stratified_batches(address, cfg.games, cfg)
+  next(batches)
+  batches.close(reason='the Reverb server (pid 1) was killed by SIGKILL')
+  with pytest.raises(StopIteration) as end:
+    for _ in range(10):
+      next(batches)
+  assert end.value.args == ('the Reverb server (pid 1) was killed by SIGKILL',)
 
 
 def test_inserter_rejects_a_game_without_episodes(server):

@@ -90,14 +90,14 @@ def _run(args: argparse.Namespace, cfg) -> int:
       print(f'reverb server at {address}, {len(inserters)} inserter(s)', flush=True)
     batches = reverb_tables.stratified_batches(address, cfg.games, cfg, seed=cfg.train.seed)
 
-    def end_the_data() -> None:  # a step waiting for a batch then ends the run, with a checkpoint
-      batches.close(timeout_s=0)
+    def end_the_data(reason: str | None = None) -> None:
+      batches.close(timeout_s=0, reason=reason)  # a step waiting for a batch then ends the run
 
     if server is not None:  # this run's own server and inserters: one that ends ends the run
 
       def data_process_ended(message: str) -> None:
         ended.append(message)
-        end_the_data()
+        end_the_data(message)
 
       watch = reverb_tables.watch_processes(
           {'the Reverb server': server.proc,
@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     # A SIGTERM/SIGINT while the learner waits for data (tables below their warm-up, a server
     # that went away) closes the batches: the wait ends, with a checkpoint, as at a step's end.
     learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg),
-                            wake=end_the_data, data_end_reason=lambda: ended[0] if ended else None)
+                            wake=end_the_data)
     if learner.restore():
       print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
     steps = learner.run()

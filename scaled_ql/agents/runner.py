@@ -149,8 +149,7 @@ class LearnerRunner:
                logger: Optional[loggers_lib.Logger] = None, handle_signals: bool = True,
                mc_probe: Optional[McProbe] = None,
                game_logger: Optional[loggers_lib.Logger] = None,
-               wake: Optional[Callable[[], None]] = None,
-               data_end_reason: Optional[Callable[[], Optional[str]]] = None):
+               wake: Optional[Callable[[], None]] = None):
     """`mc_probe`: transitions whose Q(s, a_data) is logged against their Monte-Carlo return at
     every log step (`datasets.mc_probe.load_mc_probe`; ignored for 'bc': its outputs are not Q).
     With a probe, its per-game diagnostics (`probe_game_metrics`) go to `game_logger` (default,
@@ -159,8 +158,8 @@ class LearnerRunner:
     workdir, in the main thread only). `wake`: called at the first such signal, to end a wait for
     data that no step boundary would end (`learn` closes its batches: the step waiting for one
     then ends the run as the end of the data does, with a checkpoint of the step it was at).
-    `data_end_reason`: why the data ended, when it was ended on purpose (`learn`: its Reverb
-    server or an inserter died), printed instead of "the data iterator is exhausted"."""
+    An iterator that ends with `StopIteration(reason)` has its reason printed (`learn`: its Reverb
+    server or an inserter died) instead of "the data iterator is exhausted"."""
     cfg = learner.cfg
     self._mc_probe = mc_probe if methods.get(cfg.agent.loss).outputs_q else None
     if self._mc_probe is not None:
@@ -182,7 +181,6 @@ class LearnerRunner:
     self._compiled = False
     self._stop_signal: Optional[int] = None
     self._wake = wake
-    self._data_end_reason = data_end_reason
     self._previous_handlers: dict[int, Any] = {}
     self._manager = None
     if workdir is not None:
@@ -252,14 +250,13 @@ class LearnerRunner:
     except StopTraining as stop:
       print(stop.message, flush=True)
       return self.steps
-    except StopIteration:
+    except StopIteration as end:
       if self._stop_signal is not None:  # woken from a wait for data (`wake`)
         print(f'{signal.Signals(self._stop_signal).name} received while waiting for data: '
               f'stopped after step {self.steps}', flush=True)
       else:
-        reason = self._data_end_reason() if self._data_end_reason else None
-        print(f'{reason or "the data iterator is exhausted"}: stopped after step {self.steps}',
-              flush=True)
+        reason = end.args[0] if end.args else 'the data iterator is exhausted'
+        print(f'{reason}: stopped after step {self.steps}', flush=True)
     if self._manager is not None and self._manager.latest_step() != self.steps:
       self.save()
     return self.steps

@@ -846,6 +846,7 @@ class StratifiedBatches:
     self._reconnect_timeout_s = reconnect_timeout_s
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.data.prefetch_batches))
     self._stop = threading.Event()
+    self._end_reason: Optional[str] = None  # `close(reason=...)`: carried by the StopIteration
     self.reconnects = 0
     self._waited_s = 0.0  # see `waited_s`
     self._waiting_since: Optional[float] = None
@@ -923,8 +924,9 @@ class StratifiedBatches:
           item = self._queue.get(timeout=0.1)
           break
         except queue.Empty:
-          if self._stop.is_set():
-            raise StopIteration from None  # closed
+          if self._stop.is_set():  # closed (with the closer's reason, if it gave one)
+            reason = () if self._end_reason is None else (self._end_reason,)
+            raise StopIteration(*reason) from None
     finally:
       self._waited_s += time.monotonic() - self._waiting_since
       self._waiting_since = None
@@ -933,9 +935,12 @@ class StratifiedBatches:
       raise item
     return item
 
-  def close(self, timeout_s: float = 10.0) -> None:
+  def close(self, timeout_s: float = 10.0, reason: Optional[str] = None) -> None:
     """Stops the prefetch thread (waiting up to `timeout_s` for it); a consumer waiting in
-    `next()` gets StopIteration within 0.1 s."""
+    `next()` gets StopIteration within 0.1 s, `StopIteration(reason)` when a reason is given
+    (why the data ended, for the consumer to report: `learn`'s server died)."""
+    if reason is not None and not self._stop.is_set():
+      self._end_reason = reason
     self._stop.set()
     self._thread.join(timeout=timeout_s)
 
