@@ -27,10 +27,13 @@ slowdown against alone's median, and the burner's share of the cores (duty / cor
 niceness 0, 10 and 19 and at `SCHED_IDLE`: what its priority changes in what its bursts cost.
 
 `--plan ray --interleave 120`: the neighbour is a running Ray. Phases of `--phase-seconds` (15)
-alternate without Ray and with a local Ray started in this process as `run.init_ray` starts it,
+alternate: without Ray; with a local Ray started in this process as `run.init_ray` starts it,
 with `--ray-actors` (4) idle actors that the process asks for a status once a second (as the
-driver's `program.run` does). A Ray cannot be paused, so it starts and stops for every phase.
-Each line: the median ms/step of the phase's blocks of 10 and the slowdown against no Ray."""
+driver's `program.run` does); and with the same Ray, actors and polls started by another process
+(`ray_driver`), this one not connected to it. The last two part Ray's cost into what its threads
+in the learner's own process cost and what its daemons (GCS, raylet, the actors' workers) cost
+from beside it. A Ray cannot be paused, so it starts and stops for every phase. Each line: the
+median ms/step of the phase's blocks of 10 and the slowdown against no Ray."""
 import argparse
 import multiprocessing as mp
 import os
@@ -149,51 +152,96 @@ def _start_burner(ctx, duty, burst, kind, where, stop, used, active=None):
   return w
 
 
-def ray_phases(args, block):
-  """`--plan ray`: phases without Ray and with a local Ray (started as `run.init_ray` starts it,
-  `args.ray_actors` idle actors asked for a status once a second) alternate for
-  `args.interleave` seconds; medians of the blocks of 10 steps and the slowdown printed."""
+def start_ray(num_actors: int):
+  """A local Ray as `run.init_ray` starts it for cpu_small, and `num_actors` idle actors that
+  have answered once; returns the actors."""
   import ray
   from scaled_ql.configs import get_config
   from scaled_ql.launch import run
 
   @ray.remote(num_cpus=0)
-  class Idle:
+  class Idle:  # defined here: Ray ships a local class by value (this module may be __main__)
     def status(self):
       return {'pid': os.getpid()}
 
-  times = {'no Ray': [], 'Ray': []}
+  run.init_ray(None, None, get_config('cpu_small'))
+  actors = [Idle.remote() for _ in range(num_actors)]
+  ray.get([a.status.remote() for a in actors], timeout=120)
+  return actors
+
+
+def poll_until(actors, stop) -> None:
+  """Asks every actor for a status once a second until `stop` (as `program.run` does)."""
+  import ray
+  while not stop.wait(1.0):
+    ray.get([a.status.remote() for a in actors], timeout=60)
+
+
+def ray_driver(num_actors: int, ready, stop) -> None:
+  """`--plan ray`'s other process: starts a Ray with idle actors (`start_ray`), sets `ready`,
+  polls them until `stop`, then stops Ray."""
+  import ray
+  actors = start_ray(num_actors)
+  ready.set()
+  poll_until(actors, stop)
+  ray.shutdown()
+
+
+def ray_phases(args, block):
+  """`--plan ray`: phases without Ray, with a local Ray started in this process, and with one
+  started by another process (`ray_driver`; `args.ray_actors` idle actors asked for a status
+  once a second in both) alternate for `args.interleave` seconds; medians of the blocks of 10
+  steps, the slowdowns and each arm's steal time printed."""
+  import machine  # a sibling module (main put benchmarks/ on the path)
+  import ray
+  ctx = mp.get_context('spawn')
+  arms = ('no Ray', 'Ray in this process', 'Ray in another process')
+  times = {arm: [] for arm in arms}
+  jiffies = {arm: [0, 0] for arm in arms}  # (stolen, total) over the arm's phases
   block()
   t0 = time.perf_counter()
   while time.perf_counter() - t0 < args.interleave:
-    for arm, blocks in times.items():
-      stop, poller = threading.Event(), None
-      if arm == 'Ray':
-        run.init_ray(None, None, get_config('cpu_small'))
-        actors = [Idle.remote() for _ in range(args.ray_actors)]
-        ray.get([a.status.remote() for a in actors], timeout=120)
-
-        def poll(actors=actors, stop=stop):
-          while not stop.wait(1.0):
-            ray.get([a.status.remote() for a in actors], timeout=60)
-
-        poller = threading.Thread(target=poll, daemon=True)
+    for arm in arms:
+      stop, poller, driver = threading.Event(), None, None
+      if arm == 'Ray in this process':
+        actors = start_ray(args.ray_actors)
+        poller = threading.Thread(target=poll_until, args=(actors, stop), daemon=True)
         poller.start()
+      elif arm == 'Ray in another process':
+        ready, stop = ctx.Event(), ctx.Event()
+        driver = ctx.Process(target=ray_driver, args=(args.ray_actors, ready, stop), daemon=True)
+        driver.start()
+        if not ready.wait(180):
+          driver.kill()
+          raise RuntimeError('the other process did not start Ray within 180 s')
+      if arm != 'no Ray':
         time.sleep(3)  # past Ray's start-up work
-      start = time.perf_counter()
+      start, j0 = time.perf_counter(), machine.cpu_jiffies()
       while time.perf_counter() - start < args.phase_seconds:
-        blocks.append(block())
+        times[arm].append(block())
+      j1 = machine.cpu_jiffies()
+      if j0 and j1:
+        jiffies[arm] = [a + b - c for a, b, c in zip(jiffies[arm], j1, j0)]
+      stop.set()
       if poller:
-        stop.set()
         poller.join()
         ray.shutdown()
+      if driver:
+        driver.join(timeout=60)
+      if arm != 'no Ray':
         time.sleep(2)
+  def steal(arm):
+    stolen, total = jiffies[arm]
+    return machine.percent_text(100.0 * stolen / total if total else None)
+
   alone = float(np.median(times['no Ray']))
-  print(f'no Ray: {1e3 * alone:.2f} ms/step (median of {len(times["no Ray"])} blocks of 10)')
-  med = float(np.median(times['Ray']))
-  print(f'a local Ray, {args.ray_actors} idle actors polled once a second: {1e3 * med:.2f} '
-        f'ms/step (median of {len(times["Ray"])} blocks of 10), slowdown {med / alone - 1:+.3f}; '
-        f'load {os.getloadavg()[0]:.2f}', flush=True)
+  print(f'no Ray: {1e3 * alone:.2f} ms/step (median of {len(times["no Ray"])} blocks of 10), '
+        f'steal {steal("no Ray")}')
+  for arm in arms[1:]:
+    med = float(np.median(times[arm]))
+    print(f'{arm}, {args.ray_actors} idle actors polled once a second: {1e3 * med:.2f} ms/step '
+          f'(median of {len(times[arm])} blocks of 10), slowdown {med / alone - 1:+.3f}, steal '
+          f'{steal(arm)}; load {os.getloadavg()[0]:.2f}', flush=True)
 
 
 def timed_block(compiled, state_box, data, steps=10):
