@@ -228,6 +228,9 @@ def ray_phases(args, block):
         ray.shutdown()
       if driver:
         driver.join(timeout=60)
+        if driver.is_alive():  # its Ray must not run into the next arm's phase
+          driver.kill()
+          driver.join()
       if arm != 'no Ray':
         time.sleep(2)
   def steal(arm):
