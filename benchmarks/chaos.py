@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     generate.generate(base.games, data_dir, run=base.data.run, num_checkpoints=2,
                       steps_per_checkpoint=300, seed=args.seed, max_episode_frames=1_000,
                       progress=False, if_exists='skip')
-  num_steps = args.steps or 10**9
+  num_steps = args.steps  # None: the learner trains until this script stops the program
   cfg = run.resolve_config(args.config, data_dir, steps=num_steps, evaluators=1)
   ckpt_every = cfg.train.checkpoint_every_steps
   rng = random.Random(args.seed)

@@ -136,7 +136,7 @@ def program_steps_per_s(cfg, seconds: float, evaluators: int, warmup_steps: int,
     return False
 
   try:
-    prog = program.build(cfg, workdir, evaluators, num_steps=10**9)
+    prog = program.build(cfg, workdir, evaluators, num_steps=None)  # until `measure` stops it
     program.run(prog, log=lambda line: print(line, flush=True), stop_when=measure,
                 final_eval_timeout_s=None, status_every_s=1.0)
   finally:

@@ -283,6 +283,17 @@ def test_progress_line_of_a_budgeted_run_says_what_is_left_of_its_budget():
   assert 'budget' not in program.format_progress(status, time.time())
 
 
+def test_progress_line_of_a_learner_without_a_step_limit_has_no_eta():
+  """A learner built with num_steps=None (benchmarks stop the program themselves) shows its
+  steps and rate, not an ETA to a made-up limit."""
+  learner = dict(steps=10440, num_steps=None, steps_per_s=12.5, metrics={'loss': 1.25})
+  line = program.format_progress(program.ProgramStatus(learner, None, [], []), time.time())
+  assert 'learner 10440 12.5 steps/s | loss 1.250' in line and 'ETA' not in line, line
+  idle = dict(learner, steps=0, steps_per_s=0.0)
+  line = program.format_progress(program.ProgramStatus(idle, None, [], []), time.time())
+  assert 'learner 0 0.0 steps/s (waiting for data)' in line, line
+
+
 def test_a_restarts_last_error_is_the_traceback_of_the_start_it_ended(tmp_path):
   """The health line's last error is read per start of a Ray actor, not as "whatever the log
   gained since the last poll": a crash written between the driver's read of Ray's restart count

@@ -362,13 +362,13 @@ class LearnerNode(_LoopNode):
   """The sharded jitted Learner fed by stratified batches from Reverb. Checkpoints into
   WORKDIR/checkpoints (the LearnerRunner's Orbax manager) and publishes its params, tagged with its
   step, every `publish_every_steps` without waiting on anyone. A restarted node resumes from the
-  last checkpoint."""
+  last checkpoint. It stops at `num_steps`; with None it trains until the program stops it."""
 
   name = 'learner'
   offline_data = True  # cfg.data is read (the MC probe); False for online fine-tuning
 
   def __init__(self, cfg: ExperimentConfig, replay: Replay, variables: VariableServer,
-               workdir: str, num_steps: int, initial_params: Any = None):
+               workdir: str, num_steps: Optional[int], initial_params: Any = None):
     from scaled_ql.agents.learner import Learner
     from scaled_ql.agents.runner import LearnerRunner
     from scaled_ql.datasets.mc_probe import load_mc_probe
@@ -394,8 +394,12 @@ class LearnerNode(_LoopNode):
   def _params(self):
     return self._learner.get_variables(('params',))[0]
 
+  def _at_end(self, steps: int) -> bool:
+    """Whether `steps` reach `num_steps` (never for None: trains until stopped)."""
+    return self._num_steps is not None and steps >= self._num_steps
+
   def _run_once(self) -> Optional[bool]:
-    if self._learner.steps >= self._num_steps:
+    if self._at_end(self._learner.steps):
       return False
     try:
       self._metrics = self._learner.step()
@@ -405,7 +409,7 @@ class LearnerNode(_LoopNode):
       raise
     steps = int(self._learner.steps)
     eval_every = self._cfg.eval.eval_every_steps  # the evaluators' step cadence needs these
-    if (steps % self._cfg.train.publish_every_steps == 0 or steps >= self._num_steps
+    if (steps % self._cfg.train.publish_every_steps == 0 or self._at_end(steps)
         or (eval_every and steps % eval_every == 0)):
       self._publisher.publish(self._params(), steps)
     now = time.monotonic()

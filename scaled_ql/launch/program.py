@@ -125,11 +125,12 @@ def _needs(kind: str, gpus: float = 0) -> dict[str, float]:
   return {'CPU': NUM_CPUS[kind], **({'GPU': gpus} if gpus else {})}
 
 
-def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: int,
+def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: Optional[int],
           learner_gpus: float = 0, initial_params=None, *, learner_node: Optional[type] = None,
           num_inserters: Optional[int] = None, actors: Optional[ActorSpec] = None,
           replay_pacing=None) -> Program:
   """Starts every node of the program (the graph in the module docstring).
+  `num_steps`: the learner's steps; None trains until `run` stops the program (benchmarks).
   `learner_gpus`: GPUs the learner node asks Ray for (on a cluster: 1 puts it on a GPU node).
   `initial_params`: the learner's starting Q-network params (transfer), instead of a random init.
   `learner_node`: the learner's node class (default `nodes.LearnerNode`; online fine-tuning:
@@ -469,17 +470,19 @@ def format_health(health: dict) -> str:
 
 def format_progress(status: ProgramStatus, started: float,
                     deadline: Optional[float] = None) -> str:
-  """One progress line. The learner's ETA is to its `num_steps`; a run with a `deadline` (its
-  time budget) also says how much of the budget is left, since it may stop training long before."""
+  """One progress line. The learner's ETA is to its `num_steps` (none for a learner without
+  one, which trains until the program is stopped); a run with a `deadline` (its time budget)
+  also says how much of the budget is left, since it may stop training long before."""
   parts = [f'{time.time() - started:6.0f}s']
   if deadline is not None:
     parts.append(f'budget {max(0.0, deadline - time.time()):.0f}s left')
   s = status.learner
   if s:
-    head = f"learner {s['steps']}/{s['num_steps']}"
+    bounded = s['num_steps'] is not None
+    head = f"learner {s['steps']}" + (f"/{s['num_steps']}" if bounded else '')
     if s['steps_per_s'] > 0:
-      eta = (s['num_steps'] - s['steps']) / s['steps_per_s']
-      parts.append(f"{head} {s['steps_per_s']:.1f} steps/s ETA {eta:.0f}s")
+      eta = (f" ETA {(s['num_steps'] - s['steps']) / s['steps_per_s']:.0f}s" if bounded else '')
+      parts.append(f"{head} {s['steps_per_s']:.1f} steps/s{eta}")
     else:
       parts.append(f"{head} 0.0 steps/s" + (' (waiting for data)' if s['steps'] == 0 else ''))
     loss = s['metrics'].get('loss')
