@@ -43,6 +43,13 @@ with the raw emulator:
 The load average (`uptime`) is printed with every line, and each round's line adds the VM's steal
 time over the round (`machine.py`: CPU time the host took back, which the load does not show).
 
+--split (one environment group): where each round's time goes against its bound. The policy's
+calls are timed inside the loop (each waited for, as the one group's loop waits anyway) by batch
+size, against the same batch timed back to back: a call's extra time in the loop (the
+emulators between calls evict the network's caches), the played-out last episodes' smaller
+batches, and the rest of the loop (the emulators and the loop's own Python) against the raw
+emulators (`split_line`).
+
 --full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
 what an evaluator round costs with played-out episodes.
 --network-only: ms/observation and GFLOP/s of the policy at --batches, no emulator (e.g. the
@@ -147,6 +154,42 @@ def policy_seconds_per_observation(policy, params, batch: int, calls: int = 20,
           (time.process_time() - cpu) / n / batch)
 
 
+class TimedPolicy:
+  """A policy that waits for each call's result and records (batch, seconds) per call."""
+
+  def __init__(self, policy):
+    self._policy, self.calls = policy, []
+
+  def __call__(self, params, key, observation, game_id):
+    import jax
+    start = time.perf_counter()
+    out = jax.block_until_ready(self._policy(params, key, observation, game_id))
+    self.calls.append((observation.shape[0], time.perf_counter() - start))
+    return out
+
+
+def split_line(calls: Sequence[tuple[int, float]], warm_s: Mapping[int, float], loop_s: float,
+               raw_s: float, full_batch: int) -> str:
+  """Where a round's `loop_s` went: the policy's `calls` ((batch, seconds) each) against
+  `warm_s[batch]` (one call back to back), split into the calls' extra time in the loop and
+  the cost of the batches smaller than `full_batch` (their warm time minus what their
+  observations cost at `full_batch`); the rest of the loop against `raw_s` (the raw emulators'
+  time for the same steps)."""
+  by_batch: dict[int, list[float]] = {}
+  for batch, seconds in calls:
+    by_batch.setdefault(batch, []).append(seconds)
+  policy_s = sum(seconds for _, seconds in calls)
+  extra_s = sum(sum(v) - len(v) * warm_s[b] for b, v in by_batch.items())
+  per_obs = warm_s[full_batch] / full_batch
+  small_s = sum(len(v) * (warm_s[b] - b * per_obs) for b, v in by_batch.items() if b < full_batch)
+  batches = ', '.join(f'batch {b}: {len(v)} calls, {np.mean(v) * 1e6:.0f} us in the loop / '
+                      f'{warm_s[b] * 1e6:.0f} back to back' for b, v in sorted(by_batch.items()))
+  return (f'split: policy {policy_s:.2f}s ({batches}): calls slower in the loop {extra_s:+.2f}s, '
+          f'batches under {full_batch} {small_s:+.2f}s; emulators + the loop\'s Python '
+          f'{loop_s - policy_s:.2f}s against the raw emulators\' {raw_s:.2f}s '
+          f'({loop_s - policy_s - raw_s:+.2f}s)')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='cpu_small')
@@ -163,6 +206,9 @@ def main() -> None:
                       help='play the --games at once, batched in the same calls (what '
                       'evaluate does by default, eval.games_at_once), not one after another')
   parser.add_argument('--network-only', action='store_true')
+  parser.add_argument('--split', action='store_true',
+                      help='time the policy\'s calls inside the loop: where each round\'s time '
+                      'goes against its bound (one environment group)')
   parser.add_argument('--full-eval', action='store_true',
                       help='one evaluation of all the config\'s games with its eval settings '
                       '(params at init): what a round costs')
@@ -171,6 +217,8 @@ def main() -> None:
                       help='config overrides, as for the CLI (e.g. games=BeamRider,Centipede,'
                       'Freeway,SpaceInvaders: the demo\'s network)')
   args = parser.parse_args()
+  if args.split and args.env_groups != '1':
+    parser.error('--split times each call waited for: it needs --env-groups 1')
   cpus = [int(c) for c in args.cpus.split(',')]
   os.sched_setaffinity(0, set(cpus))  # before JAX starts: XLA sizes its thread pool from it
 
@@ -239,8 +287,9 @@ def main() -> None:
 
             window = machine.Steal()  # the round: bound before, evaluator, bound after
             before = emulators_and_network()
+            policy = TimedPolicy(policies[name]) if args.split else policies[name]
             results = evaluator.evaluate_games(
-                policies[name], params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
+                policy, params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
                 args.steps, num_envs, env_groups=groups, device=device)
             after = emulators_and_network()
             steps = sum(r.steps for r in results.values())
@@ -275,6 +324,15 @@ def main() -> None:
                   f'bound {cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio '
                   f'{cpu_sps / cpu_bound:.2f}  {load()}, steal over the round '
                   f'{machine.percent_text(window.percent())}', flush=True)
+            if args.split:
+              # evaluate_games first compiles every batch its one group can shrink to, before
+              # its clock starts: those calls are not the loop's.
+              compiled = len(evaluator._buckets(batch))  # pylint: disable=protected-access
+              calls = policy.calls[compiled:]
+              warm = {b: policy_seconds_per_observation(policies[name], params, b)[0] * b
+                      for b in sorted({b for b, _ in calls})}
+              print('    ' + split_line(calls, warm, seconds, steps / raw_sps, batch),
+                    flush=True)
         steady, n_steady = steady_median(bound_ratios, moved)
         print(f'policy {name:<8} num_envs {num_envs:>3} env_groups {groups}: ratio/bound median '
               f'{np.median(bound_ratios):.2f} (min {min(bound_ratios):.2f}, max '

@@ -33,3 +33,22 @@ def test_the_steady_median_keeps_the_rounds_whose_bound_moved_little():
   assert evaluator_speed.steady_median(ratios, moved, tolerance=0.05) == (pytest.approx(0.91), 2)
   median, n = evaluator_speed.steady_median([1.0], [2.0])
   assert n == 0 and median != median  # nan: no steady round
+
+
+def test_the_split_tells_slower_calls_from_smaller_batches_and_the_rest_from_the_emulators():
+  """`--split`: 10 calls at batch 4 of 0.14 s (0.12 back to back: an observation costs 0.03 s
+  there) and 5 at batch 1 of 0.07 s (0.05 back to back): 10 x 0.02 + 5 x 0.02 = 0.3 s slower in
+  the loop; the 5 small calls cost 5 x (0.05 - 0.03) = 0.1 s more than their observations at
+  batch 4; the loop's other 1.25 s against 1.0 s of raw emulators."""
+  import numpy as np
+  calls = [(4, 0.14)] * 10 + [(1, 0.07)] * 5
+  line = evaluator_speed.split_line(calls, {4: 0.12, 1: 0.05}, loop_s=3.0, raw_s=1.0,
+                                    full_batch=4)
+  assert line == ('split: policy 1.75s (batch 1: 5 calls, 70000 us in the loop / 50000 back to '
+                  'back, batch 4: 10 calls, 140000 us in the loop / 120000 back to back): calls '
+                  'slower in the loop +0.30s, batches under 4 +0.10s; emulators + the loop\'s '
+                  'Python 1.25s against the raw emulators\' 1.00s (+0.25s)'), line
+  timed = evaluator_speed.TimedPolicy(lambda params, key, obs, game_id: obs.sum(axis=(1, 2, 3)))
+  timed(None, None, np.zeros((4, 84, 84, 4), np.uint8), np.zeros(4, np.int32))
+  timed(None, None, np.zeros((1, 84, 84, 4), np.uint8), np.zeros(1, np.int32))
+  assert [b for b, _ in timed.calls] == [4, 1] and all(s >= 0 for _, s in timed.calls)
