@@ -329,8 +329,11 @@ def main() -> None:
               # its clock starts: those calls are not the loop's.
               compiled = len(evaluator._buckets(batch))  # pylint: disable=protected-access
               calls = policy.calls[compiled:]
+              # The full batch back to back as the bound has it (before and after the round);
+              # the smaller batches the last episodes ran at, timed now.
               warm = {b: policy_seconds_per_observation(policies[name], params, b)[0] * b
-                      for b in sorted({b for b, _ in calls})}
+                      for b in sorted({b for b, _ in calls} - {batch})}
+              warm[batch] = net_s * batch
               print('    ' + split_line(calls, warm, seconds, steps / raw_sps, batch),
                     flush=True)
         steady, n_steady = steady_median(bound_ratios, moved)
