@@ -43,12 +43,12 @@ with the raw emulator:
 The load average (`uptime`) is printed with every line, and each round's line adds the VM's steal
 time over the round (`machine.py`: CPU time the host took back, which the load does not show).
 
---split (one environment group): where each round's time goes against its bound. The policy's
-calls are timed inside the loop (each waited for, as the one group's loop waits anyway) by batch
-size, against the same batch timed back to back: a call's extra time in the loop (the
-emulators between calls evict the network's caches), the played-out last episodes' smaller
-batches, and the rest of the loop (the emulators and the loop's own Python) against the raw
-emulators (`split_line`).
+--split (the network policy, one environment group): where each round's time goes against its
+bound. The policy's calls are timed inside the loop (each waited for, as the one group's loop
+waits anyway) by batch size, against the same batch timed back to back: a call's extra time in
+the loop (the emulators between calls evict the network's caches), the played-out last
+episodes' smaller batches, and the rest of the loop (the emulators and the loop's own Python)
+against the raw emulators (`split_line`).
 
 --full-eval: one evaluation of every game of the config with its `eval` settings (params at init):
 what an evaluator round costs with played-out episodes.
@@ -287,7 +287,8 @@ def main() -> None:
 
             window = machine.Steal()  # the round: bound before, evaluator, bound after
             before = emulators_and_network()
-            policy = TimedPolicy(policies[name]) if args.split else policies[name]
+            split = args.split and name == 'network'  # (the random policy has no bound to split)
+            policy = TimedPolicy(policies[name]) if split else policies[name]
             results = evaluator.evaluate_games(
                 policy, params, [(g, cfg.games.index(g)) for g in unit], cfg.eval,
                 args.steps, num_envs, env_groups=groups, device=device)
@@ -324,7 +325,7 @@ def main() -> None:
                   f'bound {cpu_bound:6.0f} evaluator {cpu_sps:6.0f} ratio '
                   f'{cpu_sps / cpu_bound:.2f}  {load()}, steal over the round '
                   f'{machine.percent_text(window.percent())}', flush=True)
-            if args.split:
+            if split:
               # evaluate_games first compiles every batch its one group can shrink to, before
               # its clock starts: those calls are not the loop's.
               compiled = len(evaluator._buckets(batch))  # pylint: disable=protected-access
