@@ -197,7 +197,7 @@ def ray_phases(args, block):
   ctx = mp.get_context('spawn')
   arms = ('no Ray', 'Ray in this process', 'Ray in another process')
   times = {arm: [] for arm in arms}
-  jiffies = {arm: [0, 0] for arm in arms}  # (stolen, total) over the arm's phases
+  steal = {arm: machine.PooledSteal() for arm in arms}  # over each arm's phases
   block()
   t0 = time.perf_counter()
   while time.perf_counter() - t0 < args.interleave:
@@ -216,12 +216,10 @@ def ray_phases(args, block):
           raise RuntimeError('the other process did not start Ray within 180 s')
       if arm != 'no Ray':
         time.sleep(3)  # past Ray's start-up work
-      start, j0 = time.perf_counter(), machine.cpu_jiffies()
-      while time.perf_counter() - start < args.phase_seconds:
-        times[arm].append(block())
-      j1 = machine.cpu_jiffies()
-      if j0 and j1:
-        jiffies[arm] = [a + b - c for a, b, c in zip(jiffies[arm], j1, j0)]
+      with steal[arm].interval():
+        start = time.perf_counter()
+        while time.perf_counter() - start < args.phase_seconds:
+          times[arm].append(block())
       stop.set()
       if poller:
         poller.join()
@@ -233,18 +231,15 @@ def ray_phases(args, block):
           driver.join()
       if arm != 'no Ray':
         time.sleep(2)
-  def steal(arm):
-    stolen, total = jiffies[arm]
-    return machine.percent_text(100.0 * stolen / total if total else None)
-
   alone = float(np.median(times['no Ray']))
   print(f'no Ray: {1e3 * alone:.2f} ms/step (median of {len(times["no Ray"])} blocks of 10), '
-        f'steal {steal("no Ray")}')
+        f'steal {machine.percent_text(steal["no Ray"].percent())}')
   for arm in arms[1:]:
     med = float(np.median(times[arm]))
     print(f'{arm}, {args.ray_actors} idle actors polled once a second: {1e3 * med:.2f} ms/step '
           f'(median of {len(times[arm])} blocks of 10), slowdown {med / alone - 1:+.3f}, steal '
-          f'{steal(arm)}; load {os.getloadavg()[0]:.2f}', flush=True)
+          f'{machine.percent_text(steal[arm].percent())}; load {os.getloadavg()[0]:.2f}',
+          flush=True)
 
 
 def timed_block(compiled, state_box, data, steps=10):

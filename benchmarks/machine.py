@@ -15,8 +15,9 @@ beside each figure, to tell a slow host from a slow change:
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 PROC_STAT = '/proc/stat'
 
@@ -37,6 +38,10 @@ def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
   return values[7], sum(values)
 
 
+def _stolen_percent(stolen: int, total: int) -> Optional[float]:
+  return 100.0 * stolen / total if total > 0 else None
+
+
 class Steal:
   """The share of all CPU time stolen by the host between its creation and `percent()`."""
 
@@ -49,8 +54,30 @@ class Steal:
     end = cpu_jiffies(self._path)
     if self._start is None or end is None:
       return None
-    total = end[1] - self._start[1]
-    return 100.0 * (end[0] - self._start[0]) / total if total > 0 else None
+    return _stolen_percent(end[0] - self._start[0], end[1] - self._start[1])
+
+
+class PooledSteal:
+  """The share of CPU time stolen over several intervals together (`with pool.interval():`),
+  e.g. one arm's phases of a benchmark whose arms take turns."""
+
+  def __init__(self, path: str = PROC_STAT):
+    self._path, self._stolen, self._total, self._known = path, 0, 0, True
+
+  @contextlib.contextmanager
+  def interval(self) -> Iterator[None]:
+    start = cpu_jiffies(self._path)
+    yield
+    end = cpu_jiffies(self._path)
+    if start is None or end is None:
+      self._known = False
+    else:
+      self._stolen += end[0] - start[0]
+      self._total += end[1] - start[1]
+
+  def percent(self) -> Optional[float]:
+    """Percent of the intervals' CPU time that was stolen; None where unknown."""
+    return _stolen_percent(self._stolen, self._total) if self._known else None
 
 
 def percent_text(pct: Optional[float]) -> str:

@@ -38,3 +38,21 @@ def test_steal_of_this_machine_is_a_share():
     pass
   pct = window.percent()
   assert pct is not None and 0.0 <= pct <= 100.0
+
+
+def test_pooled_steal_adds_up_its_intervals_only(tmp_path):
+  """Two intervals of one arm, with another arm's time between them that must not count."""
+  stat = tmp_path / 'stat'
+  pool = machine.PooledSteal(str(stat))
+  _stat(stat, steal=100, total_other=900)
+  with pool.interval():
+    _stat(stat, steal=110, total_other=990)  # 100 jiffies, 10 stolen
+  _stat(stat, steal=500, total_other=1500)  # between the intervals: 1000 jiffies, 390 stolen
+  with pool.interval():
+    _stat(stat, steal=530, total_other=1570)  # 100 jiffies, 30 stolen
+  assert abs(pool.percent() - 20.0) < 1e-9  # 40 of 200
+  assert machine.PooledSteal(str(stat)).percent() is None  # no interval yet
+  unknown = machine.PooledSteal(str(tmp_path / 'missing'))
+  with unknown.interval():
+    pass
+  assert unknown.percent() is None
