@@ -133,3 +133,37 @@ def test_a_round_of_old_params_gives_way_to_the_final_evaluation(tmp_path):
   with open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl')) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   assert {r['param_version'] for r in rows} == {7}  # nothing of the dropped round
+
+
+def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):
+  """num_steps=None (benchmarks/chaos.py, program_throughput.py): the learner node is never done
+  on its own; it trains on past any count until stop(), which checkpoints and publishes the step
+  it reached."""
+  from polling import wait_for
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1, evaluators=1).replace(
+      train=dict(checkpoint_every_steps=1000, publish_every_steps=4))
+  workdir = str(tmp_path / 'unbounded')
+  run.prepare_workdir(cfg, workdir)
+  with local_program.crashes_kept_in_status():
+    replay_node = nodes.ReverbNode(cfg)
+    replay = nodes.LocalReplay(replay_node)
+    variables = LocalVariableServer()
+    inserter = learner = None
+    try:
+      inserter = nodes.InserterNode(cfg, replay, 0, 1, workdir)
+      learner = nodes.LearnerNode(cfg, replay, variables, workdir, None)
+      wait_for(lambda: (learner.status()['steps'] >= 9 or learner.status()['done']
+                        or learner.status()['error']), 240, 'the learner to take 9 steps')
+      status = learner.status()
+      assert status['error'] is None, status['error']
+      assert status['num_steps'] is None and not status['done']
+      assert status['published_version'] >= 8  # every publish_every_steps, no end in sight
+      stopped_at = learner.stop()
+    finally:
+      if inserter is not None:
+        inserter.stop()
+      replay_node.stop()
+  assert stopped_at >= status['steps'] >= 9
+  _, _, step = checkpointing.load_params(workdir)
+  assert step == stopped_at  # the final checkpoint, not the last periodic one (none was due)
+  assert variables.latest_versions() == [stopped_at]  # the final params, published
