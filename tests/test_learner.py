@@ -580,6 +580,32 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
   assert not [pid for pid in inserters if os.path.exists(f'/proc/{pid}')], 'inserter left behind'
 
 
+def test_ctrl_c_in_a_terminal_ends_learn_with_a_checkpoint_and_no_error(tiny_dataset_dir,
+                                                                        tmp_path):
+  """A Ctrl-C in a terminal sends SIGINT to the whole process group: the learner, and also its
+  Reverb server and inserters, which end with it. `learn` checkpoints the step it reached, exits
+  0 without an error line, and leaves no helper behind (a learner that did not handle SIGINT
+  exits 130: checked). The guard in `agents/commands.py` (the helpers' end is the stop's, not a
+  failure) matters only when its 1-s watcher sees them end before the learner has stopped: with
+  the guard removed this test still passed 3 times of 3, so that race is not covered here."""
+  workdir = tmp_path / 'w'
+  proc = _learn_until_checkpoint(tiny_dataset_dir, workdir, 10)
+  try:
+    helpers = _children(proc.pid, 'reverb_tables')
+    assert len(helpers) >= 2, helpers  # the server and at least one inserter
+    os.killpg(proc.pid, signal.SIGINT)  # its own session: the group is the run's alone
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'error' not in err.lower(), err[-3000:]
+  stopped = re.search(r'learner stopped at step (\d+); checkpoints in', out)
+  assert stopped, out[-3000:]
+  assert checkpointing.load_params(str(workdir))[2] == int(stopped.group(1)) >= 10
+  assert not [pid for pid in helpers if os.path.exists(f'/proc/{pid}')], 'a helper left behind'
+
+
 # ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------
 def test_discounted_returns_hand_computed():
   g = mc_probe.discounted_returns(np.array([1.0, 0.0, 5.0]), 0.5, clip=1.0)
