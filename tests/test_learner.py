@@ -599,7 +599,7 @@ def test_ctrl_c_in_a_terminal_ends_learn_with_a_checkpoint_and_no_error(tiny_dat
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 0, err[-3000:]
-  assert 'error' not in err.lower(), err[-3000:]
+  assert not re.search(r'^error:', err, re.M), err[-3000:]  # learn's own error lines
   stopped = re.search(r'learner stopped at step (\d+); checkpoints in', out)
   assert stopped, out[-3000:]
   assert checkpointing.load_params(str(workdir))[2] == int(stopped.group(1)) >= 10

@@ -140,6 +140,8 @@ def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_
   on its own; it trains on past any count until stop(), which checkpoints and publishes the step
   it reached."""
   from polling import wait_for
+  # The config's own step count (1) is not the node's: the node is given None. (One evaluator
+  # is what resolve_config checks; none is started.)
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1, evaluators=1).replace(
       train=dict(checkpoint_every_steps=1000, publish_every_steps=4))
   workdir = str(tmp_path / 'unbounded')
@@ -148,7 +150,7 @@ def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_
     replay_node = nodes.ReverbNode(cfg)
     replay = nodes.LocalReplay(replay_node)
     variables = LocalVariableServer()
-    inserter = learner = None
+    inserter = learner = stopped_at = None
     try:
       inserter = nodes.InserterNode(cfg, replay, 0, 1, workdir)
       learner = nodes.LearnerNode(cfg, replay, variables, workdir, None)
@@ -160,6 +162,8 @@ def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_
       assert status['published_version'] >= 8  # every publish_every_steps, no end in sight
       stopped_at = learner.stop()
     finally:
+      if learner is not None and stopped_at is None:
+        learner.stop()  # a failed check above: no loop thread left training in pytest
       if inserter is not None:
         inserter.stop()
       replay_node.stop()
