@@ -91,7 +91,7 @@ FAST = frozenset({
     'test_learner.py::test_loggers_write_jsonl_and_tensorboard',
     'test_learner.py::test_nan_loss_raises_naming_the_step_and_keeps_checkpoint',
     'test_learner.py::test_run_stops_at_the_end_of_the_data_with_a_checkpoint',
-    'test_learner.py::test_sigterm_saves_at_step_boundary_then_stops',
+    'test_learner.py::test_a_signal_saves_at_step_boundary_then_stops',
     'test_learner.py::test_load_mc_probe_reads_the_run_data',
     'test_networks.py::test_bad_inputs_raise_clear_errors', 'test_networks.py::test_describe_cli',
     'test_networks.py::test_flops', 'test_networks.py::test_heads_match_a_per_example_reference',
