@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Optional
 
 import pytest
 
@@ -36,22 +37,56 @@ def crashes_kept_in_status():
     yield
 
 
-def run_in_process(cfg, workdir: str, num_steps: int, *, learner_timeout_s: float = 240,
-                   eval_timeout_s: float = 180) -> Statuses:
-  """Trains `num_steps` steps through the real nodes, then evaluates the final params once (on
-  `eval.final_steps_per_game`, as `program.run` does) and stops every node. Fails naming the
-  node whose loop crashed, or what it timed out waiting for."""
+@dataclasses.dataclass
+class DataAndLearner:
+  """The nodes `data_and_learner` runs."""
+  replay_node: nodes.ReverbNode
+  inserter: nodes.InserterNode
+  learner: nodes.LearnerNode
+  variables: LocalVariableServer
+  stopped_at: Optional[int] = None  # the step `stop_learner()` returned
+
+  def stop_learner(self) -> int:
+    self.stopped_at = self.learner.stop()
+    return self.stopped_at
+
+
+@contextlib.contextmanager
+def data_and_learner(cfg, workdir: str, num_steps: Optional[int]):
+  """Prepares `workdir`, then runs the Reverb node, one inserter streaming cfg's data and the
+  learner node (`num_steps`; None: until stopped) in this process, each crash kept in its
+  status(). On the way out it stops the learner (unless `stop_learner()` did), the inserter and
+  the server."""
   run.prepare_workdir(cfg, workdir)
   with crashes_kept_in_status():
     replay_node = nodes.ReverbNode(cfg)
     replay = nodes.LocalReplay(replay_node)
     variables = LocalVariableServer()
-    inserter = learner = evaluator = None
+    inserter = running = None
     try:
       inserter = nodes.InserterNode(cfg, replay, 0, 1, workdir)
-      learner = nodes.LearnerNode(cfg, replay, variables, workdir, num_steps)
-      evaluator = nodes.EvaluatorNode(cfg, cfg.games, variables, workdir, 0)
-      live = {'inserter': inserter, 'learner': learner, 'evaluator': evaluator}
+      running = DataAndLearner(replay_node, inserter,
+                               nodes.LearnerNode(cfg, replay, variables, workdir, num_steps),
+                               variables)
+      yield running
+    finally:
+      if running is not None and running.stopped_at is None:
+        running.stop_learner()  # a failed check: no loop thread left training in pytest
+      if inserter is not None:
+        inserter.stop()
+      replay_node.stop()
+
+
+def run_in_process(cfg, workdir: str, num_steps: int, *, learner_timeout_s: float = 240,
+                   eval_timeout_s: float = 180) -> Statuses:
+  """Trains `num_steps` steps through the real nodes, then evaluates the final params once (on
+  `eval.final_steps_per_game`, as `program.run` does) and stops every node. Fails naming the
+  node whose loop crashed, or what it timed out waiting for."""
+  with data_and_learner(cfg, workdir, num_steps) as running:
+    learner, evaluator = running.learner, None
+    try:
+      evaluator = nodes.EvaluatorNode(cfg, cfg.games, running.variables, workdir, 0)
+      live = {'inserter': running.inserter, 'learner': learner, 'evaluator': evaluator}
 
       def errors():
         return {name: n.status()['error'] for name, n in live.items() if n.status()['error']}
@@ -59,16 +94,15 @@ def run_in_process(cfg, workdir: str, num_steps: int, *, learner_timeout_s: floa
       wait_for(lambda: learner.status()['done'] or errors(), learner_timeout_s,
                'the learner to take its steps')
       assert not errors(), errors()
-      learner_status, replay_status = learner.status(), replay_node.status()
+      learner_status, replay_status = learner.status(), running.replay_node.status()
       evaluator.wake(final=True)
       wait_for(lambda: evaluator.status()['evaluated_version'] >= num_steps or errors(),
                eval_timeout_s, 'the evaluation of the final params')
       assert not errors(), errors()
-      stopped_at = learner.stop()
-      return Statuses(learner=learner_status, replay=replay_status, inserter=inserter.status(),
-                      evaluator=evaluator.status(), stopped_at=stopped_at)
+      stopped_at = running.stop_learner()
+      return Statuses(learner=learner_status, replay=replay_status,
+                      inserter=running.inserter.status(), evaluator=evaluator.status(),
+                      stopped_at=stopped_at)
     finally:
-      for node in (evaluator, inserter):
-        if node is not None:
-          node.stop()
-      replay_node.stop()
+      if evaluator is not None:
+        evaluator.stop()

@@ -145,29 +145,16 @@ def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1, evaluators=1).replace(
       train=dict(checkpoint_every_steps=1000, publish_every_steps=4))
   workdir = str(tmp_path / 'unbounded')
-  run.prepare_workdir(cfg, workdir)
-  with local_program.crashes_kept_in_status():
-    replay_node = nodes.ReverbNode(cfg)
-    replay = nodes.LocalReplay(replay_node)
-    variables = LocalVariableServer()
-    inserter = learner = stopped_at = None
-    try:
-      inserter = nodes.InserterNode(cfg, replay, 0, 1, workdir)
-      learner = nodes.LearnerNode(cfg, replay, variables, workdir, None)
-      wait_for(lambda: (learner.status()['steps'] >= 9 or learner.status()['done']
-                        or learner.status()['error']), 240, 'the learner to take 9 steps')
-      status = learner.status()
-      assert status['error'] is None, status['error']
-      assert status['num_steps'] is None and not status['done']
-      assert status['published_version'] >= 8  # every publish_every_steps, no end in sight
-      stopped_at = learner.stop()
-    finally:
-      if learner is not None and stopped_at is None:
-        learner.stop()  # a failed check above: no loop thread left training in pytest
-      if inserter is not None:
-        inserter.stop()
-      replay_node.stop()
+  with local_program.data_and_learner(cfg, workdir, None) as running:
+    learner = running.learner
+    wait_for(lambda: (learner.status()['steps'] >= 9 or learner.status()['done']
+                      or learner.status()['error']), 240, 'the learner to take 9 steps')
+    status = learner.status()
+    assert status['error'] is None, status['error']
+    assert status['num_steps'] is None and not status['done']
+    assert status['published_version'] >= 8  # every publish_every_steps, no end in sight
+    stopped_at = running.stop_learner()
   assert stopped_at >= status['steps'] >= 9
   _, _, step = checkpointing.load_params(workdir)
   assert step == stopped_at  # the final checkpoint, not the last periodic one (none was due)
-  assert variables.latest_versions() == [stopped_at]  # the final params, published
+  assert running.variables.latest_versions() == [stopped_at]  # the final params, published
