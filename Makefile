@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast install gpu gpu-wheels clean-venv bench
 
-# The pinned requirements go in with uv (39-59 s on 2 cores, against 80-105 s with pip; compiled
+# The pinned requirements go in with uv (39-70 s on 2 cores, against 80-105 s with pip; compiled
 # as pip does, since a machine may set PYTHONDONTWRITEBYTECODE). uv does not read pip's config
 # (pip.conf's index, certificates): should it fail, pip installs the same pins instead, saying so.
 UV := uv==0.13.9
