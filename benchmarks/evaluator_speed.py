@@ -328,7 +328,7 @@ def main() -> None:
             if split:
               # evaluate_games first compiles every batch its one group can shrink to, before
               # its clock starts: those calls are not the loop's.
-              compiled = len(evaluator._buckets(batch))  # pylint: disable=protected-access
+              compiled = len(evaluator.group_batch_sizes(batch))
               calls = policy.calls[compiled:]
               # The full batch back to back as the bound has it (before and after the round);
               # the smaller batches the last episodes ran at, timed now.

@@ -46,6 +46,14 @@ def play_noop_episode(game, cfg, seed):
   return n, ret, ts.discount > 0
 
 
+def test_group_batch_sizes_are_the_group_and_the_powers_of_two_it_shrinks_to():
+  """What `evaluate_games` compiles before its clock starts (and evaluator_speed --split skips)."""
+  assert evaluator.group_batch_sizes(1) == {1}
+  assert evaluator.group_batch_sizes(4) == {1, 2, 4}
+  assert evaluator.group_batch_sizes(5) == {1, 2, 5}
+  assert evaluator.group_batch_sizes(16) == {1, 2, 4, 8, 16}
+
+
 def test_budget_that_ends_mid_episode_plays_it_to_its_end():
   # Pong with NOOP loses 21-0 in 764 agent steps: a budget of 30 steps ends mid-episode.
   cfg = EvalConfig()

@@ -166,8 +166,9 @@ def _bucket(live: int, size: int) -> int:
   return min(size, 1 << max(live - 1, 0).bit_length())
 
 
-def _buckets(size: int) -> set[int]:
-  """Every batch shape a group of `size` environments can have (see `evaluate_games`)."""
+def group_batch_sizes(size: int) -> set[int]:
+  """Every batch shape a group of `size` environments can have (see `evaluate_games`, which
+  compiles each with one policy call before its clock starts)."""
   return {size} | {_bucket(n, size) for n in range(1, size // 2 + 1)}
 
 
@@ -220,7 +221,7 @@ def evaluate_games(policy_fn: PolicyFn, params: Any, games: Sequence[tuple[str, 
   keys = _KeyStream(seed)
   # Compile every batch shape a group can have (its size, then the smaller buckets it shrinks
   # to, see below) before the clock starts; the jit cache keeps them for later calls.
-  for size in sorted({b for g in groups for b in _buckets(len(g))}):
+  for size in sorted({b for g in groups for b in group_batch_sizes(len(g))}):
     jax.block_until_ready(policy_fn(params, keys(), np.zeros((size,) + observations[0].shape[1:],
                                                               np.uint8),
                                     np.full((size,), game_ids[0], np.int32)))
