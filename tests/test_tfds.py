@@ -53,6 +53,38 @@ def test_selections_pick_the_right_splits(tiny_dataset_dir):
   assert set(half) <= set(everything)
 
 
+def test_a_uniform_selection_reads_one_subset_whatever_the_reading_seed(tiny_dataset_dir):
+  """`uniform:P` picks its episodes with `selection_seed` alone: every reading `seed` (an
+  inserter's epochs, `seed + epoch`; each inserter's own; the MC probe's) reads the same subset,
+  and another `selection_seed` picks another subset of the same size."""
+  def subset(**seeds):
+    return frozenset(_ids(rr.episodes(tiny_dataset_dir, 'Breakout', 1, 'uniform:50', **seeds)))
+  first = subset()
+  assert first and {subset(seed=s) for s in (1, 2, 1001)} == {first}
+  others = {subset(selection_seed=s) for s in range(1, 6)}
+  assert others - {first} and {len(o) for o in others} == {len(first)}
+
+
+def test_an_inserters_epochs_stream_the_same_uniform_subset(tiny_dataset_dir):
+  """What the inserters stream (`rlds_episode_source`, one epoch per call): epoch after epoch,
+  the same episodes of a `uniform:50` selection, in a new order (before: a new subset each epoch,
+  so a 1% fine-tuning run read ever more of the data)."""
+  from scaled_ql import configs
+  from scaled_ql.datasets import reverb_tables
+  cfg = configs.get_config('cpu_tiny').replace(data=dict(data_dir=tiny_dataset_dir))
+
+  def epochs(selection: str, n: int) -> list[list[bytes]]:  # an episode: its actions and frames
+    source = reverb_tables.rlds_episode_source(cfg.replace(data=dict(selection=selection)),
+                                               repeat=False)
+    return [[b''.join(np.asarray(step[k]).tobytes() for step in steps
+                      for k in ('action', 'observation')) for steps in source('Breakout')]
+            for _ in range(n)]
+  uniform = epochs('uniform:50', 4)
+  assert all(sorted(e) == sorted(uniform[0]) for e in uniform), [len(e) for e in uniform]
+  whole, = epochs('near_optimal', 1)
+  assert set(uniform[0]) < set(whole)  # a proper subset: the selection did select
+
+
 def test_selection_rules():
   assert rr.selected_checkpoints(rr.parse_selection('suboptimal'), range(50)) == list(range(10))
   assert rr.selected_checkpoints(rr.parse_selection('suboptimal'), range(49)) == list(range(10))

@@ -96,6 +96,10 @@ class DataConfig:
   # 'suboptimal' (checkpoints 00..09 = first 20%), 'near_optimal' (all), 'uniform:P' (P% of
   # episodes spread over all checkpoints; P=1 for fine-tuning), or 'checkpoints:A-B'.
   selection: str = 'suboptimal'
+  # Which episodes 'uniform:P' keeps (the offset of its evenly spaced picks): one subset for the
+  # whole run, the same in every epoch, every inserter and the MC probe. The readers' own seeds
+  # only order the reading. Change it to train on another P% of the same data.
+  selection_seed: int = 0
   # Reverb: one table per game, each a shuffle buffer of this many transitions.
   shuffle_buffer_per_game: int = 20_000
   min_fill_per_game: int = 1_000  # transitions a table holds before sampling starts

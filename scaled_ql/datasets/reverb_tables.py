@@ -613,7 +613,8 @@ def rlds_episode_source(cfg: ExperimentConfig, *, repeat: bool = True, seed: int
 
   With `repeat` the reader streams the selection epoch after epoch (reshuffling its file order).
   Without it a call streams one epoch; each later call for the same game (`run_inserter` repeating
-  the epochs itself, which lets it see where an epoch ends) reads its files in a new order.
+  the epochs itself, which lets it see where an epoch ends) reads its files in a new order: the
+  same episodes (a `uniform:P` selection's are `cfg.data.selection_seed`'s), reordered.
   """
   calls: dict[str, int] = {}
 

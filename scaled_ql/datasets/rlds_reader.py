@@ -14,8 +14,10 @@ config=f'{game}_run_{run}', data_dir=data_dir)`, so real RL Unplugged data and o
 Selections (`DataConfig.selection`, Section 3 of the paper):
 - `suboptimal`: the first 20% of the checkpoint splits (checkpoint_00..09 of the real 50 / 49);
 - `near_optimal`: all splits;
-- `uniform:P`: P% of every split's episodes, evenly spaced with a seeded offset (P=1 for the
-  fine-tuning experiments, Section 5.2);
+- `uniform:P`: P% of every split's episodes, evenly spaced from an offset drawn with
+  `selection_seed` (`DataConfig.selection_seed`; P=1 for the fine-tuning experiments, Section
+  5.2). The subset depends on that seed alone: every epoch, reader shard and reading `seed`
+  reads the same episodes;
 - `checkpoints:A-B`: splits A..B inclusive.
 For the unordered `rlu_atari` builder (one 'train' split) the same selections filter episodes by
 their `checkpoint_id` (which reads every episode of the run).
@@ -245,8 +247,8 @@ class _FileTask:
     return self.num_records if self.keep is None else int(np.count_nonzero(self.keep))
 
 
-def _file_tasks(b, game: str, selection: Selection, seed: int) -> list[_FileTask]:
-  rng = np.random.default_rng(seed)
+def _file_tasks(b, game: str, selection: Selection, selection_seed: int) -> list[_FileTask]:
+  rng = np.random.default_rng(selection_seed)  # 'uniform:P' offsets only: never the reading's
   tasks = []
   if b.name == tfds_layout.ORDERED_BUILDER:
     available = available_checkpoints(b)
@@ -415,11 +417,13 @@ _DECODE_THREADS = 4  # episodes decoded at once (TF releases the GIL); each hold
 def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptimal', *,
              builder: str = tfds_layout.ORDERED_BUILDER, shard_index: int = 0,
              num_shards: int = 1, repeat: bool = False, strict: bool = False, seed: int = 0,
-             shuffle_files: bool = True, cycle_length: int = 64,
+             selection_seed: int = 0, shuffle_files: bool = True, cycle_length: int = 64,
              stats: Optional[ReadStats] = None) -> tf.data.Dataset:
   """tf.data.Dataset of RLDS episodes of `game`/`run` under `selection` (see module docstring).
 
   Everything is validated (data dir, builder, config, splits, selection, shard) before reading.
+  `seed` orders the reading (files, checkpoints, where each starts; a new order every epoch);
+  `selection_seed` alone picks the episodes of a `uniform:P` selection.
   `cycle_length`: checkpoints (strata) read at once; the default covers all 50 of a run.
   `stats` (optional) is updated as episodes are read: episodes, files, corrupt files,
   undecodable episodes, epochs.
@@ -430,7 +434,7 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
   if cycle_length < 1:
     raise ValueError(f'cycle_length must be >= 1, got {cycle_length}')
   b = load_builder(data_dir, game, run, builder)
-  tasks = _file_tasks(b, game, sel, seed)
+  tasks = _file_tasks(b, game, sel, selection_seed)
   by_record = len(tasks) < num_shards
   if not by_record:
     tasks = tasks[shard_index::num_shards]
@@ -505,9 +509,11 @@ def episodes(data_dir: str, game: str, run: int = 1, selection: str = 'suboptima
 
 
 def episodes_from_config(data_cfg, game: str, **kwargs) -> tf.data.Dataset:
-  """`episodes(...)` with data dir, builder, run, selection, strict and cycle_length (the number of
-  checkpoints streamed at once, `DataConfig.reader_cycle_length`) taken from a DataConfig."""
+  """`episodes(...)` with data dir, builder, run, selection, selection_seed, strict and
+  cycle_length (the number of checkpoints streamed at once, `DataConfig.reader_cycle_length`)
+  taken from a DataConfig."""
   kwargs.setdefault('cycle_length', data_cfg.reader_cycle_length)
+  kwargs.setdefault('selection_seed', data_cfg.selection_seed)
   return episodes(data_cfg.data_dir, game, data_cfg.run, data_cfg.selection,
                   builder=data_cfg.builder, strict=data_cfg.strict, **kwargs)
 

@@ -175,7 +175,8 @@ def _listdir(path: str) -> list:
 # curve. A field that matches none of these (the step budget, evaluation and logging cadences,
 # where the data is read from and how the nodes run) may change; every change is listed anyway.
 RESUME_REFUSES = (
-    'games', 'network.', 'agent.', 'data.builder', 'data.run', 'data.selection', 'train.seed',
+    'games', 'network.', 'agent.', 'data.builder', 'data.run', 'data.selection',
+    'data.selection_seed', 'train.seed',
     'eval.epsilon', 'eval.sticky_action_prob', 'eval.max_episode_frames', 'eval.game_mode',
     'finetune.pretrained', 'finetune.update_period', 'finetune.epsilon_',
     'finetune.actor_sticky_action_prob')
