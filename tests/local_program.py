@@ -96,7 +96,7 @@ def run_in_process(cfg, workdir: str, num_steps: int, *, learner_timeout_s: floa
       assert not errors(), errors()
       learner_status, replay_status = learner.status(), running.replay_node.status()
       evaluator.wake(final=True)
-      wait_for(lambda: evaluator.status()['evaluated_version'] >= num_steps or errors(),
+      wait_for(lambda: evaluator.status()['final_version'] >= num_steps or errors(),
                eval_timeout_s, 'the evaluation of the final params')
       assert not errors(), errors()
       stopped_at = running.stop_learner()

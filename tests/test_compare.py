@@ -46,7 +46,8 @@ def test_run_against_table_c1_by_hand(run_dir):
   c = compare.compare([run_dir], reps=REPS, seed=0)
   assert c.table == 'c1'  # from config.json: data.selection suboptimal
   assert c.games == ('Amidar', 'Breakout')  # Boxing: no completed episode
-  # Final evaluation per game: Breakout at step 200, two evaluators averaged; Amidar's step-200
+  # Final evaluation per game: Breakout at step 200, two evaluators pooled (3 episodes each);
+  # Amidar's step-200
   # evaluation has no completed episode, so its last scored one (step 100) counts.
   assert c.raw['my_run'] == {'Breakout': 50.0, 'Amidar': 300.0}
   assert 'Human' not in c.methods

@@ -1,5 +1,6 @@
 """The evaluator on the real emulator (tiny budgets), its logs, and `scaled-ql eval | report run`."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -354,6 +355,22 @@ def test_learning_curves_carry_each_games_latest_score_forward():
   assert c.per_game['Pong'] == ([0, 10], [0.1, pytest.approx(0.6)])
   assert c.versions == [5, 10, 20]  # version 0: Breakout has no record yet
   np.testing.assert_allclose(c.mean, [0.2, 0.45, 0.75])
+
+
+def test_records_of_one_game_and_step_are_pooled_over_their_episodes():
+  """A round on the normal budget and the final evaluation of the same params (or a restarted
+  evaluator's second round) are one estimate: the mean over all their completed episodes, not
+  the mean of the records (which gave 1 episode the weight of 5)."""
+  short = dataclasses.replace(record('Pong', 10, 0.0, episodes=1), score=-21.0, budget=40)
+  final = dataclasses.replace(record('Pong', 10, 0.6, episodes=5), score=-3.0, budget=60)
+  assert report.pooled([short, final]) == (pytest.approx(-6.0), pytest.approx(0.5))
+  c = report.learning_curves([record('Pong', 0, 0.1), short, final])
+  assert c.per_game['Pong'] == ([0, 10], [0.1, pytest.approx(0.5)])
+  assert c.raw_per_game['Pong'][1][1] == pytest.approx(-6.0)
+  for bad in ([], [short, record('Breakout', 10, 0.5)], [short, record('Pong', 11, 0.5)],
+              [short, dataclasses.replace(final, score=None, normalized=None, episodes=0)]):
+    with pytest.raises(ValueError, match='pooled'):
+      report.pooled(bad)
 
 
 def old_partial_record(game, version, partial_return):

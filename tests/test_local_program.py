@@ -135,6 +135,48 @@ def test_a_round_of_old_params_gives_way_to_the_final_evaluation(tmp_path):
   assert {r['param_version'] for r in rows} == {7}  # nothing of the dropped round
 
 
+def test_final_params_a_round_already_evaluated_get_the_final_budget_too(tmp_path):
+  """A round on the normal budget can evaluate the final params between the learner's last
+  publish and wake(final=True). The final evaluation still plays them on the final budget, and
+  the driver waits for that (`final_version`); before, the evaluator counted them as done and the
+  run's result was the short round's. Where the final budget is the normal one, any round counts
+  as final and the wake adds none."""
+  import jax
+  from scaled_ql.agents import builder
+  from scaled_ql.configs import get_config
+  from polling import wait_for
+  base = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_seconds=3600.0))
+  params = builder.agent_networks(base).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
+  variables = LocalVariableServer()
+  variables.publisher().publish(params, 7)
+  for final_budget in (50, None):
+    cfg = base.replace(eval=dict(final_steps_per_game=final_budget))
+    workdir = str(tmp_path / f'final_{final_budget}')
+    with local_program.crashes_kept_in_status():
+      node = nodes.EvaluatorNode(cfg, cfg.games, variables, workdir, 0)
+      try:
+        wait_for(lambda: node.status()['evaluated_version'] == 7 or node.status()['error'], 120,
+                 'a round of the final params on the normal budget')
+        before = node.status()
+        node.wake(final=True)
+        wait_for(lambda: node.status()['final_version'] == 7 or node.status()['error'], 120,
+                 'the final evaluation')
+        time.sleep(2 * nodes.RETRY_SECONDS)  # no further round of the same params
+        status = node.status()
+      finally:
+        node.stop()
+    assert status['error'] is None, status['error']
+    with open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl')) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    budgets = sorted({(r['param_version'], r['budget']) for r in rows})
+    if final_budget is None:
+      assert before['final_version'] == 7 and status['rounds'] == 1 and budgets == [(7, 20)]
+    else:
+      assert before['final_version'] == -1 and not before['final'] and status['final']
+      assert status['rounds'] == 2 and budgets == [(7, 20), (7, 50)]
+      assert all(row['budget'] == 50 for row in status['latest'].values())
+
+
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):
   """num_steps=None (benchmarks/chaos.py, program_throughput.py): the learner node is never done
   on its own; it trains on past any count until stop(), which checkpoints and publishes the step

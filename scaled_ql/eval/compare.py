@@ -30,8 +30,6 @@ import json
 import os
 from typing import Optional, Sequence
 
-import numpy as np
-
 from scaled_ql import games as games_lib
 from scaled_ql.eval import metrics, normalization, report
 
@@ -55,7 +53,8 @@ class Source:
 
 
 def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str) -> Source:
-  """Per game: the mean score of the records at the largest learner step with a score."""
+  """Per game: the score of the records at the largest learner step with a score, pooled over
+  their completed episodes (`report.pooled`)."""
   src = Source(where, [], [])
   by_game: dict[str, list[report.EvalRecord]] = {}
   for r in records:
@@ -67,8 +66,8 @@ def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str)
       src.no_episode.append((method, game, 0))
       continue
     last = max(r.param_version for r in scored)
-    at_last = [r.score for r in scored if r.param_version == last]
-    src.rows.append((method, game, float(np.mean(at_last)), 0))
+    score, _ = report.pooled([r for r in scored if r.param_version == last])
+    src.rows.append((method, game, score, 0))
     steps.append(last)
   if steps:
     src.notes.append(f'{method}: final evaluation of each game, learner step '

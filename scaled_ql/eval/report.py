@@ -34,7 +34,8 @@ whole record follows the torn fragment on the same line (written by an older ver
 fresh-line rule), that record is kept.
 
 Learning curves (`run_report`): per game, the normalized score against `param_version` (records of
-the same game and version, e.g. from several evaluators, are averaged), from the records that HAVE
+the same game and version, e.g. a round and the final evaluation on a larger budget, or a restarted
+evaluator's, are pooled over their completed episodes: `pooled`), from the records that HAVE
 a score: a record without a completed episode is shown as such and is never a point or part of an
 aggregate. The aggregate curve (IQM, median and mean over games) at version v uses, for each game,
 its latest scored record with `param_version <= v`; it starts at the first version by which every
@@ -228,22 +229,36 @@ class Curves:
   mean: list[float]
 
 
+def pooled(records: Sequence[EvalRecord]) -> tuple[float, float]:
+  """(score, normalized) of scored records of one game and one param version, as if they were one
+  evaluation: the mean over all their completed episodes (each record's mean weighted by its
+  episodes). Every episode is a return of the same params under the same protocol, so a round
+  on the normal budget and the final evaluation on a larger one (or a restarted evaluator's
+  second round) add up to one estimate, not two equal votes."""
+  if not records or not all(r.has_score for r in records):
+    raise ValueError('pooled: every record needs a score (a completed episode)')
+  if len({(r.game, r.param_version) for r in records}) != 1:
+    raise ValueError('pooled: records of one game and one param version only')
+  weights = np.asarray([r.episodes for r in records], float)
+  return (float(np.average([r.score for r in records], weights=weights)),
+          float(np.average([r.normalized for r in records], weights=weights)))
+
+
 def learning_curves(records: Sequence[EvalRecord]) -> Curves:
   """Per-game and aggregate (IQM/median/mean over games) curves of the records with a score; see
   the module docstring."""
   from scaled_ql.eval import metrics
   games = tuple(sorted({r.game for r in records}, key=games_lib.ALL_GAMES.index))
-  sums: dict[tuple[str, int], list[float]] = {}
-  raws: dict[tuple[str, int], list[float]] = {}
+  scored: dict[tuple[str, int], list[EvalRecord]] = {}
   for r in records:
     if r.has_score:
-      sums.setdefault((r.game, r.param_version), []).append(r.normalized)
-      raws.setdefault((r.game, r.param_version), []).append(r.score)
+      scored.setdefault((r.game, r.param_version), []).append(r)
+  points = {key: pooled(recs) for key, recs in scored.items()}  # (raw, normalized)
   per_game, raw_per_game = {}, {}
   for g in games:
-    vs = sorted(v for (gg, v) in sums if gg == g)
-    per_game[g] = (vs, [float(np.mean(sums[(g, v)])) for v in vs])
-    raw_per_game[g] = (vs, [float(np.mean(raws[(g, v)])) for v in vs])
+    vs = sorted(v for (gg, v) in points if gg == g)
+    per_game[g] = (vs, [points[(g, v)][1] for v in vs])
+    raw_per_game[g] = (vs, [points[(g, v)][0] for v in vs])
   agg_games = tuple(g for g in games if per_game[g][0])
   versions, iqm, median, mean = [], [], [], []
   for v in sorted({r.param_version for r in records if r.has_score}):

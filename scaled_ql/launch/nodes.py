@@ -497,6 +497,9 @@ class EvaluatorNode(_LoopNode):
     self._policy = make_policy(cfg, cfg.eval.epsilon)
     self._client = variables.client()
     self._evaluated_version = -1
+    # The newest params a round on the final budget evaluated (any round, when the final budget
+    # is the normal one): what the driver waits for after wake(final=True).
+    self._final_version = -1
     self._rounds = 0
     self._latest: dict[str, dict] = {}
     self._writer = None
@@ -513,11 +516,15 @@ class EvaluatorNode(_LoopNode):
     started = time.monotonic()
     self._client.update_and_wait()
     every = self._cfg.eval.eval_every_steps
-    if not eval_due(self._client.version, self._evaluated_version, every, self._woken):
+    version, params = self._client.version, self._client.params
+    # After wake(final=True) the newest params are due on the final budget even when a round on
+    # the normal budget evaluated them already (one that ended between the learner's last
+    # publish and the wake).
+    final_due = self._final and version > self._final_version
+    if not (final_due or eval_due(version, self._evaluated_version, every, self._woken)):
       self._wake.wait(RETRY_SECONDS)
       self._wake.clear()
       return
-    version, params = self._client.version, self._client.params
     self._evaluating_version = version  # a round in progress (lost if the node is killed)
     # wake(final=True) before this round started: the final params get the final budget.
     final_round = self._final
@@ -539,6 +546,8 @@ class EvaluatorNode(_LoopNode):
       self._abandoned_rounds += 1
       return
     self._evaluated_version = version
+    if final_round or self._cfg.eval.final_steps_per_game in (None, self._cfg.eval.steps_per_game):
+      self._final_version = version
     self._evaluating_version = -1
     self._rounds += 1
     # The most steps any round of a game ran past its budget (its last episodes played out): a
@@ -585,7 +594,8 @@ class EvaluatorNode(_LoopNode):
   def status(self) -> dict:
     return dict(self.base_status(), games=list(self._games), rounds=self._rounds,
                 abandoned_rounds=self._abandoned_rounds,
-                evaluated_version=self._evaluated_version,
+                evaluated_version=self._evaluated_version, final=self._final,
+                final_version=self._final_version,
                 evaluating_version=self._evaluating_version, latest=self._latest)
 
   def stop(self) -> None:

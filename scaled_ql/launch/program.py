@@ -695,17 +695,26 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
     log(f'evaluating the final params (step {final_step}) ...')
     for handle in program.evaluators:
       handle.wake.remote(final=True)
-    deadline = time.time() + final_eval_timeout_s
+    deadline, done = time.time() + final_eval_timeout_s, None
     while time.time() < deadline:
       try:
         status = poll(program, watcher)
       except NodeLost as e:
         log(f'final evaluation abandoned: {e}')
+        done = False
         break
-      if all(s and s['evaluated_version'] >= final_step for s in status.evaluators):
+      if all(s and s['final_version'] >= final_step for s in status.evaluators):
+        done = True
         break
+      for handle, s in zip(program.evaluators, status.evaluators):
+        if s and not s['final']:  # restarted since the wake: a new process that did not hear it
+          handle.wake.remote(final=True)
       time.sleep(0.5)
-    log(f'final evaluation done in {time.time() - t0:.0f}s')
+    if done:
+      log(f'final evaluation done in {time.time() - t0:.0f}s')
+    elif done is None:
+      log(f'final evaluation not finished within {final_eval_timeout_s:.0f}s: the scores of '
+          f'step {final_step} are those of the evaluators that finished it')
   if status is None:
     try:
       status = poll(program, watcher)
