@@ -55,6 +55,19 @@ def test_online_finetuning_length_is_3m_frames_by_default():
     configs.finetune_online(base, 'Breakout', 12, pretrained=None, online_frames=8)
 
 
+def test_online_finetuning_actors_act_with_params_at_most_1000_environment_steps_old():
+  """Dopamine acts with its online network; ours with the newest published params: every 250
+  learner steps (1000 environment steps at update period 4) from a paper config, whose own
+  cadence is 1000 learner steps; a base that publishes more often keeps its cadence."""
+  paper = configs.get_config('atari40_suboptimal_resnet101')
+  assert paper.train.publish_every_steps == 1000
+  cfg = configs.finetune_online(paper, 'Breakout', 12, pretrained=None)
+  assert cfg.train.publish_every_steps * cfg.finetune.update_period == 1000
+  small = configs.get_config('cpu_small')
+  assert configs.finetune_online(small, 'Breakout', 12, pretrained=None).train \
+      .publish_every_steps == small.train.publish_every_steps == 100
+
+
 def test_step_cadence_evaluates_once_per_iteration():
   every = 62_500
   published = range(0, 300_001, 1000)  # the learner publishes every 1000 steps ...

@@ -299,6 +299,9 @@ DOPAMINE_C51 = dict(batch_size=32, v_max=10.0, adam_eps=0.0003125, target_update
 # The other reading, 3M agent steps, is `online_frames=12_000_000` (750k gradient steps).
 ONLINE_FINETUNE_FRAMES = 3_000_000
 FRAME_SKIP = 4  # emulator frames per agent step (Table B.1)
+# Online fine-tuning: the most environment steps the actors' params may lag the learner's (in
+# publishes; docs/paper_fidelity.md, section 2).
+ONLINE_PUBLISH_ENV_STEPS = 1000
 
 
 def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
@@ -346,7 +349,12 @@ def finetune_online(base: ExperimentConfig, game: str, mode: int | None, *,
       eval=dict(num_evaluators=1, game_mode=mode),
       # No device prefetch: with the table paced, taking batch k+1 during step k would hold
       # step k's metrics and publish back until the actors' next inserts allow that batch.
-      train=dict(num_steps=num_steps, device_prefetch=False),
+      # Dopamine's agent acts with its online network at every step; our actors act with the
+      # newest published params, so they are published at least every 1000 environment steps
+      # (250 learner steps; the paper configs' 1000 would be 4000 environment steps behind).
+      train=dict(num_steps=num_steps, device_prefetch=False,
+                 publish_every_steps=min(base.train.publish_every_steps,
+                                         ONLINE_PUBLISH_ENV_STEPS // c['update_period'])),
       finetune=FinetuneConfig(pretrained=pretrained, update_period=c['update_period'],
                               epsilon_end=c['epsilon_train'],
                               epsilon_decay_steps=sized(c['epsilon_decay_period'])))
