@@ -94,7 +94,8 @@ def register(subparsers) -> None:
   c.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   c.add_argument('--dqn-reference', default=None, metavar='CSV',
                  help='DQN-Replay reference scores (game, dqn_score, source) for DQN-normalized '
-                 'columns (default: scaled_ql/eval/data/dqn_replay_reference.csv, which has none)')
+                 'columns (default: scaled_ql/eval/data/dqn_replay_reference.csv: Dopamine\'s '
+                 'published DQN, the last iteration averaged over its 5 runs)')
   c.set_defaults(handler=_compare)
 
 
