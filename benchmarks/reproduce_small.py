@@ -305,16 +305,49 @@ CLAIMS = [
 RATIO_ARMS = ('scaled_ql', 'feature_norm')
 
 
-def _verdict(a, b, single_run: str = '') -> str:
+TARGET_SEEDS = 3  # the learning target's CIs are over >= 3 seeds
+
+
+def _seeds_note(runs: int) -> str:
+  return '' if runs >= TARGET_SEEDS else f'; {runs} runs: the target asks for >= {TARGET_SEEDS}'
+
+
+def _verdict(a, b, single_run: str = '', runs: int = TARGET_SEEDS) -> str:
   """a, b: IQM Estimates of the method claimed better and of the other. `single_run`: the label
   of a side that has one run while the other has several: their CIs resample different things
-  (games / runs within each game), so only the point estimates are compared."""
+  (games / runs within each game), so only the point estimates are compared. `runs`: the fewer
+  runs of the two (named when below the target's 3 seeds)."""
   if single_run:
     return (('holds' if a.point > b.point else 'does NOT hold')
             + f' (point estimates only: {single_run} has 1 run, no CI over seeds)')
   if a.point > b.point:
-    return 'holds (95% CIs disjoint)' if a.lower > b.upper else 'point estimate only (CIs overlap)'
-  return 'does NOT hold' + (' (CIs disjoint)' if a.upper < b.lower else ' (CIs overlap)')
+    return ('holds (95% CIs disjoint' if a.lower > b.upper
+            else 'point estimate only (CIs overlap') + _seeds_note(runs) + ')'
+  return ('does NOT hold' + (' (CIs disjoint' if a.upper < b.lower else ' (CIs overlap')
+          + _seeds_note(runs) + ')')
+
+
+def _ratio_verdict(est, data_iqm: float, runs: int) -> str:
+  """A method's IQM `est` against 1.5x the data's, `data_iqm`: the IQM of the data's per-game
+  scores taken as `runs` identical runs, so that both IQMs trim a matrix of the same shape. The
+  data is one fixed set of episodes: its score does not vary over seeds, so the claim holds when
+  the method's whole 95% CI (over its runs) is at or above 1.5x it. With the data at or below
+  random (IQM <= 0) there is no ratio to claim."""
+  gap = f'{100 * (est.point - data_iqm):+.1f} points from the data'
+  if data_iqm <= 0:
+    return (f'no ratio: the data\'s IQM is {100 * data_iqm:.1f}% <= 0 (random or worse); {gap} '
+            '-> undefined')
+  ratio = f'ratio {est.point / data_iqm:.2f}x'
+  if runs < 2:
+    return (f'{ratio} -> {"holds" if est.point >= 1.5 * data_iqm else "does NOT hold"} (point '
+            'estimate only: 1 run, no CI over seeds)')
+  if est.lower >= 1.5 * data_iqm:
+    verdict = 'holds (its 95% CI is at or above 1.5x the data\'s IQM'
+  elif est.point >= 1.5 * data_iqm:
+    verdict = 'point estimate only (its 95% CI reaches below 1.5x the data\'s IQM'
+  else:
+    verdict = 'does NOT hold (the point estimate is below 1.5x the data\'s IQM'
+  return f'{ratio} -> {verdict}{_seeds_note(runs)})'
 
 
 def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float) -> str:
@@ -401,23 +434,24 @@ def report(results: list[dict], behaviour: dict[str, dict], args, wall_s: float)
       + ' | |')
   lines += ['', '## The paper\'s claims at this scale', '']
   for arm in RATIO_ARMS:
-    est = iqm.get(METHODS[arm][0])
+    name = METHODS[arm][0]
+    est = iqm.get(name)
     if est is None:
       continue
-    ratio = (f'{est.point / b_iqm.point:.2f}x' if b_iqm.point > 0 else
-             f'undefined (behaviour IQM {100 * b_iqm.point:.1f}% <= 0); difference '
-             f'{100 * (est.point - b_iqm.point):+.1f} points')
-    holds = est.point >= 1.5 * b_iqm.point if b_iqm.point > 0 else est.point > b_iqm.point
-    lines.append(f'- {METHODS[arm][0]} >= 1.5x the behaviour policy\'s IQM: ratio {ratio} -> '
-                 f'{"holds" if holds else "does NOT hold"} ({est.format()}, behaviour '
-                 f'{b_iqm.format()}).')
+    # The data's IQM on the method's matrix shape (its scores repeated to the method's runs):
+    # rliable's IQM trims int(25% of runs x games) from each end, so a 1 x 6 and a 3 x 6 matrix
+    # of the same scores have different IQMs.
+    data_iqm = metrics.iqm(np.repeat(behaviour_norm, runs[name], axis=0))
+    lines.append(f'- {name} >= 1.5x the behaviour policy\'s IQM: '
+                 f'{_ratio_verdict(est, data_iqm, runs[name])} ({est.format()}; the data '
+                 f'{100 * data_iqm:.1f} as {runs[name]} run(s)).')
   for claim, better, other in CLAIMS:
     if better in methods and other in methods:
       a, b = METHODS[better][0], METHODS[other][0]
       pair = {n: runs[n] for n in (a, b)}
       single = next((n for n, k in pair.items() if k == 1), '') if max(pair.values()) > 1 else ''
-      lines.append(f'- {claim}: {_verdict(iqm[a], iqm[b], single)} (IQM {iqm[a].format()} vs '
-                   f'{iqm[b].format()}).')
+      lines.append(f'- {claim}: {_verdict(iqm[a], iqm[b], single, min(pair.values()))} (IQM '
+                   f'{iqm[a].format()} vs {iqm[b].format()}).')
   lines += ['', f'Files: `scores.csv` (raw scores per method/game/seed), `{os.path.basename(png)}`,'
             ' `runs/<method>_seed<s>/` (each run\'s workdir: config, checkpoint, eval log, '
             'learner metrics, result.json).', '']

@@ -92,7 +92,8 @@ def test_report_keeps_seed_cis_when_an_ablation_has_one_run(tmp_path):
       reps=200, seed=0, task_bootstrap=False)
   assert f"| Scaled QL | 2 | {pair.estimates['Scaled QL']['IQM'].format()} |" in md
   assert 'over runs within each game' in md and 'over runs and games' in md
-  assert '- Scaled QL beats BC (same network, same data): holds (95% CIs disjoint)' in md
+  assert ('- Scaled QL beats BC (same network, same data): holds (95% CIs disjoint; 2 runs: the '
+          'target asks for >= 3)') in md
   assert ('- pessimism helps: Scaled QL beats alpha = 0: holds (point estimates only: '
           'Scaled QL, no CQL has 1 run, no CI over seeds)') in md
 
@@ -109,9 +110,12 @@ def test_bc_on_the_feature_norm_network_is_the_feature_norm_arms_baseline(tmp_pa
             ('bc_feature_norm', 0): (-50, 21), ('bc_feature_norm', 1): (-40, 20)}
   md = report_of(scores, args)
   assert ('- Scaled QL beats BC on the feature-norm network (same network, same data): holds '
-          '(95% CIs disjoint)') in md
-  assert "- Scaled QL + feature norm (paper) >= 1.5x the behaviour policy's IQM" in md
-  assert "- Scaled QL >= 1.5x the behaviour policy's IQM" in md
+          '(95% CIs disjoint; 2 runs: the target asks for >= 3)') in md
+  # The data's IQM here is below random (Boxing -11): no ratio, and no "holds".
+  for arm in ('Scaled QL + feature norm (paper)', 'Scaled QL'):
+    line = next(l for l in md.splitlines()
+                if l.startswith(f"- {arm} >= 1.5x the behaviour policy's IQM"))
+    assert 'no ratio' in line and '-> undefined' in line and 'holds' not in line, line
   assert 'Scaled QL beats BC (same network' not in md  # no plain BC run: no such claim
   assert 'Wall time of this invocation 1.0 min' in md
   # A report rebuilt from finished runs does not show its own few seconds as the runs' wall time.
@@ -119,3 +123,36 @@ def test_bc_on_the_feature_norm_network_is_the_feature_norm_arms_baseline(tmp_pa
       ['--games', 'Boxing,Freeway', '--out', str(tmp_path), '--methods',
        'scaled_ql,feature_norm,bc_feature_norm', '--seeds', '0,1', '--reps', '200', '--report-only']))
   assert 'rebuilt with --report-only' in rebuilt and 'Wall time of this invocation' not in rebuilt
+
+
+def test_the_ratio_to_the_data_trims_the_same_shape_and_asks_for_the_whole_ci():
+  """Scaled QL's IQM against 1.5x the data's: the data's scores count as many runs as the
+  method has (rliable's IQM trims int(25%) of runs x games from each end, so 1 x 6 and 3 x 6 of
+  the same scores differ); the claim holds when the whole CI clears 1.5x, says "point estimate
+  only" when just the point does, and names fewer than 3 seeds."""
+  import tempfile
+  from scaled_ql.eval import metrics, normalization
+  games = ('Boxing', 'Freeway', 'Pong', 'Breakout', 'Seaquest', 'SpaceInvaders')
+  data = dict(zip(games, (6.0, 16.0, -15.0, 4.0, 150.0, 200.0)))
+  behaviour = {g: dict(score=v, episodes=32, splits=['checkpoint_00']) for g, v in data.items()}
+  with tempfile.TemporaryDirectory() as out:
+    args = rs.parse_args(['--games', ','.join(games), '--out', out, '--methods', 'scaled_ql',
+                          '--seeds', '0,1,2', '--reps', '200'])
+    same = [dict(method='scaled_ql', seed=s, scores=dict(data), steps=100, seconds=1.0)
+            for s in (0, 1, 2)]
+    md = rs.report(same, behaviour, args, 60.0)
+  line = next(l for l in md.splitlines() if l.startswith("- Scaled QL >= 1.5x"))
+  assert 'ratio 1.00x -> does NOT hold' in line, line  # the data against itself
+  norm = np.array([[normalization.human_normalized(g, data[g]) for g in games]])
+  assert metrics.iqm(norm) != pytest.approx(metrics.iqm(np.repeat(norm, 3, axis=0)))
+  est = lambda point, lower, upper: metrics.Estimate(point, lower, upper)
+  assert rs._ratio_verdict(est(0.35, 0.31, 0.40), 0.2, 3) == (
+      "ratio 1.75x -> holds (its 95% CI is at or above 1.5x the data's IQM)")
+  assert rs._ratio_verdict(est(0.35, 0.25, 0.40), 0.2, 3).startswith(
+      'ratio 1.75x -> point estimate only (its 95% CI reaches below')
+  assert rs._ratio_verdict(est(0.35, 0.31, 0.40), 0.2, 2).endswith(
+      '; 2 runs: the target asks for >= 3)')
+  assert 'holds (point estimate only: 1 run' in rs._ratio_verdict(est(0.35, 0.0, 0.9), 0.2, 1)
+  assert rs._ratio_verdict(est(0.1, 0.05, 0.2), -0.02, 3) == (
+      "no ratio: the data's IQM is -2.0% <= 0 (random or worse); +12.0 points from the data "
+      '-> undefined')
