@@ -543,6 +543,21 @@ def test_train_with_learner_gpus_the_machine_lacks_ends_instead_of_waiting(tiny_
   assert not ray.is_initialized()
 
 
+def test_finetune_online_with_evaluator_gpus_the_machine_lacks_is_refused(tmp_path, capsys):
+  """`finetune online` checks the GPUs its evaluator asks for as `train` does: refused after Ray
+  starts, before any node does (before: the evaluator sat unplaced until the 900-s placement
+  timeout ended the run)."""
+  import ray
+  from scaled_ql import cli
+  assert not ray.is_initialized()
+  assert cli.main(['finetune', 'online', '--game', 'Pong', '--from-scratch', '--config',
+                   'cpu_tiny', '--workdir', str(tmp_path / 'w'), '--set',
+                   'eval.gpus_per_evaluator=64']) == 2
+  assert '--evaluator-gpus 64 x 1 evaluator(s) need 64 GPU(s); Ray sees' in \
+      capsys.readouterr().err
+  assert not ray.is_initialized()
+
+
 def test_run_report_sets_each_game_beside_the_data_it_trained_on(tiny_dataset_dir, tmp_path):
   """`report run` shows the behaviour score of the run's training splits (its config.json's data
   dir and selection) as a table column and a dashed line, and names a game without one."""

@@ -1,6 +1,7 @@
 """The local generator: real emulator episodes written in the real RL Unplugged TFDS layout."""
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 
@@ -401,7 +402,7 @@ def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None)
       np.save(f, np.array(add_count))
 
 
-def test_convert_dopamine_replay_files(tmp_path):
+def test_convert_dopamine_replay_files(tmp_path, caplog):
   """A tiny synthetic DQN-Replay set: Dopamine's zero padding, terminals, a wrapped buffer."""
   from scaled_ql.datasets import dopamine_convert, rlds_reader
   rng = np.random.default_rng(0)
@@ -442,6 +443,17 @@ def test_convert_dopamine_replay_files(tmp_path):
     np.testing.assert_array_equal(b['observation'][..., 0], b_o)  # truncated: 3 actions + final
     assert b['action'].tolist() == [5, 4, 3, 0] and not b['is_terminal'].any()
     assert b['is_last'].tolist() == [False, False, False, True]
+  # Converted data records no game scores (Dopamine stores rewards clipped): no behaviour score,
+  # as for downloaded DQN-Replay (before: a KeyError in `report run` and the demo).
+  from scaled_ql.configs.base import DataConfig
+  assert generate.selection_score(DataConfig(data_dir=out, selection='near_optimal'),
+                                  'Pong') == (None, 0)
+  # Part of a run: 'suboptimal' counts the splits converted, and the converter says so.
+  with caplog.at_level(logging.WARNING, logger=dopamine_convert.__name__):
+    dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, str(tmp_path / 'part'),
+                             checkpoints=(1, 1))
+  assert ("the selection 'suboptimal' (the first 20% of the splits present) will read "
+          "checkpoints 1, not the run's first 20% (0)") in caplog.text
   with pytest.raises(FileNotFoundError, match=r'Pong run 2: no replay_logs.*runs present.*\'1\''):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 2, out)
   with pytest.raises(FileNotFoundError, match=r'replay checkpoints \[2\] not found'):

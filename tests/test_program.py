@@ -335,6 +335,34 @@ def test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop():
                   '/nonexistent', 1, 1)  # before any node starts (no Ray needed)
 
 
+def test_a_learner_restarting_from_the_same_checkpoint_again_and_again_ends_the_run(tmp_path):
+  """Restarts hours apart never trip the crash-loop window, but a learner that fails every time
+  before its next checkpoint (a full quota at each save) makes no progress: its third restart in
+  a row from the same step raises in its constructor (which ends the program with that
+  traceback). Any new checkpoint between restarts starts the count again, and so does a new
+  program in the same workdir (restart 0)."""
+  workdir = str(tmp_path)
+  start = lambda restart, step: nodes.record_learner_start(workdir, restart, step, 3)
+  start(0, 0)
+  start(1, 2000)  # progress: a checkpoint at 2000 since the first start
+  start(2, 2000)
+  start(3, 2000)
+  with pytest.raises(nodes.NoProgressError, match=r'restarted 3 times in a row from the '
+                     r'checkpoint of step 2000 \(train.crash_loop_restarts=3\)'):
+    start(4, 2000)
+  start(0, 2000)  # the user runs the command again: a new program
+  start(1, 2000)
+  start(2, 2000)
+  with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
+    assert [json.loads(line)['restart'] for line in f] == [0, 1, 2, 3, 4, 0, 1, 2]
+  with open(os.path.join(workdir, nodes.LEARNER_STARTS), 'a') as f:
+    f.write('{"time": 1, "rest')  # torn by a kill
+  with pytest.raises(nodes.NoProgressError):
+    start(3, 2000)
+  with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
+    assert json.loads(f.read().splitlines()[-1])['restart'] == 3  # on a line of its own
+
+
 _CRASHING_NODE = """
 import sys, time
 import ray

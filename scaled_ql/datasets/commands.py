@@ -156,7 +156,7 @@ def _inspect(args: argparse.Namespace) -> int:
           (f'  generated, policy: {gen["policy"]}' if gen else '') +
           (f'; weak episodes: flawed ({gen["flawed_policy"]})' if gen.get('flawed_policy') else ''))
     header = f'  {"split":<14}{"episodes":>9}{"steps":>10}{"mean return":>13}'
-    generated = gen.get('generator') == 'scaled_ql.datasets.generate'
+    generated = gen.get('generator') == generate.GENERATOR
     split_scores = {}
     if generated:
       header += f'{"epsilon":>9}{"raw score":>11}{"human-norm":>12}'

@@ -133,6 +133,10 @@ def checkpoint_episodes(store: dict[str, np.ndarray], checkpoint_id: int,
     yield generate.rlds_episode(frames, actions, rewards, terminal, checkpoint_id, episode_id)
 
 
+def _ranges(ids: list[int]) -> str:
+  return f'{ids[0]}-{ids[-1]}' if len(ids) > 1 else str(ids[0])
+
+
 def convert(dopamine_dir: str, game: str, run: int, out_dir: str,
             checkpoints: Optional[tuple[int, int]] = None, overwrite: bool = False) -> str:
   """Writes rlu_atari_checkpoints_ordered/{game}_run_{run} from the DQN-Replay files; returns the
@@ -150,6 +154,17 @@ def convert(dopamine_dir: str, game: str, run: int, out_dir: str,
                               f'{replay_dir(dopamine_dir, game, run)}; found: {found}')
   if max(ckpts) > 99:
     raise ValueError(f'{game}: replay checkpoint {max(ckpts)} > 99 has no checkpoint_XX split')
+  # The reader's selections count the splits a data dir holds: 'suboptimal' is the first 20% of
+  # the converted ones, which is not the run's first 20% when only part of it is converted.
+  from scaled_ql.datasets import rlds_reader
+  suboptimal = rlds_reader.parse_selection('suboptimal')
+  ours, runs = (rlds_reader.selected_checkpoints(suboptimal, c) for c in (ckpts, found))
+  if ours != runs:
+    log.warning('%s run %d: converting replay checkpoints %d-%d of the %d found: the selection '
+                "'suboptimal' (the first 20%% of the splits present) will read checkpoints %s, "
+                'not the run\'s first 20%% (%s); convert them too, or name splits with '
+                "'checkpoints:A-B'", game, run, min(ckpts), max(ckpts), len(found),
+                _ranges(ours), _ranges(runs))
   builder = generate.builder_for(game, run, out_dir, tfds_layout.ORDERED_BUILDER)
   version_dir = os.fspath(builder.data_path)
   generate.handle_existing(builder, game, 'overwrite' if overwrite else 'error')

@@ -52,6 +52,7 @@ from scaled_ql.envs.atari import MAX_EPISODE_FRAMES, AtariEnv
 log = logging.getLogger(__name__)
 
 STICKY_ACTION_PROB = 0.25  # DQN-Replay (Agarwal et al. 2020) logged with sticky actions
+GENERATOR = 'scaled_ql.datasets.generate'  # generation_info.json's `generator` for our data
 
 
 @dataclasses.dataclass
@@ -247,7 +248,9 @@ def selection_score(data, game: str) -> tuple[Optional[float], int]:
   from scaled_ql.datasets import rlds_reader
   b = rlds_reader.load_builder(data.data_dir, game, data.run, data.builder)
   info = read_info(b.data_dir)
-  if info is None:
+  # Data converted from Dopamine's replay files has an info file too, but no game scores: its
+  # rewards are stored clipped (`dopamine_convert`).
+  if info is None or info.get('generator') != GENERATOR:
     return None, 0
   per_split = behaviour(game, info['splits'])['splits']
   available = [int(name.rsplit('_', 1)[1]) for name in per_split]
@@ -612,7 +615,7 @@ def generate_game(game: str, *, out_dir: str, run: int, num_checkpoints: int,
   seconds = time.time() - start
   steps = sum(s.steps for s in split_stats)
   info = {
-      'generator': 'scaled_ql.datasets.generate',
+      'generator': GENERATOR,
       'builder': builder,
       'game': game, 'run': run,
       'sticky_action_prob': STICKY_ACTION_PROB,

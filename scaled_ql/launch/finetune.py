@@ -147,7 +147,9 @@ def run_online(cfg: ExperimentConfig, workdir: str, initial_params: Any = None, 
   log = log or (lambda line: print(line, flush=True))
   check_online_config(cfg)
   with run.program_session(cfg, workdir, address, max(num_cpus or 0, required_cpus(cfg)),
-                           allow_config_change, log):
+                           allow_config_change, log) as started_here:
+    if started_here:  # as `train`: an evaluator asking for GPUs Ray lacks would never start
+      run.check_gpus(cfg)
     prog = program.build(cfg, workdir, 1, cfg.train.num_steps, initial_params=initial_params,
                          **build_args(cfg))
     last_actor_log = [0.0]

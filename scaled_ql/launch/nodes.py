@@ -358,6 +358,56 @@ class InserterNode(_LoopNode):
     self._stop_loop(timeout=2)
 
 
+LEARNER_STARTS = 'learner_starts.jsonl'  # WORKDIR/: each learner start and the step it resumed
+
+
+def _ends_a_line(path: str) -> bool:
+  with open(path, 'rb') as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
+
+
+class NoProgressError(RuntimeError):
+  """The learner restarted again and again from the same checkpoint: the run makes no progress."""
+
+
+def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
+                         max_in_a_row: int) -> None:
+  """Appends this learner start to WORKDIR/learner_starts.jsonl; raises NoProgressError when it
+  is the `max_in_a_row`-th restart in a row (of this program: the starts since the last first
+  start, restart 0) that resumed from the same checkpoint step as the start before it. A learner
+  that fails every time before its next checkpoint (a full disk or quota at each save, a
+  divergence that recurs) would otherwise train the same interval again and again: restarts
+  minutes or hours apart never make `crash_loop_restarts` within `crash_loop_window_s`."""
+  import json
+  path = os.path.join(workdir, LEARNER_STARTS)
+  starts = []
+  if restart > 0 and os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        try:
+          starts.append(json.loads(line))
+        except ValueError:
+          continue  # a line torn by a kill
+  this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
+  torn = os.path.exists(path) and os.path.getsize(path) > 0 and not _ends_a_line(path)
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(('\n' if torn else '') + json.dumps(this) + '\n')  # a torn line stays apart
+  firsts = [i for i, s in enumerate(starts) if s.get('restart') == 0]
+  starts = starts[firsts[-1]:] + [this] if firsts and restart > 0 else [this]
+  in_a_row = 0
+  for before, after in zip(starts[::-1][1:], starts[::-1]):
+    if after['resumed_from_step'] != before['resumed_from_step']:
+      break
+    in_a_row += 1
+  if in_a_row >= max_in_a_row:
+    raise NoProgressError(
+        f'the learner restarted {in_a_row} times in a row from the checkpoint of step '
+        f'{resumed_from_step} (train.crash_loop_restarts={max_in_a_row}): each start failed '
+        'before its next checkpoint, so the run makes no progress. The error of each start is '
+        f'in {os.path.join(workdir, "logs", "learner.err")}; its starts in {path}')
+
+
 class LearnerNode(_LoopNode):
   """The sharded jitted Learner fed by stratified batches from Reverb. Checkpoints into
   WORKDIR/checkpoints (the LearnerRunner's Orbax manager) and publishes its params, tagged with its
@@ -385,6 +435,8 @@ class LearnerNode(_LoopNode):
                                   workdir, handle_signals=False, mc_probe=probe)
     self._learner.restore()  # a restarted node resumes from the last checkpoint
     self.resumed_from_step = int(self._learner.steps)
+    record_learner_start(workdir, _restarts(), self.resumed_from_step,
+                         cfg.train.crash_loop_restarts)
     self._publisher = variables.publisher()
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
