@@ -17,6 +17,21 @@ import time
 from typing import Any, Mapping, Optional, Protocol, Sequence, TextIO
 
 
+def append_lines(path: str, lines: Sequence[str]) -> None:
+  """Appends `lines` (without their newlines) to a text log in one write, flushed, creating its
+  folder. A file whose last line a killed writer left torn gets the new lines on a fresh line,
+  so that the fragment stays alone on its line (readers skip it)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  data = ''.join(line + '\n' for line in lines).encode()
+  with open(path, 'a+b') as f:
+    if f.seek(0, os.SEEK_END) > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        data = b'\n' + data
+    f.write(data)
+    f.flush()
+
+
 class Logger(Protocol):
   def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
   def close(self) -> None: ...

@@ -130,15 +130,8 @@ def append_records(path: str, records: Iterable[EvalRecord]) -> None:
   If the file does not end with a newline (a writer killed mid-line), the new records start on a
   fresh line, so that the torn fragment stays alone on its line.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  data = ''.join(r.to_json() + '\n' for r in records).encode()
-  with open(path, 'a+b') as f:
-    if f.seek(0, os.SEEK_END) > 0:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b'\n':
-        data = b'\n' + data
-    f.write(data)
-    f.flush()
+  from scaled_ql import loggers
+  loggers.append_lines(path, [r.to_json() for r in records])
 
 
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(EvalRecord))

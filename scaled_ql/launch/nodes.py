@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 
+from scaled_ql import loggers
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.launch.variable_server import VariableServer
 
@@ -361,12 +362,6 @@ class InserterNode(_LoopNode):
 LEARNER_STARTS = 'learner_starts.jsonl'  # WORKDIR/: each learner start and the step it resumed
 
 
-def _ends_a_line(path: str) -> bool:
-  with open(path, 'rb') as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b'\n'
-
-
 class NoProgressError(RuntimeError):
   """The learner restarted again and again from the same checkpoint: the run makes no progress."""
 
@@ -390,9 +385,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
         except ValueError:
           continue  # a line torn by a kill
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
-  torn = os.path.exists(path) and os.path.getsize(path) > 0 and not _ends_a_line(path)
-  with open(path, 'a', encoding='utf-8') as f:
-    f.write(('\n' if torn else '') + json.dumps(this) + '\n')  # a torn line stays apart
+  loggers.append_lines(path, [json.dumps(this)])
   firsts = [i for i, s in enumerate(starts) if s.get('restart') == 0]
   starts = starts[firsts[-1]:] + [this] if firsts and restart > 0 else [this]
   in_a_row = 0
