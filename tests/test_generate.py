@@ -402,7 +402,7 @@ def _write_dopamine_ckpt(d, ckpt, obs, action, reward, terminal, add_count=None)
       np.save(f, np.array(add_count))
 
 
-def test_convert_dopamine_replay_files(tmp_path, caplog):
+def test_convert_dopamine_replay_files(tmp_path, caplog, capsys):
   """A tiny synthetic DQN-Replay set: Dopamine's zero padding, terminals, a wrapped buffer."""
   from scaled_ql.datasets import dopamine_convert, rlds_reader
   rng = np.random.default_rng(0)
@@ -460,6 +460,18 @@ def test_convert_dopamine_replay_files(tmp_path, caplog):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out, checkpoints=(1, 2))
   with pytest.raises(FileExistsError, match='already exists'):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)
+  # The command checks every game's replay files, and --checkpoints, before converting any.
+  from scaled_ql import cli
+  new = tmp_path / 'new'
+  for argv, message in ((['--games', 'Pong,Breakout'], 'Breakout run 1: no replay_logs dir'),
+                        (['--games', 'Pong', '--checkpoints', '0..1'],
+                         "--checkpoints '0..1': expected A-B"),
+                        (['--games', 'Pong', '--checkpoints', '1-0'],
+                         '--checkpoints 1-0: expected A-B with 0 <= A <= B')):
+    assert cli.main(['data', 'convert-dopamine', '--dopamine-dir', str(tmp_path / 'dqn'),
+                     '--out', str(new)] + argv) == 2
+    assert message in capsys.readouterr().err
+    assert not new.exists()
 
 
 def test_generating_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):

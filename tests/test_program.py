@@ -139,6 +139,15 @@ def _train_handler(argv):
     (['--config', 'cpu_tiny', '--steps', '0'], '--steps'),
     (['--config', 'cpu_tiny', '--learner-gpus', '-1'], '--learner-gpus must be >= 0, got -1'),
     (['--config', 'cpu_small'], "'Boxing'"),  # the tiny data dir lacks cpu_small's other games
+    # Values the nodes met only after Ray started (a crash loop, or a driver traceback):
+    (['--config', 'cpu_tiny', '--set', 'network.encoder=impla'], "NetworkConfig.encoder='impla'"),
+    (['--config', 'cpu_tiny', '--set', 'train.crash_loop_restarts=0'],
+     'train.crash_loop_restarts must be >= 1, got 0'),
+    (['--config', 'cpu_tiny', '--set', 'train.log_every_steps=0'], 'train.log_every_steps'),
+    (['--config', 'cpu_tiny', '--set', 'data.selection=uniform:0'], 'data.selection'),
+    (['--config', 'cpu_tiny', '--set', 'data.run=7'], 'data.run must be in 1..5'),
+    (['--config', 'cpu_tiny', '--set', 'data.min_fill_per_game=10000000'],
+     'data.min_fill_per_game'),
 ])
 def test_train_rejects_bad_input_before_starting_anything(argv, message, tiny_dataset_dir,
                                                           tmp_path, capsys):

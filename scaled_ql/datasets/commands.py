@@ -201,11 +201,18 @@ def _download(args: argparse.Namespace) -> int:
 def _convert_dopamine(args: argparse.Namespace) -> int:
   import logging
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  from scaled_ql.datasets import dopamine_convert
+  from scaled_ql.datasets import dopamine_convert, tfds_layout
   checkpoints = None
   if args.checkpoints:
-    a, _, b = args.checkpoints.partition('-')
-    checkpoints = (int(a), int(b or a))
+    a, sep, b = args.checkpoints.partition('-')
+    try:
+      checkpoints = (int(a), int(b if sep else a))
+    except ValueError:
+      raise ValueError(f'--checkpoints {args.checkpoints!r}: expected A-B (or A), two replay '
+                       'checkpoint numbers') from None
+  run = tfds_layout.check_run(args.run)
+  for game in args.games:  # every game's replay files are checked before any is converted
+    dopamine_convert.source_checkpoints(args.dopamine_dir, game, run, checkpoints)
   for game in args.games:
     path = dopamine_convert.convert(args.dopamine_dir, game, args.run, args.out,
                                     checkpoints=checkpoints, overwrite=args.overwrite)

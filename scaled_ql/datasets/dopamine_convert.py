@@ -133,6 +133,28 @@ def checkpoint_episodes(store: dict[str, np.ndarray], checkpoint_id: int,
     yield generate.rlds_episode(frames, actions, rewards, terminal, checkpoint_id, episode_id)
 
 
+def source_checkpoints(dopamine_dir: str, game: str, run: int,
+                       checkpoints: Optional[tuple[int, int]] = None
+                       ) -> tuple[list[int], list[int]]:
+  """(every complete replay checkpoint of `game` run `run`, the ones `checkpoints` (A, B) picks):
+  the checks of the source before anything is written, for every game of a command first."""
+  games_lib.check_games([game], 'game')
+  found = find_checkpoints(dopamine_dir, game, run)
+  ckpts = found
+  if checkpoints is not None:
+    a, b = checkpoints
+    if not 0 <= a <= b:
+      raise ValueError(f'--checkpoints {a}-{b}: expected A-B with 0 <= A <= B')
+    ckpts = [c for c in found if a <= c <= b]
+    missing = [c for c in range(a, b + 1) if c not in found]
+    if missing:
+      raise FileNotFoundError(f'{game} run {run}: replay checkpoints {missing} not found in '
+                              f'{replay_dir(dopamine_dir, game, run)}; found: {found}')
+  if max(ckpts) > 99:
+    raise ValueError(f'{game}: replay checkpoint {max(ckpts)} > 99 has no checkpoint_XX split')
+  return found, ckpts
+
+
 def _ranges(ids: list[int]) -> str:
   return f'{ids[0]}-{ids[-1]}' if len(ids) > 1 else str(ids[0])
 
@@ -141,19 +163,8 @@ def convert(dopamine_dir: str, game: str, run: int, out_dir: str,
             checkpoints: Optional[tuple[int, int]] = None, overwrite: bool = False) -> str:
   """Writes rlu_atari_checkpoints_ordered/{game}_run_{run} from the DQN-Replay files; returns the
   dataset version dir."""
-  games_lib.check_games([game], 'game')
   run = tfds_layout.check_run(run)
-  found = find_checkpoints(dopamine_dir, game, run)
-  ckpts = found
-  if checkpoints is not None:
-    a, b = checkpoints
-    ckpts = [c for c in found if a <= c <= b]
-    missing = [c for c in range(a, b + 1) if c not in found]
-    if missing:
-      raise FileNotFoundError(f'{game} run {run}: replay checkpoints {missing} not found in '
-                              f'{replay_dir(dopamine_dir, game, run)}; found: {found}')
-  if max(ckpts) > 99:
-    raise ValueError(f'{game}: replay checkpoint {max(ckpts)} > 99 has no checkpoint_XX split')
+  found, ckpts = source_checkpoints(dopamine_dir, game, run, checkpoints)
   # The reader's selections count the splits a data dir holds: 'suboptimal' is the first 20% of
   # the converted ones, which is not the run's first 20% when only part of it is converted.
   from scaled_ql.datasets import rlds_reader

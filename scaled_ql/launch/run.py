@@ -66,9 +66,35 @@ def validate(cfg) -> None:
   if not cfg.eval.gpus_per_evaluator >= 0:
     raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0, got '
                       f'{cfg.eval.gpus_per_evaluator}')
-  if cfg.train.variable_server_shards < 1:
-    raise ConfigError(f'train.variable_server_shards must be >= 1, got '
-                      f'{cfg.train.variable_server_shards}')
+  if cfg.eval.num_envs < 1:
+    raise ConfigError(f'eval.num_envs must be >= 1, got {cfg.eval.num_envs}')
+  if not 0 <= cfg.eval.epsilon <= 1:
+    raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
+  # Counts the nodes divide by or loop on: caught here, not as a crash loop after Ray started.
+  for name in ('variable_server_shards', 'checkpoint_every_steps', 'log_every_steps',
+               'publish_every_steps', 'crash_loop_restarts'):
+    if getattr(cfg.train, name) < 1:
+      raise ConfigError(f'train.{name} must be >= 1, got {getattr(cfg.train, name)}')
+  if not cfg.train.crash_loop_window_s > 0:
+    raise ConfigError(f'train.crash_loop_window_s must be > 0, got '
+                      f'{cfg.train.crash_loop_window_s}')
+  timeout = cfg.train.placement_timeout_s
+  if timeout is not None and not timeout > 0:
+    raise ConfigError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
+                      f'{timeout}')
+  if cfg.data.min_fill_per_game > cfg.data.shuffle_buffer_per_game:
+    raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
+                      f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
+                      'table that never holds its warm-up never lets the learner sample')
+  from scaled_ql.datasets import rlds_reader, tfds_layout
+  try:
+    rlds_reader.parse_selection(cfg.data.selection)
+  except ValueError as e:
+    raise ConfigError(f'data.selection: {e}') from e
+  try:
+    tfds_layout.check_run(cfg.data.run)
+  except ValueError as e:
+    raise ConfigError(f'data.{e}') from e
   keep, every = cfg.train.keep_checkpoint_every_steps, cfg.train.checkpoint_every_steps
   if keep is not None and (keep < 1 or keep % every):
     raise ConfigError(f'train.keep_checkpoint_every_steps must be a positive multiple of '
@@ -81,8 +107,10 @@ def validate(cfg) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   from scaled_ql.agents import builder  # the agent's own checks (loss, atoms, batch, ...)
+  from scaled_ql.networks import q_network
   try:
     builder.check_agent_config(cfg)
+    q_network.check_network_config(cfg.network)
   except ValueError as e:
     raise ConfigError(f'config {cfg.name!r}: {e}') from e
 
