@@ -100,6 +100,10 @@ def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
     stop_after[0] = loop.env_steps + 5
     assert loop.run_episode() is None
     assert rt.table_sizes(address, [GAME])[GAME] == size and loop.episodes == 1
+    # The buffered steps own their one frame each: a view would keep each step's 4-frame stack.
+    buffered = adder._steps  # pylint: disable=protected-access
+    assert buffered and all(s['observation'].base is None for s in buffered)
+    assert all(s['observation'].shape == (84, 84, 1) for s in buffered)
     stop_after[0] = None
     loop.run_episode()
     assert rt.table_sizes(address, [GAME])[GAME] > size and loop.episodes == 2

@@ -55,7 +55,7 @@ def test_online_finetuning_length_is_3m_frames_by_default():
     configs.finetune_online(base, 'Breakout', 12, pretrained=None, online_frames=8)
 
 
-def test_online_finetuning_actors_act_with_params_at_most_1000_environment_steps_old():
+def test_online_finetuning_publishes_params_at_least_every_1000_environment_steps():
   """Dopamine acts with its online network; ours with the newest published params: every 250
   learner steps (1000 environment steps at update period 4) from a paper config, whose own
   cadence is 1000 learner steps; a base that publishes more often keeps its cadence."""

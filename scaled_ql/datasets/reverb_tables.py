@@ -479,12 +479,14 @@ class EpisodeAdder:
     environment's discount is 0, not when the episode was truncated)."""
     if self._observation is None:
       raise RuntimeError('EpisodeAdder.add before add_first')
-    self._steps.append(dict(observation=self._observation[..., -1:], action=int(action),
+    # A copy of the newest frame: a view would keep the whole 4-frame stack alive, 4x the memory
+    # of a buffered episode (~760 MB instead of ~190 MB for a 27k-step one).
+    self._steps.append(dict(observation=self._observation[..., -1:].copy(), action=int(action),
                             reward=float(next_timestep.reward), is_first=not self._steps,
                             is_last=False, is_terminal=False))
     self._observation = next_timestep.observation
     if next_timestep.last():
-      self._steps.append(dict(observation=self._observation[..., -1:], action=0, reward=0.0,
+      self._steps.append(dict(observation=self._observation[..., -1:].copy(), action=0, reward=0.0,
                               is_first=False, is_last=True,
                               is_terminal=bool(next_timestep.discount == 0.0)))
       steps, self._steps, self._observation = self._steps, [], None
