@@ -25,7 +25,7 @@ import uuid
 import pytest
 
 from scaled_ql import configs
-from scaled_ql.launch import finetune, nodes, program, run
+from scaled_ql.launch import finetune, nodes, program, run, variable_server
 
 from polling import wait_for  # tests/polling.py
 
@@ -370,6 +370,52 @@ def test_a_learner_restarting_from_the_same_checkpoint_again_and_again_ends_the_
     start(3, 2000)
   with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
     assert json.loads(f.read().splitlines()[-1])['restart'] == 3  # on a line of its own
+
+
+class _Node:
+  """A stand-in node for `program.shutdown`: answers status() and stop(); `fail` makes stop()
+  raise as a learner whose final checkpoint cannot be written does."""
+
+  def __init__(self, fail: str = ''):
+    self._fail = fail
+
+  def status(self):
+    return {}
+
+  def stop(self):
+    if self._fail:
+      raise RuntimeError(self._fail)
+    return 7
+
+
+def test_a_learner_that_cannot_save_its_last_step_ends_the_run_in_error(ray_session, tmp_path):
+  """`train` printed its scores and exited 0 when the learner's stop() (its final checkpoint)
+  failed: shutdown now stops every node, then raises NodeLost naming the failure, when nothing
+  else is being raised (`program.run`'s `raise_if_learner_failed`). Stand-in nodes: the real
+  stop path needs a full program, and this is the driver's bookkeeping."""
+  from ray import cloudpickle
+  module = sys.modules[__name__]
+  cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test file
+  try:
+    node = ray_session.remote(num_cpus=0)(_Node)
+    cfg = configs.get_config('cpu_tiny')
+    lines = []
+
+    def prog(fail):
+      return program.Program(cfg, str(tmp_path), node.remote(), 'replay', [], node.remote(fail),
+                             variable_server.VariableServer.create(1), [], [])
+    assert program.shutdown(prog(''), log=lines.append,
+                            raise_if_learner_failed=True).learner['steps'] == 7
+    failing = prog('checkpoint 7 could not be written: No space left on device')
+    with pytest.raises(program.NodeLost, match=r'the learner did not stop cleanly \('
+                       r'RayTaskError.*No space left on device\), so its last steps may have no '
+                       r'checkpoint'):
+      program.shutdown(failing, log=lines.append, raise_if_learner_failed=True)
+    assert lines[-1].startswith('nodes stopped in')  # raised once every node was stopped
+    # Another error already ending the run (run(): its loop did not end normally): no raise.
+    assert program.shutdown(prog('no space'), log=lines.append).learner == {}
+  finally:
+    cloudpickle.unregister_pickle_by_value(module)
 
 
 _CRASHING_NODE = """

@@ -615,10 +615,11 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   first evaluate the learner's final params (at most `final_eval_timeout_s`; None skips it).
   Returns the last status.
   Raises NodeLost (after shutting every node down, without a final evaluation) when a node
-  cannot be restarted or crash-loops (`RestartBudget`): a run never waits forever."""
+  cannot be restarted or crash-loops (`RestartBudget`): a run never waits forever; and, after
+  shutting down, when the learner's stop() failed (its final checkpoint not written)."""
   started = time.time()
   status = None
-  lost = False
+  lost = ended_normally = False
   pushed_counts: dict = {}
   final_steps = program.cfg.eval.final_steps_per_game or program.cfg.eval.steps_per_game
   budget_s = None if deadline is None else deadline - started
@@ -659,13 +660,15 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
             break
         if stop.requested.wait(status_every_s):
           break
+      ended_normally = True  # (no exception in flight for shutdown's own to replace)
     finally:
       final_eval = None if stop.requested.is_set() or lost else final_eval_timeout_s
       # After a lost node: the learner still gets a chance to checkpoint (bounded), the rest is
       # killed at once (a crash-looping node would never answer stop()).
       final = shutdown(program, log=log, final_eval_timeout_s=final_eval,
                        learner_stop_timeout_s=30 if lost else 300,
-                       others_stop_timeout_s=0 if lost else 180, seen=watcher)
+                       others_stop_timeout_s=0 if lost else 180, seen=watcher,
+                       raise_if_learner_failed=ended_normally)
   return final or status
 
 
@@ -673,12 +676,15 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
              final_eval_timeout_s: Optional[float] = None,
              learner_stop_timeout_s: float = 300,
              others_stop_timeout_s: float = 180,
-             seen: Optional[_Watcher] = None) -> Optional[ProgramStatus]:
+             seen: Optional[_Watcher] = None,
+             raise_if_learner_failed: bool = False) -> Optional[ProgramStatus]:
   """Learner first (final checkpoint + publish), then (optionally) a last evaluation of the final
   params, then evaluators/actors, inserters, replay; finally every actor is killed so no process
   is left behind. Returns the last status seen (learner steps = the final step); a node that does
-  not answer in time keeps the status `seen` last had of it."""
-  final_step, status = None, None
+  not answer in time keeps the status `seen` last had of it. `raise_if_learner_failed`: a
+  learner whose stop() failed or timed out (its final checkpoint not written) raises NodeLost
+  once every node is stopped, so that the command exits 1, not 0."""
+  final_step, status, learner_error = None, None, None
   watcher = _Watcher()  # no restart budget while stopping
   if seen is not None:
     watcher._last = dict(seen._last)  # pylint: disable=protected-access
@@ -690,6 +696,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
       final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
+    learner_error = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ""}'
     log(f'learner did not stop cleanly: {type(e).__name__}: {e}')
   if final_step is not None and final_eval_timeout_s and program.evaluators:
     log(f'evaluating the final params (step {final_step}) ...')
@@ -750,4 +757,8 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   for handle in [program.learner] + others + [program.replay]:
     ray.kill(handle, no_restart=True)
   program.variables.kill()
+  if learner_error and raise_if_learner_failed:  # every node is stopped: the run ends in error
+    raise NodeLost(f'the learner did not stop cleanly ({learner_error}), so its last steps may '
+                   'have no checkpoint; a rerun of the same command resumes from the newest in '
+                   f'{program.workdir}/checkpoints')
   return status
