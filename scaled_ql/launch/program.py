@@ -390,13 +390,15 @@ class _Watcher:
 
 
 def _crash_log(workdir: str, name: str, gcs_info: Optional[dict] = None) -> str:
-  """The node's newest traceback: its log (WORKDIR/logs/NAME.err), else Ray's death cause."""
+  """The node's newest traceback: its log (WORKDIR/logs/NAME.err), from its record's header
+  line (the time, the Ray actor and its start: a crash loop of kills records nothing, and the
+  newest record may then be an older start's or an earlier run's), else Ray's death cause."""
   path = os.path.join(workdir, 'logs', f'{name}.err')
   try:
     with open(path, errors='replace') as f:
       text = f.read()
-    return text[text.rfind(f'[{name}] crashed:'):][-4000:] if f'[{name}] crashed:' in text else (
-        text[-4000:])
+    at = text.rfind(f'[{name}] crashed:')
+    return text[text.rfind('\n', 0, at) + 1:][-4000:] if at >= 0 else text[-4000:]
   except OSError:
     pass
   cause = str((gcs_info or {}).get('DeathCause', '')).strip()
