@@ -153,6 +153,12 @@ class EvalConfig:
   # "Games at once"). None: all of an evaluator's games; 1: one game after another. Records are
   # written as each such set of games ends.
   games_at_once: Optional[int] = None
+
+  @property
+  def final_budget(self) -> int:
+    """Agent steps per game of the final evaluation: `final_steps_per_game`, else the normal
+    `steps_per_game`."""
+    return self.final_steps_per_game or self.steps_per_game
   # GPUs each evaluator node asks Ray for (`train --evaluator-gpus`; fractions share one GPU
   # between evaluators). > 0: the policy runs on that accelerator, batched over `num_envs`
   # environments per call; 0: on the CPU (docs/evaluation.md, "Evaluator fleets").

@@ -176,7 +176,7 @@ def _demo(cfg, workdir: str, minutes: float, allow_config_change: bool) -> int:
   print(f'\n{method_label(cfg.agent)} ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores of '
         f'{builder.policy_params_label(cfg.agent)} '
-        f'(a budget of {cfg.eval.final_steps_per_game or cfg.eval.steps_per_game} agent steps '
+        f'(a budget of {cfg.eval.final_budget} agent steps '
         'per game, every episode started '
         f'played to its end, epsilon {cfg.eval.epsilon}):')
   run.print_scores(status)

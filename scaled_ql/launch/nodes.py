@@ -591,7 +591,7 @@ class EvaluatorNode(_LoopNode):
       self._abandoned_rounds += 1
       return
     self._evaluated_version = version
-    if final_round or self._cfg.eval.final_steps_per_game in (None, self._cfg.eval.steps_per_game):
+    if final_round or self._cfg.eval.final_budget == self._cfg.eval.steps_per_game:
       self._final_version = version
     self._evaluating_version = -1
     self._rounds += 1

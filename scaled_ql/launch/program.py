@@ -247,6 +247,17 @@ class RestartBudget:
     return len(self._times[node])
 
 
+def check_fault_config(cfg: ExperimentConfig) -> None:
+  """The fault-tolerance fields the driver watches with (`train.crash_loop_restarts`,
+  `crash_loop_window_s`, `placement_timeout_s`): ValueError naming the field. Needs no Ray
+  (`run.validate` calls it before anything starts)."""
+  RestartBudget.from_config(cfg)
+  timeout = cfg.train.placement_timeout_s
+  if timeout is not None and not timeout > 0:
+    raise ValueError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
+                     f'{timeout}')
+
+
 def _gcs_actor_info(handle) -> dict:
   """The actor's record in Ray's GCS (State, NumRestarts). Ray's public state API needs the
   dashboard, which the program does not start, so this reads the GCS table directly."""
@@ -300,11 +311,8 @@ class _Watcher:
 
   @classmethod
   def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
-    timeout = cfg.train.placement_timeout_s
-    if timeout is not None and timeout <= 0:
-      raise ValueError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
-                       f'{timeout}')
-    return cls(RestartBudget.from_config(cfg), timeout)
+    check_fault_config(cfg)
+    return cls(RestartBudget.from_config(cfg), cfg.train.placement_timeout_s)
 
   def unplaced(self, program: Program, now: Optional[float] = None) -> dict[str, dict]:
     """{node: dict(seconds, needs)} of the nodes Ray has left unplaced for at least
@@ -623,7 +631,7 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   status = None
   lost = ended_normally = False
   pushed_counts: dict = {}
-  final_steps = program.cfg.eval.final_steps_per_game or program.cfg.eval.steps_per_game
+  final_steps = program.cfg.eval.final_budget
   budget_s = None if deadline is None else deadline - started
   watcher = _Watcher.from_config(program.cfg)
   with _StopRequest() as stop:

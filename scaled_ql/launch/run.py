@@ -72,16 +72,14 @@ def validate(cfg) -> None:
     raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
   # Counts the nodes divide by or loop on: caught here, not as a crash loop after Ray started.
   for name in ('variable_server_shards', 'checkpoint_every_steps', 'log_every_steps',
-               'publish_every_steps', 'crash_loop_restarts'):
+               'publish_every_steps'):
     if getattr(cfg.train, name) < 1:
       raise ConfigError(f'train.{name} must be >= 1, got {getattr(cfg.train, name)}')
-  if not cfg.train.crash_loop_window_s > 0:
-    raise ConfigError(f'train.crash_loop_window_s must be > 0, got '
-                      f'{cfg.train.crash_loop_window_s}')
-  timeout = cfg.train.placement_timeout_s
-  if timeout is not None and not timeout > 0:
-    raise ConfigError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
-                      f'{timeout}')
+  from scaled_ql.launch import program  # the driver's own checks of its fault-tolerance fields
+  try:
+    program.check_fault_config(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if cfg.data.min_fill_per_game > cfg.data.shuffle_buffer_per_game:
     raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
                       f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
