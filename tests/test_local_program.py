@@ -177,6 +177,37 @@ def test_final_params_a_round_already_evaluated_get_the_final_budget_too(tmp_pat
       assert all(row['budget'] == 50 for row in status['latest'].values())
 
 
+def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_again(tmp_path):
+  """The learner published 7 and was evaluated, then restarted from an older checkpoint and
+  reached step 7 again: a new lineage (`launch/variable_server.py`). Its params of step 7 are
+  other params than the lost run's, so they get a round of their own; before, the evaluator held
+  version 7 as done and the run's curve kept the lost run's scores."""
+  import jax
+  from scaled_ql.agents import builder
+  from scaled_ql.configs import get_config
+  from polling import wait_for
+  assert nodes.forget_lost_versions(4, 9, -1) == (3, -1)  # steps from 4 on: the lost run's
+  assert nodes.forget_lost_versions(12, 9, 9) == (9, 9)
+  cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_seconds=3600.0))
+  params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
+  variables = LocalVariableServer()
+  variables.publisher().publish(params, 7)
+  with local_program.crashes_kept_in_status():
+    node = nodes.EvaluatorNode(cfg, cfg.games[:1], variables, str(tmp_path), 0)  # one game
+    try:
+      wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
+               "a round of the lost run's params of step 7")
+      variables.publisher().publish(params, 7)  # the restarted learner, at step 7 again
+      node.wake()  # the next round now, not eval_every_seconds later
+      wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60,
+               "a round of the restarted learner's params of step 7")
+      status = node.status()
+    finally:
+      node.stop()
+  assert status['error'] is None, status['error']
+  assert status['evaluated_version'] == 7
+
+
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):
   """num_steps=None (benchmarks/chaos.py, program_throughput.py): the learner node is never done
   on its own; it trains on past any count until stop(), which checkpoints and publishes the step

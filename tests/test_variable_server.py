@@ -98,6 +98,12 @@ def test_client_never_mixes_versions(ray_session):
   ray.get(server.shards[1].set.remote(3, blob, layout.split(_tree(3))[1]))
   assert client.update_and_wait()
   assert client.version == 3 and _versions_in(client.params) == {3.0}
+  # A new lineage (a restarted learner) that reached one shard only: nothing new is assembled.
+  ray.get(server.shards[0].set.remote(2, blob, layout.split(_tree(2))[0], 1))
+  assert not client.update_and_wait() and (client.lineage, client.version) == (0, 3)
+  ray.get(server.shards[1].set.remote(2, blob, layout.split(_tree(2))[1], 1))
+  assert client.update_and_wait()
+  assert (client.lineage, client.version, _versions_in(client.params)) == (1, 2, {2.0})
   server.kill()
 
 
@@ -145,7 +151,7 @@ def test_stale_publish_is_ignored_and_publisher_skips_when_shards_lag(ray_sessio
   publisher = server.publisher(max_in_flight=1)
   assert publisher.publish(_tree(5), 5)
   publisher.flush()
-  assert publisher.publish(_tree(3), 3)  # e.g. a learner restarted from an older checkpoint
+  assert publisher.publish(_tree(3), 3)  # older than what this publisher sent before: dropped
   publisher.flush()
   assert server.latest_versions() == [5]
   # A shard busy elsewhere: publishes beyond max_in_flight are skipped, never queued or waited on.
@@ -155,6 +161,39 @@ def test_stale_publish_is_ignored_and_publisher_skips_when_shards_lag(ray_sessio
   assert results[0] and publisher.skipped > 0 and publisher.skipped + publisher.published == 20
   publisher.flush()
   server.kill()
+
+
+@pytest.mark.parametrize('server_kind', ['sharded', 'local'])
+def test_a_restarted_learners_params_replace_the_lost_runs_at_once(ray_session, server_kind):
+  """A learner that published version 9, then restarted from its checkpoint of step 4: its new
+  publisher's params are served at once as 4, 5, ... (before, the shards kept serving the lost
+  run's 9 until the restarted learner passed step 9, and an evaluator scored 9's params as the
+  newest). The lost learner's publishes still in flight are dropped."""
+  server = (vs.VariableServer.create(num_shards=3) if server_kind == 'sharded'
+            else vs.LocalVariableServer())
+  lost = server.publisher()
+  client = server.client()
+  for version in (1, 9):
+    assert lost.publish(_tree(version), version)
+    lost.flush()
+  assert client.update_and_wait() and client.version == 9
+  restarted = server.publisher()
+  assert restarted.lineage == lost.lineage + 1
+  assert restarted.publish(_tree(4), 4)
+  restarted.flush()
+  assert client.update_and_wait()
+  assert (client.version, _versions_in(client.params)) == (4, {4.0})
+  assert server.latest_versions() == [4] * (3 if server_kind == 'sharded' else 1)
+  assert lost.publish(_tree(12), 12)  # the lost learner's last publish, landing late
+  lost.flush()
+  assert restarted.publish(_tree(5), 5)
+  restarted.flush()
+  assert client.update_and_wait() and (client.version, _versions_in(client.params)) == (5, {5.0})
+  if server_kind == 'sharded':
+    # A client that saw no version of the lost run fetches the new lineage as any client does.
+    fresh = server.client()
+    assert fresh.update_and_wait() and fresh.version == 5
+    server.kill()
 
 
 class _RunsCode:
@@ -189,9 +228,9 @@ def test_in_flight_publishes_are_capped_per_shard(ray_session):
   every version the slow shard reaches. (Capped over all shards, the slow one fell 4 behind.)"""
 
   class SlowShard(vs.VariableShard):  # defined here: Ray ships it by value to the worker
-    def set(self, version, layout, leaves):
+    def set(self, *args):
       time.sleep(0.3)
-      return super().set(version, layout, leaves)
+      return super().set(*args)
 
   prefix = f'slow_{uuid.uuid4().hex[:8]}_'
   names = [f'{prefix}{i}' for i in range(4)]

@@ -518,6 +518,15 @@ def eval_due(version: int, evaluated_version: int, every_steps: Optional[int],
   return not every_steps or woken or version // every_steps > evaluated_version // every_steps
 
 
+def forget_lost_versions(version: int, *evaluated: int) -> tuple[int, ...]:
+  """The evaluated versions an evaluator keeps when it first holds params of a new lineage (a
+  restarted learner's, `launch/variable_server.py`), of step `version`: versions from `version`
+  on were the lost run's, so the new lineage's params of those steps are due as any new params.
+  (When `version` is the checkpoint the learner resumed from, a round of it repeats the lost run's
+  round of the same params, if that run had one.)"""
+  return tuple(min(e, version - 1) for e in evaluated)
+
+
 EVALUATOR_NICENESS = 5
 
 
@@ -545,6 +554,7 @@ class EvaluatorNode(_LoopNode):
     # The newest params a round on the final budget evaluated (any round, when the final budget
     # is the normal one): what the driver waits for after wake(final=True).
     self._final_version = -1
+    self._lineage = -1  # the variable server's lineage of the params held (one per learner start)
     self._rounds = 0
     self._latest: dict[str, dict] = {}
     self._writer = None
@@ -562,6 +572,10 @@ class EvaluatorNode(_LoopNode):
     self._client.update_and_wait()
     every = self._cfg.eval.eval_every_steps
     version, params = self._client.version, self._client.params
+    if self._client.lineage != self._lineage:  # a restarted learner's params
+      self._lineage = self._client.lineage
+      self._evaluated_version, self._final_version = forget_lost_versions(
+          version, self._evaluated_version, self._final_version)
     # After wake(final=True) the newest params are due on the final budget even when a round on
     # the normal budget evaluated them already (one that ended between the learner's last
     # publish and the wake).

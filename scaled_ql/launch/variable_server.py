@@ -8,6 +8,13 @@ publishes reach every shard in order (Ray runs one caller's calls to one actor i
 order), so a client that sees different newest versions on two shards asks the shards that are
 ahead for the oldest of them: a client never assembles leaves of two versions.
 
+Lineages: each publisher (one per learner start) publishes under a lineage one above any the shards
+hold, and a shard drops every version of an older lineage when the first publish of a newer one
+reaches it. Params are ordered by (lineage, version). So a learner restarted from the checkpoint of
+step C, after it had published V > C, is served at once as C, C+1, ...: its clients never keep the
+lost run's V as the newest params until the restarted learner passes V again (they would then be
+evaluated and labelled as if trained for V steps).
+
     server = VariableServer.create(num_shards=4)
     publisher = server.publisher()
     publisher.publish(params, version=step)        # never blocks on shards or clients
@@ -128,7 +135,8 @@ class ShardLayout:
 
 
 class VariableShard:
-  """One shard: the newest `history` versions of its part of the leaves (a Ray actor class)."""
+  """One shard: the newest `history` versions of its part of the leaves (a Ray actor class), all
+  of one lineage (the newest publisher's)."""
 
   def __init__(self, history: int = DEFAULT_HISTORY):
     if history < 1:
@@ -136,12 +144,16 @@ class VariableShard:
     self._history = history
     self._versions: dict[int, list[np.ndarray]] = {}
     self._layout: Optional[bytes] = None
+    self._lineage = -1
 
-  def set(self, version: int, layout: bytes, leaves: list[np.ndarray]) -> int:
+  def set(self, version: int, layout: bytes, leaves: list[np.ndarray], lineage: int = 0) -> int:
     """Stores `leaves` (this shard's part) of `version`; `layout` is the ShardLayout as JSON
-    bytes (`ShardLayout.to_json`), passed on to clients as it is."""
-    if self._versions and version <= max(self._versions):
-      return max(self._versions)  # stale or repeated publish (e.g. a restarted learner)
+    bytes (`ShardLayout.to_json`), passed on to clients as it is. A newer `lineage` (a restarted
+    learner's publisher) replaces every version held; an older one's publish is dropped."""
+    if lineage > self._lineage:
+      self._lineage, self._versions = int(lineage), {}
+    elif lineage < self._lineage or (self._versions and version <= max(self._versions)):
+      return self.latest_version()  # a lost learner's late publish, or a stale/repeated one
     self._layout = layout
     self._versions[int(version)] = leaves
     for old in sorted(self._versions)[:-self._history]:
@@ -152,18 +164,24 @@ class VariableShard:
     """The newest version held, -1 when none."""
     return max(self._versions) if self._versions else -1
 
-  def get(self, version: Optional[int] = None, newer_than: int = -1):
-    """(version, layout, leaves) of `version` (newest if None); leaves None when the chosen
-    version is not newer than `newer_than`; version -1 when nothing/that version isn't held."""
-    if not self._versions:
-      return -1, None, None
+  def lineage(self) -> int:
+    """The lineage of the versions held (-1 before any publish)."""
+    return self._lineage
+
+  def get(self, version: Optional[int] = None, newer_than: Sequence[int] = (-1, -1),
+          lineage: Optional[int] = None):
+    """(lineage, version, layout, leaves) of `version` (newest if None); leaves None when
+    (lineage, version) is not after `newer_than` (a (lineage, version) pair); version -1 when
+    nothing is held, or not that version, or (with `lineage`) not of that lineage."""
+    if not self._versions or (lineage is not None and lineage != self._lineage):
+      return self._lineage, -1, None, None
     if version is None:
       version = max(self._versions)
     if version not in self._versions:
-      return -1, None, None
-    if version <= newer_than:
-      return version, None, None
-    return version, self._layout, self._versions[version]
+      return self._lineage, -1, None, None
+    if (self._lineage, version) <= tuple(newer_than):
+      return self._lineage, version, None, None
+    return self._lineage, version, self._layout, self._versions[version]
 
 
 class VariableServer:
@@ -211,7 +229,9 @@ class VariableServer:
       # hold, or clients could not assemble any version until it caught up.
       raise ValueError(f'max_in_flight must be between 1 and history - 1 = {self.history - 1} '
                        f'(the versions a shard keeps), got {max_in_flight}')
-    return VariablePublisher(self, max_in_flight)
+    # A new lineage: the shards drop what an earlier publisher (a lost learner) published.
+    lineage = 1 + max(ray.get([s.lineage.remote() for s in self.shards]))
+    return VariablePublisher(self, max_in_flight, lineage)
 
   def client(self, update_period: int = 1) -> 'VariableClient':
     return VariableClient(self, update_period)
@@ -234,9 +254,10 @@ class VariablePublisher:
   always find a version that every shard holds).
   """
 
-  def __init__(self, server: VariableServer, max_in_flight: int = 1):
+  def __init__(self, server: VariableServer, max_in_flight: int = 1, lineage: int = 0):
     self._server = server
     self._max_in_flight = max_in_flight
+    self.lineage = lineage
     self._layout: Optional[bytes] = None
     self._in_flight: list[list] = [[] for _ in range(server.num_shards)]  # per shard
     self.published = 0
@@ -253,7 +274,8 @@ class VariablePublisher:
       self._layout_bytes = self._layout.to_json()
     parts = self._layout.split(params)
     for shard, leaves, refs in zip(self._server.shards, parts, self._in_flight):
-      refs.append(shard.set.remote(int(version), self._layout_bytes, ray.put(leaves)))
+      refs.append(shard.set.remote(int(version), self._layout_bytes, ray.put(leaves),
+                                   self.lineage))
     self.published += 1
     self.last_version = int(version)
     return True
@@ -291,7 +313,8 @@ class VariableClient:
 
   `update()` counts calls and starts a fetch on every `update_period`-th one, without blocking;
   later calls install the result once every shard answered. `update_and_wait()` fetches now.
-  `params` is None and `version` -1 until the first fetch completed.
+  `params` is None and `version` -1 until the first fetch completed. `lineage` is the publisher's
+  (a restarted learner's params come as a new lineage, whose `version` may be lower).
   """
 
   def __init__(self, server: VariableServer, update_period: int = 1):
@@ -305,6 +328,7 @@ class VariableClient:
     self._layout_bytes = b''
     self.params: Any = None
     self.version = -1
+    self.lineage = -1
     self.fetches = 0
 
   def update(self) -> bool:
@@ -317,7 +341,7 @@ class VariableClient:
       return self._finish(ray.get(self._pending))
     if self._calls >= self._update_period:
       self._calls = 0
-      self._pending = [s.get.remote(None, self.version) for s in self._server.shards]
+      self._pending = [s.get.remote(None, self._held()) for s in self._server.shards]
     return False
 
   def update_and_wait(self, timeout: Optional[float] = None) -> bool:
@@ -325,7 +349,7 @@ class VariableClient:
     changed = False
     if self._pending is not None:  # a fetch started by update(): install it, then ask again
       changed = self._finish(ray.get(self._pending, timeout=timeout))
-    self._pending = [s.get.remote(None, self.version) for s in self._server.shards]
+    self._pending = [s.get.remote(None, self._held()) for s in self._server.shards]
     return self._finish(ray.get(self._pending, timeout=timeout)) or changed
 
   def wait_for_version(self, min_version: int = 0, timeout: float = 60.0,
@@ -333,68 +357,77 @@ class VariableClient:
     """Blocks until params of at least `min_version` are held (raises TimeoutError)."""
     return _wait_for_version(self, min_version, timeout, poll_s)
 
+  def _held(self) -> tuple[int, int]:
+    return self.lineage, self.version
+
   def _finish(self, answers: list) -> bool:
     self._pending = None
-    versions = [v for v, _, _ in answers]
-    if min(versions) <= self.version:
+    keys = [(g, v) for g, v, _, _ in answers]
+    if any(v < 0 for _, v in keys) or min(keys) <= self._held():
       return False  # some shard has nothing newer than what we hold (or nothing at all)
-    target = min(versions)
+    target = min(keys)
     # Shards that are ahead: ask them for `target`, which they still hold (history) unless
-    # several publishes raced this fetch; then start over next time.
-    for i, (v, _, _) in enumerate(answers):
-      if v != target:
-        answers[i] = ray.get(self._server.shards[i].get.remote(target, self.version))
-    if any(v != target or leaves is None for v, _, leaves in answers):
+    # several publishes (or a new lineage) raced this fetch; then start over next time.
+    for i, key in enumerate(keys):
+      if key != target:
+        answers[i] = ray.get(self._server.shards[i].get.remote(target[1], self._held(),
+                                                                target[0]))
+    if any((g, v) != target or leaves is None for g, v, _, leaves in answers):
       return False
-    layout_bytes = answers[0][1]
+    layout_bytes = answers[0][2]
     if layout_bytes != self._layout_bytes:
       self._layout, self._layout_bytes = ShardLayout.from_json(layout_bytes), layout_bytes
     layout = self._layout
-    self.params = layout.join([leaves for _, _, leaves in answers])
-    self.version = target
+    self.params = layout.join([leaves for _, _, _, leaves in answers])
+    self.lineage, self.version = target
     self.fetches += 1
     return True
 
 
 class LocalVariableServer:
   """The same seams in one process (an in-process program or a test without Ray): `publisher()`
-  and `client(update_period)` behave as the sharded server's, over one locked slot that holds
-  the newest (version, params). Publishes never wait; clients copy nothing (host arrays are
-  read-only to them)."""
+  and `client(update_period)` behave as the sharded server's, lineages included, over one locked
+  slot that holds the newest (lineage, version, params). Publishes never wait; clients copy
+  nothing (host arrays are read-only to them)."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._slot: tuple[int, Any] = (-1, None)
+    self._slot: tuple[int, int, Any] = (-1, -1, None)
+    self._lineages = 0
 
   def publisher(self, max_in_flight: int = 1) -> '_LocalPublisher':
     del max_in_flight  # nothing is ever in flight
-    return _LocalPublisher(self)
+    with self._lock:
+      self._lineages += 1
+      return _LocalPublisher(self, self._lineages - 1)
 
   def client(self, update_period: int = 1) -> '_LocalClient':
     return _LocalClient(self, update_period)
 
   def latest_versions(self) -> list[int]:
-    return [self._slot[0]]
+    return [self._slot[1]]
 
-  def _set(self, params: Any, version: int) -> None:
+  def _set(self, params: Any, version: int, lineage: int) -> None:
     with self._lock:
-      self._slot = (int(version), params)
+      if (lineage, version) > self._slot[:2]:  # as a shard: stale publishes are dropped
+        self._slot = (int(lineage), int(version), params)
 
-  def _get(self) -> tuple[int, Any]:
+  def _get(self) -> tuple[int, int, Any]:
     with self._lock:
       return self._slot
 
 
 class _LocalPublisher:
 
-  def __init__(self, server: LocalVariableServer):
+  def __init__(self, server: LocalVariableServer, lineage: int):
     self._server = server
+    self.lineage = lineage
     self.published = 0
     self.skipped = 0
     self.last_version = -1
 
   def publish(self, params: Any, version: int) -> bool:
-    self._server._set(params, version)  # pylint: disable=protected-access
+    self._server._set(params, version, self.lineage)  # pylint: disable=protected-access
     self.published += 1
     self.last_version = int(version)
     return True
@@ -412,6 +445,7 @@ class _LocalClient:
     self._calls = 0
     self.params: Any = None
     self.version = -1
+    self.lineage = -1
     self.fetches = 0
 
   def update(self) -> bool:
@@ -423,10 +457,10 @@ class _LocalClient:
   def update_and_wait(self, timeout: Optional[float] = None) -> bool:
     del timeout
     self._calls = 0
-    version, params = self._server._get()  # pylint: disable=protected-access
-    if version <= self.version:
+    lineage, version, params = self._server._get()  # pylint: disable=protected-access
+    if version < 0 or (lineage, version) <= (self.lineage, self.version):
       return False
-    self.params, self.version = params, version
+    self.params, self.lineage, self.version = params, lineage, version
     self.fetches += 1
     return True
 
