@@ -4,6 +4,7 @@ to the newest one that loads; Orbax's temporary folders of interrupted saves are
 (one program run with its SIGTERM test)."""
 import logging
 import os
+import shutil
 
 import pytest
 
@@ -29,10 +30,17 @@ def _run_with_checkpoints(workdir, steps=(1, 2)):
   learner.close()
 
 
-def test_restore_falls_back_past_a_truncated_newest_checkpoint(tmp_path, caplog):
+@pytest.mark.parametrize('damage', ['truncated', 'state_missing'])
+def test_restore_falls_back_past_a_truncated_newest_checkpoint(tmp_path, caplog, damage):
+  """A damaged newest checkpoint is moved aside and the learner resumes from the one before.
+  `state_missing` (a partial copy: config but no arrays): Orbax restored the missing item as
+  None, which the learner read as "no checkpoint", and the run restarted from step 0."""
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir)
-  _truncate_step(workdir, 2)
+  if damage == 'truncated':
+    _truncate_step(workdir, 2)
+  else:
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '2', 'state'))
   learner = make(workdir=workdir)
   with caplog.at_level(logging.WARNING, logger='scaled_ql.agents.checkpointing'):
     assert learner.restore()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +20,11 @@ from scaled_ql import configs, loggers
 from scaled_ql.agents import builder
 from scaled_ql.agents import learner as learner_lib
 from scaled_ql.agents import runner as runner_lib
-from scaled_ql.agents import actors, transfer
+from scaled_ql.agents import actors, checkpointing, transfer
+from scaled_ql.configs import ConfigError
 from scaled_ql.datasets import reverb_tables
 from scaled_ql.launch import finetune
+from scaled_ql.launch import run as launch_run
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_learner import batches  # noqa: E402  (random uint8 Transition batches of a config)
@@ -139,6 +142,27 @@ def test_cli_rejects_a_mismatching_checkpoint_before_starting_anything(pretraine
   assert f'the encoder of checkpoint {pretrained} does not match' in err
   assert 'encoder/stage_0_block_0/conv_0/w: checkpoint [3, 3, 8, 8]' in err
   assert not os.path.exists(tmp_path / 'ft')
+
+
+def test_flags_are_checked_before_the_checkpoints_params_are_read(pretrained, tiny_dataset_dir,
+                                                                   tmp_path):
+  """`finetune` reads the checkpoint's config, checks every flag, and only then reads the params
+  (a paper-size checkpoint takes minutes to read). Shown on a copy whose arrays are gone: a bad
+  --set is named, and the copy is left as it was (reading its params would move it aside)."""
+  copy = tmp_path / 'pretrained'
+  shutil.copytree(pretrained, copy)
+  steps = checkpointing.saved_steps(str(copy))
+  for step in steps:
+    shutil.rmtree(copy / 'checkpoints' / str(step) / 'state')
+  assert checkpointing.load_config(str(copy))[1] == steps[-1]
+  with pytest.raises(ConfigError, match='agent.cql_alpha=-1'):
+    launch_run.finetune_config('offline', 'Pong', pretrained=str(copy),
+                               data_dir=tiny_dataset_dir, overrides=['agent.cql_alpha=-1'],
+                               log=lambda line: None)
+  assert checkpointing.saved_steps(str(copy)) == steps  # nothing read, nothing moved aside
+  with pytest.raises(ConfigError, match='--pretrained: .* holds no complete checkpoint'):
+    launch_run.finetune_config('offline', 'Pong', pretrained=str(copy),
+                               data_dir=tiny_dataset_dir, log=lambda line: None)
 
 
 def test_finetune_configs_follow_appendix_b4(pretrained):

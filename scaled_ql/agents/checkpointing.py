@@ -246,6 +246,18 @@ def _restore_config(manager: ocp.CheckpointManager, step: int) -> ExperimentConf
       manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
 
+def _state_of(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """The learner state saved at `step`. A step without its state item (a partial copy) is
+  damaged: Orbax restores a missing item as None, which read as "no checkpoint" would restart
+  the run from scratch."""
+  state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+  if state is None:
+    raise FileNotFoundError(f'checkpoint {step} in {manager.directory} has no learner state '
+                            f'(its {step}/state folder is missing)')
+  return state
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: ExperimentConfig,
             step: Optional[int] = None) -> Optional[Any]:
   """Restores the latest step that loads (or exactly `step`) into `abstract_state` (a tree of
@@ -253,8 +265,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: Experiment
 
   def load(s: int) -> Any:
     _check_compatible(_restore_config(manager, s), cfg, str(manager.directory))
-    return manager.restore(
-        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+    return _state_of(manager, s, abstract_state)
 
   if step is not None:
     return load(step)
@@ -277,6 +288,39 @@ def saved_steps(checkpoint_dir_or_workdir: str) -> list[int]:
   return sorted(int(n) for n in names if n.isdigit())
 
 
+def _reader(checkpoint_dir_or_workdir: str) -> ocp.CheckpointManager:
+  """A manager that reads the checkpoints of a learner workdir or its `checkpoints/`;
+  FileNotFoundError names the path when there are none."""
+  path = _workdir(checkpoint_dir_or_workdir)
+  if '://' in checkpoint_dir_or_workdir:  # (as a local path: "no checkpoints", a wrong reason)
+    raise FileNotFoundError(f'{checkpoint_dir_or_workdir!r} is a URL; checkpoints are read from '
+                            'a local or mounted path (a bucket mounted with gcsfuse)')
+  if not os.path.isdir(checkpoint_dir(path)):
+    raise FileNotFoundError(f'no checkpoints in {checkpoint_dir_or_workdir!r} (expected a learner '
+                            f'workdir containing {CHECKPOINT_SUBDIR}/ or that folder itself)')
+  # Not read_only (orbax then logs warnings), but create=False; this manager never saves.
+  return ocp.CheckpointManager(
+      checkpoint_dir(path), item_names=('state', 'config'),
+      options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+
+
+def load_config(checkpoint_dir_or_workdir: str) -> tuple[ExperimentConfig, int]:
+  """(config, step) of the newest checkpoint whose config reads, without reading any array: what
+  a command checks its flags against before it loads the params (`load_params`, which moves a
+  damaged checkpoint aside; this leaves every checkpoint as it is)."""
+  manager = _reader(checkpoint_dir_or_workdir)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return _restore_config(manager, step), int(step)
+      except Exception:  # pylint: disable=broad-except  (damage: load_params handles it)
+        continue
+  finally:
+    manager.close()
+  raise FileNotFoundError(f'{checkpoint_dir(_workdir(checkpoint_dir_or_workdir))} holds no '
+                          'checkpoint whose config reads')
+
+
 def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
                 online: bool = False) -> tuple[ExperimentConfig, Any, int]:
   """(config, params, step) of the latest checkpoint in a learner workdir or its `checkpoints/`.
@@ -287,16 +331,7 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
   `agent.policy_params_ema` > 0, unless `online`; otherwise the online params.
   """
   path = _workdir(checkpoint_dir_or_workdir)
-  if '://' in checkpoint_dir_or_workdir:  # (as a local path: "no checkpoints", a wrong reason)
-    raise FileNotFoundError(f'{checkpoint_dir_or_workdir!r} is a URL; checkpoints are read from '
-                            'a local or mounted path (a bucket mounted with gcsfuse)')
-  if not os.path.isdir(checkpoint_dir(path)):
-    raise FileNotFoundError(f'no checkpoints in {checkpoint_dir_or_workdir!r} (expected a learner '
-                            f'workdir containing {CHECKPOINT_SUBDIR}/ or that folder itself)')
-  # Not read_only (orbax then logs warnings), but create=False; this manager never saves.
-  manager = ocp.CheckpointManager(
-      checkpoint_dir(path), item_names=('state', 'config'),
-      options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+  manager = _reader(checkpoint_dir_or_workdir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def load(s: int) -> tuple[ExperimentConfig, Any]:
@@ -304,8 +339,7 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
     like = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         jax.eval_shape(lambda: learner.init_state(cfg, jax.random.PRNGKey(0))))
-    return cfg, manager.restore(
-        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(like))).state
+    return cfg, _state_of(manager, s, like)
 
   try:
     if step is not None:

@@ -547,7 +547,8 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
   run: `configs.finetune_offline/online` (Appendix B.4) of the base config (`config`, or the
   checkpoint's in `pretrained`), then the flags and `overrides` (recorded like --set). The
   initial params are the pretrained encoder with a fresh trunk and heads (None: from scratch).
-  Everything is checked before returning; ConfigError names the flag at fault."""
+  Everything is checked before returning, and every flag before the checkpoint's params are read
+  (its config alone is read first); ConfigError names the flag at fault."""
   from scaled_ql import configs, games as games_lib
   log = log or (lambda line: print(line, flush=True))
   try:
@@ -562,11 +563,11 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
   if from_scratch and frozen_encoder:
     raise ConfigError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
   base = overrides_lib.load(config) if config is not None else None
-  params = None
   if pretrained is not None:
-    from scaled_ql.agents import transfer
+    # The checkpoint's config only: the params are read once every flag is checked.
+    from scaled_ql.agents import checkpointing
     try:
-      saved_cfg, params, step = transfer.load_pretrained(pretrained)
+      saved_cfg, step = checkpointing.load_config(pretrained)
     except FileNotFoundError as e:
       raise ConfigError(f'--pretrained: {e}') from e
     log(f'[finetune] pretrained checkpoint {pretrained} step {step} ({saved_cfg.name}, '
@@ -574,8 +575,6 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     if game in saved_cfg.games:
       log(f'[finetune] warning: {game} is one of the pre-training games (not held out)')
     base = base or saved_cfg
-  if from_scratch:
-    params = None
   source = None if from_scratch else pretrained
   flags = [('--steps', 'train.num_steps', steps), ('--eval-steps', 'eval.steps_per_game',
                                                    eval_steps)]
@@ -607,9 +606,15 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
       finetune.check_online_config(cfg)
     except ValueError as e:
       raise ConfigError(str(e)) from e
-  if params is None:
+  if source is None:
     return cfg, None  # from scratch: the learner's own random init
   from scaled_ql.agents import transfer
+  try:
+    _, params, loaded = transfer.load_pretrained(pretrained)
+  except FileNotFoundError as e:  # (every checkpoint's arrays damaged: moved aside)
+    raise ConfigError(f'--pretrained: {e}') from e
+  if loaded != step:
+    log(f'[finetune] the checkpoint of step {step} did not load; the encoder is step {loaded}\'s')
   try:
     return cfg, transfer.finetune_params(cfg, pretrained, params)
   except ValueError as e:  # transfer.EncoderMismatchError
