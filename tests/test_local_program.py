@@ -205,7 +205,12 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
     finally:
       node.stop()
   assert status['error'] is None, status['error']
-  assert status['evaluated_version'] == 7
+  assert (status['evaluated_version'], status['lineage']) == (7, 1)
+  with open(os.path.join(tmp_path, 'eval', 'evaluator_0.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  assert [(r['param_version'], r['param_lineage']) for r in rows] == [(7, 0), (7, 1)]
+  from scaled_ql.eval import report
+  assert report.read_eval_logs(str(tmp_path)).lost == 1  # the lost run's round of step 7
 
 
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):

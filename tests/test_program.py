@@ -271,6 +271,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert actor['param_version'] >= 0
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
+  # ... those of the restarted learner (its second start in the workdir: lineage 1).
+  assert {r['param_lineage'] for r in rows if r['param_version'] == num_steps} == {1}
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed
 
 
@@ -362,8 +364,9 @@ def test_a_learner_restarting_from_the_same_checkpoint_again_and_again_ends_the_
   with pytest.raises(nodes.NoProgressError, match=r'restarted 3 times in a row from the '
                      r'checkpoint of step 2000 \(train.crash_loop_restarts=3\)'):
     start(4, 2000)
-  start(0, 2000)  # the user runs the command again: a new program
-  start(1, 2000)
+  # The count of earlier starts is each start's lineage: it grows over programs, never resets.
+  assert start(0, 2000) == 5  # the user runs the command again: a new program
+  assert start(1, 2000) == 6
   start(2, 2000)
   with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
     assert [json.loads(line)['restart'] for line in f] == [0, 1, 2, 3, 4, 0, 1, 2]

@@ -98,12 +98,14 @@ def test_client_never_mixes_versions(ray_session):
   ray.get(server.shards[1].set.remote(3, blob, layout.split(_tree(3))[1]))
   assert client.update_and_wait()
   assert client.version == 3 and _versions_in(client.params) == {3.0}
-  # A new lineage (a restarted learner) that reached one shard only: nothing new is assembled.
-  ray.get(server.shards[0].set.remote(2, blob, layout.split(_tree(2))[0], 1))
+  # A new lineage (a restarted learner) that reached one shard only, at a version the other
+  # shard holds of the old lineage: the two shards' leaves are not assembled as one version.
+  ray.get(server.shards[1].set.remote(4, blob, layout.split(_tree(4))[1]))
+  ray.get(server.shards[0].set.remote(4, blob, layout.split(_tree(40))[0], 1))
   assert not client.update_and_wait() and (client.lineage, client.version) == (0, 3)
-  ray.get(server.shards[1].set.remote(2, blob, layout.split(_tree(2))[1], 1))
+  ray.get(server.shards[1].set.remote(4, blob, layout.split(_tree(40))[1], 1))
   assert client.update_and_wait()
-  assert (client.lineage, client.version, _versions_in(client.params)) == (1, 2, {2.0})
+  assert (client.lineage, client.version, _versions_in(client.params)) == (1, 4, {40.0})
   server.kill()
 
 
@@ -193,6 +195,25 @@ def test_a_restarted_learners_params_replace_the_lost_runs_at_once(ray_session, 
     # A client that saw no version of the lost run fetches the new lineage as any client does.
     fresh = server.client()
     assert fresh.update_and_wait() and fresh.version == 5
+    # Every shard restarted by Ray (empty) as well: the learner's start count in its workdir,
+    # passed as `lineage`, still ranks its params above those the client holds.
+    for shard in server.shards:
+      ray.kill(shard, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        if ray.get([s.lineage.remote() for s in server.shards], timeout=5) == [-1] * 3:
+          break
+      except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass
+      assert time.monotonic() < deadline, 'the shards did not restart'
+      time.sleep(0.2)
+  again = server.publisher(lineage=7)
+  assert again.lineage == 7
+  assert again.publish(_tree(2), 2)
+  again.flush()
+  assert client.update_and_wait() and (client.lineage, client.version) == (7, 2)
+  if server_kind == 'sharded':
     server.kill()
 
 

@@ -299,7 +299,7 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
              model_games: Optional[Sequence[str]] = None, steps_per_game: Optional[int] = None,
              num_envs: Optional[int] = None, env_groups: Optional[int] = None,
              games_at_once: Optional[int] = None, seed: int = 0, param_version: int = -1,
-             evaluator: str = 'evaluator', epsilon: Optional[float] = None,
+             param_lineage: int = -1, evaluator: str = 'evaluator', epsilon: Optional[float] = None,
              jsonl_path: Optional[str] = None, csv_path: Optional[str] = None,
              log: Optional[Callable[[str], None]] = None,
              device: Optional[str] = None,
@@ -314,6 +314,8 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
                   `evaluate_games`); default `eval_cfg.env_groups`.
   games_at_once:  games played together; default `eval_cfg.games_at_once` (None: all of them).
   param_version:  learner step of `params`, written into every record (-1: unknown).
+  param_lineage:  the learner start that produced them (the variable server's lineage; -1:
+                  unknown), written into every record (`report.lost_params`).
   jsonl_path / csv_path: if given, one `report.EvalRecord` per game is appended (after each
                   `games_at_once` games, so a long evaluation leaves the finished ones behind).
   epsilon:        only recorded (the policy applies it).
@@ -338,11 +340,13 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
     results.update(evaluate_games(policy_fn, params, together, eval_cfg, steps, num_envs, seed,
                                   env_groups, device=target, should_stop=should_stop))
     for game, _ in together:
-      _record(results[game], param_version, evaluator, epsilon, jsonl_path, csv_path, log)
+      _record(results[game], param_version, param_lineage, evaluator, epsilon, jsonl_path,
+              csv_path, log)
   return results
 
 
-def _record(r: GameResult, param_version: int, evaluator: str, epsilon: Optional[float],
+def _record(r: GameResult, param_version: int, param_lineage: int, evaluator: str,
+            epsilon: Optional[float],
             jsonl_path: Optional[str], csv_path: Optional[str],
             log: Optional[Callable[[str], None]]) -> None:
   """Appends `r` to the logs `evaluate` was given, and logs its line."""
@@ -350,7 +354,7 @@ def _record(r: GameResult, param_version: int, evaluator: str, epsilon: Optional
       game=r.game, score=r.score, normalized=r.normalized, param_version=int(param_version),
       evaluator=evaluator, episodes=r.episodes, time=time.time(), steps=r.steps,
       steps_per_second=r.steps_per_second, partial=r.score is None, epsilon=epsilon,
-      truncated=r.truncated, budget=r.budget)
+      truncated=r.truncated, budget=r.budget, param_lineage=int(param_lineage))
   if jsonl_path:
     report.append_records(jsonl_path, [record])
   if csv_path:

@@ -21,6 +21,8 @@ One JSON object per line and per (evaluation, game), written by `scaled_ql.eval.
   epsilon           float  epsilon of the epsilon-greedy policy (null if not given)
   truncated         int    completed episodes that ended at the 108K-frame cap (counted in score)
   budget            int    the step budget (`steps_per_game`); 0 = not recorded
+  param_lineage     int    the learner start that produced the params (-1: unknown); records of
+                           params a learner restart lost are left out when read (`lost_params`)
 
 The first seven are required when reading; the rest are optional (older or hand-written logs).
 Old logs (before the protocol of issue 10) wrote, for a game with no completed episode, the mean
@@ -87,6 +89,9 @@ class EvalRecord:
   epsilon: Optional[float] = None
   truncated: int = 0
   budget: int = 0
+  # The learner start that produced the params (`launch/variable_server.py` lineages; -1: unknown,
+  # e.g. `scaled-ql eval` or a log from before 2026-12-06).
+  param_lineage: int = -1
 
   @property
   def has_score(self) -> bool:
@@ -111,7 +116,8 @@ class EvalRecord:
           episodes=int(rec.episodes), time=float(rec.time), steps=int(rec.steps),
           steps_per_second=float(rec.steps_per_second), partial=no_score,
           epsilon=None if rec.epsilon is None else float(rec.epsilon),
-          truncated=int(rec.truncated), budget=int(rec.budget))
+          truncated=int(rec.truncated), budget=int(rec.budget),
+          param_lineage=int(rec.param_lineage))
     except (TypeError, ValueError) as e:
       raise EvalLogError(f'{where}: bad field value: {e}') from e
     if rec.game not in games_lib.GAME_INFO:
@@ -141,8 +147,12 @@ def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
   """Appends records to a CSV (header written when the file is new or empty)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   new = not os.path.exists(path) or os.path.getsize(path) == 0
+  fields = CSV_FIELDS
+  if not new:  # a file begun by an older version keeps its columns (param_lineage is newer)
+    with open(path, newline='') as f:
+      fields = tuple(next(csv.reader(f), None) or CSV_FIELDS)
   with open(path, 'a', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator='\n')
+    w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n', extrasaction='ignore')
     if new:
       w.writeheader()
     for r in records:
@@ -151,8 +161,31 @@ def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EvalLogs:
-  records: list[EvalRecord]
+  records: list[EvalRecord]  # without those of params a learner restart lost (`lost_params`)
   torn: list[str]  # 'file:line' of every torn (not JSON) line skipped
+  lost: int = 0  # records left out by `lost_params`
+
+
+def lost_params(records: Sequence[EvalRecord]) -> list[bool]:
+  """Per record: whether its params were lost to a learner restart. A learner restarted from
+  its checkpoint of step C publishes a new lineage; the params its lost predecessor had
+  published past C were never saved, and the new lineage trains those steps again. So a record
+  of lineage L at a version at or past the first version evaluated of any newer lineage is of
+  lost params: left out of curves and final scores, which would otherwise show the lost run's
+  newest params as the run's result, or pool two different params at one step. Records of
+  unknown lineage (-1) are kept."""
+  first: dict[int, int] = {}
+  for r in records:
+    if r.param_lineage >= 0:
+      first[r.param_lineage] = min(first.get(r.param_lineage, r.param_version), r.param_version)
+  lineages = sorted(first)
+  # The smallest first version of the lineages newer than each lineage.
+  bound, smallest = {}, None
+  for lineage in reversed(lineages):
+    bound[lineage] = smallest
+    smallest = first[lineage] if smallest is None else min(smallest, first[lineage])
+  return [r.param_lineage >= 0 and bound[r.param_lineage] is not None
+          and r.param_version >= bound[r.param_lineage] for r in records]
 
 
 def _parse_line(line: str) -> tuple[Optional[object], bool]:
@@ -206,7 +239,8 @@ def read_eval_logs(workdir: str) -> EvalLogs:
   if not records:
     raise EvalLogError(f'{eval_dir}: the evaluator logs hold no records' +
                        (f' ({len(torn)} torn line(s))' if torn else ''))
-  return EvalLogs(records, torn)
+  lost = lost_params(records)
+  return EvalLogs([r for r, gone in zip(records, lost) if not gone], torn, sum(lost))
 
 
 # ---- learning curves -----------------------------------------------------------------------------
@@ -350,7 +384,9 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
            f'Records with {NO_EPISODE} (no score, left out of every curve and aggregate): '
            f'{no_score}. Torn log lines skipped: {len(logs.torn)}' +
            (f' ({", ".join(os.path.relpath(t, workdir) for t in logs.torn)})' if logs.torn
-            else '') + '.', '']
+            else '') + '.' +
+           (f' Records of params lost to a learner restart, left out: {logs.lost}.'
+            if logs.lost else ''), '']
   left_out = [g for g in c.games if g not in c.aggregate_games]
   if left_out:
     lines += [f'Left out of the aggregate ({NO_EPISODE} in any record): {", ".join(left_out)}.',

@@ -367,8 +367,10 @@ class NoProgressError(RuntimeError):
 
 
 def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
-                         max_in_a_row: int) -> None:
-  """Appends this learner start to WORKDIR/learner_starts.jsonl; raises NoProgressError when it
+                         max_in_a_row: int) -> int:
+  """Appends this learner start to WORKDIR/learner_starts.jsonl and returns how many starts the
+  file held before it (the lineage its params are published under: it only grows over the
+  workdir's programs, `launch/variable_server.py`); raises NoProgressError when it
   is the `max_in_a_row`-th restart in a row (of this program: the starts since the last first
   start, restart 0) that resumed from the same checkpoint step as the start before it. A learner
   that fails every time before its next checkpoint (a full disk or quota at each save, a
@@ -377,7 +379,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   import json
   path = os.path.join(workdir, LEARNER_STARTS)
   starts = []
-  if restart > 0 and os.path.exists(path):
+  if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       for line in f:
         try:
@@ -386,6 +388,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
           continue  # a line torn by a kill
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
   loggers.append_lines(path, [json.dumps(this)])
+  lineage = len(starts)
   firsts = [i for i, s in enumerate(starts) if s.get('restart') == 0]
   starts = starts[firsts[-1]:] + [this] if firsts and restart > 0 else [this]
   in_a_row = 0
@@ -399,6 +402,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
         f'{resumed_from_step} (train.crash_loop_restarts={max_in_a_row}): each start failed '
         'before its next checkpoint, so the run makes no progress. The error of each start is '
         f'in {os.path.join(workdir, "logs", "learner.err")}; its starts in {path}')
+  return lineage
 
 
 class LearnerNode(_LoopNode):
@@ -428,9 +432,9 @@ class LearnerNode(_LoopNode):
                                   workdir, handle_signals=False, mc_probe=probe)
     self._learner.restore()  # a restarted node resumes from the last checkpoint
     self.resumed_from_step = int(self._learner.steps)
-    record_learner_start(workdir, _restarts(), self.resumed_from_step,
-                         cfg.train.crash_loop_restarts)
-    self._publisher = variables.publisher()
+    lineage = record_learner_start(workdir, _restarts(), self.resumed_from_step,
+                                   cfg.train.crash_loop_restarts)
+    self._publisher = variables.publisher(lineage=lineage)
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
     self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
@@ -473,6 +477,7 @@ class LearnerNode(_LoopNode):
     return dict(self.base_status(), steps=int(self._learner.steps), num_steps=self._num_steps,
                 steps_per_s=rate, resumed_from_step=self.resumed_from_step,
                 published_version=self._publisher.last_version,
+                lineage=self._publisher.lineage,
                 publishes_skipped=self._publisher.skipped,
                 reverb_reconnects=self._iterator.reconnects,
                 waited_for_data_s=self._iterator.waited_s, metrics=metrics,
@@ -572,10 +577,13 @@ class EvaluatorNode(_LoopNode):
     self._client.update_and_wait()
     every = self._cfg.eval.eval_every_steps
     version, params = self._client.version, self._client.params
-    if self._client.lineage != self._lineage:  # a restarted learner's params
-      self._lineage = self._client.lineage
+    lineage = self._client.lineage
+    if lineage != self._lineage:  # a restarted learner's params
+      self._lineage = lineage
       self._evaluated_version, self._final_version = forget_lost_versions(
           version, self._evaluated_version, self._final_version)
+      # The lost run's latest scores are not the run's (progress line, final scores).
+      self._latest = {g: r for g, r in self._latest.items() if r['param_version'] < version}
     # After wake(final=True) the newest params are due on the final budget even when a round on
     # the normal budget evaluated them already (one that ended between the learner's last
     # publish and the wake).
@@ -596,8 +604,9 @@ class EvaluatorNode(_LoopNode):
       results = evaluator.evaluate(
           self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
           steps_per_game=budget,
-          seed=self._cfg.train.seed + 1000 * self._index + self._rounds, param_version=version,
-          evaluator=self.name, epsilon=self._cfg.eval.epsilon,
+          seed=self._cfg.train.seed + 1000 * self._index + self._rounds + 104_729 * _restarts(),
+          param_version=version, param_lineage=lineage, evaluator=self.name,
+          epsilon=self._cfg.eval.epsilon,
           jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'),
           should_stop=give_way)
     except evaluator.Abandoned:
@@ -654,7 +663,7 @@ class EvaluatorNode(_LoopNode):
     return dict(self.base_status(), games=list(self._games), rounds=self._rounds,
                 abandoned_rounds=self._abandoned_rounds,
                 evaluated_version=self._evaluated_version, final=self._final,
-                final_version=self._final_version,
+                final_version=self._final_version, lineage=self._lineage,
                 evaluating_version=self._evaluating_version, latest=self._latest)
 
   def stop(self) -> None:

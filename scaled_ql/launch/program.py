@@ -720,7 +720,11 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
         log(f'final evaluation abandoned: {e}')
         done = False
         break
-      if all(s and s['final_version'] >= final_step for s in status.evaluators):
+      # Of the learner's own lineage: an evaluator that has not yet fetched a restarted
+      # learner's params may still hold a round of the lost run's, at a version past its end.
+      lineage = status.learner.get('lineage') if status.learner else None
+      if all(s and s['final_version'] >= final_step and lineage in (None, s['lineage'])
+             for s in status.evaluators):
         done = True
         break
       for handle, s in zip(program.evaluators, status.evaluators):

@@ -8,12 +8,14 @@ publishes reach every shard in order (Ray runs one caller's calls to one actor i
 order), so a client that sees different newest versions on two shards asks the shards that are
 ahead for the oldest of them: a client never assembles leaves of two versions.
 
-Lineages: each publisher (one per learner start) publishes under a lineage one above any the shards
-hold, and a shard drops every version of an older lineage when the first publish of a newer one
-reaches it. Params are ordered by (lineage, version). So a learner restarted from the checkpoint of
-step C, after it had published V > C, is served at once as C, C+1, ...: its clients never keep the
-lost run's V as the newest params until the restarted learner passes V again (they would then be
-evaluated and labelled as if trained for V steps).
+Lineages: each publisher (one per learner start) publishes under a new lineage, the learner's
+start count in its workdir (or one above any lineage the shards hold, if higher: shards that
+restarted empty still rank it above what clients hold), and a shard drops every version of an
+older lineage when the first publish of a newer one reaches it. Params are ordered by (lineage,
+version). So a learner restarted from the checkpoint of step C, after it had published V > C, is
+served at once as C, C+1, ...: its clients never keep the lost run's V as the newest params until
+the restarted learner passes V again (they would then be evaluated and labelled as if trained
+for V steps).
 
     server = VariableServer.create(num_shards=4)
     publisher = server.publisher()
@@ -223,14 +225,16 @@ class VariableServer:
   def num_shards(self) -> int:
     return len(self.names)
 
-  def publisher(self, max_in_flight: int = 1) -> 'VariablePublisher':
+  def publisher(self, max_in_flight: int = 1, lineage: int = 0) -> 'VariablePublisher':
+    """A publisher of a new lineage: `lineage` (the learner's start in its workdir), or one
+    above the shards' newest if that is higher."""
     if not 1 <= max_in_flight < self.history:
       # A shard that lags by max_in_flight versions must still hold the version the others
       # hold, or clients could not assemble any version until it caught up.
       raise ValueError(f'max_in_flight must be between 1 and history - 1 = {self.history - 1} '
                        f'(the versions a shard keeps), got {max_in_flight}')
     # A new lineage: the shards drop what an earlier publisher (a lost learner) published.
-    lineage = 1 + max(ray.get([s.lineage.remote() for s in self.shards]))
+    lineage = max(lineage, 1 + max(ray.get([s.lineage.remote() for s in self.shards])))
     return VariablePublisher(self, max_in_flight, lineage)
 
   def client(self, update_period: int = 1) -> 'VariableClient':
@@ -393,13 +397,11 @@ class LocalVariableServer:
   def __init__(self):
     self._lock = threading.Lock()
     self._slot: tuple[int, int, Any] = (-1, -1, None)
-    self._lineages = 0
 
-  def publisher(self, max_in_flight: int = 1) -> '_LocalPublisher':
+  def publisher(self, max_in_flight: int = 1, lineage: int = 0) -> '_LocalPublisher':
     del max_in_flight  # nothing is ever in flight
-    with self._lock:
-      self._lineages += 1
-      return _LocalPublisher(self, self._lineages - 1)
+    with self._lock:  # as the sharded server's
+      return _LocalPublisher(self, max(lineage, self._slot[0] + 1))
 
   def client(self, update_period: int = 1) -> '_LocalClient':
     return _LocalClient(self, update_period)
