@@ -5,6 +5,7 @@ to the newest one that loads; Orbax's temporary folders of interrupted saves are
 import logging
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -72,6 +73,23 @@ def test_load_params_falls_back_and_an_all_damaged_dir_is_an_error(tmp_path, cap
   learner = make(workdir=workdir)
   assert not learner.restore() and learner.steps == 0
   learner.close()
+
+
+def test_a_step_deleted_while_it_is_read_is_skipped_not_moved_aside(tmp_path):
+  """A reader (`scaled-ql eval`, `finetune --pretrained`) of a running learner's workdir meets a
+  step that max_to_keep is deleting: its arrays are gone, its folder not yet. It fails to load as
+  a damaged step does; the folder is gone a moment later, and the step is skipped, not renamed to
+  corrupt-<step> (a rename would make the learner's own delete fail)."""
+  workdir = str(tmp_path / 'run')
+  _run_with_checkpoints(workdir)
+  step_dir = os.path.join(workdir, 'checkpoints', '2')
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+  deleting = threading.Timer(0.2, shutil.rmtree, (step_dir,))  # the learner's delete goes on
+  deleting.start()
+  _, _, step = checkpointing.load_params(workdir)
+  deleting.join()
+  assert step == 1
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']
 
 
 def test_a_different_config_is_not_treated_as_corruption(tmp_path):

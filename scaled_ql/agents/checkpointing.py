@@ -196,12 +196,18 @@ def _check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, where: str
           f'{getattr(saved, field)} != {getattr(cfg, field)}')
 
 
+QUARANTINE_GRACE_S = 1.0
+
+
 def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException
                ) -> Optional[str]:
   """Moves checkpoint `step` to `checkpoints/corrupt-<step>[-k]/`, warns naming both paths and
   the error; returns the new path (None if the step is gone). The manager forgets the step."""
   directory = os.fspath(manager.directory)
   source = os.path.join(directory, str(step))
+  # A step being deleted (max_to_keep of a running learner) fails to load as damage does: its
+  # files go first, the folder last. A moment later it is gone, and then it is skipped, not moved.
+  time.sleep(QUARANTINE_GRACE_S)
   if not os.path.isdir(source):  # deleted meanwhile (max_to_keep of a running learner): skip it
     manager.reload()
     log.warning('checkpoint %s went away while loading it; trying an older one', source)
