@@ -237,3 +237,8 @@ def test_aggregate_by_runs_keeps_seed_cis_beside_a_one_run_method():
   alone = metrics.aggregate({'A': mats['A'], 'B': mats['B']}, reps=100, seed=0)
   assert seeded.estimates == alone.estimates  # as if the 1-run method were not there
   assert len(metrics.aggregate_by_runs({'A': mats['A']}, reps=10)) == 1
+  # Few runs per game: the footnote warns that the intervals are likely too narrow.
+  assert 'With 2 runs per game (fewer than 5)' in metrics.markdown_table(seeded)
+  assert 'too narrow' not in metrics.markdown_table(single)  # games resampled too
+  many = metrics.aggregate({'D': rng.normal(size=(6, 4))}, reps=10)
+  assert 'too narrow' not in metrics.markdown_table(many)

@@ -14,8 +14,9 @@ Score of a game = the mean return of COMPLETED episodes, counted as in Dopamine'
 `Runner._run_one_phase` (Castro et al. 2018): an environment starts a new episode only while the
 game's agent steps so far (all its environments together) are below the budget, and every episode
 that was started is played to its end. The episode in progress when the budget runs out is
-therefore finished, not dropped or cut, so no episode is ever truncated by the budget and the
-number of environments does not change which episodes count. With `num_envs=1` this is exactly
+therefore finished, not dropped or cut, so no episode is ever truncated by the budget, and
+whether an episode counts never depends on how it goes. (With more environments, more episodes
+are in flight when the budget runs out, and all of them count.) With `num_envs=1` this is exactly
 Dopamine's loop. An episode ends at game over or at the `max_episode_frames` cap (108K frames =
 27K agent steps, Dopamine's `max_steps_per_episode`); an episode cut by the cap is counted with
 the return it has at the cap, as Dopamine counts it, and the result says how many were

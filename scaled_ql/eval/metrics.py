@@ -316,8 +316,17 @@ def markdown_table(table: AggregateTable) -> str:
   return '\n'.join([head, sep] + body) + '\n\n' + _footnote(table)
 
 
+# Below this many runs per game, a bootstrap over runs within each game resamples so few values
+# per game that its percentile intervals tend to be too narrow: the footnote says so.
+FEW_RUNS = 5
+
+
 def _footnote(table: AggregateTable) -> str:
+  few = min(table.runs.values()) if table.runs else 0
+  caution = (f' With {few} run{"s" if few != 1 else ""} per game (fewer than {FEW_RUNS}), these '
+             'intervals are likely too narrow.' if not table.task_bootstrap and few < FEW_RUNS
+             else '')
   return (f'Human-normalized scores in percent over {table.num_games} games; '
           f'{table.confidence:.0%} stratified-bootstrap CIs ({table.reps} reps over '
           f'{table.ci_over}, '
-          f'seed {table.seed}). Optimality gap: lower is better.\n')
+          f'seed {table.seed}). Optimality gap: lower is better.{caution}\n')
