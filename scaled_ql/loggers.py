@@ -32,6 +32,27 @@ def append_lines(path: str, lines: Sequence[str]) -> None:
     f.flush()
 
 
+LEARNER_STARTS = 'learner_starts.jsonl'  # WORKDIR/: each learner start and the step it resumed
+
+
+def read_learner_starts(workdir: str) -> Optional[list[dict]]:
+  """The learner starts recorded in WORKDIR/learner_starts.jsonl, oldest first: dicts with
+  `time`, `restart` and `resumed_from_step` (`launch.nodes.record_learner_start`). A start's
+  index in this list is the lineage its params were published under. Lines torn by a kill are
+  skipped. None when the file does not exist."""
+  path = os.path.join(workdir, LEARNER_STARTS)
+  if not os.path.exists(path):
+    return None
+  starts = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        starts.append(json.loads(line))
+      except ValueError:
+        continue  # a line torn by a kill
+  return starts
+
+
 class Logger(Protocol):
   def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
   def close(self) -> None: ...

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -75,21 +76,34 @@ def test_load_params_falls_back_and_an_all_damaged_dir_is_an_error(tmp_path, cap
   learner.close()
 
 
-def test_a_step_deleted_while_it_is_read_is_skipped_not_moved_aside(tmp_path):
+def test_a_step_deleted_while_it_is_read_is_skipped_not_moved_aside(tmp_path, monkeypatch):
   """A reader (`scaled-ql eval`, `finetune --pretrained`) of a running learner's workdir meets a
   step that max_to_keep is deleting: its arrays are gone, its folder not yet. It fails to load as
   a damaged step does; the folder is gone a moment later, and the step is skipped, not renamed to
   corrupt-<step> (a rename would make the learner's own delete fail)."""
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir)
-  step_dir = os.path.join(workdir, 'checkpoints', '2')
-  shutil.rmtree(os.path.join(step_dir, 'state'))
-  deleting = threading.Timer(0.2, shutil.rmtree, (step_dir,))  # the learner's delete goes on
-  deleting.start()
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  shutil.copytree(checkpoints, tmp_path / 'copy')
+  state_of = checkpointing._state_of  # pylint: disable=protected-access
+
+  def deleted_as_it_is_read(manager, step, abstract_state):
+    step_dir = os.path.join(checkpoints, str(step))
+    if step == 2:  # the learner's delete: the arrays first, the folder 0.2 s after the failure
+      shutil.rmtree(os.path.join(step_dir, 'state'))
+      threading.Timer(0.2, shutil.rmtree, (step_dir, True)).start()  # (gone if moved aside)
+    return state_of(manager, step, abstract_state)
+
+  monkeypatch.setattr(checkpointing, '_state_of', deleted_as_it_is_read)
   _, _, step = checkpointing.load_params(workdir)
-  deleting.join()
-  assert step == 1
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']
+  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1']
+  # Without the grace the folder, still there when the load failed, was renamed corrupt-2.
+  shutil.rmtree(checkpoints)
+  shutil.copytree(tmp_path / 'copy', checkpoints)
+  monkeypatch.setattr(checkpointing, 'QUARANTINE_GRACE_S', 0.0)
+  _, _, step = checkpointing.load_params(workdir)
+  time.sleep(0.5)
+  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1', 'corrupt-2']
 
 
 def test_a_different_config_is_not_treated_as_corruption(tmp_path):

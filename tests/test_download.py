@@ -68,6 +68,15 @@ def test_suboptimal_copies_only_its_splits_and_reads_back(bucket, tmp_path, caps
   assert 'Pong run 1' in text.out and 'checkpoint_01' in text.out
   assert 'not on disk (a partial download?): 8 splits, checkpoint_02' in text.out
   assert 'corrupt' not in text.err
+  # A run that needs the splits the copy lacks is refused before it starts (it trained on a part
+  # of its data before, with a warning per missing file); one of the copy's selection runs.
+  from scaled_ql.configs import ConfigError, get_config
+  from scaled_ql.launch import run
+  cfg = get_config('cpu_tiny').replace(games=tuple(GAMES), data=dict(data_dir=out))
+  run.check_data(cfg.replace(data=dict(selection='suboptimal')))
+  with pytest.raises(ConfigError, match=r"needs checkpoint split\(s\) \[2, 3, 4, 5, 6, 7, 8, 9\] "
+                     r"whose files are not on disk.*scaled-ql data download"):
+    run.check_data(cfg.replace(data=dict(selection='near_optimal')))
 
 
 def test_dry_run_prints_sizes_and_copies_nothing(bucket, tmp_path, capsys):
@@ -78,6 +87,8 @@ def test_dry_run_prints_sizes_and_copies_nothing(bucket, tmp_path, capsys):
   assert rc == 0
   text = capsys.readouterr().out
   plan = download.plan_download(['Pong'], 'checkpoints:3-4', str(out), bucket)
+  # dataset_info.json is copied last (after features.json): it marks a finished copy.
+  assert os.path.basename(plan.games[0].files[-1].dest) == 'dataset_info.json'
   src = _version_dir(bucket, 'Pong')
   names = [s for s in _shards(bucket, 'Pong') if '-checkpoint_03.' in s or '-checkpoint_04.' in s]
   meta = [f for f in os.listdir(src) if '.tfrecord-' not in f]

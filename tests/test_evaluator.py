@@ -375,32 +375,43 @@ def test_records_of_one_game_and_step_are_pooled_over_their_episodes():
 
 def test_records_of_params_a_learner_restart_lost_are_left_out(tmp_path):
   """Lineage 0 reached step 30 and was evaluated at 10, 20 and 30, then died; its restart
-  (lineage 1) resumed from the checkpoint of step 10 and was evaluated at 10 and 20 before the
-  run ended. Lineage 0's 20 and 30 are of params never saved: the curve's last point and the
-  final scores would otherwise be step 30's, from the lost run, and step 20 would pool two
-  different params. Logs without lineages (-1) are read as before."""
+  (lineage 1) resumed from the checkpoint of step 10 and was evaluated at 20 before the run
+  ended. Lineage 0's 20 and 30 are of params never saved: the curve's last point and the final
+  scores would otherwise be step 30's, from the lost run, and step 20 would pool two different
+  params. Its 10 is the checkpoint the restart resumed from: kept. Decided by the resume step
+  (WORKDIR/learner_starts.jsonl), not by the first step the new lineage was evaluated at (30,
+  with a busy evaluator, would keep lineage 0's 20). Logs without lineages are read as before."""
   def rec(version, lineage, normalized):
     return dataclasses.replace(record('Pong', version, normalized), param_lineage=lineage)
-  recs = [rec(10, 0, 0.1), rec(20, 0, 0.2), rec(30, 0, 0.9), rec(10, 1, 0.1), rec(20, 1, 0.3)]
-  assert report.lost_params(recs) == [True, True, True, False, False]  # 10: the same checkpoint
-  recs.insert(0, rec(5, 0, 0.0))
-  assert report.lost_params(recs) == [False, True, True, True, False, False]
-  assert not any(report.lost_params([record('Pong', v, 0.1) for v in (10, 20, 10)]))
+  recs = [rec(10, 0, 0.1), rec(20, 0, 0.2), rec(30, 0, 0.9), rec(30, 1, 0.3)]
+  assert report.lost_params(recs, [0, 10]) == [False, True, True, False]
+  assert report.lost_params(recs, [0, 30]) == [False, False, False, False]  # a clean resume
+  assert report.lost_params(recs, [0, 10, 40]) == [False, True, True, False]
+  assert report.lost_params(recs, [0, 20, 5]) == [True, True, True, True]  # lost twice
+  assert not any(report.lost_params([record('Pong', v, 0.1) for v in (10, 20, 10)], [0, 5]))
   os.makedirs(tmp_path / 'eval')
   report.append_records(str(tmp_path / 'eval' / 'evaluator_0.jsonl'), recs)
+  assert report.read_eval_logs(str(tmp_path)).lost == 0  # no learner_starts.jsonl (warned)
+  with open(tmp_path / 'learner_starts.jsonl', 'w') as f:
+    f.write('{"time": 1, "restart": 0, "resumed_from_step": 0}\n{"time": 2, "rest\n'
+            '{"time": 3, "restart": 1, "resumed_from_step": 10}\n')  # a line torn by a kill
   logs = report.read_eval_logs(str(tmp_path))
-  assert logs.lost == 3 and [(r.param_version, r.param_lineage) for r in logs.records] == [
-      (5, 0), (10, 1), (20, 1)]
-  assert report.learning_curves(logs.records).per_game['Pong'] == ([5, 10, 20], [0.0, 0.1, 0.3])
+  assert logs.lost == 2 and [(r.param_version, r.param_lineage) for r in logs.records] == [
+      (10, 0), (30, 1)]
+  assert report.learning_curves(logs.records).per_game['Pong'] == ([10, 30], [0.1, 0.3])
   assert cli.main(['report', 'run', str(tmp_path)]) == 0
   md = open(tmp_path / 'report' / 'summary.md').read()
-  assert 'Records of params lost to a learner restart, left out: 3.' in md
-  # A CSV begun before records had a lineage keeps its columns when appended to.
+  assert 'Records of params lost to a learner restart, left out: 2.' in md
+  # A CSV begun before records had a lineage keeps its columns when appended to; a CSV that is
+  # not an evaluation CSV is refused (its rows would be mostly blank).
   old = tmp_path / 'old.csv'
   old.write_text(','.join(f for f in report.CSV_FIELDS if f != 'param_lineage') + '\n')
   report.append_csv(str(old), recs[:1])
   header, row = old.read_text().splitlines()
   assert len(row.split(',')) == len(header.split(',')) == len(report.CSV_FIELDS) - 1
+  (tmp_path / 'other.csv').write_text('method,game,score\n')
+  with pytest.raises(report.EvalLogError, match='not an evaluation CSV'):
+    report.append_csv(str(tmp_path / 'other.csv'), recs[:1])
 
 
 def old_partial_record(game, version, partial_return):

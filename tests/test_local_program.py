@@ -210,6 +210,8 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
     rows = [json.loads(line) for line in f if line.strip()]
   assert [(r['param_version'], r['param_lineage']) for r in rows] == [(7, 0), (7, 1)]
   from scaled_ql.eval import report
+  with open(os.path.join(tmp_path, 'learner_starts.jsonl'), 'w') as f:  # (what LearnerNode logs)
+    f.write('{"restart": 0, "resumed_from_step": 0}\n{"restart": 1, "resumed_from_step": 5}\n')
   assert report.read_eval_logs(str(tmp_path)).lost == 1  # the lost run's round of step 7
 
 

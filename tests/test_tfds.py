@@ -229,6 +229,11 @@ def test_unordered_rlu_atari_builder_selects_by_checkpoint_id(tmp_path):
   # suboptimal: checkpoint_id < 10 of the real run's 50 checkpoints -> all 3 here.
   assert sorted(_ids(rr.episodes(str(tmp_path), 'Pong', 1, 'suboptimal',
                                  builder='rlu_atari'))) == everything
+  # The launch check accepts it (it refused every selection: no checkpoint splits to select).
+  from scaled_ql.configs import get_config
+  from scaled_ql.launch import run
+  run.check_data(get_config('cpu_tiny').replace(
+      games=('Pong',), data=dict(data_dir=str(tmp_path), builder='rlu_atari')))
 
 
 def test_summarize_first_episodes_only(tiny_dataset_dir):

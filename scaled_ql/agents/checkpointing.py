@@ -315,16 +315,20 @@ def load_config(checkpoint_dir_or_workdir: str) -> tuple[ExperimentConfig, int]:
   a command checks its flags against before it loads the params (`load_params`, which moves a
   damaged checkpoint aside; this leaves every checkpoint as it is)."""
   manager = _reader(checkpoint_dir_or_workdir)
+  errors = []
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         return _restore_config(manager, step), int(step)
-      except Exception:  # pylint: disable=broad-except  (damage: load_params handles it)
-        continue
+      except Exception as e:  # pylint: disable=broad-except  (damage: load_params handles it)
+        log.warning('the config of checkpoint %s does not read (%s: %s)', step,
+                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')
+        errors.append(f'step {step}: {type(e).__name__}: {e}')
   finally:
     manager.close()
   raise FileNotFoundError(f'{checkpoint_dir(_workdir(checkpoint_dir_or_workdir))} holds no '
-                          'checkpoint whose config reads')
+                          'checkpoint whose config reads' +
+                          (f' (the newest: {errors[0][:300]})' if errors else ''))
 
 
 def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,

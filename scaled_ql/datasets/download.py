@@ -214,7 +214,8 @@ def _plan_game(tf, rlds_reader, sel, game: str, run: int, source: str, out: str)
                                _source_size(tf, path, game, split), int(n)))
   metadata = []
   prefix = f'{tfds_layout.ORDERED_BUILDER}-'
-  for name in sorted(tf.io.gfile.listdir(src_dir)):
+  # dataset_info.json last: its presence says the game's copy finished (README, docs).
+  for name in sorted(tf.io.gfile.listdir(src_dir), key=lambda n: (n == 'dataset_info.json', n)):
     path = os.path.join(src_dir, name)
     if name.endswith('/') or name in shard_names or tf.io.gfile.isdir(path):
       continue

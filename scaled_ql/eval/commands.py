@@ -216,12 +216,15 @@ def _eval(args: argparse.Namespace) -> int:
   if args.epsilon is not None and not 0.0 <= args.epsilon <= 1.0:
     return _fail(f'--epsilon must be in [0, 1], got {args.epsilon}')
   from scaled_ql.configs.overrides import ConfigError
+  from scaled_ql.eval import report
   from scaled_ql.launch import run
   try:  # the output files can be written: checked before the (slow) evaluation, nothing created
     for flag, path in (('--out', args.out), ('--jsonl', args.jsonl)):
       if path:
         run.check_output_file(path, flag)
-  except ConfigError as e:
+    if args.out and os.path.isfile(args.out) and os.path.getsize(args.out) > 0:
+      report.csv_columns(args.out)  # records are appended to it
+  except (ConfigError, report.EvalLogError) as e:
     return _fail(str(e))
   if args.games is not None:  # names checked before the (slow) checkpoint load
     try:

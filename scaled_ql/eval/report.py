@@ -143,14 +143,23 @@ def append_records(path: str, records: Iterable[EvalRecord]) -> None:
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(EvalRecord))
 
 
+def csv_columns(path: str) -> tuple[str, ...]:
+  """The columns of an existing evaluation CSV, which records appended to it keep (one begun by
+  an older version lacks the newer fields, e.g. param_lineage). EvalLogError when its header is
+  not an evaluation CSV's (appended rows would be mostly blank)."""
+  with open(path, newline='') as f:
+    fields = tuple(next(csv.reader(f), None) or ())
+  if not set(REQUIRED_FIELDS) <= set(fields) <= set(CSV_FIELDS):
+    raise EvalLogError(f'{path}: not an evaluation CSV (its header is {list(fields)}); write to '
+                       'a new file')
+  return fields
+
+
 def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
   """Appends records to a CSV (header written when the file is new or empty)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   new = not os.path.exists(path) or os.path.getsize(path) == 0
-  fields = CSV_FIELDS
-  if not new:  # a file begun by an older version keeps its columns (param_lineage is newer)
-    with open(path, newline='') as f:
-      fields = tuple(next(csv.reader(f), None) or CSV_FIELDS)
+  fields = CSV_FIELDS if new else csv_columns(path)
   with open(path, 'a', newline='') as f:
     w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n', extrasaction='ignore')
     if new:
@@ -166,26 +175,29 @@ class EvalLogs:
   lost: int = 0  # records left out by `lost_params`
 
 
-def lost_params(records: Sequence[EvalRecord]) -> list[bool]:
-  """Per record: whether its params were lost to a learner restart. A learner restarted from
-  its checkpoint of step C publishes a new lineage; the params its lost predecessor had
-  published past C were never saved, and the new lineage trains those steps again. So a record
-  of lineage L at a version at or past the first version evaluated of any newer lineage is of
-  lost params: left out of curves and final scores, which would otherwise show the lost run's
-  newest params as the run's result, or pool two different params at one step. Records of
-  unknown lineage (-1) are kept."""
-  first: dict[int, int] = {}
+def lost_params(records: Sequence[EvalRecord], resumed_from: Sequence[int]) -> list[bool]:
+  """Per record: whether its params were lost to a learner restart. `resumed_from[L]`: the step
+  that learner start L (lineage L) resumed from (WORKDIR/learner_starts.jsonl). A start that
+  resumed from the checkpoint of step C publishes a new lineage; the params its lost predecessors
+  had published past C were never saved, and the new lineage trains those steps again. So a
+  record of lineage L at a version past the resume step of any later lineage is of lost params:
+  left out of curves and final scores, which would otherwise show the lost run's newest params as
+  the run's result, or pool two different params at one step. A record at the resume step
+  itself is of the saved checkpoint, and kept. Records of unknown lineage (-1) are kept."""
+  # The smallest resume step of the starts after each start.
+  after, smallest = [None] * len(resumed_from), None
+  for lineage in reversed(range(len(resumed_from))):
+    after[lineage] = smallest
+    step = int(resumed_from[lineage])
+    smallest = step if smallest is None else min(smallest, step)
+  out = []
   for r in records:
-    if r.param_lineage >= 0:
-      first[r.param_lineage] = min(first.get(r.param_lineage, r.param_version), r.param_version)
-  lineages = sorted(first)
-  # The smallest first version of the lineages newer than each lineage.
-  bound, smallest = {}, None
-  for lineage in reversed(lineages):
-    bound[lineage] = smallest
-    smallest = first[lineage] if smallest is None else min(smallest, first[lineage])
-  return [r.param_lineage >= 0 and bound[r.param_lineage] is not None
-          and r.param_version >= bound[r.param_lineage] for r in records]
+    if not 0 <= r.param_lineage < len(after):
+      out.append(False)  # unknown, or a start the file does not hold: kept
+      continue
+    bound = after[r.param_lineage]
+    out.append(bound is not None and r.param_version > bound)
+  return out
 
 
 def _parse_line(line: str) -> tuple[Optional[object], bool]:
@@ -239,7 +251,12 @@ def read_eval_logs(workdir: str) -> EvalLogs:
   if not records:
     raise EvalLogError(f'{eval_dir}: the evaluator logs hold no records' +
                        (f' ({len(torn)} torn line(s))' if torn else ''))
-  lost = lost_params(records)
+  from scaled_ql import loggers
+  starts = loggers.read_learner_starts(workdir)
+  if starts is None and any(r.param_lineage >= 0 for r in records):
+    print(f'warning: {workdir}: no {loggers.LEARNER_STARTS}; records of params lost to a '
+          'learner restart (if any) cannot be told apart and are all read', file=sys.stderr)
+  lost = lost_params(records, [s.get('resumed_from_step', 0) for s in starts or []])
   return EvalLogs([r for r, gone in zip(records, lost) if not gone], torn, sum(lost))
 
 

@@ -359,7 +359,7 @@ class InserterNode(_LoopNode):
     self._stop_loop(timeout=2)
 
 
-LEARNER_STARTS = 'learner_starts.jsonl'  # WORKDIR/: each learner start and the step it resumed
+LEARNER_STARTS = loggers.LEARNER_STARTS
 
 
 class NoProgressError(RuntimeError):
@@ -378,14 +378,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   minutes or hours apart never make `crash_loop_restarts` within `crash_loop_window_s`."""
   import json
   path = os.path.join(workdir, LEARNER_STARTS)
-  starts = []
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        try:
-          starts.append(json.loads(line))
-        except ValueError:
-          continue  # a line torn by a kill
+  starts = loggers.read_learner_starts(workdir) or []
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
   loggers.append_lines(path, [json.dumps(this)])
   lineage = len(starts)
@@ -528,7 +521,10 @@ def forget_lost_versions(version: int, *evaluated: int) -> tuple[int, ...]:
   restarted learner's, `launch/variable_server.py`), of step `version`: versions from `version`
   on were the lost run's, so the new lineage's params of those steps are due as any new params.
   (When `version` is the checkpoint the learner resumed from, a round of it repeats the lost run's
-  round of the same params, if that run had one.)"""
+  round of the same params, if that run had one. When the evaluator first fetches the lineage
+  past that checkpoint, the lost run's versions between the two stay counted as evaluated: the
+  new run's params of those steps get no round; `report.lost_params`, which reads the resume
+  step, still leaves the lost run's records of them out.)"""
   return tuple(min(e, version - 1) for e in evaluated)
 
 
@@ -579,11 +575,11 @@ class EvaluatorNode(_LoopNode):
     version, params = self._client.version, self._client.params
     lineage = self._client.lineage
     if lineage != self._lineage:  # a restarted learner's params
-      self._lineage = lineage
       self._evaluated_version, self._final_version = forget_lost_versions(
           version, self._evaluated_version, self._final_version)
       # The lost run's latest scores are not the run's (progress line, final scores).
       self._latest = {g: r for g, r in self._latest.items() if r['param_version'] < version}
+      self._lineage = lineage  # last: status() never shows it with the lost run's versions
     # After wake(final=True) the newest params are due on the final budget even when a round on
     # the normal budget evaluated them already (one that ended between the learner's last
     # publish and the wake).

@@ -723,7 +723,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
       # Of the learner's own lineage: an evaluator that has not yet fetched a restarted
       # learner's params may still hold a round of the lost run's, at a version past its end.
       lineage = status.learner.get('lineage') if status.learner else None
-      if all(s and s['final_version'] >= final_step and lineage in (None, s['lineage'])
+      if all(s and s['final_version'] >= final_step and lineage in (None, s.get('lineage'))
              for s in status.evaluators):
         done = True
         break

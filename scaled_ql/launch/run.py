@@ -138,9 +138,23 @@ def check_data(cfg) -> None:
   for game in cfg.games:
     try:
       builder = rlds_reader.load_builder(data_dir, game, cfg.data.run, cfg.data.builder)
-      if not rlds_reader.selected_checkpoints(selection, rlds_reader.available_checkpoints(builder)):
+      if cfg.data.builder != tfds_layout.ORDERED_BUILDER:
+        continue  # one 'train' split, whose episodes the reader selects by checkpoint_id
+      selected = rlds_reader.selected_checkpoints(
+          selection, rlds_reader.available_checkpoints(builder))
+      if not selected:
         raise rlds_reader.DatasetNotFoundError(
             f'{game} run {cfg.data.run}: data.selection {cfg.data.selection!r} selects no split')
+      # A `data download` copy holds only the splits of its own selection (under the source's
+      # whole split list): a wider selection would train on a part of its data, with warnings.
+      absent = ([] if '://' in data_dir else
+                sorted(set(selected) - set(rlds_reader.present_checkpoints(builder))))
+      if absent:
+        raise rlds_reader.DatasetNotFoundError(
+            f'{game} run {cfg.data.run}: data.selection {cfg.data.selection!r} needs checkpoint '
+            f'split(s) {absent} whose files are not on disk (a copy of another selection?); '
+            f'get them with `scaled-ql data download --games {game} --run {cfg.data.run} '
+            f'--selection {cfg.data.selection} --out {data_dir}`')
     except rlds_reader.DatasetNotFoundError as e:
       raise ConfigError(f'--data-dir {data_dir!r}: {e}') from e
 
@@ -610,11 +624,15 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     return cfg, None  # from scratch: the learner's own random init
   from scaled_ql.agents import transfer
   try:
-    _, params, loaded = transfer.load_pretrained(pretrained)
+    loaded_cfg, params, loaded = transfer.load_pretrained(pretrained)
   except FileNotFoundError as e:  # (every checkpoint's arrays damaged: moved aside)
     raise ConfigError(f'--pretrained: {e}') from e
-  if loaded != step:
-    log(f'[finetune] the checkpoint of step {step} did not load; the encoder is step {loaded}\'s')
+  if loaded != step:  # the newest did not load, or a running learner saved a newer one
+    log(f'[finetune] the flags were checked against the config of step {step}; the encoder is '
+        f'step {loaded}\'s')
+    if loaded_cfg.network != saved_cfg.network:
+      raise ConfigError(f'--pretrained {pretrained}: the network of step {loaded} (loaded) is not '
+                        f'that of step {step} (whose config the flags were checked against)')
   try:
     return cfg, transfer.finetune_params(cfg, pretrained, params)
   except ValueError as e:  # transfer.EncoderMismatchError

@@ -37,6 +37,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -46,6 +47,9 @@ import ray
 # A shard keeps this many newest versions so a client that raced a publish can still assemble the
 # version every shard has.
 DEFAULT_HISTORY = 3
+# How long a new publisher waits for the shards' lineages (a shard restarting or not yet placed by
+# Ray would otherwise hold up the learner's start).
+LINEAGE_TIMEOUT_S = 30.0
 
 
 def split_by_size(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
@@ -234,8 +238,13 @@ class VariableServer:
       raise ValueError(f'max_in_flight must be between 1 and history - 1 = {self.history - 1} '
                        f'(the versions a shard keeps), got {max_in_flight}')
     # A new lineage: the shards drop what an earlier publisher (a lost learner) published.
-    lineage = max(lineage, 1 + max(ray.get([s.lineage.remote() for s in self.shards])))
-    return VariablePublisher(self, max_in_flight, lineage)
+    try:
+      held = max(ray.get([s.lineage.remote() for s in self.shards], timeout=LINEAGE_TIMEOUT_S))
+    except ray.exceptions.GetTimeoutError:  # a shard restarting or not placed: never wait on it
+      held = -1
+      warnings.warn(f'variable shards did not say their lineage within {LINEAGE_TIMEOUT_S:.0f}s;'
+                    f' publishing under lineage {lineage} (the learner start count)')
+    return VariablePublisher(self, max_in_flight, max(lineage, held + 1))
 
   def client(self, update_period: int = 1) -> 'VariableClient':
     return VariableClient(self, update_period)
