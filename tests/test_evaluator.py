@@ -410,8 +410,10 @@ def test_records_of_params_a_learner_restart_lost_are_left_out(tmp_path):
   header, row = old.read_text().splitlines()
   assert len(row.split(',')) == len(header.split(',')) == len(report.CSV_FIELDS) - 1
   (tmp_path / 'other.csv').write_text('method,game,score\n')
-  with pytest.raises(report.EvalLogError, match='not an evaluation CSV'):
-    report.append_csv(str(tmp_path / 'other.csv'), recs[:1])
+  (tmp_path / 'binary.csv').write_bytes(b'\xff\xfe\x00\x81')
+  for other in ('other.csv', 'binary.csv'):
+    with pytest.raises(report.EvalLogError, match='not an evaluation CSV'):
+      report.append_csv(str(tmp_path / other), recs[:1])
 
 
 def old_partial_record(game, version, partial_return):

@@ -230,10 +230,13 @@ def test_unordered_rlu_atari_builder_selects_by_checkpoint_id(tmp_path):
   assert sorted(_ids(rr.episodes(str(tmp_path), 'Pong', 1, 'suboptimal',
                                  builder='rlu_atari'))) == everything
   # The launch check accepts it (it refused every selection: no checkpoint splits to select).
-  from scaled_ql.configs import get_config
+  from scaled_ql.configs import ConfigError, get_config
   from scaled_ql.launch import run
-  run.check_data(get_config('cpu_tiny').replace(
-      games=('Pong',), data=dict(data_dir=str(tmp_path), builder='rlu_atari')))
+  cfg = get_config('cpu_tiny').replace(
+      games=('Pong',), data=dict(data_dir=str(tmp_path), builder='rlu_atari'))
+  run.check_data(cfg)
+  with pytest.raises(ConfigError, match=r"checkpoints:60-70: .*'checkpoint_60'.* do not exist"):
+    run.check_data(cfg.replace(data=dict(selection='checkpoints:60-70')))
 
 
 def test_summarize_first_episodes_only(tiny_dataset_dir):

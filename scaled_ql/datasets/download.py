@@ -365,13 +365,13 @@ def download(plan: Plan, *, progress: bool = True, log: Callable[[str], None] = 
       bar.set_postfix_str(g.game)
       game_failed = False
       for f in g.files:
-        if f.split is None and game_failed:
-          # Without its shards the game's copy is incomplete: no dataset_info.json, so nothing
-          # reads it as finished.
-          result.failed.append((f.dest, 'not copied: a shard of this game failed'))
+        if f.split is None and game_failed and os.path.basename(f.dest) == 'dataset_info.json':
+          # Without all its other files the game's copy is incomplete: no dataset_info.json
+          # (copied last), so nothing reads it as finished.
+          result.failed.append((f.dest, 'not copied: another file of this game failed'))
           continue
         if not _place(tf, f, result, advance, chunk_bytes, log):
-          game_failed = f.split is not None or game_failed
+          game_failed = True
   finally:
     bar.close()
   result.seconds = time.time() - start

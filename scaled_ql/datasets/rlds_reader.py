@@ -225,10 +225,12 @@ def available_checkpoints(builder) -> list[int]:
                 if s.startswith('checkpoint_'))
 
 
-def present_checkpoints(builder) -> list[int]:
-  """The checkpoint splits whose shard files all exist (a `data download` copy holds only the
-  splits its selection needs, under the source's complete dataset_info.json)."""
-  return [c for c in available_checkpoints(builder)
+def present_checkpoints(builder, checkpoints: Optional[Sequence[int]] = None) -> list[int]:
+  """The checkpoint splits (of `checkpoints`, default all) whose shard files all exist (a `data
+  download` copy holds only the splits its selection needs, under the source's complete
+  dataset_info.json)."""
+  wanted = available_checkpoints(builder) if checkpoints is None else checkpoints
+  return [c for c in wanted
           if all(tf.io.gfile.exists(os.fspath(p))
                  for p in builder.info.splits[tfds_layout.split_name(c)].filepaths)]
 

@@ -147,8 +147,12 @@ def csv_columns(path: str) -> tuple[str, ...]:
   """The columns of an existing evaluation CSV, which records appended to it keep (one begun by
   an older version lacks the newer fields, e.g. param_lineage). EvalLogError when its header is
   not an evaluation CSV's (appended rows would be mostly blank)."""
-  with open(path, newline='') as f:
-    fields = tuple(next(csv.reader(f), None) or ())
+  try:
+    with open(path, newline='') as f:
+      fields = tuple(next(csv.reader(f), None) or ())
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise EvalLogError(f'{path}: not an evaluation CSV ({type(e).__name__}: {e}); write to a '
+                       'new file') from e
   if not set(REQUIRED_FIELDS) <= set(fields) <= set(CSV_FIELDS):
     raise EvalLogError(f'{path}: not an evaluation CSV (its header is {list(fields)}); write to '
                        'a new file')

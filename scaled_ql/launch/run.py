@@ -84,6 +84,7 @@ def validate(cfg) -> None:
     raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
                       f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
                       'table that never holds its warm-up never lets the learner sample')
+  from scaled_ql import games as games_lib
   from scaled_ql.datasets import rlds_reader, tfds_layout
   try:
     rlds_reader.parse_selection(cfg.data.selection)
@@ -116,6 +117,7 @@ def validate(cfg) -> None:
 def check_data(cfg) -> None:
   """The data selection parses and the data dir holds every game's dataset: local dirs and
   gs:// alike (an unreachable bucket or missing credentials are reported as such)."""
+  from scaled_ql import games as games_lib
   from scaled_ql.datasets import rlds_reader, tfds_layout
   try:
     rlds_reader.parse_selection(cfg.data.selection)
@@ -138,17 +140,20 @@ def check_data(cfg) -> None:
   for game in cfg.games:
     try:
       builder = rlds_reader.load_builder(data_dir, game, cfg.data.run, cfg.data.builder)
-      if cfg.data.builder != tfds_layout.ORDERED_BUILDER:
-        continue  # one 'train' split, whose episodes the reader selects by checkpoint_id
+      ordered = cfg.data.builder == tfds_layout.ORDERED_BUILDER
+      # The unordered builder has one 'train' split; the reader selects by checkpoint_id.
       selected = rlds_reader.selected_checkpoints(
-          selection, rlds_reader.available_checkpoints(builder))
+          selection, rlds_reader.available_checkpoints(builder) if ordered
+          else list(range(games_lib.num_checkpoints(game))))
       if not selected:
         raise rlds_reader.DatasetNotFoundError(
             f'{game} run {cfg.data.run}: data.selection {cfg.data.selection!r} selects no split')
       # A `data download` copy holds only the splits of its own selection (under the source's
       # whole split list): a wider selection would train on a part of its data, with warnings.
+      if not ordered:
+        continue
       absent = ([] if '://' in data_dir else
-                sorted(set(selected) - set(rlds_reader.present_checkpoints(builder))))
+                sorted(set(selected) - set(rlds_reader.present_checkpoints(builder, selected))))
       if absent:
         raise rlds_reader.DatasetNotFoundError(
             f'{game} run {cfg.data.run}: data.selection {cfg.data.selection!r} needs checkpoint '
