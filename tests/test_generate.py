@@ -3,6 +3,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import TINY_CHECKPOINTS, TINY_GAMES, TINY_STEPS_PER_CHECKPOINT
-from scaled_ql.datasets import generate, policies
+from scaled_ql.datasets import generate, policies, tfds_layout
 from scaled_ql.envs import AtariEnv
 
 
@@ -472,6 +473,17 @@ def test_convert_dopamine_replay_files(tmp_path, caplog, capsys):
                      '--out', str(new)] + argv) == 2
     assert message in capsys.readouterr().err
     assert not new.exists()
+  # ... and every game's output: Breakout's exists (without --overwrite), so not even Pong, the
+  # first game, is converted (a game of real data takes hours).
+  shutil.copytree(tmp_path / 'dqn' / 'Pong', tmp_path / 'dqn' / 'Breakout')
+  breakout = os.fspath(generate.builder_for('Breakout', 1, str(new),
+                                            tfds_layout.ORDERED_BUILDER).data_path)
+  os.makedirs(breakout)
+  assert cli.main(['data', 'convert-dopamine', '--dopamine-dir', str(tmp_path / 'dqn'),
+                   '--out', str(new), '--games', 'Pong,Breakout']) == 2
+  assert f'Breakout: {breakout} already exists; pass --overwrite' in capsys.readouterr().err
+  assert not os.path.exists(generate.builder_for('Pong', 1, str(new),
+                                                 tfds_layout.ORDERED_BUILDER).data_path)
 
 
 def test_generating_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 
@@ -211,10 +212,17 @@ def _convert_dopamine(args: argparse.Namespace) -> int:
       raise ValueError(f'--checkpoints {args.checkpoints!r}: expected A-B (or A), two replay '
                        'checkpoint numbers') from None
   run = tfds_layout.check_run(args.run)
-  for game in args.games:  # every game's replay files are checked before any is converted
-    dopamine_convert.source_checkpoints(args.dopamine_dir, game, run, checkpoints)
+  from scaled_ql.datasets import generate
+  # Every game's replay files and output are checked before any is converted (a game takes
+  # hours): an output that exists, without --overwrite, fails here, not after the games before.
   for game in args.games:
-    path = dopamine_convert.convert(args.dopamine_dir, game, args.run, args.out,
+    dopamine_convert.source_checkpoints(args.dopamine_dir, game, run, checkpoints)
+    output = os.fspath(generate.builder_for(game, run, args.out,
+                                            tfds_layout.ORDERED_BUILDER).data_path)
+    if os.path.exists(output) and not args.overwrite:
+      raise FileExistsError(f'{game}: {output} already exists; pass --overwrite')
+  for game in args.games:
+    path = dopamine_convert.convert(args.dopamine_dir, game, run, args.out,
                                     checkpoints=checkpoints, overwrite=args.overwrite)
     print(f'{game}: {path}')
   return 0
