@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 
 
@@ -217,10 +216,9 @@ def _convert_dopamine(args: argparse.Namespace) -> int:
   # hours): an output that exists, without --overwrite, fails here, not after the games before.
   for game in args.games:
     dopamine_convert.source_checkpoints(args.dopamine_dir, game, run, checkpoints)
-    output = os.fspath(generate.builder_for(game, run, args.out,
-                                            tfds_layout.ORDERED_BUILDER).data_path)
-    if os.path.exists(output) and not args.overwrite:
-      raise FileExistsError(f'{game}: {output} already exists; pass --overwrite')
+    if not args.overwrite:  # (generate's own rule; it removes nothing without --overwrite)
+      generate.handle_existing(generate.builder_for(game, run, args.out,
+                                                    tfds_layout.ORDERED_BUILDER), game, 'error')
   for game in args.games:
     path = dopamine_convert.convert(args.dopamine_dir, game, run, args.out,
                                     checkpoints=checkpoints, overwrite=args.overwrite)

@@ -46,6 +46,12 @@ def _was_restarted() -> bool:
     return False
 
 
+def _restart_seed() -> int:
+  """What a restarted node adds to its seeds, so that it does not replay its first start's
+  episodes (0 on the first start)."""
+  return 104_729 * _restarts()
+
+
 def _restarts() -> int:
   """How often this actor was restarted (0 outside Ray or on the first start)."""
   if not ray.is_initialized():
@@ -600,7 +606,7 @@ class EvaluatorNode(_LoopNode):
       results = evaluator.evaluate(
           self._policy, params, self._games, self._cfg.eval, model_games=self._cfg.games,
           steps_per_game=budget,
-          seed=self._cfg.train.seed + 1000 * self._index + self._rounds + 104_729 * _restarts(),
+          seed=self._cfg.train.seed + 1000 * self._index + self._rounds + _restart_seed(),
           param_version=version, param_lineage=lineage, evaluator=self.name,
           epsilon=self._cfg.eval.epsilon,
           jsonl_path=os.path.join(self._workdir, 'eval', f'{self.name}.jsonl'),
@@ -691,7 +697,7 @@ class FinetuneActorNode(_LoopNode):
       raise ValueError(f'fine-tuning game {game!r} is not one of the config games {cfg.games}')
     self.name = f'actor_{index}'
     self._game, self._replay = game, replay
-    seed = seed + 7919 * index + 104_729 * _restarts()
+    seed = seed + 7919 * index + _restart_seed()
     env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
                    max_episode_frames=max_episode_frames)
     self._client = variables.client(update_period)
