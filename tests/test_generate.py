@@ -459,8 +459,9 @@ def test_convert_dopamine_replay_files(tmp_path, caplog, capsys):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 2, out)
   with pytest.raises(FileNotFoundError, match=r'replay checkpoints \[2\] not found'):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out, checkpoints=(1, 2))
-  with pytest.raises(FileExistsError, match='already exists'):
+  with pytest.raises(FileExistsError, match='already exists') as e:
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)
+  assert '--skip-existing' not in str(e.value)  # a flag the converter does not have
   # The command checks every game's replay files, and --checkpoints, before converting any.
   from scaled_ql import cli
   new = tmp_path / 'new'
@@ -481,7 +482,9 @@ def test_convert_dopamine_replay_files(tmp_path, caplog, capsys):
   os.makedirs(breakout)
   assert cli.main(['data', 'convert-dopamine', '--dopamine-dir', str(tmp_path / 'dqn'),
                    '--out', str(new), '--games', 'Pong,Breakout']) == 2
-  assert f'Breakout: {breakout} already exists; pass --overwrite' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert f'Breakout: {breakout} already exists; pass --overwrite' in err
+  assert '--skip-existing' not in err
   assert not os.path.exists(generate.builder_for('Pong', 1, str(new),
                                                  tfds_layout.ORDERED_BUILDER).data_path)
 

@@ -218,7 +218,8 @@ def _convert_dopamine(args: argparse.Namespace) -> int:
     dopamine_convert.source_checkpoints(args.dopamine_dir, game, run, checkpoints)
     if not args.overwrite:  # (generate's own rule; it removes nothing without --overwrite)
       generate.handle_existing(generate.builder_for(game, run, args.out,
-                                                    tfds_layout.ORDERED_BUILDER), game, 'error')
+                                                    tfds_layout.ORDERED_BUILDER), game, 'error',
+                               remedy=dopamine_convert.OVERWRITE_REMEDY)
   for game in args.games:
     path = dopamine_convert.convert(args.dopamine_dir, game, run, args.out,
                                     checkpoints=checkpoints, overwrite=args.overwrite)

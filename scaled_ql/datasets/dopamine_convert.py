@@ -155,6 +155,11 @@ def source_checkpoints(dopamine_dir: str, game: str, run: int,
   return found, ckpts
 
 
+# What `convert` (and the command, before any game) says about an output that exists: the
+# converter has no --skip-existing (a kept conversion is not checked against its source).
+OVERWRITE_REMEDY = '--overwrite (overwrite=True) to replace it'
+
+
 def _ranges(ids: list[int]) -> str:
   return f'{ids[0]}-{ids[-1]}' if len(ids) > 1 else str(ids[0])
 
@@ -178,7 +183,8 @@ def convert(dopamine_dir: str, game: str, run: int, out_dir: str,
                 _ranges(ours), _ranges(runs))
   builder = generate.builder_for(game, run, out_dir, tfds_layout.ORDERED_BUILDER)
   version_dir = os.fspath(builder.data_path)
-  generate.handle_existing(builder, game, 'overwrite' if overwrite else 'error')
+  generate.handle_existing(builder, game, 'overwrite' if overwrite else 'error',
+                          remedy=OVERWRITE_REMEDY)
   split_stats = {c: {'episodes': 0, 'steps': 0} for c in ckpts}
 
   def one_split(c):

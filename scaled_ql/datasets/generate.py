@@ -335,8 +335,12 @@ def keyed(builder_name: str, episodes: Iterator[dict]) -> Iterator[tuple[object,
       yield f'{c}_{e}', ep  # atari_utils.episode_id
 
 
-def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
-  """True if the dataset exists and is to be kept ('skip'); removes it for 'overwrite'."""
+def handle_existing(tfds_builder, game: str, if_exists: str,
+                    remedy: str = '--overwrite (if_exists="overwrite") or --skip-existing '
+                    '(if_exists="skip")') -> bool:
+  """True if the dataset exists and is to be kept ('skip'); removes it for 'overwrite'. For
+  'error', the FileExistsError names `remedy`: the flags of the calling command that would
+  proceed (`data convert-dopamine` has --overwrite only)."""
   version_dir = os.fspath(tfds_builder.data_path)
   if not os.path.exists(version_dir):
     return False
@@ -345,8 +349,7 @@ def handle_existing(tfds_builder, game: str, if_exists: str) -> bool:
     return True
   if if_exists == 'error':
     raise FileExistsError(
-        f'{game}: {version_dir} already exists; pass --overwrite (if_exists="overwrite") '
-        f'or --skip-existing (if_exists="skip")')
+        f'{game}: {version_dir} already exists; pass {remedy}')
   shutil.rmtree(version_dir)
   return False
 
