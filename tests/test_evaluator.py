@@ -316,14 +316,21 @@ def test_logs_and_run_report(tmp_path):
   assert [l['param_version'] for l in lines] == [0, 0, 10, 10]
   assert [(l['episodes'], l['truncated'], l['steps'], l['budget']) for l in lines] == [
       (2, 2, 20, 8)] * 4
+  # The protocol each record was played under.
+  assert [(l['game_mode'], l['sticky_action_prob'], l['max_episode_frames']) for l in lines] == [
+      (None, 0.0, 40)] * 4
   rows = list(csv.DictReader(open(out_csv)))
   assert len(rows) == 4 and rows[0]['game'] == 'Breakout' and rows[0]['evaluator'] == 'evaluator_0'
+  assert (rows[0]['game_mode'], rows[0]['max_episode_frames']) == ('', '40')
 
   assert cli.main(['report', 'run', workdir]) == 0
   for name in ('learning_curves_games.png', 'learning_curve_aggregate.png', 'summary.md'):
     assert os.path.getsize(os.path.join(workdir, 'report', name)) > 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
   assert '| 10 |' in md and 'Breakout' in md and 'Torn log lines skipped: 0.' in md
+  assert ("Evaluation protocol: the ROM's default mode, no sticky actions, 40-frame cap."
+          in md)
+  assert 'mix evaluation protocols' not in md
   assert 'Q diagnostics per game' not in md  # no learner_games.jsonl: no section
 
   # The learner's per-game Q diagnostics: a table of the latest line and a plot (a torn last
@@ -341,6 +348,24 @@ def test_logs_and_run_report(tmp_path):
   assert os.path.getsize(os.path.join(workdir, 'report', 'greedy_top_share_games.png')) > 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
   assert '| Pong | 200 | 0.25 | 0.99 | 0.25 | 0.25 | 0.25 |' in md
+
+  # Breakout in another mode (as online fine-tuning evaluates) in the same run: the record says
+  # so, and the report names both protocols instead of one.
+  evaluator.evaluate(noop_policy, None, ['Breakout'], dataclasses.replace(cfg, game_mode=12),
+                     model_games=GAMES, steps_per_game=8, num_envs=1, param_version=20,
+                     evaluator='evaluator_0', jsonl_path=log)
+  assert json.loads(open(log).readlines()[-1])['game_mode'] == 12
+  assert cli.main(['report', 'run', workdir]) == 0
+  md = open(os.path.join(workdir, 'report', 'summary.md')).read()
+  assert '**These records mix evaluation protocols**' in md
+  assert ("- the ROM's default mode, no sticky actions, 40-frame cap: 4 records; games "
+          'Breakout, Pong; learner steps 0 to 10') in md
+  assert ('- mode 12, no sticky actions, 40-frame cap: 1 records; games Breakout; learner steps '
+          '20') in md
+  # A log from before the protocol fields reads as 'not recorded'.
+  old = report.EvalRecord.from_dict({k: lines[0][k] for k in report.REQUIRED_FIELDS})
+  assert (old.game_mode, old.sticky_action_prob, old.protocol_label) == (
+      None, None, 'not recorded')
 
 
 def record(game, version, normalized, evaluator_name='e0', episodes=1):

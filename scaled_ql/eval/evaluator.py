@@ -341,13 +341,13 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
     results.update(evaluate_games(policy_fn, params, together, eval_cfg, steps, num_envs, seed,
                                   env_groups, device=target, should_stop=should_stop))
     for game, _ in together:
-      _record(results[game], param_version, param_lineage, evaluator, epsilon, jsonl_path,
-              csv_path, log)
+      _record(results[game], eval_cfg, param_version, param_lineage, evaluator, epsilon,
+              jsonl_path, csv_path, log)
   return results
 
 
-def _record(r: GameResult, param_version: int, param_lineage: int, evaluator: str,
-            epsilon: Optional[float],
+def _record(r: GameResult, eval_cfg: EvalConfig, param_version: int, param_lineage: int,
+            evaluator: str, epsilon: Optional[float],
             jsonl_path: Optional[str], csv_path: Optional[str],
             log: Optional[Callable[[str], None]]) -> None:
   """Appends `r` to the logs `evaluate` was given, and logs its line."""
@@ -355,7 +355,9 @@ def _record(r: GameResult, param_version: int, param_lineage: int, evaluator: st
       game=r.game, score=r.score, normalized=r.normalized, param_version=int(param_version),
       evaluator=evaluator, episodes=r.episodes, time=time.time(), steps=r.steps,
       steps_per_second=r.steps_per_second, partial=r.score is None, epsilon=epsilon,
-      truncated=r.truncated, budget=r.budget, param_lineage=int(param_lineage))
+      truncated=r.truncated, budget=r.budget, param_lineage=int(param_lineage),
+      game_mode=eval_cfg.game_mode, sticky_action_prob=float(eval_cfg.sticky_action_prob),
+      max_episode_frames=int(eval_cfg.max_episode_frames))
   if jsonl_path:
     report.append_records(jsonl_path, [record])
   if csv_path:

@@ -23,8 +23,17 @@ One JSON object per line and per (evaluation, game), written by `scaled_ql.eval.
   budget            int    the step budget (`steps_per_game`); 0 = not recorded
   param_lineage     int    the learner start that produced the params (-1: unknown); records of
                            params a learner restart lost are left out when read (`lost_params`)
+  game_mode         int    the ALE game mode played (`eval.game_mode`; online fine-tuning's new
+                    |null  mode); null: the ROM's default mode
+  sticky_action_prob float the emulator's sticky-action probability (`eval.sticky_action_prob`);
+                    |null  null: the protocol was not recorded (a log from before 2026-12-06
+                           evening), and then `game_mode` null says nothing either
+  max_episode_frames int   the episode cap in emulator frames (`eval.max_episode_frames`); 0: not
+                           recorded
 
 The first seven are required when reading; the rest are optional (older or hand-written logs).
+The last three are the protocol (`protocol_label`): `report run` names it, and says so when one
+run's records mix protocols (e.g. an online fine-tuning's new mode beside the default mode).
 Old logs (before the protocol of issue 10) wrote, for a game with no completed episode, the mean
 PARTIAL return as `score` with `partial: true, episodes: 0`: such a number is not a score, and is
 read as no score (`score`/`normalized` None). A record with `episodes` 0 never has a score.
@@ -92,10 +101,28 @@ class EvalRecord:
   # The learner start that produced the params (`launch/variable_server.py` lineages; -1: unknown,
   # e.g. `scaled-ql eval` or a log from before 2026-12-06).
   param_lineage: int = -1
+  # The evaluation protocol (`EvalConfig`): mode (None: the ROM's default), sticky actions (None:
+  # not recorded, an older log) and the frame cap (0: not recorded).
+  game_mode: Optional[int] = None
+  sticky_action_prob: Optional[float] = None
+  max_episode_frames: int = 0
 
   @property
   def has_score(self) -> bool:
     return self.score is not None
+
+  @property
+  def protocol_label(self) -> str:
+    """The protocol of this record in words, e.g. 'mode 12, no sticky actions, 108000-frame
+    cap', or 'not recorded' (a log older than the fields)."""
+    if self.sticky_action_prob is None:
+      return 'not recorded'
+    mode = "the ROM's default mode" if self.game_mode is None else f'mode {self.game_mode}'
+    sticky = (f'sticky actions {self.sticky_action_prob:g}' if self.sticky_action_prob
+              else 'no sticky actions')
+    cap = (f'{self.max_episode_frames}-frame cap' if self.max_episode_frames
+           else 'frame cap not recorded')
+    return f'{mode}, {sticky}, {cap}'
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -117,7 +144,11 @@ class EvalRecord:
           steps_per_second=float(rec.steps_per_second), partial=no_score,
           epsilon=None if rec.epsilon is None else float(rec.epsilon),
           truncated=int(rec.truncated), budget=int(rec.budget),
-          param_lineage=int(rec.param_lineage))
+          param_lineage=int(rec.param_lineage),
+          game_mode=None if rec.game_mode is None else int(rec.game_mode),
+          sticky_action_prob=(None if rec.sticky_action_prob is None
+                              else float(rec.sticky_action_prob)),
+          max_episode_frames=int(rec.max_episode_frames))
     except (TypeError, ValueError) as e:
       raise EvalLogError(f'{where}: bad field value: {e}') from e
     if rec.game not in games_lib.GAME_INFO:
@@ -408,6 +439,7 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
             else '') + '.' +
            (f' Records of params lost to a learner restart, left out: {logs.lost}.'
             if logs.lost else ''), '']
+  lines += protocol_lines(records)
   left_out = [g for g in c.games if g not in c.aggregate_games]
   if left_out:
     lines += [f'Left out of the aggregate ({NO_EPISODE} in any record): {", ".join(left_out)}.',
@@ -443,6 +475,26 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
             'Schema and curve definitions: `scaled_ql/eval/report.py`; evaluation protocol: '
             '`scaled_ql/eval/evaluator.py`.', '']
   return '\n'.join(lines)
+
+
+def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
+  """The Markdown lines that name the records' evaluation protocol; a warning, with each
+  protocol's games and learner steps, when they mix several (the curves and the aggregate pool
+  every record of a game and step, whatever its protocol)."""
+  protocols: dict[str, list[EvalRecord]] = {}
+  for r in records:
+    protocols.setdefault(r.protocol_label, []).append(r)
+  if len(protocols) == 1:
+    return [f'Evaluation protocol: {next(iter(protocols))}.', '']
+  lines = ['**These records mix evaluation protocols**: the curves and the aggregate pool a '
+           "game's records of one learner step whatever their protocol. Evaluate each protocol "
+           'into its own workdir (or CSV) to compare them.', '']
+  for label, recs in protocols.items():
+    lo, hi = min(r.param_version for r in recs), max(r.param_version for r in recs)
+    games = sorted({r.game for r in recs})
+    lines.append(f'- {label}: {len(recs)} records; games {", ".join(games)}; learner steps '
+                 f'{lo}' + (f' to {hi}' if hi > lo else ''))
+  return lines + ['']
 
 
 def read_game_diagnostics(workdir: str) -> dict[str, tuple[list[int], list[dict]]]:
