@@ -188,6 +188,7 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
   from polling import wait_for
   assert nodes.forget_lost_versions(4, 9, -1) == (3, -1)  # steps from 4 on: the lost run's
   assert nodes.forget_lost_versions(12, 9, 9) == (9, 9)
+  assert nodes.first_lost_version(str(tmp_path), 7) == 7  # no learner start recorded
   cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_seconds=3600.0))
   params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
   variables = LocalVariableServer()
@@ -213,6 +214,42 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
   with open(os.path.join(tmp_path, 'learner_starts.jsonl'), 'w') as f:  # (what LearnerNode logs)
     f.write('{"restart": 0, "resumed_from_step": 0}\n{"restart": 1, "resumed_from_step": 5}\n')
   assert report.read_eval_logs(str(tmp_path)).lost == 1  # the lost run's round of step 7
+
+
+def test_a_restarted_learners_params_first_fetched_past_its_resume_step_get_a_round(tmp_path):
+  """Step cadence (eval_every_steps=4): the lost run's params of step 8 were evaluated. The
+  learner restarted from its checkpoint of step 5, and the evaluator first fetches the new
+  lineage at step 10 (a round in progress can last that long). The new run's params from step 6
+  on are due: 10 // 4 > 5 // 4, a round now. Forgetting from the fetched step only (the rule
+  before) kept step 8 as evaluated, and the new run got no round before step 12."""
+  import jax
+  from scaled_ql.agents import builder
+  from scaled_ql.configs import get_config
+  from polling import wait_for
+  cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_steps=4))
+  params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
+  starts = os.path.join(tmp_path, 'learner_starts.jsonl')  # (what LearnerNode logs)
+  with open(starts, 'w') as f:
+    f.write('{"restart": 0, "resumed_from_step": 0}\n')
+  variables = LocalVariableServer()
+  variables.publisher().publish(params, 8)
+  with local_program.crashes_kept_in_status():
+    node = nodes.EvaluatorNode(cfg, cfg.games[:1], variables, str(tmp_path), 0)  # one game
+    try:
+      wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
+               "a round of the lost run's params of step 8")
+      with open(starts, 'a') as f:
+        f.write('{"restart": 1, "resumed_from_step": 5}\n')
+      variables.publisher().publish(params, 10)  # the restarted learner, first seen at step 10
+      wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60,
+               "a round of the restarted learner's params of step 10")
+      status = node.status()
+    finally:
+      node.stop()
+  assert status['error'] is None, status['error']
+  assert (status['evaluated_version'], status['lineage']) == (10, 1)
+  assert nodes.first_lost_version(str(tmp_path), 10) == 6
+  assert nodes.first_lost_version(str(tmp_path), 4) == 4  # never past the fetched step
 
 
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):

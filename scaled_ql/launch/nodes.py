@@ -522,16 +522,32 @@ def eval_due(version: int, evaluated_version: int, every_steps: Optional[int],
   return not every_steps or woken or version // every_steps > evaluated_version // every_steps
 
 
-def forget_lost_versions(version: int, *evaluated: int) -> tuple[int, ...]:
+def forget_lost_versions(first_lost: int, *evaluated: int) -> tuple[int, ...]:
   """The evaluated versions an evaluator keeps when it first holds params of a new lineage (a
-  restarted learner's, `launch/variable_server.py`), of step `version`: versions from `version`
-  on were the lost run's, so the new lineage's params of those steps are due as any new params.
-  (When `version` is the checkpoint the learner resumed from, a round of it repeats the lost run's
-  round of the same params, if that run had one. When the evaluator first fetches the lineage
-  past that checkpoint, the lost run's versions between the two stay counted as evaluated: the
-  new run's params of those steps get no round; `report.lost_params`, which reads the resume
-  step, still leaves the lost run's records of them out.)"""
-  return tuple(min(e, version - 1) for e in evaluated)
+  restarted learner's, `launch/variable_server.py`): versions from `first_lost` on
+  (`first_lost_version`) were the lost run's, so the new lineage's params of those steps are
+  due as any new params."""
+  return tuple(min(e, first_lost - 1) for e in evaluated)
+
+
+def first_lost_version(workdir: str, version: int) -> int:
+  """The first step of the lost run's params, for an evaluator that first fetches a new lineage
+  at step `version`: one past the step the newest learner start resumed from (its params of that
+  step are the checkpoint's, the same in both runs), and never past `version`. `version` when
+  the workdir records no start (a variable server without a LearnerNode, e.g. a test's).
+
+  An evaluator busy with a round can first fetch the new lineage some steps past the resume
+  step. Forgetting only from `version` on would then keep the lost run's versions between the
+  two counted as evaluated, and the new run's params of those steps (with `eval_every_steps`, a
+  whole interval) would get no round."""
+  starts = loggers.read_learner_starts(workdir)
+  if not starts:
+    return version
+  try:
+    resumed = int(starts[-1]['resumed_from_step'])
+  except (KeyError, TypeError, ValueError):
+    return version  # a hand-edited line: forget from the fetched version, as without a file
+  return min(version, resumed + 1)
 
 
 EVALUATOR_NICENESS = 5
@@ -581,10 +597,11 @@ class EvaluatorNode(_LoopNode):
     version, params = self._client.version, self._client.params
     lineage = self._client.lineage
     if lineage != self._lineage:  # a restarted learner's params
+      first_lost = first_lost_version(self._workdir, version)
       self._evaluated_version, self._final_version = forget_lost_versions(
-          version, self._evaluated_version, self._final_version)
+          first_lost, self._evaluated_version, self._final_version)
       # The lost run's latest scores are not the run's (progress line, final scores).
-      self._latest = {g: r for g, r in self._latest.items() if r['param_version'] < version}
+      self._latest = {g: r for g, r in self._latest.items() if r['param_version'] < first_lost}
       self._lineage = lineage  # last: status() never shows it with the lost run's versions
     # After wake(final=True) the newest params are due on the final budget even when a round on
     # the normal budget evaluated them already (one that ended between the learner's last
