@@ -201,6 +201,38 @@ def ray_session():
   ray.shutdown()
 
 
+def test_a_restarted_node_counts_its_restarts_in_its_seeds(ray_session):
+  """The evaluator's and the fine-tuning actors' seeds add `nodes._restart_seed()`, so that a
+  restarted node does not replay its first start's episodes. The count comes from Ray's actor
+  table (a private API, `ray._private.state`): 0 at the first start, 1 after one restart."""
+  ray = ray_session
+
+  class SeedsOfAStart:  # (defined here: Ray ships it by value; tests/ is no package to import)
+    def seeds(self):
+      from scaled_ql.launch import nodes as actor_nodes
+      return actor_nodes._restarts(), actor_nodes._restart_seed()
+
+    def die(self):
+      os._exit(1)
+
+  actor = ray.remote(max_restarts=1)(SeedsOfAStart).remote()
+  assert ray.get(actor.seeds.remote(), timeout=60) == (0, 0)
+  with pytest.raises(ray.exceptions.RayActorError):
+    ray.get(actor.die.remote(), timeout=60)
+  seeds = []
+
+  def restarted():
+    try:
+      seeds.append(ray.get(actor.seeds.remote(), timeout=10))
+    except ray.exceptions.RayActorError:  # not back yet
+      return False
+    return True
+
+  wait_for(restarted, 60, 'the actor to come back')
+  assert seeds[-1] == (1, 104_729)
+  ray.kill(actor)
+
+
 def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset_dir, tmp_path):
   ray = ray_session
   num_steps = 80
