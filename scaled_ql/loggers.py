@@ -53,6 +53,27 @@ def read_learner_starts(workdir: str) -> Optional[list[dict]]:
   return starts
 
 
+def resume_steps(starts: Sequence[Mapping[str, Any]]) -> list[int]:
+  """The step each learner start of `read_learner_starts` resumed from (0 for a line without it:
+  every later lineage's params then count as the lost run's, the cautious reading)."""
+  return [int(s.get('resumed_from_step', 0)) for s in starts]
+
+
+def lost_bounds(resumed_from: Sequence[int]) -> list[Optional[int]]:
+  """Per learner start L (lineage L): the step past which the params L published were lost, i.e.
+  the smallest step any later start resumed from (a later start trains the steps past its
+  checkpoint again, under a new lineage; the checkpoint's own step is the same params in both);
+  None when no start came after L. `report.lost_params` leaves out eval records past it, and an
+  evaluator that moves to a new lineage forgets what it evaluated past it
+  (`launch.nodes.first_lost_version`)."""
+  bounds, smallest = [None] * len(resumed_from), None
+  for lineage in reversed(range(len(resumed_from))):
+    bounds[lineage] = smallest
+    step = int(resumed_from[lineage])
+    smallest = step if smallest is None else min(smallest, step)
+  return bounds
+
+
 class Logger(Protocol):
   def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
   def close(self) -> None: ...

@@ -66,6 +66,26 @@ def test_run_against_table_c1_by_hand(run_dir):
   assert c.aggregates.task_bootstrap  # one run per method: games are resampled too
   assert any('Boxing (my_run)' in n and report.NO_EPISODE in n for n in c.notes)
   assert any('learner step 100..200' in n for n in c.notes)
+  assert not any('protocol' in n for n in c.notes)  # the records do not name theirs
+
+
+def test_runs_evaluated_under_different_protocols_are_named(tmp_path):
+  """A fine-tuning run evaluated in Breakout's mode 12 beside a default-mode run: compared, with
+  a note that names each run's protocol."""
+  import dataclasses
+  runs = []
+  for name, mode in (('default_mode', None), ('mode_12', 12)):
+    workdir = tmp_path / name
+    report.append_records(str(workdir / 'eval' / 'eval0.jsonl'), [dataclasses.replace(
+        _rec(g, s, 100), game_mode=mode, sticky_action_prob=0.0, max_episode_frames=108_000,
+        epsilon=0.001) for g, s in (('Breakout', 10.0), ('Amidar', 300.0))])
+    runs.append(str(workdir))
+  c = compare.compare(runs, table='c1', reps=REPS, seed=0)
+  note = [n for n in c.notes if 'different protocols' in n]
+  assert note == ["the inputs were evaluated under different protocols: default_mode: the ROM's "
+                  'default mode, no sticky actions, 108000-frame cap, epsilon 0.001; mode_12: '
+                  'mode 12, no sticky actions, 108000-frame cap, epsilon 0.001']
+  assert 'different protocols' in compare.format_text(c)
 
 
 def test_cli_prints_and_writes_side_by_side(run_dir, tmp_path, capsys):

@@ -328,8 +328,8 @@ def test_logs_and_run_report(tmp_path):
     assert os.path.getsize(os.path.join(workdir, 'report', name)) > 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
   assert '| 10 |' in md and 'Breakout' in md and 'Torn log lines skipped: 0.' in md
-  assert ("Evaluation protocol: the ROM's default mode, no sticky actions, 40-frame cap."
-          in md)
+  assert ("Evaluation protocol: the ROM's default mode, no sticky actions, 40-frame cap, "
+          'epsilon 0.001.\n') in md
   assert 'mix evaluation protocols' not in md
   assert 'Q diagnostics per game' not in md  # no learner_games.jsonl: no section
 
@@ -353,19 +353,25 @@ def test_logs_and_run_report(tmp_path):
   # so, and the report names both protocols instead of one.
   evaluator.evaluate(noop_policy, None, ['Breakout'], dataclasses.replace(cfg, game_mode=12),
                      model_games=GAMES, steps_per_game=8, num_envs=1, param_version=20,
-                     evaluator='evaluator_0', jsonl_path=log)
+                     evaluator='evaluator_0', epsilon=0.001, jsonl_path=log)
   assert json.loads(open(log).readlines()[-1])['game_mode'] == 12
   assert cli.main(['report', 'run', workdir]) == 0
   md = open(os.path.join(workdir, 'report', 'summary.md')).read()
   assert '**These records mix evaluation protocols**' in md
-  assert ("- the ROM's default mode, no sticky actions, 40-frame cap: 4 records; games "
-          'Breakout, Pong; learner steps 0 to 10') in md
-  assert ('- mode 12, no sticky actions, 40-frame cap: 1 records; games Breakout; learner steps '
-          '20') in md
-  # A log from before the protocol fields reads as 'not recorded'.
+  assert ("- the ROM's default mode, no sticky actions, 40-frame cap, epsilon 0.001: 4 records; "
+          'games Breakout, Pong; learner steps 0 to 10') in md
+  assert ('- mode 12, no sticky actions, 40-frame cap, epsilon 0.001: 1 records; games Breakout; '
+          'learner steps 20') in md
+  # A log from before the protocol fields says nothing of it: counted, not another protocol.
   old = report.EvalRecord.from_dict({k: lines[0][k] for k in report.REQUIRED_FIELDS})
-  assert (old.game_mode, old.sticky_action_prob, old.protocol_label) == (
-      None, None, 'not recorded')
+  assert (old.game_mode, old.sticky_action_prob, old.protocol_label) == (None, None, None)
+  new = report.EvalRecord.from_dict(lines[0])
+  assert report.protocol_lines([new, old]) == [
+      "Evaluation protocol: the ROM's default mode, no sticky actions, 40-frame cap, epsilon "
+      '0.001. 1 older records do not record theirs.', '']
+  # A CSV round trip through a spreadsheet: mode 12.0, empty cells.
+  assert report.EvalRecord.from_dict(dict(lines[0], game_mode='12.0', max_episode_frames='',
+                                          sticky_action_prob='')).game_mode == 12
 
 
 def record(game, version, normalized, evaluator_name='e0', episodes=1):

@@ -188,7 +188,7 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
   from polling import wait_for
   assert nodes.forget_lost_versions(4, 9, -1) == (3, -1)  # steps from 4 on: the lost run's
   assert nodes.forget_lost_versions(12, 9, 9) == (9, 9)
-  assert nodes.first_lost_version(str(tmp_path), 7) == 7  # no learner start recorded
+  assert nodes.first_lost_version(str(tmp_path), 0, 7) == 7  # no learner start recorded
   cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_seconds=3600.0))
   params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
   variables = LocalVariableServer()
@@ -217,14 +217,17 @@ def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_aga
 
 
 def test_a_restarted_learners_params_first_fetched_past_its_resume_step_get_a_round(tmp_path):
-  """Step cadence (eval_every_steps=4): the lost run's params of step 8 were evaluated. The
-  learner restarted from its checkpoint of step 5, and the evaluator first fetches the new
-  lineage at step 10 (a round in progress can last that long). The new run's params from step 6
-  on are due: 10 // 4 > 5 // 4, a round now. Forgetting from the fetched step only (the rule
-  before) kept step 8 as evaluated, and the new run got no round before step 12."""
+  """Step cadence (eval_every_steps=4): the lost run's params of step 8 (lineage 0) were
+  evaluated. During the evaluator's next round the learner restarted twice: from its checkpoint
+  of step 5 (lineage 1, which saved step 10 and died), then from step 10 (lineage 2). The
+  evaluator first fetches lineage 2, at step 11. Lineage 0's params past step 5 were lost, so
+  its round of step 8 no longer counts: 11 // 4 > 5 // 4, a round now. Forgetting from the
+  fetched step (the rule before), or from the newest start's resume step (10), kept step 8 as
+  evaluated, and the new run got no round before step 12."""
   import jax
   from scaled_ql.agents import builder
   from scaled_ql.configs import get_config
+  from scaled_ql.eval import report
   from polling import wait_for
   cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_steps=4))
   params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
@@ -239,17 +242,25 @@ def test_a_restarted_learners_params_first_fetched_past_its_resume_step_get_a_ro
       wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
                "a round of the lost run's params of step 8")
       with open(starts, 'a') as f:
-        f.write('{"restart": 1, "resumed_from_step": 5}\n')
-      variables.publisher().publish(params, 10)  # the restarted learner, first seen at step 10
+        f.write('{"restart": 1, "resumed_from_step": 5}\n{"restart": 2, "resumed_from_step": 10}\n')
+      variables.publisher(lineage=2).publish(params, 11)  # lineage 1 was never fetched
       wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60,
-               "a round of the restarted learner's params of step 10")
+               "a round of the restarted learner's params of step 11")
       status = node.status()
     finally:
       node.stop()
   assert status['error'] is None, status['error']
-  assert (status['evaluated_version'], status['lineage']) == (10, 1)
-  assert nodes.first_lost_version(str(tmp_path), 10) == 6
-  assert nodes.first_lost_version(str(tmp_path), 4) == 4  # never past the fetched step
+  assert (status['evaluated_version'], status['lineage']) == (11, 2)
+  # The evaluator's rule is the readers': lineage 0's round of step 8 is left out of the curves.
+  assert report.read_eval_logs(str(tmp_path)).lost == 1
+  workdir = str(tmp_path)
+  assert nodes.first_lost_version(workdir, 0, 11) == 6  # past min(5, 10), the starts after 0
+  assert nodes.first_lost_version(workdir, 1, 11) == 11  # past 10, the start after lineage 1
+  assert nodes.first_lost_version(workdir, 0, 4) == 4  # never past the fetched step
+  assert nodes.first_lost_version(workdir, -1, 11) == 11  # nothing held: the newest start's
+  with open(starts, 'a') as f:
+    f.write('{"restart": 3}\n')  # no resume step: the cautious reading, every step lost
+  assert nodes.first_lost_version(workdir, 2, 11) == 1
 
 
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):

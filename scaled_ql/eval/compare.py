@@ -11,7 +11,9 @@ Each input is one of
 - a scores CSV (method, game, score[, seed]), or `paper:c1` / `paper:c2`, read by
   `metrics.load_scores_csv` (several seeds of a method = several runs).
 Evaluations with no completed episode have no score (`report.EvalRecord.has_score`,
-`metrics.load_scores_csv`): such a game is left out for every method and named.
+`metrics.load_scores_csv`): such a game is left out for every method and named. Runs and
+evaluator CSVs whose records name different evaluation protocols (`EvalRecord.protocol_label`:
+game mode, sticky actions, frame cap, epsilon) are compared all the same, with a note naming each.
 
 They are compared with the rows of the paper's Table C.1 (sub-optimal data) or C.2 (near-optimal
 data) for the same games (`table`; by default the `data.selection` in the runs' config.json), on
@@ -50,6 +52,9 @@ class Source:
   no_episode: list  # (method, game, seed) evaluated without a completed episode
   selection: Optional[str] = None  # data.selection from the run's config.json
   notes: list = dataclasses.field(default_factory=list)
+  # The evaluation protocols its records name (`report.EvalRecord.protocol_label`); empty for a
+  # scores CSV or records that do not say.
+  protocols: list = dataclasses.field(default_factory=list)
 
 
 def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str) -> Source:
@@ -59,19 +64,25 @@ def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str)
   by_game: dict[str, list[report.EvalRecord]] = {}
   for r in records:
     by_game.setdefault(r.game, []).append(r)
-  steps = []
+  steps, used = [], []
   for game in sorted(by_game, key=games_lib.ALL_GAMES.index):
     scored = [r for r in by_game[game] if r.has_score]
     if not scored:
       src.no_episode.append((method, game, 0))
       continue
     last = max(r.param_version for r in scored)
-    score, _ = report.pooled([r for r in scored if r.param_version == last])
+    final = [r for r in scored if r.param_version == last]
+    score, _ = report.pooled(final)
     src.rows.append((method, game, score, 0))
     steps.append(last)
+    used += final
   if steps:
     src.notes.append(f'{method}: final evaluation of each game, learner step '
                      f'{min(steps)}' + (f'..{max(steps)}' if max(steps) != min(steps) else ''))
+  src.protocols = sorted({r.protocol_label for r in used if r.protocol_label is not None})
+  if len(src.protocols) > 1:
+    src.notes.append(f'{method}: its final evaluations mix protocols: ' +
+                     '; '.join(src.protocols))
   return src
 
 
@@ -168,6 +179,11 @@ def compare(inputs: Sequence[str], table: Optional[str] = None, reps: int = 2000
   paper = paper[~paper['method'].isin(PAPER_EXCLUDED_METHODS)]
   paper_methods = tuple(dict.fromkeys(paper['method']))
   notes: list[str] = [n for s in sources for n in s.notes]
+  protocols = {p for s in sources for p in s.protocols}
+  if len(protocols) > 1:  # e.g. a fine-tuning run in a new mode beside default-mode runs
+    notes.append('the inputs were evaluated under different protocols: ' + '; '.join(
+        f'{os.path.basename(os.path.normpath(s.path))}: {", ".join(s.protocols)}'
+        for s in sources if s.protocols))
 
   ours: list[tuple] = []
   methods: list[str] = []

@@ -19,7 +19,8 @@ One JSON object per line and per (evaluation, game), written by `scaled_ql.eval.
                            loop, for games played at once: `evaluator.evaluate_games`)
   partial           bool   true when no episode completed (then there is no score)
   epsilon           float  epsilon of the epsilon-greedy policy (null if not given)
-  truncated         int    completed episodes that ended at the 108K-frame cap (counted in score)
+  truncated         int    completed episodes that ended at the frame cap (`max_episode_frames`;
+                           counted in score)
   budget            int    the step budget (`steps_per_game`); 0 = not recorded
   param_lineage     int    the learner start that produced the params (-1: unknown); records of
                            params a learner restart lost are left out when read (`lost_params`)
@@ -112,17 +113,18 @@ class EvalRecord:
     return self.score is not None
 
   @property
-  def protocol_label(self) -> str:
+  def protocol_label(self) -> Optional[str]:
     """The protocol of this record in words, e.g. 'mode 12, no sticky actions, 108000-frame
-    cap', or 'not recorded' (a log older than the fields)."""
+    cap, epsilon 0.001'; None when the record does not say (a log older than the fields)."""
     if self.sticky_action_prob is None:
-      return 'not recorded'
+      return None
     mode = "the ROM's default mode" if self.game_mode is None else f'mode {self.game_mode}'
     sticky = (f'sticky actions {self.sticky_action_prob:g}' if self.sticky_action_prob
               else 'no sticky actions')
     cap = (f'{self.max_episode_frames}-frame cap' if self.max_episode_frames
            else 'frame cap not recorded')
-    return f'{mode}, {sticky}, {cap}'
+    epsilon = '' if self.epsilon is None else f', epsilon {self.epsilon:g}'
+    return f'{mode}, {sticky}, {cap}{epsilon}'
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -145,10 +147,10 @@ class EvalRecord:
           epsilon=None if rec.epsilon is None else float(rec.epsilon),
           truncated=int(rec.truncated), budget=int(rec.budget),
           param_lineage=int(rec.param_lineage),
-          game_mode=None if rec.game_mode is None else int(rec.game_mode),
-          sticky_action_prob=(None if rec.sticky_action_prob is None
+          game_mode=None if rec.game_mode in (None, '') else int(float(rec.game_mode)),
+          sticky_action_prob=(None if rec.sticky_action_prob in (None, '')
                               else float(rec.sticky_action_prob)),
-          max_episode_frames=int(rec.max_episode_frames))
+          max_episode_frames=int(float(rec.max_episode_frames or 0)))
     except (TypeError, ValueError) as e:
       raise EvalLogError(f'{where}: bad field value: {e}') from e
     if rec.game not in games_lib.GAME_INFO:
@@ -219,12 +221,8 @@ def lost_params(records: Sequence[EvalRecord], resumed_from: Sequence[int]) -> l
   left out of curves and final scores, which would otherwise show the lost run's newest params as
   the run's result, or pool two different params at one step. A record at the resume step
   itself is of the saved checkpoint, and kept. Records of unknown lineage (-1) are kept."""
-  # The smallest resume step of the starts after each start.
-  after, smallest = [None] * len(resumed_from), None
-  for lineage in reversed(range(len(resumed_from))):
-    after[lineage] = smallest
-    step = int(resumed_from[lineage])
-    smallest = step if smallest is None else min(smallest, step)
+  from scaled_ql import loggers
+  after = loggers.lost_bounds(resumed_from)  # the smallest resume step of the starts after each
   out = []
   for r in records:
     if not 0 <= r.param_lineage < len(after):
@@ -291,7 +289,7 @@ def read_eval_logs(workdir: str) -> EvalLogs:
   if starts is None and any(r.param_lineage >= 0 for r in records):
     print(f'warning: {workdir}: no {loggers.LEARNER_STARTS}; records of params lost to a '
           'learner restart (if any) cannot be told apart and are all read', file=sys.stderr)
-  lost = lost_params(records, [s.get('resumed_from_step', 0) for s in starts or []])
+  lost = lost_params(records, loggers.resume_steps(starts or []))
   return EvalLogs([r for r, gone in zip(records, lost) if not gone], torn, sum(lost))
 
 
@@ -311,9 +309,11 @@ class Curves:
 def pooled(records: Sequence[EvalRecord]) -> tuple[float, float]:
   """(score, normalized) of scored records of one game and one param version, as if they were one
   evaluation: the mean over all their completed episodes (each record's mean weighted by its
-  episodes). Every episode is a return of the same params under the same protocol, so a round
-  on the normal budget and the final evaluation on a larger one (or a restarted evaluator's
-  second round) add up to one estimate, not two equal votes."""
+  episodes). Within one run every episode is a return of the same params under the same protocol
+  (a resumed run cannot change it, `launch.run.RESUME_REFUSES`), so a round on the normal budget
+  and the final evaluation on a larger one (or a restarted evaluator's second round) add up to
+  one estimate, not two equal votes. Records of other protocols written into the same logs would
+  be pooled too: `protocol_lines` says so in the report."""
   if not records or not all(r.has_score for r in records):
     raise ValueError('pooled: every record needs a score (a completed episode)')
   if len({(r.game, r.param_version) for r in records}) != 1:
@@ -478,17 +478,24 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
 
 
 def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
-  """The Markdown lines that name the records' evaluation protocol; a warning, with each
-  protocol's games and learner steps, when they mix several (the curves and the aggregate pool
-  every record of a game and step, whatever its protocol)."""
+  """The Markdown lines that name the records' evaluation protocol (`EvalRecord.protocol_label`);
+  a warning, with each protocol's games and learner steps, when they mix several (the curves and
+  the aggregate pool every record of a game and step, whatever its protocol). Records that do not
+  say theirs (logs from before the fields) are counted, not taken for another protocol."""
   protocols: dict[str, list[EvalRecord]] = {}
   for r in records:
-    protocols.setdefault(r.protocol_label, []).append(r)
-  if len(protocols) == 1:
-    return [f'Evaluation protocol: {next(iter(protocols))}.', '']
+    if r.protocol_label is not None:
+      protocols.setdefault(r.protocol_label, []).append(r)
+  unrecorded = len(records) - sum(map(len, protocols.values()))
+  older = (f' {unrecorded} older records do not record theirs.' if unrecorded and protocols else
+           ' The records do not record it (logs from before the protocol fields).' if unrecorded
+           else '')
+  if len(protocols) <= 1:
+    label = next(iter(protocols), 'not recorded')
+    return [f'Evaluation protocol: {label}.{older}', '']
   lines = ['**These records mix evaluation protocols**: the curves and the aggregate pool a '
            "game's records of one learner step whatever their protocol. Evaluate each protocol "
-           'into its own workdir (or CSV) to compare them.', '']
+           f'into its own workdir (or CSV) to compare them.{older}', '']
   for label, recs in protocols.items():
     lo, hi = min(r.param_version for r in recs), max(r.param_version for r in recs)
     games = sorted({r.game for r in recs})

@@ -530,24 +530,33 @@ def forget_lost_versions(first_lost: int, *evaluated: int) -> tuple[int, ...]:
   return tuple(min(e, first_lost - 1) for e in evaluated)
 
 
-def first_lost_version(workdir: str, version: int) -> int:
-  """The first step of the lost run's params, for an evaluator that first fetches a new lineage
-  at step `version`: one past the step the newest learner start resumed from (its params of that
-  step are the checkpoint's, the same in both runs), and never past `version`. `version` when
-  the workdir records no start (a variable server without a LearnerNode, e.g. a test's).
+def first_lost_version(workdir: str, held_lineage: int, version: int) -> int:
+  """The first step of lost params, for an evaluator that held params of `held_lineage` and
+  first fetches a newer lineage at step `version`: one past the smallest step that any learner
+  start after `held_lineage` resumed from (`loggers.lost_bounds`, the rule `report.lost_params`
+  reads records by), and never past `version`.
 
-  An evaluator busy with a round can first fetch the new lineage some steps past the resume
-  step. Forgetting only from `version` on would then keep the lost run's versions between the
-  two counted as evaluated, and the new run's params of those steps (with `eval_every_steps`, a
-  whole interval) would get no round."""
-  starts = loggers.read_learner_starts(workdir)
-  if not starts:
-    return version
+  An evaluator busy with a round can first fetch the new lineage some steps past the resume step,
+  and can miss whole lineages (two restarts during one round). Forgetting only from `version` on
+  would keep the lost run's versions between the two counted as evaluated, and the new run's
+  params of those steps (with `eval_every_steps`, a whole interval) would get no round. When
+  `version` is the resume step itself, its params (the checkpoint's, the same in both runs) get
+  a round again: harmless.
+
+  Falls back to `version` (forget from the fetched step on) when the workdir records no start
+  (a variable server without a LearnerNode, e.g. a test's), when the file cannot be read or
+  parsed, or when it does not number `held_lineage` and no later start (a torn line)."""
   try:
-    resumed = int(starts[-1]['resumed_from_step'])
-  except (KeyError, TypeError, ValueError):
-    return version  # a hand-edited line: forget from the fetched version, as without a file
-  return min(version, resumed + 1)
+    resumed = loggers.resume_steps(loggers.read_learner_starts(workdir) or [])
+  except (OSError, TypeError, ValueError, AttributeError):
+    return version
+  if not resumed:
+    return version
+  if 0 <= held_lineage < len(resumed):
+    bound = loggers.lost_bounds(resumed)[held_lineage]
+  else:  # nothing held yet, or a lineage the file does not number: the newest start's, recorded
+    bound = resumed[-1]  # before the learner publishes
+  return version if bound is None else min(version, bound + 1)
 
 
 EVALUATOR_NICENESS = 5
@@ -597,7 +606,7 @@ class EvaluatorNode(_LoopNode):
     version, params = self._client.version, self._client.params
     lineage = self._client.lineage
     if lineage != self._lineage:  # a restarted learner's params
-      first_lost = first_lost_version(self._workdir, version)
+      first_lost = first_lost_version(self._workdir, self._lineage, version)
       self._evaluated_version, self._final_version = forget_lost_versions(
           first_lost, self._evaluated_version, self._final_version)
       # The lost run's latest scores are not the run's (progress line, final scores).
