@@ -595,6 +595,25 @@ def test_final_eval_estimate_reads_each_evaluators_latest_round():
   assert program.final_eval_estimate_s(program.ProgramStatus(None, None, [], []), 10) == 0.0
 
 
+def test_the_final_evaluation_waits_for_every_evaluator_on_the_learners_lineage():
+  """The driver's final wait: every evaluator's final round at the final step or later, and of
+  the learner's lineage. An evaluator still on a lost run's lineage (a restarted learner) can
+  show a final round past the final step: the lost run's params, not the run's."""
+  def status(learner_lineage, *evaluators):
+    learner = None if learner_lineage is False else dict(lineage=learner_lineage)
+    return program.ProgramStatus(
+        learner=learner, replay=None, actors=[],
+        evaluators=[None if e is None else dict(final_version=e[0], lineage=e[1])
+                    for e in evaluators])
+  done = program.final_evaluation_done
+  assert done(status(1, (100, 1), (120, 1)), 100)
+  assert not done(status(1, (100, 1), (90, 1)), 100)  # one has not reached the final step
+  assert not done(status(1, (100, 1), (150, 0)), 100)  # a lost run's round past the end
+  assert not done(status(1, (100, 1), None), 100)  # one did not answer
+  assert done(status(None, (100, 0)), 100)  # a learner that does not report its lineage
+  assert done(status(False, (100, 0)), 100)  # no learner status
+
+
 def test_budget_stop_keeps_the_final_evaluation_and_the_margin_in_hand():
   assert program.budget_stop(100.0, 600.0, 200.0, margin_s=30.0) is None
   assert program.budget_stop(369.0, 600.0, 200.0, margin_s=30.0) is None  # 231 s left > 230

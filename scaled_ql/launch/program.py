@@ -563,6 +563,17 @@ def learner_done(status: ProgramStatus) -> bool:
   return bool(status.learner and status.learner['done'])
 
 
+def final_evaluation_done(status: ProgramStatus, final_step: int) -> bool:
+  """Whether every evaluator has evaluated params of `final_step` or later on the final budget,
+  of the learner's own lineage: an evaluator that has not yet fetched a restarted learner's
+  params may still hold a round of the lost run's, at a version past its end
+  (`launch/variable_server.py`). A learner status without a lineage (not reported) is not
+  checked."""
+  lineage = status.learner.get('lineage') if status.learner else None
+  return all(s and s['final_version'] >= final_step and lineage in (None, s.get('lineage'))
+             for s in status.evaluators)
+
+
 # What a budgeted run (`run(deadline=...)`) keeps in hand beyond its final evaluation's estimate:
 # stopping the learner (its final checkpoint), the other nodes and Ray, plus one status interval.
 BUDGET_MARGIN_S = 30.0
@@ -720,11 +731,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
         log(f'final evaluation abandoned: {e}')
         done = False
         break
-      # Of the learner's own lineage: an evaluator that has not yet fetched a restarted
-      # learner's params may still hold a round of the lost run's, at a version past its end.
-      lineage = status.learner.get('lineage') if status.learner else None
-      if all(s and s['final_version'] >= final_step and lineage in (None, s.get('lineage'))
-             for s in status.evaluators):
+      if final_evaluation_done(status, final_step):
         done = True
         break
       for handle, s in zip(program.evaluators, status.evaluators):
