@@ -74,6 +74,12 @@ def lost_bounds(resumed_from: Sequence[int]) -> list[Optional[int]]:
   return bounds
 
 
+def lost_bound(resumed_from: Sequence[int], lineage: int) -> Optional[int]:
+  """`lost_bounds(resumed_from)[lineage]`, and None for a lineage the starts do not number
+  (unknown, -1, or above their count): nothing of it is taken as lost."""
+  return lost_bounds(resumed_from)[lineage] if 0 <= lineage < len(resumed_from) else None
+
+
 class Logger(Protocol):
   def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
   def close(self) -> None: ...

@@ -81,11 +81,27 @@ def test_runs_evaluated_under_different_protocols_are_named(tmp_path):
         epsilon=0.001) for g, s in (('Breakout', 10.0), ('Amidar', 300.0))])
     runs.append(str(workdir))
   c = compare.compare(runs, table='c1', reps=REPS, seed=0)
-  note = [n for n in c.notes if 'different protocols' in n]
+  note = [n for n in c.notes if 'protocol' in n]
   assert note == ["the inputs were evaluated under different protocols: default_mode: the ROM's "
                   'default mode, no sticky actions, 108000-frame cap, epsilon 0.001; mode_12: '
                   'mode 12, no sticky actions, 108000-frame cap, epsilon 0.001']
   assert 'different protocols' in compare.format_text(c)
+  # The same through an evaluator CSV (`scaled-ql eval --out`), and one input alone: no note.
+  csv_path = str(tmp_path / 'mode_12.csv')
+  report.append_csv(csv_path, report.read_eval_logs(runs[1]).records)
+  c = compare.compare([runs[0], csv_path], table='c1', reps=REPS, seed=0)
+  assert [n for n in c.notes if 'protocol' in n] == [note[0]]
+  assert not any('protocol' in n for n in compare.compare(
+      [csv_path], table='c1', reps=REPS, seed=0).notes)
+  # A run whose final evaluations mix protocols says so itself (and is one input: no second
+  # note).
+  report.append_records(os.path.join(runs[0], 'eval', 'eval0.jsonl'), [dataclasses.replace(
+      _rec('Amidar', 200.0, 200), sticky_action_prob=0.25, max_episode_frames=108_000)])
+  assert [n for n in compare.compare([runs[0]], table='c1', reps=REPS, seed=0).notes
+          if 'protocol' in n] == [
+      "default_mode: its final evaluations mix protocols: the ROM's default mode, no sticky "
+      "actions, 108000-frame cap, epsilon 0.001 | the ROM's default mode, sticky actions 0.25, "
+      '108000-frame cap']
 
 
 def test_cli_prints_and_writes_side_by_side(run_dir, tmp_path, capsys):

@@ -360,7 +360,7 @@ def test_logs_and_run_report(tmp_path):
   assert '**These records mix evaluation protocols**' in md
   assert ("- the ROM's default mode, no sticky actions, 40-frame cap, epsilon 0.001: 4 records; "
           'games Breakout, Pong; learner steps 0 to 10') in md
-  assert ('- mode 12, no sticky actions, 40-frame cap, epsilon 0.001: 1 records; games Breakout; '
+  assert ('- mode 12, no sticky actions, 40-frame cap, epsilon 0.001: 1 record; games Breakout; '
           'learner steps 20') in md
   # A log from before the protocol fields says nothing of it: counted, not another protocol.
   old = report.EvalRecord.from_dict({k: lines[0][k] for k in report.REQUIRED_FIELDS})
@@ -368,7 +368,7 @@ def test_logs_and_run_report(tmp_path):
   new = report.EvalRecord.from_dict(lines[0])
   assert report.protocol_lines([new, old]) == [
       "Evaluation protocol: the ROM's default mode, no sticky actions, 40-frame cap, epsilon "
-      '0.001. 1 older records do not record theirs.', '']
+      '0.001. 1 older record names none.', '']
   # A CSV round trip through a spreadsheet: mode 12.0, empty cells.
   assert report.EvalRecord.from_dict(dict(lines[0], game_mode='12.0', max_episode_frames='',
                                           sticky_action_prob='')).game_mode == 12

@@ -255,12 +255,13 @@ def test_a_restarted_learners_params_first_fetched_past_its_resume_step_get_a_ro
   assert report.read_eval_logs(str(tmp_path)).lost == 1
   workdir = str(tmp_path)
   assert nodes.first_lost_version(workdir, 0, 11) == 6  # past min(5, 10), the starts after 0
-  assert nodes.first_lost_version(workdir, 1, 11) == 11  # past 10, the start after lineage 1
+  assert nodes.first_lost_version(workdir, 1, 20) == 11  # past 10, the start after lineage 1
   assert nodes.first_lost_version(workdir, 0, 4) == 4  # never past the fetched step
-  assert nodes.first_lost_version(workdir, -1, 11) == 11  # nothing held: the newest start's
+  for held in (-1, 2, 7):  # nothing held; no start after it; a lineage the file does not number
+    assert nodes.first_lost_version(workdir, held, 20) == 20  # the fetched step
   with open(starts, 'a') as f:
     f.write('{"restart": 3}\n')  # no resume step: the cautious reading, every step lost
-  assert nodes.first_lost_version(workdir, 2, 11) == 1
+  assert nodes.first_lost_version(workdir, 2, 20) == 1
 
 
 def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_dir, tmp_path):

@@ -55,6 +55,7 @@ class Source:
   # The evaluation protocols its records name (`report.EvalRecord.protocol_label`); empty for a
   # scores CSV or records that do not say.
   protocols: list = dataclasses.field(default_factory=list)
+  method: Optional[str] = None  # the one method of a run or an evaluator CSV
 
 
 def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str) -> Source:
@@ -79,10 +80,11 @@ def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str)
   if steps:
     src.notes.append(f'{method}: final evaluation of each game, learner step '
                      f'{min(steps)}' + (f'..{max(steps)}' if max(steps) != min(steps) else ''))
+  src.method = method
   src.protocols = sorted({r.protocol_label for r in used if r.protocol_label is not None})
   if len(src.protocols) > 1:
     src.notes.append(f'{method}: its final evaluations mix protocols: ' +
-                     '; '.join(src.protocols))
+                     ' | '.join(src.protocols))
   return src
 
 
@@ -179,11 +181,10 @@ def compare(inputs: Sequence[str], table: Optional[str] = None, reps: int = 2000
   paper = paper[~paper['method'].isin(PAPER_EXCLUDED_METHODS)]
   paper_methods = tuple(dict.fromkeys(paper['method']))
   notes: list[str] = [n for s in sources for n in s.notes]
-  protocols = {p for s in sources for p in s.protocols}
-  if len(protocols) > 1:  # e.g. a fine-tuning run in a new mode beside default-mode runs
-    notes.append('the inputs were evaluated under different protocols: ' + '; '.join(
-        f'{os.path.basename(os.path.normpath(s.path))}: {", ".join(s.protocols)}'
-        for s in sources if s.protocols))
+  named = [s for s in sources if s.protocols]
+  if len({tuple(s.protocols) for s in named}) > 1:  # e.g. a new mode's fine-tuning run beside
+    notes.append('the inputs were evaluated under different protocols: ' + '; '.join(  # others
+        f'{s.method}: {" | ".join(s.protocols)}' for s in named))
 
   ours: list[tuple] = []
   methods: list[str] = []

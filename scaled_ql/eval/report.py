@@ -147,10 +147,10 @@ class EvalRecord:
           epsilon=None if rec.epsilon is None else float(rec.epsilon),
           truncated=int(rec.truncated), budget=int(rec.budget),
           param_lineage=int(rec.param_lineage),
-          game_mode=None if rec.game_mode in (None, '') else int(float(rec.game_mode)),
+          game_mode=None if rec.game_mode in (None, '') else _whole(rec.game_mode),
           sticky_action_prob=(None if rec.sticky_action_prob in (None, '')
                               else float(rec.sticky_action_prob)),
-          max_episode_frames=int(float(rec.max_episode_frames or 0)))
+          max_episode_frames=_whole(rec.max_episode_frames or 0))
     except (TypeError, ValueError) as e:
       raise EvalLogError(f'{where}: bad field value: {e}') from e
     if rec.game not in games_lib.GAME_INFO:
@@ -161,6 +161,14 @@ class EvalRecord:
       raise EvalLogError(f'{where}: bad episode counts (episodes {rec.episodes}, truncated '
                          f'{rec.truncated})')
     return rec
+
+
+def _whole(value) -> int:
+  """An int field of a record, also as a spreadsheet writes it ('12.0'); ValueError for 12.5."""
+  number = float(value)
+  if not number.is_integer():
+    raise ValueError(f'{value!r} is not a whole number')
+  return int(number)
 
 
 def append_records(path: str, records: Iterable[EvalRecord]) -> None:
@@ -222,13 +230,9 @@ def lost_params(records: Sequence[EvalRecord], resumed_from: Sequence[int]) -> l
   the run's result, or pool two different params at one step. A record at the resume step
   itself is of the saved checkpoint, and kept. Records of unknown lineage (-1) are kept."""
   from scaled_ql import loggers
-  after = loggers.lost_bounds(resumed_from)  # the smallest resume step of the starts after each
   out = []
-  for r in records:
-    if not 0 <= r.param_lineage < len(after):
-      out.append(False)  # unknown, or a start the file does not hold: kept
-      continue
-    bound = after[r.param_lineage]
+  for r in records:  # the smallest resume step of the starts after the record's lineage
+    bound = loggers.lost_bound(resumed_from, r.param_lineage)  # None: -1, or not in the file
     out.append(bound is not None and r.param_version > bound)
   return out
 
@@ -310,7 +314,8 @@ def pooled(records: Sequence[EvalRecord]) -> tuple[float, float]:
   """(score, normalized) of scored records of one game and one param version, as if they were one
   evaluation: the mean over all their completed episodes (each record's mean weighted by its
   episodes). Within one run every episode is a return of the same params under the same protocol
-  (a resumed run cannot change it, `launch.run.RESUME_REFUSES`), so a round on the normal budget
+  (a resumed run refuses to change it without --allow-config-change, `launch.run.RESUME_REFUSES`),
+  so a round on the normal budget
   and the final evaluation on a larger one (or a restarted evaluator's second round) add up to
   one estimate, not two equal votes. Records of other protocols written into the same logs would
   be pooled too: `protocol_lines` says so in the report."""
@@ -487,7 +492,8 @@ def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
     if r.protocol_label is not None:
       protocols.setdefault(r.protocol_label, []).append(r)
   unrecorded = len(records) - sum(map(len, protocols.values()))
-  older = (f' {unrecorded} older records do not record theirs.' if unrecorded and protocols else
+  older = (f' {unrecorded} older record{"s name" if unrecorded > 1 else " names"} none.'
+           if unrecorded and protocols else
            ' The records do not record it (logs from before the protocol fields).' if unrecorded
            else '')
   if len(protocols) <= 1:
@@ -499,8 +505,8 @@ def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
   for label, recs in protocols.items():
     lo, hi = min(r.param_version for r in recs), max(r.param_version for r in recs)
     games = sorted({r.game for r in recs})
-    lines.append(f'- {label}: {len(recs)} records; games {", ".join(games)}; learner steps '
-                 f'{lo}' + (f' to {hi}' if hi > lo else ''))
+    lines.append(f'- {label}: {len(recs)} record{"s" if len(recs) > 1 else ""}; games '
+                 f'{", ".join(games)}; learner steps {lo}' + (f' to {hi}' if hi > lo else ''))
   return lines + ['']
 
 

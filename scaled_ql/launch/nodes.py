@@ -543,19 +543,16 @@ def first_lost_version(workdir: str, held_lineage: int, version: int) -> int:
   `version` is the resume step itself, its params (the checkpoint's, the same in both runs) get
   a round again: harmless.
 
-  Falls back to `version` (forget from the fetched step on) when the workdir records no start
-  (a variable server without a LearnerNode, e.g. a test's), when the file cannot be read or
-  parsed, or when it does not number `held_lineage` and no later start (a torn line)."""
+  Falls back to `version` (forget from the fetched step on, the rule before) when the workdir
+  records no start (a variable server without a LearnerNode, e.g. a test's), when the file cannot
+  be read or parsed, when nothing was held (-1), and when the file does not number
+  `held_lineage` or no start follows it there (`loggers.lost_bound`; the readers then keep that
+  lineage's records)."""
   try:
     resumed = loggers.resume_steps(loggers.read_learner_starts(workdir) or [])
   except (OSError, TypeError, ValueError, AttributeError):
     return version
-  if not resumed:
-    return version
-  if 0 <= held_lineage < len(resumed):
-    bound = loggers.lost_bounds(resumed)[held_lineage]
-  else:  # nothing held yet, or a lineage the file does not number: the newest start's, recorded
-    bound = resumed[-1]  # before the learner publishes
+  bound = loggers.lost_bound(resumed, held_lineage)
   return version if bound is None else min(version, bound + 1)
 
 
