@@ -101,6 +101,39 @@ def test_frozen_encoder_is_unchanged_and_a_trained_one_changes(pretrained, freez
   assert not _equal(_modules(after, 'heads'), _modules(initial, 'heads'))
 
 
+def test_the_encoder_of_a_run_with_a_moving_average_is_the_averaged_or_the_online_one(
+    tmp_path, tiny_dataset_dir):
+  """A pretrained run that kept a moving average of its params (`agent.policy_params_ema`, as
+  cpu_small does): fine-tuning starts from the averaged params' encoder (what its evaluators
+  scored), or with --online-params (`finetune.pretrained_online_params`) from the online one."""
+  workdir = str(tmp_path / 'pretrained_ema')
+  learner = _learner(PRETRAIN_CFG.replace(agent=dict(policy_params_ema=0.5)), workdir)
+  for _ in range(3):
+    learner.step()
+  learner.save()
+  learner.close()
+  _, averaged, _ = checkpointing.load_params(workdir)
+  _, online, _ = checkpointing.load_params(workdir, online=True)
+  assert not _equal(_modules(averaged, 'encoder'), _modules(online, 'encoder'))
+  lines = []
+  for flag, expected in ((False, averaged), (True, online)):
+    cfg, params = launch_run.finetune_config(
+        'offline', 'Pong', pretrained=workdir, data_dir=tiny_dataset_dir, online_params=flag,
+        overrides=['agent.transitions_per_game=4'], log=lines.append)
+    assert cfg.finetune.pretrained_online_params is flag
+    assert _equal(_modules(params, 'encoder'), _modules(expected, 'encoder'))
+    # A config.json's rerun (`train` with the fine-tuning config) reads the same encoder.
+    assert _equal(_modules(launch_run.initial_params(cfg), 'encoder'),
+                  _modules(expected, 'encoder'))
+  assert any("moving average (agent.policy_params_ema=0.5), what its evaluators used" in line
+             for line in lines)
+  assert any('the encoder of its online params (--online-params)' in line for line in lines)
+  with pytest.raises(ConfigError, match='--online-params needs a pretrained encoder'):
+    launch_run.finetune_config('offline', 'Pong', pretrained=workdir, from_scratch=True,
+                               config='cpu_tiny', online_params=True, log=lambda line: None)
+  assert launch_run.resume_refuses('finetune.pretrained_online_params')
+
+
 def test_frozen_labels_and_config_checks():
   params = {'encoder/stem_conv': {'w': 1}, 'trunk/linear_0': {'w': 2, 'b': 3},
             'heads/Pong': {'w': 4}}

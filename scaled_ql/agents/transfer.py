@@ -34,11 +34,13 @@ def encoder_params(params: Any) -> Any:
   return encoder
 
 
-def load_pretrained(checkpoint_dir: str, step: Optional[int] = None
+def load_pretrained(checkpoint_dir: str, step: Optional[int] = None, *, online: bool = False
                     ) -> tuple[ExperimentConfig, Any, int]:
   """(config, Q-network params, step) of a multi-game learner checkpoint (workdir or its
-  checkpoints/). For a method with a behaviour model (bcq) the Q-network's params only."""
-  cfg, params, step = checkpointing.load_params(checkpoint_dir, step)
+  checkpoints/). For a method with a behaviour model (bcq) the Q-network's params only. The
+  params its evaluators used (the moving average for a run with `agent.policy_params_ema` > 0),
+  or with `online` its online params (`finetune.pretrained_online_params`)."""
+  cfg, params, step = checkpointing.load_params(checkpoint_dir, step, online=online)
   params = methods.get(cfg.agent.loss).q_params(params)
   return cfg, jax.device_get(params), step
 
@@ -67,8 +69,9 @@ def finetune_params(cfg: ExperimentConfig, pretrained: Optional[str] = None,
                     pretrained_params: Any = None) -> Any:
   """Initial Q-network params of a fine-tuning run: a fresh init of `cfg`'s network (seed
   `cfg.train.seed`, the same init the Learner would make), with the encoder of the checkpoint in
-  `pretrained` (default `cfg.finetune.pretrained`) copied in. From scratch (no checkpoint): the
-  fresh init itself. `pretrained_params` skips re-reading an already loaded checkpoint."""
+  `pretrained` (default `cfg.finetune.pretrained`) copied in (the averaged or the online params,
+  `cfg.finetune.pretrained_online_params`). From scratch (no checkpoint): the fresh init itself.
+  `pretrained_params` skips re-reading an already loaded checkpoint."""
   pretrained = cfg.finetune.pretrained if pretrained is None else pretrained
   if methods.get(cfg.agent.loss).behaviour_model:
     raise ValueError(f'fine-tuning supports the Q-network losses c51/mse, not {cfg.agent.loss}')
@@ -76,5 +79,6 @@ def finetune_params(cfg: ExperimentConfig, pretrained: Optional[str] = None,
   if pretrained is None:
     return fresh
   if pretrained_params is None:
-    _, pretrained_params, _ = load_pretrained(pretrained)
+    _, pretrained_params, _ = load_pretrained(
+        pretrained, online=cfg.finetune.pretrained_online_params)
   return transfer_encoder(fresh, pretrained_params, pretrained)

@@ -231,6 +231,11 @@ class FinetuneConfig:
   # Learner workdir (or its checkpoints/) of the multi-game run whose encoder initializes this one;
   # None = from scratch (the same network, randomly initialized).
   pretrained: Optional[str] = None
+  # For a pretrained run that kept a moving average of its params (`agent.policy_params_ema` > 0,
+  # as cpu_small does): False = the encoder of the averaged params, the ones its evaluators
+  # scored (`scaled-ql eval`'s default too); True = the encoder of its online params. The paper's
+  # runs keep no average: both are the online params there.
+  pretrained_online_params: bool = False
   # Online fine-tuning (Dopamine's C51 settings, Castro et al. 2018, with n-step 3).
   num_actors: int = 1  # FinetuneActorNodes collecting experience in the new game/mode
   update_period: int = 4  # environment steps (all actors together) per gradient step

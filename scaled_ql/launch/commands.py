@@ -186,6 +186,10 @@ def _register_finetune(subparsers) -> None:
                    'the network)')
     q.add_argument('--encoder', choices=('train', 'frozen'), default='train',
                    help='fine-tune the transferred encoder or keep it frozen (default train)')
+    q.add_argument('--online-params', action='store_true',
+                   help="transfer the encoder of the pretrained run's online params, not of the "
+                   'moving average its evaluators used (runs with agent.policy_params_ema > 0, '
+                   'e.g. cpu_small; finetune.pretrained_online_params)')
     q.add_argument('--steps', type=int, default=None, help='learner (gradient) steps')
     q.add_argument('--eval-steps', type=int, default=None,
                    help='evaluation agent steps per round (default: the config\'s)')
@@ -214,7 +218,7 @@ def _finetune_config(args, kind: str, **kwargs):
   return run.finetune_config(
       kind, args.game, pretrained=args.pretrained, config=args.config,
       from_scratch=args.from_scratch, frozen_encoder=args.encoder == 'frozen', steps=args.steps,
-      eval_steps=args.eval_steps, overrides=args.set, **kwargs)
+      eval_steps=args.eval_steps, online_params=args.online_params, overrides=args.set, **kwargs)
 
 
 @_node_lost_ends_run

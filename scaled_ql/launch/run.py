@@ -223,7 +223,8 @@ RESUME_REFUSES = (
     'games', 'network.', 'agent.', 'data.builder', 'data.run', 'data.selection',
     'data.selection_seed', 'train.seed',
     'eval.epsilon', 'eval.sticky_action_prob', 'eval.max_episode_frames', 'eval.game_mode',
-    'finetune.pretrained', 'finetune.update_period', 'finetune.epsilon_',
+    'finetune.pretrained', 'finetune.pretrained_online_params', 'finetune.update_period',
+    'finetune.epsilon_',
     'finetune.actor_sticky_action_prob')
 CONFIG_HISTORY = 'config_history.jsonl'
 
@@ -561,7 +562,7 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
                     eval_steps: Optional[int] = None, data_dir: Optional[str] = None,
                     selection: Optional[str] = None, mode: Optional[int] = None,
                     actors: Optional[int] = None, scale: float = 1.0,
-                    overrides: Sequence[str] = (), log=None):
+                    online_params: bool = False, overrides: Sequence[str] = (), log=None):
   """(config, initial params or None) of an offline ('offline') or online ('online') fine-tuning
   run: `configs.finetune_offline/online` (Appendix B.4) of the base config (`config`, or the
   checkpoint's in `pretrained`), then the flags and `overrides` (recorded like --set). The
@@ -581,6 +582,8 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     raise ConfigError('--pretrained is required (or --from-scratch with --config NAME)')
   if from_scratch and frozen_encoder:
     raise ConfigError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
+  if from_scratch and online_params:
+    raise ConfigError('--online-params needs a pretrained encoder (drop --from-scratch)')
   base = overrides_lib.load(config) if config is not None else None
   if pretrained is not None:
     # The checkpoint's config only: the params are read once every flag is checked.
@@ -596,7 +599,8 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     base = base or saved_cfg
   source = None if from_scratch else pretrained
   flags = [('--steps', 'train.num_steps', steps), ('--eval-steps', 'eval.steps_per_game',
-                                                   eval_steps)]
+                                                   eval_steps),
+           ('--online-params', 'finetune.pretrained_online_params', online_params or None)]
   if kind == 'offline':
     cfg = configs.finetune_offline(base, game, pretrained=source, freeze_encoder=frozen_encoder)
     flags += [('--data-dir', 'data.data_dir', data_dir), ('--selection', 'data.selection',
@@ -629,9 +633,16 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     return cfg, None  # from scratch: the learner's own random init
   from scaled_ql.agents import transfer
   try:
-    loaded_cfg, params, loaded = transfer.load_pretrained(pretrained)
+    loaded_cfg, params, loaded = transfer.load_pretrained(
+        pretrained, online=cfg.finetune.pretrained_online_params)
   except FileNotFoundError as e:  # (every checkpoint's arrays damaged: moved aside)
     raise ConfigError(f'--pretrained: {e}') from e
+  ema = loaded_cfg.agent.policy_params_ema
+  if ema > 0:
+    log('[finetune] the encoder of its ' + (
+        'online params (--online-params)' if cfg.finetune.pretrained_online_params else
+        f"params' moving average (agent.policy_params_ema={ema:g}), what its evaluators used; "
+        '--online-params: the online ones'))
   if loaded != step:  # the newest did not load, or a running learner saved a newer one
     log(f'[finetune] the flags were checked against the config of step {step}; the encoder is '
         f'step {loaded}\'s')
