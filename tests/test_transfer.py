@@ -52,8 +52,10 @@ def _equal(a, b) -> bool:
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory) -> str:
+  """A pretrained run of 3 steps that kept a moving average of its params, as cpu_small does
+  (`agent.policy_params_ema`): its evaluators' params and its online ones differ."""
   workdir = str(tmp_path_factory.mktemp('pretrained'))
-  learner = _learner(PRETRAIN_CFG, workdir)
+  learner = _learner(PRETRAIN_CFG.replace(agent=dict(policy_params_ema=0.5)), workdir)
   for _ in range(3):
     learner.step()
   learner.save()
@@ -102,16 +104,11 @@ def test_frozen_encoder_is_unchanged_and_a_trained_one_changes(pretrained, freez
 
 
 def test_the_encoder_of_a_run_with_a_moving_average_is_the_averaged_or_the_online_one(
-    tmp_path, tiny_dataset_dir):
+    pretrained, tiny_dataset_dir):
   """A pretrained run that kept a moving average of its params (`agent.policy_params_ema`, as
   cpu_small does): fine-tuning starts from the averaged params' encoder (what its evaluators
   scored), or with --online-params (`finetune.pretrained_online_params`) from the online one."""
-  workdir = str(tmp_path / 'pretrained_ema')
-  learner = _learner(PRETRAIN_CFG.replace(agent=dict(policy_params_ema=0.5)), workdir)
-  for _ in range(3):
-    learner.step()
-  learner.save()
-  learner.close()
+  workdir = pretrained
   _, averaged, _ = checkpointing.load_params(workdir)
   _, online, _ = checkpointing.load_params(workdir, online=True)
   assert not _equal(_modules(averaged, 'encoder'), _modules(online, 'encoder'))
