@@ -104,7 +104,7 @@ def test_frozen_encoder_is_unchanged_and_a_trained_one_changes(pretrained, freez
 
 
 def test_the_encoder_of_a_run_with_a_moving_average_is_the_averaged_or_the_online_one(
-    pretrained, tiny_dataset_dir):
+    pretrained, tiny_dataset_dir, tmp_path, capsys):
   """A pretrained run that kept a moving average of its params (`agent.policy_params_ema`, as
   cpu_small does): fine-tuning starts from the averaged params' encoder (what its evaluators
   scored), or with --online-params (`finetune.pretrained_online_params`) from the online one."""
@@ -122,13 +122,35 @@ def test_the_encoder_of_a_run_with_a_moving_average_is_the_averaged_or_the_onlin
     # A config.json's rerun (`train` with the fine-tuning config) reads the same encoder.
     assert _equal(_modules(launch_run.initial_params(cfg), 'encoder'),
                   _modules(expected, 'encoder'))
-  assert any("moving average (agent.policy_params_ema=0.5), what its evaluators used" in line
+  assert any('the encoder of the online params of the pretrained run '
+             '(finetune.pretrained_online_params)' in line for line in lines)
+  assert any("moving average (decay 0.5) of the pretrained run, what its evaluators used" in line
              for line in lines)
-  assert any('the encoder of its online params (--online-params)' in line for line in lines)
-  with pytest.raises(ConfigError, match='--online-params needs a pretrained encoder'):
-    launch_run.finetune_config('offline', 'Pong', pretrained=workdir, from_scratch=True,
-                               config='cpu_tiny', online_params=True, log=lambda line: None)
+  # Without a pretrained run the field means nothing: refused, from the flag, from --set, and
+  # in a config `train` or `learn` would run.
+  from scaled_ql import cli
+  for argv in (['--online-params'], ['--set', 'finetune.pretrained_online_params=true']):
+    assert cli.main(['finetune', 'offline', '--from-scratch', '--config', 'cpu_tiny', '--game',
+                     'Pong', '--data-dir', tiny_dataset_dir, '--workdir',
+                     str(tmp_path / 'scratch')] + argv) == 2
+    assert 'finetune.pretrained_online_params (--online-params) needs a pretrained run' in (
+        capsys.readouterr().err)
+  with pytest.raises(ConfigError, match='finetune.pretrained_online_params'):
+    launch_run.validate(PRETRAIN_CFG.replace(finetune=dict(pretrained_online_params=True)))
   assert launch_run.resume_refuses('finetune.pretrained_online_params')
+  # `learn --config FT/config.json` starts from the pretrained encoder, as `train` does (it
+  # ignored finetune.pretrained and trained from a random init before).
+  from scaled_ql.agents import commands as learn_commands
+  cfg, _ = launch_run.finetune_config('offline', 'Pong', pretrained=workdir,
+                                      data_dir=tiny_dataset_dir, online_params=True,
+                                      log=lambda line: None)
+  launch_run.prepare_workdir(cfg, str(tmp_path / 'ft'))  # what `finetune offline` writes
+  args = cli.build_parser().parse_args(['learn', '--config', str(tmp_path / 'ft' / 'config.json'),
+                                        '--workdir', str(tmp_path / 'learn')])
+  import contextlib
+  with contextlib.ExitStack() as held:
+    _, initial = learn_commands._resolve(args, held)
+  assert _equal(_modules(initial, 'encoder'), _modules(online, 'encoder'))
 
 
 def test_frozen_labels_and_config_checks():
@@ -284,7 +306,9 @@ def test_offline_finetuning_program_starts_from_the_pretrained_encoder(pretraine
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert 'Pong' in out.stdout and 'human-normalized' in out.stdout
   _, ckpt, _ = transfer.load_pretrained(pretrained)
-  cfg, params, step = transfer.load_pretrained(workdir)
+  # The fine-tuning run's online params: its own moving average (it inherits the pretrained
+  # run's agent.policy_params_ema) would equal a frozen encoder only up to rounding.
+  cfg, params, step = transfer.load_pretrained(workdir, online=True)
   assert step == 6 and cfg.games == ('Pong',) and cfg.agent.frozen_modules == ('encoder',)
   assert cfg.agent.batch_size == 8 and cfg.agent.learning_rate == 5e-5
   assert cfg.overrides[-1] == 'agent.transitions_per_game=8'  # recorded with the checkpoint

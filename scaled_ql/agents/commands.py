@@ -40,13 +40,17 @@ def register(subparsers) -> None:
 
 
 def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
-  """The run's config with the flags applied, compared with what the workdir ran and recorded
-  (config.json, config_history.jsonl); raises ConfigError before anything expensive. The
-  workdir's lock (`run.workdir_lock`) is entered on `held`, for the whole run."""
+  """(the run's config with the flags applied, compared with what the workdir ran and recorded
+  (config.json, config_history.jsonl); the learner's initial params, `run.initial_params`);
+  raises ConfigError before anything expensive. The workdir's lock (`run.workdir_lock`) is
+  entered on `held`, for the whole run."""
   from scaled_ql.agents import checkpointing
   cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
                            overrides=args.set)
   run.check_data(cfg)  # (with --reverb too: the learner's MC probe reads the run's data)
+  # An offline fine-tuning config (config.json of `finetune offline`) starts from its pretrained
+  # encoder, as `train` starts it; an online one is refused (it needs actors).
+  initial_params = run.initial_params(cfg)
   run.check_workdir(args.workdir)
   if args.reverb is not None:  # it answers and serves the config's games, or the sampler waits
     from scaled_ql.datasets import reverb_tables
@@ -59,20 +63,20 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
     raise ConfigError(f'--no-resume: {ckpts} already holds checkpoints')
   run.prepare_workdir(cfg, args.workdir, args.allow_config_change)
-  return cfg
+  return cfg, initial_params
 
 
 def _learn(args: argparse.Namespace) -> int:
   with contextlib.ExitStack() as held:
     try:
-      cfg = _resolve(args, held)
+      cfg, initial_params = _resolve(args, held)
     except ConfigError as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
-    return _run(args, cfg)
+    return _run(args, cfg, initial_params)
 
 
-def _run(args: argparse.Namespace, cfg) -> int:
+def _run(args: argparse.Namespace, cfg, initial_params=None) -> int:
   # Wiring only (like launch): the agents library itself never imports the data layer.
   from scaled_ql.agents.learner import Learner
   from scaled_ql.agents.checkpointing import CheckpointWriteError
@@ -105,8 +109,9 @@ def _run(args: argparse.Namespace, cfg) -> int:
     # Q(s, a_data) against Monte-Carlo returns on a fixed set of the run's data, in the metrics.
     # A SIGTERM/SIGINT while the learner waits for data (tables below their warm-up, a server
     # that went away) closes the batches: the wait ends, with a checkpoint, as at a step's end.
-    learner = LearnerRunner(Learner(cfg, batches), args.workdir, mc_probe=load_mc_probe(cfg),
-                            wake=end_the_data)
+    learner = LearnerRunner(
+        Learner(cfg, batches, initial_params=initial_params),
+        args.workdir, mc_probe=load_mc_probe(cfg), wake=end_the_data)
     if learner.restore():
       print(f'resumed from step {learner.steps} in {args.workdir}', flush=True)
     steps = learner.run()

@@ -80,6 +80,9 @@ def validate(cfg) -> None:
     program.check_fault_config(cfg)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if cfg.finetune.pretrained_online_params and cfg.finetune.pretrained is None:
+    raise ConfigError('finetune.pretrained_online_params (--online-params) needs a pretrained '
+                      'run (finetune.pretrained, --pretrained), not a run from scratch')
   if cfg.data.min_fill_per_game > cfg.data.shuffle_buffer_per_game:
     raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
                       f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
@@ -538,13 +541,15 @@ def print_scores(status) -> None:
 # ----------------------------------------------------------------- fine-tuning (Section 5.2)
 
 def initial_params(cfg):
-  """The learner's start for a config `train` runs: None (a fresh init), or for an offline
+  """The learner's start for a config `train` or `learn` runs: None (a fresh init), or for an
+  offline
   fine-tuning config (`finetune.pretrained` set, e.g. rerun from its workdir's config.json) the
   pretrained encoder with a fresh trunk and heads, as `finetune offline` starts it. An online
   fine-tuning config is not a `train` program: ConfigError."""
   if cfg.name.startswith('finetune_online'):
     raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
-                      'data); `train` runs the offline program. Use scaled-ql finetune online')
+                      'data); `train` and `learn` run the offline program. Use scaled-ql '
+                      'finetune online')
   if cfg.finetune.pretrained is None:
     return None
   from scaled_ql.agents import transfer
@@ -566,7 +571,9 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
   """(config, initial params or None) of an offline ('offline') or online ('online') fine-tuning
   run: `configs.finetune_offline/online` (Appendix B.4) of the base config (`config`, or the
   checkpoint's in `pretrained`), then the flags and `overrides` (recorded like --set). The
-  initial params are the pretrained encoder with a fresh trunk and heads (None: from scratch).
+  initial params are the pretrained encoder with a fresh trunk and heads (None: from scratch):
+  the encoder of the params the pretrained run's evaluators used, or of its online params with
+  `online_params` (`finetune.pretrained_online_params`).
   Everything is checked before returning, and every flag before the checkpoint's params are read
   (its config alone is read first); ConfigError names the flag at fault."""
   from scaled_ql import configs, games as games_lib
@@ -582,8 +589,6 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
     raise ConfigError('--pretrained is required (or --from-scratch with --config NAME)')
   if from_scratch and frozen_encoder:
     raise ConfigError('--encoder frozen needs a pretrained encoder (drop --from-scratch)')
-  if from_scratch and online_params:
-    raise ConfigError('--online-params needs a pretrained encoder (drop --from-scratch)')
   base = overrides_lib.load(config) if config is not None else None
   if pretrained is not None:
     # The checkpoint's config only: the params are read once every flag is checked.
@@ -637,12 +642,11 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
         pretrained, online=cfg.finetune.pretrained_online_params)
   except FileNotFoundError as e:  # (every checkpoint's arrays damaged: moved aside)
     raise ConfigError(f'--pretrained: {e}') from e
-  ema = loaded_cfg.agent.policy_params_ema
-  if ema > 0:
-    log('[finetune] the encoder of its ' + (
-        'online params (--online-params)' if cfg.finetune.pretrained_online_params else
-        f"params' moving average (agent.policy_params_ema={ema:g}), what its evaluators used; "
-        '--online-params: the online ones'))
+  from scaled_ql.agents import builder
+  online = cfg.finetune.pretrained_online_params
+  log(f'[finetune] the encoder of {builder.policy_params_label(loaded_cfg.agent, online)} of '
+      f'the pretrained run' + (' (finetune.pretrained_online_params)' if online else
+                               ', what its evaluators used'))
   if loaded != step:  # the newest did not load, or a running learner saved a newer one
     log(f'[finetune] the flags were checked against the config of step {step}; the encoder is '
         f'step {loaded}\'s')
