@@ -59,25 +59,16 @@ def resume_steps(starts: Sequence[Mapping[str, Any]]) -> list[int]:
   return [int(s.get('resumed_from_step', 0)) for s in starts]
 
 
-def lost_bounds(resumed_from: Sequence[int]) -> list[Optional[int]]:
-  """Per learner start L (lineage L): the step past which the params L published were lost, i.e.
-  the smallest step any later start resumed from (a later start trains the steps past its
-  checkpoint again, under a new lineage; the checkpoint's own step is the same params in both);
-  None when no start came after L. `report.lost_params` leaves out eval records past it, and an
-  evaluator that moves to a new lineage forgets what it evaluated past it
-  (`launch.nodes.first_lost_version`)."""
-  bounds, smallest = [None] * len(resumed_from), None
-  for lineage in reversed(range(len(resumed_from))):
-    bounds[lineage] = smallest
-    step = int(resumed_from[lineage])
-    smallest = step if smallest is None else min(smallest, step)
-  return bounds
-
-
 def lost_bound(resumed_from: Sequence[int], lineage: int) -> Optional[int]:
-  """`lost_bounds(resumed_from)[lineage]`, and None for a lineage the starts do not number
-  (unknown, -1, or above their count): nothing of it is taken as lost."""
-  return lost_bounds(resumed_from)[lineage] if 0 <= lineage < len(resumed_from) else None
+  """For learner start `lineage` (its index in `resume_steps`): the step past which the params it
+  published were lost, i.e. the smallest step any later start resumed from (a later start trains
+  the steps past its checkpoint again, under a new lineage; the checkpoint's own step is the same
+  params in both). None when no start came after it, or for a lineage the starts do not number
+  (unknown, -1, or above their count): nothing of it is taken as lost. `report.lost_params`
+  leaves out eval records past it, and an evaluator that moves to a new lineage forgets what it
+  evaluated past it (`launch.nodes.first_lost_version`)."""
+  later = resumed_from[lineage + 1:] if 0 <= lineage < len(resumed_from) else ()
+  return min(int(step) for step in later) if later else None
 
 
 class Logger(Protocol):

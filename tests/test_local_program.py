@@ -177,34 +177,45 @@ def test_final_params_a_round_already_evaluated_get_the_final_budget_too(tmp_pat
       assert all(row['budget'] == 50 for row in status['latest'].values())
 
 
+def _evaluator_rounds_around_a_restart(workdir, cfg, first_version, restart, what):
+  """An in-process EvaluatorNode on the config's first game: a round of params published at
+  `first_version` (lineage 0, the lost run's), then `restart(variables, params, node)` (what a
+  restarted learner publishes), then its second round, described by `what`. Returns its status."""
+  import jax
+  from scaled_ql.agents import builder
+  from polling import wait_for
+  params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
+  variables = LocalVariableServer()
+  variables.publisher().publish(params, first_version)
+  with local_program.crashes_kept_in_status():
+    node = nodes.EvaluatorNode(cfg, cfg.games[:1], variables, workdir, 0)  # one game
+    try:
+      wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
+               f"a round of the lost run's params of step {first_version}")
+      restart(variables, params, node)
+      wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60, what)
+      return node.status()
+    finally:
+      node.stop()
+
+
 def test_a_restarted_learners_params_of_steps_evaluated_before_are_evaluated_again(tmp_path):
   """The learner published 7 and was evaluated, then restarted from an older checkpoint and
   reached step 7 again: a new lineage (`launch/variable_server.py`). Its params of step 7 are
   other params than the lost run's, so they get a round of their own; before, the evaluator held
   version 7 as done and the run's curve kept the lost run's scores."""
-  import jax
-  from scaled_ql.agents import builder
   from scaled_ql.configs import get_config
-  from polling import wait_for
   assert nodes.forget_lost_versions(4, 9, -1) == (3, -1)  # steps from 4 on: the lost run's
   assert nodes.forget_lost_versions(12, 9, 9) == (9, 9)
   assert nodes.first_lost_version(str(tmp_path), 0, 7) == 7  # no learner start recorded
   cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_seconds=3600.0))
-  params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
-  variables = LocalVariableServer()
-  variables.publisher().publish(params, 7)
-  with local_program.crashes_kept_in_status():
-    node = nodes.EvaluatorNode(cfg, cfg.games[:1], variables, str(tmp_path), 0)  # one game
-    try:
-      wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
-               "a round of the lost run's params of step 7")
-      variables.publisher().publish(params, 7)  # the restarted learner, at step 7 again
-      node.wake()  # the next round now, not eval_every_seconds later
-      wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60,
-               "a round of the restarted learner's params of step 7")
-      status = node.status()
-    finally:
-      node.stop()
+
+  def restart(variables, params, node):
+    variables.publisher().publish(params, 7)  # the restarted learner, at step 7 again
+    node.wake()  # the next round now, not eval_every_seconds later
+
+  status = _evaluator_rounds_around_a_restart(
+      str(tmp_path), cfg, 7, restart, "a round of the restarted learner's params of step 7")
   assert status['error'] is None, status['error']
   assert (status['evaluated_version'], status['lineage']) == (7, 1)
   with open(os.path.join(tmp_path, 'eval', 'evaluator_0.jsonl')) as f:
@@ -224,31 +235,20 @@ def test_a_restarted_learners_params_first_fetched_past_its_resume_step_get_a_ro
   its round of step 8 no longer counts: 11 // 4 > 5 // 4, a round now. Forgetting from the
   fetched step (the rule before), or from the newest start's resume step (10), kept step 8 as
   evaluated, and the new run got no round before step 12."""
-  import jax
-  from scaled_ql.agents import builder
   from scaled_ql.configs import get_config
   from scaled_ql.eval import report
-  from polling import wait_for
   cfg = get_config('cpu_tiny').replace(eval=dict(steps_per_game=20, eval_every_steps=4))
-  params = builder.agent_networks(cfg).q.init(jax.random.PRNGKey(0), *builder.dummy_inputs())
   starts = os.path.join(tmp_path, 'learner_starts.jsonl')  # (what LearnerNode logs)
   with open(starts, 'w') as f:
     f.write('{"restart": 0, "resumed_from_step": 0}\n')
-  variables = LocalVariableServer()
-  variables.publisher().publish(params, 8)
-  with local_program.crashes_kept_in_status():
-    node = nodes.EvaluatorNode(cfg, cfg.games[:1], variables, str(tmp_path), 0)  # one game
-    try:
-      wait_for(lambda: node.status()['rounds'] == 1 or node.status()['error'], 120,
-               "a round of the lost run's params of step 8")
-      with open(starts, 'a') as f:
-        f.write('{"restart": 1, "resumed_from_step": 5}\n{"restart": 2, "resumed_from_step": 10}\n')
-      variables.publisher(lineage=2).publish(params, 11)  # lineage 1 was never fetched
-      wait_for(lambda: node.status()['rounds'] == 2 or node.status()['error'], 60,
-               "a round of the restarted learner's params of step 11")
-      status = node.status()
-    finally:
-      node.stop()
+
+  def restart(variables, params, node):
+    with open(starts, 'a') as f:
+      f.write('{"restart": 1, "resumed_from_step": 5}\n{"restart": 2, "resumed_from_step": 10}\n')
+    variables.publisher(lineage=2).publish(params, 11)  # lineage 1 was never fetched
+
+  status = _evaluator_rounds_around_a_restart(
+      str(tmp_path), cfg, 8, restart, "a round of the restarted learner's params of step 11")
   assert status['error'] is None, status['error']
   assert (status['evaluated_version'], status['lineage']) == (11, 2)
   # The evaluator's rule is the readers': lineage 0's round of step 8 is left out of the curves.

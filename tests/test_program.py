@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from scaled_ql import configs
+from scaled_ql import configs, loggers
 from scaled_ql.launch import finetune, nodes, program, run, variable_server
 
 from polling import wait_for  # tests/polling.py
@@ -404,13 +404,13 @@ def test_a_learner_restarting_from_the_same_checkpoint_again_and_again_ends_the_
   assert start(0, 2000) == 5  # the user runs the command again: a new program
   assert start(1, 2000) == 6
   start(2, 2000)
-  with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
+  with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
     assert [json.loads(line)['restart'] for line in f] == [0, 1, 2, 3, 4, 0, 1, 2]
-  with open(os.path.join(workdir, nodes.LEARNER_STARTS), 'a') as f:
+  with open(os.path.join(workdir, loggers.LEARNER_STARTS), 'a') as f:
     f.write('{"time": 1, "rest')  # torn by a kill
   with pytest.raises(nodes.NoProgressError):
     start(3, 2000)
-  with open(os.path.join(workdir, nodes.LEARNER_STARTS)) as f:
+  with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
     assert json.loads(f.read().splitlines()[-1])['restart'] == 3  # on a line of its own
 
 

@@ -489,8 +489,9 @@ def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
   say theirs (logs from before the fields) are counted, not taken for another protocol."""
   protocols: dict[str, list[EvalRecord]] = {}
   for r in records:
-    if r.protocol_label is not None:
-      protocols.setdefault(r.protocol_label, []).append(r)
+    label = r.protocol_label
+    if label is not None:
+      protocols.setdefault(label, []).append(r)
   unrecorded = len(records) - sum(map(len, protocols.values()))
   older = (f' {unrecorded} older record{"s name" if unrecorded > 1 else " names"} none.'
            if unrecorded and protocols else

@@ -365,9 +365,6 @@ class InserterNode(_LoopNode):
     self._stop_loop(timeout=2)
 
 
-LEARNER_STARTS = loggers.LEARNER_STARTS
-
-
 class NoProgressError(RuntimeError):
   """The learner restarted again and again from the same checkpoint: the run makes no progress."""
 
@@ -383,7 +380,7 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   divergence that recurs) would otherwise train the same interval again and again: restarts
   minutes or hours apart never make `crash_loop_restarts` within `crash_loop_window_s`."""
   import json
-  path = os.path.join(workdir, LEARNER_STARTS)
+  path = os.path.join(workdir, loggers.LEARNER_STARTS)
   starts = loggers.read_learner_starts(workdir) or []
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
   loggers.append_lines(path, [json.dumps(this)])
@@ -533,7 +530,7 @@ def forget_lost_versions(first_lost: int, *evaluated: int) -> tuple[int, ...]:
 def first_lost_version(workdir: str, held_lineage: int, version: int) -> int:
   """The first step of lost params, for an evaluator that held params of `held_lineage` and
   first fetches a newer lineage at step `version`: one past the smallest step that any learner
-  start after `held_lineage` resumed from (`loggers.lost_bounds`, the rule `report.lost_params`
+  start after `held_lineage` resumed from (`loggers.lost_bound`, the rule `report.lost_params`
   reads records by), and never past `version`.
 
   An evaluator busy with a round can first fetch the new lineage some steps past the resume step,

@@ -87,7 +87,6 @@ def validate(cfg) -> None:
     raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
                       f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
                       'table that never holds its warm-up never lets the learner sample')
-  from scaled_ql import games as games_lib
   from scaled_ql.datasets import rlds_reader, tfds_layout
   try:
     rlds_reader.parse_selection(cfg.data.selection)
