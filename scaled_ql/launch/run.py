@@ -122,7 +122,7 @@ def check_data(cfg) -> None:
   from scaled_ql import games as games_lib
   from scaled_ql.datasets import rlds_reader, tfds_layout
   try:
-    rlds_reader.parse_selection(cfg.data.selection)
+    selection = rlds_reader.parse_selection(cfg.data.selection)
   except ValueError as e:
     raise ConfigError(f'data.selection: {e}') from e
   data_dir = cfg.data.data_dir
@@ -138,7 +138,6 @@ def check_data(cfg) -> None:
                       f'{missing} (run {cfg.data.run}); it has: {have or "nothing"}')
   # Each game's dataset is prepared (dataset_info.json) and holds the selected splits: empty or
   # half-written game folders fail here, not later in a node that crash-loops on them.
-  selection = rlds_reader.parse_selection(cfg.data.selection)
   for game in cfg.games:
     try:
       builder = rlds_reader.load_builder(data_dir, game, cfg.data.run, cfg.data.builder)
