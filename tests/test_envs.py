@@ -126,6 +126,23 @@ def test_games_without_mode_zero_use_rom_default():
   assert env.reset().observation.shape == (84, 84, 4)
 
 
+@pytest.mark.parametrize('game, first, second', [('Centipede', 22, 86), ('Breakout', 0, 4)])
+def test_the_default_mode_is_the_roms_first_mode(game, first, second):
+  """`atari.default_mode` (ale-py has no getter for the mode in play): leaving the mode unset
+  plays the same frames as setting the ROM's first mode, not those of its second."""
+  from scaled_ql.envs import atari
+  assert atari.default_mode(game) == first
+  rng = np.random.default_rng(0)
+  actions = [int(a) for a in rng.integers(games.num_actions(game), size=300)]
+
+  def frames(mode):
+    env = AtariEnv(game, mode=mode, sticky_action_prob=0.0)
+    return np.stack([ts.observation for ts in _play(env, actions)])
+  unset = frames(None)
+  assert np.array_equal(unset, frames(first))
+  assert not np.array_equal(unset, frames(second))
+
+
 def test_every_game_resets_and_steps():
   # Not every ROM's screen is 210 x 160 (Carnival: 214 rows, Pooyan: 220): AtariEnv takes the
   # size from the ROM, so all 46 games of RL Unplugged give [84, 84, 4] observations.

@@ -372,6 +372,11 @@ def test_logs_and_run_report(tmp_path):
   # A CSV round trip through a spreadsheet: mode 12.0, empty cells.
   assert report.EvalRecord.from_dict(dict(lines[0], game_mode='12.0', max_episode_frames='',
                                           sticky_action_prob='')).game_mode == 12
+  # A game's default mode set explicitly is the default protocol (Breakout's 0, Centipede's 22).
+  for game, mode, same in (('Breakout', 0, True), ('Centipede', 22, True),
+                           ('Centipede', 86, False)):
+    label = dataclasses.replace(new, game=game, game_mode=mode).protocol_label
+    assert (label == new.protocol_label) == same, (game, mode, label)
 
 
 def record(game, version, normalized, evaluator_name='e0', episodes=1):

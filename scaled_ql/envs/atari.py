@@ -19,6 +19,7 @@ Like every dm_env environment, `step` after a LAST time step starts a new episod
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import cv2
@@ -39,6 +40,17 @@ ALEInterface.setLoggerMode(LoggerMode.Error)  # no banner per environment
 
 class InvalidGameSettingError(ValueError):
   """A mode/difficulty/option that the game's ROM does not support."""
+
+
+@functools.lru_cache(maxsize=None)
+def default_mode(game: str) -> int:
+  """The mode ALE plays when none is set (`mode=None`): the ROM's first available mode, as
+  ALE's `RomSettings::getDefaultMode` returns it (0 for most games; Centipede 22, Pooyan 10). ale-py
+  has no getter for the mode in play; tests/test_envs.py checks this against the frames."""
+  games_lib.check_games([game], 'game')
+  ale = ALEInterface()
+  ale.loadROM(roms.get_rom_path(games_lib.rom_id(game)))
+  return int(ale.getAvailableModes()[0])
 
 
 def preprocess_frame(frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
@@ -112,7 +124,7 @@ class AtariEnv(dm_env.Environment):
 
   @property
   def mode(self) -> Optional[int]:
-    """The mode set at construction; None = the ROM's default mode."""
+    """The mode set at construction; None = the ROM's default mode (`default_mode(game)`)."""
     return self._mode
 
   @property

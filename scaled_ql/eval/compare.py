@@ -81,7 +81,7 @@ def _final_scores(records: Sequence[report.EvalRecord], method: str, where: str)
     src.notes.append(f'{method}: final evaluation of each game, learner step '
                      f'{min(steps)}' + (f'..{max(steps)}' if max(steps) != min(steps) else ''))
   src.method = method
-  src.protocols = sorted({r.protocol_label for r in used if r.protocol_label is not None})
+  src.protocols = sorted(report.by_protocol(used))
   if len(src.protocols) > 1:
     src.notes.append(f'{method}: its final evaluations mix protocols: ' +
                      ' | '.join(src.protocols))

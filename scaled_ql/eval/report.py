@@ -115,10 +115,14 @@ class EvalRecord:
   @property
   def protocol_label(self) -> Optional[str]:
     """The protocol of this record in words, e.g. 'mode 12, no sticky actions, 108000-frame
-    cap, epsilon 0.001'; None when the record does not say (a log older than the fields)."""
+    cap, epsilon 0.001'; None when the record does not say (a log older than the fields). A mode
+    equal to the game's default (`envs.atari.default_mode`) reads as the default."""
     if self.sticky_action_prob is None:
       return None
-    mode = "the ROM's default mode" if self.game_mode is None else f'mode {self.game_mode}'
+    from scaled_ql.envs import atari  # (the ROM's mode list; ale-py only where labels are made)
+    # Mode 0 set explicitly is Breakout's default, and the same protocol as leaving it unset.
+    mode = ("the ROM's default mode" if self.game_mode in (None, atari.default_mode(self.game))
+            else f'mode {self.game_mode}')
     sticky = (f'sticky actions {self.sticky_action_prob:g}' if self.sticky_action_prob
               else 'no sticky actions')
     cap = (f'{self.max_episode_frames}-frame cap' if self.max_episode_frames
@@ -482,16 +486,23 @@ def _run_markdown(workdir: str, logs: EvalLogs, c: Curves, paths: dict[str, str]
   return '\n'.join(lines)
 
 
-def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
-  """The Markdown lines that name the records' evaluation protocol (`EvalRecord.protocol_label`);
-  a warning, with each protocol's games and learner steps, when they mix several (the curves and
-  the aggregate pool every record of a game and step, whatever its protocol). Records that do not
-  say theirs (logs from before the fields) are counted, not taken for another protocol."""
+def by_protocol(records: Iterable[EvalRecord]) -> dict[str, list[EvalRecord]]:
+  """The records of each evaluation protocol (`EvalRecord.protocol_label`), in order of first
+  appearance; records that do not name theirs (logs from before the fields) are left out."""
   protocols: dict[str, list[EvalRecord]] = {}
   for r in records:
     label = r.protocol_label
     if label is not None:
       protocols.setdefault(label, []).append(r)
+  return protocols
+
+
+def protocol_lines(records: Sequence[EvalRecord]) -> list[str]:
+  """The Markdown lines that name the records' evaluation protocol (`EvalRecord.protocol_label`);
+  a warning, with each protocol's games and learner steps, when they mix several (the curves and
+  the aggregate pool every record of a game and step, whatever its protocol). Records that do not
+  say theirs (logs from before the fields) are counted, not taken for another protocol."""
+  protocols = by_protocol(records)
   unrecorded = len(records) - sum(map(len, protocols.values()))
   older = (f' {unrecorded} older record{"s name" if unrecorded > 1 else " names"} none.'
            if unrecorded and protocols else
