@@ -69,10 +69,11 @@ def test_actor_explores_by_the_schedule_of_the_param_version(cfg, params):
   assert greedy == {int(want[0])}
 
 
-def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
+def test_environment_loop_writes_each_step_into_reverb_as_it_comes(cfg, params):
   server = rt.make_server(cfg)
   address = f'localhost:{server.port}'
   adder = rt.EpisodeAdder(lambda: address, cfg, GAME)
+  n_step, chunk = cfg.agent.n_step, cfg.data.reverb_chunk_length
   try:
     env, actor, _ = make_actor(cfg, params, 1.0, adder=adder, seed=3)
     stop_after = [None]  # env steps after which should_stop() says yes
@@ -82,12 +83,26 @@ def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
 
     loop = actors.EnvironmentLoop(env, actor, should_stop=should_stop)
     # The loop counts a step before the adder writes it: a status read from another thread
-    # (items first, then env_steps) never shows more items than steps.
-    observe, ahead = actor.observe, []
-    actor.observe = lambda *a: (observe(*a), ahead.append(adder.items - loop.env_steps))[0]
+    # (items first, then env_steps) never shows more items than steps. At step 40 the episode
+    # is not over, and its transitions but the last few (n-step windows still open, a chunk and
+    # a flush's worth in flight) are already in the table: the learner need not wait for the
+    # episode's end.
+    observe, ahead, mid_episode = actor.observe, [], []
+
+    def observe_and_check(action, next_timestep):
+      observe(action, next_timestep)
+      ahead.append(adder.items - loop.env_steps)
+      if loop.env_steps == 40:
+        assert not next_timestep.last()
+        mid_episode.append((adder.items, rt.table_sizes(address, [GAME])[GAME]))
+    actor.observe = observe_and_check
     episode_return = loop.run_episode()
     assert ahead and max(ahead) <= 0, max(ahead)
-    assert loop.episodes == 1 and loop.env_steps > 0 and loop.returns == [episode_return]
+    assert mid_episode[0][0] == 40 - n_step  # the items of the windows complete at step 40
+    in_flight = chunk + tr.window_length(n_step) + rt.FLUSH_EVERY_ITEMS
+    assert mid_episode[0][0] - in_flight <= mid_episode[0][1] <= mid_episode[0][0], mid_episode
+    assert mid_episode[0][1] > 0
+    assert loop.episodes == 1 and loop.env_steps > 40 and loop.returns == [episode_return]
     size = rt.table_sizes(address, [GAME])[GAME]
     # One item per transition: every env step of the episode.
     assert adder.items == size == loop.env_steps and adder.lost_episodes == 0
@@ -96,17 +111,17 @@ def test_environment_loop_writes_whole_episodes_into_reverb(cfg, params):
     rewards = _item_rewards(address, size)
     assert episode_return > 0  # (seed 3 scores) so the sum below checks something
     assert sum(rewards.values()) == pytest.approx(episode_return)
-    # An episode stopped halfway is dropped: nothing of it reaches the table.
+    # An episode stopped halfway keeps the transitions whose n-step windows it completed (5
+    # steps: the first 5 - n), sent when the next episode starts.
     stop_after[0] = loop.env_steps + 5
-    assert loop.run_episode() is None
-    assert rt.table_sizes(address, [GAME])[GAME] == size and loop.episodes == 1
-    # The buffered steps own their one frame each: a view would keep each step's 4-frame stack.
-    buffered = adder._steps  # pylint: disable=protected-access
-    assert buffered and all(s['observation'].base is None for s in buffered)
-    assert all(s['observation'].shape == (84, 84, 1) for s in buffered)
-    stop_after[0] = None
+    assert loop.run_episode() is None and loop.episodes == 1
+    assert adder.items == size + 5 - n_step
+    stop_after[0], before = None, loop.env_steps
     loop.run_episode()
-    assert rt.table_sizes(address, [GAME])[GAME] > size and loop.episodes == 2
+    assert loop.episodes == 2
+    total = size + 5 - n_step + loop.env_steps - before
+    assert rt.table_sizes(address, [GAME])[GAME] == adder.items == total
+    assert adder.lost_episodes == 0
   finally:
     adder.close()
     server.stop()

@@ -75,8 +75,8 @@ class VariableSource(Protocol):
 
 class Adder(Protocol):
   """Where an actor's experience goes (Acme's adder): the first timestep of an episode (which
-  also drops an unfinished one), then each action with the timestep it led to
-  (datasets.reverb_tables.EpisodeAdder writes finished episodes into Reverb)."""
+  also ends an unfinished one where it stopped), then each action with the timestep it led to
+  (datasets.reverb_tables.EpisodeAdder writes each step into Reverb as it comes)."""
 
   def add_first(self, timestep: dm_env.TimeStep) -> None:
     ...
@@ -168,9 +168,9 @@ class EnvironmentLoop:
   starts with the newest params (`update(wait=True)`); within it the actor updates every step
   without waiting.
 
-  `should_stop()` is checked before every step; an episode it cuts short is dropped (an adder
-  writes an episode only at its last timestep and starts over at `add_first`) and `run_episode`
-  returns None."""
+  `should_stop()` is checked before every step; an episode it cuts short is not counted and
+  `run_episode` returns None (what the adder wrote of it stays: `EpisodeAdder` keeps the
+  transitions whose n-step windows it completed)."""
 
   def __init__(self, env: dm_env.Environment, actor: EpsilonGreedyActor,
                should_stop: Callable[[], bool] = lambda: False):

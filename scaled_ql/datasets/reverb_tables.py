@@ -113,7 +113,8 @@ class TablePacing:
   lets samples through at `batch_size / update_period` per insert, starting with one batch at
   `warmup` inserts: a learner ahead of the actors waits in its sampler. The insert side has
   `slack_steps` gradient steps of slack: an actor that is that far ahead of the samples waits in
-  its writer (it writes whole episodes, so it runs ahead by at most one episode more).
+  its writer (`EpisodeAdder` writes each step as it comes, and waits every FLUSH_EVERY_ITEMS
+  items, so it runs ahead by at most that many items more).
 
   Both sides count on the server: a restarted (empty) server starts a new warm-up for both by
   itself. A restarted learner resumes at its checkpoint step while the server still counts the
@@ -421,40 +422,66 @@ def _wait_confirmed(wait, stop: Optional[threading.Event],
         while_waiting()
 
 
+def _append_records(writer, table: str, records: Iterable[tuple[Any, bool]], width: int,
+                    chunk_length: int, created: int, stop: Optional[threading.Event] = None,
+                    while_waiting: Optional[Callable[[], None]] = None) -> int:
+  """Appends (record, window_ends_here) pairs (`transitions.RecordStream`) and an item over the
+  last `width` records wherever a window ends; every FLUSH_EVERY_ITEMS-th item (counting from
+  `created`, the items made before) waits for the server, where a paced table's rate limiter
+  holds the writer back. Returns `created` plus the items made."""
+  for record, window_ends in records:
+    writer.append({RECORD_COLUMN: tr.pack_record(record)})
+    if window_ends:
+      writer.create_item(table=table, priority=1.0,
+                         trajectory={RECORD_COLUMN: writer.history[RECORD_COLUMN][-width:]})
+      created += 1
+      if created % FLUSH_EVERY_ITEMS == 0:
+        _wait_confirmed(lambda t: writer.flush(block_until_num_items=chunk_length + width,
+                                               timeout_ms=t), stop, while_waiting)
+  return created
+
+
+def _end_episode(writer, stop: Optional[threading.Event] = None,
+                 while_waiting: Optional[Callable[[], None]] = None) -> None:
+  """Sends an episode's last items and starts a new trajectory (no window spans two)."""
+  _wait_confirmed(lambda t: writer.flush(timeout_ms=t), stop, while_waiting)
+  writer.end_episode()
+
+
 def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
                   chunk_length: int, stop: Optional[threading.Event] = None,
                   while_waiting: Optional[Callable[[], None]] = None, per_item: int = 1) -> int:
-  """Appends one episode's records (padding included) and one item per `per_item` transitions.
+  """Appends one whole episode's records (padding included) and one item per `per_item`
+  transitions (the offline inserters; an actor writes a step at a time, `EpisodeAdder`).
 
   Returns the number of items created (= transitions when per_item = 1). With `stop`, waits on
   the server (a paced table's rate limiter) end with `InsertStopped` once it is set, and call
   `while_waiting()` every 0.5 s.
   """
-  width = tr.window_length(n_step, per_item)
-  items = 0
-  for record, window_ends in tr.padded_step_records(steps, n_step, per_item):
-    writer.append({RECORD_COLUMN: tr.pack_record(record)})
-    if window_ends:
-      writer.create_item(table=table, priority=1.0,
-                         trajectory={RECORD_COLUMN: writer.history[RECORD_COLUMN][-width:]})
-      items += 1
-      if items % FLUSH_EVERY_ITEMS == 0:
-        _wait_confirmed(lambda t: writer.flush(block_until_num_items=chunk_length + width,
-                                               timeout_ms=t), stop, while_waiting)
-  _wait_confirmed(lambda t: writer.flush(timeout_ms=t), stop, while_waiting)
-  writer.end_episode()
+  items = _append_records(writer, table, tr.padded_step_records(steps, n_step, per_item),
+                          tr.window_length(n_step, per_item), chunk_length, 0, stop,
+                          while_waiting)
+  _end_episode(writer, stop, while_waiting)
   return items
 
 
 class EpisodeAdder:
-  """Acme's adder seam for the fine-tuning actors (`agents.actors.Adder`): collects one episode's
-  timesteps and writes the finished episode into `game`'s table, in the record format of the
-  offline inserters (so the learner's `stratified_batches` samples both alike).
+  """Acme's adder seam for the fine-tuning actors (`agents.actors.Adder`): writes each step into
+  `game`'s table as it comes, in the record format of the offline inserters
+  (`transitions.RecordStream`), so the learner's `stratified_batches` samples both alike. A
+  transition is an item once its n-step window is complete, and reaches the server with its
+  chunk (`data.reverb_chunk_length` records), so the learner can sample it about n + chunk
+  steps after it happened, not only after its episode ends.
 
   `address()` is asked for the server's address on every (re)connection. A server that goes away
-  loses the episode being written (counted in `lost_episodes`); the next one reconnects. `stop`
-  ends a write held back by a paced table (the episode is dropped); `while_waiting()` runs every
-  0.5 s of such a wait (an actor refreshes its params there)."""
+  loses the rest of the episode being written (counted in `lost_episodes`; its items written
+  before stay, and those in flight may be lost with the server); the next episode reconnects.
+  `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
+  `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
+  episode left unfinished keeps the items of its complete windows when the next one starts
+  (`add_first`); `close` drops what is still in flight. `items` counts the items created
+  (those still in flight included) by the steps whose write ended without a stop or a lost
+  server."""
 
   def __init__(self, address: Callable[[], str], cfg: ExperimentConfig, game: str,
                stop: Optional[threading.Event] = None, name: str = 'adder',
@@ -464,14 +491,17 @@ class EpisodeAdder:
     self._stop, self._name = stop, name
     self.while_waiting = while_waiting
     self._writer = None
-    self._steps: list[dict] = []
+    self._stream: Optional[tr.RecordStream] = None  # None: no episode, or the rest dropped
     self._observation = None
     self.items = 0
     self.lost_episodes = 0
 
   def add_first(self, timestep) -> None:
-    """Starts an episode (an unfinished one before it is dropped)."""
-    self._steps, self._observation = [], timestep.observation
+    """Starts an episode; an unfinished one before it ends where it stopped."""
+    if self._stream is not None and self._stream.num_steps:
+      self._guarded(self._end_trajectory)
+    self._stream = tr.RecordStream(self._cfg.agent.n_step, self._cfg.data.transitions_per_item)
+    self._observation = timestep.observation
 
   def add(self, action: int, next_timestep) -> None:
     """RLDS steps: step i holds observation i, the action taken there and the reward that
@@ -479,18 +509,13 @@ class EpisodeAdder:
     environment's discount is 0, not when the episode was truncated)."""
     if self._observation is None:
       raise RuntimeError('EpisodeAdder.add before add_first')
-    # A copy of the newest frame: a view would keep the whole 4-frame stack alive, 4x the memory
-    # of a buffered episode (~760 MB instead of ~190 MB for a 27k-step one).
-    self._steps.append(dict(observation=self._observation[..., -1:].copy(), action=int(action),
-                            reward=float(next_timestep.reward), is_first=not self._steps,
-                            is_last=False, is_terminal=False))
+    self._write(dict(observation=self._observation[..., -1], action=int(action),
+                     reward=float(next_timestep.reward), is_last=False, is_terminal=False))
     self._observation = next_timestep.observation
     if next_timestep.last():
-      self._steps.append(dict(observation=self._observation[..., -1:].copy(), action=0, reward=0.0,
-                              is_first=False, is_last=True,
-                              is_terminal=bool(next_timestep.discount == 0.0)))
-      steps, self._steps, self._observation = self._steps, [], None
-      self._write(steps)
+      self._write(dict(observation=self._observation[..., -1], action=0, reward=0.0,
+                       is_last=True, is_terminal=bool(next_timestep.discount == 0.0)))
+      self._observation = None
 
   def reconnect(self) -> None:
     """The next episode goes through a new client and writer (e.g. after a server restart)."""
@@ -501,23 +526,49 @@ class EpisodeAdder:
         pass
     self._writer = None
 
-  def _write(self, steps: list) -> None:
+  def _write(self, step: dict) -> None:
+    """Appends one step's records to the episode's trajectory and creates the items they end."""
+    if self._stream is None:  # the rest of a dropped episode
+      return
+    records = self._stream.push(step)
+    last = self._stream.last_seen
+    if last:
+      records += self._stream.end()
+    self._guarded(lambda: self._append(records, last))
+
+  def _append(self, records: list, last: bool) -> None:
     import reverb
     n_step, chunk_length = self._cfg.agent.n_step, self._cfg.data.reverb_chunk_length
     per_item = self._cfg.data.transitions_per_item
     if self._writer is None:
       self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length, per_item)
+    self.items = _append_records(self._writer, self._table, records,
+                                 tr.window_length(n_step, per_item), chunk_length, self.items,
+                                 self._stop, self.while_waiting)
+    if last:
+      self._end_trajectory()
+
+  def _end_trajectory(self) -> None:
+    self._stream = None
+    if self._writer is not None:
+      _end_episode(self._writer, self._stop, self.while_waiting)
+
+  def _guarded(self, write: Callable[[], None]) -> None:
+    """Runs `write`; a stop request or a lost server drops the rest of the episode."""
+    import reverb
     try:
-      self.items += write_episode(self._writer, self._table, steps, n_step, chunk_length,
-                                  stop=self._stop, while_waiting=self.while_waiting,
-                                  per_item=per_item)
+      write()
     except InsertStopped:
-      self.lost_episodes += 1
+      self._drop()
     except (reverb.errors.ReverbError, RuntimeError) as e:
-      # The server went away: drop this episode, reconnect for the next one.
+      # The server went away: drop the rest of this episode, reconnect for the next one.
       log.warning('%s lost the Reverb server (%s); reconnecting', self._name, type(e).__name__)
-      self.lost_episodes += 1
-      self._writer = None
+      self._drop()
+
+  def _drop(self) -> None:
+    self.lost_episodes += 1
+    self._stream = None
+    self.reconnect()  # the trajectory is cut where it was: the next episode starts anew
 
   def close(self) -> None:
     self.reconnect()

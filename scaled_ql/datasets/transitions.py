@@ -12,7 +12,7 @@ observation, RLDS convention) is padded with STACK-1 = 3 empty records before st
 no stacking across episode starts, Dopamine's convention, the env pads the same way) and n-1 empty
 records after step L, so that every transition t = 0..L-1 has a full window; an episode of L+1 steps
 gives L + n + 3 records and L transitions. The Reverb inserter appends exactly these records and
-creates an item over the last `n + STACK` records wherever `padded_step_records` says so; the numpy
+creates an item over the last `n + STACK` records wherever `RecordStream` says so; the numpy
 reference `episode_transitions` cuts the same windows in memory. Both go through
 `windows_to_frame_windows` (rewards, discounts, K), so the two paths cannot disagree; the learner
 stacks the frames on its device (`FrameWindows.to_transition`), the reference with numpy
@@ -89,57 +89,80 @@ def _frame(observation: np.ndarray) -> np.ndarray:
   return obs
 
 
-def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
-                        ) -> Iterator[tuple[StepRecords, bool]]:
-  """Streams one episode's records (padding included) as (record, window_ends_here) pairs.
+class RecordStream:
+  """One episode's records (padding included), a step at a time: `push(step)` returns the
+  (record, window_ends_here) pairs the step completes and `end()` those of the padding after the
+  last step. An actor's adder writes them as its environment steps (`EpisodeAdder`), so the
+  learner can sample a transition n steps after it happened; `padded_step_records` is the same
+  stream over a whole episode.
 
-  `steps` yields RLDS steps as dicts with 'observation' uint8 [84,84(,1)], 'action', 'reward',
-  'is_last', 'is_terminal' (and optionally 'is_first'). `window_ends_here` is True when the
-  `window_length(n_step, per_item)` most recent records (this one included) form an item: the
-  windows of transitions t0 .. t0+per_item-1 for t0 = 0, per_item, 2 per_item, ... (one item per
-  transition when per_item = 1). The episode's last item may reach past its last transition:
-  per_item - 1 more padding records are appended at the end, and `windows_to_frame_windows`
-  repeats the item's last transition in those places.
+  `window_ends_here` is True when the `window_length(n_step, per_item)` most recent records (this
+  one included) form an item: the windows of transitions t0 .. t0+per_item-1 for t0 = 0,
+  per_item, 2 per_item, ... (one item per transition when per_item = 1). The episode's last item
+  may reach past its last transition: per_item - 1 more padding records are appended at the end,
+  and `windows_to_frame_windows` repeats the item's last transition in those places.
   Raises ValueError on an episode that does not end with is_last, has steps after it, or marks a
   non-last step terminal (not the RLDS convention).
   """
-  width = window_length(n_step, per_item)
-  emitted_records = 0
-  num_steps = 0
-  last_seen = False
 
-  def emit(record):
-    nonlocal emitted_records
-    emitted_records += 1
+  def __init__(self, n_step: int, per_item: int = 1):
+    self.width = window_length(n_step, per_item)
+    self._trailing = n_step - 1 + per_item - 1
+    self._per_item = per_item
+    self._emitted = 0  # records, padding included
+    self.num_steps = 0
+    self.last_seen = False
+
+  def _emit(self, record: StepRecords) -> tuple[StepRecords, bool]:
+    self._emitted += 1
     # The item of transitions t0 .. t0+per_item-1 ends at record t0 + per_item + n + 2; records
     # before it are history. Its first transition must exist: step t0 is not the last step.
-    t0 = emitted_records - width
-    ends = t0 >= 0 and t0 % per_item == 0 and not (last_seen and t0 >= num_steps - 1)
+    t0 = self._emitted - self.width
+    ends = (t0 >= 0 and t0 % self._per_item == 0
+            and not (self.last_seen and t0 >= self.num_steps - 1))
     return record, ends
 
-  for _ in range(STACK - 1):
-    yield padding_record(), False
-    emitted_records += 1
-  for step in steps:
-    if last_seen:
+  def push(self, step: Mapping[str, Any]) -> list[tuple[StepRecords, bool]]:
+    """The records of RLDS step `step` (a dict with 'observation' uint8 [84,84(,1)], 'action',
+    'reward', 'is_last', 'is_terminal' and optionally 'is_first'); the first step's come after
+    the STACK - 1 padding records before the episode."""
+    if self.last_seen:
       raise ValueError('episode has steps after its is_last step')
     is_last = bool(step['is_last'])
     is_terminal = bool(step['is_terminal'])
     if is_terminal and not is_last:
-      raise ValueError(f'step {num_steps} is terminal but not last (RLDS marks only the last)')
-    if num_steps == 0 and 'is_first' in step and not bool(step['is_first']):
+      raise ValueError(f'step {self.num_steps} is terminal but not last (RLDS marks only the '
+                       'last)')
+    if self.num_steps == 0 and 'is_first' in step and not bool(step['is_first']):
       raise ValueError('episode does not start with an is_first step')
     record = StepRecords(frame=_frame(step['observation']), action=np.int32(step['action']),
                          reward=np.float32(step['reward']), terminal=np.bool_(is_terminal),
                          valid=np.bool_(True))
-    num_steps += 1
-    last_seen = is_last
+    out = []
+    if self._emitted == 0:
+      out = [(padding_record(), False) for _ in range(STACK - 1)]
+      self._emitted = STACK - 1
+    self.num_steps += 1
+    self.last_seen = is_last
     # Step s ends the window of transition s - n; that exists iff s - n >= 0 (s <= L always).
-    yield emit(record)
-  if not last_seen:
-    raise ValueError(f'episode ended after {num_steps} steps without an is_last step')
-  for _ in range(n_step - 1 + per_item - 1):
-    yield emit(padding_record())
+    out.append(self._emit(record))
+    return out
+
+  def end(self) -> list[tuple[StepRecords, bool]]:
+    """The padding records after the episode's last step (which must have been pushed)."""
+    if not self.last_seen:
+      raise ValueError(f'episode ended after {self.num_steps} steps without an is_last step')
+    return [self._emit(padding_record()) for _ in range(self._trailing)]
+
+
+def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
+                        ) -> Iterator[tuple[StepRecords, bool]]:
+  """Streams one whole episode's records (padding included) as (record, window_ends_here) pairs:
+  `RecordStream` over the RLDS steps `steps` (its docstring says which records end an item)."""
+  stream = RecordStream(n_step, per_item)
+  for step in steps:
+    yield from stream.push(step)
+  yield from stream.end()
 
 
 # Reverb stores each record as ONE uint8 column of RECORD_BYTES: the frame, then action (int32),

@@ -9,7 +9,7 @@ paced learner below (`build_args`):
 
        actor_0 .. actor_{A-1}     (FinetuneActorNode: AtariEnv(game, mode), epsilon-greedy with the
               |                    newest params, epsilon decaying with the learner step;
-              |                    finished episodes -> the game's Reverb table)
+              |                    each step -> the game's Reverb table)
            replay                 (ReverbNode: capacity = data.shuffle_buffer_per_game)
               |  stratified_batches (one game: plain uniform batches of 32)
            learner                (FinetuneLearnerNode: C51 without CQL, n-step 3; its sampler

@@ -698,7 +698,7 @@ class EvaluatorNode(_LoopNode):
 class FinetuneActorNode(_LoopNode):
   """Wiring, restarts and status around `agents.actors.EpsilonGreedyActor`: acts in a new
   environment (game + mode) with the newest params (sticky actions 0.25, like the data
-  collection) and writes every finished episode into the Reverb table of that game
+  collection) and writes each step into the Reverb table of that game as it comes
   (`reverb_tables.EpisodeAdder`, the offline inserters' record format). The game must be one of
   `cfg.games` (its game_id and action set come from the config). Pacing is the table's
   (`reverb_tables.TablePacing`): an actor ahead of the learner waits in its writer."""
