@@ -122,6 +122,16 @@ def test_environment_loop_writes_each_step_into_reverb_as_it_comes(cfg, params):
     total = size + 5 - n_step + loop.env_steps - before
     assert rt.table_sizes(address, [GAME])[GAME] == adder.items == total
     assert adder.lost_episodes == 0
+    # Closed in the middle of an episode (a node that stops while its loop makes one more step):
+    # the rest of the episode is dropped and counted; no new writer takes it up without the
+    # records its windows need.
+    adder.add_first(env.reset())
+    for _ in range(5):
+      adder.add(0, env.step(0))
+    adder.close()
+    for _ in range(5):
+      adder.add(0, env.step(0))
+    assert adder.items == total + 5 - n_step and adder.lost_episodes == 1
   finally:
     adder.close()
     server.stop()

@@ -126,7 +126,9 @@ def test_games_without_mode_zero_use_rom_default():
   assert env.reset().observation.shape == (84, 84, 4)
 
 
-@pytest.mark.parametrize('game, first, second', [('Centipede', 22, 86), ('Breakout', 0, 4)])
+@pytest.mark.parametrize('game, first, second', [
+    ('Breakout', 0, 4), ('Centipede', 22, 86), ('BattleZone', 1, 2), ('DemonAttack', 1, 3),
+    ('NameThisGame', 8, 24), ('Pooyan', 10, 30)])
 def test_the_default_mode_is_the_roms_first_mode(game, first, second):
   """`atari.default_mode` (ale-py has no getter for the mode in play): leaving the mode unset
   plays the same frames as setting the ROM's first mode, not those of its second."""

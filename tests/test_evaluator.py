@@ -438,13 +438,27 @@ def test_records_of_params_a_learner_restart_lost_are_left_out(tmp_path):
   assert cli.main(['report', 'run', str(tmp_path)]) == 0
   md = open(tmp_path / 'report' / 'summary.md').read()
   assert 'Records of params lost to a learner restart, left out: 2.' in md
-  # A CSV begun before records had a lineage keeps its columns when appended to; a CSV that is
-  # not an evaluation CSV is refused (its rows would be mostly blank).
+  # A CSV begun before records had a lineage and a protocol gets their columns when appended to,
+  # its old rows the values that read back as not recorded; a CSV that is not an evaluation CSV
+  # is refused (its rows would be mostly blank).
   old = tmp_path / 'old.csv'
-  old.write_text(','.join(f for f in report.CSV_FIELDS if f != 'param_lineage') + '\n')
-  report.append_csv(str(old), recs[:1])
-  header, row = old.read_text().splitlines()
-  assert len(row.split(',')) == len(header.split(',')) == len(report.CSV_FIELDS) - 1
+  newer = ('param_lineage', 'game_mode', 'sticky_action_prob', 'max_episode_frames')
+  kept = [f for f in report.CSV_FIELDS if f not in newer]
+  with open(old, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=kept, lineterminator='\n')
+    writer.writeheader()
+    writer.writerow({k: v for k, v in dataclasses.asdict(recs[0]).items() if k in kept})
+  played = dataclasses.replace(recs[1], game_mode=12, sticky_action_prob=0.0,
+                               max_episode_frames=400)
+  report.append_csv(str(old), [played])
+  with open(old, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == kept + list(newer)
+  assert [r['game_mode'] for r in rows] == ['', '12'] and rows[0]['param_lineage'] == '-1'
+  read = report.read_csv(str(old))
+  assert read[0] == dataclasses.replace(recs[0], param_lineage=-1)
+  assert read[0].protocol_label is None
+  assert read[1] == played and read[1].protocol_label.startswith('mode 12, no sticky actions')
   (tmp_path / 'other.csv').write_text('method,game,score\n')
   (tmp_path / 'binary.csv').write_bytes(b'\xff\xfe\x00\x81')
   for other in ('other.csv', 'binary.csv'):

@@ -42,9 +42,13 @@ def play(adder, steps):
     return np.repeat(step['observation'], 4, axis=-1)
   adder.add_first(dm_env.restart(stack(steps[0])))
   for step, following in zip(steps, steps[1:]):
-    end = following['is_last'] and following['is_terminal']
-    adder.add(step['action'], (dm_env.termination if end else dm_env.transition)(
-        step['reward'], stack(following)))
+    if not following['is_last']:
+      timestep = dm_env.transition(step['reward'], stack(following))
+    elif following['is_terminal']:
+      timestep = dm_env.termination(step['reward'], stack(following))
+    else:
+      timestep = dm_env.truncation(step['reward'], stack(following))
+    adder.add(step['action'], timestep)
 
 
 def table_counts(address):

@@ -120,6 +120,19 @@ def test_record_stream_counts_and_padding():
   assert sum(end for _, end in stream) == 4  # one window per step but the last
   assert [bool(r.valid) for r, _ in stream] == [False] * 3 + [True] * 5 + [False] * 2
   assert all(not r.frame.any() for r, _ in stream if not r.valid)
+  # A step at a time (an actor's adder): step s ends the window of transition s - 3, so the
+  # first item ends with the 4th step; `end` comes after the last step only, and once.
+  one_by_one = tr.RecordStream(n_step=3)
+  pushed = [one_by_one.push(step) for step in tr.split_steps(steps)]
+  assert [[end for _, end in p] for p in pushed] == [[False] * 4, [False], [False], [True],
+                                                     [True]]
+  assert [end for _, end in one_by_one.end()] == [True, True]
+  with pytest.raises(ValueError, match='ended already'):
+    one_by_one.end()
+  unfinished = tr.RecordStream(n_step=3)
+  unfinished.push(next(iter(tr.split_steps(steps))))
+  with pytest.raises(ValueError, match='without an is_last'):
+    unfinished.end()
 
 
 def test_bad_episodes_raise():

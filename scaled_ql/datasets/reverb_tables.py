@@ -113,8 +113,9 @@ class TablePacing:
   lets samples through at `batch_size / update_period` per insert, starting with one batch at
   `warmup` inserts: a learner ahead of the actors waits in its sampler. The insert side has
   `slack_steps` gradient steps of slack: an actor that is that far ahead of the samples waits in
-  its writer (`EpisodeAdder` writes each step as it comes, and waits every FLUSH_EVERY_ITEMS
-  items, so it runs ahead by at most that many items more).
+  its writer (`EpisodeAdder` writes each step as it comes and waits on every FLUSH_EVERY_ITEMS-th
+  item until at most chunk + window items are unconfirmed, so it runs ahead by at most ~22 items
+  more in cpu configs: 7 + 8 + 7).
 
   Both sides count on the server: a restarted (empty) server starts a new warm-up for both by
   itself. A restarted learner resumes at its checkpoint step while the server still counts the
@@ -402,7 +403,8 @@ def make_writer(client, n_step: int, chunk_length: int, per_item: int = 1):
 
 
 class InsertStopped(Exception):
-  """`write_episode` gave up waiting on a paced table's rate limiter because `stop` was set."""
+  """A writer (`write_episode`, `EpisodeAdder`) gave up waiting on a paced table's rate limiter
+  because `stop` was set."""
 
 
 def _wait_confirmed(wait, stop: Optional[threading.Event],
@@ -443,9 +445,10 @@ def _append_records(writer, table: str, records: Iterable[tuple[Any, bool]], wid
 
 def _end_episode(writer, stop: Optional[threading.Event] = None,
                  while_waiting: Optional[Callable[[], None]] = None) -> None:
-  """Sends an episode's last items and starts a new trajectory (no window spans two)."""
-  _wait_confirmed(lambda t: writer.flush(timeout_ms=t), stop, while_waiting)
-  writer.end_episode()
+  """Sends an episode's last items and starts a new trajectory (no window spans two). Waits in
+  0.5-s slices when `stop` is given (a timed-out `end_episode` has reset the trajectory all the
+  same; a later slice only waits for what is still in flight)."""
+  _wait_confirmed(lambda t: writer.end_episode(timeout_ms=t), stop, while_waiting)
 
 
 def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
@@ -479,9 +482,9 @@ class EpisodeAdder:
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
-  (`add_first`); `close` drops what is still in flight. `items` counts the items created
-  (those still in flight included) by the steps whose write ended without a stop or a lost
-  server."""
+  (`add_first`); `close` (or `reconnect`) in the middle of an episode drops its rest and what is
+  still in flight, and counts it in `lost_episodes`. `items` counts the items created, those in
+  flight included (a stop or a lost server can lose some of them)."""
 
   def __init__(self, address: Callable[[], str], cfg: ExperimentConfig, game: str,
                stop: Optional[threading.Event] = None, name: str = 'adder',
@@ -518,7 +521,12 @@ class EpisodeAdder:
       self._observation = None
 
   def reconnect(self) -> None:
-    """The next episode goes through a new client and writer (e.g. after a server restart)."""
+    """Closes the writer: the next episode goes through a new client and writer (e.g. after a
+    server restart); the rest of an episode in progress is dropped (it cannot go on in a new
+    trajectory: its windows need the records before)."""
+    if self._stream is not None and self._stream.num_steps:
+      self.lost_episodes += 1
+    self._stream = None
     if self._writer is not None:
       try:
         self._writer.close()
@@ -566,9 +574,10 @@ class EpisodeAdder:
       self._drop()
 
   def _drop(self) -> None:
-    self.lost_episodes += 1
-    self._stream = None
-    self.reconnect()  # the trajectory is cut where it was: the next episode starts anew
+    """The rest of the episode is dropped; the trajectory is cut where it was."""
+    if self._stream is None:  # (ended: its last items were lost in flight)
+      self.lost_episodes += 1
+    self.reconnect()
 
   def close(self) -> None:
     self.reconnect()

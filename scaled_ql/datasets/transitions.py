@@ -92,9 +92,10 @@ def _frame(observation: np.ndarray) -> np.ndarray:
 class RecordStream:
   """One episode's records (padding included), a step at a time: `push(step)` returns the
   (record, window_ends_here) pairs the step completes and `end()` those of the padding after the
-  last step. An actor's adder writes them as its environment steps (`EpisodeAdder`), so the
-  learner can sample a transition n steps after it happened; `padded_step_records` is the same
-  stream over a whole episode.
+  last step. An actor's adder writes them as its environment steps (`EpisodeAdder`): a
+  transition's item ends n steps after it (the writer's chunks add their own delay).
+  `padded_step_records` is the same stream over a whole episode (an episode with no step raises
+  before any record).
 
   `window_ends_here` is True when the `window_length(n_step, per_item)` most recent records (this
   one included) form an item: the windows of transitions t0 .. t0+per_item-1 for t0 = 0,
@@ -112,6 +113,7 @@ class RecordStream:
     self._emitted = 0  # records, padding included
     self.num_steps = 0
     self.last_seen = False
+    self._ended = False
 
   def _emit(self, record: StepRecords) -> tuple[StepRecords, bool]:
     self._emitted += 1
@@ -149,9 +151,12 @@ class RecordStream:
     return out
 
   def end(self) -> list[tuple[StepRecords, bool]]:
-    """The padding records after the episode's last step (which must have been pushed)."""
+    """The padding records after the episode's last step (which must have been pushed); once."""
     if not self.last_seen:
       raise ValueError(f'episode ended after {self.num_steps} steps without an is_last step')
+    if self._ended:
+      raise ValueError('the episode has ended already')
+    self._ended = True
     return [self._emit(padding_record()) for _ in range(self._trailing)]
 
 

@@ -116,17 +116,10 @@ def load_input(path: str) -> Source:
   with open(resolved, newline='', encoding='utf-8') as f:
     header = next(csv.reader(f), [])
   if 'method' not in header and 'param_version' in header:  # `scaled-ql eval --out`
-    records = []
-    with open(resolved, newline='', encoding='utf-8') as f:
-      for i, row in enumerate(csv.DictReader(f), 2):
-        d = {k: (None if v == '' else v) for k, v in row.items()}
-        for k in ('partial',):
-          if d.get(k) is not None:
-            d[k] = str(d[k]).strip().lower() in ('true', '1', 'yes')
-        try:
-          records.append(report.EvalRecord.from_dict(d, f'{resolved}:{i}'))
-        except report.EvalLogError as e:
-          raise CompareError(str(e)) from e
+    try:
+      records = report.read_csv(resolved)
+    except report.EvalLogError as e:
+      raise CompareError(str(e)) from e
     if not records:
       raise CompareError(f'{resolved}: no rows')
     name = os.path.splitext(os.path.basename(resolved))[0]

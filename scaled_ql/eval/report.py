@@ -121,8 +121,8 @@ class EvalRecord:
       return None
     from scaled_ql.envs import atari  # (the ROM's mode list; ale-py only where labels are made)
     # Mode 0 set explicitly is Breakout's default, and the same protocol as leaving it unset.
-    mode = ("the ROM's default mode" if self.game_mode in (None, atari.default_mode(self.game))
-            else f'mode {self.game_mode}')
+    default = self.game_mode is None or self.game_mode == atari.default_mode(self.game)
+    mode = "the ROM's default mode" if default else f'mode {self.game_mode}'
     sticky = (f'sticky actions {self.sticky_action_prob:g}' if self.sticky_action_prob
               else 'no sticky actions')
     cap = (f'{self.max_episode_frames}-frame cap' if self.max_episode_frames
@@ -189,9 +189,9 @@ CSV_FIELDS = tuple(f.name for f in dataclasses.fields(EvalRecord))
 
 
 def csv_columns(path: str) -> tuple[str, ...]:
-  """The columns of an existing evaluation CSV, which records appended to it keep (one begun by
-  an older version lacks the newer fields, e.g. param_lineage). EvalLogError when its header is
-  not an evaluation CSV's (appended rows would be mostly blank)."""
+  """The columns of an existing evaluation CSV (one begun by an older version lacks the newer
+  fields, e.g. param_lineage; `append_csv` adds them). EvalLogError when its header is not an
+  evaluation CSV's (appended rows would be mostly blank)."""
   try:
     with open(path, newline='') as f:
       fields = tuple(next(csv.reader(f), None) or ())
@@ -205,16 +205,43 @@ def csv_columns(path: str) -> tuple[str, ...]:
 
 
 def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
-  """Appends records to a CSV (header written when the file is new or empty)."""
+  """Appends records to a CSV (header written when the file is new or empty). A CSV begun by an
+  older version, without some of the newer fields (e.g. the protocol's), first gets their
+  columns, its rows the values that read back as "not recorded" (the fields' defaults: lineage
+  -1, sticky actions empty, frame cap 0), so that appended records keep every field."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   new = not os.path.exists(path) or os.path.getsize(path) == 0
   fields = CSV_FIELDS if new else csv_columns(path)
+  missing = [f for f in CSV_FIELDS if f not in fields]
+  if missing:
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalRecord) if f.name in missing}
+    with open(path, newline='') as f:
+      rows = list(csv.DictReader(f))
+    fields = fields + tuple(missing)
+    with open(path + '.tmp', 'w', newline='') as f:
+      w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n')
+      w.writeheader()
+      w.writerows({**defaults, **row} for row in rows)
+    os.replace(path + '.tmp', path)
   with open(path, 'a', newline='') as f:
     w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n', extrasaction='ignore')
     if new:
       w.writeheader()
     for r in records:
       w.writerow(dataclasses.asdict(r))
+
+
+def read_csv(path: str) -> list[EvalRecord]:
+  """The records of an evaluation CSV (`append_csv`, `scaled-ql eval --out`): empty cells read as
+  missing values, `partial` as a boolean. EvalLogError names the file and row at fault."""
+  records = []
+  with open(path, newline='', encoding='utf-8') as f:
+    for i, row in enumerate(csv.DictReader(f), 2):
+      d = {k: (None if v == '' else v) for k, v in row.items()}
+      if d.get('partial') is not None:
+        d['partial'] = str(d['partial']).strip().lower() in ('true', '1', 'yes')
+      records.append(EvalRecord.from_dict(d, f'{path}:{i}'))
+  return records
 
 
 @dataclasses.dataclass(frozen=True)
