@@ -132,6 +132,7 @@ def test_environment_loop_writes_each_step_into_reverb_as_it_comes(cfg, params):
     for _ in range(5):
       adder.add(0, env.step(0))
     assert adder.items == total + 5 - n_step and adder.lost_episodes == 1
+    assert adder._writer is None  # pylint: disable=protected-access  (none opened after close)
   finally:
     adder.close()
     server.stop()

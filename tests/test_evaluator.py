@@ -455,10 +455,20 @@ def test_records_of_params_a_learner_restart_lost_are_left_out(tmp_path):
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == kept + list(newer)
   assert [r['game_mode'] for r in rows] == ['', '12'] and rows[0]['param_lineage'] == '-1'
+  assert os.listdir(tmp_path).count('old.csv') == 1 and not any(
+      name.endswith('.tmp') for name in os.listdir(tmp_path))
   read = report.read_csv(str(old))
   assert read[0] == dataclasses.replace(recs[0], param_lineage=-1)
   assert read[0].protocol_label is None
   assert read[1] == played and read[1].protocol_label.startswith('mode 12, no sticky actions')
+  # An older CSV with a row of more cells than its header: named, and left as it was.
+  torn = tmp_path / 'torn.csv'
+  torn.write_text(','.join(kept) + '\n' + ','.join(['1'] * (len(kept) + 2)) + '\n')
+  before = torn.read_text()
+  with pytest.raises(report.EvalLogError, match=r'torn.csv:2: more cells than its header'):
+    report.append_csv(str(torn), [played])
+  assert torn.read_text() == before and not any(
+      name.endswith('.tmp') for name in os.listdir(tmp_path))
   (tmp_path / 'other.csv').write_text('method,game,score\n')
   (tmp_path / 'binary.csv').write_bytes(b'\xff\xfe\x00\x81')
   for other in ('other.csv', 'binary.csv'):

@@ -446,8 +446,8 @@ def _append_records(writer, table: str, records: Iterable[tuple[Any, bool]], wid
 def _end_episode(writer, stop: Optional[threading.Event] = None,
                  while_waiting: Optional[Callable[[], None]] = None) -> None:
   """Sends an episode's last items and starts a new trajectory (no window spans two). Waits in
-  0.5-s slices when `stop` is given (a timed-out `end_episode` has reset the trajectory all the
-  same; a later slice only waits for what is still in flight)."""
+  0.5-s slices when `stop` is given: a timed-out `end_episode` resets nothing (Reverb's
+  EndEpisode returns from its flush first), so the next slice waits again and resets once."""
   _wait_confirmed(lambda t: writer.end_episode(timeout_ms=t), stop, while_waiting)
 
 
@@ -483,8 +483,9 @@ class EpisodeAdder:
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
   (`add_first`); `close` (or `reconnect`) in the middle of an episode drops its rest and what is
-  still in flight, and counts it in `lost_episodes`. `items` counts the items created, those in
-  flight included (a stop or a lost server can lose some of them)."""
+  still in flight, and counts it in `lost_episodes`; `close` is final (a step written after it,
+  by a loop that outlived its stop, is ignored). `items` counts the items of the steps whose
+  write completed, those in flight included (a stop or a lost server can lose some of them)."""
 
   def __init__(self, address: Callable[[], str], cfg: ExperimentConfig, game: str,
                stop: Optional[threading.Event] = None, name: str = 'adder',
@@ -494,6 +495,7 @@ class EpisodeAdder:
     self._stop, self._name = stop, name
     self.while_waiting = while_waiting
     self._writer = None
+    self._closed = False
     self._stream: Optional[tr.RecordStream] = None  # None: no episode, or the rest dropped
     self._observation = None
     self.items = 0
@@ -536,7 +538,7 @@ class EpisodeAdder:
 
   def _write(self, step: dict) -> None:
     """Appends one step's records to the episode's trajectory and creates the items they end."""
-    if self._stream is None:  # the rest of a dropped episode
+    if self._stream is None or self._closed:  # the rest of a dropped episode; a closed adder
       return
     records = self._stream.push(step)
     last = self._stream.last_seen
@@ -549,6 +551,8 @@ class EpisodeAdder:
     n_step, chunk_length = self._cfg.agent.n_step, self._cfg.data.reverb_chunk_length
     per_item = self._cfg.data.transitions_per_item
     if self._writer is None:
+      if self._closed:
+        return
       self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length, per_item)
     self.items = _append_records(self._writer, self._table, records,
                                  tr.window_length(n_step, per_item), chunk_length, self.items,
@@ -575,11 +579,14 @@ class EpisodeAdder:
 
   def _drop(self) -> None:
     """The rest of the episode is dropped; the trajectory is cut where it was."""
+    if self._closed:  # a write that failed on the writer `close` closed: counted there
+      return
     if self._stream is None:  # (ended: its last items were lost in flight)
       self.lost_episodes += 1
     self.reconnect()
 
   def close(self) -> None:
+    self._closed = True  # first: a write failing on the writer closed here is not counted again
     self.reconnect()
 
 

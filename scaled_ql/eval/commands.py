@@ -223,7 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
       if path:
         run.check_output_file(path, flag)
     if args.out and os.path.isfile(args.out) and os.path.getsize(args.out) > 0:
-      report.csv_columns(args.out)  # records are appended to it
+      report.upgrade_csv(args.out)  # records are appended to it
   except (ConfigError, report.EvalLogError) as e:
     return _fail(str(e))
   if args.games is not None:  # names checked before the (slow) checkpoint load

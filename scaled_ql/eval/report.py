@@ -67,7 +67,9 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time as time_lib
 from typing import Iterable, Optional, Sequence
 
@@ -190,7 +192,7 @@ CSV_FIELDS = tuple(f.name for f in dataclasses.fields(EvalRecord))
 
 def csv_columns(path: str) -> tuple[str, ...]:
   """The columns of an existing evaluation CSV (one begun by an older version lacks the newer
-  fields, e.g. param_lineage; `append_csv` adds them). EvalLogError when its header is not an
+  fields, e.g. param_lineage; `upgrade_csv` adds them). EvalLogError when its header is not an
   evaluation CSV's (appended rows would be mostly blank)."""
   try:
     with open(path, newline='') as f:
@@ -204,25 +206,48 @@ def csv_columns(path: str) -> tuple[str, ...]:
   return fields
 
 
-def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
-  """Appends records to a CSV (header written when the file is new or empty). A CSV begun by an
-  older version, without some of the newer fields (e.g. the protocol's), first gets their
-  columns, its rows the values that read back as "not recorded" (the fields' defaults: lineage
-  -1, sticky actions empty, frame cap 0), so that appended records keep every field."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  new = not os.path.exists(path) or os.path.getsize(path) == 0
-  fields = CSV_FIELDS if new else csv_columns(path)
+def upgrade_csv(path: str) -> tuple[str, ...]:
+  """The columns of an existing evaluation CSV (`csv_columns`), after giving one begun by an
+  older version the newer fields' columns (e.g. the protocol's; its rows get the values that read
+  back as "not recorded", the fields' defaults: lineage -1, sticky actions empty, frame cap 0), so
+  that records appended to it keep every field. A row with more cells than the header is an
+  EvalLogError naming it, and the file is left as it was (`scaled-ql eval --out` calls this
+  before evaluating)."""
+  fields = csv_columns(path)
   missing = [f for f in CSV_FIELDS if f not in fields]
-  if missing:
-    defaults = {f.name: f.default for f in dataclasses.fields(EvalRecord) if f.name in missing}
-    with open(path, newline='') as f:
-      rows = list(csv.DictReader(f))
-    fields = fields + tuple(missing)
-    with open(path + '.tmp', 'w', newline='') as f:
+  if not missing:
+    return fields
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  for i, row in enumerate(rows, 2):
+    if None in row:
+      raise EvalLogError(f'{path}:{i}: more cells than its header has columns; mend or remove '
+                         'the row, or write to a new file')
+  defaults = {f.name: f.default for f in dataclasses.fields(EvalRecord) if f.name in missing}
+  fields += tuple(missing)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w', newline='') as f:
       w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n')
       w.writeheader()
       w.writerows({**defaults, **row} for row in rows)
-    os.replace(path + '.tmp', path)
+      f.flush()
+      os.fsync(f.fileno())
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return fields
+
+
+def append_csv(path: str, records: Iterable[EvalRecord]) -> None:
+  """Appends records to a CSV (header written when the file is new or empty; an older version's
+  CSV gets the newer columns first, `upgrade_csv`)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  new = not os.path.exists(path) or os.path.getsize(path) == 0
+  fields = CSV_FIELDS if new else upgrade_csv(path)
   with open(path, 'a', newline='') as f:
     w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n', extrasaction='ignore')
     if new:
