@@ -170,7 +170,7 @@ class EnvironmentLoop:
 
   `should_stop()` is checked before every step; an episode it cuts short is not counted and
   `run_episode` returns None (what the adder wrote of it stays: `EpisodeAdder` keeps the
-  transitions whose n-step windows it completed)."""
+  transitions whose n-step windows it completed and that reached the server)."""
 
   def __init__(self, env: dm_env.Environment, actor: EpsilonGreedyActor,
                should_stop: Callable[[], bool] = lambda: False):
