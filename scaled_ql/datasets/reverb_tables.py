@@ -473,8 +473,8 @@ class EpisodeAdder:
   `game`'s table as it comes, in the record format of the offline inserters
   (`transitions.RecordStream`), so the learner's `stratified_batches` samples both alike. A
   transition is an item once its n-step window is complete, and reaches the server with its
-  chunk (`data.reverb_chunk_length` records), so the learner can sample it about n + chunk
-  steps after it happened, not only after its episode ends.
+  chunk (`data.reverb_chunk_length` records, sent with the last of them), so the learner can
+  sample it n to n + chunk - 1 steps after it happened, not only after its episode ends.
 
   `address()` is asked for the server's address on every (re)connection. A server that goes away
   loses the rest of the episode being written (counted in `lost_episodes`; its items written
