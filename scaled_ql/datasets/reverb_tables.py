@@ -482,7 +482,7 @@ class EpisodeAdder:
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
-  (`add_first`); `close` (or `reconnect`) in the middle of an episode drops its rest and what is
+  (`add_first`); `close` in the middle of an episode drops its rest and what is
   still in flight, and counts it in `lost_episodes`; `close` is final (a step written after it,
   by a loop that outlived its stop, is ignored). `items` counts the items of the steps whose
   write completed, those in flight included (a stop or a lost server can lose some of them)."""
@@ -491,9 +491,13 @@ class EpisodeAdder:
                stop: Optional[threading.Event] = None, name: str = 'adder',
                while_waiting: Optional[Callable[[], None]] = None):
     _check_games([game], cfg)
-    self._address, self._cfg, self._table = address, cfg, table_name(game)
+    self._address, self._table = address, table_name(game)
     self._stop, self._name = stop, name
     self.while_waiting = while_waiting
+    # The writer's sizes, read once (the config is frozen): `_append` runs every env step.
+    self._n_step, self._per_item = cfg.agent.n_step, cfg.data.transitions_per_item
+    self._chunk_length = cfg.data.reverb_chunk_length
+    self._width = tr.window_length(self._n_step, self._per_item)
     self._writer = None
     self._closed = False
     self._stream: Optional[tr.RecordStream] = None  # None: no episode, or the rest dropped
@@ -505,7 +509,7 @@ class EpisodeAdder:
     """Starts an episode; an unfinished one before it ends where it stopped."""
     if self._stream is not None and self._stream.num_steps:
       self._guarded(self._end_trajectory)
-    self._stream = tr.RecordStream(self._cfg.agent.n_step, self._cfg.data.transitions_per_item)
+    self._stream = tr.RecordStream(self._n_step, self._per_item)
     self._observation = timestep.observation
 
   def add(self, action: int, next_timestep) -> None:
@@ -522,7 +526,7 @@ class EpisodeAdder:
                        is_last=True, is_terminal=bool(next_timestep.discount == 0.0)))
       self._observation = None
 
-  def reconnect(self) -> None:
+  def _cut(self) -> None:
     """Closes the writer: the next episode goes through a new client and writer (e.g. after a
     server restart); the rest of an episode in progress is dropped (it cannot go on in a new
     trajectory: its windows need the records before)."""
@@ -547,16 +551,14 @@ class EpisodeAdder:
     self._guarded(lambda: self._append(records, last))
 
   def _append(self, records: list, last: bool) -> None:
-    import reverb
-    n_step, chunk_length = self._cfg.agent.n_step, self._cfg.data.reverb_chunk_length
-    per_item = self._cfg.data.transitions_per_item
     if self._writer is None:
       if self._closed:
         return
-      self._writer = make_writer(reverb.Client(self._address()), n_step, chunk_length, per_item)
-    self.items = _append_records(self._writer, self._table, records,
-                                 tr.window_length(n_step, per_item), chunk_length, self.items,
-                                 self._stop, self.while_waiting)
+      import reverb
+      self._writer = make_writer(reverb.Client(self._address()), self._n_step,
+                                 self._chunk_length, self._per_item)
+    self.items = _append_records(self._writer, self._table, records, self._width,
+                                 self._chunk_length, self.items, self._stop, self.while_waiting)
     if last:
       self._end_trajectory()
 
@@ -583,11 +585,11 @@ class EpisodeAdder:
       return
     if self._stream is None:  # (ended: its last items were lost in flight)
       self.lost_episodes += 1
-    self.reconnect()
+    self._cut()
 
   def close(self) -> None:
     self._closed = True  # first: a write failing on the writer closed here is not counted again
-    self.reconnect()
+    self._cut()
 
 
 EpisodeSource = Callable[[str], Iterable[Iterable[Mapping[str, Any]]]]

@@ -371,9 +371,8 @@ def pooled(records: Sequence[EvalRecord]) -> tuple[float, float]:
   evaluation: the mean over all their completed episodes (each record's mean weighted by its
   episodes). Within one run every episode is a return of the same params under the same protocol
   (a resumed run refuses to change it without --allow-config-change, `launch.run.RESUME_REFUSES`),
-  so a round on the normal budget
-  and the final evaluation on a larger one (or a restarted evaluator's second round) add up to
-  one estimate, not two equal votes. Records of other protocols written into the same logs would
+  so a round on the normal budget and the final evaluation on a larger one (or a restarted
+  evaluator's second round) add up to one estimate, not two equal votes. Records of other protocols written into the same logs would
   be pooled too: `protocol_lines` says so in the report."""
   if not records or not all(r.has_score for r in records):
     raise ValueError('pooled: every record needs a score (a completed episode)')

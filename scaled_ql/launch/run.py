@@ -540,10 +540,9 @@ def print_scores(status) -> None:
 
 def initial_params(cfg):
   """The learner's start for a config `train` or `learn` runs: None (a fresh init), or for an
-  offline
-  fine-tuning config (`finetune.pretrained` set, e.g. rerun from its workdir's config.json) the
-  pretrained encoder with a fresh trunk and heads, as `finetune offline` starts it. An online
-  fine-tuning config is not a `train` program: ConfigError."""
+  offline fine-tuning config (`finetune.pretrained` set, e.g. rerun from its workdir's
+  config.json) the pretrained encoder with a fresh trunk and heads, as `finetune offline` starts
+  it. An online fine-tuning config is not a `train` program: ConfigError."""
   if cfg.name.startswith('finetune_online'):
     raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
                       'data); `train` and `learn` run the offline program. Use scaled-ql '
