@@ -60,17 +60,33 @@ def test_restore_falls_back_past_a_truncated_newest_checkpoint(tmp_path, caplog,
 
 
 def test_load_params_falls_back_and_an_all_damaged_dir_is_an_error(tmp_path, caplog):
+  """A reader skips a damaged step and moves nothing. When no step loads, neither a reader nor
+  the learner moves anything: the error names every step (before, the learner moved them all
+  aside and restarted the run from step 0, whatever the cause: an unreadable filesystem, or code
+  that no longer reads the run's state)."""
   workdir = str(tmp_path / 'run')
+  checkpoints = os.path.join(workdir, 'checkpoints')
   _run_with_checkpoints(workdir)
   _truncate_step(workdir, 2)
   with caplog.at_level(logging.WARNING, logger='scaled_ql.agents.checkpointing'):
     _, _, step = checkpointing.load_params(workdir)
-  assert step == 1 and os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1', '2']
+  assert any('checkpoint 2 in' in r.getMessage() and 'does not load' in r.getMessage()
+             for r in caplog.records)
   _truncate_step(workdir, 1)
-  with pytest.raises(FileNotFoundError, match='no complete checkpoint that loads'):
+  with pytest.raises(checkpointing.NoCheckpointLoadsError,
+                     match=r'holds no complete checkpoint that loads; nothing was moved or '
+                     r'deleted\. Each step, newest first: 2: .*; 1: '):
     checkpointing.load_params(workdir)
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-1'))
-  # A fresh learner then starts from scratch (nothing loads), it does not crash.
+  learner = make(workdir=workdir)
+  with pytest.raises(checkpointing.NoCheckpointLoadsError, match='nothing was moved'):
+    learner.restore()
+  assert learner.steps == 0
+  learner.close()
+  assert sorted(os.listdir(checkpoints)) == ['1', '2']
+  # Once the operator moves the damaged steps aside, a learner starts from scratch.
+  for bad in ('1', '2'):
+    os.rename(os.path.join(checkpoints, bad), os.path.join(tmp_path, bad))
   learner = make(workdir=workdir)
   assert not learner.restore() and learner.steps == 0
   learner.close()
@@ -79,12 +95,11 @@ def test_load_params_falls_back_and_an_all_damaged_dir_is_an_error(tmp_path, cap
 def test_a_step_deleted_while_it_is_read_is_skipped_not_moved_aside(tmp_path, monkeypatch):
   """A reader (`scaled-ql eval`, `finetune --pretrained`) of a running learner's workdir meets a
   step that max_to_keep is deleting: its arrays are gone, its folder not yet. It fails to load as
-  a damaged step does; the folder is gone a moment later, and the step is skipped, not renamed to
-  corrupt-<step> (a rename would make the learner's own delete fail)."""
+  a damaged step does. A reader skips it and renames nothing (a rename to corrupt-<step> would
+  make the learner's own delete fail)."""
   workdir = str(tmp_path / 'run')
   _run_with_checkpoints(workdir)
   checkpoints = os.path.join(workdir, 'checkpoints')
-  shutil.copytree(checkpoints, tmp_path / 'copy')
   state_of = checkpointing._state_of  # pylint: disable=protected-access
 
   def deleted_as_it_is_read(manager, step, abstract_state):
@@ -96,14 +111,8 @@ def test_a_step_deleted_while_it_is_read_is_skipped_not_moved_aside(tmp_path, mo
 
   monkeypatch.setattr(checkpointing, '_state_of', deleted_as_it_is_read)
   _, _, step = checkpointing.load_params(workdir)
-  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1']
-  # Without the grace the folder, still there when the load failed, was renamed corrupt-2.
-  shutil.rmtree(checkpoints)
-  shutil.copytree(tmp_path / 'copy', checkpoints)
-  monkeypatch.setattr(checkpointing, 'QUARANTINE_GRACE_S', 0.0)
-  _, _, step = checkpointing.load_params(workdir)
   time.sleep(0.5)
-  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1', 'corrupt-2']
+  assert step == 1 and sorted(os.listdir(checkpoints)) == ['1']
 
 
 def test_a_different_config_is_not_treated_as_corruption(tmp_path):
@@ -138,7 +147,8 @@ def test_eval_command_uses_the_newest_checkpoint_that_loads(tmp_path, capsys):
                  '--num-envs', '2'])
   out, err = capsys.readouterr()
   assert rc == 0, err
-  assert 'step 1 ' in out and os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
+  assert 'step 1 ' in out  # the damaged step 2 is skipped, and left where it is (a reader)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
   assert 'step 1 (the online params) on Pong' in out  # cpu_tiny keeps no moving average
 
 
@@ -201,7 +211,7 @@ def test_running_out_of_memory_does_not_move_a_checkpoint_aside(tmp_path):
     raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB')
 
   with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
-    checkpointing._newest_that_loads(manager, load)
+    checkpointing._newest_that_loads(manager, load, move_aside=True)
   manager.close()
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
 

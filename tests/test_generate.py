@@ -459,6 +459,17 @@ def test_convert_dopamine_replay_files(tmp_path, caplog, capsys):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 2, out)
   with pytest.raises(FileNotFoundError, match=r'replay checkpoints \[2\] not found'):
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out, checkpoints=(1, 2))
+  # Without its add_count file a checkpoint is incomplete (a wrapped buffer cannot be put in
+  # order; before, it was converted in storage order, its newest episode joined to its oldest).
+  bare = tmp_path / 'bare' / 'Pong' / '1' / 'replay_logs'
+  _write_dopamine_ckpt(str(bare), 0, obs, action, reward, terminal)
+  with pytest.raises(FileNotFoundError, match=r'no complete .*_ckpt\.N\.gz \+ '
+                                              r'add_count_ckpt\.N\.gz set in .*bare'):
+    dopamine_convert.convert(str(tmp_path / 'bare'), 'Pong', 1, str(tmp_path / 'bare_out'))
+  with open(bare / 'add_count_ckpt.0.gz', 'wb') as f:  # a damaged file is named
+    f.write(b'not gzip')
+  with pytest.raises(ValueError, match=r'add_count_ckpt\.0\.gz: not a gzipped \.npy array'):
+    dopamine_convert.convert(str(tmp_path / 'bare'), 'Pong', 1, str(tmp_path / 'bare_out'))
   with pytest.raises(FileExistsError, match='already exists') as e:
     dopamine_convert.convert(str(tmp_path / 'dqn'), 'Pong', 1, out)
   assert '--skip-existing' not in str(e.value)  # a flag the converter does not have

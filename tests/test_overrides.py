@@ -80,6 +80,12 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
   with pytest.raises(ConfigError, match='data.transitions_per_item=3 must divide '
                                         'agent.transitions_per_game=4'):
     run.resolve_config('cpu_tiny', overrides=['data.transitions_per_item=3'])
+  with pytest.raises(ConfigError, match=r'data.min_fill_per_game=10 is 3 items of '
+                     r'data.transitions_per_item=4 transitions, more than the 2 that '
+                     r'data.shuffle_buffer_per_game=10 holds'):
+    run.resolve_config('cpu_tiny', overrides=['data.transitions_per_item=4',
+                                              'data.shuffle_buffer_per_game=10',
+                                              'data.min_fill_per_game=10'])
   # cpu_tiny checkpoints every 10 steps: a kept step must be one of those.
   for keep in ('15', '0'):
     with pytest.raises(ConfigError, match='train.keep_checkpoint_every_steps must be a positive '
@@ -91,6 +97,20 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
     run.resolve_config('cpu_tiny', overrides=['eval.games_at_once=0'])
   assert run.resolve_config('cpu_tiny', overrides=['eval.games_at_once=1']
                             ).eval.games_at_once == 1
+  # What the evaluator nodes refused only at their first round, after every other node started.
+  with pytest.raises(ConfigError, match=r'^eval.game_mode=12: not a mode of Pong \(its modes: '
+                                        r'0, 1\)$'):
+    run.resolve_config('cpu_tiny', games='Breakout,Pong', overrides=['eval.game_mode=12'])
+  assert run.resolve_config('cpu_tiny', games='Breakout', overrides=['eval.game_mode=12']
+                            ).eval.game_mode == 12
+  for bad, message in (('eval.steps_per_game=0', 'eval.steps_per_game must be >= 1, got 0'),
+                       ('eval.max_episode_frames=3', 'eval.max_episode_frames must be >= 4'),
+                       ('eval.env_groups=0', 'eval.env_groups must be >= 1'),
+                       ('eval.final_steps_per_game=0', 'eval.final_steps_per_game must be >= 1'),
+                       ('eval.sticky_action_prob=1.5', r'eval.sticky_action_prob must be in '
+                                                       r'\[0, 1\], got 1.5')):
+    with pytest.raises(ConfigError, match=message):
+      run.resolve_config('cpu_tiny', overrides=[bad])
 
 
 def test_games_flag_sets_any_games_and_the_heads_follow():

@@ -727,6 +727,45 @@ def test_nodes_ray_cannot_place_are_shown_and_end_the_run_at_the_placement_timeo
     program.build(cfg.replace(train=dict(placement_timeout_s=0.0)), '/nonexistent', 1, 1)
 
 
+def test_a_learner_that_makes_no_step_for_the_stall_timeout_ends_the_run(
+    ray_session, tiny_dataset_dir, tmp_path):
+  """A learner whose batches never come (here: no inserter, so its tables never warm up; in a
+  run: a replay restarted at another host's address, a wedged device) answers its status at the
+  same step for ever, and the run waited with it. With train.stall_timeout_s it ends, naming
+  the step and the replay's tables."""
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=50, evaluators=1).replace(
+      train=dict(stall_timeout_s=4.0))
+  workdir = str(tmp_path / 'stalled')
+  run.prepare_workdir(cfg, workdir)
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=50, num_inserters=0)
+  lines = []
+  with pytest.raises(program.NodeLost) as lost:
+    program.run(prog, log=lines.append, timeout_s=300, status_every_s=0.5)
+  message = str(lost.value)
+  assert message.startswith('the learner made no step for '), message
+  assert ', at step 0 (train.stall_timeout_s=4): it waits for something that does not come ' \
+         "(its batches: the replay tables hold {'Breakout': 0, 'Pong': 0}" in message, message
+  assert any(line.startswith('ending the program: the learner made no step') for line in lines)
+
+
+def test_the_stall_clock_runs_only_while_the_same_learner_shows_the_same_step():
+  watcher = program._Watcher(stall_timeout_s=10.0)  # pylint: disable=protected-access
+  at = lambda steps, pid=1, done=False: dict(pid=pid, steps=steps, done=done)
+  for now, learner in ((0, at(5)), (9, at(5)), (15, at(6)), (24, at(6)), (26, None), (30, at(6)),
+                       (39, at(6)), (40, at(6, pid=2)), (49, at(6, pid=2)), (50, at(50, done=True)),
+                       (90, at(50, done=True))):
+    watcher.check_progress(learner, None, now=now)  # restarts, steps, a new process, done
+  watcher.check_progress(at(7), None, now=100)
+  watcher.check_progress(at(7), None, now=110)  # 10 s: not over the limit
+  with pytest.raises(program.NodeLost, match=r'no step for 11s, at step 7 .*the replay did not '
+                                             r'answer'):
+    watcher.check_progress(at(7), None, now=111)
+  program._Watcher().check_progress(at(0), None, now=1e9)  # no limit
+  with pytest.raises(ValueError, match='train.stall_timeout_s must be > 0'):
+    program.check_fault_config(configs.get_config('cpu_tiny').replace(
+        train=dict(stall_timeout_s=0.0)))
+
+
 def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():
   """`_unplaced` on Ray 2.60's GCS actor records as probed (2026-12-05; docs/reliability.md):
   an actor asking for a GPU no node has, one whose constructor sleeps, and one whose restart

@@ -285,6 +285,29 @@ def test_bad_input_errors():
     rt.make_tables(cfg.replace(data=dict(min_fill_per_game=10_000)))
 
 
+def test_a_restarted_replay_node_comes_back_at_its_port_or_fails(monkeypatch):
+  """Clients reconnect to the address they were given. At its first start the replay node may
+  take a free port (no client has asked yet); restarted, it must not: its clients would wait at
+  the old port for ever (before, it moved and the run hung). It fails instead, and Ray restarts
+  it again (the crash-loop budget ends a program whose port stays taken)."""
+  import socket
+  from scaled_ql.launch import nodes
+  cfg = tiny_cfg()
+  with socket.socket() as held:  # no SO_REUSEPORT: gRPC cannot bind beside it
+    held.bind(('', 0))
+    held.listen()
+    port = held.getsockname()[1]
+    first = nodes.ReverbNode(cfg, port=port)
+    assert first.port != port
+    first.stop()
+    monkeypatch.setattr(nodes, '_was_restarted', lambda: True)
+    with pytest.raises(RuntimeError, match=f'restarted, but its port {port} is taken'):
+      nodes.ReverbNode(cfg, port=port)
+  node = nodes.ReverbNode(cfg, port=port)  # the port free again: back at it
+  assert node.port == port
+  node.stop()
+
+
 def test_reconnect_after_server_restart():
   cfg = tiny_cfg()
   rng = np.random.default_rng(2)
@@ -389,6 +412,22 @@ def test_inserter_rejects_a_game_without_episodes(server):
   episodes['Pong'] = []
   with pytest.raises(ValueError, match='no episodes of game Pong'):
     rt.run_inserter(address, cfg, cfg.games, source_of(episodes))
+  # Streamed again, episodes that hold no transition (one step each) would never fill the table:
+  # the inserter looped over them for ever while the learner waited.
+  episodes['Pong'] = [make_steps(1, terminal=True, base=200, rng=np.random.default_rng(4))]
+  with pytest.raises(ValueError, match=r'no transitions of game Pong in the data source .*: '
+                                       r'its 1 episodes hold none \(one step each\)'):
+    rt.run_inserter(address, cfg, cfg.games, source_of(episodes))
+  # Data read once and gone when streamed again: before, a bare StopIteration.
+  first = hand_made_episodes(cfg.games, np.random.default_rng(5), episodes_per_game=1)
+  reads = {g: 0 for g in cfg.games}
+
+  def vanishing(game):
+    reads[game] += 1
+    return source_of(first)(game) if reads[game] == 1 or game != 'Pong' else iter(())
+
+  with pytest.raises(ValueError, match='no episodes of game Pong .* when streamed again'):
+    rt.run_inserter(address, cfg, cfg.games, vanishing)
 
 
 def _insert_counts(address, games):

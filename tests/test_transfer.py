@@ -180,6 +180,14 @@ def test_encoder_mismatch_names_the_parameters_and_the_checkpoint(pretrained):
     transfer.finetune_params(cfg)
   with pytest.raises(ValueError, match='initial_params do not fit'):
     _learner(_offline_cfg(pretrained), initial_params={'encoder/stem_conv': {'w': np.zeros(3)}})
+  # Same shapes, other computation: the checkpoint was trained on x / 255 with 4 GroupNorm groups.
+  cfg = _offline_cfg(pretrained).replace(network=dict(input_norm='standardize',
+                                                      group_norm_groups=2))
+  with pytest.raises(transfer.EncoderMismatchError) as e:
+    transfer.finetune_params(cfg)
+  assert (f'the encoder of checkpoint {pretrained} does not match the configured network: '
+          "network.input_norm: checkpoint 'scale' vs configured network 'standardize'; "
+          'network.group_norm_groups: checkpoint 4 vs configured network 2') == str(e.value)
 
 
 def test_cli_rejects_a_mismatching_checkpoint_before_starting_anything(pretrained,
@@ -192,6 +200,7 @@ def test_cli_rejects_a_mismatching_checkpoint_before_starting_anything(pretraine
   err = capsys.readouterr().err
   assert code == 2, err
   assert f'the encoder of checkpoint {pretrained} does not match' in err
+  assert "network.input_norm: checkpoint 'scale' vs configured network 'standardize'" in err
   assert 'encoder/stage_0_block_0/conv_0/w: checkpoint [3, 3, 8, 8]' in err
   assert not os.path.exists(tmp_path / 'ft')
 

@@ -6,11 +6,15 @@ target and behaviour params, Adam state, PRNG key, step) and `config` the resolv
 ExperimentConfig as JSON. A checkpoint whose params are not all finite is refused (never written).
 
 A checkpoint that does not load (truncated or damaged files: a disk filling up, a copy cut short)
-is moved aside to `checkpoints/corrupt-<step>/` with a warning naming both paths, and restoring
-falls back to the newest checkpoint that loads (`restore`, `load_params`). A checkpoint written
-with a different config is not corruption: that raises `ConfigMismatchError`. Orbax's temporary
-folders left by an interrupted save (`<step>.orbax-checkpoint-tmp-*`) are removed when the
-learner's manager is made (`make_manager`; only the learner writes checkpoints).
+is skipped with a warning, and loading falls back to the newest checkpoint that loads (`restore`,
+`load_params`). The learner (`restore`, the workdir's only writer) then moves the skipped ones
+aside to `checkpoints/corrupt-<step>/`, naming both paths; readers (`load_params`: `eval`,
+`finetune --pretrained`) move nothing. When none loads, nothing is moved and
+`NoCheckpointLoadsError` names every step and its error: a cause common to all of them (the
+filesystem, a code change) must not send a run back to step 0 with its checkpoints renamed. A
+checkpoint written with a different config is not corruption: that raises `ConfigMismatchError`.
+Orbax's temporary folders left by an interrupted save (`<step>.orbax-checkpoint-tmp-*`) are
+removed when the learner's manager is made (`make_manager`; only the learner writes checkpoints).
 
 A save that fails for want of space (ENOSPC, or EDQUOT: a quota) removes its temporary folder
 and raises `CheckpointWriteError`, which names the folder, the space left and the newest
@@ -49,6 +53,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 class ConfigMismatchError(ValueError):
   """The checkpoint was written with a different games/network/agent config."""
+
+
+class NoCheckpointLoadsError(FileNotFoundError):
+  """A workdir holds checkpoints but none of them loads (`_newest_that_loads`)."""
 
 
 class CheckpointWriteError(OSError):
@@ -196,21 +204,17 @@ def _check_compatible(saved: ExperimentConfig, cfg: ExperimentConfig, where: str
           f'{getattr(saved, field)} != {getattr(cfg, field)}')
 
 
-QUARANTINE_GRACE_S = 1.0
-
-
 def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException
                ) -> Optional[str]:
   """Moves checkpoint `step` to `checkpoints/corrupt-<step>[-k]/`, warns naming both paths and
-  the error; returns the new path (None if the step is gone). The manager forgets the step."""
+  the error; returns the new path (None if the step is gone). The manager forgets the step.
+  Only the learner calls it, on its own workdir: a reader renaming a step that the running
+  learner's max_to_keep is deleting (its files go first, the folder last, so it fails to load as
+  damage does) would make that delete fail."""
   directory = os.fspath(manager.directory)
   source = os.path.join(directory, str(step))
-  # A step being deleted (max_to_keep of a running learner) fails to load as damage does: its
-  # files go first, the folder last. A moment later it is gone, and then it is skipped, not moved.
-  time.sleep(QUARANTINE_GRACE_S)
-  if not os.path.isdir(source):  # deleted meanwhile (max_to_keep of a running learner): skip it
+  if not os.path.isdir(source):
     manager.reload()
-    log.warning('checkpoint %s went away while loading it; trying an older one', source)
     return None
   target = os.path.join(directory, f'{CORRUPT_PREFIX}{step}')
   k = 1
@@ -219,27 +223,48 @@ def quarantine(manager: ocp.CheckpointManager, step: int, error: BaseException
     target = os.path.join(directory, f'{CORRUPT_PREFIX}{step}-{k}')
   os.rename(source, target)
   manager.reload()
-  first_line = str(error).splitlines()[0] if str(error) else ''
-  log.warning('checkpoint %s does not load (%s: %s); moved it to %s and falling back to the '
-              'newest checkpoint that loads', source, type(error).__name__, first_line[:300],
-              target)
+  log.warning('checkpoint %s does not load (%s: %s); moved it to %s (an older one loaded)',
+              source, type(error).__name__, _first_line(error), target)
   return target
 
 
-def _newest_that_loads(manager: ocp.CheckpointManager, load: Callable[[int], Any]
-                       ) -> Optional[tuple[int, Any]]:
-  """(step, load(step)) for the newest step whose load succeeds; the ones that fail on the way are
-  quarantined. A ConfigMismatchError is raised (a valid checkpoint of another run)."""
+def _newest_that_loads(manager: ocp.CheckpointManager, load: Callable[[int], Any], *,
+                       move_aside: bool) -> Optional[tuple[int, Any]]:
+  """(step, load(step)) for the newest step whose load succeeds; None if there is no step. The
+  newer steps that failed are warned about and, with `move_aside` (the learner), quarantined once
+  an older one has loaded. If none loads, nothing is moved: NoCheckpointLoadsError names each
+  step and its error. A ConfigMismatchError (a valid checkpoint of another run) and running out
+  of memory (the machine, not the checkpoint) are raised at once."""
+  failed: list[tuple[int, BaseException]] = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return step, load(step)
+      loaded = load(step)
     except ConfigMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (any damage: JSON, OCDBT, tensorstore)
-      if _is_out_of_memory(e):  # the host/device, not the checkpoint: never move it aside
+      if _is_out_of_memory(e):
         raise
-      quarantine(manager, step, e)
+      log.warning('checkpoint %s in %s does not load (%s: %s); trying an older one', step,
+                  manager.directory, type(e).__name__, _first_line(e))
+      failed.append((step, e))
+      continue
+    if move_aside:
+      for bad, error in failed:
+        quarantine(manager, bad, error)
+    return step, loaded
+  if failed:
+    raise NoCheckpointLoadsError(
+        f'{manager.directory} holds no complete checkpoint that loads; nothing was moved or '
+        'deleted. Each step, newest first: ' + '; '.join(
+            f'{step}: {type(e).__name__}: {_first_line(e)}' for step, e in failed) +
+        '. If the files are damaged, move the step folders aside to start from an older one or '
+        'from scratch; if every step fails alike, the cause is elsewhere (the filesystem, or '
+        'code that no longer reads this run\'s state)')
   return None
+
+
+def _first_line(error: BaseException) -> str:
+  return str(error).splitlines()[0][:300] if str(error) else ''
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -275,7 +300,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, cfg: Experiment
 
   if step is not None:
     return load(step)
-  found = _newest_that_loads(manager, load)
+  found = _newest_that_loads(manager, load, move_aside=True)
   return None if found is None else found[1]
 
 
@@ -354,10 +379,10 @@ def load_params(checkpoint_dir_or_workdir: str, step: Optional[int] = None, *,
   try:
     if step is not None:
       cfg, state = load(step)
-    else:  # the newest checkpoint that loads; damaged ones are moved aside
-      found = _newest_that_loads(manager, load)
+    else:  # the newest checkpoint that loads (a reader moves none aside)
+      found = _newest_that_loads(manager, load, move_aside=False)
       if found is None:
-        raise FileNotFoundError(f'{checkpoint_dir(path)} holds no complete checkpoint that loads')
+        raise FileNotFoundError(f'{checkpoint_dir(path)} holds no complete checkpoint')
       cfg, state = found[1]
   finally:
     manager.close()

@@ -198,6 +198,12 @@ class TrainConfig:
   # what it asks for. On a cluster the autoscaler may need minutes to add a GPU node; None waits
   # without limit. A local run's GPUs are checked before any node starts (run.check_gpus).
   placement_timeout_s: Optional[float] = 900.0
+  # A learner that answers, is not done, and shows the same step for this many seconds ends the
+  # program as a lost node does: it waits for what will not come (a replay that came back at
+  # another host's address, a wedged device), and the run would otherwise wait for ever. Its
+  # warm-up counts (a paper-size table fills in under a minute); a restore does not (the node is
+  # restarting then). None: no limit.
+  stall_timeout_s: Optional[float] = 1800.0
   seed: int = 0  # network init, batch sampling and data-selection offsets
   # The learner takes its next batch from the iterator, checks it and starts its copy to the
   # devices while the current step runs (after dispatching it, before fetching its metrics),
@@ -312,4 +318,12 @@ def check_transitions_per_item(cfg: ExperimentConfig) -> int:
   if cfg.data.shuffle_buffer_per_game < per_item:
     raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
                      f'item of data.transitions_per_item={per_item} transitions')
+  # A table holds whole items (rounded down) and warms up on whole items (rounded up).
+  max_items = cfg.data.shuffle_buffer_per_game // per_item
+  min_items = -(-cfg.data.min_fill_per_game // per_item)
+  if min_items > max_items:
+    raise ValueError(f'data.min_fill_per_game={cfg.data.min_fill_per_game} is {min_items} items of '
+                     f'data.transitions_per_item={per_item} transitions, more than the {max_items} '
+                     f'that data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} '
+                     'holds: the learner would never sample')
   return per_item

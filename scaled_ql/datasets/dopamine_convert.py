@@ -1,16 +1,23 @@
 """Convert the original DQN-Replay files (Dopamine replay buffers) into the RL Unplugged TFDS layout.
 
     {dopamine_dir}/{Game}/{run}/replay_logs/$store$_{observation,action,reward,terminal}_ckpt.{N}.gz
-    (+ optional add_count_ckpt.{N}.gz)  ->  {out}/rlu_atari_checkpoints_ordered/{Game}_run_{run}/
+    + add_count_ckpt.{N}.gz  ->  {out}/rlu_atari_checkpoints_ordered/{Game}_run_{run}/
 
 Each file is a gzipped `.npy` array of Dopamine's `OutOfGraphReplayBuffer._store` (Agarwal et al.
 2020): observation uint8 [C, 84, 84] (the newest frame of each step), action int32 [C], reward
 float32 [C] (already clipped by Dopamine's runner), terminal uint8 [C]. Entry i is
-(o_i, a_i, r_i, terminal_i): a_i was taken at o_i, earned r_i, and ended the game if terminal_i.
+(o_i, a_i, r_i, terminal_i): a_i was taken at o_i, earned r_i, and ended the episode if
+terminal_i. Dopamine's runner of the time marked an episode cut at its 27k-step cap terminal too
+(`end_episode` stored terminal=True either way), so such an episode's last n transitions do not
+bootstrap here: a few transitions in 27k, kept as the files have them (RL Unplugged's copy,
+which the paper trained on, was made from the same files).
 
 Conversion, per replay checkpoint N -> split checkpoint_{N:02d}, checkpoint_id N:
 - a circular buffer is rotated to time order when `add_count_ckpt.N.gz` says it wrapped
-  (oldest entry at add_count % C);
+  (oldest entry at add_count % C), and one not yet full is cut to its add_count entries. The
+  file is required (DQN-Replay ships it with every checkpoint): without it a wrapped buffer
+  would join its newest episode to its oldest, and the unwritten tail of one not yet full would
+  read as data;
 - the zero transitions Dopamine inserts before every episode (stack_size - 1 = 3 entries with an
   all-zero frame, action 0, reward 0) are dropped;
 - the buffer is cut into episodes after every terminal entry. An episode ending in a terminal
@@ -55,17 +62,25 @@ def find_checkpoints(dopamine_dir: str, game: str, run: int) -> list[int]:
                             f'in {dopamine_dir}: {present or "none"}')
   names = set(tf.io.gfile.listdir(d))
   ckpts = sorted(int(m.group(1)) for n in names if (m := _CKPT_RE.match(n)))
-  complete = [c for c in ckpts if all(f'$store$_{k}_ckpt.{c}.gz' in names for k in STORE_KEYS)]
+  complete = [c for c in ckpts if all(name in names for name in _checkpoint_files(c))]
   if not complete:
     raise FileNotFoundError(f'{game} run {run}: no complete $store$_{{{",".join(STORE_KEYS)}}}'
-                            f'_ckpt.N.gz set in {d}')
+                            f'_ckpt.N.gz + add_count_ckpt.N.gz set in {d}')
   return complete
+
+
+def _checkpoint_files(ckpt: int) -> list[str]:
+  return [f'$store$_{k}_ckpt.{ckpt}.gz' for k in STORE_KEYS] + [f'add_count_ckpt.{ckpt}.gz']
 
 
 def _load(path: str) -> np.ndarray:
   import tensorflow as tf
-  with tf.io.gfile.GFile(path, 'rb') as f, gzip.GzipFile(fileobj=f) as g:
-    return np.load(g, allow_pickle=False)
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, gzip.GzipFile(fileobj=f) as g:
+      return np.load(g, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:  # not gzip, not .npy, cut short
+    raise ValueError(f'{path}: not a gzipped .npy array of a Dopamine replay checkpoint '
+                     f'({type(e).__name__}: {e})') from e
 
 
 def load_checkpoint(dopamine_dir: str, game: str, run: int, ckpt: int) -> dict[str, np.ndarray]:
@@ -76,18 +91,19 @@ def load_checkpoint(dopamine_dir: str, game: str, run: int, ckpt: int) -> dict[s
   if store['observation'].shape[1:] != (84, 84) or store['observation'].dtype != np.uint8:
     raise ValueError(f'{d} ckpt {ckpt}: observation must be uint8 [N, 84, 84], got '
                      f'{store["observation"].dtype} {store["observation"].shape}')
-  if any(len(v) != n for v in store.values()):
-    raise ValueError(f'{d} ckpt {ckpt}: store arrays differ in length: '
-                     f'{ {k: len(v) for k, v in store.items()} }')
+  if any(len(v) != n or (k != 'observation' and v.ndim != 1) for k, v in store.items()):
+    raise ValueError(f'{d} ckpt {ckpt}: the store arrays must be one entry per step, of one '
+                     f'length: {dict((k, v.shape) for k, v in store.items())}')
   add_count_path = os.path.join(d, f'add_count_ckpt.{ckpt}.gz')
-  import tensorflow as tf
-  if tf.io.gfile.exists(add_count_path):
-    add_count = int(_load(add_count_path))
-    if add_count > n:  # the circular buffer wrapped: oldest entry at add_count % n
-      shift = add_count % n
-      store = {k: np.roll(v, -shift, axis=0) for k, v in store.items()}
-    elif add_count < n:  # not yet full: only the first add_count entries are valid
-      store = {k: v[:add_count] for k, v in store.items()}
+  add_count = _load(add_count_path)
+  if add_count.ndim or add_count < 0:
+    raise ValueError(f'{add_count_path}: add_count must be a count, got {add_count!r}')
+  add_count = int(add_count)
+  if add_count > n:  # the circular buffer wrapped: oldest entry at add_count % n
+    shift = add_count % n
+    store = {k: np.roll(v, -shift, axis=0) for k, v in store.items()}
+  elif add_count < n:  # not yet full: only the first add_count entries are valid
+    store = {k: v[:add_count] for k, v in store.items()}
   return store
 
 

@@ -746,19 +746,27 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       if max_episodes_per_game is not None and written[game] >= max_episodes_per_game:
         active.remove(game)
         continue
+      source_name = (f'game {game} in the data source (data_dir {cfg.data.data_dir!r}, '
+                     f'selection {cfg.data.selection!r})')
       try:
         episode = next(streams[game])
       except StopIteration:
-        if written[game] == 0:  # its table would never fill: every sampler would block
-          raise ValueError(f'no episodes of game {game} in the data source (data_dir '
-                           f'{cfg.data.data_dir!r}, selection {cfg.data.selection!r})') from None
+        # Its table would never fill, and every sampler would block: no episode, or (streamed
+        # again) an epoch whose episodes made no transition (one step each).
+        if written[game] == 0:
+          raise ValueError(f'no episodes of {source_name}') from None
         if not repeat:
           active.remove(game)
           continue
+        if epoch_items[game] == 0:
+          raise ValueError(f'no transitions of {source_name}: its {written[game]} episodes '
+                           'hold none (one step each)') from None
         throttle.end_of_epoch(game, epoch_items[game], max_items)
         epoch_items[game] = 0
         streams[game] = iter(source(game))
-        episode = next(streams[game])
+        episode = next(streams[game], None)
+        if episode is None:  # read before, gone now (files removed or unreadable)
+          raise ValueError(f'no episodes of {source_name} when streamed again') from None
       throttle.wait(game)
       if stop.is_set():
         break
@@ -776,6 +784,10 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if failures > 3:
           raise
         log.warning('inserter lost %s (%s); reconnecting', server_address, e)
+        try:
+          writer.close()  # its stream thread would otherwise live on with the process
+        except Exception:  # noqa: BLE001 -- a writer of a dead server may fail to close
+          pass
         wait_for_server(server_address, reconnect_timeout_s)
         client = reverb.Client(server_address)
         writer = make_writer(client, n_step, chunk_length, per_item)

@@ -43,14 +43,19 @@ class InvalidGameSettingError(ValueError):
 
 
 @functools.lru_cache(maxsize=None)
+def available_modes(game: str) -> tuple[int, ...]:
+  """The game modes of `game`'s ROM, as ALE lists them (the first is its default)."""
+  games_lib.check_games([game], 'game')
+  ale = ALEInterface()
+  ale.loadROM(roms.get_rom_path(games_lib.rom_id(game)))
+  return tuple(int(m) for m in ale.getAvailableModes())
+
+
 def default_mode(game: str) -> int:
   """The mode ALE plays when none is set (`mode=None`): the ROM's first available mode, as
   ALE's `RomSettings::getDefaultMode` returns it (0 for most games; Centipede 22, Pooyan 10). ale-py
   has no getter for the mode in play; tests/test_envs.py checks this against the frames."""
-  games_lib.check_games([game], 'game')
-  ale = ALEInterface()
-  ale.loadROM(roms.get_rom_path(games_lib.rom_id(game)))
-  return int(ale.getAvailableModes()[0])
+  return available_modes(game)[0]
 
 
 def preprocess_frame(frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:

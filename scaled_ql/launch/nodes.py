@@ -214,9 +214,11 @@ class _LoopNode:
 class ReverbNode:
   """The Reverb server (one table per game) on the port chosen when the program was built, so a
   restarted server comes back at the same address and its clients reconnect by themselves
-  (gRPC binds with SO_REUSEPORT, so the port is free again at once). Should binding fail, a free
-  port is used and `address()` says which; clients then reconnect through a restart of their own
-  node (their reconnect timeout)."""
+  (gRPC binds with SO_REUSEPORT, so the port is free again at once). Should binding fail at the
+  first start, a free port is used and `address()` says which (no client has asked yet). At a
+  restart it raises instead: its clients wait at the old address and would wait there for
+  ever; Ray restarts the node again, and if the port stays taken the crash-loop budget ends the
+  program with this node's error."""
 
   name = 'replay'
 
@@ -227,6 +229,9 @@ class ReverbNode:
     try:
       self._server = reverb_tables.make_server(cfg, port=port, pacing=pacing)
     except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
+      if _was_restarted():
+        raise RuntimeError(f'[replay] restarted, but its port {port} is taken ({e}); its clients '
+                           'wait at that address, so it must come back there') from e
       print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
       self._server = reverb_tables.make_server(cfg, port=None, pacing=pacing)
     self.port = self._port = self._server.port
@@ -401,6 +406,11 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   return lineage
 
 
+# How long the learner's stop() waits for its loop (a step, or a periodic checkpoint under way)
+# before the final save: within the driver's 300 s for the learner's stop (`program.shutdown`).
+LEARNER_LOOP_STOP_S = 240.0
+
+
 class LearnerNode(_LoopNode):
   """The sharded jitted Learner fed by stratified batches from Reverb. Checkpoints into
   WORKDIR/checkpoints (the LearnerRunner's Orbax manager) and publishes its params, tagged with its
@@ -492,9 +502,18 @@ class LearnerNode(_LoopNode):
     self._thread.join(1.0)
     if self._thread.is_alive():  # waiting for a batch (or in a long step: it ends with it)
       self._iterator.close(timeout_s=0)
-    self._stop_loop()
+    self._stop_loop(timeout=LEARNER_LOOP_STOP_S)
+    if self._thread.is_alive():  # (a periodic save of a large state on a slow filesystem)
+      raise RuntimeError(f'the learner\'s loop did not end within {LEARNER_LOOP_STOP_S + 1:.0f}s '
+                         'of its stop: no final checkpoint is written beside it (the newest '
+                         'periodic one stands)')
     self._learner.save()
-    self._publisher.publish(self._params(), self._learner.steps)
+    # A periodic publish still in flight would make the final one a skip (`publish` sends at
+    # most one at a time), and the final evaluation would wait for params that never come.
+    self._publisher.flush(timeout=30)
+    if not self._publisher.publish(self._params(), self._learner.steps):
+      print(f'[learner] the final params (step {self._learner.steps}) were not published: a '
+            'variable shard did not store the previous ones within 30 s', file=sys.stderr)
     self._publisher.flush(timeout=30)
     self._iterator.close(timeout_s=2)  # its thread may be stuck in a sample request: a daemon
     self._learner.close()
@@ -721,7 +740,6 @@ class FinetuneActorNode(_LoopNode):
     env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
                    max_episode_frames=max_episode_frames)
     self._client = variables.client(update_period)
-    self._client.wait_for_version(0, timeout=600)
     self._stop = threading.Event()  # also ends a write held back by the paced table
     self._adder = reverb_tables.EpisodeAdder(replay.address, cfg, game, stop=self._stop,
                                              name=self.name)
@@ -734,6 +752,14 @@ class FinetuneActorNode(_LoopNode):
     self._start(workdir, stop=self._stop)
 
   def _run_once(self) -> None:
+    if self._client.params is None:
+      # The learner's first params, in the loop: a learner that takes long to build or restore
+      # (a paper-size checkpoint) must not fail this node's constructor (Ray restarts no node
+      # whose constructor raised, and the program would end), and stop() must end the wait.
+      try:
+        self._client.wait_for_version(0, timeout=1.0)
+      except TimeoutError:
+        return
     self._episodes.run_episode()
 
   def status(self) -> dict:

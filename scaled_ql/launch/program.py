@@ -249,13 +249,13 @@ class RestartBudget:
 
 def check_fault_config(cfg: ExperimentConfig) -> None:
   """The fault-tolerance fields the driver watches with (`train.crash_loop_restarts`,
-  `crash_loop_window_s`, `placement_timeout_s`): ValueError naming the field. Needs no Ray
+  `crash_loop_window_s`, `placement_timeout_s`, `stall_timeout_s`): ValueError naming the field. Needs no Ray
   (`run.validate` calls it before anything starts)."""
   RestartBudget.from_config(cfg)
-  timeout = cfg.train.placement_timeout_s
-  if timeout is not None and not timeout > 0:
-    raise ValueError(f'train.placement_timeout_s must be > 0, or None for no limit, got '
-                     f'{timeout}')
+  for name in ('placement_timeout_s', 'stall_timeout_s'):
+    timeout = getattr(cfg.train, name)
+    if timeout is not None and not timeout > 0:
+      raise ValueError(f'train.{name} must be > 0, or None for no limit, got {timeout}')
 
 
 def _gcs_actor_info(handle) -> dict:
@@ -301,18 +301,44 @@ class _Watcher:
   node unplaced (`placement_timeout_s`; None: no limit)."""
 
   def __init__(self, budget: Optional[RestartBudget] = None,
-               placement_timeout_s: Optional[float] = None):
+               placement_timeout_s: Optional[float] = None,
+               stall_timeout_s: Optional[float] = None):
     self._pending: dict = {}
     self._last: dict = {}
     self._budget = budget
     self._health: dict[str, dict] = {}
     self._placement_timeout_s = placement_timeout_s
     self._unplaced_since: dict[str, float] = {}
+    self._stall_timeout_s = stall_timeout_s
+    self._learner_at: Optional[tuple[tuple, float]] = None  # ((pid, steps), seen since)
 
   @classmethod
   def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
     check_fault_config(cfg)
-    return cls(RestartBudget.from_config(cfg), cfg.train.placement_timeout_s)
+    return cls(RestartBudget.from_config(cfg), cfg.train.placement_timeout_s,
+               cfg.train.stall_timeout_s)
+
+  def check_progress(self, learner: Optional[dict], replay: Optional[dict],
+                     now: Optional[float] = None) -> None:
+    """Raises NodeLost when the learner's status (answering, not done) has shown the same
+    process at the same step for `stall_timeout_s`. A learner that is restarting (no status)
+    or done starts the clock again."""
+    now = time.monotonic() if now is None else now
+    if self._stall_timeout_s is None or learner is None or learner.get('done'):
+      self._learner_at = None
+      return
+    key = (learner.get('pid'), learner.get('steps'))
+    if self._learner_at is None or self._learner_at[0] != key:
+      self._learner_at = (key, now)
+      return
+    waited = now - self._learner_at[1]
+    if waited > self._stall_timeout_s:
+      tables = (replay or {}).get('table_sizes')
+      raise NodeLost(
+          f'the learner made no step for {waited:.0f}s, at step {key[1]} '
+          f'(train.stall_timeout_s={self._stall_timeout_s:g}): it waits for something that does '
+          'not come (its batches: the replay tables hold '
+          f'{tables if tables is not None else "(the replay did not answer)"}; or a device)')
 
   def unplaced(self, program: Program, now: Optional[float] = None) -> dict[str, dict]:
     """{node: dict(seconds, needs)} of the nodes Ray has left unplaced for at least
@@ -448,7 +474,8 @@ class ProgramStatus:
 
 
 def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
-  """Every node's status and health; raises NodeLost (see `_Watcher.health`)."""
+  """Every node's status and health; raises NodeLost (see `_Watcher.health` and
+  `_Watcher.check_progress`)."""
   watcher = watcher or _Watcher.from_config(program.cfg)
   health = watcher.health(program)
   statuses = {}
@@ -460,6 +487,7 @@ def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
     except NodeLost as e:
       raise NodeLost(f'{name} died and cannot be restarted: {e}\n'
                      f'{_crash_log(program.workdir, name)}') from e
+  watcher.check_progress(statuses['learner'], statuses['replay'])
   unplaced = watcher.unplaced(program)
   cluster = _cluster_resources(
       {k for u in unplaced.values() for k in u['needs']}) if unplaced else {}

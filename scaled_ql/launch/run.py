@@ -70,6 +70,7 @@ def validate(cfg) -> None:
     raise ConfigError(f'eval.num_envs must be >= 1, got {cfg.eval.num_envs}')
   if not 0 <= cfg.eval.epsilon <= 1:
     raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
+  check_eval_settings(cfg)
   # Counts the nodes divide by or loop on: caught here, not as a crash loop after Ray started.
   for name in ('variable_server_shards', 'checkpoint_every_steps', 'log_every_steps',
                'publish_every_steps'):
@@ -114,6 +115,29 @@ def validate(cfg) -> None:
     q_network.check_network_config(cfg.network)
   except ValueError as e:
     raise ConfigError(f'config {cfg.name!r}: {e}') from e
+
+
+def check_eval_settings(cfg) -> None:
+  """What the evaluator nodes would refuse at their first round, after Ray, the replay and the
+  learner had started (a crash loop minutes later): their budgets, the emulator's settings, and
+  `eval.game_mode` against every game's ROM (a mode one of the games lacks)."""
+  e = cfg.eval
+  from scaled_ql.envs import atari
+  for name, least in (('steps_per_game', 1), ('env_groups', 1),
+                      ('max_episode_frames', atari.FRAME_SKIP)):
+    if getattr(e, name) < least:
+      raise ConfigError(f'eval.{name} must be >= {least}, got {getattr(e, name)}')
+  if e.final_steps_per_game is not None and e.final_steps_per_game < 1:
+    raise ConfigError(f'eval.final_steps_per_game must be >= 1 (or None: eval.steps_per_game), '
+                      f'got {e.final_steps_per_game}')
+  if not 0 <= e.sticky_action_prob <= 1:
+    raise ConfigError(f'eval.sticky_action_prob must be in [0, 1], got {e.sticky_action_prob}')
+  if e.game_mode is not None:
+    lacking = {g: atari.available_modes(g) for g in cfg.games
+               if e.game_mode not in atari.available_modes(g)}
+    if lacking:
+      raise ConfigError(f'eval.game_mode={e.game_mode}: not a mode of ' + '; '.join(
+          f'{g} (its modes: {", ".join(map(str, modes))})' for g, modes in lacking.items()))
 
 
 def check_data(cfg) -> None:
@@ -637,7 +661,7 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
   try:
     loaded_cfg, params, loaded = transfer.load_pretrained(
         pretrained, online=cfg.finetune.pretrained_online_params)
-  except FileNotFoundError as e:  # (every checkpoint's arrays damaged: moved aside)
+  except FileNotFoundError as e:  # (no checkpoint loads: checkpointing.NoCheckpointLoadsError)
     raise ConfigError(f'--pretrained: {e}') from e
   from scaled_ql.agents import builder
   online = cfg.finetune.pretrained_online_params
@@ -651,6 +675,6 @@ def finetune_config(kind: str, game: str, *, pretrained: Optional[str] = None,
       raise ConfigError(f'--pretrained {pretrained}: the network of step {loaded} (loaded) is not '
                         f'that of step {step} (whose config the flags were checked against)')
   try:
-    return cfg, transfer.finetune_params(cfg, pretrained, params)
+    return cfg, transfer.finetune_params(cfg, pretrained, (loaded_cfg, params))
   except ValueError as e:  # transfer.EncoderMismatchError
     raise ConfigError(str(e)) from e
