@@ -84,3 +84,15 @@ def test_demo_config_is_cpu_small_on_the_demo_games_with_the_users_changes():
   cfg = demo.demo_config(games='Pong', overrides=['agent.target_update_period=100'])
   assert cfg.games == ('Pong',) and cfg.agent.target_update_period == 100
   assert any('target_update_period=100' in o for o in cfg.overrides)  # recorded in config.json
+
+
+def test_the_header_says_the_final_budget_only_of_a_finished_final_evaluation():
+  """The header said "a budget of <final budget>" whatever the rows were: after a final
+  evaluation that timed out they are older params' rounds on the normal budget."""
+  final = dict(budget=3000, param_version=500)
+  assert demo.score_budget_label({'Pong': final, 'Boxing': final}, 500, 3000) == (
+      'a budget of 3000 agent steps per game')
+  label = demo.score_budget_label({'Pong': final, 'Boxing': dict(budget=1000, param_version=400)},
+                                  500, 3000)
+  assert label == ("the final evaluation did not finish: each game's latest round, of the params "
+                   'its row names, budgets 1000, 3000 agent steps per game')

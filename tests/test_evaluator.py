@@ -277,6 +277,12 @@ def test_a_game_without_a_completed_episode_is_text_and_left_out_of_aggregates()
   line = program.format_progress(program.ProgramStatus(
       None, None, [{'latest': {'Freeway': latest['Freeway']}}], []), time.time())
   assert line.endswith('eval@5 mean_norm none Freeway=no-episode')
+  # Rows of two evaluators' rounds, of different params: both steps (it said eval@5 of both).
+  older = dict(latest['Pong'], param_version=3)
+  line = program.format_progress(program.ProgramStatus(
+      None, None, [{'latest': {'Pong': older}}, {'latest': {'Freeway': latest['Freeway']}}], []),
+      time.time())
+  assert line.endswith('eval@3-5 mean_norm 2.0% Freeway=no-episode Pong=2%')
   # TensorBoard gets scalars only for games with a score.
   assert evaluator.tensorboard_scalars({'Pong': dict(score=-20.0, normalized=0.02),
                                         'Freeway': dict(score=None, normalized=None)}) == [

@@ -737,7 +737,7 @@ def test_a_learner_that_makes_no_step_for_the_stall_timeout_ends_the_run(
       train=dict(stall_timeout_s=4.0))
   workdir = str(tmp_path / 'stalled')
   run.prepare_workdir(cfg, workdir)
-  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=50, num_inserters=0)
+  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=50, num_inserters=0)
   lines = []
   with pytest.raises(program.NodeLost) as lost:
     program.run(prog, log=lines.append, timeout_s=300, status_every_s=0.5)
@@ -755,6 +755,11 @@ def test_the_stall_clock_runs_only_while_the_same_learner_shows_the_same_step():
                        (39, at(6)), (40, at(6, pid=2)), (49, at(6, pid=2)), (50, at(50, done=True)),
                        (90, at(50, done=True))):
     watcher.check_progress(learner, None, now=now)  # restarts, steps, a new process, done
+  # Data that moves is no stall: online fine-tuning's inserts (a restarted learner first waits
+  # for the inserts its lost steps were paced against), or the replay's tables filling.
+  for now, inserted, sizes in ((60, 10, 0), (69, 20, 0), (78, 30, 0), (87, 30, 4), (96, 30, 8)):
+    watcher.check_progress(dict(at(7), inserted=inserted), dict(table_sizes={'Pong': sizes}),
+                           now=now)
   watcher.check_progress(at(7), None, now=100)
   watcher.check_progress(at(7), None, now=110)  # 10 s: not over the limit
   with pytest.raises(program.NodeLost, match=r'no step for 11s, at step 7 .*the replay did not '

@@ -337,8 +337,8 @@ def _reader(checkpoint_dir_or_workdir: str) -> ocp.CheckpointManager:
 
 def load_config(checkpoint_dir_or_workdir: str) -> tuple[ExperimentConfig, int]:
   """(config, step) of the newest checkpoint whose config reads, without reading any array: what
-  a command checks its flags against before it loads the params (`load_params`, which moves a
-  damaged checkpoint aside; this leaves every checkpoint as it is)."""
+  a command checks its flags against before it loads the params (`load_params`). Like it, this
+  leaves every checkpoint as it is."""
   manager = _reader(checkpoint_dir_or_workdir)
   errors = []
   try:

@@ -79,7 +79,7 @@ def _learn(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg, initial_params=None) -> int:
   # Wiring only (like launch): the agents library itself never imports the data layer.
   from scaled_ql.agents.learner import Learner
-  from scaled_ql.agents.checkpointing import CheckpointWriteError
+  from scaled_ql.agents.checkpointing import CheckpointWriteError, NoCheckpointLoadsError
   from scaled_ql.agents.runner import LearnerRunner, NonFiniteLossError
   from scaled_ql.datasets.mc_probe import load_mc_probe
   from scaled_ql.datasets import reverb_tables
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace, cfg, initial_params=None) -> int:
   except NonFiniteLossError as e:
     print(f'scaled-ql learn: {e}', file=sys.stderr)
     return 1
-  except CheckpointWriteError as e:  # a full disk: the message says what to do
+  except (CheckpointWriteError, NoCheckpointLoadsError) as e:  # the message says what to do
     print(f'error: {e}', file=sys.stderr)
     return 1
   finally:

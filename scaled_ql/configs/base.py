@@ -303,6 +303,18 @@ class ExperimentConfig:
         overrides=tuple(d.get('overrides', ())))
 
 
+def _table_items(data: DataConfig, per_item: int) -> tuple[int, int]:
+  # A table holds whole items (rounded down) and warms up on whole items (rounded up).
+  return (data.shuffle_buffer_per_game // per_item,
+          max(1, -(-data.min_fill_per_game // per_item)))
+
+
+def table_items(cfg: ExperimentConfig) -> tuple[int, int]:
+  """(max_size, min_size) of a game's Reverb table in items (`check_transitions_per_item`
+  first): the data config's sizes are transitions."""
+  return _table_items(cfg.data, check_transitions_per_item(cfg))
+
+
 def check_transitions_per_item(cfg: ExperimentConfig) -> int:
   """`cfg.data.transitions_per_item` (P), checked against the batch and table sizes, and
   `cfg.data.batches_per_fetch`: ValueError naming the field at fault (the data path and
@@ -318,9 +330,7 @@ def check_transitions_per_item(cfg: ExperimentConfig) -> int:
   if cfg.data.shuffle_buffer_per_game < per_item:
     raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
                      f'item of data.transitions_per_item={per_item} transitions')
-  # A table holds whole items (rounded down) and warms up on whole items (rounded up).
-  max_items = cfg.data.shuffle_buffer_per_game // per_item
-  min_items = -(-cfg.data.min_fill_per_game // per_item)
+  max_items, min_items = _table_items(cfg.data, per_item)
   if min_items > max_items:
     raise ValueError(f'data.min_fill_per_game={cfg.data.min_fill_per_game} is {min_items} items of '
                      f'data.transitions_per_item={per_item} transitions, more than the {max_items} '

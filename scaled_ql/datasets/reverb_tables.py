@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import numpy as np
 
-from scaled_ql.configs.base import ExperimentConfig, check_transitions_per_item
+from scaled_ql.configs.base import ExperimentConfig, check_transitions_per_item, table_items
 from scaled_ql.datasets import transitions as tr
 from scaled_ql.types import FrameWindows
 
@@ -86,13 +86,6 @@ def _check_games(games: Sequence[str], cfg: ExperimentConfig) -> None:
 
 
 RECORD_COLUMN = 'record'  # the one column: `transitions.pack_record` bytes per step
-
-
-def table_items(cfg: ExperimentConfig) -> tuple[int, int]:
-  """(max_size, min_size) of a game's table in items: the data config's sizes are transitions."""
-  per_item = check_transitions_per_item(cfg)
-  return (cfg.data.shuffle_buffer_per_game // per_item,
-          max(1, -(-cfg.data.min_fill_per_game // per_item)))
 
 
 def _record_specs(n_step: int, per_item: int = 1):
@@ -730,6 +723,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   streams = {g: iter(source(g)) for g in games}
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
+  epoch_lost = {g: 0 for g in games}  # its episodes lost to a reconnect (their items unknown)
   total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
@@ -758,11 +752,12 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if not repeat:
           active.remove(game)
           continue
-        if epoch_items[game] == 0:
+        if epoch_items[game] == 0 and epoch_lost[game] == 0:
           raise ValueError(f'no transitions of {source_name}: its {written[game]} episodes '
                            'hold none (one step each)') from None
-        throttle.end_of_epoch(game, epoch_items[game], max_items)
-        epoch_items[game] = 0
+        if epoch_lost[game] == 0:  # (an epoch with a lost episode is no measure of its size)
+          throttle.end_of_epoch(game, epoch_items[game], max_items)
+        epoch_items[game] = epoch_lost[game] = 0
         streams[game] = iter(source(game))
         episode = next(streams[game], None)
         if episode is None:  # read before, gone now (files removed or unreadable)
@@ -781,6 +776,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         # episode's partial items are lost with the old server. An error that persists across
         # reconnections is not a lost server: raise it.
         failures += 1
+        epoch_lost[game] += 1
         if failures > 3:
           raise
         log.warning('inserter lost %s (%s); reconnecting', server_address, e)

@@ -128,6 +128,18 @@ def print_comparison(cfg, scores) -> None:
         f'{MIN_AGENT_EPISODES} agent episodes each)')
 
 
+def score_budget_label(scores: dict, final_step, final_budget: int) -> str:
+  """What the header says of the scores' budget: the final evaluation's, when every game's row
+  is of the final params on the final budget; else the rows are an unfinished final
+  evaluation's mix (each row names its params' step), and the budgets are said as they are."""
+  budgets = sorted({r['budget'] for r in scores.values() if r.get('budget') is not None})
+  if all(r.get('budget') == final_budget and r.get('param_version') == final_step
+         for r in scores.values()):
+    return f'a budget of {final_budget} agent steps per game'
+  return ('the final evaluation did not finish: each game\'s latest round, of the params its '
+          f'row names, budgets {", ".join(map(str, budgets))} agent steps per game')
+
+
 def demo_config(data_dir: str = DEMO_DATA_DIR, steps: Optional[int] = None,
                 games: Optional[str] = None, overrides: Sequence[str] = ()):
   """The demo's config: DEMO_CONFIG on `games` (default DEMO_GAMES) with one evaluator and the
@@ -176,9 +188,8 @@ def _demo(cfg, workdir: str, minutes: float, allow_config_change: bool) -> int:
   print(f'\n{method_label(cfg.agent)} ({cfg.name}) after {learner_steps} learner steps, '
         f'{time.time() - started:.0f}s in all; human-normalized scores of '
         f'{builder.policy_params_label(cfg.agent)} '
-        f'(a budget of {cfg.eval.final_budget} agent steps '
-        'per game, every episode started '
-        f'played to its end, epsilon {cfg.eval.epsilon}):')
+        f'({score_budget_label(scores, learner_steps, cfg.eval.final_budget)}, every episode '
+        f'started played to its end, epsilon {cfg.eval.epsilon}):')
   run.print_scores(status)
   # Over the games with a completed episode only; the others are named, never counted.
   print(f'  {evaluator.aggregate_line(scores)}')

@@ -214,11 +214,11 @@ class _LoopNode:
 class ReverbNode:
   """The Reverb server (one table per game) on the port chosen when the program was built, so a
   restarted server comes back at the same address and its clients reconnect by themselves
-  (gRPC binds with SO_REUSEPORT, so the port is free again at once). Should binding fail at the
-  first start, a free port is used and `address()` says which (no client has asked yet). At a
-  restart it raises instead: its clients wait at the old address and would wait there for
-  ever; Ray restarts the node again, and if the port stays taken the crash-loop budget ends the
-  program with this node's error."""
+  (gRPC binds with SO_REUSEPORT, so the port is free again at once). A port it cannot bind is
+  an error, at the first start as at a restart: its clients wait at the address they were
+  given, so a server on another port would leave them waiting for ever (it used to fall back to
+  a free port). Ray restarts no node whose constructor raised: the program ends with this
+  error, and a rerun picks another port."""
 
   name = 'replay'
 
@@ -229,11 +229,8 @@ class ReverbNode:
     try:
       self._server = reverb_tables.make_server(cfg, port=port, pacing=pacing)
     except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
-      if _was_restarted():
-        raise RuntimeError(f'[replay] restarted, but its port {port} is taken ({e}); its clients '
-                           'wait at that address, so it must come back there') from e
-      print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
-      self._server = reverb_tables.make_server(cfg, port=None, pacing=pacing)
+      raise RuntimeError(f'[replay] cannot listen on port {port} ({e}): its clients are given '
+                         'this address and reconnect to it after a restart') from e
     self.port = self._port = self._server.port
     self._restarted = _was_restarted()
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
@@ -407,8 +404,9 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
 
 
 # How long the learner's stop() waits for its loop (a step, or a periodic checkpoint under way)
-# before the final save: within the driver's 300 s for the learner's stop (`program.shutdown`).
-LEARNER_LOOP_STOP_S = 240.0
+# before its final save: with that save and the final publish (up to 2 x 30 s) it should end
+# within the driver's 300 s for the learner's stop (`program.shutdown`).
+LEARNER_LOOP_STOP_S = 180.0
 
 
 class LearnerNode(_LoopNode):
@@ -508,12 +506,11 @@ class LearnerNode(_LoopNode):
                          'of its stop: no final checkpoint is written beside it (the newest '
                          'periodic one stands)')
     self._learner.save()
-    # A periodic publish still in flight would make the final one a skip (`publish` sends at
-    # most one at a time), and the final evaluation would wait for params that never come.
+    # A periodic publish still in flight made the final one a skip (`publish` sends at most one
+    # at a time), and the final evaluation waited for params that never came. `flush` clears
+    # what is in flight, so the publish after it is sent.
     self._publisher.flush(timeout=30)
-    if not self._publisher.publish(self._params(), self._learner.steps):
-      print(f'[learner] the final params (step {self._learner.steps}) were not published: a '
-            'variable shard did not store the previous ones within 30 s', file=sys.stderr)
+    self._publisher.publish(self._params(), self._learner.steps)
     self._publisher.flush(timeout=30)
     self._iterator.close(timeout_s=2)  # its thread may be stuck in a sample request: a daemon
     self._learner.close()

@@ -310,7 +310,7 @@ class _Watcher:
     self._placement_timeout_s = placement_timeout_s
     self._unplaced_since: dict[str, float] = {}
     self._stall_timeout_s = stall_timeout_s
-    self._learner_at: Optional[tuple[tuple, float]] = None  # ((pid, steps), seen since)
+    self._learner_at: Optional[tuple[tuple, float]] = None  # (what it showed, since)
 
   @classmethod
   def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
@@ -321,19 +321,22 @@ class _Watcher:
   def check_progress(self, learner: Optional[dict], replay: Optional[dict],
                      now: Optional[float] = None) -> None:
     """Raises NodeLost when the learner's status (answering, not done) has shown the same
-    process at the same step for `stall_timeout_s`. A learner that is restarting (no status)
-    or done starts the clock again."""
+    process at the same step for `stall_timeout_s`, while its data did not move either: the
+    replay's table sizes, and for online fine-tuning the transitions inserted (a restarted
+    learner first waits for the inserts its lost steps were paced against). A learner that is
+    restarting (no status) or done starts the clock again."""
     now = time.monotonic() if now is None else now
     if self._stall_timeout_s is None or learner is None or learner.get('done'):
       self._learner_at = None
       return
-    key = (learner.get('pid'), learner.get('steps'))
+    tables = (replay or {}).get('table_sizes')
+    key = (learner.get('pid'), learner.get('steps'), learner.get('inserted'),
+           tuple(sorted(tables.items())) if tables else None)
     if self._learner_at is None or self._learner_at[0] != key:
       self._learner_at = (key, now)
       return
     waited = now - self._learner_at[1]
     if waited > self._stall_timeout_s:
-      tables = (replay or {}).get('table_sizes')
       raise NodeLost(
           f'the learner made no step for {waited:.0f}s, at step {key[1]} '
           f'(train.stall_timeout_s={self._stall_timeout_s:g}): it waits for something that does '
@@ -556,7 +559,9 @@ def format_progress(status: ProgramStatus, started: float,
     mean = f'{100 * sum(norm) / len(norm):.1f}%' if norm else 'none'
     shown = {g: 'no-episode' if r['normalized'] is None else f"{100 * r['normalized']:.0f}%"
              for g, r in scores.items()}
-    parts.append(f'eval@{versions[-1]} mean_norm {mean} ' + ' '.join(
+    # Evaluators (and games at once) finish rounds at different times: say every step shown.
+    at = str(versions[0]) if len(versions) == 1 else f'{versions[0]}-{versions[-1]}'
+    parts.append(f'eval@{at} mean_norm {mean} ' + ' '.join(
         f'{g[:8]}={shown[g]}' for g in sorted(shown)))
   return ' | '.join(parts)
 

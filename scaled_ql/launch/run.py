@@ -84,10 +84,6 @@ def validate(cfg) -> None:
   if cfg.finetune.pretrained_online_params and cfg.finetune.pretrained is None:
     raise ConfigError('finetune.pretrained_online_params (--online-params) needs a pretrained '
                       'run (finetune.pretrained, --pretrained), not a run from scratch')
-  if cfg.data.min_fill_per_game > cfg.data.shuffle_buffer_per_game:
-    raise ConfigError(f'data.min_fill_per_game ({cfg.data.min_fill_per_game}) must not exceed '
-                      f'data.shuffle_buffer_per_game ({cfg.data.shuffle_buffer_per_game}): a '
-                      'table that never holds its warm-up never lets the learner sample')
   from scaled_ql.datasets import rlds_reader, tfds_layout
   try:
     rlds_reader.parse_selection(cfg.data.selection)
