@@ -285,22 +285,32 @@ def test_bad_input_errors():
     rt.make_tables(cfg.replace(data=dict(min_fill_per_game=10_000)))
 
 
-def test_the_replay_node_listens_on_its_port_or_fails():
-  """Clients reconnect to the address they were given, so the replay node never moves: before,
-  a taken port made it fall back to a free one, and a restarted node on another port left its
-  clients waiting at the old one for ever."""
+def test_a_restarted_replay_node_comes_back_on_the_port_it_bound(tmp_path, monkeypatch):
+  """Clients ask the replay node for its address once it is up and reconnect to it after a
+  restart. A first start whose planned port is taken binds a free one; restarted, it bound the
+  planned port again (its constructor's argument), and its clients waited at the other one for
+  ever. It now comes back on the port it bound, or fails."""
   import socket
   from scaled_ql.launch import nodes
-  cfg = tiny_cfg()
+  cfg, workdir = tiny_cfg(), str(tmp_path)
   with socket.socket() as held:  # no SO_REUSEPORT: gRPC cannot bind beside it
     held.bind(('', 0))
     held.listen()
-    port = held.getsockname()[1]
-    with pytest.raises(RuntimeError, match=f'cannot listen on port {port} '):
-      nodes.ReverbNode(cfg, port=port)
-  node = nodes.ReverbNode(cfg, port=port)  # the port free again
-  assert node.port == port
-  node.stop()
+    planned = held.getsockname()[1]
+    first = nodes.ReverbNode(cfg, port=planned, workdir=workdir)
+    bound = first.port
+    assert bound != planned
+    first.stop()
+  monkeypatch.setattr(nodes, '_was_restarted', lambda: True)
+  again = nodes.ReverbNode(cfg, port=planned, workdir=workdir)  # the planned port is free now
+  assert again.port == bound
+  again.stop()
+  with socket.socket() as held:
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(('', bound))
+    held.listen()
+    with pytest.raises(RuntimeError, match=f'restarted, but cannot listen on port {bound} again'):
+      nodes.ReverbNode(cfg, port=planned, workdir=workdir)
 
 
 def test_reconnect_after_server_restart():

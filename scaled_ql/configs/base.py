@@ -330,10 +330,15 @@ def check_transitions_per_item(cfg: ExperimentConfig) -> int:
   if cfg.data.shuffle_buffer_per_game < per_item:
     raise ValueError(f'data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} holds no '
                      f'item of data.transitions_per_item={per_item} transitions')
+  fill, buffer = cfg.data.min_fill_per_game, cfg.data.shuffle_buffer_per_game
+  if fill < 1:
+    raise ValueError(f'data.min_fill_per_game must be >= 1, got {fill}')
   max_items, min_items = _table_items(cfg.data, per_item)
   if min_items > max_items:
-    raise ValueError(f'data.min_fill_per_game={cfg.data.min_fill_per_game} is {min_items} items of '
-                     f'data.transitions_per_item={per_item} transitions, more than the {max_items} '
-                     f'that data.shuffle_buffer_per_game={cfg.data.shuffle_buffer_per_game} '
-                     'holds: the learner would never sample')
+    raise ValueError(
+        f'data.min_fill_per_game={fill} must not exceed data.shuffle_buffer_per_game={buffer}: '
+        'the learner would never sample' if per_item == 1 else
+        f'data.min_fill_per_game={fill} is {min_items} items of data.transitions_per_item='
+        f'{per_item} transitions, more than the {max_items} that '
+        f'data.shuffle_buffer_per_game={buffer} holds: the learner would never sample')
   return per_item

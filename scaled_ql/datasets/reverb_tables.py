@@ -747,7 +747,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       except StopIteration:
         # Its table would never fill, and every sampler would block: no episode, or (streamed
         # again) an epoch whose episodes made no transition (one step each).
-        if written[game] == 0:
+        if written[game] == 0 and epoch_lost[game] == 0:
           raise ValueError(f'no episodes of {source_name}') from None
         if not repeat:
           active.remove(game)

@@ -211,28 +211,57 @@ class _LoopNode:
     return os.getpid()
 
 
+REPLAY_PORT_FILE = 'replay_port'  # WORKDIR/logs/: the port the replay node bound, for its restarts
+
+
+def _write_port(path: str, port: int) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(f'{port}\n')
+  os.replace(tmp, path)
+
+
+def _read_port(path: Optional[str]) -> Optional[int]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return int(f.read().strip())
+  except (TypeError, OSError, ValueError):  # no workdir, no file yet, a torn write
+    return None
+
+
 class ReverbNode:
-  """The Reverb server (one table per game) on the port chosen when the program was built, so a
-  restarted server comes back at the same address and its clients reconnect by themselves
-  (gRPC binds with SO_REUSEPORT, so the port is free again at once). A port it cannot bind is
-  an error, at the first start as at a restart: its clients wait at the address they were
-  given, so a server on another port would leave them waiting for ever (it used to fall back to
-  a free port). Ray restarts no node whose constructor raised: the program ends with this
-  error, and a rerun picks another port."""
+  """The Reverb server (one table per game). Its clients ask it for its address once it is up
+  (`RayReplay.address`) and reconnect to that address after a restart, so a restarted server
+  must come back on the port it bound: it reads it from WORKDIR/logs/replay_port, written at
+  every start, and a restart that cannot bind it fails (Ray restarts no node whose constructor
+  raised: the program ends with this error rather than leaving its clients waiting at the old
+  address for ever; on another host the learner's stall timeout ends it). At its first start it
+  binds the port chosen when the program was built, or, should that one be taken on its host,
+  a free one. gRPC binds with SO_REUSEPORT, so the dead server's port is free again at once."""
 
   name = 'replay'
 
-  def __init__(self, cfg: ExperimentConfig, port: Optional[int] = None, pacing=None):
+  def __init__(self, cfg: ExperimentConfig, port: Optional[int] = None, pacing=None,
+               workdir: Optional[str] = None):
     """`pacing`: a `reverb_tables.TablePacing` for online fine-tuning (None: offline tables)."""
     from scaled_ql.datasets import reverb_tables
     self._cfg = cfg
-    try:
-      self._server = reverb_tables.make_server(cfg, port=port, pacing=pacing)
-    except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
-      raise RuntimeError(f'[replay] cannot listen on port {port} ({e}): its clients are given '
-                         'this address and reconnect to it after a restart') from e
-    self.port = self._port = self._server.port
+    tables = reverb_tables.make_tables(cfg, pacing)
+    port_file = os.path.join(workdir, 'logs', REPLAY_PORT_FILE) if workdir else None
     self._restarted = _was_restarted()
+    bound_before = _read_port(port_file) if self._restarted else None
+    try:
+      self._server = reverb_tables.server_with_tables(tables, bound_before or port)
+    except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
+      if bound_before is not None:
+        raise RuntimeError(f'[replay] restarted, but cannot listen on port {bound_before} again '
+                           f'({e}): its clients reconnect to that port') from e
+      print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
+      self._server = reverb_tables.server_with_tables(reverb_tables.make_tables(cfg, pacing))
+    self.port = self._port = self._server.port
+    if port_file is not None:
+      _write_port(port_file, self._port)
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
 
   def address(self) -> str:
@@ -404,9 +433,9 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
 
 
 # How long the learner's stop() waits for its loop (a step, or a periodic checkpoint under way)
-# before its final save: with that save and the final publish (up to 2 x 30 s) it should end
-# within the driver's 300 s for the learner's stop (`program.shutdown`).
-LEARNER_LOOP_STOP_S = 180.0
+# before its final save: that leaves the save ~115 s of the driver's 300 s for the learner's
+# stop (`program.shutdown`), after the final publish's two flushes of up to 30 s each.
+LEARNER_LOOP_STOP_S = 120.0
 
 
 class LearnerNode(_LoopNode):

@@ -148,7 +148,7 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: O
   prefix = f'{cfg.name}_{uuid.uuid4().hex[:8]}_'
   replay_name = prefix + 'replay'
   replay = _actor(nodes.ReverbNode, 'replay', name=replay_name).remote(cfg, free_port(),
-                                                                      replay_pacing)
+                                                                      replay_pacing, workdir)
   replay_ref = nodes.RayReplay(replay_name)
   variables = VariableServer.create(cfg.train.variable_server_shards, name_prefix=prefix,
                                     max_restarts=MAX_RESTARTS)
