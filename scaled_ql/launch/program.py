@@ -249,8 +249,8 @@ class RestartBudget:
 
 def check_fault_config(cfg: ExperimentConfig) -> None:
   """The fault-tolerance fields the driver watches with (`train.crash_loop_restarts`,
-  `crash_loop_window_s`, `placement_timeout_s`, `stall_timeout_s`): ValueError naming the field. Needs no Ray
-  (`run.validate` calls it before anything starts)."""
+  `crash_loop_window_s`, `placement_timeout_s`, `stall_timeout_s`): ValueError naming the field.
+  Needs no Ray (`run.validate` calls it before anything starts)."""
   RestartBudget.from_config(cfg)
   for name in ('placement_timeout_s', 'stall_timeout_s'):
     timeout = getattr(cfg.train, name)
