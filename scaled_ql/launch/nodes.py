@@ -211,11 +211,10 @@ class _LoopNode:
     return os.getpid()
 
 
-REPLAY_PORT_FILE = 'replay_port'  # WORKDIR/logs/: the port the replay node bound, for its restarts
+REPLAY_PORT_FILE = 'replay_port'  # WORKDIR/: the port the replay node bound, for its restarts
 
 
 def _write_port(path: str, port: int) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.write(f'{port}\n')
@@ -233,7 +232,7 @@ def _read_port(path: Optional[str]) -> Optional[int]:
 class ReverbNode:
   """The Reverb server (one table per game). Its clients ask it for its address once it is up
   (`RayReplay.address`) and reconnect to that address after a restart, so a restarted server
-  must come back on the port it bound: it reads it from WORKDIR/logs/replay_port, written at
+  must come back on the port it bound: it reads it from WORKDIR/replay_port, written at
   every start, and a restart that cannot bind it fails (Ray restarts no node whose constructor
   raised: the program ends with this error rather than leaving its clients waiting at the old
   address for ever; on another host the learner's stall timeout ends it). At its first start it
@@ -248,7 +247,7 @@ class ReverbNode:
     from scaled_ql.datasets import reverb_tables
     self._cfg = cfg
     tables = reverb_tables.make_tables(cfg, pacing)
-    port_file = os.path.join(workdir, 'logs', REPLAY_PORT_FILE) if workdir else None
+    port_file = os.path.join(workdir, REPLAY_PORT_FILE) if workdir else None
     self._restarted = _was_restarted()
     bound_before = _read_port(port_file) if self._restarted else None
     try:
