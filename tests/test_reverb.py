@@ -433,6 +433,18 @@ def test_inserter_rejects_a_game_without_episodes(server):
 
   with pytest.raises(ValueError, match='no episodes of game Pong .* when streamed again'):
     rt.run_inserter(address, cfg, cfg.games, vanishing)
+  # A malformed episode (a terminal step that is not its last) is named; the inserter's error
+  # (and the crash loop it leads to) said neither the game nor the episode.
+  bad = make_steps(5, terminal=False, base=210, rng=np.random.default_rng(6))
+  bad['is_terminal'][1] = True
+  labelled = rt.LabelledEpisode(tr.split_steps(bad), 'checkpoint_id 3, episode_id 17')
+
+  def with_a_bad_episode(game):
+    return iter([labelled]) if game == 'Pong' else source_of(first)(game)
+
+  with pytest.raises(ValueError, match=r'game Pong in the data source .*, checkpoint_id 3, '
+                                       r'episode_id 17: '):
+    rt.run_inserter(address, cfg, cfg.games, with_a_bad_episode)
 
 
 def _insert_counts(address, games):

@@ -688,8 +688,21 @@ def rlds_episode_source(cfg: ExperimentConfig, *, repeat: bool = True, seed: int
     dataset = rlds_reader.episodes_from_config(cfg.data, game, repeat=repeat, seed=seed + epoch,
                                                **reader_kwargs)
     for episode in dataset:
-      yield _episode_steps(episode['steps'])
+      yield LabelledEpisode(_episode_steps(episode['steps']), ', '.join(
+          f'{key} {int(episode[key])}' for key in ('checkpoint_id', 'episode_id')
+          if key in episode) or 'an episode')
   return source
+
+
+class LabelledEpisode:
+  """An episode's steps and which one it is (`label`: its checkpoint_id and episode_id), so
+  that the inserter can name an episode it cannot write."""
+
+  def __init__(self, steps: Iterable[dict], label: str):
+    self._steps, self.label = steps, label
+
+  def __iter__(self) -> Iterator[dict]:
+    return iter(self._steps)
 
 
 def _episode_steps(steps_dataset, block: int = 256) -> Iterator[dict]:
@@ -771,6 +784,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         total_items += items
         epoch_items[game] += items
         failures = 0
+      except ValueError as e:  # a malformed episode (`transitions.RecordStream`): say which
+        raise ValueError(f'{source_name}, {getattr(episode, "label", "an episode")}: {e}') from e
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
         # episode's partial items are lost with the old server. An error that persists across
