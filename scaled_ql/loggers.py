@@ -12,9 +12,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Optional, Protocol, Sequence, TextIO
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Replaces the file at `path` with `text`: written to a temporary file beside it, flushed to
+  disk, given the old file's mode, then renamed over it, so that a reader or a kill never sees
+  half a file; the temporary file never stays behind."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    if os.path.exists(path):
+      shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
 
 
 def append_lines(path: str, lines: Sequence[str]) -> None:

@@ -347,7 +347,7 @@ def load_config(checkpoint_dir_or_workdir: str) -> tuple[ExperimentConfig, int]:
         return _restore_config(manager, step), int(step)
       except Exception as e:  # pylint: disable=broad-except  (damage: load_params handles it)
         log.warning('the config of checkpoint %s does not read (%s: %s)', step,
-                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')
+                    type(e).__name__, _first_line(e))
         errors.append(f'step {step}: {type(e).__name__}: {e}')
   finally:
     manager.close()

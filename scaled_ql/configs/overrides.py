@@ -244,12 +244,9 @@ def write_file(cfg: ExperimentConfig, workdir: str) -> str:
   """Writes WORKDIR/config.json (what `load_file` reads back); returns its path. The one writer:
   the learner's runner and `launch.run.prepare_workdir` call it. Atomic (a temporary file, then a
   rename): a reader never sees half a file."""
-  os.makedirs(workdir, exist_ok=True)
+  from scaled_ql import loggers
   path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(cfg.to_json())
-  os.replace(tmp, path)
+  loggers.write_atomically(path, cfg.to_json())
   return path
 
 

@@ -737,6 +737,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
   epoch_lost = {g: 0 for g in games}  # its episodes lost to a reconnect (their items unknown)
+  source_name = (lambda game: f'game {game} in the data source (data_dir '
+                 f'{cfg.data.data_dir!r}, selection {cfg.data.selection!r})')  # for errors
   total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
@@ -753,28 +755,26 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       if max_episodes_per_game is not None and written[game] >= max_episodes_per_game:
         active.remove(game)
         continue
-      source_name = (f'game {game} in the data source (data_dir {cfg.data.data_dir!r}, '
-                     f'selection {cfg.data.selection!r})')
       try:
         episode = next(streams[game])
       except StopIteration:
         # Its table would never fill, and every sampler would block: no episode, or (streamed
         # again) an epoch whose episodes made no transition (one step each).
         if written[game] == 0 and epoch_lost[game] == 0:
-          raise ValueError(f'no episodes of {source_name}') from None
+          raise ValueError(f'no episodes of {source_name(game)}') from None
         if not repeat:
           active.remove(game)
           continue
         if epoch_items[game] == 0 and epoch_lost[game] == 0:
-          raise ValueError(f'no transitions of {source_name}: its {written[game]} episodes '
-                           'hold none (one step each)') from None
+          raise ValueError(f'no transitions of {source_name(game)}: its {written[game]} '
+                           'episodes hold none (one step each)') from None
         if epoch_lost[game] == 0:  # (an epoch with a lost episode is no measure of its size)
           throttle.end_of_epoch(game, epoch_items[game], max_items)
         epoch_items[game] = epoch_lost[game] = 0
         streams[game] = iter(source(game))
         episode = next(streams[game], None)
         if episode is None:  # read before, gone now (files removed or unreadable)
-          raise ValueError(f'no episodes of {source_name} when streamed again') from None
+          raise ValueError(f'no episodes of {source_name(game)} when streamed again') from None
       throttle.wait(game)
       if stop.is_set():
         break
@@ -785,7 +785,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         epoch_items[game] += items
         failures = 0
       except ValueError as e:  # a malformed episode (`transitions.RecordStream`): say which
-        raise ValueError(f'{source_name}, {getattr(episode, "label", "an episode")}: {e}') from e
+        label = getattr(episode, 'label', 'an episode')
+        raise ValueError(f'{source_name(game)}, {label}: {e}') from e
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
         # episode's partial items are lost with the old server. An error that persists across

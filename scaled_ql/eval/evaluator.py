@@ -105,8 +105,10 @@ def uniform_random_policy(model_games: Sequence[str]) -> PolicyFn:
   return jax.jit(policy)
 
 
-def _check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: EvalConfig,
-                steps: int, num_envs: int, env_groups: int, games_at_once: int) -> None:
+def check_args(games: Sequence[str], model_games: Sequence[str], eval_cfg: EvalConfig,
+               steps: int, num_envs: int, env_groups: int, games_at_once: int) -> None:
+  """ValueError naming the evaluation argument at fault (also `launch.run.validate`'s check of
+  the evaluators' settings, before any node starts)."""
   games_lib.check_games(games, 'games')
   not_in_model = [g for g in games if g not in model_games]
   if not_in_model:
@@ -331,7 +333,7 @@ def evaluate(policy_fn: PolicyFn, params: Any, games: Sequence[str], eval_cfg: E
   env_groups = int(eval_cfg.env_groups if env_groups is None else env_groups)
   at_once = eval_cfg.games_at_once if games_at_once is None else games_at_once
   at_once = len(games) if at_once is None else int(at_once)
-  _check_args(games, model_games, eval_cfg, steps, num_envs, env_groups, at_once)
+  check_args(games, model_games, eval_cfg, steps, num_envs, env_groups, at_once)
   import jax
   target = policy_device(eval_cfg, device)
   params = jax.device_put(params, target)

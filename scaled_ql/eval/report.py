@@ -66,10 +66,9 @@ import dataclasses
 import glob
 import json
 import math
+import io
 import os
-import shutil
 import sys
-import tempfile
 import time as time_lib
 from typing import Iterable, Optional, Sequence
 
@@ -225,20 +224,12 @@ def upgrade_csv(path: str) -> tuple[str, ...]:
                          'the row, or write to a new file')
   defaults = {f.name: f.default for f in dataclasses.fields(EvalRecord) if f.name in missing}
   fields += tuple(missing)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      w = csv.DictWriter(f, fieldnames=fields, lineterminator='\n')
-      w.writeheader()
-      w.writerows({**defaults, **row} for row in rows)
-      f.flush()
-      os.fsync(f.fileno())
-    shutil.copymode(path, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  from scaled_ql import loggers
+  text = io.StringIO()
+  w = csv.DictWriter(text, fieldnames=fields, lineterminator='\n')
+  w.writeheader()
+  w.writerows({**defaults, **row} for row in rows)
+  loggers.write_atomically(path, text.getvalue())
   return fields
 
 
@@ -372,8 +363,9 @@ def pooled(records: Sequence[EvalRecord]) -> tuple[float, float]:
   episodes). Within one run every episode is a return of the same params under the same protocol
   (a resumed run refuses to change it without --allow-config-change, `launch.run.RESUME_REFUSES`),
   so a round on the normal budget and the final evaluation on a larger one (or a restarted
-  evaluator's second round) add up to one estimate, not two equal votes. Records of other protocols written into the same logs would
-  be pooled too: `protocol_lines` says so in the report."""
+  evaluator's second round) add up to one estimate, not two equal votes. Records of other
+  protocols written into the same logs would be pooled too: `protocol_lines` says so in the
+  report."""
   if not records or not all(r.has_score for r in records):
     raise ValueError('pooled: every record needs a score (a completed episode)')
   if len({(r.game, r.param_version) for r in records}) != 1:

@@ -214,18 +214,11 @@ class _LoopNode:
 REPLAY_PORT_FILE = 'replay_port'  # WORKDIR/: the port the replay node bound, for its restarts
 
 
-def _write_port(path: str, port: int) -> None:
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(f'{port}\n')
-  os.replace(tmp, path)
-
-
-def _read_port(path: Optional[str]) -> Optional[int]:
+def _read_port(path: str) -> Optional[int]:
   try:
     with open(path, encoding='utf-8') as f:
       return int(f.read().strip())
-  except (TypeError, OSError, ValueError):  # no workdir, no file yet, a torn write
+  except (OSError, ValueError):  # no file yet (the first start wrote none), or not a number
     return None
 
 
@@ -249,7 +242,7 @@ class ReverbNode:
     tables = reverb_tables.make_tables(cfg, pacing)
     port_file = os.path.join(workdir, REPLAY_PORT_FILE) if workdir else None
     self._restarted = _was_restarted()
-    bound_before = _read_port(port_file) if self._restarted else None
+    bound_before = _read_port(port_file) if self._restarted and port_file else None
     try:
       self._server = reverb_tables.server_with_tables(tables, bound_before or port)
     except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
@@ -260,7 +253,7 @@ class ReverbNode:
       self._server = reverb_tables.server_with_tables(reverb_tables.make_tables(cfg, pacing))
     self.port = self._port = self._server.port
     if port_file is not None:
-      _write_port(port_file, self._port)
+      loggers.write_atomically(port_file, f'{self._port}\n')
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
 
   def address(self) -> str:

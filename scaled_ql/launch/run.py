@@ -119,15 +119,18 @@ def check_eval_settings(cfg) -> None:
   `eval.game_mode` against every game's ROM (a mode one of the games lacks)."""
   e = cfg.eval
   from scaled_ql.envs import atari
-  for name, least in (('steps_per_game', 1), ('env_groups', 1),
-                      ('max_episode_frames', atari.FRAME_SKIP)):
-    if getattr(e, name) < least:
-      raise ConfigError(f'eval.{name} must be >= {least}, got {getattr(e, name)}')
+  from scaled_ql.eval import evaluator
+  try:  # the evaluator's own checks of its arguments
+    evaluator.check_args(cfg.games, cfg.games, e, e.steps_per_game, e.num_envs, e.env_groups,
+                         e.games_at_once or len(cfg.games))
+  except ValueError as err:
+    raise ConfigError(f'eval.{err}') from err
+  if e.max_episode_frames < atari.FRAME_SKIP:  # (the environment's own check, at its start)
+    raise ConfigError(f'eval.max_episode_frames must be >= {atari.FRAME_SKIP}, got '
+                      f'{e.max_episode_frames}')
   if e.final_steps_per_game is not None and e.final_steps_per_game < 1:
     raise ConfigError(f'eval.final_steps_per_game must be >= 1 (or None: eval.steps_per_game), '
                       f'got {e.final_steps_per_game}')
-  if not 0 <= e.sticky_action_prob <= 1:
-    raise ConfigError(f'eval.sticky_action_prob must be in [0, 1], got {e.sticky_action_prob}')
   if e.game_mode is not None:
     lacking = {g: atari.available_modes(g) for g in cfg.games
                if e.game_mode not in atari.available_modes(g)}
