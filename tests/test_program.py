@@ -26,7 +26,7 @@ from typing import Optional
 import pytest
 
 from scaled_ql import configs, loggers
-from scaled_ql.launch import finetune, nodes, program, run, variable_server
+from scaled_ql.launch import nodes, program, run, variable_server
 
 from polling import wait_for  # tests/polling.py
 
@@ -245,10 +245,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert cfg.train.checkpoint_every_steps == 10
   workdir = str(tmp_path / 'faults')
   run.prepare_workdir(cfg, workdir)
-  # With a fine-tuning actor in a new environment (Breakout mode 12) feeding Breakout's table.
-  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps,
-                       actors=program.ActorSpec('Breakout', mode=12, num_actors=1, epsilon=0.1,
-                                                max_episode_frames=400))
+  # (No fine-tuning actor: one beside the inserters, unpaced, is no configuration a command
+  # runs, and it took a fifth of the test's CPU. An actor surviving a replay restart is tested
+  # in the online program: tests/test_transfer.py.)
+  prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
   # The evaluator yields to the learner: its loop runs EVALUATOR_NICENESS above Ray's workers.
@@ -301,11 +301,6 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert 'evaluator_back' in events, events
   # The replay came back on the same port and the learner went on past the kill.
   assert events.get('replay_back') and status.learner['steps'] > events['replay_killed_at']
-  actor = status.actors[0]
-  # The actor's steps became transitions in Breakout's table as their windows completed.
-  assert actor['episodes'] >= 1 and actor['items'] > 0
-  assert actor['items'] <= actor['env_steps']
-  assert actor['param_version'] >= 0
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   # ... those of the restarted learner (its second start in the workdir: lineage 1).
@@ -542,7 +537,9 @@ def test_crash_loop_ends_the_program_with_the_nodes_traceback(ray_session, tiny_
   def broken_pacing(version):  # shipped to the actor by value (cloudpickle)
     raise RuntimeError(f'injected pacing fault at version {version}')
 
-  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=100_000,
+  # No inserters: the learner waits for data (idle) instead of training beside the actor's
+  # restarts, which on 2 cores slowed them (suite time).
+  prog = program.build(cfg, workdir, num_evaluators=0, num_steps=100_000, num_inserters=0,
                        actors=program.ActorSpec('Breakout', None, 1, epsilon=broken_pacing,
                                                 max_episode_frames=400))
   lines = []
@@ -639,9 +636,9 @@ def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
   evaluation's estimate plus the margin, and the final params are still evaluated."""
   ray = ray_session
   monkeypatch.setattr(program, 'BUDGET_MARGIN_S', 3.0)  # the driver's margin, sized for tiny runs
-  budget_s = 20.0
+  budget_s = 15.0
   cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=1_000_000, evaluators=1).replace(
-      eval=dict(final_steps_per_game=1000, eval_every_seconds=5.0))
+      eval=dict(final_steps_per_game=300, eval_every_seconds=5.0))
   workdir = str(tmp_path / 'budget')
   run.prepare_workdir(cfg, workdir)
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=cfg.train.num_steps)
@@ -666,7 +663,7 @@ def test_a_budgeted_run_stops_training_in_time_for_its_final_evaluation(
   assert 0 < status.learner['steps'] < cfg.train.num_steps
   rows = _eval_rows(workdir)
   # (A round of the evaluator's own clock may also have caught the final params, on its budget.)
-  final = [r for r in rows if r['param_version'] == status.learner['steps'] and r['budget'] == 1000]
+  final = [r for r in rows if r['param_version'] == status.learner['steps'] and r['budget'] == 300]
   assert {r['game'] for r in final} == set(cfg.games), rows
   # Without the budget it would run to timeout_s (400 s). Stopping the nodes and Ray is what the
   # margin (3 s here, 30 s by default) is for; on a busy machine (the suite runs two workers) the
@@ -801,42 +798,6 @@ def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():
   assert not program._unplaced({'State': 'RESTARTING', 'Pid': 24265, 'Address': there})
   assert not program._unplaced({'State': 'ALIVE', 'Pid': 24266, 'Address': there})
   assert not program._unplaced({'State': 'DEAD', 'Pid': 0, 'Address': gone})
-
-
-def test_online_finetuning_survives_a_replay_restart(ray_session, tiny_dataset_dir, tmp_path):
-  """Suspected in issue 12, confirmed: after a Reverb restart the new server counts inserts from
-  0, so the learner's allowance fell to 0 while the actors' pacing (their own env steps) stayed
-  used up: neither side moved again. Both now pace from the new server's start."""
-  ray = ray_session
-  base = run.resolve_config('cpu_tiny', tiny_dataset_dir)
-  # 120 steps need 64 + 4 x 120 inserts, and the paced table holds the actor back within a few
-  # learner steps of the samples, so the kill lands while inserts are needed.
-  num_steps = 120
-  cfg = configs.finetune_online(base, 'Breakout', 12, pretrained=None, num_steps=num_steps,
-                                scale=0.001)
-  cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
-                    eval=dict(steps_per_game=40, eval_every_seconds=5.0))
-  workdir = str(tmp_path / 'online')
-  run.prepare_workdir(cfg, workdir)
-  prog = program.build(cfg, workdir, 1, cfg.train.num_steps, **finetune.build_args(cfg))
-  assert not prog.inserters and len(prog.actors) == 1
-  events = {}
-
-  def script(status):
-    learner = status.learner
-    # Kill while the learner still needs inserts of the (new) server to reach its steps.
-    if ('killed_at' not in events and learner and learner['steps'] >= 2
-        and learner['allowed_steps'] < num_steps):
-      events['killed_at'] = learner['steps']
-      ray.kill(prog.replay, no_restart=False)
-    return bool(learner and learner['done'])
-
-  status = program.run(prog, log=lambda line: None, stop_when=script, timeout_s=480,
-                       final_eval_timeout_s=None)
-  assert 'killed_at' in events
-  assert status.learner['steps'] == num_steps and status.learner['replay_restarts_seen'] >= 1
-  assert status.actors[0]['replay_restarts_seen'] >= 1
-  assert status.health['replay']['restarts'] == 1
 
 
 def test_a_node_whose_constructor_raises_records_its_traceback(tmp_path):

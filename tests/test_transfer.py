@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -271,26 +272,51 @@ def test_epsilon_schedule_and_pacing():
     assert pace.allowed_steps(admitted) > version + 1
 
 
-def test_online_finetuning_runs_end_to_end(pretrained, tmp_path):
-  """Real Ray + Reverb + emulator: actors play Breakout mode 12 into Reverb, the learner trains
-  from the pretrained encoder, the evaluator reports mode-12 scores."""
+def test_online_finetuning_runs_end_to_end_and_survives_a_replay_restart(pretrained,
+                                                                         tmp_path):
+  """Real Ray + Reverb + emulator (`finetune.run_online`): actors play Breakout mode 12 into
+  Reverb, the learner trains from the pretrained encoder, the evaluator reports mode-12 scores.
+  Mid-run the replay node is killed (Ray restarts it, empty). Suspected in issue 12, confirmed:
+  the new server counts inserts from 0, so the learner's allowance fell to 0 while the actors'
+  pacing (their own env steps) stayed used up: neither side moved again. Both now pace from the
+  new server's start, and the run reaches its steps. (One program for both: each costs ~40 s of
+  the suite.)"""
+  import ray
+  # 60 steps need 64 + 4 x 60 inserts, and the paced table holds the actor back within a few
+  # learner steps of the samples, so a kill at step >= 2 lands while inserts are needed.
+  num_steps = 60
   cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=pretrained,
-                                num_steps=12, scale=0.001)
+                                num_steps=num_steps, scale=0.001)
   cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
                     eval=dict(steps_per_game=60, eval_every_seconds=1.0))
   initial = transfer.finetune_params(cfg)
   workdir = str(tmp_path / 'online')
-  status = finetune.run_online(cfg, workdir, initial, log=lambda line: None,
-                               timeout_s=240, final_eval_timeout_s=120)
-  assert status.learner['steps'] == 12
+  killed_at = []
+
+  def log(line):  # the driver's progress lines: kill the replay once the learner has stepped
+    steps = re.search(r'\| learner (\d+)/', line)
+    if not killed_at and steps and int(steps.group(1)) >= 2:
+      replay, = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a['name'].endswith('_replay')]
+      killed_at.append(int(steps.group(1)))
+      ray.kill(ray.get_actor(replay['name'], namespace=replay['namespace']), no_restart=False)
+
+  status = finetune.run_online(cfg, workdir, initial, log=log, timeout_s=480,
+                               final_eval_timeout_s=120)
+  assert killed_at and killed_at[0] < num_steps, killed_at
+  assert status.learner['steps'] == num_steps
+  # Both sides saw the restarted server, and it came back once.
+  assert status.learner['replay_restarts_seen'] >= 1
   actor, = status.actors
+  assert actor['replay_restarts_seen'] >= 1 and status.health['replay']['restarts'] == 1
   assert actor['episodes'] >= 1 and actor['items'] >= 64 and actor['epsilon'] < 1.0
   # Pacing: the learner took no more steps than the transitions allow (1 per 4 after warm-up).
-  assert finetune.allowed_steps(actor['items'], cfg) >= 12
+  assert finetune.allowed_steps(actor['items'], cfg) >= num_steps
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl'))]
-  assert {r['game'] for r in rows} == {'Breakout'} and max(r['param_version'] for r in rows) == 12
+  assert {r['game'] for r in rows} == {'Breakout'}
+  assert max(r['param_version'] for r in rows) == num_steps
   saved_cfg, params, step = transfer.load_pretrained(workdir)
-  assert step == 12 and saved_cfg.eval.game_mode == 12 and saved_cfg.finetune.pretrained
+  assert step == num_steps and saved_cfg.eval.game_mode == 12 and saved_cfg.finetune.pretrained
   # Trained from the transferred encoder: moved away from it, but not a different init.
   encoder_before = _modules(initial, 'encoder')
   encoder_after = _modules(params, 'encoder')
