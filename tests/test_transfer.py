@@ -1,5 +1,6 @@
 """Transfer (issue 6): encoder loading, frozen/trained encoders, the mismatch error, the configs,
-and the online fine-tuning program end to end (real Ray, real emulator in mode 12, real Reverb).
+and the online fine-tuning program end to end (real Ray, real emulator in mode 12, real Reverb),
+through a restart of its replay.
 
 The "pretrained" checkpoint is a cpu_tiny learner (games Breakout, Freeway) after a few steps on
 random batches: what matters is that its params differ from a fresh init.
@@ -282,9 +283,10 @@ def test_online_finetuning_runs_end_to_end_and_survives_a_replay_restart(pretrai
   new server's start, and the run reaches its steps. (One program for both: each costs ~40 s of
   the suite.)"""
   import ray
-  # 60 steps need 64 + 4 x 60 inserts, and the paced table holds the actor back within a few
-  # learner steps of the samples, so a kill at step >= 2 lands while inserts are needed.
-  num_steps = 60
+  # 120 steps need 64 + 4 x 120 inserts, and the paced table holds the actor back within
+  # `slack_steps` learner steps of the samples (checked below: at the kill, the learner still
+  # needed inserts of the restarted server).
+  num_steps = 120
   cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=pretrained,
                                 num_steps=num_steps, scale=0.001)
   cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
@@ -303,7 +305,9 @@ def test_online_finetuning_runs_end_to_end_and_survives_a_replay_restart(pretrai
 
   status = finetune.run_online(cfg, workdir, initial, log=log, timeout_s=480,
                                final_eval_timeout_s=120)
-  assert killed_at and killed_at[0] < num_steps, killed_at
+  # (The first progress line past step 2 can show tens of steps: the lines come every 2 s.)
+  slack = reverb_tables.TablePacing.from_config(cfg).slack_steps
+  assert killed_at and killed_at[0] + slack < num_steps, (killed_at, slack)
   assert status.learner['steps'] == num_steps
   # Both sides saw the restarted server, and it came back once.
   assert status.learner['replay_restarts_seen'] >= 1
