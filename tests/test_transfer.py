@@ -283,10 +283,10 @@ def test_online_finetuning_runs_end_to_end_and_survives_a_replay_restart(pretrai
   new server's start, and the run reaches its steps. (One program for both: each costs ~40 s of
   the suite.)"""
   import ray
-  # 120 steps need 64 + 4 x 120 inserts, and the paced table holds the actor back within
-  # `slack_steps` learner steps of the samples (checked below: at the kill, the learner still
-  # needed inserts of the restarted server).
-  num_steps = 120
+  # 160 steps need 64 + 4 x 160 inserts, and the paced table holds the actor back within
+  # `slack_steps` learner steps of the samples (checked below: at the kill, the actor had not yet
+  # inserted what the rest of the run needs, so it goes on under the new server's pacing).
+  num_steps = 160
   cfg = configs.finetune_online(PRETRAIN_CFG, 'Breakout', 12, pretrained=pretrained,
                                 num_steps=num_steps, scale=0.001)
   cfg = cfg.replace(agent=dict(transitions_per_game=8), data=dict(min_fill_per_game=64),
@@ -305,15 +305,18 @@ def test_online_finetuning_runs_end_to_end_and_survives_a_replay_restart(pretrai
 
   status = finetune.run_online(cfg, workdir, initial, log=log, timeout_s=480,
                                final_eval_timeout_s=120)
-  # (The first progress line past step 2 can show tens of steps: the lines come every 2 s.)
+  # The allowance at the kill was at most its step + the slack (+ a few steps of the writer's
+  # run-ahead and of a status a poll old): short of the end. (The first progress line past step
+  # 2 showed 40 on 2 cores: the lines come every 2 s.)
   slack = reverb_tables.TablePacing.from_config(cfg).slack_steps
-  assert killed_at and killed_at[0] + slack < num_steps, (killed_at, slack)
-  assert status.learner['steps'] == num_steps
+  assert killed_at and killed_at[0] + slack + 10 < num_steps, (killed_at, slack)
+  assert status.learner['steps'] == num_steps and not status.inserters
   # Both sides saw the restarted server, and it came back once.
   assert status.learner['replay_restarts_seen'] >= 1
   actor, = status.actors
   assert actor['replay_restarts_seen'] >= 1 and status.health['replay']['restarts'] == 1
   assert actor['episodes'] >= 1 and actor['items'] >= 64 and actor['epsilon'] < 1.0
+  assert actor['items'] <= actor['env_steps']  # (status() reads the items first)
   # Pacing: the learner took no more steps than the transitions allow (1 per 4 after warm-up).
   assert finetune.allowed_steps(actor['items'], cfg) >= num_steps
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'eval', 'evaluator_0.jsonl'))]
