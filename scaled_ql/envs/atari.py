@@ -66,6 +66,12 @@ def preprocess_frame(frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
                     interpolation=cv2.INTER_AREA)
 
 
+def check_max_episode_frames(max_episode_frames: int) -> None:
+  """ValueError unless an episode's frame cap holds at least one agent step."""
+  if max_episode_frames < FRAME_SKIP:
+    raise ValueError(f'max_episode_frames must be >= {FRAME_SKIP}, got {max_episode_frames}')
+
+
 class AtariEnv(dm_env.Environment):
   """One Atari game with the DQN preprocessing (see the module docstring)."""
 
@@ -75,8 +81,7 @@ class AtariEnv(dm_env.Environment):
     games_lib.check_games([game], 'game')
     if not 0.0 <= sticky_action_prob <= 1.0:
       raise ValueError(f'sticky_action_prob must be in [0, 1], got {sticky_action_prob}')
-    if max_episode_frames < FRAME_SKIP:
-      raise ValueError(f'max_episode_frames must be >= {FRAME_SKIP}, got {max_episode_frames}')
+    check_max_episode_frames(max_episode_frames)
     self._game = game
     self._max_episode_frames = int(max_episode_frames)
     self._sticky_action_prob = float(sticky_action_prob)

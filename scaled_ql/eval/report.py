@@ -64,9 +64,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import math
-import io
 import os
 import sys
 import time as time_lib

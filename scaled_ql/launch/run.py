@@ -60,14 +60,9 @@ def validate(cfg) -> None:
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
     raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
                       f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
-  if cfg.eval.games_at_once is not None and cfg.eval.games_at_once < 1:
-    raise ConfigError(f'eval.games_at_once must be >= 1 (or None: all of an evaluator\'s games), '
-                      f'got {cfg.eval.games_at_once}')
   if not cfg.eval.gpus_per_evaluator >= 0:
     raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0, got '
                       f'{cfg.eval.gpus_per_evaluator}')
-  if cfg.eval.num_envs < 1:
-    raise ConfigError(f'eval.num_envs must be >= 1, got {cfg.eval.num_envs}')
   if not 0 <= cfg.eval.epsilon <= 1:
     raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
   check_eval_settings(cfg)
@@ -120,14 +115,12 @@ def check_eval_settings(cfg) -> None:
   e = cfg.eval
   from scaled_ql.envs import atari
   from scaled_ql.eval import evaluator
-  try:  # the evaluator's own checks of its arguments
+  try:  # the evaluator's and the emulator's own checks of their arguments
     evaluator.check_args(cfg.games, cfg.games, e, e.steps_per_game, e.num_envs, e.env_groups,
-                         e.games_at_once or len(cfg.games))
+                         len(cfg.games) if e.games_at_once is None else e.games_at_once)
+    atari.check_max_episode_frames(e.max_episode_frames)
   except ValueError as err:
     raise ConfigError(f'eval.{err}') from err
-  if e.max_episode_frames < atari.FRAME_SKIP:  # (the environment's own check, at its start)
-    raise ConfigError(f'eval.max_episode_frames must be >= {atari.FRAME_SKIP}, got '
-                      f'{e.max_episode_frames}')
   if e.final_steps_per_game is not None and e.final_steps_per_game < 1:
     raise ConfigError(f'eval.final_steps_per_game must be >= 1 (or None: eval.steps_per_game), '
                       f'got {e.final_steps_per_game}')
