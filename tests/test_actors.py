@@ -1,6 +1,10 @@
 """The fine-tuning actor without Ray (Acme's seam: select_action, observe_first/observe, update):
 the real emulator, real params of the config's network, an in-process variable server and a real
 Reverb table fed through `EpisodeAdder`."""
+import collections
+import threading
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -136,6 +140,71 @@ def test_environment_loop_writes_each_step_into_reverb_as_it_comes(cfg, params):
   finally:
     adder.close()
     server.stop()
+
+
+def test_an_episode_goes_on_through_a_server_killed_and_back_at_its_port(cfg):
+  """The program's replay killed (SIGKILL) in the middle of an actor's episode and restarted at
+  its port: the adder's writer reconnects and sends its pending items' records again, so the
+  episode goes on. What the new server gets is exactly what an adder that was never
+  interrupted writes, less what the killed server held; nothing is counted lost."""
+  server = rt.start_server_process(cfg)
+  reference = rt.make_server(cfg)
+  stop = threading.Event()  # as in the node: waits go in 0.5-s slices
+  adder = rt.EpisodeAdder(lambda: server.address, cfg, GAME, stop=stop)
+  reference_address = f'localhost:{reference.port}'
+  uninterrupted = rt.EpisodeAdder(lambda: reference_address, cfg, GAME)
+  env = AtariEnv(GAME, seed=0, max_episode_frames=400)  # 100 agent steps
+  rng = np.random.default_rng(0)
+
+  def play(num_steps):
+    for _ in range(num_steps):
+      action = int(rng.integers(env.num_actions))
+      timestep = env.step(action)
+      adder.add(action, timestep)
+      uninterrupted.add(action, timestep)
+      if timestep.last():
+        return True
+    return False
+
+  try:
+    timestep = env.reset()
+    adder.add_first(timestep)
+    uninterrupted.add_first(timestep)
+    assert not play(40)
+    killed = _settled_windows(server.address)  # what the server holds once the sends settle
+    assert 0 < sum(killed.values()) < adder.items == 40 - cfg.agent.n_step  # some pending
+    port = server.port
+    server.proc.kill()
+    server.proc.wait()
+    server = rt.start_server_process(cfg, port=port)
+    assert play(100)  # to the episode's end
+    assert adder.lost_episodes == 0 and adder.items == uninterrupted.items
+    assert _settled_windows(server.address) + killed == _settled_windows(reference_address)
+  finally:
+    stop.set()
+    adder.close()
+    uninterrupted.close()
+    server.stop()
+    reference.stop()
+
+
+def _settled_windows(address):
+  """Counter of the items' bytes in the table, read once its size stops moving."""
+  sizes = [-1]
+  while True:
+    sizes.append(rt.table_sizes(address, [GAME])[GAME])
+    if sizes[-1] == sizes[-2]:
+      break
+    time.sleep(0.2)
+  client = reverb.Client(address)
+  items = {}
+  for _ in range(50):
+    for sample in client.sample(rt.table_name(GAME), num_samples=4 * sizes[-1],
+                                emit_timesteps=False):
+      items[int(sample.info.key)] = np.asarray(sample.data[0]).tobytes()
+    if len(items) == sizes[-1]:
+      return collections.Counter(items.values())
+  raise AssertionError(f'sampled {len(items)} of {sizes[-1]} items')
 
 
 def _item_rewards(address, size):

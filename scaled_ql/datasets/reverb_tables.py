@@ -469,9 +469,12 @@ class EpisodeAdder:
   chunk (`data.reverb_chunk_length` records, sent with the last of them), so the learner can
   sample it n to n + chunk - 1 steps after it happened, not only after its episode ends.
 
-  `address()` is asked for the server's address on every (re)connection. A server that goes away
-  loses the rest of the episode being written (counted in `lost_episodes`; its items written
-  before stay, and those in flight may be lost with the server); the next episode reconnects.
+  `address()` is asked for the server's address on every (re)connection. A server killed and
+  back at its address (the replay node's restart) costs only what it held: the writer's stream
+  reconnects and sends the records its pending items need again, and the episode goes on
+  (`tests/test_actors.py`). A write that fails with an error instead drops the rest of the
+  episode (counted in `lost_episodes`; its items written before stay); the next episode
+  reconnects.
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
