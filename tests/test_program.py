@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -195,11 +196,29 @@ def _max_thread_niceness(pid: int) -> int:
 
 @pytest.fixture(scope='module')
 def ray_session():
+  """A Ray cluster of two nodes (two raylets on this machine), joined by its address as `train
+  --address` joins one: the program's actors spread over both nodes, what they pass crosses
+  between the nodes' object stores, and a restarted actor may come back on the other node.
+  Token authentication is on, as a local `ray.init()` sets it up (the same two calls, made
+  here because the cluster's nodes are started before the driver connects)."""
   import ray
-  ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-           runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
-  yield ray
-  ray.shutdown()
+  from ray._private.authentication import authentication_token_setup as ray_auth
+  from ray.cluster_utils import Cluster
+  ray_auth.enable_token_auth_by_default()  # RAY_AUTH_MODE=token unless set otherwise
+  ray_auth.ensure_token_if_auth_enabled()  # ~/.ray/auth_token, made if missing
+  cluster = None
+  try:
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20))
+    cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
+             runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+    assert len([n for n in ray.nodes() if n['Alive']]) == 2
+    yield ray
+  finally:
+    ray.shutdown()
+    if cluster is not None:
+      cluster.shutdown()
 
 
 def test_a_restarted_node_counts_its_restarts_in_its_seeds(ray_session):
@@ -248,6 +267,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   # (No fine-tuning actor: one beside the inserters, unpaced, is no configuration a command
   # runs, and it took a fifth of the test's CPU. An actor surviving a replay restart is tested
   # in the online program: tests/test_transfer.py.)
+  from ray._private import state as ray_state  # (the actor table; nodes.py reads it too)
+  actors_before = set(ray_state.actors())
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
@@ -306,6 +327,12 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   # ... those of the restarted learner (its second start in the workdir: lineage 1).
   assert {r['param_lineage'] for r in rows if r['param_version'] == num_steps} == {1}
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed
+  # The program ran on both nodes of the fixture's cluster (Ray's actor table: the node of each
+  # actor's last start).
+  placed = collections.Counter(
+      (a['Address']['NodeID'], a['ActorClassName']) for key, a in ray_state.actors().items()
+      if key not in actors_before)
+  assert len({node for node, _ in placed}) == 2, placed
 
 
 
