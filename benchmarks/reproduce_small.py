@@ -583,8 +583,9 @@ def main(argv=None) -> int:
       return 1
   else:
     import ray
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+    ray.init(address='local', num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False, configure_logging=False,
+             runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
     results = []
     try:
       # Seed-major: a cut-short benchmark still has every method; --extra-methods come last.

@@ -67,8 +67,8 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--num-cpus', type=int, default=2)
   args = parser.parse_args()
-  ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-           configure_logging=False)
+  ray.init(address='local', num_cpus=args.num_cpus, include_dashboard=False,
+           log_to_driver=False, configure_logging=False)
   print('| params | shards | leaves | MB | publish (ms, learner side) | fetch (ms) | fetch GB/s |')
   print('|---|---|---|---|---|---|---|')
   for size in args.sizes:

@@ -144,10 +144,11 @@ def test_environment_loop_writes_each_step_into_reverb_as_it_comes(cfg, params):
 
 def test_an_episode_goes_on_through_a_server_killed_and_back_at_its_port(cfg):
   """The program's replay killed (SIGKILL) in the middle of an actor's episode and restarted at
-  its port: the adder's writer reconnects and sends its pending items' records again, so the
-  episode goes on. What the new server gets is exactly what an adder that was never
-  interrupted writes, less what the killed server held; nothing is counted lost."""
-  server = rt.start_server_process(cfg)
+  its port while the actor plays on (its writes wait in 0.5-s slices while the server is down):
+  the adder's writer reconnects and sends its pending items' records again, so the episode goes
+  on. What the new server gets is exactly what an adder that was never interrupted writes, less
+  what the killed server held; nothing is counted lost."""
+  server, restart, restarted = rt.start_server_process(cfg), None, []
   reference = rt.make_server(cfg)
   stop = threading.Event()  # as in the node: waits go in 0.5-s slices
   adder = rt.EpisodeAdder(lambda: server.address, cfg, GAME, stop=stop)
@@ -173,52 +174,57 @@ def test_an_episode_goes_on_through_a_server_killed_and_back_at_its_port(cfg):
     assert not play(40)
     killed = _settled_windows(server.address)  # what the server holds once the sends settle
     assert 0 < sum(killed.values()) < adder.items == 40 - cfg.agent.n_step  # some pending
-    port = server.port
     server.proc.kill()
     server.proc.wait()
-    server = rt.start_server_process(cfg, port=port)
-    assert play(100)  # to the episode's end
+    restart = threading.Thread(  # (~5 s: the server process's imports)
+        target=lambda: restarted.append(rt.start_server_process(cfg, port=server.port)))
+    restart.start()
+    assert play(100)  # to the episode's end, through the outage
+    restart.join()
     assert adder.lost_episodes == 0 and adder.items == uninterrupted.items
     assert _settled_windows(server.address) + killed == _settled_windows(reference_address)
   finally:
     stop.set()
     adder.close()
     uninterrupted.close()
-    server.stop()
+    if restart is not None:
+      restart.join(60)
+    for each in [server, *restarted]:
+      each.stop()
     reference.stop()
 
 
-def _settled_windows(address):
-  """Counter of the items' bytes in the table, read once its size stops moving."""
-  sizes = [-1]
-  while True:
-    sizes.append(rt.table_sizes(address, [GAME])[GAME])
-    if sizes[-1] == sizes[-2]:
-      break
-    time.sleep(0.2)
-  client = reverb.Client(address)
-  items = {}
-  for _ in range(50):
-    for sample in client.sample(rt.table_name(GAME), num_samples=4 * sizes[-1],
-                                emit_timesteps=False):
-      items[int(sample.info.key)] = np.asarray(sample.data[0]).tobytes()
-    if len(items) == sizes[-1]:
-      return collections.Counter(items.values())
-  raise AssertionError(f'sampled {len(items)} of {sizes[-1]} items')
+def _settled_windows(address, quiet_s=1.0, timeout_s=30.0):
+  """Counter of the items' bytes (their records) in the table, read once its size has not
+  moved for `quiet_s`."""
+  deadline = time.monotonic() + timeout_s
+  size, since = rt.table_sizes(address, [GAME])[GAME], time.monotonic()
+  while time.monotonic() - since < quiet_s:
+    assert time.monotonic() < deadline, f'the table never settled ({size} items)'
+    time.sleep(0.1)
+    now = rt.table_sizes(address, [GAME])[GAME]
+    if now != size:
+      size, since = now, time.monotonic()
+  return collections.Counter(np.asarray(item).tobytes() for item in _items(address, size).values())
 
 
 def _item_rewards(address, size):
   """{item key: reward of the item's own step} over every item of the (uniform) table."""
+  return {key: float(tr.unpack_records(np.asarray(item)).reward[tr.STACK - 1])
+          for key, item in _items(address, size).items()}
+
+
+def _items(address, size):
+  """{item key: its one column} over every item of the (uniform) table."""
   client = reverb.Client(address)
-  rewards = {}
+  items = {}
   for _ in range(50):
     for sample in client.sample(rt.table_name(GAME), num_samples=4 * size,
                                 emit_timesteps=False):
-      record = tr.unpack_records(np.asarray(sample.data[0]))  # the one column
-      rewards[int(sample.info.key)] = float(record.reward[tr.STACK - 1])
-    if len(rewards) == size:
-      return rewards
-  raise AssertionError(f'sampled {len(rewards)} of {size} items')
+      items[int(sample.info.key)] = sample.data[0]
+    if len(items) == size:
+      return items
+  raise AssertionError(f'sampled {len(items)} of {size} items')
 
 
 def test_actor_needs_params_and_a_config_game(cfg, params):

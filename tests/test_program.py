@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -82,7 +81,9 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
     return sorted(int(c) for c in os.listdir(os.path.join(workdir, 'checkpoints')) if c.isdigit())
 
   tag = f'SCALED_QL_TEST_TAG={uuid.uuid4().hex}'
-  env = dict(os.environ, SCALED_QL_TEST_TAG=tag.split('=')[1])
+  # RAY_ADDRESS names a cluster (none answers there), as a `ray start` on the machine would:
+  # without --address, train starts its own Ray all the same (a plain ray.init() joined it).
+  env = dict(os.environ, SCALED_QL_TEST_TAG=tag.split('=')[1], RAY_ADDRESS='127.0.0.1:9')
   log_path = tmp_path / 'train.log'
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(
@@ -197,10 +198,12 @@ def _max_thread_niceness(pid: int) -> int:
 @pytest.fixture(scope='module')
 def ray_session():
   """A Ray cluster of two nodes (two raylets on this machine), joined by its address as `train
-  --address` joins one: the program's actors spread over both nodes, what they pass crosses
-  between the nodes' object stores, and a restarted actor may come back on the other node.
-  Token authentication is on, as a local `ray.init()` sets it up (the same two calls, made
-  here because the cluster's nodes are started before the driver connects)."""
+  --address` joins one: the program's actors spread over both nodes (the head has 1 CPU, and a
+  program's learner and evaluator ask for one each) and what they pass crosses between the
+  nodes' object stores. Token authentication is on, as a local `ray.init()` sets it up (the same
+  two calls, made here because the cluster's nodes start before the driver connects)."""
+  from unittest import mock
+
   import ray
   from ray._private.authentication import authentication_token_setup as ray_auth
   from ray.cluster_utils import Cluster
@@ -208,9 +211,13 @@ def ray_session():
   ray_auth.ensure_token_if_auth_enabled()  # ~/.ray/auth_token, made if missing
   cluster = None
   try:
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20))
-    cluster.add_node(num_cpus=2, object_store_memory=300 * 2**20)
+    # Without the patch the head writes /tmp/ray/ray_current_cluster, which every plain
+    # `ray.init()` on the machine would then join (the other pytest process's included), and
+    # which a killed session leaves behind.
+    with mock.patch.object(ray._private.utils, 'write_ray_address'):
+      cluster = Cluster(initialize_head=True, head_node_args=dict(
+          num_cpus=1, include_dashboard=False, object_store_memory=300 * 2**20))
+    cluster.add_node(num_cpus=3, object_store_memory=300 * 2**20)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
              runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
     assert len([n for n in ray.nodes() if n['Alive']]) == 2
@@ -267,8 +274,6 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   # (No fine-tuning actor: one beside the inserters, unpaced, is no configuration a command
   # runs, and it took a fifth of the test's CPU. An actor surviving a replay restart is tested
   # in the online program: tests/test_transfer.py.)
-  from ray._private import state as ray_state  # (the actor table; nodes.py reads it too)
-  actors_before = set(ray_state.actors())
   prog = program.build(cfg, workdir, num_evaluators=1, num_steps=num_steps)
   evaluator_pid = ray.get(prog.evaluators[0].ping.remote(), timeout=120)
   replay_pid = ray.get(prog.replay.ping.remote(), timeout=120)
@@ -328,11 +333,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert {r['param_lineage'] for r in rows if r['param_version'] == num_steps} == {1}
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed
   # The program ran on both nodes of the fixture's cluster (Ray's actor table: the node of each
-  # actor's last start).
-  placed = collections.Counter(
-      (a['Address']['NodeID'], a['ActorClassName']) for key, a in ray_state.actors().items()
-      if key not in actors_before)
-  assert len({node for node, _ in placed}) == 2, placed
+  # node's last start).
+  placed = {name: program._gcs_actor_info(handle)['Address']['NodeID']
+            for name, handle in prog.nodes()}
+  assert set(placed.values()) == {n['NodeID'] for n in ray.nodes() if n['Alive']}, placed
 
 
 

@@ -62,7 +62,7 @@ def test_layout_split_join_roundtrip(num_shards):
 
 @pytest.fixture(scope='module')
 def ray_session():
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+  ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False,
            configure_logging=False)
   yield
   ray.shutdown()

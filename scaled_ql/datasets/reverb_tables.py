@@ -469,12 +469,12 @@ class EpisodeAdder:
   chunk (`data.reverb_chunk_length` records, sent with the last of them), so the learner can
   sample it n to n + chunk - 1 steps after it happened, not only after its episode ends.
 
-  `address()` is asked for the server's address on every (re)connection. A server killed and
-  back at its address (the replay node's restart) costs only what it held: the writer's stream
-  reconnects and sends the records its pending items need again, and the episode goes on
-  (`tests/test_actors.py`). A write that fails with an error instead drops the rest of the
-  episode (counted in `lost_episodes`; its items written before stay); the next episode
-  reconnects.
+  `address()` is asked for the server's address when a writer is made (the first write, and
+  the first after a write error). A server killed and back at its address (the replay node's
+  restart) costs only what it held: the writer's own stream reconnects and sends the records
+  its pending items need again, and the episode goes on (`tests/test_actors.py`). A write that
+  fails with an error instead drops the rest of the episode (counted in `lost_episodes`; its
+  items written before stay), and the next episode makes a new writer.
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
@@ -523,9 +523,9 @@ class EpisodeAdder:
       self._observation = None
 
   def _cut(self) -> None:
-    """Closes the writer: the next episode goes through a new client and writer (e.g. after a
-    server restart); the rest of an episode in progress is dropped (it cannot go on in a new
-    trajectory: its windows need the records before)."""
+    """Closes the writer: the next episode goes through a new client and writer (after a write
+    error, a stop or `close`); the rest of an episode in progress is dropped (it cannot go on in
+    a new trajectory: its windows need the records before)."""
     if self._stream is not None and self._stream.num_steps:
       self.lost_episodes += 1
     self._stream = None
@@ -564,14 +564,15 @@ class EpisodeAdder:
       _end_episode(self._writer, self._stop, self.while_waiting)
 
   def _guarded(self, write: Callable[[], None]) -> None:
-    """Runs `write`; a stop request or a lost server drops the rest of the episode."""
+    """Runs `write`; a stop request or a write error drops the rest of the episode."""
     import reverb
     try:
       write()
     except InsertStopped:
       self._drop()
     except (reverb.errors.ReverbError, RuntimeError) as e:
-      # The server went away: drop the rest of this episode, reconnect for the next one.
+      # A write error (a server restarted at its address raises none: the writer reconnects by
+      # itself): drop the rest of this episode, make a new writer for the next one.
       log.warning('%s lost the Reverb server (%s); reconnecting', self._name, type(e).__name__)
       self._drop()
 

@@ -58,8 +58,8 @@ _TRAIN_DESCRIPTION = """\
 Runs the whole program as Ray actors: a Reverb server (one table per game), inserters streaming
 the RLDS data into it, the learner (checkpoints in WORKDIR/checkpoints), a sharded variable server
 and E evaluators (WORKDIR/eval/evaluator_<i>.jsonl, TensorBoard in WORKDIR/tb). Without --address
-Ray is started locally (ray.init(num_cpus=...)); --address auto|ray://host:port runs the same
-program on an existing cluster. Ctrl-C/SIGTERM: final checkpoint, every actor stopped.
+a new Ray is started locally (even beside a `ray start` cluster); --address auto|ray://host:port
+runs the same program on an existing cluster. Ctrl-C/SIGTERM: final checkpoint, every actor stopped.
 A WORKDIR that ran before is resumed (a changed game/network/agent/data/seed is refused unless
 --allow-config-change); every start is appended to WORKDIR/config_history.jsonl.
 Report afterwards: scaled-ql report run WORKDIR."""

@@ -468,7 +468,12 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
-  """Connects to `address` or starts a local Ray sized for the program; True if started here."""
+  """Connects to `address` or starts a local Ray sized for the program; True if started here.
+
+  The local Ray is a new one (`address='local'`) even when RAY_ADDRESS is set or a `ray start`
+  cluster runs on the machine: a plain `ray.init()` joins that cluster instead, and fails on
+  `num_cpus` (seen: "When connecting to an existing cluster, num_cpus and num_gpus must not be
+  provided"). Joining one is what `--address` asks for."""
   import ray
   from scaled_ql.launch import program
   from scaled_ql import host_memory
@@ -477,8 +482,9 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
     ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
     return False
   needed = program.required_cpus(cfg)
-  ray.init(num_cpus=max(num_cpus or 0, needed, os.cpu_count() or 1), include_dashboard=False,
-           runtime_env={'env_vars': env}, log_to_driver=True, configure_logging=False)
+  ray.init(address='local', num_cpus=max(num_cpus or 0, needed, os.cpu_count() or 1),
+           include_dashboard=False, runtime_env={'env_vars': env}, log_to_driver=True,
+           configure_logging=False)
   return True
 
 
