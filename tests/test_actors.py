@@ -176,8 +176,14 @@ def test_an_episode_goes_on_through_a_server_killed_and_back_at_its_port(cfg):
     assert 0 < sum(killed.values()) < adder.items == 40 - cfg.agent.n_step  # some pending
     server.proc.kill()
     server.proc.wait()
-    restart = threading.Thread(  # (~5 s: the server process's imports)
-        target=lambda: restarted.append(rt.start_server_process(cfg, port=server.port)))
+    def start_again():  # (~5 s: the server process's imports)
+      try:
+        restarted.append(rt.start_server_process(cfg, port=server.port))
+      finally:
+        if not restarted:  # it failed: the stop ends the writes waiting for it, and the test
+          stop.set()
+
+    restart = threading.Thread(target=start_again)
     restart.start()
     assert play(100)  # to the episode's end, through the outage
     restart.join()
@@ -188,7 +194,7 @@ def test_an_episode_goes_on_through_a_server_killed_and_back_at_its_port(cfg):
     adder.close()
     uninterrupted.close()
     if restart is not None:
-      restart.join(60)
+      restart.join()  # (bounded: the server's start gives up after 60 s)
     for each in [server, *restarted]:
       each.stop()
     reference.stop()

@@ -82,7 +82,8 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
 
   tag = f'SCALED_QL_TEST_TAG={uuid.uuid4().hex}'
   # RAY_ADDRESS names a cluster (none answers there), as a `ray start` on the machine would:
-  # without --address, train starts its own Ray all the same (a plain ray.init() joined it).
+  # without --address, train starts its own Ray all the same (a plain ray.init() took it as the
+  # cluster to join, and failed on num_cpus).
   env = dict(os.environ, SCALED_QL_TEST_TAG=tag.split('=')[1], RAY_ADDRESS='127.0.0.1:9')
   log_path = tmp_path / 'train.log'
   with open(log_path, 'w') as log:
@@ -199,9 +200,10 @@ def _max_thread_niceness(pid: int) -> int:
 def ray_session():
   """A Ray cluster of two nodes (two raylets on this machine), joined by its address as `train
   --address` joins one: the program's actors spread over both nodes (the head has 1 CPU, and a
-  program's learner and evaluator ask for one each) and what they pass crosses between the
-  nodes' object stores. Token authentication is on, as a local `ray.init()` sets it up (the same
-  two calls, made here because the cluster's nodes start before the driver connects)."""
+  program's learner and evaluator ask for one each: they cannot both be on the head) and what
+  they pass crosses between the nodes' object stores. Token authentication is on, as a local
+  `ray.init()` sets it up (the same two calls, made here because the cluster's nodes start
+  before the driver connects)."""
   from unittest import mock
 
   import ray
@@ -224,8 +226,9 @@ def ray_session():
     yield ray
   finally:
     ray.shutdown()
-    if cluster is not None:
-      cluster.shutdown()
+    if cluster is not None:  # (whose shutdown would remove another cluster's address file)
+      with mock.patch.object(ray._common.utils, 'reset_ray_address'):
+        cluster.shutdown()
 
 
 def test_a_restarted_node_counts_its_restarts_in_its_seeds(ray_session):

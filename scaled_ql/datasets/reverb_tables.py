@@ -470,11 +470,12 @@ class EpisodeAdder:
   sample it n to n + chunk - 1 steps after it happened, not only after its episode ends.
 
   `address()` is asked for the server's address when a writer is made (the first write, and
-  the first after a write error). A server killed and back at its address (the replay node's
-  restart) costs only what it held: the writer's own stream reconnects and sends the records
-  its pending items need again, and the episode goes on (`tests/test_actors.py`). A write that
-  fails with an error instead drops the rest of the episode (counted in `lost_episodes`; its
-  items written before stay), and the next episode makes a new writer.
+  the next episode's first after a write error or a stop). A server killed and back at its
+  address (the replay node's restart) costs only what it held: the writer's own stream
+  reconnects and sends the records its pending items need again, and the episode goes on
+  (`tests/test_actors.py`). A write that fails with an error instead drops the rest of the
+  episode (counted in `lost_episodes`; its items written before stay), and the next episode
+  makes a new writer.
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
@@ -573,7 +574,8 @@ class EpisodeAdder:
     except (reverb.errors.ReverbError, RuntimeError) as e:
       # A write error (a server restarted at its address raises none: the writer reconnects by
       # itself): drop the rest of this episode, make a new writer for the next one.
-      log.warning('%s lost the Reverb server (%s); reconnecting', self._name, type(e).__name__)
+      log.warning('%s: a write to the Reverb server failed (%s); the rest of the episode is '
+                  'dropped', self._name, type(e).__name__)
       self._drop()
 
   def _drop(self) -> None:

@@ -478,7 +478,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
   from scaled_ql.launch import program
   from scaled_ql import host_memory
   env = {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.node_environment()}
-  if address:
+  if address and address != 'local':
     ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
     return False
   needed = program.required_cpus(cfg)
