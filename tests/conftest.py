@@ -54,12 +54,16 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
 # 'file.py' (every test of it), 'file.py::test' (every parametrization), 'file.py::test[id]'.
 FAST = frozenset({
     # whole files: pure functions, configs, the emulator, the metrics, the new Ray-free seams
-    'test_actors.py', 'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
+    'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
     'test_host_memory.py',
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
     'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
     'test_imitation_probe.py',
     # single tests of slower files (each under ~3 s)
+    'test_actors.py::test_linear_epsilon_follows_dopamines_schedule',
+    'test_actors.py::test_actor_explores_by_the_schedule_of_the_param_version',
+    'test_actors.py::test_environment_loop_writes_each_step_into_reverb_as_it_comes',
+    'test_actors.py::test_actor_needs_params_and_a_config_game',
     'test_bad_data.py::test_counts_appear_in_the_progress_line',
     'test_checkpoint_faults.py::test_temporary_folders_of_interrupted_saves_are_removed',
     'test_download.py::test_bad_input_is_named_before_any_copy',
