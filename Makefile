@@ -36,7 +36,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
-# The edit loop: a subset (`-m fast`, tests/conftest.py FAST) that runs in 1-2 minutes on 2
+# The edit loop: a subset (`-m fast`, tests/conftest.py FAST) that runs in 1-3 minutes on 2
 # cores and imports every module; `make test` stays the full suite (CI).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m fast tests

@@ -48,7 +48,7 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# `make test-fast` (`pytest -m fast`): the edit loop's subset. It runs in 1-2 minutes on 2 cores
+# `make test-fast` (`pytest -m fast`): the edit loop's subset. It runs in 1-3 minutes on 2 cores
 # and imports every module of scaled_ql (checked at the end of a `-m fast` run); the Ray programs,
 # subprocess CLIs and the learning smoke tests stay in the full suite (`make test`, CI). Entries:
 # 'file.py' (every test of it), 'file.py::test' (every parametrization), 'file.py::test[id]'.
