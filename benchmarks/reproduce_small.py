@@ -583,9 +583,9 @@ def main(argv=None) -> int:
       return 1
   else:
     import ray
-    ray.init(address='local', num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=False, configure_logging=False,
-             runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
+    from scaled_ql.launch import run as run_lib
+    run_lib.start_local_ray(max(4, os.cpu_count() or 1), {'TF_CPP_MIN_LOG_LEVEL': '2'},
+                            log_to_driver=False)
     results = []
     try:
       # Seed-major: a cut-short benchmark still has every method; --extra-methods come last.

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import ray
 
+from scaled_ql.launch import run as run_lib
 from scaled_ql.launch import variable_server as vs
 
 
@@ -67,8 +68,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--num-cpus', type=int, default=2)
   args = parser.parse_args()
-  ray.init(address='local', num_cpus=args.num_cpus, include_dashboard=False,
-           log_to_driver=False, configure_logging=False)
+  run_lib.start_local_ray(args.num_cpus, log_to_driver=False)
   print('| params | shards | leaves | MB | publish (ms, learner side) | fetch (ms) | fetch GB/s |')
   print('|---|---|---|---|---|---|---|')
   for size in args.sizes:

@@ -622,7 +622,7 @@ def test_evaluator_gpus_flag_is_checked_before_any_node_starts():
   # A local Ray without enough GPUs: refused, instead of evaluator actors that never start.
   started = not ray.is_initialized()
   if started:
-    ray.init(address='local', num_cpus=1, include_dashboard=False, configure_logging=False)
+    run.start_local_ray(1)
   try:
     gpus = ray.cluster_resources().get('GPU', 0.0)
     run.check_gpus(run.resolve_config('cpu_tiny', evaluator_gpus=gpus))  # enough

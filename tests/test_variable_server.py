@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import ray
 
+from scaled_ql.launch import run
 from scaled_ql.launch import variable_server as vs
 
 
@@ -62,8 +63,7 @@ def test_layout_split_join_roundtrip(num_shards):
 
 @pytest.fixture(scope='module')
 def ray_session():
-  ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False,
-           configure_logging=False)
+  run.start_local_ray(2, log_to_driver=False)
   yield
   ray.shutdown()
 

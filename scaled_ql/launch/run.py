@@ -467,13 +467,22 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
   return changes
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
-  """Connects to `address` or starts a local Ray sized for the program; True if started here.
+def start_local_ray(num_cpus: int, env: Optional[dict] = None,
+                    log_to_driver: bool = True) -> None:
+  """Starts a new Ray on this machine (no dashboard): what `train` without --address, the
+  benchmarks and the tests start. A new one (`address='local'`) even when RAY_ADDRESS is set or
+  a `ray start` cluster runs on the machine: a plain `ray.init()` joins that cluster instead, and
+  fails on `num_cpus` (seen: "When connecting to an existing cluster, num_cpus and num_gpus must
+  not be provided"). Joining one is what `--address` asks for."""
+  import ray
+  ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
+           log_to_driver=log_to_driver, configure_logging=False,
+           runtime_env={'env_vars': env} if env else None)
 
-  The local Ray is a new one (`address='local'`) even when RAY_ADDRESS is set or a `ray start`
-  cluster runs on the machine: a plain `ray.init()` joins that cluster instead, and fails on
-  `num_cpus` (seen: "When connecting to an existing cluster, num_cpus and num_gpus must not be
-  provided"). Joining one is what `--address` asks for."""
+
+def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
+  """Connects to `address` or starts a local Ray sized for the program (`start_local_ray`; also
+  for `--address local`); True if started here."""
   import ray
   from scaled_ql.launch import program
   from scaled_ql import host_memory
@@ -482,9 +491,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
     ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
     return False
   needed = program.required_cpus(cfg)
-  ray.init(address='local', num_cpus=max(num_cpus or 0, needed, os.cpu_count() or 1),
-           include_dashboard=False, runtime_env={'env_vars': env}, log_to_driver=True,
-           configure_logging=False)
+  start_local_ray(max(num_cpus or 0, needed, os.cpu_count() or 1), env)
   return True
 
 
