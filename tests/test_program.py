@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -284,31 +285,41 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert _max_thread_niceness(evaluator_pid) == min(
       19, _max_thread_niceness(replay_pid) + nodes.EVALUATOR_NICENESS)
   events = {}
+  # The replay comes back at another address, as on another host: its port is taken when Ray
+  # restarts it (held here, without SO_REUSEPORT, and named in the port file its restart reads).
+  squatter = socket.socket()
+  squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  squatter.bind(('', 0))
+  squatter.listen()
 
   def script(status: program.ProgramStatus) -> bool:
     """Kills nodes as the run goes and ends once the learner is done after all of them."""
     learner, evaluator = status.learner, status.evaluators[0]
-    if 'learner_killed' not in events and learner and learner['steps'] >= 15:
+    if 'replay_killed_at' not in events and learner and learner['steps'] >= 15:
       events['steps_before_kill'] = learner['steps']
-      # All three at once: on a quiet machine cpu_tiny finishes its remaining steps within one
-      # status poll, so a replay kill timed after the learner's restart could land after the end.
-      # The inserters (not killed) must reconnect to the restarted replay and refill it before the
-      # restarted learner can step on; the learner-side reconnect of a live client is covered by
-      # tests/test_reverb.py::test_reconnect_after_server_restart.
+      events['address'] = status.replay['address']
+      assert learner['replay_address'] == events['address']
+      with open(os.path.join(workdir, nodes.REPLAY_PORT_FILE), 'w') as f:
+        f.write(f'{squatter.getsockname()[1]}\n')
+      # Reverb's clients would wait at the old address for ever (its retries): the driver
+      # restarts the learner and the inserters (`_Watcher.follow_replay`), and the inserters
+      # refill the new replay before the restarted learner can step on. The reconnect of live
+      # clients to a replay back at its address is tested in tests/test_reverb.py
+      # (test_reconnect_after_server_restart) and tests/test_actors.py.
       ray.kill(prog.evaluators[0], no_restart=False)
-      ray.kill(prog.learner, no_restart=False)
       ray.kill(prog.replay, no_restart=False)
-      events['learner_killed'] = time.time()
       events['replay_killed_at'] = learner['steps']
-    if ('learner_killed' in events and 'resumed' not in events and learner
+    if ('replay_killed_at' in events and 'resumed' not in events and learner
         and learner['restarted']):
       events['resumed'] = learner['resumed_from_step']
+      events['learner_restart'] = status.health['learner']['last_error']
+      events['learner_at'] = learner['replay_address']
     if evaluator and evaluator['restarted'] and evaluator['rounds'] >= 1:
       assert evaluator['pid'] != evaluator_pid  # a new process
       events['evaluator_back'] = evaluator['evaluated_version']
     if status.replay and status.replay['restarted']:
       assert status.replay['pid'] != replay_pid
-      events['replay_back'] = True
+      events['replay_back'] = status.replay['address']
     # Also wait to see the killed replay back: on a quiet machine the learner can finish its
     # steps before the restarted replay node first answers a status poll.
     replay_seen_back = 'replay_killed_at' not in events or 'replay_back' in events
@@ -316,9 +327,19 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
 
   # Polled 4x a second: at the default 2 s, a quiet machine ran cpu_tiny from step 10 to the end
   # (80) between two polls, and the kills landed after the last step.
-  status = program.run(prog, log=print, stop_when=script, timeout_s=400, status_every_s=0.25,
-                       final_eval_timeout_s=60)  # (the log shows up when the test fails)
+  try:
+    status = program.run(prog, log=print, stop_when=script, timeout_s=400, status_every_s=0.25,
+                         final_eval_timeout_s=60)  # (the log shows up when the test fails)
+  finally:
+    squatter.close()
   assert events['replay_killed_at'] < num_steps, events  # the kills landed mid-run
+  # The replay came back at another port; the driver restarted the learner, which went on
+  # from its checkpoint at the new address.
+  assert events['replay_back'] != events['address'], events
+  assert events['learner_at'] == events['replay_back'], events
+  assert events['learner_restart'] == (
+      f'restarted by the driver to follow the replay to {events["replay_back"]} (from '
+      f'{events["address"]})'), events
   assert 'resumed' in events, events
   # Resumed from a checkpoint (every 10 steps), not from 0, losing at most one checkpoint
   # interval relative to the step seen just before the kill: the save of that very step may still
@@ -328,8 +349,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
       10, events['steps_before_kill'] - cfg.train.checkpoint_every_steps)
   assert status.learner['steps'] == num_steps
   assert 'evaluator_back' in events, events
-  # The replay came back on the same port and the learner went on past the kill.
-  assert events.get('replay_back') and status.learner['steps'] > events['replay_killed_at']
+  assert status.learner['steps'] > events['replay_killed_at']
+  assert all(s['replay_address'] == events['replay_back'] for s in status.inserters), status
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   # ... those of the restarted learner (its second start in the workdir: lineage 1).
@@ -765,8 +786,9 @@ def test_nodes_ray_cannot_place_are_shown_and_end_the_run_at_the_placement_timeo
 
 
 def test_a_learner_that_makes_no_step_for_the_stall_timeout_ends_the_run(ray_session, tmp_path):
-  """A learner whose batches never come (a replay restarted at another host's address, a wedged
-  device) answers its status at the same step for ever, and the run waited with it. With
+  """A learner that never steps (a wedged device; before the driver followed a replay to another
+  address, one that came back there) answers its status at the same step for ever, and the run
+  waited with it. With
   train.stall_timeout_s the driver ends it, naming the step and the replay's tables. Stand-in
   nodes: this is the driver's rule (the clock's cases are in the test below); a whole program
   whose learner waits cost 18-25 s of the suite."""
@@ -815,6 +837,50 @@ def test_the_stall_clock_runs_only_while_the_same_learner_shows_the_same_step():
   with pytest.raises(ValueError, match='train.stall_timeout_s must be > 0'):
     program.check_fault_config(configs.get_config('cpu_tiny').replace(
         train=dict(stall_timeout_s=0.0)))
+
+
+def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_replay_start():
+  """`_Watcher.follow_replay`: a replay back at another address (another host) has the clients
+  that still use an earlier start's address killed, once per process (Ray restarts them, and
+  they ask for the address at their start); a stale status of the replay's earlier start, a
+  client at the newest address, one not answering and the evaluators are left alone."""
+  killed = []
+  watcher = program._Watcher(kill=killed.append)  # pylint: disable=protected-access
+  names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0']
+
+  class Nodes:  # the program's nodes, handles named after them
+    def nodes(self):
+      return [(n, n) for n in names]
+
+  a, b, c = 'h1:5000', 'h2:5000', 'h2:6000'
+  at = lambda address, pid=1: dict(pid=pid, replay_address=address)
+  statuses = dict(replay=dict(start=0, address=a), learner=at(a), inserter_0=at(a),
+                  inserter_1=None, evaluator_0=dict(pid=1), actor_0=at(None))
+  watcher.follow_replay(Nodes(), statuses)  # the first start: everyone where it should be
+  statuses['replay'] = dict(start=1, address=b)  # restarted on another host
+  statuses['actor_0'] = at(a)
+  watcher.follow_replay(Nodes(), statuses)
+  assert killed == ['learner', 'inserter_0', 'actor_0']
+  watcher.follow_replay(Nodes(), statuses)  # their old statuses, until they answer again
+  assert killed == ['learner', 'inserter_0', 'actor_0']
+  assert watcher.notes[0] == ('learner restarted by the driver to follow the replay to h2:5000 '
+                              '(from h1:5000)')
+  # Back: the learner at the new address; inserter_0's restart asked the replay before it moved
+  # again; a stale answer of the replay's start 1 after start 2's changes nothing.
+  statuses.update(learner=at(b, pid=2), inserter_0=at(b, pid=2), inserter_1=at(a, pid=2))
+  watcher.follow_replay(Nodes(), statuses)
+  assert killed[3:] == ['inserter_1']
+  statuses['replay'] = dict(start=2, address=c)
+  statuses['inserter_1'] = at(c, pid=3)
+  watcher.follow_replay(Nodes(), statuses)
+  assert killed[4:] == ['learner', 'inserter_0']
+  statuses['replay'] = dict(start=1, address=b)  # stale
+  statuses.update(learner=at(c, pid=3), inserter_0=at(c, pid=3))
+  watcher.follow_replay(Nodes(), statuses)
+  assert killed[6:] == []
+  # The progress line names the driver's restart, not "killed or lost".
+  assert watcher._restart_reasons['learner'] == (  # pylint: disable=protected-access
+      'restarted by the driver to follow the replay to h2:6000 (from h2:5000)')
 
 
 def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():

@@ -199,8 +199,8 @@ class TrainConfig:
   # without limit. A local run's GPUs are checked before any node starts (run.check_gpus).
   placement_timeout_s: Optional[float] = 900.0
   # A learner that answers, is not done, and shows the same step for this many seconds ends the
-  # program as a lost node does: it waits for what will not come (a replay that came back at
-  # another host's address, a wedged device), and the run would otherwise wait for ever. Its
+  # program as a lost node does: it waits for what will not come (a wedged device), and the
+  # run would otherwise wait for ever. Its
   # warm-up counts (a paper-size table fills in under a minute); a restore does not (the node is
   # restarting then). None: no limit.
   stall_timeout_s: Optional[float] = 1800.0

@@ -224,13 +224,15 @@ def _read_port(path: str) -> Optional[int]:
 
 class ReverbNode:
   """The Reverb server (one table per game). Its clients ask it for its address once it is up
-  (`RayReplay.address`) and reconnect to that address after a restart, so a restarted server
-  must come back on the port it bound: it reads it from WORKDIR/replay_port, written at
-  every start, and a restart that cannot bind it fails (Ray restarts no node whose constructor
-  raised: the program ends with this error rather than leaving its clients waiting at the old
-  address for ever; on another host the learner's stall timeout ends it). At its first start it
-  binds the port chosen when the program was built, or, should that one be taken on its host,
-  a free one. gRPC binds with SO_REUSEPORT, so the dead server's port is free again at once."""
+  (`RayReplay.address`) and reconnect to that address after a restart (Reverb's clients retry a
+  lost server at the address they were given, for ever). So a restarted server comes back on the
+  port it bound, read from WORKDIR/replay_port (written at every start). Where it cannot (Ray
+  restarted it on another host, or the port is taken on its host), it binds a free one, and its
+  address differs: the driver sees the new address in its status and restarts the clients
+  (`program._Watcher.follow_replay`), which ask for the address at their start. At its first
+  start it binds the port chosen when the program was built, or, should that one be taken on its
+  host, a free one. gRPC binds with SO_REUSEPORT, so the dead server's port is free again at
+  once."""
 
   name = 'replay'
 
@@ -246,15 +248,15 @@ class ReverbNode:
     try:
       self._server = reverb_tables.server_with_tables(tables, bound_before or port)
     except Exception as e:  # pylint: disable=broad-except  (port in use on this host)
-      if bound_before is not None:
-        raise RuntimeError(f'[replay] restarted, but cannot listen on port {bound_before} again '
-                           f'({e}): its clients reconnect to that port') from e
-      print(f'[replay] port {port} unavailable ({e}); using a free port', file=sys.stderr)
+      wanted = bound_before or port
+      then = ('; the driver restarts its clients at the new address' if bound_before else '')
+      print(f'[replay] port {wanted} unavailable ({e}); using a free port{then}', file=sys.stderr)
       self._server = reverb_tables.server_with_tables(reverb_tables.make_tables(cfg, pacing))
     self.port = self._port = self._server.port
     if port_file is not None:
       loggers.write_atomically(port_file, f'{self._port}\n')
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
+    self._start = _restarts()  # orders its statuses' addresses (`program._Watcher.follow_replay`)
 
   def address(self) -> str:
     host = ray.util.get_node_ip_address()
@@ -269,7 +271,8 @@ class ReverbNode:
     from scaled_ql.datasets import reverb_tables
     sizes = reverb_tables.table_sizes(f'localhost:{self._port}', self._cfg.games,
                                       per_item=self._cfg.data.transitions_per_item)
-    return dict(name=self.name, pid=os.getpid(), restarted=self._restarted, table_sizes=sizes)
+    return dict(name=self.name, pid=os.getpid(), restarted=self._restarted, table_sizes=sizes,
+                address=self.address(), start=self._start)
 
   def ping(self) -> int:
     return os.getpid()
@@ -352,12 +355,13 @@ class InserterNode(_LoopNode):
       raise ValueError(f'inserter {index} of {num_inserters} has no games ({len(cfg.games)} '
                        'games): lower DataConfig.num_inserters')
     self._throttle = None
+    self._address: Optional[str] = None  # the replay's, asked at each (re)start of the loop
     self._read_stats = None  # the reader's counters: episodes, corrupt files, undecodable episodes
     self._start(workdir)
 
   def _run_once(self) -> bool:
     from scaled_ql.datasets import reverb_tables
-    address = self._replay.address()
+    address = self._address = self._replay.address()
     # The throttle lives in the data layer (`reverb_tables.InsertThrottle`); kept here for status.
     self._throttle = reverb_tables.InsertThrottle(address, self._games,
                                                   self._cfg.data.samples_per_insert, self._stop)
@@ -378,7 +382,7 @@ class InserterNode(_LoopNode):
     # data: episodes read, corrupt (unreadable) files and undecodable episodes skipped so far.
     resident = sorted(self._throttle.resident) if self._throttle is not None else []
     return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s,
-                resident=resident,
+                resident=resident, replay_address=self._address,
                 data=self._read_stats.counts() if self._read_stats is not None else {})
 
   def stop(self) -> None:
@@ -446,8 +450,9 @@ class LearnerNode(_LoopNode):
     from scaled_ql.datasets.mc_probe import load_mc_probe
     from scaled_ql.datasets import reverb_tables
     self._cfg, self._num_steps = cfg, num_steps
-    # The iterator reconnects by itself when the server comes back at the same address.
-    self._replay, self._address = replay, replay.address()  # a restarted server keeps its port
+    # The iterator reconnects by itself when the server comes back at the same address; at
+    # another (on another host) the driver restarts this node (`program._Watcher.follow_replay`).
+    self._replay, self._address = replay, replay.address()
     self._iterator = reverb_tables.stratified_batches(
         self._address, cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
     # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
@@ -501,6 +506,7 @@ class LearnerNode(_LoopNode):
     metrics = {k: float(v) for k, v in self._metrics.items() if _is_number(v)}
     return dict(self.base_status(), steps=int(self._learner.steps), num_steps=self._num_steps,
                 steps_per_s=rate, resumed_from_step=self.resumed_from_step,
+                replay_address=self._address,
                 published_version=self._publisher.last_version,
                 lineage=self._publisher.lineage,
                 publishes_skipped=self._publisher.skipped,
@@ -790,6 +796,7 @@ class FinetuneActorNode(_LoopNode):
       epsilon = None
     return dict(self.base_status(), game=self._game, episodes=loop.episodes,
                 epsilon=epsilon, replay_restarts_seen=self._restarts_seen(),
+                replay_address=self._adder.writer_address,
                 env_steps=loop.env_steps, items=items,
                 lost_episodes=self._adder.lost_episodes, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)

@@ -4,7 +4,7 @@
                      |
        inserter_0 .. inserter_{I-1}                (InserterNode; Ray restarts them)
                      |  Reverb trajectory writers
-                  replay                           (ReverbNode: one table per game, fixed port)
+                  replay                           (ReverbNode: one table per game)
                      |  stratified_batches (gRPC)
                   learner                          (LearnerNode: jitted sharded Learner, Orbax
                      |  publish(params, step)                    checkpoints in WORKDIR/checkpoints)
@@ -18,12 +18,13 @@ Everything here is wiring: each node builds its component from the config (scale
 and runs by itself; the driver (`run`) only watches, prints progress and ends the program.
 Faults: Ray restarts every node (actor) any number of times; a restarted node carries on by itself
 (the learner from its last checkpoint, the replay server on the same port, inserters and the
-learner's iterator reconnect). The driver watches every node, inserters and variable shards
-included: a node that Ray cannot restart (it fails in its constructor) or that restarts
-`train.crash_loop_restarts` times within `train.crash_loop_window_s` (`RestartBudget`) ends the
-program with that node's traceback (`NodeLost`, a non-zero exit). The progress line shows each
-restarted node's count and last error. Ctrl-C / SIGTERM: the learner checkpoints, then every actor
-is stopped.
+learner's iterator reconnect; a replay that comes back at another address, on another host, has
+its clients restarted by the driver: `_Watcher.follow_replay`). The driver watches every node,
+inserters and variable shards included: a node that Ray cannot restart (it fails in its
+constructor) or that restarts `train.crash_loop_restarts` times within `train.crash_loop_window_s`
+(`RestartBudget`) ends the program with that node's traceback (`NodeLost`, a non-zero exit). The
+progress line shows each restarted node's count and last error. Ctrl-C / SIGTERM: the learner
+checkpoints, then every actor is stopped.
 
 Network exposure (README "Security"): Ray's own ports take its token authentication (on by default
 in Ray 2.60 for a local cluster; `run.init_ray`) and no dashboard is started; the Reverb server
@@ -302,8 +303,15 @@ class _Watcher:
 
   def __init__(self, budget: Optional[RestartBudget] = None,
                placement_timeout_s: Optional[float] = None,
-               stall_timeout_s: Optional[float] = None):
+               stall_timeout_s: Optional[float] = None,
+               kill: Callable[[Any], None] = lambda handle: ray.kill(handle, no_restart=False)):
     self._pending: dict = {}
+    self._kill = kill  # how `follow_replay` restarts a node (Ray restarts what it kills)
+    self._replay_start: Optional[int] = None  # the newest replay start seen, and its address
+    self._replay_addresses: dict[int, str] = {}  # every start's address
+    self._followed: set = set()  # (node, pid) of the clients restarted to follow the replay
+    self._restart_reasons: dict[str, str] = {}  # node -> why the driver restarted it
+    self.notes: list[str] = []  # lines for the run's log (`run` prints and clears them)
     self._last: dict = {}
     self._budget = budget
     self._health: dict[str, dict] = {}
@@ -343,6 +351,37 @@ class _Watcher:
           'not come (its batches: the replay tables hold '
           f'{tables if tables is not None else "(the replay did not answer)"}; or a device)')
 
+  def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]]) -> None:
+    """Restarts the replay's clients that use an address the replay had at an earlier start.
+
+    A restarted replay comes back at its address where it can (Reverb's clients then reconnect
+    by themselves, and retry a lost server at that address for ever: none of them would notice a
+    move); where it cannot (on another host, or its port taken), its status shows another
+    address. Each client (the learner, the inserters, the fine-tuning actors) shows in its
+    status the address it uses (`replay_address`), and asks the replay for it at its start: the
+    driver kills those still at an earlier start's address, and Ray restarts them (the learner
+    from its last checkpoint). Statuses of the replay's older starts (a stale answer) are
+    ignored, and a client is killed once per process."""
+    replay = statuses.get('replay') or {}
+    start, address = replay.get('start'), replay.get('address')
+    if start is None or address is None:
+      return
+    self._replay_addresses.setdefault(start, address)
+    if self._replay_start is None or start > self._replay_start:
+      self._replay_start = start
+    current = self._replay_addresses[self._replay_start]
+    earlier = set(self._replay_addresses.values()) - {current}
+    for name, handle in program.nodes():
+      status = statuses.get(name) or {}
+      if status.get('replay_address') not in earlier or (name, status.get('pid')) in self._followed:
+        continue
+      self._followed.add((name, status.get('pid')))
+      reason = (f'restarted by the driver to follow the replay to {current} (from '
+                f'{status["replay_address"]})')
+      self._restart_reasons[name] = reason
+      self.notes.append(f'{name} {reason}')
+      self._kill(handle)
+
   def unplaced(self, program: Program, now: Optional[float] = None) -> dict[str, dict]:
     """{node: dict(seconds, needs)} of the nodes Ray has left unplaced for at least
     UNPLACED_SHOWN_AFTER_S (as of the last `health()`)."""
@@ -375,8 +414,9 @@ class _Watcher:
         line = nodes.recorded_crash(program.workdir, name,
                                     handle._actor_id.hex(),  # pylint: disable=protected-access
                                     restarts - 1)
+        reason = self._restart_reasons.pop(name, None)
         self._health[name] = dict(restarts=restarts,
-                                  last_error=line or 'no traceback (killed or lost)')
+                                  last_error=line or reason or 'no traceback (killed or lost)')
       tripped = self._budget is not None and self._budget.record(name, restarts, now)
       if name in self._health:
         self._health[name]['in_window'] = (self._budget.in_window(name)
@@ -491,6 +531,7 @@ def poll(program: Program, watcher: Optional[_Watcher] = None) -> ProgramStatus:
       raise NodeLost(f'{name} died and cannot be restarted: {e}\n'
                      f'{_crash_log(program.workdir, name)}') from e
   watcher.check_progress(statuses['learner'], statuses['replay'])
+  watcher.follow_replay(program, statuses)
   unplaced = watcher.unplaced(program)
   cluster = _cluster_resources(
       {k for u in unplaced.values() for k in u['needs']}) if unplaced else {}
@@ -695,6 +736,9 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
           if watcher.last_health:
             log(format_health(watcher.last_health))
           raise
+        for note in watcher.notes:
+          log(note)
+        watcher.notes.clear()
         log(format_progress(status, started, deadline))
         counts = status.data_counts()
         if any(counts.values()) and counts != pushed_counts:  # into the learner's metrics
