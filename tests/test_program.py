@@ -351,6 +351,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert 'evaluator_back' in events, events
   assert status.learner['steps'] > events['replay_killed_at']
   assert all(s['replay_address'] == events['replay_back'] for s in status.inserters), status
+  assert status.health['inserter_0']['last_error'].startswith(
+      'restarted by the driver to follow the replay to '), status.health
   rows = _eval_rows(workdir)
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   # ... those of the restarted learner (its second start in the workdir: lineage 1).
@@ -841,46 +843,85 @@ def test_the_stall_clock_runs_only_while_the_same_learner_shows_the_same_step():
 
 def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_replay_start():
   """`_Watcher.follow_replay`: a replay back at another address (another host) has the clients
-  that still use an earlier start's address killed, once per process (Ray restarts them, and
-  they ask for the address at their start); a stale status of the replay's earlier start, a
-  client at the newest address, one not answering and the evaluators are left alone."""
+  still at an earlier start's address killed (Ray restarts them, and they ask for the address at
+  their start), once per restart, even when the driver missed the replay's first start. Left
+  alone: a client behind at the same address (a restart on its port), a cached status of a
+  process that is gone (Ray's record shows another process, or a restart), a client at a newer
+  start than the driver has seen, a done one, one whose start is unknown, the evaluators; a
+  late answer of the replay's earlier start changes nothing; a watcher without `kill` (the one
+  that stops the program) never kills. A new address gets the security line again."""
   killed = []
-  watcher = program._Watcher(kill=killed.append)  # pylint: disable=protected-access
-  names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0']
+  alive = lambda pid=1, restarts=0: dict(State='ALIVE', Pid=pid, NumRestarts=restarts)
+  names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0', 'actor_1']
+  records = {n: alive() for n in names}
+  records['inserter_1'] = dict(State='RESTARTING', Pid=1, NumRestarts=0)
+  records['actor_1'] = alive(pid=2)  # (its status below is its old process's)
+  watcher = program._Watcher(  # pylint: disable=protected-access
+      kill=killed.append, gcs_info=lambda handle: records[handle])
 
   class Nodes:  # the program's nodes, handles named after them
     def nodes(self):
       return [(n, n) for n in names]
 
   a, b, c = 'h1:5000', 'h2:5000', 'h2:6000'
-  at = lambda address, pid=1: dict(pid=pid, replay_address=address)
-  statuses = dict(replay=dict(start=0, address=a), learner=at(a), inserter_0=at(a),
-                  inserter_1=None, evaluator_0=dict(pid=1), actor_0=at(None))
-  watcher.follow_replay(Nodes(), statuses)  # the first start: everyone where it should be
-  statuses['replay'] = dict(start=1, address=b)  # restarted on another host
-  statuses['actor_0'] = at(a)
+  at = lambda address, start, pid=1, **kw: dict(pid=pid, replay_address=address,
+                                                replay_start=start, **kw)
+  # The replay restarted on its port: clients behind, at its address, reconnect by themselves.
+  watcher.announced = a
+  statuses = dict(replay=dict(start=1, address=a), learner=at(a, 0), inserter_0=at(a, 0),
+                  inserter_1=at(a, 0), evaluator_0=dict(pid=1), actor_0=at(a, 0),
+                  actor_1=at(a, 0))
+  watcher.follow_replay(Nodes(), statuses)
+  assert killed == [] and watcher.notes == []
+  # Its next start is on another host (the driver saw no status of it before: it follows).
+  statuses['replay'] = dict(start=3, address=b)
   watcher.follow_replay(Nodes(), statuses)
   assert killed == ['learner', 'inserter_0', 'actor_0']
-  watcher.follow_replay(Nodes(), statuses)  # their old statuses, until they answer again
-  assert killed == ['learner', 'inserter_0', 'actor_0']
-  assert watcher.notes[0] == ('learner restarted by the driver to follow the replay to h2:5000 '
+  assert watcher.notes[0].startswith('security: the Reverb server (replay node) listens on port '
+                                     '5000 of ALL interfaces (h2:5000;'), watcher.notes
+  assert watcher.notes[1] == ('learner restarted by the driver to follow the replay to h2:5000 '
                               '(from h1:5000)')
-  # Back: the learner at the new address; inserter_0's restart asked the replay before it moved
-  # again; a stale answer of the replay's start 1 after start 2's changes nothing.
-  statuses.update(learner=at(b, pid=2), inserter_0=at(b, pid=2), inserter_1=at(a, pid=2))
+  watcher.follow_replay(Nodes(), statuses)  # their old statuses, until they answer again
+  assert killed == ['learner', 'inserter_0', 'actor_0'] and len(watcher.notes) == 4
+  # Restarted: the learner at the new start; inserter_0 asked the replay after a start the
+  # driver has not seen yet; actor_0 done; inserter_1's start unknown.
+  records.update(learner=alive(2, 1), inserter_0=alive(2, 1), inserter_1=alive(2, 1),
+                 actor_0=alive(2, 1))
+  statuses.update(learner=at(b, 3, pid=2), inserter_0=at(c, 4, pid=2),
+                  inserter_1=at(a, None, pid=2), actor_0=at(a, 0, pid=2, done=True))
   watcher.follow_replay(Nodes(), statuses)
-  assert killed[3:] == ['inserter_1']
-  statuses['replay'] = dict(start=2, address=c)
-  statuses['inserter_1'] = at(c, pid=3)
+  assert killed == ['learner', 'inserter_0', 'actor_0']
+  statuses['replay'] = dict(start=4, address=c)
   watcher.follow_replay(Nodes(), statuses)
-  assert killed[4:] == ['learner', 'inserter_0']
-  statuses['replay'] = dict(start=1, address=b)  # stale
-  statuses.update(learner=at(c, pid=3), inserter_0=at(c, pid=3))
+  assert killed[3:] == ['learner']
+  assert watcher.notes[-2].startswith('security: the Reverb server (replay node) listens on '
+                                      'port 6000 of ALL interfaces'), watcher.notes
+  statuses['replay'] = dict(start=3, address=b)  # a late answer of the earlier start
   watcher.follow_replay(Nodes(), statuses)
-  assert killed[6:] == []
-  # The progress line names the driver's restart, not "killed or lost".
-  assert watcher._restart_reasons['learner'] == (  # pylint: disable=protected-access
-      'restarted by the driver to follow the replay to h2:6000 (from h2:5000)')
+  assert killed[4:] == []
+  stopping = program._Watcher(gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
+  stopping.follow_replay(Nodes(), dict(statuses, learner=at(a, 0, pid=2)))
+  assert killed[4:] == []
+
+
+def test_a_restart_the_driver_caused_shows_its_reason_and_later_ones_do_not(tmp_path):
+  """The progress line's last error of a node the driver killed (`follow_replay`) is the
+  driver's reason, for the restart the kill caused only: a later restart, or two seen at once,
+  shows what Ray or the node's log says."""
+  import types
+  records = dict(learner=dict(State='ALIVE', Pid=1, NumRestarts=0))
+  watcher = program._Watcher(gcs_info=lambda handle: records[handle.name])  # pylint: disable=protected-access
+  handle = types.SimpleNamespace(name='learner', _actor_id=types.SimpleNamespace(hex=lambda: 'a1'))
+  prog = types.SimpleNamespace(workdir=str(tmp_path), needs={},
+                               nodes=lambda: [('learner', handle)])
+  watcher._restart_reasons['learner'] = (0, 'restarted by the driver')  # pylint: disable=protected-access
+  records['learner'] = dict(State='ALIVE', Pid=2, NumRestarts=1)
+  assert watcher.health(prog)['learner']['last_error'] == 'restarted by the driver'
+  records['learner'] = dict(State='ALIVE', Pid=3, NumRestarts=2)
+  assert watcher.health(prog)['learner']['last_error'] == 'no traceback (killed or lost)'
+  watcher._restart_reasons['learner'] = (2, 'restarted by the driver')  # pylint: disable=protected-access
+  records['learner'] = dict(State='ALIVE', Pid=5, NumRestarts=4)  # two restarts between polls
+  assert watcher.health(prog)['learner']['last_error'] == 'no traceback (killed or lost)'
 
 
 def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():

@@ -470,14 +470,13 @@ class EpisodeAdder:
   sample it n to n + chunk - 1 steps after it happened, not only after its episode ends.
 
   `address()` is asked for the server's address when a writer is made (the first write, and
-  the next episode's first after a write error or a stop); `writer_address` is the newest
-  writer's (a server back at another address is followed by restarting the actor that owns the
-  adder: `program._Watcher.follow_replay`). A server killed and back at its
-  address (the replay node's restart) costs only what it held: the writer's own stream
-  reconnects and sends the records its pending items need again, and the episode goes on
-  (`tests/test_actors.py`). A write that fails with an error instead drops the rest of the
-  episode (counted in `lost_episodes`; its items written before stay), and the next episode
-  makes a new writer.
+  the next episode's first after a write error or a stop). A server back at another address is
+  followed by restarting the actor that owns the adder (`program._Watcher.follow_replay`). A
+  server killed and back at its address (the replay node's restart) costs only what it held:
+  the writer's own stream reconnects and sends the records its pending items need again, and
+  the episode goes on (`tests/test_actors.py`). A write that fails with an error instead drops
+  the rest of the episode (counted in `lost_episodes`; its items written before stay), and the
+  next episode makes a new writer.
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts
@@ -498,7 +497,6 @@ class EpisodeAdder:
     self._chunk_length = cfg.data.reverb_chunk_length
     self._width = tr.window_length(self._n_step, self._per_item)
     self._writer = None
-    self.writer_address: Optional[str] = None  # the address of the newest writer (status)
     self._closed = False
     self._stream: Optional[tr.RecordStream] = None  # None: no episode, or the rest dropped
     self._observation = None
@@ -555,8 +553,7 @@ class EpisodeAdder:
       if self._closed:
         return
       import reverb
-      self.writer_address = self._address()
-      self._writer = make_writer(reverb.Client(self.writer_address), self._n_step,
+      self._writer = make_writer(reverb.Client(self._address()), self._n_step,
                                  self._chunk_length, self._per_item)
     self.items = _append_records(self._writer, self._table, records, self._width,
                                  self._chunk_length, self.items, self._stop, self.while_waiting)

@@ -52,8 +52,9 @@ def _restart_seed() -> int:
   return 104_729 * _restarts()
 
 
-def _restarts() -> int:
-  """How often this actor was restarted (0 outside Ray or on the first start)."""
+def _restart_count() -> Optional[int]:
+  """How often this actor was restarted: 0 outside Ray or on the first start; None for a restart
+  whose count Ray's actor table did not give."""
   if not ray.is_initialized():
     return 0
   try:
@@ -61,9 +62,17 @@ def _restarts() -> int:
     if not _was_restarted():
       return 0
     from ray._private import state  # no public API for the count
-    return int(state.actors(actor_id=context.get_actor_id()).get('NumRestarts', 1))
+    count = state.actors(actor_id=context.get_actor_id()).get('NumRestarts')
+    return int(count) if count else None
   except Exception:  # pylint: disable=broad-except
-    return 0
+    return None
+
+
+def _restarts() -> int:
+  """How often this actor was restarted (0 outside Ray or on the first start; 1 for a restart
+  whose count is unknown)."""
+  count = _restart_count()
+  return 1 if count is None else count
 
 
 def _actor_id() -> str:
@@ -224,7 +233,7 @@ def _read_port(path: str) -> Optional[int]:
 
 class ReverbNode:
   """The Reverb server (one table per game). Its clients ask it for its address once it is up
-  (`RayReplay.address`) and reconnect to that address after a restart (Reverb's clients retry a
+  (`RayReplay.where`) and reconnect to that address after a restart (Reverb's clients retry a
   lost server at the address they were given, for ever). So a restarted server comes back on the
   port it bound, read from WORKDIR/replay_port (written at every start). Where it cannot (Ray
   restarted it on another host, or the port is taken on its host), it binds a free one, and its
@@ -256,11 +265,17 @@ class ReverbNode:
     if port_file is not None:
       loggers.write_atomically(port_file, f'{self._port}\n')
     self._incarnation = f'{os.getpid()}-{time.time_ns()}'
-    self._start = _restarts()  # orders its statuses' addresses (`program._Watcher.follow_replay`)
+    # Which start this is, for its clients and the driver to tell a newer address from an older
+    # one (`program._Watcher.follow_replay`); None for a restart whose count Ray did not give.
+    self._start = _restart_count()
 
   def address(self) -> str:
     host = ray.util.get_node_ip_address()
     return f'{host}:{self._port}'
+
+  def where(self) -> tuple[str, Optional[int]]:
+    """(address, start): this start's address and restart count (None: unknown)."""
+    return self.address(), self._start
 
   def incarnation(self) -> str:
     """Differs for every start of the server: a restarted server holds no data and counts its
@@ -288,11 +303,12 @@ class RayReplay:
   handles, ray-project/ray#53727). Picklable."""
   name: str
 
-  def address(self) -> str:
-    """The replay's current address, waiting while it restarts."""
+  def where(self) -> tuple[str, Optional[int]]:
+    """The replay's current (address, start) (`ReverbNode.where()`), waiting while it
+    restarts."""
     while True:
       try:
-        return ray.get(ray.get_actor(self.name).address.remote(), timeout=60)
+        return ray.get(ray.get_actor(self.name).where.remote(), timeout=60)
       except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError):
         time.sleep(RETRY_SECONDS)
 
@@ -309,8 +325,8 @@ class LocalReplay:
   """The same seam for a `ReverbNode` in this process (an in-process program, a test)."""
   node: 'ReverbNode'
 
-  def address(self) -> str:
-    return f'localhost:{self.node.port}'
+  def where(self) -> tuple[str, Optional[int]]:
+    return f'localhost:{self.node.port}', 0
 
   def incarnation(self) -> Optional[str]:
     return self.node.incarnation()
@@ -355,13 +371,15 @@ class InserterNode(_LoopNode):
       raise ValueError(f'inserter {index} of {num_inserters} has no games ({len(cfg.games)} '
                        'games): lower DataConfig.num_inserters')
     self._throttle = None
-    self._address: Optional[str] = None  # the replay's, asked at each (re)start of the loop
+    # The replay's (address, start), asked at each (re)start of the loop (status).
+    self._replay_at: tuple[Optional[str], Optional[int]] = (None, None)
     self._read_stats = None  # the reader's counters: episodes, corrupt files, undecodable episodes
     self._start(workdir)
 
   def _run_once(self) -> bool:
     from scaled_ql.datasets import reverb_tables
-    address = self._address = self._replay.address()
+    self._replay_at = self._replay.where()
+    address = self._replay_at[0]
     # The throttle lives in the data layer (`reverb_tables.InsertThrottle`); kept here for status.
     self._throttle = reverb_tables.InsertThrottle(address, self._games,
                                                   self._cfg.data.samples_per_insert, self._stop)
@@ -382,7 +400,8 @@ class InserterNode(_LoopNode):
     # data: episodes read, corrupt (unreadable) files and undecodable episodes skipped so far.
     resident = sorted(self._throttle.resident) if self._throttle is not None else []
     return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s,
-                resident=resident, replay_address=self._address,
+                resident=resident, replay_address=self._replay_at[0],
+                replay_start=self._replay_at[1],
                 data=self._read_stats.counts() if self._read_stats is not None else {})
 
   def stop(self) -> None:
@@ -452,7 +471,8 @@ class LearnerNode(_LoopNode):
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address; at
     # another (on another host) the driver restarts this node (`program._Watcher.follow_replay`).
-    self._replay, self._address = replay, replay.address()
+    self._replay = replay
+    self._address, self._replay_start = replay.where()
     self._iterator = reverb_tables.stratified_batches(
         self._address, cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
     # initial_params (transfer: a pretrained encoder) seed a fresh run; a checkpoint wins.
@@ -506,7 +526,7 @@ class LearnerNode(_LoopNode):
     metrics = {k: float(v) for k, v in self._metrics.items() if _is_number(v)}
     return dict(self.base_status(), steps=int(self._learner.steps), num_steps=self._num_steps,
                 steps_per_s=rate, resumed_from_step=self.resumed_from_step,
-                replay_address=self._address,
+                replay_address=self._address, replay_start=self._replay_start,
                 published_version=self._publisher.last_version,
                 lineage=self._publisher.lineage,
                 publishes_skipped=self._publisher.skipped,
@@ -765,7 +785,13 @@ class FinetuneActorNode(_LoopNode):
                    max_episode_frames=max_episode_frames)
     self._client = variables.client(update_period)
     self._stop = threading.Event()  # also ends a write held back by the paced table
-    self._adder = reverb_tables.EpisodeAdder(replay.address, cfg, game, stop=self._stop,
+    self._replay_at: tuple[Optional[str], Optional[int]] = (None, None)  # its writer's (status)
+
+    def replay_address() -> str:  # asked by the adder for each new writer
+      self._replay_at = replay.where()
+      return self._replay_at[0]
+
+    self._adder = reverb_tables.EpisodeAdder(replay_address, cfg, game, stop=self._stop,
                                              name=self.name)
     self._actor = actors.EpsilonGreedyActor(cfg, game, self._client, epsilon, env.num_actions,
                                             seed=seed, adder=self._adder)
@@ -796,7 +822,7 @@ class FinetuneActorNode(_LoopNode):
       epsilon = None
     return dict(self.base_status(), game=self._game, episodes=loop.episodes,
                 epsilon=epsilon, replay_restarts_seen=self._restarts_seen(),
-                replay_address=self._adder.writer_address,
+                replay_address=self._replay_at[0], replay_start=self._replay_at[1],
                 env_steps=loop.env_steps, items=items,
                 lost_episodes=self._adder.lost_episodes, param_version=self._client.version,
                 mean_return=sum(recent) / len(recent) if recent else None)

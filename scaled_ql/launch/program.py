@@ -29,7 +29,7 @@ checkpoints, then every actor is stopped.
 Network exposure (README "Security"): Ray's own ports take its token authentication (on by default
 in Ray 2.60 for a local cluster; `run.init_ray`) and no dashboard is started; the Reverb server
 (`reverb.Server` takes a port but no host) listens on every interface without authentication, so
-`run` names its port at start-up with the mitigation (`security_notice`).
+`run` names its port at start-up with the mitigation (`security_line`), and again if it moves.
 """
 from __future__ import annotations
 
@@ -185,9 +185,13 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: O
                  evaluator_games, actor_nodes, needs)
 
 
-def security_notice(program: Program, timeout_s: float = 300.0) -> str:
-  """What this program exposes on the network, with the Reverb server's address (waits for it)."""
-  address = ray.get(program.replay.address.remote(), timeout=timeout_s)
+def restart_node(handle) -> None:
+  """Kills a node's process; Ray restarts it (`MAX_RESTARTS`)."""
+  ray.kill(handle, no_restart=False)
+
+
+def security_line(address: str) -> str:
+  """What a program exposes on the network, with the Reverb server at `address`."""
   port = address.rsplit(':', 1)[1]
   auth = os.environ.get('RAY_AUTH_MODE', '')
   ray_line = ('Ray: token authentication on, no dashboard.' if auth.lower() == 'token' else
@@ -304,13 +308,16 @@ class _Watcher:
   def __init__(self, budget: Optional[RestartBudget] = None,
                placement_timeout_s: Optional[float] = None,
                stall_timeout_s: Optional[float] = None,
-               kill: Callable[[Any], None] = lambda handle: ray.kill(handle, no_restart=False)):
+               kill: Optional[Callable[[Any], None]] = None,
+               gcs_info: Callable[[Any], dict] = lambda handle: _gcs_actor_info(handle)):
     self._pending: dict = {}
-    self._kill = kill  # how `follow_replay` restarts a node (Ray restarts what it kills)
-    self._replay_start: Optional[int] = None  # the newest replay start seen, and its address
-    self._replay_addresses: dict[int, str] = {}  # every start's address
-    self._followed: set = set()  # (node, pid) of the clients restarted to follow the replay
-    self._restart_reasons: dict[str, str] = {}  # node -> why the driver restarted it
+    # How `follow_replay` restarts a node (`restart_node`; None: it does not, as while stopping).
+    self._kill = kill
+    self._gcs_info = gcs_info  # a node's record in Ray's actor table
+    self._replay: Optional[tuple[int, str]] = None  # (start, address): the newest replay seen
+    self.announced: Optional[str] = None  # the replay address of the last security line
+    self._followed: set = set()  # (node, its restart count) of the clients killed to follow it
+    self._restart_reasons: dict[str, tuple[int, str]] = {}  # node -> (restarts at kill, why)
     self.notes: list[str] = []  # lines for the run's log (`run` prints and clears them)
     self._last: dict = {}
     self._budget = budget
@@ -324,7 +331,7 @@ class _Watcher:
   def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
     check_fault_config(cfg)
     return cls(RestartBudget.from_config(cfg), cfg.train.placement_timeout_s,
-               cfg.train.stall_timeout_s)
+               cfg.train.stall_timeout_s, kill=restart_node)
 
   def check_progress(self, learner: Optional[dict], replay: Optional[dict],
                      now: Optional[float] = None) -> None:
@@ -351,34 +358,57 @@ class _Watcher:
           'not come (its batches: the replay tables hold '
           f'{tables if tables is not None else "(the replay did not answer)"}; or a device)')
 
+  def for_stopping(self) -> '_Watcher':
+    """A watcher for the program's stop: no restart budget, no following the replay; it starts
+    from this one's last statuses, and the restarts seen so far keep their errors and the
+    driver's reasons."""
+    watcher = _Watcher(gcs_info=self._gcs_info)
+    watcher._last = dict(self._last)
+    watcher._health = {k: dict(v) for k, v in self._health.items()}
+    watcher._restart_reasons = dict(self._restart_reasons)
+    return watcher
+
   def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]]) -> None:
-    """Restarts the replay's clients that use an address the replay had at an earlier start.
+    """Restarts the replay's clients that use the address of an earlier replay start.
 
     A restarted replay comes back at its address where it can (Reverb's clients then reconnect
-    by themselves, and retry a lost server at that address for ever: none of them would notice a
-    move); where it cannot (on another host, or its port taken), its status shows another
-    address. Each client (the learner, the inserters, the fine-tuning actors) shows in its
-    status the address it uses (`replay_address`), and asks the replay for it at its start: the
-    driver kills those still at an earlier start's address, and Ray restarts them (the learner
-    from its last checkpoint). Statuses of the replay's older starts (a stale answer) are
-    ignored, and a client is killed once per process."""
+    by themselves; they retry a lost server at that address for ever, so none of them would
+    notice a move); where it cannot (on another host, or its port taken), it comes back at
+    another. The replay's status shows its start (Ray's restart count) and address; each client
+    (the learner, the inserters, the fine-tuning actors) shows the replay start and address it
+    asked for at its start (`replay_start`, `replay_address`). A client behind the newest
+    start seen, at another address, is killed, and Ray restarts it (the learner from its last
+    checkpoint); not a done one. Acted on only where Ray's record shows the status's process
+    alive (a cached status of a process that is gone would have the new one killed), once per
+    restart; a status without a start (a count Ray did not give) is left alone."""
+    if self._kill is None:
+      return
     replay = statuses.get('replay') or {}
     start, address = replay.get('start'), replay.get('address')
-    if start is None or address is None:
+    if start is not None and address is not None and (self._replay is None
+                                                      or start > self._replay[0]):
+      self._replay = (start, address)
+    if self._replay is None:
       return
-    self._replay_addresses.setdefault(start, address)
-    if self._replay_start is None or start > self._replay_start:
-      self._replay_start = start
-    current = self._replay_addresses[self._replay_start]
-    earlier = set(self._replay_addresses.values()) - {current}
+    newest_start, newest = self._replay
+    if self.announced is not None and newest != self.announced:
+      self.notes.append(security_line(newest))  # a new port: the start-up line named the old
+    self.announced = newest
     for name, handle in program.nodes():
       status = statuses.get(name) or {}
-      if status.get('replay_address') not in earlier or (name, status.get('pid')) in self._followed:
+      behind = status.get('replay_start')
+      if (behind is None or behind >= newest_start or status.get('replay_address') == newest
+          or status.get('done')):
         continue
-      self._followed.add((name, status.get('pid')))
-      reason = (f'restarted by the driver to follow the replay to {current} (from '
-                f'{status["replay_address"]})')
-      self._restart_reasons[name] = reason
+      info = self._gcs_info(handle)  # read now: the process the kill would reach
+      restarts = int(info.get('NumRestarts', 0))
+      if (info.get('State') != 'ALIVE' or info.get('Pid') != status.get('pid')
+          or (name, restarts) in self._followed):
+        continue
+      self._followed.add((name, restarts))
+      reason = (f'restarted by the driver to follow the replay to {newest} (from '
+                f'{status.get("replay_address")})')
+      self._restart_reasons[name] = (restarts, reason)
       self.notes.append(f'{name} {reason}')
       self._kill(handle)
 
@@ -399,7 +429,7 @@ class _Watcher:
     NodeLost for a dead node or a crash loop, with the node's traceback."""
     now = time.monotonic()
     for name, handle in program.nodes():
-      info = _gcs_actor_info(handle)
+      info = self._gcs_info(handle)
       if not info:
         continue
       restarts = int(info.get('NumRestarts', 0))
@@ -414,7 +444,10 @@ class _Watcher:
         line = nodes.recorded_crash(program.workdir, name,
                                     handle._actor_id.hex(),  # pylint: disable=protected-access
                                     restarts - 1)
-        reason = self._restart_reasons.pop(name, None)
+        reason = None  # the driver's, for the restart its kill caused (not a later one)
+        if name in self._restart_reasons and restarts > self._restart_reasons[name][0]:
+          killed_at, why = self._restart_reasons.pop(name)
+          reason = why if restarts == killed_at + 1 else None
         self._health[name] = dict(restarts=restarts,
                                   last_error=line or reason or 'no traceback (killed or lost)')
       tripped = self._budget is not None and self._budget.record(name, restarts, now)
@@ -722,7 +755,8 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   with _StopRequest() as stop:
     try:
       try:
-        log(security_notice(program))
+        watcher.announced = ray.get(program.replay.address.remote(), timeout=300)
+        log(security_line(watcher.announced))
       except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
         # The replay node failed to start (poll() reports it with its traceback) or is slow.
         log(f'security: the Reverb server\'s port is unknown ({type(e).__name__}); it listens on '
@@ -783,9 +817,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   learner whose stop() failed or timed out (its final checkpoint not written) raises NodeLost
   once every node is stopped, so that the command exits 1, not 0."""
   final_step, status, learner_error = None, None, None
-  watcher = _Watcher()  # no restart budget while stopping
-  if seen is not None:
-    watcher._last = dict(seen._last)  # pylint: disable=protected-access
+  watcher = seen.for_stopping() if seen is not None else _Watcher()
   t0 = time.time()
   try:
     if _unplaced(_gcs_actor_info(program.learner) or {}):  # it would answer stop() once placed
