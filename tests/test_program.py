@@ -3,10 +3,10 @@
 - `scaled-ql train` as a subprocess, resuming past a truncated newest checkpoint on data with an
   undecodable episode: learner steps, evaluator reports at >= 2 param versions, then SIGTERM ->
   final checkpoint, exit 0 and no process left behind.
-- In-process (one Ray session for the module): killing an evaluator (Ray restarts it and it
-  reports again), killing the learner (it resumes from its checkpoint step, not 0) and killing
-  the Reverb server (it comes back on its port; inserters and the learner reconnect) while the
-  program runs to its N steps.
+- In-process (one Ray session for the module, a two-node cluster): killing an evaluator (Ray
+  restarts it and it reports again) and the Reverb server with its port taken (it comes back
+  at another; the driver restarts the learner, which resumes from its checkpoint step, not 0,
+  and the inserter) while the program runs to its N steps.
 - Bad input is rejected before any process starts.
 """
 from __future__ import annotations
@@ -852,10 +852,13 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   that stops the program) never kills. A new address gets the security line again."""
   killed = []
   alive = lambda pid=1, restarts=0: dict(State='ALIVE', Pid=pid, NumRestarts=restarts)
-  names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0', 'actor_1']
+  names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0', 'actor_1',
+           'actor_2']
   records = {n: alive() for n in names}
+  # Statuses below of processes that are gone: restarting; another pid; the same pid (on
+  # another host), another restart.
   records['inserter_1'] = dict(State='RESTARTING', Pid=1, NumRestarts=0)
-  records['actor_1'] = alive(pid=2)  # (its status below is its old process's)
+  records.update(actor_1=alive(pid=2), actor_2=alive(pid=1, restarts=1))
   watcher = program._Watcher(  # pylint: disable=protected-access
       kill=killed.append, gcs_info=lambda handle: records[handle])
 
@@ -870,7 +873,7 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   watcher.announced = a
   statuses = dict(replay=dict(start=1, address=a), learner=at(a, 0), inserter_0=at(a, 0),
                   inserter_1=at(a, 0), evaluator_0=dict(pid=1), actor_0=at(a, 0),
-                  actor_1=at(a, 0))
+                  actor_1=at(a, 0), actor_2=at(a, 0, restarts=0))
   watcher.follow_replay(Nodes(), statuses)
   assert killed == [] and watcher.notes == []
   # Its next start is on another host (the driver saw no status of it before: it follows).
@@ -896,12 +899,23 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   assert killed[3:] == ['learner']
   assert watcher.notes[-2].startswith('security: the Reverb server (replay node) listens on '
                                       'port 6000 of ALL interfaces'), watcher.notes
-  statuses['replay'] = dict(start=3, address=b)  # a late answer of the earlier start
+  # A late answer of the earlier start changes neither the newest address nor the notes:
+  # inserter_1, back at that start's address, is behind.
+  notes = list(watcher.notes)
+  records['inserter_1'] = alive(3, 2)
+  statuses.update(replay=dict(start=3, address=b), inserter_1=at(b, 3, pid=3, restarts=2))
   watcher.follow_replay(Nodes(), statuses)
-  assert killed[4:] == []
+  assert killed[4:] == ['inserter_1']
+  assert watcher.notes == notes + ['inserter_1 restarted by the driver to follow the replay to '
+                                   'h2:6000 (from h2:5000)']
+  # A run whose start-up could not ask the replay's address names it at the first status.
+  unnamed = program._Watcher(kill=killed.append, gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
+  unnamed.follow_replay(Nodes(), dict(replay=dict(start=0, address=a)))
+  assert unnamed.notes[0].startswith('security: the Reverb server (replay node) listens on port '
+                                     '5000 of ALL interfaces (h1:5000;'), unnamed.notes
   stopping = program._Watcher(gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
   stopping.follow_replay(Nodes(), dict(statuses, learner=at(a, 0, pid=2)))
-  assert killed[4:] == []
+  assert killed[5:] == []
 
 
 def test_a_restart_the_driver_caused_shows_its_reason_and_later_ones_do_not(tmp_path):

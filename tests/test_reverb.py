@@ -289,9 +289,9 @@ def test_a_restarted_replay_node_comes_back_on_the_port_it_bound(tmp_path, monke
   """Clients ask the replay node for its address once it is up and reconnect to it after a
   restart. A first start whose planned port is taken binds a free one; restarted, it bound the
   planned port again (its constructor's argument), and its clients waited at the other one for
-  ever. It now comes back on the port it bound; where that is taken (or on another host), on a
-  free one, written for its next restart, and its status shows the new address (the driver
-  then restarts its clients: `test_program.py`)."""
+  ever. It now comes back on the port it bound; where that is taken, on a free one, written for
+  its next restart, and its status shows the new address (the driver then restarts its
+  clients: `test_program.py`)."""
   import socket
   from scaled_ql.launch import nodes
   cfg, workdir = tiny_cfg(), str(tmp_path)

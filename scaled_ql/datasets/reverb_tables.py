@@ -471,12 +471,13 @@ class EpisodeAdder:
 
   `address()` is asked for the server's address when a writer is made (the first write, and
   the next episode's first after a write error or a stop). A server back at another address is
-  followed by restarting the actor that owns the adder (`program._Watcher.follow_replay`). A
-  server killed and back at its address (the replay node's restart) costs only what it held:
-  the writer's own stream reconnects and sends the records its pending items need again, and
-  the episode goes on (`tests/test_actors.py`). A write that fails with an error instead drops
-  the rest of the episode (counted in `lost_episodes`; its items written before stay), and the
-  next episode makes a new writer.
+  not followed here (the writer retries the old one); in a Ray program the driver restarts the
+  actor that owns the adder (docs/reliability.md). A server killed and back at its address
+  (the replay node's restart) costs only what it held: the writer's own stream reconnects and
+  sends the records its pending items need again, and the episode goes on
+  (`tests/test_actors.py`). A write that fails with an error instead drops the rest of the
+  episode (counted in `lost_episodes`; its items written before stay), and the next episode
+  makes a new writer.
   `stop` ends a write held back by a paced table, and the rest of that episode is dropped too;
   `while_waiting()` runs every 0.5 s of such a wait (an actor refreshes its params there). An
   episode left unfinished keeps the items of its complete windows when the next one starts

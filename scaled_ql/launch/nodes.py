@@ -153,6 +153,7 @@ class _LoopNode:
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
     self._actor_start = _actor_start()  # read now: a crash must not wait on Ray's GCS
+    self._restart_count = _restart_count()  # (status: the driver matches it with Ray's record)
     self._started = time.time()
     self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
     self._thread.start()
@@ -214,7 +215,8 @@ class _LoopNode:
 
   def base_status(self) -> dict:
     return dict(name=self.name, pid=os.getpid(), restarted=self._restarted,
-                done=self._done.is_set(), uptime_s=time.time() - self._started, error=self._error)
+                restarts=self._restart_count, done=self._done.is_set(),
+                uptime_s=time.time() - self._started, error=self._error)
 
   def ping(self) -> int:
     return os.getpid()
@@ -235,10 +237,11 @@ class ReverbNode:
   """The Reverb server (one table per game). Its clients ask it for its address once it is up
   (`RayReplay.where`) and reconnect to that address after a restart (Reverb's clients retry a
   lost server at the address they were given, for ever). So a restarted server comes back on the
-  port it bound, read from WORKDIR/replay_port (written at every start). Where it cannot (Ray
-  restarted it on another host, or the port is taken on its host), it binds a free one, and its
-  address differs: the driver sees the new address in its status and restarts the clients
-  (`program._Watcher.follow_replay`), which ask for the address at their start. At its first
+  port it bound, read from WORKDIR/replay_port (written at every start), where it can: on
+  another host (Ray restarted it there) its address differs even on that port, and where the
+  port is taken it binds a free one. The driver then sees the new address in its status and
+  restarts the clients (`program._Watcher.follow_replay`), which ask for the address at their
+  start. At its first
   start it binds the port chosen when the program was built, or, should that one be taken on its
   host, a free one. gRPC binds with SO_REUSEPORT, so the dead server's port is free again at
   once."""
@@ -326,7 +329,7 @@ class LocalReplay:
   node: 'ReverbNode'
 
   def where(self) -> tuple[str, Optional[int]]:
-    return f'localhost:{self.node.port}', 0
+    return f'localhost:{self.node.port}', self.node.where()[1]
 
   def incarnation(self) -> Optional[str]:
     return self.node.incarnation()
@@ -471,7 +474,6 @@ class LearnerNode(_LoopNode):
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address; at
     # another (on another host) the driver restarts this node (`program._Watcher.follow_replay`).
-    self._replay = replay
     self._address, self._replay_start = replay.where()
     self._iterator = reverb_tables.stratified_batches(
         self._address, cfg.games, cfg, seed=cfg.train.seed + 1000 * _restarts())
@@ -779,7 +781,7 @@ class FinetuneActorNode(_LoopNode):
     if game not in cfg.games:
       raise ValueError(f'fine-tuning game {game!r} is not one of the config games {cfg.games}')
     self.name = f'actor_{index}'
-    self._game, self._replay = game, replay
+    self._game = game
     seed = seed + 7919 * index + _restart_seed()
     env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,
                    max_episode_frames=max_episode_frames)

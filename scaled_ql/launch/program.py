@@ -15,7 +15,8 @@
                                                     FinetuneActorNode: acts, inserts into replay)
 
 Everything here is wiring: each node builds its component from the config (scaled_ql.launch.nodes)
-and runs by itself; the driver (`run`) only watches, prints progress and ends the program.
+and runs by itself; the driver (`run`) watches, prints progress, restarts the replay's clients
+when the replay moves (below) and ends the program.
 Faults: Ray restarts every node (actor) any number of times; a restarted node carries on by itself
 (the learner from its last checkpoint, the replay server on the same port, inserters and the
 learner's iterator reconnect; a replay that comes back at another address, on another host, has
@@ -316,7 +317,6 @@ class _Watcher:
     self._gcs_info = gcs_info  # a node's record in Ray's actor table
     self._replay: Optional[tuple[int, str]] = None  # (start, address): the newest replay seen
     self.announced: Optional[str] = None  # the replay address of the last security line
-    self._followed: set = set()  # (node, its restart count) of the clients killed to follow it
     self._restart_reasons: dict[str, tuple[int, str]] = {}  # node -> (restarts at kill, why)
     self.notes: list[str] = []  # lines for the run's log (`run` prints and clears them)
     self._last: dict = {}
@@ -328,10 +328,10 @@ class _Watcher:
     self._learner_at: Optional[tuple[tuple, float]] = None  # (what it showed, since)
 
   @classmethod
-  def from_config(cls, cfg: ExperimentConfig) -> '_Watcher':
+  def from_config(cls, cfg: ExperimentConfig, **kw) -> '_Watcher':
     check_fault_config(cfg)
     return cls(RestartBudget.from_config(cfg), cfg.train.placement_timeout_s,
-               cfg.train.stall_timeout_s, kill=restart_node)
+               cfg.train.stall_timeout_s, **kw)
 
   def check_progress(self, learner: Optional[dict], replay: Optional[dict],
                      now: Optional[float] = None) -> None:
@@ -375,12 +375,14 @@ class _Watcher:
     by themselves; they retry a lost server at that address for ever, so none of them would
     notice a move); where it cannot (on another host, or its port taken), it comes back at
     another. The replay's status shows its start (Ray's restart count) and address; each client
-    (the learner, the inserters, the fine-tuning actors) shows the replay start and address it
-    asked for at its start (`replay_start`, `replay_address`). A client behind the newest
-    start seen, at another address, is killed, and Ray restarts it (the learner from its last
-    checkpoint); not a done one. Acted on only where Ray's record shows the status's process
-    alive (a cached status of a process that is gone would have the new one killed), once per
-    restart; a status without a start (a count Ray did not give) is left alone."""
+    shows the replay start and address it asked for (`replay_start`, `replay_address`: the
+    learner and the inserters at their start, a fine-tuning actor for its current writer). A
+    client behind the newest start seen, at another address, is killed, and Ray restarts it
+    (the learner from its last checkpoint); not a done one. Acted on only where Ray's record,
+    read right before the kill, shows the status's process alive (its pid and restart count: a
+    cached status of a process that is gone would have the new one killed), once per restart;
+    a status without a start (a count Ray did not give) is left alone. A new replay address is
+    logged with its `security_line` (the port to firewall)."""
     if self._kill is None:
       return
     replay = statuses.get('replay') or {}
@@ -388,12 +390,14 @@ class _Watcher:
     if start is not None and address is not None and (self._replay is None
                                                       or start > self._replay[0]):
       self._replay = (start, address)
+    # The port to firewall, again when it changed (one whose start is unknown included).
+    shown = self._replay[1] if self._replay is not None and start is not None else address
+    if shown is not None and shown != self.announced:
+      self.notes.append(security_line(shown))
+      self.announced = shown
     if self._replay is None:
       return
     newest_start, newest = self._replay
-    if self.announced is not None and newest != self.announced:
-      self.notes.append(security_line(newest))  # a new port: the start-up line named the old
-    self.announced = newest
     for name, handle in program.nodes():
       status = statuses.get(name) or {}
       behind = status.get('replay_start')
@@ -403,9 +407,9 @@ class _Watcher:
       info = self._gcs_info(handle)  # read now: the process the kill would reach
       restarts = int(info.get('NumRestarts', 0))
       if (info.get('State') != 'ALIVE' or info.get('Pid') != status.get('pid')
-          or (name, restarts) in self._followed):
+          or status.get('restarts') not in (None, restarts)
+          or self._restart_reasons.get(name, (None,))[0] == restarts):  # (killed already)
         continue
-      self._followed.add((name, restarts))
       reason = (f'restarted by the driver to follow the replay to {newest} (from '
                 f'{status.get("replay_address")})')
       self._restart_reasons[name] = (restarts, reason)
@@ -751,7 +755,7 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   pushed_counts: dict = {}
   final_steps = program.cfg.eval.final_budget
   budget_s = None if deadline is None else deadline - started
-  watcher = _Watcher.from_config(program.cfg)
+  watcher = _Watcher.from_config(program.cfg, kill=restart_node)  # follows a moved replay
   with _StopRequest() as stop:
     try:
       try:
