@@ -68,11 +68,15 @@ def _restart_count() -> Optional[int]:
     return None
 
 
+def _as_restarts(count: Optional[int]) -> int:
+  """`_restart_count()` for seeds and crash records: a restart whose count is unknown reads 1."""
+  return 1 if count is None else count
+
+
 def _restarts() -> int:
   """How often this actor was restarted (0 outside Ray or on the first start; 1 for a restart
   whose count is unknown)."""
-  count = _restart_count()
-  return 1 if count is None else count
+  return _as_restarts(_restart_count())
 
 
 def _actor_id() -> str:
@@ -85,11 +89,11 @@ def _actor_id() -> str:
     return ''
 
 
-def _actor_start() -> tuple[str, int]:
-  """(this Ray actor's id, how often it was restarted): which start of which node a crash record
-  belongs to ('' and 0 outside a Ray actor)."""
+def _actor_start(count: Optional[int]) -> tuple[str, int]:
+  """(this Ray actor's id, how often it was restarted, from `_restart_count()`'s `count`): which
+  start of which node a crash record belongs to ('' and 0 outside a Ray actor)."""
   actor = _actor_id()
-  return (actor, _restarts()) if actor else ('', 0)
+  return (actor, _as_restarts(count)) if actor else ('', 0)
 
 
 # A crash record's first line in WORKDIR/logs/<name>.err, and its pattern (`recorded_crash`).
@@ -152,8 +156,10 @@ class _LoopNode:
     self._done = threading.Event()
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
-    self._actor_start = _actor_start()  # read now: a crash must not wait on Ray's GCS
-    self._restart_count = _restart_count()  # (status: the driver matches it with Ray's record)
+    # One read of Ray's actor table, now (a crash must not wait on it): the crash records' start
+    # and the status's `restarts` (the driver matches it with Ray's record).
+    self._restart_count = _restart_count()
+    self._actor_start = _actor_start(self._restart_count)
     self._started = time.time()
     self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
     self._thread.start()
@@ -188,7 +194,7 @@ class _LoopNode:
           workdir = signature.bind(self, *args, **kw).arguments.get('workdir')
           try:
             _record_crash(workdir, getattr(self, 'name', cls.name), traceback.format_exc(),
-                          _actor_start())
+                          _actor_start(_restart_count()))
           except Exception:  # pylint: disable=broad-except
             pass  # the constructor's own error is the one to raise
         raise
@@ -241,10 +247,9 @@ class ReverbNode:
   another host (Ray restarted it there) its address differs even on that port, and where the
   port is taken it binds a free one. The driver then sees the new address in its status and
   restarts the clients (`program._Watcher.follow_replay`), which ask for the address at their
-  start. At its first
-  start it binds the port chosen when the program was built, or, should that one be taken on its
-  host, a free one. gRPC binds with SO_REUSEPORT, so the dead server's port is free again at
-  once."""
+  start. At its first start it binds the port chosen when the program was built, or, should
+  that one be taken on its host, a free one. gRPC binds with SO_REUSEPORT, so the dead
+  server's port is free again at once."""
 
   name = 'replay'
 

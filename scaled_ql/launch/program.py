@@ -310,7 +310,7 @@ class _Watcher:
                placement_timeout_s: Optional[float] = None,
                stall_timeout_s: Optional[float] = None,
                kill: Optional[Callable[[Any], None]] = None,
-               gcs_info: Callable[[Any], dict] = lambda handle: _gcs_actor_info(handle)):
+               gcs_info: Callable[[Any], dict] = _gcs_actor_info):
     self._pending: dict = {}
     # How `follow_replay` restarts a node (`restart_node`; None: it does not, as while stopping).
     self._kill = kill
