@@ -271,8 +271,10 @@ def test_a_restarted_node_counts_its_restarts_in_its_seeds(ray_session):
 def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset_dir, tmp_path):
   ray = ray_session
   num_steps = 80
-  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=num_steps, evaluators=1)
-  assert cfg.train.checkpoint_every_steps == 10
+  # No periodic checkpoint within the run: the learner the driver restarts to follow the moved
+  # replay saves its step when asked (`LearnerNode.save_and_exit`), and resumes there.
+  cfg = run.resolve_config('cpu_tiny', tiny_dataset_dir, steps=num_steps, evaluators=1,
+                           overrides=['train.checkpoint_every_steps=1000'])
   workdir = str(tmp_path / 'faults')
   run.prepare_workdir(cfg, workdir)
   # (No fine-tuning actor: one beside the inserters, unpaced, is no configuration a command
@@ -341,12 +343,10 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
       f'restarted by the driver to follow the replay to {events["replay_back"]} (from '
       f'{events["address"]})'), events
   assert 'resumed' in events, events
-  # Resumed from a checkpoint (every 10 steps), not from 0, losing at most one checkpoint
-  # interval relative to the step seen just before the kill: the save of that very step may still
-  # have been in flight when the kill landed (seen: status at 40, checkpoint 40 unfinished -> 30).
-  assert events['resumed'] % 10 == 0
-  assert events['resumed'] >= max(
-      10, events['steps_before_kill'] - cfg.train.checkpoint_every_steps)
+  # Resumed at the step it had reached (the batches it held let it step on a little after the
+  # replay went), not from 0: no step lost, and no crash-loop count for the driver's restart.
+  assert events['steps_before_kill'] <= events['resumed'] < num_steps, events
+  assert status.health['learner']['in_window'] == 0, status.health
   assert status.learner['steps'] == num_steps
   assert 'evaluator_back' in events, events
   assert status.learner['steps'] > events['replay_killed_at']
@@ -431,6 +431,12 @@ def test_restart_budget_allows_spaced_restarts_and_ends_a_crash_loop():
   assert budget.record('inserter_0', 3, now=200.0) and budget.in_window('inserter_0') == 3
   # Several restarts seen in one poll count as several.
   assert program.RestartBudget(3, 600).record('replay', 3, now=0.0)
+  # Restarts the driver caused (to follow a moved replay) are not counted.
+  excusing = program.RestartBudget(3, 600)
+  assert not any(excusing.record('learner', n, now=float(n), excused=1) for n in range(1, 11))
+  assert excusing.in_window('learner') == 0
+  assert not excusing.record('learner', 12, now=20.0, excused=1)  # one of two new restarts
+  assert excusing.in_window('learner') == 1
   with pytest.raises(ValueError, match='crash_loop_window_s'):
     program.RestartBudget(3, 0)
   with pytest.raises(ValueError, match='crash_loop_restarts'):
@@ -850,7 +856,8 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   start than the driver has seen, a done one, one whose start is unknown, the evaluators; a
   late answer of the replay's earlier start changes nothing; a watcher without `kill` (the one
   that stops the program) never kills. A new address gets the security line again."""
-  killed = []
+  killed, forced = [], []
+  kill = lambda handle, force=False: (forced if force else killed).append(handle)
   alive = lambda pid=1, restarts=0: dict(State='ALIVE', Pid=pid, NumRestarts=restarts)
   names = ['replay', 'learner', 'inserter_0', 'inserter_1', 'evaluator_0', 'actor_0', 'actor_1',
            'actor_2']
@@ -860,7 +867,7 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   records['inserter_1'] = dict(State='RESTARTING', Pid=1, NumRestarts=0)
   records.update(actor_1=alive(pid=2), actor_2=alive(pid=1, restarts=1))
   watcher = program._Watcher(  # pylint: disable=protected-access
-      kill=killed.append, gcs_info=lambda handle: records[handle])
+      kill=kill, gcs_info=lambda handle: records[handle])
 
   class Nodes:  # the program's nodes, handles named after them
     def nodes(self):
@@ -878,14 +885,24 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   assert killed == [] and watcher.notes == []
   # Its next start is on another host (the driver saw no status of it before: it follows).
   statuses['replay'] = dict(start=3, address=b)
-  watcher.follow_replay(Nodes(), statuses)
+  watcher.follow_replay(Nodes(), statuses, now=0.0)
   assert killed == ['learner', 'inserter_0', 'actor_0']
   assert watcher.notes[0].startswith('security: the Reverb server (replay node) listens on port '
                                      '5000 of ALL interfaces (h2:5000;'), watcher.notes
   assert watcher.notes[1] == ('learner restarted by the driver to follow the replay to h2:5000 '
                               '(from h1:5000)')
-  watcher.follow_replay(Nodes(), statuses)  # their old statuses, until they answer again
+  # Their old statuses, until they answer again: asked once; one still that process when the
+  # request's deadline has passed (it never ran) is killed, once.
+  watcher.follow_replay(Nodes(), statuses, now=program.FORCE_RESTART_AFTER_S)
   assert killed == ['learner', 'inserter_0', 'actor_0'] and len(watcher.notes) == 4
+  assert forced == []
+  watcher.follow_replay(Nodes(), statuses, now=program.FORCE_RESTART_AFTER_S + 1)
+  watcher.follow_replay(Nodes(), statuses, now=program.FORCE_RESTART_AFTER_S + 2)
+  assert killed == ['learner', 'inserter_0', 'actor_0']
+  assert forced == ['learner', 'inserter_0', 'actor_0']
+  assert watcher.notes[4] == (f'learner did not restart within {program.FORCE_RESTART_AFTER_S:.0f}s'
+                              ' of the request: killed')
+  del watcher.notes[4:]
   # Restarted: the learner at the new start; inserter_0 asked the replay after a start the
   # driver has not seen yet; actor_0 done; inserter_1's start unknown.
   records.update(learner=alive(2, 1), inserter_0=alive(2, 1), inserter_1=alive(2, 1),
@@ -909,33 +926,38 @@ def test_the_driver_restarts_the_clients_left_at_the_address_of_an_earlier_repla
   assert watcher.notes == notes + ['inserter_1 restarted by the driver to follow the replay to '
                                    'h2:6000 (from h2:5000)']
   # A run whose start-up could not ask the replay's address names it at the first status.
-  unnamed = program._Watcher(kill=killed.append, gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
+  unnamed = program._Watcher(kill=kill, gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
   unnamed.follow_replay(Nodes(), dict(replay=dict(start=0, address=a)))
   assert unnamed.notes[0].startswith('security: the Reverb server (replay node) listens on port '
                                      '5000 of ALL interfaces (h1:5000;'), unnamed.notes
   stopping = program._Watcher(gcs_info=lambda handle: records[handle])  # pylint: disable=protected-access
   stopping.follow_replay(Nodes(), dict(statuses, learner=at(a, 0, pid=2)))
-  assert killed[5:] == []
+  assert killed[5:] == [] and forced[3:] == []
 
 
 def test_a_restart_the_driver_caused_shows_its_reason_and_later_ones_do_not(tmp_path):
   """The progress line's last error of a node the driver killed (`follow_replay`) is the
   driver's reason, for the restart the kill caused only: a later restart, or two seen at once,
-  shows what Ray or the node's log says."""
+  shows what Ray or the node's log says. Only the restart the driver caused is left out of the
+  node's crash-loop budget."""
   import types
   records = dict(learner=dict(State='ALIVE', Pid=1, NumRestarts=0))
-  watcher = program._Watcher(gcs_info=lambda handle: records[handle.name])  # pylint: disable=protected-access
+  watcher = program._Watcher(program.RestartBudget(5, 600),  # pylint: disable=protected-access
+                             gcs_info=lambda handle: records[handle.name])
   handle = types.SimpleNamespace(name='learner', _actor_id=types.SimpleNamespace(hex=lambda: 'a1'))
   prog = types.SimpleNamespace(workdir=str(tmp_path), needs={},
                                nodes=lambda: [('learner', handle)])
   watcher._restart_reasons['learner'] = (0, 'restarted by the driver')  # pylint: disable=protected-access
   records['learner'] = dict(State='ALIVE', Pid=2, NumRestarts=1)
-  assert watcher.health(prog)['learner']['last_error'] == 'restarted by the driver'
+  health = watcher.health(prog)['learner']
+  assert health['last_error'] == 'restarted by the driver' and health['in_window'] == 0
   records['learner'] = dict(State='ALIVE', Pid=3, NumRestarts=2)
-  assert watcher.health(prog)['learner']['last_error'] == 'no traceback (killed or lost)'
+  health = watcher.health(prog)['learner']
+  assert health['last_error'] == 'no traceback (killed or lost)' and health['in_window'] == 1
   watcher._restart_reasons['learner'] = (2, 'restarted by the driver')  # pylint: disable=protected-access
   records['learner'] = dict(State='ALIVE', Pid=5, NumRestarts=4)  # two restarts between polls
-  assert watcher.health(prog)['learner']['last_error'] == 'no traceback (killed or lost)'
+  health = watcher.health(prog)['learner']
+  assert health['last_error'] == 'no traceback (killed or lost)' and health['in_window'] == 3
 
 
 def test_unplaced_reads_rays_actor_records_at_a_first_start_and_at_a_restart():

@@ -154,6 +154,7 @@ class _LoopNode:
     self._workdir = workdir
     self._stop = stop or threading.Event()
     self._done = threading.Event()
+    self._exiting = False  # ending its process for a restart (`save_and_exit`): not done
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
     # One read of Ray's actor table, now (a crash must not wait on it): the crash records' start
@@ -221,7 +222,7 @@ class _LoopNode:
 
   def base_status(self) -> dict:
     return dict(name=self.name, pid=os.getpid(), restarted=self._restarted,
-                restarts=self._restart_count, done=self._done.is_set(),
+                restarts=self._restart_count, done=self._done.is_set() and not self._exiting,
                 uptime_s=time.time() - self._started, error=self._error)
 
   def ping(self) -> int:
@@ -459,6 +460,9 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
 # before its final save: that leaves the save ~115 s of the driver's 300 s for the learner's
 # stop (`program.shutdown`), after the final publish's two flushes of up to 30 s each.
 LEARNER_LOOP_STOP_S = 120.0
+# How long `LearnerNode.save_and_exit` may take before its process ends regardless: the loop's
+# end (LEARNER_LOOP_STOP_S) and a save of the state.
+LEARNER_SAVE_AND_EXIT_S = LEARNER_LOOP_STOP_S + 120.0
 
 
 class LearnerNode(_LoopNode):
@@ -569,6 +573,37 @@ class LearnerNode(_LoopNode):
     self._iterator.close(timeout_s=2)  # its thread may be stuck in a sample request: a daemon
     self._learner.close()
     return int(self._learner.steps)
+
+  def save_and_exit(self) -> None:
+    """Checkpoints the step the learner is at and ends the process, so that Ray's restart
+    resumes there: how the driver restarts a learner left at the old address of a moved replay
+    (`program.restart_node`), where a kill would lose the steps since the last periodic
+    checkpoint. The loop ends as in `stop()` (one waiting for a batch is woken by closing its
+    iterator; the status never shows it done). Whatever the loop or the save do, the process
+    ends within LEARNER_SAVE_AND_EXIT_S; a save that fails is recorded as the start's crash, and
+    the restart resumes from the newest periodic checkpoint."""
+    self._exiting = True
+    deadline = threading.Timer(LEARNER_SAVE_AND_EXIT_S, os._exit, (1,))
+    deadline.daemon = True
+    deadline.start()
+    try:
+      self._stop.set()
+      self._thread.join(1.0)
+      if self._thread.is_alive():  # waiting for a batch (or in a step: it ends with it)
+        self._iterator.close(timeout_s=0)
+      self._thread.join(LEARNER_LOOP_STOP_S)
+      if self._thread.is_alive():
+        raise RuntimeError(f'the learner\'s loop did not end within {LEARNER_LOOP_STOP_S:.0f}s '
+                           'of the request to save and exit: no checkpoint of its step')
+      self._learner.save()
+      self._learner.close()  # (its metrics' files)
+    except BaseException:  # pylint: disable=broad-except
+      try:
+        _record_crash(self._workdir, self.name, traceback.format_exc(), self._actor_start)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    finally:
+      os._exit(1)  # pylint: disable=protected-access
 
 
 def _is_number(v: Any) -> bool:

@@ -186,9 +186,21 @@ def build(cfg: ExperimentConfig, workdir: str, num_evaluators: int, num_steps: O
                  evaluator_games, actor_nodes, needs)
 
 
-def restart_node(handle) -> None:
-  """Kills a node's process; Ray restarts it (`MAX_RESTARTS`)."""
-  ray.kill(handle, no_restart=False)
+def restart_node(handle, force: bool = False) -> None:
+  """Restarts a node (Ray restarts it: `MAX_RESTARTS`). A node that can save its state first is
+  asked to and ends its own process (the learner: `LearnerNode.save_and_exit`, so that its
+  restart resumes at the step it was at); any other's process, or any node's with `force`, is
+  killed."""
+  if not force and hasattr(handle, 'save_and_exit'):
+    handle.save_and_exit.remote()  # not waited on: it ends the process, and the call with it
+  else:
+    ray.kill(handle, no_restart=False)
+
+
+# How long the driver waits for a node it asked to save and exit (`restart_node`) to restart
+# before it kills the node: the node's own deadline (`nodes.LEARNER_SAVE_AND_EXIT_S`) passed, so
+# the request never ran (the actor did not take it).
+FORCE_RESTART_AFTER_S = nodes.LEARNER_SAVE_AND_EXIT_S + 60.0
 
 
 def security_line(address: str) -> str:
@@ -240,8 +252,10 @@ class RestartBudget:
   def from_config(cls, cfg: ExperimentConfig) -> 'RestartBudget':
     return cls(cfg.train.crash_loop_restarts, cfg.train.crash_loop_window_s)
 
-  def record(self, node: str, total_restarts: int, now: float) -> bool:
-    new = total_restarts - self._seen.get(node, 0)
+  def record(self, node: str, total_restarts: int, now: float, excused: int = 0) -> bool:
+    """`excused`: how many of the restarts new since the last call the driver caused (to follow
+    a moved replay: the replay's own restarts are counted on the replay); they are not counted."""
+    new = total_restarts - self._seen.get(node, 0) - excused
     self._seen[node] = max(total_restarts, self._seen.get(node, 0))
     times = self._times[node]
     times.extend([now] * max(0, new))
@@ -309,11 +323,12 @@ class _Watcher:
   def __init__(self, budget: Optional[RestartBudget] = None,
                placement_timeout_s: Optional[float] = None,
                stall_timeout_s: Optional[float] = None,
-               kill: Optional[Callable[[Any], None]] = None,
+               kill: Optional[Callable[..., None]] = None,
                gcs_info: Callable[[Any], dict] = _gcs_actor_info):
     self._pending: dict = {}
     # How `follow_replay` restarts a node (`restart_node`; None: it does not, as while stopping).
     self._kill = kill
+    self._asked: dict[str, tuple[int, float]] = {}  # node -> (restarts, when) of a restart asked
     self._gcs_info = gcs_info  # a node's record in Ray's actor table
     self._replay: Optional[tuple[int, str]] = None  # (start, address): the newest replay seen
     self.announced: Optional[str] = None  # the replay address of the last security line
@@ -368,7 +383,8 @@ class _Watcher:
     watcher._restart_reasons = dict(self._restart_reasons)
     return watcher
 
-  def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]]) -> None:
+  def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]],
+                    now: Optional[float] = None) -> None:
     """Restarts the replay's clients that use the address of an earlier replay start.
 
     A restarted replay comes back at its address where it can (Reverb's clients then reconnect
@@ -377,14 +393,17 @@ class _Watcher:
     another. The replay's status shows its start (Ray's restart count) and address; each client
     shows the replay start and address it asked for (`replay_start`, `replay_address`: the
     learner and the inserters at their start, a fine-tuning actor for its current writer). A
-    client behind the newest start seen, at another address, is killed, and Ray restarts it
-    (the learner from its last checkpoint); not a done one. Acted on only where Ray's record,
-    read right before the kill, shows the status's process alive (its pid and restart count: a
-    cached status of a process that is gone would have the new one killed), once per restart;
-    a status without a start (a count Ray did not give) is left alone. A new replay address is
-    logged with its `security_line` (the port to firewall)."""
+    client behind the newest start seen, at another address, is restarted (`kill`:
+    `restart_node`; the learner saves a checkpoint of its step and exits, the others are
+    killed), and Ray starts it again at the new address; not a done one. Acted on only where
+    Ray's record, read right before, shows the status's process alive (its pid and restart
+    count: a cached status of a process that is gone would have the new one restarted), once
+    per restart, with a kill (`force`) if a node asked to exit is still that process
+    `FORCE_RESTART_AFTER_S` later; a status without a start (a count Ray did not give) is left
+    alone. A new replay address is logged with its `security_line` (the port to firewall)."""
     if self._kill is None:
       return
+    now = time.monotonic() if now is None else now
     replay = statuses.get('replay') or {}
     start, address = replay.get('start'), replay.get('address')
     if start is not None and address is not None and (self._replay is None
@@ -407,12 +426,20 @@ class _Watcher:
       info = self._gcs_info(handle)  # read now: the process the kill would reach
       restarts = int(info.get('NumRestarts', 0))
       if (info.get('State') != 'ALIVE' or info.get('Pid') != status.get('pid')
-          or status.get('restarts') not in (None, restarts)
-          or self._restart_reasons.get(name, (None,))[0] == restarts):  # (killed already)
+          or status.get('restarts') not in (None, restarts)):
+        continue
+      asked = self._asked.get(name)
+      if asked is not None and asked[0] == restarts:  # asked already: killed if it never went
+        if now - asked[1] > FORCE_RESTART_AFTER_S:
+          self._asked[name] = (restarts, float('inf'))  # (once)
+          self.notes.append(f'{name} did not restart within {FORCE_RESTART_AFTER_S:.0f}s of '
+                            'the request: killed')
+          self._kill(handle, force=True)
         continue
       reason = (f'restarted by the driver to follow the replay to {newest} (from '
                 f'{status.get("replay_address")})')
       self._restart_reasons[name] = (restarts, reason)
+      self._asked[name] = (restarts, now)
       self.notes.append(f'{name} {reason}')
       self._kill(handle)
 
@@ -454,7 +481,11 @@ class _Watcher:
           reason = why if restarts == killed_at + 1 else None
         self._health[name] = dict(restarts=restarts,
                                   last_error=line or reason or 'no traceback (killed or lost)')
-      tripped = self._budget is not None and self._budget.record(name, restarts, now)
+      else:
+        reason = None
+      # A restart the driver caused is no crash of the node: not in its crash-loop budget.
+      tripped = self._budget is not None and self._budget.record(
+          name, restarts, now, excused=int(reason is not None))
       if name in self._health:
         self._health[name]['in_window'] = (self._budget.in_window(name)
                                            if self._budget is not None else 0)
