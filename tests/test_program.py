@@ -314,6 +314,7 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
     if ('replay_killed_at' in events and 'resumed' not in events and learner
         and learner['restarted']):
       events['resumed'] = learner['resumed_from_step']
+      events['learner_in_window'] = status.health['learner'].get('in_window')
       events['learner_restart'] = status.health['learner']['last_error']
       events['learner_at'] = learner['replay_address']
     if evaluator and evaluator['restarted'] and evaluator['rounds'] >= 1:
@@ -346,7 +347,7 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   # Resumed at the step it had reached (the batches it held let it step on a little after the
   # replay went), not from 0: no step lost, and no crash-loop count for the driver's restart.
   assert events['steps_before_kill'] <= events['resumed'] < num_steps, events
-  assert status.health['learner']['in_window'] == 0, status.health
+  assert events['learner_in_window'] == 0 == status.health['learner']['in_window'], events
   assert status.learner['steps'] == num_steps
   assert 'evaluator_back' in events, events
   assert status.learner['steps'] > events['replay_killed_at']
@@ -520,6 +521,50 @@ def test_a_learner_that_cannot_save_its_last_step_ends_the_run_in_error(ray_sess
     assert lines[-1].startswith('nodes stopped in')  # raised once every node was stopped
     # Another error already ending the run (run(): its loop did not end normally): no raise.
     assert program.shutdown(prog('no space'), log=lines.append).learner == {}
+  finally:
+    cloudpickle.unregister_pickle_by_value(module)
+
+
+class _LearnerEndingUnderItsStop(_Node):
+  """A stand-in learner whose first start's process ends under its stop() (as one asked to save
+  and exit does); a restarted one stops at step 9."""
+
+  def stop(self):
+    import ray  # pylint: disable=import-outside-toplevel
+    if not ray.get_runtime_context().was_current_actor_reconstructed:
+      os._exit(1)  # pylint: disable=protected-access
+    return 9
+
+
+def test_shutdown_stops_the_restart_of_a_learner_that_was_asked_to_save_and_exit(ray_session,
+                                                                                 tmp_path):
+  """A stop that overlaps the learner's `save_and_exit` (the driver asked it to follow a moved
+  replay) fails with its process: shutdown then stops the restarted learner, which resumed at
+  the step it saved. Not when the driver asked nothing of it: that learner did not stop
+  cleanly."""
+  from ray import cloudpickle
+  module = sys.modules[__name__]
+  cloudpickle.register_pickle_by_value(module)  # the workers cannot import this test file
+  try:
+    node = ray_session.remote(num_cpus=0)(_Node)
+    learner = ray_session.remote(num_cpus=0, max_restarts=-1)(_LearnerEndingUnderItsStop)
+    cfg = configs.get_config('cpu_tiny')
+    for asked, final_step in ((True, 9), (False, None)):
+      lines = []
+      seen = program._Watcher()  # pylint: disable=protected-access
+      if asked:
+        seen._asked['learner'] = (0, 0.0)  # pylint: disable=protected-access
+      handle = learner.remote()
+      ray_session.get(handle.status.remote(), timeout=60)  # placed and started
+      prog = program.Program(cfg, str(tmp_path), node.remote(), 'replay', [], handle,
+                             variable_server.VariableServer.create(1), [], [])
+      program.shutdown(prog, log=lines.append, seen=seen)
+      if asked:
+        assert 'learner was restarting to follow the replay: stopping its restart' in lines
+        assert (f'learner stopped at step {final_step}; checkpoint in {tmp_path}/checkpoints'
+                in lines), lines
+      else:
+        assert any(line.startswith('learner did not stop cleanly: ') for line in lines), lines
   finally:
     cloudpickle.unregister_pickle_by_value(module)
 

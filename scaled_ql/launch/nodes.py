@@ -154,7 +154,7 @@ class _LoopNode:
     self._workdir = workdir
     self._stop = stop or threading.Event()
     self._done = threading.Event()
-    self._exiting = False  # ending its process for a restart (`save_and_exit`): not done
+    self._exiting = False  # ending its process for a restart (`LearnerNode.save_and_exit`)
     self._error: Optional[str] = None
     self._restarted = _was_restarted()
     # One read of Ray's actor table, now (a crash must not wait on it): the crash records' start
@@ -499,6 +499,7 @@ class LearnerNode(_LoopNode):
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
     self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
+    self._ending = threading.Lock()  # `_end_loop_and_save`
     self._start(workdir)
 
   def _params(self):
@@ -550,20 +551,26 @@ class LearnerNode(_LoopNode):
     metrics (`Learner.set_data_counts`)."""
     self._learner.set_data_counts(counts)
 
+  def _end_loop_and_save(self, why: str) -> None:
+    """Ends the loop and checkpoints its step, once at a time (`stop` and `save_and_exit` may
+    overlap: the second finds the step saved). A loop waiting for data (a table below its
+    warm-up, a paced table waiting for the actors, a replay gone) is woken by closing its
+    iterator: no batch was taken, the state is whole."""
+    with self._ending:
+      self._stop.set()
+      self._thread.join(1.0)
+      if self._thread.is_alive():  # waiting for a batch (or in a long step: it ends with it)
+        self._iterator.close(timeout_s=0)
+      self._thread.join(LEARNER_LOOP_STOP_S)
+      if self._thread.is_alive():  # (a periodic save of a large state on a slow filesystem)
+        raise RuntimeError(f'the learner\'s loop did not end within '
+                           f'{LEARNER_LOOP_STOP_S + 1:.0f}s of {why}: no checkpoint of its '
+                           'step is written beside it (the newest periodic one stands)')
+      self._learner.save()
+
   def stop(self) -> int:
-    """Ends the loop, writes a final checkpoint and publishes the final params. A loop waiting
-    for data (a table below its warm-up, or a paced table waiting for the actors) is woken by
-    closing its iterator: no batch was taken, the state is whole."""
-    self._stop.set()
-    self._thread.join(1.0)
-    if self._thread.is_alive():  # waiting for a batch (or in a long step: it ends with it)
-      self._iterator.close(timeout_s=0)
-    self._stop_loop(timeout=LEARNER_LOOP_STOP_S)
-    if self._thread.is_alive():  # (a periodic save of a large state on a slow filesystem)
-      raise RuntimeError(f'the learner\'s loop did not end within {LEARNER_LOOP_STOP_S + 1:.0f}s '
-                         'of its stop: no final checkpoint is written beside it (the newest '
-                         'periodic one stands)')
-    self._learner.save()
+    """Ends the loop, writes a final checkpoint and publishes the final params."""
+    self._end_loop_and_save('its stop')
     # A periodic publish still in flight made the final one a skip (`publish` sends at most one
     # at a time), and the final evaluation waited for params that never came. `flush` clears
     # what is in flight, so the publish after it is sent.
@@ -578,30 +585,23 @@ class LearnerNode(_LoopNode):
     """Checkpoints the step the learner is at and ends the process, so that Ray's restart
     resumes there: how the driver restarts a learner left at the old address of a moved replay
     (`program.restart_node`), where a kill would lose the steps since the last periodic
-    checkpoint. The loop ends as in `stop()` (one waiting for a batch is woken by closing its
-    iterator; the status never shows it done). Whatever the loop or the save do, the process
-    ends within LEARNER_SAVE_AND_EXIT_S; a save that fails is recorded as the start's crash, and
-    the restart resumes from the newest periodic checkpoint."""
+    checkpoint. Nothing to do for a learner that is stopping or has trained its steps. The
+    status never shows the ended loop as done. Whatever the loop or the save do, the process
+    ends within LEARNER_SAVE_AND_EXIT_S: a save that raises is recorded as the start's crash,
+    one cut off by that deadline is not; the restart then resumes from the newest periodic
+    checkpoint. A `stop()` that overlaps fails with the process (the driver stops the
+    restarted learner instead: `program.shutdown`)."""
+    if self._stop.is_set() or self._done.is_set():
+      return
     self._exiting = True
     deadline = threading.Timer(LEARNER_SAVE_AND_EXIT_S, os._exit, (1,))
     deadline.daemon = True
     deadline.start()
     try:
-      self._stop.set()
-      self._thread.join(1.0)
-      if self._thread.is_alive():  # waiting for a batch (or in a step: it ends with it)
-        self._iterator.close(timeout_s=0)
-      self._thread.join(LEARNER_LOOP_STOP_S)
-      if self._thread.is_alive():
-        raise RuntimeError(f'the learner\'s loop did not end within {LEARNER_LOOP_STOP_S:.0f}s '
-                           'of the request to save and exit: no checkpoint of its step')
-      self._learner.save()
+      self._end_loop_and_save('the request to save and exit')
       self._learner.close()  # (its metrics' files)
     except BaseException:  # pylint: disable=broad-except
-      try:
-        _record_crash(self._workdir, self.name, traceback.format_exc(), self._actor_start)
-      except Exception:  # pylint: disable=broad-except
-        pass
+      self._crash()
     finally:
       os._exit(1)  # pylint: disable=protected-access
 

@@ -381,7 +381,12 @@ class _Watcher:
     watcher._last = dict(self._last)
     watcher._health = {k: dict(v) for k, v in self._health.items()}
     watcher._restart_reasons = dict(self._restart_reasons)
+    watcher._asked = dict(self._asked)
     return watcher
+
+  def asked(self, name: str) -> bool:
+    """Whether `follow_replay` asked this node to restart (`restart_node`)."""
+    return name in self._asked
 
   def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]],
                     now: Optional[float] = None) -> None:
@@ -469,26 +474,23 @@ class _Watcher:
         raise NodeLost(f'{name} died and cannot be restarted:\n'
                        f'{_crash_log(program.workdir, name, info)}')
       old = self._health.get(name, dict(restarts=0, last_error=''))
+      reason = None  # the driver's, for the restart its kill caused (not a later one)
       if restarts > old['restarts']:
         # The start that ended in the newest restart; none recorded: killed (OOM, preemption,
         # kill -9) or lost.
         line = nodes.recorded_crash(program.workdir, name,
                                     handle._actor_id.hex(),  # pylint: disable=protected-access
                                     restarts - 1)
-        reason = None  # the driver's, for the restart its kill caused (not a later one)
         if name in self._restart_reasons and restarts > self._restart_reasons[name][0]:
           killed_at, why = self._restart_reasons.pop(name)
           reason = why if restarts == killed_at + 1 else None
         self._health[name] = dict(restarts=restarts,
                                   last_error=line or reason or 'no traceback (killed or lost)')
-      else:
-        reason = None
       # A restart the driver caused is no crash of the node: not in its crash-loop budget.
       tripped = self._budget is not None and self._budget.record(
           name, restarts, now, excused=int(reason is not None))
-      if name in self._health:
-        self._health[name]['in_window'] = (self._budget.in_window(name)
-                                           if self._budget is not None else 0)
+      if name in self._health and self._budget is not None:  # (a stopping watcher keeps it)
+        self._health[name]['in_window'] = self._budget.in_window(name)
       if tripped:
         raise NodeLost(
             f'{name} restarted {self._budget.in_window(name)} times within '
@@ -858,7 +860,15 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
     if _unplaced(_gcs_actor_info(program.learner) or {}):  # it would answer stop() once placed
       log('learner not running (Ray has not placed it): nothing to checkpoint')
     else:
-      final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
+      try:
+        final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
+      except ray.exceptions.RayActorError:
+        if not watcher.asked('learner'):
+          raise
+        # Its process ended under the stop: it had been asked to save and exit to follow the
+        # replay. Ray restarts it at the step it saved; that start is the one to stop.
+        log('learner was restarting to follow the replay: stopping its restart')
+        final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     learner_error = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ""}'
