@@ -458,7 +458,9 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
 
 # How long the learner's stop() waits for its loop (a step, or a periodic checkpoint under way)
 # before its final save: that leaves the save ~115 s of the driver's 300 s for the learner's
-# stop (`program.shutdown`), after the final publish's two flushes of up to 30 s each.
+# stop (`program.shutdown`), after the final publish's two flushes of up to 30 s each. (A stop
+# that meets a `save_and_exit` under way ends with its process; `shutdown` then stops the
+# restarted learner in what is left of the 300 s.)
 LEARNER_LOOP_STOP_S = 120.0
 # How long `LearnerNode.save_and_exit` may take before its process ends regardless: the loop's
 # end (LEARNER_LOOP_STOP_S) and a save of the state.
@@ -499,7 +501,7 @@ class LearnerNode(_LoopNode):
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
     self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
-    self._ending = threading.Lock()  # `_end_loop_and_save`
+    self._ending = threading.RLock()  # `_end_loop_and_save`, `save_and_exit`
     self._start(workdir)
 
   def _params(self):
@@ -589,21 +591,23 @@ class LearnerNode(_LoopNode):
     status never shows the ended loop as done. Whatever the loop or the save do, the process
     ends within LEARNER_SAVE_AND_EXIT_S: a save that raises is recorded as the start's crash,
     one cut off by that deadline is not; the restart then resumes from the newest periodic
-    checkpoint. A `stop()` that overlaps fails with the process (the driver stops the
-    restarted learner instead: `program.shutdown`)."""
-    if self._stop.is_set() or self._done.is_set():
-      return
-    self._exiting = True
-    deadline = threading.Timer(LEARNER_SAVE_AND_EXIT_S, os._exit, (1,))
-    deadline.daemon = True
-    deadline.start()
-    try:
-      self._end_loop_and_save('the request to save and exit')
-      self._learner.close()  # (its metrics' files)
-    except BaseException:  # pylint: disable=broad-except
-      self._crash()
-    finally:
-      os._exit(1)  # pylint: disable=protected-access
+    checkpoint. It holds `_ending` from its check to the exit, so a `stop()` either came first
+    (and this does nothing) or fails with the process (the driver then stops the restarted
+    learner: `program.shutdown`)."""
+    with self._ending:
+      if self._stop.is_set() or self._done.is_set():
+        return
+      self._exiting = True
+      deadline = threading.Timer(LEARNER_SAVE_AND_EXIT_S, os._exit, (1,))
+      deadline.daemon = True
+      deadline.start()
+      try:
+        self._end_loop_and_save('the request to save and exit')
+        self._learner.close()  # (its metrics' files)
+      except BaseException:  # pylint: disable=broad-except
+        self._crash()
+      finally:
+        os._exit(1)  # pylint: disable=protected-access
 
 
 def _is_number(v: Any) -> bool:

@@ -328,11 +328,12 @@ class _Watcher:
     self._pending: dict = {}
     # How `follow_replay` restarts a node (`restart_node`; None: it does not, as while stopping).
     self._kill = kill
-    self._asked: dict[str, tuple[int, float]] = {}  # node -> (restarts, when) of a restart asked
     self._gcs_info = gcs_info  # a node's record in Ray's actor table
     self._replay: Optional[tuple[int, str]] = None  # (start, address): the newest replay seen
     self.announced: Optional[str] = None  # the replay address of the last security line
-    self._restart_reasons: dict[str, tuple[int, str]] = {}  # node -> (restarts at kill, why)
+    # node -> (its restart count, why, when) of the restart `follow_replay` asked for; dropped
+    # once the node shows a later restart (`health`).
+    self._requests: dict[str, tuple[int, str, float]] = {}
     self.notes: list[str] = []  # lines for the run's log (`run` prints and clears them)
     self._last: dict = {}
     self._budget = budget
@@ -380,13 +381,12 @@ class _Watcher:
     watcher = _Watcher(gcs_info=self._gcs_info)
     watcher._last = dict(self._last)
     watcher._health = {k: dict(v) for k, v in self._health.items()}
-    watcher._restart_reasons = dict(self._restart_reasons)
-    watcher._asked = dict(self._asked)
+    watcher._requests = dict(self._requests)
     return watcher
 
-  def asked(self, name: str) -> bool:
-    """Whether `follow_replay` asked this node to restart (`restart_node`)."""
-    return name in self._asked
+  def asked(self, name: str, restarts: int) -> bool:
+    """Whether `follow_replay` asked the node's process of this restart count to restart."""
+    return self._requests.get(name, (None,))[0] == restarts
 
   def follow_replay(self, program: Program, statuses: dict[str, Optional[dict]],
                     now: Optional[float] = None) -> None:
@@ -433,18 +433,17 @@ class _Watcher:
       if (info.get('State') != 'ALIVE' or info.get('Pid') != status.get('pid')
           or status.get('restarts') not in (None, restarts)):
         continue
-      asked = self._asked.get(name)
-      if asked is not None and asked[0] == restarts:  # asked already: killed if it never went
-        if now - asked[1] > FORCE_RESTART_AFTER_S:
-          self._asked[name] = (restarts, float('inf'))  # (once)
-          self.notes.append(f'{name} did not restart within {FORCE_RESTART_AFTER_S:.0f}s of '
-                            'the request: killed')
+      if self.asked(name, restarts):  # asked already: killed if it is still there
+        _, why, when = self._requests[name]
+        if now - when > FORCE_RESTART_AFTER_S:
+          self._requests[name] = (restarts, why, float('inf'))  # (once)
+          self.notes.append(f'{name} did not restart within {FORCE_RESTART_AFTER_S:.0f}s: '
+                            'killed')
           self._kill(handle, force=True)
         continue
       reason = (f'restarted by the driver to follow the replay to {newest} (from '
                 f'{status.get("replay_address")})')
-      self._restart_reasons[name] = (restarts, reason)
-      self._asked[name] = (restarts, now)
+      self._requests[name] = (restarts, reason, now)
       self.notes.append(f'{name} {reason}')
       self._kill(handle)
 
@@ -481,10 +480,10 @@ class _Watcher:
         line = nodes.recorded_crash(program.workdir, name,
                                     handle._actor_id.hex(),  # pylint: disable=protected-access
                                     restarts - 1)
-        if name in self._restart_reasons and restarts > self._restart_reasons[name][0]:
-          killed_at, why = self._restart_reasons.pop(name)
+        if name in self._requests and restarts > self._requests[name][0]:
+          killed_at, why, _ = self._requests.pop(name)
           reason = why if restarts == killed_at + 1 else None
-        self._health[name] = dict(restarts=restarts,
+        self._health[name] = dict(old, restarts=restarts,
                                   last_error=line or reason or 'no traceback (killed or lost)')
       # A restart the driver caused is no crash of the node: not in its crash-loop budget.
       tripped = self._budget is not None and self._budget.record(
@@ -857,18 +856,20 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
   watcher = seen.for_stopping() if seen is not None else _Watcher()
   t0 = time.time()
   try:
-    if _unplaced(_gcs_actor_info(program.learner) or {}):  # it would answer stop() once placed
+    info = _gcs_actor_info(program.learner) or {}
+    if _unplaced(info):  # it would answer stop() once placed
       log('learner not running (Ray has not placed it): nothing to checkpoint')
     else:
       try:
         final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
       except ray.exceptions.RayActorError:
-        if not watcher.asked('learner'):
+        if not watcher.asked('learner', int(info.get('NumRestarts', 0))):
           raise
-        # Its process ended under the stop: it had been asked to save and exit to follow the
-        # replay. Ray restarts it at the step it saved; that start is the one to stop.
+        # The process the stop went to ended under it: the one asked to save and exit to follow
+        # the replay. Ray restarts it at the step it saved; that start is the one to stop.
         log('learner was restarting to follow the replay: stopping its restart')
-        final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
+        final_step = ray.get(program.learner.stop.remote(),
+                             timeout=max(1.0, learner_stop_timeout_s - (time.time() - t0)))
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     learner_error = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ""}'
