@@ -563,7 +563,7 @@ class LearnerNode(_LoopNode):
       self._thread.join(1.0)
       if self._thread.is_alive():  # waiting for a batch (or in a long step: it ends with it)
         self._iterator.close(timeout_s=0)
-      self._thread.join(LEARNER_LOOP_STOP_S)
+      self._stop_loop(timeout=LEARNER_LOOP_STOP_S)
       if self._thread.is_alive():  # (a periodic save of a large state on a slow filesystem)
         raise RuntimeError(f'the learner\'s loop did not end within '
                            f'{LEARNER_LOOP_STOP_S + 1:.0f}s of {why}: no checkpoint of its '
