@@ -117,6 +117,10 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   assert min(r['param_version'] for r in _eval_rows(workdir)) >= 1
   assert 'bad data skipped: 0 corrupt files, 1 undecodable episodes' in out, out[-3000:]
   assert 'SIGTERM' in out and 'learner stopped at step' in out
+  # The learner node's first step says what the compilation cache did (the suite's cache: the
+  # environment's folder wins over the run's; `tests/test_compilation_cache.py`).
+  assert 'learner: the first step of this start (step 2) took ' in out, out[-3000:]
+  assert f'compilation cache {os.environ["JAX_COMPILATION_CACHE_DIR"]}: ' in out, out[-3000:]
   final_step = int(out.split('learner stopped at step ')[1].split(';')[0])
   assert steps_saved()[-1] == final_step > 2  # the SIGTERM checkpoint is the final step
   rows = _eval_rows(workdir)
@@ -349,6 +353,8 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert events['steps_before_kill'] <= events['resumed'] < num_steps, events
   assert events['learner_in_window'] == 0 == status.health['learner']['in_window'], events
   assert status.learner['steps'] == num_steps
+  # The restarted learner loaded what its first start compiled (JAX's persistent cache).
+  assert status.learner['compilation_cache']['loaded'] >= 1, status.learner
   assert 'evaluator_back' in events, events
   assert status.learner['steps'] > events['replay_killed_at']
   assert all(s['replay_address'] == events['replay_back'] for s in status.inserters), status

@@ -67,6 +67,10 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
 
 
 def _learn(args: argparse.Namespace) -> int:
+  from scaled_ql import compilation_cache
+  # Before anything compiles (a fine-tuning run's initial params): a rerun loads what the last
+  # one compiled (WORKDIR/compilation_cache).
+  compilation_cache.use_run_cache(args.workdir)
   with contextlib.ExitStack() as held:
     try:
       cfg, initial_params = _resolve(args, held)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaled_ql import loggers as loggers_lib
+from scaled_ql import compilation_cache, loggers as loggers_lib
 from scaled_ql.agents import builder, checkpointing, losses, methods
 from scaled_ql.agents.learner import Learner
 from scaled_ql.configs import overrides
@@ -237,6 +237,9 @@ class LearnerRunner:
       raise StopTraining(f'{name} received: stopped after step {step}'
                          + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
     self._step_seconds.append(time.perf_counter() - started)
+    if len(self._step_seconds) == 1:  # this start's first step: its compiles (or cache loads)
+      print(f'learner: the first step of this start (step {step}) took '
+            f'{self._step_seconds[0]:.1f} s; {compilation_cache.describe()}', flush=True)
     return metrics
 
   def run(self, num_steps: Optional[int] = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import ray
 
-from scaled_ql import loggers
+from scaled_ql import compilation_cache, loggers
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.launch.variable_server import VariableServer
 
@@ -482,6 +482,8 @@ class LearnerNode(_LoopNode):
     from scaled_ql.agents.runner import LearnerRunner
     from scaled_ql.datasets.mc_probe import load_mc_probe
     from scaled_ql.datasets import reverb_tables
+    # Before anything compiles: a restart loads the update and the rest its first start compiled.
+    compilation_cache.use_run_cache(workdir)
     self._cfg, self._num_steps = cfg, num_steps
     # The iterator reconnects by itself when the server comes back at the same address; at
     # another (on another host) the driver restarts this node (`program._Watcher.follow_replay`).
@@ -546,7 +548,7 @@ class LearnerNode(_LoopNode):
                 publishes_skipped=self._publisher.skipped,
                 reverb_reconnects=self._iterator.reconnects,
                 waited_for_data_s=self._iterator.waited_s, metrics=metrics,
-                step_ms=self._learner.step_ms())
+                step_ms=self._learner.step_ms(), compilation_cache=compilation_cache.counts())
 
   def set_data_counts(self, counts: dict) -> None:
     """The inserters' bad-data counters (summed by the driver), logged with the learner's
@@ -675,6 +677,7 @@ class EvaluatorNode(_LoopNode):
                workdir: str, index: int):
     from scaled_ql.agents.actors import make_policy
     self.name = f'evaluator_{index}'
+    compilation_cache.use_run_cache(workdir)  # a restart loads the policy shapes compiled before
     # Where it shares cores with the learner (one machine), the learner's steps come first: an
     # evaluator round only decides when the next curve point lands. +5 on top of Ray's worker
     # niceness (a no-op for a node on a machine of its own), for this thread and those it starts
@@ -825,6 +828,7 @@ class FinetuneActorNode(_LoopNode):
     if game not in cfg.games:
       raise ValueError(f'fine-tuning game {game!r} is not one of the config games {cfg.games}')
     self.name = f'actor_{index}'
+    compilation_cache.use_run_cache(workdir)
     self._game = game
     seed = seed + 7919 * index + _restart_seed()
     env = AtariEnv(game, mode=mode, sticky_action_prob=sticky_action_prob, seed=seed,

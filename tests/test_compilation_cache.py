@@ -1,0 +1,67 @@
+"""`scaled_ql.compilation_cache`: the run's persistent compilation cache, in fresh processes (JAX
+reads its cache folder once per process, at the first compile)."""
+import json
+import os
+import subprocess
+import sys
+
+from scaled_ql import compilation_cache
+
+_PROCESS = '''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from scaled_ql import compilation_cache
+folder = compilation_cache.use_run_cache(sys.argv[1])
+jax.jit(lambda x: jnp.tanh(x) @ x.T + 1)(np.ones((8, 8), np.float32)).block_until_ready()
+print(json.dumps(dict(folder=folder, describe=compilation_cache.describe(),
+                      **compilation_cache.counts())))
+'''
+
+
+def _run(workdir: str, **env) -> dict:
+  environment = {k: v for k, v in os.environ.items()
+                 if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')}
+  # (this function compiles in milliseconds: JAX stores only what took the minimum time)
+  environment.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **env)
+  out = subprocess.run([sys.executable, '-c', _PROCESS, workdir], env=environment,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_on_a_workdir_loads_what_the_first_compiled(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = _run(workdir)
+  machine = os.path.join(workdir, compilation_cache.FOLDER, compilation_cache.machine_key())
+  assert first['folder'] == machine, first  # (this machine has no accelerator)
+  assert (first['loaded'], first['stored']) == (0, 1), first
+  assert any(name.endswith('-cache') for name in os.listdir(machine)), os.listdir(machine)
+  second = _run(workdir)
+  assert (second['loaded'], second['stored']) == (1, 0), second
+  assert second['describe'].startswith(f'compilation cache {machine}: 1 executable(s) loaded')
+  assert second['describe'].endswith('0 compiled and stored'), second
+  # Another workdir starts empty: it compiles again.
+  assert _run(str(tmp_path / 'other'))['stored'] == 1
+
+
+def test_the_environments_cache_folder_or_its_off_switch_wins(tmp_path):
+  chosen = str(tmp_path / 'chosen')
+  kept = _run(str(tmp_path / 'run'), JAX_COMPILATION_CACHE_DIR=chosen)
+  assert kept['folder'] == chosen and kept['stored'] == 1, kept
+  assert not os.path.exists(tmp_path / 'run' / compilation_cache.FOLDER)
+  off = _run(str(tmp_path / 'run'), JAX_ENABLE_COMPILATION_CACHE='false')
+  assert off['folder'] is None and off['describe'] == 'no compilation cache', off
+  assert (off['loaded'], off['stored']) == (0, 0), off
+  assert not os.path.exists(tmp_path / 'run' / compilation_cache.FOLDER)
+
+
+def test_the_machine_key_separates_what_xla_compiles_for():
+  key = compilation_cache.machine_key()
+  assert key == compilation_cache.machine_key()  # stable
+  arch, digest = key.rsplit('-', 1)
+  assert arch and len(digest) == 12 and int(digest, 16) >= 0
+  # Another accelerator, or none, is another folder; the order of the devices does not matter.
+  gpus = compilation_cache.machine_key(('NVIDIA H100 80GB HBM3', 'NVIDIA H100 80GB HBM3'))
+  assert gpus != key
+  assert gpus == compilation_cache.machine_key(('NVIDIA H100 80GB HBM3',))
+  assert compilation_cache.machine_key(('NVIDIA H200',)) != gpus
