@@ -287,3 +287,75 @@ def test_a_learner_without_a_step_limit_trains_until_it_is_stopped(tiny_dataset_
   _, _, step = checkpointing.load_params(workdir)
   assert step == stopped_at  # the final checkpoint, not the last periodic one (none was due)
   assert running.variables.latest_versions() == [stopped_at]  # the final params, published
+
+
+# `LearnerNode.save_and_exit`'s failure paths, each in a process of its own (it ends the
+# process): the learner waits on an online table nothing is inserted into, as above.
+_SAVE_AND_EXIT = '''
+import sys, time
+from scaled_ql import configs
+from scaled_ql.datasets import reverb_tables
+from scaled_ql.launch import finetune, nodes, run
+from scaled_ql.launch.variable_server import LocalVariableServer
+mode, workdir = sys.argv[1:3]
+cfg = configs.finetune_online(configs.get_config('cpu_tiny'), 'Breakout', None,
+                              pretrained=None, num_steps=5, scale=0.001)
+run.prepare_workdir(cfg, workdir)
+replay = nodes.ReverbNode(cfg, pacing=reverb_tables.TablePacing.from_config(cfg))
+learner = finetune.FinetuneLearnerNode(cfg, nodes.LocalReplay(replay), LocalVariableServer(),
+                                       workdir, 5)
+time.sleep(1.0)
+if mode == 'save_fails':
+  def save():
+    raise OSError(28, 'No space left on device')
+  learner._learner.save = save
+elif mode == 'save_hangs':  # a save on a filesystem that stopped answering
+  nodes.LEARNER_SAVE_AND_EXIT_S = 3.0
+  learner._learner.save = lambda: time.sleep(3600)
+elif mode == 'after_stop':
+  learner.stop()
+print('asking', flush=True)
+asked = time.monotonic()
+try:
+  learner.save_and_exit()
+finally:
+  print(f'returned after {time.monotonic() - asked:.1f}s', flush=True)
+replay.stop()
+'''
+
+
+def test_save_and_exit_ends_the_process_whatever_the_save_does(tmp_path):
+  """A save that raises is recorded as the start's crash (WORKDIR/logs/learner.err, which the
+  driver shows as the restart's cause) and the process ends; a save that never returns is cut
+  by LEARNER_SAVE_AND_EXIT_S (3 s here), with no record; a learner already stopping ignores the
+  request and its process goes on. Ray's restart would resume from the newest checkpoint."""
+  import subprocess
+  import sys
+  started = time.monotonic()
+  procs = {}
+  for mode in ('save_fails', 'save_hangs', 'after_stop'):
+    procs[mode] = subprocess.Popen(
+        [sys.executable, '-c', _SAVE_AND_EXIT, mode, str(tmp_path / mode)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out = {}
+  for mode, proc in procs.items():
+    try:
+      stdout, stderr = proc.communicate(timeout=240)
+    finally:
+      proc.kill()
+    out[mode] = (proc.returncode, stdout, stderr)
+    if mode == 'save_hangs':  # (the default deadline, 240 s, would have run into the timeout)
+      assert time.monotonic() - started < 120, out[mode]
+  code, stdout, stderr = out['save_fails']
+  assert code == 1 and 'asking' in stdout and 'returned' not in stdout, out['save_fails']
+  with open(tmp_path / 'save_fails' / 'logs' / 'learner.err') as f:
+    record = f.read()
+  assert '[learner] crashed:' in record and 'OSError: [Errno 28] No space left on device' in record
+  code, stdout, stderr = out['save_hangs']
+  assert code == 1 and 'asking' in stdout and 'returned' not in stdout, out['save_hangs']
+  assert not (tmp_path / 'save_hangs' / 'logs').exists()  # cut by the deadline: no record
+  code, stdout, stderr = out['after_stop']
+  assert code == 0 and 'returned after' in stdout, out['after_stop']
+  assert not (tmp_path / 'after_stop' / 'logs').exists()
+  _, _, step = checkpointing.load_params(str(tmp_path / 'after_stop'))
+  assert step == 0  # stop()'s checkpoint
