@@ -12,9 +12,11 @@ Processes on one workdir, each using the run's cache as a node does
 more times (the reference); (2) a learner restored from that checkpoint steps the same 3 more
 times, on the same batches, its update loaded from the cache. (2) must exit 0 with the metrics of
 (1) (the update is deterministic on the CPU).
-With `--startup`, (3) the same restore with the cache off (JAX_ENABLE_COMPILATION_CACHE=false),
-and then (2) and (3) again, alternating, `--repeats` times: a restart's start-up (the learner
-built and restored, and its first step) with the cache and without, medians, the load average
+With `--startup` (every process then stores what a run stores: JAX's default minimum compile
+time, 1 s, where the exactness check alone lowers it to 0.5 s), (3) the same restore with the
+cache off (JAX_ENABLE_COMPILATION_CACHE=false), and then (2) and (3) again, alternating,
+`--repeats` times: a restart's start-up (the learner built and restored, and its first step;
+TensorFlow imported before, as in a node) with the cache and without, medians, the load average
 beside them.
 Before `Learner.restore` copied the restored state into buffers of XLA's own, (2) did not, with
 jaxlib 0.4.34 on the CPU: it aborted ('corrupted double-linked list', 'double free or
@@ -30,11 +32,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 PHASE = '''
 import itertools, json, sys, time
 started = time.perf_counter()
 import jax
+import tensorflow  # (imported by a node before its learner: Reverb's client; rlax's first trace
+                   # imports it too, through distrax and TensorFlow Probability)
 from scaled_ql import compilation_cache, loggers
 from scaled_ql.agents import learner as learner_lib, runner as runner_lib
 from scaled_ql.configs import get_config
@@ -65,10 +70,15 @@ print(json.dumps(dict(step=int(runner.steps), cache=folder, **compilation_cache.
 '''
 
 
-def phase(config: str, workdir: str, mode: str, cache: bool = True) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
-             JAX_ENABLE_COMPILATION_CACHE='true' if cache else 'false')
+def phase(config: str, workdir: str, mode: str, cache: bool = True,
+          min_compile_s: Optional[str] = '0.5') -> dict:
+  """One process (PHASE). `min_compile_s`: JAX's minimum compile time of what it stores (None:
+  JAX's default, 1 s, as in a run; 0.5 stores cpu_tiny's update on a fast machine too)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'true' if cache else 'false'
+  if min_compile_s is not None:
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = min_compile_s
   out = subprocess.run([sys.executable, '-c', PHASE, config, workdir, mode], env=env,
                        capture_output=True, text=True, timeout=600)
   lines = [line for line in out.stdout.splitlines() if line.startswith('{')]
@@ -91,14 +101,15 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3, help='restarts of each kind (--startup)')
   args = parser.parse_args()
   workdir = os.path.join(args.out or tempfile.mkdtemp(prefix='compilation_cache_restore_'), 'run')
-  fresh = phase(args.config, workdir, 'fresh')
+  min_compile_s = None if args.startup else '0.5'  # timing: what a run stores
+  fresh = phase(args.config, workdir, 'fresh', min_compile_s=min_compile_s)
   print('1. fresh learner (writes the cache), 3 steps, save, 3 more:', fresh, flush=True)
   cache = fresh.get('cache')
   if not (cache and os.path.dirname(cache) == os.path.join(workdir, 'compilation_cache')
           and os.path.isdir(cache) and os.listdir(cache)):
     sys.exit(f'the run\'s compilation cache (WORKDIR/compilation_cache/<machine>) stayed empty '
              f'or was elsewhere ({cache}): nothing was tested')
-  restored = phase(args.config, workdir, 'restore')
+  restored = phase(args.config, workdir, 'restore', min_compile_s=min_compile_s)
   print('2. restored learner, update from the cache, the same 3 steps:', restored, flush=True)
   same = _same(fresh, restored) and restored.get('loaded', 0) > 0
   print('verdict:', 'exact: the restored learner with a cached update equals the reference'
@@ -108,7 +119,7 @@ def main() -> None:
     times = dict(cached=[restored['startup_s']], uncached=[])
     for i in range(args.repeats * 2 - 1):
       kind = 'uncached' if i % 2 == 0 else 'cached'
-      row = phase(args.config, workdir, 'restore', cache=kind == 'cached')
+      row = phase(args.config, workdir, 'restore', cache=kind == 'cached', min_compile_s=None)
       load = os.getloadavg()[0]
       print(f'3. restore, cache {"on" if kind == "cached" else "off"}: start-up '
             f'{row.get("startup_s")} s (load {load:.2f}); {row}', flush=True)
@@ -116,7 +127,7 @@ def main() -> None:
       times[kind].append(row.get('startup_s', float('nan')))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"start-up of a restart ({args.config}: the learner built and restored, and its first "
-          f"step; imports excluded): {med['cached']:.2f} s with the cache, "
+          f"step; imports before it excluded): {med['cached']:.2f} s with the cache, "
           f"{med['uncached']:.2f} s without (medians of {len(times['cached'])} / "
           f"{len(times['uncached'])}), {med['uncached'] - med['cached']:.2f} s saved; load "
           f"{os.getloadavg()[0]:.2f}", flush=True)

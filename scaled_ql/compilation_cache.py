@@ -1,22 +1,27 @@
 """JAX's persistent compilation cache in the run's workdir: a restarted node loads what it compiled.
 
 A node that Ray restarts (a crash, a preemption, the driver following a moved replay) builds
-its learner or policy again, and XLA compiled the same update and the same policy shapes again:
-cpu_small's learner took ~12 s to its first step, a ResNet-101 update compiles in 25-55 s on
-this CPU. With JAX's own persistent cache (`jax_compilation_cache_dir`) the executables compiled
-by a node's first start are loaded by its later ones; what is left is tracing and lowering.
-Measured on cpu_small (`benchmarks/compilation_cache_restore.py --config cpu_small --startup`,
-BUILD_NOTES): a restarted learner's construction, restore and first step took 12.8 s without
-the cache and 7.1 s with it (medians of 3, load 0.8-1.1).
+its learner or policy again, and XLA compiled the same update and the same policy shapes again.
+With JAX's own persistent cache (`jax_compilation_cache_dir`) the executables compiled by a
+node's first start are loaded by its later ones; tracing and lowering remain (JAX computes its
+key from the lowered program). Measured on cpu_small (`benchmarks/compilation_cache_restore.py
+--config cpu_small --startup`, BUILD_NOTES): a restarted learner's construction, restore and
+first step took 11.3 s without the cache and 5.2 s with it (medians of 3). A ResNet-101 update
+compiles in 25-55 s on this CPU; its restart with the cache is not measured.
 
-The folder is WORKDIR/compilation_cache/<machine> (`cache_dir`). XLA compiles for the machine's
-CPU (its instruction set) and JAX's cache key does not include it, nor a GPU's model: the
-machine part is a hash of the CPU's model and flags and of the accelerators' kinds, so that the
-hosts of a cluster that differ never load each other's executables and identical hosts share.
+The folder is WORKDIR/compilation_cache/<machine> (`cache_dir`). XLA compiles for the CPU it
+runs on (its instruction set) and JAX's cache key does not include the CPU: the machine part is
+a hash of the CPU's model and flags (and of the accelerators' kinds, which JAX's key has too),
+so that hosts of a cluster whose CPUs differ never load each other's executables and identical
+hosts share them.
 
 JAX's own switches win: JAX_COMPILATION_CACHE_DIR set (the test suite sets one) keeps that
-folder; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. JAX caches only what took at
-least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile.
+folder; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. JAX stores only what took at
+least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile: cpu_small's
+update and initial state, not its evaluator's policy shapes (under 1 s each; a ResNet-101
+policy's take 3-4 s). The folder has no size limit (`jax_compilation_cache_max_size`, -1) and
+may be deleted at any time. JAX writes an entry in place: one cut short by a kill is read with
+a warning and compiled again at every start, never replaced; delete the folder then.
 
 `counts()` says what the cache did in this process (the learner logs it at its first step and
 shows it in its status).
@@ -27,17 +32,18 @@ import hashlib
 import os
 import platform
 import threading
+import warnings
 from typing import Optional
 
 FOLDER = 'compilation_cache'  # WORKDIR/FOLDER/<machine>
 
-# Events and durations JAX records (jax.monitoring), counted from the first `use_run_cache`.
+# Events JAX records (jax.monitoring), counted from the first `use_run_cache` of the process.
 _HIT = '/jax/compilation_cache/cache_hits'
-_MISS = '/jax/compilation_cache/cache_misses'
-_SAVED = '/jax/compilation_cache/compile_time_saved_sec'
+_MISS = '/jax/compilation_cache/cache_misses'  # (recorded when an executable is written)
 _lock = threading.Lock()
-_counts = dict(loaded=0, stored=0, saved_s=0.0)
+_counts = dict(loaded=0, stored=0)
 _listening = False
+_in_use: Optional[str] = None  # the folder `use_run_cache` gave JAX (or found set)
 
 
 def _cpu_description() -> str:
@@ -76,47 +82,54 @@ def _count(event: str, **_) -> None:
       _counts['stored'] += 1
 
 
-def _count_duration(event: str, seconds: float, **_) -> None:
-  if event == _SAVED:
-    with _lock:
-      _counts['saved_s'] += max(0.0, float(seconds))
+def _jax_cache_settled() -> bool:
+  """Whether JAX has already set up its cache in this process (at its first compile): a folder
+  set after that is not used. (A private flag of jax._src.compilation_cache; False where a JAX
+  version lacks it.)"""
+  from jax._src import compilation_cache as jax_cache
+  return bool(getattr(jax_cache, '_cache_initialized', False))
 
 
 def use_run_cache(workdir: Optional[str]) -> Optional[str]:
   """Points this process's JAX cache at `cache_dir(workdir)`, unless the environment chose a
   folder or turned the cache off, and starts `counts()`. Returns the folder in use (None: no
   cache). Call it before the process compiles anything: JAX reads the folder at its first
-  compile (a later change is ignored). No workdir: only the environment's cache, if any."""
+  compile, and a process that compiled before keeps what it had (a warning says so, and None
+  is returned unless that was this folder). No workdir: the environment's cache, if any."""
   import jax
-  global _listening
+  global _listening, _in_use
   with _lock:
     if not _listening:
       jax.monitoring.register_event_listener(_count)
-      jax.monitoring.register_event_duration_secs_listener(_count_duration)
       _listening = True
-  if not jax.config.jax_enable_compilation_cache:
-    return None
-  if jax.config.jax_compilation_cache_dir or workdir is None:
-    return jax.config.jax_compilation_cache_dir or None
-  folder = cache_dir(workdir)
-  jax.config.update('jax_compilation_cache_dir', folder)
-  return folder
+  folder = jax.config.jax_compilation_cache_dir or None
+  if jax.config.jax_enable_compilation_cache and folder is None and workdir is not None:
+    wanted = cache_dir(workdir)
+    if _jax_cache_settled():
+      warnings.warn(f'JAX compiled before the run\'s compilation cache was set: {wanted} is not '
+                    'used by this process')
+    else:
+      jax.config.update('jax_compilation_cache_dir', wanted)
+      folder = wanted
+  _in_use = folder if jax.config.jax_enable_compilation_cache else None
+  return _in_use
 
 
 def counts() -> dict:
   """{'loaded': executables loaded from the cache, 'stored': compiled and written to it (JAX
-  writes only those that took the minimum compile time), 'saved_s': the compile time of the
-  loaded ones, less their loading} in this process since `use_run_cache`."""
+  writes only those that took `jax_persistent_cache_min_compile_time_secs`)} in this process
+  since its first `use_run_cache`."""
   with _lock:
     return dict(_counts)
 
 
-def describe() -> str:
-  """Where this process's cache is and what it did, for a log line."""
-  import jax
-  folder = jax.config.jax_compilation_cache_dir
-  if not (jax.config.jax_enable_compilation_cache and folder):
+def describe() -> Optional[str]:
+  """What the cache `use_run_cache` set up did in this process, for a log line (None where it
+  was not called: nothing is counted there)."""
+  if not _listening:
+    return None
+  if _in_use is None:
     return 'no compilation cache'
   c = counts()
-  return (f'compilation cache {folder}: {c["loaded"]} executable(s) loaded '
-          f'({c["saved_s"]:.1f} s of compiling saved), {c["stored"]} compiled and stored')
+  return (f'compilation cache {_in_use}: {c["loaded"]} executable(s) loaded, {c["stored"]} '
+          'compiled and stored')

@@ -10,6 +10,9 @@ import pytest
 # environment) and the CLI subprocesses, so that each node start loads the update it compiled
 # before instead of compiling it again. Set here, before anything imports JAX; a cache the caller
 # set is kept (tests/test_checkpoint_faults.py checks a restored learner with a cached update).
+# The environment's folder wins over a run's own (WORKDIR/compilation_cache,
+# scaled_ql/compilation_cache.py): the tests of that one take this variable out of their
+# subprocesses' environment (tests/test_compilation_cache.py, tests/test_learner.py).
 _JAX_CACHE_MADE_HERE = None  # removed at the end by the process that made it
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _JAX_CACHE_MADE_HERE = tempfile.mkdtemp(prefix='scaled_ql_tests_jax_cache_')
@@ -55,7 +58,7 @@ def many_checkpoints_dataset_dir(tmp_path_factory) -> str:
 FAST = frozenset({
     # whole files: pure functions, configs, the emulator, the metrics, the new Ray-free seams
     'test_compare.py', 'test_configs.py', 'test_demo_scores.py', 'test_envs.py',
-    'test_host_memory.py',
+    'test_host_memory.py', 'test_compilation_cache.py',
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
     'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
     'test_imitation_probe.py',

@@ -11,9 +11,11 @@ _PROCESS = '''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from scaled_ql import compilation_cache
+assert compilation_cache.describe() is None  # nothing is counted before use_run_cache
 folder = compilation_cache.use_run_cache(sys.argv[1])
 jax.jit(lambda x: jnp.tanh(x) @ x.T + 1)(np.ones((8, 8), np.float32)).block_until_ready()
 print(json.dumps(dict(folder=folder, describe=compilation_cache.describe(),
+                      machine=compilation_cache.cache_dir(sys.argv[1]),
                       **compilation_cache.counts())))
 '''
 
@@ -30,21 +32,25 @@ def _run(workdir: str, **env) -> dict:
 
 
 def test_a_second_process_on_a_workdir_loads_what_the_first_compiled(tmp_path):
+  """use_run_cache: WORKDIR/compilation_cache/<machine>, written by the first process, loaded by
+  the second (what a restarted node does), counted, and described for the learner's log."""
   workdir = str(tmp_path / 'run')
   first = _run(workdir)
-  machine = os.path.join(workdir, compilation_cache.FOLDER, compilation_cache.machine_key())
-  assert first['folder'] == machine, first  # (this machine has no accelerator)
+  machine = first['machine']  # WORKDIR/compilation_cache/<machine_key of its devices>
+  assert os.path.dirname(machine) == os.path.join(workdir, compilation_cache.FOLDER)
+  assert first['folder'] == machine, first
   assert (first['loaded'], first['stored']) == (0, 1), first
   assert any(name.endswith('-cache') for name in os.listdir(machine)), os.listdir(machine)
   second = _run(workdir)
   assert (second['loaded'], second['stored']) == (1, 0), second
-  assert second['describe'].startswith(f'compilation cache {machine}: 1 executable(s) loaded')
-  assert second['describe'].endswith('0 compiled and stored'), second
+  assert second['describe'] == (f'compilation cache {machine}: 1 executable(s) loaded, 0 '
+                                'compiled and stored'), second
   # Another workdir starts empty: it compiles again.
   assert _run(str(tmp_path / 'other'))['stored'] == 1
 
 
 def test_the_environments_cache_folder_or_its_off_switch_wins(tmp_path):
+  """JAX's own variables: a folder the caller chose is kept, and the off switch is obeyed."""
   chosen = str(tmp_path / 'chosen')
   kept = _run(str(tmp_path / 'run'), JAX_COMPILATION_CACHE_DIR=chosen)
   assert kept['folder'] == chosen and kept['stored'] == 1, kept
@@ -65,3 +71,26 @@ def test_the_machine_key_separates_what_xla_compiles_for():
   assert gpus != key
   assert gpus == compilation_cache.machine_key(('NVIDIA H100 80GB HBM3',))
   assert compilation_cache.machine_key(('NVIDIA H200',)) != gpus
+
+
+_COMPILED_FIRST = '''
+import sys, warnings
+import jax, jax.numpy as jnp, numpy as np
+from scaled_ql import compilation_cache
+jax.jit(jnp.sin)(np.ones(3, np.float32)).block_until_ready()  # JAX sets up its cache here
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  assert compilation_cache.use_run_cache(sys.argv[1]) is None
+assert 'is not used by this process' in str(caught[-1].message), caught
+assert compilation_cache.describe() == 'no compilation cache'
+print('ok')
+'''
+
+
+def test_a_process_that_compiled_before_is_told_the_run_cache_is_not_used(tmp_path):
+  """JAX reads its cache folder once, at the first compile: set later, the folder is not used,
+  and use_run_cache says so instead of reporting a cache that does nothing."""
+  environment = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  out = subprocess.run([sys.executable, '-c', _COMPILED_FIRST, str(tmp_path)], env=environment,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]

@@ -546,12 +546,12 @@ def _children(pid: int, tag: str) -> list[int]:
   return found
 
 
-def _learn_until_checkpoint(data_dir, workdir, step: int) -> subprocess.Popen:
+def _learn_until_checkpoint(data_dir, workdir, step: int, env=None) -> subprocess.Popen:
   """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists."""
   proc = subprocess.Popen(
       [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
        data_dir, '--workdir', str(workdir), '--steps', '100000'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
   deadline = time.monotonic() + 120
   while not (workdir / 'checkpoints' / str(step)).is_dir():  # the learner is training
     if proc.poll() is not None or time.monotonic() > deadline:
@@ -564,9 +564,16 @@ def _learn_until_checkpoint(data_dir, workdir, step: int) -> subprocess.Popen:
 def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_dir, tmp_path):
   """`learn`'s own Reverb server SIGKILLed while the learner trains: before, the learner waited
   for data for ever without a word (and the inserter retried); now the run stops at its step
-  with a checkpoint of it and exits 1 naming the server and the signal."""
+  with a checkpoint of it and exits 1 naming the server and the signal.
+
+  Also: `learn` points JAX's persistent cache at WORKDIR/compilation_cache/<machine> before it
+  compiles (the suite's own folder is taken out of its environment here), and its first step
+  says what the cache did (a rerun's loads: tests/test_compilation_cache.py)."""
   workdir = tmp_path / 'w'
-  proc = _learn_until_checkpoint(tiny_dataset_dir, workdir, 10)
+  environment = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  # (cpu_tiny's update compiles in ~2-3 s here; 0.5 s keeps a faster machine storing it)
+  environment['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  proc = _learn_until_checkpoint(tiny_dataset_dir, workdir, 10, env=environment)
   try:
     servers = _children(proc.pid, 'reverb_tables serve')
     inserters = _children(proc.pid, 'reverb_tables insert')
@@ -585,6 +592,13 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
   assert (f'the Reverb server (pid {servers[0]}) was killed by SIGKILL: stopped after step '
           f'{message.group(2)}') in out, out[-3000:]
   assert not [pid for pid in inserters if os.path.exists(f'/proc/{pid}')], 'inserter left behind'
+  folders = os.listdir(workdir / 'compilation_cache')
+  assert len(folders) == 1, folders
+  folder = workdir / 'compilation_cache' / folders[0]
+  first = re.search(r'^learner: the first step of this start \(step 1\) took [\d.]+ s \(.*\); '
+                    rf'compilation cache {re.escape(str(folder))}: 0 executable\(s\) loaded, '
+                    r'(\d+) compiled and stored$', out, re.MULTILINE)
+  assert first and int(first.group(1)) >= 1, out[-3000:]
 
 
 # ---- the Monte-Carlo probe (issue 11 diagnostics) -----------------------------------------------
@@ -776,3 +790,4 @@ def test_random_shift_moves_the_observations_of_both_update_paths():
   got, _ = learner_lib.update(copy(), batch, cfg=cfg)
   want, _ = jax.jit(learner_lib.gradient_step, static_argnums=2)(copy(), moved, cfg)
   chex.assert_trees_all_close(got.params, want.params, rtol=1e-4, atol=1e-5)
+

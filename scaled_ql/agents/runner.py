@@ -238,8 +238,10 @@ class LearnerRunner:
                          + (f', checkpoint saved in {self._workdir}' if self._manager else ''))
     self._step_seconds.append(time.perf_counter() - started)
     if len(self._step_seconds) == 1:  # this start's first step: its compiles (or cache loads)
+      cache = compilation_cache.describe()
       print(f'learner: the first step of this start (step {step}) took '
-            f'{self._step_seconds[0]:.1f} s; {compilation_cache.describe()}', flush=True)
+            f'{self._step_seconds[0]:.1f} s (its compile and its wait for data included)'
+            + (f'; {cache}' if cache else ''), flush=True)
     return metrics
 
   def run(self, num_steps: Optional[int] = None) -> int:
