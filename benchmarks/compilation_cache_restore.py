@@ -124,6 +124,9 @@ def main() -> None:
       print(f'3. restore, cache {"on" if kind == "cached" else "off"}: start-up '
             f'{row.get("startup_s")} s (load {load:.2f}); {row}', flush=True)
       same = same and _same(fresh, row)
+      if (row.get('loaded', 0) > 0) != (kind == 'cached'):  # the cache did what the arm says
+        sys.exit(f'a restore with the cache {"on" if kind == "cached" else "off"} loaded '
+                 f'{row.get("loaded")} executable(s): the timing compares nothing')
       times[kind].append(row.get('startup_s', float('nan')))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"start-up of a restart ({args.config}: the learner built and restored, and its first "

@@ -4,10 +4,8 @@ A node that Ray restarts (a crash, a preemption, the driver following a moved re
 its learner or policy again, and XLA compiled the same update and the same policy shapes again.
 With JAX's own persistent cache (`jax_compilation_cache_dir`) the executables compiled by a
 node's first start are loaded by its later ones; tracing and lowering remain (JAX computes its
-key from the lowered program). Measured on cpu_small (`benchmarks/compilation_cache_restore.py
---config cpu_small --startup`, BUILD_NOTES): a restarted learner's construction, restore and
-first step took 11.3 s without the cache and 5.2 s with it (medians of 3). A ResNet-101 update
-compiles in 25-55 s on this CPU; its restart with the cache is not measured.
+key from the lowered program). What it saves is measured in BUILD_NOTES ("Measured on
+2026-12-07 beside the targets"; `benchmarks/compilation_cache_restore.py --startup`).
 
 The folder is WORKDIR/compilation_cache/<machine> (`cache_dir`). XLA compiles for the CPU it
 runs on (its instruction set) and JAX's cache key does not include the CPU: the machine part is
@@ -17,14 +15,14 @@ hosts share them.
 
 JAX's own switches win: JAX_COMPILATION_CACHE_DIR set (the test suite sets one) keeps that
 folder; JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. JAX stores only what took at
-least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile: cpu_small's
-update and initial state, not its evaluator's policy shapes (under 1 s each; a ResNet-101
-policy's take 3-4 s). The folder has no size limit (`jax_compilation_cache_max_size`, -1) and
-may be deleted at any time. JAX writes an entry in place: one cut short by a kill is read with
-a warning and compiled again at every start, never replaced; delete the folder then.
+least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile. The folder has
+no size limit (`jax_compilation_cache_max_size` -1: no eviction, and no lock between the
+processes) and may be deleted at any time. JAX writes an entry in place and never rewrites one
+that exists, so an entry cut short (a kill, a full disk) would be read with a warning and
+compiled again at every start: `use_run_cache` removes such entries first (`_drop_incomplete`).
 
-`counts()` says what the cache did in this process (the learner logs it at its first step and
-shows it in its status).
+`counts()` says what the cache did in this process (the learner logs it at its first step; the
+learner, evaluator and actor nodes show it in their status).
 """
 from __future__ import annotations
 
@@ -39,9 +37,9 @@ FOLDER = 'compilation_cache'  # WORKDIR/FOLDER/<machine>
 
 # Events JAX records (jax.monitoring), counted from the first `use_run_cache` of the process.
 _HIT = '/jax/compilation_cache/cache_hits'
-_MISS = '/jax/compilation_cache/cache_misses'  # (recorded when an executable is written)
+_MISS = '/jax/compilation_cache/cache_misses'  # (recorded when JAX goes to write an executable)
 _lock = threading.Lock()
-_counts = dict(loaded=0, stored=0)
+_counts = dict(loaded=0, compiled=0)
 _listening = False
 _in_use: Optional[str] = None  # the folder `use_run_cache` gave JAX (or found set)
 
@@ -79,7 +77,28 @@ def _count(event: str, **_) -> None:
     if event == _HIT:
       _counts['loaded'] += 1
     elif event == _MISS:
-      _counts['stored'] += 1
+      _counts['compiled'] += 1
+
+
+def _drop_incomplete(folder: str) -> int:
+  """Removes the entries of `folder` that JAX did not finish writing; returns how many. JAX's
+  cache (its LRUCache without a size limit) writes `<key>-cache`, then `<key>-atime`: an entry
+  without its atime file was cut short (a kill, a full disk) or is being written by another
+  process right now (then it is only compiled again later). Left, JAX would fail to read it at
+  every start and never replace it."""
+  try:
+    names = set(os.listdir(folder))
+  except OSError:  # not there yet
+    return 0
+  dropped = 0
+  for name in names:
+    if name.endswith('-cache') and name[:-len('-cache')] + '-atime' not in names:
+      try:
+        os.remove(os.path.join(folder, name))
+        dropped += 1
+      except OSError:
+        pass
+  return dropped
 
 
 def _jax_cache_settled() -> bool:
@@ -109,6 +128,7 @@ def use_run_cache(workdir: Optional[str]) -> Optional[str]:
       warnings.warn(f'JAX compiled before the run\'s compilation cache was set: {wanted} is not '
                     'used by this process')
     else:
+      _drop_incomplete(wanted)
       jax.config.update('jax_compilation_cache_dir', wanted)
       folder = wanted
   _in_use = folder if jax.config.jax_enable_compilation_cache else None
@@ -116,9 +136,9 @@ def use_run_cache(workdir: Optional[str]) -> Optional[str]:
 
 
 def counts() -> dict:
-  """{'loaded': executables loaded from the cache, 'stored': compiled and written to it (JAX
-  writes only those that took `jax_persistent_cache_min_compile_time_secs`)} in this process
-  since its first `use_run_cache`."""
+  """{'loaded': executables loaded from the cache, 'compiled': compiled for it (not found there,
+  and slow enough to compile, `jax_persistent_cache_min_compile_time_secs`, for JAX to write;
+  a write that fails only warns)} in this process since its first `use_run_cache`."""
   with _lock:
     return dict(_counts)
 
@@ -131,5 +151,5 @@ def describe() -> Optional[str]:
   if _in_use is None:
     return 'no compilation cache'
   c = counts()
-  return (f'compilation cache {_in_use}: {c["loaded"]} executable(s) loaded, {c["stored"]} '
-          'compiled and stored')
+  return (f'compilation cache {_in_use}: {c["loaded"]} executable(s) loaded, {c["compiled"]} '
+          'compiled for it')

@@ -257,7 +257,10 @@ def test_learn_on_a_full_disk_ends_with_a_clear_error_and_keeps_the_last_checkpo
   if probe.returncode != 0:
     pytest.skip(f'cannot mount a tmpfs in a user namespace here: {probe.stderr.decode()[:200]}')
   out, err = tmp_path / 'out.log', tmp_path / 'err.log'
-  env = dict(os.environ, MNT_DIR=str(mnt), MNT_OUT=str(out), MNT_ERR=str(err))
+  # Without the suite's cache folder: `learn` keeps its compiled update in the workdir
+  # (WORKDIR/compilation_cache, ~0.4 MB for cpu_tiny), on the same full disk as a user's run.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(MNT_DIR=str(mnt), MNT_OUT=str(out), MNT_ERR=str(err))
   listing = subprocess.run(
       ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', _FULL_DISK_RUN, 'sh',
        str(mnt), sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny',
@@ -270,6 +273,9 @@ def test_learn_on_a_full_disk_ends_with_a_clear_error_and_keeps_the_last_checkpo
   assert len(error) == 1 and 'No space left on device' in error[0], stderr[-3000:]
   failed = int(error[0].split('error: checkpoint ')[1].split()[0])
   assert f'could not be written to {mnt}/W/checkpoints' in error[0], error
+  # The run's compilation cache shares the disk: the error says it may be deleted.
+  assert f'; {mnt}/W/compilation_cache, ' in error[0], error
+  assert ' MiB of compiled code, may be deleted). ' in error[0], error
   kept = listing[1:]  # the partial save's folder is gone: only complete checkpoints
   assert all(name.isdigit() for name in kept), kept
   if kept:

@@ -39,29 +39,39 @@ def test_a_second_process_on_a_workdir_loads_what_the_first_compiled(tmp_path):
   machine = first['machine']  # WORKDIR/compilation_cache/<machine_key of its devices>
   assert os.path.dirname(machine) == os.path.join(workdir, compilation_cache.FOLDER)
   assert first['folder'] == machine, first
-  assert (first['loaded'], first['stored']) == (0, 1), first
+  assert (first['loaded'], first['compiled']) == (0, 1), first
   assert any(name.endswith('-cache') for name in os.listdir(machine)), os.listdir(machine)
   second = _run(workdir)
-  assert (second['loaded'], second['stored']) == (1, 0), second
+  assert (second['loaded'], second['compiled']) == (1, 0), second
   assert second['describe'] == (f'compilation cache {machine}: 1 executable(s) loaded, 0 '
-                                'compiled and stored'), second
+                                'compiled for it'), second
   # Another workdir starts empty: it compiles again.
-  assert _run(str(tmp_path / 'other'))['stored'] == 1
+  assert _run(str(tmp_path / 'other'))['compiled'] == 1
+  # An entry JAX did not finish writing (no `-atime` beside it: a kill, a full disk) is removed
+  # before JAX reads the folder, and compiled again: left, it failed to load at every start.
+  entry = next(name for name in os.listdir(machine) if name.endswith('-cache'))
+  with open(os.path.join(machine, entry), 'r+b') as f:
+    f.truncate(10)
+  os.remove(os.path.join(machine, entry[:-len('-cache')] + '-atime'))
+  third = _run(workdir)
+  assert (third['loaded'], third['compiled']) == (0, 1), third
+  assert os.path.getsize(os.path.join(machine, entry)) > 10  # written whole again
+  assert _run(workdir)['loaded'] == 1
 
 
 def test_the_environments_cache_folder_or_its_off_switch_wins(tmp_path):
   """JAX's own variables: a folder the caller chose is kept, and the off switch is obeyed."""
   chosen = str(tmp_path / 'chosen')
   kept = _run(str(tmp_path / 'run'), JAX_COMPILATION_CACHE_DIR=chosen)
-  assert kept['folder'] == chosen and kept['stored'] == 1, kept
+  assert kept['folder'] == chosen and kept['compiled'] == 1, kept
   assert not os.path.exists(tmp_path / 'run' / compilation_cache.FOLDER)
   off = _run(str(tmp_path / 'run'), JAX_ENABLE_COMPILATION_CACHE='false')
   assert off['folder'] is None and off['describe'] == 'no compilation cache', off
-  assert (off['loaded'], off['stored']) == (0, 0), off
+  assert (off['loaded'], off['compiled']) == (0, 0), off
   assert not os.path.exists(tmp_path / 'run' / compilation_cache.FOLDER)
 
 
-def test_the_machine_key_separates_what_xla_compiles_for():
+def test_the_machine_key_separates_what_xla_compiles_for(monkeypatch):
   key = compilation_cache.machine_key()
   assert key == compilation_cache.machine_key()  # stable
   arch, digest = key.rsplit('-', 1)
@@ -71,6 +81,13 @@ def test_the_machine_key_separates_what_xla_compiles_for():
   assert gpus != key
   assert gpus == compilation_cache.machine_key(('NVIDIA H100 80GB HBM3',))
   assert compilation_cache.machine_key(('NVIDIA H200',)) != gpus
+  # Another CPU (its model, or one instruction-set flag more) is another folder.
+  cpu = compilation_cache._cpu_description()
+  assert 'flags' in cpu or 'features' in cpu or 'isa' in cpu, cpu  # (this Linux: /proc/cpuinfo)
+  monkeypatch.setattr(compilation_cache, '_cpu_description', lambda: cpu + ' avx512_bf16')
+  assert compilation_cache.machine_key() != key
+  monkeypatch.setattr(compilation_cache, '_cpu_description', lambda: '')  # no /proc/cpuinfo
+  assert compilation_cache.machine_key() not in (key, gpus)  # the host's name instead
 
 
 _COMPILED_FIRST = '''
@@ -90,7 +107,8 @@ print('ok')
 def test_a_process_that_compiled_before_is_told_the_run_cache_is_not_used(tmp_path):
   """JAX reads its cache folder once, at the first compile: set later, the folder is not used,
   and use_run_cache says so instead of reporting a cache that does nothing."""
-  environment = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  environment = {k: v for k, v in os.environ.items()
+                 if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')}
   out = subprocess.run([sys.executable, '-c', _COMPILED_FIRST, str(tmp_path)], env=environment,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]

@@ -571,8 +571,6 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
   says what the cache did (a rerun's loads: tests/test_compilation_cache.py)."""
   workdir = tmp_path / 'w'
   environment = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  # (cpu_tiny's update compiles in ~2-3 s here; 0.5 s keeps a faster machine storing it)
-  environment['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
   proc = _learn_until_checkpoint(tiny_dataset_dir, workdir, 10, env=environment)
   try:
     servers = _children(proc.pid, 'reverb_tables serve')
@@ -597,7 +595,7 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
   folder = workdir / 'compilation_cache' / folders[0]
   first = re.search(r'^learner: the first step of this start \(step 1\) took [\d.]+ s \(.*\); '
                     rf'compilation cache {re.escape(str(folder))}: 0 executable\(s\) loaded, '
-                    r'(\d+) compiled and stored$', out, re.MULTILINE)
+                    r'(\d+) compiled for it$', out, re.MULTILINE)
   assert first and int(first.group(1)) >= 1, out[-3000:]
 
 

@@ -310,7 +310,7 @@ if mode == 'save_fails':
     raise OSError(28, 'No space left on device')
   learner._learner.save = save
 elif mode == 'save_hangs':  # a save on a filesystem that stopped answering
-  nodes.LEARNER_SAVE_AND_EXIT_S = 3.0
+  nodes.LEARNER_SAVE_AND_EXIT_S = 15.0  # (the loop's end comes first: 1-2 s, more if busy)
   def save():
     print('saving', flush=True)
     time.sleep(3600)
@@ -330,7 +330,7 @@ replay.stop()
 def test_save_and_exit_ends_the_process_whatever_the_save_does(tmp_path):
   """A save that raises is recorded as the start's crash (WORKDIR/logs/learner.err, which the
   driver shows as the restart's cause) and the process ends; a save that never returns is cut
-  by LEARNER_SAVE_AND_EXIT_S (3 s here), with no record; a learner already stopping ignores the
+  by LEARNER_SAVE_AND_EXIT_S (15 s here), with no record; a learner already stopping ignores the
   request and its process goes on. Ray's restart would resume from the newest checkpoint."""
   import subprocess
   import sys

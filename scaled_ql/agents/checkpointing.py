@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from scaled_ql import compilation_cache
 from scaled_ql.agents import builder, learner, methods
 from scaled_ql.configs.base import ExperimentConfig
 
@@ -163,6 +164,20 @@ def _remove_partial_save(directory: str, step: int) -> list[str]:
     time.sleep(0.2)
 
 
+def _cache_note(workdir: str) -> str:
+  """'; WORKDIR/compilation_cache, N MiB of compiled code, may be deleted' where the workdir
+  holds the run's compilation cache (`scaled_ql.compilation_cache`), else ''."""
+  folder = os.path.join(workdir, compilation_cache.FOLDER)
+  size = 0
+  for root, _, files in os.walk(folder):
+    for name in files:
+      try:
+        size += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return f'; {folder}, {size / 2**20:.1f} MiB of compiled code, may be deleted' if size else ''
+
+
 def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> int:
   step = int(state.step)
   if not bool(_all_finite((state.params, state.behaviour_params, state.target_params))):
@@ -188,7 +203,7 @@ def save(manager: ocp.CheckpointManager, state: Any, cfg: ExperimentConfig) -> i
                'after removing the partial save')
     raise CheckpointWriteError(
         f'checkpoint {step} could not be written to {directory}: {reason} ({free / 2**20:.1f} '
-        f'MiB free there now, {removed}). '
+        f'MiB free there now, {removed}{_cache_note(os.path.dirname(directory))}). '
         + (f'The newest complete checkpoint is step {latest}: free some space (or move the '
            'workdir) and run the same command again to resume from it.' if latest is not None
            else 'No checkpoint is complete: free some space (or choose another --workdir) and '

@@ -44,13 +44,11 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   (config.json, config_history.jsonl); the learner's initial params, `run.initial_params`);
   raises ConfigError before anything expensive. The workdir's lock (`run.workdir_lock`) is
   entered on `held`, for the whole run."""
+  from scaled_ql import compilation_cache
   from scaled_ql.agents import checkpointing
   cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
                            overrides=args.set)
   run.check_data(cfg)  # (with --reverb too: the learner's MC probe reads the run's data)
-  # An offline fine-tuning config (config.json of `finetune offline`) starts from its pretrained
-  # encoder, as `train` starts it; an online one is refused (it needs actors).
-  initial_params = run.initial_params(cfg)
   run.check_workdir(args.workdir)
   if args.reverb is not None:  # it answers and serves the config's games, or the sampler waits
     from scaled_ql.datasets import reverb_tables
@@ -62,15 +60,17 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   ckpts = checkpointing.checkpoint_dir(args.workdir)
   if args.no_resume and os.path.isdir(ckpts) and os.listdir(ckpts):
     raise ConfigError(f'--no-resume: {ckpts} already holds checkpoints')
+  # Before anything compiles (a fine-tuning run's initial params, then the learner): a rerun
+  # loads what the last one compiled (WORKDIR/compilation_cache).
+  compilation_cache.use_run_cache(args.workdir)
+  # An offline fine-tuning config (config.json of `finetune offline`) starts from its pretrained
+  # encoder, as `train` starts it; an online one is refused (it needs actors).
+  initial_params = run.initial_params(cfg)
   run.prepare_workdir(cfg, args.workdir, args.allow_config_change)
   return cfg, initial_params
 
 
 def _learn(args: argparse.Namespace) -> int:
-  from scaled_ql import compilation_cache
-  # Before anything compiles (a fine-tuning run's initial params): a rerun loads what the last
-  # one compiled (WORKDIR/compilation_cache).
-  compilation_cache.use_run_cache(args.workdir)
   with contextlib.ExitStack() as held:
     try:
       cfg, initial_params = _resolve(args, held)

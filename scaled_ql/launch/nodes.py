@@ -795,6 +795,7 @@ class EvaluatorNode(_LoopNode):
 
   def status(self) -> dict:
     return dict(self.base_status(), games=list(self._games), rounds=self._rounds,
+                compilation_cache=compilation_cache.counts(),
                 abandoned_rounds=self._abandoned_rounds,
                 evaluated_version=self._evaluated_version, final=self._final,
                 final_version=self._final_version, lineage=self._lineage,
@@ -871,6 +872,7 @@ class FinetuneActorNode(_LoopNode):
     except Exception:  # pylint: disable=broad-except  (a faulty schedule fails the loop, not status)
       epsilon = None
     return dict(self.base_status(), game=self._game, episodes=loop.episodes,
+                compilation_cache=compilation_cache.counts(),
                 epsilon=epsilon, replay_restarts_seen=self._restarts_seen(),
                 replay_address=self._replay_at[0], replay_start=self._replay_at[1],
                 env_steps=loop.env_steps, items=items,
