@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from scaled_ql import compilation_cache
 
@@ -53,6 +54,8 @@ def test_a_second_process_on_a_workdir_loads_what_the_first_compiled(tmp_path):
   with open(os.path.join(machine, entry), 'r+b') as f:
     f.truncate(10)
   os.remove(os.path.join(machine, entry[:-len('-cache')] + '-atime'))
+  old = time.time() - 2 * compilation_cache.UNFINISHED_AFTER_S
+  os.utime(os.path.join(machine, entry), (old, old))
   third = _run(workdir)
   assert (third['loaded'], third['compiled']) == (0, 1), third
   assert os.path.getsize(os.path.join(machine, entry)) > 10  # written whole again
@@ -112,3 +115,26 @@ def test_a_process_that_compiled_before_is_told_the_run_cache_is_not_used(tmp_pa
   out = subprocess.run([sys.executable, '-c', _COMPILED_FIRST, str(tmp_path)], env=environment,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+def test_unfinished_entries_are_told_from_finished_ones_and_from_writes_in_progress(tmp_path):
+  """`_drop_incomplete`'s rule, on files laid out as JAX's cache writes them: `<key>-cache`, then
+  `<key>-atime` (written again by each read)."""
+  def entry(key, cache_age, atime_age=None):
+    now = time.time()
+    path = tmp_path / f'{key}-cache'
+    path.write_bytes(b'x' * 100)
+    os.utime(path, (now - cache_age, now - cache_age))
+    if atime_age is not None:
+      (tmp_path / f'{key}-atime').write_bytes(b'12345678')
+      os.utime(tmp_path / f'{key}-atime', (now - atime_age, now - atime_age))
+
+  entry('finished', 500, atime_age=490)  # written, then its atime
+  entry('read_later', 500, atime_age=5)  # and read since
+  entry('cut_short', 500)  # no atime, long ago: a kill or a full disk cut its write
+  entry('in_progress', 2)  # no atime yet: another process is writing it
+  entry('read_while_written', 5, atime_age=30)  # a read's atime, then more of the write
+  assert compilation_cache._drop_incomplete(str(tmp_path)) == 2
+  left = sorted(name[:-len('-cache')] for name in os.listdir(tmp_path) if name.endswith('-cache'))
+  assert left == ['finished', 'in_progress', 'read_later'], left
+  assert compilation_cache._drop_incomplete(str(tmp_path / 'none')) == 0  # no folder yet

@@ -155,6 +155,20 @@ def test_the_encoder_of_a_run_with_a_moving_average_is_the_averaged_or_the_onlin
   assert _equal(_modules(initial, 'encoder'), _modules(online, 'encoder'))
 
 
+def test_learn_and_train_refuse_a_fine_tuning_start_that_cannot_be_before_anything_costly(
+    tmp_path):
+  """`run.check_initial_params`, the first checks of `learn` (before its workdir lock and its
+  compilation cache) and of `initial_params`: an online fine-tuning config, or a pretrained run
+  that is not there, is refused before anything is loaded or compiled."""
+  missing = str(tmp_path / 'no_such_run')
+  with pytest.raises(ConfigError, match=f'finetune.pretrained: {missing} does not exist'):
+    launch_run.check_initial_params(PRETRAIN_CFG.replace(finetune=dict(pretrained=missing)))
+  online = configs.finetune_online(PRETRAIN_CFG, 'Breakout', None, pretrained=None)
+  with pytest.raises(ConfigError, match='Use scaled-ql finetune online'):
+    launch_run.check_initial_params(online)
+  launch_run.check_initial_params(PRETRAIN_CFG)  # a fresh start: nothing to check
+
+
 def test_frozen_labels_and_config_checks():
   params = {'encoder/stem_conv': {'w': 1}, 'trunk/linear_0': {'w': 2, 'b': 3},
             'heads/Pong': {'w': 4}}

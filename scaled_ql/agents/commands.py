@@ -49,6 +49,7 @@ def _resolve(args: argparse.Namespace, held: contextlib.ExitStack):
   cfg = run.resolve_config(args.config, args.data_dir, args.steps, games=args.games,
                            overrides=args.set)
   run.check_data(cfg)  # (with --reverb too: the learner's MC probe reads the run's data)
+  run.check_initial_params(cfg)  # (its costly part, loading and compiling, comes below)
   run.check_workdir(args.workdir)
   if args.reverb is not None:  # it answers and serves the config's games, or the sampler waits
     from scaled_ql.datasets import reverb_tables

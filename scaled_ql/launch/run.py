@@ -567,15 +567,25 @@ def print_scores(status) -> None:
 
 # ----------------------------------------------------------------- fine-tuning (Section 5.2)
 
+def check_initial_params(cfg) -> None:
+  """`initial_params`'s checks that cost nothing (nothing loaded or compiled): an online
+  fine-tuning config, or a `finetune.pretrained` that is not there: ConfigError."""
+  if cfg.name.startswith('finetune_online'):
+    raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
+                      'data); `train` and `learn` run the offline program. Use scaled-ql '
+                      'finetune online')
+  pretrained = cfg.finetune.pretrained
+  if pretrained is not None and not os.path.exists(pretrained):
+    raise ConfigError(f'finetune.pretrained: {pretrained} does not exist (a workdir of a '
+                      'pretraining run, or its checkpoints/)')
+
+
 def initial_params(cfg):
   """The learner's start for a config `train` or `learn` runs: None (a fresh init), or for an
   offline fine-tuning config (`finetune.pretrained` set, e.g. rerun from its workdir's
   config.json) the pretrained encoder with a fresh trunk and heads, as `finetune offline` starts
   it. An online fine-tuning config is not a `train` program: ConfigError."""
-  if cfg.name.startswith('finetune_online'):
-    raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
-                      'data); `train` and `learn` run the offline program. Use scaled-ql '
-                      'finetune online')
+  check_initial_params(cfg)
   if cfg.finetune.pretrained is None:
     return None
   from scaled_ql.agents import transfer
