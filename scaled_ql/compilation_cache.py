@@ -19,7 +19,8 @@ least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile. 
 no size limit (`jax_compilation_cache_max_size` -1: no eviction, and no lock between the
 processes) and may be deleted at any time. JAX writes an entry in place and never rewrites one
 that exists, so an entry cut short (a kill, a full disk) would be read with a warning and
-compiled again at every start: `use_run_cache` removes the ones it can tell (`_drop_incomplete`).
+compiled again at every start: `use_run_cache` removes the entries JAX cannot read first
+(`_drop_unreadable`).
 
 `counts()` says what the cache did in this process (the learner logs it at its first step; the
 learner, evaluator and actor nodes show it in their status).
@@ -31,7 +32,6 @@ import os
 import platform
 import sys
 import threading
-import time
 import warnings
 from typing import Optional
 
@@ -82,39 +82,38 @@ def _count(event: str, **_) -> None:
       _counts['compiled'] += 1
 
 
-UNFINISHED_AFTER_S = 60.0  # an entry without its atime file this old is not being written
-
-
-def _drop_incomplete(folder: str, now: Optional[float] = None) -> int:
-  """Removes the entries of `folder` that JAX did not finish writing; returns how many. JAX's
-  cache (its LRUCache without a size limit) writes `<key>-cache`, then `<key>-atime`, and a read
-  writes `<key>-atime` again: a finished entry's atime file is never older than its cache file.
-  So an entry is unfinished (a kill or a full disk cut its write short) when its cache file has
-  no atime file and is over UNFINISHED_AFTER_S old (younger, another process of the run may be
-  writing it), or is newer than its atime file (a read came while it was being written). Left,
-  JAX would fail to read it at every start and never replace it. Not caught: an entry cut short
-  before another process's read of it (its atime file is then the newer); README says to delete
-  the folder when every start warns of an entry that does not load."""
-  now = time.time() if now is None else now
+def _drop_unreadable(folder: str) -> int:
+  """Removes the entries of `folder` that JAX cannot read (a write cut short by a kill or a full
+  disk, or one still under way in another process: then it is only compiled again later), with
+  their `-atime` files; returns how many. JAX writes an entry in place, never rewrites one that
+  exists, and writes its `-atime` at every read, readable or not: such an entry would fail to
+  load at every start. Readable = JAX's own decompression of it succeeds (a cut stream fails);
+  where this JAX has no `decompress_executable`, nothing is checked."""
   try:
-    names = set(os.listdir(folder))
+    from jax._src.compilation_cache import decompress_executable
+  except ImportError:
+    return 0
+  try:
+    names = [name for name in os.listdir(folder) if name.endswith('-cache')]
   except OSError:  # not there yet
     return 0
   dropped = 0
   for name in names:
-    if not name.endswith('-cache'):
-      continue
     path = os.path.join(folder, name)
-    atime = os.path.join(folder, name[:-len('-cache')] + '-atime')
     try:
-      written = os.path.getmtime(path)
-      unfinished = (now - written > UNFINISHED_AFTER_S if not os.path.exists(atime)
-                    else written > os.path.getmtime(atime))
-      if unfinished:
-        os.remove(path)
-        dropped += 1
+      with open(path, 'rb') as f:
+        decompress_executable(f.read())
+      continue
     except OSError:  # removed meanwhile by another process
+      continue
+    except Exception:  # pylint: disable=broad-except  (zlib.error, zstd's ZstdError)
       pass
+    for stale in (path, path[:-len('-cache')] + '-atime'):
+      try:
+        os.remove(stale)
+      except OSError:
+        pass
+    dropped += 1
   return dropped
 
 
@@ -145,10 +144,10 @@ def use_run_cache(workdir: Optional[str]) -> Optional[str]:
       warnings.warn(f'JAX compiled before the run\'s compilation cache was set: {wanted} is not '
                     'used by this process')
     else:
-      dropped = _drop_incomplete(wanted)
+      dropped = _drop_unreadable(wanted)
       if dropped:
         print(f'compilation cache {wanted}: removed {dropped} entr{"y" if dropped == 1 else "ies"} '
-              'JAX did not finish writing (compiled again when needed)', file=sys.stderr,
+              'JAX cannot read (cut short; compiled again when needed)', file=sys.stderr,
               flush=True)
       jax.config.update('jax_compilation_cache_dir', wanted)
       folder = wanted

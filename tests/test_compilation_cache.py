@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from scaled_ql import compilation_cache
 
@@ -48,17 +47,16 @@ def test_a_second_process_on_a_workdir_loads_what_the_first_compiled(tmp_path):
                                 'compiled for it'), second
   # Another workdir starts empty: it compiles again.
   assert _run(str(tmp_path / 'other'))['compiled'] == 1
-  # An entry JAX did not finish writing (no `-atime` beside it: a kill, a full disk) is removed
-  # before JAX reads the folder, and compiled again: left, it failed to load at every start.
-  entry = next(name for name in os.listdir(machine) if name.endswith('-cache'))
-  with open(os.path.join(machine, entry), 'r+b') as f:
-    f.truncate(10)
-  os.remove(os.path.join(machine, entry[:-len('-cache')] + '-atime'))
-  old = time.time() - 2 * compilation_cache.UNFINISHED_AFTER_S
-  os.utime(os.path.join(machine, entry), (old, old))
+  # An entry cut short (a kill, a full disk; its `-atime` written by a read since, as JAX does
+  # even for an entry it cannot read) is removed before JAX reads the folder, and compiled
+  # again: left, it failed to load at every start and was never rewritten.
+  entry = os.path.join(machine, next(n for n in os.listdir(machine) if n.endswith('-cache')))
+  size = os.path.getsize(entry)
+  with open(entry, 'r+b') as f:
+    f.truncate(size // 2)
   third = _run(workdir)
   assert (third['loaded'], third['compiled']) == (0, 1), third
-  assert os.path.getsize(os.path.join(machine, entry)) > 10  # written whole again
+  assert os.path.getsize(entry) > size // 2  # written whole again
   assert _run(workdir)['loaded'] == 1
 
 
@@ -117,24 +115,16 @@ def test_a_process_that_compiled_before_is_told_the_run_cache_is_not_used(tmp_pa
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
 
 
-def test_unfinished_entries_are_told_from_finished_ones_and_from_writes_in_progress(tmp_path):
-  """`_drop_incomplete`'s rule, on files laid out as JAX's cache writes them: `<key>-cache`, then
-  `<key>-atime` (written again by each read)."""
-  def entry(key, cache_age, atime_age=None):
-    now = time.time()
-    path = tmp_path / f'{key}-cache'
-    path.write_bytes(b'x' * 100)
-    os.utime(path, (now - cache_age, now - cache_age))
-    if atime_age is not None:
-      (tmp_path / f'{key}-atime').write_bytes(b'12345678')
-      os.utime(tmp_path / f'{key}-atime', (now - atime_age, now - atime_age))
-
-  entry('finished', 500, atime_age=490)  # written, then its atime
-  entry('read_later', 500, atime_age=5)  # and read since
-  entry('cut_short', 500)  # no atime, long ago: a kill or a full disk cut its write
-  entry('in_progress', 2)  # no atime yet: another process is writing it
-  entry('read_while_written', 5, atime_age=30)  # a read's atime, then more of the write
-  assert compilation_cache._drop_incomplete(str(tmp_path)) == 2
-  left = sorted(name[:-len('-cache')] for name in os.listdir(tmp_path) if name.endswith('-cache'))
-  assert left == ['finished', 'in_progress', 'read_later'], left
-  assert compilation_cache._drop_incomplete(str(tmp_path / 'none')) == 0  # no folder yet
+def test_entries_jax_cannot_read_are_removed_with_their_atime(tmp_path):
+  """`_drop_unreadable`, on entries compressed as JAX's cache writes them."""
+  from jax._src.compilation_cache import compress_executable
+  whole = compress_executable(os.urandom(3000))
+  (tmp_path / 'good-cache').write_bytes(whole)
+  (tmp_path / 'good-atime').write_bytes(b'12345678')
+  (tmp_path / 'never_read-cache').write_bytes(whole)  # (its atime not written yet)
+  (tmp_path / 'cut-cache').write_bytes(whole[:len(whole) // 2])
+  (tmp_path / 'cut-atime').write_bytes(b'12345678')  # a read wrote it, as JAX does
+  (tmp_path / 'empty-cache').write_bytes(b'')  # killed right after the file was made
+  assert compilation_cache._drop_unreadable(str(tmp_path)) == 2
+  assert sorted(os.listdir(tmp_path)) == ['good-atime', 'good-cache', 'never_read-cache']
+  assert compilation_cache._drop_unreadable(str(tmp_path / 'none')) == 0  # no folder yet

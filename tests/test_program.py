@@ -533,7 +533,15 @@ def test_a_learner_that_cannot_save_its_last_step_ends_the_run_in_error(ray_sess
 
 class _LearnerEndingUnderItsStop(_Node):
   """A stand-in learner whose first start's process ends under its stop() (as one asked to save
-  and exit does); a restarted one stops at step 9."""
+  and exit does); a restarted one takes 3 s to start (a real one imports, restores and traces
+  for seconds: a stop() sent meanwhile fails with ActorUnavailableError, seen on a slow VM) and
+  stops at step 9."""
+
+  def __init__(self, fail: str = ''):
+    import ray  # pylint: disable=import-outside-toplevel
+    super().__init__(fail)
+    if ray.get_runtime_context().was_current_actor_reconstructed:
+      time.sleep(3.0)
 
   def stop(self):
     import ray  # pylint: disable=import-outside-toplevel

@@ -161,8 +161,11 @@ def test_learn_and_train_refuse_a_fine_tuning_start_that_cannot_be_before_anythi
   compilation cache) and of `initial_params`: an online fine-tuning config, or a pretrained run
   that is not there, is refused before anything is loaded or compiled."""
   missing = str(tmp_path / 'no_such_run')
-  with pytest.raises(ConfigError, match=f'finetune.pretrained: {missing} does not exist'):
+  with pytest.raises(ConfigError, match=re.escape(f"finetune.pretrained: no checkpoints in "
+                                                  f"'{missing}'")):
     launch_run.check_initial_params(PRETRAIN_CFG.replace(finetune=dict(pretrained=missing)))
+  with pytest.raises(ConfigError, match=re.escape("'gs://b/run' is a URL")):
+    launch_run.check_initial_params(PRETRAIN_CFG.replace(finetune=dict(pretrained='gs://b/run')))
   online = configs.finetune_online(PRETRAIN_CFG, 'Breakout', None, pretrained=None)
   with pytest.raises(ConfigError, match='Use scaled-ql finetune online'):
     launch_run.check_initial_params(online)

@@ -334,19 +334,26 @@ def saved_steps(checkpoint_dir_or_workdir: str) -> list[int]:
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def _reader(checkpoint_dir_or_workdir: str) -> ocp.CheckpointManager:
-  """A manager that reads the checkpoints of a learner workdir or its `checkpoints/`;
-  FileNotFoundError names the path when there are none."""
-  path = _workdir(checkpoint_dir_or_workdir)
+def check_readable(checkpoint_dir_or_workdir: str) -> str:
+  """The checkpoints folder of a learner workdir or of that folder itself, without reading it;
+  FileNotFoundError names the path when it is a URL or holds no checkpoints folder."""
   if '://' in checkpoint_dir_or_workdir:  # (as a local path: "no checkpoints", a wrong reason)
     raise FileNotFoundError(f'{checkpoint_dir_or_workdir!r} is a URL; checkpoints are read from '
                             'a local or mounted path (a bucket mounted with gcsfuse)')
-  if not os.path.isdir(checkpoint_dir(path)):
+  folder = checkpoint_dir(_workdir(checkpoint_dir_or_workdir))
+  if not os.path.isdir(folder):
     raise FileNotFoundError(f'no checkpoints in {checkpoint_dir_or_workdir!r} (expected a learner '
                             f'workdir containing {CHECKPOINT_SUBDIR}/ or that folder itself)')
+  return folder
+
+
+def _reader(checkpoint_dir_or_workdir: str) -> ocp.CheckpointManager:
+  """A manager that reads the checkpoints of a learner workdir or its `checkpoints/`;
+  FileNotFoundError names the path when there are none (`check_readable`)."""
+  folder = check_readable(checkpoint_dir_or_workdir)
   # Not read_only (orbax then logs warnings), but create=False; this manager never saves.
   return ocp.CheckpointManager(
-      checkpoint_dir(path), item_names=('state', 'config'),
+      folder, item_names=('state', 'config'),
       options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
 
 

@@ -840,6 +840,19 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
   return final or status
 
 
+def _stop_once_restarted(handle, deadline: float) -> int:
+  """`stop()` of a node Ray is restarting: until the new process is up (its constructor done:
+  a learner imports, restores and traces for seconds), a call fails at once with
+  ActorUnavailableError, and is sent again every 0.5 s until `deadline` (a `time.time()`)."""
+  while True:
+    try:
+      return ray.get(handle.stop.remote(), timeout=max(1.0, deadline - time.time()))
+    except ray.exceptions.ActorUnavailableError:
+      if time.time() + 0.5 >= deadline:
+        raise
+      time.sleep(0.5)
+
+
 def shutdown(program: Program, log: Callable[[str], None] = _print,
              final_eval_timeout_s: Optional[float] = None,
              learner_stop_timeout_s: float = 300,
@@ -868,8 +881,7 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
         # The process the stop went to ended under it: the one asked to save and exit to follow
         # the replay. Ray restarts it at the step it saved; that start is the one to stop.
         log('learner was restarting to follow the replay: stopping its restart')
-        final_step = ray.get(program.learner.stop.remote(),
-                             timeout=max(1.0, learner_stop_timeout_s - (time.time() - t0)))
+        final_step = _stop_once_restarted(program.learner, t0 + learner_stop_timeout_s)
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     learner_error = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ""}'

@@ -569,15 +569,18 @@ def print_scores(status) -> None:
 
 def check_initial_params(cfg) -> None:
   """`initial_params`'s checks that cost nothing (nothing loaded or compiled): an online
-  fine-tuning config, or a `finetune.pretrained` that is not there: ConfigError."""
+  fine-tuning config, or a `finetune.pretrained` that holds no checkpoints or is a URL
+  (`checkpointing.check_readable`): ConfigError."""
   if cfg.name.startswith('finetune_online'):
     raise ConfigError(f'config {cfg.name!r} is an online fine-tuning run (actors, no offline '
                       'data); `train` and `learn` run the offline program. Use scaled-ql '
                       'finetune online')
-  pretrained = cfg.finetune.pretrained
-  if pretrained is not None and not os.path.exists(pretrained):
-    raise ConfigError(f'finetune.pretrained: {pretrained} does not exist (a workdir of a '
-                      'pretraining run, or its checkpoints/)')
+  if cfg.finetune.pretrained is not None:
+    from scaled_ql.agents import checkpointing
+    try:
+      checkpointing.check_readable(cfg.finetune.pretrained)
+    except FileNotFoundError as e:  # (the message `initial_params` gave after its loads before)
+      raise ConfigError(f'finetune.pretrained: {e}') from e
 
 
 def initial_params(cfg):
