@@ -9,7 +9,8 @@ key from the lowered program). What it saves is measured in BUILD_NOTES ("Measur
 
 The folder is WORKDIR/compilation_cache/<machine> (`cache_dir`). XLA compiles for the CPU it
 runs on (its instruction set) and JAX's cache key does not include the CPU: the machine part is
-a hash of the CPU's model and flags (and of the accelerators' kinds, which JAX's key has too),
+a hash of the CPU's model and flags (and of the accelerators' kinds, which JAX's key has too,
+and of JAX's compression, with which `_drop_unreadable` reads the entries),
 so that hosts of a cluster whose CPUs differ never load each other's executables and identical
 hosts share them.
 
@@ -33,6 +34,7 @@ import platform
 import sys
 import threading
 import warnings
+import zlib
 from typing import Optional
 
 FOLDER = 'compilation_cache'  # WORKDIR/FOLDER/<machine>
@@ -68,10 +70,13 @@ def machine_key(device_kinds: tuple[str, ...] = ()) -> str:
 
 
 def cache_dir(workdir: str) -> str:
-  """WORKDIR/compilation_cache/<machine_key of this process's devices>."""
+  """WORKDIR/compilation_cache/<machine_key of this process's devices and of JAX's compression
+  (zstd where `zstandard` is installed, else zlib: `_drop_unreadable` reads entries with it)>."""
   import jax
+  from jax._src import compilation_cache as jax_cache
   kinds = tuple(d.device_kind for d in jax.devices() if d.platform != 'cpu')
-  return os.path.join(workdir, FOLDER, machine_key(kinds))
+  compression = 'zstd' if getattr(jax_cache, 'zstandard', None) is not None else 'zlib'
+  return os.path.join(workdir, FOLDER, machine_key(kinds + (f'compression {compression}',)))
 
 
 def _count(event: str, **_) -> None:
@@ -93,6 +98,12 @@ def _drop_unreadable(folder: str) -> int:
     from jax._src.compilation_cache import decompress_executable
   except ImportError:
     return 0
+  unreadable: tuple = (zlib.error,)  # what a cut stream raises (JAX: zstd if installed, or zlib)
+  try:
+    import zstandard  # pylint: disable=import-outside-toplevel
+    unreadable += (zstandard.ZstdError,)
+  except ImportError:
+    pass
   try:
     names = [name for name in os.listdir(folder) if name.endswith('-cache')]
   except OSError:  # not there yet
@@ -106,7 +117,7 @@ def _drop_unreadable(folder: str) -> int:
       continue
     except OSError:  # removed meanwhile by another process
       continue
-    except Exception:  # pylint: disable=broad-except  (zlib.error, zstd's ZstdError)
+    except unreadable:
       pass
     for stale in (path, path[:-len('-cache')] + '-atime'):
       try:

@@ -579,6 +579,17 @@ def test_shutdown_stops_the_restart_of_a_learner_that_was_asked_to_save_and_exit
         assert f'learner stopped at step 9; checkpoint in {tmp_path}/checkpoints' in lines, lines
       else:
         assert any(line.startswith('learner did not stop cleanly: ') for line in lines), lines
+    # A learner Ray is restarting when the shutdown comes (a kill, a crash; not asked): the stop
+    # waits for the restart's constructor instead of failing at once ("the actor is restarting").
+    lines, handle = [], learner.remote()
+    ray_session.get(handle.status.remote(), timeout=60)
+    ray_session.kill(handle, no_restart=False)
+    wait_for(lambda: program._gcs_actor_info(handle).get('State') == 'RESTARTING', 30,  # pylint: disable=protected-access
+             'the restart under way')
+    prog = program.Program(cfg, str(tmp_path), node.remote(), 'replay', [], handle,
+                           variable_server.VariableServer.create(1), [], [])
+    program.shutdown(prog, log=lines.append, seen=program._Watcher())  # pylint: disable=protected-access
+    assert f'learner stopped at step 9; checkpoint in {tmp_path}/checkpoints' in lines, lines
   finally:
     cloudpickle.unregister_pickle_by_value(module)
 
