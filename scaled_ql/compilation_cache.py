@@ -119,6 +119,9 @@ def _drop_unreadable(folder: str) -> int:
       continue
     except unreadable:
       pass
+    except Exception as e:  # pylint: disable=broad-except  (not a cut stream: left as it is)
+      warnings.warn(f'compilation cache: {path} was not checked ({type(e).__name__}: {e})')
+      continue
     for stale in (path, path[:-len('-cache')] + '-atime'):
       try:
         os.remove(stale)

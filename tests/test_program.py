@@ -584,8 +584,10 @@ def test_shutdown_stops_the_restart_of_a_learner_that_was_asked_to_save_and_exit
     lines, handle = [], learner.remote()
     ray_session.get(handle.status.remote(), timeout=60)
     ray_session.kill(handle, no_restart=False)
-    wait_for(lambda: program._gcs_actor_info(handle).get('State') == 'RESTARTING', 30,  # pylint: disable=protected-access
-             'the restart under way')
+    def restarting_and_placed():  # (unplaced, shutdown says "nothing to checkpoint")
+      info = program._gcs_actor_info(handle)  # pylint: disable=protected-access
+      return info.get('State') == 'RESTARTING' and not program._unplaced(info)  # pylint: disable=protected-access
+    wait_for(restarting_and_placed, 30, 'the restart under way, placed', poll=0.05)
     prog = program.Program(cfg, str(tmp_path), node.remote(), 'replay', [], handle,
                            variable_server.VariableServer.create(1), [], [])
     program.shutdown(prog, log=lines.append, seen=program._Watcher())  # pylint: disable=protected-access

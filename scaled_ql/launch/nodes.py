@@ -503,7 +503,8 @@ class LearnerNode(_LoopNode):
     self._publisher.publish(self._params(), self._learner.steps)
     self._metrics: dict = {}
     self._rate_window: collections.deque = collections.deque()  # (time, steps) of the last 30 s
-    self._ending = threading.RLock()  # `_end_loop_and_save`, `save_and_exit`
+    self._ending = threading.RLock()  # `_end_loop_and_save`, `save_and_exit`, `stop`
+    self._stopped_at: Optional[int] = None  # the step `stop` ended at
     self._start(workdir)
 
   def _params(self):
@@ -573,7 +574,16 @@ class LearnerNode(_LoopNode):
       self._learner.save()
 
   def stop(self) -> int:
-    """Ends the loop, writes a final checkpoint and publishes the final params."""
+    """Ends the loop, writes a final checkpoint and publishes the final params; a second call
+    returns the step the first stopped at (the driver may send it again: a call Ray reported
+    as not delivered, `program._stop_through_a_restart`)."""
+    with self._ending:
+      if self._stopped_at is not None:
+        return self._stopped_at
+      self._stopped_at = self._stop_once()
+      return self._stopped_at
+
+  def _stop_once(self) -> int:
     self._end_loop_and_save('its stop')
     # A periodic publish still in flight made the final one a skip (`publish` sends at most one
     # at a time), and the final evaluation waited for params that never came. `flush` clears

@@ -843,22 +843,20 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
 _STARTING_STATES = ('RESTARTING', 'PENDING_CREATION', 'DEPENDENCIES_UNREADY')
 
 
-def _stop_through_a_restart(handle, deadline: float) -> int:
-  """`handle.stop()` of a node Ray is restarting (its state in Ray's record was one of
-  _STARTING_STATES before the call): sent again every 0.5 s while Ray answers that the actor "is
-  restarting" (ActorUnavailableError: its new process's constructor is not done, and a learner
-  imports, restores and traces for seconds), until `deadline` (a `time.time()`). Any other
-  failure is raised, and so is one after a further restart (the new process's constructor
-  failed: a crash, not a wait)."""
-  restarts = None
+def _stop_through_a_restart(handle, deadline: float, restarts: int) -> int:
+  """`handle.stop()` of a node Ray is restarting, sent again every 0.5 s while Ray reports the
+  call undelivered (ActorUnavailableError: "the actor is restarting", its new process's
+  constructor not done, and a learner imports, restores and traces for seconds; or "temporarily
+  unavailable", a call to the old process's address before this driver heard of its end), until
+  `deadline` (a `time.time()`), and only while Ray's record shows at most `restarts` restarts:
+  one more is a constructor that failed, a crash, not a wait. A stop delivered twice returns
+  the first's step (`LearnerNode.stop`)."""
   while True:
     try:
       return ray.get(handle.stop.remote(), timeout=max(1.0, deadline - time.time()))
-    except ray.exceptions.ActorUnavailableError as e:
+    except ray.exceptions.ActorUnavailableError:
       count = int((_gcs_actor_info(handle) or {}).get('NumRestarts', 0))
-      restarts = count if restarts is None else restarts
-      # ('temporarily unavailable', Ray's other cause, is a live process a call may have reached)
-      if 'is restarting' not in str(e) or count > restarts or time.time() + 0.5 >= deadline:
+      if count > restarts or time.time() + 0.5 >= deadline:
         raise
       time.sleep(0.5)
 
@@ -883,19 +881,19 @@ def shutdown(program: Program, log: Callable[[str], None] = _print,
     if _unplaced(info):  # it would answer stop() once placed
       log('learner not running (Ray has not placed it): nothing to checkpoint')
     else:
-      deadline = t0 + learner_stop_timeout_s
+      deadline, restarts = t0 + learner_stop_timeout_s, int(info.get('NumRestarts', 0))
       try:
         if info.get('State') in _STARTING_STATES:  # restarting already (a crash, a kill): the
-          final_step = _stop_through_a_restart(program.learner, deadline)  # restart is stopped
+          final_step = _stop_through_a_restart(program.learner, deadline, restarts)  # restart
         else:
           final_step = ray.get(program.learner.stop.remote(), timeout=learner_stop_timeout_s)
       except ray.exceptions.RayActorError:
-        if not watcher.asked('learner', int(info.get('NumRestarts', 0))):
+        if not watcher.asked('learner', restarts):
           raise
         # The process the stop went to ended under it: the one asked to save and exit to follow
         # the replay. Ray restarts it at the step it saved; that start is the one to stop.
         log('learner was restarting to follow the replay: stopping its restart')
-        final_step = _stop_through_a_restart(program.learner, deadline)
+        final_step = _stop_through_a_restart(program.learner, deadline, restarts + 1)
       log(f'learner stopped at step {final_step}; checkpoint in {program.workdir}/checkpoints')
   except Exception as e:  # pylint: disable=broad-except
     learner_error = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ""}'
