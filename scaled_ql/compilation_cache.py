@@ -79,6 +79,19 @@ def cache_dir(workdir: str) -> str:
   return os.path.join(workdir, FOLDER, machine_key(kinds + (f'compression {compression}',)))
 
 
+def size_bytes(workdir: str) -> int:
+  """What the run's cache holds on disk (WORKDIR/compilation_cache, every machine's folder);
+  0 where there is none."""
+  size = 0
+  for root, _, files in os.walk(os.path.join(workdir, FOLDER)):
+    for name in files:
+      try:
+        size += os.path.getsize(os.path.join(root, name))
+      except OSError:  # removed meanwhile
+        pass
+  return size
+
+
 def _count(event: str, **_) -> None:
   with _lock:
     if event == _HIT:

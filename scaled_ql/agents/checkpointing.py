@@ -167,14 +167,8 @@ def _remove_partial_save(directory: str, step: int) -> list[str]:
 def _cache_note(workdir: str) -> str:
   """'; WORKDIR/compilation_cache, N MiB of compiled code, may be deleted' where the workdir
   holds the run's compilation cache (`scaled_ql.compilation_cache`), else ''."""
+  size = compilation_cache.size_bytes(workdir)
   folder = os.path.join(workdir, compilation_cache.FOLDER)
-  size = 0
-  for root, _, files in os.walk(folder):
-    for name in files:
-      try:
-        size += os.path.getsize(os.path.join(root, name))
-      except OSError:
-        pass
   return f'; {folder}, {size / 2**20:.1f} MiB of compiled code, may be deleted' if size else ''
 
 
