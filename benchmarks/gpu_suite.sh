@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh [--tiny] [--out DIR] [--pipeline-json FILE] [...]
 #
 # Runs from the repo tree with whatever `python3` has JAX (or $PYTHON). The GPU machine lacks
-# Haiku, rlax and what they import: when `import haiku, rlax` fails, the wheels in
+# Haiku, rlax and what they import: when they are not installed, the wheels in
 # $SCALED_QL_WHEELS (default build/gpu_wheels, made here by `make gpu-wheels` from
 # benchmarks/gpu_wheels.txt and carried to the device, ~8 MB) are unpacked into build/gpu_site,
 # which goes first on PYTHONPATH. Unpacked, not zip-imported: dm-tree is a compiled module.
@@ -16,11 +16,14 @@ PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo py
 WHEELS="${SCALED_QL_WHEELS:-build/gpu_wheels}"
 SITE="$PWD/build/gpu_site"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PYTHON" -c 'import haiku, rlax' 2>/dev/null; then
+# Installed, not imported: importing rlax (distrax -> TFP) imports TensorFlow where it is
+# installed (6-17 CPU-s on 2 cores), which gpu_suite.py itself blocks.
+installed='import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ("haiku", "rlax"))))'
+if ! "$PYTHON" -c "$installed"; then
   shopt -s nullglob
   wheels=("$WHEELS"/*.whl)
   if [ ${#wheels[@]} -eq 0 ]; then
-    echo "gpu_suite.sh: haiku or rlax is not importable and $WHEELS holds no wheels" \
+    echo "gpu_suite.sh: haiku or rlax is not installed and $WHEELS holds no wheels" \
       "(make gpu-wheels, then carry $WHEELS)" >&2
     exit 2
   fi

@@ -94,7 +94,7 @@ def test_update_has_no_scatter(variant):
   gradients of the per-game head gather and of the data-action index cost ~10% of the cpu_small
   step)."""
   cfg = get_config('cpu_tiny' + variant)
-  state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
   hlo = learner_lib.update.lower(state, random_batch(cfg, 0), cfg=cfg).compile().as_text()
   assert 'scatter' not in hlo
 
@@ -360,7 +360,7 @@ def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
       from scaled_ql.configs import get_config
       from scaled_ql.types import random_frame_windows
       cfg = get_config('cpu_tiny')
-      state = learner.init_state(cfg, jax.random.PRNGKey(0))
+      state = learner.initial_state(cfg, jax.random.PRNGKey(0))
       windows = jax.device_put(random_frame_windows(cfg, 8, 0))
       update = learner.update_from_windows.lower(state, windows, cfg=cfg).compile(
           compiler_options={'xla_cpu_use_thunk_runtime': False})
@@ -379,7 +379,7 @@ def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
   small = get_config('cpu_small').replace(agent=dict(games_per_batch=4, transitions_per_game=2))
   assert not q_network.has_strided_convolutions(small.network)
   for cfg, found in ((CFG, True), (small, False)):
-    state = learner_lib.init_state(cfg, jax.random.PRNGKey(0))
+    state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
     windows = jax.device_put(random_frame_windows(cfg, 8, 0))
     hlo = learner_lib.update_from_windows.lower(state, windows, cfg=cfg).compile().as_text()
     assert bool(learner_lib.dilated_convolutions(hlo)) == found

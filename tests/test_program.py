@@ -515,7 +515,11 @@ def test_a_learner_that_cannot_save_its_last_step_ends_the_run_in_error(ray_sess
     lines = []
 
     def prog(fail):
-      return program.Program(cfg, str(tmp_path), node.remote(), 'replay', [], node.remote(fail),
+      replay, learner = node.remote(), node.remote(fail)
+      # Placed first: shutdown tells a learner Ray has yet to place (nothing to checkpoint) from
+      # one that stops; on a slow VM the workers took seconds to start (seen: KeyError 'steps').
+      ray_session.get([replay.status.remote(), learner.status.remote()], timeout=120)
+      return program.Program(cfg, str(tmp_path), replay, 'replay', [], learner,
                              variable_server.VariableServer.create(1), [], [])
     assert program.shutdown(prog(''), log=lines.append,
                             raise_if_learner_failed=True).learner['steps'] == 7
