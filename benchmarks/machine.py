@@ -22,9 +22,10 @@ from typing import Iterator, Optional
 PROC_STAT = '/proc/stat'
 
 
-def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
-  """(steal, total) jiffies of all CPUs since boot, from the `cpu` line of /proc/stat; None
-  where the file or its steal field is missing (not Linux, or a kernel before 2.6.11)."""
+def _cpu_line(path: str) -> Optional[list[int]]:
+  """user nice system idle iowait irq softirq steal jiffies of all CPUs since boot, from the
+  `cpu` line of /proc/stat; None where the file or its steal field is missing (not Linux, or a
+  kernel before 2.6.11). Guest time, after them, is already counted in user and nice."""
   try:
     with open(path, encoding='ascii') as f:
       fields = f.readline().split()
@@ -32,10 +33,21 @@ def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
     return None
   if not fields or fields[0] != 'cpu' or len(fields) < 9:
     return None
-  # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
-  # counted in user and nice, so the total is the first eight.
-  values = [int(v) for v in fields[1:9]]
-  return values[7], sum(values)
+  return [int(v) for v in fields[1:9]]
+
+
+def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
+  """(steal, total) jiffies of all CPUs since boot (`_cpu_line`); None where unknown."""
+  values = _cpu_line(path)
+  return None if values is None else (values[7], sum(values))
+
+
+def busy_jiffies(path: str = PROC_STAT) -> int:
+  """user + nice + system jiffies of all CPUs since boot: the CPU time processes used."""
+  values = _cpu_line(path)
+  if values is None:
+    raise OSError(f'{path}: no cpu line with a steal field (not Linux?)')
+  return sum(values[:3])
 
 
 def _stolen_percent(stolen: int, total: int) -> Optional[float]:

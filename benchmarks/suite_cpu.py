@@ -8,14 +8,19 @@ reports, with the load average and steal beside them:
 - the wall time and the machine's CPU time over the run (/proc/stat: user + nice + system), and
   how busy that kept the cores: near 100% means the suite is CPU-bound, so only less work per
   test shortens it (a third pytest process does not);
-- every process's CPU, polled from /proc every 0.5 s and grouped by kind (the pytest processes,
-  each Ray actor class, Ray's own daemons, Reverb servers, `scaled-ql` subprocesses, ...). A
-  process is read until it ends, so what it spent in its last half second, and processes shorter
-  than that, are missed: `sampled` says how much of the machine's CPU the table covers;
-- per test file: test time (setup + call + teardown, summed), the pytest process's own CPU, and
-  the JAX work it did in that process (jaxpr tracing, lowering to MLIR, XLA compiles; persistent
-  cache hits and misses), from jax.monitoring; the Ray nodes' and subprocesses' JAX work is in
-  the process table only;
+- every process's CPU over the run, polled every 0.5 s (psutil) and grouped by kind: the pytest
+  processes (the one started here and its workers, by pid), each Ray actor class, Ray's own
+  daemons, Reverb servers, `scaled-ql` subprocesses, ...; processes that were running before
+  count from the start, this tool included. A process is read until it ends, so what it spent
+  in its last half second, and processes shorter than that, are missed: `sampled` says how
+  much of the machine's CPU the table covers;
+- per test file: test time (setup + call + teardown, summed; a module fixture's setup counts
+  for the file's first test), the pytest process's own CPU, and the JAX work done in that
+  process, from jax.monitoring: wall time while tracing to jaxprs, lowering to MLIR, and
+  compiling or loading from the persistent cache (each the union of JAX's timed intervals:
+  tracing nests, an outer jit traces inner ones), and executables loaded from the persistent
+  cache / compiled with it on (requests to the cache that did not hit). The Ray nodes' and
+  subprocesses' JAX work is in the process table only;
 - the longest tests.
 Nothing else should run meanwhile: the figures are the machine's.
 """
@@ -25,116 +30,147 @@ import argparse
 import collections
 import json
 import os
-import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+import psutil
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine  # noqa: E402  (benchmarks/machine.py: load average and steal)
+import machine  # noqa: E402  (benchmarks/machine.py: /proc/stat, load average and steal)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARGS = ['-n', '2', '--dist', 'loadfile', '--no-loadscope-reorder', 'tests']
 
-# The pytest plugin, written to a temporary folder put first on the pytest process's PYTHONPATH
+# The pytest plugin, written to a temporary folder put first on the pytest processes' PYTHONPATH
 # (a file of its own there, so that nothing else of benchmarks/ shadows a module): per test, its
-# duration, this process's CPU and the JAX events this process recorded meanwhile.
+# duration, this process's CPU, and the JAX events recorded meanwhile (JAX records them from
+# any thread: a learner's prefetch thread may still run when a test ends).
 PLUGIN = '''
-import json, os, time
+import json, os, threading, time
 import pytest
-_events = {}
+_lock = threading.Lock()
+_spans = []  # (name, start, end) of each timed JAX event
+_counts = {}
 _listening = False
+def _span(name, secs, **kwargs):
+  end = time.time()
+  with _lock:
+    _spans.append((name, end - secs, end))
+def _event(name, **kwargs):
+  with _lock:
+    _counts[name] = _counts.get(name, 0) + 1
 def _listen():
   global _listening
-  if _listening:
-    return
-  import jax
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: _events.__setitem__(name, _events.get(name, 0.0) + secs))
-  jax.monitoring.register_event_listener(
-      lambda name, **kw: _events.__setitem__(name, _events.get(name, 0.0) + 1))
-  _listening = True
+  if not _listening:
+    import jax
+    jax.monitoring.register_event_duration_secs_listener(_span)
+    jax.monitoring.register_event_listener(_event)
+    _listening = True
+def _union(spans):
+  total, end = 0.0, float('-inf')
+  for start, stop in sorted(spans):
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
   _listen()
-  before, cpu, wall = dict(_events), time.process_time(), time.time()
+  with _lock:
+    first, counts = len(_spans), dict(_counts)
+  cpu, wall = time.process_time(), time.time()
   yield
-  events = {k: v - before.get(k, 0.0) for k, v in _events.items() if v != before.get(k, 0.0)}
-  with open(os.environ['SUITE_CPU_TESTS'], 'a', encoding='utf-8') as f:
-    f.write(json.dumps(dict(test=item.nodeid, wall=time.time() - wall,
-                            cpu=time.process_time() - cpu, events=events)) + '\\n')
+  with _lock:
+    spans, now = _spans[first:], dict(_counts)
+    del _spans[:]
+  timed = {}
+  for name, start, stop in spans:
+    timed.setdefault(name, []).append((start, stop))
+  record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
+                seconds={name: _union(s) for name, s in timed.items()},
+                counts={k: v - counts.get(k, 0) for k, v in now.items() if v != counts.get(k, 0)})
+  try:
+    with open(os.environ['SUITE_CPU_TESTS'], 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\\n')
+  except OSError as e:
+    print(f'suite_cpu plugin: {e}')
 '''
 
 TRACE, LOWER, COMPILE = ('/jax/core/compile/jaxpr_trace_duration',
                          '/jax/core/compile/jaxpr_to_mlir_module_duration',
                          '/jax/core/compile/backend_compile_duration')
-HITS, MISSES = '/jax/compilation_cache/cache_hits', '/jax/compilation_cache/cache_misses'
+# A compile request that used the persistent cache and was not a hit was compiled (JAX records
+# a "miss" only when it writes the executable, past its minimum compile time).
+HITS = '/jax/compilation_cache/cache_hits'
+REQUESTS = '/jax/compilation_cache/compile_requests_use_cache'
+PYTEST = 'pytest process'
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-  """(user + nice + system, steal) CPU-seconds of the whole machine since boot."""
-  with open('/proc/stat', encoding='ascii') as f:
-    fields = [int(x) for x in f.readline().split()[1:]]
-  tick = os.sysconf('SC_CLK_TCK')
-  return sum(fields[:3]) / tick, (fields[7] if len(fields) > 7 else 0) / tick
-
-
-def process_kind(cmd: str) -> str:
-  """A process's kind, from its command line (Ray renames an actor's process `ray::Class`)."""
-  if cmd.startswith('ray::'):
-    name = cmd.split()[0][5:]
-    return 'Ray actor ' + name.split(':')[-1].split('.')[0]  # [prefix:]Class[.method]
-  for needle, kind in (('gcs_server', "Ray's daemons"), ('raylet', "Ray's daemons"),
-                       ('dashboard', "Ray's daemons"), ('runtime_env', "Ray's daemons"),
-                       ('log_monitor', "Ray's daemons"), ('autoscaler', "Ray's daemons"),
-                       ('monitor.py', "Ray's daemons"),
-                       ('default_worker.py', 'Ray worker (no actor seen)'),
-                       ('setup_worker.py', 'Ray worker (no actor seen)'),
-                       ('reverb_tables serve', 'Reverb server (subprocess)'),
-                       ('reverb_tables insert', 'inserter (subprocess)'),
-                       ('exec(eval(sys.stdin.readline()))', 'pytest process'),
-                       ('pytest', 'pytest process'), ('gpu_suite', 'gpu_suite.py --tiny'),
-                       ('multiprocessing', 'multiprocessing child')):
-    if needle in cmd:
-      return kind
-  m = re.search(r'scaled_ql\.cli (\w+)', cmd)
-  if m:
-    return f'scaled-ql {m.group(1)} (subprocess)'
-  return 'python -c (tests\' subprocesses)' if ' -c ' in cmd else 'other'
+def process_kind(argv: list[str]) -> str:
+  """A process's kind, from its argv (Ray renames an actor's process `ray::Class`): the program
+  and its module or script only, not its arguments (which name temporary folders)."""
+  if not argv:
+    return 'other'
+  if argv[0].startswith('ray::'):
+    return 'Ray ' + argv[0][5:].split(':')[-1].split('.')[0]  # ray::[prefix:]Class[.method]
+  program = os.path.basename(argv[0])
+  if program in ('gcs_server', 'raylet'):
+    return "Ray's daemons"
+  if not program.startswith('python'):
+    return program
+  rest = [a for a in argv[1:] if a not in ('-u', '-B', '-E', '-s', '-O')]
+  if rest[:1] == ['-m'] and len(rest) > 1:
+    module, args = rest[1], rest[2:]
+    if module == 'pytest':
+      return PYTEST
+    if module == 'scaled_ql.cli' and args:
+      return f'scaled-ql {args[0]} (subprocess)'
+    if module == 'scaled_ql.datasets.reverb_tables' and args:
+      return f'reverb_tables {args[0]} (subprocess)'
+    return f'python -m {module}'
+  if rest[:1] == ['-c']:
+    code = rest[1] if len(rest) > 1 else ''
+    if 'multiprocessing' in code:
+      return 'multiprocessing child'
+    return 'python -c'
+  if not rest:
+    return 'python'
+  script = os.path.basename(rest[0])
+  if script in ('default_worker.py', 'setup_worker.py'):
+    return 'Ray worker (no actor seen)'
+  if 'site-packages/ray/' in rest[0]:
+    return "Ray's daemons"
+  return f'python {script}'
 
 
 class ProcessSampler(threading.Thread):
-  """Every process's CPU seconds (utime + stime), polled from /proc until stopped; processes
-  that existed at the start are left out."""
+  """Every process's CPU seconds (user + system) over the sampling, polled with psutil until
+  stopped; a process running at the start counts from there."""
 
   def __init__(self, period: float = 0.5):
     super().__init__(daemon=True)
     self.period, self.procs = period, {}
     self._stop_event = threading.Event()
-    self._before = set(self._poll(record=False))
+    self._poll(first=True)
 
-  def _poll(self, record: bool = True) -> list[str]:
-    tick, seen = os.sysconf('SC_CLK_TCK'), []
-    for pid in os.listdir('/proc'):
-      if not pid.isdigit() or int(pid) == os.getpid():
-        continue
-      try:
-        with open(f'/proc/{pid}/stat', encoding='ascii', errors='replace') as f:
-          rest = f.read().rsplit(')', 1)[1].split()
-        key = f'{pid}:{rest[19]}'  # pid and start time: a reused pid is another process
-        seen.append(key)
-        if not record or key in self._before:
-          continue
-        p = self.procs.setdefault(key, dict(cmd='', cpu=0.0))
-        if not p['cmd'] or 'worker.py' in p['cmd'] or p['cmd'].startswith('ray::IDLE'):
-          with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            p['cmd'] = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
-        p['cpu'] = (int(rest[11]) + int(rest[12])) / tick
-      except (OSError, IndexError, ValueError):
-        continue  # ended meanwhile
-    return seen
+  def _poll(self, first: bool = False) -> None:
+    for proc in psutil.process_iter(['pid', 'ppid', 'create_time', 'cpu_times', 'cmdline']):
+      info = proc.info
+      if info['cpu_times'] is None:
+        continue  # ended, or not ours to read
+      key = (info['pid'], info['create_time'])  # a reused pid is another process
+      cpu = info['cpu_times'].user + info['cpu_times'].system
+      p = self.procs.setdefault(key, dict(argv=[], start_cpu=cpu if first else 0.0, cpu=0.0,
+                                          pid=info['pid'], ppid=info['ppid']))
+      p['cpu'] = cpu - p['start_cpu']
+      argv = info['cmdline'] or []
+      if argv and (not p['argv'] or p['argv'][0] == 'ray::IDLE' or
+                   'worker.py' in ' '.join(p['argv'][:2])):
+        p['argv'] = argv  # a Ray worker is renamed when it takes an actor
 
   def run(self):
     while not self._stop_event.wait(self.period):
@@ -144,6 +180,11 @@ class ProcessSampler(threading.Thread):
     self._stop_event.set()
     self.join()
     self._poll()
+
+
+def machine_busy_seconds() -> float:
+  """User + nice + system CPU-seconds of the whole machine since boot (/proc/stat)."""
+  return machine.busy_jiffies() / os.sysconf('SC_CLK_TCK')
 
 
 def main(argv=None) -> int:
@@ -162,32 +203,43 @@ def main(argv=None) -> int:
                PYTHONPATH=tmp + (os.pathsep + os.environ['PYTHONPATH']
                                  if os.environ.get('PYTHONPATH') else ''))
     window = machine.Steal()
-    print(f'suite_cpu: pytest {" ".join(pytest_args)} | load {os.getloadavg()[0]:.2f}',
+    print(f'suite_cpu: pytest {shlex.join(pytest_args)} | load {os.getloadavg()[0]:.2f}',
           flush=True)
     sampler = ProcessSampler()
     sampler.start()
-    cpu0, steal0 = machine_cpu_seconds()
-    t0 = time.time()
-    rc = subprocess.call([sys.executable, '-m', 'pytest', '-q', '-p', 'suite_cpu_plugin',
-                          '-p', 'no:cacheprovider', *pytest_args], cwd=REPO, env=env)
-    wall = time.time() - t0
-    cpu1, steal1 = machine_cpu_seconds()
+    busy0, t0 = machine_busy_seconds(), time.time()
+    pytest = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'suite_cpu_plugin',
+                               '-p', 'no:cacheprovider', *pytest_args], cwd=REPO, env=env)
+    rc = pytest.wait()
+    wall, used = time.time() - t0, machine_busy_seconds() - busy0
+    steal = machine.percent_text(window.percent())
     sampler.stop()
     tests = []
     if os.path.exists(tests_file):
       with open(tests_file, encoding='utf-8') as f:
-        tests = [json.loads(line) for line in f]
-  used, cores = cpu1 - cpu0, os.cpu_count() or 1
-  sampled = sum(p['cpu'] for p in sampler.procs.values())
+        for line in f:
+          try:
+            tests.append(json.loads(line))
+          except ValueError:
+            pass  # a line cut short (its process killed while writing)
+  cores = os.cpu_count() or 1
   print(f'\npytest exit {rc}; {len(tests)} tests; wall {wall:.1f} s; machine CPU {used:.1f} s '
-        f'= {100 * used / (wall * cores):.0f}% of {cores} cores busy; steal '
-        f'{steal1 - steal0:.1f} s | {machine.context(window)}')
+        f'= {100 * used / (wall * cores):.0f}% of {cores} cores busy; steal {steal} | load '
+        f'{os.getloadavg()[0]:.2f}')
   kinds = collections.defaultdict(lambda: [0.0, 0])
   for proc in sampler.procs.values():
-    kinds[process_kind(proc['cmd'])][0] += proc['cpu']
-    kinds[process_kind(proc['cmd'])][1] += 1
-  print(f'\nCPU by process kind (sampled {sampled:.0f} s = {100 * sampled / max(used, 1e-9):.0f}%'
-        f' of the machine\'s):')
+    # pytest's own processes by pid: the one started here and its workers (xdist's execnet
+    # runs each as `python -c "...exec(eval(sys.stdin.readline()))"`).
+    ours = proc['pid'] == pytest.pid or (proc['ppid'] == pytest.pid and
+                                         'sys.stdin.readline' in ' '.join(proc['argv']))
+    kind = PYTEST if ours else process_kind(proc['argv'])
+    if kind == PYTEST and not ours:
+      kind = 'other pytest'  # (a test's own pytest run)
+    kinds[kind][0] += proc['cpu']
+    kinds[kind][1] += 1 if proc['cpu'] > 0 else 0
+  sampled = sum(cpu for cpu, _ in kinds.values())
+  print(f'\nCPU by process kind over the run (sampled {sampled:.0f} s = '
+        f'{100 * sampled / max(used, 1e-9):.0f}% of the machine\'s):')
   for kind, (cpu, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
     if cpu >= 0.5:
       print(f'  {cpu:8.1f} s {100 * cpu / max(used, 1e-9):5.1f}%  {n:4d} processes  {kind}')
@@ -197,26 +249,28 @@ def main(argv=None) -> int:
     c['tests'] += 1
     c['wall'] += t['wall']
     c['cpu'] += t['cpu']
-    for name, key in ((TRACE, 'trace'), (LOWER, 'lower'), (COMPILE, 'compile'), (HITS, 'hits'),
-                      (MISSES, 'misses')):
-      c[key] += t['events'].get(name, 0.0)
+    for name, key in ((TRACE, 'trace'), (LOWER, 'lower'), (COMPILE, 'compile')):
+      c[key] += t['seconds'].get(name, 0.0)
+    hits = t['counts'].get(HITS, 0)
+    c['loaded'] += hits
+    c['compiled'] += t['counts'].get(REQUESTS, 0) - hits
   total = sum(files.values(), collections.Counter())
-  print('\nper test file: test time, the pytest process\'s CPU, and its JAX work (seconds; '
-        'cache hits / misses):')
+  print('\nper test file: test time, the pytest process\'s own CPU, and its JAX work (seconds '
+        'tracing, lowering, compiling or loading; executables loaded / compiled with the '
+        'persistent cache on):')
   for name, c in sorted(files.items(), key=lambda kv: -kv[1]['wall']) + [('all', total)]:
     print(f'  {c["wall"]:7.1f} s  cpu {c["cpu"]:7.1f}  trace {c["trace"]:6.1f}  lower '
-          f'{c["lower"]:5.1f}  compile {c["compile"]:6.1f}  {c["hits"]:3.0f}/{c["misses"]:<3.0f} '
-          f'{c["tests"]:4d} tests  {name}')
+          f'{c["lower"]:5.1f}  compile {c["compile"]:6.1f}  '
+          f'{c["loaded"]:3.0f}/{c["compiled"]:<3.0f} {c["tests"]:4d} tests  {name}')
   print(f'\nthe {args.top} longest tests:')
   for t in sorted(tests, key=lambda t: -t['wall'])[:args.top]:
     print(f'  {t["wall"]:7.1f} s  cpu {t["cpu"]:6.1f}  {t["test"]}')
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used,
-                     steal=steal1 - steal0, cores=cores, sampled=sampled,
+      json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used, steal=steal,
+                     cores=cores, sampled=sampled,
                      kinds={k: dict(cpu=v[0], processes=v[1]) for k, v in kinds.items()},
-                     files={k: dict(v) for k, v in files.items()}, tests=tests,
-                     context=machine.context(window)), f, indent=1)
+                     files={k: dict(v) for k, v in files.items()}, tests=tests), f, indent=1)
   return rc
 
 

@@ -30,7 +30,7 @@ def cfg():
 
 @pytest.fixture(scope='module')
 def params(cfg):
-  return jax.device_get(learner_lib.initial_state(cfg, jax.random.PRNGKey(0)).params)
+  return jax.device_get(learner_lib.initial_state(cfg, jax.random.PRNGKey(0), None).params)
 
 
 def make_actor(cfg, params, epsilon, adder=None, version=0, seed=0):

@@ -94,7 +94,7 @@ def test_update_has_no_scatter(variant):
   gradients of the per-game head gather and of the data-action index cost ~10% of the cpu_small
   step)."""
   cfg = get_config('cpu_tiny' + variant)
-  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0), None)
   hlo = learner_lib.update.lower(state, random_batch(cfg, 0), cfg=cfg).compile().as_text()
   assert 'scatter' not in hlo
 
@@ -360,7 +360,7 @@ def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
       from scaled_ql.configs import get_config
       from scaled_ql.types import random_frame_windows
       cfg = get_config('cpu_tiny')
-      state = learner.initial_state(cfg, jax.random.PRNGKey(0))
+      state = learner.initial_state(cfg, jax.random.PRNGKey(0), None)
       windows = jax.device_put(random_frame_windows(cfg, 8, 0))
       update = learner.update_from_windows.lower(state, windows, cfg=cfg).compile(
           compiler_options={'xla_cpu_use_thunk_runtime': False})
@@ -379,7 +379,7 @@ def test_classic_cpu_runtime_is_refused_for_strided_convolutions():
   small = get_config('cpu_small').replace(agent=dict(games_per_batch=4, transitions_per_game=2))
   assert not q_network.has_strided_convolutions(small.network)
   for cfg, found in ((CFG, True), (small, False)):
-    state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+    state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0), None)
     windows = jax.device_put(random_frame_windows(cfg, 8, 0))
     hlo = learner_lib.update_from_windows.lower(state, windows, cfg=cfg).compile().as_text()
     assert bool(learner_lib.dilated_convolutions(hlo)) == found
@@ -741,7 +741,7 @@ def test_update_from_windows_equals_the_update_on_stacked_observations(loss, inp
                     data=dict(transitions_per_item=per_item))
   windows = random_frame_windows(cfg, seed=3)
   assert isinstance(learner_lib.windows_batch(windows, cfg).observation, q_network.FramePatches)
-  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0), None)
   copy = lambda: jax.tree_util.tree_map(np.array, state)  # update donates its state
   got, got_metrics = learner_lib.update_from_windows(copy(), windows, cfg=cfg)
   want, want_metrics = learner_lib.update(copy(), windows.to_transition(), cfg=cfg)
@@ -764,7 +764,7 @@ def test_random_shift_moves_the_observations_of_both_update_paths():
   the plain `gradient_step` on the moved images (and differs from the unshifted one)."""
   cfg = CFG.replace(agent=dict(random_shift=4), data=dict(transitions_per_item=4))
   windows = random_frame_windows(cfg, seed=5)
-  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0))
+  state = learner_lib.initial_state(cfg, jax.random.PRNGKey(0), None)
   copy = lambda: jax.tree_util.tree_map(np.array, state)  # the updates donate their state
   key = learner_lib.augmentation_key(state)
 

@@ -6,56 +6,82 @@ import benchmark_modules  # tests/benchmark_modules.py
 
 suite_cpu = benchmark_modules.load('suite_cpu')
 
-_TESTS = textwrap.dedent('''
-    import subprocess, sys, time
+_BURN = textwrap.dedent('''
+    import sys, time
+    end = time.process_time() + float(sys.argv[1])
+    while time.process_time() < end:
+      pass
+''')
 
-    def _burn(seconds):
-      end = time.process_time() + seconds
+_TESTS = textwrap.dedent('''
+    import os, subprocess, sys, time
+
+    def test_burns_cpu_in_its_process():
+      end = time.process_time() + 0.8
       while time.process_time() < end:
         pass
 
-    def test_burns_cpu_in_its_process():
-      _burn(0.8)
-
-    def test_compiles_with_jax():
+    def test_compiles_then_loads_from_the_persistent_cache():
       import jax, jax.numpy as jnp
-      jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+      f = lambda x: jnp.sin(x) * 3 + 1
+      jax.jit(f)(jnp.arange(7.0)).block_until_ready()
+      jax.clear_caches()  # the same program again: from the persistent cache
+      jax.jit(f)(jnp.arange(7.0)).block_until_ready()
 
     def test_runs_a_subprocess_that_burns_cpu():
-      subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 1.5\\n'
-                      'while time.process_time() < end: pass'], check=True)
+      burn = os.path.join(os.path.dirname(__file__), 'burn.py')
+      subprocess.run([sys.executable, burn, '3'], check=True)
 ''')
 
 
 def test_the_kinds_of_the_suites_processes():
+  """By program and module, not arguments: pytest's temporary folders are in most of them."""
   kind = suite_cpu.process_kind
-  assert kind('ray::LearnerNode.__init__') == 'Ray actor LearnerNode'
-  assert kind('ray::run_1_replay:ReverbNode.__init__') == 'Ray actor ReverbNode'
-  assert kind('/v/bin/python -u -c import sys;exec(eval(sys.stdin.readline()))') == 'pytest process'
-  assert kind('/v/bin/gcs_server --log_dir=/tmp/ray') == "Ray's daemons"
-  assert kind('/v/bin/python -m scaled_ql.cli learn --config cpu_tiny') == (
+  tmp = '/tmp/pytest-of-root/pytest-3/popen-gw1/test_x0'
+  assert kind(['ray::LearnerNode.__init__']) == 'Ray LearnerNode'
+  assert kind(['ray::run_1_replay:ReverbNode.__init__']) == 'Ray ReverbNode'
+  assert kind(['ray::IDLE']) == 'Ray IDLE'
+  assert kind(['/v/bin/gcs_server', f'--log_dir={tmp}']) == "Ray's daemons"
+  assert kind(['/v/bin/python', '/v/site-packages/ray/dashboard/agent.py', tmp]) == (
+      "Ray's daemons")
+  assert kind(['/v/bin/python', '/v/site-packages/ray/_private/workers/default_worker.py']) == (
+      'Ray worker (no actor seen)')
+  assert kind(['/v/bin/python', '-m', 'scaled_ql.cli', 'learn', '--workdir', tmp]) == (
       'scaled-ql learn (subprocess)')
-  assert kind('/v/bin/python -m scaled_ql.datasets.reverb_tables serve --port 1') == (
-      'Reverb server (subprocess)')
-  assert kind('/v/bin/python -c import jax') == "python -c (tests' subprocesses)"
+  assert kind(['/v/bin/python', '-m', 'scaled_ql.datasets.reverb_tables', 'serve']) == (
+      'reverb_tables serve (subprocess)')
+  assert kind(['/v/bin/python', '-c', 'import jax', tmp]) == 'python -c'
+  assert kind(['/v/bin/python', '-B', '-c', 'from multiprocessing.spawn import spawn_main']) == (
+      'multiprocessing child')
+  assert kind(['bash', 'benchmarks/gpu_suite.sh', '--out', tmp]) == 'bash'
+  assert kind(['/v/bin/python', 'benchmarks/gpu_suite.py', '--out', tmp]) == 'python gpu_suite.py'
+  assert kind(['/v/bin/python', '-m', 'pytest', tmp]) == suite_cpu.PYTEST
 
 
-def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path):
+def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, monkeypatch):
   """Two pytest processes, as CI runs the suite: each test's record comes from the process that
-  ran it (its CPU, the JAX compile it did), and the subprocess's CPU is in the process table."""
-  test_file = tmp_path / 'test_work.py'
-  test_file.write_text(_TESTS)
+  ran it (its own CPU, the JAX work it did), and a subprocess's CPU is in the process table."""
+  (tmp_path / 'test_work.py').write_text(_TESTS)
+  (tmp_path / 'burn.py').write_text(_BURN)
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   out = tmp_path / 'figures.json'
-  assert suite_cpu.main(['--json', str(out), '--', '-n', '2', str(test_file)]) == 0
+  assert suite_cpu.main(['--json', str(out), '--', '-n', '2', str(tmp_path / 'test_work.py')]) == 0
   figures = json.loads(out.read_text())
   tests = {t['test'].split('::')[-1]: t for t in figures['tests']}
-  assert set(tests) == {'test_burns_cpu_in_its_process', 'test_compiles_with_jax',
+  assert set(tests) == {'test_burns_cpu_in_its_process',
+                        'test_compiles_then_loads_from_the_persistent_cache',
                         'test_runs_a_subprocess_that_burns_cpu'}
-  assert tests['test_burns_cpu_in_its_process']['cpu'] >= 0.8
-  assert tests['test_runs_a_subprocess_that_burns_cpu']['cpu'] < 0.5  # not the child's CPU
-  compiled = tests['test_compiles_with_jax']['events']
-  assert compiled[suite_cpu.TRACE] > 0 and compiled[suite_cpu.COMPILE] > 0
-  assert figures['kinds']["python -c (tests' subprocesses)"]['cpu'] >= 1.0
-  assert figures['kinds']['pytest process']['processes'] >= 2  # the two pytest workers
-  assert 0.5 <= figures['sampled'] / figures['machine_cpu'] <= 1.05
+  assert 0.8 <= tests['test_burns_cpu_in_its_process']['cpu'] < 5
+  assert tests['test_runs_a_subprocess_that_burns_cpu']['cpu'] < 1.0  # not the child's CPU
+  jit = tests['test_compiles_then_loads_from_the_persistent_cache']
+  assert jit['seconds'][suite_cpu.TRACE] > 0 and jit['seconds'][suite_cpu.COMPILE] > 0
+  # Each program (the jitted f, and jnp.arange's) compiled once, then loaded once.
+  hits = jit['counts'][suite_cpu.HITS]
+  assert hits >= 1 and jit['counts'][suite_cpu.REQUESTS] == 2 * hits, jit
+  file = figures['files'][next(iter(figures['files']))]
+  assert (file['loaded'], file['compiled'], file['tests']) == (hits, hits, 3)
+  assert figures['kinds']['python burn.py']['cpu'] >= 2.0
+  assert figures['kinds'][suite_cpu.PYTEST]['processes'] == 3  # pytest and its two workers
+  assert 0.6 <= figures['sampled'] / figures['machine_cpu'] <= 1.1, figures
   assert figures['wall'] > 0 and figures['exit'] == 0
