@@ -64,7 +64,8 @@ FAST = frozenset({
     'test_host_memory.py',
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
     'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
-    'test_imitation_probe.py',
+    'test_imitation_probe.py', 'test_machine.py',
+    'test_suite_cpu.py::test_the_kinds_of_the_suites_processes',
     # single tests of slower files (each under ~3 s)
     'test_actors.py::test_linear_epsilon_follows_dopamines_schedule',
     'test_actors.py::test_actor_explores_by_the_schedule_of_the_param_version',
