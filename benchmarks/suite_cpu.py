@@ -3,24 +3,27 @@
     flock /tmp/scaled_ql_heavy.lock .venv/bin/python benchmarks/suite_cpu.py [--json F]
     .venv/bin/python benchmarks/suite_cpu.py -- tests/test_learner.py    # one file, serially
 
-Runs pytest (by default CI's command: `-n 2 --dist loadfile --no-loadscope-reorder tests`) and
-reports, with the load average and steal beside them:
+Runs pytest -q -p no:cacheprovider with CI's arguments (`-n 2 --dist loadfile
+--no-loadscope-reorder tests`) or those given after `--`, and reports, with the load average and
+steal beside them:
 - the wall time and the machine's CPU time over the run (/proc/stat: user + nice + system), and
   how busy that kept the cores: near 100% means the suite is CPU-bound, so only less work per
   test shortens it (a third pytest process does not);
 - every process's CPU over the run, polled every 0.5 s (psutil) and grouped by kind: the pytest
-  processes (the one started here and its workers, by pid), each Ray actor class, Ray's own
-  daemons, Reverb servers, `scaled-ql` subprocesses, ...; processes that were running before
-  count from the start, this tool included. A process is read until it ends, so what it spent
-  in its last half second, and processes shorter than that, are missed: `sampled` says how
-  much of the machine's CPU the table covers;
+  processes (the one started here and its workers, by pid), each Ray actor class (`Ray
+  ReverbNode`, ...), Ray's own daemons, `scaled-ql` and `reverb_tables` subprocesses, ...;
+  processes that were running before count from the start, this tool included. A process is
+  read until it ends, so what it spent in its last half second, and processes shorter than
+  that, are missed: `sampled` says how much of the machine's CPU the table covers;
 - per test file: test time (setup + call + teardown, summed; a module fixture's setup counts
   for the file's first test), the pytest process's own CPU, and the JAX work done in that
   process, from jax.monitoring: wall time while tracing to jaxprs, lowering to MLIR, and
   compiling or loading from the persistent cache (each the union of JAX's timed intervals:
   tracing nests, an outer jit traces inner ones), and executables loaded from the persistent
-  cache / compiled with it on (requests to the cache that did not hit). The Ray nodes' and
-  subprocesses' JAX work is in the process table only;
+  cache / compiled with it on (requests to the cache that did not hit; not
+  `scaled_ql.compilation_cache.counts()`'s `compiled`, which counts what JAX wrote: past its
+  minimum compile time only). The Ray nodes' and subprocesses' JAX work is in the process
+  table only (benchmarks/suite_cpu_plugin.py says how a test's events are told apart);
 - the longest tests.
 Nothing else should run meanwhile: the figures are the machine's.
 """
@@ -31,6 +34,7 @@ import collections
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,60 +49,7 @@ import machine  # noqa: E402  (benchmarks/machine.py: /proc/stat, load average a
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARGS = ['-n', '2', '--dist', 'loadfile', '--no-loadscope-reorder', 'tests']
 
-# The pytest plugin, written to a temporary folder put first on the pytest processes' PYTHONPATH
-# (a file of its own there, so that nothing else of benchmarks/ shadows a module): per test, its
-# duration, this process's CPU, and the JAX events recorded meanwhile (JAX records them from
-# any thread: a learner's prefetch thread may still run when a test ends).
-PLUGIN = '''
-import json, os, threading, time
-import pytest
-_lock = threading.Lock()
-_spans = []  # (name, start, end) of each timed JAX event
-_counts = {}
-_listening = False
-def _span(name, secs, **kwargs):
-  end = time.time()
-  with _lock:
-    _spans.append((name, end - secs, end))
-def _event(name, **kwargs):
-  with _lock:
-    _counts[name] = _counts.get(name, 0) + 1
-def _listen():
-  global _listening
-  if not _listening:
-    import jax
-    jax.monitoring.register_event_duration_secs_listener(_span)
-    jax.monitoring.register_event_listener(_event)
-    _listening = True
-def _union(spans):
-  total, end = 0.0, float('-inf')
-  for start, stop in sorted(spans):
-    if stop > end:
-      total += stop - max(start, end)
-      end = stop
-  return total
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-  _listen()
-  with _lock:
-    first, counts = len(_spans), dict(_counts)
-  cpu, wall = time.process_time(), time.time()
-  yield
-  with _lock:
-    spans, now = _spans[first:], dict(_counts)
-    del _spans[:]
-  timed = {}
-  for name, start, stop in spans:
-    timed.setdefault(name, []).append((start, stop))
-  record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
-                seconds={name: _union(s) for name, s in timed.items()},
-                counts={k: v - counts.get(k, 0) for k, v in now.items() if v != counts.get(k, 0)})
-  try:
-    with open(os.environ['SUITE_CPU_TESTS'], 'a', encoding='utf-8') as f:
-      f.write(json.dumps(record) + '\\n')
-  except OSError as e:
-    print(f'suite_cpu plugin: {e}')
-'''
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'suite_cpu_plugin.py')
 
 TRACE, LOWER, COMPILE = ('/jax/core/compile/jaxpr_trace_duration',
                          '/jax/core/compile/jaxpr_to_mlir_module_duration',
@@ -122,7 +73,9 @@ def process_kind(argv: list[str]) -> str:
     return "Ray's daemons"
   if not program.startswith('python'):
     return program
-  rest = [a for a in argv[1:] if a not in ('-u', '-B', '-E', '-s', '-O')]
+  rest = argv[1:]
+  while rest and rest[0].startswith('-') and rest[0] not in ('-m', '-c'):
+    rest = rest[2:] if rest[0] in ('-X', '-W') else rest[1:]  # the interpreter's own flags
   if rest[:1] == ['-m'] and len(rest) > 1:
     module, args = rest[1], rest[2:]
     if module == 'pytest':
@@ -167,10 +120,12 @@ class ProcessSampler(threading.Thread):
       p = self.procs.setdefault(key, dict(argv=[], start_cpu=cpu if first else 0.0, cpu=0.0,
                                           pid=info['pid'], ppid=info['ppid']))
       p['cpu'] = cpu - p['start_cpu']
+      # The latest command line (a child seen between fork and exec shows its parent's; a Ray
+      # worker is renamed when it takes an actor), but an actor's name over a later ray::IDLE.
       argv = info['cmdline'] or []
-      if argv and (not p['argv'] or p['argv'][0] == 'ray::IDLE' or
-                   'worker.py' in ' '.join(p['argv'][:2])):
-        p['argv'] = argv  # a Ray worker is renamed when it takes an actor
+      if argv and not (argv[0] == 'ray::IDLE' and p['argv'][:1] != argv[:1]
+                       and p['argv'][:1] and p['argv'][0].startswith('ray::')):
+        p['argv'] = argv
 
   def run(self):
     while not self._stop_event.wait(self.period):
@@ -196,8 +151,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   pytest_args = args.pytest_args or CI_ARGS
   with tempfile.TemporaryDirectory(prefix='suite_cpu_') as tmp:
-    with open(os.path.join(tmp, 'suite_cpu_plugin.py'), 'w', encoding='utf-8') as f:
-      f.write(PLUGIN)
+    # Copied to a folder of its own first on PYTHONPATH: nothing else of benchmarks/ can then
+    # shadow a module of the tests.
+    shutil.copy(PLUGIN, os.path.join(tmp, 'suite_cpu_plugin.py'))
     tests_file = os.path.join(tmp, 'tests.jsonl')
     env = dict(os.environ, SUITE_CPU_TESTS=tests_file,
                PYTHONPATH=tmp + (os.pathsep + os.environ['PYTHONPATH']
@@ -210,9 +166,13 @@ def main(argv=None) -> int:
     busy0, t0 = machine_busy_seconds(), time.time()
     pytest = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'suite_cpu_plugin',
                                '-p', 'no:cacheprovider', *pytest_args], cwd=REPO, env=env)
+    try:
+      started = psutil.Process(pytest.pid).create_time()
+    except psutil.NoSuchProcess:
+      started = 0.0
     rc = pytest.wait()
     wall, used = time.time() - t0, machine_busy_seconds() - busy0
-    steal = machine.percent_text(window.percent())
+    context = machine.context(window)
     sampler.stop()
     tests = []
     if os.path.exists(tests_file):
@@ -224,14 +184,13 @@ def main(argv=None) -> int:
             pass  # a line cut short (its process killed while writing)
   cores = os.cpu_count() or 1
   print(f'\npytest exit {rc}; {len(tests)} tests; wall {wall:.1f} s; machine CPU {used:.1f} s '
-        f'= {100 * used / (wall * cores):.0f}% of {cores} cores busy; steal {steal} | load '
-        f'{os.getloadavg()[0]:.2f}')
+        f'= {100 * used / (wall * cores):.0f}% of {cores} cores busy | {context}')
   kinds = collections.defaultdict(lambda: [0.0, 0])
-  for proc in sampler.procs.values():
-    # pytest's own processes by pid: the one started here and its workers (xdist's execnet
-    # runs each as `python -c "...exec(eval(sys.stdin.readline()))"`).
-    ours = proc['pid'] == pytest.pid or (proc['ppid'] == pytest.pid and
-                                         'sys.stdin.readline' in ' '.join(proc['argv']))
+  for (pid, created), proc in sampler.procs.items():
+    # pytest's own processes by pid (and start, against a reused pid): the one started here and
+    # its workers (xdist's execnet runs each as `python -c "...exec(eval(sys.stdin...))"`).
+    ours = created >= started and (pid == pytest.pid or (
+        proc['ppid'] == pytest.pid and 'sys.stdin.readline' in ' '.join(proc['argv'])))
     kind = PYTEST if ours else process_kind(proc['argv'])
     if kind == PYTEST and not ours:
       kind = 'other pytest'  # (a test's own pytest run)
@@ -267,7 +226,7 @@ def main(argv=None) -> int:
     print(f'  {t["wall"]:7.1f} s  cpu {t["cpu"]:6.1f}  {t["test"]}')
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used, steal=steal,
+      json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used, context=context,
                      cores=cores, sampled=sampled,
                      kinds={k: dict(cpu=v[0], processes=v[1]) for k, v in kinds.items()},
                      files={k: dict(v) for k, v in files.items()}, tests=tests), f, indent=1)

@@ -1,6 +1,8 @@
 """benchmarks/machine.py: the load and steal time printed beside every benchmark figure."""
 import time
 
+import pytest
+
 import benchmark_modules
 
 machine = benchmark_modules.load('machine')
@@ -19,6 +21,15 @@ def test_steal_is_the_stolen_share_of_the_intervals_cpu_time(tmp_path):
   _stat(stat, steal=130, total_other=1170)  # 300 more jiffies, 30 of them stolen
   assert abs(window.percent() - 10.0) < 1e-9
   assert machine.context(window).endswith('steal 10.0%')
+
+
+def test_busy_jiffies_are_user_nice_and_system(tmp_path):
+  stat = tmp_path / 'stat'
+  stat.write_text('cpu  100 20 30 4000 50 6 7 8 9 10\n')
+  assert machine.busy_jiffies(str(stat)) == 150  # not idle, iowait, irq, softirq or steal
+  stat.write_text('cpu  1 2 3 4\n')
+  with pytest.raises(OSError, match='no cpu line with a steal field'):
+    machine.busy_jiffies(str(stat))
 
 
 def test_steal_is_unknown_without_a_steal_field_or_an_interval(tmp_path):

@@ -5,6 +5,7 @@ import textwrap
 import benchmark_modules  # tests/benchmark_modules.py
 
 suite_cpu = benchmark_modules.load('suite_cpu')
+plugin = benchmark_modules.load('suite_cpu_plugin')
 
 _BURN = textwrap.dedent('''
     import sys, time
@@ -56,15 +57,32 @@ def test_the_kinds_of_the_suites_processes():
   assert kind(['bash', 'benchmarks/gpu_suite.sh', '--out', tmp]) == 'bash'
   assert kind(['/v/bin/python', 'benchmarks/gpu_suite.py', '--out', tmp]) == 'python gpu_suite.py'
   assert kind(['/v/bin/python', '-m', 'pytest', tmp]) == suite_cpu.PYTEST
+  # The interpreter's own flags, some with an argument, before -m or -c:
+  assert kind(['/v/bin/python', '-W', 'ignore', '-B', '-c', 'from multiprocessing.spawn']) == (
+      'multiprocessing child')
+  assert kind(['/v/bin/python', '-X', 'importtime', '-u', '-m', 'pytest']) == suite_cpu.PYTEST
 
 
-def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, monkeypatch):
+def test_timed_jax_events_are_summed_as_the_union_of_their_intervals():
+  """Tracing nests (an outer jit traces the inner ones, each timed): a plain sum would count
+  the inner time twice."""
+  union = plugin.union_seconds
+  assert union([]) == 0.0
+  assert union([(0.0, 10.0), (2.0, 5.0)]) == 10.0  # nested
+  assert union([(3.0, 8.0), (0.0, 5.0)]) == 8.0  # overlapping, in any order
+  assert union([(0.0, 1.0), (2.0, 3.0), (2.5, 2.7)]) == 2.0  # apart, one nested
+
+
+def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, monkeypatch,
+                                                                       capsys):
   """Two pytest processes, as CI runs the suite: each test's record comes from the process that
   ran it (its own CPU, the JAX work it did), and a subprocess's CPU is in the process table."""
   (tmp_path / 'test_work.py').write_text(_TESTS)
   (tmp_path / 'burn.py').write_text(_BURN)
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  monkeypatch.setenv('JAX_ENABLE_COMPILATION_CACHE', 'true')
+  monkeypatch.delenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', raising=False)
   out = tmp_path / 'figures.json'
   assert suite_cpu.main(['--json', str(out), '--', '-n', '2', str(tmp_path / 'test_work.py')]) == 0
   figures = json.loads(out.read_text())
@@ -75,7 +93,8 @@ def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, 
   assert 0.8 <= tests['test_burns_cpu_in_its_process']['cpu'] < 5
   assert tests['test_runs_a_subprocess_that_burns_cpu']['cpu'] < 1.0  # not the child's CPU
   jit = tests['test_compiles_then_loads_from_the_persistent_cache']
-  assert jit['seconds'][suite_cpu.TRACE] > 0 and jit['seconds'][suite_cpu.COMPILE] > 0
+  assert all(jit['seconds'][e] > 0 for e in (suite_cpu.TRACE, suite_cpu.LOWER, suite_cpu.COMPILE))
+  assert set(jit['seconds']) == set(plugin.TIMED)  # (not JAX's other timed events)
   # Each program (the jitted f, and jnp.arange's) compiled once, then loaded once.
   hits = jit['counts'][suite_cpu.HITS]
   assert hits >= 1 and jit['counts'][suite_cpu.REQUESTS] == 2 * hits, jit
@@ -85,3 +104,6 @@ def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, 
   assert figures['kinds'][suite_cpu.PYTEST]['processes'] == 3  # pytest and its two workers
   assert 0.6 <= figures['sampled'] / figures['machine_cpu'] <= 1.1, figures
   assert figures['wall'] > 0 and figures['exit'] == 0
+  printed = capsys.readouterr().out
+  assert '; 3 tests; wall ' in printed and 'cores busy | load ' in printed
+  assert '  python burn.py\n' in printed and '3 tests  all\n' in printed
