@@ -225,6 +225,8 @@ def ray_session():
       cluster = Cluster(initialize_head=True, head_node_args=dict(
           num_cpus=1, include_dashboard=False, object_store_memory=300 * 2**20))
     cluster.add_node(num_cpus=3, object_store_memory=300 * 2**20)
+    # A runtime_env, as `init_ray` gives a cluster joined with --address (its nodes then start
+    # through Ray's setup_worker shim; a local Ray inherits its environment instead).
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
              runtime_env={'env_vars': {'TF_CPP_MIN_LOG_LEVEL': '2'}})
     assert len([n for n in ray.nodes() if n['Alive']]) == 2

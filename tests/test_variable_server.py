@@ -61,11 +61,31 @@ def test_layout_split_join_roundtrip(num_shards):
     vs.ShardLayout.for_tree({'a': [np.zeros(2)]}, 1)
 
 
+_NODE_ENV = {'SCALED_QL_TEST_NODE_ENV': 'from start_local_ray'}
+
+
 @pytest.fixture(scope='module')
 def ray_session():
-  run.start_local_ray(2, log_to_driver=False)
+  assert 'SCALED_QL_TEST_NODE_ENV' not in os.environ
+  run.start_local_ray(2, _NODE_ENV, log_to_driver=False)
   yield
   ray.shutdown()
+
+
+def test_a_local_rays_nodes_get_the_environment_it_was_started_with(ray_session):
+  """`start_local_ray`'s `env` reaches the nodes through the Ray processes it starts (not as a
+  runtime_env, which starts each worker through a shim: ~0.85 s more per node), and this
+  process's environment is as it was."""
+  @ray.remote(num_cpus=0)
+  class Probe:
+    def env(self):
+      return (os.environ.get('SCALED_QL_TEST_NODE_ENV'),
+              dict(ray.get_runtime_context().runtime_env))
+
+  probe = Probe.remote()
+  assert ray.get(probe.env.remote(), timeout=120) == ('from start_local_ray', {})
+  ray.kill(probe)
+  assert 'SCALED_QL_TEST_NODE_ENV' not in os.environ
 
 
 def test_publish_and_fetch_across_shards(ray_session):

@@ -473,11 +473,33 @@ def start_local_ray(num_cpus: int, env: Optional[dict] = None,
   benchmarks and the tests start. A new one (`address='local'`) even when RAY_ADDRESS is set or
   a `ray start` cluster runs on the machine: a plain `ray.init()` joins that cluster instead, and
   fails on `num_cpus` (seen: "When connecting to an existing cluster, num_cpus and num_gpus must
-  not be provided"). Joining one is what `--address` asks for."""
+  not be provided"). Joining one is what `--address` asks for.
+
+  `env` reaches every node through the environment of the Ray processes started here, which
+  their workers inherit (this process's own environment is as it was once Ray has started).
+  Not as a runtime_env: Ray then starts every worker through its setup_worker.py shim (one more
+  Python start, and a call to its runtime-env agent), which made each node start ~0.85 s and
+  ~0.85 CPU-s slower on 2 cores (BUILD_NOTES "Tests", 2026-12-07 evening). A cluster joined
+  with `--address` still gets it as a runtime_env (`init_ray`): its processes started elsewhere."""
   import ray
-  ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
-           log_to_driver=log_to_driver, configure_logging=False,
-           runtime_env={'env_vars': env} if env else None)
+  with _environment(env or {}):
+    ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=log_to_driver, configure_logging=False)
+
+
+@contextlib.contextmanager
+def _environment(env: dict) -> Iterator[None]:
+  """This process's environment with `env` set, restored on exit."""
+  before = {name: os.environ.get(name) for name in env}
+  os.environ.update(env)
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
