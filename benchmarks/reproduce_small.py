@@ -584,7 +584,7 @@ def main(argv=None) -> int:
   else:
     import ray
     from scaled_ql.launch import run as run_lib
-    run_lib.start_local_ray(max(4, os.cpu_count() or 1), {'TF_CPP_MIN_LOG_LEVEL': '2'},
+    run_lib.start_local_ray(max(4, os.cpu_count() or 1), run_lib.node_environment(),
                             log_to_driver=False)
     results = []
     try:

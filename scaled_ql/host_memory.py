@@ -18,8 +18,8 @@ not take effect after TensorFlow had read data, nor in a Ray worker (faults stay
 set through glibc's environment variables at process start they always did. Hence two ways in:
 - this process: `scaled_ql` calls `apply_from_environment()` when it is imported, before any
   TensorFlow or XLA work of a CLI command, benchmark or test;
-- Ray nodes: `launch.run.init_ray` puts `node_environment()` (glibc's MALLOC_* variables) into
-  every node's environment.
+- Ray nodes: `launch.run.init_ray` puts `node_environment()` (glibc's MALLOC_* variables, in
+  `launch.run.node_environment()`) into every node's environment.
 `SCALED_QL_KEEP_FREED_MEMORY=0` leaves malloc's defaults everywhere. On other C libraries (musl,
 macOS) glibc's knobs do not exist: nothing changes.
 """

@@ -136,6 +136,7 @@ FAST = frozenset({
     'test_transitions.py::test_device_stacking_equals_numpy_reference',
     'test_transitions.py::test_terminal_end_hand_built',
     'test_variable_server.py::test_split_by_size_is_a_balanced_partition',
+    'test_variable_server.py::test_the_environment_ray_starts_with_is_undone_after',
     'test_variable_server.py::test_layout_split_join_roundtrip',
     'test_workdir.py::test_resume_refuses_a_change_of_what_the_run_is',
     'test_workdir.py::test_resume_policy_covers_the_issue_list',

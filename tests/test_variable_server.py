@@ -72,6 +72,24 @@ def ray_session():
   ray.shutdown()
 
 
+def test_the_environment_ray_starts_with_is_undone_after(monkeypatch):
+  """`run._environment` (Ray-free): a variable set before gets its value back, one that was
+  not is removed, also when the block raises or a value cannot be set."""
+  monkeypatch.setenv('SCALED_QL_TEST_BEFORE', 'caller')
+  monkeypatch.delenv('SCALED_QL_TEST_ABSENT', raising=False)
+  with pytest.raises(RuntimeError, match='inside'):
+    with run._environment({'SCALED_QL_TEST_BEFORE': 'ray', 'SCALED_QL_TEST_ABSENT': 'ray'}):  # pylint: disable=protected-access
+      assert os.environ['SCALED_QL_TEST_BEFORE'] == os.environ['SCALED_QL_TEST_ABSENT'] == 'ray'
+      raise RuntimeError('inside')
+  assert os.environ['SCALED_QL_TEST_BEFORE'] == 'caller'
+  assert 'SCALED_QL_TEST_ABSENT' not in os.environ
+  with pytest.raises(TypeError):
+    with run._environment({'SCALED_QL_TEST_ABSENT': 'ray', 'SCALED_QL_TEST_BEFORE': 7}):  # pylint: disable=protected-access
+      pass
+  assert os.environ['SCALED_QL_TEST_BEFORE'] == 'caller'
+  assert 'SCALED_QL_TEST_ABSENT' not in os.environ
+
+
 def test_a_local_rays_nodes_get_the_environment_it_was_started_with(ray_session):
   """`start_local_ray`'s `env` reaches the nodes through the Ray processes it starts (not as a
   runtime_env, which starts each worker through a shim: ~0.85 s more per node), and this
@@ -83,7 +101,8 @@ def test_a_local_rays_nodes_get_the_environment_it_was_started_with(ray_session)
               dict(ray.get_runtime_context().runtime_env))
 
   probe = Probe.remote()
-  assert ray.get(probe.env.remote(), timeout=120) == ('from start_local_ray', {})
+  value, runtime_env = ray.get(probe.env.remote(), timeout=120)
+  assert value == 'from start_local_ray' and 'env_vars' not in runtime_env, runtime_env
   ray.kill(probe)
   assert 'SCALED_QL_TEST_NODE_ENV' not in os.environ
 

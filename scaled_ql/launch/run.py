@@ -467,7 +467,7 @@ def prepare_workdir(cfg, workdir: str, allow_config_change: bool = False, log=No
   return changes
 
 
-def start_local_ray(num_cpus: int, env: Optional[dict] = None,
+def start_local_ray(num_cpus: int, env: Optional[dict[str, str]] = None,
                     log_to_driver: bool = True) -> None:
   """Starts a new Ray on this machine (no dashboard): what `train` without --address, the
   benchmarks and the tests start. A new one (`address='local'`) even when RAY_ADDRESS is set or
@@ -480,7 +480,9 @@ def start_local_ray(num_cpus: int, env: Optional[dict] = None,
   Not as a runtime_env: Ray then starts every worker through its setup_worker.py shim (one more
   Python start, and a call to its runtime-env agent), which made each node start ~0.85 s and
   ~0.85 CPU-s slower on 2 cores (BUILD_NOTES "Tests", 2026-12-07 evening). A cluster joined
-  with `--address` still gets it as a runtime_env (`init_ray`): its processes started elsewhere."""
+  with `--address` still gets it as a runtime_env (`init_ray`): its processes started elsewhere.
+  While `ray.init` runs (1-3 s) this process's other threads and subprocesses see `env` too:
+  start Ray before any."""
   import ray
   with _environment(env or {}):
     ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
@@ -488,11 +490,11 @@ def start_local_ray(num_cpus: int, env: Optional[dict] = None,
 
 
 @contextlib.contextmanager
-def _environment(env: dict) -> Iterator[None]:
-  """This process's environment with `env` set, restored on exit."""
+def _environment(env: dict[str, str]) -> Iterator[None]:
+  """This process's environment with `env` set, restored on exit (also when setting fails)."""
   before = {name: os.environ.get(name) for name in env}
-  os.environ.update(env)
   try:
+    os.environ.update(env)
     yield
   finally:
     for name, value in before.items():
@@ -502,13 +504,19 @@ def _environment(env: dict) -> Iterator[None]:
         os.environ[name] = value
 
 
+def node_environment() -> dict[str, str]:
+  """The environment variables every node of a program gets: TensorFlow's C++ logs off, and
+  glibc's MALLOC_* settings (`host_memory.node_environment`)."""
+  from scaled_ql import host_memory
+  return {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.node_environment()}
+
+
 def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
   """Connects to `address` or starts a local Ray sized for the program (`start_local_ray`; also
   for `--address local`); True if started here."""
   import ray
   from scaled_ql.launch import program
-  from scaled_ql import host_memory
-  env = {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.node_environment()}
+  env = node_environment()
   if address and address != 'local':
     ray.init(address=address, runtime_env={'env_vars': env}, log_to_driver=True)
     return False
