@@ -92,7 +92,7 @@ def test_the_environment_ray_starts_with_is_undone_after(monkeypatch):
 
 def test_a_local_rays_nodes_get_the_environment_it_was_started_with(ray_session):
   """`start_local_ray`'s `env` reaches the nodes through the Ray processes it starts (not as a
-  runtime_env, which starts each worker through a shim: ~0.85 s more per node), and this
+  runtime_env, which starts each worker through a shim: ~0.55 s more per node), and this
   process's environment is as it was."""
   @ray.remote(num_cpus=0)
   class Probe:

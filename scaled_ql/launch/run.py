@@ -478,8 +478,8 @@ def start_local_ray(num_cpus: int, env: Optional[dict[str, str]] = None,
   `env` reaches every node through the environment of the Ray processes started here, which
   their workers inherit (this process's own environment is as it was once Ray has started).
   Not as a runtime_env: Ray then starts every worker through its setup_worker.py shim (one more
-  Python start, and a call to its runtime-env agent), which made each node start ~0.85 s and
-  ~0.85 CPU-s slower on 2 cores (BUILD_NOTES "Tests", 2026-12-07 evening). A cluster joined
+  Python start, and a call to its runtime-env agent), which made each node start ~0.55 s and
+  ~0.57 CPU-s slower on 2 cores (`benchmarks/node_start.py`; BUILD_NOTES "Tests"). A cluster joined
   with `--address` still gets it as a runtime_env (`init_ray`): its processes started elsewhere.
   While `ray.init` runs (1-3 s) this process's other threads and subprocesses see `env` too:
   start Ray before any."""
