@@ -17,7 +17,9 @@ WHEELS="${SCALED_QL_WHEELS:-build/gpu_wheels}"
 SITE="$PWD/build/gpu_site"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Installed, not imported: importing rlax (distrax -> TFP) imports TensorFlow where it is
-# installed (6-17 CPU-s on 2 cores), which gpu_suite.py itself blocks.
+# installed (17.6 CPU-s in the suite of 2026-12-07 16:00 UTC, a slow VM state), which
+# gpu_suite.py itself blocks. (Haiku and rlax installed without a dependency of theirs no
+# longer fall back to the wheels: gpu_suite.py then fails at its import.)
 installed='import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ("haiku", "rlax"))))'
 if ! "$PYTHON" -c "$installed"; then
   shopt -s nullglob

@@ -42,6 +42,11 @@ def cpu_jiffies(path: str = PROC_STAT) -> Optional[tuple[int, int]]:
   return None if values is None else (values[7], sum(values))
 
 
+def busy_seconds(path: str = PROC_STAT) -> float:
+  """`busy_jiffies` in seconds of CPU time."""
+  return busy_jiffies(path) / os.sysconf('SC_CLK_TCK')
+
+
 def busy_jiffies(path: str = PROC_STAT) -> int:
   """user + nice + system jiffies of all CPUs since boot: the CPU time processes used."""
   values = _cpu_line(path)

@@ -8,7 +8,9 @@ Each arm runs in a process of its own that starts a local Ray (2 CPUs, the varia
 the workers Ray starts ahead with the cluster, which an arm without a runtime_env would
 otherwise get for free), then times `--actors` trivial actors started one after the other
 (created, asked for the probe variable, killed): the machine's CPU (/proc/stat) and the wall
-time. The arms alternate, `--rounds` times. BUILD_NOTES "Tests", 2026-12-07 evening.
+time; the difference between the arms is what a runtime_env costs per node start. The arms
+alternate, `--rounds` times; the load and steal printed beside a round cover its whole arm.
+BUILD_NOTES "Tests", 2026-12-07 evening.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def arm(name: str, actors: int, warm: int) -> dict:
   import ray
   from scaled_ql.launch import run
   env = {**run.node_environment(), PROBE: name}
-  if name == 'runtime_env':
+  if name == 'runtime_env':  # start_local_ray as it was before 2026-12-07 evening
     ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={'env_vars': env})
   else:
@@ -45,13 +47,12 @@ def arm(name: str, actors: int, warm: int) -> dict:
   try:
     kept = [Node.remote() for _ in range(warm)]
     assert ray.get([k.probe.remote() for k in kept], timeout=300) == [name] * warm
-    tick = os.sysconf('SC_CLK_TCK')
-    busy, t0 = machine.busy_jiffies(), time.time()
+    busy, t0 = machine.busy_seconds(), time.time()
     for _ in range(actors):
       node = Node.remote()
       assert ray.get(node.probe.remote(), timeout=300) == name
       ray.kill(node)
-    return dict(arm=name, cpu_s=(machine.busy_jiffies() - busy) / tick, wall_s=time.time() - t0)
+    return dict(arm=name, cpu_s=machine.busy_seconds() - busy, wall_s=time.time() - t0)
   finally:
     ray.shutdown()
 

@@ -45,15 +45,14 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402  (benchmarks/machine.py: /proc/stat, load average and steal)
+import suite_cpu_plugin  # noqa: E402  (what it records: the plugin run in each pytest process)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARGS = ['-n', '2', '--dist', 'loadfile', '--no-loadscope-reorder', 'tests']
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'suite_cpu_plugin.py')
 
-TRACE, LOWER, COMPILE = ('/jax/core/compile/jaxpr_trace_duration',
-                         '/jax/core/compile/jaxpr_to_mlir_module_duration',
-                         '/jax/core/compile/backend_compile_duration')
+TRACE, LOWER, COMPILE = suite_cpu_plugin.TIMED
 # A compile request that used the persistent cache and was not a hit was compiled (JAX records
 # a "miss" only when it writes the executable, past its minimum compile time).
 HITS = '/jax/compilation_cache/cache_hits'
@@ -137,11 +136,6 @@ class ProcessSampler(threading.Thread):
     self._poll()
 
 
-def machine_busy_seconds() -> float:
-  """User + nice + system CPU-seconds of the whole machine since boot (/proc/stat)."""
-  return machine.busy_jiffies() / os.sysconf('SC_CLK_TCK')
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--top', type=int, default=15, help='longest tests to list')
@@ -163,7 +157,7 @@ def main(argv=None) -> int:
           flush=True)
     sampler = ProcessSampler()
     sampler.start()
-    busy0, t0 = machine_busy_seconds(), time.time()
+    busy0, t0 = machine.busy_seconds(), time.time()
     pytest = subprocess.Popen([sys.executable, '-m', 'pytest', '-q', '-p', 'suite_cpu_plugin',
                                '-p', 'no:cacheprovider', *pytest_args], cwd=REPO, env=env)
     try:
@@ -171,7 +165,7 @@ def main(argv=None) -> int:
     except psutil.NoSuchProcess:
       started = 0.0
     rc = pytest.wait()
-    wall, used = time.time() - t0, machine_busy_seconds() - busy0
+    wall, used = time.time() - t0, machine.busy_seconds() - busy0
     context = machine.context(window)
     sampler.stop()
     tests = []

@@ -18,7 +18,7 @@ not take effect after TensorFlow had read data, nor in a Ray worker (faults stay
 set through glibc's environment variables at process start they always did. Hence two ways in:
 - this process: `scaled_ql` calls `apply_from_environment()` when it is imported, before any
   TensorFlow or XLA work of a CLI command, benchmark or test;
-- Ray nodes: `launch.run.init_ray` puts `node_environment()` (glibc's MALLOC_* variables, in
+- Ray nodes: `launch.run.init_ray` puts `malloc_environment()` (glibc's MALLOC_* variables, in
   `launch.run.node_environment()`) into every node's environment.
 `SCALED_QL_KEEP_FREED_MEMORY=0` leaves malloc's defaults everywhere. On other C libraries (musl,
 macOS) glibc's knobs do not exist: nothing changes.
@@ -59,7 +59,7 @@ def enabled() -> bool:
   return value in ('1', 'true')
 
 
-def node_environment() -> dict[str, str]:
+def malloc_environment() -> dict[str, str]:
   """Environment variables for a child process (a Ray node): glibc's MALLOC_* variables of the
   SETTINGS when enabled, and SCALED_QL_KEEP_FREED_MEMORY as set here."""
   env = {name: str(value) for _, name, value in SETTINGS} if enabled() else {}

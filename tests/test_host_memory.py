@@ -56,8 +56,8 @@ def test_a_bad_setting_names_the_variable(monkeypatch):
 
 def test_ray_nodes_get_glibc_variables_unless_turned_off(monkeypatch):
   monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
-  env = host_memory.node_environment()
+  env = host_memory.malloc_environment()
   assert env == {'MALLOC_MMAP_THRESHOLD_': str(32 << 20), 'MALLOC_TRIM_THRESHOLD_': str(1 << 30),
                  'MALLOC_TOP_PAD_': str(64 << 20)}
   monkeypatch.setenv(host_memory.ENV_VAR, '0')
-  assert host_memory.node_environment() == {host_memory.ENV_VAR: '0'}
+  assert host_memory.malloc_environment() == {host_memory.ENV_VAR: '0'}

@@ -481,8 +481,9 @@ def start_local_ray(num_cpus: int, env: Optional[dict[str, str]] = None,
   Python start, and a call to its runtime-env agent), which made each node start ~0.55 s and
   ~0.57 CPU-s slower on 2 cores (`benchmarks/node_start.py`; BUILD_NOTES "Tests"). A cluster joined
   with `--address` still gets it as a runtime_env (`init_ray`): its processes started elsewhere.
-  While `ray.init` runs (1-3 s) this process's other threads and subprocesses see `env` too:
-  start Ray before any."""
+  (Evaluators sharing a GPU have a runtime_env of their own, `program.build`: they still start
+  through the shim.) While `ray.init` runs, this process's other threads and subprocesses see
+  `env` too: start Ray before any."""
   import ray
   with _environment(env or {}):
     ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
@@ -506,9 +507,9 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 
 def node_environment() -> dict[str, str]:
   """The environment variables every node of a program gets: TensorFlow's C++ logs off, and
-  glibc's MALLOC_* settings (`host_memory.node_environment`)."""
+  glibc's MALLOC_* settings (`host_memory.malloc_environment`)."""
   from scaled_ql import host_memory
-  return {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.node_environment()}
+  return {'TF_CPP_MIN_LOG_LEVEL': '2', **host_memory.malloc_environment()}
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], cfg) -> bool:
