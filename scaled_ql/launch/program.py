@@ -290,12 +290,17 @@ def _gcs_actor_info(handle) -> dict:
 UNPLACED_SHOWN_AFTER_S = 30.0
 
 
+# Ray's actor states of a node whose constructor has not finished: its first start or a
+# restart (placed or not).
+_STARTING_STATES = ('RESTARTING', 'PENDING_CREATION', 'DEPENDENCIES_UNREADY')
+
+
 def _unplaced(info: dict) -> bool:
   """Whether Ray has yet to give the node a worker (it waits for resources that no node of the
   cluster has free, or for its worker to start), at its first start or at a restart. Ray 2.60's
   GCS record then has no address (port 0); a node running its constructor has one. (A
   restarting node keeps its old pid in the record, so the pid does not tell.)"""
-  return (info.get('State') in ('DEPENDENCIES_UNREADY', 'PENDING_CREATION', 'RESTARTING')
+  return (info.get('State') in _STARTING_STATES
           and not int((info.get('Address') or {}).get('Port') or 0))
 
 
@@ -838,9 +843,6 @@ def run(program: Program, *, log: Callable[[str], None] = _print,
                        others_stop_timeout_s=0 if lost else 180, seen=watcher,
                        raise_if_learner_failed=ended_normally)
   return final or status
-
-
-_STARTING_STATES = ('RESTARTING', 'PENDING_CREATION', 'DEPENDENCIES_UNREADY')
 
 
 def _stop_through_a_restart(handle, deadline: float, restarts: int) -> int:
