@@ -547,18 +547,28 @@ def _children(pid: int, tag: str) -> list[int]:
 
 
 def _learn_until_checkpoint(data_dir, workdir, step: int, env=None) -> subprocess.Popen:
-  """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists."""
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
-       data_dir, '--workdir', str(workdir), '--steps', '100000'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+  """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists.
+  Its stdout and stderr go to files beside `workdir` (`_outputs` reads them): a pipe that no one
+  reads while the learner trains fills up (64 KiB; JAX_LOG_COMPILES=1 did it) and stops it."""
+  with open(f'{workdir}.out', 'w') as out, open(f'{workdir}.err', 'w') as err:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
+         data_dir, '--workdir', str(workdir), '--steps', '100000'],
+        stdout=out, stderr=err, text=True, start_new_session=True, env=env)
   deadline = time.monotonic() + 120
   while not (workdir / 'checkpoints' / str(step)).is_dir():  # the learner is training
     if proc.poll() is not None or time.monotonic() > deadline:
       proc.kill()
-      raise AssertionError(proc.communicate()[1][-3000:])
+      proc.wait()
+      raise AssertionError(_outputs(workdir)[1][-3000:])
     time.sleep(0.2)
   return proc
+
+
+def _outputs(workdir) -> tuple[str, str]:
+  """The stdout and stderr `_learn_until_checkpoint`'s process wrote so far."""
+  with open(f'{workdir}.out') as out, open(f'{workdir}.err') as err:
+    return out.read(), err.read()
 
 
 def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_dir, tmp_path):
@@ -577,7 +587,8 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
     inserters = _children(proc.pid, 'reverb_tables insert')
     assert len(servers) == 1 and inserters, (servers, inserters)
     os.kill(servers[0], signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    out, err = _outputs(workdir)
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -777,8 +788,8 @@ def test_random_shift_moves_the_observations_of_both_update_paths():
       copy(), learner_lib.windows_batch(windows, cfg), cfg)
   chex.assert_trees_all_close(got.params, want.params, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got_metrics['grad_norm'], want_metrics['grad_norm'], rtol=1e-4)
-  assert abs(float(got_metrics['grad_norm']) - float(unshifted_metrics['grad_norm'])) > 1e-3 * float(
-      unshifted_metrics['grad_norm'])
+  unshifted = float(unshifted_metrics['grad_norm'])
+  assert abs(float(got_metrics['grad_norm']) - unshifted) > 1e-3 * unshifted
 
   batch = windows.to_transition()
   offsets = augmentation.shift_offsets(key, batch.action.shape[0], 4)
