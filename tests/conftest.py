@@ -66,6 +66,7 @@ FAST = frozenset({
     'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
     'test_imitation_probe.py', 'test_machine.py',
     'test_suite_cpu.py::test_the_kinds_of_the_suites_processes',
+    'test_suite_cpu.py::test_the_suites_file_order_and_fast_subset_name_tests_that_exist',
     # single tests of slower files (each under ~3 s)
     'test_actors.py::test_linear_epsilon_follows_dopamines_schedule',
     'test_actors.py::test_actor_explores_by_the_schedule_of_the_param_version',
@@ -164,15 +165,19 @@ def pytest_unconfigure(config):
     shutil.rmtree(_JAX_CACHE_MADE_HERE, ignore_errors=True)
 
 
-# The slowest files, slowest first (seconds of test time in a two-process run, 2026-12-01
-# night: 328, 162, 116, 106, 58, 51, 50, 50, 49; test_baselines.py, 147 s then with three Ray
-# programs, ~60 s since it runs them in process, 2026-12-02). `make test` hands whole files to
-# its two pytest processes in collection order (`--dist loadfile --no-loadscope-reorder`): the
-# longest first, so that no long file starts last and runs alone at the end.
-SLOWEST_FIRST = ('test_program.py', 'test_transfer.py', 'test_learning_smoke.py',
-                 'test_learner.py', 'test_baselines.py', 'test_pacing.py',
-                 'test_checkpoint_faults.py', 'test_reverb.py', 'test_generate.py',
-                 'test_networks.py')
+# The slowest files, slowest first: seconds of test time in a two-process run (2026-12-07
+# evening, 674 tests in 1030 s; the same order at 916 and 924 s): 423, 287, 219, 141, 113, 92,
+# 89, 76, 62, 59, 58, 57, 54, 37, 29, 24, 21, 20, 17, 17; the files after them take under 15 s
+# each. `make test` hands whole files to its two pytest processes in collection order (`--dist
+# loadfile --no-loadscope-reorder`): the longest first, so that the files left for the end are
+# short ones and neither process runs a long one alone at the end (longest processing time
+# first). Re-measure with `benchmarks/suite_cpu.py` (its per-file table) when files grow.
+SLOWEST_FIRST = ('test_program.py', 'test_learner.py', 'test_transfer.py',
+                 'test_learning_smoke.py', 'test_checkpoint_faults.py', 'test_baselines.py',
+                 'test_local_program.py', 'test_generate.py', 'test_networks.py',
+                 'test_evaluator.py', 'test_pacing.py', 'test_gpu_suite.py', 'test_reverb.py',
+                 'test_tfds.py', 'test_variable_server.py', 'test_actors.py', 'test_envs.py',
+                 'test_node_start_bench.py', 'test_transitions.py', 'test_losses.py')
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,7 @@
 """benchmarks/suite_cpu.py: where the suite's time and CPU go (BUILD_NOTES "Tests")."""
 import json
+import os
+import re
 import textwrap
 
 import benchmark_modules  # tests/benchmark_modules.py
@@ -107,3 +109,20 @@ def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, 
   printed = capsys.readouterr().out
   assert '; 3 tests; wall ' in printed and 'cores busy | load ' in printed
   assert '  python burn.py\n' in printed and '3 tests  all\n' in printed
+
+
+def test_the_suites_file_order_and_fast_subset_name_tests_that_exist():
+  """tests/conftest.py's SLOWEST_FIRST (the order `make test` hands files out in) and FAST (`make
+  test-fast`) name files and tests by hand: a renamed one would drop out of either unseen."""
+  import conftest  # tests/conftest.py
+  here = os.path.dirname(os.path.abspath(__file__))
+  assert len(set(conftest.SLOWEST_FIRST)) == len(conftest.SLOWEST_FIRST)
+  for name in conftest.SLOWEST_FIRST:
+    assert os.path.isfile(os.path.join(here, name)), name
+  for entry in conftest.FAST:
+    file, _, test = entry.partition('::')
+    assert os.path.isfile(os.path.join(here, file)), entry
+    if test:
+      with open(os.path.join(here, file), encoding='utf-8') as f:
+        source = f.read()
+      assert re.search(rf'^def {re.escape(test.split("[")[0])}\(', source, re.MULTILINE), entry
