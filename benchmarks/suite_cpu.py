@@ -16,7 +16,9 @@ steal beside them:
   read until it ends, so what it spent in its last half second, and processes shorter than
   that, are missed: `sampled` says how much of the machine's CPU the table covers;
 - per test file: test time (setup + call + teardown, summed; a module fixture's setup counts
-  for the file's first test), the pytest process's own CPU, and the JAX work done in that
+  for the file's first test), the pytest process's own CPU, run serially (no `-n`, or `-n 0`)
+  the machine's CPU during its tests (its Ray nodes' and subprocesses' included: a program
+  test's own process does little of its work), and the JAX work done in that
   process, from jax.monitoring: wall time while tracing to jaxprs, lowering to MLIR, and
   compiling or loading from the persistent cache (each the union of JAX's timed intervals:
   tracing nests, an outer jit traces inner ones), and executables loaded from the persistent
@@ -51,6 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_ARGS = ['-n', '2', '--dist', 'loadfile', '--no-loadscope-reorder', 'tests']
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'suite_cpu_plugin.py')
+MACHINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'machine.py')
 
 TRACE, LOWER, COMPILE = suite_cpu_plugin.TIMED
 # A compile request that used the persistent cache and was not a hit was compiled (JAX records
@@ -136,6 +139,22 @@ class ProcessSampler(threading.Thread):
     self._poll()
 
 
+def serial(pytest_args: list[str]) -> bool:
+  """Whether pytest runs the tests in its own process, one at a time (no `-n N` with N > 0):
+  then the machine's CPU during a test is that test's, its Ray nodes and subprocesses included."""
+  for i, arg in enumerate(pytest_args):
+    if arg in ('-n', '--numprocesses'):
+      value = pytest_args[i + 1] if i + 1 < len(pytest_args) else ''
+    elif arg.startswith('--numprocesses='):
+      value = arg.split('=', 1)[1]
+    elif arg.startswith('-n') and len(arg) > 2:
+      value = arg[2:]
+    else:
+      continue
+    return value == '0'
+  return True
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--top', type=int, default=15, help='longest tests to list')
@@ -148,6 +167,7 @@ def main(argv=None) -> int:
     # Copied to a folder of its own first on PYTHONPATH: nothing else of benchmarks/ can then
     # shadow a module of the tests.
     shutil.copy(PLUGIN, os.path.join(tmp, 'suite_cpu_plugin.py'))
+    shutil.copy(MACHINE, os.path.join(tmp, 'machine.py'))  # (the plugin reads /proc/stat with it)
     tests_file = os.path.join(tmp, 'tests.jsonl')
     env = dict(os.environ, SUITE_CPU_TESTS=tests_file,
                PYTHONPATH=tmp + (os.pathsep + os.environ['PYTHONPATH']
@@ -202,22 +222,31 @@ def main(argv=None) -> int:
     c['tests'] += 1
     c['wall'] += t['wall']
     c['cpu'] += t['cpu']
+    c['machine'] += t.get('machine_cpu') or 0.0
     for name, key in ((TRACE, 'trace'), (LOWER, 'lower'), (COMPILE, 'compile')):
       c[key] += t['seconds'].get(name, 0.0)
     hits = t['counts'].get(HITS, 0)
     c['loaded'] += hits
     c['compiled'] += t['counts'].get(REQUESTS, 0) - hits
   total = sum(files.values(), collections.Counter())
-  print('\nper test file: test time, the pytest process\'s own CPU, and its JAX work (seconds '
-        'tracing, lowering, compiling or loading; executables loaded / compiled with the '
-        'persistent cache on):')
+  # Run serially, the machine's CPU during a test is the test's, its nodes' and subprocesses'
+  # included; beside other pytest processes it is theirs too, so it is not shown then.
+  alone = serial(pytest_args)
+  print('\nper test file: test time, the pytest process\'s own CPU, ' +
+        ('the machine\'s CPU meanwhile (every process the tests ran), ' if alone else '') +
+        'and the process\'s JAX work (seconds tracing, lowering, compiling or loading; '
+        'executables loaded / compiled with the persistent cache on):')
   for name, c in sorted(files.items(), key=lambda kv: -kv[1]['wall']) + [('all', total)]:
-    print(f'  {c["wall"]:7.1f} s  cpu {c["cpu"]:7.1f}  trace {c["trace"]:6.1f}  lower '
-          f'{c["lower"]:5.1f}  compile {c["compile"]:6.1f}  '
+    print(f'  {c["wall"]:7.1f} s  cpu {c["cpu"]:7.1f}  ' +
+          (f'machine {c["machine"]:7.1f}  ' if alone else '') +
+          f'trace {c["trace"]:6.1f}  lower {c["lower"]:5.1f}  compile {c["compile"]:6.1f}  '
           f'{c["loaded"]:3.0f}/{c["compiled"]:<3.0f} {c["tests"]:4d} tests  {name}')
   print(f'\nthe {args.top} longest tests:')
   for t in sorted(tests, key=lambda t: -t['wall'])[:args.top]:
-    print(f'  {t["wall"]:7.1f} s  cpu {t["cpu"]:6.1f}  {t["test"]}')
+    machine_cpu = t.get('machine_cpu')
+    print(f'  {t["wall"]:7.1f} s  cpu {t["cpu"]:6.1f}  ' +
+          (f'machine {machine_cpu:6.1f}  ' if alone and machine_cpu is not None else '') +
+          t['test'])
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used, context=context,

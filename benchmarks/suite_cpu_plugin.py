@@ -1,14 +1,21 @@
 """The pytest plugin of benchmarks/suite_cpu.py, loaded in each pytest process it runs (`-p
 suite_cpu_plugin`, from a temporary folder of its own first on PYTHONPATH): per test, its
-duration, the process's CPU, and the JAX work recorded meanwhile, as one JSON line appended to
-$SUITE_CPU_TESTS. JAX records events from any thread: one a learner's prefetch thread records
-after its test ended counts for the next test, or for none if it comes between tests."""
+duration, the process's CPU, the machine's CPU meanwhile (every process's: the test's Ray nodes
+and subprocesses, and in a run of several pytest processes theirs too), and the JAX work
+recorded meanwhile, as one JSON line appended to $SUITE_CPU_TESTS. JAX records events from any
+thread: one a learner's prefetch thread records after its test ended counts for the next test,
+or for none if it comes between tests."""
 import json
 import os
 import threading
 import time
 
 import pytest
+
+try:  # benchmarks/machine.py, copied beside this file by suite_cpu.py
+  from machine import busy_seconds
+except ImportError:  # (loaded some other way)
+  busy_seconds = None
 
 # The timed JAX events kept, each summed as the union of its intervals: tracing nests (an outer
 # jit traces the inner ones, each timed), so a plain sum would count the inner time twice.
@@ -63,6 +70,7 @@ def pytest_runtest_protocol(item, nextitem):
   with _lock:
     first, counts = len(_spans), dict(_counts)
   cpu, wall = time.process_time(), time.time()
+  busy = busy_seconds() if busy_seconds else None
   yield
   try:
     with _lock:
@@ -72,6 +80,7 @@ def pytest_runtest_protocol(item, nextitem):
     for name, start, stop in spans:
       timed.setdefault(name, []).append((start, stop))
     record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
+                  machine_cpu=None if busy is None else busy_seconds() - busy,
                   seconds={name: union_seconds(s) for name, s in timed.items()},
                   counts={k: v - counts.get(k, 0) for k, v in now.items()
                           if v != counts.get(k, 0)})

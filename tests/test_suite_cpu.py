@@ -94,6 +94,9 @@ def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, 
                         'test_runs_a_subprocess_that_burns_cpu'}
   assert 0.8 <= tests['test_burns_cpu_in_its_process']['cpu'] < 5
   assert tests['test_runs_a_subprocess_that_burns_cpu']['cpu'] < 1.0  # not the child's CPU
+  # The machine's CPU during each test: its process's and more (the child's 3 CPU-s here).
+  assert all(t['machine_cpu'] >= t['cpu'] - 0.05 for t in tests.values()), tests
+  assert tests['test_runs_a_subprocess_that_burns_cpu']['machine_cpu'] >= 2.5
   jit = tests['test_compiles_then_loads_from_the_persistent_cache']
   assert all(jit['seconds'][e] > 0 for e in (suite_cpu.TRACE, suite_cpu.LOWER, suite_cpu.COMPILE))
   assert set(jit['seconds']) == set(plugin.TIMED)  # (not JAX's other timed events)
@@ -109,6 +112,29 @@ def test_it_reports_each_tests_time_cpu_and_jax_work_and_each_process(tmp_path, 
   printed = capsys.readouterr().out
   assert '; 3 tests; wall ' in printed and 'cores busy | load ' in printed
   assert '  python burn.py\n' in printed and '3 tests  all\n' in printed
+  total, = [line for line in printed.splitlines() if line.endswith('3 tests  all')]
+  assert 'machine' not in total  # two pytest processes: each test's share is unknown
+
+
+def test_run_serially_it_shows_the_machines_cpu_per_file_and_test(tmp_path, capsys):
+  """One pytest process: the machine's CPU during a test is the test's, its children's too."""
+  (tmp_path / 'test_child.py').write_text(_TESTS.split('def test_burns_cpu')[0] + _TESTS[
+      _TESTS.index('def test_runs_a_subprocess'):])
+  (tmp_path / 'burn.py').write_text(_BURN)
+  assert suite_cpu.main(['--', str(tmp_path / 'test_child.py')]) == 0
+  printed = capsys.readouterr().out
+  files = [line for line in printed.splitlines() if line.endswith('1 tests  all')]
+  assert len(files) == 1 and float(files[0].split('machine')[1].split()[0]) >= 2.5, printed
+  longest = [line for line in printed.splitlines() if line.endswith('burns_cpu')]
+  assert len(longest) == 1 and float(longest[0].split('machine')[1].split()[0]) >= 2.5, printed
+
+
+def test_serial_is_a_run_without_pytest_processes_of_its_own():
+  assert suite_cpu.serial(['tests']) and suite_cpu.serial(['-n', '0', 'tests'])
+  assert suite_cpu.serial(['-n0']) and suite_cpu.serial(['--numprocesses=0', '-x'])
+  assert not suite_cpu.serial(suite_cpu.CI_ARGS)
+  assert not suite_cpu.serial(['-n2', 'tests']) and not suite_cpu.serial(['--numprocesses', '2'])
+  assert not suite_cpu.serial(['-n', 'auto'])
 
 
 def test_the_suites_file_order_and_fast_subset_name_tests_that_exist():
