@@ -16,9 +16,10 @@ steal beside them:
   read until it ends, so what it spent in its last half second, and processes shorter than
   that, are missed: `sampled` says how much of the machine's CPU the table covers;
 - per test file: test time (setup + call + teardown, summed; a module fixture's setup counts
-  for the file's first test), the pytest process's own CPU, run serially (no `-n`, or `-n 0`)
-  the machine's CPU during its tests (its Ray nodes' and subprocesses' included: a program
-  test's own process does little of its work), and the JAX work done in that
+  for the file's first test), the pytest process's own CPU, when one pytest process ran every
+  test (no `-n`, or `-n 0`) the machine's CPU during its tests (every process's: the tests' Ray
+  nodes and subprocesses, where a program test does most of its work, and this tool's
+  polling), and the JAX work done in that
   process, from jax.monitoring: wall time while tracing to jaxprs, lowering to MLIR, and
   compiling or loading from the persistent cache (each the union of JAX's timed intervals:
   tracing nests, an outer jit traces inner ones), and executables loaded from the persistent
@@ -139,20 +140,11 @@ class ProcessSampler(threading.Thread):
     self._poll()
 
 
-def serial(pytest_args: list[str]) -> bool:
-  """Whether pytest runs the tests in its own process, one at a time (no `-n N` with N > 0):
-  then the machine's CPU during a test is that test's, its Ray nodes and subprocesses included."""
-  for i, arg in enumerate(pytest_args):
-    if arg in ('-n', '--numprocesses'):
-      value = pytest_args[i + 1] if i + 1 < len(pytest_args) else ''
-    elif arg.startswith('--numprocesses='):
-      value = arg.split('=', 1)[1]
-    elif arg.startswith('-n') and len(arg) > 2:
-      value = arg[2:]
-    else:
-      continue
-    return value == '0'
-  return True
+def one_process(tests: list[dict]) -> bool:
+  """Whether one pytest process ran every test of these records (`-n 0`, or no `-n`, or one
+  xdist worker), each with the machine's CPU recorded."""
+  return bool(tests) and all(t.get('machine_cpu') is not None for t in tests) and len(
+      {t.get('worker') for t in tests}) == 1
 
 
 def main(argv=None) -> int:
@@ -167,7 +159,8 @@ def main(argv=None) -> int:
     # Copied to a folder of its own first on PYTHONPATH: nothing else of benchmarks/ can then
     # shadow a module of the tests.
     shutil.copy(PLUGIN, os.path.join(tmp, 'suite_cpu_plugin.py'))
-    shutil.copy(MACHINE, os.path.join(tmp, 'machine.py'))  # (the plugin reads /proc/stat with it)
+    # (the plugin reads /proc/stat with it; named so that no other `machine` can stand in)
+    shutil.copy(MACHINE, os.path.join(tmp, 'suite_cpu_machine.py'))
     tests_file = os.path.join(tmp, 'tests.jsonl')
     env = dict(os.environ, SUITE_CPU_TESTS=tests_file,
                PYTHONPATH=tmp + (os.pathsep + os.environ['PYTHONPATH']
@@ -228,12 +221,16 @@ def main(argv=None) -> int:
     hits = t['counts'].get(HITS, 0)
     c['loaded'] += hits
     c['compiled'] += t['counts'].get(REQUESTS, 0) - hits
+  # When one pytest process ran every test, the machine's CPU during a test is the test's, its
+  # nodes' and subprocesses' included (and the little of this tool's polling); beside other
+  # pytest processes it is theirs too, so it is not shown (nor written) then.
+  alone = one_process(tests)
+  if not alone:
+    for c in files.values():
+      del c['machine']
   total = sum(files.values(), collections.Counter())
-  # Run serially, the machine's CPU during a test is the test's, its nodes' and subprocesses'
-  # included; beside other pytest processes it is theirs too, so it is not shown then.
-  alone = serial(pytest_args)
   print('\nper test file: test time, the pytest process\'s own CPU, ' +
-        ('the machine\'s CPU meanwhile (every process the tests ran), ' if alone else '') +
+        ('the machine\'s CPU meanwhile (every process\'s), ' if alone else '') +
         'and the process\'s JAX work (seconds tracing, lowering, compiling or loading; '
         'executables loaded / compiled with the persistent cache on):')
   for name, c in sorted(files.items(), key=lambda kv: -kv[1]['wall']) + [('all', total)]:
@@ -250,6 +247,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(dict(pytest_args=pytest_args, exit=rc, wall=wall, machine_cpu=used, context=context,
+                     one_process=alone,
                      cores=cores, sampled=sampled,
                      kinds={k: dict(cpu=v[0], processes=v[1]) for k, v in kinds.items()},
                      files={k: dict(v) for k, v in files.items()}, tests=tests), f, indent=1)

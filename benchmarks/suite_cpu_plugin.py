@@ -1,10 +1,10 @@
 """The pytest plugin of benchmarks/suite_cpu.py, loaded in each pytest process it runs (`-p
 suite_cpu_plugin`, from a temporary folder of its own first on PYTHONPATH): per test, its
 duration, the process's CPU, the machine's CPU meanwhile (every process's: the test's Ray nodes
-and subprocesses, and in a run of several pytest processes theirs too), and the JAX work
-recorded meanwhile, as one JSON line appended to $SUITE_CPU_TESTS. JAX records events from any
-thread: one a learner's prefetch thread records after its test ended counts for the next test,
-or for none if it comes between tests."""
+and subprocesses, and in a run of several pytest processes theirs too), the xdist worker that
+ran it, and the JAX work recorded meanwhile, as one JSON line appended to $SUITE_CPU_TESTS.
+JAX records events from any thread: one a learner's prefetch thread records after its test
+ended counts for the next test, or for none if it comes between tests."""
 import json
 import os
 import threading
@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-try:  # benchmarks/machine.py, copied beside this file by suite_cpu.py
-  from machine import busy_seconds
-except ImportError:  # (loaded some other way)
+try:  # benchmarks/machine.py, copied beside this file by suite_cpu.py under a name of its own
+  from suite_cpu_machine import busy_seconds
+except ImportError:  # (loaded some other way: no machine CPU is recorded)
   busy_seconds = None
 
 # The timed JAX events kept, each summed as the union of its intervals: tracing nests (an outer
@@ -54,6 +54,14 @@ def _event(name, **kwargs):
     _counts[name] = _counts.get(name, 0) + 1
 
 
+def _busy():
+  """The machine's CPU seconds so far (None where unknown: not Linux, or loaded without it)."""
+  try:
+    return busy_seconds() if busy_seconds else None
+  except OSError:
+    return None
+
+
 def _listen():
   global _listening
   if not _listening:
@@ -70,7 +78,7 @@ def pytest_runtest_protocol(item, nextitem):
   with _lock:
     first, counts = len(_spans), dict(_counts)
   cpu, wall = time.process_time(), time.time()
-  busy = busy_seconds() if busy_seconds else None
+  busy = _busy()
   yield
   try:
     with _lock:
@@ -80,7 +88,8 @@ def pytest_runtest_protocol(item, nextitem):
     for name, start, stop in spans:
       timed.setdefault(name, []).append((start, stop))
     record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
-                  machine_cpu=None if busy is None else busy_seconds() - busy,
+                  machine_cpu=None if busy is None else _busy() - busy,
+                  worker=os.environ.get('PYTEST_XDIST_WORKER'),  # None: pytest's own process
                   seconds={name: union_seconds(s) for name, s in timed.items()},
                   counts={k: v - counts.get(k, 0) for k, v in now.items()
                           if v != counts.get(k, 0)})

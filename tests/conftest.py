@@ -65,9 +65,9 @@ FAST = frozenset({
     'test_losses.py', 'test_methods.py', 'test_metrics.py', 'test_normalization.py',
     'test_paper_fidelity.py', 'test_dopamine_baseline.py', 'test_augmentation.py',
     'test_imitation_probe.py', 'test_machine.py',
+    # single tests of slower files (each under ~3 s)
     'test_suite_cpu.py::test_the_kinds_of_the_suites_processes',
     'test_suite_cpu.py::test_the_suites_file_order_and_fast_subset_name_tests_that_exist',
-    # single tests of slower files (each under ~3 s)
     'test_actors.py::test_linear_epsilon_follows_dopamines_schedule',
     'test_actors.py::test_actor_explores_by_the_schedule_of_the_param_version',
     'test_actors.py::test_environment_loop_writes_each_step_into_reverb_as_it_comes',
@@ -150,9 +150,16 @@ FAST = frozenset({
 })
 
 
+# What collection saw (pytest_terminal_summary): the files, and the FAST entries that matched.
+_COLLECTED_FILES, _FAST_MATCHED = set(), set()
+
+
 def _fast(item) -> bool:
   file = item.path.name
-  return bool({file, f'{file}::{item.originalname}', f'{file}::{item.name}'} & FAST)
+  matched = {file, f'{file}::{item.originalname}', f'{file}::{item.name}'} & FAST
+  _COLLECTED_FILES.add(file)
+  _FAST_MATCHED.update(matched)
+  return bool(matched)
 
 
 def pytest_configure(config):
@@ -165,13 +172,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(_JAX_CACHE_MADE_HERE, ignore_errors=True)
 
 
-# The slowest files, slowest first: seconds of test time in a two-process run (2026-12-07
-# evening, 674 tests in 1030 s; the same order at 916 and 924 s): 423, 287, 219, 141, 113, 92,
-# 89, 76, 62, 59, 58, 57, 54, 37, 29, 24, 21, 20, 17, 17; the files after them take under 15 s
-# each. `make test` hands whole files to its two pytest processes in collection order (`--dist
-# loadfile --no-loadscope-reorder`): the longest first, so that the files left for the end are
-# short ones and neither process runs a long one alone at the end (longest processing time
-# first). Re-measure with `benchmarks/suite_cpu.py` (its per-file table) when files grow.
+# The slowest files, slowest first: seconds of test time in a two-process run (`make test`'s
+# arguments through benchmarks/suite_cpu.py at 16d6b36, 2026-12-07 evening, 674 tests in
+# 1029 s): 423, 287, 219, 141, 113, 92, 89, 76, 62, 59, 58, 57, 54, 37, 29, 24, 21, 20, 17, 17;
+# the files after them took under 15 s each. The first five kept that order in two runs of the
+# hour before (916 and 924 s). `make test` hands whole files to its two pytest processes in
+# collection order (`--dist loadfile --no-loadscope-reorder`): the longest first, so that the
+# files left for the end are short ones and neither process runs a long one alone at the end
+# (longest processing time first). Re-measure with `benchmarks/suite_cpu.py` (its per-file
+# table) when files grow.
 SLOWEST_FIRST = ('test_program.py', 'test_learner.py', 'test_transfer.py',
                  'test_learning_smoke.py', 'test_checkpoint_faults.py', 'test_baselines.py',
                  'test_local_program.py', 'test_generate.py', 'test_networks.py',
@@ -202,3 +211,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
   terminalreporter.write_line(f'test-fast: {len(modules) - len(missing)} of {len(modules)} '
                               f'scaled_ql modules imported' +
                               (f'; not imported: {", ".join(missing)}' if missing else ''))
+  unmatched = sorted(entry for entry in FAST - _FAST_MATCHED  # (a renamed test or parameter)
+                     if entry.split('::')[0] in _COLLECTED_FILES)
+  if unmatched:
+    terminalreporter.write_line(f'test-fast: FAST names {len(unmatched)} test(s) that were not '
+                                f'collected: {", ".join(unmatched)}')

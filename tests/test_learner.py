@@ -512,21 +512,19 @@ def test_sigterm_ends_a_learn_run_waiting_for_data_with_a_checkpoint(tiny_datase
   from scaled_ql.datasets import reverb_tables
   server = reverb_tables.make_server(CFG)
   workdir = tmp_path / 'w'
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
-       tiny_dataset_dir, '--workdir', str(workdir), '--reverb', f'localhost:{server.port}'],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = _learn_logged(['--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir, '--workdir',
+                        str(workdir), '--reverb', f'localhost:{server.port}'], workdir)
   try:
     deadline = time.monotonic() + 120
     while not (workdir / 'checkpoints').is_dir():  # made by the runner, next to its handlers
-      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+      assert proc.poll() is None and time.monotonic() < deadline, _outputs(workdir)[1][-3000:]
       time.sleep(0.2)
     time.sleep(2.0)  # (in the wait for a batch)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    _wait(proc, 60, workdir)
+    out = '\n'.join(_outputs(workdir))
   finally:
-    if proc.poll() is None:
-      proc.kill()
+    _end(proc)
     server.stop()
   assert proc.returncode == 0, out[-3000:]
   assert 'SIGTERM received while waiting for data: stopped after step 0' in out, out[-3000:]
@@ -546,29 +544,54 @@ def _children(pid: int, tag: str) -> list[int]:
   return found
 
 
+def _learn_logged(args: list[str], log, env=None) -> subprocess.Popen:
+  """`scaled-ql learn ARGS` in a process group of its own, its stdout and stderr in the files
+  LOG.out and LOG.err (`_outputs`): a pipe that no one reads while the learner runs fills up
+  (64 KiB; JAX_LOG_COMPILES=1 did it) and stops it."""
+  with open(f'{log}.out', 'w', encoding='utf-8') as out, \
+       open(f'{log}.err', 'w', encoding='utf-8') as err:
+    return subprocess.Popen([sys.executable, '-m', 'scaled_ql.cli', 'learn', *args], stdout=out,
+                            stderr=err, start_new_session=True, env=env)
+
+
+def _outputs(log) -> tuple[str, str]:
+  """What `_learn_logged`'s process wrote so far to its stdout and its stderr."""
+  with open(f'{log}.out', encoding='utf-8', errors='replace') as out, \
+       open(f'{log}.err', encoding='utf-8', errors='replace') as err:
+    return out.read(), err.read()
+
+
+def _wait(proc: subprocess.Popen, timeout: float, log) -> None:
+  """Waits for `proc` to end; past `timeout` s, fails with the end of its stderr."""
+  try:
+    proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise AssertionError(f'learn did not end within {timeout:g} s:\n'
+                         f'{_outputs(log)[1][-3000:]}') from None
+
+
+def _end(proc: subprocess.Popen) -> None:
+  """Kills `_learn_logged`'s process group (the learner and its Reverb server and inserters),
+  if it is still running, and reaps it."""
+  if proc.poll() is None:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    proc.wait()
+
+
 def _learn_until_checkpoint(data_dir, workdir, step: int, env=None) -> subprocess.Popen:
-  """`learn --config cpu_tiny` (in a process group of its own), once checkpoint `step` exists.
-  Its stdout and stderr go to files beside `workdir` (`_outputs` reads them): a pipe that no one
-  reads while the learner trains fills up (64 KiB; JAX_LOG_COMPILES=1 did it) and stops it."""
-  with open(f'{workdir}.out', 'w') as out, open(f'{workdir}.err', 'w') as err:
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'scaled_ql.cli', 'learn', '--config', 'cpu_tiny', '--data-dir',
-         data_dir, '--workdir', str(workdir), '--steps', '100000'],
-        stdout=out, stderr=err, text=True, start_new_session=True, env=env)
+  """`learn --config cpu_tiny` (`_learn_logged`), once checkpoint `step` exists."""
+  proc = _learn_logged(['--config', 'cpu_tiny', '--data-dir', data_dir, '--workdir', str(workdir),
+                        '--steps', '100000'], workdir, env=env)
   deadline = time.monotonic() + 120
   while not (workdir / 'checkpoints' / str(step)).is_dir():  # the learner is training
     if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      proc.wait()
+      _end(proc)
       raise AssertionError(_outputs(workdir)[1][-3000:])
     time.sleep(0.2)
   return proc
-
-
-def _outputs(workdir) -> tuple[str, str]:
-  """The stdout and stderr `_learn_until_checkpoint`'s process wrote so far."""
-  with open(f'{workdir}.out') as out, open(f'{workdir}.err') as err:
-    return out.read(), err.read()
 
 
 def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_dir, tmp_path):
@@ -587,11 +610,10 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
     inserters = _children(proc.pid, 'reverb_tables insert')
     assert len(servers) == 1 and inserters, (servers, inserters)
     os.kill(servers[0], signal.SIGKILL)
-    proc.wait(timeout=60)
+    _wait(proc, 60, workdir)
     out, err = _outputs(workdir)
   finally:
-    if proc.poll() is None:
-      proc.kill()
+    _end(proc)
   assert proc.returncode == 1, err[-3000:]
   message = re.search(r'error: the Reverb server \(pid (\d+)\) was killed by SIGKILL while the '
                       r'learner trained: the run stopped after step (\d+), with a checkpoint', err)

@@ -338,16 +338,21 @@ def test_save_and_exit_ends_the_process_whatever_the_save_does(tmp_path):
   started = time.monotonic()
   procs = {}
   for mode in ('save_fails', 'save_hangs', 'after_stop'):
-    procs[mode] = subprocess.Popen(
-        [sys.executable, '-c', _SAVE_AND_EXIT, mode, str(tmp_path / mode)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (to files: the pipes of the processes not yet read could fill up and stop them)
+    with open(tmp_path / f'{mode}.out', 'w', encoding='utf-8') as stdout, \
+         open(tmp_path / f'{mode}.err', 'w', encoding='utf-8') as stderr:
+      procs[mode] = subprocess.Popen(
+          [sys.executable, '-c', _SAVE_AND_EXIT, mode, str(tmp_path / mode)],
+          stdout=stdout, stderr=stderr)
   out = {}
   for mode, proc in procs.items():
     try:
-      stdout, stderr = proc.communicate(timeout=240)
+      proc.wait(timeout=240)
     finally:
       proc.kill()
-    out[mode] = (proc.returncode, stdout, stderr)
+      proc.wait()
+    out[mode] = (proc.returncode, (tmp_path / f'{mode}.out').read_text(encoding='utf-8'),
+                 (tmp_path / f'{mode}.err').read_text(encoding='utf-8'))
     if mode == 'save_hangs':  # (the default deadline, 240 s, would have run into the timeout)
       assert time.monotonic() - started < 120, out[mode]
   code, stdout, stderr = out['save_fails']
