@@ -89,7 +89,9 @@ def pytest_runtest_protocol(item, nextitem):
       timed.setdefault(name, []).append((start, stop))
     record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
                   machine_cpu=None if busy is None else _busy() - busy,
-                  worker=os.environ.get('PYTEST_XDIST_WORKER'),  # None: pytest's own process
+                  # (xdist's `workerinput`, not $PYTEST_XDIST_WORKER: a pytest run that a test
+                  # of a worker starts inherits that variable)
+                  worker=getattr(item.config, 'workerinput', {}).get('workerid'),  # None: no xdist
                   seconds={name: union_seconds(s) for name, s in timed.items()},
                   counts={k: v - counts.get(k, 0) for k, v in now.items()
                           if v != counts.get(k, 0)})
