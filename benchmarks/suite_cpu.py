@@ -17,9 +17,9 @@ steal beside them:
   that, are missed: `sampled` says how much of the machine's CPU the table covers;
 - per test file: test time (setup + call + teardown, summed; a module fixture's setup counts
   for the file's first test), the pytest process's own CPU, when one pytest process ran every
-  test (no `-n`, or `-n 0`) the machine's CPU during its tests (every process's: the tests' Ray
-  nodes and subprocesses, where a program test does most of its work, and this tool's
-  polling), and the JAX work done in that
+  test (no `-n`, `-n 0` or `-n 1`) the machine's CPU during its tests (every process's: the
+  tests' Ray nodes and subprocesses, where a program test does most of its work, and this
+  tool's polling), and the JAX work done in that
   process, from jax.monitoring: wall time while tracing to jaxprs, lowering to MLIR, and
   compiling or loading from the persistent cache (each the union of JAX's timed intervals:
   tracing nests, an outer jit traces inner ones), and executables loaded from the persistent
@@ -141,10 +141,10 @@ class ProcessSampler(threading.Thread):
 
 
 def one_process(tests: list[dict]) -> bool:
-  """Whether one pytest process ran every test of these records (`-n 0`, or no `-n`, or one
-  xdist worker), each with the machine's CPU recorded."""
-  return bool(tests) and all(t.get('machine_cpu') is not None for t in tests) and len(
-      {t.get('worker') for t in tests}) == 1
+  """Whether one pytest process ran the tests of these records (no xdist, `-n 0`, or `-n 1`),
+  each with the machine's CPU recorded."""
+  return bool(tests) and all(t.get('machine_cpu') is not None and t.get('workers') in (None, 1)
+                             for t in tests)
 
 
 def main(argv=None) -> int:
@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     c['compiled'] += t['counts'].get(REQUESTS, 0) - hits
   # When one pytest process ran every test, the machine's CPU during a test is the test's, its
   # nodes' and subprocesses' included (and the little of this tool's polling); beside other
-  # pytest processes it is theirs too, so it is not shown (nor written) then.
+  # pytest processes it is theirs too, so it is neither shown nor summed per file then (each
+  # test's record keeps it).
   alone = one_process(tests)
   if not alone:
     for c in files.values():

@@ -2,9 +2,10 @@
 suite_cpu_plugin`, from a temporary folder of its own first on PYTHONPATH): per test, its
 duration, the process's CPU, the machine's CPU meanwhile (every process's: the test's Ray nodes
 and subprocesses, and in a run of several pytest processes theirs too), the xdist worker that
-ran it, and the JAX work recorded meanwhile, as one JSON line appended to $SUITE_CPU_TESTS.
-JAX records events from any thread: one a learner's prefetch thread records after its test
-ended counts for the next test, or for none if it comes between tests."""
+ran it (and how many there were), and the JAX work recorded meanwhile, as one JSON line
+appended to $SUITE_CPU_TESTS. JAX records events from any thread: one a learner's prefetch
+thread records after its test ended counts for the next test, or for none if it comes between
+tests."""
 import json
 import os
 import threading
@@ -84,14 +85,15 @@ def pytest_runtest_protocol(item, nextitem):
     with _lock:
       spans, now = _spans[first:], dict(_counts)
       del _spans[:]
+    workerinput = getattr(item.config, 'workerinput', {})
     timed = {}
     for name, start, stop in spans:
       timed.setdefault(name, []).append((start, stop))
     record = dict(test=item.nodeid, wall=time.time() - wall, cpu=time.process_time() - cpu,
                   machine_cpu=None if busy is None else _busy() - busy,
                   # (xdist's `workerinput`, not $PYTEST_XDIST_WORKER: a pytest run that a test
-                  # of a worker starts inherits that variable)
-                  worker=getattr(item.config, 'workerinput', {}).get('workerid'),  # None: no xdist
+                  # of a worker starts inherits that variable; None: no xdist worker)
+                  worker=workerinput.get('workerid'), workers=workerinput.get('workercount'),
                   seconds={name: union_seconds(s) for name, s in timed.items()},
                   counts={k: v - counts.get(k, 0) for k, v in now.items()
                           if v != counts.get(k, 0)})

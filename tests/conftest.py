@@ -199,7 +199,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-  """After `-m fast`: the modules of scaled_ql that no test imported (should be none)."""
+  """After `-m fast`: the modules of scaled_ql that no test imported, and the FAST entries of
+  the files collected that matched no test (both should be none). Under xdist (`-n`) this
+  process collects nothing: the second line is not printed."""
   del exitstatus
   if config.getoption('markexpr', '') != 'fast' or config.getoption('collectonly'):
     return
@@ -211,7 +213,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
   terminalreporter.write_line(f'test-fast: {len(modules) - len(missing)} of {len(modules)} '
                               f'scaled_ql modules imported' +
                               (f'; not imported: {", ".join(missing)}' if missing else ''))
-  unmatched = sorted(entry for entry in FAST - _FAST_MATCHED  # (a renamed test or parameter)
+  # (a renamed test or parameter; only in the files collected whole: not for `file.py::test`)
+  if any('::' in arg for arg in config.args):
+    return
+  unmatched = sorted(entry for entry in FAST - _FAST_MATCHED
                      if entry.split('::')[0] in _COLLECTED_FILES)
   if unmatched:
     terminalreporter.write_line(f'test-fast: FAST names {len(unmatched)} test(s) that were not '

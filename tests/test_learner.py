@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from polling import wait_for  # tests/polling.py
 from scaled_ql import games as games_lib
 from scaled_ql import loggers
 from scaled_ql.agents import actors, augmentation, builder, checkpointing
@@ -508,25 +509,22 @@ def test_sigterm_ends_a_learn_run_waiting_for_data_with_a_checkpoint(tiny_datase
   """`learn --reverb` on a server whose tables stay below their warm-up (no inserter): the
   learner waits for its first batch, where no step boundary comes. A SIGTERM left it waiting
   forever; now it ends the wait, checkpoints the step it is at (0) and exits 0."""
-  import time
   from scaled_ql.datasets import reverb_tables
   server = reverb_tables.make_server(CFG)
   workdir = tmp_path / 'w'
   proc = _learn_logged(['--config', 'cpu_tiny', '--data-dir', tiny_dataset_dir, '--workdir',
                         str(workdir), '--reverb', f'localhost:{server.port}'], workdir)
   try:
-    deadline = time.monotonic() + 120
-    while not (workdir / 'checkpoints').is_dir():  # made by the runner, next to its handlers
-      assert proc.poll() is None and time.monotonic() < deadline, _outputs(workdir)[1][-3000:]
-      time.sleep(0.2)
+    _wait_until(lambda: (workdir / 'checkpoints').is_dir(),  # made by the runner, next to its
+                proc, 120, 'its checkpoints folder', workdir)  # handlers
     time.sleep(2.0)  # (in the wait for a batch)
     proc.send_signal(signal.SIGTERM)
     _wait(proc, 60, workdir)
-    out = '\n'.join(_outputs(workdir))
+    out, err = _outputs(workdir)
   finally:
     _end(proc)
     server.stop()
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == 0, (out[-2000:], err[-2000:])
   assert 'SIGTERM received while waiting for data: stopped after step 0' in out, out[-3000:]
   assert checkpointing.load_params(str(workdir))[2] == 0
 
@@ -570,27 +568,45 @@ def _wait(proc: subprocess.Popen, timeout: float, log) -> None:
                          f'{_outputs(log)[1][-3000:]}') from None
 
 
+def _wait_until(done, proc: subprocess.Popen, timeout: float, what: str, log) -> None:
+  """Polls `done()` while `proc` runs; fails, with the end of its stderr, if it exits first (and
+  with what code) or `timeout` s pass."""
+  def check():
+    if done():
+      return True
+    if proc.poll() is not None:
+      raise AssertionError(f'learn exited ({proc.returncode}) before {what}:\n'
+                           f'{_outputs(log)[1][-3000:]}')
+    return False
+  try:
+    wait_for(check, timeout, what)
+  except AssertionError as e:
+    if proc.poll() is None:  # (timed out)
+      raise AssertionError(f'{e}:\n{_outputs(log)[1][-3000:]}') from None
+    raise
+
+
 def _end(proc: subprocess.Popen) -> None:
-  """Kills `_learn_logged`'s process group (the learner and its Reverb server and inserters),
-  if it is still running, and reaps it."""
-  if proc.poll() is None:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    proc.wait()
+  """Kills what is left of `_learn_logged`'s process group (the learner, and its Reverb server
+  and inserters, which outlive a learner that exits without them) and reaps the learner."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:  # nothing left in the group
+    pass
+  proc.wait()
 
 
 def _learn_until_checkpoint(data_dir, workdir, step: int, env=None) -> subprocess.Popen:
-  """`learn --config cpu_tiny` (`_learn_logged`), once checkpoint `step` exists."""
+  """`learn --config cpu_tiny` (`_learn_logged`), once checkpoint `step` exists; on a failure or
+  an interrupt meanwhile, its process group is killed."""
   proc = _learn_logged(['--config', 'cpu_tiny', '--data-dir', data_dir, '--workdir', str(workdir),
                         '--steps', '100000'], workdir, env=env)
-  deadline = time.monotonic() + 120
-  while not (workdir / 'checkpoints' / str(step)).is_dir():  # the learner is training
-    if proc.poll() is not None or time.monotonic() > deadline:
-      _end(proc)
-      raise AssertionError(_outputs(workdir)[1][-3000:])
-    time.sleep(0.2)
+  try:
+    _wait_until(lambda: (workdir / 'checkpoints' / str(step)).is_dir(), proc, 120,
+                f'checkpoint {step}', workdir)  # the learner is training
+  except BaseException:
+    _end(proc)
+    raise
   return proc
 
 
@@ -612,6 +628,8 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
     os.kill(servers[0], signal.SIGKILL)
     _wait(proc, 60, workdir)
     out, err = _outputs(workdir)
+    # (before `_end`, which kills what is left of the group)
+    left = [pid for pid in inserters if os.path.exists(f'/proc/{pid}')]
   finally:
     _end(proc)
   assert proc.returncode == 1, err[-3000:]
@@ -622,7 +640,7 @@ def test_learn_ends_with_a_checkpoint_when_its_reverb_server_dies(tiny_dataset_d
   # The runner's own line names the same cause (it said "the data iterator is exhausted").
   assert (f'the Reverb server (pid {servers[0]}) was killed by SIGKILL: stopped after step '
           f'{message.group(2)}') in out, out[-3000:]
-  assert not [pid for pid in inserters if os.path.exists(f'/proc/{pid}')], 'inserter left behind'
+  assert not left, f'inserter(s) left behind: {left}'
   folders = os.listdir(workdir / 'compilation_cache')
   assert len(folders) == 1, folders
   folder = workdir / 'compilation_cache' / folders[0]

@@ -345,16 +345,18 @@ def test_save_and_exit_ends_the_process_whatever_the_save_does(tmp_path):
           [sys.executable, '-c', _SAVE_AND_EXIT, mode, str(tmp_path / mode)],
           stdout=stdout, stderr=stderr)
   out = {}
-  for mode, proc in procs.items():
-    try:
+  try:
+    for mode, proc in procs.items():
       proc.wait(timeout=240)
-    finally:
+      out[mode] = tuple([proc.returncode] + [
+          (tmp_path / f'{mode}.{name}').read_text(encoding='utf-8', errors='replace')
+          for name in ('out', 'err')])
+      if mode == 'save_hangs':  # (the default deadline, 240 s, would have run into the timeout)
+        assert time.monotonic() - started < 120, out[mode]
+  finally:  # (every process, when one of them failed the test)
+    for proc in procs.values():
       proc.kill()
       proc.wait()
-    out[mode] = (proc.returncode, (tmp_path / f'{mode}.out').read_text(encoding='utf-8'),
-                 (tmp_path / f'{mode}.err').read_text(encoding='utf-8'))
-    if mode == 'save_hangs':  # (the default deadline, 240 s, would have run into the timeout)
-      assert time.monotonic() - started < 120, out[mode]
   code, stdout, stderr = out['save_fails']
   assert code == 1 and 'asking' in stdout and 'returned' not in stdout, out['save_fails']
   with open(tmp_path / 'save_fails' / 'logs' / 'learner.err') as f:
