@@ -209,26 +209,24 @@ def main(argv=None) -> int:
   for kind, (cpu, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
     if cpu >= 0.5:
       print(f'  {cpu:8.1f} s {100 * cpu / max(used, 1e-9):5.1f}%  {n:4d} processes  {kind}')
+  # When one pytest process ran every test, the machine's CPU during a test is the test's, its
+  # nodes' and subprocesses' included (and the little of this tool's polling); beside other
+  # pytest processes it is theirs too, so it is neither shown nor summed per file then (each
+  # test's record keeps it).
+  alone = one_process(tests)
   files = collections.defaultdict(collections.Counter)
   for t in tests:
     c = files[t['test'].split('::')[0]]
     c['tests'] += 1
     c['wall'] += t['wall']
     c['cpu'] += t['cpu']
-    c['machine'] += t.get('machine_cpu') or 0.0
+    if alone:
+      c['machine'] += t['machine_cpu']
     for name, key in ((TRACE, 'trace'), (LOWER, 'lower'), (COMPILE, 'compile')):
       c[key] += t['seconds'].get(name, 0.0)
     hits = t['counts'].get(HITS, 0)
     c['loaded'] += hits
     c['compiled'] += t['counts'].get(REQUESTS, 0) - hits
-  # When one pytest process ran every test, the machine's CPU during a test is the test's, its
-  # nodes' and subprocesses' included (and the little of this tool's polling); beside other
-  # pytest processes it is theirs too, so it is neither shown nor summed per file then (each
-  # test's record keeps it).
-  alone = one_process(tests)
-  if not alone:
-    for c in files.values():
-      del c['machine']
   total = sum(files.values(), collections.Counter())
   print('\nper test file: test time, the pytest process\'s own CPU, ' +
         ('the machine\'s CPU meanwhile (every process\'s), ' if alone else '') +
@@ -241,9 +239,8 @@ def main(argv=None) -> int:
           f'{c["loaded"]:3.0f}/{c["compiled"]:<3.0f} {c["tests"]:4d} tests  {name}')
   print(f'\nthe {args.top} longest tests:')
   for t in sorted(tests, key=lambda t: -t['wall'])[:args.top]:
-    machine_cpu = t.get('machine_cpu')
     print(f'  {t["wall"]:7.1f} s  cpu {t["cpu"]:6.1f}  ' +
-          (f'machine {machine_cpu:6.1f}  ' if alone and machine_cpu is not None else '') +
+          (f'machine {t["machine_cpu"]:6.1f}  ' if alone else '') +
           t['test'])
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:

@@ -150,16 +150,14 @@ FAST = frozenset({
 })
 
 
-# What collection saw (pytest_terminal_summary): the files, and the FAST entries that matched.
-_COLLECTED_FILES, _FAST_MATCHED = set(), set()
-
-
-def _fast(item) -> bool:
+def _fast(item) -> set[str]:
+  """The FAST entries that name this test."""
   file = item.path.name
-  matched = {file, f'{file}::{item.originalname}', f'{file}::{item.name}'} & FAST
-  _COLLECTED_FILES.add(file)
-  _FAST_MATCHED.update(matched)
-  return bool(matched)
+  return {file, f'{file}::{item.originalname}', f'{file}::{item.name}'} & FAST
+
+
+# The FAST entries of the files collected that matched no test (pytest_terminal_summary).
+_UNMATCHED = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
@@ -190,10 +188,15 @@ SLOWEST_FIRST = ('test_program.py', 'test_learner.py', 'test_transfer.py',
 
 
 def pytest_collection_modifyitems(config, items):
-  del config
+  matched = set()
   for item in items:
-    if _fast(item):
+    entries = _fast(item)
+    if entries:
       item.add_marker(pytest.mark.fast)
+      matched |= entries
+  files = {item.path.name for item in items}
+  config.stash[_UNMATCHED] = sorted(entry for entry in FAST - matched
+                                    if entry.split('::')[0] in files)
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
@@ -216,8 +219,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
   # (a renamed test or parameter; only in the files collected whole: not for `file.py::test`)
   if any('::' in arg for arg in config.args):
     return
-  unmatched = sorted(entry for entry in FAST - _FAST_MATCHED
-                     if entry.split('::')[0] in _COLLECTED_FILES)
+  unmatched = config.stash.get(_UNMATCHED, [])
   if unmatched:
     terminalreporter.write_line(f'test-fast: FAST names {len(unmatched)} test(s) that were not '
                                 f'collected: {", ".join(unmatched)}')

@@ -492,7 +492,9 @@ def start_local_ray(num_cpus: int, env: Optional[dict[str, str]] = None,
 
 @contextlib.contextmanager
 def _environment(env: dict[str, str]) -> Iterator[None]:
-  """This process's environment with `env` set, restored on exit (also when setting fails)."""
+  """This process's environment with `env` set, restored on exit (also when setting fails).
+  Only `env`'s names are touched: `unittest.mock.patch.dict(os.environ)` restores by clearing
+  the whole environment first, which threads running meanwhile would see."""
   before = {name: os.environ.get(name) for name in env}
   try:
     os.environ.update(env)
