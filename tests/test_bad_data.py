@@ -50,15 +50,17 @@ def test_inserter_skips_an_undecodable_episode_and_counts_it(tiny_dataset_dir, t
 
 def test_counts_appear_in_the_progress_line():
   inserters = [dict(name='inserter_0', data=dict(episodes_read=9, corrupt_files=1,
-                                                 undecodable_episodes=2)),
+                                                 undecodable_episodes=2, malformed_episodes=4)),
                dict(name='inserter_1', data=dict(episodes_read=5, corrupt_files=0,
                                                  undecodable_episodes=1)),
                None]  # a node that did not answer this time
   status = program.ProgramStatus(learner=None, replay=None, evaluators=[], actors=[],
                                  inserters=inserters)
-  assert status.data_counts() == dict(corrupt_files=1, undecodable_episodes=3)
+  assert status.data_counts() == dict(corrupt_files=1, undecodable_episodes=3,
+                                      malformed_episodes=4)
   line = program.format_progress(status, started=0.0)
-  assert 'bad data skipped: 1 corrupt files, 3 undecodable episodes' in line
+  assert ('bad data skipped: 1 corrupt files, 3 undecodable episodes, 4 malformed episodes'
+          in line)
   clean = program.ProgramStatus(None, None, [], [], inserters=[dict(data={})])
   assert 'bad data' not in program.format_progress(clean, started=0.0)
 

@@ -441,18 +441,89 @@ def test_inserter_rejects_a_game_without_episodes(server):
 
   with pytest.raises(ValueError, match='no episodes of game Pong .* when streamed again'):
     rt.run_inserter(address, cfg, cfg.games, vanishing)
-  # A malformed episode (a terminal step that is not its last) is named; the inserter's error
-  # (and the crash loop it leads to) said neither the game nor the episode.
-  bad = make_steps(5, terminal=False, base=210, rng=np.random.default_rng(6))
-  bad['is_terminal'][1] = True
-  labelled = rt.LabelledEpisode(tr.split_steps(bad), 'checkpoint_id 3, episode_id 17')
+
+
+def test_inserter_cuts_a_malformed_episode_short_and_counts_it(server, caplog):
+  """A malformed episode (here a terminal step that is not its last) is bad data, like an
+  undecodable one: the inserter keeps the whole transitions before its fault, warns naming its
+  game and episode, counts it, and the episodes after it are written as before; data.strict
+  makes it an error. Before, it ended the inserter (and a program, through its crash loop)."""
+  import logging
+  from scaled_ql.datasets import rlds_reader
+  cfg, address = server
+  rng = np.random.default_rng(7)
+  episodes = hand_made_episodes(cfg.games, rng, episodes_per_game=2)
+  bad = make_steps(8, terminal=False, base=1 + sum(len(s['action']) for g in cfg.games
+                                                   for s in episodes[g]), rng=rng)
+  bad['is_terminal'][5] = True
+  label = 'checkpoint_id 3, episode_id 17'
 
   def with_a_bad_episode(game):
-    return iter([labelled]) if game == 'Pong' else source_of(first)(game)
+    good = [tr.split_steps(s) for s in episodes[game]]
+    if game == 'Pong':  # between two good ones
+      good.insert(1, rt.LabelledEpisode(tr.split_steps(bad), label))
+    return iter(good)
 
+  stats = rlds_reader.ReadStats()
+  with caplog.at_level(logging.WARNING, logger='scaled_ql.datasets.reverb_tables'):
+    items = rt.run_inserter(address, cfg, cfg.games, with_a_bad_episode, repeat=False,
+                            stats=stats)
+  # What the table must hold: the good episodes' transitions and those of the bad one's steps
+  # before its fault (steps 0-4) whose n-step windows closed before it (t = 0 .. 4 - n).
+  ref = reference(cfg, episodes)
+  prefix = {k: np.array(v[:5]) for k, v in bad.items()}
+  prefix['is_last'][4], prefix['is_terminal'][:] = True, False
+  kept = tr.episode_transitions(prefix, cfg.agent.n_step, cfg.agent.discount,
+                                cfg.agent.reward_clip, game_id=cfg.games.index('Pong'))
+  for i in range(5 - cfg.agent.n_step):
+    t = tuple(np.asarray(x)[i] for x in kept)
+    ref[key(t)] = t
+  assert items == len(ref) == sum(rt.table_sizes(address, cfg.games).values())
+  assert stats.counts()['malformed_episodes'] == 1 and stats.malformed == {('Pong', label)}
+  warned = [r.getMessage() for r in caplog.records if 'malformed' in r.getMessage()]
+  assert len(warned) == 1 and 'game Pong in the data source' in warned[0], warned
+  assert label in warned[0] and 'step 5 is terminal but not last' in warned[0], warned
+  # Every window sampled is a transition of the reference (none spans the cut into the next
+  # episode), and every one came back.
+  seen = set()
+  with rt.stratified_batches(address, cfg.games, cfg, seed=1) as batches:
+    for _ in range(150):
+      batch = transitions_of(next(batches))
+      for i in range(8):
+        t = tuple(np.asarray(x)[i] for x in batch)
+        for got_field, want_field, name in zip(t, ref[key(t)], tr.Transition._fields):
+          np.testing.assert_allclose(got_field, want_field, rtol=1e-6, err_msg=name)
+        seen.add(key(t))
+  assert seen == set(ref)
+  # data.strict: the same episode is an error that names the game, the data and the episode.
+  strict = cfg.replace(data=dict(strict=True))
   with pytest.raises(ValueError, match=r'game Pong in the data source .*, checkpoint_id 3, '
-                                       r'episode_id 17: '):
-    rt.run_inserter(address, cfg, cfg.games, with_a_bad_episode)
+                                       r'episode_id 17: step 5 is terminal but not last .*'
+                                       r'\(data.strict=true\)'):
+    rt.run_inserter(address, strict, cfg.games, with_a_bad_episode, repeat=False)
+
+
+def test_inserter_refuses_a_game_whose_episodes_are_all_malformed(server):
+  """Data not in the inserter's format (frames of another shape) would be cut short episode
+  after episode: the first MALFORMED_FIRST_EPISODES all malformed end the inserter, and a game
+  with fewer, all malformed, ends it at the end of its first epoch."""
+  cfg, address = server
+  rng = np.random.default_rng(8)
+  good = hand_made_episodes(cfg.games, rng, episodes_per_game=1)
+  rgb = make_steps(4, terminal=True, base=200, rng=rng)
+  rgb['observation'] = np.repeat(rgb['observation'], 3, axis=-1)  # [T, 84, 84, 3]
+
+  def source(bad_episodes):
+    return lambda game: iter([tr.split_steps(s) for s in good[game]] if game != 'Pong' else
+                             [tr.split_steps(rgb) for _ in range(bad_episodes)])
+
+  with pytest.raises(ValueError, match=r'game Pong in the data source .*: its first 10 episodes '
+                                       r'are all malformed, .*step observation must be uint8'):
+    rt.run_inserter(address, cfg, cfg.games, source(rt.MALFORMED_FIRST_EPISODES))
+  with pytest.raises(ValueError, match=r'no transitions of game Pong .*: its 2 episodes hold '
+                                       r'none \(all malformed \(the first: an episode: step '
+                                       r'observation must be uint8'):
+    rt.run_inserter(address, cfg, cfg.games, source(2))
 
 
 def _insert_counts(address, games):

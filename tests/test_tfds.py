@@ -274,7 +274,7 @@ def test_undecodable_episode_is_skipped_and_counted(tiny_dataset_dir, tmp_path, 
     got = _ids(rr.episodes(data, 'Pong', 1, 'near_optimal', stats=stats))
   assert stats.undecodable == [(bad, 1)] and stats.num_corrupt == 0
   assert stats.counts() == dict(episodes_read=len(everything) - 1, corrupt_files=0,
-                                undecodable_episodes=1)
+                                undecodable_episodes=1, malformed_episodes=0)
   assert any(bad in r.getMessage() and 'undecodable episode 1' in r.getMessage()
              for r in caplog.records)
   assert sorted(got) == [i for i in everything if i != (0, 1)]  # only the bad one is missing

@@ -138,13 +138,30 @@ def test_record_stream_counts_and_padding():
 def test_bad_episodes_raise():
   steps = make_steps(4, REWARDS[:4], terminal=True)
   no_last = dict(steps, is_last=np.zeros(4, bool), is_terminal=np.zeros(4, bool))
-  with pytest.raises(ValueError, match='without an is_last'):
+  # Bad data raise MalformedEpisodeError (the inserter skips and counts those: test_reverb.py).
+  with pytest.raises(tr.MalformedEpisodeError, match='without an is_last'):
     tr.episode_transitions(no_last, 3, 0.99, 1.0)
   mid_terminal = dict(steps, is_terminal=np.array([False, True, False, True]))
-  with pytest.raises(ValueError, match='terminal but not last'):
+  with pytest.raises(tr.MalformedEpisodeError, match='terminal but not last'):
     tr.episode_transitions(mid_terminal, 3, 0.99, 1.0)
-  with pytest.raises(ValueError, match='observation must be uint8'):
+  with pytest.raises(tr.MalformedEpisodeError, match='observation must be uint8'):
     tr.episode_transitions(dict(steps, observation=steps['observation'][:, :80]), 3, 0.99, 1.0)
+  late_first = dict(steps, is_first=np.array([False, True, False, False]))
+  with pytest.raises(tr.MalformedEpisodeError, match='does not start with an is_first'):
+    tr.episode_transitions(late_first, 3, 0.99, 1.0)
+  nan_reward = dict(steps, reward=np.array([0.0, np.nan, 1.0, 0.0], np.float32))
+  with pytest.raises(tr.MalformedEpisodeError, match='step 1 has reward nan'):
+    tr.episode_transitions(nan_reward, 3, 0.99, 1.0)
+  # With the game's action set (the inserter passes it), an action outside it raises: the
+  # learner's one-hot select would read it as Q = 0.
+  actions = dict(steps, action=np.array([0, 2, 3, 1]))
+  assert sum(end for _, end in tr.padded_step_records(tr.split_steps(actions), 3,
+                                                      num_actions=4)) == 3
+  with pytest.raises(tr.MalformedEpisodeError, match="step 2 has action 3, outside the game's 3"):
+    list(tr.padded_step_records(tr.split_steps(actions), 3, num_actions=3))
+  with pytest.raises(tr.MalformedEpisodeError, match='action -1'):
+    list(tr.padded_step_records(tr.split_steps(dict(steps, action=-np.ones(4, int))), 3,
+                                num_actions=3))
   with pytest.raises(ValueError, match='lacks'):
     tr.episode_transitions({k: v for k, v in steps.items() if k != 'reward'}, 3, 0.99, 1.0)
   with pytest.raises(ValueError, match='n_step'):

@@ -130,7 +130,9 @@ class DataConfig:
   # RLDS reader: checkpoints streamed at once, each at the same pace through its episodes, so a
   # game's shuffle buffer holds all of them (64 covers the 50 of a DQN-Replay run; rlds_reader).
   reader_cycle_length: int = 64
-  strict: bool = False  # corrupt shards: warn and skip (False) or fail (True)
+  # Bad data (corrupt shards, undecodable episodes, malformed episodes): warn, skip and count
+  # (False; a malformed episode keeps its whole transitions before its fault) or fail (True).
+  strict: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -444,20 +444,52 @@ def _end_episode(writer, stop: Optional[threading.Event] = None,
   _wait_confirmed(lambda t: writer.end_episode(timeout_ms=t), stop, while_waiting)
 
 
+# A game whose first this many episodes are all malformed ends the inserter (`run_inserter`).
+MALFORMED_FIRST_EPISODES = 10
+
+
+class MalformedEpisode(Exception):
+  """`write_episode` met a malformed step (`error`, a `transitions.MalformedEpisodeError`) after
+  writing `items` items of the episode's steps before it; the episode was ended there."""
+
+  def __init__(self, error: tr.MalformedEpisodeError, items: int):
+    super().__init__(str(error))
+    self.error, self.items = error, items
+
+
+class _UntilMalformed:
+  """Iterates `records` until they raise `MalformedEpisodeError`, which it keeps in `error`."""
+
+  def __init__(self, records: Iterable):
+    self._records, self.error = records, None
+
+  def __iter__(self):
+    try:
+      yield from self._records
+    except tr.MalformedEpisodeError as e:
+      self.error = e
+
+
 def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step: int,
                   chunk_length: int, stop: Optional[threading.Event] = None,
-                  while_waiting: Optional[Callable[[], None]] = None, per_item: int = 1) -> int:
+                  while_waiting: Optional[Callable[[], None]] = None, per_item: int = 1,
+                  num_actions: Optional[int] = None) -> int:
   """Appends one whole episode's records (padding included) and one item per `per_item`
   transitions (the offline inserters; an actor writes a step at a time, `EpisodeAdder`).
 
   Returns the number of items created (= transitions when per_item = 1). With `stop`, waits on
   the server (a paced table's rate limiter) end with `InsertStopped` once it is set, and call
-  `while_waiting()` every 0.5 s.
+  `while_waiting()` every 0.5 s. A malformed step (`transitions.RecordStream`; with
+  `num_actions`, an action outside the game's set too) ends the episode there and raises
+  `MalformedEpisode`: the items whose windows closed before it (whole transitions of the
+  well-formed steps before it) stay in the table, and the next episode starts afresh.
   """
-  items = _append_records(writer, table, tr.padded_step_records(steps, n_step, per_item),
-                          tr.window_length(n_step, per_item), chunk_length, 0, stop,
-                          while_waiting)
+  records = _UntilMalformed(tr.padded_step_records(steps, n_step, per_item, num_actions))
+  items = _append_records(writer, table, records, tr.window_length(n_step, per_item),
+                          chunk_length, 0, stop, while_waiting)
   _end_episode(writer, stop, while_waiting)
+  if records.error is not None:
+    raise MalformedEpisode(records.error, items)
   return items
 
 
@@ -722,7 +754,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
                  source: EpisodeSource, *, max_episodes_per_game: Optional[int] = None,
                  repeat: bool = True, stop: Optional[threading.Event] = None,
                  reconnect_timeout_s: float = 600.0,
-                 throttle: Optional[InsertThrottle] = None) -> int:
+                 throttle: Optional[InsertThrottle] = None, stats: Any = None) -> int:
   """Streams episodes of `games` round-robin into their tables; returns items written.
 
   Each pass reads every game's episodes in turn (one episode per game per round). With
@@ -730,9 +762,18 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   streamed through shuffle buffers, epoch after epoch); `max_episodes_per_game` caps the total.
   Every episode first passes `throttle` (default: an `InsertThrottle` of
   `cfg.data.samples_per_insert` over `games`), so `learn` and `train` are throttled alike.
+
+  A malformed episode (`write_episode`) is bad data, like an undecodable one: it is cut at its
+  first malformed step (the whole transitions before it stay), warned about naming its game,
+  data dir and episode the first time, and counted in `stats` (`rlds_reader.ReadStats`:
+  `malformed_episodes`). With `cfg.data.strict` it raises instead, and so does a game whose
+  first MALFORMED_FIRST_EPISODES episodes are all malformed (its data are not in this format).
   """
   import reverb
+  from scaled_ql import games as games_lib
+  from scaled_ql.datasets import rlds_reader
   _check_games(games, cfg)
+  stats = stats if stats is not None else rlds_reader.ReadStats()
   stop = stop or threading.Event()
   n_step, chunk_length = cfg.agent.n_step, cfg.data.reverb_chunk_length
   per_item, (max_items, _) = cfg.data.transitions_per_item, table_items(cfg)
@@ -745,6 +786,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
   epoch_lost = {g: 0 for g in games}  # its episodes lost to a reconnect (their items unknown)
+  malformed = {g: 0 for g in games}  # episodes cut short at a malformed step, over the epochs
+  first_malformed: dict[str, str] = {}  # game -> its first malformed episode and why
   source_name = (lambda game: f'game {game} in the data source (data_dir '
                  f'{cfg.data.data_dir!r}, selection {cfg.data.selection!r})')  # for errors
   total_items = failures = 0
@@ -767,15 +810,20 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         episode = next(streams[game])
       except StopIteration:
         # Its table would never fill, and every sampler would block: no episode, or (streamed
-        # again) an epoch whose episodes made no transition (one step each).
+        # again) an epoch whose episodes made no transition (one step each, or malformed).
         if written[game] == 0 and epoch_lost[game] == 0:
           raise ValueError(f'no episodes of {source_name(game)}') from None
         if not repeat:
           active.remove(game)
           continue
         if epoch_items[game] == 0 and epoch_lost[game] == 0:
+          bad, all_bad = malformed[game], malformed[game] == written[game]
+          why = 'one step each'
+          if bad:
+            why = (f'{"all" if all_bad else bad} malformed (the first: {first_malformed[game]})'
+                   + ('' if all_bad else ', the others one step each'))
           raise ValueError(f'no transitions of {source_name(game)}: its {written[game]} '
-                           'episodes hold none (one step each)') from None
+                           f'episodes hold none ({why})') from None
         if epoch_lost[game] == 0:  # (an epoch with a lost episode is no measure of its size)
           throttle.end_of_epoch(game, epoch_items[game], max_items)
         epoch_items[game] = epoch_lost[game] = 0
@@ -788,13 +836,22 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         break
       try:
         items = write_episode(writer, table_name(game), episode, n_step, chunk_length,
-                              per_item=per_item)
-        total_items += items
-        epoch_items[game] += items
-        failures = 0
-      except ValueError as e:  # a malformed episode (`transitions.RecordStream`): say which
+                              per_item=per_item, num_actions=games_lib.num_actions(game))
+      except MalformedEpisode as e:  # bad data: say which, count it, keep what came before
         label = getattr(episode, 'label', 'an episode')
-        raise ValueError(f'{source_name(game)}, {label}: {e}') from e
+        message = f'{source_name(game)}, {label}: {e}'
+        if cfg.data.strict:
+          raise ValueError(f'{message} (data.strict=true)') from e.error
+        items = e.items
+        malformed[game] += 1
+        first_malformed.setdefault(game, f'{label}: {e}')
+        if malformed[game] == written[game] + 1 >= MALFORMED_FIRST_EPISODES:
+          raise ValueError(f'{source_name(game)}: its first {malformed[game]} episodes are all '
+                           f'malformed, so its data are not in the format the inserter reads '
+                           f'(the first: {first_malformed[game]})') from e.error
+        if stats.add_malformed(game, label):
+          log.warning('cutting a malformed episode short at its fault (%d items kept): %s',
+                      items, message)
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
         # episode's partial items are lost with the old server. An error that persists across
@@ -812,6 +869,9 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         client = reverb.Client(server_address)
         writer = make_writer(client, n_step, chunk_length, per_item)
         continue
+      total_items += items
+      epoch_items[game] += items
+      failures = 0
       written[game] += 1
   writer.close()
   return total_items

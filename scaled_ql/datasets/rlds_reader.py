@@ -75,11 +75,13 @@ class CorruptShardError(IOError):
 
 @dataclasses.dataclass
 class ReadStats:
-  """Counters a reader updates while it runs (shared with the caller)."""
+  """Counters a reader updates while it runs (shared with the caller), and the malformed episodes
+  its inserter skipped (`reverb_tables.run_inserter`)."""
   episodes: int = 0
   files_read: int = 0
   corrupt_files: list = dataclasses.field(default_factory=list)  # unreadable TFRecord files
   undecodable: list = dataclasses.field(default_factory=list)  # (path, record index) skipped
+  malformed: set = dataclasses.field(default_factory=set)  # (game, episode label) cut short
   epochs: int = 0
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -91,11 +93,19 @@ class ReadStats:
   def num_undecodable(self) -> int:
     return len(self.undecodable)
 
+  def add_malformed(self, game: str, label: str) -> bool:
+    """Counts a malformed episode once over the epochs; True the first time."""
+    with self._lock:
+      first_time = (game, label) not in self.malformed
+      self.malformed.add((game, label))
+      return first_time
+
   def counts(self) -> dict[str, int]:
     """The counters as plain ints (node status, progress line, learner metrics)."""
     with self._lock:
       return dict(episodes_read=self.episodes, corrupt_files=len(self.corrupt_files),
-                  undecodable_episodes=len(self.undecodable))
+                  undecodable_episodes=len(self.undecodable),
+                  malformed_episodes=len(self.malformed))
 
 
 # ---- selections ------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ n - 1 + P - 1 padding records, and where an episode's last item reaches past its
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+import math
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -79,13 +80,18 @@ def padding_record() -> StepRecords:
                      reward=np.float32(0.0), terminal=np.bool_(False), valid=np.bool_(False))
 
 
+class MalformedEpisodeError(ValueError):
+  """An episode's steps break the RLDS convention or the frame format (`RecordStream`): bad data,
+  which the offline inserter skips and counts (`reverb_tables.run_inserter`)."""
+
+
 def _frame(observation: np.ndarray) -> np.ndarray:
   obs = np.asarray(observation)
   if obs.shape == FRAME_SHAPE + (1,):
     obs = obs[..., 0]
   if obs.shape != FRAME_SHAPE or obs.dtype != np.uint8:
-    raise ValueError(f'step observation must be uint8 {FRAME_SHAPE} or {FRAME_SHAPE + (1,)}, '
-                     f'got {obs.dtype} {obs.shape}')
+    raise MalformedEpisodeError(f'step observation must be uint8 {FRAME_SHAPE} or '
+                                f'{FRAME_SHAPE + (1,)}, got {obs.dtype} {obs.shape}')
   return obs
 
 
@@ -102,12 +108,15 @@ class RecordStream:
   per_item, 2 per_item, ... (one item per transition when per_item = 1). The episode's last item
   may reach past its last transition: per_item - 1 more padding records are appended at the end,
   and `windows_to_frame_windows` repeats the item's last transition in those places.
-  Raises ValueError on an episode that does not end with is_last, has steps after it, or marks a
-  non-last step terminal (not the RLDS convention).
+  Raises `MalformedEpisodeError` (a ValueError) on an episode that does not end with is_last,
+  has steps after it, marks a non-last step terminal (not the RLDS convention), does not start
+  with is_first, holds a frame that is not uint8 84x84 or a reward that is not finite, or (with
+  `num_actions`, the game's action set) an action outside [0, num_actions).
   """
 
-  def __init__(self, n_step: int, per_item: int = 1):
+  def __init__(self, n_step: int, per_item: int = 1, num_actions: Optional[int] = None):
     self.width = window_length(n_step, per_item)
+    self._num_actions = num_actions  # the game's action set: a data action outside it raises
     self._trailing = n_step - 1 + per_item - 1
     self._per_item = per_item
     self._emitted = 0  # records, padding included
@@ -129,17 +138,24 @@ class RecordStream:
     'reward', 'is_last', 'is_terminal' and optionally 'is_first'); the first step's come after
     the STACK - 1 padding records before the episode."""
     if self.last_seen:
-      raise ValueError('episode has steps after its is_last step')
+      raise MalformedEpisodeError('episode has steps after its is_last step')
     is_last = bool(step['is_last'])
     is_terminal = bool(step['is_terminal'])
     if is_terminal and not is_last:
-      raise ValueError(f'step {self.num_steps} is terminal but not last (RLDS marks only the '
-                       'last)')
+      raise MalformedEpisodeError(f'step {self.num_steps} is terminal but not last (RLDS marks '
+                                  'only the last)')
     if self.num_steps == 0 and 'is_first' in step and not bool(step['is_first']):
-      raise ValueError('episode does not start with an is_first step')
-    record = StepRecords(frame=_frame(step['observation']), action=np.int32(step['action']),
-                         reward=np.float32(step['reward']), terminal=np.bool_(is_terminal),
-                         valid=np.bool_(True))
+      raise MalformedEpisodeError('episode does not start with an is_first step')
+    action, reward = int(step['action']), np.float32(step['reward'])
+    # (The learner's one-hot `select` would read an action past the game's set as Q = 0, and a
+    # NaN reward would reach every parameter: neither may pass silently.)
+    if self._num_actions is not None and not 0 <= action < self._num_actions:
+      raise MalformedEpisodeError(f'step {self.num_steps} has action {action}, outside the '
+                                  f"game's {self._num_actions} actions")
+    if not math.isfinite(reward):
+      raise MalformedEpisodeError(f'step {self.num_steps} has reward {reward}')
+    record = StepRecords(frame=_frame(step['observation']), action=np.int32(action),
+                         reward=reward, terminal=np.bool_(is_terminal), valid=np.bool_(True))
     out = []
     if self._emitted == 0:
       out = [(padding_record(), False) for _ in range(STACK - 1)]
@@ -153,18 +169,20 @@ class RecordStream:
   def end(self) -> list[tuple[StepRecords, bool]]:
     """The padding records after the episode's last step (which must have been pushed); once."""
     if not self.last_seen:
-      raise ValueError(f'episode ended after {self.num_steps} steps without an is_last step')
+      raise MalformedEpisodeError(
+          f'episode ended after {self.num_steps} steps without an is_last step')
     if self._ended:
       raise ValueError('the episode has ended already')
     self._ended = True
     return [self._emit(padding_record()) for _ in range(self._trailing)]
 
 
-def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
+def padded_step_records(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1,
+                        num_actions: Optional[int] = None
                         ) -> Iterator[tuple[StepRecords, bool]]:
   """Streams one whole episode's records (padding included) as (record, window_ends_here) pairs:
   `RecordStream` over the RLDS steps `steps` (its docstring says which records end an item)."""
-  stream = RecordStream(n_step, per_item)
+  stream = RecordStream(n_step, per_item, num_actions)
   for step in steps:
     yield from stream.push(step)
   yield from stream.end()

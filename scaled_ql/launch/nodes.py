@@ -382,7 +382,9 @@ class InserterNode(_LoopNode):
     self._throttle = None
     # The replay's (address, start), asked at each (re)start of the loop (status).
     self._replay_at: tuple[Optional[str], Optional[int]] = (None, None)
-    self._read_stats = None  # the reader's counters: episodes, corrupt files, undecodable episodes
+    # The reader's counters (episodes, corrupt files, undecodable episodes) and the malformed
+    # episodes the inserter cut short.
+    self._read_stats = None
     self._start(workdir)
 
   def _run_once(self) -> bool:
@@ -398,7 +400,7 @@ class InserterNode(_LoopNode):
         address, self._cfg, self._games,
         # One epoch per source call; run_inserter repeats them (and sees resident data).
         reverb_tables.rlds_episode_source(self._cfg, repeat=False, stats=self._read_stats),
-        repeat=True, stop=self._stop, throttle=self._throttle)
+        repeat=True, stop=self._stop, throttle=self._throttle, stats=self._read_stats)
     return False
 
   @property
@@ -406,7 +408,8 @@ class InserterNode(_LoopNode):
     return self._throttle.throttled_s if self._throttle is not None else 0.0
 
   def status(self) -> dict:
-    # data: episodes read, corrupt (unreadable) files and undecodable episodes skipped so far.
+    # data: episodes read, corrupt (unreadable) files, undecodable episodes skipped and malformed
+    # episodes cut short so far.
     resident = sorted(self._throttle.resident) if self._throttle is not None else []
     return dict(self.base_status(), games=list(self._games), throttled_s=self.throttled_s,
                 resident=resident, replay_address=self._replay_at[0],

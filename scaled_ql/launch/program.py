@@ -574,9 +574,9 @@ class ProgramStatus:
   cluster: dict = dataclasses.field(default_factory=dict)
 
   def data_counts(self) -> dict[str, int]:
-    """Bad data the inserters skipped so far, summed: corrupt (unreadable) files and undecodable
-    episodes (`rlds_reader.ReadStats.counts`)."""
-    total = dict(corrupt_files=0, undecodable_episodes=0)
+    """Bad data the inserters skipped so far, summed: corrupt (unreadable) files, undecodable
+    episodes and malformed episodes cut short (`rlds_reader.ReadStats.counts`)."""
+    total = dict(corrupt_files=0, undecodable_episodes=0, malformed_episodes=0)
     for status in self.inserters:
       for key in total:
         total[key] += int(((status or {}).get('data') or {}).get(key, 0))
@@ -663,7 +663,8 @@ def format_progress(status: ProgramStatus, started: float,
   bad = status.data_counts()
   if any(bad.values()):
     parts.append(f"bad data skipped: {bad['corrupt_files']} corrupt files, "
-                 f"{bad['undecodable_episodes']} undecodable episodes")
+                 f"{bad['undecodable_episodes']} undecodable episodes, "
+                 f"{bad['malformed_episodes']} malformed episodes")
   if status.health:
     parts.append(format_health(status.health))
   scores = status.latest_scores()
