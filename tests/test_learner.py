@@ -677,6 +677,15 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return(tmp_path
   np.testing.assert_allclose(probe.mc_return[:5], [g ** 2 + g ** 4, g + g ** 3, 1 + g ** 2, g, 1],
                              rtol=1e-6)
   assert mc_probe.mc_probe_from_episodes(cfg, iter(eps[:1]), per_game=40) is None
+  # A malformed episode is skipped, as the inserters skip it (before, it raised in the learner's
+  # constructor, and its crash loop ended the program); data.strict raises.
+  bad = _episode(rng, 4, terminal=True)
+  bad['is_terminal'][1] = True
+  again = mc_probe.mc_probe_from_episodes(cfg, iter(eps[:2] + [(1, bad)] + eps[2:]), per_game=40)
+  np.testing.assert_array_equal(again.observation, probe.observation)
+  with pytest.raises(ValueError, match='step 1 is terminal but not last'):
+    mc_probe.mc_probe_from_episodes(cfg.replace(data=dict(strict=True)),
+                                    iter(eps[:2] + [(1, bad)]), per_game=40)
 
   records = []
 

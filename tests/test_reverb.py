@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from scaled_ql import configs
+from scaled_ql import games as games_lib
 from scaled_ql.configs.base import check_transitions_per_item
 from scaled_ql.datasets import reverb_tables as rt
 from scaled_ql.datasets import transitions as tr
@@ -520,10 +521,43 @@ def test_inserter_refuses_a_game_whose_episodes_are_all_malformed(server):
   with pytest.raises(ValueError, match=r'game Pong in the data source .*: its first 10 episodes '
                                        r'are all malformed, .*step observation must be uint8'):
     rt.run_inserter(address, cfg, cfg.games, source(rt.MALFORMED_FIRST_EPISODES))
-  with pytest.raises(ValueError, match=r'no transitions of game Pong .*: its 2 episodes hold '
-                                       r'none \(all malformed \(the first: an episode: step '
-                                       r'observation must be uint8'):
+  no_transitions = (r'no transitions of game Pong .*: its 2 episodes hold none \(all malformed '
+                    r'\(the first: an episode: step observation must be uint8')
+  with pytest.raises(ValueError, match=no_transitions):
     rt.run_inserter(address, cfg, cfg.games, source(2))
+  # Streamed once, or up to a cap, the game would leave its table empty all the same.
+  with pytest.raises(ValueError, match=no_transitions):
+    rt.run_inserter(address, cfg, cfg.games, source(2), repeat=False)
+  with pytest.raises(ValueError, match=no_transitions):
+    rt.run_inserter(address, cfg, cfg.games, source(3), max_episodes_per_game=2)
+
+
+def test_inserter_counts_unlabelled_malformed_episodes_and_names_other_errors(server):
+  """Episodes without a label (a source that is not `rlds_episode_source`) count one each; an
+  error that is not the data's (a step the inserter cannot read) still names game and episode."""
+  from scaled_ql.datasets import rlds_reader
+  cfg, address = server
+  rng = np.random.default_rng(9)
+  good = hand_made_episodes(cfg.games, rng, episodes_per_game=2)
+  bad = make_steps(4, terminal=True, base=200, rng=rng)
+  bad['action'][2] = games_lib.num_actions('Pong')  # one past Pong's action set
+
+  def source(game):
+    episodes = [tr.split_steps(s) for s in good[game]]
+    return iter(episodes[:1] + [tr.split_steps(bad)] * 2 + episodes[1:] if game == 'Pong' else
+                episodes)
+
+  stats = rlds_reader.ReadStats()
+  items = rt.run_inserter(address, cfg, cfg.games, source, repeat=False, stats=stats)
+  assert stats.counts()['malformed_episodes'] == 2
+  # Each bad episode kept its transitions before step 2: none with n = 3.
+  assert items == sum(len(s['action']) - 1 for g in cfg.games for s in good[g])
+  odd = make_steps(4, terminal=True, base=210, rng=rng)
+  odd['is_last'] = np.stack([odd['is_last']] * 2, axis=1)  # not one flag per step
+  labelled = rt.LabelledEpisode(tr.split_steps(odd), 'checkpoint_id 1, episode_id 2')
+  with pytest.raises(ValueError, match=r'game Pong in the data source .*, checkpoint_id 1, '
+                                       r'episode_id 2: The truth value'):
+    rt.run_inserter(address, cfg, ['Pong'], lambda game: iter([labelled]), repeat=False)
 
 
 def _insert_counts(address, games):

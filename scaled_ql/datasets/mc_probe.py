@@ -7,6 +7,7 @@ LearnerNode) hands it to the Learner.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional
 
 import numpy as np
@@ -15,6 +16,8 @@ from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.datasets import rlds_reader
 from scaled_ql.datasets import transitions as transitions_lib
 from scaled_ql.types import McProbe
+
+log = logging.getLogger(__name__)
 
 
 def discounted_returns(rewards: np.ndarray, discount: float, clip: float) -> np.ndarray:
@@ -33,7 +36,8 @@ def mc_probe_from_episodes(cfg: ExperimentConfig, episodes: Iterable[tuple[int, 
   over terminated episodes; stops reading once every game of `cfg.games` has its share.
 
   `episodes` yields (game_id, RLDS steps as numpy arrays [T, ...]); truncated episodes (no
-  is_terminal on the last step) are skipped. None when no terminated episode was seen.
+  is_terminal on the last step) are skipped, and so are malformed ones (warned about; raised
+  with `cfg.data.strict`), as the inserters skip them. None when no terminated episode was seen.
   """
   a = cfg.agent
   parts: dict[int, list] = {}
@@ -43,7 +47,14 @@ def mc_probe_from_episodes(cfg: ExperimentConfig, episodes: Iterable[tuple[int, 
     have = sum(len(p.action) for p in parts.get(game_id, []))
     if have >= per_game:
       continue
-    tr = transitions_lib.episode_transitions(steps, a.n_step, a.discount, a.reward_clip, game_id)
+    try:
+      tr = transitions_lib.episode_transitions(steps, a.n_step, a.discount, a.reward_clip,
+                                               game_id)
+    except transitions_lib.MalformedEpisodeError as e:
+      if cfg.data.strict:
+        raise
+      log.warning('the MC probe skips a malformed episode of %s: %s', cfg.games[game_id], e)
+      continue
     # Transition t starts at step t; the last step only carries the final observation.
     returns = discounted_returns(np.asarray(steps['reward'])[:-1], a.discount, a.reward_clip)
     take = min(per_game - have, len(tr.action), max(1, per_game // 4))

@@ -768,6 +768,8 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   data dir and episode the first time, and counted in `stats` (`rlds_reader.ReadStats`:
   `malformed_episodes`). With `cfg.data.strict` it raises instead, and so does a game whose
   first MALFORMED_FIRST_EPISODES episodes are all malformed (its data are not in this format).
+  A game that would leave its table empty raises too: no episode, or none that made a
+  transition (in an epoch, or before `max_episodes_per_game`).
   """
   import reverb
   from scaled_ql import games as games_lib
@@ -786,10 +788,21 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
   epoch_lost = {g: 0 for g in games}  # its episodes lost to a reconnect (their items unknown)
+  game_items = {g: 0 for g in games}  # items over the epochs
   malformed = {g: 0 for g in games}  # episodes cut short at a malformed step, over the epochs
   first_malformed: dict[str, str] = {}  # game -> its first malformed episode and why
   source_name = (lambda game: f'game {game} in the data source (data_dir '
                  f'{cfg.data.data_dir!r}, selection {cfg.data.selection!r})')  # for errors
+
+  def no_transitions(game: str) -> ValueError:
+    bad, all_bad = malformed[game], malformed[game] == written[game]
+    why = 'one step each'
+    if bad:
+      why = (f'{"all" if all_bad else bad} malformed (the first: {first_malformed[game]})'
+             + ('' if all_bad else ', the others one step each'))
+    return ValueError(f'no transitions of {source_name(game)}: its {written[game]} episodes '
+                      f'hold none ({why})')
+
   total_items = failures = 0
   active = list(games)
   while active and not stop.is_set():
@@ -803,27 +816,24 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         break
       if game in idle:
         continue
+      # Its table would never fill, and every sampler would block: a game that leaves with no
+      # episode, or with episodes that made no transition (one step each, or malformed), or
+      # (streamed again) an epoch that made none.
       if max_episodes_per_game is not None and written[game] >= max_episodes_per_game:
+        if game_items[game] == 0 and epoch_lost[game] == 0:
+          raise no_transitions(game)
         active.remove(game)
         continue
       try:
         episode = next(streams[game])
       except StopIteration:
-        # Its table would never fill, and every sampler would block: no episode, or (streamed
-        # again) an epoch whose episodes made no transition (one step each, or malformed).
         if written[game] == 0 and epoch_lost[game] == 0:
           raise ValueError(f'no episodes of {source_name(game)}') from None
+        if epoch_items[game] == 0 and epoch_lost[game] == 0:
+          raise no_transitions(game) from None
         if not repeat:
           active.remove(game)
           continue
-        if epoch_items[game] == 0 and epoch_lost[game] == 0:
-          bad, all_bad = malformed[game], malformed[game] == written[game]
-          why = 'one step each'
-          if bad:
-            why = (f'{"all" if all_bad else bad} malformed (the first: {first_malformed[game]})'
-                   + ('' if all_bad else ', the others one step each'))
-          raise ValueError(f'no transitions of {source_name(game)}: its {written[game]} '
-                           f'episodes hold none ({why})') from None
         if epoch_lost[game] == 0:  # (an epoch with a lost episode is no measure of its size)
           throttle.end_of_epoch(game, epoch_items[game], max_items)
         epoch_items[game] = epoch_lost[game] = 0
@@ -838,20 +848,24 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         items = write_episode(writer, table_name(game), episode, n_step, chunk_length,
                               per_item=per_item, num_actions=games_lib.num_actions(game))
       except MalformedEpisode as e:  # bad data: say which, count it, keep what came before
-        label = getattr(episode, 'label', 'an episode')
-        message = f'{source_name(game)}, {label}: {e}'
+        label = getattr(episode, 'label', None)
+        message = f'{source_name(game)}, {label or "an episode"}: {e}'
         if cfg.data.strict:
           raise ValueError(f'{message} (data.strict=true)') from e.error
         items = e.items
         malformed[game] += 1
-        first_malformed.setdefault(game, f'{label}: {e}')
+        first_malformed.setdefault(game, f'{label or "an episode"}: {e}')
         if malformed[game] == written[game] + 1 >= MALFORMED_FIRST_EPISODES:
           raise ValueError(f'{source_name(game)}: its first {malformed[game]} episodes are all '
                            f'malformed, so its data are not in the format the inserter reads '
                            f'(the first: {first_malformed[game]})') from e.error
-        if stats.add_malformed(game, label):
+        # A labelled episode counts once over the epochs; one without a label each time.
+        if stats.add_malformed(game, label or f'unlabelled #{malformed[game]}'):
           log.warning('cutting a malformed episode short at its fault (%d items kept): %s',
                       items, message)
+      except ValueError as e:  # not the data's fault, but say where it happened
+        label = getattr(episode, 'label', 'an episode')
+        raise ValueError(f'{source_name(game)}, {label}: {e}') from e
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
         # episode's partial items are lost with the old server. An error that persists across
@@ -871,6 +885,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         continue
       total_items += items
       epoch_items[game] += items
+      game_items[game] += items
       failures = 0
       written[game] += 1
   writer.close()
