@@ -1,8 +1,8 @@
 """The distributed program on a real Ray runtime, tiny sizes (cpu_tiny + the tiny_dataset_dir).
 
 - `scaled-ql train` as a subprocess, resuming past a truncated newest checkpoint on data with an
-  undecodable episode: learner steps, evaluator reports at >= 2 param versions, then SIGTERM ->
-  final checkpoint, exit 0 and no process left behind.
+  undecodable and a malformed episode: learner steps, evaluator reports at >= 2 param versions,
+  then SIGTERM -> final checkpoint, exit 0 and no process left behind.
 - In-process (one Ray session for the module, a two-node cluster): killing an evaluator (Ray
   restarts it and it reports again) and the Reverb server with its port taken (it comes back
   at another; the driver restarts the learner, which resumes from its checkpoint step, not 0,
@@ -61,15 +61,18 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
     tiny_dataset_dir, tmp_path):
   """`scaled-ql train` on a workdir and data with a fault each (one program run for all of it
   keeps the suite fast): the newest checkpoint is truncated (moved aside as corrupt-2, the run
-  resumes from step 1) and the data holds an undecodable episode (the inserter skips it, the
-  progress line counts it). Then it trains and evaluates >= 2 param versions; on SIGTERM it saves
+  resumes from step 1) and the data hold an undecodable episode (the inserter skips it) and a
+  malformed one (cut short), which the progress line counts. Then it trains and evaluates >= 2 param versions; on SIGTERM it saves
   the final step, exits 0 and leaves no process behind."""
-  from test_bad_data import _with_undecodable_episode
+  from test_bad_data import _with_malformed_episode, _with_undecodable_episode
   from test_checkpoint_faults import _truncate_step
   from test_learner import CFG, make
   # cpu_tiny reads the 'suboptimal' selection: checkpoint_00 (two episodes of Pong), read again
   # and again, so the bad one is met in the first epoch.
   data, _ = _with_undecodable_episode(tiny_dataset_dir, tmp_path, checkpoint=0, index=1)
+  # And Breakout's first episode there is malformed (a terminal step at 100 of 251): the inserter
+  # cuts it short and counts it, and the learner's MC probe skips it.
+  _with_malformed_episode(data, 'Breakout', checkpoint=0, index=0, step=100)
   workdir = str(tmp_path / 'run')
   learner = make(CFG.replace(data=dict(data_dir=data)), workdir=workdir)
   for _ in range(2):
@@ -115,7 +118,7 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   assert 'does not load' in out and 'corrupt-2' in out
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
   assert min(r['param_version'] for r in _eval_rows(workdir)) >= 1
-  assert ('bad data skipped: 0 corrupt files, 1 undecodable episodes, 0 malformed episodes'
+  assert ('bad data skipped: 0 corrupt files, 1 undecodable episodes, 1 malformed episodes'
           in out), out[-3000:]
   assert 'SIGTERM' in out and 'learner stopped at step' in out
   # The learner node's first step says what the compilation cache did (the suite's cache: the
