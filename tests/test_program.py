@@ -62,8 +62,8 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   """`scaled-ql train` on a workdir and data with a fault each (one program run for all of it
   keeps the suite fast): the newest checkpoint is truncated (moved aside as corrupt-2, the run
   resumes from step 1) and the data hold an undecodable episode (the inserter skips it) and a
-  malformed one (cut short), which the progress line counts. Then it trains and evaluates >= 2 param versions; on SIGTERM it saves
-  the final step, exits 0 and leaves no process behind."""
+  malformed one (cut short), which the progress line counts. Then it trains and evaluates >= 2
+  param versions; on SIGTERM it saves the final step, exits 0 and leaves no process behind."""
   from test_bad_data import _with_malformed_episode, _with_undecodable_episode
   from test_checkpoint_faults import _truncate_step
   from test_learner import CFG, make
