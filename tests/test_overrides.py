@@ -113,6 +113,38 @@ def test_resolve_config_records_flags_and_overrides_in_order_and_validates():
       run.resolve_config('cpu_tiny', overrides=[bad])
 
 
+@pytest.mark.parametrize('bad, message', [
+    # Each passed the checks before 2026-12-07 night and failed later, in a node (agent.n_step=0:
+    # the replay node's constructor, then the program ended as a crash loop) or not at all.
+    ('agent.n_step=0', 'agent.n_step=0 must be >= 1'),
+    ('agent.discount=1.5', r'agent.discount=1.5 must be in \[0, 1\]'),
+    ('agent.reward_clip=0', 'agent.reward_clip=0.0 must be > 0'),
+    ('agent.learning_rate=nan', 'agent.learning_rate is nan'),
+    ('agent.cql_alpha=inf', 'agent.cql_alpha=inf must be finite'),
+    ('network.resnet_width=0', 'NetworkConfig.resnet_width=0 is invalid'),
+    ('train.num_steps=0', 'train.num_steps must be >= 1, got 0'),
+    ('train.seed=-1', r'train.seed must be >= 0 \(numpy seeds from it\), got -1'),
+    ('train.crash_loop_window_s=nan', 'train.crash_loop_window_s is nan'),
+    ('data.samples_per_insert=0', 'data.samples_per_insert must be > 0 and finite, got 0.0'),
+    ('data.reverb_chunk_length=0', 'data.reverb_chunk_length must be >= 1, got 0'),
+    ('data.prefetch_batches=0', 'data.prefetch_batches must be >= 1, got 0'),
+    ('eval.eval_every_steps=0', r'eval.eval_every_steps must be >= 1 \(or None'),
+    ('eval.eval_every_seconds=-1', 'eval.eval_every_seconds must be > 0, got -1.0'),
+    ('finetune.update_period=0', 'finetune.update_period must be >= 1, got 0'),
+    ('finetune.epsilon_end=2', r'finetune.epsilon_end must be in \[0, 1\], got 2.0'),
+])
+def test_out_of_range_numbers_are_refused_before_anything_starts(bad, message):
+  with pytest.raises(ConfigError, match=message):
+    run.resolve_config('cpu_tiny', overrides=[bad])
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+  for ok in ('agent.discount=0', 'agent.discount=1', 'agent.reward_clip=inf', 'train.seed=0',
+             'eval.eval_every_seconds=inf', 'finetune.epsilon_decay_steps=0',
+             'agent.cql_alpha=0'):
+    run.resolve_config('cpu_tiny', overrides=[ok])
+
+
 def test_games_flag_sets_any_games_and_the_heads_follow():
   cfg = run.resolve_config('cpu_tiny', games='Pong,Qbert,Seaquest')
   assert cfg.games == ('Pong', 'Qbert', 'Seaquest') and cfg.overrides == (

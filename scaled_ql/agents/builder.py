@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import haiku as hk
@@ -42,6 +43,16 @@ def check_agent_config(cfg: ExperimentConfig) -> None:
   a: AgentConfig = cfg.agent
   games_lib.check_games(cfg.games, 'config games')
   method = methods.get(a.loss)
+  for name in ('cql_alpha', 'v_min', 'v_max', 'learning_rate', 'adam_eps', 'bcq_tau',
+               'policy_params_ema') + (('max_grad_norm',) if a.max_grad_norm is not None else ()):
+    if not math.isfinite(getattr(a, name)):  # NaN passes every comparison below
+      raise ValueError(f'agent.{name}={getattr(a, name)} must be finite')
+  if a.n_step < 1:
+    raise ValueError(f'agent.n_step={a.n_step} must be >= 1')
+  if not 0.0 <= a.discount <= 1.0:
+    raise ValueError(f'agent.discount={a.discount} must be in [0, 1]')
+  if not a.reward_clip > 0:  # (inf: no clipping)
+    raise ValueError(f'agent.reward_clip={a.reward_clip} must be > 0')
   if method.distributional and a.num_atoms < 2:
     raise ValueError(f'agent.num_atoms={a.num_atoms} must be >= 2 for loss {a.loss!r}')
   if not a.v_min < a.v_max:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 from typing import Iterator, Optional, Sequence
@@ -50,9 +51,48 @@ def resolve_config(config: str, data_dir: Optional[str] = None, steps: Optional[
   return cfg
 
 
+# The ranges of the fields no other check covers (the agent's, the network's, the evaluator's,
+# the driver's fault fields and the table pacing have their own): (section.field, valid?, what).
+_RANGES = (
+    ('train.num_steps', lambda v: v >= 1, '>= 1'),
+    ('train.seed', lambda v: v >= 0, '>= 0 (numpy seeds from it)'),
+    ('data.selection_seed', lambda v: v >= 0, '>= 0 (numpy seeds from it)'),
+    ('data.samples_per_insert', lambda v: 0 < v < math.inf, '> 0 and finite'),
+    ('data.reverb_chunk_length', lambda v: v >= 1, '>= 1'),
+    ('data.prefetch_batches', lambda v: v >= 1, '>= 1'),
+    ('data.reader_cycle_length', lambda v: v >= 1, '>= 1'),
+    ('eval.gpus_per_evaluator', lambda v: 0 <= v < math.inf, '>= 0 and finite'),
+    ('eval.eval_every_steps', lambda v: v is None or v >= 1, '>= 1 (or None: by the clock)'),
+    ('eval.eval_every_seconds', lambda v: v > 0, '> 0'),
+    ('finetune.num_actors', lambda v: v >= 1, '>= 1'),
+    ('finetune.update_period', lambda v: v >= 1, '>= 1'),
+    ('finetune.epsilon_start', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('finetune.epsilon_end', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    ('finetune.epsilon_decay_steps', lambda v: v >= 0, '>= 0'),
+    ('finetune.actor_sticky_action_prob', lambda v: 0 <= v <= 1, 'in [0, 1]'),
+)
+
+
+def check_numbers(cfg) -> None:
+  """No float field of any section is NaN (it passes every comparison a range check makes), and
+  the fields of `_RANGES` are in range; ConfigError naming the field."""
+  for section in ('network', 'agent', 'data', 'eval', 'train', 'finetune'):
+    values = getattr(cfg, section)
+    for field in dataclasses.fields(values):
+      value = getattr(values, field.name)
+      if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f'{section}.{field.name} is nan')
+  for path, valid, what in _RANGES:
+    section, name = path.split('.')
+    value = getattr(getattr(cfg, section), name)
+    if not valid(value):
+      raise ConfigError(f'{path} must be {what}, got {value}')
+
+
 def validate(cfg) -> None:
   """The checks that need no data and no process; ConfigError naming the field/flag at fault."""
   from scaled_ql import games as games_lib
+  check_numbers(cfg)
   try:
     games_lib.check_games(cfg.games, f'config {cfg.name!r} games')
   except ValueError as e:

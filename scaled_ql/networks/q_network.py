@@ -133,6 +133,8 @@ def check_network_config(net_cfg: NetworkConfig) -> None:
   if not net_cfg.impala_channels or net_cfg.impala_width < 1:
     bad('impala_channels/impala_width', (net_cfg.impala_channels, net_cfg.impala_width),
         'non-empty channels and width >= 1')
+  if net_cfg.resnet_width < 1:
+    bad('resnet_width', net_cfg.resnet_width, 'an int >= 1')
   if net_cfg.group_norm_groups < 1 or net_cfg.resnet_width % net_cfg.group_norm_groups:
     bad('group_norm_groups', net_cfg.group_norm_groups,
         f'a divisor of resnet_width={net_cfg.resnet_width}')
