@@ -686,6 +686,10 @@ def test_mc_probe_skips_truncated_episodes_and_logs_q_against_mc_return(tmp_path
   with pytest.raises(ValueError, match='step 1 is terminal but not last'):
     mc_probe.mc_probe_from_episodes(cfg.replace(data=dict(strict=True)),
                                     iter(eps[:2] + [(1, bad)]), per_game=40)
+  # So is one with an action outside its game's set (Breakout, game 0, has 4 actions).
+  wide = dict(eps[1][1], action=eps[1][1]['action'].copy())
+  wide['action'][2] = games_lib.num_actions(cfg.games[0])
+  assert mc_probe.mc_probe_from_episodes(cfg, iter([(0, wide)]), per_game=40) is None
 
   records = []
 

@@ -70,9 +70,10 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   # cpu_tiny reads the 'suboptimal' selection: checkpoint_00 (two episodes of Pong), read again
   # and again, so the bad one is met in the first epoch.
   data, _ = _with_undecodable_episode(tiny_dataset_dir, tmp_path, checkpoint=0, index=1)
-  # And Breakout's first episode there is malformed (a terminal step at 100 of 251): the inserter
-  # cuts it short and counts it, and the learner's MC probe skips it.
-  _with_malformed_episode(data, 'Breakout', checkpoint=0, index=0, step=100)
+  # And Breakout's second episode there is malformed (a terminal step at 50 of 129): the
+  # inserter cuts it short and counts it, and the learner's MC probe, which reads it (it ends
+  # terminal), skips it.
+  _with_malformed_episode(data, 'Breakout', checkpoint=0, index=1, step=50)
   workdir = str(tmp_path / 'run')
   learner = make(CFG.replace(data=dict(data_dir=data)), workdir=workdir)
   for _ in range(2):

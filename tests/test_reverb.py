@@ -544,8 +544,8 @@ def test_inserter_counts_unlabelled_malformed_episodes_and_names_other_errors(se
 
   def source(game):
     episodes = [tr.split_steps(s) for s in good[game]]
-    return iter(episodes[:1] + [tr.split_steps(bad)] * 2 + episodes[1:] if game == 'Pong' else
-                episodes)
+    return iter(episodes[:1] + [tr.split_steps(bad), tr.split_steps(bad)] + episodes[1:]
+                if game == 'Pong' else episodes)
 
   stats = rlds_reader.ReadStats()
   items = rt.run_inserter(address, cfg, cfg.games, source, repeat=False, stats=stats)
@@ -556,7 +556,7 @@ def test_inserter_counts_unlabelled_malformed_episodes_and_names_other_errors(se
   odd['is_last'] = np.stack([odd['is_last']] * 2, axis=1)  # not one flag per step
   labelled = rt.LabelledEpisode(tr.split_steps(odd), 'checkpoint_id 1, episode_id 2')
   with pytest.raises(ValueError, match=r'game Pong in the data source .*, checkpoint_id 1, '
-                                       r'episode_id 2: The truth value'):
+                                       r'episode_id 2: ValueError: The truth value'):
     rt.run_inserter(address, cfg, ['Pong'], lambda game: iter([labelled]), repeat=False)
 
 

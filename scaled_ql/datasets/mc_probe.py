@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from scaled_ql import games as games_lib
 from scaled_ql.configs.base import ExperimentConfig
 from scaled_ql.datasets import rlds_reader
 from scaled_ql.datasets import transitions as transitions_lib
@@ -48,8 +49,9 @@ def mc_probe_from_episodes(cfg: ExperimentConfig, episodes: Iterable[tuple[int, 
     if have >= per_game:
       continue
     try:
-      tr = transitions_lib.episode_transitions(steps, a.n_step, a.discount, a.reward_clip,
-                                               game_id)
+      tr = transitions_lib.episode_transitions(
+          steps, a.n_step, a.discount, a.reward_clip, game_id,
+          num_actions=games_lib.num_actions(cfg.games[game_id]))
     except transitions_lib.MalformedEpisodeError as e:
       if cfg.data.strict:
         raise

@@ -482,7 +482,8 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
   `while_waiting()` every 0.5 s. A malformed step (`transitions.RecordStream`; with
   `num_actions`, an action outside the game's set too) ends the episode there and raises
   `MalformedEpisode`: the items whose windows closed before it (whole transitions of the
-  well-formed steps before it) stay in the table, and the next episode starts afresh.
+  well-formed steps before it; with per_item > 1, whole items only) stay in the table, and the
+  next episode starts afresh.
   """
   records = _UntilMalformed(tr.padded_step_records(steps, n_step, per_item, num_actions))
   items = _append_records(writer, table, records, tr.window_length(n_step, per_item),
@@ -863,9 +864,9 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         if stats.add_malformed(game, label or f'unlabelled #{malformed[game]}'):
           log.warning('cutting a malformed episode short at its fault (%d items kept): %s',
                       items, message)
-      except ValueError as e:  # not the data's fault, but say where it happened
+      except (ValueError, TypeError, KeyError) as e:  # a step it cannot read: say which
         label = getattr(episode, 'label', 'an episode')
-        raise ValueError(f'{source_name(game)}, {label}: {e}') from e
+        raise ValueError(f'{source_name(game)}, {label}: {type(e).__name__}: {e}') from e
       except (reverb.errors.ReverbError, RuntimeError) as e:
         # The server went away (gRPC UNAVAILABLE surfaces as RuntimeError): reconnect; this
         # episode's partial items are lost with the old server. An error that persists across

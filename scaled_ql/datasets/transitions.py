@@ -310,12 +310,12 @@ def windows_to_transitions(windows: StepRecords, game_id: Any, *, discount: floa
                                                       reward_clip=reward_clip, per_item=per_item))
 
 
-def episode_windows(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1
-                    ) -> StepRecords:
+def episode_windows(steps: Iterable[Mapping[str, Any]], n_step: int, per_item: int = 1,
+                    num_actions: Optional[int] = None) -> StepRecords:
   """All items of one episode, [I, n+STACK+per_item-1, ...] (the numpy twin of the inserter)."""
   width = window_length(n_step, per_item)
   records, ends = [], []
-  for record, window_ends in padded_step_records(steps, n_step, per_item):
+  for record, window_ends in padded_step_records(steps, n_step, per_item, num_actions):
     records.append(record)
     ends.append(window_ends)
   stacked = stack_records(records)
@@ -340,12 +340,13 @@ def split_steps(steps: Mapping[str, np.ndarray]) -> Iterator[dict[str, Any]]:
 
 
 def episode_transitions(steps: Mapping[str, np.ndarray], n: int, gamma: float, clip: float,
-                        game_id: int = 0) -> Transition:
+                        game_id: int = 0, num_actions: Optional[int] = None) -> Transition:
   """Numpy reference: every n-step transition of one episode (RLDS steps as arrays [T, ...]).
 
-  Returns a `Transition` with leading dim T-1 (one per step but the last).
+  Returns a `Transition` with leading dim T-1 (one per step but the last). `num_actions` (the
+  game's action set) makes an action outside it malformed, as the inserter does.
   """
-  windows = episode_windows(split_steps(steps), n)
+  windows = episode_windows(split_steps(steps), n, num_actions=num_actions)
   if len(windows.action) == 0:
     empty = np.zeros((0,) + FRAME_SHAPE + (STACK,), np.uint8)
     return Transition(empty, np.zeros(0, np.int32), np.zeros(0, np.float32),
