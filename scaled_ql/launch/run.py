@@ -61,7 +61,6 @@ _RANGES = (
     ('data.reverb_chunk_length', lambda v: v >= 1, '>= 1'),
     ('data.prefetch_batches', lambda v: v >= 1, '>= 1'),
     ('data.reader_cycle_length', lambda v: v >= 1, '>= 1'),
-    ('eval.gpus_per_evaluator', lambda v: 0 <= v < math.inf, '>= 0 and finite'),
     ('eval.eval_every_steps', lambda v: v is None or v >= 1, '>= 1 (or None: by the clock)'),
     ('eval.eval_every_seconds', lambda v: v > 0, '> 0'),
     ('finetune.num_actors', lambda v: v >= 1, '>= 1'),
@@ -100,8 +99,8 @@ def validate(cfg) -> None:
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
     raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
                       f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
-  if not cfg.eval.gpus_per_evaluator >= 0:
-    raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0, got '
+  if not 0 <= cfg.eval.gpus_per_evaluator < math.inf:
+    raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0 and finite, got '
                       f'{cfg.eval.gpus_per_evaluator}')
   if not 0 <= cfg.eval.epsilon <= 1:
     raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
