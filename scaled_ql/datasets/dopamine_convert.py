@@ -24,7 +24,13 @@ Conversion, per replay checkpoint N -> split checkpoint_{N:02d}, checkpoint_id N
   entry becomes RLDS steps o_0..o_{T-1} plus a final step with is_terminal (its observation repeats
   o_{T-1}: the terminal frame is never stored by Dopamine, and with discount 0 it is never used);
   the unfinished tail becomes a truncated episode whose last stored entry is its final observation.
-Memory: one checkpoint's arrays at a time (~7 GB for a real 1M-entry buffer).
+  A wrapped buffer's oldest entries usually begin in the middle of an episode whose start was
+  overwritten: that fragment becomes an episode of its own, and its first 3 observations stack
+  zero frames where the lost history was (3 transitions in a 1M-entry checkpoint, which
+  Dopamine itself never samples: they lie in its invalid range). RLDS has no way to carry
+  history before a first step, so they are kept as they are rather than dropping the fragment.
+Memory: one checkpoint's arrays at a time (~7 GB for a real 1M-entry buffer; a wrapped buffer's
+observations are read in time order through an index, not rotated into a second copy).
 """
 from __future__ import annotations
 
@@ -101,10 +107,27 @@ def load_checkpoint(dopamine_dir: str, game: str, run: int, ckpt: int) -> dict[s
   add_count = int(add_count)
   if add_count > n:  # the circular buffer wrapped: oldest entry at add_count % n
     shift = add_count % n
-    store = {k: np.roll(v, -shift, axis=0) for k, v in store.items()}
+    store = {k: np.roll(v, -shift, axis=0) if k != 'observation' else _Rotated(v, shift)
+             for k, v in store.items()}
   elif add_count < n:  # not yet full: only the first add_count entries are valid
     store = {k: v[:add_count] for k, v in store.items()}
   return store
+
+
+class _Rotated:
+  """`array` in time order from entry `shift` on (wrapping round), read entry by entry or by an
+  index array, without the copy `np.roll` makes: a real buffer's observations are 7 GB, and a
+  rolled copy beside the loaded one doubled the conversion's peak memory."""
+
+  def __init__(self, array: np.ndarray, shift: int):
+    self._array, self._shift = array, shift
+    self.shape, self.dtype = array.shape, array.dtype
+
+  def __len__(self) -> int:
+    return len(self._array)
+
+  def __getitem__(self, index):
+    return self._array[(np.asarray(index) + self._shift) % len(self._array)]
 
 
 def split_episodes(store: dict[str, np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
