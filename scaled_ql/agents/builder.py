@@ -174,6 +174,16 @@ def frozen_labels(params: Any, frozen_modules: Sequence[str]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trained_only(tree: Any, frozen_modules: Sequence[str]) -> Any:
+  """`tree` (e.g. the gradients) with the leaves of `frozen_modules` replaced by a 0 scalar, so
+  that nothing reads them: XLA then drops their computation (a frozen encoder's backward pass)."""
+  if not frozen_modules:
+    return tree
+  labels = frozen_labels(tree, frozen_modules)
+  return jax.tree_util.tree_map(
+      lambda x, label: x if label == TRAINABLE else jnp.zeros((), x.dtype), tree, labels)
+
+
 def _module_name(path) -> Optional[str]:
   """The haiku module name of a leaf path (the dict key just above the leaf name)."""
   keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]

@@ -93,7 +93,9 @@ def gradient_step(state: TrainState, batch: Transition, cfg: ExperimentConfig
   step = state.step + 1
   target_params = refreshed_target(step, params, state.target_params, cfg)
   rng, _ = jax.random.split(state.rng)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  # Of the trained params only: the frozen ones' gradients (set to zero by the optimizer) are
+  # then read by nothing, and XLA drops a frozen encoder's backward pass.
+  metrics['grad_norm'] = optax.global_norm(builder.trained_only(grads, cfg.agent.frozen_modules))
   new_state = TrainState(params=params, behaviour_params=behaviour_params,
                          target_params=target_params, opt_state=opt_state, rng=rng, step=step)
   return new_state, metrics
