@@ -188,7 +188,8 @@ def test_a_frozen_encoders_backward_pass_is_not_computed():
   """The optimizer gives a frozen module zero updates; its gradients are read by nothing else
   (`grad_norm` counts the trained params only: `builder.trained_only`), so XLA drops their
   computation. Before, the norm read them, and a frozen-encoder step cost a trained one's."""
-  grads = {'encoder/stem_conv': {'w': np.full(4, 3.0)}, 'trunk/linear_0': {'w': np.full(4, 2.0)}}
+  grads = {'encoder/stem_conv': {'w': np.full(4, 3.0, np.float32)},
+           'trunk/linear_0': {'w': np.full(4, 2.0, np.float32)}}
   kept = builder.trained_only(grads, ('encoder',))
   assert float(kept['encoder/stem_conv']['w']) == 0.0
   assert kept['trunk/linear_0']['w'] is grads['trunk/linear_0']['w']
