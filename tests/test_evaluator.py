@@ -616,7 +616,7 @@ def test_evaluator_gpus_flag_is_checked_before_any_node_starts():
   from scaled_ql.launch import run
   cfg = run.resolve_config('cpu_tiny', evaluator_gpus=0.25)
   assert cfg.eval.gpus_per_evaluator == 0.25 and 'eval.gpus_per_evaluator=0.25' in cfg.overrides
-  for bad in (-1, float('inf')):
+  for bad in (-1, float('inf'), float('nan')):
     with pytest.raises(ConfigError, match=r'--evaluator-gpus \(eval.gpus_per_evaluator\) must be '
                        rf'>= 0 and finite, got {bad}'):
       run.resolve_config('cpu_tiny', evaluator_gpus=bad)

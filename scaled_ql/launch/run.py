@@ -91,7 +91,6 @@ def check_numbers(cfg) -> None:
 def validate(cfg) -> None:
   """The checks that need no data and no process; ConfigError naming the field/flag at fault."""
   from scaled_ql import games as games_lib
-  check_numbers(cfg)
   try:
     games_lib.check_games(cfg.games, f'config {cfg.name!r} games')
   except ValueError as e:
@@ -99,9 +98,10 @@ def validate(cfg) -> None:
   if not 1 <= cfg.eval.num_evaluators <= len(cfg.games):
     raise ConfigError(f'--evaluators (eval.num_evaluators) must be between 1 and the '
                       f'{len(cfg.games)} games of {cfg.name!r}, got {cfg.eval.num_evaluators}')
-  if not 0 <= cfg.eval.gpus_per_evaluator < math.inf:
+  if not 0 <= cfg.eval.gpus_per_evaluator < math.inf:  # (NaN too: named by its flag)
     raise ConfigError(f'--evaluator-gpus (eval.gpus_per_evaluator) must be >= 0 and finite, got '
                       f'{cfg.eval.gpus_per_evaluator}')
+  check_numbers(cfg)
   if not 0 <= cfg.eval.epsilon <= 1:
     raise ConfigError(f'eval.epsilon must be in [0, 1], got {cfg.eval.epsilon}')
   check_eval_settings(cfg)
