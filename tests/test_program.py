@@ -371,6 +371,11 @@ def test_faults_evaluator_learner_and_replay_come_back(ray_session, tiny_dataset
   assert max(r['param_version'] for r in rows) == num_steps  # the final params were evaluated
   # ... those of the restarted learner (its second start in the workdir: lineage 1).
   assert {r['param_lineage'] for r in rows if r['param_version'] == num_steps} == {1}
+  # Its restart is recorded as one it was asked for, which the no-progress rule does not count
+  # (`nodes.record_learner_start`).
+  assert [s.get('after_requested_exit', False)
+          for s in loggers.read_learner_starts(workdir)] == [False, True]
+  assert not os.path.exists(os.path.join(workdir, nodes.LEARNER_EXIT_REQUESTED))
   assert not os.path.exists(os.path.join(workdir, 'logs'))  # killed, never crashed
   # The program ran on both nodes of the fixture's cluster (Ray's actor table: the node of each
   # node's last start).
@@ -485,6 +490,39 @@ def test_a_learner_restarting_from_the_same_checkpoint_again_and_again_ends_the_
     start(3, 2000)
   with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
     assert json.loads(f.read().splitlines()[-1])['restart'] == 3  # on a line of its own
+
+
+def test_restarts_the_driver_asked_for_are_no_failures_of_the_learner(tmp_path):
+  """A learner the driver restarts to follow a moved replay saves its step and exits
+  (`LearnerNode.save_and_exit` writes LEARNER_EXIT_REQUESTED); where it made no step since its
+  start (it waited for the refilled replay), the restart resumes from the same step. Such
+  starts are not failures: before, three replay moves in a row before the learner stepped
+  ended the run as a learner making no progress."""
+  workdir = str(tmp_path)
+  marker = os.path.join(workdir, nodes.LEARNER_EXIT_REQUESTED)
+  start = lambda restart, step: nodes.record_learner_start(workdir, restart, step, 3)
+
+  def requested_exit():
+    with open(marker, 'w') as f:
+      f.write('2000')
+  start(0, 0)
+  start(1, 2000)
+  for restart in range(2, 8):  # six moves of the replay, the learner at step 2000 throughout
+    requested_exit()
+    start(restart, 2000)
+    assert not os.path.exists(marker)  # read once
+  # Failures count again from the last requested exit on.
+  start(8, 2000)
+  start(9, 2000)
+  with pytest.raises(nodes.NoProgressError, match='restarted 3 times in a row'):
+    start(10, 2000)
+  with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
+    flags = [json.loads(line).get('after_requested_exit', False) for line in f]
+  assert flags == [False, False] + [True] * 6 + [False] * 3
+  # A marker left from an earlier program does not mark its first start.
+  requested_exit()
+  start(0, 2000)
+  assert not os.path.exists(marker)
 
 
 class _Node:

@@ -427,6 +427,11 @@ class NoProgressError(RuntimeError):
   """The learner restarted again and again from the same checkpoint: the run makes no progress."""
 
 
+# WORKDIR/: written by a learner that saved its step and exits on the driver's request
+# (`LearnerNode.save_and_exit`); the next start reads and removes it (`record_learner_start`).
+LEARNER_EXIT_REQUESTED = 'learner_exit_requested'
+
+
 def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
                          max_in_a_row: int) -> int:
   """Appends this learner start to WORKDIR/learner_starts.jsonl and returns how many starts the
@@ -436,18 +441,27 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   start, restart 0) that resumed from the same checkpoint step as the start before it. A learner
   that fails every time before its next checkpoint (a full disk or quota at each save, a
   divergence that recurs) would otherwise train the same interval again and again: restarts
-  minutes or hours apart never make `crash_loop_restarts` within `crash_loop_window_s`."""
+  minutes or hours apart never make `crash_loop_restarts` within `crash_loop_window_s`.
+  A start after a requested exit (the driver's, to follow a moved replay: LEARNER_EXIT_REQUESTED,
+  recorded as `after_requested_exit`) ends the row: that start did not fail, even where the
+  learner made no step since (it waited for the refilled replay)."""
   import json
   path = os.path.join(workdir, loggers.LEARNER_STARTS)
   starts = loggers.read_learner_starts(workdir) or []
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
+  marker = os.path.join(workdir, LEARNER_EXIT_REQUESTED)
+  if restart > 0 and os.path.exists(marker):
+    this['after_requested_exit'] = True
+  if os.path.exists(marker):
+    os.remove(marker)
   loggers.append_lines(path, [json.dumps(this)])
   lineage = len(starts)
   firsts = [i for i, s in enumerate(starts) if s.get('restart') == 0]
   starts = starts[firsts[-1]:] + [this] if firsts and restart > 0 else [this]
   in_a_row = 0
   for before, after in zip(starts[::-1][1:], starts[::-1]):
-    if after['resumed_from_step'] != before['resumed_from_step']:
+    if (after['resumed_from_step'] != before['resumed_from_step']
+        or after.get('after_requested_exit')):
       break
     in_a_row += 1
   if in_a_row >= max_in_a_row:
@@ -619,6 +633,9 @@ class LearnerNode(_LoopNode):
       try:
         self._end_loop_and_save('the request to save and exit')
         self._learner.close()  # (its metrics' files)
+        # Saved: the restart this asks for is no failure (`record_learner_start`).
+        with open(os.path.join(self._workdir, LEARNER_EXIT_REQUESTED), 'w') as f:
+          f.write(str(int(self._learner.steps)))
       except BaseException:  # pylint: disable=broad-except
         self._crash()
       finally:
