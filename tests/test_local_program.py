@@ -362,6 +362,9 @@ def test_save_and_exit_ends_the_process_whatever_the_save_does(tmp_path):
   with open(tmp_path / 'save_fails' / 'logs' / 'learner.err') as f:
     record = f.read()
   assert '[learner] crashed:' in record and 'OSError: [Errno 28] No space left on device' in record
+  # No save, no request recorded: the restart counts as the start's failure.
+  for mode in ('save_fails', 'save_hangs'):
+    assert not (tmp_path / mode / nodes.LEARNER_EXIT_REQUESTED).exists(), mode
   code, stdout, stderr = out['save_hangs']
   assert code == 1 and 'returned' not in stdout, out['save_hangs']
   assert 'asking\nsaving\n' in stdout, out['save_hangs']  # the save is what the deadline cut

@@ -502,9 +502,9 @@ def test_restarts_the_driver_asked_for_are_no_failures_of_the_learner(tmp_path):
   marker = os.path.join(workdir, nodes.LEARNER_EXIT_REQUESTED)
   start = lambda restart, step: nodes.record_learner_start(workdir, restart, step, 3)
 
-  def requested_exit():
+  def requested_exit(step=2000):
     with open(marker, 'w') as f:
-      f.write('2000')
+      f.write(str(step))
   start(0, 0)
   start(1, 2000)
   for restart in range(2, 8):  # six moves of the replay, the learner at step 2000 throughout
@@ -519,10 +519,17 @@ def test_restarts_the_driver_asked_for_are_no_failures_of_the_learner(tmp_path):
   with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
     flags = [json.loads(line).get('after_requested_exit', False) for line in f]
   assert flags == [False, False] + [True] * 6 + [False] * 3
-  # A marker left from an earlier program does not mark its first start.
+  # A marker left from an earlier program does not mark its first start; one whose step is not
+  # the step resumed from (its save did not load: the restart fell back to an older one) does
+  # not mark a restart.
   requested_exit()
   start(0, 2000)
+  requested_exit(2500)
+  start(1, 2000)
   assert not os.path.exists(marker)
+  with open(os.path.join(workdir, loggers.LEARNER_STARTS)) as f:
+    assert [json.loads(line).get('after_requested_exit', False) for line in f][-2:] == [False,
+                                                                                       False]
 
 
 class _Node:

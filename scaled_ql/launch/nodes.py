@@ -450,10 +450,14 @@ def record_learner_start(workdir: str, restart: int, resumed_from_step: int,
   starts = loggers.read_learner_starts(workdir) or []
   this = dict(time=time.time(), restart=restart, resumed_from_step=resumed_from_step)
   marker = os.path.join(workdir, LEARNER_EXIT_REQUESTED)
-  if restart > 0 and os.path.exists(marker):
-    this['after_requested_exit'] = True
   if os.path.exists(marker):
+    with open(marker) as f:
+      saved = f.read().strip()
     os.remove(marker)
+    # Only where this start resumed from the step that exit saved (not from an older checkpoint
+    # because that save does not load), and only for a restart (a first start just removes it).
+    if restart > 0 and saved == str(resumed_from_step):
+      this['after_requested_exit'] = True
   loggers.append_lines(path, [json.dumps(this)])
   lineage = len(starts)
   firsts = [i for i, s in enumerate(starts) if s.get('restart') == 0]
