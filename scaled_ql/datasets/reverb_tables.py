@@ -448,15 +448,6 @@ def _end_episode(writer, stop: Optional[threading.Event] = None,
 MALFORMED_FIRST_EPISODES = 10
 
 
-class MalformedEpisode(Exception):
-  """`write_episode` met a malformed step (`error`, a `transitions.MalformedEpisodeError`) after
-  writing `items` items of the episode's steps before it; the episode was ended there."""
-
-  def __init__(self, error: tr.MalformedEpisodeError, items: int):
-    super().__init__(str(error))
-    self.error, self.items = error, items
-
-
 class _UntilMalformed:
   """Iterates `records` until they raise `MalformedEpisodeError`, which it keeps in `error`."""
 
@@ -480,17 +471,18 @@ def write_episode(writer, table: str, steps: Iterable[Mapping[str, Any]], n_step
   Returns the number of items created (= transitions when per_item = 1). With `stop`, waits on
   the server (a paced table's rate limiter) end with `InsertStopped` once it is set, and call
   `while_waiting()` every 0.5 s. A malformed step (`transitions.RecordStream`; with
-  `num_actions`, an action outside the game's set too) ends the episode there and raises
-  `MalformedEpisode`: the items whose windows closed before it (whole transitions of the
-  well-formed steps before it; with per_item > 1, whole items only) stay in the table, and the
-  next episode starts afresh.
+  `num_actions`, an action outside the game's set too) ends the episode there and raises its
+  `transitions.MalformedEpisodeError`, with `items_written`: the items whose windows closed
+  before it (whole transitions of the well-formed steps before it; with per_item > 1, whole
+  items only) stay in the table, and the next episode starts afresh.
   """
   records = _UntilMalformed(tr.padded_step_records(steps, n_step, per_item, num_actions))
   items = _append_records(writer, table, records, tr.window_length(n_step, per_item),
                           chunk_length, 0, stop, while_waiting)
   _end_episode(writer, stop, while_waiting)
   if records.error is not None:
-    raise MalformedEpisode(records.error, items)
+    records.error.items_written = items
+    raise records.error
   return items
 
 
@@ -764,11 +756,12 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   Every episode first passes `throttle` (default: an `InsertThrottle` of
   `cfg.data.samples_per_insert` over `games`), so `learn` and `train` are throttled alike.
 
-  A malformed episode (`write_episode`) is bad data, like an undecodable one: it is cut at its
-  first malformed step (the whole transitions before it stay), warned about naming its game,
-  data dir and episode the first time, and counted in `stats` (`rlds_reader.ReadStats`:
-  `malformed_episodes`). With `cfg.data.strict` it raises instead, and so does a game whose
-  first MALFORMED_FIRST_EPISODES episodes are all malformed (its data are not in this format).
+  A malformed episode (`write_episode`'s `MalformedEpisodeError`) is bad data, like an
+  undecodable one: it is cut at its first malformed step (the whole transitions before it
+  stay), warned about naming its game, data dir and episode the first time, and counted in
+  `stats` (`rlds_reader.ReadStats`: `malformed_episodes`). With `cfg.data.strict` it raises
+  instead, and so does a game whose first MALFORMED_FIRST_EPISODES episodes are all malformed
+  (its data are not in this format).
   A game that would leave its table empty raises too: no episode, or none that made a
   transition (in an epoch, or before `max_episodes_per_game`).
   """
@@ -789,7 +782,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
   written = {g: 0 for g in games}
   epoch_items = {g: 0 for g in games}  # items of the epoch being streamed
   epoch_lost = {g: 0 for g in games}  # its episodes lost to a reconnect (their items unknown)
-  game_items = {g: 0 for g in games}  # items over the epochs
+  game_items = {g: 0 for g in games}  # items over the epochs (all of them: the return value)
   malformed = {g: 0 for g in games}  # episodes cut short at a malformed step, over the epochs
   first_malformed: dict[str, str] = {}  # game -> its first malformed episode and why
   source_name = (lambda game: f'game {game} in the data source (data_dir '
@@ -804,7 +797,7 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
     return ValueError(f'no transitions of {source_name(game)}: its {written[game]} episodes '
                       f'hold none ({why})')
 
-  total_items = failures = 0
+  failures = 0
   active = list(games)
   while active and not stop.is_set():
     # Resident games (see InsertThrottle) are skipped while their tables are full.
@@ -848,18 +841,18 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
       try:
         items = write_episode(writer, table_name(game), episode, n_step, chunk_length,
                               per_item=per_item, num_actions=games_lib.num_actions(game))
-      except MalformedEpisode as e:  # bad data: say which, count it, keep what came before
+      except tr.MalformedEpisodeError as e:  # bad data: name it, count it, keep what came before
         label = getattr(episode, 'label', None)
         message = f'{source_name(game)}, {label or "an episode"}: {e}'
         if cfg.data.strict:
-          raise ValueError(f'{message} (data.strict=true)') from e.error
-        items = e.items
+          raise ValueError(f'{message} (data.strict=true)') from e
+        items = e.items_written
         malformed[game] += 1
         first_malformed.setdefault(game, f'{label or "an episode"}: {e}')
         if malformed[game] == written[game] + 1 >= MALFORMED_FIRST_EPISODES:
           raise ValueError(f'{source_name(game)}: its first {malformed[game]} episodes are all '
                            f'malformed, so its data are not in the format the inserter reads '
-                           f'(the first: {first_malformed[game]})') from e.error
+                           f'(the first: {first_malformed[game]})') from e
         # A labelled episode counts once over the epochs; one without a label each time.
         if stats.add_malformed(game, label or f'unlabelled #{malformed[game]}'):
           log.warning('cutting a malformed episode short at its fault (%d items kept): %s',
@@ -884,13 +877,12 @@ def run_inserter(server_address: str, cfg: ExperimentConfig, games: Sequence[str
         client = reverb.Client(server_address)
         writer = make_writer(client, n_step, chunk_length, per_item)
         continue
-      total_items += items
       epoch_items[game] += items
       game_items[game] += items
       failures = 0
       written[game] += 1
   writer.close()
-  return total_items
+  return sum(game_items.values())
 
 
 def start_inserter_processes(server_address: str, cfg: ExperimentConfig,

@@ -75,12 +75,12 @@ _RANGES = (
 def check_numbers(cfg) -> None:
   """No float field of any section is NaN (it passes every comparison a range check makes), and
   the fields of `_RANGES` are in range; ConfigError naming the field."""
-  for section in ('network', 'agent', 'data', 'eval', 'train', 'finetune'):
-    values = getattr(cfg, section)
-    for field in dataclasses.fields(values):
+  for section in dataclasses.fields(cfg):
+    values = getattr(cfg, section.name)
+    for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
       value = getattr(values, field.name)
       if isinstance(value, float) and math.isnan(value):
-        raise ConfigError(f'{section}.{field.name} is nan')
+        raise ConfigError(f'{section.name}.{field.name} is nan')
   for path, valid, what in _RANGES:
     section, name = path.split('.')
     value = getattr(getattr(cfg, section), name)
