@@ -106,7 +106,8 @@ def test_counts_appear_in_the_progress_line():
   assert status.data_counts() == dict(corrupt_files=1, undecodable_episodes=3,
                                       malformed_episodes=4)
   line = program.format_progress(status, started=0.0)
-  assert ('bad data skipped: 1 corrupt files, 3 undecodable episodes, 4 malformed episodes'
+  assert ('bad data skipped: 1 corrupt files, 3 undecodable episodes, 4 malformed episodes cut '
+          'at their fault'
           in line)
   clean = program.ProgramStatus(None, None, [], [], inserters=[dict(data={})])
   assert 'bad data' not in program.format_progress(clean, started=0.0)

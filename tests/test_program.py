@@ -119,7 +119,8 @@ def test_train_command_resumes_past_damage_evaluates_and_ends_cleanly_on_sigterm
   assert 'does not load' in out and 'corrupt-2' in out
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt-2'))
   assert min(r['param_version'] for r in _eval_rows(workdir)) >= 1
-  assert ('bad data skipped: 0 corrupt files, 1 undecodable episodes, 1 malformed episodes'
+  assert ('bad data skipped: 0 corrupt files, 1 undecodable episodes, 1 malformed episodes cut '
+          'at their fault'
           in out), out[-3000:]
   assert 'SIGTERM' in out and 'learner stopped at step' in out
   # The learner node's first step says what the compilation cache did (the suite's cache: the

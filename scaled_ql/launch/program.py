@@ -664,7 +664,7 @@ def format_progress(status: ProgramStatus, started: float,
   if any(bad.values()):
     parts.append(f"bad data skipped: {bad['corrupt_files']} corrupt files, "
                  f"{bad['undecodable_episodes']} undecodable episodes, "
-                 f"{bad['malformed_episodes']} malformed episodes")
+                 f"{bad['malformed_episodes']} malformed episodes cut at their fault")
   if status.health:
     parts.append(format_health(status.health))
   scores = status.latest_scores()
